@@ -1,0 +1,1482 @@
+//! `check`: spec text → [`Model`], or every error in the file.
+//!
+//! Checking runs in three layers, each reporting all of its errors before the next runs:
+//! 1. syntax: UTF-8 and TOML (stop here on failure: nothing else is trustworthy);
+//! 2. sections: each section's keys, types, ranges and DSL strings, read independently;
+//! 3. cross-field rules, then rules over the model's ops (precision patterns, FP8 tiles),
+//!    which run only when every value they depend on is valid, so one mistake is one error.
+
+mod reader;
+
+use std::ops::Range;
+
+use toml::de::{DeTable, DeValue};
+
+use crate::diag::{Diagnostic, Rule};
+use crate::dsl::closest;
+use crate::dsl::expr::parse_expr;
+use crate::dsl::pattern::{parse_pattern, Pattern};
+use crate::dsl::stack::{parse_stack, LayerKind};
+use crate::model::*;
+use crate::ops::{ops, Op, OpClass, Site};
+use reader::{Section, Sink};
+
+/// Largest accepted width of any model dimension.
+const MAX_DIM: u64 = 1 << 20;
+/// Largest accepted vocabulary.
+const MAX_VOCAB: u64 = 1 << 24;
+/// Largest accepted number of transformer blocks.
+const MAX_LAYERS: usize = 4096;
+
+const SECTIONS: &[&str] = &[
+    "model",
+    "attention",
+    "ffn",
+    "moe",
+    "mtp",
+    "precision",
+    "train",
+];
+const MODEL_KEYS: &[&str] = &[
+    "name",
+    "vocab",
+    "d_model",
+    "layers",
+    "max_positions",
+    "positions",
+    "norm",
+    "norm_eps",
+    "tie_embeddings",
+    "init_std",
+];
+const ATTENTION_KEYS: &[&str] = &[
+    "kind", "heads", "kv_heads", "head_dim", "q_rank", "kv_rank", "nope_dim", "rope_dim", "v_dim",
+    "bias", "rope",
+];
+const ROPE_KEYS: &[&str] = &["theta", "yarn"];
+const YARN_KEYS: &[&str] = &[
+    "factor",
+    "original_max_positions",
+    "beta_fast",
+    "beta_slow",
+    "mscale",
+    "mscale_all_dim",
+];
+const FFN_KEYS: &[&str] = &["hidden", "act", "bias"];
+const MOE_KEYS: &[&str] = &[
+    "experts",
+    "shared",
+    "top_k",
+    "expert_hidden",
+    "act",
+    "score",
+    "select",
+    "groups",
+    "groups_kept",
+    "group_score",
+    "normalize_top_k",
+    "route_scale",
+    "bias_update",
+    "seq_aux",
+];
+const MTP_KEYS: &[&str] = &["depth", "weight", "block"];
+const PRECISION_KEYS: &[&str] = &[
+    "compute",
+    "linear",
+    "linear_grad",
+    "embed",
+    "head",
+    "router",
+    "norm",
+    "attn_core",
+    "act",
+    "keep",
+    "keep_format",
+    "master",
+    "grads",
+    "moments",
+    "kv_cache",
+    "fp8",
+];
+const FP8_KEYS: &[&str] = &["act_tile", "weight_block", "scale", "promote_every"];
+const TRAIN_KEYS: &[&str] = &[
+    "batch",
+    "seq_len",
+    "steps",
+    "seed",
+    "lr",
+    "betas",
+    "eps",
+    "weight_decay",
+    "schedule",
+    "warmup",
+    "min_lr",
+    "grad_clip",
+    "data",
+];
+
+const FORMATS: &[(&str, Format)] = &[
+    ("fp32", Format::Fp32),
+    ("bf16", Format::Bf16),
+    ("fp16", Format::Fp16),
+    ("e4m3", Format::E4m3),
+    ("e5m2", Format::E5m2),
+];
+const LAYER_KINDS: &[(&str, LayerKind)] = &[("dense", LayerKind::Dense), ("moe", LayerKind::Moe)];
+
+/// Checks spec bytes. `Ok` holds a model satisfying every rule; `Err` holds every error found,
+/// ordered by position. Never panics, whatever the input.
+pub fn check(bytes: &[u8]) -> Result<Model, Vec<Diagnostic>> {
+    let text = match std::str::from_utf8(bytes) {
+        Ok(t) => t,
+        Err(e) => {
+            let at = e.valid_up_to();
+            let len = e.error_len().unwrap_or(bytes.len() - at);
+            return Err(vec![Diagnostic::new(
+                Rule::Syntax,
+                at..at + len,
+                format!("the spec is not valid UTF-8 (byte {at})"),
+                "invalid UTF-8 here",
+            )
+            .with_help("save the file as UTF-8")]);
+        }
+    };
+    check_str(text)
+}
+
+/// Checks spec text; see [`check`].
+pub fn check_str(text: &str) -> Result<Model, Vec<Diagnostic>> {
+    let (root, errors) = DeTable::parse_recoverable(text);
+    if !errors.is_empty() {
+        let mut diags: Vec<Diagnostic> = errors
+            .iter()
+            .map(|e| {
+                let span = e.span().unwrap_or(0..0);
+                let msg = e.message().trim().to_string();
+                let first = msg.lines().next().unwrap_or("invalid TOML").to_string();
+                Diagnostic::new(Rule::Syntax, span, format!("invalid TOML: {first}"), first)
+            })
+            .collect();
+        diags.sort_by_key(|d| (d.span.start, d.span.end));
+        diags.dedup();
+        return Err(diags);
+    }
+    let sink = Sink::new(text);
+    let model = Checker { sink: &sink }.run(root.get_ref());
+    match model {
+        Some(m) if !sink.has_errors() => Ok(m),
+        _ => {
+            let diags = sink.finish();
+            if diags.is_empty() {
+                // Unreachable by construction: every `None` above records an error. Report it
+                // rather than panicking, so a checker bug is visible but harmless.
+                Err(vec![Diagnostic::new(
+                    Rule::Syntax,
+                    0..0,
+                    "internal checker error: the spec was rejected without a reason",
+                    "please report this",
+                )])
+            } else {
+                Err(diags)
+            }
+        }
+    }
+}
+
+struct Checker<'a, 't> {
+    sink: &'a Sink<'t>,
+}
+
+/// Spans the model-level rules point at.
+#[derive(Default)]
+struct Spans {
+    layers: Range<usize>,
+    linear: Range<usize>,
+    linear_grad: Range<usize>,
+    head: Range<usize>,
+    keep: Vec<Range<usize>>,
+    fp8: Range<usize>,
+    seq_len: Range<usize>,
+}
+
+fn positive(x: f64) -> bool {
+    x > 0.0
+}
+
+impl<'a, 't> Checker<'a, 't> {
+    fn run(&self, root: &'a DeTable<'t>) -> Option<Model> {
+        let mut sections: [Option<Section<'a, 't>>; 7] = Default::default();
+        for (k, v) in root.iter() {
+            let key: &str = k.get_ref();
+            let Some(idx) = SECTIONS.iter().position(|s| *s == key) else {
+                let help = match closest(key, SECTIONS.iter().copied()) {
+                    Some(c) => format!("did you mean `[{c}]`?"),
+                    None => format!(
+                        "sections are: {}",
+                        SECTIONS
+                            .iter()
+                            .map(|s| format!("[{s}]"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                };
+                let what = if v.get_ref().is_table() {
+                    "section"
+                } else {
+                    "top-level key"
+                };
+                self.sink.push(
+                    Diagnostic::new(
+                        Rule::UnknownSection,
+                        k.span(),
+                        format!("unknown {what} `{key}`"),
+                        format!("unknown {what}"),
+                    )
+                    .with_help(help),
+                );
+                continue;
+            };
+            let DeValue::Table(t) = v.get_ref() else {
+                self.sink.error(
+                    Rule::Type,
+                    k.span(),
+                    format!("`{key}` must be a section (`[{key}]`), not a value"),
+                    "expected a table",
+                );
+                continue;
+            };
+            let keys = [
+                MODEL_KEYS,
+                ATTENTION_KEYS,
+                FFN_KEYS,
+                MOE_KEYS,
+                MTP_KEYS,
+                PRECISION_KEYS,
+                TRAIN_KEYS,
+            ][idx];
+            sections[idx] = Some(Section::new(self.sink, key, t, k.span(), keys));
+        }
+        let [model, attention, ffn, moe, mtp, precision, train] = sections;
+        let mut spans = Spans::default();
+
+        let model = self.require(model, "model");
+        let m = model
+            .as_ref()
+            .and_then(|s| self.model_section(s, &mut spans));
+        let attention = self.require(attention, "attention");
+        let positions = m.as_ref().map(|m| m.positions);
+        let attn = attention
+            .as_ref()
+            .and_then(|a| self.attention(a, m.as_ref(), positions));
+
+        let layers = m.as_ref().map(|m| m.layers.clone());
+        let has = |kind| layers.as_ref().map(|l: &Vec<LayerKind>| l.contains(&kind));
+        let ffn = self
+            .needed(ffn, "ffn", has(LayerKind::Dense), "dense", &spans.layers)
+            .and_then(|s| self.ffn(&s));
+        let mtp_sec = mtp;
+        let mtp = mtp_sec
+            .as_ref()
+            .and_then(|s| self.mtp(s, layers.as_deref()));
+        let moe_used =
+            has(LayerKind::Moe).map(|h| h || mtp.is_some_and(|m| m.block == LayerKind::Moe));
+        let moe = self
+            .needed(moe, "moe", moe_used, "moe", &spans.layers)
+            .and_then(|s| self.moe(&s, ffn.as_ref()));
+        let precision = precision.map_or_else(
+            || Some(default_precision()),
+            |p| self.precision(&p, &mut spans),
+        );
+        let train_sec = self.require(train, "train");
+        spans.seq_len = train_sec.as_ref().map_or(0..0, |t| t.span_of("seq_len"));
+        let train = train_sec.and_then(|t| self.train(&t, m.as_ref()));
+
+        let m = m?;
+        let mut model = Model {
+            name: m.name,
+            vocab: m.vocab,
+            d_model: m.d_model,
+            max_positions: m.max_positions,
+            layers: m.layers,
+            positions: m.positions,
+            norm: m.norm,
+            tie_embeddings: m.tie_embeddings,
+            init_std: m.init_std,
+            attention: attn?,
+            ffn,
+            moe,
+            mtp,
+            precision: precision?,
+            train: train?,
+        };
+        if self.sink.has_errors() {
+            return None;
+        }
+        self.op_rules(&mut model, &spans);
+        Some(model)
+    }
+
+    fn require(&self, s: Option<Section<'a, 't>>, name: &str) -> Option<Section<'a, 't>> {
+        if s.is_none() {
+            self.sink.push(
+                Diagnostic::new(
+                    Rule::MissingKey,
+                    0..0,
+                    format!("missing required section [{name}]"),
+                    format!("add a [{name}] section"),
+                )
+                .with_help("see docs/spec.md for every section and key"),
+            );
+        }
+        s
+    }
+
+    /// A section that must be present exactly when the layer stack uses it.
+    fn needed(
+        &self,
+        s: Option<Section<'a, 't>>,
+        name: &str,
+        used: Option<bool>,
+        kind: &str,
+        layers_span: &Range<usize>,
+    ) -> Option<Section<'a, 't>> {
+        match (s, used) {
+            (None, Some(true)) => {
+                self.sink.push(Diagnostic::new(
+                    Rule::MissingKey,
+                    layers_span.clone(),
+                    format!("the layer stack has `{kind}` layers but the spec has no [{name}] section"),
+                    format!("`{kind}` layers need [{name}]"),
+                ).with_help(format!("add a [{name}] section; see docs/spec.md")));
+                None
+            }
+            (Some(s), Some(false)) => {
+                self.sink.push(
+                    Diagnostic::new(
+                        Rule::Conflict,
+                        s.span.clone(),
+                        format!("[{name}] has no effect: no layer of the stack is `{kind}`"),
+                        "unused section",
+                    )
+                    .with_related(layers_span.clone(), "the layer stack")
+                    .with_help(format!(
+                        "remove [{name}] or add `{kind}` layers to `model.layers`"
+                    )),
+                );
+                None
+            }
+            (s, _) => s,
+        }
+    }
+
+    fn model_section(&self, s: &Section<'a, 't>, spans: &mut Spans) -> Option<PartialModel> {
+        let name = match s.string("name") {
+            Some(n)
+                if n.value.trim().is_empty()
+                    || n.value.chars().count() > 128
+                    || n.value.chars().any(char::is_control) =>
+            {
+                self.sink.error(
+                    Rule::Range,
+                    n.span.clone(),
+                    "`model.name` must be 1 to 128 characters with no control characters",
+                    "invalid name",
+                );
+                None
+            }
+            Some(n) => Some(n.value),
+            None => {
+                if !s.has("name") {
+                    s.missing("name", "the model's name");
+                }
+                None
+            }
+        };
+        let vocab = s.req_int("vocab", 1..=MAX_VOCAB, "vocabulary size");
+        let d_model = s.req_int("d_model", 1..=MAX_DIM, "residual width");
+        let max_positions = s.req_int("max_positions", 1..=MAX_VOCAB, "longest supported sequence");
+        let layers = match s.string("layers") {
+            Some(st) => {
+                spans.layers = st.span.clone();
+                match parse_stack(&st.value) {
+                    Ok(l) if l.len() > MAX_LAYERS => {
+                        self.sink.error(
+                            Rule::Range,
+                            st.span.clone(),
+                            format!(
+                                "the layer stack has {} layers; at most {MAX_LAYERS} are supported",
+                                l.len()
+                            ),
+                            "too many layers",
+                        );
+                        None
+                    }
+                    Ok(l) => Some(l),
+                    Err(e) => {
+                        self.sink.dsl_error(&st, "layer stack", e);
+                        None
+                    }
+                }
+            }
+            None => {
+                if !s.has("layers") {
+                    s.missing("layers", "a layer stack such as \"dense*3, moe*58\"");
+                }
+                None
+            }
+        };
+        let positions = s
+            .choice(
+                "positions",
+                &[("rope", Positions::Rope), ("learned", Positions::Learned)],
+            )
+            .or((!s.has("positions")).then_some(Positions::Rope));
+        let norm_kind = s
+            .choice(
+                "norm",
+                &[
+                    ("rmsnorm", NormKind::RmsNorm),
+                    ("layernorm", NormKind::LayerNorm),
+                ],
+            )
+            .or((!s.has("norm")).then_some(NormKind::RmsNorm));
+        let eps = s
+            .float("norm_eps", |x| x > 0.0 && x < 1.0, "in (0, 1)")
+            .or((!s.has("norm_eps")).then_some(1e-6));
+        let tie = s
+            .boolean("tie_embeddings")
+            .or((!s.has("tie_embeddings")).then_some(false));
+        let init_std = s
+            .float("init_std", |x| x > 0.0 && x <= 1.0, "in (0, 1]")
+            .or((!s.has("init_std")).then_some(0.02));
+        Some(PartialModel {
+            name: name?,
+            vocab: vocab?,
+            d_model: d_model?,
+            max_positions: max_positions?,
+            layers: layers?,
+            positions: positions?,
+            norm: Norm {
+                kind: norm_kind?,
+                eps: eps?,
+            },
+            tie_embeddings: tie?,
+            init_std: init_std?,
+        })
+    }
+
+    fn attention(
+        &self,
+        s: &Section<'a, 't>,
+        m: Option<&PartialModel>,
+        positions: Option<Positions>,
+    ) -> Option<Attention> {
+        #[derive(Clone, Copy, PartialEq)]
+        enum Kind {
+            Mha,
+            Gqa,
+            Mla,
+        }
+        let kind = s.choice(
+            "kind",
+            &[("mha", Kind::Mha), ("gqa", Kind::Gqa), ("mla", Kind::Mla)],
+        );
+        if !s.has("kind") {
+            s.missing("kind", "\"mha\", \"gqa\" or \"mla\"");
+        }
+        let heads = s.req_int("heads", 1..=1 << 14, "number of attention heads");
+        let bias = s.boolean("bias").or((!s.has("bias")).then_some(false));
+        let kind = kind?;
+        let mla_keys = ["q_rank", "kv_rank", "nope_dim", "rope_dim", "v_dim"];
+        let std_keys = ["kv_heads", "head_dim"];
+        let (own, other): (&[&str], &[&str]) = if kind == Kind::Mla {
+            (&mla_keys, &std_keys)
+        } else {
+            (&std_keys, &mla_keys)
+        };
+        let kind_span = s.span_of("kind");
+        for k in other {
+            if s.has(k) {
+                self.sink.push(
+                    Diagnostic::new(
+                        Rule::Conflict,
+                        s.span_of(k),
+                        format!(
+                            "`attention.{k}` does not apply to attention kind `{}`",
+                            if kind == Kind::Mla {
+                                "mla"
+                            } else if kind == Kind::Gqa {
+                                "gqa"
+                            } else {
+                                "mha"
+                            }
+                        ),
+                        "not used by this attention kind",
+                    )
+                    .with_related(kind_span.clone(), "attention kind set here")
+                    .with_help(format!(
+                        "keys for this kind: kind, heads, bias, rope, {}",
+                        own.join(", ")
+                    )),
+                );
+            }
+        }
+        let rope_section = s.table("rope", ROPE_KEYS);
+        let (ak, rotary) = match kind {
+            Kind::Mla => {
+                let q_rank = s.int("q_rank", 1..=MAX_DIM);
+                let q_bad = s.has("q_rank") && q_rank.is_none();
+                let kv_rank = s.req_int("kv_rank", 1..=MAX_DIM, "latent KV rank");
+                let nope = s.req_int("nope_dim", 1..=1 << 16, "per-head q/k dims without RoPE");
+                let rope = s.req_int("rope_dim", 2..=1 << 16, "per-head dims with RoPE");
+                let v = s.req_int("v_dim", 1..=1 << 16, "per-head value dims");
+                let rope = rope.and_then(|r| self.even(s, "rope_dim", r));
+                if positions == Some(Positions::Learned) {
+                    self.sink.push(
+                        Diagnostic::new(
+                            Rule::Conflict,
+                            kind_span.clone(),
+                            "MLA needs rotary positions, but `model.positions` is \"learned\"",
+                            "MLA's decoupled RoPE key",
+                        )
+                        .with_help("set `model.positions = \"rope\"`"),
+                    );
+                }
+                if q_bad {
+                    return None;
+                }
+                let mla = Mla {
+                    q_rank,
+                    kv_rank: kv_rank?,
+                    nope_dim: nope?,
+                    rope_dim: rope?,
+                    v_dim: v?,
+                };
+                (AttentionKind::Latent(mla), mla.rope_dim)
+            }
+            Kind::Mha | Kind::Gqa => {
+                let heads = heads?;
+                let kv_heads = match kind {
+                    Kind::Gqa => s.req_int("kv_heads", 1..=1 << 14, "number of key/value heads"),
+                    _ => {
+                        let kv = s.int("kv_heads", 1..=1 << 14);
+                        if let Some(kv) = kv.filter(|&kv| kv != heads) {
+                            self.sink.push(Diagnostic::new(
+                                Rule::Conflict,
+                                s.span_of("kv_heads"),
+                                format!("multi-head attention has one KV head per query head ({heads}), but `kv_heads` is {kv}"),
+                                "must equal `heads` for mha",
+                            ).with_help("use `kind = \"gqa\"` for grouped-query attention"));
+                            None
+                        } else {
+                            Some(heads)
+                        }
+                    }
+                };
+                let head_dim = match s.int("head_dim", 1..=1 << 16) {
+                    Some(h) => Some(h),
+                    None if s.has("head_dim") => None,
+                    None => {
+                        let d = m?.d_model;
+                        if d % heads != 0 {
+                            self.sink.push(Diagnostic::new(
+                                Rule::Divisible,
+                                s.span_of("heads"),
+                                format!("`model.d_model` ({d}) is not divisible by `attention.heads` ({heads}), so the head dimension cannot default to d_model / heads"),
+                                "does not divide d_model",
+                            ).with_help("set `attention.head_dim` explicitly"));
+                            None
+                        } else {
+                            Some(d / heads)
+                        }
+                    }
+                };
+                let kv_heads = kv_heads?;
+                if heads % kv_heads != 0 {
+                    self.sink.push(Diagnostic::new(
+                        Rule::Divisible,
+                        s.span_of("kv_heads"),
+                        format!("`attention.heads` ({heads}) must be divisible by `attention.kv_heads` ({kv_heads})"),
+                        format!("{heads} query heads cannot be shared evenly by {kv_heads} KV heads"),
+                    ).with_related(s.span_of("heads"), "query heads"));
+                    return None;
+                }
+                let head_dim = head_dim?;
+                let head_dim = if positions == Some(Positions::Rope) {
+                    self.even(s, "head_dim", head_dim)?
+                } else {
+                    head_dim
+                };
+                (AttentionKind::Grouped { kv_heads, head_dim }, head_dim)
+            }
+        };
+        let _ = rotary;
+        let rope = match positions? {
+            Positions::Learned => {
+                if let Some(r) = &rope_section {
+                    self.sink.push(
+                        Diagnostic::new(
+                            Rule::Conflict,
+                            r.span.clone(),
+                            "[attention.rope] has no effect with learned positions",
+                            "unused",
+                        )
+                        .with_help("remove it, or set `model.positions = \"rope\"`"),
+                    );
+                    return None;
+                }
+                None
+            }
+            Positions::Rope => Some(match &rope_section {
+                Some(r) => self.rope(r, m)?,
+                None if s.has("rope") => return None,
+                None => Rope {
+                    theta: 10000.0,
+                    yarn: None,
+                },
+            }),
+        };
+        Some(Attention {
+            heads: heads?,
+            kind: ak,
+            bias: bias?,
+            rope,
+        })
+    }
+
+    fn even(&self, s: &Section, key: &str, v: u64) -> Option<u64> {
+        if v % 2 == 0 {
+            return Some(v);
+        }
+        self.sink.push(Diagnostic::new(
+            Rule::Divisible,
+            s.span_of(key),
+            format!(
+                "`{}.{key}` ({v}) must be even: RoPE rotates dimensions in pairs",
+                s.name
+            ),
+            "odd number of rotary dimensions",
+        ));
+        None
+    }
+
+    fn rope(&self, r: &Section<'a, 't>, m: Option<&PartialModel>) -> Option<Rope> {
+        let theta = r
+            .float("theta", |x| x > 0.0 && x <= 1e12, "in (0, 1e12]")
+            .or((!r.has("theta")).then_some(10000.0));
+        let yarn = match r.table("yarn", YARN_KEYS) {
+            None => (!r.has("yarn")).then_some(None),
+            Some(y) => {
+                let factor = y.req_float(
+                    "factor",
+                    |x| (1.0..=1e6).contains(&x),
+                    "in [1, 1e6]",
+                    "context extension factor",
+                );
+                let orig = y.req_int(
+                    "original_max_positions",
+                    1..=MAX_VOCAB,
+                    "pretraining context length",
+                );
+                let beta_fast = y
+                    .float("beta_fast", positive, "positive")
+                    .or((!y.has("beta_fast")).then_some(32.0));
+                let beta_slow = y
+                    .float("beta_slow", positive, "positive")
+                    .or((!y.has("beta_slow")).then_some(1.0));
+                let mscale = y
+                    .float("mscale", positive, "positive")
+                    .or((!y.has("mscale")).then_some(1.0));
+                let mscale_all = y
+                    .float("mscale_all_dim", |x| x >= 0.0, "at least 0")
+                    .or((!y.has("mscale_all_dim")).then_some(0.0));
+                if let (Some(f), Some(s)) = (beta_fast, beta_slow) {
+                    if f <= s {
+                        self.sink.push(
+                            Diagnostic::new(
+                                Rule::Bound,
+                                y.span_of("beta_fast"),
+                                format!("`beta_fast` ({f}) must be greater than `beta_slow` ({s})"),
+                                "must exceed beta_slow",
+                            )
+                            .with_related(y.span_of("beta_slow"), "beta_slow"),
+                        );
+                    }
+                }
+                if let (Some(o), Some(m)) = (orig, m) {
+                    if o > m.max_positions {
+                        self.sink.push(Diagnostic::new(
+                            Rule::Bound,
+                            y.span_of("original_max_positions"),
+                            format!("`original_max_positions` ({o}) exceeds `model.max_positions` ({}); YaRN extends a shorter context", m.max_positions),
+                            "longer than the extended context",
+                        ));
+                    }
+                }
+                Some(Some(Yarn {
+                    factor: factor?,
+                    original_max_positions: orig?,
+                    beta_fast: beta_fast?,
+                    beta_slow: beta_slow?,
+                    mscale: mscale?,
+                    mscale_all_dim: mscale_all?,
+                }))
+            }
+        };
+        Some(Rope {
+            theta: theta?,
+            yarn: yarn?,
+        })
+    }
+
+    fn activation(&self, s: &Section, default: Option<&Activation>) -> Option<Activation> {
+        let Some(st) = s.string("act") else {
+            if s.has("act") {
+                return None;
+            }
+            return Some(default.cloned().unwrap_or_else(|| {
+                Activation {
+                    expr: parse_expr("silu(gate) * up", &["gate", "up"])
+                        .expect("the default activation parses"),
+                    gated: true,
+                }
+            }));
+        };
+        let expr = match parse_expr(&st.value, &["x", "gate", "up"]) {
+            Ok(e) => e,
+            Err(e) => {
+                self.sink.dsl_error(&st, "activation expression", e);
+                return None;
+            }
+        };
+        let vars = expr.vars();
+        let has = |v: &str| vars.contains(&v);
+        let gated = match (has("x"), has("gate"), has("up")) {
+            (true, false, false) => false,
+            (false, true, true) => true,
+            _ => {
+                self.sink.push(Diagnostic::new(
+                    Rule::Dsl,
+                    st.span.clone(),
+                    format!("activation `{}` must read either `x` alone (one input projection) or both `gate` and `up` (two)", st.value),
+                    format!("reads: {}", if vars.is_empty() { "no variable".to_string() } else { vars.join(", ") }),
+                ).with_help("e.g. \"gelu_tanh(x)\" or \"silu(gate) * up\""));
+                return None;
+            }
+        };
+        Some(Activation { expr, gated })
+    }
+
+    fn ffn(&self, s: &Section<'a, 't>) -> Option<Ffn> {
+        let hidden = s.req_int("hidden", 1..=MAX_DIM * 4, "hidden width");
+        let act = self.activation(s, None);
+        let bias = s.boolean("bias").or((!s.has("bias")).then_some(false));
+        Some(Ffn {
+            hidden: hidden?,
+            act: act?,
+            bias: bias?,
+        })
+    }
+
+    fn moe(&self, s: &Section<'a, 't>, ffn: Option<&Ffn>) -> Option<Moe> {
+        let experts = s.req_int("experts", 1..=1 << 16, "routed experts per layer");
+        let shared = s
+            .int("shared", 0..=1 << 10)
+            .or((!s.has("shared")).then_some(0));
+        let top_k = s.req_int("top_k", 1..=1 << 16, "experts per token");
+        let eh = s.req_int(
+            "expert_hidden",
+            1..=MAX_DIM * 4,
+            "hidden width of one expert",
+        );
+        let act = self.activation(s, ffn.map(|f| &f.act));
+        let score = s.choice(
+            "score",
+            &[
+                ("softmax", ScoreFunc::Softmax),
+                ("sigmoid", ScoreFunc::Sigmoid),
+            ],
+        );
+        if !s.has("score") {
+            s.missing("score", "\"softmax\" or \"sigmoid\"");
+        }
+        let select = s
+            .choice(
+                "select",
+                &[
+                    ("greedy", Selection::Greedy),
+                    ("group_limited", Selection::GroupLimited),
+                ],
+            )
+            .or((!s.has("select")).then_some(Selection::Greedy));
+        let groups = s
+            .int("groups", 1..=1 << 16)
+            .or((!s.has("groups")).then_some(1));
+        let kept = s.int("groups_kept", 1..=1 << 16);
+        let kept_ok = kept.is_some() || !s.has("groups_kept");
+        let group_score = s
+            .choice(
+                "group_score",
+                &[("max", GroupScore::Max), ("top2_sum", GroupScore::Top2Sum)],
+            )
+            .or((!s.has("group_score")).then_some(GroupScore::Top2Sum));
+        let normalize = s
+            .boolean("normalize_top_k")
+            .or((!s.has("normalize_top_k")).then_some(false));
+        let route_scale = s
+            .float("route_scale", |x| x > 0.0 && x <= 1e4, "in (0, 1e4]")
+            .or((!s.has("route_scale")).then_some(1.0));
+        let bias_update = s
+            .float("bias_update", |x| (0.0..1.0).contains(&x), "in [0, 1)")
+            .or((!s.has("bias_update")).then_some(0.0));
+        let seq_aux = s
+            .float("seq_aux", |x| (0.0..1.0).contains(&x), "in [0, 1)")
+            .or((!s.has("seq_aux")).then_some(0.0));
+
+        let (experts, top_k, groups, select) = (experts?, top_k?, groups?, select?);
+        if !kept_ok {
+            return None;
+        }
+        let kept = kept.unwrap_or(groups);
+        if select == Selection::Greedy && (groups > 1 || kept != groups) {
+            let key = if s.has("groups") {
+                "groups"
+            } else {
+                "groups_kept"
+            };
+            self.sink.push(Diagnostic::new(
+                Rule::Conflict,
+                s.span_of(key),
+                "expert groups only matter for group-limited selection, but `moe.select` is \"greedy\"",
+                "has no effect with greedy selection",
+            ).with_help("set `select = \"group_limited\"`, or remove `groups` and `groups_kept`"));
+            return None;
+        }
+        if experts % groups != 0 {
+            self.sink.push(
+                Diagnostic::new(
+                    Rule::Divisible,
+                    s.span_of("groups"),
+                    format!(
+                        "`moe.experts` ({experts}) must be divisible by `moe.groups` ({groups})"
+                    ),
+                    "does not divide the experts evenly",
+                )
+                .with_related(s.span_of("experts"), "routed experts"),
+            );
+            return None;
+        }
+        if kept > groups {
+            self.sink.push(
+                Diagnostic::new(
+                    Rule::Bound,
+                    s.span_of("groups_kept"),
+                    format!("`moe.groups_kept` ({kept}) cannot exceed `moe.groups` ({groups})"),
+                    "more groups kept than exist",
+                )
+                .with_related(s.span_of("groups"), "groups"),
+            );
+            return None;
+        }
+        let reachable = experts / groups * kept;
+        if top_k > reachable {
+            let why = if select == Selection::GroupLimited {
+                format!(
+                    "{} experts per group × {kept} groups kept = {reachable}",
+                    experts / groups
+                )
+            } else {
+                format!("there are {experts} experts")
+            };
+            self.sink.push(Diagnostic::new(
+                Rule::Bound,
+                s.span_of("top_k"),
+                format!("`moe.top_k` ({top_k}) exceeds the experts a token can reach: {why}"),
+                format!("at most {reachable}"),
+            ));
+            return None;
+        }
+        let group_score = group_score?;
+        if select == Selection::GroupLimited
+            && group_score == GroupScore::Top2Sum
+            && experts / groups < 2
+        {
+            self.sink.push(Diagnostic::new(
+                Rule::Bound,
+                s.span_of("group_score"),
+                format!("`group_score = \"top2_sum\"` needs at least 2 experts per group; there are {}", experts / groups),
+                "groups are too small",
+            ).with_help("use `group_score = \"max\"` or fewer groups"));
+            return None;
+        }
+        Some(Moe {
+            experts,
+            shared: shared?,
+            top_k,
+            expert_hidden: eh?,
+            act: act?,
+            score: score?,
+            select,
+            groups,
+            groups_kept: kept,
+            group_score,
+            normalize_top_k: normalize?,
+            route_scale: route_scale?,
+            bias_update: bias_update?,
+            seq_aux: seq_aux?,
+        })
+    }
+
+    fn mtp(&self, s: &Section<'a, 't>, layers: Option<&[LayerKind]>) -> Option<Mtp> {
+        let depth = s.req_int("depth", 1..=16, "number of extra tokens predicted");
+        let weight = s
+            .float("weight", |x| x > 0.0 && x <= 100.0, "in (0, 100]")
+            .or((!s.has("weight")).then_some(0.3));
+        let block = match s.choice("block", LAYER_KINDS) {
+            Some(b) => Some(b),
+            None if s.has("block") => None,
+            None => layers?.last().copied(),
+        };
+        Some(Mtp {
+            depth: depth?,
+            weight: weight?,
+            block: block?,
+        })
+    }
+
+    fn format(&self, s: &Section, key: &str, default: Format, allow_fp8: bool) -> Option<Format> {
+        let f = s.choice(key, FORMATS);
+        if !s.has(key) {
+            return Some(default);
+        }
+        let f = f?;
+        if f.is_fp8() && !allow_fp8 {
+            self.sink.push(Diagnostic::new(
+                Rule::UnknownValue,
+                s.span_of(key),
+                format!("`precision.{key}` cannot be an FP8 format ({f})"),
+                "FP8 not supported here",
+            ).with_help("use fp32, bf16 or fp16; FP8 applies to GEMM operands (linear, linear_grad, head) and the KV cache"));
+            return None;
+        }
+        Some(f)
+    }
+
+    fn precision(&self, s: &Section<'a, 't>, spans: &mut Spans) -> Option<Precision> {
+        spans.linear = s.span_of("linear");
+        spans.linear_grad = s.span_of("linear_grad");
+        spans.head = s.span_of("head");
+        let compute = self.format(s, "compute", Format::Bf16, false);
+        let c = compute.unwrap_or(Format::Bf16);
+        let linear = self.format(s, "linear", c, true);
+        let linear_grad = self.format(s, "linear_grad", linear.unwrap_or(c), true);
+        let embed = self.format(s, "embed", c, false);
+        let head = self.format(s, "head", c, true);
+        let router = self.format(s, "router", c, false);
+        let norm = self.format(s, "norm", c, false);
+        let attn_core = self.format(s, "attn_core", c, false);
+        let act = self.format(s, "act", c, false);
+        let keep_format = self.format(s, "keep_format", Format::Bf16, false);
+        let master = self.format(s, "master", Format::Fp32, false);
+        let grads = self.format(s, "grads", Format::Fp32, false);
+        let moments = self.format(s, "moments", Format::Fp32, false);
+        let kv_cache = self.format(s, "kv_cache", c, true);
+        let mut keep = Some(Vec::new());
+        for p in s.string_array("keep").unwrap_or_default() {
+            match parse_pattern(&p.value) {
+                Ok(pat) => {
+                    spans.keep.push(p.span.clone());
+                    if let Some(k) = keep.as_mut() {
+                        k.push(pat);
+                    }
+                }
+                Err(e) => {
+                    self.sink.dsl_error(&p, "op pattern", e);
+                    keep = None;
+                }
+            }
+        }
+        if s.has("keep") && s.get("keep").is_some_and(|v| !v.get_ref().is_array()) {
+            keep = None;
+        }
+        let fp8_used = [linear, linear_grad, head]
+            .iter()
+            .any(|f| f.is_some_and(Format::is_fp8));
+        let fp8 = match s.table("fp8", FP8_KEYS) {
+            Some(t) => {
+                spans.fp8 = t.span.clone();
+                self.fp8(&t).map(Some)
+            }
+            None if s.has("fp8") => None,
+            None => Some(Some(Fp8 {
+                act_tile: [1, 128],
+                weight_block: [128, 128],
+                scale: ScaleFormat::Fp32,
+                promote_every: Some(128),
+            })),
+        };
+        Some(Precision {
+            compute: compute?,
+            linear: linear?,
+            linear_grad: linear_grad?,
+            embed: embed?,
+            head: head?,
+            router: router?,
+            norm: norm?,
+            attn_core: attn_core?,
+            act: act?,
+            keep: keep?,
+            keep_format: keep_format?,
+            fp8: if fp8_used { fp8? } else { None },
+            master: master?,
+            grads: grads?,
+            moments: moments?,
+            kv_cache: kv_cache?,
+        })
+    }
+
+    fn fp8(&self, t: &Section<'a, 't>) -> Option<Fp8> {
+        let tile = t
+            .int_array::<2>("act_tile", 1..=1 << 16)
+            .or((!t.has("act_tile")).then_some([1, 128]));
+        let block = t
+            .int_array::<2>("weight_block", 1..=1 << 16)
+            .or((!t.has("weight_block")).then_some([128, 128]));
+        if let Some([rows, _]) = tile {
+            if rows != 1 {
+                self.sink.push(
+                    Diagnostic::new(
+                        Rule::Range,
+                        t.span_of("act_tile"),
+                        format!("activation tiles span one row (one token); found {rows} rows"),
+                        "first element must be 1",
+                    )
+                    .with_help("DeepSeek-V3 uses `act_tile = [1, 128]`"),
+                );
+                return None;
+            }
+        }
+        let scale = t
+            .choice(
+                "scale",
+                &[("fp32", ScaleFormat::Fp32), ("pow2", ScaleFormat::Pow2)],
+            )
+            .or((!t.has("scale")).then_some(ScaleFormat::Fp32));
+        let promote = match t.int("promote_every", 0..=1 << 20) {
+            Some(0) => Some(None),
+            Some(n) => Some(Some(n)),
+            None if t.has("promote_every") => None,
+            None => Some(Some(128)),
+        };
+        Some(Fp8 {
+            act_tile: tile?,
+            weight_block: block?,
+            scale: scale?,
+            promote_every: promote?,
+        })
+    }
+
+    fn train(&self, s: &Section<'a, 't>, m: Option<&PartialModel>) -> Option<Train> {
+        let batch = s.req_int("batch", 1..=1 << 20, "sequences per step");
+        let seq_len = s.req_int("seq_len", 1..=MAX_VOCAB, "tokens per sequence");
+        if let (Some(t), Some(m)) = (seq_len, m) {
+            if t > m.max_positions {
+                self.sink.push(Diagnostic::new(
+                    Rule::Bound,
+                    s.span_of("seq_len"),
+                    format!(
+                        "`train.seq_len` ({t}) exceeds `model.max_positions` ({})",
+                        m.max_positions
+                    ),
+                    "longer than the model supports",
+                ));
+            }
+        }
+        let steps = s
+            .int("steps", 1..=1 << 40)
+            .or((!s.has("steps")).then_some(1000));
+        let seed = s
+            .int("seed", 0..=u64::MAX >> 1)
+            .or((!s.has("seed")).then_some(0));
+        let lr = s
+            .float("lr", |x| x > 0.0 && x <= 1.0, "in (0, 1]")
+            .or((!s.has("lr")).then_some(3e-4));
+        let betas = match s.get("betas") {
+            None => Some([0.9, 0.95]),
+            Some(v) => self.betas(s, v),
+        };
+        let eps = s
+            .float("eps", |x| x > 0.0 && x < 1.0, "in (0, 1)")
+            .or((!s.has("eps")).then_some(1e-8));
+        let wd = s
+            .float("weight_decay", |x| (0.0..=10.0).contains(&x), "in [0, 10]")
+            .or((!s.has("weight_decay")).then_some(0.1));
+        let kind = s
+            .choice(
+                "schedule",
+                &[
+                    ("constant", ScheduleKind::Constant),
+                    ("cosine", ScheduleKind::Cosine),
+                ],
+            )
+            .or((!s.has("schedule")).then_some(ScheduleKind::Cosine));
+        let warmup = s
+            .int("warmup", 0..=1 << 40)
+            .or((!s.has("warmup")).then_some(0));
+        let min_lr = s
+            .float("min_lr", |x| x >= 0.0, "at least 0")
+            .or((!s.has("min_lr")).then_some(0.0));
+        let clip = match s.float(
+            "grad_clip",
+            |x| x >= 0.0,
+            "at least 0 (0 disables clipping)",
+        ) {
+            Some(c) => Some((c > 0.0).then_some(c)),
+            None if s.has("grad_clip") => None,
+            None => Some(Some(1.0)),
+        };
+        let data = match s.string("data") {
+            Some(d) if d.value == "builtin" => Some(DataSource::Builtin),
+            Some(d) if d.value.trim().is_empty() => {
+                self.sink.error(
+                    Rule::Range,
+                    d.span.clone(),
+                    "`train.data` must be \"builtin\" or a path",
+                    "empty",
+                );
+                None
+            }
+            Some(d) => Some(DataSource::Path(d.value)),
+            None => (!s.has("data")).then_some(DataSource::Builtin),
+        };
+        if let (Some(w), Some(n)) = (warmup, steps) {
+            if w > n {
+                self.sink.push(Diagnostic::new(
+                    Rule::Bound,
+                    s.span_of("warmup"),
+                    format!("`train.warmup` ({w}) exceeds `train.steps` ({n})"),
+                    "longer than the run",
+                ));
+            }
+        }
+        if let (Some(lo), Some(hi)) = (min_lr, lr) {
+            if lo > hi {
+                self.sink.push(Diagnostic::new(
+                    Rule::Bound,
+                    s.span_of("min_lr"),
+                    format!("`train.min_lr` ({lo}) exceeds the peak `train.lr` ({hi})"),
+                    "above the peak learning rate",
+                ));
+            }
+        }
+        let [beta1, beta2] = betas?;
+        Some(Train {
+            batch: batch?,
+            seq_len: seq_len?,
+            steps: steps?,
+            seed: seed?,
+            optimizer: AdamW {
+                lr: lr?,
+                beta1,
+                beta2,
+                eps: eps?,
+                weight_decay: wd?,
+            },
+            schedule: Schedule {
+                kind: kind?,
+                warmup: warmup?,
+                min_lr: min_lr?,
+            },
+            grad_clip: clip?,
+            data: data?,
+        })
+    }
+
+    fn betas(&self, s: &Section, v: &toml::Spanned<DeValue>) -> Option<[f64; 2]> {
+        let bad = || {
+            self.sink.push(Diagnostic::new(
+                Rule::Range,
+                v.span(),
+                "`train.betas` must be two numbers in [0, 1), e.g. [0.9, 0.95]",
+                "expected [beta1, beta2]",
+            ));
+            None
+        };
+        let _ = s;
+        let DeValue::Array(items) = v.get_ref() else {
+            return bad();
+        };
+        let xs: Vec<f64> = items
+            .iter()
+            .filter_map(|i| match i.get_ref() {
+                DeValue::Float(f) => f.as_str().parse().ok(),
+                DeValue::Integer(n) => i64::from_str_radix(n.as_str(), n.radix())
+                    .ok()
+                    .map(|n| n as f64),
+                _ => None,
+            })
+            .filter(|x| (0.0..1.0).contains(x))
+            .collect();
+        if xs.len() != 2 || items.iter().count() != 2 {
+            return bad();
+        }
+        Some([xs[0], xs[1]])
+    }
+
+    /// Rules over the model's named ops: keep patterns must select something, and FP8 GEMMs
+    /// must tile exactly.
+    fn op_rules(&self, model: &mut Model, spans: &Spans) {
+        let all = ops(model);
+        let p = &model.precision;
+        for (pat, span) in p.keep.iter().zip(&spans.keep) {
+            if !all.iter().any(|op| pat.matches(&op.path)) {
+                self.unmatched(pat, span, &all);
+            }
+        }
+        let Some(fp8) = p.fp8 else { return };
+        // One error per distinct (op, dimension, value), naming the layers it occurs in.
+        let mut seen: Vec<TileViolation> = Vec::new();
+        for op in &all {
+            let fwd = p.format_of(op);
+            let grad = p.grad_format_of(op);
+            if !matches!(op.class, OpClass::Linear | OpClass::Head)
+                || !(fwd.is_fp8() || grad.is_fp8())
+            {
+                continue;
+            }
+            let key_span = match op.class {
+                OpClass::Head => spans.head.clone(),
+                _ if fwd.is_fp8() => spans.linear.clone(),
+                _ => spans.linear_grad.clone(),
+            };
+            let mut need = Vec::new();
+            if fwd.is_fp8() {
+                need.push((
+                    "input",
+                    op.inp,
+                    fp8.act_tile[1],
+                    format!("the 1×{} activation tile (forward GEMM)", fp8.act_tile[1]),
+                ));
+                need.push((
+                    "input",
+                    op.inp,
+                    fp8.weight_block[1],
+                    format!(
+                        "the {}×{} weight block",
+                        fp8.weight_block[0], fp8.weight_block[1]
+                    ),
+                ));
+                need.push((
+                    "output",
+                    op.out,
+                    fp8.weight_block[0],
+                    format!(
+                        "the {}×{} weight block",
+                        fp8.weight_block[0], fp8.weight_block[1]
+                    ),
+                ));
+            }
+            if grad.is_fp8() {
+                need.push((
+                    "output",
+                    op.out,
+                    fp8.act_tile[1],
+                    format!(
+                        "the 1×{} gradient tile (input-gradient GEMM)",
+                        fp8.act_tile[1]
+                    ),
+                ));
+            }
+            for (dim, value, tile, what) in need {
+                if value % tile == 0 {
+                    continue;
+                }
+                let local = op.local_path().to_string();
+                match seen
+                    .iter_mut()
+                    .find(|e| e.op == local && e.dim == dim && e.value == value)
+                {
+                    Some(e) => {
+                        if !e.sites.contains(&op.site) {
+                            e.sites.push(op.site);
+                        }
+                    }
+                    None => seen.push(TileViolation {
+                        op: local,
+                        dim,
+                        value,
+                        sites: vec![op.site],
+                        what,
+                        span: key_span.clone(),
+                    }),
+                }
+                break;
+            }
+        }
+        let grads_fp8 = all.iter().any(|op| {
+            matches!(op.class, OpClass::Linear | OpClass::Head) && p.grad_format_of(op).is_fp8()
+        });
+        let tokens = model.train.batch * model.train.seq_len;
+        if grads_fp8 && tokens % fp8.act_tile[1] != 0 {
+            self.sink.push(
+                Diagnostic::new(
+                    Rule::Fp8Tile,
+                    spans.seq_len.clone(),
+                    format!(
+                        "FP8 weight-gradient GEMMs contract over the {tokens} tokens of a step \
+                         (batch × seq_len), which is not a multiple of the {}-wide activation tile",
+                        fp8.act_tile[1]
+                    ),
+                    "tokens per step",
+                )
+                .with_related(spans.linear_grad.clone(), "FP8 gradient GEMMs")
+                .with_help(format!(
+                    "make batch × seq_len a multiple of {}, or set `linear_grad` to a 16-bit format",
+                    fp8.act_tile[1]
+                )),
+            );
+        }
+        for TileViolation {
+            op: local,
+            dim,
+            value,
+            sites,
+            what,
+            span,
+        } in seen
+        {
+            self.sink.push(
+                Diagnostic::new(
+                    Rule::Fp8Tile,
+                    span,
+                    format!("FP8 GEMM `{local}` has {dim} dimension {value}, which is not a multiple of {what}"),
+                    format!("`{local}` runs in FP8 under this format"),
+                )
+                .with_related(spans.fp8.clone(), "tile and block sizes")
+                .with_help(format!(
+                    "in {}; add \"{local}\" to `precision.keep` to run it in `keep_format`, or change the dimension",
+                    describe_sites(&sites)
+                )),
+            );
+        }
+    }
+
+    fn unmatched(&self, pat: &Pattern, span: &Range<usize>, all: &[Op]) {
+        let mut names: Vec<&str> = all.iter().map(Op::local_path).collect();
+        names.extend(all.iter().flat_map(|o| o.local_path().split('.')));
+        names.sort_unstable();
+        names.dedup();
+        let text = pat.to_string();
+        let help = match closest(&text, names.iter().copied()) {
+            Some(c) => format!("did you mean `{c}`?"),
+            None => "op names look like `embed`, `head`, `attn.kv_a`, `attn.core`, `moe.router`, `ffn.up`, `*norm`; see docs/spec.md".to_string(),
+        };
+        self.sink.push(
+            Diagnostic::new(
+                Rule::UnmatchedPattern,
+                span.clone(),
+                format!("pattern `{text}` in `precision.keep` selects no op of this model"),
+                "matches nothing",
+            )
+            .with_help(help),
+        );
+    }
+}
+
+/// One FP8 tiling error, gathered over every layer where the same op has the same shape.
+struct TileViolation {
+    /// The op's path without its layer prefix (`attn.kv_a`).
+    op: String,
+    /// "input" or "output".
+    dim: &'static str,
+    value: u64,
+    sites: Vec<Site>,
+    /// The tile or block it fails to fill.
+    what: String,
+    span: Range<usize>,
+}
+
+/// "layers 0–60", "layers 3, 7", "MTP module 0", "the model".
+fn describe_sites(sites: &[Site]) -> String {
+    let layers: Vec<usize> = sites
+        .iter()
+        .filter_map(|s| {
+            if let Site::Layer(i) = s {
+                Some(*i)
+            } else {
+                None
+            }
+        })
+        .collect();
+    let mtp: Vec<usize> = sites
+        .iter()
+        .filter_map(|s| if let Site::Mtp(i) = s { Some(*i) } else { None })
+        .collect();
+    let mut parts = Vec::new();
+    if !layers.is_empty() {
+        let contiguous = layers.windows(2).all(|w| w[1] == w[0] + 1);
+        parts.push(match (layers.len(), contiguous) {
+            (1, _) => format!("layer {}", layers[0]),
+            (_, true) => format!("layers {}–{}", layers[0], layers[layers.len() - 1]),
+            _ => format!(
+                "layers {}",
+                layers
+                    .iter()
+                    .map(|l| l.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        });
+    }
+    if !mtp.is_empty() {
+        parts.push(format!(
+            "MTP module{} {}",
+            if mtp.len() > 1 { "s" } else { "" },
+            mtp.iter()
+                .map(|l| l.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    if sites.contains(&Site::Model) {
+        parts.push("the model".to_string());
+    }
+    parts.join(" and ")
+}
+
+/// The policy of a spec without [precision]: bf16 compute, fp32 master weights, gradients
+/// and moments.
+fn default_precision() -> Precision {
+    let c = Format::Bf16;
+    Precision {
+        compute: c,
+        linear: c,
+        linear_grad: c,
+        embed: c,
+        head: c,
+        router: c,
+        norm: c,
+        attn_core: c,
+        act: c,
+        keep: Vec::new(),
+        keep_format: c,
+        fp8: None,
+        master: Format::Fp32,
+        grads: Format::Fp32,
+        moments: Format::Fp32,
+        kv_cache: c,
+    }
+}
+
+/// The [model] section's values, before the other sections are read.
+struct PartialModel {
+    name: String,
+    vocab: u64,
+    d_model: u64,
+    max_positions: u64,
+    layers: Vec<LayerKind>,
+    positions: Positions,
+    norm: Norm,
+    tie_embeddings: bool,
+    init_std: f64,
+}

@@ -1,0 +1,9 @@
+//! kiln-compiler: spec checking, analysis, and (later) lowering, autodiff and code generation.
+
+pub mod analyze;
+pub mod check;
+pub mod diag;
+pub mod dsl;
+pub mod model;
+pub mod ops;
+pub mod report;

@@ -1,0 +1,509 @@
+//! `Model`: the checked, span-free description of one model and its training run.
+//!
+//! This is the contract between `check` and everything after it (analyzer, lowering, emitters,
+//! runtime configuration). Every field holds a resolved value: defaults are filled in, the layer
+//! stack is expanded, DSL strings are parsed, and every cross-field rule of the checker holds.
+//! Later stages may therefore index and divide without re-validating.
+
+use serde::Serialize;
+
+use crate::dsl::expr::Expr;
+use crate::dsl::pattern::Pattern;
+pub use crate::dsl::stack::LayerKind;
+
+/// A checked model spec. Produced only by [`crate::check::check`].
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Model {
+    pub name: String,
+    /// Vocabulary size (HF `vocab_size`).
+    pub vocab: u64,
+    /// Residual stream width (HF `hidden_size`).
+    pub d_model: u64,
+    /// Maximum sequence length the positions support (HF `max_position_embeddings`).
+    pub max_positions: u64,
+    /// One entry per transformer block, in order. Serialized in the stack language.
+    #[serde(serialize_with = "ser_stack")]
+    pub layers: Vec<LayerKind>,
+    pub positions: Positions,
+    pub norm: Norm,
+    /// Whether the output head reuses the token embedding matrix.
+    pub tie_embeddings: bool,
+    /// Standard deviation of the normal initializer (HF `initializer_range`).
+    pub init_std: f64,
+    pub attention: Attention,
+    /// The FFN of `dense` layers. Present whenever the stack has a dense layer.
+    pub ffn: Option<Ffn>,
+    /// The mixture-of-experts FFN of `moe` layers. Present whenever the stack has a moe layer.
+    pub moe: Option<Moe>,
+    pub mtp: Option<Mtp>,
+    pub precision: Precision,
+    pub train: Train,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Positions {
+    /// Rotary embeddings applied inside attention (see [`Rope`]).
+    Rope,
+    /// A learned absolute position table added to the token embedding (GPT-2).
+    Learned,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct Norm {
+    pub kind: NormKind,
+    pub eps: f64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NormKind {
+    /// `x / sqrt(mean(x²) + eps) * w`, computed in fp32. One weight vector.
+    RmsNorm,
+    /// `(x - mean) / sqrt(var + eps) * w + b`. Weight and bias vectors.
+    LayerNorm,
+}
+
+impl NormKind {
+    /// Learned vectors per norm: weight, plus bias for LayerNorm.
+    pub fn vectors(self) -> u64 {
+        match self {
+            NormKind::RmsNorm => 1,
+            NormKind::LayerNorm => 2,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Attention {
+    pub heads: u64,
+    pub kind: AttentionKind,
+    /// Bias on the projections that read the residual stream and on the output projection.
+    pub bias: bool,
+    /// Present iff `Model::positions` is `Rope`.
+    pub rope: Option<Rope>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum AttentionKind {
+    /// Multi-head or grouped-query attention: `heads % kv_heads == 0`.
+    Grouped { kv_heads: u64, head_dim: u64 },
+    /// Multi-head latent attention (DeepSeek-V2/V3).
+    Latent(Mla),
+}
+
+/// Multi-head latent attention dimensions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Mla {
+    /// Query compression rank (HF `q_lora_rank`); `None` projects queries directly.
+    pub q_rank: Option<u64>,
+    /// Key/value latent rank (HF `kv_lora_rank`).
+    pub kv_rank: u64,
+    /// Per-head query/key dims without positions (HF `qk_nope_head_dim`).
+    pub nope_dim: u64,
+    /// Per-head query dims and the one shared key head that carry RoPE (HF `qk_rope_head_dim`). Even.
+    pub rope_dim: u64,
+    /// Per-head value dims (HF `v_head_dim`).
+    pub v_dim: u64,
+}
+
+impl Attention {
+    /// Per-head query/key dimension.
+    pub fn qk_dim(&self) -> u64 {
+        match &self.kind {
+            AttentionKind::Grouped { head_dim, .. } => *head_dim,
+            AttentionKind::Latent(m) => m.nope_dim + m.rope_dim,
+        }
+    }
+
+    /// Per-head value dimension.
+    pub fn v_dim(&self) -> u64 {
+        match &self.kind {
+            AttentionKind::Grouped { head_dim, .. } => *head_dim,
+            AttentionKind::Latent(m) => m.v_dim,
+        }
+    }
+
+    /// Number of distinct key/value heads (1 latent for MLA is not counted here).
+    pub fn kv_heads(&self) -> u64 {
+        match &self.kind {
+            AttentionKind::Grouped { kv_heads, .. } => *kv_heads,
+            AttentionKind::Latent(_) => self.heads,
+        }
+    }
+
+    /// Number of dimensions per head that RoPE rotates.
+    pub fn rotary_dim(&self) -> u64 {
+        match &self.kind {
+            AttentionKind::Grouped { head_dim, .. } => *head_dim,
+            AttentionKind::Latent(m) => m.rope_dim,
+        }
+    }
+
+    /// The softmax scale applied to `q·k`: `qk_dim^-0.5`, times `mscale²` under YaRN with
+    /// `mscale_all_dim > 0` (DeepSeek's convention; the cos/sin amplitude stays 1).
+    pub fn softmax_scale(&self) -> f64 {
+        let mut scale = (self.qk_dim() as f64).powf(-0.5);
+        if let Some(Rope { yarn: Some(y), .. }) = &self.rope {
+            if y.mscale_all_dim > 0.0 {
+                let m = y.attention_mscale();
+                scale *= m * m;
+            }
+        }
+        scale
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct Rope {
+    /// Base of the rotary frequencies (HF `rope_theta`).
+    pub theta: f64,
+    pub yarn: Option<Yarn>,
+}
+
+/// YaRN context extension (HF `rope_scaling` with `type = "yarn"`).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct Yarn {
+    pub factor: f64,
+    pub original_max_positions: u64,
+    pub beta_fast: f64,
+    pub beta_slow: f64,
+    pub mscale: f64,
+    pub mscale_all_dim: f64,
+}
+
+impl Yarn {
+    /// `0.1 · mscale_all_dim · ln(factor) + 1` (1 when `factor ≤ 1`).
+    pub fn attention_mscale(&self) -> f64 {
+        if self.factor <= 1.0 {
+            1.0
+        } else {
+            0.1 * self.mscale_all_dim * self.factor.ln() + 1.0
+        }
+    }
+}
+
+/// A position-wise feed-forward network: `down(act(...))` where the activation expression reads
+/// either one projection (`x`) or two (`gate` and `up`).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Ffn {
+    pub hidden: u64,
+    pub act: Activation,
+    pub bias: bool,
+}
+
+/// A checked activation expression and the input projections it reads.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Activation {
+    /// Serialized as its canonical text.
+    #[serde(serialize_with = "ser_display")]
+    pub expr: Expr,
+    /// `true` when the expression reads `gate` and `up` (two input projections), `false`
+    /// when it reads `x` (one).
+    pub gated: bool,
+}
+
+impl Activation {
+    /// Input projections feeding the expression: 2 when gated, else 1.
+    pub fn inputs(&self) -> u64 {
+        if self.gated {
+            2
+        } else {
+            1
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Moe {
+    /// Routed experts per layer (HF `n_routed_experts`).
+    pub experts: u64,
+    /// Shared experts per layer, each `expert_hidden` wide (HF `n_shared_experts`).
+    pub shared: u64,
+    /// Routed experts each token uses (HF `num_experts_per_tok`).
+    pub top_k: u64,
+    /// Hidden width of one expert (HF `moe_intermediate_size`).
+    pub expert_hidden: u64,
+    pub act: Activation,
+    pub score: ScoreFunc,
+    pub select: Selection,
+    /// Expert groups (HF `n_group`); `experts % groups == 0`.
+    pub groups: u64,
+    /// Groups a token may route into (HF `topk_group`).
+    pub groups_kept: u64,
+    /// How a group is scored for group-limited selection.
+    pub group_score: GroupScore,
+    /// Renormalize the chosen experts' weights to sum to 1 (HF `norm_topk_prob`).
+    pub normalize_top_k: bool,
+    /// Multiplier on the routed output (HF `routed_scaling_factor`).
+    pub route_scale: f64,
+    /// Aux-loss-free balancing speed γ: `bias_i += γ·sign(mean_load − load_i)`; 0 disables.
+    pub bias_update: f64,
+    /// Weight α of the sequence-wise balance loss `α Σ f_i P_i`; 0 disables.
+    pub seq_aux: f64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScoreFunc {
+    Softmax,
+    Sigmoid,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Selection {
+    /// Top-k over all experts.
+    Greedy,
+    /// Keep the best `groups_kept` groups, then top-k among their experts.
+    GroupLimited,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GroupScore {
+    /// The group's best expert score (DeepSeek-V2).
+    Max,
+    /// The sum of the group's two best scores (DeepSeek-V3).
+    Top2Sum,
+}
+
+/// Multi-token prediction: `depth` sequential modules, each predicting one token further.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct Mtp {
+    pub depth: u64,
+    /// Loss weight λ: total MTP loss is `λ/D · Σ CE_k`.
+    pub weight: f64,
+    /// The kind of transformer block inside each module.
+    pub block: LayerKind,
+}
+
+/// Number formats a tensor or op can use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Format {
+    Fp32,
+    Bf16,
+    Fp16,
+    E4m3,
+    E5m2,
+}
+
+impl Format {
+    pub const ALL: [Format; 5] = [
+        Format::Fp32,
+        Format::Bf16,
+        Format::Fp16,
+        Format::E4m3,
+        Format::E5m2,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Fp32 => "fp32",
+            Format::Bf16 => "bf16",
+            Format::Fp16 => "fp16",
+            Format::E4m3 => "e4m3",
+            Format::E5m2 => "e5m2",
+        }
+    }
+
+    pub fn bytes(self) -> u64 {
+        match self {
+            Format::Fp32 => 4,
+            Format::Bf16 | Format::Fp16 => 2,
+            Format::E4m3 | Format::E5m2 => 1,
+        }
+    }
+
+    pub fn is_fp8(self) -> bool {
+        matches!(self, Format::E4m3 | Format::E5m2)
+    }
+}
+
+impl std::fmt::Display for Format {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The precision policy: which format each op computes in and how tensors are stored.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Precision {
+    /// Format of every op the other keys do not cover (elementwise, attention core, norms…).
+    pub compute: Format,
+    /// Operand format of linear-layer and expert GEMMs in the forward pass.
+    pub linear: Format,
+    /// Formats of the other op classes; each defaults to `compute`.
+    pub embed: Format,
+    pub head: Format,
+    pub router: Format,
+    pub norm: Format,
+    pub attn_core: Format,
+    pub act: Format,
+    /// Operand format of the input-gradient and weight-gradient GEMMs.
+    pub linear_grad: Format,
+    /// Ops matching any of these patterns compute in `keep_format` instead.
+    pub keep: Vec<Pattern>,
+    pub keep_format: Format,
+    /// Scaling of FP8 operands. Present iff `linear` or `linear_grad` is an FP8 format.
+    pub fp8: Option<Fp8>,
+    pub master: Format,
+    pub grads: Format,
+    pub moments: Format,
+    pub kv_cache: Format,
+}
+
+/// Fine-grained FP8 scaling, as in DeepSeek-V3 §3.3.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Fp8 {
+    /// Activation tile `[rows, cols]`; one scale per tile, cols along the contraction dim.
+    pub act_tile: [u64; 2],
+    /// Weight block `[rows, cols]`; one scale per block.
+    pub weight_block: [u64; 2],
+    pub scale: ScaleFormat,
+    /// Elements accumulated in the tensor core before promotion to an fp32 accumulator;
+    /// `None` accumulates the whole contraction in the limited-precision accumulator.
+    pub promote_every: Option<u64>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScaleFormat {
+    /// Scales are any fp32 value (`amax / fmt_max`).
+    Fp32,
+    /// Scales are rounded up to a power of two, so scaling is exact.
+    Pow2,
+}
+
+impl Precision {
+    /// The forward-pass format of an op: `keep_format` if a keep pattern selects it, else its
+    /// class's format.
+    pub fn format_of(&self, op: &crate::ops::Op) -> Format {
+        use crate::ops::OpClass;
+        if self.keep.iter().any(|p| p.matches(&op.path)) {
+            return self.keep_format;
+        }
+        match op.class {
+            OpClass::Embed => self.embed,
+            OpClass::Linear => self.linear,
+            OpClass::Norm => self.norm,
+            OpClass::AttnCore => self.attn_core,
+            OpClass::Act => self.act,
+            OpClass::Router => self.router,
+            OpClass::Head => self.head,
+        }
+    }
+
+    /// The operand format of an op's input- and weight-gradient GEMMs: `keep_format` if a keep
+    /// pattern selects it, `linear_grad` for linear ops, else the op's forward format.
+    pub fn grad_format_of(&self, op: &crate::ops::Op) -> Format {
+        if self.keep.iter().any(|p| p.matches(&op.path)) {
+            return self.keep_format;
+        }
+        match op.class {
+            crate::ops::OpClass::Linear => self.linear_grad,
+            _ => self.format_of(op),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Train {
+    /// Sequences per optimizer step.
+    pub batch: u64,
+    /// Tokens per sequence; at most `max_positions`.
+    pub seq_len: u64,
+    pub steps: u64,
+    pub seed: u64,
+    pub optimizer: AdamW,
+    pub schedule: Schedule,
+    /// Clip the global gradient norm to this value; `None` disables clipping.
+    pub grad_clip: Option<f64>,
+    pub data: DataSource,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct AdamW {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct Schedule {
+    pub kind: ScheduleKind,
+    /// Linear warmup from 0 to `lr` over this many steps.
+    pub warmup: u64,
+    /// For `Cosine`, the learning rate reached at the last step.
+    pub min_lr: f64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScheduleKind {
+    Constant,
+    Cosine,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "kind", content = "path")]
+pub enum DataSource {
+    /// The deterministic built-in synthetic corpus.
+    Builtin,
+    /// A file or glob the runtime resolves: `.txt` (byte-level) or llm.c `.bin` shards.
+    Path(String),
+}
+
+fn ser_stack<S: serde::Serializer>(layers: &[LayerKind], s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&crate::dsl::stack::format_stack(layers))
+}
+
+fn ser_display<T: std::fmt::Display, S: serde::Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(v)
+}
+
+impl Model {
+    /// Every resolved setting as `(dotted key, value)`, defaults included, in a stable order;
+    /// `kiln diff` compares specs with it.
+    pub fn settings(&self) -> Vec<(String, String)> {
+        fn walk(prefix: &str, v: &serde_json::Value, out: &mut Vec<(String, String)>) {
+            match v {
+                serde_json::Value::Object(map) => {
+                    for (k, v) in map {
+                        let key = if prefix.is_empty() {
+                            k.clone()
+                        } else {
+                            format!("{prefix}.{k}")
+                        };
+                        walk(&key, v, out);
+                    }
+                }
+                serde_json::Value::String(s) => out.push((prefix.to_string(), format!("{s:?}"))),
+                other => out.push((prefix.to_string(), other.to_string())),
+            }
+        }
+        let mut out = Vec::new();
+        // A Model holds only numbers, strings, booleans and plain enums, which always convert.
+        if let Ok(v) = serde_json::to_value(self) {
+            walk("", &v, &mut out);
+        }
+        out
+    }
+
+    /// Number of layers of a kind.
+    pub fn count(&self, kind: LayerKind) -> u64 {
+        self.layers.iter().filter(|&&k| k == kind).count() as u64
+    }
+
+    /// Leading dense layers (HF `first_k_dense_replace`).
+    pub fn first_dense(&self) -> u64 {
+        self.layers
+            .iter()
+            .take_while(|&&k| k == LayerKind::Dense)
+            .count() as u64
+    }
+}

@@ -1,0 +1,196 @@
+//! The `kiln` command line: the only part of kiln that touches the file system on a user's
+//! behalf. Libraries receive bytes and return values; this file reads, prints and exits.
+//!
+//! Exit codes: 0 success, 2 invalid spec or usage, 1 any other failure.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use kiln_compiler::analyze::{analyze, Report};
+use kiln_compiler::check::check;
+use kiln_compiler::diag::{self, Diagnostic};
+use kiln_compiler::model::Model;
+use kiln_compiler::report;
+
+/// The default spec, compiled in so `kiln check` works anywhere.
+const TINY: &str = include_str!("../specs/tiny.toml");
+const TINY_NAME: &str = "specs/tiny.toml (built in)";
+
+#[derive(Parser)]
+#[command(
+    name = "kiln",
+    version,
+    about = "A model-config compiler for DeepSeek-style language models",
+    long_about = "kiln checks a model spec (TOML) with precise diagnostics and reports what the \
+                  model costs: parameters, FLOPs, KV cache and training memory.\n\n\
+                  Spec reference: docs/spec.md. Exit codes: 0 ok, 2 invalid spec or usage, \
+                  1 any other failure."
+)]
+struct Cli {
+    /// When to color diagnostics.
+    #[arg(long, value_enum, default_value_t = Color::Auto, global = true)]
+    color: Color,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Color {
+    Auto,
+    Always,
+    Never,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check a spec and report its parameters, FLOPs, KV cache and training memory.
+    ///
+    /// Every error in the file is reported at once, each with file:line:col, the source line,
+    /// the rule broken and a suggestion where one exists.
+    Check {
+        /// The spec to check [default: the built-in specs/tiny.toml].
+        spec: Option<PathBuf>,
+        /// Print the report as JSON (keys documented in docs/spec.md). Errors go to stdout as
+        /// JSON too, and rendered to stderr.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Compare two specs: changed settings, and how parameters, FLOPs, KV cache and memory
+    /// change from A to B.
+    Diff {
+        a: PathBuf,
+        b: PathBuf,
+        /// Print the changes as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Why a command failed, mapped to the exit code.
+enum Failure {
+    /// The spec is invalid (diagnostics already printed): exit 2.
+    Invalid,
+    /// Anything else: exit 1.
+    Other(String),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let color = match cli.color {
+        Color::Always => true,
+        Color::Never => false,
+        Color::Auto => std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none(),
+    };
+    let result = match cli.command {
+        Command::Check { spec, json } => cmd_check(spec, json, color),
+        Command::Diff { a, b, json } => cmd_diff(&a, &b, json, color),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Invalid) => ExitCode::from(2),
+        Err(Failure::Other(msg)) => {
+            eprintln!("error: {msg}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// A spec's display name and bytes.
+fn read_spec(path: Option<&PathBuf>) -> Result<(String, Vec<u8>), Failure> {
+    match path {
+        None => Ok((TINY_NAME.to_string(), TINY.as_bytes().to_vec())),
+        Some(p) => std::fs::read(p)
+            .map(|b| (p.display().to_string(), b))
+            .map_err(|e| Failure::Other(format!("cannot read {}: {e}", p.display()))),
+    }
+}
+
+fn errors_json(file: &str, text: &str, diags: &[Diagnostic]) -> serde_json::Value {
+    let errors: Vec<_> = diags
+        .iter()
+        .map(|d| {
+            let (line, col) = d.line_col(text);
+            serde_json::json!({
+                "rule": d.rule.name(),
+                "message": d.message,
+                "file": file,
+                "line": line,
+                "col": col,
+                "span": [d.span.start, d.span.end],
+                "label": d.label,
+                "help": d.help,
+            })
+        })
+        .collect();
+    serde_json::json!({ "file": file, "errors": errors })
+}
+
+/// Checks one spec, printing diagnostics on failure.
+fn load(path: Option<&PathBuf>, json: bool, color: bool) -> Result<(String, Model), Failure> {
+    let (name, bytes) = read_spec(path)?;
+    check(&bytes).map(|m| (name.clone(), m)).map_err(|diags| {
+        let text = String::from_utf8_lossy(&bytes);
+        eprint!("{}", diag::render(&name, &text, &diags, color));
+        if json {
+            println!("{:#}", errors_json(&name, &text, &diags));
+        }
+        Failure::Invalid
+    })
+}
+
+fn cmd_check(spec: Option<PathBuf>, json: bool, color: bool) -> Result<(), Failure> {
+    let (_, model) = load(spec.as_ref(), json, color)?;
+    let r = analyze(&model);
+    if json {
+        print_json(&r)?;
+    } else {
+        print!("{}", report::render(&r));
+    }
+    Ok(())
+}
+
+fn print_json(r: &Report) -> Result<(), Failure> {
+    let s = serde_json::to_string_pretty(r)
+        .map_err(|e| Failure::Other(format!("cannot encode the report: {e}")))?;
+    println!("{s}");
+    Ok(())
+}
+
+fn cmd_diff(a: &PathBuf, b: &PathBuf, json: bool, color: bool) -> Result<(), Failure> {
+    let ma = load(Some(a), false, color);
+    let mb = load(Some(b), false, color);
+    let ((na, ma), (nb, mb)) = (ma?, mb?);
+    let (ra, rb) = (analyze(&ma), analyze(&mb));
+    let sa = ma.settings();
+    let sb = mb.settings();
+    let mut spec_changes = Vec::new();
+    for (k, va) in &sa {
+        let vb = sb
+            .iter()
+            .find(|(kb, _)| kb == k)
+            .map_or("(unset)", |(_, v)| v.as_str());
+        if vb != va {
+            spec_changes.push((k.clone(), va.clone(), vb.to_string()));
+        }
+    }
+    for (k, vb) in &sb {
+        if !sa.iter().any(|(ka, _)| ka == k) {
+            spec_changes.push((k.clone(), "(unset)".to_string(), vb.clone()));
+        }
+    }
+    let changes = report::diff(&ra, &rb);
+    if json {
+        let v = serde_json::json!({
+            "a": na,
+            "b": nb,
+            "spec_changes": spec_changes.iter().map(|(k, x, y)| serde_json::json!({"key": k, "a": x, "b": y})).collect::<Vec<_>>(),
+            "metric_changes": changes.iter().map(|c| serde_json::json!({"key": c.key, "a": c.a.to_string(), "b": c.b.to_string()})).collect::<Vec<_>>(),
+        });
+        println!("{v:#}");
+    } else {
+        print!("{}", report::render_diff(&na, &nb, &spec_changes, &changes));
+    }
+    Ok(())
+}
