@@ -97,6 +97,20 @@ fn main() -> ExitCode {
     }
 }
 
+/// Writes to stdout. A closed pipe (`kiln check … | head`) ends the process quietly instead of
+/// panicking as `print!` would.
+fn out(s: &str) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = stdout.write_all(s.as_bytes()).and_then(|()| stdout.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: cannot write to stdout: {e}");
+        std::process::exit(1);
+    }
+}
+
 /// A spec's display name and bytes.
 fn read_spec(path: Option<&PathBuf>) -> Result<(String, Vec<u8>), Failure> {
     match path {
@@ -134,7 +148,7 @@ fn load(path: Option<&PathBuf>, json: bool, color: bool) -> Result<(String, Mode
         let text = String::from_utf8_lossy(&bytes);
         eprint!("{}", diag::render(&name, &text, &diags, color));
         if json {
-            println!("{:#}", errors_json(&name, &text, &diags));
+            out(&format!("{:#}\n", errors_json(&name, &text, &diags)));
         }
         Failure::Invalid
     })
@@ -146,7 +160,7 @@ fn cmd_check(spec: Option<PathBuf>, json: bool, color: bool) -> Result<(), Failu
     if json {
         print_json(&r)?;
     } else {
-        print!("{}", report::render(&r));
+        out(&report::render(&r));
     }
     Ok(())
 }
@@ -154,7 +168,7 @@ fn cmd_check(spec: Option<PathBuf>, json: bool, color: bool) -> Result<(), Failu
 fn print_json(r: &Report) -> Result<(), Failure> {
     let s = serde_json::to_string_pretty(r)
         .map_err(|e| Failure::Other(format!("cannot encode the report: {e}")))?;
-    println!("{s}");
+    out(&format!("{s}\n"));
     Ok(())
 }
 
@@ -182,15 +196,34 @@ fn cmd_diff(a: &PathBuf, b: &PathBuf, json: bool, color: bool) -> Result<(), Fai
     }
     let changes = report::diff(&ra, &rb);
     if json {
-        let v = serde_json::json!({
-            "a": na,
-            "b": nb,
-            "spec_changes": spec_changes.iter().map(|(k, x, y)| serde_json::json!({"key": k, "a": x, "b": y})).collect::<Vec<_>>(),
-            "metric_changes": changes.iter().map(|c| serde_json::json!({"key": c.key, "a": c.a.to_string(), "b": c.b.to_string()})).collect::<Vec<_>>(),
-        });
-        println!("{v:#}");
+        #[derive(serde::Serialize)]
+        struct SpecChange<'a> {
+            key: &'a str,
+            a: &'a str,
+            b: &'a str,
+        }
+        #[derive(serde::Serialize)]
+        struct DiffJson<'a> {
+            a: &'a str,
+            b: &'a str,
+            spec_changes: Vec<SpecChange<'a>>,
+            /// Serialized with exact integers (u128), never rounded through f64.
+            metric_changes: &'a [report::Change],
+        }
+        let doc = DiffJson {
+            a: &na,
+            b: &nb,
+            spec_changes: spec_changes
+                .iter()
+                .map(|(key, a, b)| SpecChange { key, a, b })
+                .collect(),
+            metric_changes: &changes,
+        };
+        let s = serde_json::to_string_pretty(&doc)
+            .map_err(|e| Failure::Other(format!("cannot encode the diff: {e}")))?;
+        out(&format!("{s}\n"));
     } else {
-        print!("{}", report::render_diff(&na, &nb, &spec_changes, &changes));
+        out(&report::render_diff(&na, &nb, &spec_changes, &changes));
     }
     Ok(())
 }

@@ -141,6 +141,13 @@ fn clamp(text: &str, span: &Range<usize>) -> Range<usize> {
     start..end
 }
 
+/// A label ordered by its position: ariadne starts a new snippet (under a header repeating
+/// the primary location) whenever a label's line precedes the previous one's.
+fn label<'a>(file: &'a str, span: Range<usize>, msg: &str) -> Label<(&'a str, Range<usize>)> {
+    let order = i32::try_from(span.start).unwrap_or(i32::MAX);
+    Label::new((file, span)).with_message(msg).with_order(order)
+}
+
 /// Renders diagnostics like rustc: `error[rule]: message`, then `file:line:col`, the source line
 /// with an underline and label, related labels, and help. `color` adds ANSI colors.
 pub fn render(file: &str, text: &str, diags: &[Diagnostic], color: bool) -> String {
@@ -155,17 +162,9 @@ pub fn render(file: &str, text: &str, diags: &[Diagnostic], color: bool) -> Stri
             .with_config(config)
             .with_code(d.rule)
             .with_message(&d.message)
-            .with_label(
-                Label::new((file, span))
-                    .with_message(&d.label)
-                    .with_order(0),
-            );
-        for (i, (span, msg)) in d.related.iter().enumerate() {
-            report = report.with_label(
-                Label::new((file, clamp(text, span)))
-                    .with_message(msg)
-                    .with_order(i as i32 + 1),
-            );
+            .with_label(label(file, span, &d.label));
+        for (span, msg) in &d.related {
+            report = report.with_label(label(file, clamp(text, span), msg));
         }
         if let Some(help) = &d.help {
             report = report.with_help(help);

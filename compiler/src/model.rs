@@ -467,30 +467,168 @@ fn ser_display<T: std::fmt::Display, S: serde::Serializer>(v: &T, s: S) -> Resul
 }
 
 impl Model {
-    /// Every resolved setting as `(dotted key, value)`, defaults included, in a stable order;
-    /// `kiln diff` compares specs with it.
+    /// Every resolved setting as `(spec key, value)`, named as in `docs/spec.md`, defaults
+    /// included; `kiln diff` compares specs with it. Keys of absent sections are omitted.
     pub fn settings(&self) -> Vec<(String, String)> {
-        fn walk(prefix: &str, v: &serde_json::Value, out: &mut Vec<(String, String)>) {
-            match v {
-                serde_json::Value::Object(map) => {
-                    for (k, v) in map {
-                        let key = if prefix.is_empty() {
-                            k.clone()
-                        } else {
-                            format!("{prefix}.{k}")
-                        };
-                        walk(&key, v, out);
-                    }
-                }
-                serde_json::Value::String(s) => out.push((prefix.to_string(), format!("{s:?}"))),
-                other => out.push((prefix.to_string(), other.to_string())),
+        let mut out: Vec<(String, String)> = Vec::new();
+        let mut put = |k: &str, v: String| out.push((k.to_string(), v));
+        let q = |s: &str| format!("{s:?}");
+        let f = |x: f64| format!("{x:?}");
+        put("model.name", q(&self.name));
+        put("model.vocab", self.vocab.to_string());
+        put("model.d_model", self.d_model.to_string());
+        put(
+            "model.layers",
+            q(&crate::dsl::stack::format_stack(&self.layers)),
+        );
+        put("model.max_positions", self.max_positions.to_string());
+        let positions = match self.positions {
+            Positions::Rope => "rope",
+            Positions::Learned => "learned",
+        };
+        put("model.positions", q(positions));
+        let norm = match self.norm.kind {
+            NormKind::RmsNorm => "rmsnorm",
+            NormKind::LayerNorm => "layernorm",
+        };
+        put("model.norm", q(norm));
+        put("model.norm_eps", f(self.norm.eps));
+        put("model.tie_embeddings", self.tie_embeddings.to_string());
+        put("model.init_std", f(self.init_std));
+
+        let a = &self.attention;
+        put("attention.heads", a.heads.to_string());
+        match &a.kind {
+            AttentionKind::Grouped { kv_heads, head_dim } => {
+                let kind = if *kv_heads == a.heads { "mha" } else { "gqa" };
+                put("attention.kind", q(kind));
+                put("attention.kv_heads", kv_heads.to_string());
+                put("attention.head_dim", head_dim.to_string());
+            }
+            AttentionKind::Latent(m) => {
+                put("attention.kind", q("mla"));
+                let q_rank = m.q_rank.map_or("(none)".to_string(), |r| r.to_string());
+                put("attention.q_rank", q_rank);
+                put("attention.kv_rank", m.kv_rank.to_string());
+                put("attention.nope_dim", m.nope_dim.to_string());
+                put("attention.rope_dim", m.rope_dim.to_string());
+                put("attention.v_dim", m.v_dim.to_string());
             }
         }
-        let mut out = Vec::new();
-        // A Model holds only numbers, strings, booleans and plain enums, which always convert.
-        if let Ok(v) = serde_json::to_value(self) {
-            walk("", &v, &mut out);
+        put("attention.bias", a.bias.to_string());
+        if let Some(r) = &a.rope {
+            put("attention.rope.theta", f(r.theta));
+            if let Some(y) = &r.yarn {
+                put("attention.rope.yarn.factor", f(y.factor));
+                let orig = y.original_max_positions.to_string();
+                put("attention.rope.yarn.original_max_positions", orig);
+                put("attention.rope.yarn.beta_fast", f(y.beta_fast));
+                put("attention.rope.yarn.beta_slow", f(y.beta_slow));
+                put("attention.rope.yarn.mscale", f(y.mscale));
+                put("attention.rope.yarn.mscale_all_dim", f(y.mscale_all_dim));
+            }
         }
+        if let Some(ffn) = &self.ffn {
+            put("ffn.hidden", ffn.hidden.to_string());
+            put("ffn.act", q(&ffn.act.expr.to_string()));
+            put("ffn.bias", ffn.bias.to_string());
+        }
+        if let Some(m) = &self.moe {
+            put("moe.experts", m.experts.to_string());
+            put("moe.shared", m.shared.to_string());
+            put("moe.top_k", m.top_k.to_string());
+            put("moe.expert_hidden", m.expert_hidden.to_string());
+            put("moe.act", q(&m.act.expr.to_string()));
+            let score = match m.score {
+                ScoreFunc::Softmax => "softmax",
+                ScoreFunc::Sigmoid => "sigmoid",
+            };
+            put("moe.score", q(score));
+            let select = match m.select {
+                Selection::Greedy => "greedy",
+                Selection::GroupLimited => "group_limited",
+            };
+            put("moe.select", q(select));
+            put("moe.groups", m.groups.to_string());
+            put("moe.groups_kept", m.groups_kept.to_string());
+            let group_score = match m.group_score {
+                GroupScore::Max => "max",
+                GroupScore::Top2Sum => "top2_sum",
+            };
+            put("moe.group_score", q(group_score));
+            put("moe.normalize_top_k", m.normalize_top_k.to_string());
+            put("moe.route_scale", f(m.route_scale));
+            put("moe.bias_update", f(m.bias_update));
+            put("moe.seq_aux", f(m.seq_aux));
+        }
+        if let Some(m) = &self.mtp {
+            put("mtp.depth", m.depth.to_string());
+            put("mtp.weight", f(m.weight));
+            put("mtp.block", q(m.block.name()));
+        }
+        let p = &self.precision;
+        let formats = [
+            ("compute", p.compute),
+            ("linear", p.linear),
+            ("linear_grad", p.linear_grad),
+            ("embed", p.embed),
+            ("head", p.head),
+            ("router", p.router),
+            ("norm", p.norm),
+            ("attn_core", p.attn_core),
+            ("act", p.act),
+            ("keep_format", p.keep_format),
+            ("master", p.master),
+            ("grads", p.grads),
+            ("moments", p.moments),
+            ("kv_cache", p.kv_cache),
+        ];
+        for (k, v) in formats {
+            put(&format!("precision.{k}"), q(v.name()));
+        }
+        let keep: Vec<String> = p.keep.iter().map(|k| q(&k.to_string())).collect();
+        put("precision.keep", format!("[{}]", keep.join(", ")));
+        if let Some(fp8) = &p.fp8 {
+            put("precision.fp8.act_tile", format!("{:?}", fp8.act_tile));
+            put(
+                "precision.fp8.weight_block",
+                format!("{:?}", fp8.weight_block),
+            );
+            let scale = match fp8.scale {
+                ScaleFormat::Fp32 => "fp32",
+                ScaleFormat::Pow2 => "pow2",
+            };
+            put("precision.fp8.scale", q(scale));
+            put(
+                "precision.fp8.promote_every",
+                fp8.promote_every.unwrap_or(0).to_string(),
+            );
+        }
+        let t = &self.train;
+        put("train.batch", t.batch.to_string());
+        put("train.seq_len", t.seq_len.to_string());
+        put("train.steps", t.steps.to_string());
+        put("train.seed", t.seed.to_string());
+        put("train.lr", f(t.optimizer.lr));
+        put(
+            "train.betas",
+            format!("[{:?}, {:?}]", t.optimizer.beta1, t.optimizer.beta2),
+        );
+        put("train.eps", f(t.optimizer.eps));
+        put("train.weight_decay", f(t.optimizer.weight_decay));
+        let schedule = match t.schedule.kind {
+            ScheduleKind::Constant => "constant",
+            ScheduleKind::Cosine => "cosine",
+        };
+        put("train.schedule", q(schedule));
+        put("train.warmup", t.schedule.warmup.to_string());
+        put("train.min_lr", f(t.schedule.min_lr));
+        put("train.grad_clip", f(t.grad_clip.unwrap_or(0.0)));
+        let data = match &t.data {
+            DataSource::Builtin => "builtin",
+            DataSource::Path(p) => p,
+        };
+        put("train.data", q(data));
         out
     }
 

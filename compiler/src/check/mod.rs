@@ -162,7 +162,18 @@ pub fn check_str(text: &str) -> Result<Model, Vec<Diagnostic>> {
         return Err(diags);
     }
     let sink = Sink::new(text);
-    let model = Checker { sink: &sink }.run(root.get_ref());
+    let misspelled_sections = root
+        .get_ref()
+        .iter()
+        .map(|(k, _)| -> &str { k.get_ref() })
+        .filter(|k| !SECTIONS.contains(k))
+        .filter_map(|k| closest(k, SECTIONS.iter().copied()))
+        .collect();
+    let model = Checker {
+        sink: &sink,
+        misspelled_sections,
+    }
+    .run(root.get_ref());
     match model {
         Some(m) if !sink.has_errors() => Ok(m),
         _ => {
@@ -185,6 +196,9 @@ pub fn check_str(text: &str) -> Result<Model, Vec<Diagnostic>> {
 
 struct Checker<'a, 't> {
     sink: &'a Sink<'t>,
+    /// Known sections that an unknown section's name is a likely misspelling of; their
+    /// absence is not reported again.
+    misspelled_sections: Vec<&'static str>,
 }
 
 /// Spans the model-level rules point at.
@@ -197,6 +211,9 @@ struct Spans {
     keep: Vec<Range<usize>>,
     fp8: Range<usize>,
     seq_len: Range<usize>,
+    /// Integer dimension keys (`model.d_model`, `moe.expert_hidden`…), their values and spans,
+    /// so an FP8 tiling error can point at the key a bad dimension comes from.
+    dims: Vec<(String, u64, Range<usize>)>,
 }
 
 fn positive(x: f64) -> bool {
@@ -256,8 +273,24 @@ impl<'a, 't> Checker<'a, 't> {
             ][idx];
             sections[idx] = Some(Section::new(self.sink, key, t, k.span(), keys));
         }
-        let [model, attention, ffn, moe, mtp, precision, train] = sections;
         let mut spans = Spans::default();
+        const DIM_KEYS: [&[&str]; 4] = [
+            &["d_model", "vocab"],
+            &[
+                "head_dim", "q_rank", "kv_rank", "nope_dim", "rope_dim", "v_dim",
+            ],
+            &["hidden"],
+            &["expert_hidden"],
+        ];
+        for (sec, keys) in sections.iter().zip(DIM_KEYS) {
+            let Some(sec) = sec else { continue };
+            for key in keys {
+                if let Some((n, span)) = sec.raw_int(key) {
+                    spans.dims.push((format!("{}.{key}", sec.name), n, span));
+                }
+            }
+        }
+        let [model, attention, ffn, moe, mtp, precision, train] = sections;
 
         let model = self.require(model, "model");
         let m = model
@@ -317,11 +350,12 @@ impl<'a, 't> Checker<'a, 't> {
     }
 
     fn require(&self, s: Option<Section<'a, 't>>, name: &str) -> Option<Section<'a, 't>> {
-        if s.is_none() {
+        if s.is_none() && !self.misspelled_sections.contains(&name) {
+            let end = self.sink.text.len();
             self.sink.push(
                 Diagnostic::new(
                     Rule::MissingKey,
-                    0..0,
+                    end..end,
                     format!("missing required section [{name}]"),
                     format!("add a [{name}] section"),
                 )
@@ -613,7 +647,8 @@ impl<'a, 't> Checker<'a, 't> {
         let _ = rotary;
         let rope = match positions? {
             Positions::Learned => {
-                if let Some(r) = &rope_section {
+                // With MLA, "MLA needs rotary positions" above is the one error to report.
+                if let (Some(r), false) = (&rope_section, kind == Kind::Mla) {
                     self.sink.push(
                         Diagnostic::new(
                             Rule::Conflict,
@@ -696,7 +731,7 @@ impl<'a, 't> Checker<'a, 't> {
                             Diagnostic::new(
                                 Rule::Bound,
                                 y.span_of("beta_fast"),
-                                format!("`beta_fast` ({f}) must be greater than `beta_slow` ({s})"),
+                                format!("`{0}.beta_fast` ({f}) must be greater than `{0}.beta_slow` ({s})", y.name),
                                 "must exceed beta_slow",
                             )
                             .with_related(y.span_of("beta_slow"), "beta_slow"),
@@ -708,7 +743,7 @@ impl<'a, 't> Checker<'a, 't> {
                         self.sink.push(Diagnostic::new(
                             Rule::Bound,
                             y.span_of("original_max_positions"),
-                            format!("`original_max_positions` ({o}) exceeds `model.max_positions` ({}); YaRN extends a shorter context", m.max_positions),
+                            format!("`{}.original_max_positions` ({o}) exceeds `model.max_positions` ({}); YaRN extends a shorter context", y.name, m.max_positions),
                             "longer than the extended context",
                         ));
                     }
@@ -1234,83 +1269,66 @@ impl<'a, 't> Checker<'a, 't> {
             }
         }
         let Some(fp8) = p.fp8 else { return };
-        // One error per distinct (op, dimension, value), naming the layers it occurs in.
-        let mut seen: Vec<TileViolation> = Vec::new();
+        // One error per offending dimension value, listing every op and layer it affects.
+        let mut bad: Vec<TileViolation> = Vec::new();
         for op in &all {
             let fwd = p.format_of(op);
             let grad = p.grad_format_of(op);
-            if !matches!(op.class, OpClass::Linear | OpClass::Head)
-                || !(fwd.is_fp8() || grad.is_fp8())
-            {
+            if !matches!(op.class, OpClass::Linear | OpClass::Head) {
                 continue;
             }
-            let key_span = match op.class {
-                OpClass::Head => spans.head.clone(),
-                _ if fwd.is_fp8() => spans.linear.clone(),
-                _ => spans.linear_grad.clone(),
-            };
-            let mut need = Vec::new();
+            let [_, tile] = fp8.act_tile;
+            let [block_rows, block_cols] = fp8.weight_block;
+            let mut need: Vec<(&str, u64, u64, String)> = Vec::new();
             if fwd.is_fp8() {
                 need.push((
                     "input",
                     op.inp,
-                    fp8.act_tile[1],
-                    format!("the 1×{} activation tile (forward GEMM)", fp8.act_tile[1]),
+                    tile,
+                    format!("the 1×{tile} activation tile"),
                 ));
-                need.push((
-                    "input",
-                    op.inp,
-                    fp8.weight_block[1],
-                    format!(
-                        "the {}×{} weight block",
-                        fp8.weight_block[0], fp8.weight_block[1]
-                    ),
-                ));
-                need.push((
-                    "output",
-                    op.out,
-                    fp8.weight_block[0],
-                    format!(
-                        "the {}×{} weight block",
-                        fp8.weight_block[0], fp8.weight_block[1]
-                    ),
-                ));
+                let block = format!("the {block_rows}×{block_cols} weight block");
+                need.push(("input", op.inp, block_cols, block.clone()));
+                need.push(("output", op.out, block_rows, block));
             }
             if grad.is_fp8() {
-                need.push((
-                    "output",
-                    op.out,
-                    fp8.act_tile[1],
-                    format!(
-                        "the 1×{} gradient tile (input-gradient GEMM)",
-                        fp8.act_tile[1]
-                    ),
-                ));
+                let what = format!("the 1×{tile} tile of the output gradient");
+                need.push(("output", op.out, tile, what));
             }
-            for (dim, value, tile, what) in need {
-                if value % tile == 0 {
-                    continue;
-                }
-                let local = op.local_path().to_string();
-                match seen
-                    .iter_mut()
-                    .find(|e| e.op == local && e.dim == dim && e.value == value)
-                {
-                    Some(e) => {
-                        if !e.sites.contains(&op.site) {
-                            e.sites.push(op.site);
+            for (dim, value, multiple, what) in need {
+                if value % multiple != 0 {
+                    let use_ = format!("{} ({dim})", op.local_path());
+                    let v = match bad.iter_mut().position(|b| b.value == value) {
+                        Some(i) => &mut bad[i],
+                        None => {
+                            bad.push(TileViolation {
+                                value,
+                                uses: Vec::new(),
+                                sites: Vec::new(),
+                                tiles: Vec::new(),
+                                multiples: Vec::new(),
+                                // The key that put the first such op in FP8.
+                                span: match op.class {
+                                    OpClass::Head => spans.head.clone(),
+                                    _ if fwd.is_fp8() => spans.linear.clone(),
+                                    _ => spans.linear_grad.clone(),
+                                },
+                            });
+                            bad.last_mut().expect("just pushed")
+                        }
+                    };
+                    for (list, item) in [(&mut v.uses, use_), (&mut v.tiles, what)] {
+                        if !list.contains(&item) {
+                            list.push(item);
                         }
                     }
-                    None => seen.push(TileViolation {
-                        op: local,
-                        dim,
-                        value,
-                        sites: vec![op.site],
-                        what,
-                        span: key_span.clone(),
-                    }),
+                    if !v.sites.contains(&op.site) {
+                        v.sites.push(op.site);
+                    }
+                    if !v.multiples.contains(&multiple) {
+                        v.multiples.push(multiple);
+                    }
                 }
-                break;
             }
         }
         let grads_fp8 = all.iter().any(|op| {
@@ -1336,28 +1354,45 @@ impl<'a, 't> Checker<'a, 't> {
                 )),
             );
         }
-        for TileViolation {
-            op: local,
-            dim,
-            value,
-            sites,
-            what,
-            span,
-        } in seen
-        {
-            self.sink.push(
-                Diagnostic::new(
-                    Rule::Fp8Tile,
-                    span,
-                    format!("FP8 GEMM `{local}` has {dim} dimension {value}, which is not a multiple of {what}"),
-                    format!("`{local}` runs in FP8 under this format"),
-                )
-                .with_related(spans.fp8.clone(), "tile and block sizes")
-                .with_help(format!(
-                    "in {}; add \"{local}\" to `precision.keep` to run it in `keep_format`, or change the dimension",
-                    describe_sites(&sites)
-                )),
+        for v in bad {
+            let first = v.uses[0].split(' ').next().unwrap_or_default().to_string();
+            let mut d = Diagnostic::new(
+                Rule::Fp8Tile,
+                v.span.clone(),
+                format!(
+                    "dimension {} of FP8 GEMMs is not a multiple of {}",
+                    v.value,
+                    v.multiples
+                        .iter()
+                        .map(u64::to_string)
+                        .collect::<Vec<_>>()
+                        .join(" and ")
+                ),
+                format!(
+                    "FP8 here: {}{}",
+                    v.uses.join(", "),
+                    describe_sites(&v.sites)
+                ),
             );
+            for (key, span) in spans
+                .dims
+                .iter()
+                .filter(|(_, n, _)| *n == v.value)
+                .map(|(k, _, s)| (k, s))
+            {
+                d = d.with_related(span.clone(), format!("`{key}` = {}", v.value));
+            }
+            if spans.fp8.is_empty() {
+                d.message
+                    .push_str(" (the default FP8 tiles of DeepSeek-V3)");
+            } else {
+                d = d.with_related(spans.fp8.clone(), "tile and block sizes");
+            }
+            self.sink.push(d.with_help(format!(
+                "it must fill {}; change the dimension, or keep these ops out of FP8 with \
+                 `precision.keep`, e.g. \"{first}\"",
+                v.tiles.join(", ")
+            )));
         }
     }
 
@@ -1383,20 +1418,19 @@ impl<'a, 't> Checker<'a, 't> {
     }
 }
 
-/// One FP8 tiling error, gathered over every layer where the same op has the same shape.
+/// One FP8 tiling error: a dimension value that some FP8 GEMMs cannot tile.
 struct TileViolation {
-    /// The op's path without its layer prefix (`attn.kv_a`).
-    op: String,
-    /// "input" or "output".
-    dim: &'static str,
     value: u64,
+    /// `op (input|output)` for each local op path that has the value.
+    uses: Vec<String>,
     sites: Vec<Site>,
-    /// The tile or block it fails to fill.
-    what: String,
+    /// The tiles and blocks it fails to fill, and their widths along the dimension.
+    tiles: Vec<String>,
+    multiples: Vec<u64>,
     span: Range<usize>,
 }
 
-/// "layers 0–60", "layers 3, 7", "MTP module 0", "the model".
+/// " in layers 0–60", " in layers 3, 7 and MTP module 0", or "" for ops outside the blocks.
 fn describe_sites(sites: &[Site]) -> String {
     let layers: Vec<usize> = sites
         .iter()
@@ -1438,10 +1472,12 @@ fn describe_sites(sites: &[Site]) -> String {
                 .join(", ")
         ));
     }
-    if sites.contains(&Site::Model) {
-        parts.push("the model".to_string());
+    // Ops outside the blocks (embedding, head) need no location.
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!(" in {}", parts.join(" and "))
     }
-    parts.join(" and ")
 }
 
 /// The policy of a spec without [precision]: bf16 compute, fp32 master weights, gradients

@@ -58,11 +58,7 @@ impl<'t> Sink<'t> {
     /// literal is underlined.
     pub fn dsl_error(&self, value: &SpannedStr, what: &str, e: DslError) {
         let span = value.map(e.span.clone());
-        let label = if e.span.is_empty() && value.exact {
-            "here".to_string()
-        } else {
-            e.message.clone()
-        };
+        let label = e.message.clone();
         self.push(
             Diagnostic::new(
                 Rule::Dsl,
@@ -238,6 +234,17 @@ impl<'a, 't> Section<'a, 't> {
             format!("`{}.{key}` must be {rule}, found {found}", self.name),
             format!("must be {rule}"),
         ));
+    }
+
+    /// A non-negative integer value and its span, without reporting anything if the key is
+    /// absent or not such an integer.
+    pub fn raw_int(&self, key: &str) -> Option<(u64, Range<usize>)> {
+        let v = self.get(key)?;
+        let DeValue::Integer(i) = v.get_ref() else {
+            return None;
+        };
+        let n = u64::from_str_radix(i.as_str(), i.radix()).ok()?;
+        Some((n, v.span()))
     }
 
     /// An integer in `range`.

@@ -46,15 +46,32 @@ impl DslError {
 /// The closest candidate to `word` by edit distance, if it is close enough to be a plausible
 /// typo (distance at most a third of the longer word, and at least one edit allowed).
 pub fn closest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    let all: Vec<&'a str> = candidates.into_iter().collect();
     let mut best: Option<(usize, &str)> = None;
-    for c in candidates {
+    for &c in &all {
         let d = edit_distance(word, c);
         let limit = (word.chars().count().max(c.chars().count()) / 3).max(1);
         if d <= limit && best.is_none_or(|(bd, _)| d < bd) {
             best = Some((d, c));
         }
     }
-    best.map(|(_, c)| c)
+    best.map(|(_, c)| c).or_else(|| {
+        // A unique candidate that extends the word (`rms` → `rmsnorm`) is a likely abbreviation.
+        let mut prefixed = candidates_by_prefix(word, &all);
+        match (prefixed.next(), prefixed.next()) {
+            (Some(c), None) if word.chars().count() >= 2 => Some(c),
+            _ => None,
+        }
+    })
+}
+
+fn candidates_by_prefix<'a, 'w>(
+    word: &'w str,
+    all: &'w [&'a str],
+) -> impl Iterator<Item = &'a str> + 'w {
+    all.iter()
+        .copied()
+        .filter(move |c| c.starts_with(word) && *c != word)
 }
 
 /// Levenshtein distance over chars, with adjacent transpositions counted as one edit
@@ -94,5 +111,7 @@ mod tests {
         assert_eq!(closest("kv_rnak", ["kv_rank", "q_rank"]), Some("kv_rank"));
         assert_eq!(closest("slu", ["silu", "gelu"]), Some("silu"));
         assert_eq!(closest("banana", ["silu", "gelu"]), None);
+        assert_eq!(closest("rms", ["rmsnorm", "layernorm"]), Some("rmsnorm"));
+        assert_eq!(closest("r", ["rmsnorm", "relu"]), None);
     }
 }

@@ -1,0 +1,149 @@
+//! The `kiln` binary as a user runs it: exit codes, JSON keys, the default spec, `diff`.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn kiln(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("the kiln binary runs")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn check_without_a_spec_uses_the_built_in_tiny() {
+    let o = kiln(&["check"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stdout(&o).starts_with("tiny — 4 layers"), "{}", stdout(&o));
+}
+
+#[test]
+fn check_json_has_the_documented_keys() {
+    let o = kiln(&["check", "specs/deepseek-v3.toml", "--json"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["params"]["total"], 671_026_404_352u64);
+    assert_eq!(v["params"]["active"], 37_552_282_624u64);
+    assert_eq!(v["params"]["mtp"], 11_610_067_968u64);
+    assert_eq!(v["kv_cache"]["elements_per_token"], 35_136);
+    assert_eq!(v["kv_cache"]["bytes_per_token"], 70_272);
+    for key in ["forward_per_token", "train_per_token"] {
+        assert!(v["flops"][key].as_u64().unwrap() > 0, "flops.{key}");
+    }
+    for c in [
+        "embedding",
+        "attention",
+        "dense_ffn",
+        "routed_experts",
+        "shared_experts",
+        "router",
+        "norms",
+        "head",
+    ] {
+        assert!(
+            v["params"]["by_component"][c].is_u64(),
+            "params.by_component.{c}"
+        );
+    }
+    for part in [
+        "weights",
+        "master",
+        "grads",
+        "moments",
+        "scales",
+        "activations",
+        "total",
+    ] {
+        assert!(
+            v["memory"][format!("{part}_bytes")].is_u64(),
+            "memory.{part}_bytes"
+        );
+    }
+}
+
+#[test]
+fn an_invalid_spec_exits_2_with_every_error() {
+    let dir = std::env::temp_dir().join(format!("kiln-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let spec = dir.join("bad.toml");
+    let tiny =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("specs/tiny.toml"))
+            .unwrap();
+    let bad = tiny
+        .replace("kv_rank = 64", "kv_rnak = 64")
+        .replace("score = \"sigmoid\"", "score = \"sigmod\"")
+        .replace("groups_kept = 1", "groups_kept = 3");
+    std::fs::write(&spec, bad).unwrap();
+    let o = kiln(&["check", spec.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = stderr(&o);
+    assert!(err.contains("did you mean `kv_rank`?"), "{err}");
+    assert!(err.contains("did you mean `sigmoid`?"), "{err}");
+    assert!(
+        err.contains("`moe.groups_kept` (3) cannot exceed `moe.groups` (2)"),
+        "{err}"
+    );
+    assert!(err.contains("3 errors in"), "{err}");
+
+    let o = kiln(&["check", spec.to_str().unwrap(), "--json"]);
+    assert_eq!(o.status.code(), Some(2));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let errors = v["errors"].as_array().unwrap();
+    assert_eq!(errors.len(), 3);
+    assert_eq!(errors[0]["rule"], "unknown-key");
+    assert_eq!(errors[0]["line"], 20);
+    assert_eq!(errors[0]["col"], 1);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn usage_errors_exit_2_and_io_errors_exit_1() {
+    assert_eq!(kiln(&["check", "--frobnicate"]).status.code(), Some(2));
+    assert_eq!(kiln(&["frobnicate"]).status.code(), Some(2));
+    let o = kiln(&["check", "specs/does-not-exist.toml"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("cannot read specs/does-not-exist.toml"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn diff_reports_what_an_ablation_changes() {
+    let o = kiln(&[
+        "diff",
+        "specs/deepseek-v2.toml",
+        "specs/deepseek-v2-lite.toml",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("model.d_model"), "{out}");
+    assert!(out.contains("5120 → 2048"), "{out}");
+    assert!(out.contains("params.total"), "{out}");
+
+    let o = kiln(&["diff", "specs/tiny.toml", "specs/tiny.toml", "--json"]);
+    assert_eq!(o.status.code(), Some(0));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["spec_changes"].as_array().unwrap().len(), 0);
+    assert_eq!(v["metric_changes"].as_array().unwrap().len(), 0);
+}
+
+#[test]
+fn help_explains_the_commands() {
+    let o = kiln(&["--help"]);
+    let out = stdout(&o);
+    for word in ["check", "diff", "docs/spec.md", "Exit codes"] {
+        assert!(out.contains(word), "--help lacks {word}:\n{out}");
+    }
+}

@@ -1,0 +1,82 @@
+//! Diagnostics as a user reads them: exact positions, all errors at once, suggestions.
+
+use kiln_compiler::check::check_str;
+use kiln_compiler::diag::{render, Rule};
+
+const TINY: &str = include_str!("../specs/tiny.toml");
+
+/// 1-based (line, col) of the first occurrence of `needle` in `text`, plus `offset` chars.
+fn pos(text: &str, needle: &str, offset: usize) -> (usize, usize) {
+    let at = text.find(needle).unwrap();
+    let line = text[..at].matches('\n').count() + 1;
+    let col = at - text[..at].rfind('\n').map_or(0, |i| i + 1) + 1 + offset;
+    (line, col)
+}
+
+#[test]
+fn independent_errors_are_reported_together_in_file_order() {
+    let text = TINY
+        .replace(
+            "layers = \"dense, moe*3\"",
+            "layers = \"dense, moe*3, dnse\"",
+        )
+        .replace("kv_rank = 64", "kv_rank = 0")
+        .replace("act = \"silu(gate) * up\"", "act = \"silu(gate) * upp\"")
+        .replace("warmup = 100", "warmup = 5000");
+    let diags = check_str(&text).unwrap_err();
+    let rules: Vec<Rule> = diags.iter().map(|d| d.rule).collect();
+    assert_eq!(
+        rules,
+        [Rule::Dsl, Rule::Range, Rule::Dsl, Rule::Bound],
+        "{diags:#?}"
+    );
+    // DSL errors point inside the string, at the offending word.
+    assert_eq!(diags[0].line_col(&text), pos(&text, "dnse", 0));
+    assert_eq!(diags[2].line_col(&text), pos(&text, "upp\"", 0));
+    assert_eq!(diags[0].help.as_deref(), Some("did you mean `dense`?"));
+    assert_eq!(diags[2].help.as_deref(), Some("did you mean `up`?"));
+    let shown = render("tiny.toml", &text, &diags, false);
+    assert!(shown.ends_with("4 errors in tiny.toml\n"), "{shown}");
+}
+
+#[test]
+fn dsl_columns_are_exact_and_fall_back_to_the_literal_with_escapes() {
+    let plain = TINY.replace("\"silu(gate) * up\"", "\"silu(gate) * up + foo(up)\"");
+    let d = &check_str(&plain).unwrap_err()[0];
+    assert_eq!(d.line_col(&plain), pos(&plain, "foo(", 0));
+    // With an escape in the literal, raw and decoded offsets differ: underline the literal.
+    let escaped = TINY.replace("\"silu(gate) * up\"", "\"silu(gate) \\u002A up + foo(up)\"");
+    let d = &check_str(&escaped).unwrap_err()[0];
+    assert_eq!(
+        d.line_col(&escaped),
+        pos(&escaped, "\"silu(gate) \\u002A", 0)
+    );
+}
+
+#[test]
+fn a_misspelled_required_key_is_one_error() {
+    let text = TINY.replace("kv_rank = 64", "kvrank = 64");
+    let diags = check_str(&text).unwrap_err();
+    assert_eq!(diags.len(), 1, "{diags:#?}");
+    assert_eq!(diags[0].rule, Rule::UnknownKey);
+    assert_eq!(diags[0].help.as_deref(), Some("did you mean `kv_rank`?"));
+}
+
+#[test]
+fn unicode_before_an_error_counts_columns_in_chars() {
+    let text = TINY
+        .replace("name = \"tiny\"", "name = \"tïny — ü\"")
+        .replace("heads = 4\n", "heads = 4\nbias = \"yes\"\n");
+    let diags = check_str(&text).unwrap_err();
+    assert_eq!(diags.len(), 1);
+    assert_eq!(diags[0].line_col(&text), pos(&text, "\"yes\"", 0));
+}
+
+#[test]
+fn a_model_without_moe_layers_needs_no_moe_section_and_vice_versa() {
+    let dense = TINY.replace("\"dense, moe*3\"", "\"dense*4\"");
+    let d = check_str(&dense).unwrap_err();
+    // [moe] now has no effect; [mtp] defaults its block to the last layer (dense).
+    assert_eq!(d.len(), 1, "{d:#?}");
+    assert_eq!(d[0].rule, Rule::Conflict);
+}
