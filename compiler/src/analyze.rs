@@ -177,18 +177,19 @@ pub fn analyze(model: &Model) -> Report {
     let trained = total + mtp;
     let mut weights = 0u128;
     let mut scales = 0u128;
-    for op in &all {
-        let f = p.format_of(op);
+    // Resolving a format matches keep patterns against the op's path: do it once per op.
+    let formats: Vec<Format> = all.iter().map(|op| p.format_of(op)).collect();
+    for (op, &f) in all.iter().zip(&formats) {
         if f != p.master {
             weights += op.total_params() as u128 * f.bytes() as u128;
         }
-        if let (Some(fp8), true) = (p.fp8, is_fp8_gemm(model, op)) {
+        if let (Some(fp8), true) = (p.fp8, is_fp8_gemm(op, f)) {
             let blocks =
                 op.out.div_ceil(fp8.weight_block[0]) * op.inp.div_ceil(fp8.weight_block[1]);
             scales += 4 * blocks as u128 * op.copies as u128;
         }
     }
-    let saved = saved_per_token(model, &all);
+    let saved = saved_per_token(model, &all, &formats);
     scales += saved.scale_bytes * tokens;
     let activations = saved.bytes * tokens;
     let master = trained * p.master.bytes() as u128;
@@ -206,7 +207,11 @@ pub fn analyze(model: &Model) -> Report {
         total_bytes: weights + master + grads + moments + scales + activations,
     };
 
-    let linear: Vec<&Op> = all.iter().filter(|o| o.class == OpClass::Linear).collect();
+    let linear: Vec<(&Op, &Format)> = all
+        .iter()
+        .zip(&formats)
+        .filter(|(o, _)| o.class == OpClass::Linear)
+        .collect();
     Report {
         model: model.name.clone(),
         shape: Shape {
@@ -224,7 +229,7 @@ pub fn analyze(model: &Model) -> Report {
             experts: model.moe.as_ref().map_or(0, |m| m.experts),
             top_k: model.moe.as_ref().map_or(0, |m| m.top_k),
             mtp_depth: model.mtp.map_or(0, |m| m.depth),
-            fp8_linear_ops: linear.iter().filter(|o| p.format_of(o).is_fp8()).count() as u64,
+            fp8_linear_ops: linear.iter().filter(|(_, f)| f.is_fp8()).count() as u64,
             linear_ops: linear.len() as u64,
         },
         params: Params {
@@ -247,8 +252,9 @@ pub fn analyze(model: &Model) -> Report {
     }
 }
 
-fn is_fp8_gemm(model: &Model, op: &Op) -> bool {
-    matches!(op.class, OpClass::Linear | OpClass::Head) && model.precision.format_of(op).is_fp8()
+/// Whether `op`, computing in `format`, is a GEMM with FP8 operands.
+fn is_fp8_gemm(op: &Op, format: Format) -> bool {
+    matches!(op.class, OpClass::Linear | OpClass::Head) && format.is_fp8()
 }
 
 /// What one token keeps for the backward pass.
@@ -264,20 +270,20 @@ struct Saved {
 /// does); norms add an fp32 reciprocal RMS; the attention core keeps q, k, v and an fp32
 /// log-sum-exp per head; routers keep fp32 scores; and the loss keeps fp32 logits once per
 /// prediction head (main + each MTP module).
-fn saved_per_token(model: &Model, all: &[Op]) -> Saved {
+fn saved_per_token(model: &Model, all: &[Op], formats: &[Format]) -> Saved {
     let p = &model.precision;
     let a = &model.attention;
     let mut seen: HashSet<(Site, &str)> = HashSet::new();
     let mut bytes = 0u128;
     let mut scale_bytes = 0u128;
-    for op in all {
+    for (op, &format) in all.iter().zip(formats) {
         if !seen.insert((op.site, op.input)) {
             continue;
         }
-        let f = p.format_of(op).bytes() as u128;
+        let f = format.bytes() as u128;
         let c = p.compute.bytes() as u128;
         let n = op.active_copies as u128;
-        if let (Some(fp8), true) = (p.fp8, is_fp8_gemm(model, op)) {
+        if let (Some(fp8), true) = (p.fp8, is_fp8_gemm(op, format)) {
             scale_bytes += 4 * op.inp.div_ceil(fp8.act_tile[1]) as u128 * n;
         }
         bytes += match op.class {
@@ -304,8 +310,9 @@ fn saved_per_token(model: &Model, all: &[Op]) -> Saved {
     let depth = model.mtp.map_or(0, |m| m.depth) as u128;
     let head_format = all
         .iter()
-        .find(|o| o.class == OpClass::Head)
-        .map_or(p.compute, |h| p.format_of(h));
+        .zip(formats)
+        .find(|(o, _)| o.class == OpClass::Head)
+        .map_or(p.compute, |(_, &f)| f);
     let head_in = model.d_model as u128 * head_format.bytes() as u128;
     Saved {
         bytes: bytes + depth * head_in + (1 + depth) * model.vocab as u128 * 4,
