@@ -366,6 +366,10 @@ pub struct Fp8 {
     /// Elements accumulated in the tensor core before promotion to an fp32 accumulator;
     /// `None` accumulates the whole contraction in the limited-precision accumulator.
     pub promote_every: Option<u64>,
+    /// Mantissa bits the tensor-core accumulator keeps between promotions (about 14 on
+    /// Hopper, per DeepSeek-V3 §3.3.2); the CPU emulation rounds partial sums to this.
+    /// Promoted partial sums are accumulated in fp32.
+    pub accumulator_bits: u32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]

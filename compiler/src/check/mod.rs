@@ -98,7 +98,13 @@ const PRECISION_KEYS: &[&str] = &[
     "kv_cache",
     "fp8",
 ];
-const FP8_KEYS: &[&str] = &["act_tile", "weight_block", "scale", "promote_every"];
+const FP8_KEYS: &[&str] = &[
+    "act_tile",
+    "weight_block",
+    "scale",
+    "promote_every",
+    "accumulator_bits",
+];
 const TRAIN_KEYS: &[&str] = &[
     "batch",
     "seq_len",
@@ -459,30 +465,22 @@ impl<'a, 't> Checker<'a, 't> {
                 None
             }
         };
-        let positions = s
-            .choice(
-                "positions",
-                &[("rope", Positions::Rope), ("learned", Positions::Learned)],
-            )
-            .or((!s.has("positions")).then_some(Positions::Rope));
-        let norm_kind = s
-            .choice(
-                "norm",
-                &[
-                    ("rmsnorm", NormKind::RmsNorm),
-                    ("layernorm", NormKind::LayerNorm),
-                ],
-            )
-            .or((!s.has("norm")).then_some(NormKind::RmsNorm));
-        let eps = s
-            .float("norm_eps", |x| x > 0.0 && x < 1.0, "in (0, 1)")
-            .or((!s.has("norm_eps")).then_some(1e-6));
-        let tie = s
-            .boolean("tie_embeddings")
-            .or((!s.has("tie_embeddings")).then_some(false));
-        let init_std = s
-            .float("init_std", |x| x > 0.0 && x <= 1.0, "in (0, 1]")
-            .or((!s.has("init_std")).then_some(0.02));
+        let positions = s.choice_or(
+            "positions",
+            &[("rope", Positions::Rope), ("learned", Positions::Learned)],
+            Positions::Rope,
+        );
+        let norm_kind = s.choice_or(
+            "norm",
+            &[
+                ("rmsnorm", NormKind::RmsNorm),
+                ("layernorm", NormKind::LayerNorm),
+            ],
+            NormKind::RmsNorm,
+        );
+        let eps = s.float_or("norm_eps", |x| x > 0.0 && x < 1.0, "in (0, 1)", 1e-6);
+        let tie = s.boolean_or("tie_embeddings", false);
+        let init_std = s.float_or("init_std", |x| x > 0.0 && x <= 1.0, "in (0, 1]", 0.02);
         Some(PartialModel {
             name: name?,
             vocab: vocab?,
@@ -519,7 +517,7 @@ impl<'a, 't> Checker<'a, 't> {
             s.missing("kind", "\"mha\", \"gqa\" or \"mla\"");
         }
         let heads = s.req_int("heads", 1..=1 << 14, "number of attention heads");
-        let bias = s.boolean("bias").or((!s.has("bias")).then_some(false));
+        let bias = s.boolean_or("bias", false);
         let kind = kind?;
         let mla_keys = ["q_rank", "kv_rank", "nope_dim", "rope_dim", "v_dim"];
         let std_keys = ["kv_heads", "head_dim"];
@@ -696,9 +694,7 @@ impl<'a, 't> Checker<'a, 't> {
     }
 
     fn rope(&self, r: &Section<'a, 't>, m: Option<&PartialModel>) -> Option<Rope> {
-        let theta = r
-            .float("theta", |x| x > 0.0 && x <= 1e12, "in (0, 1e12]")
-            .or((!r.has("theta")).then_some(10000.0));
+        let theta = r.float_or("theta", |x| x > 0.0 && x <= 1e12, "in (0, 1e12]", 10000.0);
         let yarn = match r.table("yarn", YARN_KEYS) {
             None => (!r.has("yarn")).then_some(None),
             Some(y) => {
@@ -713,18 +709,10 @@ impl<'a, 't> Checker<'a, 't> {
                     1..=MAX_VOCAB,
                     "pretraining context length",
                 );
-                let beta_fast = y
-                    .float("beta_fast", positive, "positive")
-                    .or((!y.has("beta_fast")).then_some(32.0));
-                let beta_slow = y
-                    .float("beta_slow", positive, "positive")
-                    .or((!y.has("beta_slow")).then_some(1.0));
-                let mscale = y
-                    .float("mscale", positive, "positive")
-                    .or((!y.has("mscale")).then_some(1.0));
-                let mscale_all = y
-                    .float("mscale_all_dim", |x| x >= 0.0, "at least 0")
-                    .or((!y.has("mscale_all_dim")).then_some(0.0));
+                let beta_fast = y.float_or("beta_fast", positive, "positive", 32.0);
+                let beta_slow = y.float_or("beta_slow", positive, "positive", 1.0);
+                let mscale = y.float_or("mscale", positive, "positive", 1.0);
+                let mscale_all = y.float_or("mscale_all_dim", |x| x >= 0.0, "at least 0", 0.0);
                 if let (Some(f), Some(s)) = (beta_fast, beta_slow) {
                     if f <= s {
                         self.sink.push(
@@ -805,7 +793,7 @@ impl<'a, 't> Checker<'a, 't> {
     fn ffn(&self, s: &Section<'a, 't>) -> Option<Ffn> {
         let hidden = s.req_int("hidden", 1..=MAX_DIM * 4, "hidden width");
         let act = self.activation(s, None);
-        let bias = s.boolean("bias").or((!s.has("bias")).then_some(false));
+        let bias = s.boolean_or("bias", false);
         Some(Ffn {
             hidden: hidden?,
             act: act?,
@@ -815,9 +803,7 @@ impl<'a, 't> Checker<'a, 't> {
 
     fn moe(&self, s: &Section<'a, 't>, ffn: Option<&Ffn>) -> Option<Moe> {
         let experts = s.req_int("experts", 1..=1 << 16, "routed experts per layer");
-        let shared = s
-            .int("shared", 0..=1 << 10)
-            .or((!s.has("shared")).then_some(0));
+        let shared = s.int_or("shared", 0..=1 << 10, 0);
         let top_k = s.req_int("top_k", 1..=1 << 16, "experts per token");
         let eh = s.req_int(
             "expert_hidden",
@@ -835,38 +821,26 @@ impl<'a, 't> Checker<'a, 't> {
         if !s.has("score") {
             s.missing("score", "\"softmax\" or \"sigmoid\"");
         }
-        let select = s
-            .choice(
-                "select",
-                &[
-                    ("greedy", Selection::Greedy),
-                    ("group_limited", Selection::GroupLimited),
-                ],
-            )
-            .or((!s.has("select")).then_some(Selection::Greedy));
-        let groups = s
-            .int("groups", 1..=1 << 16)
-            .or((!s.has("groups")).then_some(1));
+        let select = s.choice_or(
+            "select",
+            &[
+                ("greedy", Selection::Greedy),
+                ("group_limited", Selection::GroupLimited),
+            ],
+            Selection::Greedy,
+        );
+        let groups = s.int_or("groups", 1..=1 << 16, 1);
         let kept = s.int("groups_kept", 1..=1 << 16);
         let kept_ok = kept.is_some() || !s.has("groups_kept");
-        let group_score = s
-            .choice(
-                "group_score",
-                &[("max", GroupScore::Max), ("top2_sum", GroupScore::Top2Sum)],
-            )
-            .or((!s.has("group_score")).then_some(GroupScore::Top2Sum));
-        let normalize = s
-            .boolean("normalize_top_k")
-            .or((!s.has("normalize_top_k")).then_some(false));
-        let route_scale = s
-            .float("route_scale", |x| x > 0.0 && x <= 1e4, "in (0, 1e4]")
-            .or((!s.has("route_scale")).then_some(1.0));
-        let bias_update = s
-            .float("bias_update", |x| (0.0..1.0).contains(&x), "in [0, 1)")
-            .or((!s.has("bias_update")).then_some(0.0));
-        let seq_aux = s
-            .float("seq_aux", |x| (0.0..1.0).contains(&x), "in [0, 1)")
-            .or((!s.has("seq_aux")).then_some(0.0));
+        let group_score = s.choice_or(
+            "group_score",
+            &[("max", GroupScore::Max), ("top2_sum", GroupScore::Top2Sum)],
+            GroupScore::Top2Sum,
+        );
+        let normalize = s.boolean_or("normalize_top_k", false);
+        let route_scale = s.float_or("route_scale", |x| x > 0.0 && x <= 1e4, "in (0, 1e4]", 1.0);
+        let bias_update = s.float_or("bias_update", |x| (0.0..1.0).contains(&x), "in [0, 1)", 0.0);
+        let seq_aux = s.float_or("seq_aux", |x| (0.0..1.0).contains(&x), "in [0, 1)", 0.0);
 
         let (experts, top_k, groups, select) = (experts?, top_k?, groups?, select?);
         if !kept_ok {
@@ -964,9 +938,7 @@ impl<'a, 't> Checker<'a, 't> {
 
     fn mtp(&self, s: &Section<'a, 't>, layers: Option<&[LayerKind]>) -> Option<Mtp> {
         let depth = s.req_int("depth", 1..=16, "number of extra tokens predicted");
-        let weight = s
-            .float("weight", |x| x > 0.0 && x <= 100.0, "in (0, 100]")
-            .or((!s.has("weight")).then_some(0.3));
+        let weight = s.float_or("weight", |x| x > 0.0 && x <= 100.0, "in (0, 100]", 0.3);
         let block = match s.choice("block", LAYER_KINDS) {
             Some(b) => Some(b),
             None if s.has("block") => None,
@@ -1048,6 +1020,7 @@ impl<'a, 't> Checker<'a, 't> {
                 weight_block: [128, 128],
                 scale: ScaleFormat::Fp32,
                 promote_every: Some(128),
+                accumulator_bits: 14,
             })),
         };
         Some(Precision {
@@ -1071,12 +1044,8 @@ impl<'a, 't> Checker<'a, 't> {
     }
 
     fn fp8(&self, t: &Section<'a, 't>) -> Option<Fp8> {
-        let tile = t
-            .int_array::<2>("act_tile", 1..=1 << 16)
-            .or((!t.has("act_tile")).then_some([1, 128]));
-        let block = t
-            .int_array::<2>("weight_block", 1..=1 << 16)
-            .or((!t.has("weight_block")).then_some([128, 128]));
+        let tile = t.int_array_or::<2>("act_tile", 1..=1 << 16, [1, 128]);
+        let block = t.int_array_or::<2>("weight_block", 1..=1 << 16, [128, 128]);
         if let Some([rows, _]) = tile {
             if rows != 1 {
                 self.sink.push(
@@ -1091,23 +1060,24 @@ impl<'a, 't> Checker<'a, 't> {
                 return None;
             }
         }
-        let scale = t
-            .choice(
-                "scale",
-                &[("fp32", ScaleFormat::Fp32), ("pow2", ScaleFormat::Pow2)],
-            )
-            .or((!t.has("scale")).then_some(ScaleFormat::Fp32));
+        let scale = t.choice_or(
+            "scale",
+            &[("fp32", ScaleFormat::Fp32), ("pow2", ScaleFormat::Pow2)],
+            ScaleFormat::Fp32,
+        );
         let promote = match t.int("promote_every", 0..=1 << 20) {
             Some(0) => Some(None),
             Some(n) => Some(Some(n)),
             None if t.has("promote_every") => None,
             None => Some(Some(128)),
         };
+        let bits = t.int_or("accumulator_bits", 1..=23, 14);
         Some(Fp8 {
             act_tile: tile?,
             weight_block: block?,
             scale: scale?,
             promote_every: promote?,
+            accumulator_bits: bits? as u32,
         })
     }
 
@@ -1127,40 +1097,30 @@ impl<'a, 't> Checker<'a, 't> {
                 ));
             }
         }
-        let steps = s
-            .int("steps", 1..=1 << 40)
-            .or((!s.has("steps")).then_some(1000));
-        let seed = s
-            .int("seed", 0..=u64::MAX >> 1)
-            .or((!s.has("seed")).then_some(0));
-        let lr = s
-            .float("lr", |x| x > 0.0 && x <= 1.0, "in (0, 1]")
-            .or((!s.has("lr")).then_some(3e-4));
+        let steps = s.int_or("steps", 1..=1 << 40, 1000);
+        let seed = s.int_or("seed", 0..=u64::MAX >> 1, 0);
+        let lr = s.float_or("lr", |x| x > 0.0 && x <= 1.0, "in (0, 1]", 3e-4);
         let betas = match s.get("betas") {
             None => Some([0.9, 0.95]),
             Some(v) => self.betas(s, v),
         };
-        let eps = s
-            .float("eps", |x| x > 0.0 && x < 1.0, "in (0, 1)")
-            .or((!s.has("eps")).then_some(1e-8));
-        let wd = s
-            .float("weight_decay", |x| (0.0..=10.0).contains(&x), "in [0, 10]")
-            .or((!s.has("weight_decay")).then_some(0.1));
-        let kind = s
-            .choice(
-                "schedule",
-                &[
-                    ("constant", ScheduleKind::Constant),
-                    ("cosine", ScheduleKind::Cosine),
-                ],
-            )
-            .or((!s.has("schedule")).then_some(ScheduleKind::Cosine));
-        let warmup = s
-            .int("warmup", 0..=1 << 40)
-            .or((!s.has("warmup")).then_some(0));
-        let min_lr = s
-            .float("min_lr", |x| x >= 0.0, "at least 0")
-            .or((!s.has("min_lr")).then_some(0.0));
+        let eps = s.float_or("eps", |x| x > 0.0 && x < 1.0, "in (0, 1)", 1e-8);
+        let wd = s.float_or(
+            "weight_decay",
+            |x| (0.0..=10.0).contains(&x),
+            "in [0, 10]",
+            0.1,
+        );
+        let kind = s.choice_or(
+            "schedule",
+            &[
+                ("constant", ScheduleKind::Constant),
+                ("cosine", ScheduleKind::Cosine),
+            ],
+            ScheduleKind::Cosine,
+        );
+        let warmup = s.int_or("warmup", 0..=1 << 40, 0);
+        let min_lr = s.float_or("min_lr", |x| x >= 0.0, "at least 0", 0.0);
         let clip = match s.float(
             "grad_clip",
             |x| x >= 0.0,

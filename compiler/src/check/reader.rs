@@ -247,6 +247,56 @@ impl<'a, 't> Section<'a, 't> {
         Some((n, v.span()))
     }
 
+    /// `value` if the key is present (`None` when it was invalid), else `default`.
+    fn or_default<T>(&self, key: &str, value: Option<T>, default: T) -> Option<T> {
+        if self.has(key) {
+            value
+        } else {
+            Some(default)
+        }
+    }
+
+    /// An integer in `range`, or `default` when the key is absent.
+    pub fn int_or(&self, key: &str, range: RangeInclusive<u64>, default: u64) -> Option<u64> {
+        self.or_default(key, self.int(key, range), default)
+    }
+
+    /// A float satisfying `ok`, or `default` when the key is absent.
+    pub fn float_or(
+        &self,
+        key: &str,
+        ok: impl Fn(f64) -> bool,
+        rule: &str,
+        default: f64,
+    ) -> Option<f64> {
+        self.or_default(key, self.float(key, ok, rule), default)
+    }
+
+    /// A boolean, or `default` when the key is absent.
+    pub fn boolean_or(&self, key: &str, default: bool) -> Option<bool> {
+        self.or_default(key, self.boolean(key), default)
+    }
+
+    /// One of `choices`, or `default` when the key is absent.
+    pub fn choice_or<T: Copy>(
+        &self,
+        key: &str,
+        choices: &[(&'static str, T)],
+        default: T,
+    ) -> Option<T> {
+        self.or_default(key, self.choice(key, choices), default)
+    }
+
+    /// An array of `N` integers in `range`, or `default` when the key is absent.
+    pub fn int_array_or<const N: usize>(
+        &self,
+        key: &str,
+        range: RangeInclusive<u64>,
+        default: [u64; N],
+    ) -> Option<[u64; N]> {
+        self.or_default(key, self.int_array::<N>(key, range), default)
+    }
+
     /// An integer in `range`.
     pub fn int(&self, key: &str, range: RangeInclusive<u64>) -> Option<u64> {
         let v = self.get(key)?;

@@ -23,11 +23,11 @@
 use std::fmt;
 use std::ops::Range;
 
-use nom::bytes::complete::take_while;
-use nom::character::complete::{char, digit1, multispace0, one_of, satisfy};
+use nom::character::complete::{char, digit1, one_of};
 use nom::combinator::{opt, recognize};
 use nom::{IResult, Parser};
 
+use super::lex::{identifier, is_word_char, symbol, ws, Step};
 use super::{closest, DslError};
 
 /// The deepest that parentheses, function calls and negations may nest.
@@ -419,32 +419,9 @@ struct Node {
     depth: usize,
 }
 
-/// The result of one parsing step: the remaining input and what was parsed, or an error.
-type Step<'a, T> = Result<(&'a str, T), DslError>;
-
-/// Skips whitespace.
-fn ws(input: &str) -> &str {
-    let parsed: IResult<&str, &str> = multispace0(input);
-    parsed.map_or(input, |(rest, _)| rest)
-}
-
-/// Whether `c` can be part of an identifier or a number.
-fn is_word_char(c: char) -> bool {
-    c.is_ascii_alphanumeric() || c == '_'
-}
-
 /// Whether `c` can continue a number literal, well-formed or not.
 fn is_number_char(c: char) -> bool {
     is_word_char(c) || c == '.'
-}
-
-/// Recognises an identifier: a letter or `_` followed by letters, digits and `_`.
-fn identifier(input: &str) -> IResult<&str, &str> {
-    recognize((
-        satisfy(|c| c.is_ascii_alphabetic() || c == '_'),
-        take_while(is_word_char),
-    ))
-    .parse(input)
 }
 
 /// Recognises a number literal: digits, an optional fraction and an optional exponent.
@@ -455,11 +432,6 @@ fn number(input: &str) -> IResult<&str, &str> {
         opt((one_of("eE"), opt(one_of("+-")), digit1)),
     ))
     .parse(input)
-}
-
-/// Recognises one character.
-fn symbol(c: char) -> impl Fn(&str) -> IResult<&str, char> {
-    move |input| char(c).parse(input)
 }
 
 /// The byte length of the run of characters at the start of `s` that satisfy `pred`.

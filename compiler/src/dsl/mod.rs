@@ -8,6 +8,7 @@
 //! that string ([`DslError`]); the checker maps them back to columns of the TOML file.
 
 pub mod expr;
+mod lex;
 pub mod pattern;
 pub mod stack;
 

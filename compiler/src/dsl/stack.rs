@@ -18,11 +18,10 @@
 
 use std::fmt;
 
-use nom::bytes::complete::take_while;
-use nom::character::complete::{char, digit1, multispace0, satisfy};
-use nom::combinator::recognize;
-use nom::{IResult, Parser};
+use nom::character::complete::digit1;
+use nom::IResult;
 
+use super::lex::{identifier, is_word_char, symbol, ws, Step};
 use super::{closest, DslError};
 
 /// The kind of block a single transformer layer uses.
@@ -142,34 +141,6 @@ enum Context {
     AfterParen(usize),
     /// Right after the `,` at this byte offset.
     AfterComma(usize),
-}
-
-/// The result of one parsing step: the remaining input and what was parsed, or an error.
-type Step<'a, T> = Result<(&'a str, T), DslError>;
-
-/// Skips whitespace.
-fn ws(input: &str) -> &str {
-    let parsed: IResult<&str, &str> = multispace0(input);
-    parsed.map_or(input, |(rest, _)| rest)
-}
-
-/// Whether `c` can be part of an identifier or a number.
-fn is_word_char(c: char) -> bool {
-    c.is_ascii_alphanumeric() || c == '_'
-}
-
-/// Recognises an identifier: a letter or `_` followed by letters, digits and `_`.
-fn identifier(input: &str) -> IResult<&str, &str> {
-    recognize((
-        satisfy(|c| c.is_ascii_alphabetic() || c == '_'),
-        take_while(is_word_char),
-    ))
-    .parse(input)
-}
-
-/// Recognises one character.
-fn symbol(c: char) -> impl Fn(&str) -> IResult<&str, char> {
-    move |input| char(c).parse(input)
 }
 
 /// The error for an unexpected token, which starts `rest` and covers `span`.
