@@ -121,8 +121,9 @@ fn read_spec(path: Option<&PathBuf>) -> Result<(String, Vec<u8>), Failure> {
     }
 }
 
-fn errors_json(file: &str, text: &str, diags: &[Diagnostic]) -> serde_json::Value {
-    let errors: Vec<_> = diags
+/// The JSON form of diagnostics, one object per error.
+fn errors_json(file: &str, text: &str, diags: &[Diagnostic]) -> Vec<serde_json::Value> {
+    diags
         .iter()
         .map(|d| {
             let (line, col) = d.line_col(text);
@@ -137,25 +138,37 @@ fn errors_json(file: &str, text: &str, diags: &[Diagnostic]) -> serde_json::Valu
                 "help": d.help,
             })
         })
-        .collect();
-    serde_json::json!({ "file": file, "errors": errors })
+        .collect()
 }
 
-/// Checks one spec, printing diagnostics on failure.
-fn load(path: Option<&PathBuf>, json: bool, color: bool) -> Result<(String, Model), Failure> {
+/// Checks one spec. On failure, renders its diagnostics to stderr and appends their JSON form
+/// to `json_errors`.
+fn load(
+    path: Option<&PathBuf>,
+    json_errors: &mut Vec<serde_json::Value>,
+    color: bool,
+) -> Result<(String, Model), Failure> {
     let (name, bytes) = read_spec(path)?;
     check(&bytes).map(|m| (name.clone(), m)).map_err(|diags| {
         let text = String::from_utf8_lossy(&bytes);
         eprint!("{}", diag::render(&name, &text, &diags, color));
-        if json {
-            out(&format!("{:#}\n", errors_json(&name, &text, &diags)));
-        }
+        json_errors.extend(errors_json(&name, &text, &diags));
         Failure::Invalid
     })
 }
 
+/// With `--json`, an invalid spec's errors go to stdout as `{"errors": [...]}`.
+fn print_errors_json(json: bool, errors: Vec<serde_json::Value>) {
+    if json && !errors.is_empty() {
+        out(&format!("{:#}\n", serde_json::json!({ "errors": errors })));
+    }
+}
+
 fn cmd_check(spec: Option<PathBuf>, json: bool, color: bool) -> Result<(), Failure> {
-    let (_, model) = load(spec.as_ref(), json, color)?;
+    let mut errors = Vec::new();
+    let loaded = load(spec.as_ref(), &mut errors, color);
+    print_errors_json(json, errors);
+    let (_, model) = loaded?;
     let r = analyze(&model);
     if json {
         print_json(&r)?;
@@ -173,8 +186,10 @@ fn print_json(r: &Report) -> Result<(), Failure> {
 }
 
 fn cmd_diff(a: &PathBuf, b: &PathBuf, json: bool, color: bool) -> Result<(), Failure> {
-    let ma = load(Some(a), false, color);
-    let mb = load(Some(b), false, color);
+    let mut errors = Vec::new();
+    let ma = load(Some(a), &mut errors, color);
+    let mb = load(Some(b), &mut errors, color);
+    print_errors_json(json, errors);
     let ((na, ma), (nb, mb)) = (ma?, mb?);
     let (ra, rb) = (analyze(&ma), analyze(&mb));
     let sa = ma.settings();

@@ -260,28 +260,35 @@ fn is_fp8_gemm(op: &Op, format: Format) -> bool {
 /// What one token keeps for the backward pass.
 struct Saved {
     bytes: u128,
-    /// fp32 scales of the FP8 activation tiles among `bytes`.
+    /// fp32 scales of the FP8 activation tiles, not included in `bytes`.
     scale_bytes: u128,
 }
 
 /// Activations one token keeps for the backward pass, over the main model and the MTP modules.
-/// Each distinct op input is counted once per site, at the format of the op reading it (FP8
-/// GEMM inputs are cached in FP8 with one fp32 scale per activation tile, as DeepSeek-V3
-/// does); norms add an fp32 reciprocal RMS; the attention core keeps q, k, v and an fp32
+/// Each distinct op input is counted once per site and format: a tensor read in two formats
+/// (the MoE input, read by the router in 16 bits and by FP8 shared experts) is kept in both.
+/// FP8 GEMM inputs are cached in FP8 with one fp32 scale per activation tile, as DeepSeek-V3
+/// does (the scales are reported apart, as `scales_bytes`); norms add an fp32 reciprocal RMS; the attention core keeps q, k, v and an fp32
 /// log-sum-exp per head; routers keep fp32 scores; and the loss keeps fp32 logits once per
 /// prediction head (main + each MTP module).
 fn saved_per_token(model: &Model, all: &[Op], formats: &[Format]) -> Saved {
     let p = &model.precision;
     let a = &model.attention;
-    let mut seen: HashSet<(Site, &str)> = HashSet::new();
+    let mut seen: HashSet<(Site, &str, Format)> = HashSet::new();
     let mut bytes = 0u128;
     let mut scale_bytes = 0u128;
     for (op, &format) in all.iter().zip(formats) {
-        if !seen.insert((op.site, op.input)) {
+        // Norms and routers keep their input as it arrives (the residual stream, in the
+        // compute format) whatever format they compute in; other ops keep it in theirs.
+        let stored = match op.class {
+            OpClass::Norm | OpClass::Router => p.compute,
+            _ => format,
+        };
+        if !seen.insert((op.site, op.input, stored)) {
             continue;
         }
-        let f = format.bytes() as u128;
-        let c = p.compute.bytes() as u128;
+        let f = stored.bytes() as u128;
+        let c = f;
         let n = op.active_copies as u128;
         if let (Some(fp8), true) = (p.fp8, is_fp8_gemm(op, format)) {
             scale_bytes += 4 * op.inp.div_ceil(fp8.act_tile[1]) as u128 * n;

@@ -9,7 +9,7 @@ use std::ops::Range;
 use ariadne::{Config, IndexType, Label, Report, ReportKind, Source};
 
 /// The rule a diagnostic reports as broken. Its name appears in the rendered header as
-/// `error[name]` and is listed in `docs/spec.md`.
+/// `[name] Error:` and is listed in `docs/spec.md`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Rule {
     /// The file is not UTF-8 or not TOML.
@@ -148,7 +148,7 @@ fn label<'a>(file: &'a str, span: Range<usize>, msg: &str) -> Label<(&'a str, Ra
     Label::new((file, span)).with_message(msg).with_order(order)
 }
 
-/// Renders diagnostics like rustc: `error[rule]: message`, then `file:line:col`, the source line
+/// Renders diagnostics like rustc: `[rule] Error: message`, then `file:line:col`, the source line
 /// with an underline and label, related labels, and help. `color` adds ANSI colors.
 pub fn render(file: &str, text: &str, diags: &[Diagnostic], color: bool) -> String {
     let mut out = Vec::new();

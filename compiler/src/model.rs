@@ -141,8 +141,9 @@ impl Attention {
         }
     }
 
-    /// The softmax scale applied to `q·k`: `qk_dim^-0.5`, times `mscale²` under YaRN with
-    /// `mscale_all_dim > 0` (DeepSeek's convention; the cos/sin amplitude stays 1).
+    /// The softmax scale applied to `q·k`: `qk_dim^-0.5`, times `attention_mscale()²` under
+    /// YaRN with `mscale_all_dim > 0` (DeepSeek's convention, as HF transformers implements it;
+    /// the cos/sin tables carry `Yarn::rope_amplitude()`).
     pub fn softmax_scale(&self) -> f64 {
         let mut scale = (self.qk_dim() as f64).powf(-0.5);
         if let Some(Rope { yarn: Some(y), .. }) = &self.rope {
@@ -174,13 +175,24 @@ pub struct Yarn {
 }
 
 impl Yarn {
-    /// `0.1 · mscale_all_dim · ln(factor) + 1` (1 when `factor ≤ 1`).
-    pub fn attention_mscale(&self) -> f64 {
+    /// YaRN's magnitude correction `0.1 · m · ln(factor) + 1` (1 when `factor ≤ 1`).
+    fn correction(&self, m: f64) -> f64 {
         if self.factor <= 1.0 {
             1.0
         } else {
-            0.1 * self.mscale_all_dim * self.factor.ln() + 1.0
+            0.1 * m * self.factor.ln() + 1.0
         }
+    }
+
+    /// The correction with `mscale_all_dim`, whose square multiplies the softmax scale.
+    pub fn attention_mscale(&self) -> f64 {
+        self.correction(self.mscale_all_dim)
+    }
+
+    /// The amplitude of the cos/sin tables: `correction(mscale) / correction(mscale_all_dim)`,
+    /// exactly 1 for every released DeepSeek config (where `mscale == mscale_all_dim`).
+    pub fn rope_amplitude(&self) -> f64 {
+        self.correction(self.mscale) / self.correction(self.mscale_all_dim)
     }
 }
 
@@ -344,10 +356,12 @@ pub struct Precision {
     pub act: Format,
     /// Operand format of the input-gradient and weight-gradient GEMMs.
     pub linear_grad: Format,
-    /// Ops matching any of these patterns compute in `keep_format` instead.
+    /// Ops matching any of these patterns never run in FP8: where their class format is FP8,
+    /// they compute in `keep_format` instead (DeepSeek-V3 keeps the embedding, head, router,
+    /// norms and attention core in their original precision).
     pub keep: Vec<Pattern>,
     pub keep_format: Format,
-    /// Scaling of FP8 operands. Present iff `linear` or `linear_grad` is an FP8 format.
+    /// Scaling of FP8 operands. Present iff `linear`, `linear_grad` or `head` is an FP8 format.
     pub fp8: Option<Fp8>,
     pub master: Format,
     pub grads: Format,
@@ -382,14 +396,16 @@ pub enum ScaleFormat {
 }
 
 impl Precision {
-    /// The forward-pass format of an op: `keep_format` if a keep pattern selects it, else its
-    /// class's format.
+    /// Whether a keep pattern selects `op`.
+    pub fn is_kept(&self, op: &crate::ops::Op) -> bool {
+        self.keep.iter().any(|p| p.matches(&op.path))
+    }
+
+    /// The forward-pass format of an op: its class's format, except that an op a keep pattern
+    /// selects never runs in FP8 and uses `keep_format` instead.
     pub fn format_of(&self, op: &crate::ops::Op) -> Format {
         use crate::ops::OpClass;
-        if self.keep.iter().any(|p| p.matches(&op.path)) {
-            return self.keep_format;
-        }
-        match op.class {
+        let class = match op.class {
             OpClass::Embed => self.embed,
             OpClass::Linear => self.linear,
             OpClass::Norm => self.norm,
@@ -397,18 +413,24 @@ impl Precision {
             OpClass::Act => self.act,
             OpClass::Router => self.router,
             OpClass::Head => self.head,
+        };
+        self.unless_kept(op, class)
+    }
+
+    /// The operand format of an op's input- and weight-gradient GEMMs: `linear_grad` for
+    /// linear ops, the forward format otherwise, and never FP8 for a kept op.
+    pub fn grad_format_of(&self, op: &crate::ops::Op) -> Format {
+        match op.class {
+            crate::ops::OpClass::Linear => self.unless_kept(op, self.linear_grad),
+            _ => self.format_of(op),
         }
     }
 
-    /// The operand format of an op's input- and weight-gradient GEMMs: `keep_format` if a keep
-    /// pattern selects it, `linear_grad` for linear ops, else the op's forward format.
-    pub fn grad_format_of(&self, op: &crate::ops::Op) -> Format {
-        if self.keep.iter().any(|p| p.matches(&op.path)) {
-            return self.keep_format;
-        }
-        match op.class {
-            crate::ops::OpClass::Linear => self.linear_grad,
-            _ => self.format_of(op),
+    fn unless_kept(&self, op: &crate::ops::Op, format: Format) -> Format {
+        if format.is_fp8() && self.is_kept(op) {
+            self.keep_format
+        } else {
+            format
         }
     }
 }
@@ -607,6 +629,10 @@ impl Model {
                 "precision.fp8.promote_every",
                 fp8.promote_every.unwrap_or(0).to_string(),
             );
+            put(
+                "precision.fp8.accumulator_bits",
+                fp8.accumulator_bits.to_string(),
+            );
         }
         let t = &self.train;
         put("train.batch", t.batch.to_string());
@@ -647,5 +673,74 @@ impl Model {
             .iter()
             .take_while(|&&k| k == LayerKind::Dense)
             .count() as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::check::check_str;
+    use crate::ops::ops;
+
+    const TINY: &str = include_str!("../../specs/tiny.toml");
+    const V3: &str = include_str!("../../specs/deepseek-v3.toml");
+
+    #[test]
+    fn yarn_scales_like_deepseek_v3() {
+        let m = check_str(V3).unwrap();
+        let yarn = m.attention.rope.unwrap().yarn.unwrap();
+        let mscale = 0.1 * 40f64.ln() + 1.0;
+        assert!((yarn.attention_mscale() - mscale).abs() < 1e-15);
+        assert_eq!(yarn.rope_amplitude(), 1.0);
+        let expected = 192f64.powf(-0.5) * mscale * mscale;
+        assert!((m.attention.softmax_scale() - expected).abs() < 1e-15);
+        let unequal = Yarn {
+            mscale: 0.5,
+            ..yarn
+        };
+        let amp = (0.05 * 40f64.ln() + 1.0) / mscale;
+        assert!((unequal.rope_amplitude() - amp).abs() < 1e-15);
+    }
+
+    #[test]
+    fn keep_only_takes_ops_out_of_fp8() {
+        let m = check_str(TINY).unwrap();
+        let all = ops(&m);
+        let p = &m.precision;
+        let find = |path: &str| all.iter().find(|o| o.path == path).unwrap();
+        // Kept in the spec, but not FP8 by class: the class format (fp32) stands.
+        assert_eq!(p.format_of(find("layers.1.moe.router")), Format::Fp32);
+        assert_eq!(p.format_of(find("layers.0.attn.norm")), Format::Fp32);
+        // Kept linear: out of FP8, into keep_format, forward and backward.
+        assert_eq!(p.format_of(find("layers.0.attn.kv_a")), Format::Bf16);
+        assert_eq!(p.grad_format_of(find("layers.0.attn.kv_a")), Format::Bf16);
+        // Not kept: FP8 both ways.
+        assert_eq!(p.format_of(find("layers.1.moe.experts.up")), Format::E4m3);
+        assert_eq!(p.grad_format_of(find("mtp.0.eh_proj")), Format::E4m3);
+    }
+
+    #[test]
+    fn linear_grad_applies_without_fp8_forward() {
+        let spec = TINY
+            .replace("linear = \"e4m3\"", "linear = \"bf16\"")
+            .replace("linear_grad = \"e4m3\"", "linear_grad = \"fp32\"");
+        let m = check_str(&spec).unwrap();
+        let all = ops(&m);
+        let up = all.iter().find(|o| o.path == "layers.0.ffn.up").unwrap();
+        assert_eq!(m.precision.format_of(up), Format::Bf16);
+        assert_eq!(m.precision.grad_format_of(up), Format::Fp32);
+        assert_eq!(m.precision.fp8, None, "no FP8 format is used");
+    }
+
+    #[test]
+    fn settings_name_every_key_by_its_spec_path() {
+        let m = check_str(TINY).unwrap();
+        let s = m.settings();
+        let get = |k: &str| s.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str());
+        assert_eq!(get("model.layers"), Some("\"dense, moe*3\""));
+        assert_eq!(get("attention.kv_rank"), Some("64"));
+        assert_eq!(get("moe.act"), Some("\"silu(gate) * up\""));
+        assert_eq!(get("precision.fp8.accumulator_bits"), Some("14"));
+        assert_eq!(get("train.betas"), Some("[0.9, 0.95]"));
     }
 }

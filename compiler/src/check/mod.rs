@@ -168,12 +168,18 @@ pub fn check_str(text: &str) -> Result<Model, Vec<Diagnostic>> {
         return Err(diags);
     }
     let sink = Sink::new(text);
+    // A section written as a plain value or misspelled is reported as such, not again as
+    // missing.
     let misspelled_sections = root
         .get_ref()
         .iter()
-        .map(|(k, _)| -> &str { k.get_ref() })
-        .filter(|k| !SECTIONS.contains(k))
-        .filter_map(|k| closest(k, SECTIONS.iter().copied()))
+        .filter_map(|(k, v)| {
+            let k: &str = k.get_ref();
+            match SECTIONS.iter().find(|s| **s == k) {
+                Some(s) => (!v.get_ref().is_table()).then_some(*s),
+                None => closest(k, SECTIONS.iter().copied()),
+            }
+        })
         .collect();
     let model = Checker {
         sink: &sink,
@@ -202,8 +208,8 @@ pub fn check_str(text: &str) -> Result<Model, Vec<Diagnostic>> {
 
 struct Checker<'a, 't> {
     sink: &'a Sink<'t>,
-    /// Known sections that an unknown section's name is a likely misspelling of; their
-    /// absence is not reported again.
+    /// Known sections already reported (misspelled, or written as a value); their absence is
+    /// not reported again.
     misspelled_sections: Vec<&'static str>,
 }
 
@@ -217,6 +223,7 @@ struct Spans {
     keep: Vec<Range<usize>>,
     fp8: Range<usize>,
     seq_len: Range<usize>,
+    mtp_block: Range<usize>,
     /// Integer dimension keys (`model.d_model`, `moe.expert_hidden`…), their values and spans,
     /// so an FP8 tiling error can point at the key a bad dimension comes from.
     dims: Vec<(String, u64, Range<usize>)>,
@@ -309,18 +316,23 @@ impl<'a, 't> Checker<'a, 't> {
             .and_then(|a| self.attention(a, m.as_ref(), positions));
 
         let layers = m.as_ref().map(|m| m.layers.clone());
-        let has = |kind| layers.as_ref().map(|l: &Vec<LayerKind>| l.contains(&kind));
+        if let Some(s) = &mtp {
+            spans.mtp_block = s.span_of("block");
+        }
+        let mtp = mtp.as_ref().and_then(|s| self.mtp(s, layers.as_deref()));
+        // A kind of block is used by the stack or by the MTP modules; unknown if the stack is.
+        let used = |kind| {
+            let in_stack = layers.as_ref()?.contains(&kind);
+            Some(Use {
+                in_stack,
+                in_mtp: mtp.is_some_and(|m| m.block == kind),
+            })
+        };
         let ffn = self
-            .needed(ffn, "ffn", has(LayerKind::Dense), "dense", &spans.layers)
+            .needed(ffn, "ffn", used(LayerKind::Dense), "dense", &spans)
             .and_then(|s| self.ffn(&s));
-        let mtp_sec = mtp;
-        let mtp = mtp_sec
-            .as_ref()
-            .and_then(|s| self.mtp(s, layers.as_deref()));
-        let moe_used =
-            has(LayerKind::Moe).map(|h| h || mtp.is_some_and(|m| m.block == LayerKind::Moe));
         let moe = self
-            .needed(moe, "moe", moe_used, "moe", &spans.layers)
+            .needed(moe, "moe", used(LayerKind::Moe), "moe", &spans)
             .and_then(|s| self.moe(&s, ffn.as_ref()));
         let precision = precision.map_or_else(
             || Some(default_precision()),
@@ -372,25 +384,32 @@ impl<'a, 't> Checker<'a, 't> {
     }
 
     /// A section that must be present exactly when the layer stack uses it.
+    /// A section that must be present exactly when some block uses it.
     fn needed(
         &self,
         s: Option<Section<'a, 't>>,
         name: &str,
-        used: Option<bool>,
+        used: Option<Use>,
         kind: &str,
-        layers_span: &Range<usize>,
+        spans: &Spans,
     ) -> Option<Section<'a, 't>> {
-        match (s, used) {
-            (None, Some(true)) => {
-                self.sink.push(Diagnostic::new(
-                    Rule::MissingKey,
-                    layers_span.clone(),
-                    format!("the layer stack has `{kind}` layers but the spec has no [{name}] section"),
-                    format!("`{kind}` layers need [{name}]"),
-                ).with_help(format!("add a [{name}] section; see docs/spec.md")));
+        let Some(used) = used else { return s };
+        let layers_span = &spans.layers;
+        match s {
+            None if used.in_stack || used.in_mtp => {
+                let (span, message) = if used.in_stack {
+                    (layers_span, format!("the layer stack has `{kind}` layers but the spec has no [{name}] section"))
+                } else {
+                    (&spans.mtp_block, format!("the MTP modules use a `{kind}` block but the spec has no [{name}] section"))
+                };
+                let label = format!("`{kind}` blocks need [{name}]");
+                self.sink.push(
+                    Diagnostic::new(Rule::MissingKey, span.clone(), message, label)
+                        .with_help(format!("add a [{name}] section; see docs/spec.md")),
+                );
                 None
             }
-            (Some(s), Some(false)) => {
+            Some(s) if !used.in_stack && !used.in_mtp => {
                 self.sink.push(
                     Diagnostic::new(
                         Rule::Conflict,
@@ -405,7 +424,7 @@ impl<'a, 't> Checker<'a, 't> {
                 );
                 None
             }
-            (s, _) => s,
+            s => s,
         }
     }
 
@@ -983,7 +1002,7 @@ impl<'a, 't> Checker<'a, 't> {
         let norm = self.format(s, "norm", c, false);
         let attn_core = self.format(s, "attn_core", c, false);
         let act = self.format(s, "act", c, false);
-        let keep_format = self.format(s, "keep_format", Format::Bf16, false);
+        let keep_format = self.format(s, "keep_format", c, false);
         let master = self.format(s, "master", Format::Fp32, false);
         let grads = self.format(s, "grads", Format::Fp32, false);
         let moments = self.format(s, "moments", Format::Fp32, false);
@@ -1044,10 +1063,11 @@ impl<'a, 't> Checker<'a, 't> {
     }
 
     fn fp8(&self, t: &Section<'a, 't>) -> Option<Fp8> {
-        let tile = t.int_array_or::<2>("act_tile", 1..=1 << 16, [1, 128]);
+        let mut tile = t.int_array_or::<2>("act_tile", 1..=1 << 16, [1, 128]);
         let block = t.int_array_or::<2>("weight_block", 1..=1 << 16, [128, 128]);
         if let Some([rows, _]) = tile {
             if rows != 1 {
+                tile = None;
                 self.sink.push(
                     Diagnostic::new(
                         Rule::Range,
@@ -1057,7 +1077,6 @@ impl<'a, 't> Checker<'a, 't> {
                     )
                     .with_help("DeepSeek-V3 uses `act_tile = [1, 128]`"),
                 );
-                return None;
             }
         }
         let scale = t.choice_or(
@@ -1462,6 +1481,13 @@ fn default_precision() -> Precision {
         moments: Format::Fp32,
         kv_cache: c,
     }
+}
+
+/// Where a kind of block occurs: in the main stack, in the MTP modules, or both.
+#[derive(Clone, Copy)]
+struct Use {
+    in_stack: bool,
+    in_mtp: bool,
 }
 
 /// The [model] section's values, before the other sections are read.
