@@ -143,6 +143,95 @@ fn exercise(bytes: &[u8]) {
     }
 }
 
+/// Values spliced in place of a key's value: edge numbers, every enum name the checker knows,
+/// DSL strings, wrong types.
+const VALUES: &[&str] = &[
+    "0",
+    "1",
+    "2",
+    "3",
+    "7",
+    "16",
+    "64",
+    "96",
+    "128",
+    "256",
+    "4096",
+    "65537",
+    "-1",
+    "0.0",
+    "1e-9",
+    "0.5",
+    "2.5",
+    "1e30",
+    "true",
+    "false",
+    "\"dense\"",
+    "\"moe\"",
+    "\"mla\"",
+    "\"gqa\"",
+    "\"mha\"",
+    "\"learned\"",
+    "\"rope\"",
+    "\"layernorm\"",
+    "\"e4m3\"",
+    "\"e5m2\"",
+    "\"fp32\"",
+    "\"bf16\"",
+    "\"softmax\"",
+    "\"sigmoid\"",
+    "\"greedy\"",
+    "\"group_limited\"",
+    "\"max\"",
+    "\"pow2\"",
+    "\"constant\"",
+    "\"gelu_tanh(x)\"",
+    "\"relu(x)^2\"",
+    "\"dense*2, (moe, dense)*2\"",
+    "\"moe*4\"",
+    "\"dense\"",
+    "[1, 64]",
+    "[1, 128]",
+    "[128, 64]",
+    "[\"*norm\"]",
+    "[\"**.up\", \"head\"]",
+    "[]",
+    "{}",
+];
+
+/// Edits a spec line by line: replace a key's value, drop a line, or drop a whole section.
+/// Unlike byte mutations, these mostly keep the TOML valid and reach the cross-field rules
+/// and the op builder with unusual but well-typed combinations.
+fn edit_lines(spec: &str, edits: &[(usize, usize, u8)]) -> Vec<u8> {
+    let mut lines: Vec<String> = spec.lines().map(str::to_string).collect();
+    for &(line, value, what) in edits {
+        let i = line % lines.len();
+        match what % 8 {
+            0 => {
+                // Drop the section starting at or after line i.
+                if let Some(start) = (i..lines.len()).find(|&j| lines[j].starts_with('[')) {
+                    let end = (start + 1..lines.len())
+                        .find(|&j| lines[j].starts_with('['))
+                        .unwrap_or(lines.len());
+                    lines.drain(start..end);
+                }
+            }
+            1 => {
+                lines.remove(i);
+            }
+            _ => {
+                if let Some((key, _)) = lines[i].split_once(" = ") {
+                    lines[i] = format!("{key} = {}", VALUES[value % VALUES.len()]);
+                }
+            }
+        }
+        if lines.is_empty() {
+            break;
+        }
+    }
+    lines.join("\n").into_bytes()
+}
+
 proptest! {
     #![proptest_config(ProptestConfig {
         cases: std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(512),
@@ -154,6 +243,11 @@ proptest! {
     fn mutated_specs_never_panic(spec in 0..SPECS.len(), muts in proptest::collection::vec(mutation(), 1..6)) {
         let bytes = muts.iter().fold(SPECS[spec].as_bytes().to_vec(), apply);
         exercise(&bytes);
+    }
+
+    #[test]
+    fn edited_specs_never_panic(spec in 0..SPECS.len(), edits in proptest::collection::vec((any::<usize>(), any::<usize>(), any::<u8>()), 1..8)) {
+        exercise(&edit_lines(SPECS[spec], &edits));
     }
 
     #[test]
