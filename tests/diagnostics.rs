@@ -80,3 +80,18 @@ fn a_model_without_moe_layers_needs_no_moe_section_and_vice_versa() {
     assert_eq!(d.len(), 1, "{d:#?}");
     assert_eq!(d[0].rule, Rule::Conflict);
 }
+
+#[test]
+fn missing_keys_of_one_section_are_one_error() {
+    let text = TINY
+        .replace("d_model = 256\n", "")
+        .replace("max_positions = 256\n", "");
+    let diags = check_str(&text).unwrap_err();
+    assert_eq!(diags.len(), 1, "{diags:#?}");
+    assert_eq!(diags[0].rule, Rule::MissingKey);
+    assert_eq!(
+        diags[0].message,
+        "missing required keys `d_model` and `max_positions` in [model]"
+    );
+    assert_eq!(diags[0].line_col(&text), pos(&text, "model]", 0));
+}

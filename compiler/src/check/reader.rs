@@ -121,6 +121,46 @@ pub struct Section<'a, 't> {
     /// Span of the table's header or inline table, for "missing key" errors.
     pub span: Range<usize>,
     keys: &'static [&'static str],
+    /// Required keys found missing, with what each holds; reported together as one error
+    /// when the section is dropped.
+    missing: RefCell<Vec<(String, String)>>,
+}
+
+impl Drop for Section<'_, '_> {
+    fn drop(&mut self) {
+        let missing = self.missing.take();
+        let Some(((first, _), rest)) = missing.split_first() else {
+            return;
+        };
+        let names: Vec<String> = missing.iter().map(|(k, _)| format!("`{k}`")).collect();
+        let (message, label) = if rest.is_empty() {
+            let what = &missing[0].1;
+            (
+                format!("missing required key `{first}` in [{}]", self.name),
+                format!("add `{first}` ({what}) here"),
+            )
+        } else {
+            let (last, init) = names.split_last().expect("two or more");
+            let wanted: Vec<String> = missing
+                .iter()
+                .map(|(k, w)| format!("`{k}` ({w})"))
+                .collect();
+            (
+                format!(
+                    "missing required keys {} and {last} in [{}]",
+                    init.join(", "),
+                    self.name
+                ),
+                format!("add {} here", wanted.join(", ")),
+            )
+        };
+        self.sink.push(Diagnostic::new(
+            Rule::MissingKey,
+            self.span.clone(),
+            message,
+            label,
+        ));
+    }
 }
 
 fn type_name(v: &DeValue) -> &'static str {
@@ -158,6 +198,7 @@ impl<'a, 't> Section<'a, 't> {
             table,
             span,
             keys,
+            missing: RefCell::new(Vec::new()),
         };
         s.reject_unknown();
         s
@@ -203,15 +244,10 @@ impl<'a, 't> Section<'a, 't> {
             let k: &str = k.get_ref();
             !self.keys.contains(&k) && closest(k, self.keys.iter().copied()) == Some(key)
         });
-        if misspelled {
-            return;
+        if !misspelled {
+            let entry = (key.to_string(), what.to_string());
+            self.missing.borrow_mut().push(entry);
         }
-        self.sink.push(Diagnostic::new(
-            Rule::MissingKey,
-            self.span.clone(),
-            format!("missing required key `{key}` in [{}]", self.name),
-            format!("add `{key}` ({what}) here"),
-        ));
     }
 
     fn wrong_type(&self, key: &str, v: &Spanned<DeValue>, expected: &str) {
