@@ -427,6 +427,29 @@ impl<'a, 't> Section<'a, 't> {
         }
     }
 
+    /// A required string.
+    pub fn req_string(&self, key: &str, what: &str) -> Option<SpannedStr> {
+        if !self.has(key) {
+            self.missing(key, what);
+            return None;
+        }
+        self.string(key)
+    }
+
+    /// A required string naming one of `choices` (listed in the missing-key error).
+    pub fn req_choice<T: Copy>(&self, key: &str, choices: &[(&'static str, T)]) -> Option<T> {
+        if !self.has(key) {
+            let names: Vec<String> = choices.iter().map(|(n, _)| format!("\"{n}\"")).collect();
+            let what = match names.split_last() {
+                Some((last, init)) if !init.is_empty() => format!("{} or {last}", init.join(", ")),
+                _ => names.join(""),
+            };
+            self.missing(key, &what);
+            return None;
+        }
+        self.choice(key, choices)
+    }
+
     /// A string naming one of `choices`.
     pub fn choice<T: Copy>(&self, key: &str, choices: &[(&'static str, T)]) -> Option<T> {
         let s = self.string(key)?;

@@ -15,7 +15,7 @@ impl<'a, 't> Checker<'a, 't> {
         s: &Section<'a, 't>,
         spans: &mut Spans,
     ) -> Option<PartialModel> {
-        let name = match s.string("name") {
+        let name = match s.req_string("name", "the model's name") {
             Some(n)
                 if n.value.trim().is_empty()
                     || n.value.chars().count() > 128
@@ -30,17 +30,12 @@ impl<'a, 't> Checker<'a, 't> {
                 None
             }
             Some(n) => Some(n.value),
-            None => {
-                if !s.has("name") {
-                    s.missing("name", "the model's name");
-                }
-                None
-            }
+            None => None,
         };
         let vocab = s.req_int("vocab", 1..=MAX_VOCAB, "vocabulary size");
         let d_model = s.req_int("d_model", 1..=MAX_DIM, "residual width");
         let max_positions = s.req_int("max_positions", 1..=MAX_VOCAB, "longest supported sequence");
-        let layers = match s.string("layers") {
+        let layers = match s.req_string("layers", "a layer stack such as \"dense*3, moe*58\"") {
             Some(st) => {
                 spans.layers = st.span.clone();
                 match parse_stack(&st.value) {
@@ -63,12 +58,7 @@ impl<'a, 't> Checker<'a, 't> {
                     }
                 }
             }
-            None => {
-                if !s.has("layers") {
-                    s.missing("layers", "a layer stack such as \"dense*3, moe*58\"");
-                }
-                None
-            }
+            None => None,
         };
         let positions = s.choice_or(
             "positions",
@@ -114,13 +104,10 @@ impl<'a, 't> Checker<'a, 't> {
             Gqa,
             Mla,
         }
-        let kind = s.choice(
+        let kind = s.req_choice(
             "kind",
             &[("mha", Kind::Mha), ("gqa", Kind::Gqa), ("mla", Kind::Mla)],
         );
-        if !s.has("kind") {
-            s.missing("kind", "\"mha\", \"gqa\" or \"mla\"");
-        }
         let heads = s.req_int("heads", 1..=1 << 14, "number of attention heads");
         let bias = s.boolean_or("bias", false);
         let kind = kind?;
@@ -420,16 +407,13 @@ impl<'a, 't> Checker<'a, 't> {
             "hidden width of one expert",
         );
         let act = self.activation(s, ffn.map(|f| &f.act));
-        let score = s.choice(
+        let score = s.req_choice(
             "score",
             &[
                 ("softmax", ScoreFunc::Softmax),
                 ("sigmoid", ScoreFunc::Sigmoid),
             ],
         );
-        if !s.has("score") {
-            s.missing("score", "\"softmax\" or \"sigmoid\"");
-        }
         let select = s.choice_or(
             "select",
             &[
