@@ -386,6 +386,19 @@ pub struct Fp8 {
     pub accumulator_bits: u32,
 }
 
+impl Fp8 {
+    /// DeepSeek-V3's recipe (tech report §3.3): 1×128 activation tiles, 128×128 weight blocks,
+    /// fp32 scales, promotion to fp32 every 128 elements of a ~14-bit accumulator. The
+    /// defaults of `[precision.fp8]`.
+    pub const DEEPSEEK_V3: Fp8 = Fp8 {
+        act_tile: [1, 128],
+        weight_block: [128, 128],
+        scale: ScaleFormat::Fp32,
+        promote_every: Some(128),
+        accumulator_bits: 14,
+    };
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ScaleFormat {

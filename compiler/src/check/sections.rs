@@ -104,10 +104,9 @@ impl<'a, 't> Checker<'a, 't> {
             Gqa,
             Mla,
         }
-        let kind = s.req_choice(
-            "kind",
-            &[("mha", Kind::Mha), ("gqa", Kind::Gqa), ("mla", Kind::Mla)],
-        );
+        const KINDS: [(&str, Kind); 3] =
+            [("mha", Kind::Mha), ("gqa", Kind::Gqa), ("mla", Kind::Mla)];
+        let kind = s.req_choice("kind", &KINDS);
         let heads = s.req_int("heads", 1..=1 << 14, "number of attention heads");
         let bias = s.boolean_or("bias", false);
         let kind = kind?;
@@ -127,13 +126,10 @@ impl<'a, 't> Checker<'a, 't> {
                         s.span_of(k),
                         format!(
                             "`attention.{k}` does not apply to attention kind `{}`",
-                            if kind == Kind::Mla {
-                                "mla"
-                            } else if kind == Kind::Gqa {
-                                "gqa"
-                            } else {
-                                "mha"
-                            }
+                            KINDS
+                                .iter()
+                                .find(|(_, x)| *x == kind)
+                                .map_or("", |(n, _)| *n)
                         ),
                         "not used by this attention kind",
                     )
@@ -146,7 +142,7 @@ impl<'a, 't> Checker<'a, 't> {
             }
         }
         let rope_section = s.table("rope", ROPE_KEYS);
-        let (ak, rotary) = match kind {
+        let ak = match kind {
             Kind::Mla => {
                 let q_rank = s.int("q_rank", 1..=MAX_DIM);
                 let q_bad = s.has("q_rank") && q_rank.is_none();
@@ -176,7 +172,7 @@ impl<'a, 't> Checker<'a, 't> {
                     rope_dim: rope?,
                     v_dim: v?,
                 };
-                (AttentionKind::Latent(mla), mla.rope_dim)
+                AttentionKind::Latent(mla)
             }
             Kind::Mha | Kind::Gqa => {
                 let heads = heads?;
@@ -231,10 +227,9 @@ impl<'a, 't> Checker<'a, 't> {
                 } else {
                     head_dim
                 };
-                (AttentionKind::Grouped { kv_heads, head_dim }, head_dim)
+                AttentionKind::Grouped { kv_heads, head_dim }
             }
         };
-        let _ = rotary;
         let rope = match positions? {
             Positions::Learned => {
                 // With MLA, "MLA needs rotary positions" above is the one error to report.
@@ -551,11 +546,7 @@ impl<'a, 't> Checker<'a, 't> {
         default: Format,
         allow_fp8: bool,
     ) -> Option<Format> {
-        let f = s.choice(key, FORMATS);
-        if !s.has(key) {
-            return Some(default);
-        }
-        let f = f?;
+        let f = s.choice_or(key, FORMATS, default)?;
         if f.is_fp8() && !allow_fp8 {
             self.sink.push(Diagnostic::new(
                 Rule::UnknownValue,
@@ -614,13 +605,7 @@ impl<'a, 't> Checker<'a, 't> {
                 self.fp8(&t).map(Some)
             }
             None if s.has("fp8") => None,
-            None => Some(Some(Fp8 {
-                act_tile: [1, 128],
-                weight_block: [128, 128],
-                scale: ScaleFormat::Fp32,
-                promote_every: Some(128),
-                accumulator_bits: 14,
-            })),
+            None => Some(Some(Fp8::DEEPSEEK_V3)),
         };
         Some(Precision {
             compute: compute?,
@@ -643,8 +628,9 @@ impl<'a, 't> Checker<'a, 't> {
     }
 
     pub(super) fn fp8(&self, t: &Section<'a, 't>) -> Option<Fp8> {
-        let mut tile = t.int_array_or::<2>("act_tile", 1..=1 << 16, [1, 128]);
-        let block = t.int_array_or::<2>("weight_block", 1..=1 << 16, [128, 128]);
+        let d = Fp8::DEEPSEEK_V3;
+        let mut tile = t.int_array_or::<2>("act_tile", 1..=1 << 16, d.act_tile);
+        let block = t.int_array_or::<2>("weight_block", 1..=1 << 16, d.weight_block);
         if let Some([rows, _]) = tile {
             if rows != 1 {
                 tile = None;
@@ -662,15 +648,15 @@ impl<'a, 't> Checker<'a, 't> {
         let scale = t.choice_or(
             "scale",
             &[("fp32", ScaleFormat::Fp32), ("pow2", ScaleFormat::Pow2)],
-            ScaleFormat::Fp32,
+            d.scale,
         );
         let promote = match t.int("promote_every", 0..=1 << 20) {
             Some(0) => Some(None),
             Some(n) => Some(Some(n)),
             None if t.has("promote_every") => None,
-            None => Some(Some(128)),
+            None => Some(d.promote_every),
         };
-        let bits = t.int_or("accumulator_bits", 1..=23, 14);
+        let bits = t.int_or("accumulator_bits", 1..=23, d.accumulator_bits.into());
         Some(Fp8 {
             act_tile: tile?,
             weight_block: block?,
