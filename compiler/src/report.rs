@@ -158,11 +158,12 @@ pub fn render(r: &Report) -> String {
     if f.mtp_forward_per_token > 0 {
         frow(&mut o, "MTP modules forward", f.mtp_forward_per_token);
     }
-    frow(
-        &mut o,
-        "training (3 × forward incl. MTP)",
-        f.train_per_token,
-    );
+    let train_label = if f.mtp_forward_per_token > 0 {
+        "training (3 × forward incl. MTP)"
+    } else {
+        "training (3 × forward)"
+    };
+    frow(&mut o, train_label, f.train_per_token);
     let m = &r.memory;
     frow(
         &mut o,
