@@ -95,3 +95,12 @@ fn missing_keys_of_one_section_are_one_error() {
     );
     assert_eq!(diags[0].line_col(&text), pos(&text, "model]", 0));
 }
+
+#[test]
+fn a_misspelled_needed_section_is_one_error() {
+    let text = TINY.replace("[ffn]", "[fnn]");
+    let diags = check_str(&text).unwrap_err();
+    assert_eq!(diags.len(), 1, "{diags:#?}");
+    assert_eq!(diags[0].rule, Rule::UnknownSection);
+    assert_eq!(diags[0].help.as_deref(), Some("did you mean `[ffn]`?"));
+}

@@ -31,9 +31,10 @@ pub struct Model {
     /// Standard deviation of the normal initializer (HF `initializer_range`).
     pub init_std: f64,
     pub attention: Attention,
-    /// The FFN of `dense` layers. Present whenever the stack has a dense layer.
+    /// The FFN of `dense` blocks. Present exactly when the stack or the MTP block has one.
     pub ffn: Option<Ffn>,
-    /// The mixture-of-experts FFN of `moe` layers. Present whenever the stack has a moe layer.
+    /// The mixture-of-experts FFN of `moe` blocks. Present exactly when the stack or the MTP
+    /// block has one.
     pub moe: Option<Moe>,
     pub mtp: Option<Mtp>,
     pub precision: Precision,
@@ -343,7 +344,7 @@ impl std::fmt::Display for Format {
 /// The precision policy: which format each op computes in and how tensors are stored.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Precision {
-    /// Format of every op the other keys do not cover (elementwise, attention core, norms…).
+    /// The default of every per-class format below, and the format of the residual stream.
     pub compute: Format,
     /// Operand format of linear-layer and expert GEMMs in the forward pass.
     pub linear: Format,

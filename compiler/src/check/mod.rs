@@ -382,8 +382,8 @@ impl<'a, 't> Checker<'a, 't> {
         s
     }
 
-    /// A section that must be present exactly when the layer stack uses it.
-    /// A section that must be present exactly when some block uses it.
+    /// A section that must be present exactly when some block (of the stack or the MTP
+    /// modules) uses it.
     fn needed(
         &self,
         s: Option<Section<'a, 't>>,
@@ -395,7 +395,7 @@ impl<'a, 't> Checker<'a, 't> {
         let Some(used) = used else { return s };
         let layers_span = &spans.layers;
         match s {
-            None if used.in_stack || used.in_mtp => {
+            None if (used.in_stack || used.in_mtp) && !self.misspelled_sections.contains(&name) => {
                 let (span, message) = if used.in_stack {
                     (layers_span, format!("the layer stack has `{kind}` layers but the spec has no [{name}] section"))
                 } else {

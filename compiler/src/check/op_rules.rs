@@ -21,12 +21,12 @@ impl Checker<'_, '_> {
         let Some(fp8) = p.fp8 else { return };
         // One error per offending dimension value, listing every op and layer it affects.
         let mut bad: Vec<TileViolation> = Vec::new();
-        for op in &all {
+        for op in all
+            .iter()
+            .filter(|op| matches!(op.class, OpClass::Linear | OpClass::Head))
+        {
             let fwd = p.format_of(op);
             let grad = p.grad_format_of(op);
-            if !matches!(op.class, OpClass::Linear | OpClass::Head) {
-                continue;
-            }
             let [_, tile] = fp8.act_tile;
             let [block_rows, block_cols] = fp8.weight_block;
             let mut need: Vec<(&str, u64, u64, String)> = Vec::new();
