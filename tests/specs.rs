@@ -48,6 +48,9 @@ fn parameter_counts_match_hugging_face() {
     assert_eq!(report("deepseek-v2-lite.toml").params.total, 15_706_484_224);
     assert_eq!(report("gpt2-124m.toml").params.total, 124_439_808);
     assert_eq!(report("llama3-8b.toml").params.total, 8_030_261_248);
+    // tiny is the config of shared/anchors/torch_cpu_train.py; HF transformers 5.24 counts
+    // 3,695,616 parameters for it (measured, see docs/perf.md).
+    assert_eq!(report("tiny.toml").params.total, 3_695_616);
 }
 
 #[test]
