@@ -124,3 +124,19 @@ fn memory_of_tiny_follows_the_policy() {
         + m.activations_bytes;
     assert_eq!(m.total_bytes, sum);
 }
+
+/// The activation estimate for GPT-2 equals Korthikanti et al.'s 34·h bytes per token per
+/// layer ("Reducing Activation Recomputation in Large Transformer Models", 16-bit, no
+/// recomputation) less the two h-byte dropout masks kiln does not have (32·h), plus the
+/// fp32 statistics it also keeps: two reciprocal RMS (4 bytes each) and a log-sum-exp per
+/// head (flash attention keeps no score matrix, so the 5·a·s term is absent too).
+#[test]
+fn activation_estimate_matches_korthikanti_for_gpt2() {
+    let r = report("gpt2-124m.toml");
+    let (h, heads, layers, vocab) = (768u128, 12u128, 12u128, 50257u128);
+    let per_layer = 32 * h + 2 * 4 + heads * 4;
+    // Final LayerNorm input and its statistic, the head's input, and fp32 logits.
+    let top = (2 * h + 4) + 2 * h + 4 * vocab;
+    let tokens = 512 * 1024;
+    assert_eq!(r.memory.activations_bytes, tokens * (layers * per_layer + top));
+}
