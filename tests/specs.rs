@@ -138,5 +138,8 @@ fn activation_estimate_matches_korthikanti_for_gpt2() {
     // Final LayerNorm input and its statistic, the head's input, and fp32 logits.
     let top = (2 * h + 4) + 2 * h + 4 * vocab;
     let tokens = 512 * 1024;
-    assert_eq!(r.memory.activations_bytes, tokens * (layers * per_layer + top));
+    assert_eq!(
+        r.memory.activations_bytes,
+        tokens * (layers * per_layer + top)
+    );
 }

@@ -2,6 +2,11 @@
 //! the `cuda` feature, on NVIDIA GPUs through cudarc.
 //!
 //! The runtime never parses specs: it receives Programs (or code generated from them) from
-//! kiln-compiler. This crate is empty until the IR and CPU-runtime work lands; it is a
-//! workspace member now so the crate graph (CLI → compiler, runtime; macros → compiler) is
-//! fixed from the start.
+//! kiln-compiler, and plain values (paths, sizes, seeds) from its caller.
+//!
+//! Today the crate holds the data pipeline, [`data`]: a deterministic PRNG, the built-in
+//! synthetic corpus with its arithmetic problems, byte-level text, llm.c token shards, sources
+//! with their train/validation splits, and batching. Execution arrives with the IR and
+//! CPU-runtime work.
+
+pub mod data;
