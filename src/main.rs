@@ -11,6 +11,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use kiln_compiler::analyze::{analyze, Report};
 use kiln_compiler::check::check;
 use kiln_compiler::diag::{self, Diagnostic};
+use kiln_compiler::ir::verify;
+use kiln_compiler::lower::lower;
 use kiln_compiler::model::Model;
 use kiln_compiler::report;
 
@@ -57,6 +59,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print what kiln compiles a spec to.
+    Emit {
+        #[command(subcommand)]
+        what: Emit,
+    },
     /// Compare two specs: changed settings, and how parameters, FLOPs, KV cache and memory
     /// change from A to B.
     Diff {
@@ -65,6 +72,16 @@ enum Command {
         /// Print the changes as JSON.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum Emit {
+    /// The forward graph IR at the spec's batch size and sequence length: parameters, inputs,
+    /// one line per op (result types, operands, resolved format, op path), named outputs.
+    Ir {
+        /// The spec [default: the built-in specs/tiny.toml].
+        spec: Option<PathBuf>,
     },
 }
 
@@ -86,6 +103,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Check { spec, json } => cmd_check(spec, json, color),
         Command::Diff { a, b, json } => cmd_diff(&a, &b, json, color),
+        Command::Emit {
+            what: Emit::Ir { spec },
+        } => cmd_emit_ir(spec, color),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -175,6 +195,21 @@ fn cmd_check(spec: Option<PathBuf>, json: bool, color: bool) -> Result<(), Failu
     } else {
         out(&report::render(&r));
     }
+    Ok(())
+}
+
+fn cmd_emit_ir(spec: Option<PathBuf>, color: bool) -> Result<(), Failure> {
+    let (_, model) = load(spec.as_ref(), &mut Vec::new(), color)?;
+    let graph =
+        lower(&model).map_err(|e| Failure::Other(format!("internal error while lowering: {e}")))?;
+    if let Err(errors) = verify(&graph) {
+        let list: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+        return Err(Failure::Other(format!(
+            "internal error: the lowered graph does not verify:\n{}",
+            list.join("\n")
+        )));
+    }
+    out(&graph.to_string());
     Ok(())
 }
 

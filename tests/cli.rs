@@ -147,3 +147,18 @@ fn help_explains_the_commands() {
         assert!(out.contains(word), "--help lacks {word}:\n{out}");
     }
 }
+
+#[test]
+fn emit_ir_prints_the_verified_forward_graph() {
+    let o = kiln(&["emit", "ir"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(
+        out.starts_with("graph tiny (batch 8 × seq_len 128)\nparams\n"),
+        "{out}"
+    );
+    assert!(out.contains("= attention[causal, scale="), "{out}");
+    assert!(out.trim_end().ends_with("loss = %302"), "{out}");
+    let o = kiln(&["emit", "ir", "specs/does-not-exist.toml"]);
+    assert_eq!(o.status.code(), Some(1));
+}

@@ -4,6 +4,8 @@
 use criterion::{criterion_group, criterion_main, Criterion};
 use kiln_compiler::analyze::analyze;
 use kiln_compiler::check::check_str;
+use kiln_compiler::ir::verify;
+use kiln_compiler::lower::lower;
 use kiln_compiler::ops::ops;
 use kiln_compiler::report::render;
 
@@ -23,6 +25,9 @@ fn bench(c: &mut Criterion) {
     });
     c.bench_function("analyze deepseek-v3", |b| {
         b.iter(|| analyze(std::hint::black_box(&model)))
+    });
+    c.bench_function("lower+verify deepseek-v3", |b| {
+        b.iter(|| verify(&lower(std::hint::black_box(&model)).unwrap()).is_ok())
     });
     c.bench_function("check+analyze+render deepseek-v3", |b| {
         b.iter(|| render(&analyze(&check_str(std::hint::black_box(V3)).unwrap())))

@@ -4,6 +4,8 @@ pub mod analyze;
 pub mod check;
 pub mod diag;
 pub mod dsl;
+pub mod ir;
+pub mod lower;
 pub mod model;
 pub mod ops;
 pub mod report;

@@ -1,0 +1,502 @@
+//! The graph IR: what a model computes, as a list of typed ops over tensors with concrete
+//! shapes.
+//!
+//! A [`Graph`] holds three arenas: parameters, values and nodes, addressed by typed
+//! [`Handle`]s. Every value is defined exactly once — as a graph input, as a parameter, or as
+//! an output of a node — and nodes are stored in execution order: **a node's operands are
+//! defined before it** (inputs and parameters first, then earlier nodes). [`verify()`] checks
+//! this and every op's shape rule; every pass must leave a graph that verifies.
+//!
+//! Shapes are concrete: a graph is lowered for one batch size and sequence length (the
+//! spec's `train.batch` and `train.seq_len`), so emitted code can treat every dimension as a
+//! constant. Lowering again for another shape (sampling, say) is cheap.
+//!
+//! The op set is small and closed ([`Op`]), with explicit composite ops where performance
+//! needs them (attention core, router, grouped expert FFN, cross-entropy). Elementwise work
+//! is one op, [`Op::Map`], over an expression of the spec's activation language, so fusing an
+//! elementwise chain is rewriting one `Map` into another, never editing emitted text.
+
+mod infer;
+mod print;
+mod verify;
+
+use std::fmt;
+use std::marker::PhantomData;
+
+use serde::Serialize;
+
+use crate::dsl::expr::Expr;
+use crate::model::{Format, GroupScore, ScoreFunc, Selection, Yarn};
+
+pub use infer::infer;
+pub use verify::{verify, VerifyError};
+
+/// A typed index into an [`Arena`].
+pub struct Handle<T> {
+    index: u32,
+    _marker: PhantomData<fn() -> T>,
+}
+
+impl<T> Handle<T> {
+    fn new(index: usize) -> Self {
+        Handle {
+            index: u32::try_from(index).expect("an arena holds fewer than 2^32 items"),
+            _marker: PhantomData,
+        }
+    }
+
+    /// The position in the arena.
+    pub fn index(self) -> usize {
+        self.index as usize
+    }
+}
+
+impl<T> Clone for Handle<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for Handle<T> {}
+impl<T> PartialEq for Handle<T> {
+    fn eq(&self, other: &Self) -> bool {
+        self.index == other.index
+    }
+}
+impl<T> Eq for Handle<T> {}
+impl<T> PartialOrd for Handle<T> {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl<T> Ord for Handle<T> {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.index.cmp(&other.index)
+    }
+}
+impl<T> std::hash::Hash for Handle<T> {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.index.hash(state);
+    }
+}
+impl<T> fmt::Debug for Handle<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "#{}", self.index)
+    }
+}
+
+/// An append-only vector addressed by [`Handle`]s.
+#[derive(Clone, Debug)]
+pub struct Arena<T> {
+    items: Vec<T>,
+}
+
+impl<T> Default for Arena<T> {
+    fn default() -> Self {
+        Arena { items: Vec::new() }
+    }
+}
+
+impl<T> Arena<T> {
+    pub fn append(&mut self, item: T) -> Handle<T> {
+        self.items.push(item);
+        Handle::new(self.items.len() - 1)
+    }
+
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (Handle<T>, &T)> {
+        self.items
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (Handle::new(i), t))
+    }
+
+    /// The item behind `h`, if `h` belongs to this arena.
+    pub fn get(&self, h: Handle<T>) -> Option<&T> {
+        self.items.get(h.index())
+    }
+}
+
+impl<T> std::ops::Index<Handle<T>> for Arena<T> {
+    type Output = T;
+    fn index(&self, h: Handle<T>) -> &T {
+        &self.items[h.index()]
+    }
+}
+
+impl<T> std::ops::IndexMut<Handle<T>> for Arena<T> {
+    fn index_mut(&mut self, h: Handle<T>) -> &mut T {
+        &mut self.items[h.index()]
+    }
+}
+
+pub type ValueId = Handle<Value>;
+pub type NodeId = Handle<Node>;
+pub type ParamId = Handle<Param>;
+
+/// Element type of a value. Compute is f32 (f64 in gradient checks); the precision policy's
+/// formats are attributes of the nodes that quantize, not of the values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DType {
+    F32,
+    /// Token ids and expert indices.
+    U32,
+}
+
+impl fmt::Display for DType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DType::F32 => "f32",
+            DType::U32 => "u32",
+        })
+    }
+}
+
+/// A tensor's type: element type and concrete shape (empty for a scalar).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct TensorType {
+    pub dtype: DType,
+    pub shape: Vec<u64>,
+}
+
+impl TensorType {
+    pub fn f32(shape: impl Into<Vec<u64>>) -> Self {
+        TensorType {
+            dtype: DType::F32,
+            shape: shape.into(),
+        }
+    }
+
+    pub fn u32(shape: impl Into<Vec<u64>>) -> Self {
+        TensorType {
+            dtype: DType::U32,
+            shape: shape.into(),
+        }
+    }
+
+    /// Number of elements.
+    pub fn elements(&self) -> u128 {
+        self.shape.iter().map(|&d| d as u128).product()
+    }
+}
+
+impl fmt::Display for TensorType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}[", self.dtype)?;
+        for (i, d) in self.shape.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            write!(f, "{d}")?;
+        }
+        f.write_str("]")
+    }
+}
+
+/// A learned (or, for router biases, rule-updated) tensor of the model.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Param {
+    /// HF-style dotted name: the op path plus `.weight` or `.bias` (`layers.3.attn.kv_a.weight`).
+    pub name: String,
+    pub ty: TensorType,
+    pub init: Init,
+    /// How the parameter changes during training.
+    pub update: Update,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Init {
+    Normal { std: f64 },
+    Zeros,
+    Ones,
+}
+
+/// How a parameter changes during training.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Update {
+    /// AdamW with weight decay (matrices).
+    Decayed,
+    /// AdamW without weight decay (norm weights, biases).
+    NoDecay,
+    /// Not trained by gradients: the router's aux-loss-free balancing bias, moved by
+    /// `bias_i += γ·sign(mean_load − load_i)` after each step.
+    BalanceBias,
+}
+
+/// What the runtime feeds a graph input.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum InputKind {
+    /// Token ids `t[b, i + offset]` of each sequence window: offset 0 is the model's input,
+    /// 1 its targets, and MTP module k reads offset k + 1 and predicts offset k + 2. The
+    /// runtime cuts windows of `seq_len + max offset` tokens.
+    Tokens { offset: u32 },
+    /// Positions `0..seq_len` in every row (learned position embeddings).
+    Positions,
+}
+
+/// Where a value comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Def {
+    Input(InputKind),
+    Param(ParamId),
+    /// Output `output` of `node`.
+    Node {
+        node: NodeId,
+        output: u32,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Value {
+    pub ty: TensorType,
+    pub def: Def,
+}
+
+/// Which dimensions of a head RoPE pairs up for rotation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RopePairs {
+    /// Dimension `i` with `i + D/2` (`rotate_half`; Llama, and DeepSeek as HF transformers
+    /// runs it after de-interleaving).
+    Halves,
+    /// Dimension `2i` with `2i + 1` (DeepSeek's reference code, the layout of its released
+    /// checkpoints' RoPE weights).
+    Interleaved,
+}
+
+/// The closed op set. Shape rules are in [`infer`]; each op's operand order is documented
+/// on its variant.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Op {
+    /// `(table[V, d], ids[..]: u32) -> [.., d]`: row lookup.
+    Embedding,
+    /// `(x[.., in], w[out, in], b[out]?) -> [.., out]`: `x · wᵀ + b`.
+    Linear { bias: bool },
+    /// `(x[.., n], w[n]) -> [.., n]`: `x / sqrt(mean(x²) + eps) · w`, statistics in f32.
+    RmsNorm { eps: f64 },
+    /// `(x[.., n], w[n], b[n]) -> [.., n]`.
+    LayerNorm { eps: f64 },
+    /// `(x₀, x₁, …) -> y`, all of one shape: `y = expr(x₀, x₁, …)` elementwise, where
+    /// `vars[i]` names operand `i` in `expr`. Residual adds, activations and loss sums.
+    Map { expr: Expr, vars: Vec<String> },
+    /// `(x[.., n]) -> ([.., s₀], [.., s₁], …)`: split the last axis, `Σ sᵢ = n`.
+    Split { sizes: Vec<u64> },
+    /// `(x₀[.., n₀], x₁[.., n₁], …) -> [.., Σ nᵢ]`: concatenate along the last axis.
+    Concat,
+    /// `(x) -> x` with another shape of the same size (row-major, no data movement).
+    Reshape { shape: Vec<u64> },
+    /// `(x[.., 1, ..]) -> [.., n, ..]`: repeat axis `axis` (of size 1) `n` times.
+    Expand { axis: u32, n: u64 },
+    /// `(x[B, T, H, D]) -> [B, T, H, D]`: rotate by position `t` with frequencies
+    /// `theta^(-2i/D)` (YaRN-corrected when `yarn` is set).
+    Rope {
+        theta: f64,
+        yarn: Option<Yarn>,
+        pairs: RopePairs,
+    },
+    /// `(q[B, T, H, Dk], k[B, T, Hk, Dk], v[B, T, Hk, Dv]) -> [B, T, H, Dv]`: causal
+    /// `softmax(scale · q·kᵀ)·v`, query head `h` reading KV head `h / (H / Hk)`.
+    Attention { scale: f64 },
+    /// `(x[N, d], w[E, d], bias[E]) -> (weights[N, k], experts[N, k]: u32, scores[N, E])`:
+    /// scores `score(x·wᵀ)` in f32; selection on `scores + bias`; weights are the unbiased
+    /// scores of the chosen experts, normalized if `normalize`, times `scale`.
+    Router {
+        score: ScoreFunc,
+        select: Selection,
+        groups: u64,
+        groups_kept: u64,
+        group_score: GroupScore,
+        top_k: u64,
+        normalize: bool,
+        scale: f64,
+    },
+    /// `(x[N, d], weights[N, k], experts[N, k]: u32, w_gate[E, h, d]?, w_up[E, h, d],
+    /// w_down[E, d, h]) -> [N, d]`: `Σⱼ weightsⱼ · down_e(act(gate_e(x), up_e(x)))` over each
+    /// token's chosen experts `e`, computed by sorting tokens by expert (grouped GEMMs).
+    Experts { act: Expr, gated: bool },
+    /// `(logits[N, V], targets[N]: u32) -> []`: mean cross-entropy.
+    CrossEntropy,
+    /// `(scores[B, T, E], experts[B, T, k]: u32) -> []`: the sequence-wise balance loss
+    /// `alpha · Σᵢ fᵢ·Pᵢ` averaged over sequences, with `fᵢ = E/(k·T) · count(i)` and `Pᵢ`
+    /// the mean normalized score of expert `i` in the sequence.
+    BalanceLoss { alpha: f64, top_k: u64 },
+}
+
+impl Op {
+    /// The op's name in the textual form.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Embedding => "embedding",
+            Op::Linear { .. } => "linear",
+            Op::RmsNorm { .. } => "rms_norm",
+            Op::LayerNorm { .. } => "layer_norm",
+            Op::Map { .. } => "map",
+            Op::Split { .. } => "split",
+            Op::Concat => "concat",
+            Op::Reshape { .. } => "reshape",
+            Op::Expand { .. } => "expand",
+            Op::Rope { .. } => "rope",
+            Op::Attention { .. } => "attention",
+            Op::Router { .. } => "router",
+            Op::Experts { .. } => "experts",
+            Op::CrossEntropy => "cross_entropy",
+            Op::BalanceLoss { .. } => "balance_loss",
+        }
+    }
+}
+
+/// One op application.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Node {
+    pub op: Op,
+    /// Operands; each is defined before this node.
+    pub inputs: Vec<ValueId>,
+    /// Results; each value's `def` points back at this node.
+    pub outputs: Vec<ValueId>,
+    /// The named op of the model this node implements (`layers.3.attn.kv_a`), or the name of
+    /// the structural step it belongs to (`layers.3.attn.q.heads`).
+    pub path: String,
+    /// The format the precision policy gives this op (GEMM operands for `linear` and
+    /// `experts`; compute format elsewhere).
+    pub format: Format,
+}
+
+/// A model's computation.
+#[derive(Clone, Debug, Default)]
+pub struct Graph {
+    /// What the graph computes for, e.g. `tiny (batch 8 × seq_len 128)`.
+    pub name: String,
+    pub params: Arena<Param>,
+    pub values: Arena<Value>,
+    /// In execution order: a node's operands are defined by earlier nodes, inputs or params.
+    pub nodes: Arena<Node>,
+    /// Named results (`loss`, `logits`, …).
+    pub outputs: Vec<(String, ValueId)>,
+}
+
+/// Why a node could not be added: its operands do not fit the op.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShapeError {
+    pub path: String,
+    pub op: &'static str,
+    pub message: String,
+}
+
+impl fmt::Display for ShapeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} at `{}`: {}", self.op, self.path, self.message)
+    }
+}
+
+impl std::error::Error for ShapeError {}
+
+impl Graph {
+    pub fn new(name: impl Into<String>) -> Self {
+        Graph {
+            name: name.into(),
+            ..Graph::default()
+        }
+    }
+
+    /// Adds a graph input.
+    pub fn input(&mut self, kind: InputKind, ty: TensorType) -> ValueId {
+        self.values.append(Value {
+            ty,
+            def: Def::Input(kind),
+        })
+    }
+
+    /// Adds a parameter and the value that reads it.
+    pub fn param(
+        &mut self,
+        name: impl Into<String>,
+        ty: TensorType,
+        init: Init,
+        update: Update,
+    ) -> ValueId {
+        let p = self.params.append(Param {
+            name: name.into(),
+            ty: ty.clone(),
+            init,
+            update,
+        });
+        self.values.append(Value {
+            ty,
+            def: Def::Param(p),
+        })
+    }
+
+    /// Adds a node, inferring its result types; returns its outputs.
+    pub fn node(
+        &mut self,
+        op: Op,
+        inputs: &[ValueId],
+        path: impl Into<String>,
+        format: Format,
+    ) -> Result<Vec<ValueId>, ShapeError> {
+        let path = path.into();
+        let types: Vec<&TensorType> = inputs.iter().map(|&v| &self.values[v].ty).collect();
+        let out_types = infer(&op, &types).map_err(|message| ShapeError {
+            path: path.clone(),
+            op: op.name(),
+            message,
+        })?;
+        let id = NodeId::new(self.nodes.len());
+        let outputs: Vec<ValueId> = out_types
+            .into_iter()
+            .enumerate()
+            .map(|(i, ty)| {
+                self.values.append(Value {
+                    ty,
+                    def: Def::Node {
+                        node: id,
+                        output: i as u32,
+                    },
+                })
+            })
+            .collect();
+        self.nodes.append(Node {
+            op,
+            inputs: inputs.to_vec(),
+            outputs: outputs.clone(),
+            path,
+            format,
+        });
+        Ok(outputs)
+    }
+
+    /// Adds a single-output node and returns its output.
+    pub fn node1(
+        &mut self,
+        op: Op,
+        inputs: &[ValueId],
+        path: impl Into<String>,
+        format: Format,
+    ) -> Result<ValueId, ShapeError> {
+        let outs = self.node(op, inputs, path, format)?;
+        Ok(outs[0])
+    }
+
+    /// Elements of every trainable parameter (balancing biases excluded).
+    pub fn trainable_elements(&self) -> u128 {
+        self.params
+            .iter()
+            .filter(|(_, p)| p.update != Update::BalanceBias)
+            .map(|(_, p)| p.ty.elements())
+            .sum()
+    }
+
+    /// The value of a named output.
+    pub fn output(&self, name: &str) -> Option<ValueId> {
+        self.outputs
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|&(_, v)| v)
+    }
+}
