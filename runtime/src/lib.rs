@@ -9,4 +9,5 @@
 //! with their train/validation splits, and batching. Execution arrives with the IR and
 //! CPU-runtime work.
 
+pub mod cpu;
 pub mod data;

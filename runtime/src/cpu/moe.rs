@@ -1,0 +1,1 @@
+//! Owned by a kernel helper; see cpu/mod.rs.
