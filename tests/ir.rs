@@ -163,3 +163,43 @@ fn the_verifier_rejects_broken_graphs() {
         "{errors:?}"
     );
 }
+
+#[test]
+fn every_spec_differentiates_to_a_verified_graph_with_one_gradient_per_parameter() {
+    use kiln_compiler::autodiff::differentiate;
+    use kiln_compiler::ir::Update;
+    for name in [
+        "tiny.toml",
+        "gpt2-124m.toml",
+        "llama3-8b.toml",
+        "deepseek-v2-lite.toml",
+        "deepseek-v3.toml",
+    ] {
+        let fwd = lowered(name);
+        let full = differentiate(&fwd, fwd.output("loss").unwrap()).unwrap();
+        if let Err(errors) = verify(&full) {
+            panic!("{name}: {:#?}", &errors[..errors.len().min(5)]);
+        }
+        for (_, p) in fwd.params.iter() {
+            let grad = full.output(&format!("grad.{}", p.name));
+            if p.update == Update::BalanceBias {
+                assert!(
+                    grad.is_none(),
+                    "{name}: {} is not trained by gradients",
+                    p.name
+                );
+            } else {
+                let grad = grad.unwrap_or_else(|| panic!("{name}: no gradient for {}", p.name));
+                assert_eq!(full.values[grad].ty, p.ty, "{name}: {}", p.name);
+            }
+        }
+    }
+}
+
+#[test]
+fn backward_snapshot_of_tiny() {
+    use kiln_compiler::autodiff::differentiate;
+    let fwd = lowered("tiny.toml");
+    let full = differentiate(&fwd, fwd.output("loss").unwrap()).unwrap();
+    insta::assert_snapshot!("ir-tiny-backward", full.to_string());
+}

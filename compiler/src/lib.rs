@@ -1,6 +1,7 @@
 //! kiln-compiler: spec checking, analysis, and (later) lowering, autodiff and code generation.
 
 pub mod analyze;
+pub mod autodiff;
 pub mod check;
 pub mod diag;
 pub mod dsl;

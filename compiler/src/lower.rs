@@ -18,7 +18,9 @@
 use std::collections::HashMap;
 
 use crate::dsl::expr::{BinOp, Expr};
-use crate::ir::{Graph, Init, InputKind, Op, RopePairs, ShapeError, TensorType, Update, ValueId};
+use crate::ir::{
+    Graph, Init, InputKind, Op, RopePairs, RouterSpec, ShapeError, TensorType, Update, ValueId,
+};
 use crate::model::{Activation, AttentionKind, Format, LayerKind, Model, NormKind, Positions};
 use crate::ops::ops;
 
@@ -439,7 +441,11 @@ impl Lowering<'_> {
             }
         };
         let scale = a.softmax_scale();
-        let o = self.node(Op::Attention { scale }, &[q, k, v], &p("attn.core"))?;
+        let path = p("attn.core");
+        let fmt = self.format(&path);
+        let o = self
+            .g
+            .node(Op::Attention { scale }, &[q, k, v], path, fmt)?[0];
         let o = self.reshape(o, vec![b, t, h * a.v_dim()], p("attn.core.merge"))?;
         self.linear(prefix, "attn.o", o, h * a.v_dim(), d, a.bias)
     }
@@ -460,7 +466,7 @@ impl Lowering<'_> {
             Init::Zeros,
             Update::BalanceBias,
         );
-        let op = Op::Router {
+        let op = Op::Router(RouterSpec {
             score: moe.score,
             select: moe.select,
             groups: moe.groups,
@@ -469,7 +475,7 @@ impl Lowering<'_> {
             top_k: moe.top_k,
             normalize: moe.normalize_top_k,
             scale: moe.route_scale,
-        };
+        });
         let fmt = self.format(&router);
         let routed = self.g.node(op, &[flat, rw, rb], router.clone(), fmt)?;
         let (weights, experts, scores) = (routed[0], routed[1], routed[2]);

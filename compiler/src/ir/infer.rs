@@ -3,7 +3,7 @@
 //! The graph builder uses these to type new nodes, and the verifier re-derives every node's
 //! result types with them, so the two can never disagree.
 
-use super::{DType, Op, TensorType};
+use super::{DType, Op, RouterSpec, TensorType};
 
 type Types = Result<Vec<TensorType>, String>;
 
@@ -186,9 +186,12 @@ pub fn infer(op: &Op, inputs: &[&TensorType]) -> Types {
             if hk == 0 || h % hk != 0 {
                 return Err(format!("{h} query heads cannot share {hk} KV heads"));
             }
-            Ok(vec![TensorType::f32([b, t, h, v.shape[3]])])
+            Ok(vec![
+                TensorType::f32([b, t, h, v.shape[3]]),
+                TensorType::f32([b, h, t]),
+            ])
         }
-        Op::Router { top_k, groups, .. } => {
+        Op::Router(RouterSpec { top_k, groups, .. }) => {
             arity(inputs, 3)?;
             let (x, w, bias) = (inputs[0], inputs[1], inputs[2]);
             rank(x, 2, "the input [N, d]")?;
@@ -250,6 +253,150 @@ pub fn infer(op: &Op, inputs: &[&TensorType]) -> Types {
                 return Err(format!("indices {experts} do not fit scores {scores}"));
             }
             Ok(vec![TensorType::f32(Vec::new())])
+        }
+        Op::Fill { shape, .. } => {
+            arity(inputs, 0)?;
+            Ok(vec![TensorType::f32(shape.clone())])
+        }
+        Op::SumAxis { axis } => {
+            arity(inputs, 1)?;
+            let mut shape = inputs[0].shape.clone();
+            match shape.get_mut(*axis as usize) {
+                Some(d) => *d = 1,
+                None => return Err(format!("{} has no axis {axis}", inputs[0])),
+            }
+            Ok(vec![TensorType::f32(shape)])
+        }
+        Op::EmbeddingGrad { vocab } => {
+            arity(inputs, 2)?;
+            let (ids, dy) = (inputs[0], inputs[1]);
+            dtype(ids, DType::U32, "the ids")?;
+            if dy.shape.len() != ids.shape.len() + 1 || dy.shape[..ids.shape.len()] != ids.shape[..]
+            {
+                return Err(format!("gradient {dy} does not fit ids {ids}"));
+            }
+            Ok(vec![TensorType::f32([*vocab, last(dy, "the gradient")?])])
+        }
+        Op::LinearGrad { bias } => {
+            arity(inputs, 3)?;
+            let (x, w, dy) = (inputs[0], inputs[1], inputs[2]);
+            let fwd = infer(&Op::Linear { bias: false }, &[x, w])?;
+            if fwd[0] != *dy {
+                return Err(format!(
+                    "gradient {dy} does not match the output {}",
+                    fwd[0]
+                ));
+            }
+            let mut out = vec![x.clone(), w.clone()];
+            if *bias {
+                out.push(TensorType::f32([w.shape[0]]));
+            }
+            Ok(out)
+        }
+        Op::RmsNormGrad { .. } | Op::LayerNormGrad { .. } => {
+            arity(inputs, 3)?;
+            let (x, w, dy) = (inputs[0], inputs[1], inputs[2]);
+            if x != dy || w.shape != [last(x, "the input")?] {
+                return Err(format!(
+                    "input {x}, weight {w} and gradient {dy} do not fit"
+                ));
+            }
+            let mut out = vec![x.clone(), w.clone()];
+            if matches!(op, Op::LayerNormGrad { .. }) {
+                out.push(w.clone());
+            }
+            Ok(out)
+        }
+        Op::MapGrad { expr, vars, wrt } => {
+            arity(inputs, vars.len() + 1)?;
+            let fwd = infer(
+                &Op::Map {
+                    expr: expr.clone(),
+                    vars: vars.clone(),
+                },
+                &inputs[..vars.len()],
+            )?;
+            if fwd[0] != *inputs[vars.len()] {
+                return Err(format!(
+                    "gradient {} does not match {}",
+                    inputs[vars.len()],
+                    fwd[0]
+                ));
+            }
+            if wrt.iter().any(|&w| w as usize >= vars.len()) {
+                return Err(format!("differentiates operand {wrt:?} of {}", vars.len()));
+            }
+            Ok(wrt.iter().map(|_| fwd[0].clone()).collect())
+        }
+        Op::RopeGrad { theta, yarn, pairs } => infer(
+            &Op::Rope {
+                theta: *theta,
+                yarn: *yarn,
+                pairs: *pairs,
+            },
+            inputs,
+        ),
+        Op::AttentionGrad { scale } => {
+            arity(inputs, 6)?;
+            let fwd = infer(&Op::Attention { scale: *scale }, &inputs[..3])?;
+            if *inputs[3] != fwd[0] || *inputs[4] != fwd[1] || *inputs[5] != fwd[0] {
+                return Err("o, lse and do do not match the forward results".into());
+            }
+            Ok(vec![
+                inputs[0].clone(),
+                inputs[1].clone(),
+                inputs[2].clone(),
+            ])
+        }
+        Op::RouterGrad(spec) => {
+            arity(inputs, 8)?;
+            let fwd = infer(&Op::Router(*spec), &inputs[..3])?;
+            if *inputs[3] != fwd[0] || *inputs[4] != fwd[1] || *inputs[5] != fwd[2] {
+                return Err("weights, experts and scores do not match the forward results".into());
+            }
+            if *inputs[6] != fwd[0] || *inputs[7] != fwd[2] {
+                return Err("the gradients do not match the weights and scores".into());
+            }
+            Ok(vec![inputs[0].clone(), inputs[1].clone()])
+        }
+        Op::ExpertsGrad { act, gated } => {
+            // The forward operands, then the output gradient.
+            let n = 5 + usize::from(*gated);
+            arity(inputs, n + 1)?;
+            let fwd_op = Op::Experts {
+                act: act.clone(),
+                gated: *gated,
+            };
+            let fwd = infer(&fwd_op, &inputs[..n])?;
+            if *inputs[n] != fwd[0] {
+                return Err(format!(
+                    "gradient {} does not match the output {}",
+                    inputs[n], fwd[0]
+                ));
+            }
+            let mut out = vec![inputs[0].clone(), inputs[1].clone()];
+            out.extend(inputs[3..n].iter().map(|t| (*t).clone()));
+            Ok(out)
+        }
+        Op::CrossEntropyGrad => {
+            arity(inputs, 3)?;
+            infer(&Op::CrossEntropy, &inputs[..2])?;
+            if !inputs[2].shape.is_empty() {
+                return Err(format!("the loss gradient {} is not a scalar", inputs[2]));
+            }
+            Ok(vec![inputs[0].clone()])
+        }
+        Op::BalanceLossGrad { alpha, top_k } => {
+            arity(inputs, 3)?;
+            let fwd = Op::BalanceLoss {
+                alpha: *alpha,
+                top_k: *top_k,
+            };
+            infer(&fwd, &inputs[..2])?;
+            if !inputs[2].shape.is_empty() {
+                return Err(format!("the loss gradient {} is not a scalar", inputs[2]));
+            }
+            Ok(vec![inputs[0].clone()])
         }
     }
 }

@@ -300,22 +300,14 @@ pub enum Op {
         yarn: Option<Yarn>,
         pairs: RopePairs,
     },
-    /// `(q[B, T, H, Dk], k[B, T, Hk, Dk], v[B, T, Hk, Dv]) -> [B, T, H, Dv]`: causal
-    /// `softmax(scale · q·kᵀ)·v`, query head `h` reading KV head `h / (H / Hk)`.
+    /// `(q[B, T, H, Dk], k[B, T, Hk, Dk], v[B, T, Hk, Dv]) -> (o[B, T, H, Dv], lse[B, H, T])`:
+    /// causal `softmax(scale · q·kᵀ)·v`, query head `h` reading KV head `h / (H / Hk)`; `lse`
+    /// is each query's log-sum-exp of scaled scores, kept for the backward pass.
     Attention { scale: f64 },
     /// `(x[N, d], w[E, d], bias[E]) -> (weights[N, k], experts[N, k]: u32, scores[N, E])`:
     /// scores `score(x·wᵀ)` in f32; selection on `scores + bias`; weights are the unbiased
     /// scores of the chosen experts, normalized if `normalize`, times `scale`.
-    Router {
-        score: ScoreFunc,
-        select: Selection,
-        groups: u64,
-        groups_kept: u64,
-        group_score: GroupScore,
-        top_k: u64,
-        normalize: bool,
-        scale: f64,
-    },
+    Router(RouterSpec),
     /// `(x[N, d], weights[N, k], experts[N, k]: u32, w_gate[E, h, d]?, w_up[E, h, d],
     /// w_down[E, d, h]) -> [N, d]`: `Σⱼ weightsⱼ · down_e(act(gate_e(x), up_e(x)))` over each
     /// token's chosen experts `e`, computed by sorting tokens by expert (grouped GEMMs).
@@ -326,6 +318,57 @@ pub enum Op {
     /// `alpha · Σᵢ fᵢ·Pᵢ` averaged over sequences, with `fᵢ = E/(k·T) · count(i)` and `Pᵢ`
     /// the mean normalized score of expert `i` in the sequence.
     BalanceLoss { alpha: f64, top_k: u64 },
+
+    // Ops the backward pass adds (`crate::autodiff`).
+    /// `() -> [shape]` filled with `value` (the loss seed, absent gradients).
+    Fill { value: f64, shape: Vec<u64> },
+    /// `(x[.., n, ..]) -> [.., 1, ..]`: sum over axis `axis`, keeping it.
+    SumAxis { axis: u32 },
+    /// `(ids[..]: u32, dy[.., d]) -> [vocab, d]`: scatter-add of rows.
+    EmbeddingGrad { vocab: u64 },
+    /// `(x[.., in], w[out, in], dy[.., out]) -> (dx[.., in], dw[out, in], db[out]?)`.
+    LinearGrad { bias: bool },
+    /// `(x[.., n], w[n], dy[.., n]) -> (dx, dw)`.
+    RmsNormGrad { eps: f64 },
+    /// `(x[.., n], w[n], dy[.., n]) -> (dx, dw, db)`.
+    LayerNormGrad { eps: f64 },
+    /// `(x₀, …, dy) -> (d x_w for w in wrt)`: `dy · ∂expr/∂x_w` elementwise.
+    MapGrad {
+        expr: Expr,
+        vars: Vec<String>,
+        wrt: Vec<u32>,
+    },
+    /// `(dy[B, T, H, D]) -> dx`: the inverse rotation of [`Op::Rope`].
+    RopeGrad {
+        theta: f64,
+        yarn: Option<Yarn>,
+        pairs: RopePairs,
+    },
+    /// `(q, k, v, o, lse, do) -> (dq, dk, dv)`.
+    AttentionGrad { scale: f64 },
+    /// `(x, w, bias, weights, experts, scores, d_weights[N, k], d_scores[N, E]) -> (dx, dw)`;
+    /// the selection is not differentiated.
+    RouterGrad(RouterSpec),
+    /// `(x, weights, experts, w_gate?, w_up, w_down, dy) -> (dx, d_weights, dw_gate?, dw_up,
+    /// dw_down)`.
+    ExpertsGrad { act: Expr, gated: bool },
+    /// `(logits[N, V], targets[N], dloss[]) -> dlogits[N, V]`.
+    CrossEntropyGrad,
+    /// `(scores[B, T, E], experts[B, T, k], dloss[]) -> d_scores[B, T, E]`.
+    BalanceLossGrad { alpha: f64, top_k: u64 },
+}
+
+/// The routing rule of a [`Op::Router`] (and its gradient).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RouterSpec {
+    pub score: ScoreFunc,
+    pub select: Selection,
+    pub groups: u64,
+    pub groups_kept: u64,
+    pub group_score: GroupScore,
+    pub top_k: u64,
+    pub normalize: bool,
+    pub scale: f64,
 }
 
 impl Op {
@@ -343,10 +386,23 @@ impl Op {
             Op::Expand { .. } => "expand",
             Op::Rope { .. } => "rope",
             Op::Attention { .. } => "attention",
-            Op::Router { .. } => "router",
+            Op::Router(_) => "router",
             Op::Experts { .. } => "experts",
             Op::CrossEntropy => "cross_entropy",
             Op::BalanceLoss { .. } => "balance_loss",
+            Op::Fill { .. } => "fill",
+            Op::SumAxis { .. } => "sum_axis",
+            Op::EmbeddingGrad { .. } => "embedding_grad",
+            Op::LinearGrad { .. } => "linear_grad",
+            Op::RmsNormGrad { .. } => "rms_norm_grad",
+            Op::LayerNormGrad { .. } => "layer_norm_grad",
+            Op::MapGrad { .. } => "map_grad",
+            Op::RopeGrad { .. } => "rope_grad",
+            Op::AttentionGrad { .. } => "attention_grad",
+            Op::RouterGrad(_) => "router_grad",
+            Op::ExpertsGrad { .. } => "experts_grad",
+            Op::CrossEntropyGrad => "cross_entropy_grad",
+            Op::BalanceLossGrad { .. } => "balance_loss_grad",
         }
     }
 }

@@ -17,7 +17,7 @@
 
 use std::fmt::{self, Write};
 
-use super::{Def, Graph, Init, InputKind, Op, RopePairs, Update, ValueId};
+use super::{Def, Graph, Init, InputKind, Op, RopePairs, RouterSpec, Update, ValueId};
 
 fn v(id: ValueId) -> String {
     format!("%{}", id.index())
@@ -66,33 +66,56 @@ fn attributes(op: &Op) -> String {
             s
         }
         Op::Attention { scale } => format!("[causal, scale={}]", num(*scale)),
-        Op::Router {
-            score,
-            select,
-            groups,
-            groups_kept,
-            group_score,
-            top_k,
-            normalize,
-            scale,
-        } => {
-            let mut s = format!("[{}, top-{top_k}", format!("{score:?}").to_lowercase());
-            if *select == crate::model::Selection::GroupLimited {
-                let gs = match group_score {
-                    crate::model::GroupScore::Max => "max",
-                    crate::model::GroupScore::Top2Sum => "top2_sum",
-                };
-                let _ = write!(s, ", groups {groups_kept}/{groups} by {gs}");
-            }
-            if *normalize {
-                s.push_str(", normalized");
-            }
-            let _ = write!(s, ", scale={}]", num(*scale));
-            s
+        Op::Router(spec) | Op::RouterGrad(spec) => router(spec),
+        Op::Experts { act, .. } | Op::ExpertsGrad { act, .. } => format!("[{act}]"),
+        Op::BalanceLoss { alpha, top_k } | Op::BalanceLossGrad { alpha, top_k } => {
+            format!("[alpha={}, top-{top_k}]", num(*alpha))
         }
-        Op::Experts { act, .. } => format!("[{act}]"),
-        Op::BalanceLoss { alpha, top_k } => format!("[alpha={}, top-{top_k}]", num(*alpha)),
+        Op::Fill { value, shape } => {
+            let s: Vec<String> = shape.iter().map(u64::to_string).collect();
+            format!("[{} × [{}]]", num(*value), s.join(", "))
+        }
+        Op::SumAxis { axis } => format!("[axis={axis}]"),
+        Op::EmbeddingGrad { vocab } => format!("[vocab={vocab}]"),
+        Op::LinearGrad { .. } | Op::CrossEntropyGrad => String::new(),
+        Op::RmsNormGrad { eps } | Op::LayerNormGrad { eps } => format!("[eps={}]", num(*eps)),
+        Op::MapGrad { expr, wrt, .. } => {
+            let w: Vec<String> = wrt.iter().map(u32::to_string).collect();
+            format!("[{expr}; wrt {}]", w.join(", "))
+        }
+        Op::RopeGrad { theta, yarn, pairs } => attributes(&Op::Rope {
+            theta: *theta,
+            yarn: *yarn,
+            pairs: *pairs,
+        }),
+        Op::AttentionGrad { scale } => format!("[causal, scale={}]", num(*scale)),
     }
+}
+
+fn router(spec: &RouterSpec) -> String {
+    let RouterSpec {
+        score,
+        select,
+        groups,
+        groups_kept,
+        group_score,
+        top_k,
+        normalize,
+        scale,
+    } = spec;
+    let mut s = format!("[{}, top-{top_k}", format!("{score:?}").to_lowercase());
+    if *select == crate::model::Selection::GroupLimited {
+        let gs = match group_score {
+            crate::model::GroupScore::Max => "max",
+            crate::model::GroupScore::Top2Sum => "top2_sum",
+        };
+        let _ = write!(s, ", groups {groups_kept}/{groups} by {gs}");
+    }
+    if *normalize {
+        s.push_str(", normalized");
+    }
+    let _ = write!(s, ", scale={}]", num(*scale));
+    s
 }
 
 impl fmt::Display for Graph {
