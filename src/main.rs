@@ -16,6 +16,8 @@ use kiln_compiler::lower::lower;
 use kiln_compiler::model::Model;
 use kiln_compiler::report;
 
+mod train;
+
 /// The default spec, compiled in so `kiln check` works anywhere.
 const TINY: &str = include_str!("../specs/tiny.toml");
 const TINY_NAME: &str = "specs/tiny.toml (built in)";
@@ -59,6 +61,34 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Train a model on the CPU: lower, differentiate, and run AdamW steps on the spec's
+    /// batch and sequence length, with validation loss every `--eval-every` steps.
+    ///
+    /// Writes `OUT/metrics.jsonl` (one JSON object per step: step, loss, lr, tokens_per_s, and
+    /// val_loss at evaluation steps) and prints a progress line and a final summary.
+    Train {
+        /// The spec [default: the built-in specs/tiny.toml].
+        spec: Option<PathBuf>,
+        /// Training data: "builtin", a text file (byte-level) or llm.c shards ("dir/*.bin")
+        /// [default: the spec's train.data].
+        #[arg(long)]
+        data: Option<String>,
+        /// Optimizer steps [default: the spec's train.steps].
+        #[arg(long)]
+        steps: Option<u64>,
+        /// Output directory for metrics [default: runs/<model name>].
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Seed for initialization and batching [default: the spec's train.seed].
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Evaluate the validation loss every N steps (and at the end).
+        #[arg(long, default_value_t = 100)]
+        eval_every: u64,
+        /// Validation batches per evaluation.
+        #[arg(long, default_value_t = 8)]
+        eval_batches: usize,
+    },
     /// Print what kiln compiles a spec to.
     Emit {
         #[command(subcommand)]
@@ -86,7 +116,7 @@ enum Emit {
 }
 
 /// Why a command failed, mapped to the exit code.
-enum Failure {
+pub(crate) enum Failure {
     /// The spec is invalid (diagnostics already printed): exit 2.
     Invalid,
     /// Anything else: exit 1.
@@ -106,6 +136,24 @@ fn main() -> ExitCode {
         Command::Emit {
             what: Emit::Ir { spec },
         } => cmd_emit_ir(spec, color),
+        Command::Train {
+            spec,
+            data,
+            steps,
+            out,
+            seed,
+            eval_every,
+            eval_batches,
+        } => train::run(train::Args {
+            spec,
+            data,
+            steps,
+            out,
+            seed,
+            eval_every,
+            eval_batches,
+            color,
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -119,7 +167,7 @@ fn main() -> ExitCode {
 
 /// Writes to stdout. A closed pipe (`kiln check … | head`) ends the process quietly instead of
 /// panicking as `print!` would.
-fn out(s: &str) {
+pub(crate) fn out(s: &str) {
     use std::io::Write;
     let mut stdout = std::io::stdout().lock();
     if let Err(e) = stdout.write_all(s.as_bytes()).and_then(|()| stdout.flush()) {
@@ -163,7 +211,7 @@ fn errors_json(file: &str, text: &str, diags: &[Diagnostic]) -> Vec<serde_json::
 
 /// Checks one spec. On failure, renders its diagnostics to stderr and appends their JSON form
 /// to `json_errors`.
-fn load(
+pub(crate) fn load(
     path: Option<&PathBuf>,
     json_errors: &mut Vec<serde_json::Value>,
     color: bool,

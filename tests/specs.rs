@@ -143,3 +143,15 @@ fn activation_estimate_matches_korthikanti_for_gpt2() {
         tokens * (layers * per_layer + top)
     );
 }
+
+#[test]
+fn test_specs_check() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/specs");
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let bytes = std::fs::read(&path).unwrap();
+        if let Err(d) = check(&bytes) {
+            panic!("{} does not check: {d:#?}", path.display());
+        }
+    }
+}

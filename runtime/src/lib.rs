@@ -11,3 +11,5 @@
 
 pub mod cpu;
 pub mod data;
+pub mod exec;
+pub mod train;

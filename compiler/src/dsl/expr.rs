@@ -455,6 +455,25 @@ impl Compiled {
         self.arity
     }
 
+    /// Number of instructions: the scratch length one evaluation needs.
+    pub fn len(&self) -> usize {
+        self.steps.len()
+    }
+
+    /// Whether the program is empty (never, for a compiled expression).
+    pub fn is_empty(&self) -> bool {
+        self.steps.is_empty()
+    }
+
+    /// The operands `(a, b)` when the expression is exactly `a + b` of two operands, the
+    /// residual add, which callers may run as a plain vector add.
+    pub fn as_sum_of_two(&self) -> Option<(usize, usize)> {
+        match self.steps.as_slice() {
+            [Instr::Var(a), Instr::Var(b), Instr::Bin(BinOp::Add, 0, 1)] => Some((*a, *b)),
+            _ => None,
+        }
+    }
+
     /// Scratch space one evaluation needs; reuse it across elements.
     pub fn scratch(&self) -> Vec<f64> {
         vec![0.0; self.steps.len()]

@@ -1,0 +1,775 @@
+//! The CPU interpreter: executes a verified graph node by node with the [`crate::cpu`]
+//! kernels, in f32 for training or f64 for gradient checks.
+//!
+//! Values live in one slot each, indexed by value id, and are freed after their last use
+//! unless the caller asked to keep them (graph outputs). Elementwise [`Op::Map`] nodes run a
+//! compiled expression ([`kiln_compiler::dsl::expr::Compiled`]) over chunks in parallel.
+
+use std::collections::HashMap;
+use std::fmt;
+
+use kiln_compiler::dsl::expr::Compiled;
+use kiln_compiler::ir::{Def, Graph, InputKind, Node, Op, RopePairs, RouterSpec, ValueId};
+use kiln_compiler::model::{GroupScore, ScoreFunc, Selection};
+use rayon::prelude::*;
+
+use crate::cpu::attention::{self, RopeTables, YarnParams};
+use crate::cpu::{dense, moe, Real};
+
+/// A tensor's data: floats, or u32 ids and indices.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Buf<T> {
+    F(Vec<T>),
+    U(Vec<u32>),
+}
+
+impl<T: Real> Buf<T> {
+    pub fn floats(&self) -> &[T] {
+        match self {
+            Buf::F(v) => v,
+            Buf::U(_) => panic!("expected a float tensor; the verifier guarantees operand types"),
+        }
+    }
+
+    pub fn ids(&self) -> &[u32] {
+        match self {
+            Buf::U(v) => v,
+            Buf::F(_) => panic!("expected a u32 tensor; the verifier guarantees operand types"),
+        }
+    }
+}
+
+/// Why a graph could not run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ExecError {
+    /// An input the graph reads was not supplied, or has the wrong length.
+    Input(String),
+    /// A parameter was not supplied, or has the wrong length.
+    Param(String),
+    /// A token id or expert index is out of range.
+    OutOfRange(String),
+}
+
+impl fmt::Display for ExecError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ExecError::Input(m) | ExecError::Param(m) | ExecError::OutOfRange(m) => f.write_str(m),
+        }
+    }
+}
+
+impl std::error::Error for ExecError {}
+
+/// What one run needs besides the graph: parameter data (by parameter index) and inputs.
+pub struct Feed<'a, T> {
+    pub params: &'a [Vec<T>],
+    pub inputs: &'a HashMap<InputKind, Vec<u32>>,
+}
+
+/// A graph prepared for repeated runs: liveness and compiled expressions computed once.
+pub struct Executor<'g> {
+    graph: &'g Graph,
+    /// For each value, the index of the last node reading it (`usize::MAX` if kept).
+    last_use: Vec<usize>,
+    /// Compiled expressions of `map` and `map_grad` nodes, by node index.
+    compiled: HashMap<usize, Compiled>,
+    /// RoPE tables by (theta, yarn, seq, dim) of each rope node, by node index.
+    rope_key: HashMap<usize, (usize, usize)>,
+}
+
+impl<'g> Executor<'g> {
+    /// Prepares `graph` (which must verify) to run, keeping the values in `keep` alive.
+    pub fn new(graph: &'g Graph, keep: &[ValueId]) -> Self {
+        let mut last_use = vec![0usize; graph.values.len()];
+        for (id, node) in graph.nodes.iter() {
+            for &v in &node.inputs {
+                last_use[v.index()] = id.index();
+            }
+        }
+        for &v in keep {
+            last_use[v.index()] = usize::MAX;
+        }
+        let mut compiled = HashMap::new();
+        let mut rope_key = HashMap::new();
+        for (id, node) in graph.nodes.iter() {
+            match &node.op {
+                Op::Map { expr, vars } | Op::MapGrad { expr, vars, .. } => {
+                    let names: Vec<&str> = vars.iter().map(String::as_str).collect();
+                    let c = expr.compile(&names).expect("verified graphs compile");
+                    compiled.insert(id.index(), c);
+                }
+                Op::Rope { .. } | Op::RopeGrad { .. } => {
+                    let shape = &graph.values[node.inputs[0]].ty.shape;
+                    rope_key.insert(id.index(), (shape[1] as usize, shape[3] as usize));
+                }
+                _ => {}
+            }
+        }
+        Executor {
+            graph,
+            last_use,
+            compiled,
+            rope_key,
+        }
+    }
+
+    /// Runs the graph; returns the kept values.
+    pub fn run<T: Real>(&self, feed: &Feed<T>) -> Result<HashMap<ValueId, Buf<T>>, ExecError> {
+        self.run_timed(feed, None)
+    }
+
+    /// Runs the graph, adding each node's wall time to `profile` under its op name when
+    /// given; returns the kept values.
+    pub fn run_timed<T: Real>(
+        &self,
+        feed: &Feed<T>,
+        mut profile: Option<&mut HashMap<&'static str, std::time::Duration>>,
+    ) -> Result<HashMap<ValueId, Buf<T>>, ExecError> {
+        let g = self.graph;
+        let mut slots: Vec<Option<Buf<T>>> = vec![None; g.values.len()];
+        for (v, value) in g.values.iter() {
+            let want = value.ty.elements() as usize;
+            match value.def {
+                Def::Input(kind) => {
+                    let Some(data) = feed.inputs.get(&kind) else {
+                        // Inputs no node reads (and nobody keeps) may be omitted.
+                        if self.last_use[v.index()] == 0
+                            && !g.nodes.iter().any(|(_, n)| n.inputs.contains(&v))
+                        {
+                            continue;
+                        }
+                        return Err(ExecError::Input(format!(
+                            "the graph reads input {kind:?}, which was not supplied"
+                        )));
+                    };
+                    if data.len() != want {
+                        return Err(ExecError::Input(format!(
+                            "input {kind:?} has {} ids, the graph needs {want}",
+                            data.len()
+                        )));
+                    }
+                    slots[v.index()] = Some(Buf::U(data.clone()));
+                }
+                Def::Param(p) => {
+                    let data = feed.params.get(p.index()).ok_or_else(|| {
+                        ExecError::Param(format!(
+                            "parameter `{}` was not supplied",
+                            g.params[p].name
+                        ))
+                    })?;
+                    if data.len() != want {
+                        return Err(ExecError::Param(format!(
+                            "parameter `{}` has {} values, the graph needs {want}",
+                            g.params[p].name,
+                            data.len()
+                        )));
+                    }
+                    slots[v.index()] = Some(Buf::F(data.clone()));
+                }
+                Def::Node { .. } => {}
+            }
+        }
+        let mut tables: HashMap<(usize, usize), RopeTables<T>> = HashMap::new();
+        for (id, node) in g.nodes.iter() {
+            let started = std::time::Instant::now();
+            let results = self.node(id.index(), node, &slots, &mut tables)?;
+            if let Some(p) = profile.as_deref_mut() {
+                *p.entry(node.op.name()).or_default() += started.elapsed();
+            }
+            for (&o, buf) in node.outputs.iter().zip(results) {
+                slots[o.index()] = Some(buf);
+            }
+            for &v in &node.inputs {
+                if self.last_use[v.index()] == id.index() {
+                    slots[v.index()] = None;
+                }
+            }
+        }
+        let mut out = HashMap::new();
+        for (v, slot) in slots.into_iter().enumerate() {
+            if self.last_use[v] == usize::MAX {
+                if let Some(buf) = slot {
+                    out.insert(
+                        g.values.iter().nth(v).map(|(h, _)| h).expect("in range"),
+                        buf,
+                    );
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn node<T: Real>(
+        &self,
+        index: usize,
+        node: &Node,
+        slots: &[Option<Buf<T>>],
+        tables: &mut HashMap<(usize, usize), RopeTables<T>>,
+    ) -> Result<Vec<Buf<T>>, ExecError> {
+        let g = self.graph;
+        let arg = |i: usize| {
+            slots[node.inputs[i].index()]
+                .as_ref()
+                .expect("operands are computed before use")
+        };
+        let shape = |i: usize| {
+            g.values[node.inputs[i]]
+                .ty
+                .shape
+                .iter()
+                .map(|&d| d as usize)
+                .collect::<Vec<_>>()
+        };
+        let out_shape = |i: usize| {
+            g.values[node.outputs[i]]
+                .ty
+                .shape
+                .iter()
+                .map(|&d| d as usize)
+                .collect::<Vec<_>>()
+        };
+        let f = |v: Vec<T>| Buf::F(v);
+        Ok(match &node.op {
+            Op::Fill { value, .. } => {
+                let n: usize = out_shape(0).iter().product();
+                vec![f(vec![T::from_f64(*value); n])]
+            }
+            Op::Reshape { .. } => vec![arg(0).clone()],
+            Op::Map { .. } => {
+                let c = &self.compiled[&index];
+                let xs: Vec<&[T]> = (0..node.inputs.len()).map(|i| arg(i).floats()).collect();
+                vec![f(map(c, &xs))]
+            }
+            Op::MapGrad { wrt, .. } => {
+                let c = &self.compiled[&index];
+                let n = node.inputs.len() - 1;
+                let xs: Vec<&[T]> = (0..n).map(|i| arg(i).floats()).collect();
+                map_grad(c, &xs, arg(n).floats(), wrt)
+                    .into_iter()
+                    .map(f)
+                    .collect()
+            }
+            Op::Split { sizes } => {
+                let x = arg(0).floats();
+                let total: usize = sizes.iter().map(|&s| s as usize).sum();
+                let rows = x.len() / total.max(1);
+                let mut outs: Vec<Vec<T>> = sizes
+                    .iter()
+                    .map(|&s| Vec::with_capacity(rows * s as usize))
+                    .collect();
+                for row in x.chunks_exact(total) {
+                    let mut at = 0;
+                    for (o, &s) in outs.iter_mut().zip(sizes) {
+                        o.extend_from_slice(&row[at..at + s as usize]);
+                        at += s as usize;
+                    }
+                }
+                outs.into_iter().map(f).collect()
+            }
+            Op::Concat => {
+                let widths: Vec<usize> = (0..node.inputs.len())
+                    .map(|i| *shape(i).last().expect("rank ≥ 1"))
+                    .collect();
+                let rows = arg(0).floats().len() / widths[0].max(1);
+                let mut y = Vec::with_capacity(rows * widths.iter().sum::<usize>());
+                for r in 0..rows {
+                    for (i, &w) in widths.iter().enumerate() {
+                        y.extend_from_slice(&arg(i).floats()[r * w..(r + 1) * w]);
+                    }
+                }
+                vec![f(y)]
+            }
+            Op::Expand { axis, n } => {
+                let s = shape(0);
+                let outer: usize = s[..*axis as usize].iter().product();
+                let inner: usize = s[*axis as usize + 1..].iter().product();
+                let x = arg(0).floats();
+                let mut y = Vec::with_capacity(x.len() * *n as usize);
+                for o in 0..outer {
+                    for _ in 0..*n {
+                        y.extend_from_slice(&x[o * inner..(o + 1) * inner]);
+                    }
+                }
+                vec![f(y)]
+            }
+            Op::SumAxis { axis } => {
+                let s = shape(0);
+                let outer: usize = s[..*axis as usize].iter().product();
+                let len = s[*axis as usize];
+                let inner: usize = s[*axis as usize + 1..].iter().product();
+                let x = arg(0).floats();
+                let mut y = vec![T::ZERO; outer * inner];
+                for o in 0..outer {
+                    for l in 0..len {
+                        let src = &x[(o * len + l) * inner..(o * len + l + 1) * inner];
+                        for (d, &v) in y[o * inner..(o + 1) * inner].iter_mut().zip(src) {
+                            *d += v;
+                        }
+                    }
+                }
+                vec![f(y)]
+            }
+            Op::Embedding => {
+                let t = shape(0);
+                let ids = arg(1).ids();
+                check_ids(ids, t[0], &node.path)?;
+                vec![f(dense::embedding_fwd(arg(0).floats(), t[0], t[1], ids))]
+            }
+            Op::EmbeddingGrad { vocab } => {
+                let d = *shape(1).last().expect("rank ≥ 1");
+                vec![f(dense::embedding_bwd(
+                    arg(0).ids(),
+                    arg(1).floats(),
+                    *vocab as usize,
+                    d,
+                ))]
+            }
+            Op::Linear { bias } => {
+                let w = shape(1);
+                let (out, inp) = (w[0], w[1]);
+                let rows = arg(0).floats().len() / inp;
+                let b = bias.then(|| arg(2).floats());
+                vec![f(dense::linear_fwd(
+                    arg(0).floats(),
+                    rows,
+                    inp,
+                    arg(1).floats(),
+                    out,
+                    b,
+                ))]
+            }
+            Op::LinearGrad { bias } => {
+                let w = shape(1);
+                let (out, inp) = (w[0], w[1]);
+                let rows = arg(0).floats().len() / inp;
+                let r = dense::linear_bwd(
+                    arg(0).floats(),
+                    rows,
+                    inp,
+                    arg(1).floats(),
+                    out,
+                    arg(2).floats(),
+                    *bias,
+                );
+                let mut v = vec![f(r.dx), f(r.dw)];
+                if let Some(db) = r.db {
+                    v.push(f(db));
+                }
+                v
+            }
+            Op::RmsNorm { eps } => {
+                let n = *shape(0).last().expect("rank ≥ 1");
+                let rows = arg(0).floats().len() / n;
+                vec![f(dense::rms_norm_fwd(
+                    arg(0).floats(),
+                    rows,
+                    n,
+                    arg(1).floats(),
+                    *eps,
+                )
+                .0)]
+            }
+            Op::RmsNormGrad { eps } => {
+                let n = *shape(0).last().expect("rank ≥ 1");
+                let rows = arg(0).floats().len() / n;
+                let (x, w) = (arg(0).floats(), arg(1).floats());
+                let (_, rstd) = dense::rms_norm_fwd(x, rows, n, w, *eps);
+                let (dx, dw) = dense::rms_norm_bwd(x, rows, n, w, &rstd, arg(2).floats());
+                vec![f(dx), f(dw)]
+            }
+            Op::LayerNorm { eps } => {
+                let n = *shape(0).last().expect("rank ≥ 1");
+                let rows = arg(0).floats().len() / n;
+                vec![f(dense::layer_norm_fwd(
+                    arg(0).floats(),
+                    rows,
+                    n,
+                    arg(1).floats(),
+                    arg(2).floats(),
+                    *eps,
+                )
+                .0)]
+            }
+            Op::LayerNormGrad { eps } => {
+                let n = *shape(0).last().expect("rank ≥ 1");
+                let rows = arg(0).floats().len() / n;
+                let (x, w) = (arg(0).floats(), arg(1).floats());
+                // The bias does not affect the gradients; zeros stand in for it.
+                let zeros = vec![T::ZERO; n];
+                let (_, mean, rstd) = dense::layer_norm_fwd(x, rows, n, w, &zeros, *eps);
+                let (dx, dw, db) =
+                    dense::layer_norm_bwd(x, rows, n, w, &mean, &rstd, arg(2).floats());
+                vec![f(dx), f(dw), f(db)]
+            }
+            Op::Rope { theta, yarn, pairs } | Op::RopeGrad { theta, yarn, pairs } => {
+                let key = self.rope_key[&index];
+                let table = tables.entry(key).or_insert_with(|| {
+                    attention::rope_tables(key.0, key.1, *theta, yarn.map(yarn_params).as_ref())
+                });
+                let s = shape(0);
+                let p = rope_pairs(*pairs);
+                let y = if matches!(node.op, Op::Rope { .. }) {
+                    attention::rope_fwd(arg(0).floats(), s[0], s[1], s[2], s[3], table, p)
+                } else {
+                    attention::rope_bwd(arg(0).floats(), s[0], s[1], s[2], s[3], table, p)
+                };
+                vec![f(y)]
+            }
+            Op::Attention { scale } => {
+                let (q, k, v) = (shape(0), shape(1), shape(2));
+                let (o, lse) = attention::attention_fwd(
+                    arg(0).floats(),
+                    arg(1).floats(),
+                    arg(2).floats(),
+                    q[0],
+                    q[1],
+                    q[2],
+                    k[2],
+                    q[3],
+                    v[3],
+                    *scale,
+                );
+                vec![f(o), f(lse)]
+            }
+            Op::AttentionGrad { scale } => {
+                let (q, k, v) = (shape(0), shape(1), shape(2));
+                let (dq, dk, dv) = attention::attention_bwd(
+                    arg(0).floats(),
+                    arg(1).floats(),
+                    arg(2).floats(),
+                    arg(3).floats(),
+                    arg(4).floats(),
+                    arg(5).floats(),
+                    q[0],
+                    q[1],
+                    q[2],
+                    k[2],
+                    q[3],
+                    v[3],
+                    *scale,
+                );
+                vec![f(dq), f(dk), f(dv)]
+            }
+            Op::Router(spec) => {
+                let (x, w) = (shape(0), shape(1));
+                let r = moe::router_fwd(
+                    arg(0).floats(),
+                    x[0],
+                    x[1],
+                    arg(1).floats(),
+                    w[0],
+                    arg(2).floats(),
+                    &router_config(spec),
+                );
+                vec![f(r.weights), Buf::U(r.experts), f(r.scores)]
+            }
+            Op::RouterGrad(spec) => {
+                let (x, w) = (shape(0), shape(1));
+                let out = moe::RouterOut {
+                    weights: arg(3).floats().to_vec(),
+                    experts: arg(4).ids().to_vec(),
+                    scores: arg(5).floats().to_vec(),
+                };
+                let (dx, dw) = moe::router_bwd(
+                    arg(0).floats(),
+                    x[0],
+                    x[1],
+                    arg(1).floats(),
+                    w[0],
+                    &out,
+                    &router_config(spec),
+                    arg(6).floats(),
+                    Some(arg(7).floats()),
+                );
+                vec![f(dx), f(dw)]
+            }
+            Op::Experts { act, gated } | Op::ExpertsGrad { act, gated } => {
+                let x = shape(0);
+                let k = shape(1)[1];
+                let up_at = if *gated { 4 } else { 3 };
+                let up = shape(up_at);
+                let (e, h) = (up[0], up[1]);
+                let experts = arg(2).ids();
+                check_ids(experts, e, &node.path)?;
+                let act = ExprActivation::new(act, *gated);
+                let w_gate = gated.then(|| arg(3).floats());
+                let (w_up, w_down) = (arg(up_at).floats(), arg(up_at + 1).floats());
+                let (y, saved) = moe::experts_fwd(
+                    arg(0).floats(),
+                    x[0],
+                    x[1],
+                    arg(1).floats(),
+                    experts,
+                    k,
+                    w_gate,
+                    w_up,
+                    w_down,
+                    e,
+                    h,
+                    &act,
+                );
+                if matches!(node.op, Op::Experts { .. }) {
+                    vec![f(y)]
+                } else {
+                    let dy = arg(up_at + 2).floats();
+                    let r = moe::experts_bwd(
+                        arg(0).floats(),
+                        x[0],
+                        x[1],
+                        arg(1).floats(),
+                        experts,
+                        k,
+                        w_gate,
+                        w_up,
+                        w_down,
+                        e,
+                        h,
+                        &act,
+                        &saved,
+                        dy,
+                    );
+                    let mut v = vec![f(r.dx), f(r.d_weights)];
+                    if let Some(dg) = r.dw_gate {
+                        v.push(f(dg));
+                    }
+                    v.push(f(r.dw_up));
+                    v.push(f(r.dw_down));
+                    v
+                }
+            }
+            Op::CrossEntropy => {
+                let l = shape(0);
+                let targets = arg(1).ids();
+                check_ids(targets, l[1], &node.path)?;
+                let (loss, _) = dense::cross_entropy_fwd(arg(0).floats(), l[0], l[1], targets);
+                vec![f(vec![loss])]
+            }
+            Op::CrossEntropyGrad => {
+                let l = shape(0);
+                let (logits, targets) = (arg(0).floats(), arg(1).ids());
+                let (_, lse) = dense::cross_entropy_fwd(logits, l[0], l[1], targets);
+                vec![f(dense::cross_entropy_bwd(
+                    logits,
+                    l[0],
+                    l[1],
+                    targets,
+                    &lse,
+                    arg(2).floats()[0],
+                ))]
+            }
+            Op::BalanceLoss { alpha, top_k } => {
+                let s = shape(0);
+                let loss = moe::balance_loss_fwd(
+                    arg(0).floats(),
+                    arg(1).ids(),
+                    s[0],
+                    s[1],
+                    s[2],
+                    *top_k as usize,
+                    *alpha,
+                );
+                vec![f(vec![loss])]
+            }
+            Op::BalanceLossGrad { alpha, top_k } => {
+                let s = shape(0);
+                let d = moe::balance_loss_bwd(
+                    arg(0).floats(),
+                    arg(1).ids(),
+                    s[0],
+                    s[1],
+                    s[2],
+                    *top_k as usize,
+                    *alpha,
+                    arg(2).floats()[0],
+                );
+                vec![f(d)]
+            }
+        })
+    }
+}
+
+fn check_ids(ids: &[u32], bound: usize, path: &str) -> Result<(), ExecError> {
+    match ids.iter().find(|&&i| i as usize >= bound) {
+        Some(bad) => Err(ExecError::OutOfRange(format!(
+            "`{path}` reads index {bad}, but only {bound} exist"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Elements per parallel chunk of elementwise work.
+const CHUNK: usize = 16 * 1024;
+
+fn map<T: Real>(c: &Compiled, xs: &[&[T]]) -> Vec<T> {
+    let n = xs.first().map_or(0, |x| x.len());
+    if let Some((a, b)) = c.as_sum_of_two() {
+        // The residual add: a plain vector sum.
+        let (a, b) = (xs[a], xs[b]);
+        let mut y = vec![T::ZERO; n];
+        y.par_chunks_mut(CHUNK)
+            .enumerate()
+            .for_each(|(chunk, out)| {
+                let lo = chunk * CHUNK;
+                for (j, slot) in out.iter_mut().enumerate() {
+                    *slot = a[lo + j] + b[lo + j];
+                }
+            });
+        return y;
+    }
+    let mut y = vec![T::ZERO; n];
+    y.par_chunks_mut(CHUNK)
+        .enumerate()
+        .for_each(|(chunk, out)| {
+            let mut scratch = c.scratch();
+            let mut point = vec![0.0; xs.len()];
+            for (j, slot) in out.iter_mut().enumerate() {
+                let i = chunk * CHUNK + j;
+                for (p, x) in point.iter_mut().zip(xs) {
+                    *p = x[i].to_f64();
+                }
+                *slot = T::from_f64(c.eval(&point, &mut scratch));
+            }
+        });
+    y
+}
+
+fn map_grad<T: Real>(c: &Compiled, xs: &[&[T]], dy: &[T], wrt: &[u32]) -> Vec<Vec<T>> {
+    let n = dy.len();
+    let mut outs: Vec<Vec<T>> = wrt.iter().map(|_| vec![T::ZERO; n]).collect();
+    // Work on element chunks; each chunk writes its slice of every output.
+    let chunks = n.div_ceil(CHUNK);
+    let results: Vec<Vec<Vec<T>>> = (0..chunks)
+        .into_par_iter()
+        .map(|chunk| {
+            let lo = chunk * CHUNK;
+            let hi = (lo + CHUNK).min(n);
+            let (mut s, mut adj) = (c.scratch(), c.scratch());
+            let mut point = vec![0.0; xs.len()];
+            let mut grad = vec![0.0; xs.len()];
+            let mut part: Vec<Vec<T>> = wrt.iter().map(|_| Vec::with_capacity(hi - lo)).collect();
+            for i in lo..hi {
+                for (p, x) in point.iter_mut().zip(xs) {
+                    *p = x[i].to_f64();
+                }
+                c.eval_grad(&point, &mut s, &mut adj, &mut grad);
+                let g = dy[i].to_f64();
+                for (o, &w) in part.iter_mut().zip(wrt) {
+                    o.push(T::from_f64(g * grad[w as usize]));
+                }
+            }
+            part
+        })
+        .collect();
+    for (chunk, part) in results.into_iter().enumerate() {
+        let lo = chunk * CHUNK;
+        for (o, p) in outs.iter_mut().zip(part) {
+            o[lo..lo + p.len()].copy_from_slice(&p);
+        }
+    }
+    outs
+}
+
+fn yarn_params(y: kiln_compiler::model::Yarn) -> YarnParams {
+    YarnParams {
+        factor: y.factor,
+        original_max_positions: y.original_max_positions,
+        beta_fast: y.beta_fast,
+        beta_slow: y.beta_slow,
+        mscale: y.mscale,
+        mscale_all_dim: y.mscale_all_dim,
+    }
+}
+
+fn rope_pairs(p: RopePairs) -> attention::RopePairs {
+    match p {
+        RopePairs::Halves => attention::RopePairs::Halves,
+        RopePairs::Interleaved => attention::RopePairs::Interleaved,
+    }
+}
+
+fn router_config(s: &RouterSpec) -> moe::RouterConfig {
+    moe::RouterConfig {
+        score: match s.score {
+            ScoreFunc::Softmax => moe::Score::Softmax,
+            ScoreFunc::Sigmoid => moe::Score::Sigmoid,
+        },
+        select: match s.select {
+            Selection::Greedy => moe::Select::Greedy,
+            Selection::GroupLimited => moe::Select::GroupLimited,
+        },
+        groups: s.groups as usize,
+        groups_kept: s.groups_kept as usize,
+        group_score: match s.group_score {
+            GroupScore::Max => moe::GroupScore::Max,
+            GroupScore::Top2Sum => moe::GroupScore::Top2Sum,
+        },
+        top_k: s.top_k as usize,
+        normalize: s.normalize,
+        scale: s.scale,
+    }
+}
+
+/// An expert activation given by a spec expression over `gate` and `up` (or `x`).
+struct ExprActivation {
+    compiled: Compiled,
+    gated: bool,
+}
+
+impl ExprActivation {
+    fn new(expr: &kiln_compiler::dsl::expr::Expr, gated: bool) -> Self {
+        let vars: &[&str] = if gated { &["gate", "up"] } else { &["x"] };
+        ExprActivation {
+            compiled: expr
+                .compile(vars)
+                .expect("checked activations read gate and up, or x"),
+            gated,
+        }
+    }
+}
+
+/// Longest expression the activation evaluates with stack scratch space.
+const STACK_STEPS: usize = 32;
+
+impl ExprActivation {
+    fn operands<T: Real>(&self, gate: T, up: T) -> ([f64; 2], usize) {
+        if self.gated {
+            ([gate.to_f64(), up.to_f64()], 2)
+        } else {
+            ([up.to_f64(), 0.0], 1)
+        }
+    }
+}
+
+impl<T: Real> moe::Activation<T> for ExprActivation {
+    fn gated(&self) -> bool {
+        self.gated
+    }
+
+    fn value(&self, gate: T, up: T) -> T {
+        let (x, n) = self.operands(gate, up);
+        let c = &self.compiled;
+        let y = if c.len() <= STACK_STEPS {
+            c.eval(&x[..n], &mut [0.0; STACK_STEPS][..c.len()])
+        } else {
+            c.eval(&x[..n], &mut c.scratch())
+        };
+        T::from_f64(y)
+    }
+
+    fn grad(&self, gate: T, up: T) -> (T, T) {
+        let (x, n) = self.operands(gate, up);
+        let c = &self.compiled;
+        let mut g = [0.0; 2];
+        if c.len() <= STACK_STEPS {
+            let (mut s, mut adj) = ([0.0; STACK_STEPS], [0.0; STACK_STEPS]);
+            c.eval_grad(&x[..n], &mut s[..c.len()], &mut adj[..c.len()], &mut g[..n]);
+        } else {
+            c.eval_grad(&x[..n], &mut c.scratch(), &mut c.scratch(), &mut g[..n]);
+        }
+        if self.gated {
+            (T::from_f64(g[0]), T::from_f64(g[1]))
+        } else {
+            (T::ZERO, T::from_f64(g[0]))
+        }
+    }
+}

@@ -1,0 +1,305 @@
+//! Training on the CPU: parameter initialization, one optimizer step over a full (forward +
+//! backward) graph, AdamW with decoupled weight decay, global-norm clipping, the learning-rate
+//! schedule, the aux-loss-free router bias update, and validation loss.
+//!
+//! The runtime does not read specs: the caller lowers and differentiates the model and fills a
+//! [`TrainConfig`] from it.
+
+use std::collections::HashMap;
+
+use kiln_compiler::ir::{Def, Graph, Init, InputKind, Op, ParamId, Update, ValueId};
+
+use crate::cpu::moe;
+use crate::data::{Batch, Rng};
+use crate::exec::{Buf, ExecError, Executor, Feed};
+
+/// Optimizer and schedule settings (the spec's `[train]` and `[moe] bias_update`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainConfig {
+    pub steps: u64,
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// Linear warmup steps.
+    pub warmup: u64,
+    /// Cosine decay to `min_lr` after warmup when true; constant `lr` otherwise.
+    pub cosine: bool,
+    pub min_lr: f64,
+    /// Global gradient-norm clip; `None` disables clipping.
+    pub grad_clip: Option<f64>,
+    /// Aux-loss-free balancing speed γ.
+    pub bias_update: f64,
+    pub seed: u64,
+}
+
+impl TrainConfig {
+    /// The learning rate at 0-based `step`.
+    pub fn lr_at(&self, step: u64) -> f64 {
+        if step < self.warmup {
+            return self.lr * (step + 1) as f64 / self.warmup as f64;
+        }
+        if !self.cosine {
+            return self.lr;
+        }
+        let span = self.steps.saturating_sub(self.warmup).max(1) as f64;
+        let progress = ((step - self.warmup) as f64 / span).min(1.0);
+        self.min_lr
+            + 0.5 * (self.lr - self.min_lr) * (1.0 + (std::f64::consts::PI * progress).cos())
+    }
+}
+
+/// A standard normal sample (Box–Muller on the runtime's PRNG).
+fn normal(rng: &mut Rng) -> f64 {
+    let u1 = rng.next_f64().max(f64::MIN_POSITIVE);
+    let u2 = rng.next_f64();
+    (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+}
+
+/// Initial values of every parameter of `graph`, in parameter order, deterministic in `seed`.
+pub fn init_params(graph: &Graph, seed: u64) -> Vec<Vec<f32>> {
+    let mut rng = Rng::with_stream(seed, 7);
+    graph
+        .params
+        .iter()
+        .map(|(_, p)| {
+            let n = p.ty.elements() as usize;
+            match p.init {
+                Init::Zeros => vec![0.0; n],
+                Init::Ones => vec![1.0; n],
+                Init::Normal { std } => (0..n).map(|_| (normal(&mut rng) * std) as f32).collect(),
+            }
+        })
+        .collect()
+}
+
+/// What one optimizer step did.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepStats {
+    pub loss: f64,
+    pub main_loss: f64,
+    pub grad_norm: f64,
+    pub lr: f64,
+}
+
+/// A training run's state: parameters, AdamW moments and the step counter.
+pub struct Trainer<'g> {
+    graph: &'g Graph,
+    exec: Executor<'g>,
+    pub config: TrainConfig,
+    pub params: Vec<Vec<f32>>,
+    m: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    pub step: u64,
+    loss: ValueId,
+    main_loss: ValueId,
+    /// `(param, gradient value)` for every trainable parameter.
+    grads: Vec<(ParamId, ValueId)>,
+    /// `(router bias param, experts value, number of experts)` for the balancing update.
+    routers: Vec<(ParamId, ValueId, usize)>,
+    /// Largest token offset the graph reads.
+    max_offset: u32,
+    positions: bool,
+}
+
+/// The inputs of one step: token windows of `seq_len + max_offset` per row, cut into the
+/// shifted views the graph reads.
+pub fn feed_inputs(graph: &Graph, batch: &Batch, seq_len: usize) -> HashMap<InputKind, Vec<u32>> {
+    let rows = batch.inputs.len() / batch.seq_len;
+    let mut out = HashMap::new();
+    for (_, value) in graph.values.iter() {
+        let Def::Input(kind) = value.def else {
+            continue;
+        };
+        let data = match kind {
+            InputKind::Tokens { offset } => {
+                let o = offset as usize;
+                let mut ids = Vec::with_capacity(rows * seq_len);
+                for r in 0..rows {
+                    let row = &batch.inputs[r * batch.seq_len..(r + 1) * batch.seq_len];
+                    let last = batch.targets[(r + 1) * batch.seq_len - 1];
+                    for i in 0..seq_len {
+                        ids.push(row.get(i + o).copied().unwrap_or(last));
+                    }
+                }
+                ids
+            }
+            InputKind::Positions => (0..rows).flat_map(|_| 0..seq_len as u32).collect(),
+        };
+        out.insert(kind, data);
+    }
+    out
+}
+
+/// The largest token offset a graph reads (1 for plain next-token training, more with MTP).
+pub fn max_token_offset(graph: &Graph) -> u32 {
+    graph
+        .values
+        .iter()
+        .filter_map(|(_, v)| match v.def {
+            Def::Input(InputKind::Tokens { offset }) => Some(offset),
+            _ => None,
+        })
+        .max()
+        .unwrap_or(1)
+}
+
+impl<'g> Trainer<'g> {
+    /// A trainer for `graph`, the output of `autodiff::differentiate` (it must have `loss`,
+    /// `loss.main` and one `grad.<param>` output per trainable parameter).
+    pub fn new(graph: &'g Graph, config: TrainConfig, params: Vec<Vec<f32>>) -> Self {
+        let loss = graph.output("loss").expect("a training graph has a loss");
+        let main_loss = graph
+            .output("loss.main")
+            .expect("a training graph has a main loss");
+        let mut grads = Vec::new();
+        let mut routers = Vec::new();
+        let param_of = |v: ValueId| match graph.values[v].def {
+            Def::Param(p) => Some(p),
+            _ => None,
+        };
+        for (v, value) in graph.values.iter() {
+            if let Def::Param(p) = value.def {
+                let name = &graph.params[p].name;
+                if let Some(g) = graph.output(&format!("grad.{name}")) {
+                    grads.push((p, g));
+                }
+                let _ = v;
+            }
+        }
+        for (_, node) in graph.nodes.iter() {
+            if let Op::Router(_) = node.op {
+                if let Some(bias) = param_of(node.inputs[2]) {
+                    let e = graph.values[node.inputs[2]].ty.shape[0] as usize;
+                    routers.push((bias, node.outputs[1], e));
+                }
+            }
+        }
+        let mut keep: Vec<ValueId> = vec![loss, main_loss];
+        keep.extend(grads.iter().map(|&(_, g)| g));
+        keep.extend(routers.iter().map(|&(_, e, _)| e));
+        let zeros: Vec<Vec<f32>> = params.iter().map(|p| vec![0.0; p.len()]).collect();
+        let positions = graph
+            .values
+            .iter()
+            .any(|(_, v)| v.def == Def::Input(InputKind::Positions));
+        Trainer {
+            exec: Executor::new(graph, &keep),
+            graph,
+            config,
+            m: zeros.clone(),
+            v: zeros,
+            params,
+            step: 0,
+            loss,
+            main_loss,
+            grads,
+            routers,
+            max_offset: max_token_offset(graph),
+            positions,
+        }
+    }
+
+    /// The window length a batch row must have: `seq_len + max_offset - 1` inputs (the batcher
+    /// adds the one shifted target).
+    pub fn window(&self, seq_len: usize) -> usize {
+        seq_len + self.max_offset as usize - 1
+    }
+
+    /// Whether the graph reads positions (learned position embeddings).
+    pub fn reads_positions(&self) -> bool {
+        self.positions
+    }
+
+    /// One optimizer step on `batch` (rows of [`Trainer::window`] tokens).
+    pub fn step(&mut self, batch: &Batch, seq_len: usize) -> Result<StepStats, ExecError> {
+        let inputs = feed_inputs(self.graph, batch, seq_len);
+        let out = self.exec.run::<f32>(&Feed {
+            params: &self.params,
+            inputs: &inputs,
+        })?;
+        let scalar = |v: ValueId| f64::from(out[&v].floats()[0]);
+        let (loss, main_loss) = (scalar(self.loss), scalar(self.main_loss));
+
+        let mut sq = 0.0f64;
+        for &(_, g) in &self.grads {
+            sq += out[&g]
+                .floats()
+                .iter()
+                .map(|&x| f64::from(x) * f64::from(x))
+                .sum::<f64>();
+        }
+        let grad_norm = sq.sqrt();
+        let clip = match self.config.grad_clip {
+            Some(c) if grad_norm > c => c / grad_norm,
+            _ => 1.0,
+        };
+        let c = &self.config;
+        let lr = c.lr_at(self.step);
+        let t = (self.step + 1) as i32;
+        let (b1, b2) = (c.beta1, c.beta2);
+        let (bc1, bc2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
+        for &(p, g) in &self.grads {
+            let decay = if self.graph.params[p].update == Update::Decayed {
+                c.weight_decay
+            } else {
+                0.0
+            };
+            let (w, m, v) = (
+                &mut self.params[p.index()],
+                &mut self.m[p.index()],
+                &mut self.v[p.index()],
+            );
+            let grad = out[&g].floats();
+            for i in 0..w.len() {
+                let gi = f64::from(grad[i]) * clip;
+                let mi = b1 * f64::from(m[i]) + (1.0 - b1) * gi;
+                let vi = b2 * f64::from(v[i]) + (1.0 - b2) * gi * gi;
+                m[i] = mi as f32;
+                v[i] = vi as f32;
+                let update = (mi / bc1) / ((vi / bc2).sqrt() + c.eps) + decay * f64::from(w[i]);
+                w[i] = (f64::from(w[i]) - lr * update) as f32;
+            }
+        }
+        if c.bias_update > 0.0 {
+            for &(bias, experts, e) in &self.routers {
+                if let Buf::U(ids) = &out[&experts] {
+                    let load = moe::expert_load(ids, e);
+                    moe::update_balance_bias(&mut self.params[bias.index()], &load, c.bias_update);
+                }
+            }
+        }
+        self.step += 1;
+        Ok(StepStats {
+            loss,
+            main_loss,
+            grad_norm,
+            lr,
+        })
+    }
+}
+
+/// Mean main-model cross-entropy of a forward graph over `batches` (validation).
+pub fn eval_loss(
+    forward: &Graph,
+    params: &[Vec<f32>],
+    batches: impl Iterator<Item = Batch>,
+    seq_len: usize,
+) -> Result<f64, ExecError> {
+    let main = forward
+        .output("loss.main")
+        .expect("a forward graph has a main loss");
+    let exec = Executor::new(forward, &[main]);
+    let (mut sum, mut n) = (0.0, 0usize);
+    for batch in batches {
+        let inputs = feed_inputs(forward, &batch, seq_len);
+        let out = exec.run::<f32>(&Feed {
+            params,
+            inputs: &inputs,
+        })?;
+        sum += f64::from(out[&main].floats()[0]);
+        n += 1;
+    }
+    Ok(if n == 0 { f64::NAN } else { sum / n as f64 })
+}
