@@ -76,13 +76,22 @@ enum Command {
         /// Optimizer steps [default: the spec's train.steps].
         #[arg(long)]
         steps: Option<u64>,
-        /// Output directory for metrics [default: runs/<model name>].
+        /// Run directory for metrics, checkpoints and a copy of the spec
+        /// [default: runs/<model name>].
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Continue the run in this directory from its checkpoint, bit-identically (the spec
+        /// defaults to the run's copy).
+        #[arg(long, conflicts_with = "out")]
+        resume: Option<PathBuf>,
         /// Seed for initialization and batching [default: the spec's train.seed].
         #[arg(long)]
         seed: Option<u64>,
-        /// Evaluate the validation loss every N steps (and at the end).
+        /// Stop (with a checkpoint) after this many steps in this session, keeping the
+        /// schedule of `--steps`; `--resume` continues from there.
+        #[arg(long)]
+        stop_after: Option<u64>,
+        /// Evaluate the validation loss and write a checkpoint every N steps (and at the end).
         #[arg(long, default_value_t = 100)]
         eval_every: u64,
         /// Validation batches per evaluation.
@@ -141,7 +150,9 @@ fn main() -> ExitCode {
             data,
             steps,
             out,
+            resume,
             seed,
+            stop_after,
             eval_every,
             eval_batches,
         } => train::run(train::Args {
@@ -149,7 +160,9 @@ fn main() -> ExitCode {
             data,
             steps,
             out,
+            resume,
             seed,
+            stop_after,
             eval_every,
             eval_batches,
             color,
@@ -180,7 +193,7 @@ pub(crate) fn out(s: &str) {
 }
 
 /// A spec's display name and bytes.
-fn read_spec(path: Option<&PathBuf>) -> Result<(String, Vec<u8>), Failure> {
+pub(crate) fn read_spec(path: Option<&PathBuf>) -> Result<(String, Vec<u8>), Failure> {
     match path {
         None => Ok((TINY_NAME.to_string(), TINY.as_bytes().to_vec())),
         Some(p) => std::fs::read(p)

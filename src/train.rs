@@ -9,6 +9,7 @@ use kiln_compiler::autodiff::differentiate;
 use kiln_compiler::ir::verify;
 use kiln_compiler::lower::lower;
 use kiln_compiler::model::{DataSource, Model, ScheduleKind};
+use kiln_runtime::checkpoint;
 use kiln_runtime::data::{self, Batcher, Dataset};
 use kiln_runtime::train::{eval_loss, init_params, max_token_offset, TrainConfig, Trainer};
 
@@ -19,7 +20,9 @@ pub(crate) struct Args {
     pub data: Option<String>,
     pub steps: Option<u64>,
     pub out: Option<PathBuf>,
+    pub resume: Option<PathBuf>,
     pub seed: Option<u64>,
+    pub stop_after: Option<u64>,
     pub eval_every: u64,
     pub eval_batches: usize,
     pub color: bool,
@@ -72,8 +75,20 @@ fn load_data(model: &Model, arg: Option<&str>, seed: u64) -> Result<Dataset, Fai
     Ok(ds)
 }
 
+/// The checkpoint file of a run directory.
+fn checkpoint_path(dir: &std::path::Path) -> PathBuf {
+    dir.join("checkpoint.safetensors")
+}
+
 pub(crate) fn run(args: Args) -> Result<(), Failure> {
-    let (spec_name, model) = load(args.spec.as_ref(), &mut Vec::new(), args.color)?;
+    // On resume, the spec defaults to the copy the run saved.
+    let spec_path = match (&args.spec, &args.resume) {
+        (Some(p), _) => Some(p.clone()),
+        (None, Some(dir)) => Some(dir.join("spec.toml")),
+        (None, None) => None,
+    };
+    let (_, spec_bytes) = crate::read_spec(spec_path.as_ref())?;
+    let (spec_name, model) = load(spec_path.as_ref(), &mut Vec::new(), args.color)?;
     let steps = args.steps.unwrap_or(model.train.steps);
     let seed = args.seed.unwrap_or(model.train.seed);
     let (b, t) = (model.train.batch as usize, model.train.seq_len as usize);
@@ -99,14 +114,60 @@ pub(crate) fn run(args: Args) -> Result<(), Failure> {
     let mut batcher =
         Batcher::new(dataset.train.clone(), b, window, seed).map_err(|e| other(e.to_string()))?;
 
-    let out_dir = args
-        .out
-        .unwrap_or_else(|| PathBuf::from("runs").join(&model.name));
+    let out_dir = match (&args.resume, args.out) {
+        (Some(dir), _) => dir.clone(),
+        (None, Some(dir)) => dir,
+        (None, None) => PathBuf::from("runs").join(&model.name),
+    };
     std::fs::create_dir_all(&out_dir)
         .map_err(|e| other(format!("cannot create {}: {e}", out_dir.display())))?;
     let metrics_path = out_dir.join("metrics.jsonl");
+    let ck_path = checkpoint_path(&out_dir);
+    let hash = checkpoint::spec_hash(&spec_bytes);
+
+    let mut trainer = Trainer::new(
+        &full,
+        config(&model, steps, seed),
+        init_params(&forward, seed),
+    );
+    let mut kept_metrics = String::new();
+    if args.resume.is_some() {
+        let ck = checkpoint::load(&ck_path, &forward).map_err(|e| other(e.to_string()))?;
+        if ck.spec_hash != hash {
+            return Err(other(format!(
+                "{} was written for another spec (hash {}, this spec {hash}); resume with the run's spec.toml",
+                ck_path.display(),
+                ck.spec_hash
+            )));
+        }
+        batcher.restore(ck.data_rng);
+        let at = ck.step;
+        trainer.restore(ck.step, ck.params, ck.m, ck.v);
+        // Keep the metrics up to the checkpoint; later lines belong to lost work.
+        let old = std::fs::read_to_string(&metrics_path).unwrap_or_default();
+        for line in old.lines() {
+            let step = serde_json::from_str::<serde_json::Value>(line)
+                .ok()
+                .and_then(|v| v["step"].as_u64());
+            if step.is_some_and(|s| s <= at) {
+                kept_metrics.push_str(line);
+                kept_metrics.push('\n');
+            }
+        }
+        eprintln!(
+            "resuming {} at step {at} from {}",
+            model.name,
+            ck_path.display()
+        );
+    } else {
+        std::fs::write(out_dir.join("spec.toml"), &spec_bytes)
+            .map_err(|e| other(format!("cannot write the run's spec copy: {e}")))?;
+    }
     let mut metrics = std::fs::File::create(&metrics_path)
         .map_err(|e| other(format!("cannot write {}: {e}", metrics_path.display())))?;
+    metrics
+        .write_all(kept_metrics.as_bytes())
+        .map_err(|e| other(format!("cannot write metrics: {e}")))?;
 
     eprintln!(
         "training {} ({spec_name}) on {}: {steps} steps of {b} × {t} tokens, {} parameters",
@@ -114,8 +175,6 @@ pub(crate) fn run(args: Args) -> Result<(), Failure> {
         dataset.description,
         full.trainable_elements()
     );
-    let params = init_params(&forward, seed);
-    let mut trainer = Trainer::new(&full, config(&model, steps, seed), params);
 
     let val = |trainer: &Trainer| -> Result<f64, Failure> {
         let batches = data::val_batches(&dataset.val, b, window)
@@ -124,30 +183,51 @@ pub(crate) fn run(args: Args) -> Result<(), Failure> {
             .take(args.eval_batches);
         eval_loss(&forward, &trainer.params, batches, t).map_err(|e| other(e.to_string()))
     };
+    let save = |trainer: &Trainer, batcher: &Batcher| -> Result<(), Failure> {
+        let (m, v) = trainer.moments();
+        let ck = checkpoint::Checkpoint {
+            step: trainer.step,
+            params: trainer.params.clone(),
+            m: m.to_vec(),
+            v: v.to_vec(),
+            data_rng: batcher.state(),
+            spec_hash: hash.clone(),
+        };
+        checkpoint::save(&ck_path, &forward, &ck).map_err(|e| other(e.to_string()))
+    };
 
     let start = Instant::now();
+    let first = trainer.step;
     let mut last_finite = f64::NAN;
     let mut last_main = f64::NAN;
-    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let mut last_val = f64::NAN;
+    let mut saved_at: Option<u64> = None;
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let tokens_per_step = (b * t) as f64;
-    for step in 0..steps {
+    let stop = args.stop_after.map_or(steps, |n| (first + n).min(steps));
+    while trainer.step < stop {
         let batch = batcher.next_batch();
         let s = trainer.step(&batch, t).map_err(|e| other(e.to_string()))?;
+        let done = trainer.step;
         if !s.loss.is_finite() {
+            let newest = match saved_at {
+                Some(at) => format!(
+                    "the newest good checkpoint is {} (step {at})",
+                    ck_path.display()
+                ),
+                None => "no checkpoint was written yet".to_string(),
+            };
             return Err(other(format!(
-                "the loss became {} at step {}; the last finite loss was {last_finite:.4}. \
+                "the loss became {} at step {done}; the last finite loss was {last_finite:.4}; {newest}. \
                  Lower train.lr or raise train.warmup",
-                s.loss,
-                step + 1
+                s.loss
             )));
         }
         last_finite = s.loss;
         last_main = s.main_loss;
         let elapsed = start.elapsed().as_secs_f64();
-        let tps = tokens_per_step * (step + 1) as f64 / elapsed.max(1e-9);
-        let done = step + 1;
-        let eval_now = done % args.eval_every.max(1) == 0 || done == steps;
+        let tps = tokens_per_step * (done - first) as f64 / elapsed.max(1e-9);
+        let eval_now = done % args.eval_every.max(1) == 0 || done == stop;
         let mut line = format!(
             "{{\"step\":{done},\"loss\":{:.6},\"main_loss\":{:.6},\"lr\":{:.6e},\"grad_norm\":{:.4},\"tokens_per_s\":{tps:.1}",
             s.loss, s.main_loss, s.lr, s.grad_norm
@@ -158,7 +238,14 @@ pub(crate) fn run(args: Args) -> Result<(), Failure> {
         }
         line.push('}');
         writeln!(metrics, "{line}").map_err(|e| other(format!("cannot write metrics: {e}")))?;
-        let eta = elapsed / done as f64 * (steps - done) as f64;
+        if eval_now {
+            metrics
+                .flush()
+                .map_err(|e| other(format!("cannot write metrics: {e}")))?;
+            save(&trainer, &batcher)?;
+            saved_at = Some(done);
+        }
+        let eta = elapsed / (done - first) as f64 * (stop - done) as f64;
         let progress = format!(
             "step {done}/{steps}  loss {:.4}  val {:.4}  lr {:.2e}  {tps:.0} tok/s  ETA {:.0}s",
             s.main_loss, last_val, s.lr, eta
@@ -166,7 +253,7 @@ pub(crate) fn run(args: Args) -> Result<(), Failure> {
         // On a terminal, one line that updates; in a log, a line per evaluation.
         if tty {
             eprint!("\r{progress}   ");
-        } else if eval_now || done == 1 {
+        } else if eval_now || done == first + 1 {
             eprintln!("{progress}");
         }
     }
@@ -174,14 +261,15 @@ pub(crate) fn run(args: Args) -> Result<(), Failure> {
         eprintln!();
     }
     let elapsed = start.elapsed().as_secs_f64();
+    let ran = stop.saturating_sub(first);
     crate::out(&format!(
-        "trained {} for {steps} steps in {elapsed:.1} s ({:.0} tokens/s): train loss {last_main:.4}, \
-         validation loss {last_val:.4} (ln {} = {:.4})\nmetrics: {}\n",
+        "trained {} to step {stop} of {steps} ({ran} steps in {elapsed:.1} s, {:.0} tokens/s): train loss {last_main:.4}, \
+         validation loss {last_val:.4} (ln {} = {:.4})\nrun: {} (metrics.jsonl, checkpoint.safetensors, spec.toml)\n",
         model.name,
-        tokens_per_step * steps as f64 / elapsed.max(1e-9),
+        tokens_per_step * ran as f64 / elapsed.max(1e-9),
         model.vocab,
         (model.vocab as f64).ln(),
-        metrics_path.display()
+        out_dir.display()
     ));
     Ok(())
 }

@@ -208,3 +208,112 @@ fn train_lowers_the_loss_on_the_builtin_corpus() {
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+fn losses(dir: &Path) -> Vec<(u64, String)> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (v["step"].as_u64().unwrap(), v["loss"].to_string())
+        })
+        .collect()
+}
+
+#[test]
+fn resume_continues_bit_identically_and_damaged_checkpoints_are_refused() {
+    let base = std::env::temp_dir().join(format!("kiln-resume-{}", std::process::id()));
+    let (whole, split) = (base.join("whole"), base.join("split"));
+    let spec = "tests/specs/micro.toml";
+    let o = kiln(&[
+        "train",
+        spec,
+        "--steps",
+        "40",
+        "--out",
+        whole.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let o = kiln(&[
+        "train",
+        spec,
+        "--steps",
+        "40",
+        "--stop-after",
+        "20",
+        "--out",
+        split.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let o = kiln(&[
+        "train",
+        "--resume",
+        split.to_str().unwrap(),
+        "--steps",
+        "40",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("resuming micro at step 20"),
+        "{}",
+        stderr(&o)
+    );
+    let (a, b) = (losses(&whole), losses(&split));
+    assert_eq!(a.len(), 40);
+    assert_eq!(
+        a, b,
+        "20 steps + resume + 20 steps must equal 40 steps exactly"
+    );
+
+    // A truncated checkpoint is refused with a clear message, not a panic.
+    let ck = split.join("checkpoint.safetensors");
+    let bytes = std::fs::read(&ck).unwrap();
+    std::fs::write(&ck, &bytes[..bytes.len() / 2]).unwrap();
+    let o = kiln(&[
+        "train",
+        "--resume",
+        split.to_str().unwrap(),
+        "--steps",
+        "50",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("is damaged or not a kiln checkpoint"),
+        "{}",
+        stderr(&o)
+    );
+    // Garbage is refused the same way.
+    std::fs::write(&ck, b"not a checkpoint at all").unwrap();
+    let o = kiln(&[
+        "train",
+        "--resume",
+        split.to_str().unwrap(),
+        "--steps",
+        "50",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("is damaged or not a kiln checkpoint"),
+        "{}",
+        stderr(&o)
+    );
+    // A checkpoint of another spec is refused by its hash.
+    let other = std::fs::read_to_string(spec)
+        .unwrap()
+        .replace("lr = 3e-3", "lr = 2e-3");
+    std::fs::write(whole.join("spec.toml"), other).unwrap();
+    let o = kiln(&[
+        "train",
+        "--resume",
+        whole.to_str().unwrap(),
+        "--steps",
+        "50",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("was written for another spec"),
+        "{}",
+        stderr(&o)
+    );
+    std::fs::remove_dir_all(&base).ok();
+}

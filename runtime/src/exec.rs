@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::fmt;
 
-use kiln_compiler::dsl::expr::Compiled;
+use kiln_compiler::dsl::expr::{BinOp, Compiled, Expr, Func};
 use kiln_compiler::ir::{Def, Graph, InputKind, Node, Op, RopePairs, RouterSpec, ValueId};
 use kiln_compiler::model::{GroupScore, ScoreFunc, Selection};
 use rayon::prelude::*;
@@ -73,6 +73,8 @@ pub struct Executor<'g> {
     last_use: Vec<usize>,
     /// Compiled expressions of `map` and `map_grad` nodes, by node index.
     compiled: HashMap<usize, Compiled>,
+    /// `map` and `map_grad` nodes whose expression has a closed form run directly.
+    known: HashMap<usize, Known>,
     /// RoPE tables by (theta, yarn, seq, dim) of each rope node, by node index.
     rope_key: HashMap<usize, (usize, usize)>,
 }
@@ -90,6 +92,7 @@ impl<'g> Executor<'g> {
             last_use[v.index()] = usize::MAX;
         }
         let mut compiled = HashMap::new();
+        let mut known = HashMap::new();
         let mut rope_key = HashMap::new();
         for (id, node) in graph.nodes.iter() {
             match &node.op {
@@ -97,6 +100,9 @@ impl<'g> Executor<'g> {
                     let names: Vec<&str> = vars.iter().map(String::as_str).collect();
                     let c = expr.compile(&names).expect("verified graphs compile");
                     compiled.insert(id.index(), c);
+                    if let Some(k) = Known::recognize(expr, &names) {
+                        known.insert(id.index(), k);
+                    }
                 }
                 Op::Rope { .. } | Op::RopeGrad { .. } => {
                     let shape = &graph.values[node.inputs[0]].ty.shape;
@@ -109,6 +115,7 @@ impl<'g> Executor<'g> {
             graph,
             last_use,
             compiled,
+            known,
             rope_key,
         }
     }
@@ -236,14 +243,27 @@ impl<'g> Executor<'g> {
             }
             Op::Reshape { .. } => vec![arg(0).clone()],
             Op::Map { .. } => {
-                let c = &self.compiled[&index];
                 let xs: Vec<&[T]> = (0..node.inputs.len()).map(|i| arg(i).floats()).collect();
-                vec![f(map(c, &xs))]
+                match self.known.get(&index) {
+                    Some(Known::SwiGlu { gate, up }) => vec![f(swiglu_fwd(xs[*gate], xs[*up]))],
+                    None => vec![f(map(&self.compiled[&index], &xs))],
+                }
             }
             Op::MapGrad { wrt, .. } => {
                 let c = &self.compiled[&index];
                 let n = node.inputs.len() - 1;
                 let xs: Vec<&[T]> = (0..n).map(|i| arg(i).floats()).collect();
+                if let Some(Known::SwiGlu { gate, up }) = self.known.get(&index) {
+                    let (dg, du) = swiglu_bwd(xs[*gate], xs[*up], arg(n).floats());
+                    let pick = |w: u32| {
+                        if w as usize == *gate {
+                            dg.clone()
+                        } else {
+                            du.clone()
+                        }
+                    };
+                    return Ok(wrt.iter().map(|&w| f(pick(w))).collect());
+                }
                 map_grad(c, &xs, arg(n).floats(), wrt)
                     .into_iter()
                     .map(f)
@@ -597,6 +617,70 @@ fn check_ids(ids: &[u32], bound: usize, path: &str) -> Result<(), ExecError> {
     }
 }
 
+/// Expressions with a closed form that runs directly in the compute type, instead of
+/// interpreting the compiled expression per element.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Known {
+    /// `silu(gate) * up` (either operand order), with the operand positions.
+    SwiGlu { gate: usize, up: usize },
+}
+
+impl Known {
+    fn recognize(expr: &Expr, vars: &[&str]) -> Option<Known> {
+        let Expr::Bin(BinOp::Mul, a, b) = expr else {
+            return None;
+        };
+        for (s, u) in [(a, b), (b, a)] {
+            if let (Expr::Call(Func::Silu, inner), Expr::Var(up)) = (s.as_ref(), u.as_ref()) {
+                if let Expr::Var(gate) = inner.as_ref() {
+                    let gate = vars.iter().position(|v| v == gate)?;
+                    let up = vars.iter().position(|v| v == up)?;
+                    return (gate != up).then_some(Known::SwiGlu { gate, up });
+                }
+            }
+        }
+        None
+    }
+}
+
+/// `silu(g)·u` and its partial derivatives at one element.
+#[inline]
+fn swiglu<T: Real>(g: T, u: T) -> (T, T, T) {
+    let s = T::ONE / (T::ONE + (-g).exp());
+    let silu = g * s;
+    (silu * u, u * s * (T::ONE + g * (T::ONE - s)), silu)
+}
+
+fn swiglu_fwd<T: Real>(gate: &[T], up: &[T]) -> Vec<T> {
+    let mut y = vec![T::ZERO; gate.len()];
+    y.par_chunks_mut(CHUNK)
+        .enumerate()
+        .for_each(|(chunk, out)| {
+            let lo = chunk * CHUNK;
+            for (j, slot) in out.iter_mut().enumerate() {
+                *slot = swiglu(gate[lo + j], up[lo + j]).0;
+            }
+        });
+    y
+}
+
+fn swiglu_bwd<T: Real>(gate: &[T], up: &[T], dy: &[T]) -> (Vec<T>, Vec<T>) {
+    let n = gate.len();
+    let (mut dg, mut du) = (vec![T::ZERO; n], vec![T::ZERO; n]);
+    dg.par_chunks_mut(CHUNK)
+        .zip(du.par_chunks_mut(CHUNK))
+        .enumerate()
+        .for_each(|(chunk, (dg, du))| {
+            let lo = chunk * CHUNK;
+            for j in 0..dg.len() {
+                let (_, d_gate, d_up) = swiglu(gate[lo + j], up[lo + j]);
+                dg[j] = dy[lo + j] * d_gate;
+                du[j] = dy[lo + j] * d_up;
+            }
+        });
+    (dg, du)
+}
+
 /// Elements per parallel chunk of elementwise work.
 const CHUNK: usize = 16 * 1024;
 
@@ -713,6 +797,7 @@ fn router_config(s: &RouterSpec) -> moe::RouterConfig {
 struct ExprActivation {
     compiled: Compiled,
     gated: bool,
+    swiglu: bool,
 }
 
 impl ExprActivation {
@@ -723,6 +808,7 @@ impl ExprActivation {
                 .compile(vars)
                 .expect("checked activations read gate and up, or x"),
             gated,
+            swiglu: Known::recognize(expr, vars) == Some(Known::SwiGlu { gate: 0, up: 1 }),
         }
     }
 }
@@ -746,6 +832,9 @@ impl<T: Real> moe::Activation<T> for ExprActivation {
     }
 
     fn value(&self, gate: T, up: T) -> T {
+        if self.swiglu {
+            return swiglu(gate, up).0;
+        }
         let (x, n) = self.operands(gate, up);
         let c = &self.compiled;
         let y = if c.len() <= STACK_STEPS {
@@ -757,6 +846,10 @@ impl<T: Real> moe::Activation<T> for ExprActivation {
     }
 
     fn grad(&self, gate: T, up: T) -> (T, T) {
+        if self.swiglu {
+            let (_, d_gate, d_up) = swiglu(gate, up);
+            return (d_gate, d_up);
+        }
         let (x, n) = self.operands(gate, up);
         let c = &self.compiled;
         let mut g = [0.0; 2];

@@ -9,6 +9,7 @@
 //! with their train/validation splits, and batching. Execution arrives with the IR and
 //! CPU-runtime work.
 
+pub mod checkpoint;
 pub mod cpu;
 pub mod data;
 pub mod exec;

@@ -9,6 +9,8 @@ use std::collections::HashMap;
 
 use kiln_compiler::ir::{Def, Graph, Init, InputKind, Op, ParamId, Update, ValueId};
 
+use rayon::prelude::*;
+
 use crate::cpu::moe;
 use crate::data::{Batch, Rng};
 use crate::exec::{Buf, ExecError, Executor, Feed};
@@ -72,6 +74,42 @@ pub fn init_params(graph: &Graph, seed: u64) -> Vec<Vec<f32>> {
             }
         })
         .collect()
+}
+
+/// The per-step constants of AdamW.
+struct AdamStep {
+    lr: f64,
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+    /// `1 − β₁ᵗ` and `1 − β₂ᵗ`, the bias corrections.
+    bias1: f64,
+    bias2: f64,
+    /// Factor from global-norm clipping (1 when not clipping).
+    clip: f64,
+}
+
+impl AdamStep {
+    /// AdamW on one tensor: moments from the clipped gradient, then the bias-corrected step
+    /// plus decoupled weight decay `decay · w`.
+    fn apply(&self, w: &mut [f32], m: &mut [f32], v: &mut [f32], grad: &[f32], decay: f64) {
+        const CHUNK: usize = 1 << 14;
+        w.par_chunks_mut(CHUNK)
+            .zip(m.par_chunks_mut(CHUNK))
+            .zip(v.par_chunks_mut(CHUNK))
+            .zip(grad.par_chunks(CHUNK))
+            .for_each(|(((w, m), v), g)| {
+                for i in 0..w.len() {
+                    let gi = f64::from(g[i]) * self.clip;
+                    let mi = self.beta1 * f64::from(m[i]) + (1.0 - self.beta1) * gi;
+                    let vi = self.beta2 * f64::from(v[i]) + (1.0 - self.beta2) * gi * gi;
+                    m[i] = mi as f32;
+                    v[i] = vi as f32;
+                    let step = (mi / self.bias1) / ((vi / self.bias2).sqrt() + self.eps);
+                    w[i] = (f64::from(w[i]) - self.lr * (step + decay * f64::from(w[i]))) as f32;
+                }
+            });
+    }
 }
 
 /// What one optimizer step did.
@@ -201,6 +239,25 @@ impl<'g> Trainer<'g> {
         }
     }
 
+    /// The AdamW moments, in parameter order.
+    pub fn moments(&self) -> (&[Vec<f32>], &[Vec<f32>]) {
+        (&self.m, &self.v)
+    }
+
+    /// Continues from a checkpointed state: step count, parameters and moments.
+    pub fn restore(
+        &mut self,
+        step: u64,
+        params: Vec<Vec<f32>>,
+        m: Vec<Vec<f32>>,
+        v: Vec<Vec<f32>>,
+    ) {
+        self.step = step;
+        self.params = params;
+        self.m = m;
+        self.v = v;
+    }
+
     /// The window length a batch row must have: `seq_len + max_offset - 1` inputs (the batcher
     /// adds the one shifted target).
     pub fn window(&self, seq_len: usize) -> usize {
@@ -222,14 +279,19 @@ impl<'g> Trainer<'g> {
         let scalar = |v: ValueId| f64::from(out[&v].floats()[0]);
         let (loss, main_loss) = (scalar(self.loss), scalar(self.main_loss));
 
-        let mut sq = 0.0f64;
-        for &(_, g) in &self.grads {
-            sq += out[&g]
-                .floats()
-                .iter()
-                .map(|&x| f64::from(x) * f64::from(x))
-                .sum::<f64>();
-        }
+        let sq: f64 = self
+            .grads
+            .par_iter()
+            .map(|&(_, g)| {
+                out[&g]
+                    .floats()
+                    .iter()
+                    .map(|&x| f64::from(x) * f64::from(x))
+                    .sum::<f64>()
+            })
+            .collect::<Vec<f64>>()
+            .iter()
+            .sum();
         let grad_norm = sq.sqrt();
         let clip = match self.config.grad_clip {
             Some(c) if grad_norm > c => c / grad_norm,
@@ -238,30 +300,38 @@ impl<'g> Trainer<'g> {
         let c = &self.config;
         let lr = c.lr_at(self.step);
         let t = (self.step + 1) as i32;
-        let (b1, b2) = (c.beta1, c.beta2);
-        let (bc1, bc2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
-        for &(p, g) in &self.grads {
-            let decay = if self.graph.params[p].update == Update::Decayed {
-                c.weight_decay
-            } else {
-                0.0
-            };
-            let (w, m, v) = (
-                &mut self.params[p.index()],
-                &mut self.m[p.index()],
-                &mut self.v[p.index()],
-            );
-            let grad = out[&g].floats();
-            for i in 0..w.len() {
-                let gi = f64::from(grad[i]) * clip;
-                let mi = b1 * f64::from(m[i]) + (1.0 - b1) * gi;
-                let vi = b2 * f64::from(v[i]) + (1.0 - b2) * gi * gi;
-                m[i] = mi as f32;
-                v[i] = vi as f32;
-                let update = (mi / bc1) / ((vi / bc2).sqrt() + c.eps) + decay * f64::from(w[i]);
-                w[i] = (f64::from(w[i]) - lr * update) as f32;
-            }
-        }
+        let hyper = AdamStep {
+            lr,
+            beta1: c.beta1,
+            beta2: c.beta2,
+            eps: c.eps,
+            bias1: 1.0 - c.beta1.powi(t),
+            bias2: 1.0 - c.beta2.powi(t),
+            clip,
+        };
+        // Parameters are disjoint, so they update in parallel; within one tensor, elements
+        // update in chunks. The result does not depend on the thread count.
+        let graph = self.graph;
+        let grads: HashMap<usize, &[f32]> = self
+            .grads
+            .iter()
+            .map(|&(p, g)| (p.index(), out[&g].floats()))
+            .collect();
+        self.params
+            .par_iter_mut()
+            .zip(self.m.par_iter_mut())
+            .zip(self.v.par_iter_mut())
+            .enumerate()
+            .for_each(|(i, ((w, m), v))| {
+                let Some(grad) = grads.get(&i) else { return };
+                let param = graph.params.iter().nth(i).expect("in range").1;
+                let decay = if param.update == Update::Decayed {
+                    c.weight_decay
+                } else {
+                    0.0
+                };
+                hyper.apply(w, m, v, grad, decay);
+            });
         if c.bias_update > 0.0 {
             for &(bias, experts, e) in &self.routers {
                 if let Buf::U(ids) = &out[&experts] {
