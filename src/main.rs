@@ -16,6 +16,8 @@ use kiln_compiler::lower::lower;
 use kiln_compiler::model::Model;
 use kiln_compiler::report;
 
+mod bench;
+mod sample;
 mod train;
 
 /// The default spec, compiled in so `kiln check` works anywhere.
@@ -98,6 +100,36 @@ enum Command {
         #[arg(long, default_value_t = 8)]
         eval_batches: usize,
     },
+    /// Generate text from a trained run (its spec.toml and checkpoint.safetensors).
+    Sample {
+        /// The run directory `kiln train` wrote.
+        dir: PathBuf,
+        /// Text to continue (byte-level).
+        #[arg(long, default_value = "")]
+        prompt: String,
+        /// Tokens to generate.
+        #[arg(long, default_value_t = 200)]
+        max_tokens: usize,
+        /// Softmax temperature; 0 takes the most likely token.
+        #[arg(long, default_value_t = 0.8)]
+        temperature: f64,
+        /// Sample among the k most likely tokens; 0 for all.
+        #[arg(long, default_value_t = 40)]
+        top_k: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// Time training steps of a spec and compare the achieved GFLOP/s with a single large
+    /// f32 GEMM measured in the same run.
+    Bench {
+        /// The spec [default: the built-in specs/tiny.toml].
+        spec: Option<PathBuf>,
+        /// Timed steps (after two warm-up steps); the median is reported.
+        #[arg(long, default_value_t = 10)]
+        steps: u64,
+        #[arg(long)]
+        json: bool,
+    },
     /// Print what kiln compiles a spec to.
     Emit {
         #[command(subcommand)]
@@ -145,6 +177,28 @@ fn main() -> ExitCode {
         Command::Emit {
             what: Emit::Ir { spec },
         } => cmd_emit_ir(spec, color),
+        Command::Sample {
+            dir,
+            prompt,
+            max_tokens,
+            temperature,
+            top_k,
+            seed,
+        } => sample::run(sample::Args {
+            dir,
+            prompt,
+            max_tokens,
+            temperature,
+            top_k,
+            seed,
+            color,
+        }),
+        Command::Bench { spec, steps, json } => bench::run(bench::Args {
+            spec,
+            steps,
+            json,
+            color,
+        }),
         Command::Train {
             spec,
             data,

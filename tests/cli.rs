@@ -317,3 +317,59 @@ fn resume_continues_bit_identically_and_damaged_checkpoints_are_refused() {
     );
     std::fs::remove_dir_all(&base).ok();
 }
+
+#[test]
+fn sample_and_bench_run_on_a_trained_micro_model() {
+    let dir = std::env::temp_dir().join(format!("kiln-sample-{}", std::process::id()));
+    let o = kiln(&[
+        "train",
+        "tests/specs/micro.toml",
+        "--steps",
+        "5",
+        "--out",
+        dir.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let o = kiln(&[
+        "sample",
+        dir.to_str().unwrap(),
+        "--prompt",
+        "Q: 1+1=? A:",
+        "--max-tokens",
+        "12",
+        "--seed",
+        "3",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let text = stdout(&o);
+    assert!(text.starts_with("Q: 1+1=? A:"), "{text}");
+    assert!(text.trim_end().len() >= "Q: 1+1=? A:".len(), "{text}");
+    // Greedy sampling is deterministic.
+    let greedy = |_: ()| {
+        stdout(&kiln(&[
+            "sample",
+            dir.to_str().unwrap(),
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "8",
+        ]))
+    };
+    assert_eq!(greedy(()), greedy(()));
+    // A run directory without a checkpoint is a clear error.
+    let o = kiln(&["sample", "tests", "--max-tokens", "1"]);
+    assert_eq!(o.status.code(), Some(1));
+
+    let o = kiln(&["bench", "tests/specs/micro.toml", "--steps", "2", "--json"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    for key in [
+        "tokens_per_s",
+        "achieved_gflops",
+        "gemm_gflops",
+        "fraction_of_gemm",
+    ] {
+        assert!(v[key].as_f64().unwrap() > 0.0, "{key}: {v}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -1,0 +1,113 @@
+//! `kiln bench`: the speed of one training step beside the machine's single-GEMM rate,
+//! measured in the same run, as docs/perf.md quotes them.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use kiln_compiler::analyze::analyze;
+use kiln_compiler::autodiff::differentiate;
+use kiln_compiler::lower::lower;
+use kiln_runtime::cpu::dense::matmul;
+use kiln_runtime::data::{builtin_corpus, byte_tokens, Batcher};
+use kiln_runtime::train::{init_params, max_token_offset, TrainConfig, Trainer};
+
+use crate::{load, Failure};
+
+pub(crate) struct Args {
+    pub spec: Option<PathBuf>,
+    pub steps: u64,
+    pub json: bool,
+    pub color: bool,
+}
+
+fn other(msg: impl Into<String>) -> Failure {
+    Failure::Other(msg.into())
+}
+
+/// GFLOP/s of an f32 `n × n × n` matrix product: the best of `reps` runs.
+fn gemm_rate(n: usize, reps: usize) -> f64 {
+    let a: Vec<f32> = (0..n * n).map(|i| ((i % 17) as f32 - 8.0) / 8.0).collect();
+    let b = a.clone();
+    let mut c = vec![0.0f32; n * n];
+    let mut best = f64::MAX;
+    for _ in 0..reps {
+        let t = Instant::now();
+        matmul(n, n, n, &a, false, &b, false, &mut c, false);
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    2.0 * (n * n * n) as f64 / best / 1e9
+}
+
+pub(crate) fn run(args: Args) -> Result<(), Failure> {
+    let (name, model) = load(args.spec.as_ref(), &mut Vec::new(), args.color)?;
+    let report = analyze(&model);
+    let forward = lower(&model).map_err(|e| other(format!("internal error: {e}")))?;
+    let full = differentiate(&forward, forward.output("loss").expect("a loss"))
+        .map_err(|e| other(format!("internal error: {e}")))?;
+    let (b, t) = (model.train.batch as usize, model.train.seq_len as usize);
+    let window = t + max_token_offset(&forward) as usize - 1;
+    let tokens = byte_tokens(&builtin_corpus(0, 1 << 20))
+        .into_iter()
+        .map(|x| x % model.vocab as u32)
+        .collect::<Vec<_>>();
+    let mut batcher = Batcher::new(tokens, b, window, 0).map_err(|e| other(e.to_string()))?;
+    let config = TrainConfig {
+        steps: args.steps + 2,
+        lr: 1e-4,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.1,
+        warmup: 0,
+        cosine: false,
+        min_lr: 0.0,
+        grad_clip: Some(1.0),
+        bias_update: 0.0,
+        seed: 0,
+    };
+    let mut trainer = Trainer::new(&full, config, init_params(&forward, 0));
+    let ceiling = gemm_rate(1024, 5);
+    // Warm up, then time each step; report the median.
+    for _ in 0..2 {
+        trainer
+            .step(&batcher.next_batch(), t)
+            .map_err(|e| other(e.to_string()))?;
+    }
+    let mut times = Vec::new();
+    for _ in 0..args.steps.max(1) {
+        let batch = batcher.next_batch();
+        let start = Instant::now();
+        trainer.step(&batch, t).map_err(|e| other(e.to_string()))?;
+        times.push(start.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    let tokens = (b * t) as f64;
+    let flops = report.flops.train_per_step as f64;
+    let achieved = flops / median / 1e9;
+    let threads = rayon::current_num_threads();
+    if args.json {
+        crate::out(&format!(
+            "{{\"spec\":{:?},\"threads\":{threads},\"batch\":{b},\"seq_len\":{t},\"step_s\":{median:.5},\"tokens_per_s\":{:.1},\"train_gflop_per_step\":{:.3},\"achieved_gflops\":{achieved:.1},\"gemm_gflops\":{ceiling:.1},\"fraction_of_gemm\":{:.3}}}\n",
+            name,
+            tokens / median,
+            flops / 1e9,
+            achieved / ceiling
+        ));
+    } else {
+        crate::out(&format!(
+            "{} ({name}), batch {b} × {t} tokens, {threads} threads, median of {} steps\n  \
+             step            {:>10.1} ms\n  tokens/s        {:>10.0}\n  achieved        {:>10.1} GFLOP/s ({:.3} GFLOP per step by the analyzer's count)\n  \
+             single GEMM     {:>10.1} GFLOP/s (f32 1024³, same run)\n  fraction        {:>10.1} % of the GEMM rate\n",
+            model.name,
+            times.len(),
+            median * 1e3,
+            tokens / median,
+            achieved,
+            flops / 1e9,
+            ceiling,
+            100.0 * achieved / ceiling
+        ));
+    }
+    Ok(())
+}
