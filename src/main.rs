@@ -153,7 +153,17 @@ enum Emit {
     Ir {
         /// The spec [default: the built-in specs/tiny.toml].
         spec: Option<PathBuf>,
+        /// The pass whose output to print: `lower` (the forward graph) or `autodiff` (forward
+        /// and backward, with one `grad.<param>` output per trainable parameter).
+        #[arg(long, value_enum, default_value_t = Pass::Lower)]
+        after: Pass,
     },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Pass {
+    Lower,
+    Autodiff,
 }
 
 /// Why a command failed, mapped to the exit code.
@@ -175,8 +185,8 @@ fn main() -> ExitCode {
         Command::Check { spec, json } => cmd_check(spec, json, color),
         Command::Diff { a, b, json } => cmd_diff(&a, &b, json, color),
         Command::Emit {
-            what: Emit::Ir { spec },
-        } => cmd_emit_ir(spec, color),
+            what: Emit::Ir { spec, after },
+        } => cmd_emit_ir(spec, after, color),
         Command::Sample {
             dir,
             prompt,
@@ -313,14 +323,19 @@ fn cmd_check(spec: Option<PathBuf>, json: bool, color: bool) -> Result<(), Failu
     Ok(())
 }
 
-fn cmd_emit_ir(spec: Option<PathBuf>, color: bool) -> Result<(), Failure> {
+fn cmd_emit_ir(spec: Option<PathBuf>, after: Pass, color: bool) -> Result<(), Failure> {
     let (_, model) = load(spec.as_ref(), &mut Vec::new(), color)?;
-    let graph =
-        lower(&model).map_err(|e| Failure::Other(format!("internal error while lowering: {e}")))?;
+    let internal =
+        |e: kiln_compiler::ir::ShapeError| Failure::Other(format!("internal error: {e}"));
+    let mut graph = lower(&model).map_err(internal)?;
+    if after == Pass::Autodiff {
+        let loss = graph.output("loss").expect("lowering names the loss");
+        graph = kiln_compiler::autodiff::differentiate(&graph, loss).map_err(internal)?;
+    }
     if let Err(errors) = verify(&graph) {
         let list: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
         return Err(Failure::Other(format!(
-            "internal error: the lowered graph does not verify:\n{}",
+            "internal error: the graph does not verify:\n{}",
             list.join("\n")
         )));
     }
