@@ -77,6 +77,11 @@ pub struct Executor<'g> {
     known: HashMap<usize, Known>,
     /// RoPE tables by (theta, yarn, seq, dim) of each rope node, by node index.
     rope_key: HashMap<usize, (usize, usize)>,
+    /// For each `experts_grad` node, the `experts` node it differentiates; its routed
+    /// activations are kept from the forward pass instead of being recomputed.
+    experts_forward: HashMap<usize, usize>,
+    /// The `experts` nodes some `experts_grad` node reads saved activations from.
+    experts_backward: std::collections::HashSet<usize>,
 }
 
 impl<'g> Executor<'g> {
@@ -111,12 +116,28 @@ impl<'g> Executor<'g> {
                 _ => {}
             }
         }
+        let mut experts_forward = HashMap::new();
+        for (id, node) in graph.nodes.iter() {
+            if let Op::ExpertsGrad { .. } = node.op {
+                let operands = &node.inputs[..node.inputs.len() - 1];
+                let fwd = graph
+                    .nodes
+                    .iter()
+                    .find(|(_, n)| matches!(n.op, Op::Experts { .. }) && n.inputs == operands);
+                if let Some((f, _)) = fwd {
+                    experts_forward.insert(id.index(), f.index());
+                }
+            }
+        }
+        let experts_backward = experts_forward.values().copied().collect();
         Executor {
             graph,
             last_use,
             compiled,
             known,
             rope_key,
+            experts_forward,
+            experts_backward,
         }
     }
 
@@ -177,9 +198,22 @@ impl<'g> Executor<'g> {
             }
         }
         let mut tables: HashMap<(usize, usize), RopeTables<T>> = HashMap::new();
+        // What each expert FFN's forward saved for its backward, by forward node.
+        let mut saved_experts: HashMap<usize, moe::ExpertsSaved<T>> = HashMap::new();
         for (id, node) in g.nodes.iter() {
             let started = std::time::Instant::now();
-            let results = self.node(id.index(), node, &slots, &mut tables)?;
+            // A reshape of a value nothing reads afterwards moves its buffer instead of
+            // copying it (row-major data does not change).
+            if let (Op::Reshape { .. }, [x]) = (&node.op, node.inputs.as_slice()) {
+                if self.last_use[x.index()] == id.index() {
+                    slots[node.outputs[0].index()] = slots[x.index()].take();
+                    if let Some(p) = profile.as_deref_mut() {
+                        *p.entry(node.op.name()).or_default() += started.elapsed();
+                    }
+                    continue;
+                }
+            }
+            let results = self.node(id.index(), node, &slots, &mut tables, &mut saved_experts)?;
             if let Some(p) = profile.as_deref_mut() {
                 *p.entry(node.op.name()).or_default() += started.elapsed();
             }
@@ -212,6 +246,7 @@ impl<'g> Executor<'g> {
         node: &Node,
         slots: &[Option<Buf<T>>],
         tables: &mut HashMap<(usize, usize), RopeTables<T>>,
+        saved_experts: &mut HashMap<usize, moe::ExpertsSaved<T>>,
     ) -> Result<Vec<Buf<T>>, ExecError> {
         let g = self.graph;
         let arg = |i: usize| {
@@ -514,23 +549,39 @@ impl<'g> Executor<'g> {
                 let act = ExprActivation::new(act, *gated);
                 let w_gate = gated.then(|| arg(3).floats());
                 let (w_up, w_down) = (arg(up_at).floats(), arg(up_at + 1).floats());
-                let (y, saved) = moe::experts_fwd(
-                    arg(0).floats(),
-                    x[0],
-                    x[1],
-                    arg(1).floats(),
-                    experts,
-                    k,
-                    w_gate,
-                    w_up,
-                    w_down,
-                    e,
-                    h,
-                    &act,
-                );
+                let forward = || {
+                    let (y, saved) = moe::experts_fwd(
+                        arg(0).floats(),
+                        x[0],
+                        x[1],
+                        arg(1).floats(),
+                        experts,
+                        k,
+                        w_gate,
+                        w_up,
+                        w_down,
+                        e,
+                        h,
+                        &act,
+                    );
+                    (y, saved)
+                };
                 if matches!(node.op, Op::Experts { .. }) {
+                    let (y, saved) = forward();
+                    // Keep the routed activations for the backward pass if one follows.
+                    if self.experts_backward.contains(&index) {
+                        saved_experts.insert(index, saved);
+                    }
                     vec![f(y)]
                 } else {
+                    let saved = match self
+                        .experts_forward
+                        .get(&index)
+                        .and_then(|i| saved_experts.remove(i))
+                    {
+                        Some(s) => s,
+                        None => forward().1,
+                    };
                     let dy = arg(up_at + 2).floats();
                     let r = moe::experts_bwd(
                         arg(0).floats(),
