@@ -164,6 +164,9 @@ enum Emit {
 enum Pass {
     Lower,
     Autodiff,
+    /// The forward and backward graph, then its memory plan: every intermediate's arena
+    /// offset and lifetime, and the planned peak beside the analyzer's estimate.
+    Plan,
 }
 
 /// Why a command failed, mapped to the exit code.
@@ -328,7 +331,7 @@ fn cmd_emit_ir(spec: Option<PathBuf>, after: Pass, color: bool) -> Result<(), Fa
     let internal =
         |e: kiln_compiler::ir::ShapeError| Failure::Other(format!("internal error: {e}"));
     let mut graph = lower(&model).map_err(internal)?;
-    if after == Pass::Autodiff {
+    if after != Pass::Lower {
         let loss = graph.output("loss").expect("lowering names the loss");
         graph = kiln_compiler::autodiff::differentiate(&graph, loss).map_err(internal)?;
     }
@@ -340,6 +343,30 @@ fn cmd_emit_ir(spec: Option<PathBuf>, after: Pass, color: bool) -> Result<(), Fa
         )));
     }
     out(&graph.to_string());
+    if after == Pass::Plan {
+        let keep: Vec<_> = graph.outputs.iter().map(|&(_, v)| v).collect();
+        let plan = kiln_compiler::plan::plan(&graph, &keep);
+        let mut text = String::from("plan\n");
+        for (v, off) in plan.offsets.iter().enumerate() {
+            if let (Some(off), Some((first, last))) = (off, plan.lifetimes[v]) {
+                text.push_str(&format!(
+                    "  %{v}: {} bytes at {off}, nodes {first}..={last}\n",
+                    plan.sizes[v]
+                ));
+            }
+        }
+        let report = kiln_compiler::analyze::analyze(&model);
+        text.push_str(&format!(
+            "planned peak of intermediates: {} ({} bytes; {} without reuse)\n\
+             analyzer's activation estimate: {} ({} bytes; stored formats, saved tensors only)\n",
+            report::bytes_h(u128::from(plan.peak_bytes)),
+            plan.peak_bytes,
+            report::bytes_h(u128::from(plan.total_bytes)),
+            report::bytes_h(report.memory.activations_bytes),
+            report.memory.activations_bytes
+        ));
+        out(&text);
+    }
     Ok(())
 }
 

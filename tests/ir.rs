@@ -203,3 +203,29 @@ fn backward_snapshot_of_tiny() {
     let full = differentiate(&fwd, fwd.output("loss").unwrap()).unwrap();
     insta::assert_snapshot!("ir-tiny-backward", full.to_string());
 }
+
+#[test]
+fn the_memory_plan_reuses_buffers_without_overlap() {
+    use kiln_compiler::autodiff::differentiate;
+    use kiln_compiler::plan::plan;
+    for name in ["tiny.toml", "gpt2-124m.toml"] {
+        let fwd = lowered(name);
+        let full = differentiate(&fwd, fwd.output("loss").unwrap()).unwrap();
+        let keep: Vec<_> = full.outputs.iter().map(|&(_, v)| v).collect();
+        let p = plan(&full, &keep);
+        p.check().unwrap_or_else(|e| panic!("{name}: {e}"));
+        let largest = p
+            .sizes
+            .iter()
+            .zip(&p.offsets)
+            .filter(|(_, o)| o.is_some())
+            .map(|(s, _)| *s)
+            .max()
+            .unwrap();
+        assert!(p.peak_bytes >= largest, "{name}");
+        assert!(
+            p.peak_bytes * 2 < p.total_bytes,
+            "{name}: reuse should at least halve the arena"
+        );
+    }
+}

@@ -9,4 +9,5 @@ pub mod ir;
 pub mod lower;
 pub mod model;
 pub mod ops;
+pub mod plan;
 pub mod report;
