@@ -202,7 +202,7 @@ fn train_lowers_the_loss_on_the_builtin_corpus() {
         assert!(rows[5].get(key).is_some(), "metrics lack {key}");
     }
     assert!(
-        stdout(&o).contains("trained micro for 40 steps"),
+        stdout(&o).contains("trained micro to step 40 of 40"),
         "{}",
         stdout(&o)
     );
