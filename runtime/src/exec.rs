@@ -227,14 +227,9 @@ impl<'g> Executor<'g> {
             }
         }
         let mut out = HashMap::new();
-        for (v, slot) in slots.into_iter().enumerate() {
-            if self.last_use[v] == usize::MAX {
-                if let Some(buf) = slot {
-                    out.insert(
-                        g.values.iter().nth(v).map(|(h, _)| h).expect("in range"),
-                        buf,
-                    );
-                }
+        for ((v, _), slot) in g.values.iter().zip(slots) {
+            if let (usize::MAX, Some(buf)) = (self.last_use[v.index()], slot) {
+                out.insert(v, buf);
             }
         }
         Ok(out)
