@@ -32,6 +32,9 @@ fn other(msg: impl Into<String>) -> Failure {
     Failure::Other(msg.into())
 }
 
+/// Consecutive non-finite steps `train.skip_nonfinite` tolerates before giving up.
+const MAX_SKIPPED: u32 = 100;
+
 /// Share of the data held out for validation.
 const VAL_FRACTION: f64 = 0.1;
 
@@ -202,14 +205,15 @@ pub(crate) fn run(args: Args) -> Result<(), Failure> {
     let mut last_main = f64::NAN;
     let mut last_val = f64::NAN;
     let mut saved_at: Option<u64> = None;
+    let mut skipped = 0u32;
     let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let tokens_per_step = (b * t) as f64;
     let stop = args.stop_after.map_or(steps, |n| (first + n).min(steps));
     while trainer.step < stop {
         let batch = batcher.next_batch();
         let s = trainer.step(&batch, t).map_err(|e| other(e.to_string()))?;
-        let done = trainer.step;
-        if !s.loss.is_finite() {
+        if s.skipped {
+            let at = trainer.step + 1;
             let newest = match saved_at {
                 Some(at) => format!(
                     "the newest good checkpoint is {} (step {at})",
@@ -217,12 +221,28 @@ pub(crate) fn run(args: Args) -> Result<(), Failure> {
                 ),
                 None => "no checkpoint was written yet".to_string(),
             };
-            return Err(other(format!(
-                "the loss became {} at step {done}; the last finite loss was {last_finite:.4}; {newest}. \
-                 Lower train.lr or raise train.warmup",
-                s.loss
-            )));
+            if !model.train.skip_nonfinite {
+                return Err(other(format!(
+                    "the loss became {} (gradient norm {}) at step {at}; the last finite loss was \
+                     {last_finite:.4}; {newest}. Lower train.lr, raise train.warmup, or set \
+                     train.skip_nonfinite = true to skip such steps",
+                    s.loss, s.grad_norm
+                )));
+            }
+            skipped += 1;
+            if skipped > MAX_SKIPPED {
+                return Err(other(format!(
+                    "{skipped} consecutive steps had a non-finite loss (at step {at}); {newest}"
+                )));
+            }
+            eprintln!(
+                "\nskipping step {at}: the loss is {} (gradient norm {})",
+                s.loss, s.grad_norm
+            );
+            continue;
         }
+        skipped = 0;
+        let done = trainer.step;
         last_finite = s.loss;
         last_main = s.main_loss;
         let elapsed = start.elapsed().as_secs_f64();

@@ -461,6 +461,8 @@ pub struct Train {
     pub schedule: Schedule,
     /// Clip the global gradient norm to this value; `None` disables clipping.
     pub grad_clip: Option<f64>,
+    /// Skip an optimizer step whose loss or gradient is not finite (instead of stopping).
+    pub skip_nonfinite: bool,
     pub data: DataSource,
 }
 
@@ -668,6 +670,7 @@ impl Model {
         put("train.warmup", t.schedule.warmup.to_string());
         put("train.min_lr", f(t.schedule.min_lr));
         put("train.grad_clip", f(t.grad_clip.unwrap_or(0.0)));
+        put("train.skip_nonfinite", t.skip_nonfinite.to_string());
         let data = match &t.data {
             DataSource::Builtin => "builtin",
             DataSource::Path(p) => p,

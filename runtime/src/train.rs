@@ -119,6 +119,9 @@ pub struct StepStats {
     pub main_loss: f64,
     pub grad_norm: f64,
     pub lr: f64,
+    /// The loss or the gradient norm was not finite, so nothing was updated (the step
+    /// counter included); the caller decides whether to go on.
+    pub skipped: bool,
 }
 
 /// A training run's state: parameters, AdamW moments and the step counter.
@@ -293,6 +296,15 @@ impl<'g> Trainer<'g> {
             .iter()
             .sum();
         let grad_norm = sq.sqrt();
+        if !(loss.is_finite() && grad_norm.is_finite()) {
+            return Ok(StepStats {
+                loss,
+                main_loss,
+                grad_norm,
+                lr: self.config.lr_at(self.step),
+                skipped: true,
+            });
+        }
         let clip = match self.config.grad_clip {
             Some(c) if grad_norm > c => c / grad_norm,
             _ => 1.0,
@@ -346,6 +358,7 @@ impl<'g> Trainer<'g> {
             main_loss,
             grad_norm,
             lr,
+            skipped: false,
         })
     }
 }

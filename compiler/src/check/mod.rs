@@ -117,6 +117,7 @@ const TRAIN_KEYS: &[&str] = &[
     "warmup",
     "min_lr",
     "grad_clip",
+    "skip_nonfinite",
     "data",
 ];
 

@@ -706,6 +706,7 @@ impl<'a, 't> Checker<'a, 't> {
         );
         let warmup = s.int_or("warmup", 0..=1 << 40, 0);
         let min_lr = s.float_or("min_lr", |x| x >= 0.0, "at least 0", 0.0);
+        let skip = s.boolean_or("skip_nonfinite", false);
         let clip = match s.float(
             "grad_clip",
             |x| x >= 0.0,
@@ -768,6 +769,7 @@ impl<'a, 't> Checker<'a, 't> {
                 min_lr: min_lr?,
             },
             grad_clip: clip?,
+            skip_nonfinite: skip?,
             data: data?,
         })
     }

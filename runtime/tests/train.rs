@@ -1,0 +1,65 @@
+//! The trainer refuses to apply a non-finite step, and its schedule follows the spec.
+
+use kiln_compiler::autodiff::differentiate;
+use kiln_compiler::check::check_str;
+use kiln_compiler::lower::lower;
+use kiln_runtime::data::{builtin_corpus, byte_tokens, Batcher};
+use kiln_runtime::train::{init_params, max_token_offset, TrainConfig, Trainer};
+
+const SPEC: &str = include_str!("../../tests/specs/micro.toml");
+
+fn config() -> TrainConfig {
+    TrainConfig {
+        steps: 100,
+        lr: 1e-3,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.1,
+        warmup: 10,
+        cosine: true,
+        min_lr: 1e-4,
+        grad_clip: Some(1.0),
+        bias_update: 0.001,
+        seed: 0,
+    }
+}
+
+#[test]
+fn a_non_finite_step_changes_nothing() {
+    let model = check_str(SPEC).unwrap();
+    let fwd = lower(&model).unwrap();
+    let full = differentiate(&fwd, fwd.output("loss").unwrap()).unwrap();
+    let (b, t) = (model.train.batch as usize, model.train.seq_len as usize);
+    let window = t + max_token_offset(&fwd) as usize - 1;
+    let tokens: Vec<u32> = byte_tokens(&builtin_corpus(0, 1 << 16))
+        .into_iter()
+        .map(|x| x % 128)
+        .collect();
+    let mut batcher = Batcher::new(tokens, b, window, 0).unwrap();
+    let mut params = init_params(&fwd, 0);
+    // The first norm weight: every token reads it.
+    params[1][0] = f32::NAN;
+    let mut trainer = Trainer::new(&full, config(), params.clone());
+    let s = trainer.step(&batcher.next_batch(), t).unwrap();
+    assert!(s.skipped, "a NaN parameter gives a NaN loss: {s:?}");
+    assert_eq!(trainer.step, 0, "a skipped step is not counted");
+    let unchanged = trainer
+        .params
+        .iter()
+        .zip(&params)
+        .all(|(a, b)| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()));
+    assert!(unchanged, "a skipped step updates nothing");
+}
+
+#[test]
+fn the_schedule_warms_up_then_decays_to_min_lr() {
+    let c = config();
+    assert!((c.lr_at(0) - 1e-4).abs() < 1e-12);
+    assert!((c.lr_at(9) - 1e-3).abs() < 1e-12);
+    assert!((c.lr_at(10) - 1e-3).abs() < 1e-12);
+    assert!(c.lr_at(55) < 1e-3 && c.lr_at(55) > 1e-4);
+    assert!((c.lr_at(100) - 1e-4).abs() < 1e-12);
+    let constant = TrainConfig { cosine: false, ..c };
+    assert_eq!(constant.lr_at(80), 1e-3);
+}
