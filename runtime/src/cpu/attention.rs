@@ -11,10 +11,15 @@ use rayon::prelude::*;
 
 use super::Real;
 
-/// Query rows per tile of the attention forward.
-const BLOCK_Q: usize = 64;
-/// Keys per block of the attention forward and backward.
-const BLOCK_K: usize = 64;
+/// Query rows per tile of the attention forward and backward. Tall tiles amortize the packing
+/// of each key/value block over many rows of the tile products.
+const BLOCK_Q: usize = 128;
+/// Keys per block of the attention forward and backward. Narrow blocks waste little work on
+/// the masked half of the blocks on the diagonal.
+const BLOCK_K: usize = 32;
+/// Key blocks per span of the attention forward's online softmax: the running maximum and sum
+/// of a row are updated once per span of `SPAN_BLOCKS · BLOCK_K` keys.
+const SPAN_BLOCKS: usize = 8;
 
 /// YaRN context-extension parameters (HF `rope_scaling` with `type = "yarn"`), as plain values.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -321,12 +326,163 @@ fn dot<T: Real>(a: &[T], b: &[T]) -> T {
         + tail
 }
 
-/// `y += a · x` over two equally long slices.
-fn axpy<T: Real>(y: &mut [T], a: T, x: &[T]) {
-    debug_assert_eq!(y.len(), x.len());
-    for (yi, &xi) in y.iter_mut().zip(x) {
-        *yi += a * xi;
+/// The sum of a slice, over eight lanes in a fixed order so that it vectorizes and stays
+/// deterministic.
+fn lane_sum<T: Real>(x: &[T]) -> T {
+    let mut lanes = [T::ZERO; 8];
+    let x8 = x.chunks_exact(8);
+    let mut tail = T::ZERO;
+    for &y in x8.remainder() {
+        tail += y;
     }
+    for y in x8 {
+        for l in 0..8 {
+            lanes[l] += y[l];
+        }
+    }
+    ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3]))
+        + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]))
+        + tail
+}
+
+/// The largest element of a slice (−∞ for an empty one), over eight lanes so that it
+/// vectorizes; a maximum is exact, so the order does not change it. Like `max`, it skips NaNs.
+fn lane_max<T: Real>(x: &[T]) -> T {
+    let mut lanes = [T::NEG_INFINITY; 8];
+    let x8 = x.chunks_exact(8);
+    let mut tail = T::NEG_INFINITY;
+    for &y in x8.remainder() {
+        tail = tail.max(y);
+    }
+    for y in x8 {
+        for l in 0..8 {
+            if y[l] > lanes[l] {
+                lanes[l] = y[l];
+            }
+        }
+    }
+    lanes.iter().fold(tail, |a, &y| a.max(y))
+}
+
+/// A read-only matrix inside a slice: element `(r, c)` is `data[offset + r · rs + c · cs]`.
+/// The strides let a tile product read the rows of one head straight out of a `[b, t, h, d]`
+/// tensor, and read a stored matrix transposed by swapping them.
+#[derive(Clone, Copy)]
+struct View<'a, T> {
+    data: &'a [T],
+    offset: usize,
+    rs: usize,
+    cs: usize,
+}
+
+impl<'a, T> View<'a, T> {
+    /// The rows of `data` from `offset` on, `rs` elements apart, each stored contiguously.
+    fn rows(data: &'a [T], offset: usize, rs: usize) -> Self {
+        View {
+            data,
+            offset,
+            rs,
+            cs: 1,
+        }
+    }
+
+    /// The same elements read as the transposed matrix.
+    fn t(self) -> Self {
+        View {
+            rs: self.cs,
+            cs: self.rs,
+            ..self
+        }
+    }
+
+    /// Panics unless every element of a `rows × cols` matrix (both positive) lies in the slice,
+    /// which is what makes handing the view's pointer to `gemm` sound.
+    fn check(&self, rows: usize, cols: usize) {
+        let last = self.offset + (rows - 1) * self.rs + (cols - 1) * self.cs;
+        assert!(
+            last < self.data.len(),
+            "attention: a {rows}×{cols} tile reaches past its operand"
+        );
+    }
+}
+
+/// `c[m, n] = (accumulate ? c : 0) + alpha · a[m, k] · b[k, n]`, with `c` row-major of row
+/// stride `ldc`, on the calling thread.
+///
+/// The attention kernels parallelize over (batch, head, block) tasks themselves, so their tile
+/// products run serially (`gemm::Parallelism::None`): nesting rayon-parallel products inside
+/// rayon tasks would oversubscribe the workers, and a serial product's arithmetic depends only
+/// on its shape, which keeps the results independent of the thread count.
+#[allow(clippy::too_many_arguments)]
+fn gemm_serial<T: Real>(
+    m: usize,
+    n: usize,
+    k: usize,
+    c: &mut [T],
+    ldc: usize,
+    accumulate: bool,
+    a: View<'_, T>,
+    b: View<'_, T>,
+    alpha: T,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(
+        n <= ldc && (m - 1) * ldc + n <= c.len(),
+        "attention: a {m}×{n} tile does not fit its output"
+    );
+    if k == 0 {
+        if !accumulate {
+            for row in c.chunks_mut(ldc).take(m) {
+                row[..n].fill(T::ZERO);
+            }
+        }
+        return;
+    }
+    a.check(m, k);
+    b.check(k, n);
+    // SAFETY: the checks above keep every element the strides address inside its slice, `c`
+    // does not alias `a` or `b` (it is borrowed mutably while they are borrowed shared), and
+    // `T` is f32 or f64, which `gemm` supports. `gemm` computes
+    // `dst = alpha · dst + beta · lhs · rhs`, reading `dst` only when asked to.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            ldc as isize,
+            accumulate,
+            a.data.as_ptr().add(a.offset),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr().add(b.offset),
+            b.cs as isize,
+            b.rs as isize,
+            T::ONE,
+            alpha,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// Splits `x` into `b` equally long consecutive parts, one per batch element; unlike
+/// `chunks_mut`, this also works when the parts are empty.
+fn split_batches<T>(x: &mut [T], b: usize) -> Vec<&mut [T]> {
+    let len = x.len() / b;
+    let mut parts = Vec::with_capacity(b);
+    let mut rest = x;
+    for _ in 0..b {
+        let (part, tail) = rest.split_at_mut(len);
+        parts.push(part);
+        rest = tail;
+    }
+    parts
 }
 
 /// Causal attention forward: `q: [b, t, h, dk]`, `k: [b, t, hk, dk]`, `v: [b, t, hk, dv]` →
@@ -334,10 +490,13 @@ fn axpy<T: Real>(y: &mut [T], a: T, x: &[T]) {
 /// query head `hh` reading key/value head `hh / (h / hk)`, and `lse_i` the log-sum-exp of the
 /// scaled scores of query `i` (which the backward needs).
 ///
-/// Tiled: each task takes 64 query rows of one (batch, head) and walks the keys in blocks of
-/// 64 with an online softmax (a running maximum and sum per row, the accumulator rescaled when
-/// the maximum grows), so it holds one block of scores per row at a time. Tasks run on rayon
-/// and each computes in a fixed order, so the result does not depend on the thread count.
+/// Tiled: each task takes `BLOCK_Q` (128) query rows of one (batch, head) and walks the keys
+/// in spans of `SPAN_BLOCKS · BLOCK_K` (256) with an online softmax (a running maximum and sum
+/// per row, the accumulator rescaled when the maximum grows), so it holds one span of scores
+/// per row at a time. A span's scores and its contribution to the output are tile products on
+/// `gemm`, one per key block of `BLOCK_K` (32), each skipping the rows before its first key.
+/// Tasks run on rayon and each computes in a fixed order with serial products, so the result
+/// does not depend on the thread count.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_fwd<T: Real>(
     q: &[T],
@@ -374,7 +533,12 @@ fn fwd_tiled<T: Real>(
 ) -> (Vec<T>, Vec<T>) {
     dims.debug_check(q, k, v);
     let Dims {
-        b, t, h, dk, dv, ..
+        b,
+        t,
+        h,
+        hk,
+        dk,
+        dv,
     } = dims;
     let mut o = vec![T::ZERO; b * t * h * dv];
     let mut lse = vec![T::ZERO; b * h * t];
@@ -397,36 +561,90 @@ fn fwd_tiled<T: Real>(
             let mut acc = vec![T::ZERO; rows * dv];
             let mut max = vec![T::NEG_INFINITY; rows];
             let mut sum = vec![T::ZERO; rows];
-            let mut scores = vec![T::ZERO; bk];
+            // The scores of one span of `width` keys (`SPAN_BLOCKS` key blocks) for every row,
+            // overwritten in place by their probabilities. The online softmax steps once per
+            // span, so its per-row work (maximum, rescaling, sum) is spread over many keys,
+            // while the products still go block by block and skip the rows that precede a
+            // block's first key.
+            let width = bk * SPAN_BLOCKS;
+            let mut scores = vec![T::ZERO; rows * width.min(i1)];
             // Causality: the tile's last query sees keys up to `i1 − 1`.
-            for j0 in (0..i1).step_by(bk) {
-                let j1 = (j0 + bk).min(i1);
-                // Rows before the block's first key see none of it.
-                for i in i0.max(j0)..i1 {
-                    let r = i - i0;
-                    let n = j1.min(i + 1) - j0;
-                    let qi = &q[dims.q_row(bi, i, hh, dk)..][..dk];
-                    let mut block_max = T::NEG_INFINITY;
-                    for (jj, s) in scores[..n].iter_mut().enumerate() {
-                        let kj = &k[dims.kv_row(bi, j0 + jj, kvh, dk)..][..dk];
-                        *s = scale * dot(qi, kj);
-                        block_max = block_max.max(*s);
+            for w0 in (0..i1).step_by(width) {
+                let w1 = (w0 + width).min(i1);
+                let span = w1 - w0;
+                // Row `r0` is the first that sees key `j0`: rows before it see none of the
+                // block, so the block's products start there.
+                let first_row = |j0: usize| j0.saturating_sub(i0);
+                for j0 in (w0..w1).step_by(bk) {
+                    let j1 = (j0 + bk).min(w1);
+                    let r0 = first_row(j0);
+                    // `scores[r, j − w0] = scale · q_{i0+r} · k_j` for the block's keys `j`.
+                    gemm_serial(
+                        rows - r0,
+                        j1 - j0,
+                        dk,
+                        &mut scores[r0 * span + (j0 - w0)..],
+                        span,
+                        false,
+                        View::rows(q, dims.q_row(bi, i0 + r0, hh, dk), h * dk),
+                        View::rows(k, dims.kv_row(bi, j0, kvh, dk), hk * dk).t(),
+                        scale,
+                    );
+                }
+                // Rows before the span's first key see none of it.
+                for (r, s_row) in scores
+                    .chunks_exact_mut(span)
+                    .enumerate()
+                    .take(rows)
+                    .skip(first_row(w0))
+                {
+                    // Row `i` sees the span's keys up to `i`; the rest are its future (and
+                    // hold no scores where their block's product skipped the row).
+                    let (seen, future) = s_row.split_at_mut(w1.min(i0 + r + 1) - w0);
+                    let span_max = lane_max(seen);
+                    // When the maximum grows, the accumulator and the sum so far shrink by
+                    // `alpha`; otherwise `alpha` would be exactly 1, and the rescaling is
+                    // skipped. The first span of a row has a maximum of −∞ before it, so its
+                    // `alpha` is 0 (on an accumulator and sum that are still 0).
+                    if span_max > max[r] {
+                        let alpha = (max[r] - span_max).exp();
+                        for a in &mut acc[r * dv..][..dv] {
+                            *a *= alpha;
+                        }
+                        sum[r] *= alpha;
+                        max[r] = span_max;
                     }
-                    let new_max = max[r].max(block_max);
-                    // The first block of a row has a maximum of −∞ before it, so `alpha` is 0.
-                    let alpha = (max[r] - new_max).exp();
-                    let acc_r = &mut acc[r * dv..][..dv];
-                    for a in acc_r.iter_mut() {
-                        *a *= alpha;
+                    let new_max = max[r];
+                    // The exponentials first and their sum apart: a running sum in the same
+                    // loop would chain every iteration through the previous one's addition
+                    // across the calls to `exp`.
+                    for x in seen.iter_mut() {
+                        *x = (*x - new_max).exp();
                     }
-                    let mut block_sum = T::ZERO;
-                    for (jj, &s) in scores[..n].iter().enumerate() {
-                        let p = (s - new_max).exp();
-                        block_sum += p;
-                        axpy(acc_r, p, &v[dims.kv_row(bi, j0 + jj, kvh, dv)..][..dv]);
-                    }
-                    sum[r] = sum[r] * alpha + block_sum;
-                    max[r] = new_max;
+                    sum[r] += lane_sum(seen);
+                    // Future keys weigh nothing.
+                    future.fill(T::ZERO);
+                }
+                for j0 in (w0..w1).step_by(bk) {
+                    let j1 = (j0 + bk).min(w1);
+                    let r0 = first_row(j0);
+                    // `acc[r0.., :] += p[r0.., block] · v_{j0..j1}`.
+                    gemm_serial(
+                        rows - r0,
+                        dv,
+                        j1 - j0,
+                        &mut acc[r0 * dv..],
+                        dv,
+                        true,
+                        View {
+                            data: &scores,
+                            offset: r0 * span + (j0 - w0),
+                            rs: span,
+                            cs: 1,
+                        },
+                        View::rows(v, dims.kv_row(bi, j0, kvh, dv), hk * dv),
+                        T::ONE,
+                    );
                 }
             }
             let mut tile_lse = vec![T::ZERO; rows];
@@ -440,17 +658,22 @@ fn fwd_tiled<T: Real>(
             (acc, tile_lse)
         })
         .collect();
-    for (task, (acc, tile_lse)) in results.into_iter().enumerate() {
-        let (bh, tile) = (task / tiles, task % tiles);
-        let (bi, hh) = (bh / h, bh % h);
-        let i0 = tile * bq;
-        for (r, l) in tile_lse.into_iter().enumerate() {
-            let i = i0 + r;
-            lse[bh * t + i] = l;
-            let at = dims.q_row(bi, i, hh, dv);
-            o[at..at + dv].copy_from_slice(&acc[r * dv..][..dv]);
-        }
-    }
+    // Scatter the tiles into place, one batch element per rayon task.
+    split_batches(&mut o, b)
+        .into_par_iter()
+        .zip(split_batches(&mut lse, b))
+        .zip(results.par_chunks(h * tiles))
+        .for_each(|((o_b, lse_b), tasks)| {
+            for (task, (acc, tile_lse)) in tasks.iter().enumerate() {
+                let (hh, tile) = (task / tiles, task % tiles);
+                let i0 = tile * bq;
+                lse_b[hh * t + i0..][..tile_lse.len()].copy_from_slice(tile_lse);
+                for (r, row) in acc.chunks_exact(dv.max(1)).enumerate() {
+                    let at = dims.q_row(0, i0 + r, hh, dv);
+                    o_b[at..at + dv].copy_from_slice(row);
+                }
+            }
+        });
     (o, lse)
 }
 
@@ -460,11 +683,13 @@ fn fwd_tiled<T: Real>(
 /// `(dq: [b, t, h, dk], dk: [b, t, hk, dk], dv: [b, t, hk, dv])`.
 ///
 /// FlashAttention style: the probabilities `p_ij = exp(scale · q_i·k_j − lse_i)` are
-/// recomputed block by block; with `delta_i = d_o_i·o_i` and `ds_ij = p_ij (d_o_i·v_j −
+/// recomputed tile by tile; with `delta_i = d_o_i·o_i` and `ds_ij = p_ij (d_o_i·v_j −
 /// delta_i)`, `dq_i = scale Σ_j ds_ij k_j`, `dk_j = scale Σ_i ds_ij q_i` and
 /// `dv_j = Σ_i p_ij d_o_i`, the sums of a key/value head running over its whole query-head
-/// group. Tasks are (batch, key/value head) pairs that loop over the group's heads, the key
-/// blocks and the queries in a fixed order, so the result does not depend on the thread count.
+/// group. Every tile's products run on `gemm`. Tasks are (batch, query head) pairs that walk
+/// the key blocks and, under each, the query blocks in a fixed order; each yields its head's
+/// query gradient and its share of the key/value gradients, which are then summed over the
+/// group's heads in head order, so the result does not depend on the thread count.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_bwd<T: Real>(
     q: &[T],
@@ -489,10 +714,10 @@ pub fn attention_bwd<T: Real>(
         dk,
         dv,
     };
-    bwd_tiled(q, k, v, o, lse, d_o, dims, scale, BLOCK_K)
+    bwd_tiled(q, k, v, o, lse, d_o, dims, scale, BLOCK_Q, BLOCK_K)
 }
 
-/// [`attention_bwd`] with an explicit key block size `bk`.
+/// [`attention_bwd`] with explicit tile sizes: `bq` queries and `bk` keys.
 #[allow(clippy::too_many_arguments)]
 fn bwd_tiled<T: Real>(
     q: &[T],
@@ -503,6 +728,7 @@ fn bwd_tiled<T: Real>(
     d_o: &[T],
     dims: Dims,
     scale: f64,
+    bq: usize,
     bk: usize,
 ) -> (Vec<T>, Vec<T>, Vec<T>) {
     dims.debug_check(q, k, v);
@@ -537,63 +763,128 @@ fn bwd_tiled<T: Real>(
     }
     let group = dims.group();
     let scale = T::from_f64(scale);
-    // `delta[b, h, i] = d_o_i·o_i`, the softmax's correction term, laid out like `lse`.
-    let delta: Vec<T> = (0..b * h * t)
-        .into_par_iter()
-        .map(|at| {
-            let (bh, i) = (at / t, at % t);
-            let row = dims.q_row(bh / h, i, bh % h, dv);
-            dot(&d_o[row..][..dv], &o[row..][..dv])
-        })
-        .collect();
-    let results: Vec<(Vec<T>, Vec<T>, Vec<T>)> = (0..b * hk)
+    let results: Vec<(Vec<T>, Vec<T>, Vec<T>)> = (0..b * h)
         .into_par_iter()
         .map(|task| {
-            let (bi, kvh) = (task / hk, task % hk);
-            // The group's query gradients `[group, t, dk]` and the head's `[t, dk]`, `[t, dv]`.
-            let mut gq = vec![T::ZERO; group * t * dk];
+            let (bi, hh) = (task / h, task % h);
+            let kvh = hh / group;
+            let stats = task * t;
+            let lse = &lse[stats..][..t];
+            // `delta_i = d_o_i·o_i`, the softmax's correction term of each query.
+            let delta: Vec<T> = (0..t)
+                .map(|i| {
+                    let row = dims.q_row(bi, i, hh, dv);
+                    dot(&d_o[row..][..dv], &o[row..][..dv])
+                })
+                .collect();
+            // The head's query gradient `[t, dk]` and its shares `[t, dk]`, `[t, dv]` of the
+            // key/value head's gradients.
+            let mut gq = vec![T::ZERO; t * dk];
             let mut gk = vec![T::ZERO; t * dk];
             let mut gv = vec![T::ZERO; t * dv];
-            for g in 0..group {
-                let hh = kvh * group + g;
-                let stats = (bi * h + hh) * t;
-                for j0 in (0..t).step_by(bk) {
-                    let j1 = (j0 + bk).min(t);
-                    // Causality: only queries at or after the block's first key see it.
-                    for i in j0..t {
-                        let qi = &q[dims.q_row(bi, i, hh, dk)..][..dk];
-                        let doi = &d_o[dims.q_row(bi, i, hh, dv)..][..dv];
-                        let (lse_i, delta_i) = (lse[stats + i], delta[stats + i]);
-                        let gqi = &mut gq[(g * t + i) * dk..][..dk];
-                        for j in j0..j1.min(i + 1) {
-                            let kj = &k[dims.kv_row(bi, j, kvh, dk)..][..dk];
-                            let vj = &v[dims.kv_row(bi, j, kvh, dv)..][..dv];
-                            let p = (scale * dot(qi, kj) - lse_i).exp();
-                            axpy(&mut gv[j * dv..][..dv], p, doi);
-                            // The score gradient, with the softmax scale folded in.
-                            let ds = scale * p * (dot(doi, vj) - delta_i);
-                            axpy(gqi, ds, kj);
-                            axpy(&mut gk[j * dk..][..dk], ds, qi);
+            // One tile of probabilities and one of their gradients.
+            let mut p = vec![T::ZERO; bq * bk];
+            let mut ds = vec![T::ZERO; bq * bk];
+            let q_at = |i: usize| View::rows(q, dims.q_row(bi, i, hh, dk), h * dk);
+            let do_at = |i: usize| View::rows(d_o, dims.q_row(bi, i, hh, dv), h * dv);
+            let k_at = |j: usize| View::rows(k, dims.kv_row(bi, j, kvh, dk), hk * dk);
+            let v_at = |j: usize| View::rows(v, dims.kv_row(bi, j, kvh, dv), hk * dv);
+            for j0 in (0..t).step_by(bk) {
+                let j1 = (j0 + bk).min(t);
+                let n = j1 - j0;
+                // Causality: only the queries from `j0` on see the block, so the walk starts
+                // at the query block holding `j0`, and within it at row `j0`.
+                for block in ((j0 / bq) * bq..t).step_by(bq) {
+                    let i0 = block.max(j0);
+                    let i1 = (block + bq).min(t);
+                    let m = i1 - i0;
+                    let (p, ds) = (&mut p[..m * n], &mut ds[..m * n]);
+                    // `p[r, jj] = exp(scale · q_{i0+r}·k_{j0+jj} − lse_{i0+r})`, zero for
+                    // future keys.
+                    gemm_serial(m, n, dk, p, n, false, q_at(i0), k_at(j0).t(), scale);
+                    for (r, p_row) in p.chunks_exact_mut(n).enumerate() {
+                        let i = i0 + r;
+                        let seen = j1.min(i + 1) - j0;
+                        for x in &mut p_row[..seen] {
+                            *x = (*x - lse[i]).exp();
+                        }
+                        p_row[seen..].fill(T::ZERO);
+                    }
+                    // `dv_{j0..j1} += pᵀ · d_o_{i0..i1}`.
+                    gemm_serial(
+                        n,
+                        dv,
+                        m,
+                        &mut gv[j0 * dv..],
+                        dv,
+                        true,
+                        View::rows(p, 0, n).t(),
+                        do_at(i0),
+                        T::ONE,
+                    );
+                    // `ds[r, jj] = d_o_{i0+r}·v_{j0+jj}`, then the score gradient with the
+                    // softmax scale folded in: `scale · p (ds − delta)`.
+                    gemm_serial(m, n, dv, ds, n, false, do_at(i0), v_at(j0).t(), T::ONE);
+                    for (r, (ds_row, p_row)) in
+                        ds.chunks_exact_mut(n).zip(p.chunks_exact(n)).enumerate()
+                    {
+                        let delta_i = delta[i0 + r];
+                        for (d, &x) in ds_row.iter_mut().zip(p_row) {
+                            *d = scale * x * (*d - delta_i);
                         }
                     }
+                    // `dq_{i0..i1} += ds · k_{j0..j1}` and `dk_{j0..j1} += dsᵀ · q_{i0..i1}`.
+                    gemm_serial(
+                        m,
+                        dk,
+                        n,
+                        &mut gq[i0 * dk..],
+                        dk,
+                        true,
+                        View::rows(ds, 0, n),
+                        k_at(j0),
+                        T::ONE,
+                    );
+                    gemm_serial(
+                        n,
+                        dk,
+                        m,
+                        &mut gk[j0 * dk..],
+                        dk,
+                        true,
+                        View::rows(ds, 0, n).t(),
+                        q_at(i0),
+                        T::ONE,
+                    );
                 }
             }
             (gq, gk, gv)
         })
         .collect();
-    for (task, (gq, gk, gv)) in results.into_iter().enumerate() {
-        let (bi, kvh) = (task / hk, task % hk);
-        for i in 0..t {
-            for g in 0..group {
-                let at = dims.q_row(bi, i, kvh * group + g, dk);
-                grad_q[at..at + dk].copy_from_slice(&gq[(g * t + i) * dk..][..dk]);
+    // Gather the heads' gradients, one batch element per rayon task; a key/value head sums
+    // the shares of its group's query heads in head order.
+    split_batches(&mut grad_q, b)
+        .into_par_iter()
+        .zip(split_batches(&mut grad_k, b))
+        .zip(split_batches(&mut grad_v, b))
+        .zip(results.par_chunks(h))
+        .for_each(|(((gq_b, gk_b), gv_b), heads)| {
+            for (hh, (gq, gk, gv)) in heads.iter().enumerate() {
+                let kvh = hh / group;
+                for i in 0..t {
+                    let at = dims.q_row(0, i, hh, dk);
+                    gq_b[at..at + dk].copy_from_slice(&gq[i * dk..][..dk]);
+                    let at = dims.kv_row(0, i, kvh, dk);
+                    for (a, &x) in gk_b[at..at + dk].iter_mut().zip(&gk[i * dk..][..dk]) {
+                        *a += x;
+                    }
+                    let at = dims.kv_row(0, i, kvh, dv);
+                    for (a, &x) in gv_b[at..at + dv].iter_mut().zip(&gv[i * dv..][..dv]) {
+                        *a += x;
+                    }
+                }
             }
-            let at = dims.kv_row(bi, i, kvh, dk);
-            grad_k[at..at + dk].copy_from_slice(&gk[i * dk..][..dk]);
-            let at = dims.kv_row(bi, i, kvh, dv);
-            grad_v[at..at + dv].copy_from_slice(&gv[i * dv..][..dv]);
-        }
-    }
+        });
     (grad_q, grad_k, grad_v)
 }
 
@@ -972,8 +1263,9 @@ mod tests {
         }
     }
 
-    /// The gradients of `L = Σ w ⊙ o` for the output weights `w`, by the kernel with key blocks
-    /// of `bk`.
+    /// The gradients of `L = Σ w ⊙ o` for the output weights `w`, by the kernel with query
+    /// blocks of `bq` and key blocks of `bk`.
+    #[allow(clippy::too_many_arguments)]
     fn gradients(
         q: &[f64],
         k: &[f64],
@@ -981,10 +1273,11 @@ mod tests {
         w: &[f64],
         d: Dims,
         scale: f64,
+        bq: usize,
         bk: usize,
     ) -> Vec<Vec<f64>> {
         let (o, lse) = call_fwd(q, k, v, d, scale);
-        let (gq, gk, gv) = bwd_tiled(q, k, v, &o, &lse, w, d, scale, bk);
+        let (gq, gk, gv) = bwd_tiled(q, k, v, &o, &lse, w, d, scale, bq, bk);
         vec![gq, gk, gv]
     }
 
@@ -1006,8 +1299,9 @@ mod tests {
             let w = random(&mut Rng::new(50 + n as u64), b * t * h * dv);
             let scale = 0.7;
             let loss = |x: [&[f64]; 3]| weighted_output(x[0], x[1], x[2], &w, d, scale);
-            for bk in [2, 64] {
-                let grads = gradients(&q, &k, &v, &w, d, scale, bk);
+            // Equal blocks, key blocks that start inside a query block, and one tile.
+            for (bq, bk) in [(2, 2), (5, 2), (64, 64)] {
+                let grads = gradients(&q, &k, &v, &w, d, scale, bq, bk);
                 for which in 0..3 {
                     let fd: Vec<f64> = (0..grads[which].len())
                         .map(|e| {
@@ -1020,7 +1314,7 @@ mod tests {
                         })
                         .collect();
                     let err = scaled_error(&grads[which], &fd);
-                    assert!(err < 1e-6, "{d:?} block {bk} operand {which}: {err}");
+                    assert!(err < 1e-6, "{d:?} blocks {bq}×{bk} operand {which}: {err}");
                 }
             }
         }
@@ -1040,7 +1334,7 @@ mod tests {
             let mut rng = Rng::new(70 + n as u64);
             let w = random(&mut rng, b * t * h * dv);
             let scale = (dk as f64).powf(-0.5);
-            let grads = gradients(&q, &k, &v, &w, d, scale, BLOCK_K);
+            let grads = gradients(&q, &k, &v, &w, d, scale, BLOCK_Q, BLOCK_K);
             for _ in 0..2 {
                 let dirs = [
                     random(&mut rng, q.len()),
@@ -1106,5 +1400,21 @@ mod tests {
         assert!(o.is_empty() && lse.is_empty());
         let tables = rope_tables::<f32>(0, 4, 10.0, None);
         assert!(rope_fwd(&[], 1, 0, 2, 4, &tables, RopePairs::Halves).is_empty());
+    }
+
+    #[test]
+    fn zero_width_heads_match_the_reference() {
+        // Heads without query/key dims (uniform attention) or without value dims.
+        for (dk, dv) in [(0, 3), (3, 0), (0, 0)] {
+            let d = dims(2, 5, 2, 1, dk, dv);
+            let (q, k, v) = operands(1, d);
+            let w = random(&mut Rng::new(2), d.b * d.t * d.h * d.dv);
+            let (o, lse) = call_fwd(&q, &k, &v, d, 0.5);
+            let (want_o, want_lse) = naive_attention(&q, &k, &v, d, 0.5);
+            assert!(max_abs_diff(&o, &want_o) < 1e-13);
+            assert!(max_abs_diff(&lse, &want_lse) < 1e-13);
+            let g = gradients(&q, &k, &v, &w, d, 0.5, 3, 2);
+            assert!(g.iter().flatten().all(|x| x.is_finite()));
+        }
     }
 }
