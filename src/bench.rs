@@ -11,17 +11,18 @@ use kiln_runtime::cpu::dense::matmul;
 use kiln_runtime::data::{builtin_corpus, byte_tokens, Batcher};
 use kiln_runtime::train::{init_params, max_token_offset, TrainConfig, Trainer};
 
-use crate::{load, Failure};
+use crate::{load, other, Failure};
 
+/// The command's arguments (see `kiln bench --help`).
+#[derive(clap::Args)]
 pub(crate) struct Args {
+    /// The spec [default: the built-in specs/tiny.toml].
     pub spec: Option<PathBuf>,
+    /// Timed steps (after two warm-up steps); the median is reported.
+    #[arg(long, default_value_t = 10)]
     pub steps: u64,
+    #[arg(long)]
     pub json: bool,
-    pub color: bool,
-}
-
-fn other(msg: impl Into<String>) -> Failure {
-    Failure::Other(msg.into())
 }
 
 /// GFLOP/s of an f32 `n × n × n` matrix product: the best of `reps` runs.
@@ -38,8 +39,8 @@ fn gemm_rate(n: usize, reps: usize) -> f64 {
     2.0 * (n * n * n) as f64 / best / 1e9
 }
 
-pub(crate) fn run(args: Args) -> Result<(), Failure> {
-    let (name, model) = load(args.spec.as_ref(), &mut Vec::new(), args.color)?;
+pub(crate) fn run(args: Args, color: bool) -> Result<(), Failure> {
+    let (name, model) = load(args.spec.as_ref(), &mut Vec::new(), color)?;
     let report = analyze(&model);
     let forward = lower(&model).map_err(|e| other(format!("internal error: {e}")))?;
     let full = differentiate(&forward, forward.output("loss").expect("a loss"))

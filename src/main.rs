@@ -68,68 +68,12 @@ enum Command {
     ///
     /// Writes `OUT/metrics.jsonl` (one JSON object per step: step, loss, lr, tokens_per_s, and
     /// val_loss at evaluation steps) and prints a progress line and a final summary.
-    Train {
-        /// The spec [default: the built-in specs/tiny.toml].
-        spec: Option<PathBuf>,
-        /// Training data: "builtin", a text file (byte-level) or llm.c shards ("dir/*.bin")
-        /// [default: the spec's train.data].
-        #[arg(long)]
-        data: Option<String>,
-        /// Optimizer steps [default: the spec's train.steps].
-        #[arg(long)]
-        steps: Option<u64>,
-        /// Run directory for metrics, checkpoints and a copy of the spec
-        /// [default: runs/<model name>].
-        #[arg(long)]
-        out: Option<PathBuf>,
-        /// Continue the run in this directory from its checkpoint, bit-identically (the spec
-        /// defaults to the run's copy).
-        #[arg(long, conflicts_with = "out")]
-        resume: Option<PathBuf>,
-        /// Seed for initialization and batching [default: the spec's train.seed].
-        #[arg(long)]
-        seed: Option<u64>,
-        /// Stop (with a checkpoint) after this many steps in this session, keeping the
-        /// schedule of `--steps`; `--resume` continues from there.
-        #[arg(long)]
-        stop_after: Option<u64>,
-        /// Evaluate the validation loss and write a checkpoint every N steps (and at the end).
-        #[arg(long, default_value_t = 100)]
-        eval_every: u64,
-        /// Validation batches per evaluation.
-        #[arg(long, default_value_t = 8)]
-        eval_batches: usize,
-    },
+    Train(train::Args),
     /// Generate text from a trained run (its spec.toml and checkpoint.safetensors).
-    Sample {
-        /// The run directory `kiln train` wrote.
-        dir: PathBuf,
-        /// Text to continue (byte-level).
-        #[arg(long, default_value = "")]
-        prompt: String,
-        /// Tokens to generate.
-        #[arg(long, default_value_t = 200)]
-        max_tokens: usize,
-        /// Softmax temperature; 0 takes the most likely token.
-        #[arg(long, default_value_t = 0.8)]
-        temperature: f64,
-        /// Sample among the k most likely tokens; 0 for all.
-        #[arg(long, default_value_t = 40)]
-        top_k: usize,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-    },
+    Sample(sample::Args),
     /// Time training steps of a spec and compare the achieved GFLOP/s with a single large
     /// f32 GEMM measured in the same run.
-    Bench {
-        /// The spec [default: the built-in specs/tiny.toml].
-        spec: Option<PathBuf>,
-        /// Timed steps (after two warm-up steps); the median is reported.
-        #[arg(long, default_value_t = 10)]
-        steps: u64,
-        #[arg(long)]
-        json: bool,
-    },
+    Bench(bench::Args),
     /// Print what kiln compiles a spec to.
     Emit {
         #[command(subcommand)]
@@ -190,50 +134,9 @@ fn main() -> ExitCode {
         Command::Emit {
             what: Emit::Ir { spec, after },
         } => cmd_emit_ir(spec, after, color),
-        Command::Sample {
-            dir,
-            prompt,
-            max_tokens,
-            temperature,
-            top_k,
-            seed,
-        } => sample::run(sample::Args {
-            dir,
-            prompt,
-            max_tokens,
-            temperature,
-            top_k,
-            seed,
-            color,
-        }),
-        Command::Bench { spec, steps, json } => bench::run(bench::Args {
-            spec,
-            steps,
-            json,
-            color,
-        }),
-        Command::Train {
-            spec,
-            data,
-            steps,
-            out,
-            resume,
-            seed,
-            stop_after,
-            eval_every,
-            eval_batches,
-        } => train::run(train::Args {
-            spec,
-            data,
-            steps,
-            out,
-            resume,
-            seed,
-            stop_after,
-            eval_every,
-            eval_batches,
-            color,
-        }),
+        Command::Sample(args) => sample::run(args, color),
+        Command::Bench(args) => bench::run(args, color),
+        Command::Train(args) => train::run(args, color),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -243,6 +146,11 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// A failure other than an invalid spec (exit code 1).
+pub(crate) fn other(msg: impl Into<String>) -> Failure {
+    Failure::Other(msg.into())
 }
 
 /// Writes to stdout. A closed pipe (`kiln check … | head`) ends the process quietly instead of

@@ -13,20 +13,27 @@ use kiln_runtime::checkpoint;
 use kiln_runtime::data::{decode_bytes, Rng};
 use kiln_runtime::exec::{Executor, Feed};
 
-use crate::{load, Failure};
+use crate::{load, other, Failure};
 
+/// The command's arguments (see `kiln sample --help`).
+#[derive(clap::Args)]
 pub(crate) struct Args {
+    /// The run directory `kiln train` wrote.
     pub dir: PathBuf,
+    /// Text to continue (byte-level).
+    #[arg(long, default_value = "")]
     pub prompt: String,
+    /// Tokens to generate.
+    #[arg(long, default_value_t = 200)]
     pub max_tokens: usize,
+    /// Softmax temperature; 0 takes the most likely token.
+    #[arg(long, default_value_t = 0.8)]
     pub temperature: f64,
+    /// Sample among the k most likely tokens; 0 for all.
+    #[arg(long, default_value_t = 40)]
     pub top_k: usize,
+    #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    pub color: bool,
-}
-
-fn other(msg: impl Into<String>) -> Failure {
-    Failure::Other(msg.into())
 }
 
 /// Draws a token from `logits` with temperature and top-k (temperature 0: the argmax).
@@ -58,9 +65,9 @@ pub(crate) fn draw(logits: &[f32], temperature: f64, top_k: usize, rng: &mut Rng
     top[k - 1] as u32
 }
 
-pub(crate) fn run(args: Args) -> Result<(), Failure> {
+pub(crate) fn run(args: Args, color: bool) -> Result<(), Failure> {
     let spec = args.dir.join("spec.toml");
-    let (_, mut model) = load(Some(&spec), &mut Vec::new(), args.color)?;
+    let (_, mut model) = load(Some(&spec), &mut Vec::new(), color)?;
     let window = model.train.seq_len as usize;
     model.train.batch = 1;
     let graph = lower(&model).map_err(|e| other(format!("internal error while lowering: {e}")))?;

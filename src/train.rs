@@ -13,23 +13,41 @@ use kiln_runtime::checkpoint;
 use kiln_runtime::data::{self, Batcher, Dataset};
 use kiln_runtime::train::{eval_loss, init_params, max_token_offset, TrainConfig, Trainer};
 
-use crate::{load, Failure};
+use crate::{load, other, Failure};
 
+/// The command's arguments (see `kiln train --help`).
+#[derive(clap::Args)]
 pub(crate) struct Args {
+    /// The spec [default: the built-in specs/tiny.toml].
     pub spec: Option<PathBuf>,
+    /// Training data: "builtin", a text file (byte-level) or llm.c shards ("dir/*.bin")
+    /// [default: the spec's train.data].
+    #[arg(long)]
     pub data: Option<String>,
+    /// Optimizer steps [default: the spec's train.steps].
+    #[arg(long)]
     pub steps: Option<u64>,
+    /// Run directory for metrics, checkpoints and a copy of the spec
+    /// [default: runs/<model name>].
+    #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Continue the run in this directory from its checkpoint, bit-identically (the spec
+    /// defaults to the run's copy).
+    #[arg(long, conflicts_with = "out")]
     pub resume: Option<PathBuf>,
+    /// Seed for initialization and batching [default: the spec's train.seed].
+    #[arg(long)]
     pub seed: Option<u64>,
+    /// Stop (with a checkpoint) after this many steps in this session, keeping the
+    /// schedule of `--steps`; `--resume` continues from there.
+    #[arg(long)]
     pub stop_after: Option<u64>,
+    /// Evaluate the validation loss and write a checkpoint every N steps (and at the end).
+    #[arg(long, default_value_t = 100)]
     pub eval_every: u64,
+    /// Validation batches per evaluation.
+    #[arg(long, default_value_t = 8)]
     pub eval_batches: usize,
-    pub color: bool,
-}
-
-fn other(msg: impl Into<String>) -> Failure {
-    Failure::Other(msg.into())
 }
 
 /// Consecutive non-finite steps `train.skip_nonfinite` tolerates before giving up.
@@ -83,7 +101,7 @@ fn checkpoint_path(dir: &std::path::Path) -> PathBuf {
     dir.join("checkpoint.safetensors")
 }
 
-pub(crate) fn run(args: Args) -> Result<(), Failure> {
+pub(crate) fn run(args: Args, color: bool) -> Result<(), Failure> {
     // On resume, the spec defaults to the copy the run saved.
     let spec_path = match (&args.spec, &args.resume) {
         (Some(p), _) => Some(p.clone()),
@@ -91,7 +109,7 @@ pub(crate) fn run(args: Args) -> Result<(), Failure> {
         (None, None) => None,
     };
     let (_, spec_bytes) = crate::read_spec(spec_path.as_ref())?;
-    let (spec_name, model) = load(spec_path.as_ref(), &mut Vec::new(), args.color)?;
+    let (spec_name, model) = load(spec_path.as_ref(), &mut Vec::new(), color)?;
     let steps = args.steps.unwrap_or(model.train.steps);
     let seed = args.seed.unwrap_or(model.train.seed);
     let (b, t) = (model.train.batch as usize, model.train.seq_len as usize);
