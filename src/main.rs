@@ -122,6 +122,7 @@ pub(crate) enum Failure {
 }
 
 fn main() -> ExitCode {
+    kiln_runtime::memory::keep_freed_memory();
     let cli = Cli::parse();
     let color = match cli.color {
         Color::Always => true,

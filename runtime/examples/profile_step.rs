@@ -1,5 +1,5 @@
 //! Times one training step of a spec per op kind: `cargo run --release -p kiln-runtime
-//! --example profile_step -- specs/tiny.toml`.
+//! --example profile_step -- specs/tiny.toml [STEPS]`.
 use std::collections::HashMap;
 
 use kiln_compiler::autodiff::differentiate;
@@ -10,6 +10,7 @@ use kiln_runtime::exec::{Executor, Feed};
 use kiln_runtime::train::{feed_inputs, init_params, max_token_offset};
 
 fn main() {
+    kiln_runtime::memory::keep_freed_memory();
     let path = std::env::args()
         .nth(1)
         .unwrap_or_else(|| "specs/tiny.toml".into());
@@ -24,7 +25,9 @@ fn main() {
     let keep: Vec<_> = full.outputs.iter().map(|(_, v)| *v).collect();
     let exec = Executor::new(&full, &keep);
     let mut profile = HashMap::new();
-    let steps = 5;
+    let steps: usize = std::env::args()
+        .nth(2)
+        .map_or(5, |s| s.parse().expect("a step count"));
     let start = std::time::Instant::now();
     for _ in 0..steps {
         let inputs = feed_inputs(&fwd, &batcher.next_batch(), t);

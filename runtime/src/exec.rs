@@ -8,12 +8,12 @@
 use std::collections::HashMap;
 use std::fmt;
 
-use kiln_compiler::dsl::expr::{BinOp, Compiled, Expr, Func};
+use kiln_compiler::dsl::expr::Compiled;
 use kiln_compiler::ir::{Def, Graph, InputKind, Node, Op, RopePairs, RouterSpec, ValueId};
 use kiln_compiler::model::{GroupScore, ScoreFunc, Selection};
-use rayon::prelude::*;
 
 use crate::cpu::attention::{self, RopeTables, YarnParams};
+use crate::cpu::elementwise::{is_swiglu, swiglu, Elementwise};
 use crate::cpu::{dense, moe, Real};
 
 /// A tensor's data: floats, or u32 ids and indices.
@@ -72,9 +72,7 @@ pub struct Executor<'g> {
     /// For each value, the index of the last node reading it (`usize::MAX` if kept).
     last_use: Vec<usize>,
     /// Compiled expressions of `map` and `map_grad` nodes, by node index.
-    compiled: HashMap<usize, Compiled>,
-    /// `map` and `map_grad` nodes whose expression has a closed form run directly.
-    known: HashMap<usize, Known>,
+    elementwise: HashMap<usize, Elementwise>,
     /// RoPE tables by (theta, yarn, seq, dim) of each rope node, by node index.
     rope_key: HashMap<usize, (usize, usize)>,
     /// For each `experts_grad` node, the `experts` node it differentiates; its routed
@@ -96,18 +94,14 @@ impl<'g> Executor<'g> {
         for &v in keep {
             last_use[v.index()] = usize::MAX;
         }
-        let mut compiled = HashMap::new();
-        let mut known = HashMap::new();
+        let mut elementwise = HashMap::new();
         let mut rope_key = HashMap::new();
         for (id, node) in graph.nodes.iter() {
             match &node.op {
                 Op::Map { expr, vars } | Op::MapGrad { expr, vars, .. } => {
                     let names: Vec<&str> = vars.iter().map(String::as_str).collect();
-                    let c = expr.compile(&names).expect("verified graphs compile");
-                    compiled.insert(id.index(), c);
-                    if let Some(k) = Known::recognize(expr, &names) {
-                        known.insert(id.index(), k);
-                    }
+                    let e = Elementwise::new(expr, &names).expect("verified graphs compile");
+                    elementwise.insert(id.index(), e);
                 }
                 Op::Rope { .. } | Op::RopeGrad { .. } => {
                     let shape = &graph.values[node.inputs[0]].ty.shape;
@@ -133,8 +127,7 @@ impl<'g> Executor<'g> {
         Executor {
             graph,
             last_use,
-            compiled,
-            known,
+            elementwise,
             rope_key,
             experts_forward,
             experts_backward,
@@ -274,27 +267,13 @@ impl<'g> Executor<'g> {
             Op::Reshape { .. } => vec![arg(0).clone()],
             Op::Map { .. } => {
                 let xs: Vec<&[T]> = (0..node.inputs.len()).map(|i| arg(i).floats()).collect();
-                match self.known.get(&index) {
-                    Some(Known::SwiGlu { gate, up }) => vec![f(swiglu_fwd(xs[*gate], xs[*up]))],
-                    None => vec![f(map(&self.compiled[&index], &xs))],
-                }
+                vec![f(self.elementwise[&index].forward(&xs))]
             }
             Op::MapGrad { wrt, .. } => {
-                let c = &self.compiled[&index];
                 let n = node.inputs.len() - 1;
                 let xs: Vec<&[T]> = (0..n).map(|i| arg(i).floats()).collect();
-                if let Some(Known::SwiGlu { gate, up }) = self.known.get(&index) {
-                    let (dg, du) = swiglu_bwd(xs[*gate], xs[*up], arg(n).floats());
-                    let pick = |w: u32| {
-                        if w as usize == *gate {
-                            dg.clone()
-                        } else {
-                            du.clone()
-                        }
-                    };
-                    return Ok(wrt.iter().map(|&w| f(pick(w))).collect());
-                }
-                map_grad(c, &xs, arg(n).floats(), wrt)
+                self.elementwise[&index]
+                    .backward(&xs, arg(n).floats(), wrt)
                     .into_iter()
                     .map(f)
                     .collect()
@@ -663,142 +642,6 @@ fn check_ids(ids: &[u32], bound: usize, path: &str) -> Result<(), ExecError> {
     }
 }
 
-/// Expressions with a closed form that runs directly in the compute type, instead of
-/// interpreting the compiled expression per element.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Known {
-    /// `silu(gate) * up` (either operand order), with the operand positions.
-    SwiGlu { gate: usize, up: usize },
-}
-
-impl Known {
-    fn recognize(expr: &Expr, vars: &[&str]) -> Option<Known> {
-        let Expr::Bin(BinOp::Mul, a, b) = expr else {
-            return None;
-        };
-        for (s, u) in [(a, b), (b, a)] {
-            if let (Expr::Call(Func::Silu, inner), Expr::Var(up)) = (s.as_ref(), u.as_ref()) {
-                if let Expr::Var(gate) = inner.as_ref() {
-                    let gate = vars.iter().position(|v| v == gate)?;
-                    let up = vars.iter().position(|v| v == up)?;
-                    return (gate != up).then_some(Known::SwiGlu { gate, up });
-                }
-            }
-        }
-        None
-    }
-}
-
-/// `silu(g)·u` and its partial derivatives at one element.
-#[inline]
-fn swiglu<T: Real>(g: T, u: T) -> (T, T, T) {
-    let s = T::ONE / (T::ONE + (-g).exp());
-    let silu = g * s;
-    (silu * u, u * s * (T::ONE + g * (T::ONE - s)), silu)
-}
-
-fn swiglu_fwd<T: Real>(gate: &[T], up: &[T]) -> Vec<T> {
-    let mut y = vec![T::ZERO; gate.len()];
-    y.par_chunks_mut(CHUNK)
-        .enumerate()
-        .for_each(|(chunk, out)| {
-            let lo = chunk * CHUNK;
-            for (j, slot) in out.iter_mut().enumerate() {
-                *slot = swiglu(gate[lo + j], up[lo + j]).0;
-            }
-        });
-    y
-}
-
-fn swiglu_bwd<T: Real>(gate: &[T], up: &[T], dy: &[T]) -> (Vec<T>, Vec<T>) {
-    let n = gate.len();
-    let (mut dg, mut du) = (vec![T::ZERO; n], vec![T::ZERO; n]);
-    dg.par_chunks_mut(CHUNK)
-        .zip(du.par_chunks_mut(CHUNK))
-        .enumerate()
-        .for_each(|(chunk, (dg, du))| {
-            let lo = chunk * CHUNK;
-            for j in 0..dg.len() {
-                let (_, d_gate, d_up) = swiglu(gate[lo + j], up[lo + j]);
-                dg[j] = dy[lo + j] * d_gate;
-                du[j] = dy[lo + j] * d_up;
-            }
-        });
-    (dg, du)
-}
-
-/// Elements per parallel chunk of elementwise work.
-const CHUNK: usize = 16 * 1024;
-
-fn map<T: Real>(c: &Compiled, xs: &[&[T]]) -> Vec<T> {
-    let n = xs.first().map_or(0, |x| x.len());
-    if let Some((a, b)) = c.as_sum_of_two() {
-        // The residual add: a plain vector sum.
-        let (a, b) = (xs[a], xs[b]);
-        let mut y = vec![T::ZERO; n];
-        y.par_chunks_mut(CHUNK)
-            .enumerate()
-            .for_each(|(chunk, out)| {
-                let lo = chunk * CHUNK;
-                for (j, slot) in out.iter_mut().enumerate() {
-                    *slot = a[lo + j] + b[lo + j];
-                }
-            });
-        return y;
-    }
-    let mut y = vec![T::ZERO; n];
-    y.par_chunks_mut(CHUNK)
-        .enumerate()
-        .for_each(|(chunk, out)| {
-            let mut scratch = c.scratch();
-            let mut point = vec![0.0; xs.len()];
-            for (j, slot) in out.iter_mut().enumerate() {
-                let i = chunk * CHUNK + j;
-                for (p, x) in point.iter_mut().zip(xs) {
-                    *p = x[i].to_f64();
-                }
-                *slot = T::from_f64(c.eval(&point, &mut scratch));
-            }
-        });
-    y
-}
-
-fn map_grad<T: Real>(c: &Compiled, xs: &[&[T]], dy: &[T], wrt: &[u32]) -> Vec<Vec<T>> {
-    let n = dy.len();
-    let mut outs: Vec<Vec<T>> = wrt.iter().map(|_| vec![T::ZERO; n]).collect();
-    // Work on element chunks; each chunk writes its slice of every output.
-    let chunks = n.div_ceil(CHUNK);
-    let results: Vec<Vec<Vec<T>>> = (0..chunks)
-        .into_par_iter()
-        .map(|chunk| {
-            let lo = chunk * CHUNK;
-            let hi = (lo + CHUNK).min(n);
-            let (mut s, mut adj) = (c.scratch(), c.scratch());
-            let mut point = vec![0.0; xs.len()];
-            let mut grad = vec![0.0; xs.len()];
-            let mut part: Vec<Vec<T>> = wrt.iter().map(|_| Vec::with_capacity(hi - lo)).collect();
-            for i in lo..hi {
-                for (p, x) in point.iter_mut().zip(xs) {
-                    *p = x[i].to_f64();
-                }
-                c.eval_grad(&point, &mut s, &mut adj, &mut grad);
-                let g = dy[i].to_f64();
-                for (o, &w) in part.iter_mut().zip(wrt) {
-                    o.push(T::from_f64(g * grad[w as usize]));
-                }
-            }
-            part
-        })
-        .collect();
-    for (chunk, part) in results.into_iter().enumerate() {
-        let lo = chunk * CHUNK;
-        for (o, p) in outs.iter_mut().zip(part) {
-            o[lo..lo + p.len()].copy_from_slice(&p);
-        }
-    }
-    outs
-}
-
 fn yarn_params(y: kiln_compiler::model::Yarn) -> YarnParams {
     YarnParams {
         factor: y.factor,
@@ -854,7 +697,7 @@ impl ExprActivation {
                 .compile(vars)
                 .expect("checked activations read gate and up, or x"),
             gated,
-            swiglu: Known::recognize(expr, vars) == Some(Known::SwiGlu { gate: 0, up: 1 }),
+            swiglu: is_swiglu(expr, vars),
         }
     }
 }

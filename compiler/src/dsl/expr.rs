@@ -314,7 +314,7 @@ impl BinOp {
     }
 
     /// Applies the operator.
-    fn apply(self, a: f64, b: f64) -> f64 {
+    pub fn apply(self, a: f64, b: f64) -> f64 {
         match self {
             BinOp::Add => a + b,
             BinOp::Sub => a - b,
@@ -397,14 +397,21 @@ impl Expr {
     }
 }
 
-/// One instruction of a [`Compiled`] expression; operands are indices of earlier ones.
+/// One instruction of a [`Compiled`] expression; operands (`usize`) are indices of earlier
+/// instructions, so a program evaluates in one forward sweep.
 #[derive(Clone, Copy, Debug, PartialEq)]
-enum Instr {
+pub enum Instr {
+    /// Operand `i` of the expression.
     Var(usize),
+    /// A constant.
     Num(f64),
+    /// Negation.
     Neg(usize),
+    /// A binary operation.
     Bin(BinOp, usize, usize),
+    /// A power with a small positive integer exponent.
     Pow(usize, u32),
+    /// A built-in function.
     Call(Func, usize),
 }
 
@@ -453,6 +460,12 @@ impl Compiled {
     /// Number of operands.
     pub fn arity(&self) -> usize {
         self.arity
+    }
+
+    /// The instructions, for evaluators that run the program another way (over blocks of
+    /// elements in the compute type, say). The last instruction is the result.
+    pub fn instrs(&self) -> &[Instr] {
+        &self.steps
     }
 
     /// Number of instructions: the scratch length one evaluation needs.

@@ -22,6 +22,46 @@ pub fn matmul<T: Real>(
     c: &mut [T],
     accumulate: bool,
 ) {
+    let threads = rayon::current_num_threads();
+    let threads = if m * n * k >= 64 * 64 * 64 {
+        threads
+    } else {
+        1
+    };
+    matmul_on(threads, m, k, n, a, trans_a, b, trans_b, c, accumulate);
+}
+
+/// [`matmul`] on the calling thread alone: for products that already run as one of many
+/// parallel tasks (one expert's GEMMs, say), where splitting each again only adds
+/// synchronization.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_serial<T: Real>(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: &[T],
+    trans_a: bool,
+    b: &[T],
+    trans_b: bool,
+    c: &mut [T],
+    accumulate: bool,
+) {
+    matmul_on(1, m, k, n, a, trans_a, b, trans_b, c, accumulate);
+}
+
+#[allow(clippy::too_many_arguments)]
+fn matmul_on<T: Real>(
+    threads: usize,
+    m: usize,
+    k: usize,
+    n: usize,
+    a: &[T],
+    trans_a: bool,
+    b: &[T],
+    trans_b: bool,
+    c: &mut [T],
+    accumulate: bool,
+) {
     assert_eq!(
         a.len(),
         m * k,
@@ -60,8 +100,7 @@ pub fn matmul<T: Real>(
     } else {
         (n as isize, 1)
     };
-    let threads = rayon::current_num_threads();
-    let parallelism = if threads > 1 && m * n * k >= 64 * 64 * 64 {
+    let parallelism = if threads > 1 {
         gemm::Parallelism::Rayon(threads)
     } else {
         gemm::Parallelism::None

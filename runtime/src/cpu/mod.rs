@@ -9,11 +9,13 @@
 //! deterministic for a given thread count.
 //!
 //! - [`dense`]: matrix products, linear layers, embeddings, norms, cross-entropy.
+//! - [`elementwise`]: the activation language's expressions and their gradients.
 //! - [`attention`]: RoPE (plain and YaRN, both pair layouts) and causal attention.
 //! - [`moe`]: the router, the grouped expert FFN and the sequence-wise balance loss.
 
 pub mod attention;
 pub mod dense;
+pub mod elementwise;
 pub mod moe;
 
 use std::fmt::Debug;

@@ -19,7 +19,7 @@
 
 use rayon::prelude::*;
 
-use super::dense::matmul;
+use super::dense::{matmul, matmul_serial};
 use super::Real;
 
 /// The score function that turns router logits into per-expert affinities.
@@ -621,7 +621,7 @@ pub fn experts_fwd<T: Real>(
                 }
                 let xi = gather_tokens(x, &order[offsets[i]..offsets[i + 1]], k, d);
                 let hd = h * d;
-                matmul(
+                matmul_serial(
                     m,
                     d,
                     h,
@@ -633,7 +633,7 @@ pub fn experts_fwd<T: Real>(
                     false,
                 );
                 if let Some(wg) = w_gate {
-                    matmul(
+                    matmul_serial(
                         m,
                         d,
                         h,
@@ -646,7 +646,7 @@ pub fn experts_fwd<T: Real>(
                     );
                 }
                 let a = activate(act, gate_i, up_i);
-                matmul(
+                matmul_serial(
                     m,
                     h,
                     d,
@@ -779,7 +779,7 @@ pub fn experts_bwd<T: Real>(
                 // G = dy·w_down[i]: the gradient of the activation before weighting.
                 let mut g = vec![T::ZERO; m * h];
                 let wd = &w_down[i * hd..(i + 1) * hd];
-                matmul(m, d, h, &dyi, false, wd, false, &mut g, false);
+                matmul_serial(m, d, h, &dyi, false, wd, false, &mut g, false);
 
                 // d_weights and the weighted activation for dw_down.
                 let mut a_w = vec![T::ZERO; m * h];
@@ -792,7 +792,7 @@ pub fn experts_bwd<T: Real>(
                     }
                     *dwt = dot;
                 }
-                matmul(d, m, h, &dyi, true, &a_w, false, dwd_i, false);
+                matmul_serial(d, m, h, &dyi, true, &a_w, false, dwd_i, false);
 
                 // The gradients of the gate and up projections' outputs.
                 let mut d_up = vec![T::ZERO; m * h];
@@ -809,12 +809,12 @@ pub fn experts_bwd<T: Real>(
                 }
 
                 let wu = &w_up[i * hd..(i + 1) * hd];
-                matmul(h, m, d, &d_up, true, &xi, false, dwu_i, false);
-                matmul(m, h, d, &d_up, false, wu, false, dx_i, false);
+                matmul_serial(h, m, d, &d_up, true, &xi, false, dwu_i, false);
+                matmul_serial(m, h, d, &d_up, false, wu, false, dx_i, false);
                 if let Some(wg) = w_gate {
                     let wg = &wg[i * hd..(i + 1) * hd];
-                    matmul(h, m, d, &d_gate, true, &xi, false, dwg_i, false);
-                    matmul(m, h, d, &d_gate, false, wg, false, dx_i, true);
+                    matmul_serial(h, m, d, &d_gate, true, &xi, false, dwg_i, false);
+                    matmul_serial(m, h, d, &d_gate, false, wg, false, dx_i, true);
                 }
             });
     }
