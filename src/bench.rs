@@ -5,8 +5,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use kiln_compiler::analyze::analyze;
-use kiln_compiler::autodiff::differentiate;
-use kiln_compiler::lower::lower;
+use kiln_compiler::program::compile;
 use kiln_runtime::cpu::dense::matmul;
 use kiln_runtime::data::{builtin_corpus, byte_tokens, Batcher};
 use kiln_runtime::train::{init_params, max_token_offset, TrainConfig, Trainer};
@@ -42,11 +41,10 @@ fn gemm_rate(n: usize, reps: usize) -> f64 {
 pub(crate) fn run(args: Args, color: bool) -> Result<(), Failure> {
     let (name, model) = load(args.spec.as_ref(), &mut Vec::new(), color)?;
     let report = analyze(&model);
-    let forward = lower(&model).map_err(|e| other(format!("internal error: {e}")))?;
-    let full = differentiate(&forward, forward.output("loss").expect("a loss"))
-        .map_err(|e| other(format!("internal error: {e}")))?;
+    let compiled = compile(&model).map_err(|e| other(e.to_string()))?;
+    let (full, forward) = (compiled.train.graph(), compiled.forward.graph());
     let (b, t) = (model.train.batch as usize, model.train.seq_len as usize);
-    let window = t + max_token_offset(&forward) as usize - 1;
+    let window = t + max_token_offset(forward) as usize - 1;
     let tokens = byte_tokens(&builtin_corpus(0, 1 << 20))
         .into_iter()
         .map(|x| x % model.vocab as u32)
@@ -66,7 +64,7 @@ pub(crate) fn run(args: Args, color: bool) -> Result<(), Failure> {
         bias_update: 0.0,
         seed: 0,
     };
-    let mut trainer = Trainer::new(&full, config, init_params(&forward, 0));
+    let mut trainer = Trainer::new(full, config, init_params(forward, 0));
     let ceiling = gemm_rate(1024, 5);
     // Warm up, then time each step; report the median.
     for _ in 0..2 {

@@ -11,9 +11,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use kiln_compiler::analyze::{analyze, Report};
 use kiln_compiler::check::check;
 use kiln_compiler::diag::{self, Diagnostic};
-use kiln_compiler::ir::verify;
-use kiln_compiler::lower::lower;
 use kiln_compiler::model::Model;
+use kiln_compiler::program;
 use kiln_compiler::report;
 
 mod bench;
@@ -97,8 +96,10 @@ enum Emit {
     Ir {
         /// The spec [default: the built-in specs/tiny.toml].
         spec: Option<PathBuf>,
-        /// The pass whose output to print: `lower` (the forward graph) or `autodiff` (forward
-        /// and backward, with one `grad.<param>` output per trainable parameter).
+        /// The pass whose output to print: `lower` (the forward graph), `autodiff` (forward
+        /// and backward, with one `grad.<param>` output per trainable parameter), `fuse`
+        /// (elementwise chains, residual adds with norms and bias with activation fused into
+        /// single nodes) or `plan` (the fused graph and its memory plan).
         #[arg(long, value_enum, default_value_t = Pass::Lower)]
         after: Pass,
     },
@@ -108,8 +109,9 @@ enum Emit {
 enum Pass {
     Lower,
     Autodiff,
-    /// The forward and backward graph, then its memory plan: every intermediate's arena
-    /// offset and lifetime, and the planned peak beside the analyzer's estimate.
+    Fuse,
+    /// The fused forward and backward graph, then its memory plan: every intermediate's
+    /// arena offset and lifetime, and the planned peak beside the analyzer's estimate.
     Plan,
 }
 
@@ -237,24 +239,16 @@ fn cmd_check(spec: Option<PathBuf>, json: bool, color: bool) -> Result<(), Failu
 
 fn cmd_emit_ir(spec: Option<PathBuf>, after: Pass, color: bool) -> Result<(), Failure> {
     let (_, model) = load(spec.as_ref(), &mut Vec::new(), color)?;
-    let internal =
-        |e: kiln_compiler::ir::ShapeError| Failure::Other(format!("internal error: {e}"));
-    let mut graph = lower(&model).map_err(internal)?;
-    if after != Pass::Lower {
-        let loss = graph.output("loss").expect("lowering names the loss");
-        graph = kiln_compiler::autodiff::differentiate(&graph, loss).map_err(internal)?;
-    }
-    if let Err(errors) = verify(&graph) {
-        let list: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
-        return Err(Failure::Other(format!(
-            "internal error: the graph does not verify:\n{}",
-            list.join("\n")
-        )));
-    }
+    let pass = match after {
+        Pass::Lower => program::Pass::Lower,
+        Pass::Autodiff => program::Pass::Autodiff,
+        Pass::Fuse | Pass::Plan => program::Pass::Fuse,
+    };
+    let graph = program::graph_after(&model, pass).map_err(|e| Failure::Other(e.to_string()))?;
     out(&graph.to_string());
     if after == Pass::Plan {
-        let keep: Vec<_> = graph.outputs.iter().map(|&(_, v)| v).collect();
-        let plan = kiln_compiler::plan::plan(&graph, &keep);
+        let program = program::Program::new(graph).map_err(|e| Failure::Other(e.to_string()))?;
+        let plan = program.plan();
         let mut text = String::from("plan\n");
         for (v, off) in plan.offsets.iter().enumerate() {
             if let (Some(off), Some((first, last))) = (off, plan.lifetimes[v]) {

@@ -1,14 +1,12 @@
-//! `kiln train`: the CLI side of training — reading the spec and data, lowering and
-//! differentiating, driving the runtime's trainer, and reporting progress and metrics.
+//! `kiln train`: the CLI side of training — reading the spec and data, compiling the model
+//! (lower, differentiate, fuse), driving the runtime's trainer, and reporting progress and metrics.
 
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use kiln_compiler::autodiff::differentiate;
-use kiln_compiler::ir::verify;
-use kiln_compiler::lower::lower;
 use kiln_compiler::model::{DataSource, Model, ScheduleKind};
+use kiln_compiler::program::compile;
 use kiln_runtime::checkpoint;
 use kiln_runtime::data::{self, Batcher, Dataset};
 use kiln_runtime::train::{eval_loss, init_params, max_token_offset, TrainConfig, Trainer};
@@ -114,24 +112,11 @@ pub(crate) fn run(args: Args, color: bool) -> Result<(), Failure> {
     let seed = args.seed.unwrap_or(model.train.seed);
     let (b, t) = (model.train.batch as usize, model.train.seq_len as usize);
 
-    let forward =
-        lower(&model).map_err(|e| other(format!("internal error while lowering: {e}")))?;
-    let full = differentiate(
-        &forward,
-        forward.output("loss").expect("lowering names the loss"),
-    )
-    .map_err(|e| other(format!("internal error while differentiating: {e}")))?;
-    for g in [&forward, &full] {
-        if let Err(errors) = verify(g) {
-            return Err(other(format!(
-                "internal error: {} does not verify: {}",
-                g.name, errors[0]
-            )));
-        }
-    }
+    let compiled = compile(&model).map_err(|e| other(e.to_string()))?;
+    let (full, forward) = (compiled.train.graph(), compiled.forward.graph());
 
     let dataset = load_data(&model, args.data.as_deref(), seed)?;
-    let window = t + max_token_offset(&forward) as usize - 1;
+    let window = t + max_token_offset(forward) as usize - 1;
     let mut batcher =
         Batcher::new(dataset.train.clone(), b, window, seed).map_err(|e| other(e.to_string()))?;
 
@@ -147,13 +132,13 @@ pub(crate) fn run(args: Args, color: bool) -> Result<(), Failure> {
     let hash = checkpoint::spec_hash(&spec_bytes);
 
     let mut trainer = Trainer::new(
-        &full,
+        full,
         config(&model, steps, seed),
-        init_params(&forward, seed),
+        init_params(forward, seed),
     );
     let mut kept_metrics = String::new();
     if args.resume.is_some() {
-        let ck = checkpoint::load(&ck_path, &forward).map_err(|e| other(e.to_string()))?;
+        let ck = checkpoint::load(&ck_path, forward).map_err(|e| other(e.to_string()))?;
         if ck.spec_hash != hash {
             return Err(other(format!(
                 "{} was written for another spec (hash {}, this spec {hash}); resume with the run's spec.toml",
@@ -202,7 +187,7 @@ pub(crate) fn run(args: Args, color: bool) -> Result<(), Failure> {
             .map_err(|e| other(e.to_string()))?
             .filter(|batch| batch.inputs.len() == b * window)
             .take(args.eval_batches);
-        eval_loss(&forward, &trainer.params, batches, t).map_err(|e| other(e.to_string()))
+        eval_loss(forward, &trainer.params, batches, t).map_err(|e| other(e.to_string()))
     };
     let save = |trainer: &Trainer, batcher: &Batcher| -> Result<(), Failure> {
         let (m, v) = trainer.moments();
@@ -214,7 +199,7 @@ pub(crate) fn run(args: Args, color: bool) -> Result<(), Failure> {
             data_rng: batcher.state(),
             spec_hash: hash.clone(),
         };
-        checkpoint::save(&ck_path, &forward, &ck).map_err(|e| other(e.to_string()))
+        checkpoint::save(&ck_path, forward, &ck).map_err(|e| other(e.to_string()))
     };
 
     let start = Instant::now();

@@ -1,5 +1,6 @@
-//! The forward graph IR: every spec lowers to a graph that verifies, whose parameters are
-//! exactly the analyzer's (and so HF's) count, and whose text is reviewed as a snapshot.
+//! The graph IR through the pipeline: every spec lowers to a graph that verifies, whose
+//! parameters are exactly the analyzer's (and so HF's) count; it differentiates, fuses and
+//! plans to graphs that verify; and the text before and after fusion is reviewed as snapshots.
 
 use std::path::Path;
 
@@ -202,6 +203,86 @@ fn backward_snapshot_of_tiny() {
     let fwd = lowered("tiny.toml");
     let full = differentiate(&fwd, fwd.output("loss").unwrap()).unwrap();
     insta::assert_snapshot!("ir-tiny-backward", full.to_string());
+}
+
+/// Every spec in specs/ compiles through the whole pipeline, and fusion removes what its
+/// rules promise: no residual add is left feeding a norm, no norm gradient's input gradient
+/// is left to a separate add, no map's result is read only by another map.
+#[test]
+fn every_spec_compiles_and_fusion_leaves_no_fusable_chain() {
+    use kiln_compiler::program::compile;
+    for name in [
+        "tiny.toml",
+        "gpt2-124m.toml",
+        "llama3-8b.toml",
+        "deepseek-v2.toml",
+        "deepseek-v2-lite.toml",
+        "deepseek-v3.toml",
+    ] {
+        let compiled = compile(&model(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        for program in [&compiled.train, &compiled.forward] {
+            let g = program.graph();
+            let producer = |v| match g.values[v].def {
+                Def::Node { node, .. } => Some(&g.nodes[node]),
+                _ => None,
+            };
+            let readers = |v| g.nodes.iter().filter(move |(_, n)| n.inputs.contains(&v));
+            for (_, node) in g.nodes.iter() {
+                let first = producer(node.inputs.first().copied().unwrap_or(node.outputs[0]));
+                match (&node.op, first.map(|p| &p.op)) {
+                    (Op::RmsNorm { .. } | Op::LayerNorm { .. }, Some(Op::Map { expr, .. })) => {
+                        assert_ne!(expr.to_string(), "a + b", "{name}: {}", node.path)
+                    }
+                    (Op::Map { .. }, _) => {
+                        for &x in &node.inputs {
+                            if let Some(p) = producer(x) {
+                                let only = readers(x).count() == 1;
+                                let named = g.outputs.iter().any(|&(_, v)| v == x);
+                                assert!(
+                                    !(matches!(p.op, Op::Map { .. }) && only && !named),
+                                    "{name}: {} should have been inlined into {}",
+                                    p.path,
+                                    node.path
+                                );
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            let count = |op: &str| g.nodes.iter().filter(|(_, n)| n.op.name() == op).count();
+            // tiny: every norm that reads a residual sum (7 in the main model, after layer 0's
+            // attention; 2 in the MTP module; the final norm) fuses with it. Backward, each of
+            // the 11 sums of a norm's input gradient with the stream's gradient fuses (the
+            // final hidden state feeds two norms, final.norm and MTP's hnorm; one joins).
+            if name == "tiny.toml" && g.output("grad.head.weight").is_some() {
+                assert_eq!(count("add_rms_norm"), 10, "{name}");
+                assert_eq!(count("add_rms_norm_grad"), 11, "{name}");
+            }
+            if name == "gpt2-124m.toml" && g.output("grad.head.weight").is_some() {
+                assert_eq!(count("linear_map"), 12, "{name}: one per layer's fc + gelu");
+            }
+        }
+    }
+}
+
+#[test]
+fn fusion_snapshots_before_and_after() {
+    use kiln_compiler::program::{graph_after, Pass};
+    let tiny = model("tiny.toml");
+    insta::assert_snapshot!(
+        "ir-tiny-fused",
+        graph_after(&tiny, Pass::Fuse).unwrap().to_string()
+    );
+    let gpt2 = model("gpt2-124m.toml");
+    insta::assert_snapshot!(
+        "ir-gpt2-124m-backward",
+        graph_after(&gpt2, Pass::Autodiff).unwrap().to_string()
+    );
+    insta::assert_snapshot!(
+        "ir-gpt2-124m-fused",
+        graph_after(&gpt2, Pass::Fuse).unwrap().to_string()
+    );
 }
 
 #[test]

@@ -333,6 +333,14 @@ fn vjp(
         | Op::ExpertsGrad { .. }
         | Op::CrossEntropyGrad
         | Op::BalanceLossGrad { .. } => {}
+        // Fusion runs after differentiation, so a fused op here is a pipeline mistake.
+        Op::AddNorm { .. } | Op::AddNormGrad { .. } | Op::LinearMap { .. } => {
+            return Err(ShapeError {
+                path: node.path.clone(),
+                op: node.op.name(),
+                message: "fused ops are not differentiated: differentiate, then fuse".into(),
+            });
+        }
     }
     // Gradients of u32 operands (ids, expert indices) do not exist.
     out.retain(|&(v, _)| g.values[v].ty.dtype == DType::F32);

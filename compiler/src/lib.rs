@@ -1,13 +1,16 @@
-//! kiln-compiler: spec checking, analysis, and (later) lowering, autodiff and code generation.
+//! kiln-compiler: spec checking and analysis, lowering to the graph IR, autodiff, fusion and
+//! memory planning ([`program::compile`]); code generation to come.
 
 pub mod analyze;
 pub mod autodiff;
 pub mod check;
 pub mod diag;
 pub mod dsl;
+pub mod fuse;
 pub mod ir;
 pub mod lower;
 pub mod model;
 pub mod ops;
 pub mod plan;
+pub mod program;
 pub mod report;

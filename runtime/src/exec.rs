@@ -10,10 +10,10 @@ use std::fmt;
 
 use kiln_compiler::dsl::expr::Compiled;
 use kiln_compiler::ir::{Def, Graph, InputKind, Node, Op, RopePairs, RouterSpec, ValueId};
-use kiln_compiler::model::{GroupScore, ScoreFunc, Selection};
+use kiln_compiler::model::{GroupScore, NormKind, ScoreFunc, Selection};
 
 use crate::cpu::attention::{self, RopeTables, YarnParams};
-use crate::cpu::elementwise::{is_swiglu, swiglu, Elementwise};
+use crate::cpu::elementwise::{self, is_swiglu, swiglu, Elementwise};
 use crate::cpu::{dense, moe, Real};
 
 /// A tensor's data: floats, or u32 ids and indices.
@@ -101,6 +101,10 @@ impl<'g> Executor<'g> {
                 Op::Map { expr, vars } | Op::MapGrad { expr, vars, .. } => {
                     let names: Vec<&str> = vars.iter().map(String::as_str).collect();
                     let e = Elementwise::new(expr, &names).expect("verified graphs compile");
+                    elementwise.insert(id.index(), e);
+                }
+                Op::LinearMap { expr, var, .. } => {
+                    let e = Elementwise::new(expr, &[var]).expect("verified graphs compile");
                     elementwise.insert(id.index(), e);
                 }
                 Op::Rope { .. } | Op::RopeGrad { .. } => {
@@ -367,6 +371,15 @@ impl<'g> Executor<'g> {
                     b,
                 ))]
             }
+            Op::LinearMap { bias, .. } => {
+                let w = shape(1);
+                let (out, inp) = (w[0], w[1]);
+                let rows = arg(0).floats().len() / inp;
+                let b = bias.then(|| arg(2).floats());
+                let pre = dense::linear_fwd(arg(0).floats(), rows, inp, arg(1).floats(), out, b);
+                let y = self.elementwise[&index].forward(&[&pre]);
+                vec![f(pre), f(y)]
+            }
             Op::LinearGrad { bias } => {
                 let w = shape(1);
                 let (out, inp) = (w[0], w[1]);
@@ -386,49 +399,51 @@ impl<'g> Executor<'g> {
                 }
                 v
             }
-            Op::RmsNorm { eps } => {
-                let n = *shape(0).last().expect("rank ≥ 1");
-                let rows = arg(0).floats().len() / n;
-                vec![f(dense::rms_norm_fwd(
-                    arg(0).floats(),
-                    rows,
-                    n,
-                    arg(1).floats(),
-                    *eps,
-                )
-                .0)]
+            Op::RmsNorm { eps } => vec![f(norm_fwd(
+                NormKind::RmsNorm,
+                *eps,
+                arg(0).floats(),
+                arg(1).floats(),
+                None,
+            ))],
+            Op::LayerNorm { eps } => vec![f(norm_fwd(
+                NormKind::LayerNorm,
+                *eps,
+                arg(0).floats(),
+                arg(1).floats(),
+                Some(arg(2).floats()),
+            ))],
+            Op::AddNorm { norm, eps } => {
+                let s = elementwise::add(arg(0).floats(), arg(1).floats());
+                let b = (*norm == NormKind::LayerNorm).then(|| arg(3).floats());
+                let y = norm_fwd(*norm, *eps, &s, arg(2).floats(), b);
+                vec![f(s), f(y)]
             }
-            Op::RmsNormGrad { eps } => {
-                let n = *shape(0).last().expect("rank ≥ 1");
-                let rows = arg(0).floats().len() / n;
-                let (x, w) = (arg(0).floats(), arg(1).floats());
-                let (_, rstd) = dense::rms_norm_fwd(x, rows, n, w, *eps);
-                let (dx, dw) = dense::rms_norm_bwd(x, rows, n, w, &rstd, arg(2).floats());
-                vec![f(dx), f(dw)]
-            }
-            Op::LayerNorm { eps } => {
-                let n = *shape(0).last().expect("rank ≥ 1");
-                let rows = arg(0).floats().len() / n;
-                vec![f(dense::layer_norm_fwd(
-                    arg(0).floats(),
-                    rows,
-                    n,
-                    arg(1).floats(),
-                    arg(2).floats(),
-                    *eps,
-                )
-                .0)]
-            }
-            Op::LayerNormGrad { eps } => {
-                let n = *shape(0).last().expect("rank ≥ 1");
-                let rows = arg(0).floats().len() / n;
-                let (x, w) = (arg(0).floats(), arg(1).floats());
-                // The bias does not affect the gradients; zeros stand in for it.
-                let zeros = vec![T::ZERO; n];
-                let (_, mean, rstd) = dense::layer_norm_fwd(x, rows, n, w, &zeros, *eps);
-                let (dx, dw, db) =
-                    dense::layer_norm_bwd(x, rows, n, w, &mean, &rstd, arg(2).floats());
-                vec![f(dx), f(dw), f(db)]
+            Op::RmsNormGrad { eps } => norm_bwd(
+                NormKind::RmsNorm,
+                *eps,
+                arg(0).floats(),
+                arg(1).floats(),
+                arg(2).floats(),
+            )
+            .into_iter()
+            .map(f)
+            .collect(),
+            Op::LayerNormGrad { eps } => norm_bwd(
+                NormKind::LayerNorm,
+                *eps,
+                arg(0).floats(),
+                arg(1).floats(),
+                arg(2).floats(),
+            )
+            .into_iter()
+            .map(f)
+            .collect(),
+            Op::AddNormGrad { norm, eps } => {
+                let (s, w, dy) = (arg(0).floats(), arg(1).floats(), arg(2).floats());
+                let mut grads = norm_bwd(*norm, *eps, s, w, dy);
+                elementwise::add_assign(&mut grads[0], arg(3).floats());
+                grads.into_iter().map(f).collect()
             }
             Op::Rope { theta, yarn, pairs } | Op::RopeGrad { theta, yarn, pairs } => {
                 let key = self.rope_key[&index];
@@ -639,6 +654,40 @@ fn check_ids(ids: &[u32], bound: usize, path: &str) -> Result<(), ExecError> {
             "`{path}` reads index {bad}, but only {bound} exist"
         ))),
         None => Ok(()),
+    }
+}
+
+/// A norm of the rows of `x` (of width `w.len()`): RMSNorm, or LayerNorm with bias `b`.
+fn norm_fwd<T: Real>(kind: NormKind, eps: f64, x: &[T], w: &[T], b: Option<&[T]>) -> Vec<T> {
+    let n = w.len();
+    let rows = x.len() / n;
+    match kind {
+        NormKind::RmsNorm => dense::rms_norm_fwd(x, rows, n, w, eps).0,
+        NormKind::LayerNorm => {
+            let b = b.expect("a LayerNorm has a bias");
+            dense::layer_norm_fwd(x, rows, n, w, b, eps).0
+        }
+    }
+}
+
+/// A norm's gradients `[dx, dw]` (RMSNorm) or `[dx, dw, db]` (LayerNorm); the statistics
+/// are recomputed from `x`.
+fn norm_bwd<T: Real>(kind: NormKind, eps: f64, x: &[T], w: &[T], dy: &[T]) -> Vec<Vec<T>> {
+    let n = w.len();
+    let rows = x.len() / n;
+    match kind {
+        NormKind::RmsNorm => {
+            let (_, rstd) = dense::rms_norm_fwd(x, rows, n, w, eps);
+            let (dx, dw) = dense::rms_norm_bwd(x, rows, n, w, &rstd, dy);
+            vec![dx, dw]
+        }
+        NormKind::LayerNorm => {
+            // The bias does not affect the gradients; zeros stand in for it.
+            let zeros = vec![T::ZERO; n];
+            let (_, mean, rstd) = dense::layer_norm_fwd(x, rows, n, w, &zeros, eps);
+            let (dx, dw, db) = dense::layer_norm_bwd(x, rows, n, w, &mean, &rstd, dy);
+            vec![dx, dw, db]
+        }
     }
 }
 

@@ -4,6 +4,7 @@
 //! result types with them, so the two can never disagree.
 
 use super::{DType, Op, RouterSpec, TensorType};
+use crate::model::NormKind;
 
 type Types = Result<Vec<TensorType>, String>;
 
@@ -386,6 +387,44 @@ pub fn infer(op: &Op, inputs: &[&TensorType]) -> Types {
             }
             Ok(vec![inputs[0].clone()])
         }
+        Op::AddNorm { norm, .. } => {
+            let n_params = match norm {
+                NormKind::RmsNorm => 1,
+                NormKind::LayerNorm => 2,
+            };
+            arity(inputs, 2 + n_params)?;
+            let (x, r) = (inputs[0], inputs[1]);
+            if x != r {
+                return Err(format!("the residual {r} does not match the stream {x}"));
+            }
+            let mut operands = vec![x];
+            operands.extend_from_slice(&inputs[2..]);
+            let y = infer(&norm_op(*norm), &operands)?;
+            Ok(vec![x.clone(), y[0].clone()])
+        }
+        Op::AddNormGrad { norm, .. } => {
+            arity(inputs, 4)?;
+            let (s, ds) = (inputs[0], inputs[3]);
+            if s != ds {
+                return Err(format!(
+                    "the residual gradient {ds} does not match the stream {s}"
+                ));
+            }
+            let grad = match norm {
+                NormKind::RmsNorm => Op::RmsNormGrad { eps: 0.0 },
+                NormKind::LayerNorm => Op::LayerNormGrad { eps: 0.0 },
+            };
+            infer(&grad, &inputs[..3])
+        }
+        Op::LinearMap { bias, expr, var } => {
+            let pre = infer(&Op::Linear { bias: *bias }, inputs)?;
+            let map = Op::Map {
+                expr: expr.clone(),
+                vars: vec![var.clone()],
+            };
+            let y = infer(&map, &[&pre[0]])?;
+            Ok(vec![pre[0].clone(), y[0].clone()])
+        }
         Op::BalanceLossGrad { alpha, top_k } => {
             arity(inputs, 3)?;
             let fwd = Op::BalanceLoss {
@@ -398,5 +437,13 @@ pub fn infer(op: &Op, inputs: &[&TensorType]) -> Types {
             }
             Ok(vec![inputs[0].clone()])
         }
+    }
+}
+
+/// The plain norm a fused op applies (its `eps` does not affect shapes).
+fn norm_op(norm: NormKind) -> Op {
+    match norm {
+        NormKind::RmsNorm => Op::RmsNorm { eps: 0.0 },
+        NormKind::LayerNorm => Op::LayerNorm { eps: 0.0 },
     }
 }

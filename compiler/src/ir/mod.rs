@@ -26,7 +26,7 @@ use std::marker::PhantomData;
 use serde::Serialize;
 
 use crate::dsl::expr::Expr;
-use crate::model::{Format, GroupScore, ScoreFunc, Selection, Yarn};
+use crate::model::{Format, GroupScore, NormKind, ScoreFunc, Selection, Yarn};
 
 pub use infer::infer;
 pub use verify::{verify, VerifyError};
@@ -356,6 +356,20 @@ pub enum Op {
     CrossEntropyGrad,
     /// `(scores[B, T, E], experts[B, T, k], dloss[]) -> d_scores[B, T, E]`.
     BalanceLossGrad { alpha: f64, top_k: u64 },
+
+    // Fused ops: what `crate::fuse` replaces a chain of the ops above with. Each computes
+    // exactly what its chain did, in one pass over the data.
+    /// `(x, r, w, b?) -> (s, y)`: the residual add `s = x + r` and `y = norm(s)`; `b` exactly
+    /// for LayerNorm. Replaces `map[a + b]` followed by a norm of its result.
+    AddNorm { norm: NormKind, eps: f64 },
+    /// `(s, w, dy, ds) -> (ds + ∂norm, dw, db?)`: a norm's backward with the residual
+    /// stream's gradient `ds` added to the input gradient (`db` exactly for LayerNorm).
+    /// Replaces a norm's gradient followed by `map[g0 + g1]` of its input gradient.
+    AddNormGrad { norm: NormKind, eps: f64 },
+    /// `(x[.., in], w[out, in], b[out]?) -> (pre[.., out], y[.., out])`: a linear layer and
+    /// its activation, `pre = x·wᵀ + b` and `y = expr(pre)` with `var` naming `pre` (kept
+    /// for the backward pass). Replaces `linear` followed by a one-operand `map`.
+    LinearMap { bias: bool, expr: Expr, var: String },
 }
 
 /// The routing rule of a [`Op::Router`] (and its gradient).
@@ -403,6 +417,23 @@ impl Op {
             Op::ExpertsGrad { .. } => "experts_grad",
             Op::CrossEntropyGrad => "cross_entropy_grad",
             Op::BalanceLossGrad { .. } => "balance_loss_grad",
+            Op::AddNorm {
+                norm: NormKind::RmsNorm,
+                ..
+            } => "add_rms_norm",
+            Op::AddNorm {
+                norm: NormKind::LayerNorm,
+                ..
+            } => "add_layer_norm",
+            Op::AddNormGrad {
+                norm: NormKind::RmsNorm,
+                ..
+            } => "add_rms_norm_grad",
+            Op::AddNormGrad {
+                norm: NormKind::LayerNorm,
+                ..
+            } => "add_layer_norm_grad",
+            Op::LinearMap { .. } => "linear_map",
         }
     }
 }

@@ -89,6 +89,8 @@ fn attributes(op: &Op) -> String {
             pairs: *pairs,
         }),
         Op::AttentionGrad { scale } => format!("[causal, scale={}]", num(*scale)),
+        Op::AddNorm { eps, .. } | Op::AddNormGrad { eps, .. } => format!("[eps={}]", num(*eps)),
+        Op::LinearMap { expr, var, .. } => format!("[{var} -> {expr}]"),
     }
 }
 

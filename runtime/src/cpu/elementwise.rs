@@ -7,8 +7,10 @@
 //! the same instructions forward over a block, then sweeps them in reverse with one adjoint
 //! block per instruction. Arithmetic is in the compute type; the built-in functions are
 //! evaluated in f64 ([`Func::apply`]) and rounded once. Two common shapes have closed forms
-//! that skip the interpreter altogether: sums of operands (residual adds and gradient
-//! accumulation) and `silu(gate) * up`.
+//! that skip the interpreter altogether: left-to-right sums of operands (residual adds and
+//! gradient accumulation) and `silu(gate) * up`. Every form rounds exactly as the expression
+//! evaluated step by step in the compute type would, so fusing a chain of maps into one never
+//! changes a result.
 
 use kiln_compiler::dsl::expr::{BinOp, Compiled, Expr, Func, Instr};
 use rayon::prelude::*;
@@ -155,20 +157,28 @@ impl Elementwise {
     }
 }
 
+/// `a + b` elementwise.
+pub fn add<T: Real>(a: &[T], b: &[T]) -> Vec<T> {
+    let mut y = a.to_vec();
+    add_assign(&mut y, b);
+    y
+}
+
+/// `y += b` elementwise.
+pub fn add_assign<T: Real>(y: &mut [T], b: &[T]) {
+    debug_assert_eq!(y.len(), b.len());
+    y.par_chunks_mut(CHUNK)
+        .zip(b.par_chunks(CHUNK))
+        .for_each(|(y, b)| {
+            for (y, &b) in y.iter_mut().zip(b) {
+                *y += b;
+            }
+        });
+}
+
 /// The closed form an expression has, if any.
 fn recognize(expr: &Expr, vars: &[&str], compiled: &Compiled) -> Form {
-    let instrs = compiled.instrs();
-    if instrs
-        .iter()
-        .all(|i| matches!(i, Instr::Var(_) | Instr::Bin(BinOp::Add, _, _)))
-    {
-        let terms = instrs
-            .iter()
-            .filter_map(|i| match i {
-                Instr::Var(v) => Some(*v),
-                _ => None,
-            })
-            .collect();
+    if let Some(terms) = left_sum(compiled.instrs()) {
         return Form::Sum(terms);
     }
     let Expr::Bin(BinOp::Mul, a, b) = expr else {
@@ -188,6 +198,27 @@ fn recognize(expr: &Expr, vars: &[&str], compiled: &Compiled) -> Form {
         }
     }
     Form::General
+}
+
+/// The operands of `((x₀ + x₁) + x₂) + …`, summed left to right, if that is the program. (A
+/// sum grouped another way rounds differently, so it stays with the interpreter, which keeps
+/// the expression's order.)
+fn left_sum(instrs: &[Instr]) -> Option<Vec<usize>> {
+    let Some(Instr::Var(first)) = instrs.first() else {
+        return None;
+    };
+    let mut terms = vec![*first];
+    let mut acc = 0;
+    for pair in instrs[1..].chunks(2) {
+        match *pair {
+            [Instr::Var(v), Instr::Bin(BinOp::Add, a, b)] if a == acc && b == acc + 1 => {
+                terms.push(v);
+                acc += 2;
+            }
+            _ => return None,
+        }
+    }
+    Some(terms)
 }
 
 /// Whether `expr` over `vars` is `silu(gate) * up` with `gate` operand 0 and `up` operand 1.
@@ -374,6 +405,8 @@ mod tests {
             Elementwise::new(&expr, vars).unwrap().form
         };
         assert_eq!(form("a + b + a", &["a", "b"]), Form::Sum(vec![0, 1, 0]));
+        assert_eq!(form("a", &["a"]), Form::Sum(vec![0]));
+        assert_eq!(form("a + (b + a)", &["a", "b"]), Form::General);
         assert_eq!(
             form("up * silu(gate)", &["gate", "up"]),
             Form::SwiGlu { gate: 0, up: 1 }

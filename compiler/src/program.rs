@@ -1,0 +1,142 @@
+//! The compiler's product: verified, fused graphs with their memory plans, and the pipeline
+//! that makes them.
+//!
+//! ```text
+//! Model ─lower─▶ forward Graph ─differentiate─▶ forward + backward ─fuse─▶ ─plan─▶ Program
+//! ```
+//!
+//! A [`Program`] can only be built from a graph that verifies, so every backend (the CPU
+//! interpreter, the emitters) may rely on the verifier's guarantees.
+
+use std::fmt;
+
+use crate::autodiff::differentiate;
+use crate::fuse::fuse;
+use crate::ir::{verify, Graph, ValueId};
+use crate::lower::lower;
+use crate::model::Model;
+use crate::plan::{plan, Plan};
+
+/// A verified graph, its memory plan, and the values its caller keeps (its outputs).
+#[derive(Clone, Debug)]
+pub struct Program {
+    graph: Graph,
+    plan: Plan,
+}
+
+impl Program {
+    /// Verifies `graph` and plans its memory, keeping its named outputs to the end.
+    pub fn new(graph: Graph) -> Result<Program, CompileError> {
+        checked("verify", &graph)?;
+        let plan = plan(&graph, &outputs(&graph));
+        Ok(Program { graph, plan })
+    }
+
+    pub fn graph(&self) -> &Graph {
+        &self.graph
+    }
+
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+}
+
+fn outputs(g: &Graph) -> Vec<ValueId> {
+    g.outputs.iter().map(|&(_, v)| v).collect()
+}
+
+/// What compiling a model yields: the training step, and the forward pass alone (for
+/// evaluation and sampling), both fused.
+#[derive(Clone, Debug)]
+pub struct Compiled {
+    /// Forward, backward (`grad.<param>` outputs) and losses.
+    pub train: Program,
+    /// The forward pass: `loss`, `loss.main`, `logits`.
+    pub forward: Program,
+}
+
+/// The last pass a caller wants to see the result of (`kiln emit ir --after`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Pass {
+    /// The forward graph.
+    Lower,
+    /// Forward and backward.
+    Autodiff,
+    /// Forward and backward, fused.
+    Fuse,
+}
+
+/// The graph after `pass`, verified after every pass on the way.
+pub fn graph_after(model: &Model, pass: Pass) -> Result<Graph, CompileError> {
+    let forward = lower(model).map_err(|e| CompileError::new("lower", e))?;
+    checked("lower", &forward)?;
+    if pass == Pass::Lower {
+        return Ok(forward);
+    }
+    let loss = forward.output("loss").expect("lowering names the loss");
+    let train = differentiate(&forward, loss).map_err(|e| CompileError::new("autodiff", e))?;
+    checked("autodiff", &train)?;
+    if pass == Pass::Autodiff {
+        return Ok(train);
+    }
+    let fused = fuse(&train);
+    checked("fuse", &fused)?;
+    Ok(fused)
+}
+
+/// The whole pipeline: lower, differentiate, fuse and plan.
+pub fn compile(model: &Model) -> Result<Compiled, CompileError> {
+    let forward = lower(model).map_err(|e| CompileError::new("lower", e))?;
+    checked("lower", &forward)?;
+    let loss = forward.output("loss").expect("lowering names the loss");
+    let train = differentiate(&forward, loss).map_err(|e| CompileError::new("autodiff", e))?;
+    checked("autodiff", &train)?;
+    Ok(Compiled {
+        train: Program::new(fuse(&train))?,
+        forward: Program::new(fuse(&forward))?,
+    })
+}
+
+/// Runs the verifier on the output of `pass`.
+fn checked(pass: &'static str, g: &Graph) -> Result<(), CompileError> {
+    verify(g).map_err(|errors| CompileError {
+        pass,
+        message: format!(
+            "{} does not verify: {}",
+            g.name,
+            errors
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; ")
+        ),
+    })
+}
+
+/// A pass failed on a model the checker accepted: a bug in kiln, reported with the pass.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CompileError {
+    pub pass: &'static str,
+    pub message: String,
+}
+
+impl CompileError {
+    fn new(pass: &'static str, e: impl fmt::Display) -> Self {
+        CompileError {
+            pass,
+            message: e.to_string(),
+        }
+    }
+}
+
+impl fmt::Display for CompileError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "internal error in pass `{}`: {}",
+            self.pass, self.message
+        )
+    }
+}
+
+impl std::error::Error for CompileError {}
