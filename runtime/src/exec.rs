@@ -677,7 +677,7 @@ fn norm_bwd<T: Real>(kind: NormKind, eps: f64, x: &[T], w: &[T], dy: &[T]) -> Ve
     let rows = x.len() / n;
     match kind {
         NormKind::RmsNorm => {
-            let (_, rstd) = dense::rms_norm_fwd(x, rows, n, w, eps);
+            let rstd = dense::rms_norm_rstd(x, rows, n, eps);
             let (dx, dw) = dense::rms_norm_bwd(x, rows, n, w, &rstd, dy);
             vec![dx, dw]
         }

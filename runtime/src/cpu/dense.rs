@@ -339,11 +339,34 @@ pub fn embedding_bwd<T: Real>(ids: &[u32], dy: &[T], vocab: usize, d: usize) -> 
     dtable
 }
 
+/// `Σ_{j < n} term(j)` in f64 over eight interleaved partial sums, combined in a fixed order:
+/// the additions pipeline (and vectorize) instead of each waiting for the last, and the
+/// result does not depend on anything but `n` and the terms.
+#[inline]
+fn sum_f64(n: usize, term: impl Fn(usize) -> f64) -> f64 {
+    let mut acc = [0.0f64; 8];
+    let full = n - n % 8;
+    for base in (0..full).step_by(8) {
+        for (l, a) in acc.iter_mut().enumerate() {
+            *a += term(base + l);
+        }
+    }
+    for j in full..n {
+        acc[j - full] += term(j);
+    }
+    ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
+}
+
+/// `1 / sqrt(mean(x²) + eps)` of one row, the sum of squares in f64.
+fn rms_rstd_row<T: Real>(x: &[T], eps: f64) -> T {
+    let sum_sq = sum_f64(x.len(), |j| x[j].to_f64() * x[j].to_f64());
+    T::from_f64(1.0 / (sum_sq / x.len() as f64 + eps).sqrt())
+}
+
 /// One row of RMSNorm: writes `y = x · rstd · w` and returns `rstd`, the sum of squares
 /// accumulated in f64.
 fn rms_norm_row<T: Real>(x: &[T], w: &[T], eps: f64, y: &mut [T]) -> T {
-    let sum_sq: f64 = x.iter().map(|v| v.to_f64() * v.to_f64()).sum();
-    let rstd = T::from_f64(1.0 / (sum_sq / x.len() as f64 + eps).sqrt());
+    let rstd = rms_rstd_row(x, eps);
     for ((o, &v), &g) in y.iter_mut().zip(x).zip(w) {
         *o = v * rstd * g;
     }
@@ -385,15 +408,30 @@ pub fn rms_norm_fwd<T: Real>(
     (y, rstd)
 }
 
+/// The `rstd` of every row, exactly as [`rms_norm_fwd`] computes it, without the output: what
+/// a backward pass that recomputes its statistics needs.
+pub fn rms_norm_rstd<T: Real>(x: &[T], rows: usize, n: usize, eps: f64) -> Vec<T> {
+    debug_assert_eq!(x.len(), rows * n, "rms_norm_rstd: x is not [rows, n]");
+    let row = |xr: &[T]| rms_rstd_row(xr, eps);
+    if n == 0 {
+        return vec![T::ZERO; rows];
+    }
+    if parallel(rows, n) {
+        x.par_chunks(n)
+            .with_min_len(min_rows_per_task(n))
+            .map(row)
+            .collect()
+    } else {
+        x.chunks(n).map(row).collect()
+    }
+}
+
 /// One row of the RMSNorm input gradient:
 /// `dx = rstd · w · dy − (rstd³ / n) · x · Σ_j (dy · w · x)_j`, the dot product in f64.
 fn rms_norm_bwd_row<T: Real>(x: &[T], w: &[T], rstd: T, dy: &[T], dx: &mut [T]) {
-    let dot: f64 = x
-        .iter()
-        .zip(w)
-        .zip(dy)
-        .map(|((&v, &g), &d)| d.to_f64() * g.to_f64() * v.to_f64())
-        .sum();
+    let dot = sum_f64(x.len(), |j| {
+        dy[j].to_f64() * w[j].to_f64() * x[j].to_f64()
+    });
     let r = rstd.to_f64();
     let c = T::from_f64(r * r * r * dot / x.len() as f64);
     for (((o, &v), &g), &d) in dx.iter_mut().zip(x).zip(w).zip(dy) {
@@ -445,12 +483,8 @@ pub fn rms_norm_bwd<T: Real>(
 /// both computed in f64 (two passes, biased variance).
 fn layer_norm_row<T: Real>(x: &[T], w: &[T], b: &[T], eps: f64, y: &mut [T]) -> (T, T) {
     let n = x.len() as f64;
-    let mean = x.iter().map(|v| v.to_f64()).sum::<f64>() / n;
-    let var = x
-        .iter()
-        .map(|v| (v.to_f64() - mean) * (v.to_f64() - mean))
-        .sum::<f64>()
-        / n;
+    let mean = sum_f64(x.len(), |j| x[j].to_f64()) / n;
+    let var = sum_f64(x.len(), |j| (x[j].to_f64() - mean) * (x[j].to_f64() - mean)) / n;
     let rstd = 1.0 / (var + eps).sqrt();
     let (mean_t, rstd_t) = (T::from_f64(mean), T::from_f64(rstd));
     for (((o, &v), &g), &c) in y.iter_mut().zip(x).zip(w).zip(b) {
@@ -504,12 +538,10 @@ pub fn layer_norm_fwd<T: Real>(
 /// `dx = rstd · (g − mean(g) − x̂ · mean(g · x̂))`, the two means in f64.
 fn layer_norm_bwd_row<T: Real>(x: &[T], w: &[T], mean: T, rstd: T, dy: &[T], dx: &mut [T]) {
     let n = x.len() as f64;
-    let (mut sum_g, mut sum_gx) = (0.0f64, 0.0f64);
-    for ((&v, &g), &d) in x.iter().zip(w).zip(dy) {
-        let gi = (d * g).to_f64();
-        sum_g += gi;
-        sum_gx += gi * ((v - mean) * rstd).to_f64();
-    }
+    let sum_g = sum_f64(x.len(), |j| (dy[j] * w[j]).to_f64());
+    let sum_gx = sum_f64(x.len(), |j| {
+        (dy[j] * w[j]).to_f64() * ((x[j] - mean) * rstd).to_f64()
+    });
     let (mean_g, mean_gx) = (T::from_f64(sum_g / n), T::from_f64(sum_gx / n));
     for (((o, &v), &g), &d) in dx.iter_mut().zip(x).zip(w).zip(dy) {
         let xhat = (v - mean) * rstd;
