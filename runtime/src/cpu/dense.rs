@@ -154,23 +154,22 @@ fn min_rows_per_task(n: usize) -> usize {
 }
 
 /// Sums a quantity down the rows of a `[rows, n]` layout: `out[j] = Σ_r term(r, j)` for every
-/// column `j < n`.
+/// column `j < n`, where `add_row(r, first, acc)` adds `term(r, first + c)` to `acc[c]` for
+/// each `c < acc.len()` (a loop over contiguous columns, which vectorizes).
 ///
 /// Each column is accumulated in f64, in row order, by one task, so the result is the same
 /// bit for bit whatever the thread count or the way the columns are split between tasks.
 fn column_sums<T: Real>(
     rows: usize,
     n: usize,
-    term: impl Fn(usize, usize) -> f64 + Sync,
+    add_row: impl Fn(usize, usize, &mut [f64]) + Sync,
 ) -> Vec<T> {
     let mut out = vec![T::ZERO; n];
     // Adds every row's contribution to the columns `first..first + block.len()`.
     let sum_block = |first: usize, block: &mut [T]| {
         let mut acc = vec![0.0f64; block.len()];
         for r in 0..rows {
-            for (c, a) in acc.iter_mut().enumerate() {
-                *a += term(r, first + c);
-            }
+            add_row(r, first, &mut acc);
         }
         for (o, a) in block.iter_mut().zip(&acc) {
             *o = T::from_f64(*a);
@@ -251,7 +250,13 @@ pub fn linear_bwd<T: Real>(
     // dw[out, inp] = dyᵀ · x, where dy is stored [rows, out] and so read transposed.
     let mut dw = vec![T::ZERO; out * inp];
     matmul(out, rows, inp, dy, true, x, false, &mut dw, false);
-    let db = bias.then(|| column_sums(rows, out, |r, j| dy[r * out + j].to_f64()));
+    let db = bias.then(|| {
+        column_sums(rows, out, |r, first, acc| {
+            for (a, &d) in acc.iter_mut().zip(&dy[r * out + first..]) {
+                *a += d.to_f64();
+            }
+        })
+    });
     LinearGrads { dx, dw, db }
 }
 
@@ -429,9 +434,7 @@ pub fn rms_norm_rstd<T: Real>(x: &[T], rows: usize, n: usize, eps: f64) -> Vec<T
 /// One row of the RMSNorm input gradient:
 /// `dx = rstd · w · dy − (rstd³ / n) · x · Σ_j (dy · w · x)_j`, the dot product in f64.
 fn rms_norm_bwd_row<T: Real>(x: &[T], w: &[T], rstd: T, dy: &[T], dx: &mut [T]) {
-    let dot = sum_f64(x.len(), |j| {
-        dy[j].to_f64() * w[j].to_f64() * x[j].to_f64()
-    });
+    let dot = sum_f64(x.len(), |j| dy[j].to_f64() * w[j].to_f64() * x[j].to_f64());
     let r = rstd.to_f64();
     let c = T::from_f64(r * r * r * dot / x.len() as f64);
     for (((o, &v), &g), &d) in dx.iter_mut().zip(x).zip(w).zip(dy) {
@@ -473,8 +476,11 @@ pub fn rms_norm_bwd<T: Real>(
                 .for_each(|(((xr, dyr), dxr), &r)| rms_norm_bwd_row(xr, w, r, dyr, dxr));
         }
     }
-    let dw = column_sums(rows, n, |r, j| {
-        dy[r * n + j].to_f64() * x[r * n + j].to_f64() * rstd[r].to_f64()
+    let dw = column_sums(rows, n, |r, first, acc| {
+        let (at, rs) = (r * n + first, rstd[r].to_f64());
+        for ((a, &d), &v) in acc.iter_mut().zip(&dy[at..]).zip(&x[at..]) {
+            *a += d.to_f64() * v.to_f64() * rs;
+        }
     });
     (dx, dw)
 }
@@ -588,11 +594,17 @@ pub fn layer_norm_bwd<T: Real>(
                 .for_each(|((((xr, dyr), dxr), &m), &r)| layer_norm_bwd_row(xr, w, m, r, dyr, dxr));
         }
     }
-    let dw = column_sums(rows, n, |r, j| {
-        let xhat = (x[r * n + j] - mean[r]) * rstd[r];
-        dy[r * n + j].to_f64() * xhat.to_f64()
+    let dw = column_sums(rows, n, |r, first, acc| {
+        let (at, m, rs) = (r * n + first, mean[r], rstd[r]);
+        for ((a, &d), &v) in acc.iter_mut().zip(&dy[at..]).zip(&x[at..]) {
+            *a += d.to_f64() * ((v - m) * rs).to_f64();
+        }
     });
-    let db = column_sums(rows, n, |r, j| dy[r * n + j].to_f64());
+    let db = column_sums(rows, n, |r, first, acc| {
+        for (a, &d) in acc.iter_mut().zip(&dy[r * n + first..]) {
+            *a += d.to_f64();
+        }
+    });
     (dx, dw, db)
 }
 
@@ -1105,7 +1117,11 @@ mod tests {
             let dlogits = cross_entropy_bwd(&logits, rows, vocab, &targets, &lse, 1.0);
             let emb = embedding_fwd(&table, vocab, n, &targets);
             let dtable = embedding_bwd(&targets, &dy, vocab, n);
-            let db = column_sums::<f32>(rows, n, |r, j| dy[r * n + j] as f64);
+            let db = column_sums::<f32>(rows, n, |r, first, acc| {
+                for (a, &d) in acc.iter_mut().zip(&dy[r * n + first..]) {
+                    *a += f64::from(d);
+                }
+            });
             vec![
                 y,
                 rstd,
