@@ -269,9 +269,15 @@ pub(crate) fn run(args: Args, color: bool) -> Result<(), Failure> {
             saved_at = Some(done);
         }
         let eta = elapsed / (done - first) as f64 * (stop - done) as f64;
+        // Before the first evaluation there is no validation loss to show.
+        let val_text = if last_val.is_nan() {
+            "–".to_string()
+        } else {
+            format!("{last_val:.4}")
+        };
         let progress = format!(
-            "step {done}/{steps}  loss {:.4}  val {:.4}  lr {:.2e}  {tps:.0} tok/s  ETA {:.0}s",
-            s.main_loss, last_val, s.lr, eta
+            "step {done}/{steps}  loss {:.4}  val {val_text}  lr {:.2e}  {tps:.0} tok/s  ETA {:.0}s",
+            s.main_loss, s.lr, eta
         );
         // On a terminal, one line that updates; in a log, a line per evaluation.
         if tty {
