@@ -538,25 +538,22 @@ impl<'g> Executor<'g> {
                 let act = ExprActivation::new(act, *gated);
                 let w_gate = gated.then(|| arg(3).floats());
                 let (w_up, w_down) = (arg(up_at).floats(), arg(up_at + 1).floats());
-                let forward = || {
-                    let (y, saved) = moe::experts_fwd(
-                        arg(0).floats(),
-                        x[0],
-                        x[1],
-                        arg(1).floats(),
-                        experts,
-                        k,
-                        w_gate,
-                        w_up,
-                        w_down,
-                        e,
-                        h,
-                        &act,
-                    );
-                    (y, saved)
+                let ffn = moe::ExpertFfn {
+                    x: arg(0).floats(),
+                    n: x[0],
+                    d: x[1],
+                    weights: arg(1).floats(),
+                    experts,
+                    k,
+                    w_gate,
+                    w_up,
+                    w_down,
+                    e,
+                    h,
+                    act: &act,
                 };
                 if matches!(node.op, Op::Experts { .. }) {
-                    let (y, saved) = forward();
+                    let (y, saved) = moe::experts_fwd(&ffn);
                     // Keep the routed activations for the backward pass if one follows.
                     if self.experts_backward.contains(&index) {
                         saved_experts.insert(index, saved);
@@ -569,25 +566,10 @@ impl<'g> Executor<'g> {
                         .and_then(|i| saved_experts.remove(i))
                     {
                         Some(s) => s,
-                        None => forward().1,
+                        None => moe::experts_fwd(&ffn).1,
                     };
                     let dy = arg(up_at + 2).floats();
-                    let r = moe::experts_bwd(
-                        arg(0).floats(),
-                        x[0],
-                        x[1],
-                        arg(1).floats(),
-                        experts,
-                        k,
-                        w_gate,
-                        w_up,
-                        w_down,
-                        e,
-                        h,
-                        &act,
-                        &saved,
-                        dy,
-                    );
+                    let r = moe::experts_bwd(&ffn, &saved, dy);
                     let mut v = vec![f(r.dx), f(r.d_weights)];
                     if let Some(dg) = r.dw_gate {
                         v.push(f(dg));

@@ -481,6 +481,27 @@ impl<T: Real> Activation<T> for GeluTanh {
     }
 }
 
+/// One routed-experts FFN call: the operands of [`experts_fwd`] and [`experts_bwd`].
+///
+/// `x: [n, d]`, `weights: [n, k]`, `experts: [n, k]` (indices below `e`); per expert
+/// `w_gate: [e, h, d]` (present exactly when `act` is gated), `w_up: [e, h, d]` and
+/// `w_down: [e, d, h]`, so that `gate_e(x) = w_gate[e]·x`.
+#[derive(Clone, Copy)]
+pub struct ExpertFfn<'a, T> {
+    pub x: &'a [T],
+    pub n: usize,
+    pub d: usize,
+    pub weights: &'a [T],
+    pub experts: &'a [u32],
+    pub k: usize,
+    pub w_gate: Option<&'a [T]>,
+    pub w_up: &'a [T],
+    pub w_down: &'a [T],
+    pub e: usize,
+    pub h: usize,
+    pub act: &'a dyn Activation<T>,
+}
+
 /// What [`experts_fwd`] keeps for [`experts_bwd`]. A "routed row" is one (token, slot) pair;
 /// routed rows are stored sorted by expert, and by `t·k + j` within an expert.
 #[derive(Clone, Debug, PartialEq)]
@@ -560,29 +581,27 @@ fn gather_tokens<T: Real>(src: &[T], rows: &[usize], k: usize, d: usize) -> Vec<
 /// The routed experts' FFN: `y_t = Σ_j weights[t, j] · down_e(act(gate_e(x_t), up_e(x_t)))`
 /// with `e = experts[t, j]`, summed in slot order `j = 0..k`.
 ///
-/// `x: [n, d]`, `weights: [n, k]`, `experts: [n, k]`; per expert `w_gate: [e, h, d]` (present
-/// exactly when `act` is gated), `w_up: [e, h, d]` and `w_down: [e, d, h]`, so that
-/// `gate_e(x) = w_gate[e]·x`. The (token, slot) pairs are sorted by expert (a stable counting
+/// Shapes as in [`ExpertFfn`]. The (token, slot) pairs are sorted by expert (a stable counting
 /// sort), each expert's tokens are gathered and pushed through three GEMMs, experts run in
 /// parallel, and the unweighted outputs are combined per token in slot order, so the result
 /// does not depend on how the experts were scheduled.
 ///
 /// Returns `(y [n, d], saved)`.
-#[allow(clippy::too_many_arguments)]
-pub fn experts_fwd<T: Real>(
-    x: &[T],
-    n: usize,
-    d: usize,
-    weights: &[T],
-    experts: &[u32],
-    k: usize,
-    w_gate: Option<&[T]>,
-    w_up: &[T],
-    w_down: &[T],
-    e: usize,
-    h: usize,
-    act: &dyn Activation<T>,
-) -> (Vec<T>, ExpertsSaved<T>) {
+pub fn experts_fwd<T: Real>(ffn: &ExpertFfn<'_, T>) -> (Vec<T>, ExpertsSaved<T>) {
+    let ExpertFfn {
+        x,
+        n,
+        d,
+        weights,
+        experts,
+        k,
+        w_gate,
+        w_up,
+        w_down,
+        e,
+        h,
+        act,
+    } = *ffn;
     debug_assert_eq!(x.len(), n * d);
     debug_assert_eq!(weights.len(), n * k);
     debug_assert_eq!(experts.len(), n * k);
@@ -704,23 +723,25 @@ fn activate<T: Real>(act: &dyn Activation<T>, gate: &[T], up: &[T]) -> Vec<T> {
 /// `dw_down[e] = dyᵀ·(ω ∘ a)`, `(d_gate, d_up) = ω·G ∘ act′`, `dw_up[e] = d_upᵀ·x`,
 /// `dw_gate[e] = d_gateᵀ·x` and the rows' `dx = d_up·w_up[e] + d_gate·w_gate[e]`, summed per
 /// token in slot order. Experts that received no tokens get zero gradients.
-#[allow(clippy::too_many_arguments)]
 pub fn experts_bwd<T: Real>(
-    x: &[T],
-    n: usize,
-    d: usize,
-    weights: &[T],
-    experts: &[u32],
-    k: usize,
-    w_gate: Option<&[T]>,
-    w_up: &[T],
-    w_down: &[T],
-    e: usize,
-    h: usize,
-    act: &dyn Activation<T>,
+    ffn: &ExpertFfn<'_, T>,
     saved: &ExpertsSaved<T>,
     dy: &[T],
 ) -> ExpertsGrads<T> {
+    let ExpertFfn {
+        x,
+        n,
+        d,
+        weights,
+        experts,
+        k,
+        w_gate,
+        w_up,
+        w_down,
+        e,
+        h,
+        act,
+    } = *ffn;
     debug_assert_eq!(x.len(), n * d);
     debug_assert_eq!(weights.len(), n * k);
     debug_assert_eq!(experts.len(), n * k);
@@ -1310,40 +1331,29 @@ mod tests {
             }
         }
 
+        fn args(&self) -> ExpertFfn<'_, f64> {
+            ExpertFfn {
+                x: &self.x,
+                n: self.n,
+                d: self.d,
+                weights: &self.weights,
+                experts: &self.experts,
+                k: self.k,
+                w_gate: self.w_gate.as_deref(),
+                w_up: &self.w_up,
+                w_down: &self.w_down,
+                e: self.e,
+                h: self.h,
+                act: self.act(),
+            }
+        }
+
         fn fwd(&self) -> (Vec<f64>, ExpertsSaved<f64>) {
-            experts_fwd(
-                &self.x,
-                self.n,
-                self.d,
-                &self.weights,
-                &self.experts,
-                self.k,
-                self.w_gate.as_deref(),
-                &self.w_up,
-                &self.w_down,
-                self.e,
-                self.h,
-                self.act(),
-            )
+            experts_fwd(&self.args())
         }
 
         fn bwd(&self, saved: &ExpertsSaved<f64>, dy: &[f64]) -> ExpertsGrads<f64> {
-            experts_bwd(
-                &self.x,
-                self.n,
-                self.d,
-                &self.weights,
-                &self.experts,
-                self.k,
-                self.w_gate.as_deref(),
-                &self.w_up,
-                &self.w_down,
-                self.e,
-                self.h,
-                self.act(),
-                saved,
-                dy,
-            )
+            experts_bwd(&self.args(), saved, dy)
         }
 
         /// Token by token, expert by expert, with plain loops.
@@ -1389,20 +1399,22 @@ mod tests {
     fn experts_fwd_in_f32_agrees_with_f64() {
         let ffn = Ffn::new(8, 6, 4, 2, 4, 5, true);
         let f = |v: &[f64]| v.iter().map(|&a| a as f32).collect::<Vec<f32>>();
-        let (y, _) = experts_fwd(
-            &f(&ffn.x),
-            ffn.n,
-            ffn.d,
-            &f(&ffn.weights),
-            &ffn.experts,
-            ffn.k,
-            Some(&f(ffn.w_gate.as_ref().unwrap())),
-            &f(&ffn.w_up),
-            &f(&ffn.w_down),
-            ffn.e,
-            ffn.h,
-            &SwiGlu,
-        );
+        let (x, weights, w_up, w_down) = (f(&ffn.x), f(&ffn.weights), f(&ffn.w_up), f(&ffn.w_down));
+        let w_gate = f(ffn.w_gate.as_ref().unwrap());
+        let (y, _) = experts_fwd(&ExpertFfn {
+            x: &x,
+            n: ffn.n,
+            d: ffn.d,
+            weights: &weights,
+            experts: &ffn.experts,
+            k: ffn.k,
+            w_gate: Some(&w_gate),
+            w_up: &w_up,
+            w_down: &w_down,
+            e: ffn.e,
+            h: ffn.h,
+            act: &SwiGlu,
+        });
         let y: Vec<f64> = y.iter().map(|&a| a as f64).collect();
         assert_close(&y, &ffn.naive(), 1e-5, "f32");
     }
@@ -1495,53 +1507,39 @@ mod tests {
         );
         assert!(dx.is_empty() && dw == [0.0; 4]);
         // No hidden units: the experts output zeros.
-        let (y, saved) = experts_fwd(
-            &[1.0, 2.0],
-            1,
-            2,
-            &[1.0],
-            &[0],
-            1,
-            None,
-            &[],
-            &[],
-            1,
-            0,
-            &GeluTanh,
-        );
+        let no_hidden = ExpertFfn {
+            x: &[1.0, 2.0],
+            n: 1,
+            d: 2,
+            weights: &[1.0],
+            experts: &[0],
+            k: 1,
+            w_gate: None,
+            w_up: &[],
+            w_down: &[],
+            e: 1,
+            h: 0,
+            act: &GeluTanh,
+        };
+        let (y, saved) = experts_fwd(&no_hidden);
         assert_eq!(y, [0.0, 0.0]);
-        let g = experts_bwd(
-            &[1.0, 2.0],
-            1,
-            2,
-            &[1.0],
-            &[0],
-            1,
-            None,
-            &[],
-            &[],
-            1,
-            0,
-            &GeluTanh,
-            &saved,
-            &[1.0, 1.0],
-        );
+        let g = experts_bwd(&no_hidden, &saved, &[1.0, 1.0]);
         assert_eq!((g.dx, g.d_weights), (vec![0.0, 0.0], vec![0.0]));
         // No tokens.
-        let (y, saved) = experts_fwd::<f64>(
-            &[],
-            0,
-            2,
-            &[],
-            &[],
-            1,
-            None,
-            &[0.0; 4],
-            &[0.0; 4],
-            2,
-            1,
-            &GeluTanh,
-        );
+        let (y, saved) = experts_fwd::<f64>(&ExpertFfn {
+            x: &[],
+            n: 0,
+            d: 2,
+            weights: &[],
+            experts: &[],
+            k: 1,
+            w_gate: None,
+            w_up: &[0.0; 4],
+            w_down: &[0.0; 4],
+            e: 2,
+            h: 1,
+            act: &GeluTanh,
+        });
         assert!(y.is_empty() && saved.order.is_empty());
         assert_eq!(balance_loss_fwd::<f64>(&[], &[], 2, 0, 3, 1, 0.1), 0.0);
         assert!(balance_loss_bwd::<f64>(&[], &[], 0, 4, 3, 1, 0.1, 1.0).is_empty());
