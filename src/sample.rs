@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use kiln_compiler::ir::{Def, InputKind};
-use kiln_compiler::program::compile;
+use kiln_compiler::program::compile_forward;
 use kiln_runtime::checkpoint;
 use kiln_runtime::data::{decode_bytes, Rng};
 use kiln_runtime::exec::{Executor, Feed};
@@ -70,8 +70,8 @@ pub(crate) fn run(args: Args, color: bool) -> Result<(), Failure> {
     let (_, mut model) = load(Some(&spec), &mut Vec::new(), color)?;
     let window = model.train.seq_len as usize;
     model.train.batch = 1;
-    let compiled = compile(&model).map_err(|e| other(e.to_string()))?;
-    let graph = compiled.forward.graph();
+    let program = compile_forward(&model).map_err(|e| other(e.to_string()))?;
+    let graph = program.graph();
     let ck_path = args.dir.join("checkpoint.safetensors");
     let ck = checkpoint::load(&ck_path, graph).map_err(|e| other(e.to_string()))?;
     let logits_v = graph.output("logits").expect("lowering names the logits");

@@ -68,14 +68,11 @@ pub enum Pass {
 
 /// The graph after `pass`, verified after every pass on the way.
 pub fn graph_after(model: &Model, pass: Pass) -> Result<Graph, CompileError> {
-    let forward = lower(model).map_err(|e| CompileError::new("lower", e))?;
-    checked("lower", &forward)?;
+    let forward = lowered(model)?;
     if pass == Pass::Lower {
         return Ok(forward);
     }
-    let loss = forward.output("loss").expect("lowering names the loss");
-    let train = differentiate(&forward, loss).map_err(|e| CompileError::new("autodiff", e))?;
-    checked("autodiff", &train)?;
+    let train = differentiated(&forward)?;
     if pass == Pass::Autodiff {
         return Ok(train);
     }
@@ -86,15 +83,30 @@ pub fn graph_after(model: &Model, pass: Pass) -> Result<Graph, CompileError> {
 
 /// The whole pipeline: lower, differentiate, fuse and plan.
 pub fn compile(model: &Model) -> Result<Compiled, CompileError> {
-    let forward = lower(model).map_err(|e| CompileError::new("lower", e))?;
-    checked("lower", &forward)?;
-    let loss = forward.output("loss").expect("lowering names the loss");
-    let train = differentiate(&forward, loss).map_err(|e| CompileError::new("autodiff", e))?;
-    checked("autodiff", &train)?;
+    let forward = lowered(model)?;
+    let train = differentiated(&forward)?;
     Ok(Compiled {
         train: Program::new(fuse(&train))?,
         forward: Program::new(fuse(&forward))?,
     })
+}
+
+/// The forward pass alone, lowered, fused and planned (sampling needs no backward pass).
+pub fn compile_forward(model: &Model) -> Result<Program, CompileError> {
+    Program::new(fuse(&lowered(model)?))
+}
+
+fn lowered(model: &Model) -> Result<Graph, CompileError> {
+    let forward = lower(model).map_err(|e| CompileError::new("lower", e))?;
+    checked("lower", &forward)?;
+    Ok(forward)
+}
+
+fn differentiated(forward: &Graph) -> Result<Graph, CompileError> {
+    let loss = forward.output("loss").expect("lowering names the loss");
+    let train = differentiate(forward, loss).map_err(|e| CompileError::new("autodiff", e))?;
+    checked("autodiff", &train)?;
+    Ok(train)
 }
 
 /// Runs the verifier on the output of `pass`.
