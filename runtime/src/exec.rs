@@ -39,6 +39,53 @@ impl<T: Real> Buf<T> {
     }
 }
 
+/// A value held during a run: computed by a node, or borrowed from the caller's feed (so
+/// parameters and inputs are never copied to run a step).
+enum Slot<'f, T> {
+    Owned(Buf<T>),
+    Param(&'f [T]),
+    Input(&'f [u32]),
+}
+
+impl<T: Real> Slot<'_, T> {
+    fn floats(&self) -> &[T] {
+        match self {
+            Slot::Owned(b) => b.floats(),
+            Slot::Param(p) => p,
+            Slot::Input(_) => {
+                panic!("expected a float tensor; the verifier guarantees operand types")
+            }
+        }
+    }
+
+    fn ids(&self) -> &[u32] {
+        match self {
+            Slot::Owned(b) => b.ids(),
+            Slot::Input(i) => i,
+            Slot::Param(_) => {
+                panic!("expected a u32 tensor; the verifier guarantees operand types")
+            }
+        }
+    }
+
+    /// The value as an owned buffer (a copy, if it is borrowed).
+    fn into_buf(self) -> Buf<T> {
+        match self {
+            Slot::Owned(b) => b,
+            borrowed => borrowed.to_buf(),
+        }
+    }
+
+    /// A copy of the value as an owned buffer.
+    fn to_buf(&self) -> Buf<T> {
+        match self {
+            Slot::Owned(b) => b.clone(),
+            Slot::Param(p) => Buf::F(p.to_vec()),
+            Slot::Input(i) => Buf::U(i.to_vec()),
+        }
+    }
+}
+
 /// Why a graph could not run.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ExecError {
@@ -151,7 +198,7 @@ impl<'g> Executor<'g> {
         mut profile: Option<&mut HashMap<&'static str, std::time::Duration>>,
     ) -> Result<HashMap<ValueId, Buf<T>>, ExecError> {
         let g = self.graph;
-        let mut slots: Vec<Option<Buf<T>>> = vec![None; g.values.len()];
+        let mut slots: Vec<Option<Slot<T>>> = (0..g.values.len()).map(|_| None).collect();
         for (v, value) in g.values.iter() {
             let want = value.ty.elements() as usize;
             match value.def {
@@ -173,7 +220,7 @@ impl<'g> Executor<'g> {
                             data.len()
                         )));
                     }
-                    slots[v.index()] = Some(Buf::U(data.clone()));
+                    slots[v.index()] = Some(Slot::Input(data));
                 }
                 Def::Param(p) => {
                     let data = feed.params.get(p.index()).ok_or_else(|| {
@@ -189,7 +236,7 @@ impl<'g> Executor<'g> {
                             data.len()
                         )));
                     }
-                    slots[v.index()] = Some(Buf::F(data.clone()));
+                    slots[v.index()] = Some(Slot::Param(data));
                 }
                 Def::Node { .. } => {}
             }
@@ -215,7 +262,7 @@ impl<'g> Executor<'g> {
                 *p.entry(node.op.name()).or_default() += started.elapsed();
             }
             for (&o, buf) in node.outputs.iter().zip(results) {
-                slots[o.index()] = Some(buf);
+                slots[o.index()] = Some(Slot::Owned(buf));
             }
             for &v in &node.inputs {
                 if self.last_use[v.index()] == id.index() {
@@ -225,8 +272,8 @@ impl<'g> Executor<'g> {
         }
         let mut out = HashMap::new();
         for ((v, _), slot) in g.values.iter().zip(slots) {
-            if let (usize::MAX, Some(buf)) = (self.last_use[v.index()], slot) {
-                out.insert(v, buf);
+            if let (usize::MAX, Some(slot)) = (self.last_use[v.index()], slot) {
+                out.insert(v, slot.into_buf());
             }
         }
         Ok(out)
@@ -236,7 +283,7 @@ impl<'g> Executor<'g> {
         &self,
         index: usize,
         node: &Node,
-        slots: &[Option<Buf<T>>],
+        slots: &[Option<Slot<T>>],
         tables: &mut HashMap<(usize, usize), RopeTables<T>>,
         saved_experts: &mut HashMap<usize, moe::ExpertsSaved<T>>,
     ) -> Result<Vec<Buf<T>>, ExecError> {
@@ -268,7 +315,7 @@ impl<'g> Executor<'g> {
                 let n: usize = out_shape(0).iter().product();
                 vec![f(vec![T::from_f64(*value); n])]
             }
-            Op::Reshape { .. } => vec![arg(0).clone()],
+            Op::Reshape { .. } => vec![arg(0).to_buf()],
             Op::Map { .. } => {
                 let xs: Vec<&[T]> = (0..node.inputs.len()).map(|i| arg(i).floats()).collect();
                 vec![f(self.elementwise[&index].forward(&xs))]
@@ -357,28 +404,20 @@ impl<'g> Executor<'g> {
                     d,
                 ))]
             }
-            Op::Linear { bias } => {
-                let w = shape(1);
-                let (out, inp) = (w[0], w[1]);
-                let rows = arg(0).floats().len() / inp;
-                let b = bias.then(|| arg(2).floats());
-                vec![f(dense::linear_fwd(
-                    arg(0).floats(),
-                    rows,
-                    inp,
-                    arg(1).floats(),
-                    out,
-                    b,
-                ))]
-            }
-            Op::LinearMap { bias, .. } => {
+            Op::Linear { bias } | Op::LinearMap { bias, .. } => {
                 let w = shape(1);
                 let (out, inp) = (w[0], w[1]);
                 let rows = arg(0).floats().len() / inp;
                 let b = bias.then(|| arg(2).floats());
                 let pre = dense::linear_fwd(arg(0).floats(), rows, inp, arg(1).floats(), out, b);
-                let y = self.elementwise[&index].forward(&[&pre]);
-                vec![f(pre), f(y)]
+                match self.elementwise.get(&index) {
+                    // `linear_map`: the activation follows in the same node.
+                    Some(act) => {
+                        let y = act.forward(&[&pre]);
+                        vec![f(pre), f(y)]
+                    }
+                    None => vec![f(pre)],
+                }
             }
             Op::LinearGrad { bias } => {
                 let w = shape(1);
