@@ -824,4 +824,18 @@ impl<T: Real> moe::Activation<T> for ExprActivation {
             (T::ZERO, T::from_f64(g[0]))
         }
     }
+
+    fn values(&self, gate: &[T], up: &[T], out: &mut [T]) {
+        if self.swiglu {
+            return moe::SwiGlu.values(gate, up, out);
+        }
+        moe::per_element_values(self, gate, up, out);
+    }
+
+    fn values_and_grads(&self, gate: &[T], up: &[T], a: &mut [T], dg: &mut [T], du: &mut [T]) {
+        if self.swiglu {
+            return moe::SwiGlu.values_and_grads(gate, up, a, dg, du);
+        }
+        moe::per_element_values_and_grads(self, gate, up, a, dg, du);
+    }
 }

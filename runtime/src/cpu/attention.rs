@@ -9,6 +9,7 @@
 
 use rayon::prelude::*;
 
+use super::simd;
 use super::Real;
 
 /// Query rows per tile of the attention forward and backward. Tall tiles amortize the packing
@@ -618,9 +619,7 @@ fn fwd_tiled<T: Real>(
                     // The exponentials first and their sum apart: a running sum in the same
                     // loop would chain every iteration through the previous one's addition
                     // across the calls to `exp`.
-                    for x in seen.iter_mut() {
-                        *x = (*x - new_max).exp();
-                    }
+                    simd::exp_shifted(seen, new_max);
                     sum[r] += lane_sum(seen);
                     // Future keys weigh nothing.
                     future.fill(T::ZERO);
@@ -805,9 +804,7 @@ fn bwd_tiled<T: Real>(
                     for (r, p_row) in p.chunks_exact_mut(n).enumerate() {
                         let i = i0 + r;
                         let seen = j1.min(i + 1) - j0;
-                        for x in &mut p_row[..seen] {
-                            *x = (*x - lse[i]).exp();
-                        }
+                        simd::exp_shifted(&mut p_row[..seen], lse[i]);
                         p_row[seen..].fill(T::ZERO);
                     }
                     // `dv_{j0..j1} += pᵀ · d_o_{i0..i1}`.

@@ -2,6 +2,7 @@
 
 use rayon::prelude::*;
 
+use super::simd;
 use super::Real;
 
 /// `c[m, n] = (accumulate ? c : 0) + op(a)[m, k] · op(b)[k, n]`, all row-major. `op(a)` is
@@ -613,7 +614,9 @@ pub fn layer_norm_bwd<T: Real>(
 /// target out of range.
 fn cross_entropy_row<T: Real>(logits: &[T], target: u32) -> (T, f64) {
     let max = logits.iter().fold(T::NEG_INFINITY, |m, &v| m.max(v));
-    let sum: f64 = logits.iter().map(|&v| (v - max).exp().to_f64()).sum();
+    let mut e = vec![T::ZERO; logits.len()];
+    simd::exp_shifted_scaled(logits, max, T::ONE, &mut e);
+    let sum: f64 = e.iter().map(|v| v.to_f64()).sum();
     let lse = max.to_f64() + sum.ln();
     let t = target as usize;
     debug_assert!(
@@ -685,9 +688,7 @@ fn cross_entropy_bwd_row<T: Real>(logits: &[T], target: u32, lse: T, scale: T, d
     if t >= logits.len() {
         return;
     }
-    for (o, &v) in dlogits.iter_mut().zip(logits) {
-        *o = (v - lse).exp() * scale;
-    }
+    simd::exp_shifted_scaled(logits, lse, scale, dlogits);
     dlogits[t] -= scale;
 }
 

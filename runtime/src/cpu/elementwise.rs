@@ -15,6 +15,7 @@
 use kiln_compiler::dsl::expr::{BinOp, Compiled, Expr, Func, Instr};
 use rayon::prelude::*;
 
+use super::simd;
 use super::Real;
 
 /// Elements one instruction processes at a time.
@@ -74,9 +75,7 @@ impl Elementwise {
                     }
                     Form::SwiGlu { gate, up } => {
                         let (g, u) = (&xs[*gate][lo..], &xs[*up][lo..]);
-                        for (j, o) in out.iter_mut().enumerate() {
-                            *o = swiglu(g[j], u[j]).0;
-                        }
+                        simd::swiglu_values(g, u, out);
                     }
                     Form::General => {
                         let mut regs = vec![T::ZERO; instrs.len() * BLOCK];
@@ -123,11 +122,7 @@ impl Elementwise {
                     Form::SwiGlu { gate, up } => {
                         let (g, u) = (&xs[*gate][lo..], &xs[*up][lo..]);
                         for (part, &w) in parts.iter_mut().zip(wrt) {
-                            let d_gate = w as usize == *gate;
-                            for (j, o) in part.iter_mut().enumerate() {
-                                let (_, dg, du) = swiglu(g[j], u[j]);
-                                *o = dy[j] * if d_gate { dg } else { du };
-                            }
+                            simd::swiglu_input_grad(g, u, dy, w as usize == *gate, part);
                         }
                     }
                     Form::General => {

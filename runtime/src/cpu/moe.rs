@@ -20,6 +20,8 @@
 use rayon::prelude::*;
 
 use super::dense::{matmul, matmul_serial};
+use super::elementwise::swiglu;
+use super::simd;
 use super::Real;
 
 /// The score function that turns router logits into per-expert affinities.
@@ -425,9 +427,56 @@ pub trait Activation<T: Real>: Sync {
     fn value(&self, gate: T, up: T) -> T;
     /// The partial derivatives `(∂/∂gate, ∂/∂up)`; the first is ignored when not gated.
     fn grad(&self, gate: T, up: T) -> (T, T);
+
+    /// `out[i] = value(gate[i], up[i])` over a block, with `gate` empty (read as zeros) when
+    /// not gated. Implementations may override it with a loop that vectorizes; the values
+    /// must equal [`Activation::value`]'s bit for bit.
+    fn values(&self, gate: &[T], up: &[T], out: &mut [T]) {
+        per_element_values(self, gate, up, out);
+    }
+
+    /// The value and both partial derivatives over a block: `a[i] = value(gate[i], up[i])`,
+    /// `(d_gate[i], d_up[i]) = grad(gate[i], up[i])`; `gate` and `d_gate` are empty when not
+    /// gated. The results must equal the per-element methods' bit for bit.
+    fn values_and_grads(&self, gate: &[T], up: &[T], a: &mut [T], dg: &mut [T], du: &mut [T]) {
+        per_element_values_and_grads(self, gate, up, a, dg, du);
+    }
 }
 
-/// SwiGLU: `silu(gate)·up` with `silu(g) = g·sigmoid(g)`.
+/// [`Activation::values`] one element at a time.
+pub fn per_element_values<T: Real, A: Activation<T> + ?Sized>(
+    act: &A,
+    gate: &[T],
+    up: &[T],
+    out: &mut [T],
+) {
+    for (i, (o, &u)) in out.iter_mut().zip(up).enumerate() {
+        *o = act.value(gate.get(i).copied().unwrap_or(T::ZERO), u);
+    }
+}
+
+/// [`Activation::values_and_grads`] one element at a time.
+pub fn per_element_values_and_grads<T: Real, A: Activation<T> + ?Sized>(
+    act: &A,
+    gate: &[T],
+    up: &[T],
+    a: &mut [T],
+    d_gate: &mut [T],
+    d_up: &mut [T],
+) {
+    for (i, ((a, du), &u)) in a.iter_mut().zip(d_up.iter_mut()).zip(up).enumerate() {
+        let g = gate.get(i).copied().unwrap_or(T::ZERO);
+        *a = act.value(g, u);
+        let (dg, dup) = act.grad(g, u);
+        *du = dup;
+        if let Some(slot) = d_gate.get_mut(i) {
+            *slot = dg;
+        }
+    }
+}
+
+/// SwiGLU: `silu(gate)·up` with `silu(g) = g·sigmoid(g)`, computed as
+/// [`super::elementwise::swiglu`].
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SwiGlu;
 
@@ -437,15 +486,20 @@ impl<T: Real> Activation<T> for SwiGlu {
     }
 
     fn value(&self, gate: T, up: T) -> T {
-        gate * sigmoid(gate) * up
+        swiglu(gate, up).0
     }
 
     fn grad(&self, gate: T, up: T) -> (T, T) {
-        let s = sigmoid(gate);
-        let silu = gate * s;
-        // silu′(g) = σ(g)·(1 + g·(1 − σ(g))).
-        let dsilu = s * (T::ONE + gate * (T::ONE - s));
-        (dsilu * up, silu)
+        let (_, d_gate, d_up) = swiglu(gate, up);
+        (d_gate, d_up)
+    }
+
+    fn values(&self, gate: &[T], up: &[T], out: &mut [T]) {
+        simd::swiglu_values(gate, up, out);
+    }
+
+    fn values_and_grads(&self, gate: &[T], up: &[T], a: &mut [T], dg: &mut [T], du: &mut [T]) {
+        simd::swiglu_values_and_grads(gate, up, a, dg, du);
     }
 }
 
@@ -567,24 +621,111 @@ fn split_parts<'a, T>(mut buf: &'a mut [T], offsets: &[usize], width: usize) -> 
     parts
 }
 
-/// Copies the rows `rows[i] / k` of `src: [_, d]` into a new `[rows.len(), d]` matrix: the
-/// tokens of the given flat pair indices.
-fn gather_tokens<T: Real>(src: &[T], rows: &[usize], k: usize, d: usize) -> Vec<T> {
-    let mut out = Vec::with_capacity(rows.len() * d);
-    for &p in rows {
+/// Copies the rows `rows[i] / k` of `src: [_, d]` into `out: [rows.len(), d]`: the tokens of
+/// the given flat pair indices.
+fn gather_tokens_into<T: Real>(src: &[T], rows: &[usize], k: usize, d: usize, out: &mut [T]) {
+    for (&p, o) in rows.iter().zip(out.chunks_exact_mut(d)) {
         let t = p / k;
-        out.extend_from_slice(&src[t * d..(t + 1) * d]);
+        o.copy_from_slice(&src[t * d..(t + 1) * d]);
+    }
+}
+
+/// [`gather_tokens_into`] for every routed row in sorted order, in parallel: `[rows, d]`.
+fn gather_sorted<T: Real>(src: &[T], order: &[usize], k: usize, d: usize) -> Vec<T> {
+    let mut out = vec![T::ZERO; order.len() * d];
+    if d > 0 {
+        const ROWS: usize = 64;
+        out.par_chunks_mut(ROWS * d)
+            .zip(order.par_chunks(ROWS))
+            .for_each(|(o, rows)| gather_tokens_into(src, rows, k, d, o));
     }
     out
+}
+
+/// One expert's weight gradient `out = lhsᵀ·rhs` over its sorted rows, where `lhs` and `rhs`
+/// hold every routed row (`[rows, _]`).
+struct WeightGrad<'a, T> {
+    expert: usize,
+    lhs: &'a [T],
+    rhs: &'a [T],
+    out: &'a mut [T],
+}
+
+impl<'a, T> WeightGrad<'a, T> {
+    /// One task per expert, each writing its block of the stacked gradient `dw: [e, _]`.
+    fn per_expert(
+        lhs: &'a [T],
+        rhs: &'a [T],
+        dw: &'a mut [T],
+        e: usize,
+    ) -> impl Iterator<Item = WeightGrad<'a, T>> {
+        let size = dw.len() / e.max(1);
+        dw.chunks_mut(size.max(1))
+            .enumerate()
+            .map(move |(expert, out)| WeightGrad {
+                expert,
+                lhs,
+                rhs,
+                out,
+            })
+    }
+}
+
+/// Expert `i`'s block of `size` elements of a stacked weight tensor.
+fn block<T>(w: &[T], i: usize, size: usize) -> &[T] {
+    &w[i * size..(i + 1) * size]
+}
+
+/// One expert's share of a part of the sorted rows: expert `expert` owns rows `lo..hi`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Segment {
+    expert: usize,
+    lo: usize,
+    hi: usize,
+}
+
+/// Splits the sorted rows `0..offsets[e]` into `parts` contiguous ranges of nearly equal
+/// length and cuts each range at the experts' boundaries.
+///
+/// Returns the ranges' bounds (`parts + 1` row indices) and, per range, its non-empty expert
+/// segments. Every part then does the same amount of work whatever the routing, where one task
+/// per expert would leave a thread idle while the busiest expert finishes.
+fn balanced_parts(offsets: &[usize], parts: usize) -> (Vec<usize>, Vec<Vec<Segment>>) {
+    let rows = *offsets.last().unwrap_or(&0);
+    let parts = parts.max(1);
+    let bounds: Vec<usize> = (0..=parts).map(|p| p * rows / parts).collect();
+    let segments = bounds
+        .windows(2)
+        .map(|w| {
+            (0..offsets.len() - 1)
+                .filter_map(|expert| {
+                    let lo = offsets[expert].max(w[0]);
+                    let hi = offsets[expert + 1].min(w[1]);
+                    (lo < hi).then_some(Segment { expert, lo, hi })
+                })
+                .collect()
+        })
+        .collect();
+    (bounds, segments)
+}
+
+/// How many parts to split `rows` routed rows of `flop_per_row` multiply-adds into: one per
+/// thread, or one when the problem is too small to be worth the synchronization.
+fn row_parts(rows: usize, flop_per_row: usize) -> usize {
+    if rows.saturating_mul(flop_per_row) >= 64 * 64 * 64 {
+        rayon::current_num_threads()
+    } else {
+        1
+    }
 }
 
 /// The routed experts' FFN: `y_t = Σ_j weights[t, j] · down_e(act(gate_e(x_t), up_e(x_t)))`
 /// with `e = experts[t, j]`, summed in slot order `j = 0..k`.
 ///
 /// Shapes as in [`ExpertFfn`]. The (token, slot) pairs are sorted by expert (a stable counting
-/// sort), each expert's tokens are gathered and pushed through three GEMMs, experts run in
-/// parallel, and the unweighted outputs are combined per token in slot order, so the result
-/// does not depend on how the experts were scheduled.
+/// sort); the sorted rows are split into one equal part per thread, each part pushes its
+/// experts' tokens through three GEMMs, and the unweighted outputs are combined per token in
+/// slot order. Results are deterministic for a given thread count.
 ///
 /// Returns `(y [n, d], saved)`.
 pub fn experts_fwd<T: Real>(ffn: &ExpertFfn<'_, T>) -> (Vec<T>, ExpertsSaved<T>) {
@@ -611,71 +752,53 @@ pub fn experts_fwd<T: Real>(ffn: &ExpertFfn<'_, T>) -> (Vec<T>, ExpertsSaved<T>)
     debug_assert_eq!(w_up.len(), e * h * d);
     debug_assert_eq!(w_down.len(), e * d * h);
     let rows = n * k;
+    let hd = h * d;
     let (order, row_of, offsets) = sort_by_expert(experts, e);
     let mut gate = w_gate.map(|_| vec![T::ZERO; rows * h]);
     let mut up = vec![T::ZERO; rows * h];
     // The unweighted expert output of each sorted row.
     let mut out = vec![T::ZERO; rows * d];
 
-    {
+    if h > 0 {
+        let (bounds, segments) = balanced_parts(&offsets, row_parts(rows, 3 * hd));
         let gate_parts = match gate.as_mut() {
-            Some(g) => split_parts(g, &offsets, h),
-            None => (0..e).map(|_| <&mut [T]>::default()).collect(),
+            Some(g) => split_parts(g, &bounds, h),
+            None => bounds[1..].iter().map(|_| <&mut [T]>::default()).collect(),
         };
-        let up_parts = split_parts(&mut up, &offsets, h);
-        let out_parts = split_parts(&mut out, &offsets, d);
-        let tasks: Vec<_> = gate_parts
+        let up_parts = split_parts(&mut up, &bounds, h);
+        let out_parts = split_parts(&mut out, &bounds, d);
+        let tasks: Vec<_> = segments
             .into_iter()
-            .zip(up_parts)
-            .zip(out_parts)
-            .enumerate()
+            .zip(bounds)
+            .zip(gate_parts.into_iter().zip(up_parts).zip(out_parts))
             .collect();
         tasks
             .into_par_iter()
-            .for_each(|(i, ((gate_i, up_i), out_i))| {
-                let m = offsets[i + 1] - offsets[i];
-                // An expert without tokens (or without hidden units) contributes zeros.
-                if m == 0 || h == 0 {
-                    return;
+            .for_each(|((segments, base), ((gate_p, up_p), out_p))| {
+                let longest = segments.iter().map(|s| s.hi - s.lo).max().unwrap_or(0);
+                let mut xs = vec![T::ZERO; longest * d];
+                let mut a = vec![T::ZERO; longest * h];
+                for Segment { expert: i, lo, hi } in segments {
+                    let m = hi - lo;
+                    let (r, re) = (lo - base, hi - base);
+                    let xs = &mut xs[..m * d];
+                    let a = &mut a[..m * h];
+                    gather_tokens_into(x, &order[lo..hi], k, d, xs);
+                    let w = |w| block(w, i, hd);
+                    let up_i = &mut up_p[r * h..re * h];
+                    matmul_serial(m, d, h, xs, false, w(w_up), true, up_i, false);
+                    let gate_i: &[T] = match w_gate {
+                        Some(wg) => {
+                            let gate_i = &mut gate_p[r * h..re * h];
+                            matmul_serial(m, d, h, xs, false, w(wg), true, gate_i, false);
+                            gate_i
+                        }
+                        None => &[],
+                    };
+                    act.values(gate_i, up_i, a);
+                    let out_i = &mut out_p[r * d..re * d];
+                    matmul_serial(m, h, d, a, false, w(w_down), true, out_i, false);
                 }
-                let xi = gather_tokens(x, &order[offsets[i]..offsets[i + 1]], k, d);
-                let hd = h * d;
-                matmul_serial(
-                    m,
-                    d,
-                    h,
-                    &xi,
-                    false,
-                    &w_up[i * hd..(i + 1) * hd],
-                    true,
-                    up_i,
-                    false,
-                );
-                if let Some(wg) = w_gate {
-                    matmul_serial(
-                        m,
-                        d,
-                        h,
-                        &xi,
-                        false,
-                        &wg[i * hd..(i + 1) * hd],
-                        true,
-                        gate_i,
-                        false,
-                    );
-                }
-                let a = activate(act, gate_i, up_i);
-                matmul_serial(
-                    m,
-                    h,
-                    d,
-                    &a,
-                    false,
-                    &w_down[i * hd..(i + 1) * hd],
-                    true,
-                    out_i,
-                    false,
-                );
             });
     }
 
@@ -701,19 +824,6 @@ pub fn experts_fwd<T: Real>(ffn: &ExpertFfn<'_, T>) -> (Vec<T>, ExpertsSaved<T>)
     (y, saved)
 }
 
-/// The activation of a block of rows: `act(gate, up)` elementwise, with `gate` empty (read as
-/// zeros) when the activation is not gated.
-fn activate<T: Real>(act: &dyn Activation<T>, gate: &[T], up: &[T]) -> Vec<T> {
-    if gate.is_empty() {
-        up.iter().map(|&u| act.value(T::ZERO, u)).collect()
-    } else {
-        gate.iter()
-            .zip(up)
-            .map(|(&g, &u)| act.value(g, u))
-            .collect()
-    }
-}
-
 /// The expert FFN's backward: gradients with respect to `x`, `weights` and the three weight
 /// tensors, given `dy: [n, d]` and the `saved` state of the matching [`experts_fwd`] call (the
 /// other arguments are those of that call).
@@ -723,6 +833,10 @@ fn activate<T: Real>(act: &dyn Activation<T>, gate: &[T], up: &[T]) -> Vec<T> {
 /// `dw_down[e] = dyᵀ·(ω ∘ a)`, `(d_gate, d_up) = ω·G ∘ act′`, `dw_up[e] = d_upᵀ·x`,
 /// `dw_gate[e] = d_gateᵀ·x` and the rows' `dx = d_up·w_up[e] + d_gate·w_gate[e]`, summed per
 /// token in slot order. Experts that received no tokens get zero gradients.
+///
+/// Two parallel phases: the row-wise products (everything but the weight gradients) over one
+/// equal part of the sorted rows per thread, then the weight gradients as one task per
+/// (expert, weight) pair.
 pub fn experts_bwd<T: Real>(
     ffn: &ExpertFfn<'_, T>,
     saved: &ExpertsSaved<T>,
@@ -759,85 +873,99 @@ pub fn experts_bwd<T: Real>(
     let mut dx_rows = vec![T::ZERO; rows * d];
     let mut dwt_rows = vec![T::ZERO; rows];
 
-    {
-        let uniform: Vec<usize> = (0..=e).collect();
-        let dw_gate_parts = match dw_gate.as_mut() {
-            Some(g) => split_parts(g, &uniform, hd),
-            None => (0..e).map(|_| <&mut [T]>::default()).collect(),
+    if h > 0 {
+        let xs = gather_sorted(x, &saved.order, k, d);
+        let dys = gather_sorted(dy, &saved.order, k, d);
+        // Per sorted row: the weighted activation (for dw_down) and the gradients of the gate
+        // and up projections' outputs (for dw_gate, dw_up and dx).
+        let mut a_w = vec![T::ZERO; rows * h];
+        let mut d_up = vec![T::ZERO; rows * h];
+        let mut d_gate = vec![T::ZERO; if w_gate.is_some() { rows * h } else { 0 }];
+        let gate_saved: &[T] = saved.gate.as_deref().unwrap_or(&[]);
+
+        // Phase 1, row-wise: G, d_weights, ω∘a, d_gate, d_up and dx.
+        let (bounds, segments) = balanced_parts(offsets, row_parts(rows, 4 * hd));
+        let d_gate_parts = if w_gate.is_some() {
+            split_parts(&mut d_gate, &bounds, h)
+        } else {
+            bounds[1..].iter().map(|_| <&mut [T]>::default()).collect()
         };
-        let dw_up_parts = split_parts(&mut dw_up, &uniform, hd);
-        let dw_down_parts = split_parts(&mut dw_down, &uniform, hd);
-        let dx_parts = split_parts(&mut dx_rows, offsets, d);
-        let dwt_parts = split_parts(&mut dwt_rows, offsets, 1);
-        let tasks: Vec<_> = dw_gate_parts
+        let tasks: Vec<_> = segments
             .into_iter()
-            .zip(dw_up_parts)
-            .zip(dw_down_parts)
-            .zip(dx_parts)
-            .zip(dwt_parts)
-            .enumerate()
+            .zip(bounds.iter().copied())
+            .zip(
+                split_parts(&mut a_w, &bounds, h)
+                    .into_iter()
+                    .zip(split_parts(&mut d_up, &bounds, h))
+                    .zip(d_gate_parts)
+                    .zip(split_parts(&mut dx_rows, &bounds, d))
+                    .zip(split_parts(&mut dwt_rows, &bounds, 1)),
+            )
             .collect();
-        tasks
-            .into_par_iter()
-            .for_each(|(i, ((((dwg_i, dwu_i), dwd_i), dx_i), dwt_i))| {
-                let (lo, hi) = (offsets[i], offsets[i + 1]);
-                let m = hi - lo;
-                // An expert without tokens (or without hidden units) contributes zeros.
-                if m == 0 || h == 0 {
-                    return;
-                }
-                let pairs = &saved.order[lo..hi];
-                let xi = gather_tokens(x, pairs, k, d);
-                let dyi = gather_tokens(dy, pairs, k, d);
-                let omega: Vec<T> = pairs.iter().map(|&p| weights[p]).collect();
-                let up_i = &saved.up[lo * h..hi * h];
-                let gate_i = match &saved.gate {
-                    Some(g) => &g[lo * h..hi * h],
-                    None => &[],
-                };
-                let a = activate(act, gate_i, up_i);
-
-                // G = dy·w_down[i]: the gradient of the activation before weighting.
-                let mut g = vec![T::ZERO; m * h];
-                let wd = &w_down[i * hd..(i + 1) * hd];
-                matmul_serial(m, d, h, &dyi, false, wd, false, &mut g, false);
-
-                // d_weights and the weighted activation for dw_down.
-                let mut a_w = vec![T::ZERO; m * h];
-                let rows = g.chunks(h).zip(a.chunks(h)).zip(a_w.chunks_mut(h));
-                for ((dwt, &om), ((g_r, a_r), aw_r)) in dwt_i.iter_mut().zip(&omega).zip(rows) {
-                    let mut dot = T::ZERO;
-                    for ((&gv, &av), aw) in g_r.iter().zip(a_r).zip(aw_r.iter_mut()) {
-                        dot += gv * av;
-                        *aw = om * av;
+        tasks.into_par_iter().for_each(
+            |((segments, base), ((((a_w_p, d_up_p), d_gate_p), dx_p), dwt_p))| {
+                let longest = segments.iter().map(|s| s.hi - s.lo).max().unwrap_or(0);
+                let mut g = vec![T::ZERO; longest * h];
+                for Segment { expert: i, lo, hi } in segments {
+                    let m = hi - lo;
+                    let (r, re) = (lo - base, hi - base);
+                    let w = |w| block(w, i, hd);
+                    // G = dy·w_down[i]: the gradient of the activation before weighting.
+                    let g = &mut g[..m * h];
+                    let dyi = &dys[lo * d..hi * d];
+                    matmul_serial(m, d, h, dyi, false, w(w_down), false, g, false);
+                    // a, act′ for the rows; a lands in a_w and is weighted below.
+                    let gate_i = gate_saved.get(lo * h..hi * h).unwrap_or(&[]);
+                    let a_i = &mut a_w_p[r * h..re * h];
+                    let du_i = &mut d_up_p[r * h..re * h];
+                    let dg_i = d_gate_p.get_mut(r * h..re * h).unwrap_or_default();
+                    act.values_and_grads(gate_i, &saved.up[lo * h..hi * h], a_i, dg_i, du_i);
+                    for (q, dwt) in dwt_p[r..re].iter_mut().enumerate() {
+                        let om = weights[saved.order[lo + q]];
+                        let cols = q * h..(q + 1) * h;
+                        let mut dot = T::ZERO;
+                        for ((&gv, av), du) in g[cols.clone()]
+                            .iter()
+                            .zip(&mut a_i[cols.clone()])
+                            .zip(&mut du_i[cols.clone()])
+                        {
+                            dot += gv * *av;
+                            *av = om * *av;
+                            *du = om * gv * *du;
+                        }
+                        if let Some(dg) = dg_i.get_mut(cols.clone()) {
+                            for (dg, &gv) in dg.iter_mut().zip(&g[cols]) {
+                                *dg = om * gv * *dg;
+                            }
+                        }
+                        *dwt = dot;
                     }
-                    *dwt = dot;
-                }
-                matmul_serial(d, m, h, &dyi, true, &a_w, false, dwd_i, false);
-
-                // The gradients of the gate and up projections' outputs.
-                let mut d_up = vec![T::ZERO; m * h];
-                let mut d_gate = vec![T::ZERO; gate_i.len()];
-                for (q, (du_q, (&g_q, &u_q))) in d_up.iter_mut().zip(g.iter().zip(up_i)).enumerate()
-                {
-                    let gate_q = gate_i.get(q).copied().unwrap_or(T::ZERO);
-                    let (dg, du) = act.grad(gate_q, u_q);
-                    let da = omega[q / h] * g_q;
-                    *du_q = da * du;
-                    if let Some(slot) = d_gate.get_mut(q) {
-                        *slot = da * dg;
+                    let dx_i = &mut dx_p[r * d..re * d];
+                    matmul_serial(m, h, d, du_i, false, w(w_up), false, dx_i, false);
+                    if let Some(wg) = w_gate {
+                        matmul_serial(m, h, d, dg_i, false, w(wg), false, dx_i, true);
                     }
                 }
+            },
+        );
 
-                let wu = &w_up[i * hd..(i + 1) * hd];
-                matmul_serial(h, m, d, &d_up, true, &xi, false, dwu_i, false);
-                matmul_serial(m, h, d, &d_up, false, wu, false, dx_i, false);
-                if let Some(wg) = w_gate {
-                    let wg = &wg[i * hd..(i + 1) * hd];
-                    matmul_serial(h, m, d, &d_gate, true, &xi, false, dwg_i, false);
-                    matmul_serial(m, h, d, &d_gate, false, wg, false, dx_i, true);
-                }
-            });
+        // Phase 2: one task per (expert, weight), each a product over the expert's rows.
+        let mut tasks: Vec<_> = WeightGrad::per_expert(&dys, &a_w, &mut dw_down, e)
+            .chain(WeightGrad::per_expert(&d_up, &xs, &mut dw_up, e))
+            .collect();
+        if let Some(dw_gate) = dw_gate.as_mut() {
+            tasks.extend(WeightGrad::per_expert(&d_gate, &xs, dw_gate, e));
+        }
+        // Largest experts first, so the last tasks to start are the short ones.
+        let rows_of = |i: usize| offsets[i + 1] - offsets[i];
+        tasks.sort_by_key(|t| std::cmp::Reverse(rows_of(t.expert)));
+        tasks.into_par_iter().for_each(|t| {
+            let (lo, hi) = (offsets[t.expert], offsets[t.expert + 1]);
+            // out = lhsᵀ·rhs over the expert's rows: [cols(lhs), cols(rhs)].
+            let (p, q) = (t.lhs.len() / rows, t.rhs.len() / rows);
+            let (l, r) = (&t.lhs[lo * p..hi * p], &t.rhs[lo * q..hi * q]);
+            matmul_serial(p, hi - lo, q, l, true, r, false, t.out, false);
+        });
     }
 
     let mut dx = vec![T::ZERO; n * d];
@@ -1458,7 +1586,9 @@ mod tests {
 
     #[test]
     fn experts_results_do_not_depend_on_the_thread_count() {
-        let ffn = Ffn::new(4, 40, 16, 2, 8, 24, true);
+        // Large enough that the sorted rows are split into one part per thread, with parts
+        // that cut experts in two.
+        let ffn = Ffn::new(4, 200, 32, 2, 8, 48, true);
         let dy = uniform(&mut Rng::new(5), ffn.n * ffn.d, 1.0);
         let run = |threads: usize| {
             let pool = rayon::ThreadPoolBuilder::new()
@@ -1466,11 +1596,15 @@ mod tests {
                 .build()
                 .unwrap();
             pool.install(|| {
+                assert_eq!(row_parts(ffn.n * ffn.k, 3 * ffn.h * ffn.d), threads);
                 let (y, saved) = ffn.fwd();
                 (y, ffn.bwd(&saved, &dy))
             })
         };
-        assert_eq!(run(1), run(4));
+        let one = run(1);
+        assert_eq!(one, run(3));
+        assert_eq!(one, run(4));
+        assert_close(&one.0, &ffn.naive(), 1e-12, "split forward");
     }
 
     #[test]
