@@ -16,6 +16,7 @@ use kiln_compiler::program;
 use kiln_compiler::report;
 
 mod bench;
+mod logits;
 mod sample;
 mod train;
 
@@ -70,6 +71,12 @@ enum Command {
     Train(train::Args),
     /// Generate text from a trained run (its spec.toml and checkpoint.safetensors).
     Sample(sample::Args),
+    /// Print the CPU forward pass's logits for a token sequence as JSON:
+    /// `{"logits": [[…vocab floats…], …]}`, one row per token.
+    ///
+    /// For comparing kiln with other implementations, e.g. Hugging Face transformers on a
+    /// model exported with `kiln export-hf`.
+    Logits(logits::Args),
     /// Time training steps of a spec and compare the achieved GFLOP/s with a single large
     /// f32 GEMM measured in the same run.
     Bench(bench::Args),
@@ -138,6 +145,7 @@ fn main() -> ExitCode {
             what: Emit::Ir { spec, after },
         } => cmd_emit_ir(spec, after, color),
         Command::Sample(args) => sample::run(args, color),
+        Command::Logits(args) => logits::run(args, color),
         Command::Bench(args) => bench::run(args, color),
         Command::Train(args) => train::run(args, color),
     };

@@ -15,5 +15,6 @@ pub mod checkpoint;
 pub mod cpu;
 pub mod data;
 pub mod exec;
+pub mod hf;
 pub mod memory;
 pub mod train;
