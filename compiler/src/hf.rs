@@ -30,7 +30,7 @@ use crate::check::check_str;
 use crate::dsl::closest;
 use crate::dsl::stack::{format_stack, LayerKind};
 use crate::model::{
-    AttentionKind, GroupScore, Mla, NormKind, Positions, Rope, ScoreFunc, Selection, Yarn,
+    AttentionKind, GroupScore, Mla, Model, NormKind, Positions, Rope, ScoreFunc, Selection, Yarn,
 };
 
 /// The HF model families kiln maps to and from (the `model_type` field of `config.json`).
@@ -1940,4 +1940,763 @@ fn write_spec(a: &Arch, family: Family, name: &str) -> String {
     w.key("warmup", t.warmup, "");
     w.key("min_lr", toml_float(t.min_lr), "");
     w.out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Export
+// ---------------------------------------------------------------------------------------------
+
+/// The HF family a checked model maps to, or every feature of the model that keeps it from
+/// mapping to one (as [`HfError::Export`], naming spec keys).
+///
+/// Learned positions map to `gpt2`; MLA to `deepseek_v3` (sigmoid router, or no MoE) or
+/// `deepseek_v2` (softmax router, or no MoE with FFN biases); MHA/GQA with RoPE to `llama`.
+/// The family's other requirements are then checked: `export_config` succeeds exactly when
+/// this does.
+pub fn family_of(model: &Model) -> Result<Family, HfError> {
+    let family = classify(model);
+    let problems = unexpressed(model, family);
+    if problems.is_empty() {
+        Ok(family)
+    } else {
+        Err(HfError::Export {
+            model: model.name.clone(),
+            problems,
+        })
+    }
+}
+
+fn classify(m: &Model) -> Family {
+    match (&m.positions, &m.attention.kind) {
+        (Positions::Learned, _) => Family::Gpt2,
+        (Positions::Rope, AttentionKind::Grouped { .. }) => Family::Llama,
+        (Positions::Rope, AttentionKind::Latent(_)) => match &m.moe {
+            Some(moe) if moe.score == ScoreFunc::Softmax => Family::DeepseekV2,
+            Some(_) => Family::DeepseekV3,
+            None if m.ffn.as_ref().is_some_and(|f| f.bias) => Family::DeepseekV2,
+            None => Family::DeepseekV3,
+        },
+    }
+}
+
+/// The canonical activation text each family's MLP computes.
+fn family_act(family: Family) -> &'static str {
+    match family {
+        Family::Gpt2 => "gelu_tanh(x)",
+        _ => "silu(gate) * up",
+    }
+}
+
+/// Every feature of `m` that `family`'s config cannot express.
+fn unexpressed(m: &Model, family: Family) -> Vec<Problem> {
+    let mut out = Vec::new();
+    let mut no = |field: &str, message: String| {
+        out.push(Problem {
+            field: field.to_string(),
+            kind: ProblemKind::NoEquivalent,
+            message,
+        })
+    };
+    let f = family.model_type();
+
+    // Norms.
+    match (family, m.norm.kind) {
+        (Family::Gpt2, NormKind::RmsNorm) => no(
+            "model.norm",
+            "`model.norm` is \"rmsnorm\" with learned positions: gpt2, the HF family with \
+             learned positions, uses LayerNorm, and the families with RMSNorm (llama, \
+             deepseek) use rotary positions"
+                .to_string(),
+        ),
+        (Family::Gpt2, NormKind::LayerNorm) | (_, NormKind::RmsNorm) => {}
+        (_, NormKind::LayerNorm) => no(
+            "model.norm",
+            format!(
+                "`model.norm` is \"layernorm\" with rotary positions: {f} uses RMSNorm, and \
+                 gpt2, the HF family with LayerNorm, uses learned positions"
+            ),
+        ),
+    }
+
+    // The layer stack, MoE and MTP.
+    let moe_layers = m.count(LayerKind::Moe);
+    match family {
+        Family::Gpt2 | Family::Llama => {
+            if moe_layers > 0 || m.moe.is_some() {
+                let attn = if family == Family::Gpt2 {
+                    "learned positions"
+                } else {
+                    "MHA/GQA attention"
+                };
+                no(
+                    "moe",
+                    format!(
+                        "[moe] with {attn}: {f} has no mixture of experts, and the HF families \
+                         with one (deepseek_v3 with a sigmoid router, deepseek_v2 with \
+                         softmax) use MLA attention with rotary positions"
+                    ),
+                );
+            }
+            if m.mtp.is_some() {
+                no(
+                    "mtp",
+                    format!(
+                        "[mtp]: {f} has no MTP modules; deepseek_v3 (MLA, sigmoid router) is \
+                         the HF family with them"
+                    ),
+                );
+            }
+        }
+        Family::DeepseekV3 | Family::DeepseekV2 => {
+            let k = m.first_dense();
+            if m.layers
+                .iter()
+                .skip(k as usize)
+                .any(|&l| l == LayerKind::Dense)
+            {
+                no(
+                    "model.layers",
+                    format!(
+                        "`model.layers` is {:?}: DeepSeek configs describe `first_k_dense_replace` \
+                         dense layers followed only by MoE layers",
+                        format_stack(&m.layers)
+                    ),
+                );
+            }
+            if let Some(mtp) = &m.mtp {
+                if family == Family::DeepseekV2 {
+                    no(
+                        "mtp",
+                        "[mtp]: deepseek_v2 has no MTP modules; deepseek_v3 (sigmoid router) \
+                         has them"
+                            .to_string(),
+                    );
+                } else if mtp.block != LayerKind::Moe {
+                    no(
+                        "mtp.block",
+                        "`mtp.block` is \"dense\": DeepSeek-V3's MTP layers continue the stack \
+                         after its MoE layers and are MoE blocks"
+                            .to_string(),
+                    );
+                }
+            }
+        }
+    }
+
+    // Activations.
+    let want = family_act(family);
+    let ffn_act = m.ffn.as_ref().map(|x| x.act.expr.to_string());
+    let moe_act = m.moe.as_ref().map(|x| x.act.expr.to_string());
+    for (key, act) in [("ffn.act", &ffn_act), ("moe.act", &moe_act)] {
+        if let Some(a) = act {
+            if a != want {
+                let hf_name = if family == Family::Gpt2 {
+                    "`activation_function` = \"gelu_new\""
+                } else {
+                    "`hidden_act` = \"silu\""
+                };
+                no(
+                    key,
+                    format!(
+                        "`{key}` is {a:?}: {f} maps only `{want}`, which HF writes as {hf_name}"
+                    ),
+                );
+            }
+        }
+    }
+
+    // Biases and head shapes.
+    let a = &m.attention;
+    match family {
+        Family::Gpt2 => {
+            if !a.bias {
+                no(
+                    "attention.bias",
+                    "`attention.bias` is false: GPT-2's attention projections always have \
+                     biases"
+                        .to_string(),
+                );
+            }
+            if m.ffn.as_ref().is_some_and(|x| !x.bias) {
+                no(
+                    "ffn.bias",
+                    "`ffn.bias` is false: GPT-2's MLP always has biases".to_string(),
+                );
+            }
+            if let AttentionKind::Grouped { kv_heads, head_dim } = a.kind {
+                if kv_heads != a.heads {
+                    no(
+                        "attention.kv_heads",
+                        format!(
+                            "`attention.kv_heads` is {kv_heads} with {} heads: GPT-2's \
+                             attention is multi-head",
+                            a.heads
+                        ),
+                    );
+                }
+                if head_dim.checked_mul(a.heads) != Some(m.d_model) {
+                    no(
+                        "attention.head_dim",
+                        format!(
+                            "`attention.head_dim` is {head_dim}: GPT-2's heads split \
+                             `d_model` ({}) evenly, {} each",
+                            m.d_model,
+                            m.d_model / a.heads.max(1)
+                        ),
+                    );
+                }
+            }
+        }
+        Family::DeepseekV3 => {
+            if m.ffn.as_ref().is_some_and(|x| x.bias) {
+                no(
+                    "ffn.bias",
+                    "`ffn.bias` is true: DeepSeek-V3's MLP has no biases".to_string(),
+                );
+            }
+        }
+        Family::DeepseekV2 => {
+            if m.ffn.as_ref().is_some_and(|x| x.bias) && m.moe.is_some() {
+                no(
+                    "ffn.bias",
+                    "`ffn.bias` is true in a model with MoE layers: HF's DeepseekV2 puts \
+                     `mlp_bias` biases on the shared experts too, and kiln's experts have none"
+                        .to_string(),
+                );
+            }
+        }
+        Family::Llama => {}
+    }
+
+    // YaRN.
+    if let Some(Rope { yarn: Some(y), .. }) = &a.rope {
+        if family.is_deepseek() {
+            if y.mscale_all_dim == 0.0 && y.mscale != 1.0 {
+                no(
+                    "attention.rope.yarn.mscale",
+                    format!(
+                        "`attention.rope.yarn.mscale` is {:?} with `mscale_all_dim` = 0: HF \
+                         ignores mscale unless mscale_all_dim is non-zero",
+                        y.mscale
+                    ),
+                );
+            }
+        } else if y.mscale_all_dim != 0.0 || y.mscale != 1.0 {
+            no(
+                "attention.rope.yarn.mscale_all_dim",
+                format!(
+                    "YaRN with mscale = {:?} and mscale_all_dim = {:?}: HF's llama scales only \
+                     the rotary amplitude, while kiln scales the softmax by mscale_all_dim; \
+                     llama maps YaRN with mscale = 1 and mscale_all_dim = 0",
+                    y.mscale, y.mscale_all_dim
+                ),
+            );
+        }
+    }
+
+    // Routing.
+    if let Some(moe) = &m.moe {
+        match family {
+            Family::DeepseekV3 => {
+                if moe.select == Selection::GroupLimited
+                    && moe.groups > 1
+                    && moe.group_score != GroupScore::Top2Sum
+                {
+                    no(
+                        "moe.group_score",
+                        "`moe.group_score` is \"max\": DeepSeek-V3 scores a group by the sum of \
+                         its two best experts (\"top2_sum\"); \"max\" is DeepSeek-V2's, whose \
+                         router uses softmax scores"
+                            .to_string(),
+                    );
+                }
+                if moe.experts / moe.groups.max(1) < 2 {
+                    no(
+                        "moe.experts",
+                        format!(
+                            "{} expert(s) per group: DeepSeek-V3's router sums the two best \
+                             experts of every group, even with one group",
+                            moe.experts / moe.groups.max(1)
+                        ),
+                    );
+                }
+            }
+            Family::DeepseekV2 => {
+                if moe.select == Selection::GroupLimited && moe.group_score != GroupScore::Max {
+                    no(
+                        "moe.group_score",
+                        "`moe.group_score` is \"top2_sum\": DeepSeek-V2 scores a group by its \
+                         best expert (\"max\"); \"top2_sum\" is DeepSeek-V3's, whose router \
+                         uses sigmoid scores"
+                            .to_string(),
+                    );
+                }
+                if moe.normalize_top_k {
+                    no(
+                        "moe.normalize_top_k",
+                        "`moe.normalize_top_k` is true with softmax scores: HF's DeepseekV2 \
+                         never renormalizes the chosen experts' weights"
+                            .to_string(),
+                    );
+                }
+                if moe.bias_update > 0.0 {
+                    no(
+                        "moe.bias_update",
+                        "`moe.bias_update` is positive with softmax scores: DeepSeek-V2 has no \
+                         per-expert selection bias (DeepSeek-V3, with sigmoid scores, has)"
+                            .to_string(),
+                    );
+                }
+            }
+            Family::Llama | Family::Gpt2 => {}
+        }
+    }
+    out
+}
+
+/// A `config.json` for `model`, in its family's fields (see [`family_of`]), such that
+/// [`import_config`] of it gives back `model` in everything but `train` and `precision`.
+///
+/// Token ids are omitted and `torch_dtype`/`dtype` are "float32". RoPE settings are written in
+/// the older `rope_theta` + `rope_scaling` form, which transformers 4.x and 5.x both read. For
+/// `deepseek_v3`, the balancing speed and the MTP loss weight, which HF has no field for, go in
+/// a `kiln` table (`{"bias_update": γ, "mtp_weight": λ}`) that transformers keeps but ignores.
+/// Two settings that do not change what the model computes are written in their canonical form
+/// and come back in it: a group score under greedy routing, and group-limited routing over one
+/// group (greedy).
+pub fn export_config(model: &Model) -> Result<Value, HfError> {
+    let family = family_of(model)?;
+    let m = model;
+    let a = &m.attention;
+    let mut c = Map::new();
+    let mut put = |k: &str, v: Value| {
+        c.insert(k.to_string(), v);
+    };
+    put("model_type", json!(family.model_type()));
+    put("architectures", json!([family.architecture()]));
+    put("torch_dtype", json!("float32"));
+    put("dtype", json!("float32"));
+    put("vocab_size", json!(m.vocab));
+    put("initializer_range", json!(m.init_std));
+    put("tie_word_embeddings", json!(m.tie_embeddings));
+    let layers = m.layers.len();
+
+    if family == Family::Gpt2 {
+        let hidden = m.ffn.as_ref().map_or(0, |x| x.hidden);
+        put("n_embd", json!(m.d_model));
+        put("n_layer", json!(layers));
+        put("n_head", json!(a.heads));
+        put("n_positions", json!(m.max_positions));
+        let n_inner = if Some(hidden) == m.d_model.checked_mul(4) {
+            Value::Null
+        } else {
+            json!(hidden)
+        };
+        put("n_inner", n_inner);
+        put("activation_function", json!("gelu_new"));
+        put("layer_norm_epsilon", json!(m.norm.eps));
+        for key in ["attn_pdrop", "resid_pdrop", "embd_pdrop"] {
+            put(key, json!(0.0));
+        }
+        put("scale_attn_weights", json!(true));
+        put("scale_attn_by_inverse_layer_idx", json!(false));
+        return Ok(Value::Object(c));
+    }
+
+    put("hidden_size", json!(m.d_model));
+    put("num_hidden_layers", json!(layers));
+    put("num_attention_heads", json!(a.heads));
+    put("max_position_embeddings", json!(m.max_positions));
+    put("rms_norm_eps", json!(m.norm.eps));
+    put("hidden_act", json!("silu"));
+    put("attention_bias", json!(a.bias));
+    put("attention_dropout", json!(0.0));
+    put("pretraining_tp", json!(1));
+    let rope = a.rope.unwrap_or(Rope {
+        theta: 10000.0,
+        yarn: None,
+    });
+    put("rope_theta", json!(rope.theta));
+    let scaling = match rope.yarn {
+        None => Value::Null,
+        Some(y) => json!({
+            "type": "yarn",
+            "rope_type": "yarn",
+            "factor": y.factor,
+            "original_max_position_embeddings": y.original_max_positions,
+            "beta_fast": y.beta_fast,
+            "beta_slow": y.beta_slow,
+            "mscale": y.mscale,
+            "mscale_all_dim": y.mscale_all_dim,
+        }),
+    };
+    put("rope_scaling", scaling);
+    if let Some(ffn) = &m.ffn {
+        put("intermediate_size", json!(ffn.hidden));
+        if family != Family::DeepseekV3 {
+            put("mlp_bias", json!(ffn.bias));
+        }
+    }
+
+    match &a.kind {
+        AttentionKind::Grouped { kv_heads, head_dim } => {
+            put("num_key_value_heads", json!(kv_heads));
+            put("head_dim", json!(head_dim));
+        }
+        AttentionKind::Latent(mla) => {
+            put("num_key_value_heads", json!(a.heads));
+            put("q_lora_rank", json!(mla.q_rank));
+            put("kv_lora_rank", json!(mla.kv_rank));
+            put("qk_nope_head_dim", json!(mla.nope_dim));
+            put("qk_rope_head_dim", json!(mla.rope_dim));
+            put("v_head_dim", json!(mla.v_dim));
+            put("first_k_dense_replace", json!(m.first_dense()));
+            put("moe_layer_freq", json!(1));
+        }
+    }
+    if family == Family::DeepseekV3 {
+        put("rope_interleave", json!(true));
+        put(
+            "num_nextn_predict_layers",
+            json!(m.mtp.map_or(0, |x| x.depth)),
+        );
+    }
+
+    let mut extras = Map::new();
+    if let Some(moe) = &m.moe {
+        put("n_routed_experts", json!(moe.experts));
+        put("n_shared_experts", json!(moe.shared));
+        put("num_experts_per_tok", json!(moe.top_k));
+        put("moe_intermediate_size", json!(moe.expert_hidden));
+        let (groups, kept) = match moe.select {
+            Selection::Greedy => (1, 1),
+            Selection::GroupLimited => (moe.groups, moe.groups_kept),
+        };
+        put("n_group", json!(groups));
+        put("topk_group", json!(kept));
+        if family == Family::DeepseekV3 {
+            put("scoring_func", json!("sigmoid"));
+            put("topk_method", json!("noaux_tc"));
+            extras.insert("bias_update".to_string(), json!(moe.bias_update));
+        } else {
+            put("scoring_func", json!("softmax"));
+            let method = match moe.select {
+                Selection::Greedy => "greedy",
+                Selection::GroupLimited => "group_limited_greedy",
+            };
+            put("topk_method", json!(method));
+        }
+        put("norm_topk_prob", json!(moe.normalize_top_k));
+        put("routed_scaling_factor", json!(moe.route_scale));
+        put("aux_loss_alpha", json!(moe.seq_aux));
+        put("seq_aux", json!(true));
+    }
+    if let Some(mtp) = &m.mtp {
+        extras.insert("mtp_weight".to_string(), json!(mtp.weight));
+    }
+    if !extras.is_empty() {
+        put("kiln", Value::Object(extras));
+    }
+    Ok(Value::Object(c))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TINY: &str = include_str!("../../specs/tiny.toml");
+    const SPECS: [&str; 6] = [
+        include_str!("../../specs/deepseek-v3.toml"),
+        include_str!("../../specs/deepseek-v2.toml"),
+        include_str!("../../specs/deepseek-v2-lite.toml"),
+        include_str!("../../specs/gpt2-124m.toml"),
+        include_str!("../../specs/llama3-8b.toml"),
+        TINY,
+    ];
+
+    fn exported(spec: &str) -> Map<String, Value> {
+        let m = check_str(spec).unwrap();
+        match export_config(&m).unwrap() {
+            Value::Object(o) => o,
+            _ => unreachable!(),
+        }
+    }
+
+    fn import_obj(o: &Map<String, Value>) -> Result<ImportedConfig, HfError> {
+        import_config(&Value::Object(o.clone()).to_string(), "m")
+    }
+
+    fn problems(o: &Map<String, Value>) -> Vec<Problem> {
+        match import_obj(o) {
+            Err(HfError::Import { problems, .. }) => problems,
+            other => panic!("expected import problems, got {other:?}"),
+        }
+    }
+
+    /// The one problem of a config, checked to concern `field`.
+    fn the_problem(o: &Map<String, Value>, field: &str, kind: ProblemKind) -> Problem {
+        let p = problems(o);
+        assert_eq!(p.len(), 1, "{p:#?}");
+        assert_eq!((p[0].field.as_str(), p[0].kind), (field, kind), "{p:#?}");
+        p[0].clone()
+    }
+
+    fn model_of(o: &Map<String, Value>) -> Model {
+        let i = import_obj(o).unwrap_or_else(|e| panic!("{e}"));
+        check_str(&i.spec).unwrap()
+    }
+
+    /// A different value of the same JSON type (strings and nulls become something else).
+    fn perturbed(v: &Value) -> Value {
+        match v {
+            Value::Bool(b) => json!(!b),
+            Value::Number(n) if n.is_u64() => json!(n.as_u64().unwrap() + 1),
+            Value::Number(n) => json!(n.as_f64().unwrap() * 1.5 + 0.1),
+            Value::String(_) => json!("bogus"),
+            Value::Null => json!(7),
+            Value::Array(_) | Value::Object(_) => json!("bogus"),
+        }
+    }
+
+    /// Nothing is dropped silently: changing any field of an exported config (other than the
+    /// ones that carry no architecture) changes the imported model or its notes, or fails.
+    #[test]
+    fn every_field_matters() {
+        for spec in SPECS {
+            let base = exported(spec);
+            let imported = import_obj(&base).unwrap();
+            let model = check_str(&imported.spec).unwrap();
+            let mut fields: Vec<(String, Option<String>)> = Vec::new();
+            for (k, v) in &base {
+                if IGNORED.contains(&k.as_str()) {
+                    continue;
+                }
+                fields.push((k.clone(), None));
+                if let Value::Object(inner) = v {
+                    fields.extend(inner.keys().map(|i| (k.clone(), Some(i.clone()))));
+                }
+            }
+            for (key, inner) in fields {
+                let mut o = base.clone();
+                match &inner {
+                    None => {
+                        let v = perturbed(&o[&key]);
+                        o.insert(key.clone(), v);
+                    }
+                    Some(i) => {
+                        let t = o.get_mut(&key).unwrap().as_object_mut().unwrap();
+                        let v = perturbed(&t[i]);
+                        t.insert(i.clone(), v);
+                    }
+                }
+                let what = format!("{}: `{key}` {inner:?}", check_str(spec).unwrap().name);
+                if let Ok(changed) = import_obj(&o) {
+                    let m = check_str(&changed.spec).unwrap();
+                    assert!(
+                        m != model || changed.notes != imported.notes,
+                        "changing {what} changed nothing"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn names_are_toml_strings() {
+        let o = exported(TINY);
+        let name = "a \"quoted\" name \\ with ü";
+        let i = import_config(&Value::Object(o).to_string(), name).unwrap();
+        assert_eq!(check_str(&i.spec).unwrap().name, name);
+        assert_eq!(toml_str("tab\there"), "\"tab\\u0009here\"");
+    }
+
+    fn with_yarn(spec: &str, yarn: Value) -> Map<String, Value> {
+        let mut o = exported(spec);
+        o.insert("rope_scaling".into(), yarn);
+        o
+    }
+
+    #[test]
+    fn yarn_mscales_follow_hf() {
+        let llama = SPECS[4];
+        let yarn = |extra: Value| {
+            let mut y =
+                json!({"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64});
+            y.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            y
+        };
+        // DeepSeek: HF scales the softmax by mscale_all_dim, and the amplitude by the ratio
+        // only when mscale is set too.
+        let p = the_problem(
+            &with_yarn(TINY, yarn(json!({"mscale_all_dim": 1.0}))),
+            "rope_scaling.mscale_all_dim",
+            ProblemKind::Unsupported,
+        );
+        assert!(p.message.contains("without a non-zero `mscale`"), "{p}");
+        // Without mscale_all_dim, HF ignores mscale: kiln writes 1 and says so.
+        let o = with_yarn(TINY, yarn(json!({"mscale": 0.707})));
+        let i = import_obj(&o).unwrap();
+        assert!(
+            i.notes.iter().any(|n| n.contains("have no effect")),
+            "{:?}",
+            i.notes
+        );
+        let y = check_str(&i.spec)
+            .unwrap()
+            .attention
+            .rope
+            .unwrap()
+            .yarn
+            .unwrap();
+        assert_eq!((y.mscale, y.mscale_all_dim), (1.0, 0.0));
+        // Llama: mscale_all_dim never scales its softmax.
+        the_problem(
+            &with_yarn(llama, yarn(json!({"mscale": 1.0, "mscale_all_dim": 1.0}))),
+            "rope_scaling.mscale_all_dim",
+            ProblemKind::Unsupported,
+        );
+        // An attention factor is accepted only when it is the one kiln derives.
+        let amplitude = yarn_correction(4.0, 1.0);
+        model_of(&with_yarn(
+            llama,
+            yarn(json!({"attention_factor": amplitude})),
+        ));
+        the_problem(
+            &with_yarn(llama, yarn(json!({"attention_factor": 1.0}))),
+            "rope_scaling.attention_factor",
+            ProblemKind::Unsupported,
+        );
+        the_problem(
+            &with_yarn(llama, yarn(json!({"truncate": false}))),
+            "rope_scaling.truncate",
+            ProblemKind::Unsupported,
+        );
+        // HF defaults original_max_position_embeddings to max_position_embeddings.
+        let mut no_original = yarn(json!({}));
+        no_original
+            .as_object_mut()
+            .unwrap()
+            .remove("original_max_position_embeddings");
+        let m = model_of(&with_yarn(llama, no_original));
+        assert_eq!(
+            m.attention
+                .rope
+                .unwrap()
+                .yarn
+                .unwrap()
+                .original_max_positions,
+            8192
+        );
+        // Per-layer-type RoPE tables are refused as a whole.
+        let mut o = exported(llama);
+        o.remove("rope_scaling");
+        o.insert(
+            "rope_parameters".into(),
+            json!({"full_attention": {"rope_type": "default"}, "sliding_attention": {"rope_type": "default"}}),
+        );
+        the_problem(&o, "rope_parameters", ProblemKind::Unsupported);
+        // Both RoPE forms at once are ambiguous.
+        let mut o = exported(llama);
+        o.insert("rope_parameters".into(), json!({"rope_type": "default"}));
+        o.insert("rope_scaling".into(), json!({"rope_type": "default"}));
+        the_problem(&o, "rope_scaling", ProblemKind::Inconsistent);
+    }
+
+    #[test]
+    fn aliases_read_like_their_fields() {
+        let gpt2 = SPECS[3];
+        let mut o = exported(gpt2);
+        let d = o.remove("n_embd").unwrap();
+        o.insert("hidden_size".into(), d);
+        assert_eq!(model_of(&o), model_of(&exported(gpt2)));
+        o.insert("n_embd".into(), json!(512));
+        the_problem(&o, "n_embd", ProblemKind::Inconsistent);
+        let mut o = exported(TINY);
+        let depth = o.remove("num_nextn_predict_layers").unwrap();
+        o.insert("num_mtp_layers".into(), depth);
+        assert_eq!(model_of(&o), model_of(&exported(TINY)));
+    }
+
+    #[test]
+    fn deepseek_stacks_and_mtp() {
+        let mut o = exported(TINY);
+        o.insert("first_k_dense_replace".into(), json!(5));
+        the_problem(&o, "first_k_dense_replace", ProblemKind::Inconsistent);
+        // A dense-only DeepSeek model has no [moe]; its MoE fields are noted, not mapped.
+        let mut o = exported(TINY);
+        o.insert("first_k_dense_replace".into(), json!(4));
+        o.insert("num_nextn_predict_layers".into(), json!(0));
+        let i = import_obj(&o).unwrap();
+        assert!(!i.spec.contains("[moe]"), "{}", i.spec);
+        assert!(
+            i.notes.iter().any(|n| n.contains("have no effect")),
+            "{:?}",
+            i.notes
+        );
+        // No MTP field: no MTP modules, and a note saying why.
+        let mut o = exported(TINY);
+        o.remove("num_nextn_predict_layers");
+        let i = import_obj(&o).unwrap();
+        assert!(check_str(&i.spec).unwrap().mtp.is_none());
+        assert!(i
+            .notes
+            .iter()
+            .any(|n| n.contains("num_nextn_predict_layers")));
+        // A layer count beyond kiln's limit is refused before any stack is built.
+        let mut o = exported(SPECS[4]);
+        o.insert("num_hidden_layers".into(), json!(u64::MAX));
+        the_problem(&o, "num_hidden_layers", ProblemKind::Unsupported);
+    }
+
+    #[test]
+    fn deepseek_v2_routing_rules() {
+        let v2 = SPECS[1];
+        let mut o = exported(v2);
+        o.insert("norm_topk_prob".into(), json!(true));
+        the_problem(&o, "norm_topk_prob", ProblemKind::Unsupported);
+        let mut o = exported(v2);
+        o.insert("mlp_bias".into(), json!(true));
+        the_problem(&o, "mlp_bias", ProblemKind::Unsupported);
+        let mut o = exported(v2);
+        o.insert("topk_method".into(), json!("noaux_tc"));
+        the_problem(&o, "topk_method", ProblemKind::Unsupported);
+        let mut o = exported(v2);
+        o.insert("aux_loss_alpha".into(), json!(0.001));
+        o.insert("seq_aux".into(), json!(false));
+        the_problem(&o, "seq_aux", ProblemKind::Unsupported);
+        // Greedy routing ignores the group fields, and says so.
+        let mut o = exported(SPECS[2]);
+        o.insert("n_group".into(), json!(8));
+        let i = import_obj(&o).unwrap();
+        assert!(
+            i.notes.iter().any(|n| n.contains("`n_group` = 8 ignored")),
+            "{:?}",
+            i.notes
+        );
+    }
+
+    #[test]
+    fn export_refuses_what_hf_cannot_say() {
+        let cases = [
+            (TINY.replace("normalize_top_k = true", "normalize_top_k = true\nseq_aux = 0.0")
+                .replace("seq_aux = 1e-4\n", "")
+                .replace("score = \"sigmoid\"", "score = \"softmax\"")
+                .replace("group_score = \"top2_sum\"", "group_score = \"max\""),
+             vec!["mtp", "moe.normalize_top_k", "moe.bias_update"]),
+            (TINY.replace("[mtp]\ndepth = 1\nweight = 0.3\n", "[mtp]\ndepth = 1\nblock = \"dense\"\n"),
+             vec!["mtp.block"]),
+            (TINY.replace("theta = 10000.0", "theta = 10000.0\nyarn = { factor = 4.0, original_max_positions = 64, mscale = 0.5 }"),
+             vec!["attention.rope.yarn.mscale"]),
+        ];
+        for (spec, fields) in cases {
+            let m = check_str(&spec).unwrap_or_else(|d| panic!("{d:#?}"));
+            let Err(HfError::Export { problems, .. }) = family_of(&m) else {
+                panic!("{spec} exports");
+            };
+            let got: Vec<&str> = problems.iter().map(|p| p.field.as_str()).collect();
+            assert_eq!(got, fields);
+        }
+    }
 }
