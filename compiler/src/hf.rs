@@ -696,13 +696,115 @@ struct MtpOut {
     block: LayerKind,
 }
 
+/// A key that appears twice in one JSON object, with different values: its path and both values.
+type Repeated = (String, Value, Value);
+
+/// Parses JSON like `serde_json::from_str`, and also returns the keys that an object repeats
+/// with different values: serde_json, like Python's `json` (and so transformers), silently keeps
+/// the last of them.
+fn parse_json(text: &str) -> Result<(Value, Vec<Repeated>), serde_json::Error> {
+    use serde::de::DeserializeSeed;
+    let repeated = std::cell::RefCell::new(Vec::new());
+    let mut de = serde_json::Deserializer::from_str(text);
+    let value = Tracked {
+        path: String::new(),
+        repeated: &repeated,
+    }
+    .deserialize(&mut de)?;
+    de.end()?;
+    Ok((value, repeated.into_inner()))
+}
+
+/// Deserializes one JSON value at `path`, recording repeated keys of the objects inside it.
+struct Tracked<'r> {
+    path: String,
+    repeated: &'r std::cell::RefCell<Vec<Repeated>>,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for Tracked<'_> {
+    type Value = Value;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Tracked<'_> {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E>(self, b: bool) -> Result<Value, E> {
+        Ok(Value::Bool(b))
+    }
+
+    fn visit_i64<E>(self, n: i64) -> Result<Value, E> {
+        Ok(json!(n))
+    }
+
+    fn visit_u64<E>(self, n: u64) -> Result<Value, E> {
+        Ok(json!(n))
+    }
+
+    fn visit_f64<E>(self, x: f64) -> Result<Value, E> {
+        // JSON has no NaN or infinity, so every parsed float is finite.
+        Ok(serde_json::Number::from_f64(x).map_or(Value::Null, Value::Number))
+    }
+
+    fn visit_str<E>(self, s: &str) -> Result<Value, E> {
+        Ok(Value::String(s.to_string()))
+    }
+
+    fn visit_string<E>(self, s: String) -> Result<Value, E> {
+        Ok(Value::String(s))
+    }
+
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut out = Vec::new();
+        while let Some(v) = seq.next_element_seed(Tracked {
+            path: format!("{}[{}]", self.path, out.len()),
+            repeated: self.repeated,
+        })? {
+            out.push(v);
+        }
+        Ok(Value::Array(out))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut out = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            let path = if self.path.is_empty() {
+                key.clone()
+            } else {
+                format!("{}.{key}", self.path)
+            };
+            let v = map.next_value_seed(Tracked {
+                path: path.clone(),
+                repeated: self.repeated,
+            })?;
+            if let Some(first) = out.insert(key, v.clone()) {
+                if first != v {
+                    self.repeated.borrow_mut().push((path, first, v));
+                }
+            }
+        }
+        Ok(Value::Object(out))
+    }
+}
+
 /// Reads a `config.json` and writes the kiln spec of the same architecture, named `name`.
 ///
 /// The spec is checked before it is returned; see [`HfError`] for what can go wrong. Every
 /// problem of the config is reported at once.
 pub fn import_config(config_json: &str, name: &str) -> Result<ImportedConfig, HfError> {
-    let value: Value = serde_json::from_str(config_json)
-        .map_err(|e| HfError::Json(format!("invalid JSON: {e}")))?;
+    let (value, repeated) =
+        parse_json(config_json).map_err(|e| HfError::Json(format!("invalid JSON: {e}")))?;
     let Value::Object(obj) = &value else {
         return Err(HfError::Json(format!(
             "the top level must be an object, found {}",
@@ -743,6 +845,19 @@ pub fn import_config(config_json: &str, name: &str) -> Result<ImportedConfig, Hf
     let mut r = Reader::new(obj, "");
     r.aliases = aliases(family);
     r.known.insert("model_type");
+    for (field, first, last) in repeated {
+        let msg = format!(
+            "`{field}` appears more than once, with different values ({} and {}); JSON readers \
+             keep the last one, so the config says two things",
+            show(&first),
+            show(&last)
+        );
+        r.problems.push(Problem {
+            field,
+            kind: ProblemKind::Inconsistent,
+            message: msg,
+        });
+    }
     let arch = match family {
         Family::DeepseekV3 | Family::DeepseekV2 => read_deepseek(&mut r, family),
         Family::Llama => read_llama(&mut r),
@@ -2167,6 +2282,16 @@ fn unexpressed(m: &Model, family: Family) -> Vec<Problem> {
         }
         Family::Llama => {}
     }
+    if matches!(family, Family::Llama | Family::DeepseekV2) && m.d_model % a.heads.max(1) != 0 {
+        no(
+            "attention.heads",
+            format!(
+                "`model.d_model` ({}) is not a multiple of `attention.heads` ({}): HF's {f} \
+                 config refuses such a model, whatever its head size",
+                m.d_model, a.heads
+            ),
+        );
+    }
 
     // YaRN.
     if let Some(Rope { yarn: Some(y), .. }) = &a.rope {
@@ -2678,6 +2803,32 @@ mod tests {
     }
 
     #[test]
+    fn repeated_keys_with_different_values_are_reported() {
+        let text = Value::Object(exported(SPECS[4])).to_string();
+        let body = text.strip_suffix('}').unwrap();
+        // The same value twice says one thing: fine.
+        let same = format!("{body}, \"hidden_size\": 4096}}");
+        import_config(&same, "m").unwrap();
+        let twice = format!("{body}, \"hidden_size\": 2048}}");
+        let Err(HfError::Import { problems, .. }) = import_config(&twice, "m") else {
+            panic!("a repeated key with another value imports");
+        };
+        assert_eq!(problems.len(), 1, "{problems:#?}");
+        assert_eq!(problems[0].field, "hidden_size");
+        assert!(
+            problems[0].message.contains("4096 and 2048"),
+            "{}",
+            problems[0]
+        );
+        // Inside nested tables too.
+        let (value, repeated) =
+            parse_json(r#"{"a": {"b": [1, {"c": 1, "c": 2}], "d": 3, "d": 3}}"#).unwrap();
+        assert_eq!(value, json!({"a": {"b": [1, {"c": 2}], "d": 3}}));
+        assert_eq!(repeated, vec![("a.b[1].c".to_string(), json!(1), json!(2))]);
+        assert!(parse_json("{} x").is_err());
+    }
+
+    #[test]
     fn export_refuses_what_hf_cannot_say() {
         let cases = [
             (TINY.replace("normalize_top_k = true", "normalize_top_k = true\nseq_aux = 0.0")
@@ -2689,6 +2840,9 @@ mod tests {
              vec!["mtp.block"]),
             (TINY.replace("theta = 10000.0", "theta = 10000.0\nyarn = { factor = 4.0, original_max_positions = 64, mscale = 0.5 }"),
              vec!["attention.rope.yarn.mscale"]),
+            // HF's LlamaConfig requires hidden_size to be a multiple of the heads.
+            (SPECS[4].replace("heads = 32\nkv_heads = 8", "heads = 30\nkv_heads = 6"),
+             vec!["attention.heads"]),
         ];
         for (spec, fields) in cases {
             let m = check_str(&spec).unwrap_or_else(|d| panic!("{d:#?}"));
