@@ -366,7 +366,7 @@ fn show(v: &Value) -> String {
     }
 }
 
-/// "a string \"x\"", "the number 1.5", … for type errors.
+/// `the string "x"`, `the number 1.5`, … for type errors.
 fn describe(v: &Value) -> String {
     match v {
         Value::Null => "null".to_string(),
@@ -949,7 +949,9 @@ fn read_generic(r: &mut Reader, family: Family) {
     );
 }
 
-/// The residual width and friends every family has, under the family's names.
+/// The MLP activation (`hidden_act`, GPT-2's `activation_function`) as the activation expression
+/// the family's MLP computes with it: `silu(gate) * up` for the gated families, `gelu_tanh(x)`
+/// for GPT-2. Other activations are refused, so that export can always write the family's own.
 fn act_of(r: &mut Reader, key: &'static str, family: Family) -> Option<&'static str> {
     let default = if family == Family::Gpt2 {
         "gelu_new"
@@ -995,8 +997,7 @@ fn act_of(r: &mut Reader, key: &'static str, family: Family) -> Option<&'static 
     }
 }
 
-/// `pretraining_tp`, `attention_dropout` and `initializer_range`-like fields of the RoPE
-/// families.
+/// `pretraining_tp` of the RoPE families: 1 (or absent) is the only value kiln computes.
 fn read_pretraining_tp(r: &mut Reader) {
     r.expect(
         "pretraining_tp",
