@@ -7,6 +7,7 @@ pub mod check;
 pub mod diag;
 pub mod dsl;
 pub mod fuse;
+pub mod hf;
 pub mod hf_weights;
 pub mod ir;
 pub mod lower;

@@ -25,7 +25,7 @@ const MAX_DIM: u64 = 1 << 20;
 /// Largest accepted vocabulary.
 const MAX_VOCAB: u64 = 1 << 24;
 /// Largest accepted number of transformer blocks.
-const MAX_LAYERS: usize = 4096;
+pub(crate) const MAX_LAYERS: usize = 4096;
 
 const SECTIONS: &[&str] = &[
     "model",
