@@ -16,6 +16,7 @@ use kiln_compiler::program;
 use kiln_compiler::report;
 
 mod bench;
+mod hf;
 mod logits;
 mod sample;
 mod train;
@@ -71,6 +72,16 @@ enum Command {
     Train(train::Args),
     /// Generate text from a trained run (its spec.toml and checkpoint.safetensors).
     Sample(sample::Args),
+    /// Import a Hugging Face model: a config.json becomes a spec; a model directory
+    /// (config.json and safetensors weights, single-file or sharded) becomes a run directory
+    /// that `kiln logits`, `kiln sample`, `kiln train --resume` and `kiln export-hf` accept.
+    ///
+    /// Families: deepseek_v3, deepseek_v2, llama, gpt2. Unknown config fields, unsupported
+    /// features and tensors that do not fit are reported by name. See docs/hf.md.
+    ImportHf(hf::ImportArgs),
+    /// Export a run directory as a Hugging Face model: config.json and model.safetensors with
+    /// HF's tensor names and layouts, loadable by transformers' from_pretrained.
+    ExportHf(hf::ExportArgs),
     /// Print the CPU forward pass's logits for a token sequence as JSON:
     /// `{"logits": [[…vocab floats…], …]}`, one row per token.
     ///
@@ -146,6 +157,8 @@ fn main() -> ExitCode {
         } => cmd_emit_ir(spec, after, color),
         Command::Sample(args) => sample::run(args, color),
         Command::Logits(args) => logits::run(args, color),
+        Command::ImportHf(args) => hf::run_import(args),
+        Command::ExportHf(args) => hf::run_export(args, color),
         Command::Bench(args) => bench::run(args, color),
         Command::Train(args) => train::run(args, color),
     };

@@ -151,21 +151,35 @@ pub fn read_dir(dir: &Path, canonical: impl Fn(&str) -> String) -> Result<HfChec
         }
         vec![single]
     };
-    let mut ck = HfCheckpoint {
-        files: files.clone(),
-        ..Default::default()
-    };
+    let mut ck = HfCheckpoint::default();
     for path in files {
-        let bytes = std::fs::read(&path).map_err(|error| HfError::Io {
-            path: path.clone(),
-            error,
-        })?;
-        read_file(&bytes, &canonical, &mut ck).map_err(|reason| HfError::Corrupt {
-            path: path.clone(),
-            reason,
-        })?;
+        add_file(&path, &canonical, &mut ck)?;
     }
     Ok(ck)
+}
+
+/// Reads one safetensors file (any tensor names, no renaming).
+pub fn read_safetensors(path: &Path) -> Result<HfCheckpoint, HfError> {
+    let mut ck = HfCheckpoint::default();
+    add_file(path, &|n: &str| n.to_string(), &mut ck)?;
+    Ok(ck)
+}
+
+fn add_file(
+    path: &Path,
+    canonical: &impl Fn(&str) -> String,
+    ck: &mut HfCheckpoint,
+) -> Result<(), HfError> {
+    let bytes = std::fs::read(path).map_err(|error| HfError::Io {
+        path: path.to_path_buf(),
+        error,
+    })?;
+    read_file(&bytes, canonical, ck).map_err(|reason| HfError::Corrupt {
+        path: path.to_path_buf(),
+        reason,
+    })?;
+    ck.files.push(path.to_path_buf());
+    Ok(())
 }
 
 /// Adds the tensors of one safetensors file to `ck`.

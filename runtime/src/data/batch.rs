@@ -78,6 +78,12 @@ pub struct Batcher<D = Vec<u32>> {
     rng: Rng,
 }
 
+/// The state [`Batcher::state`] reports for a fresh batcher seeded with `seed`: what a run
+/// that has not drawn a batch yet stores in its checkpoint.
+pub fn initial_batch_state(seed: u64) -> [u64; 2] {
+    Rng::with_stream(seed, BATCH_STREAM).state()
+}
+
 impl<D: AsRef<[u32]>> Batcher<D> {
     /// A batcher of `batch_size` rows of `seq_len` tokens, seeded with `seed`.
     ///

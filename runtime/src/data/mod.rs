@@ -28,7 +28,7 @@ pub mod shard;
 pub mod source;
 pub mod text;
 
-pub use batch::{val_batches, Batch, Batcher, ValBatches};
+pub use batch::{initial_batch_state, val_batches, Batch, Batcher, ValBatches};
 pub use builtin::{
     all_problems, builtin_corpus, heldout_problems, is_heldout, parse_answer, training_problems,
     Op, Problem,

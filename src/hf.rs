@@ -1,0 +1,337 @@
+//! `kiln import-hf` and `kiln export-hf`: moving models between kiln and Hugging Face.
+//!
+//! A config maps to a spec through [`kiln_compiler::hf`]; weights map tensor by tensor through
+//! [`kiln_compiler::hf_weights`] and [`kiln_runtime::hf`]. Outputs are written into a
+//! temporary sibling directory (or file) and renamed into place, so a failure leaves nothing
+//! half-written.
+
+use std::path::{Path, PathBuf};
+
+use kiln_compiler::check::check;
+use kiln_compiler::hf::{export_config, import_config};
+use kiln_compiler::hf_weights::{self, Naming};
+use kiln_compiler::ir::Graph;
+use kiln_compiler::model::Model;
+use kiln_compiler::program::compile;
+use kiln_runtime::checkpoint::{self, Checkpoint};
+use kiln_runtime::data::initial_batch_state;
+use kiln_runtime::hf::{self as rt_hf, ParamPieces, StoreAs};
+use kiln_runtime::train::init_params;
+
+use crate::{load, other, Failure};
+
+/// `kiln import-hf` (see `--help`).
+#[derive(clap::Args)]
+pub(crate) struct ImportArgs {
+    /// A `config.json` (writes a spec), or a model directory with `config.json` and
+    /// safetensors weights, single-file or sharded (writes a run directory).
+    pub path: PathBuf,
+    /// Where to write: the spec file for a config, a new run directory for a model.
+    #[arg(short, long)]
+    pub out: PathBuf,
+    /// The model name in the spec [default: the directory's or config's parent's name].
+    #[arg(long)]
+    pub name: Option<String>,
+}
+
+/// `kiln export-hf` (see `--help`).
+#[derive(clap::Args)]
+pub(crate) struct ExportArgs {
+    /// A run directory (`spec.toml` and `checkpoint.safetensors`).
+    pub dir: PathBuf,
+    /// The directory to write `config.json` and `model.safetensors` into (must not exist, or
+    /// be empty).
+    #[arg(short, long)]
+    pub out: PathBuf,
+    /// The element type of the written weights.
+    #[arg(long, value_enum, default_value_t = Dtype::F32)]
+    pub dtype: Dtype,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub(crate) enum Dtype {
+    F32,
+    /// bfloat16, rounded to nearest even.
+    Bf16,
+}
+
+/// A name for the imported model: `--name`, else the model directory's name (or the
+/// config's directory's), made of the characters a spec name allows.
+fn model_name(args: &ImportArgs) -> String {
+    if let Some(n) = &args.name {
+        return n.clone();
+    }
+    let dir = if args.path.is_dir() {
+        Some(args.path.as_path())
+    } else {
+        args.path.parent()
+    };
+    let raw = dir
+        .and_then(|d| d.canonicalize().ok())
+        .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "imported".into());
+    let clean: String = raw
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    if clean.is_empty() {
+        "imported".into()
+    } else {
+        clean
+    }
+}
+
+fn read(path: &Path) -> Result<String, Failure> {
+    std::fs::read_to_string(path).map_err(|e| other(format!("cannot read {}: {e}", path.display())))
+}
+
+/// The kiln parameters of `graph` with their HF pieces.
+fn param_pieces(model: &Model, graph: &Graph) -> Result<Vec<ParamPieces>, Failure> {
+    graph
+        .params
+        .iter()
+        .map(|(_, p)| {
+            Ok(ParamPieces {
+                name: p.name.clone(),
+                shape: p.ty.shape.iter().map(|&d| d as usize).collect(),
+                pieces: hf_weights::pieces(model, &p.name).map_err(other)?,
+            })
+        })
+        .collect()
+}
+
+/// DeepSeek's duplicated MTP tensors, as (HF name, parameter index).
+fn copies(model: &Model, params: &[ParamPieces]) -> Vec<(String, usize)> {
+    hf_weights::shared_copies(model)
+        .into_iter()
+        .filter_map(|(hf, kiln)| params.iter().position(|p| p.name == kiln).map(|i| (hf, i)))
+        .collect()
+}
+
+/// Refuses an output directory that exists and is not empty.
+fn fresh_dir(out: &Path) -> Result<(), Failure> {
+    if let Ok(mut entries) = std::fs::read_dir(out) {
+        if entries.next().is_some() {
+            return Err(other(format!(
+                "{} exists and is not empty; remove it or choose another output",
+                out.display()
+            )));
+        }
+    } else if out.exists() {
+        return Err(other(format!(
+            "{} exists and is not a directory",
+            out.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Writes `files` (name, bytes) into `out` through a temporary sibling directory renamed into
+/// place at the end.
+fn write_dir(out: &Path, files: &[(&str, Vec<u8>)]) -> Result<(), Failure> {
+    let fail = |what: &str, e: std::io::Error| other(format!("cannot {what}: {e}"));
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent)
+        .map_err(|e| fail(&format!("create {}", parent.display()), e))?;
+    let leaf = out
+        .file_name()
+        .map_or("out".into(), |n| n.to_string_lossy().into_owned());
+    let tmp = parent.join(format!(".{leaf}.partial-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir(&tmp).map_err(|e| fail(&format!("create {}", tmp.display()), e))?;
+    let result = (|| {
+        for (name, bytes) in files {
+            std::fs::write(tmp.join(name), bytes)
+                .map_err(|e| fail(&format!("write {name} in {}", tmp.display()), e))?;
+        }
+        // An empty directory at `out` (allowed by `fresh_dir`) is replaced.
+        if out.is_dir() {
+            std::fs::remove_dir(out).map_err(|e| fail(&format!("replace {}", out.display()), e))?;
+        }
+        std::fs::rename(&tmp, out)
+            .map_err(|e| fail(&format!("move the result to {}", out.display()), e))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    result
+}
+
+pub(crate) fn run_import(args: ImportArgs) -> Result<(), Failure> {
+    let name = model_name(&args);
+    let config_path = if args.path.is_dir() {
+        args.path.join("config.json")
+    } else {
+        args.path.clone()
+    };
+    let imported = import_config(&read(&config_path)?, &name)
+        .map_err(|e| other(format!("{}: {e}", config_path.display())))?;
+    if !args.path.is_dir() {
+        // A config alone: write the spec (through a temporary file, renamed into place).
+        let tmp = args.out.with_extension("toml.partial");
+        std::fs::write(&tmp, &imported.spec)
+            .and_then(|()| std::fs::rename(&tmp, &args.out))
+            .map_err(|e| other(format!("cannot write {}: {e}", args.out.display())))?;
+        eprintln!(
+            "wrote {} ({} model `{name}`); check it with `kiln check {}`",
+            args.out.display(),
+            imported.family.model_type(),
+            args.out.display()
+        );
+        for note in &imported.notes {
+            eprintln!("note: {note}");
+        }
+        return Ok(());
+    }
+    fresh_dir(&args.out)?;
+    let model = check(imported.spec.as_bytes())
+        .map_err(|_| other("the imported spec does not check; this is a bug in kiln's importer"))?;
+    let compiled = compile(&model).map_err(|e| other(e.to_string()))?;
+    let graph = compiled.forward.graph();
+    let params = param_pieces(&model, graph)?;
+    let naming = Naming::of(&model);
+    let ck = rt_hf::read_dir(&args.path, |n| hf_weights::canonical(naming, n))
+        .map_err(|e| other(e.to_string()))?;
+    let copies = copies(&model, &params);
+    let result = rt_hf::import_params(
+        &params,
+        &ck,
+        &copies,
+        |n| n.starts_with("mtp."),
+        |n| hf_weights::is_buffer(naming, n),
+    )
+    .map_err(|e| other(format!("{}: {e}", args.path.display())))?;
+
+    // MTP modules are all present or all absent (HF's own saves drop them).
+    let mtp: Vec<usize> = (0..params.len())
+        .filter(|&i| params[i].name.starts_with("mtp."))
+        .collect();
+    let absent: Vec<usize> = mtp
+        .iter()
+        .copied()
+        .filter(|&i| result.params[i].is_none())
+        .collect();
+    if !absent.is_empty() && absent.len() != mtp.len() {
+        return Err(other(format!(
+            "{}: the checkpoint has some MTP tensors but not `{}` (kiln's `{}`)",
+            args.path.display(),
+            params[absent[0]].pieces[0].name,
+            params[absent[0]].name
+        )));
+    }
+    let init = if absent.is_empty() {
+        Vec::new()
+    } else {
+        init_params(graph, model.train.seed)
+    };
+    let values: Vec<Vec<f32>> = result
+        .params
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| v.unwrap_or_else(|| init[i].clone()))
+        .collect();
+    let zeros: Vec<Vec<f32>> = values.iter().map(|v| vec![0.0; v.len()]).collect();
+    let ck_out = Checkpoint {
+        step: 0,
+        params: values,
+        m: zeros.clone(),
+        v: zeros,
+        data_rng: initial_batch_state(model.train.seed),
+        spec_hash: checkpoint::spec_hash(imported.spec.as_bytes()),
+    };
+    let bytes = checkpoint::to_bytes(graph, &ck_out).map_err(other)?;
+    write_dir(
+        &args.out,
+        &[
+            ("spec.toml", imported.spec.clone().into_bytes()),
+            ("checkpoint.safetensors", bytes),
+        ],
+    )?;
+
+    let dtypes: Vec<String> = ck.dtypes.iter().map(|(d, n)| format!("{n} {d}")).collect();
+    eprintln!(
+        "imported {} model `{name}` from {} ({} file{}, {} tensors: {}) into {}",
+        imported.family.model_type(),
+        args.path.display(),
+        ck.files.len(),
+        if ck.files.len() == 1 { "" } else { "s" },
+        ck.tensors.len(),
+        dtypes.join(", "),
+        args.out.display()
+    );
+    if ck.dtypes.keys().any(|d| d != "F32") {
+        eprintln!(
+            "note: weights stored in {} are upcast exactly to kiln's {} master weights",
+            dtypes.join(" and "),
+            model.precision.master
+        );
+    }
+    if !absent.is_empty() {
+        eprintln!(
+            "note: the checkpoint has no MTP weights (transformers drops them); the {} MTP \
+             parameter tensors start from kiln's initializer (seed {})",
+            absent.len(),
+            model.train.seed
+        );
+    }
+    for z in &result.zeroed {
+        eprintln!("note: `{z}` has no Hugging Face tensor and starts at zero");
+    }
+    for note in &imported.notes {
+        eprintln!("note: {note}");
+    }
+    eprintln!(
+        "next: `kiln logits {0} --tokens …`, `kiln sample {0}`, `kiln train --resume {0}`",
+        args.out.display()
+    );
+    Ok(())
+}
+
+pub(crate) fn run_export(args: ExportArgs, color: bool) -> Result<(), Failure> {
+    fresh_dir(&args.out)?;
+    let (_, model) = load(Some(&args.dir.join("spec.toml")), &mut Vec::new(), color)?;
+    let mut config = export_config(&model).map_err(|e| other(e.to_string()))?;
+    let compiled = compile(&model).map_err(|e| other(e.to_string()))?;
+    let graph = compiled.forward.graph();
+    let ck = checkpoint::load(&args.dir.join("checkpoint.safetensors"), graph)
+        .map_err(|e| other(e.to_string()))?;
+    let params = param_pieces(&model, graph)?;
+    let tensors = rt_hf::export_tensors(&params, &ck.params, &copies(&model, &params))
+        .map_err(|e| other(format!("cannot export: {e}")))?;
+    let (store, dtype_name) = match args.dtype {
+        Dtype::F32 => (StoreAs::F32, "float32"),
+        Dtype::Bf16 => (StoreAs::Bf16, "bfloat16"),
+    };
+    if let Some(obj) = config.as_object_mut() {
+        obj.insert("torch_dtype".into(), dtype_name.into());
+        obj.insert("dtype".into(), dtype_name.into());
+    }
+    let weights = rt_hf::to_safetensors(&tensors, store).map_err(other)?;
+    let config_text = serde_json::to_string_pretty(&config)
+        .map_err(|e| other(format!("cannot encode config.json: {e}")))?;
+    write_dir(
+        &args.out,
+        &[
+            ("config.json", format!("{config_text}\n").into_bytes()),
+            (rt_hf::SINGLE_FILE, weights),
+        ],
+    )?;
+    eprintln!(
+        "exported `{}` at step {} to {} ({} tensors, {dtype_name}); load it with \
+         transformers' AutoModelForCausalLM.from_pretrained",
+        model.name,
+        ck.step,
+        args.out.display(),
+        tensors.len()
+    );
+    Ok(())
+}
