@@ -56,21 +56,7 @@ pub(crate) fn forward_logits(
     let params = params_of(graph)?;
     let logits_v = graph.output("logits").expect("lowering names the logits");
     let exec = Executor::new(graph, &[logits_v]);
-    let t = tokens.len();
-    let mut inputs = HashMap::new();
-    for (_, v) in graph.values.iter() {
-        if let Def::Input(kind) = v.def {
-            let data: Vec<u32> = match kind {
-                InputKind::Positions => (0..t as u32).collect(),
-                // Inputs further ahead (MTP's shifted tokens) see padding past the end; the
-                // main logits do not read them.
-                InputKind::Tokens { offset } => (0..t)
-                    .map(|i| tokens.get(i + offset as usize).copied().unwrap_or(0))
-                    .collect(),
-            };
-            inputs.insert(kind, data);
-        }
-    }
+    let inputs = window_inputs(graph, tokens, tokens.len());
     let out = exec
         .run::<f32>(&Feed {
             params: &params,
@@ -82,6 +68,30 @@ pub(crate) fn forward_logits(
         .chunks(vocab)
         .map(<[f32]>::to_vec)
         .collect())
+}
+
+/// The inputs of a batch-1 forward graph over a window of `len` positions holding `tokens`
+/// from position 0: positions `0..len`, and each token input shifted by its offset, padded
+/// with 0 past the end (attention is causal, so logits at real positions do not read the
+/// padding; MTP's shifted inputs only feed MTP outputs).
+pub(crate) fn window_inputs(
+    graph: &kiln_compiler::ir::Graph,
+    tokens: &[u32],
+    len: usize,
+) -> HashMap<InputKind, Vec<u32>> {
+    let mut inputs = HashMap::new();
+    for (_, v) in graph.values.iter() {
+        if let Def::Input(kind) = v.def {
+            let data: Vec<u32> = match kind {
+                InputKind::Positions => (0..len as u32).collect(),
+                InputKind::Tokens { offset } => (0..len)
+                    .map(|i| tokens.get(i + offset as usize).copied().unwrap_or(0))
+                    .collect(),
+            };
+            inputs.insert(kind, data);
+        }
+    }
+    inputs
 }
 
 pub(crate) fn run(args: Args, color: bool) -> Result<(), Failure> {

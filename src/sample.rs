@@ -4,10 +4,8 @@
 //! causal, so the logits at the last real position do not depend on the padding after it;
 //! longer contexts slide the window. (A KV-cached generation path arrives with the GRPO work.)
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 
-use kiln_compiler::ir::{Def, InputKind};
 use kiln_compiler::program::compile_forward;
 use kiln_runtime::checkpoint;
 use kiln_runtime::data::{decode_bytes, Rng};
@@ -92,18 +90,7 @@ pub(crate) fn run(args: Args, color: bool) -> Result<(), Failure> {
     for _ in 0..args.max_tokens {
         let start = tokens.len().saturating_sub(window);
         let ctx = &tokens[start..];
-        let mut inputs = HashMap::new();
-        for (_, v) in graph.values.iter() {
-            if let Def::Input(kind) = v.def {
-                let data: Vec<u32> = match kind {
-                    InputKind::Positions => (0..window as u32).collect(),
-                    InputKind::Tokens { offset } => (0..window)
-                        .map(|i| ctx.get(i + offset as usize).copied().unwrap_or(0))
-                        .collect(),
-                };
-                inputs.insert(kind, data);
-            }
-        }
+        let inputs = crate::logits::window_inputs(graph, ctx, window);
         let out = exec
             .run::<f32>(&Feed {
                 params: &ck.params,
