@@ -8,13 +8,15 @@
 use std::collections::HashMap;
 use std::fmt;
 
-use kiln_compiler::dsl::expr::Compiled;
-use kiln_compiler::ir::{Def, Graph, InputKind, Node, Op, RopePairs, RouterSpec, ValueId};
-use kiln_compiler::model::{GroupScore, NormKind, ScoreFunc, Selection};
+use kiln_compiler::ir::{Def, Graph, InputKind, Node, Op, ValueId};
+use kiln_compiler::model::NormKind;
 
-use crate::cpu::attention::{self, RopeTables, YarnParams};
-use crate::cpu::elementwise::{self, is_swiglu, swiglu, Elementwise};
+use crate::cpu::attention::{self, RopeTables};
+use crate::cpu::elementwise::Elementwise;
 use crate::cpu::{dense, moe, Real};
+use crate::ops::{
+    self, check_ids, norm_bwd, norm_fwd, rope_pairs, router_config, yarn_params, ExprActivation,
+};
 
 /// A tensor's data: floats, or u32 ids and indices.
 #[derive(Clone, Debug, PartialEq)]
@@ -312,8 +314,7 @@ impl<'g> Executor<'g> {
         let f = |v: Vec<T>| Buf::F(v);
         Ok(match &node.op {
             Op::Fill { value, .. } => {
-                let n: usize = out_shape(0).iter().product();
-                vec![f(vec![T::from_f64(*value); n])]
+                vec![f(ops::fill(*value, out_shape(0).iter().product()))]
             }
             Op::Reshape { .. } => vec![arg(0).to_buf()],
             Op::Map { .. } => {
@@ -330,70 +331,42 @@ impl<'g> Executor<'g> {
                     .collect()
             }
             Op::Split { sizes } => {
-                let x = arg(0).floats();
-                let total: usize = sizes.iter().map(|&s| s as usize).sum();
-                let rows = x.len() / total.max(1);
-                let mut outs: Vec<Vec<T>> = sizes
-                    .iter()
-                    .map(|&s| Vec::with_capacity(rows * s as usize))
-                    .collect();
-                for row in x.chunks_exact(total) {
-                    let mut at = 0;
-                    for (o, &s) in outs.iter_mut().zip(sizes) {
-                        o.extend_from_slice(&row[at..at + s as usize]);
-                        at += s as usize;
-                    }
-                }
-                outs.into_iter().map(f).collect()
+                let sizes: Vec<usize> = sizes.iter().map(|&s| s as usize).collect();
+                ops::split(arg(0).floats(), &sizes)
+                    .into_iter()
+                    .map(f)
+                    .collect()
             }
             Op::Concat => {
                 let widths: Vec<usize> = (0..node.inputs.len())
                     .map(|i| *shape(i).last().expect("rank ≥ 1"))
                     .collect();
-                let rows = arg(0).floats().len() / widths[0].max(1);
-                let mut y = Vec::with_capacity(rows * widths.iter().sum::<usize>());
-                for r in 0..rows {
-                    for (i, &w) in widths.iter().enumerate() {
-                        y.extend_from_slice(&arg(i).floats()[r * w..(r + 1) * w]);
-                    }
-                }
-                vec![f(y)]
+                let xs: Vec<&[T]> = (0..node.inputs.len()).map(|i| arg(i).floats()).collect();
+                vec![f(ops::concat(&xs, &widths))]
             }
             Op::Expand { axis, n } => {
                 let s = shape(0);
                 let outer: usize = s[..*axis as usize].iter().product();
                 let inner: usize = s[*axis as usize + 1..].iter().product();
-                let x = arg(0).floats();
-                let mut y = Vec::with_capacity(x.len() * *n as usize);
-                for o in 0..outer {
-                    for _ in 0..*n {
-                        y.extend_from_slice(&x[o * inner..(o + 1) * inner]);
-                    }
-                }
-                vec![f(y)]
+                vec![f(ops::expand(arg(0).floats(), outer, inner, *n as usize))]
             }
             Op::SumAxis { axis } => {
                 let s = shape(0);
                 let outer: usize = s[..*axis as usize].iter().product();
-                let len = s[*axis as usize];
                 let inner: usize = s[*axis as usize + 1..].iter().product();
-                let x = arg(0).floats();
-                let mut y = vec![T::ZERO; outer * inner];
-                for o in 0..outer {
-                    for l in 0..len {
-                        let src = &x[(o * len + l) * inner..(o * len + l + 1) * inner];
-                        for (d, &v) in y[o * inner..(o + 1) * inner].iter_mut().zip(src) {
-                            *d += v;
-                        }
-                    }
-                }
-                vec![f(y)]
+                let len = s[*axis as usize];
+                vec![f(ops::sum_axis(arg(0).floats(), outer, len, inner))]
             }
             Op::Embedding => {
                 let t = shape(0);
                 let ids = arg(1).ids();
-                check_ids(ids, t[0], &node.path)?;
-                vec![f(dense::embedding_fwd(arg(0).floats(), t[0], t[1], ids))]
+                vec![f(ops::embedding(
+                    arg(0).floats(),
+                    t[0],
+                    t[1],
+                    ids,
+                    &node.path,
+                )?)]
             }
             Op::EmbeddingGrad { vocab } => {
                 let d = *shape(1).last().expect("rank ≥ 1");
@@ -406,10 +379,8 @@ impl<'g> Executor<'g> {
             }
             Op::Linear { bias } | Op::LinearMap { bias, .. } => {
                 let w = shape(1);
-                let (out, inp) = (w[0], w[1]);
-                let rows = arg(0).floats().len() / inp;
                 let b = bias.then(|| arg(2).floats());
-                let pre = dense::linear_fwd(arg(0).floats(), rows, inp, arg(1).floats(), out, b);
+                let pre = ops::linear(arg(0).floats(), arg(1).floats(), b, w[0], w[1]);
                 match self.elementwise.get(&index) {
                     // `linear_map`: the activation follows in the same node.
                     Some(act) => {
@@ -421,17 +392,8 @@ impl<'g> Executor<'g> {
             }
             Op::LinearGrad { bias } => {
                 let w = shape(1);
-                let (out, inp) = (w[0], w[1]);
-                let rows = arg(0).floats().len() / inp;
-                let r = dense::linear_bwd(
-                    arg(0).floats(),
-                    rows,
-                    inp,
-                    arg(1).floats(),
-                    out,
-                    arg(2).floats(),
-                    *bias,
-                );
+                let (x, dy) = (arg(0).floats(), arg(2).floats());
+                let r = ops::linear_grad(x, arg(1).floats(), dy, w[0], w[1], *bias);
                 let mut v = vec![f(r.dx), f(r.dw)];
                 if let Some(db) = r.db {
                     v.push(f(db));
@@ -453,9 +415,9 @@ impl<'g> Executor<'g> {
                 Some(arg(2).floats()),
             ))],
             Op::AddNorm { norm, eps } => {
-                let s = elementwise::add(arg(0).floats(), arg(1).floats());
                 let b = (*norm == NormKind::LayerNorm).then(|| arg(3).floats());
-                let y = norm_fwd(*norm, *eps, &s, arg(2).floats(), b);
+                let (x, r, w) = (arg(0).floats(), arg(1).floats(), arg(2).floats());
+                let (s, y) = ops::add_norm(*norm, *eps, x, r, w, b);
                 vec![f(s), f(y)]
             }
             Op::RmsNormGrad { eps } => norm_bwd(
@@ -480,9 +442,10 @@ impl<'g> Executor<'g> {
             .collect(),
             Op::AddNormGrad { norm, eps } => {
                 let (s, w, dy) = (arg(0).floats(), arg(1).floats(), arg(2).floats());
-                let mut grads = norm_bwd(*norm, *eps, s, w, dy);
-                elementwise::add_assign(&mut grads[0], arg(3).floats());
-                grads.into_iter().map(f).collect()
+                ops::add_norm_grad(*norm, *eps, s, w, dy, arg(3).floats())
+                    .into_iter()
+                    .map(f)
+                    .collect()
             }
             Op::Rope { theta, yarn, pairs } | Op::RopeGrad { theta, yarn, pairs } => {
                 let key = self.rope_key[&index];
@@ -548,21 +511,18 @@ impl<'g> Executor<'g> {
             }
             Op::RouterGrad(spec) => {
                 let (x, w) = (shape(0), shape(1));
-                let out = moe::RouterOut {
-                    weights: arg(3).floats().to_vec(),
-                    experts: arg(4).ids().to_vec(),
-                    scores: arg(5).floats().to_vec(),
-                };
-                let (dx, dw) = moe::router_bwd(
+                let (dx, dw) = ops::router_grad(
                     arg(0).floats(),
                     x[0],
                     x[1],
                     arg(1).floats(),
                     w[0],
-                    &out,
-                    &router_config(spec),
+                    arg(3).floats(),
+                    arg(4).ids(),
+                    arg(5).floats(),
                     arg(6).floats(),
-                    Some(arg(7).floats()),
+                    arg(7).floats(),
+                    &router_config(spec),
                 );
                 vec![f(dx), f(dw)]
             }
@@ -620,22 +580,17 @@ impl<'g> Executor<'g> {
             }
             Op::CrossEntropy => {
                 let l = shape(0);
-                let targets = arg(1).ids();
-                check_ids(targets, l[1], &node.path)?;
-                let (loss, _) = dense::cross_entropy_fwd(arg(0).floats(), l[0], l[1], targets);
-                vec![f(vec![loss])]
+                let (logits, targets) = (arg(0).floats(), arg(1).ids());
+                vec![f(vec![ops::cross_entropy(
+                    logits, l[0], l[1], targets, &node.path,
+                )?])]
             }
             Op::CrossEntropyGrad => {
                 let l = shape(0);
                 let (logits, targets) = (arg(0).floats(), arg(1).ids());
-                let (_, lse) = dense::cross_entropy_fwd(logits, l[0], l[1], targets);
-                vec![f(dense::cross_entropy_bwd(
-                    logits,
-                    l[0],
-                    l[1],
-                    targets,
-                    &lse,
-                    arg(2).floats()[0],
+                let dloss = arg(2).floats()[0];
+                vec![f(ops::cross_entropy_grad(
+                    logits, l[0], l[1], targets, dloss,
                 ))]
             }
             Op::BalanceLoss { alpha, top_k } => {
@@ -666,176 +621,5 @@ impl<'g> Executor<'g> {
                 vec![f(d)]
             }
         })
-    }
-}
-
-fn check_ids(ids: &[u32], bound: usize, path: &str) -> Result<(), ExecError> {
-    match ids.iter().find(|&&i| i as usize >= bound) {
-        Some(bad) => Err(ExecError::OutOfRange(format!(
-            "`{path}` reads index {bad}, but only {bound} exist"
-        ))),
-        None => Ok(()),
-    }
-}
-
-/// A norm of the rows of `x` (of width `w.len()`): RMSNorm, or LayerNorm with bias `b`.
-fn norm_fwd<T: Real>(kind: NormKind, eps: f64, x: &[T], w: &[T], b: Option<&[T]>) -> Vec<T> {
-    let n = w.len();
-    let rows = x.len() / n;
-    match kind {
-        NormKind::RmsNorm => dense::rms_norm_fwd(x, rows, n, w, eps).0,
-        NormKind::LayerNorm => {
-            let b = b.expect("a LayerNorm has a bias");
-            dense::layer_norm_fwd(x, rows, n, w, b, eps).0
-        }
-    }
-}
-
-/// A norm's gradients `[dx, dw]` (RMSNorm) or `[dx, dw, db]` (LayerNorm); the statistics
-/// are recomputed from `x`.
-fn norm_bwd<T: Real>(kind: NormKind, eps: f64, x: &[T], w: &[T], dy: &[T]) -> Vec<Vec<T>> {
-    let n = w.len();
-    let rows = x.len() / n;
-    match kind {
-        NormKind::RmsNorm => {
-            let rstd = dense::rms_norm_rstd(x, rows, n, eps);
-            let (dx, dw) = dense::rms_norm_bwd(x, rows, n, w, &rstd, dy);
-            vec![dx, dw]
-        }
-        NormKind::LayerNorm => {
-            // The bias does not affect the gradients; zeros stand in for it.
-            let zeros = vec![T::ZERO; n];
-            let (_, mean, rstd) = dense::layer_norm_fwd(x, rows, n, w, &zeros, eps);
-            let (dx, dw, db) = dense::layer_norm_bwd(x, rows, n, w, &mean, &rstd, dy);
-            vec![dx, dw, db]
-        }
-    }
-}
-
-fn yarn_params(y: kiln_compiler::model::Yarn) -> YarnParams {
-    YarnParams {
-        factor: y.factor,
-        original_max_positions: y.original_max_positions,
-        beta_fast: y.beta_fast,
-        beta_slow: y.beta_slow,
-        mscale: y.mscale,
-        mscale_all_dim: y.mscale_all_dim,
-    }
-}
-
-fn rope_pairs(p: RopePairs) -> attention::RopePairs {
-    match p {
-        RopePairs::Halves => attention::RopePairs::Halves,
-        RopePairs::Interleaved => attention::RopePairs::Interleaved,
-    }
-}
-
-fn router_config(s: &RouterSpec) -> moe::RouterConfig {
-    moe::RouterConfig {
-        score: match s.score {
-            ScoreFunc::Softmax => moe::Score::Softmax,
-            ScoreFunc::Sigmoid => moe::Score::Sigmoid,
-        },
-        select: match s.select {
-            Selection::Greedy => moe::Select::Greedy,
-            Selection::GroupLimited => moe::Select::GroupLimited,
-        },
-        groups: s.groups as usize,
-        groups_kept: s.groups_kept as usize,
-        group_score: match s.group_score {
-            GroupScore::Max => moe::GroupScore::Max,
-            GroupScore::Top2Sum => moe::GroupScore::Top2Sum,
-        },
-        top_k: s.top_k as usize,
-        normalize: s.normalize,
-        scale: s.scale,
-    }
-}
-
-/// An expert activation given by a spec expression over `gate` and `up` (or `x`).
-struct ExprActivation {
-    compiled: Compiled,
-    gated: bool,
-    swiglu: bool,
-}
-
-impl ExprActivation {
-    fn new(expr: &kiln_compiler::dsl::expr::Expr, gated: bool) -> Self {
-        let vars: &[&str] = if gated { &["gate", "up"] } else { &["x"] };
-        ExprActivation {
-            compiled: expr
-                .compile(vars)
-                .expect("checked activations read gate and up, or x"),
-            gated,
-            swiglu: is_swiglu(expr, vars),
-        }
-    }
-}
-
-/// Longest expression the activation evaluates with stack scratch space.
-const STACK_STEPS: usize = 32;
-
-impl ExprActivation {
-    fn operands<T: Real>(&self, gate: T, up: T) -> ([f64; 2], usize) {
-        if self.gated {
-            ([gate.to_f64(), up.to_f64()], 2)
-        } else {
-            ([up.to_f64(), 0.0], 1)
-        }
-    }
-}
-
-impl<T: Real> moe::Activation<T> for ExprActivation {
-    fn gated(&self) -> bool {
-        self.gated
-    }
-
-    fn value(&self, gate: T, up: T) -> T {
-        if self.swiglu {
-            return swiglu(gate, up).0;
-        }
-        let (x, n) = self.operands(gate, up);
-        let c = &self.compiled;
-        let y = if c.len() <= STACK_STEPS {
-            c.eval(&x[..n], &mut [0.0; STACK_STEPS][..c.len()])
-        } else {
-            c.eval(&x[..n], &mut c.scratch())
-        };
-        T::from_f64(y)
-    }
-
-    fn grad(&self, gate: T, up: T) -> (T, T) {
-        if self.swiglu {
-            let (_, d_gate, d_up) = swiglu(gate, up);
-            return (d_gate, d_up);
-        }
-        let (x, n) = self.operands(gate, up);
-        let c = &self.compiled;
-        let mut g = [0.0; 2];
-        if c.len() <= STACK_STEPS {
-            let (mut s, mut adj) = ([0.0; STACK_STEPS], [0.0; STACK_STEPS]);
-            c.eval_grad(&x[..n], &mut s[..c.len()], &mut adj[..c.len()], &mut g[..n]);
-        } else {
-            c.eval_grad(&x[..n], &mut c.scratch(), &mut c.scratch(), &mut g[..n]);
-        }
-        if self.gated {
-            (T::from_f64(g[0]), T::from_f64(g[1]))
-        } else {
-            (T::ZERO, T::from_f64(g[0]))
-        }
-    }
-
-    fn values(&self, gate: &[T], up: &[T], out: &mut [T]) {
-        if self.swiglu {
-            return moe::SwiGlu.values(gate, up, out);
-        }
-        moe::per_element_values(self, gate, up, out);
-    }
-
-    fn values_and_grads(&self, gate: &[T], up: &[T], a: &mut [T], dg: &mut [T], du: &mut [T]) {
-        if self.swiglu {
-            return moe::SwiGlu.values_and_grads(gate, up, a, dg, du);
-        }
-        moe::per_element_values_and_grads(self, gate, up, a, dg, du);
     }
 }

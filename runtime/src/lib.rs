@@ -17,4 +17,5 @@ pub mod data;
 pub mod exec;
 pub mod hf;
 pub mod memory;
+pub mod ops;
 pub mod train;
