@@ -109,6 +109,13 @@ enum Command {
 
 #[derive(Subcommand)]
 enum Emit {
+    /// The specialized Rust module `kiln::model!` expands the spec to: dimensions as
+    /// constants, parameter names and shapes, and the training step as straight-line code
+    /// calling kiln-runtime's kernels with constant shapes (formatted with prettyplease).
+    Rust {
+        /// The spec [default: the built-in specs/tiny.toml].
+        spec: Option<PathBuf>,
+    },
     /// The forward graph IR at the spec's batch size and sequence length: parameters, inputs,
     /// one line per op (result types, operands, resolved format, op path), named outputs.
     Ir {
@@ -155,6 +162,9 @@ fn main() -> ExitCode {
         Command::Emit {
             what: Emit::Ir { spec, after },
         } => cmd_emit_ir(spec, after, color),
+        Command::Emit {
+            what: Emit::Rust { spec },
+        } => cmd_emit_rust(spec, color),
         Command::Sample(args) => sample::run(args, color),
         Command::Logits(args) => logits::run(args, color),
         Command::ImportHf(args) => hf::run_import(args),
@@ -291,6 +301,15 @@ fn cmd_emit_ir(spec: Option<PathBuf>, after: Pass, color: bool) -> Result<(), Fa
         ));
         out(&text);
     }
+    Ok(())
+}
+
+fn cmd_emit_rust(spec: Option<PathBuf>, color: bool) -> Result<(), Failure> {
+    let (_, model) = load(spec.as_ref(), &mut Vec::new(), color)?;
+    let compiled = program::compile(&model).map_err(|e| Failure::Other(e.to_string()))?;
+    let text =
+        kiln_compiler::emit_rust::emit_text(&model, &compiled.train).map_err(Failure::Other)?;
+    out(&text);
     Ok(())
 }
 

@@ -5,7 +5,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use kiln_compiler::model::{DataSource, Model, ScheduleKind};
+use kiln_compiler::model::{DataSource, Model};
 use kiln_compiler::program::compile;
 use kiln_runtime::checkpoint;
 use kiln_runtime::data::{self, Batcher, Dataset};
@@ -53,24 +53,6 @@ const MAX_SKIPPED: u32 = 100;
 
 /// Share of the data held out for validation.
 const VAL_FRACTION: f64 = 0.1;
-
-fn config(model: &Model, steps: u64, seed: u64) -> TrainConfig {
-    let t = &model.train;
-    TrainConfig {
-        steps,
-        lr: t.optimizer.lr,
-        beta1: t.optimizer.beta1,
-        beta2: t.optimizer.beta2,
-        eps: t.optimizer.eps,
-        weight_decay: t.optimizer.weight_decay,
-        warmup: t.schedule.warmup.min(steps),
-        cosine: t.schedule.kind == ScheduleKind::Cosine,
-        min_lr: t.schedule.min_lr,
-        grad_clip: t.grad_clip,
-        bias_update: model.moe.as_ref().map_or(0.0, |m| m.bias_update),
-        seed,
-    }
-}
 
 fn load_data(model: &Model, arg: Option<&str>, seed: u64) -> Result<Dataset, Failure> {
     let spec_data = match &model.train.data {
@@ -133,7 +115,7 @@ pub(crate) fn run(args: Args, color: bool) -> Result<(), Failure> {
 
     let mut trainer = Trainer::new(
         full,
-        config(&model, steps, seed),
+        TrainConfig::of(&model, steps, seed),
         init_params(forward, seed),
     );
     let mut kept_metrics = String::new();

@@ -12,7 +12,7 @@ use std::fmt;
 
 use crate::autodiff::differentiate;
 use crate::fuse::fuse;
-use crate::ir::{verify, Graph, ValueId};
+use crate::ir::{verify, Def, Graph, Op, ParamId, ValueId};
 use crate::lower::lower;
 use crate::model::Model;
 use crate::plan::{plan, Plan};
@@ -43,6 +43,65 @@ impl Program {
 
 fn outputs(g: &Graph) -> Vec<ValueId> {
     g.outputs.iter().map(|&(_, v)| v).collect()
+}
+
+/// The values a training step reads after running the training graph: the total and main
+/// losses, each trainable parameter's gradient, and each router's chosen experts (for the
+/// aux-loss-free bias update).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainOutputs {
+    pub loss: ValueId,
+    pub main_loss: ValueId,
+    /// `(parameter, its grad.<name> output)` in the order of the parameters' values.
+    pub grads: Vec<(ParamId, ValueId)>,
+    /// `(router bias parameter, the router's experts output, expert count)` in node order.
+    pub routers: Vec<(ParamId, ValueId, usize)>,
+}
+
+impl TrainOutputs {
+    /// Finds them in a training graph (the output of differentiation): it must have `loss` and
+    /// `loss.main` outputs.
+    pub fn of(graph: &Graph) -> Option<TrainOutputs> {
+        let loss = graph.output("loss")?;
+        let main_loss = graph.output("loss.main")?;
+        // In the order the parameters' values appear (the order the gradient norm sums in).
+        let grads = graph
+            .values
+            .iter()
+            .filter_map(|(_, v)| match v.def {
+                Def::Param(p) => {
+                    Some((p, graph.output(&format!("grad.{}", graph.params[p].name))?))
+                }
+                _ => None,
+            })
+            .collect();
+        let routers = graph
+            .nodes
+            .iter()
+            .filter(|(_, node)| matches!(node.op, Op::Router(_)))
+            .filter_map(|(_, node)| {
+                let bias = &graph.values[node.inputs[2]];
+                match bias.def {
+                    Def::Param(p) => Some((p, node.outputs[1], bias.ty.shape[0] as usize)),
+                    _ => None,
+                }
+            })
+            .collect();
+        Some(TrainOutputs {
+            loss,
+            main_loss,
+            grads,
+            routers,
+        })
+    }
+
+    /// Every value listed, in the order above.
+    pub fn values(&self) -> Vec<ValueId> {
+        let mut keep = vec![self.loss, self.main_loss];
+        keep.extend(self.grads.iter().map(|&(_, g)| g));
+        keep.extend(self.routers.iter().map(|&(_, e, _)| e));
+        keep
+    }
 }
 
 /// What compiling a model yields: the training step, and the forward pass alone (for

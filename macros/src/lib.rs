@@ -1,4 +1,55 @@
-//! kiln-macros: `kiln::model!("specs/x.toml")`, a thin shell over kiln-compiler's Rust
-//! emitter that expands a spec into a specialized training module.
+//! kiln-macros: `model!("specs/x.toml")`, a thin shell over kiln-compiler's Rust emitter
+//! that expands a spec into a specialized training module.
 //!
-//! The macro arrives with the Rust emitter; until then this proc-macro crate exports nothing.
+//! The macro parses its one argument (a spec path relative to the invoking crate's
+//! `Cargo.toml`), checks and compiles the spec with kiln-compiler, and returns what
+//! `kiln_compiler::emit_rust::emit` makes of the training Program. A spec error becomes a
+//! `compile_error!` carrying the same rendered diagnostic `kiln check` prints (with the spec's
+//! file:line:col). The expansion includes the spec's bytes with `include_bytes!`, so cargo
+//! rebuilds the crate when the spec changes.
+
+use std::path::PathBuf;
+
+use proc_macro::TokenStream;
+use quote::quote;
+use syn::{parse_macro_input, LitStr};
+
+/// Expands to `pub mod <model name> { … }`: the model's dimensions as constants, its
+/// parameter names and shapes, and `Train`, the training graph as straight-line code
+/// implementing `kiln_runtime::exec::Run`. The invoking crate depends on `kiln-runtime`.
+///
+/// ```ignore
+/// kiln_macros::model!("specs/tiny.toml");
+/// let step = tiny::Train::new(); // a kiln_runtime::exec::Run
+/// ```
+#[proc_macro]
+pub fn model(input: TokenStream) -> TokenStream {
+    let arg = parse_macro_input!(input as LitStr);
+    match expand(&arg.value()) {
+        Ok(tokens) => tokens.into(),
+        Err(message) => syn::Error::new(arg.span(), message)
+            .to_compile_error()
+            .into(),
+    }
+}
+
+fn expand(relative: &str) -> Result<proc_macro2::TokenStream, String> {
+    let base = std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(PathBuf::new, PathBuf::from);
+    let path = base.join(relative);
+    let bytes = std::fs::read(&path)
+        .map_err(|e| format!("kiln::model!: cannot read spec {}: {e}", path.display()))?;
+    let model = kiln_compiler::check::check(&bytes).map_err(|diags| {
+        let text = String::from_utf8_lossy(&bytes);
+        let rendered = kiln_compiler::diag::render(relative, &text, &diags, false);
+        format!("kiln::model!: the spec {relative} is invalid\n{rendered}")
+    })?;
+    let compiled = kiln_compiler::program::compile(&model)
+        .map_err(|e| format!("kiln::model!: cannot compile {relative}: {e}"))?;
+    let module = kiln_compiler::emit_rust::emit(&model, &compiled.train);
+    let spec_path = path.to_string_lossy().into_owned();
+    Ok(quote! {
+        #module
+        // Rebuild when the spec changes.
+        const _: &[u8] = include_bytes!(#spec_path);
+    })
+}

@@ -115,6 +115,18 @@ pub struct Feed<'a, T> {
     pub inputs: &'a HashMap<InputKind, Vec<u32>>,
 }
 
+/// Something that runs one graph in f32 and returns the values its caller keeps: the
+/// interpreter ([`Executor`]), or a module generated from the graph (`kiln::model!`).
+pub trait Run: Sync {
+    fn run(&self, feed: &Feed<f32>) -> Result<HashMap<ValueId, Buf<f32>>, ExecError>;
+}
+
+impl Run for Executor<'_> {
+    fn run(&self, feed: &Feed<f32>) -> Result<HashMap<ValueId, Buf<f32>>, ExecError> {
+        Executor::run(self, feed)
+    }
+}
+
 /// A graph prepared for repeated runs: liveness and compiled expressions computed once.
 pub struct Executor<'g> {
     graph: &'g Graph,

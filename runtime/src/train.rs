@@ -7,13 +7,14 @@
 
 use std::collections::HashMap;
 
-use kiln_compiler::ir::{Def, Graph, Init, InputKind, Op, ParamId, Update, ValueId};
+use kiln_compiler::ir::{Def, Graph, Init, InputKind, ParamId, Update, ValueId};
+use kiln_compiler::program::TrainOutputs;
 
 use rayon::prelude::*;
 
 use crate::cpu::moe;
 use crate::data::{Batch, Rng};
-use crate::exec::{Buf, ExecError, Executor, Feed};
+use crate::exec::{Buf, ExecError, Executor, Feed, Run};
 
 /// Optimizer and schedule settings (the spec's `[train]` and `[moe] bias_update`).
 #[derive(Clone, Debug, PartialEq)]
@@ -37,6 +38,26 @@ pub struct TrainConfig {
 }
 
 impl TrainConfig {
+    /// The settings of a checked model's `[train]` section (and its MoE balancing speed), for
+    /// `steps` steps from `seed`.
+    pub fn of(model: &kiln_compiler::model::Model, steps: u64, seed: u64) -> TrainConfig {
+        let t = &model.train;
+        TrainConfig {
+            steps,
+            lr: t.optimizer.lr,
+            beta1: t.optimizer.beta1,
+            beta2: t.optimizer.beta2,
+            eps: t.optimizer.eps,
+            weight_decay: t.optimizer.weight_decay,
+            warmup: t.schedule.warmup.min(steps),
+            cosine: t.schedule.kind == kiln_compiler::model::ScheduleKind::Cosine,
+            min_lr: t.schedule.min_lr,
+            grad_clip: t.grad_clip,
+            bias_update: model.moe.as_ref().map_or(0.0, |m| m.bias_update),
+            seed,
+        }
+    }
+
     /// The learning rate at 0-based `step`.
     pub fn lr_at(&self, step: u64) -> f64 {
         if step < self.warmup {
@@ -127,7 +148,8 @@ pub struct StepStats {
 /// A training run's state: parameters, AdamW moments and the step counter.
 pub struct Trainer<'g> {
     graph: &'g Graph,
-    exec: Executor<'g>,
+    /// What runs the training graph: the interpreter, or a module generated from it.
+    exec: Box<dyn Run + 'g>,
     pub config: TrainConfig,
     pub params: Vec<Vec<f32>>,
     m: Vec<Vec<f32>>,
@@ -190,43 +212,21 @@ impl<'g> Trainer<'g> {
     /// A trainer for `graph`, the output of `autodiff::differentiate` (it must have `loss`,
     /// `loss.main` and one `grad.<param>` output per trainable parameter).
     pub fn new(graph: &'g Graph, config: TrainConfig, params: Vec<Vec<f32>>) -> Self {
-        let loss = graph.output("loss").expect("a training graph has a loss");
-        let main_loss = graph
-            .output("loss.main")
-            .expect("a training graph has a main loss");
-        let mut grads = Vec::new();
-        let mut routers = Vec::new();
-        let param_of = |v: ValueId| match graph.values[v].def {
-            Def::Param(p) => Some(p),
-            _ => None,
-        };
-        for (v, value) in graph.values.iter() {
-            if let Def::Param(p) = value.def {
-                let name = &graph.params[p].name;
-                if let Some(g) = graph.output(&format!("grad.{name}")) {
-                    grads.push((p, g));
-                }
-                let _ = v;
-            }
-        }
-        for (_, node) in graph.nodes.iter() {
-            if let Op::Router(_) = node.op {
-                if let Some(bias) = param_of(node.inputs[2]) {
-                    let e = graph.values[node.inputs[2]].ty.shape[0] as usize;
-                    routers.push((bias, node.outputs[1], e));
-                }
-            }
-        }
-        let mut keep: Vec<ValueId> = vec![loss, main_loss];
-        keep.extend(grads.iter().map(|&(_, g)| g));
-        keep.extend(routers.iter().map(|&(_, e, _)| e));
+        let outputs = TrainOutputs::of(graph).expect("a training graph has losses");
+        let keep = outputs.values();
+        let TrainOutputs {
+            loss,
+            main_loss,
+            grads,
+            routers,
+        } = outputs;
         let zeros: Vec<Vec<f32>> = params.iter().map(|p| vec![0.0; p.len()]).collect();
         let positions = graph
             .values
             .iter()
             .any(|(_, v)| v.def == Def::Input(InputKind::Positions));
         Trainer {
-            exec: Executor::new(graph, &keep),
+            exec: Box::new(Executor::new(graph, &keep)),
             graph,
             config,
             m: zeros.clone(),
@@ -239,6 +239,20 @@ impl<'g> Trainer<'g> {
             routers,
             max_offset: max_token_offset(graph),
             positions,
+        }
+    }
+
+    /// A trainer whose graph runs on `runner` instead of the interpreter: a module generated
+    /// from the same graph (`kiln::model!`), which must keep [`TrainOutputs::values`].
+    pub fn with_runner(
+        graph: &'g Graph,
+        config: TrainConfig,
+        params: Vec<Vec<f32>>,
+        runner: Box<dyn Run + 'g>,
+    ) -> Self {
+        Trainer {
+            exec: runner,
+            ..Trainer::new(graph, config, params)
         }
     }
 
@@ -275,7 +289,7 @@ impl<'g> Trainer<'g> {
     /// One optimizer step on `batch` (rows of [`Trainer::window`] tokens).
     pub fn step(&mut self, batch: &Batch, seq_len: usize) -> Result<StepStats, ExecError> {
         let inputs = feed_inputs(self.graph, batch, seq_len);
-        let out = self.exec.run::<f32>(&Feed {
+        let out = self.exec.run(&Feed {
             params: &self.params,
             inputs: &inputs,
         })?;

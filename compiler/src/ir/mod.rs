@@ -49,6 +49,12 @@ impl<T> Handle<T> {
     pub fn index(self) -> usize {
         self.index as usize
     }
+
+    /// The handle of position `index`, for code generated from a graph that refers to its
+    /// values by position; it is meaningful only for that graph's arena.
+    pub fn from_index(index: usize) -> Self {
+        Handle::new(index)
+    }
 }
 
 impl<T> Clone for Handle<T> {

@@ -1,0 +1,841 @@
+//! The Rust emitter: a Program → a module of straight-line Rust that runs it with constant
+//! shapes, calling the runtime's kernels (`kiln emit rust`, `kiln::model!`).
+//!
+//! Every node becomes one statement that calls the function the interpreter calls for that op
+//! (`kiln_runtime::ops`, or a `kiln_runtime::cpu` kernel) with the node's shapes written as
+//! literals, so the generated module computes the interpreter's bits without walking a graph,
+//! looking up shapes or dispatching on ops. Values are locals `vN` (the value's index), freed
+//! by `drop` right after their last use; parameters and inputs are borrowed from the feed. What
+//! can be built once (RoPE tables, compiled activation expressions) is built in `new`.
+//!
+//! User text reaches the output only as string literals (the model name), made by `quote`, so
+//! a spec cannot inject code; the module's identifier is sanitized.
+
+use std::collections::HashMap;
+
+use proc_macro2::{Literal, TokenStream};
+use quote::{format_ident, quote};
+
+use crate::ir::{Def, Graph, InputKind, Node, Op, RopePairs, ValueId};
+use crate::model::{GroupScore, Model, NormKind, ScoreFunc, Selection};
+use crate::program::{Program, TrainOutputs};
+
+/// A `usize` literal without suffix.
+fn lit(n: impl TryInto<usize>) -> Literal {
+    Literal::usize_unsuffixed(n.try_into().ok().expect("sizes fit in usize"))
+}
+
+/// An `f64` literal that reads back to exactly `x`.
+fn lit_f64(x: f64) -> TokenStream {
+    if x.is_finite() {
+        let l = Literal::f64_suffixed(x);
+        quote!(#l)
+    } else if x.is_nan() {
+        quote!(f64::NAN)
+    } else if x > 0.0 {
+        quote!(f64::INFINITY)
+    } else {
+        quote!(f64::NEG_INFINITY)
+    }
+}
+
+/// A module identifier for a model name: ASCII letters, digits and `_`, not starting with a
+/// digit, not a keyword.
+pub fn module_ident(name: &str) -> String {
+    let mut s: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if s.is_empty() || s.starts_with(|c: char| c.is_ascii_digit()) {
+        s.insert_str(0, "model_");
+    }
+    if syn::parse_str::<syn::Ident>(&s).is_err() {
+        s.push('_');
+    }
+    s
+}
+
+/// How the statement for one node reads its operands.
+struct Operands<'a> {
+    graph: &'a Graph,
+    node: &'a Node,
+}
+
+impl Operands<'_> {
+    fn value(&self, i: usize) -> ValueId {
+        self.node.inputs[i]
+    }
+
+    fn shape(&self, i: usize) -> Vec<usize> {
+        self.graph.values[self.value(i)]
+            .ty
+            .shape
+            .iter()
+            .map(|&d| d as usize)
+            .collect()
+    }
+
+    fn out_shape(&self, i: usize) -> Vec<usize> {
+        self.graph.values[self.node.outputs[i]]
+            .ty
+            .shape
+            .iter()
+            .map(|&d| d as usize)
+            .collect()
+    }
+
+    /// The operand as a slice expression (floats or ids alike).
+    fn arg(&self, i: usize) -> TokenStream {
+        slice_of(self.graph, self.value(i))
+    }
+
+    fn path(&self) -> Literal {
+        Literal::string(&self.node.path)
+    }
+}
+
+/// A slice expression for a value: a parameter or input borrowed from the feed, or a local.
+fn slice_of(graph: &Graph, v: ValueId) -> TokenStream {
+    match graph.values[v].def {
+        Def::Param(p) => {
+            let i = lit(p.index());
+            quote!(&feed.params[#i][..])
+        }
+        Def::Input(InputKind::Tokens { offset }) => {
+            let name = format_ident!("tokens_{}", offset);
+            quote!(&#name[..])
+        }
+        Def::Input(InputKind::Positions) => quote!(&positions[..]),
+        Def::Node { .. } => {
+            let name = local(v);
+            quote!(&#name[..])
+        }
+    }
+}
+
+fn local(v: ValueId) -> proc_macro2::Ident {
+    format_ident!("v{}", v.index())
+}
+
+fn norm_kind(kind: NormKind) -> TokenStream {
+    match kind {
+        NormKind::RmsNorm => quote!(NormKind::RmsNorm),
+        NormKind::LayerNorm => quote!(NormKind::LayerNorm),
+    }
+}
+
+/// The parts of a generated module that `new` builds once.
+#[derive(Default)]
+struct Setup {
+    fields: Vec<TokenStream>,
+    inits: Vec<TokenStream>,
+    /// RoPE tables by (positions, rotated dims, theta bits, yarn): one field each.
+    rope: HashMap<String, proc_macro2::Ident>,
+    /// Compiled expressions by (text, variables): one field each.
+    maps: HashMap<String, proc_macro2::Ident>,
+    /// Expert activations by (text, gated): one field each.
+    activations: HashMap<String, proc_macro2::Ident>,
+}
+
+impl Setup {
+    /// The field holding the compiled expression `text` over `vars`, added on first use.
+    fn map(&mut self, text: &str, vars: &[&str]) -> proc_macro2::Ident {
+        let key = format!("{text}\u{0}{}", vars.join("\u{0}"));
+        if let Some(f) = self.maps.get(&key) {
+            return f.clone();
+        }
+        let f = format_ident!("map_{}", self.maps.len());
+        let (text, names) = (
+            Literal::string(text),
+            vars.iter().map(|v| Literal::string(v)),
+        );
+        self.field(
+            &f,
+            quote!(Elementwise),
+            quote!(elementwise(#text, &[#(#names),*])),
+        );
+        self.maps.insert(key, f.clone());
+        f
+    }
+
+    /// The field holding the expert activation `text` (gated or not), added on first use.
+    fn activation(&mut self, text: &str, gated: bool) -> proc_macro2::Ident {
+        let key = format!("{text}\u{0}{gated}");
+        if let Some(f) = self.activations.get(&key) {
+            return f.clone();
+        }
+        let f = format_ident!("act_{}", self.activations.len());
+        let lit = Literal::string(text);
+        self.field(
+            &f,
+            quote!(ops::ExprActivation),
+            quote!(activation(#lit, #gated)),
+        );
+        self.activations.insert(key, f.clone());
+        f
+    }
+
+    fn field(&mut self, name: &proc_macro2::Ident, ty: TokenStream, init: TokenStream) {
+        self.fields.push(quote!(#name: #ty));
+        self.inits.push(quote!(#name: #init));
+    }
+}
+
+/// The statement computing `node` (index `index`); `saved` names the expert-FFN state a
+/// backward node reuses from its forward node.
+fn node_statement(
+    graph: &Graph,
+    index: usize,
+    node: &Node,
+    setup: &mut Setup,
+    experts_forward: &HashMap<usize, usize>,
+    experts_backward: &[usize],
+) -> TokenStream {
+    let o = Operands { graph, node };
+    let outs: Vec<proc_macro2::Ident> = node.outputs.iter().map(|&v| local(v)).collect();
+    let a = |i: usize| o.arg(i);
+    match &node.op {
+        Op::Fill { value, .. } => {
+            let n = lit(o.out_shape(0).iter().product::<usize>());
+            let value = lit_f64(*value);
+            let y = &outs[0];
+            quote!(let #y: Vec<f32> = ops::fill(#value, #n);)
+        }
+        Op::Reshape { .. } => {
+            let y = &outs[0];
+            let x = a(0);
+            quote!(let #y = (#x).to_vec();)
+        }
+        Op::Map { expr, vars } | Op::MapGrad { expr, vars, .. } => {
+            let vars: Vec<&str> = vars.iter().map(String::as_str).collect();
+            let field = setup.map(&expr.to_string(), &vars);
+            match &node.op {
+                Op::MapGrad { wrt, .. } => {
+                    let n = node.inputs.len() - 1;
+                    let xs: Vec<TokenStream> = (0..n).map(a).collect();
+                    let dy = a(n);
+                    let wrt: Vec<Literal> =
+                        wrt.iter().map(|&w| Literal::u32_unsuffixed(w)).collect();
+                    let count = lit(outs.len());
+                    quote!(
+                        let [#(#outs),*]: [Vec<f32>; #count] = self.#field
+                            .backward(&[#(#xs),*], #dy, &[#(#wrt),*])
+                            .try_into()
+                            .expect("one gradient per operand asked for");
+                    )
+                }
+                _ => {
+                    let xs: Vec<TokenStream> = (0..node.inputs.len()).map(a).collect();
+                    let y = &outs[0];
+                    quote!(let #y: Vec<f32> = self.#field.forward(&[#(#xs),*]);)
+                }
+            }
+        }
+        Op::Split { sizes } => {
+            let sizes: Vec<Literal> = sizes.iter().map(|&s| lit(s)).collect();
+            let count = lit(outs.len());
+            let x = a(0);
+            quote!(
+                let [#(#outs),*]: [Vec<f32>; #count] = ops::split(#x, &[#(#sizes),*])
+                    .try_into()
+                    .expect("one part per size");
+            )
+        }
+        Op::Concat => {
+            let widths: Vec<Literal> = (0..node.inputs.len())
+                .map(|i| lit(*o.shape(i).last().expect("rank ≥ 1")))
+                .collect();
+            let xs: Vec<TokenStream> = (0..node.inputs.len()).map(a).collect();
+            let y = &outs[0];
+            quote!(let #y: Vec<f32> = ops::concat(&[#(#xs),*], &[#(#widths),*]);)
+        }
+        Op::Expand { axis, n } => {
+            let s = o.shape(0);
+            let outer = lit(s[..*axis as usize].iter().product::<usize>());
+            let inner = lit(s[*axis as usize + 1..].iter().product::<usize>());
+            let n = lit(*n);
+            let (y, x) = (&outs[0], a(0));
+            quote!(let #y: Vec<f32> = ops::expand(#x, #outer, #inner, #n);)
+        }
+        Op::SumAxis { axis } => {
+            let s = o.shape(0);
+            let outer = lit(s[..*axis as usize].iter().product::<usize>());
+            let len = lit(s[*axis as usize]);
+            let inner = lit(s[*axis as usize + 1..].iter().product::<usize>());
+            let (y, x) = (&outs[0], a(0));
+            quote!(let #y: Vec<f32> = ops::sum_axis(#x, #outer, #len, #inner);)
+        }
+        Op::Embedding => {
+            let t = o.shape(0);
+            let (vocab, d, path) = (lit(t[0]), lit(t[1]), o.path());
+            let (y, w, ids) = (&outs[0], a(0), a(1));
+            quote!(let #y: Vec<f32> = ops::embedding(#w, #vocab, #d, #ids, #path)?;)
+        }
+        Op::EmbeddingGrad { vocab } => {
+            let d = lit(*o.shape(1).last().expect("rank ≥ 1"));
+            let vocab = lit(*vocab);
+            let (y, ids, dy) = (&outs[0], a(0), a(1));
+            quote!(let #y: Vec<f32> = dense::embedding_bwd(#ids, #dy, #vocab, #d);)
+        }
+        Op::Linear { bias } | Op::LinearMap { bias, .. } => {
+            let w = o.shape(1);
+            let (out, inp) = (lit(w[0]), lit(w[1]));
+            let b = if *bias {
+                let b = a(2);
+                quote!(Some(#b))
+            } else {
+                quote!(None)
+            };
+            let (x, wt) = (a(0), a(1));
+            let pre = &outs[0];
+            let linear = quote!(let #pre: Vec<f32> = ops::linear(#x, #wt, #b, #out, #inp););
+            if let Op::LinearMap { expr, var, .. } = &node.op {
+                let field = setup.map(&expr.to_string(), &[var]);
+                let y = &outs[1];
+                quote!(#linear let #y: Vec<f32> = self.#field.forward(&[&#pre[..]]);)
+            } else {
+                linear
+            }
+        }
+        Op::LinearGrad { bias } => {
+            let w = o.shape(1);
+            let (out, inp) = (lit(w[0]), lit(w[1]));
+            let (x, wt, dy) = (a(0), a(1), a(2));
+            let (dx, dw) = (&outs[0], &outs[1]);
+            let db = if *bias {
+                let db = &outs[2];
+                quote!(let #db: Vec<f32> = g.db.expect("a biased layer has a bias gradient");)
+            } else {
+                quote!()
+            };
+            quote!(
+                let g = ops::linear_grad(#x, #wt, #dy, #out, #inp, #bias);
+                let #dx: Vec<f32> = g.dx;
+                let #dw: Vec<f32> = g.dw;
+                #db
+            )
+        }
+        Op::RmsNorm { eps } | Op::LayerNorm { eps } => {
+            let (kind, b) = if let Op::LayerNorm { .. } = node.op {
+                let b = a(2);
+                (norm_kind(NormKind::LayerNorm), quote!(Some(#b)))
+            } else {
+                (norm_kind(NormKind::RmsNorm), quote!(None))
+            };
+            let eps = lit_f64(*eps);
+            let (y, x, w) = (&outs[0], a(0), a(1));
+            quote!(let #y: Vec<f32> = ops::norm_fwd(#kind, #eps, #x, #w, #b);)
+        }
+        Op::AddNorm { norm, eps } => {
+            let b = if *norm == NormKind::LayerNorm {
+                let b = a(3);
+                quote!(Some(#b))
+            } else {
+                quote!(None)
+            };
+            let (kind, eps) = (norm_kind(*norm), lit_f64(*eps));
+            let (x, r, w) = (a(0), a(1), a(2));
+            let (s, y) = (&outs[0], &outs[1]);
+            quote!(let (#s, #y): (Vec<f32>, Vec<f32>) = ops::add_norm(#kind, #eps, #x, #r, #w, #b);)
+        }
+        Op::RmsNormGrad { eps } | Op::LayerNormGrad { eps } => {
+            let kind = if let Op::LayerNormGrad { .. } = node.op {
+                norm_kind(NormKind::LayerNorm)
+            } else {
+                norm_kind(NormKind::RmsNorm)
+            };
+            let eps = lit_f64(*eps);
+            let (x, w, dy) = (a(0), a(1), a(2));
+            let count = lit(outs.len());
+            quote!(
+                let [#(#outs),*]: [Vec<f32>; #count] = ops::norm_bwd(#kind, #eps, #x, #w, #dy)
+                    .try_into()
+                    .expect("a norm has one gradient per operand");
+            )
+        }
+        Op::AddNormGrad { norm, eps } => {
+            let (kind, eps) = (norm_kind(*norm), lit_f64(*eps));
+            let (s, w, dy, ds) = (a(0), a(1), a(2), a(3));
+            let count = lit(outs.len());
+            quote!(
+                let [#(#outs),*]: [Vec<f32>; #count] = ops::add_norm_grad(#kind, #eps, #s, #w, #dy, #ds)
+                    .try_into()
+                    .expect("a norm has one gradient per operand");
+            )
+        }
+        Op::Rope { theta, yarn, pairs } | Op::RopeGrad { theta, yarn, pairs } => {
+            let s = o.shape(0);
+            let key = format!("{}_{}_{:?}_{:?}", s[1], s[3], theta.to_bits(), yarn);
+            let next = setup.rope.len();
+            let field = match setup.rope.get(&key) {
+                Some(f) => f.clone(),
+                None => {
+                    let f = format_ident!("rope_{}", next);
+                    let (seq, dim, theta) = (lit(s[1]), lit(s[3]), lit_f64(*theta));
+                    let yarn = match yarn {
+                        Some(y) => {
+                            let (factor, orig) = (lit_f64(y.factor), lit(y.original_max_positions));
+                            let (fast, slow) = (lit_f64(y.beta_fast), lit_f64(y.beta_slow));
+                            let (m, mall) = (lit_f64(y.mscale), lit_f64(y.mscale_all_dim));
+                            quote!(Some(&attention::YarnParams {
+                                factor: #factor,
+                                original_max_positions: #orig,
+                                beta_fast: #fast,
+                                beta_slow: #slow,
+                                mscale: #m,
+                                mscale_all_dim: #mall,
+                            }))
+                        }
+                        None => quote!(None),
+                    };
+                    setup.field(
+                        &f,
+                        quote!(attention::RopeTables<f32>),
+                        quote!(attention::rope_tables(#seq, #dim, #theta, #yarn)),
+                    );
+                    setup.rope.insert(key, f.clone());
+                    f
+                }
+            };
+            let pairs = match pairs {
+                RopePairs::Halves => quote!(attention::RopePairs::Halves),
+                RopePairs::Interleaved => quote!(attention::RopePairs::Interleaved),
+            };
+            let f = if matches!(node.op, Op::Rope { .. }) {
+                quote!(attention::rope_fwd)
+            } else {
+                quote!(attention::rope_bwd)
+            };
+            let (d0, d1, d2, d3) = (lit(s[0]), lit(s[1]), lit(s[2]), lit(s[3]));
+            let (y, x) = (&outs[0], a(0));
+            quote!(let #y: Vec<f32> = #f(#x, #d0, #d1, #d2, #d3, &self.#field, #pairs);)
+        }
+        Op::Attention { scale } => {
+            let (q, k, v) = (o.shape(0), o.shape(1), o.shape(2));
+            let dims = [q[0], q[1], q[2], k[2], q[3], v[3]].map(lit);
+            let scale = lit_f64(*scale);
+            let (qa, ka, va) = (a(0), a(1), a(2));
+            let (out, lse) = (&outs[0], &outs[1]);
+            quote!(let (#out, #lse): (Vec<f32>, Vec<f32>) =
+                attention::attention_fwd(#qa, #ka, #va, #(#dims),*, #scale);)
+        }
+        Op::AttentionGrad { scale } => {
+            let (q, k, v) = (o.shape(0), o.shape(1), o.shape(2));
+            let dims = [q[0], q[1], q[2], k[2], q[3], v[3]].map(lit);
+            let scale = lit_f64(*scale);
+            let xs: Vec<TokenStream> = (0..6).map(a).collect();
+            let (dq, dk, dv) = (&outs[0], &outs[1], &outs[2]);
+            quote!(let (#dq, #dk, #dv): (Vec<f32>, Vec<f32>, Vec<f32>) =
+                attention::attention_bwd(#(#xs),*, #(#dims),*, #scale);)
+        }
+        Op::Router(spec) | Op::RouterGrad(spec) => {
+            let (x, w) = (o.shape(0), o.shape(1));
+            let (n, d, e) = (lit(x[0]), lit(x[1]), lit(w[0]));
+            let score = match spec.score {
+                ScoreFunc::Softmax => quote!(moe::Score::Softmax),
+                ScoreFunc::Sigmoid => quote!(moe::Score::Sigmoid),
+            };
+            let select = match spec.select {
+                Selection::Greedy => quote!(moe::Select::Greedy),
+                Selection::GroupLimited => quote!(moe::Select::GroupLimited),
+            };
+            let group_score = match spec.group_score {
+                GroupScore::Max => quote!(moe::GroupScore::Max),
+                GroupScore::Top2Sum => quote!(moe::GroupScore::Top2Sum),
+            };
+            let (groups, kept, top_k) = (lit(spec.groups), lit(spec.groups_kept), lit(spec.top_k));
+            let (normalize, scale) = (spec.normalize, lit_f64(spec.scale));
+            let cfg = quote!(&moe::RouterConfig {
+                score: #score,
+                select: #select,
+                groups: #groups,
+                groups_kept: #kept,
+                group_score: #group_score,
+                top_k: #top_k,
+                normalize: #normalize,
+                scale: #scale,
+            });
+            if let Op::Router(_) = node.op {
+                let (xa, wa, ba) = (a(0), a(1), a(2));
+                let (wt, ex, sc) = (&outs[0], &outs[1], &outs[2]);
+                quote!(
+                    let r = moe::router_fwd(#xa, #n, #d, #wa, #e, #ba, #cfg);
+                    let #wt: Vec<f32> = r.weights;
+                    let #ex: Vec<u32> = r.experts;
+                    let #sc: Vec<f32> = r.scores;
+                )
+            } else {
+                let (xa, wa) = (a(0), a(1));
+                let rest: Vec<TokenStream> = (3..8).map(a).collect();
+                let (dx, dw) = (&outs[0], &outs[1]);
+                quote!(let (#dx, #dw): (Vec<f32>, Vec<f32>) =
+                    ops::router_grad(#xa, #n, #d, #wa, #e, #(#rest),*, #cfg);)
+            }
+        }
+        Op::Experts { act, gated } | Op::ExpertsGrad { act, gated } => {
+            let x = o.shape(0);
+            let k = o.shape(1)[1];
+            let up_at = if *gated { 4 } else { 3 };
+            let up = o.shape(up_at);
+            let (e, h) = (up[0], up[1]);
+            let field = setup.activation(&act.to_string(), *gated);
+            let w_gate = if *gated {
+                let g = a(3);
+                quote!(Some(#g))
+            } else {
+                quote!(None)
+            };
+            let (xa, wts, ids) = (a(0), a(1), a(2));
+            let (w_up, w_down) = (a(up_at), a(up_at + 1));
+            let (n, d, k, e_l, h) = (lit(x[0]), lit(x[1]), lit(k), lit(e), lit(h));
+            let path = o.path();
+            let ffn = quote!(
+                ops::check_ids(#ids, #e_l, #path)?;
+                let ffn = moe::ExpertFfn {
+                    x: #xa,
+                    n: #n,
+                    d: #d,
+                    weights: #wts,
+                    experts: #ids,
+                    k: #k,
+                    w_gate: #w_gate,
+                    w_up: #w_up,
+                    w_down: #w_down,
+                    e: #e_l,
+                    h: #h,
+                    act: &self.#field,
+                };
+            );
+            let saved = format_ident!("saved_{}", index);
+            if let Op::Experts { .. } = node.op {
+                let y = &outs[0];
+                if experts_backward.contains(&index) {
+                    quote!(let (#y, #saved): (Vec<f32>, moe::ExpertsSaved<f32>) = { #ffn moe::experts_fwd(&ffn) };)
+                } else {
+                    quote!(let #y: Vec<f32> = { #ffn moe::experts_fwd(&ffn).0 };)
+                }
+            } else {
+                let state = match experts_forward.get(&index) {
+                    Some(&f) => {
+                        let s = format_ident!("saved_{}", f);
+                        quote!(#s)
+                    }
+                    None => quote!(moe::experts_fwd(&ffn).1),
+                };
+                let dy = a(up_at + 2);
+                let names: Vec<&proc_macro2::Ident> = outs.iter().collect();
+                let (dx, dwt) = (names[0], names[1]);
+                let rest = if *gated {
+                    let (dg, du, dd) = (names[2], names[3], names[4]);
+                    quote!(
+                        let #dg: Vec<f32> = g.dw_gate.expect("a gated expert has a gate gradient");
+                        let #du: Vec<f32> = g.dw_up;
+                        let #dd: Vec<f32> = g.dw_down;
+                    )
+                } else {
+                    let (du, dd) = (names[2], names[3]);
+                    quote!(let #du: Vec<f32> = g.dw_up; let #dd: Vec<f32> = g.dw_down;)
+                };
+                quote!(
+                    let g = { #ffn let saved = #state; moe::experts_bwd(&ffn, &saved, #dy) };
+                    let #dx: Vec<f32> = g.dx;
+                    let #dwt: Vec<f32> = g.d_weights;
+                    #rest
+                )
+            }
+        }
+        Op::CrossEntropy => {
+            let l = o.shape(0);
+            let (n, vocab, path) = (lit(l[0]), lit(l[1]), o.path());
+            let (y, logits, t) = (&outs[0], a(0), a(1));
+            quote!(let #y: Vec<f32> = vec![ops::cross_entropy(#logits, #n, #vocab, #t, #path)?];)
+        }
+        Op::CrossEntropyGrad => {
+            let l = o.shape(0);
+            let (n, vocab) = (lit(l[0]), lit(l[1]));
+            let (y, logits, t, dl) = (&outs[0], a(0), a(1), a(2));
+            quote!(let #y: Vec<f32> = ops::cross_entropy_grad(#logits, #n, #vocab, #t, (#dl)[0]);)
+        }
+        Op::BalanceLoss { alpha, top_k } | Op::BalanceLossGrad { alpha, top_k } => {
+            let s = o.shape(0);
+            let (s0, s1, s2) = (lit(s[0]), lit(s[1]), lit(s[2]));
+            let (top_k, alpha) = (lit(*top_k), lit_f64(*alpha));
+            let (y, x, ids) = (&outs[0], a(0), a(1));
+            if let Op::BalanceLoss { .. } = node.op {
+                quote!(let #y: Vec<f32> = vec![moe::balance_loss_fwd(#x, #ids, #s0, #s1, #s2, #top_k, #alpha)];)
+            } else {
+                let dl = a(2);
+                quote!(let #y: Vec<f32> =
+                    moe::balance_loss_bwd(#x, #ids, #s0, #s1, #s2, #top_k, #alpha, (#dl)[0]);)
+            }
+        }
+    }
+}
+
+/// The struct and `run` method executing `graph`, keeping `keep`: `pub struct #name` with
+/// `new()` and an implementation of `kiln_runtime::exec::Run`.
+fn runner(graph: &Graph, keep: &[ValueId], name: &proc_macro2::Ident) -> TokenStream {
+    let mut last_use = vec![None; graph.values.len()];
+    for (id, node) in graph.nodes.iter() {
+        for &v in &node.inputs {
+            last_use[v.index()] = Some(id.index());
+        }
+    }
+    for &v in keep {
+        last_use[v.index()] = None;
+    }
+    // Each experts_grad node reuses the state of the experts node with the same operands.
+    let mut experts_forward = HashMap::new();
+    for (id, node) in graph.nodes.iter() {
+        if let Op::ExpertsGrad { .. } = node.op {
+            let operands = &node.inputs[..node.inputs.len() - 1];
+            if let Some((f, _)) = graph
+                .nodes
+                .iter()
+                .find(|(_, n)| matches!(n.op, Op::Experts { .. }) && n.inputs == operands)
+            {
+                experts_forward.insert(id.index(), f.index());
+            }
+        }
+    }
+    let experts_backward: Vec<usize> = experts_forward.values().copied().collect();
+
+    let mut setup = Setup::default();
+    let mut body = Vec::new();
+    let mut inputs = Vec::new();
+    let mut seen = Vec::new();
+    for (_, v) in graph.values.iter() {
+        if let Def::Input(kind) = v.def {
+            // A graph may read one input through several values; bind it once.
+            if seen.contains(&kind) {
+                continue;
+            }
+            seen.push(kind);
+            let (local, key) = match kind {
+                InputKind::Tokens { offset } => {
+                    let off = Literal::u32_unsuffixed(offset);
+                    (
+                        format_ident!("tokens_{}", offset),
+                        quote!(InputKind::Tokens { offset: #off }),
+                    )
+                }
+                InputKind::Positions => (format_ident!("positions"), quote!(InputKind::Positions)),
+            };
+            let n = lit(v.ty.elements());
+            inputs.push(quote!(let #local: &[u32] = input(feed, #key, #n)?;));
+        }
+    }
+    for (id, node) in graph.nodes.iter() {
+        // A reshape of a local nothing reads afterwards takes its buffer (row-major data does
+        // not change); otherwise it copies.
+        let moved = match (&node.op, node.inputs.as_slice()) {
+            (Op::Reshape { .. }, &[x])
+                if last_use[x.index()] == Some(id.index())
+                    && matches!(graph.values[x].def, Def::Node { .. }) =>
+            {
+                let (y, x) = (local(node.outputs[0]), local(x));
+                body.push(quote!(let #y = #x;));
+                Some(node.inputs[0])
+            }
+            _ => None,
+        };
+        let comment = format!(" {} {}", node.op.name(), node.path);
+        if moved.is_none() {
+            body.push(quote!(#[doc = #comment]));
+            body.push(node_statement(
+                graph,
+                id.index(),
+                node,
+                &mut setup,
+                &experts_forward,
+                &experts_backward,
+            ));
+        }
+        // Free what this node read last (and what it computed that nobody reads).
+        let mut dead: Vec<ValueId> = node
+            .inputs
+            .iter()
+            .copied()
+            .filter(|v| last_use[v.index()] == Some(id.index()))
+            .filter(|&v| matches!(graph.values[v].def, Def::Node { .. }))
+            .filter(|&v| Some(v) != moved)
+            .collect();
+        dead.extend(
+            node.outputs
+                .iter()
+                .copied()
+                .filter(|v| last_use[v.index()].is_none() && !keep.contains(v)),
+        );
+        dead.sort_by_key(|v| v.index());
+        dead.dedup();
+        for v in dead {
+            let name = local(v);
+            body.push(quote!(drop(#name);));
+        }
+    }
+    let kept: Vec<TokenStream> = keep
+        .iter()
+        .map(|&v| {
+            let i = lit(v.index());
+            let buf = if graph.values[v].ty.dtype == crate::ir::DType::U32 {
+                quote!(Buf::U)
+            } else {
+                quote!(Buf::F)
+            };
+            let name = local(v);
+            quote!(out.insert(ValueId::from_index(#i), #buf(#name));)
+        })
+        .collect();
+    let (fields, inits) = (&setup.fields, &setup.inits);
+    quote! {
+        /// The graph as straight-line code: build once with `new`, run once per step.
+        pub struct #name {
+            #(#fields,)*
+        }
+
+        impl #name {
+            pub fn new() -> Self {
+                #name { #(#inits,)* }
+            }
+        }
+
+        impl Default for #name {
+            fn default() -> Self {
+                Self::new()
+            }
+        }
+
+        impl Run for #name {
+            #[allow(unused_variables, clippy::let_unit_value, clippy::redundant_locals)]
+            fn run(&self, feed: &Feed<f32>) -> Result<HashMap<ValueId, Buf<f32>>, ExecError> {
+                check_params(feed)?;
+                #(#inputs)*
+                #(#body)*
+                let mut out = HashMap::new();
+                #(#kept)*
+                Ok(out)
+            }
+        }
+    }
+}
+
+/// The specialized module of a model's training Program: constants, parameter names and
+/// shapes, and `Train`, which runs the training graph (forward, backward, losses) keeping
+/// exactly what `kiln_runtime::train::Trainer` reads.
+pub fn emit(model: &Model, train: &Program) -> TokenStream {
+    let graph = train.graph();
+    let mut keep = TrainOutputs::of(graph)
+        .map(|t| t.values())
+        .unwrap_or_default();
+    // Without MoE or MTP the total loss is the main loss: one value, kept once.
+    keep.sort_by_key(|v| v.index());
+    keep.dedup();
+    let module = format_ident!("{}", module_ident(&model.name));
+    let name = Literal::string(&model.name);
+    let (vocab, d_model, layers) = (
+        lit(model.vocab),
+        lit(model.d_model),
+        lit(model.layers.len()),
+    );
+    let (batch, seq_len) = (lit(model.train.batch), lit(model.train.seq_len));
+    let names: Vec<Literal> = graph
+        .params
+        .iter()
+        .map(|(_, p)| Literal::string(&p.name))
+        .collect();
+    let shapes: Vec<TokenStream> = graph
+        .params
+        .iter()
+        .map(|(_, p)| {
+            let dims = p.ty.shape.iter().map(|&d| lit(d));
+            quote!(&[#(#dims),*])
+        })
+        .collect();
+    let count = lit(names.len());
+    let train_runner = runner(graph, &keep, &format_ident!("Train"));
+    quote! {
+        #[allow(clippy::all, clippy::pedantic, unused_imports, unused_doc_comments, dead_code)]
+        pub mod #module {
+            //! Generated by kiln from a spec: the model's training step as straight-line code.
+            use ::std::collections::HashMap;
+            use ::kiln_runtime::cpu::{attention, dense, moe};
+            use ::kiln_runtime::cpu::elementwise::Elementwise;
+            use ::kiln_runtime::exec::{Buf, ExecError, Feed, Run};
+            use ::kiln_runtime::ops;
+            use ::kiln_runtime::kiln_compiler::ir::{InputKind, ValueId};
+            use ::kiln_runtime::kiln_compiler::model::NormKind;
+
+            /// The spec's model name.
+            pub const NAME: &str = #name;
+            pub const VOCAB: usize = #vocab;
+            pub const D_MODEL: usize = #d_model;
+            pub const LAYERS: usize = #layers;
+            pub const BATCH: usize = #batch;
+            pub const SEQ_LEN: usize = #seq_len;
+            /// The training graph's parameters, in order: `feed.params[i]` is `PARAM_NAMES[i]`.
+            pub const PARAM_NAMES: [&str; #count] = [#(#names),*];
+            pub const PARAM_SHAPES: [&[usize]; #count] = [#(#shapes),*];
+
+            fn elementwise(text: &str, vars: &[&str]) -> Elementwise {
+                let expr = ::kiln_runtime::kiln_compiler::dsl::expr::parse_expr(text, vars)
+                    .expect("kiln printed this expression");
+                Elementwise::new(&expr, vars).expect("kiln compiled this expression")
+            }
+
+            fn activation(text: &str, gated: bool) -> ops::ExprActivation {
+                let vars: &[&str] = if gated { &["gate", "up"] } else { &["x"] };
+                let expr = ::kiln_runtime::kiln_compiler::dsl::expr::parse_expr(text, vars)
+                    .expect("kiln printed this expression");
+                ops::ExprActivation::new(&expr, gated)
+            }
+
+            fn check_params(feed: &Feed<f32>) -> Result<(), ExecError> {
+                if feed.params.len() < PARAM_NAMES.len() {
+                    return Err(ExecError::Param(format!(
+                        "{} parameters were supplied, the graph needs {}",
+                        feed.params.len(),
+                        PARAM_NAMES.len()
+                    )));
+                }
+                for ((p, name), shape) in feed.params.iter().zip(PARAM_NAMES).zip(PARAM_SHAPES) {
+                    let want: usize = shape.iter().product();
+                    if p.len() != want {
+                        return Err(ExecError::Param(format!(
+                            "parameter `{name}` has {} values, the graph needs {want}",
+                            p.len()
+                        )));
+                    }
+                }
+                Ok(())
+            }
+
+            fn input<'f>(feed: &'f Feed<f32>, kind: InputKind, n: usize) -> Result<&'f [u32], ExecError> {
+                match feed.inputs.get(&kind) {
+                    Some(v) if v.len() == n => Ok(v),
+                    Some(v) => Err(ExecError::Input(format!(
+                        "input {kind:?} has {} ids, the graph needs {n}", v.len()
+                    ))),
+                    None => Err(ExecError::Input(format!(
+                        "the graph reads input {kind:?}, which was not supplied"
+                    ))),
+                }
+            }
+
+            #train_runner
+        }
+    }
+}
+
+/// [`emit`] formatted as a source file (`kiln emit rust`).
+pub fn emit_text(model: &Model, train: &Program) -> Result<String, String> {
+    let tokens = emit(model, train);
+    let file: syn::File =
+        syn::parse2(tokens).map_err(|e| format!("generated Rust does not parse: {e}"))?;
+    Ok(prettyplease::unparse(&file))
+}

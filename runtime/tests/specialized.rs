@@ -1,0 +1,71 @@
+//! `kiln_macros::model!`: the generated straight-line training step computes exactly what
+//! the interpreter computes, step after step (losses, gradient norms and parameters equal bit
+//! for bit), for the three model families of the test specs.
+
+use kiln_compiler::check::check;
+use kiln_compiler::program::compile;
+use kiln_runtime::data::{builtin_corpus, byte_tokens, Batcher};
+use kiln_runtime::exec::Run;
+use kiln_runtime::train::{init_params, max_token_offset, TrainConfig, Trainer};
+
+kiln_macros::model!("../specs/tiny.toml");
+kiln_macros::model!("../tests/specs/micro.toml");
+kiln_macros::model!("../tests/specs/gpt2-micro.toml");
+
+/// Trains `steps` steps of `spec` with the interpreter and with `generated`, on the same
+/// batches from the same initial parameters, and requires identical results.
+fn same_training(spec: &str, generated: Box<dyn Run>, steps: u64) {
+    let path = format!("{}/../{spec}", env!("CARGO_MANIFEST_DIR"));
+    let model = check(&std::fs::read(&path).unwrap()).unwrap();
+    let compiled = compile(&model).unwrap();
+    let (full, forward) = (compiled.train.graph(), compiled.forward.graph());
+    let (b, t) = (model.train.batch as usize, model.train.seq_len as usize);
+    let tokens = byte_tokens(&builtin_corpus(0, 1 << 16));
+    let window = t + max_token_offset(forward) as usize - 1;
+    let mut batcher = Batcher::new(tokens, b, window, 0).unwrap();
+    let params = init_params(forward, 0);
+    let config = TrainConfig::of(&model, steps, 0);
+    let mut interpreted = Trainer::new(full, config.clone(), params.clone());
+    let mut specialized = Trainer::with_runner(full, config, params, generated);
+    for step in 0..steps {
+        let batch = batcher.next_batch();
+        let a = interpreted.step(&batch, t).unwrap();
+        let s = specialized.step(&batch, t).unwrap();
+        assert_eq!(
+            a.loss.to_bits(),
+            s.loss.to_bits(),
+            "{spec} step {step}: loss"
+        );
+        assert_eq!(
+            a.grad_norm.to_bits(),
+            s.grad_norm.to_bits(),
+            "{spec} step {step}: grad norm"
+        );
+    }
+    assert!(
+        interpreted.params == specialized.params,
+        "{spec}: parameters after {steps} steps"
+    );
+}
+
+#[test]
+fn tiny_trains_bit_identically() {
+    assert_eq!(tiny::NAME, "tiny");
+    assert_eq!((tiny::BATCH, tiny::SEQ_LEN, tiny::LAYERS), (8, 128, 4));
+    same_training("specs/tiny.toml", Box::new(tiny::Train::new()), 3);
+}
+
+#[test]
+fn micro_trains_bit_identically() {
+    same_training("tests/specs/micro.toml", Box::new(micro::Train::new()), 5);
+}
+
+#[test]
+fn gpt2_micro_trains_bit_identically() {
+    assert_eq!(gpt2_micro::PARAM_NAMES[0], "embed.weight");
+    same_training(
+        "tests/specs/gpt2-micro.toml",
+        Box::new(gpt2_micro::Train::new()),
+        5,
+    );
+}
