@@ -1,0 +1,567 @@
+//! `names`: the one place where strings from a user's spec (the model name, layer and op names)
+//! become identifiers, literals or comment text in generated Rust and CUDA source.
+//!
+//! Spec strings are untrusted. A model name may be `"; std::process::exit(1); "`, contain `*/`,
+//! `#include <x>`, a newline, a quote, a backslash or NUL, be empty, start with a digit or be a
+//! keyword of either language. Emitters never splice a spec string into source text directly;
+//! they pass it through one of these functions, each of which states what it guarantees:
+//!
+//! - [`ident`] makes a valid identifier of a language that is none of its keywords or reserved
+//!   names; [`Namer`] hands out such identifiers, unique within one scope.
+//!
+//! The sanitizing is the same for both languages (only the reserved lists differ), so one spec
+//! name becomes the same identifier in the Rust and the CUDA output unless it is reserved in one
+//! of them.
+
+use std::collections::{HashMap, HashSet};
+
+/// A language kiln generates source code in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Lang {
+    /// Rust, edition 2015 to 2024.
+    Rust,
+    /// CUDA C++ (C++20 with NVCC's extensions).
+    Cuda,
+}
+
+/// Rust's keywords of every edition (2015 to 2024), and the names that generated Rust code
+/// relies on and that a user's name must therefore not shadow.
+#[rustfmt::skip]
+const RUST_RESERVED: &[&str] = &[
+    // Strict keywords, 2015. `self`, `Self`, `super` and `crate` cannot be raw identifiers
+    // either, so appending `_` is the only way to use them.
+    "as", "break", "const", "continue", "crate", "else", "enum", "extern", "false", "fn", "for",
+    "if", "impl", "in", "let", "loop", "match", "mod", "move", "mut", "pub", "ref", "return",
+    "self", "Self", "static", "struct", "super", "trait", "true", "type", "unsafe", "use",
+    "where", "while",
+    // Strict keywords since 2018.
+    "async", "await", "dyn",
+    // Reserved keywords (`try` since 2018, `gen` since 2024).
+    "abstract", "become", "box", "do", "final", "macro", "override", "priv", "typeof", "unsized",
+    "virtual", "yield", "try", "gen",
+    // Weak keywords: identifiers only outside the places they are keywords in.
+    "macro_rules", "union", "raw", "safe",
+    // Primitive types: a module or type of this name shadows the primitive.
+    "bool", "char", "str", "u8", "u16", "u32", "u64", "u128", "usize", "i8", "i16", "i32", "i64",
+    "i128", "isize", "f16", "f32", "f64", "f128",
+    // Crate roots that generated code names by path.
+    "std", "core", "alloc",
+    // The prelude of every edition up to 2024: a binding named `None` is a pattern, a type named
+    // `Option` shadows the prelude's.
+    "Copy", "Send", "Sized", "Sync", "Unpin", "Drop", "Fn", "FnMut", "FnOnce", "drop", "Box",
+    "ToOwned", "Clone", "PartialEq", "PartialOrd", "Eq", "Ord", "AsRef", "AsMut", "Into", "From",
+    "Default", "Iterator", "Extend", "IntoIterator", "DoubleEndedIterator", "ExactSizeIterator",
+    "Option", "Some", "None", "Result", "Ok", "Err", "String", "ToString", "Vec", "TryFrom",
+    "TryInto", "FromIterator", "Future", "IntoFuture",
+];
+
+/// C++20's keywords, CUDA's qualifiers and built-ins, and the names from C, C++ and CUDA
+/// headers that generated CUDA code relies on (macros, types, math functions).
+#[rustfmt::skip]
+const CUDA_RESERVED: &[&str] = &[
+    // C++20 keywords, including the alternative operator spellings.
+    "alignas", "alignof", "and", "and_eq", "asm", "auto", "bitand", "bitor", "bool", "break",
+    "case", "catch", "char", "char8_t", "char16_t", "char32_t", "class", "compl", "concept",
+    "const", "consteval", "constexpr", "constinit", "const_cast", "continue", "co_await",
+    "co_return", "co_yield", "decltype", "default", "delete", "do", "double", "dynamic_cast",
+    "else", "enum", "explicit", "export", "extern", "false", "float", "for", "friend", "goto",
+    "if", "inline", "int", "long", "mutable", "namespace", "new", "noexcept", "not", "not_eq",
+    "nullptr", "operator", "or", "or_eq", "private", "protected", "public", "register",
+    "reinterpret_cast", "requires", "return", "short", "signed", "sizeof", "static",
+    "static_assert", "static_cast", "struct", "switch", "template", "this", "thread_local",
+    "throw", "true", "try", "typedef", "typeid", "typename", "union", "unsigned", "using",
+    "virtual", "void", "volatile", "wchar_t", "while", "xor", "xor_eq",
+    // Identifiers with a special meaning in some contexts, and keywords of C and of C++
+    // technical specifications that compilers accept as extensions.
+    "final", "override", "import", "module", "restrict", "typeof", "typeof_unqual", "reflexpr",
+    "synchronized", "atomic_cancel", "atomic_commit", "atomic_noexcept", "transaction_safe",
+    "transaction_safe_dynamic",
+    // CUDA's qualifiers and intrinsics (also covered by the rule on `__`, listed to be explicit).
+    "__global__", "__device__", "__host__", "__shared__", "__constant__", "__managed__",
+    "__grid_constant__", "__restrict__", "__noinline__", "__forceinline__", "__launch_bounds__",
+    "__syncthreads",
+    // CUDA's built-in variables.
+    "threadIdx", "blockIdx", "blockDim", "gridDim", "warpSize", "clusterIdx", "clusterDim",
+    // CUDA's vector and half-precision types.
+    "dim3", "char1", "char2", "char3", "char4", "uchar1", "uchar2", "uchar3", "uchar4", "short1",
+    "short2", "short3", "short4", "ushort1", "ushort2", "ushort3", "ushort4", "int1", "int2",
+    "int3", "int4", "uint1", "uint2", "uint3", "uint4", "long1", "long2", "long3", "long4",
+    "ulong1", "ulong2", "ulong3", "ulong4", "longlong1", "longlong2", "longlong3", "longlong4",
+    "ulonglong1", "ulonglong2", "ulonglong3", "ulonglong4", "float1", "float2", "float3",
+    "float4", "double1", "double2", "double3", "double4", "half", "half2", "nv_bfloat16",
+    "nv_bfloat162", "uint", "ushort", "ulong", "uchar",
+    // Types from <cstdint> and <cstddef>.
+    "int8_t", "int16_t", "int32_t", "int64_t", "uint8_t", "uint16_t", "uint32_t", "uint64_t",
+    "size_t", "ptrdiff_t", "intptr_t", "uintptr_t", "nullptr_t", "max_align_t",
+    // Object-like macros of the C headers: the preprocessor would replace the name.
+    "NULL", "EOF", "INFINITY", "NAN", "HUGE_VAL", "HUGE_VALF", "FLT_MAX", "FLT_MIN",
+    "FLT_EPSILON", "DBL_MAX", "DBL_MIN", "DBL_EPSILON", "CHAR_BIT", "INT_MAX", "INT_MIN",
+    "UINT_MAX", "LLONG_MAX", "LLONG_MIN", "SIZE_MAX", "M_E", "M_LOG2E", "M_LOG10E", "M_LN2",
+    "M_LN10", "M_PI", "M_PI_2", "M_PI_4", "M_1_PI", "M_2_PI", "M_2_SQRTPI", "M_SQRT2",
+    "M_SQRT1_2", "errno", "stdin", "stdout", "stderr", "assert", "offsetof",
+    // Functions and namespaces that kernels call: a local of the same name would hide them.
+    "main", "std", "cuda", "cub", "cute", "cutlass", "nvcuda", "cooperative_groups", "printf",
+    "malloc", "free", "memcpy", "memset", "min", "max", "abs", "fabs", "fabsf", "exp", "expf",
+    "exp2f", "log", "logf", "log2f", "sqrt", "sqrtf", "rsqrt", "rsqrtf", "tanh", "tanhf", "erf",
+    "erff", "pow", "powf", "fmax", "fmaxf", "fmin", "fminf", "fma", "fmaf", "floor", "floorf",
+    "ceil", "ceilf", "round", "roundf", "sin", "sinf", "cos", "cosf", "isnan", "isinf",
+    "isfinite", "signbit", "atomicAdd", "atomicSub", "atomicMax", "atomicMin", "atomicCAS",
+    "atomicExch",
+];
+
+/// Whether `name` is reserved in `lang`, i.e. may not be used as an identifier of generated
+/// code even though it is one syntactically.
+///
+/// Reserved are the language's keywords of every edition or standard (contextual ones too),
+/// and the names generated code relies on: for Rust the primitive types, `std`, `core`,
+/// `alloc` and the prelude; for CUDA the qualifiers, built-in variables (`threadIdx`, …),
+/// vector types, common macros (`NULL`, `M_PI`, …) and math functions. For CUDA also every
+/// name that contains `__` or starts with `_`, which C++ reserves to the implementation (the
+/// latter at namespace scope, where generated names may land). For Rust also `_`, which is not
+/// an identifier.
+pub fn is_reserved(name: &str, lang: Lang) -> bool {
+    match lang {
+        Lang::Rust => name == "_" || RUST_RESERVED.contains(&name),
+        Lang::Cuda => name.starts_with('_') || name.contains("__") || CUDA_RESERVED.contains(&name),
+    }
+}
+
+/// A valid identifier of `lang` derived from `raw`, for any string `raw`.
+///
+/// The result matches `[A-Za-z][A-Za-z0-9_]*`, contains no `__`, and is not reserved in
+/// `lang` (see [`is_reserved`]). It is derived readably:
+///
+/// - each character outside `[A-Za-z0-9_]` (non-ASCII ones too) becomes `_`, then each run of
+///   `_` becomes a single `_`, and a leading `_` is dropped: `a-b`, `a b`, `a__b` → `a_b`;
+/// - an empty result becomes `unnamed`, one starting with a digit gets the prefix `n_`
+///   (`3d` → `n_3d`);
+/// - a reserved result gets a trailing `_` (`fn` → `fn_`, `threadIdx` → `threadIdx_` in CUDA).
+///
+/// Different inputs can give the same identifier (`a-b` and `a_b`); use a [`Namer`] where
+/// names must be distinct. `ident` is idempotent: `ident(&ident(x, l), l) == ident(x, l)`.
+pub fn ident(raw: &str, lang: Lang) -> String {
+    let mut out = String::with_capacity(raw.len() + 2);
+    for c in raw.chars() {
+        let c = if c.is_ascii_alphanumeric() { c } else { '_' };
+        // Dropping a `_` that would lead or double another one keeps `out` free of leading
+        // underscores and of `__`.
+        if c == '_' && (out.is_empty() || out.ends_with('_')) {
+            continue;
+        }
+        out.push(c);
+    }
+    if out.is_empty() {
+        out.push_str("unnamed");
+    } else if out.starts_with(|c: char| c.is_ascii_digit()) {
+        out.insert_str(0, "n_");
+    }
+    // No reserved name that `out` can be here ends with `_` (a test checks it), so this adds no
+    // `__`, and the result is not reserved either (tested for every reserved name).
+    if is_reserved(&out, lang) {
+        out.push('_');
+    }
+    out
+}
+
+/// Hands out identifiers that are distinct within one scope of generated code (a module, a
+/// kernel's locals), after naga's `Namer`.
+///
+/// Every name it returns is a valid, unreserved identifier of its language as [`ident`]
+/// guarantees, and differs from every name it returned or was told about with
+/// [`Namer::reserve`] before.
+#[derive(Clone, Debug)]
+pub struct Namer {
+    lang: Lang,
+    /// Every name handed out or reserved.
+    used: HashSet<String>,
+    /// For a base name, the suffix to try next when the base is taken.
+    next_suffix: HashMap<String, u64>,
+}
+
+impl Namer {
+    /// A namer for one scope of `lang` code, with no names taken yet.
+    pub fn new(lang: Lang) -> Self {
+        Namer {
+            lang,
+            used: HashSet::new(),
+            next_suffix: HashMap::new(),
+        }
+    }
+
+    /// The language whose identifiers this namer hands out.
+    pub fn lang(&self) -> Lang {
+        self.lang
+    }
+
+    /// Marks `name` as taken, so that [`Namer::call`] never returns it: for the names that the
+    /// emitter itself uses in the scope (`kiln_runtime`, `x`, `tid`, …). Returns whether it was
+    /// free.
+    pub fn reserve(&mut self, name: &str) -> bool {
+        self.used.insert(name.to_string())
+    }
+
+    /// A fresh identifier for `raw`: `ident(raw)` if that is not taken yet, else the first free
+    /// one of `ident(raw)` followed by `_1`, `_2`, … (by `1`, `2`, … where `ident(raw)` already
+    /// ends with `_`). The result is marked as taken.
+    pub fn call(&mut self, raw: &str) -> String {
+        let base = ident(raw, self.lang);
+        if self.used.insert(base.clone()) {
+            return base;
+        }
+        let sep = if base.ends_with('_') { "" } else { "_" };
+        let next = self.next_suffix.entry(base.clone()).or_insert(1);
+        loop {
+            let candidate = format!("{base}{sep}{next}");
+            *next += 1;
+            if !is_reserved(&candidate, self.lang) && self.used.insert(candidate.clone()) {
+                return candidate;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const LANGS: [Lang; 2] = [Lang::Rust, Lang::Cuda];
+
+    /// Spec strings an attacker or a careless user might write.
+    const NASTY: &[&str] = &[
+        "\"; std::process::exit(1); \"",
+        "; std::process::exit(1); ",
+        "*/",
+        "/*",
+        "*/ int main() { return 1; } /*",
+        "#include <x>",
+        "\n#include <stdlib.h>\n",
+        "}",
+        "{",
+        "}; fn evil() {",
+        "line1\nline2",
+        "line1\r\nline2",
+        "\r",
+        "\"",
+        "'",
+        "\\",
+        "\\\n",
+        "??/",
+        "\0",
+        "a\0b",
+        "",
+        " ",
+        "_",
+        "__",
+        "___",
+        "0",
+        "3d",
+        "123abc",
+        "_1",
+        "é",
+        "Ünïcödé",
+        "模型",
+        "🦀",
+        "\u{202e}evil\u{202c}",
+        "\u{feff}bom",
+        "a-b",
+        "a_b",
+        "a b",
+        "a__b",
+        "a.b",
+        "fn",
+        "mod",
+        "self",
+        "Self",
+        "crate",
+        "super",
+        "async",
+        "await",
+        "dyn",
+        "try",
+        "gen",
+        "r#type",
+        "r#fn",
+        "union",
+        "macro_rules",
+        "static",
+        "'static",
+        "type",
+        "match",
+        "__global__",
+        "__device__",
+        "__shared__",
+        "__host__",
+        "int",
+        "float",
+        "template",
+        "namespace",
+        "class",
+        "threadIdx",
+        "blockIdx",
+        "blockDim",
+        "gridDim",
+        "warpSize",
+        "NULL",
+        "M_PI",
+        "_Bool",
+        "_Reserved",
+        "__x",
+        "x__y",
+        "fn_",
+        "self_",
+        "None",
+        "Option",
+        "f32",
+        "u8",
+        "std",
+        "DeepSeek-V3",
+        "Llama-3.1-8B",
+        "HTTPServer",
+    ];
+
+    /// Whether `s` matches `^[A-Za-z_][A-Za-z0-9_]*$`.
+    fn is_plain_ident(s: &str) -> bool {
+        let mut chars = s.chars();
+        matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+            && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+    }
+
+    /// Fails unless `id` is a valid, unreserved identifier of `lang`; for Rust, syn must parse
+    /// it as an identifier (which rejects keywords).
+    fn assert_valid_ident(id: &str, lang: Lang, raw: &str) {
+        assert!(
+            is_plain_ident(id),
+            "{lang:?} ident {id:?} of {raw:?} is malformed"
+        );
+        assert!(
+            !id.contains("__"),
+            "{lang:?} ident {id:?} of {raw:?} contains `__`"
+        );
+        assert!(
+            !is_reserved(id, lang),
+            "{lang:?} ident {id:?} of {raw:?} is reserved"
+        );
+        if lang == Lang::Rust {
+            let parsed = syn::parse_str::<syn::Ident>(id)
+                .unwrap_or_else(|e| panic!("syn rejects {id:?} (of {raw:?}): {e}"));
+            assert_eq!(parsed.to_string(), id);
+        }
+    }
+
+    /// Strings built from fragments that break naive escaping, plus arbitrary characters.
+    fn nasty_string() -> impl Strategy<Value = String> {
+        let piece = prop_oneof![
+            prop::sample::select(NASTY).prop_map(str::to_string),
+            prop::sample::select(&["*", "/", "?", "\\", "\"", "_", "0", "7", "f", "#", "\n"][..])
+                .prop_map(str::to_string),
+            any::<char>().prop_map(String::from),
+        ];
+        prop_oneof![
+            prop::collection::vec(piece, 0..12).prop_map(|v| v.concat()),
+            any::<String>(),
+        ]
+    }
+
+    #[test]
+    fn names_ident_examples() {
+        let rust = |s| ident(s, Lang::Rust);
+        let cuda = |s| ident(s, Lang::Cuda);
+        assert_eq!(rust("model"), "model");
+        assert_eq!(rust("DeepSeek-V3"), "DeepSeek_V3");
+        assert_eq!(rust("a-b"), "a_b");
+        assert_eq!(rust("a__b"), "a_b");
+        assert_eq!(rust("__a__"), "a_");
+        assert_eq!(rust("3d"), "n_3d");
+        assert_eq!(rust(""), "unnamed");
+        assert_eq!(rust("_"), "unnamed");
+        assert_eq!(rust("é"), "unnamed");
+        assert_eq!(rust("\"; std::process::exit(1); \""), "std_process_exit_1_");
+        assert_eq!(rust("#include <x>"), "include_x_");
+        assert_eq!(rust("fn"), "fn_");
+        assert_eq!(rust("Self"), "Self_");
+        assert_eq!(rust("r#type"), "r_type");
+        assert_eq!(rust("int"), "int");
+        assert_eq!(cuda("int"), "int_");
+        assert_eq!(cuda("fn"), "fn");
+        assert_eq!(cuda("__global__"), "global_");
+        assert_eq!(cuda("threadIdx"), "threadIdx_");
+        assert_eq!(cuda("_Bool"), "Bool");
+    }
+
+    #[test]
+    fn names_ident_of_nasty_inputs_is_valid() {
+        for lang in LANGS {
+            for raw in NASTY {
+                let id = ident(raw, lang);
+                assert_valid_ident(&id, lang, raw);
+                assert_eq!(ident(&id, lang), id, "ident is not idempotent on {raw:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn names_ident_of_every_reserved_name_is_valid() {
+        for lang in LANGS {
+            for raw in RUST_RESERVED.iter().chain(CUDA_RESERVED) {
+                assert_valid_ident(&ident(raw, lang), lang, raw);
+            }
+        }
+    }
+
+    #[test]
+    fn names_reserved_lists_are_well_formed() {
+        // `ident` appends `_` to a reserved name it produced; that must not create `__`. It
+        // never produces one that starts with `_` (CUDA's `__global__` and such).
+        for name in RUST_RESERVED.iter().chain(CUDA_RESERVED) {
+            assert!(is_plain_ident(name), "{name:?}");
+            assert!(
+                name.starts_with('_') || !name.ends_with('_'),
+                "{name:?} ends with `_`"
+            );
+        }
+    }
+
+    #[test]
+    fn names_named_keywords_are_reserved() {
+        for k in [
+            "fn",
+            "mod",
+            "self",
+            "Self",
+            "crate",
+            "super",
+            "async",
+            "await",
+            "dyn",
+            "try",
+            "gen",
+            "union",
+            "type",
+            "abstract",
+            "become",
+            "box",
+            "do",
+            "final",
+            "macro",
+            "override",
+            "priv",
+            "typeof",
+            "unsized",
+            "virtual",
+            "yield",
+            "macro_rules",
+            "raw",
+            "safe",
+            "_",
+        ] {
+            assert!(is_reserved(k, Lang::Rust), "{k}");
+        }
+        for k in [
+            "int",
+            "float",
+            "template",
+            "namespace",
+            "class",
+            "union",
+            "co_await",
+            "concept",
+            "requires",
+            "char8_t",
+            "and",
+            "xor_eq",
+            "__global__",
+            "__device__",
+            "__shared__",
+            "threadIdx",
+            "blockIdx",
+            "blockDim",
+            "gridDim",
+            "warpSize",
+            "NULL",
+            "_Bool",
+            "__x",
+            "x__y",
+            "_",
+        ] {
+            assert!(is_reserved(k, Lang::Cuda), "{k}");
+        }
+        assert!(!is_reserved("model", Lang::Rust));
+        assert!(!is_reserved("model", Lang::Cuda));
+    }
+
+    /// syn knows Rust's keywords independently of our list: every word it refuses as an
+    /// identifier must be reserved.
+    #[test]
+    fn names_every_word_syn_rejects_is_reserved() {
+        let candidates = RUST_RESERVED.iter().chain(CUDA_RESERVED).chain(NASTY);
+        for word in candidates {
+            if is_plain_ident(word) && syn::parse_str::<syn::Ident>(word).is_err() {
+                assert!(is_reserved(word, Lang::Rust), "syn rejects {word:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn names_namer_examples() {
+        let mut namer = Namer::new(Lang::Rust);
+        assert_eq!(namer.call("a-b"), "a_b");
+        assert_eq!(namer.call("a_b"), "a_b_1");
+        assert_eq!(namer.call("a b"), "a_b_2");
+        assert_eq!(namer.call("a_b_1"), "a_b_1_1");
+        assert_eq!(namer.call("fn"), "fn_");
+        assert_eq!(namer.call("fn"), "fn_1");
+        assert_eq!(namer.call("fn_"), "fn_2");
+        assert!(namer.reserve("x"));
+        assert!(!namer.reserve("x"));
+        assert_eq!(namer.call("x"), "x_1");
+        let mut cuda = Namer::new(Lang::Cuda);
+        assert_eq!(cuda.call("int"), "int_");
+        assert_eq!(cuda.call("int"), "int_1");
+    }
+
+    #[test]
+    fn names_namer_gives_colliding_inputs_distinct_names() {
+        for lang in LANGS {
+            let mut namer = Namer::new(lang);
+            let mut seen = HashSet::new();
+            let inputs = [
+                "a-b", "a_b", "a b", "a__b", "a.b", "a_b_1", "a_b_2", "_a_b", "a_b_",
+            ];
+            for round in 0..50 {
+                for raw in inputs.iter().chain(NASTY) {
+                    let name = namer.call(raw);
+                    assert_valid_ident(&name, lang, raw);
+                    assert!(
+                        seen.insert(name.clone()),
+                        "{name:?} handed out twice ({round})"
+                    );
+                }
+            }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn names_ident_is_valid_and_idempotent(raw in nasty_string()) {
+            for lang in LANGS {
+                let id = ident(&raw, lang);
+                assert_valid_ident(&id, lang, &raw);
+                prop_assert_eq!(ident(&id, lang), id);
+            }
+        }
+
+        #[test]
+        fn names_namer_names_are_distinct(raws in prop::collection::vec(nasty_string(), 0..40)) {
+            for lang in LANGS {
+                let mut namer = Namer::new(lang);
+                let mut seen = HashSet::new();
+                for raw in &raws {
+                    let name = namer.call(raw);
+                    assert_valid_ident(&name, lang, raw);
+                    prop_assert!(seen.insert(name));
+                }
+            }
+        }
+    }
+}
