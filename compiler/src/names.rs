@@ -8,12 +8,15 @@
 //!
 //! - [`ident`] makes a valid identifier of a language that is none of its keywords or reserved
 //!   names; [`Namer`] hands out such identifiers, unique within one scope.
+//! - [`rust_str_literal`] and [`cuda_str_literal`] make string literals that evaluate to exactly
+//!   the given string, written in printable ASCII only.
 //!
 //! The sanitizing is the same for both languages (only the reserved lists differ), so one spec
 //! name becomes the same identifier in the Rust and the CUDA output unless it is reserved in one
 //! of them.
 
 use std::collections::{HashMap, HashSet};
+use std::fmt::Write;
 
 /// A language kiln generates source code in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -160,6 +163,63 @@ pub fn ident(raw: &str, lang: Lang) -> String {
     if is_reserved(&out, lang) {
         out.push('_');
     }
+    out
+}
+
+/// A Rust string literal, quotes included, whose value is exactly `raw`.
+///
+/// The literal is written in printable ASCII only (no raw string, so no `"#` can end it
+/// early): `"` and `\` are escaped, tab, line feed, carriage return and NUL become `\t`, `\n`,
+/// `\r` and `\0`, and every other character outside `' '..='~'` becomes `\u{…}`, which also
+/// keeps Unicode direction overrides out of the source. It is an expression, not a format
+/// string: pass it to `format!` and friends as an argument, never as the format.
+pub fn rust_str_literal(raw: &str) -> String {
+    let mut out = String::with_capacity(raw.len() + 2);
+    out.push('"');
+    for c in raw.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\t' => out.push_str("\\t"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\0' => out.push_str("\\0"),
+            ' '..='~' => out.push(c),
+            _ => write!(out, "\\u{{{:x}}}", u32::from(c)).unwrap(),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// A C/CUDA narrow string literal, quotes included, whose bytes are exactly the UTF-8 bytes of
+/// `raw` (followed by the terminating NUL, as for every C string literal).
+///
+/// The literal is written in printable ASCII only: `"`, `\` and `?` are escaped (`\?` keeps
+/// trigraphs such as `??/` from forming under pre-C++17 compilers), tab, line feed and carriage
+/// return become `\t`, `\n` and `\r`, and every other byte outside `' '..='~'` (control bytes,
+/// NUL, the bytes of non-ASCII characters) becomes a three-digit octal escape such as `\000` or
+/// `\303`. Octal escapes end after three digits, so unlike `\x` escapes they never swallow a
+/// following digit. An escape of a byte above `\177` has that byte's value in GCC, Clang and
+/// NVCC (and by C++23's rules). A `raw` containing NUL gives a literal with an embedded NUL, so
+/// C string functions see only the part before it. It is not a format string: `%` is kept, so
+/// pass it to `printf` as an argument of `"%s"`, never as the format.
+pub fn cuda_str_literal(raw: &str) -> String {
+    let mut out = String::with_capacity(raw.len() + 2);
+    out.push('"');
+    for &b in raw.as_bytes() {
+        match b {
+            b'"' => out.push_str("\\\""),
+            b'\\' => out.push_str("\\\\"),
+            b'?' => out.push_str("\\?"),
+            b'\t' => out.push_str("\\t"),
+            b'\n' => out.push_str("\\n"),
+            b'\r' => out.push_str("\\r"),
+            b' '..=b'~' => out.push(char::from(b)),
+            _ => write!(out, "\\{b:03o}").unwrap(),
+        }
+    }
+    out.push('"');
     out
 }
 
@@ -353,6 +413,7 @@ mod tests {
     fn nasty_string() -> impl Strategy<Value = String> {
         let piece = prop_oneof![
             prop::sample::select(NASTY).prop_map(str::to_string),
+            prop::sample::select(LITERAL_BREAKERS).prop_map(str::to_string),
             prop::sample::select(&["*", "/", "?", "\\", "\"", "_", "0", "7", "f", "#", "\n"][..])
                 .prop_map(str::to_string),
             any::<char>().prop_map(String::from),
@@ -541,7 +602,177 @@ mod tests {
         }
     }
 
+    /// Strings that break naive literal escaping.
+    const LITERAL_BREAKERS: &[&str] = &[
+        "",
+        "\"",
+        "\\",
+        "\\\"",
+        "\"#",
+        "\"##",
+        "#\"",
+        "r#\"x\"#",
+        "\0",
+        "\0\x31",
+        "\u{1}7",
+        "\r",
+        "\n",
+        "\r\n",
+        "\t",
+        "\x7f",
+        "\u{85}",
+        "\u{2028}\u{2029}",
+        "\u{202e}",
+        "\u{feff}",
+        "é",
+        "模型",
+        "🦀",
+        "👩‍👩‍👧",
+        "??/",
+        "??=??(??)??'??<??>??!??-",
+        "a?",
+        "%s%n%%",
+        "{}",
+        "{0}",
+        "\\u{41}",
+        "\\x41",
+        "\\101",
+        "*/",
+        "\\\n",
+    ];
+
+    /// Decodes a C string literal the way a C compiler does (escapes, octal up to three
+    /// digits, greedy hex), returning its bytes without the terminating NUL. Rejects what is
+    /// not a single well-formed literal in printable ASCII, and trigraph sequences.
+    fn decode_c_literal(lit: &str) -> Result<Vec<u8>, String> {
+        if !lit.bytes().all(|b| (b' '..=b'~').contains(&b)) {
+            return Err("not printable ASCII".into());
+        }
+        if lit.contains("??") {
+            return Err("contains a trigraph prefix".into());
+        }
+        let body = lit
+            .strip_prefix('"')
+            .and_then(|l| l.strip_suffix('"'))
+            .ok_or("not quoted")?
+            .as_bytes();
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < body.len() {
+            let b = body[i];
+            i += 1;
+            match b {
+                b'"' => return Err(format!("unescaped quote at {i}")),
+                b'\\' => {
+                    let e = *body.get(i).ok_or("dangling backslash")?;
+                    i += 1;
+                    match e {
+                        b'n' => out.push(b'\n'),
+                        b't' => out.push(b'\t'),
+                        b'r' => out.push(b'\r'),
+                        b'a' => out.push(0x07),
+                        b'b' => out.push(0x08),
+                        b'f' => out.push(0x0c),
+                        b'v' => out.push(0x0b),
+                        b'\\' | b'"' | b'\'' | b'?' => out.push(e),
+                        b'0'..=b'7' => {
+                            let mut v = u32::from(e - b'0');
+                            for _ in 0..2 {
+                                match body.get(i) {
+                                    Some(&d @ b'0'..=b'7') => {
+                                        v = v * 8 + u32::from(d - b'0');
+                                        i += 1;
+                                    }
+                                    _ => break,
+                                }
+                            }
+                            out.push(u8::try_from(v).map_err(|_| "octal escape above 255")?);
+                        }
+                        b'x' => {
+                            let start = i;
+                            while body.get(i).is_some_and(u8::is_ascii_hexdigit) {
+                                i += 1;
+                            }
+                            let digits = std::str::from_utf8(&body[start..i]).unwrap();
+                            let v = u32::from_str_radix(digits, 16).map_err(|e| e.to_string())?;
+                            out.push(u8::try_from(v).map_err(|_| "hex escape above 255")?);
+                        }
+                        _ => return Err(format!("unknown escape \\{}", char::from(e))),
+                    }
+                }
+                _ => out.push(b),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Fails unless `rust_str_literal(raw)` is printable ASCII and syn reads back `raw`.
+    fn assert_rust_literal_round_trips(raw: &str) {
+        let lit = rust_str_literal(raw);
+        assert!(lit.bytes().all(|b| (b' '..=b'~').contains(&b)), "{lit}");
+        let parsed = syn::parse_str::<syn::LitStr>(&lit)
+            .unwrap_or_else(|e| panic!("syn rejects {lit} (of {raw:?}): {e}"));
+        assert_eq!(parsed.value(), raw, "{lit}");
+    }
+
+    /// Fails unless `cuda_str_literal(raw)` decodes to the bytes of `raw`.
+    fn assert_cuda_literal_round_trips(raw: &str) {
+        let lit = cuda_str_literal(raw);
+        let bytes = decode_c_literal(&lit).unwrap_or_else(|e| panic!("{lit} (of {raw:?}): {e}"));
+        assert_eq!(bytes, raw.as_bytes(), "{lit}");
+    }
+
+    #[test]
+    fn names_literal_examples() {
+        assert_eq!(rust_str_literal("a\"b\\c"), r#""a\"b\\c""#);
+        assert_eq!(rust_str_literal("\0\n\u{202e}é"), r#""\0\n\u{202e}\u{e9}""#);
+        assert_eq!(cuda_str_literal("a\"b\\c?"), r#""a\"b\\c\?""#);
+        assert_eq!(cuda_str_literal("\0\x01"), r#""\000\001""#);
+        assert_eq!(cuda_str_literal("é1"), r#""\303\2511""#);
+    }
+
+    #[test]
+    fn names_c_literal_decoder_decodes() {
+        // The decoder is the test's reference; check it on literals written by hand.
+        let cases: &[(&str, &[u8])] = &[
+            (r#""ab""#, b"ab"),
+            (r#""\"\\\?\'""#, b"\"\\?'"),
+            (r#""\n\t\r\a\b\f\v""#, b"\n\t\r\x07\x08\x0c\x0b"),
+            (r#""\0""#, b"\0"),
+            (r#""\0011""#, b"\x011"),
+            (r#""\1234""#, b"S4"),
+            (r#""\x41g""#, b"Ag"),
+        ];
+        for (lit, bytes) in cases {
+            assert_eq!(decode_c_literal(lit).as_deref(), Ok(*bytes), "{lit}");
+        }
+        for bad in [
+            r#""a"b""#,
+            r#""\""#,
+            r#""\x100""#,
+            r#""\q""#,
+            r#""??/""#,
+            "\"\n\"",
+        ] {
+            assert!(decode_c_literal(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn names_literals_round_trip() {
+        for raw in LITERAL_BREAKERS.iter().chain(NASTY) {
+            assert_rust_literal_round_trips(raw);
+            assert_cuda_literal_round_trips(raw);
+        }
+    }
+
     proptest! {
+        #[test]
+        fn names_literals_round_trip_on_any_string(raw in nasty_string()) {
+            assert_rust_literal_round_trips(&raw);
+            assert_cuda_literal_round_trips(&raw);
+        }
+
         #[test]
         fn names_ident_is_valid_and_idempotent(raw in nasty_string()) {
             for lang in LANGS {
