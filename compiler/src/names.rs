@@ -10,6 +10,8 @@
 //!   names; [`Namer`] hands out such identifiers, unique within one scope.
 //! - [`rust_str_literal`] and [`cuda_str_literal`] make string literals that evaluate to exactly
 //!   the given string, written in printable ASCII only.
+//! - [`comment_text`] makes text that can sit inside a `//` or `/* */` comment without ending
+//!   it or starting a new line.
 //!
 //! The sanitizing is the same for both languages (only the reserved lists differ), so one spec
 //! name becomes the same identifier in the Rust and the CUDA output unless it is reserved in one
@@ -220,6 +222,36 @@ pub fn cuda_str_literal(raw: &str) -> String {
         }
     }
     out.push('"');
+    out
+}
+
+/// Text for a comment of generated Rust or CUDA code that shows `raw` as readably as it
+/// safely can, on one line.
+///
+/// Put it after `// ` or between `/* ` and ` */`, with the spaces (without them, a leading `/`
+/// or `!` would turn the comment into a Rust doc comment). The result:
+///
+/// - contains only printable ASCII and non-ASCII letters and digits
+///   ([`char::is_alphanumeric`]): tab, line feed, carriage return, vertical tab and form feed
+///   become a space, every other character becomes `<U+XXXX>` (so no line or paragraph
+///   separator, and no Unicode direction override, which rustc rejects in comments);
+/// - contains no `\` (it becomes `<U+005C>`), so no line of C or CUDA can end with a backslash
+///   that splices the next line into the comment, and no `??/`, the trigraph for `\`;
+/// - contains neither `*/` nor `/*` (a space is put between the two characters), so it neither
+///   ends a block comment nor opens a nested one, which Rust's block comments allow.
+pub fn comment_text(raw: &str) -> String {
+    let mut out = String::with_capacity(raw.len());
+    for c in raw.chars() {
+        match c {
+            '\t' | '\n' | '\r' | '\x0b' | '\x0c' => out.push(' '),
+            '/' if out.ends_with('*') || out.ends_with("??") => out.push_str(" /"),
+            '*' if out.ends_with('/') => out.push_str(" *"),
+            '\\' => out.push_str("<U+005C>"),
+            ' '..='~' => out.push(c),
+            _ if c.is_alphanumeric() => out.push(c),
+            _ => write!(out, "<U+{:04X}>", u32::from(c)).unwrap(),
+        }
+    }
     out
 }
 
@@ -766,7 +798,61 @@ mod tests {
         }
     }
 
+    /// Fails unless `comment_text(raw)` is one line, cannot end or nest a comment, and lets a
+    /// Rust lexer see the comment end where it should.
+    fn assert_comment_is_safe(raw: &str) {
+        let text = comment_text(raw);
+        for bad in ["\n", "\r", "*/", "/*", "\\", "??/"] {
+            assert!(
+                !text.contains(bad),
+                "{text:?} (of {raw:?}) contains {bad:?}"
+            );
+        }
+        for c in text.chars() {
+            assert!(
+                (' '..='~').contains(&c) || c.is_alphanumeric(),
+                "{text:?} (of {raw:?}) contains {c:?}"
+            );
+        }
+        assert!(text.lines().count() <= 1, "{text:?} (of {raw:?})");
+        // After the comment, exactly the identifier `x` must remain.
+        for src in [format!("// {text}\nx"), format!("/* {text} */ x")] {
+            let parsed = syn::parse_str::<syn::Ident>(&src)
+                .unwrap_or_else(|e| panic!("{src:?} (of {raw:?}): {e}"));
+            assert_eq!(parsed, "x", "{src:?}");
+        }
+    }
+
+    #[test]
+    fn names_comment_text_examples() {
+        assert_eq!(
+            comment_text("DeepSeek-V3 (é, 模型)"),
+            "DeepSeek-V3 (é, 模型)"
+        );
+        assert_eq!(comment_text("a\nb\r\nc\td"), "a b  c d");
+        assert_eq!(comment_text("*/ x /* y"), "* / x / * y");
+        assert_eq!(comment_text("/*/"), "/ * /");
+        assert_eq!(comment_text("C:\\x\\"), "C:<U+005C>x<U+005C>");
+        assert_eq!(comment_text("??/"), "?? /");
+        assert_eq!(
+            comment_text("\0\u{202e}🦀\u{2028}"),
+            "<U+0000><U+202E><U+1F980><U+2028>"
+        );
+    }
+
+    #[test]
+    fn names_comment_text_is_safe() {
+        for raw in NASTY.iter().chain(LITERAL_BREAKERS) {
+            assert_comment_is_safe(raw);
+        }
+    }
+
     proptest! {
+        #[test]
+        fn names_comment_text_is_safe_on_any_string(raw in nasty_string()) {
+            assert_comment_is_safe(&raw);
+        }
+
         #[test]
         fn names_literals_round_trip_on_any_string(raw in nasty_string()) {
             assert_rust_literal_round_trips(&raw);
