@@ -7,7 +7,8 @@
 //! they pass it through one of these functions, each of which states what it guarantees:
 //!
 //! - [`ident`] makes a valid identifier of a language that is none of its keywords or reserved
-//!   names; [`Namer`] hands out such identifiers, unique within one scope.
+//!   names; [`Namer`] hands out such identifiers, unique within one scope. [`module_name`],
+//!   [`const_name`] and [`type_name`] make Rust identifiers in the case rustc's lints expect.
 //! - [`rust_str_literal`] and [`cuda_str_literal`] make string literals that evaluate to exactly
 //!   the given string, written in printable ASCII only.
 //! - [`comment_text`] makes text that can sit inside a `//` or `/* */` comment without ending
@@ -15,7 +16,8 @@
 //!
 //! The sanitizing is the same for both languages (only the reserved lists differ), so one spec
 //! name becomes the same identifier in the Rust and the CUDA output unless it is reserved in one
-//! of them.
+//! of them. The CUDA lists cover the C library names that kernels use, not all of them: generated
+//! CUDA code should declare its own names at namespace scope inside a namespace, not globally.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write;
@@ -168,6 +170,96 @@ pub fn ident(raw: &str, lang: Lang) -> String {
     out
 }
 
+/// The words of `raw` for the case conversions: its maximal runs of ASCII letters and digits,
+/// each split further before an uppercase letter that follows a lowercase letter
+/// (`DeepSeek` → `Deep`, `Seek`) or that a lowercase letter follows (`HTTPServer` → `HTTP`,
+/// `Server`; `V3Lite` → `V3`, `Lite`; but `8B` and `FP8E4M3` stay one word).
+fn words(raw: &str) -> Vec<&str> {
+    let b = raw.as_bytes();
+    let mut words = Vec::new();
+    // The start of the word being scanned, if any.
+    let mut start = None;
+    for i in 0..=b.len() {
+        let alnum = b.get(i).is_some_and(u8::is_ascii_alphanumeric);
+        match (start, alnum) {
+            (None, true) => start = Some(i),
+            (Some(s), false) => {
+                words.push(&raw[s..i]);
+                start = None;
+            }
+            (Some(s), true) if b[i].is_ascii_uppercase() => {
+                let prev = b[i - 1];
+                let next_is_lower = b.get(i + 1).is_some_and(u8::is_ascii_lowercase);
+                if prev.is_ascii_lowercase() || next_is_lower {
+                    words.push(&raw[s..i]);
+                    start = Some(i);
+                }
+            }
+            _ => {}
+        }
+    }
+    words
+}
+
+/// A Rust module (or function, variable) name for `raw` in snake_case: its words (runs of
+/// ASCII letters and digits, split at case changes: `DeepSeek-V3` → `deep_seek_v3`) in lowercase,
+/// joined by `_`, then passed through [`ident`] for Rust.
+///
+/// The result has [`ident`]'s guarantees, and holds only lowercase letters, digits and single
+/// `_` (`unnamed` for a `raw` without words, prefix `n_` before a digit, trailing `_` on a
+/// reserved word: `self` → `self_`), so rustc's `non_snake_case` lint accepts it.
+pub fn module_name(raw: &str) -> String {
+    let snake: Vec<String> = words(raw).iter().map(|w| w.to_ascii_lowercase()).collect();
+    ident(&snake.join("_"), Lang::Rust)
+}
+
+/// A Rust `const` or `static` name for `raw` in UPPER_SNAKE_CASE: its words as for
+/// [`module_name`] in uppercase, joined by `_` (`DeepSeek-V3` → `DEEP_SEEK_V3`), then passed
+/// through [`ident`] for Rust.
+///
+/// The result has [`ident`]'s guarantees, and holds only uppercase letters, digits and single
+/// `_` (`UNNAMED` for a `raw` without words, prefix `N_` before a digit), so rustc's
+/// `non_upper_case_globals` lint accepts it.
+pub fn const_name(raw: &str) -> String {
+    let upper: Vec<String> = words(raw).iter().map(|w| w.to_ascii_uppercase()).collect();
+    let mut name = upper.join("_");
+    if name.is_empty() {
+        name.push_str("UNNAMED");
+    } else if name.starts_with(|c: char| c.is_ascii_digit()) {
+        name.insert_str(0, "N_");
+    }
+    ident(&name, Lang::Rust)
+}
+
+/// A Rust type (or trait, variant) name for `raw` in CamelCase: its words as for
+/// [`module_name`], each with its first letter in uppercase and the rest in lowercase, joined
+/// without separator except for a `_` between two digits (`DeepSeek-V3` → `DeepSeekV3`,
+/// `Llama-3.1-8B` → `Llama3_1_8b`, `HTTPServer` → `HttpServer`), then passed through [`ident`]
+/// for Rust.
+///
+/// The result has [`ident`]'s guarantees, starts with an uppercase letter (`Unnamed` for a
+/// `raw` without words, prefix `N` before a digit), and has `_` only between two digits or at
+/// the end of a reserved word (`Self` → `Self_`, `Option` → `Option_`), so rustc's
+/// `non_camel_case_types` lint accepts it.
+pub fn type_name(raw: &str) -> String {
+    let mut name = String::new();
+    for word in words(raw) {
+        let starts_with_digit = word.starts_with(|c: char| c.is_ascii_digit());
+        if starts_with_digit && name.ends_with(|c: char| c.is_ascii_digit()) {
+            name.push('_');
+        }
+        let (first, rest) = word.split_at(1);
+        name.push_str(&first.to_ascii_uppercase());
+        name.push_str(&rest.to_ascii_lowercase());
+    }
+    if name.is_empty() {
+        name.push_str("Unnamed");
+    } else if name.starts_with(|c: char| c.is_ascii_digit()) {
+        name.insert(0, 'N');
+    }
+    ident(&name, Lang::Rust)
+}
+
 /// A Rust string literal, quotes included, whose value is exactly `raw`.
 ///
 /// The literal is written in printable ASCII only (no raw string, so no `"#` can end it
@@ -261,6 +353,12 @@ pub fn comment_text(raw: &str) -> String {
 /// Every name it returns is a valid, unreserved identifier of its language as [`ident`]
 /// guarantees, and differs from every name it returned or was told about with
 /// [`Namer::reserve`] before.
+///
+/// Names are compared exactly. For a name in a case convention, pass its case form:
+/// `namer.call(&module_name(raw))` returns `module_name(raw)` while that is free, and a
+/// snake_case name with a suffix otherwise. In Rust, one scope's consts, statics, functions and
+/// locals share a namespace (and a `let` whose name is a const in scope is a pattern, not a new
+/// variable), so give them one namer.
 #[derive(Clone, Debug)]
 pub struct Namer {
     lang: Lang,
@@ -608,6 +706,9 @@ mod tests {
         assert!(namer.reserve("x"));
         assert!(!namer.reserve("x"));
         assert_eq!(namer.call("x"), "x_1");
+        assert_eq!(namer.call(&module_name("DeepSeek-V3")), "deep_seek_v3");
+        assert_eq!(namer.call(&module_name("deep seek v3")), "deep_seek_v3_1");
+        assert_eq!(namer.call(&const_name("DeepSeek-V3")), "DEEP_SEEK_V3");
         let mut cuda = Namer::new(Lang::Cuda);
         assert_eq!(cuda.call("int"), "int_");
         assert_eq!(cuda.call("int"), "int_1");
@@ -847,7 +948,91 @@ mod tests {
         }
     }
 
+    /// Fails unless the three case forms of `raw` are valid, unreserved Rust identifiers in the
+    /// form rustc's case lints accept (the lints' rules, restated).
+    fn assert_case_names_are_valid(raw: &str) {
+        let module = module_name(raw);
+        assert_valid_ident(&module, Lang::Rust, raw);
+        assert!(
+            module
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'),
+            "module name {module:?} of {raw:?} is not snake_case"
+        );
+        let konst = const_name(raw);
+        assert_valid_ident(&konst, Lang::Rust, raw);
+        assert!(
+            konst
+                .chars()
+                .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_'),
+            "const name {konst:?} of {raw:?} is not UPPER_SNAKE_CASE"
+        );
+        let ty = type_name(raw);
+        assert_valid_ident(&ty, Lang::Rust, raw);
+        let trimmed = ty.trim_end_matches('_');
+        let camel = trimmed.starts_with(|c: char| c.is_ascii_uppercase())
+            && trimmed.as_bytes().windows(2).all(|w| match w {
+                [a, b'_'] | [b'_', a] => a.is_ascii_digit(),
+                _ => true,
+            });
+        assert!(camel, "type name {ty:?} of {raw:?} is not CamelCase");
+    }
+
+    #[test]
+    fn names_case_examples() {
+        let cases = [
+            ("DeepSeek-V3", "deep_seek_v3", "DEEP_SEEK_V3", "DeepSeekV3"),
+            ("deepseek_v3", "deepseek_v3", "DEEPSEEK_V3", "DeepseekV3"),
+            (
+                "Llama-3.1-8B",
+                "llama_3_1_8b",
+                "LLAMA_3_1_8B",
+                "Llama3_1_8b",
+            ),
+            ("HTTPServer", "http_server", "HTTP_SERVER", "HttpServer"),
+            (
+                "DeepSeekV3Lite",
+                "deep_seek_v3_lite",
+                "DEEP_SEEK_V3_LITE",
+                "DeepSeekV3Lite",
+            ),
+            ("gpt2", "gpt2", "GPT2", "Gpt2"),
+            ("FP8E4M3", "fp8e4m3", "FP8E4M3", "Fp8e4m3"),
+            ("3d", "n_3d", "N_3D", "N3d"),
+            ("", "unnamed", "UNNAMED", "Unnamed"),
+            ("é", "unnamed", "UNNAMED", "Unnamed"),
+            ("self", "self_", "SELF", "Self_"),
+            ("Self", "self_", "SELF", "Self_"),
+            ("option", "option", "OPTION", "Option_"),
+            ("fn", "fn_", "FN", "Fn_"),
+            ("r#type", "r_type", "R_TYPE", "RType"),
+            (
+                "\"; std::process::exit(1); \"",
+                "std_process_exit_1",
+                "STD_PROCESS_EXIT_1",
+                "StdProcessExit1",
+            ),
+        ];
+        for (raw, module, konst, ty) in cases {
+            assert_eq!(module_name(raw), module, "module_name({raw:?})");
+            assert_eq!(const_name(raw), konst, "const_name({raw:?})");
+            assert_eq!(type_name(raw), ty, "type_name({raw:?})");
+        }
+    }
+
+    #[test]
+    fn names_case_names_of_nasty_inputs_are_valid() {
+        for raw in NASTY.iter().chain(RUST_RESERVED).chain(CUDA_RESERVED) {
+            assert_case_names_are_valid(raw);
+        }
+    }
+
     proptest! {
+        #[test]
+        fn names_case_names_are_valid(raw in nasty_string()) {
+            assert_case_names_are_valid(&raw);
+        }
+
         #[test]
         fn names_comment_text_is_safe_on_any_string(raw in nasty_string()) {
             assert_comment_is_safe(&raw);
