@@ -3,7 +3,7 @@
 //!
 //! Spec strings are untrusted. A model name may be `"; std::process::exit(1); "`, contain `*/`,
 //! `#include <x>`, a newline, a quote, a backslash or NUL, be empty, start with a digit or be a
-//! keyword of either language. Emitters never splice a spec string into source text directly;
+//! keyword of either language. Emitters must never splice a spec string into source text;
 //! they pass it through one of these functions, each of which states what it guarantees:
 //!
 //! - [`ident`] makes a valid identifier of a language that is none of its keywords or reserved
