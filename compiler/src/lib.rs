@@ -13,6 +13,7 @@ pub mod hf_weights;
 pub mod ir;
 pub mod lower;
 pub mod model;
+pub mod names;
 pub mod ops;
 pub mod plan;
 pub mod program;
