@@ -51,23 +51,64 @@ fn hostile_model_names_stay_string_literals() {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/specs/micro.toml"),
     )
     .unwrap();
-    for name in ["micro-2", "9lives", "fn", "self", "x_y"] {
-        let spec = text.replace("name = \"micro\"", &format!("name = {name:?}"));
-        let Ok(m) = check(spec.as_bytes()) else {
-            continue;
-        };
+    let hostile = [
+        r#""; std::process::exit(1); ""#,
+        "*/ panic!()",
+        "#include <x>",
+        "} fn evil() {",
+        "\\\" r#\"#",
+        "micro-2",
+        "9lives",
+        "fn",
+        "self",
+        "ünïcödé",
+    ];
+    for name in hostile {
+        let spec = text.replace("name = \"micro\"", &format!("name = {}", toml_string(name)));
+        let m = check(spec.as_bytes()).unwrap_or_else(|_| panic!("{name:?} is a valid name"));
+        assert_eq!(m.name, name);
         let code = emitted(&m);
         let file = syn::parse_file(&code).unwrap_or_else(|e| panic!("{name}: {e}"));
         let syn::Item::Mod(module) = &file.items[0] else {
             panic!("{name}: the first item is the module");
         };
         assert_eq!(module.ident.to_string(), module_ident(name), "{name}");
-        assert!(
-            code.contains(&format!("pub const NAME: &str = {name:?};")),
-            "{name}"
-        );
+        // The name appears once, as the value of a string literal.
+        let consts: Vec<String> = module
+            .content
+            .iter()
+            .flat_map(|(_, items)| items)
+            .filter_map(|item| match item {
+                syn::Item::Const(c) if c.ident == "NAME" => match &*c.expr {
+                    syn::Expr::Lit(syn::ExprLit {
+                        lit: syn::Lit::Str(s),
+                        ..
+                    }) => Some(s.value()),
+                    _ => None,
+                },
+                _ => None,
+            })
+            .collect();
+        assert_eq!(consts, [name.to_string()], "{name}");
     }
+    // Names with control characters (a newline could end a comment) are refused by the checker.
+    let spec = text.replace("name = \"micro\"", "name = \"a\\nb\"");
+    assert!(check(spec.as_bytes()).is_err());
     assert_eq!(module_ident("fn"), "fn_");
-    assert_eq!(module_ident("9lives"), "model_9lives");
+    assert_eq!(module_ident("9lives"), "n_9lives");
     assert_eq!(module_ident("gpt2-124m"), "gpt2_124m");
+}
+
+/// A TOML basic string holding `s`.
+fn toml_string(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }

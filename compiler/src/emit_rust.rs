@@ -39,26 +39,10 @@ fn lit_f64(x: f64) -> TokenStream {
     }
 }
 
-/// A module identifier for a model name: ASCII letters, digits and `_`, not starting with a
-/// digit, not a keyword.
+/// The module identifier for a model name: [`crate::names::module_name`] (snake case, only
+/// ASCII letters, digits and `_`, never a keyword or a name that would shadow the prelude).
 pub fn module_ident(name: &str) -> String {
-    let mut s: String = name
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() {
-                c.to_ascii_lowercase()
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    if s.is_empty() || s.starts_with(|c: char| c.is_ascii_digit()) {
-        s.insert_str(0, "model_");
-    }
-    if syn::parse_str::<syn::Ident>(&s).is_err() {
-        s.push('_');
-    }
-    s
+    crate::names::module_name(name)
 }
 
 /// How the statement for one node reads its operands.

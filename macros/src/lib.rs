@@ -53,3 +53,38 @@ fn expand(relative: &str) -> Result<proc_macro2::TokenStream, String> {
         const _: &[u8] = include_bytes!(#spec_path);
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::expand;
+
+    #[test]
+    fn a_spec_expands_to_its_module() {
+        let tokens = expand("../tests/specs/micro.toml").unwrap().to_string();
+        assert!(tokens.starts_with("# [allow"), "{}", &tokens[..80]);
+        assert!(tokens.contains("pub mod micro"));
+        assert!(tokens.contains("include_bytes !"));
+    }
+
+    #[test]
+    fn an_invalid_spec_becomes_the_rendered_diagnostic() {
+        let e = expand("../tests/invalid/04-unknown-key-kv-rnak.toml").unwrap_err();
+        assert!(e.starts_with("kiln::model!: the spec"), "{e}");
+        // The same rendering `kiln check` prints: file:line:col, the rule and the suggestion.
+        assert!(
+            e.contains("../tests/invalid/04-unknown-key-kv-rnak.toml:"),
+            "{e}"
+        );
+        assert!(e.contains("unknown key `kv_rnak`"), "{e}");
+        assert!(e.contains("did you mean `kv_rank`?"), "{e}");
+    }
+
+    #[test]
+    fn a_missing_spec_is_named() {
+        let e = expand("no/such/spec.toml").unwrap_err();
+        assert!(
+            e.contains("cannot read spec") && e.contains("no/such/spec.toml"),
+            "{e}"
+        );
+    }
+}

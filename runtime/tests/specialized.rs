@@ -11,10 +11,12 @@ use kiln_runtime::train::{init_params, max_token_offset, TrainConfig, Trainer};
 kiln_macros::model!("../specs/tiny.toml");
 kiln_macros::model!("../tests/specs/micro.toml");
 kiln_macros::model!("../tests/specs/gpt2-micro.toml");
+// micro under a name that tries to inject code: module `std_process_exit_1_include_x`.
+kiln_macros::model!("../tests/specs/hostile-name.toml");
 
 /// Trains `steps` steps of `spec` with the interpreter and with `generated`, on the same
 /// batches from the same initial parameters, and requires identical results.
-fn same_training(spec: &str, generated: Box<dyn Run>, steps: u64) {
+fn same_training(spec: &str, generated: Box<dyn Run>, steps: u64) -> Vec<u64> {
     let path = format!("{}/../{spec}", env!("CARGO_MANIFEST_DIR"));
     let model = check(&std::fs::read(&path).unwrap()).unwrap();
     let compiled = compile(&model).unwrap();
@@ -27,10 +29,12 @@ fn same_training(spec: &str, generated: Box<dyn Run>, steps: u64) {
     let config = TrainConfig::of(&model, steps, 0);
     let mut interpreted = Trainer::new(full, config.clone(), params.clone());
     let mut specialized = Trainer::with_runner(full, config, params, generated);
+    let mut losses = Vec::new();
     for step in 0..steps {
         let batch = batcher.next_batch();
         let a = interpreted.step(&batch, t).unwrap();
         let s = specialized.step(&batch, t).unwrap();
+        losses.push(a.loss.to_bits());
         assert_eq!(
             a.loss.to_bits(),
             s.loss.to_bits(),
@@ -46,6 +50,7 @@ fn same_training(spec: &str, generated: Box<dyn Run>, steps: u64) {
         interpreted.params == specialized.params,
         "{spec}: parameters after {steps} steps"
     );
+    losses
 }
 
 #[test]
@@ -58,6 +63,22 @@ fn tiny_trains_bit_identically() {
 #[test]
 fn micro_trains_bit_identically() {
     same_training("tests/specs/micro.toml", Box::new(micro::Train::new()), 5);
+}
+
+#[test]
+fn a_hostile_model_name_compiles_and_trains_like_the_plain_one() {
+    use std_process_exit_1_include_x as hostile;
+    assert_eq!(
+        hostile::NAME,
+        "\"; std::process::exit(1); \" */ #include <x> }"
+    );
+    let plain = same_training("tests/specs/micro.toml", Box::new(micro::Train::new()), 2);
+    let named = same_training(
+        "tests/specs/hostile-name.toml",
+        Box::new(hostile::Train::new()),
+        2,
+    );
+    assert_eq!(plain, named);
 }
 
 #[test]
