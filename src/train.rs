@@ -9,6 +9,7 @@ use kiln_compiler::model::{DataSource, Model};
 use kiln_compiler::program::compile;
 use kiln_runtime::checkpoint;
 use kiln_runtime::data::{self, Batcher, Dataset};
+use kiln_runtime::exec::Run;
 use kiln_runtime::train::{eval_loss, init_params, max_token_offset, TrainConfig, Trainer};
 
 use crate::{load, other, Failure};
@@ -18,6 +19,13 @@ use crate::{load, other, Failure};
 pub(crate) struct Args {
     /// The spec [default: the built-in specs/tiny.toml].
     pub spec: Option<PathBuf>,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+/// The flags of a training run, shared by `kiln train` and the binaries `kiln build` makes.
+#[derive(clap::Args)]
+pub struct RunArgs {
     /// Training data: "builtin", a text file (byte-level) or llm.c shards ("dir/*.bin")
     /// [default: the spec's train.data].
     #[arg(long)]
@@ -81,15 +89,70 @@ fn checkpoint_path(dir: &std::path::Path) -> PathBuf {
     dir.join("checkpoint.safetensors")
 }
 
+/// A training binary specialized to one spec by `kiln build`: the spec it was built from and
+/// its generated training step.
+pub struct Specialized {
+    /// The spec's text, compiled into the binary.
+    pub spec: &'static str,
+    /// The `Train` runner of the spec's `kiln::model!` module.
+    pub runner: fn() -> Box<dyn Run>,
+}
+
+/// The flags of a specialized training binary: those of `kiln train`, without the spec (it
+/// is built in).
+#[derive(clap::Parser)]
+#[command(
+    version,
+    about = "Train the model this binary was built for (see `kiln build`)"
+)]
+struct SpecializedCli {
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+/// The `main` of a specialized training binary: `kiln train` with the built-in spec and the
+/// generated step. The same flags, the same metrics, checkpoints and run directories, and the
+/// same losses bit for bit.
+pub fn specialized_main(built: Specialized) -> std::process::ExitCode {
+    use clap::Parser;
+    kiln_runtime::memory::keep_freed_memory();
+    let cli = SpecializedCli::parse();
+    let color = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none();
+    crate::exit_code(run_with(None, cli.run, color, Some(&built)))
+}
+
 pub(crate) fn run(args: Args, color: bool) -> Result<(), Failure> {
+    run_with(args.spec, args.run, color, None)
+}
+
+fn run_with(
+    spec: Option<PathBuf>,
+    args: RunArgs,
+    color: bool,
+    built: Option<&Specialized>,
+) -> Result<(), Failure> {
     // On resume, the spec defaults to the copy the run saved.
-    let spec_path = match (&args.spec, &args.resume) {
+    let spec_path = match (&spec, &args.resume) {
         (Some(p), _) => Some(p.clone()),
         (None, Some(dir)) => Some(dir.join("spec.toml")),
         (None, None) => None,
     };
-    let (_, spec_bytes) = crate::read_spec(spec_path.as_ref())?;
-    let (spec_name, model) = load(spec_path.as_ref(), &mut Vec::new(), color)?;
+    let (spec_name, spec_bytes, model) = match built {
+        // A specialized binary trains its own spec; resuming checks the run's hash below.
+        Some(b) => {
+            let bytes = b.spec.as_bytes().to_vec();
+            let model = kiln_compiler::check::check(&bytes).map_err(|_| {
+                other("the built-in spec does not check; rebuild with `kiln build`")
+            })?;
+            ("built-in spec".to_string(), bytes, model)
+        }
+        None => {
+            let (_, bytes) = crate::read_spec(spec_path.as_ref())?;
+            let (name, model) = load(spec_path.as_ref(), &mut Vec::new(), color)?;
+            (name, bytes, model)
+        }
+    };
     let steps = args.steps.unwrap_or(model.train.steps);
     let seed = args.seed.unwrap_or(model.train.seed);
     let (b, t) = (model.train.batch as usize, model.train.seq_len as usize);
@@ -113,11 +176,11 @@ pub(crate) fn run(args: Args, color: bool) -> Result<(), Failure> {
     let ck_path = checkpoint_path(&out_dir);
     let hash = checkpoint::spec_hash(&spec_bytes);
 
-    let mut trainer = Trainer::new(
-        full,
-        TrainConfig::of(&model, steps, seed),
-        init_params(forward, seed),
-    );
+    let config = TrainConfig::of(&model, steps, seed);
+    let mut trainer = match built {
+        Some(b) => Trainer::with_runner(full, config, init_params(forward, seed), (b.runner)()),
+        None => Trainer::new(full, config, init_params(forward, seed)),
+    };
     let mut kept_metrics = String::new();
     if args.resume.is_some() {
         let ck = checkpoint::load(&ck_path, forward).map_err(|e| other(e.to_string()))?;
