@@ -90,3 +90,28 @@ fn gpt2_micro_trains_bit_identically() {
         5,
     );
 }
+
+#[test]
+fn typed_parameters_name_every_tensor_and_round_trip() {
+    let path = format!("{}/../specs/tiny.toml", env!("CARGO_MANIFEST_DIR"));
+    let model = check(&std::fs::read(&path).unwrap()).unwrap();
+    let compiled = compile(&model).unwrap();
+    let flat = init_params(compiled.forward.graph(), 0);
+    let p = tiny::Params::from_flat(flat.clone());
+    // Named fields per layer, as the spec's op paths read.
+    assert_eq!(p.layers.len(), 4);
+    assert_eq!(p.layers[3].attn.kv_b.weight.len(), 256 * 64);
+    assert!(p.layers[0].moe.is_none() && p.layers[1].ffn.is_none());
+    let moe = p.layers[1].moe.as_ref().unwrap();
+    assert_eq!(moe.experts.up.weight.len(), 8 * 128 * 256);
+    assert_eq!(moe.router.bias.len(), 8);
+    assert_eq!(p.mtp[0].eh_proj.weight.len(), 256 * 512);
+    assert_eq!(p.final_.norm.weight.len(), 256);
+    // The order of PARAM_NAMES, both ways.
+    let index = tiny::PARAM_NAMES
+        .iter()
+        .position(|&n| n == "layers.3.attn.kv_b.weight")
+        .unwrap();
+    assert_eq!(p.flat()[index], &flat[index][..]);
+    assert_eq!(p.into_flat(), flat);
+}
