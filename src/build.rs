@@ -49,18 +49,7 @@ fn default_target_dir() -> PathBuf {
 
 /// A TOML basic string for a path.
 fn toml_path(p: &Path) -> String {
-    let s = p.to_string_lossy();
-    let mut out = String::from("\"");
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if c.is_control() => out.push_str(&format!("\\u{:04X}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
+    names::toml_str_literal(&p.to_string_lossy())
 }
 
 fn write(path: &Path, bytes: &[u8]) -> Result<(), Failure> {

@@ -64,7 +64,10 @@ fn hostile_model_names_stay_string_literals() {
         "ünïcödé",
     ];
     for name in hostile {
-        let spec = text.replace("name = \"micro\"", &format!("name = {}", toml_string(name)));
+        let spec = text.replace(
+            "name = \"micro\"",
+            &format!("name = {}", kiln_compiler::names::toml_str_literal(name)),
+        );
         let m = check(spec.as_bytes()).unwrap_or_else(|_| panic!("{name:?} is a valid name"));
         assert_eq!(m.name, name);
         let code = emitted(&m);
@@ -97,18 +100,4 @@ fn hostile_model_names_stay_string_literals() {
     assert_eq!(module_ident("fn"), "fn_");
     assert_eq!(module_ident("9lives"), "n_9lives");
     assert_eq!(module_ident("gpt2-124m"), "gpt2_124m");
-}
-
-/// A TOML basic string holding `s`.
-fn toml_string(s: &str) -> String {
-    let mut out = String::from("\"");
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
 }

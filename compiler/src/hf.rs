@@ -1839,21 +1839,6 @@ impl SpecWriter {
     }
 }
 
-/// A TOML basic string.
-fn toml_str(s: &str) -> String {
-    let mut out = String::from("\"");
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if c.is_control() => out.push_str(&format!("\\u{:04X}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
-}
-
 /// A TOML float that reads back as exactly `x` (Rust's shortest round-trip form).
 fn toml_float(x: f64) -> String {
     format!("{x:?}")
@@ -1877,7 +1862,7 @@ fn write_spec(a: &Arch, family: Family, name: &str) -> String {
     w.line("# [train] holds small placeholders and [precision] is left at its defaults.");
 
     w.section("model");
-    w.key("name", toml_str(name), "");
+    w.key("name", crate::names::toml_str_literal(name), "");
     w.key("vocab", a.vocab, "vocab_size");
     w.key("d_model", a.d_model, hf("hidden_size", "n_embd"));
     let layers_comment = if family.is_deepseek() {
@@ -1885,7 +1870,11 @@ fn write_spec(a: &Arch, family: Family, name: &str) -> String {
     } else {
         hf("num_hidden_layers", "n_layer")
     };
-    w.key("layers", toml_str(&format_stack(&a.layers)), layers_comment);
+    w.key(
+        "layers",
+        crate::names::toml_str_literal(&format_stack(&a.layers)),
+        layers_comment,
+    );
     w.key(
         "max_positions",
         a.max_positions,
@@ -1973,7 +1962,7 @@ fn write_spec(a: &Arch, family: Family, name: &str) -> String {
         w.key("hidden", f.hidden, hidden_comment);
         w.key(
             "act",
-            toml_str(f.act),
+            crate::names::toml_str_literal(f.act),
             hf("hidden_act", "activation_function"),
         );
         let bias_comment = match family {
@@ -1990,7 +1979,7 @@ fn write_spec(a: &Arch, family: Family, name: &str) -> String {
         w.key("shared", m.shared, "n_shared_experts");
         w.key("top_k", m.top_k, "num_experts_per_tok");
         w.key("expert_hidden", m.expert_hidden, "moe_intermediate_size");
-        w.key("act", toml_str(m.act), "hidden_act");
+        w.key("act", crate::names::toml_str_literal(m.act), "hidden_act");
         let score = match m.score {
             ScoreFunc::Sigmoid => "\"sigmoid\"",
             ScoreFunc::Softmax => "\"softmax\"",
@@ -2041,7 +2030,7 @@ fn write_spec(a: &Arch, family: Family, name: &str) -> String {
         );
         w.key(
             "block",
-            toml_str(m.block.name()),
+            crate::names::toml_str_literal(m.block.name()),
             "DeepSeek's MTP layers are MoE",
         );
     }
@@ -2633,7 +2622,10 @@ mod tests {
         let name = "a \"quoted\" name \\ with ü";
         let i = import_config(&Value::Object(o).to_string(), name).unwrap();
         assert_eq!(check_str(&i.spec).unwrap().name, name);
-        assert_eq!(toml_str("tab\there"), "\"tab\\u0009here\"");
+        assert_eq!(
+            crate::names::toml_str_literal("tab\there"),
+            "\"tab\\u0009here\""
+        );
     }
 
     fn with_yarn(spec: &str, yarn: Value) -> Map<String, Value> {

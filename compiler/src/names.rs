@@ -286,6 +286,23 @@ pub fn rust_str_literal(raw: &str) -> String {
     out
 }
 
+/// A TOML basic string (with quotes) that reads back as exactly `raw`: quotes and backslashes
+/// escaped, control characters as `\uXXXX`. For the spec files and cargo manifests kiln
+/// writes.
+pub fn toml_str_literal(raw: &str) -> String {
+    let mut out = String::from("\"");
+    for c in raw.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04X}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
 /// A C/CUDA narrow string literal, quotes included, whose bytes are exactly the UTF-8 bytes of
 /// `raw` (followed by the terminating NUL, as for every C string literal).
 ///
@@ -412,6 +429,22 @@ impl Namer {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn toml_literals_read_back_exactly() {
+        for raw in [
+            "plain",
+            "quote \" and \\ back",
+            "tab\tnew\nline\u{0}nul",
+            "ünï 🦀",
+            "\"\"\"",
+            "",
+        ] {
+            let doc = format!("k = {}", super::toml_str_literal(raw));
+            let v: toml::Table = toml::from_str(&doc).unwrap_or_else(|e| panic!("{raw:?}: {e}"));
+            assert_eq!(v["k"].as_str(), Some(raw));
+        }
+    }
+
     use super::*;
     use proptest::prelude::*;
 
