@@ -2,7 +2,7 @@
 //! that expands a spec into a specialized training module.
 //!
 //! The macro parses its one argument (a spec path relative to the invoking crate's
-//! `Cargo.toml`), checks and compiles the spec with kiln-compiler, and returns what
+//! `Cargo.toml`, or to `$KILN_SPEC_BASE_DIR` when that is set), checks and compiles the spec with kiln-compiler, and returns what
 //! `kiln_compiler::emit_rust::emit` makes of the training Program. A spec error becomes a
 //! `compile_error!` carrying the same rendered diagnostic `kiln check` prints (with the spec's
 //! file:line:col). The expansion includes the spec's bytes with `include_bytes!`, so cargo
@@ -33,8 +33,14 @@ pub fn model(input: TokenStream) -> TokenStream {
     }
 }
 
+/// The variable that, when set, replaces `CARGO_MANIFEST_DIR` as the directory spec paths are
+/// relative to (trybuild compiles test crates far from the sources they name).
+const BASE_DIR_VAR: &str = "KILN_SPEC_BASE_DIR";
+
 fn expand(relative: &str) -> Result<proc_macro2::TokenStream, String> {
-    let base = std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(PathBuf::new, PathBuf::from);
+    let base = std::env::var_os(BASE_DIR_VAR)
+        .or_else(|| std::env::var_os("CARGO_MANIFEST_DIR"))
+        .map_or_else(PathBuf::new, PathBuf::from);
     let path = base.join(relative);
     let bytes = std::fs::read(&path)
         .map_err(|e| format!("kiln::model!: cannot read spec {}: {e}", path.display()))?;

@@ -1,0 +1,4 @@
+// The argument is a string literal.
+kiln_macros::model!(specs::tiny);
+
+fn main() {}
