@@ -324,8 +324,7 @@ fn cmd_emit_ir(spec: Option<PathBuf>, after: Pass, color: bool) -> Result<(), Fa
 fn cmd_emit_rust(spec: Option<PathBuf>, color: bool) -> Result<(), Failure> {
     let (_, model) = load(spec.as_ref(), &mut Vec::new(), color)?;
     let compiled = program::compile(&model).map_err(|e| Failure::Other(e.to_string()))?;
-    let text =
-        kiln_compiler::emit_rust::emit_text(&model, &compiled.train).map_err(Failure::Other)?;
+    let text = kiln_compiler::emit_rust::emit_text(&model, &compiled).map_err(Failure::Other)?;
     out(&text);
     Ok(())
 }

@@ -15,7 +15,7 @@ fn model(path: &str) -> Model {
 }
 
 fn emitted(m: &Model) -> String {
-    emit_text(m, &compile(m).unwrap().train).unwrap()
+    emit_text(m, &compile(m).unwrap()).unwrap()
 }
 
 #[test]

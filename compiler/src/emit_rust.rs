@@ -18,7 +18,7 @@ use quote::{format_ident, quote};
 
 use crate::ir::{Def, Graph, InputKind, Node, Op, RopePairs, ValueId};
 use crate::model::{GroupScore, Model, NormKind, ScoreFunc, Selection};
-use crate::program::{Program, TrainOutputs};
+use crate::program::{Compiled, TrainOutputs};
 
 /// A `usize` literal without suffix.
 fn lit(n: impl TryInto<usize>) -> Literal {
@@ -1022,11 +1022,12 @@ fn params_struct(names: &[&str]) -> TokenStream {
     }
 }
 
-/// The specialized module of a model's training Program: constants, parameter names and
-/// shapes, and `Train`, which runs the training graph (forward, backward, losses) keeping
-/// exactly what `kiln_runtime::train::Trainer` reads.
-pub fn emit(model: &Model, train: &Program) -> TokenStream {
-    let graph = train.graph();
+/// The specialized module of a compiled model: constants, parameter names and shapes, the
+/// typed `Params`, `Train`, which runs the training graph (forward, backward, losses) keeping
+/// exactly what `kiln_runtime::train::Trainer` reads, and `Forward`, which runs the forward
+/// Program (losses and logits, for evaluation and sampling) keeping its named outputs.
+pub fn emit(model: &Model, compiled: &Compiled) -> TokenStream {
+    let graph = compiled.train.graph();
     let mut keep = TrainOutputs::of(graph)
         .map(|t| t.values())
         .unwrap_or_default();
@@ -1058,6 +1059,27 @@ pub fn emit(model: &Model, train: &Program) -> TokenStream {
     let name_strs: Vec<&str> = graph.params.iter().map(|(_, p)| p.name.as_str()).collect();
     let params = params_struct(&name_strs);
     let train_runner = runner(graph, &keep, &format_ident!("Train"));
+    let fwd = compiled.forward.graph();
+    let mut fwd_keep: Vec<ValueId> = fwd.outputs.iter().map(|&(_, v)| v).collect();
+    fwd_keep.sort_by_key(|v| v.index());
+    fwd_keep.dedup();
+    let forward_runner = runner(fwd, &fwd_keep, &format_ident!("Forward"));
+    debug_assert!(
+        fwd.params
+            .iter()
+            .map(|(_, p)| &p.name)
+            .eq(graph.params.iter().map(|(_, p)| &p.name)),
+        "the forward and training graphs read the same parameters in the same order"
+    );
+    let fwd_outputs: Vec<TokenStream> = fwd
+        .outputs
+        .iter()
+        .map(|(n, v)| {
+            let (n, i) = (Literal::string(n), lit(v.index()));
+            quote!((#n, #i))
+        })
+        .collect();
+    let fwd_output_count = lit(fwd_outputs.len());
     quote! {
         #[allow(clippy::all, clippy::pedantic, unused_imports, unused_doc_comments, dead_code)]
         pub mod #module {
@@ -1129,13 +1151,24 @@ pub fn emit(model: &Model, train: &Program) -> TokenStream {
             #params
 
             #train_runner
+
+            /// The forward Program's named outputs and the value index `Forward` keys them by
+            /// (`Forward` reads the parameters of `PARAM_NAMES`, like `Train`).
+            pub const FORWARD_OUTPUTS: [(&str, usize); #fwd_output_count] = [#(#fwd_outputs),*];
+
+            pub mod forward {
+                //! The forward Program: losses and logits at the spec's batch and length.
+                use super::*;
+                #forward_runner
+            }
+            pub use forward::Forward;
         }
     }
 }
 
 /// [`emit`] formatted as a source file (`kiln emit rust`).
-pub fn emit_text(model: &Model, train: &Program) -> Result<String, String> {
-    let tokens = emit(model, train);
+pub fn emit_text(model: &Model, compiled: &Compiled) -> Result<String, String> {
+    let tokens = emit(model, compiled);
     let file: syn::File =
         syn::parse2(tokens).map_err(|e| format!("generated Rust does not parse: {e}"))?;
     Ok(prettyplease::unparse(&file))

@@ -115,3 +115,48 @@ fn typed_parameters_name_every_tensor_and_round_trip() {
     assert_eq!(p.flat()[index], &flat[index][..]);
     assert_eq!(p.into_flat(), flat);
 }
+
+#[test]
+fn the_generated_forward_pass_equals_the_interpreters() {
+    use kiln_runtime::exec::{Executor, Feed};
+    use kiln_runtime::train::feed_inputs;
+    for (spec, generated) in [
+        (
+            "specs/tiny.toml",
+            Box::new(tiny::Forward::new()) as Box<dyn Run>,
+        ),
+        (
+            "tests/specs/gpt2-micro.toml",
+            Box::new(gpt2_micro::Forward::new()),
+        ),
+    ] {
+        let path = format!("{}/../{spec}", env!("CARGO_MANIFEST_DIR"));
+        let model = check(&std::fs::read(&path).unwrap()).unwrap();
+        let compiled = compile(&model).unwrap();
+        let forward = compiled.forward.graph();
+        let (b, t) = (model.train.batch as usize, model.train.seq_len as usize);
+        let window = t + max_token_offset(forward) as usize - 1;
+        let tokens = byte_tokens(&builtin_corpus(1, 1 << 16));
+        let batch = Batcher::new(tokens, b, window, 1).unwrap().next_batch();
+        let params = init_params(forward, 3);
+        let inputs = feed_inputs(forward, &batch, t);
+        let feed = Feed {
+            params: &params,
+            inputs: &inputs,
+        };
+        let keep: Vec<_> = forward.outputs.iter().map(|&(_, v)| v).collect();
+        let want = Executor::new(forward, &keep).run::<f32>(&feed).unwrap();
+        let got = generated.run(&feed).unwrap();
+        assert_eq!(got.len(), want.len(), "{spec}");
+        for (name, v) in &forward.outputs {
+            assert!(got[v] == want[v], "{spec}: output {name}");
+        }
+    }
+    assert_eq!(
+        tiny::FORWARD_OUTPUTS
+            .iter()
+            .filter(|(n, _)| *n == "logits")
+            .count(),
+        1
+    );
+}
