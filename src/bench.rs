@@ -10,6 +10,9 @@ use kiln_runtime::cpu::dense::matmul;
 use kiln_runtime::data::{builtin_corpus, byte_tokens, Batcher};
 use kiln_runtime::train::{init_params, max_token_offset, TrainConfig, Trainer};
 
+use kiln_compiler::model::Model;
+
+use crate::train::Specialized;
 use crate::{load, other, Failure};
 
 /// The command's arguments (see `kiln bench --help`).
@@ -17,9 +20,17 @@ use crate::{load, other, Failure};
 pub(crate) struct Args {
     /// The spec [default: the built-in specs/tiny.toml].
     pub spec: Option<PathBuf>,
+    #[command(flatten)]
+    pub flags: Flags,
+}
+
+/// The flags of `kiln bench`, shared with the `bench` command of specialized binaries.
+#[derive(clap::Args)]
+pub struct Flags {
     /// Timed steps (after two warm-up steps); the median is reported.
     #[arg(long, default_value_t = 10)]
     pub steps: u64,
+    /// Print one JSON object (the keys docs/perf.md quotes).
     #[arg(long)]
     pub json: bool,
 }
@@ -40,8 +51,19 @@ fn gemm_rate(n: usize, reps: usize) -> f64 {
 
 pub(crate) fn run(args: Args, color: bool) -> Result<(), Failure> {
     let (name, model) = load(args.spec.as_ref(), &mut Vec::new(), color)?;
-    let report = analyze(&model);
-    let compiled = compile(&model).map_err(|e| other(e.to_string()))?;
+    run_model(&name, &model, &args.flags, None)
+}
+
+/// Benchmarks `model`'s training step, run by the interpreter or, for a specialized binary, by
+/// its generated step.
+pub(crate) fn run_model(
+    name: &str,
+    model: &Model,
+    args: &Flags,
+    built: Option<&Specialized>,
+) -> Result<(), Failure> {
+    let report = analyze(model);
+    let compiled = compile(model).map_err(|e| other(e.to_string()))?;
     let (full, forward) = (compiled.train.graph(), compiled.forward.graph());
     let (b, t) = (model.train.batch as usize, model.train.seq_len as usize);
     let window = t + max_token_offset(forward) as usize - 1;
@@ -64,7 +86,16 @@ pub(crate) fn run(args: Args, color: bool) -> Result<(), Failure> {
         bias_update: 0.0,
         seed: 0,
     };
-    let mut trainer = Trainer::new(full, config, init_params(forward, 0));
+    let params = init_params(forward, 0);
+    let mut trainer = match built {
+        Some(b) => Trainer::with_runner(full, config, params, (b.runner)()),
+        None => Trainer::new(full, config, params),
+    };
+    let engine = if built.is_some() {
+        "generated step"
+    } else {
+        "interpreter"
+    };
     let ceiling = gemm_rate(1024, 5);
     // Warm up, then time each step; report the median.
     for _ in 0..2 {
@@ -87,7 +118,7 @@ pub(crate) fn run(args: Args, color: bool) -> Result<(), Failure> {
     let threads = rayon::current_num_threads();
     if args.json {
         crate::out(&format!(
-            "{{\"spec\":{:?},\"threads\":{threads},\"batch\":{b},\"seq_len\":{t},\"step_s\":{median:.5},\"tokens_per_s\":{:.1},\"train_gflop_per_step\":{:.3},\"achieved_gflops\":{achieved:.1},\"gemm_gflops\":{ceiling:.1},\"fraction_of_gemm\":{:.3}}}\n",
+            "{{\"spec\":{:?},\"engine\":{engine:?},\"threads\":{threads},\"batch\":{b},\"seq_len\":{t},\"step_s\":{median:.5},\"tokens_per_s\":{:.1},\"train_gflop_per_step\":{:.3},\"achieved_gflops\":{achieved:.1},\"gemm_gflops\":{ceiling:.1},\"fraction_of_gemm\":{:.3}}}\n",
             name,
             tokens / median,
             flops / 1e9,
@@ -95,7 +126,7 @@ pub(crate) fn run(args: Args, color: bool) -> Result<(), Failure> {
         ));
     } else {
         crate::out(&format!(
-            "{} ({name}), batch {b} × {t} tokens, {threads} threads, median of {} steps\n  \
+            "{} ({name}, {engine}), batch {b} × {t} tokens, {threads} threads, median of {} steps\n  \
              step            {:>10.1} ms\n  tokens/s        {:>10.0}\n  achieved        {:>10.1} GFLOP/s ({:.3} GFLOP per step by the analyzer's count)\n  \
              single GEMM     {:>10.1} GFLOP/s (f32 1024³, same run)\n  fraction        {:>10.1} % of the GEMM rate\n",
             model.name,

@@ -6,7 +6,8 @@
 //! `DIR/<model>-train`. The project depends on kiln's own crates by path (the source tree this
 //! `kiln` was built from, or `--kiln-source`) and builds into a shared target directory, so
 //! that dependencies compile once; an unchanged spec with the same kiln is not rebuilt at all
-//! (a stamp records the hash of the spec and kiln's version).
+//! (a stamp records the hash of the spec, kiln's version and the hash of the `kiln`
+//! executable, which changes with kiln's code).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -88,8 +89,14 @@ pub(crate) fn run(args: Args, color: bool) -> Result<(), Failure> {
         .canonicalize()
         .map_err(|e| other(format!("cannot use {}: {e}", args.out.display())))?;
     let binary = out.join(&binary_name);
+    // kiln's version alone would miss a rebuilt kiln of the same version (a developer's tree):
+    // the hash of this very executable changes with any change to kiln's code.
+    let kiln_exe = std::env::current_exe()
+        .and_then(std::fs::read)
+        .map(|bytes| kiln_runtime::checkpoint::spec_hash(&bytes))
+        .unwrap_or_else(|_| "unknown".into());
     let stamp = format!(
-        "kiln {} from {}\nspec {}\n",
+        "kiln {} ({kiln_exe}) from {}\nspec {}\n",
         env!("CARGO_PKG_VERSION"),
         source.display(),
         kiln_runtime::checkpoint::spec_hash(&spec_bytes)

@@ -17,7 +17,7 @@ use kiln_compiler::model::Model;
 use kiln_compiler::program;
 use kiln_compiler::report;
 
-mod bench;
+pub mod bench;
 mod build;
 mod hf;
 mod logits;

@@ -103,11 +103,20 @@ pub struct Specialized {
 #[derive(clap::Parser)]
 #[command(
     version,
-    about = "Train the model this binary was built for (see `kiln build`)"
+    about = "Train the model this binary was built for (see `kiln build`)",
+    args_conflicts_with_subcommands = true
 )]
 struct SpecializedCli {
+    #[command(subcommand)]
+    command: Option<SpecializedCommand>,
     #[command(flatten)]
     run: RunArgs,
+}
+
+#[derive(clap::Subcommand)]
+enum SpecializedCommand {
+    /// Time training steps with this binary's generated step: `kiln bench`'s report.
+    Bench(crate::bench::Flags),
 }
 
 /// The `main` of a specialized training binary: `kiln train` with the built-in spec and the
@@ -117,6 +126,14 @@ pub fn specialized_main(built: Specialized) -> std::process::ExitCode {
     use clap::Parser;
     kiln_runtime::memory::keep_freed_memory();
     let cli = SpecializedCli::parse();
+    if let Some(SpecializedCommand::Bench(flags)) = cli.command {
+        let result = kiln_compiler::check::check(built.spec.as_bytes())
+            .map_err(|_| other("the built-in spec does not check; rebuild with `kiln build`"))
+            .and_then(|model| {
+                crate::bench::run_model("built-in spec", &model, &flags, Some(&built))
+            });
+        return crate::exit_code(result);
+    }
     let color = std::io::IsTerminal::is_terminal(&std::io::stderr())
         && std::env::var_os("NO_COLOR").is_none();
     crate::exit_code(run_with(None, cli.run, color, Some(&built)))
