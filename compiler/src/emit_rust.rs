@@ -367,7 +367,7 @@ fn node_statement(
                             let (factor, orig) = (lit_f64(y.factor), lit(y.original_max_positions));
                             let (fast, slow) = (lit_f64(y.beta_fast), lit_f64(y.beta_slow));
                             let (m, mall) = (lit_f64(y.mscale), lit_f64(y.mscale_all_dim));
-                            quote!(Some(&attention::YarnParams {
+                            quote!(Some(&attention::Yarn {
                                 factor: #factor,
                                 original_max_positions: #orig,
                                 beta_fast: #fast,

@@ -195,6 +195,23 @@ impl Yarn {
     pub fn rope_amplitude(&self) -> f64 {
         self.correction(self.mscale) / self.correction(self.mscale_all_dim)
     }
+
+    /// DeepSeek's correction range `(low, high)` over the frequency indices of a head with
+    /// `dim` rotated dimensions and base `theta`: the fractional index at which a frequency
+    /// completes `beta_fast` (for `low`) or `beta_slow` (for `high`) rotations over the original
+    /// context, `low` rounded down and `high` rounded up (HF's `truncate`), then clamped to
+    /// `[0, dim − 1]`. Frequencies below `low` are kept, above `high` divided by `factor`.
+    pub fn correction_range(&self, dim: usize, theta: f64) -> (f64, f64) {
+        let dim = dim as f64;
+        let positions = self.original_max_positions as f64;
+        // The index whose wavelength fits `rotations` times into the original context.
+        let index_for = |rotations: f64| {
+            dim * (positions / (rotations * 2.0 * std::f64::consts::PI)).ln() / (2.0 * theta.ln())
+        };
+        let low = index_for(self.beta_fast).floor().max(0.0);
+        let high = index_for(self.beta_slow).ceil().min(dim - 1.0);
+        (low, high)
+    }
 }
 
 /// A position-wise feed-forward network: `down(act(...))` where the activation expression reads

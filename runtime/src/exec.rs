@@ -14,9 +14,7 @@ use kiln_compiler::model::NormKind;
 use crate::cpu::attention::{self, RopeTables};
 use crate::cpu::elementwise::Elementwise;
 use crate::cpu::{dense, moe, Real};
-use crate::ops::{
-    self, check_ids, norm_bwd, norm_fwd, rope_pairs, router_config, yarn_params, ExprActivation,
-};
+use crate::ops::{self, check_ids, norm_bwd, norm_fwd, rope_pairs, router_config, ExprActivation};
 
 /// A tensor's data: floats, or u32 ids and indices.
 #[derive(Clone, Debug, PartialEq)]
@@ -461,9 +459,9 @@ impl<'g> Executor<'g> {
             }
             Op::Rope { theta, yarn, pairs } | Op::RopeGrad { theta, yarn, pairs } => {
                 let key = self.rope_key[&index];
-                let table = tables.entry(key).or_insert_with(|| {
-                    attention::rope_tables(key.0, key.1, *theta, yarn.map(yarn_params).as_ref())
-                });
+                let table = tables
+                    .entry(key)
+                    .or_insert_with(|| attention::rope_tables(key.0, key.1, *theta, yarn.as_ref()));
                 let s = shape(0);
                 let p = rope_pairs(*pairs);
                 let y = if matches!(node.op, Op::Rope { .. }) {

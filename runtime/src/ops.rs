@@ -11,7 +11,7 @@ use kiln_compiler::dsl::expr::Compiled;
 use kiln_compiler::ir::{RopePairs, RouterSpec};
 use kiln_compiler::model::{GroupScore, NormKind, ScoreFunc, Selection};
 
-use crate::cpu::attention::{self, YarnParams};
+use crate::cpu::attention;
 use crate::cpu::elementwise::{self, is_swiglu, swiglu};
 use crate::cpu::{dense, moe, Real};
 use crate::exec::ExecError;
@@ -223,18 +223,6 @@ pub fn norm_bwd<T: Real>(kind: NormKind, eps: f64, x: &[T], w: &[T], dy: &[T]) -
             let (dx, dw, db) = dense::layer_norm_bwd(x, rows, n, w, &mean, &rstd, dy);
             vec![dx, dw, db]
         }
-    }
-}
-
-/// The runtime's YaRN parameters of a model's YaRN settings.
-pub fn yarn_params(y: kiln_compiler::model::Yarn) -> YarnParams {
-    YarnParams {
-        factor: y.factor,
-        original_max_positions: y.original_max_positions,
-        beta_fast: y.beta_fast,
-        beta_slow: y.beta_slow,
-        mscale: y.mscale,
-        mscale_all_dim: y.mscale_all_dim,
     }
 }
 

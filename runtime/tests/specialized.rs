@@ -11,6 +11,7 @@ use kiln_runtime::train::{init_params, max_token_offset, TrainConfig, Trainer};
 kiln_macros::model!("../specs/tiny.toml");
 kiln_macros::model!("../tests/specs/micro.toml");
 kiln_macros::model!("../tests/specs/gpt2-micro.toml");
+kiln_macros::model!("../tests/specs/micro-yarn.toml");
 // micro under a name that tries to inject code: module `std_process_exit_1_include_x`.
 kiln_macros::model!("../tests/specs/hostile-name.toml");
 
@@ -79,6 +80,15 @@ fn a_hostile_model_name_compiles_and_trains_like_the_plain_one() {
         2,
     );
     assert_eq!(plain, named);
+}
+
+#[test]
+fn micro_with_yarn_trains_bit_identically() {
+    same_training(
+        "tests/specs/micro-yarn.toml",
+        Box::new(micro_yarn::Train::new()),
+        3,
+    );
 }
 
 #[test]

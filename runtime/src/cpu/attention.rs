@@ -22,56 +22,9 @@ const BLOCK_K: usize = 32;
 /// of a row are updated once per span of `SPAN_BLOCKS · BLOCK_K` keys.
 const SPAN_BLOCKS: usize = 8;
 
-/// YaRN context-extension parameters (HF `rope_scaling` with `type = "yarn"`), as plain values.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct YarnParams {
-    /// The context extension factor `s`; interpolated frequencies are divided by it.
-    pub factor: f64,
-    /// The context length the model was pre-trained at (HF `original_max_position_embeddings`).
-    pub original_max_positions: u64,
-    /// Rotations over the original context above which a frequency is extrapolated (kept).
-    pub beta_fast: f64,
-    /// Rotations over the original context below which a frequency is interpolated (divided).
-    pub beta_slow: f64,
-    /// The magnitude coefficient of the cos/sin amplitude's numerator.
-    pub mscale: f64,
-    /// The magnitude coefficient of the amplitude's denominator (and of the softmax scale).
-    pub mscale_all_dim: f64,
-}
-
-impl YarnParams {
-    /// YaRN's magnitude correction `get_mscale(factor, m)`: 1 when `factor ≤ 1`, otherwise
-    /// `0.1 · m · ln(factor) + 1`.
-    pub fn mscale_of(&self, m: f64) -> f64 {
-        if self.factor <= 1.0 {
-            1.0
-        } else {
-            0.1 * m * self.factor.ln() + 1.0
-        }
-    }
-
-    /// The amplitude of the cos/sin tables: `mscale_of(mscale) / mscale_of(mscale_all_dim)`,
-    /// which is exactly 1 when the two coefficients are equal.
-    pub fn amplitude(&self) -> f64 {
-        self.mscale_of(self.mscale) / self.mscale_of(self.mscale_all_dim)
-    }
-
-    /// DeepSeek's correction range `(low, high)` over the frequency indices of a head with
-    /// `dim` rotated dimensions: the fractional index at which a frequency completes
-    /// `beta_fast` (for `low`) or `beta_slow` (for `high`) rotations over the original context,
-    /// `low` rounded down and `high` rounded up, then clamped to `[0, dim − 1]`.
-    pub fn correction_range(&self, dim: usize, theta: f64) -> (f64, f64) {
-        let dim = dim as f64;
-        let positions = self.original_max_positions as f64;
-        // The index whose wavelength fits `rotations` times into the original context.
-        let index_for = |rotations: f64| {
-            dim * (positions / (rotations * 2.0 * std::f64::consts::PI)).ln() / (2.0 * theta.ln())
-        };
-        let low = index_for(self.beta_fast).floor().max(0.0);
-        let high = index_for(self.beta_slow).ceil().min(dim - 1.0);
-        (low, high)
-    }
-}
+/// YaRN's parameters: the checked model's own type, whose methods hold the formulas (the
+/// correction range, the cos/sin amplitude) so the compiler and the runtime share one copy.
+pub use kiln_compiler::model::Yarn;
 
 /// Which dimensions of a head RoPE rotates together.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -107,7 +60,7 @@ pub struct RopeTables<T> {
 /// The `dim / 2` inverse frequencies of RoPE, in f64: `theta^(-2i/dim)`, or under YaRN the blend
 /// `inv_freq / factor · (1 − mask) + inv_freq · mask` where `mask = 1 − ramp` and `ramp` rises
 /// linearly from 0 at the correction range's `low` to 1 at its `high`. `dim` is even.
-pub fn rope_inv_freq(dim: usize, theta: f64, yarn: Option<&YarnParams>) -> Vec<f64> {
+pub fn rope_inv_freq(dim: usize, theta: f64, yarn: Option<&Yarn>) -> Vec<f64> {
     debug_assert!(dim % 2 == 0, "rope: rotated dims {dim} must be even");
     let plain = (0..dim / 2).map(|i| theta.powf(-((2 * i) as f64) / dim as f64));
     let Some(y) = yarn else {
@@ -134,10 +87,10 @@ pub fn rope_tables<T: Real>(
     seq: usize,
     dim: usize,
     theta: f64,
-    yarn: Option<&YarnParams>,
+    yarn: Option<&Yarn>,
 ) -> RopeTables<T> {
     let inv_freq = rope_inv_freq(dim, theta, yarn);
-    let amplitude = yarn.map_or(1.0, YarnParams::amplitude);
+    let amplitude = yarn.map_or(1.0, Yarn::rope_amplitude);
     let half = inv_freq.len();
     let mut cos = Vec::with_capacity(seq * half);
     let mut sin = Vec::with_capacity(seq * half);
@@ -913,8 +866,8 @@ mod tests {
         max_abs_diff(got, want) / norm.max(1e-300)
     }
 
-    fn deepseek_yarn() -> YarnParams {
-        YarnParams {
+    fn deepseek_yarn() -> Yarn {
+        Yarn {
             factor: 40.0,
             original_max_positions: 4096,
             beta_fast: 32.0,
@@ -941,13 +894,13 @@ mod tests {
 
     #[test]
     fn yarn_with_factor_one_is_plain_rope() {
-        let yarn = YarnParams {
+        let yarn = Yarn {
             factor: 1.0,
             mscale: 0.5,
             mscale_all_dim: 2.0,
             ..deepseek_yarn()
         };
-        assert_eq!(yarn.amplitude(), 1.0);
+        assert_eq!(yarn.rope_amplitude(), 1.0);
         let plain = rope_tables::<f64>(50, 64, 10_000.0, None);
         let scaled = rope_tables::<f64>(50, 64, 10_000.0, Some(&yarn));
         assert!(max_abs_diff(&plain.cos, &scaled.cos) < 1e-13);
@@ -956,23 +909,23 @@ mod tests {
 
     #[test]
     fn yarn_amplitude_is_one_when_the_mscales_agree() {
-        let yarn = YarnParams {
+        let yarn = Yarn {
             mscale: 0.707,
             mscale_all_dim: 0.707,
             ..deepseek_yarn()
         };
-        assert_eq!(yarn.amplitude(), 1.0);
+        assert_eq!(yarn.rope_amplitude(), 1.0);
         let tables = rope_tables::<f64>(20, 64, 10_000.0, Some(&yarn));
         for (c, s) in tables.cos.iter().zip(&tables.sin) {
             assert!((c * c + s * s - 1.0).abs() < 1e-14);
         }
         // With unequal coefficients the tables carry the ratio of the two corrections.
-        let unequal = YarnParams {
+        let unequal = Yarn {
             mscale: 0.5,
             ..deepseek_yarn()
         };
         let amp = (0.05 * 40f64.ln() + 1.0) / (0.1 * 40f64.ln() + 1.0);
-        assert!((unequal.amplitude() - amp).abs() < 1e-15);
+        assert!((unequal.rope_amplitude() - amp).abs() < 1e-15);
         let tables = rope_tables::<f64>(20, 64, 10_000.0, Some(&unequal));
         for (c, s) in tables.cos.iter().zip(&tables.sin) {
             assert!(((c * c + s * s).sqrt() - amp).abs() < 1e-14);
@@ -1018,7 +971,7 @@ mod tests {
     #[test]
     fn yarn_guards_an_empty_correction_range() {
         // A tiny original context puts both ends of the range at index 0.
-        let yarn = YarnParams {
+        let yarn = Yarn {
             original_max_positions: 1,
             ..deepseek_yarn()
         };
@@ -1054,7 +1007,7 @@ mod tests {
         let x = random(&mut rng, b * t * h * d);
         let w = random(&mut rng, x.len());
         // An amplitude below 1 makes the transpose differ from the inverse.
-        let yarn = YarnParams {
+        let yarn = Yarn {
             mscale: 0.3,
             ..deepseek_yarn()
         };
