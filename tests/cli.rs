@@ -373,3 +373,36 @@ fn sample_and_bench_run_on_a_trained_micro_model() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn build_refuses_an_invalid_spec_or_a_wrong_source_tree_before_writing_anything() {
+    let out = std::env::temp_dir().join(format!("kiln-build-refused-{}", std::process::id()));
+    let out_s = out.to_str().unwrap();
+    let o = kiln(&[
+        "build",
+        "tests/invalid/04-unknown-key-kv-rnak.toml",
+        "-o",
+        out_s,
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("did you mean `kv_rank`?"),
+        "{}",
+        stderr(&o)
+    );
+    let o = kiln(&[
+        "build",
+        "tests/specs/micro.toml",
+        "-o",
+        out_s,
+        "--kiln-source",
+        "tests",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("does not look like kiln's source tree"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!out.exists(), "nothing is written before the checks pass");
+}
