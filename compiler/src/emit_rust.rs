@@ -575,19 +575,7 @@ fn runner(graph: &Graph, keep: &[ValueId], name: &proc_macro2::Ident) -> TokenSt
         last_use[v.index()] = None;
     }
     // Each experts_grad node reuses the state of the experts node with the same operands.
-    let mut experts_forward = HashMap::new();
-    for (id, node) in graph.nodes.iter() {
-        if let Op::ExpertsGrad { .. } = node.op {
-            let operands = &node.inputs[..node.inputs.len() - 1];
-            if let Some((f, _)) = graph
-                .nodes
-                .iter()
-                .find(|(_, n)| matches!(n.op, Op::Experts { .. }) && n.inputs == operands)
-            {
-                experts_forward.insert(id.index(), f.index());
-            }
-        }
-    }
+    let experts_forward = graph.experts_forward();
     let experts_backward: Vec<usize> = experts_forward.values().copied().collect();
 
     let mut setup = Setup::default();
@@ -711,6 +699,7 @@ fn runner(graph: &Graph, keep: &[ValueId], name: &proc_macro2::Ident) -> TokenSt
 
 /// The parameter names as a tree: `layers.3.attn.kv_b.weight` is the leaf `weight` under
 /// `kv_b` under `attn` under element 3 of the array `layers`.
+#[derive(Clone)]
 enum Tree {
     /// A tensor: its index in the parameter order.
     Leaf(usize),
@@ -776,23 +765,15 @@ fn merged_type(path: &str, trees: &[&Tree], defs: &mut Vec<(String, TokenStream)
             quote!(Vec<#elem>)
         }
         Some(Tree::Struct(_)) => {
-            let mut names: Vec<&str> = Vec::new();
-            for t in trees {
-                if let Tree::Struct(children) = t {
-                    for (n, _) in children {
-                        if !names.contains(&n.as_str()) {
-                            names.push(n);
-                        }
-                    }
-                }
-            }
+            let names = union_fields(&Tree::Array(trees.iter().map(|&t| t.clone()).collect()));
             let ty_name = struct_name(path, trees);
             let ty = format_ident!("{}", ty_name);
             if defs.iter().any(|(name, _)| *name == ty_name) {
                 return quote!(#ty);
             }
             let mut fields = Vec::new();
-            for n in names {
+            for (n, all) in &names {
+                let n = n.as_str();
                 let subs: Vec<&Tree> = trees
                     .iter()
                     .filter_map(|t| match t {
@@ -804,7 +785,7 @@ fn merged_type(path: &str, trees: &[&Tree], defs: &mut Vec<(String, TokenStream)
                     .collect();
                 let field_ty = merged_type(&format!("{path} {n}"), &subs, defs);
                 let field = format_ident!("{}", field_name(n));
-                if subs.len() == trees.len() {
+                if *all {
                     fields.push(quote!(pub #field: #field_ty));
                 } else {
                     fields.push(quote!(pub #field: Option<#field_ty>));
@@ -829,7 +810,7 @@ fn merged_type(path: &str, trees: &[&Tree], defs: &mut Vec<(String, TokenStream)
 /// fields (`Weight`, `WeightBias`: one type serves every linear layer), any other after its
 /// path (`ParamsLayersAttn`).
 fn struct_name(path: &str, trees: &[&Tree]) -> String {
-    let fields = union_fields(&Tree::Array(trees.iter().map(|t| clone_tree(t)).collect()));
+    let fields = union_fields(&Tree::Array(trees.iter().map(|&t| t.clone()).collect()));
     let leaves_only = trees.iter().all(|t| match t {
         Tree::Struct(children) => children.iter().all(|(_, c)| matches!(c, Tree::Leaf(_))),
         _ => false,
@@ -929,23 +910,13 @@ fn merged_child(shape: &Tree, n: &str) -> Tree {
         if let Tree::Struct(children) = t {
             if let Some((_, c)) = children.iter().find(|(c, _)| c == n) {
                 match c {
-                    Tree::Array(items) => out.extend(items.iter().map(clone_tree)),
-                    other => out.push(clone_tree(other)),
+                    Tree::Array(items) => out.extend(items.iter().cloned()),
+                    other => out.push(other.clone()),
                 }
             }
         }
     }
     Tree::Array(out)
-}
-
-fn clone_tree(t: &Tree) -> Tree {
-    match t {
-        Tree::Leaf(i) => Tree::Leaf(*i),
-        Tree::Struct(c) => {
-            Tree::Struct(c.iter().map(|(n, t)| (n.clone(), clone_tree(t))).collect())
-        }
-        Tree::Array(items) => Tree::Array(items.iter().map(clone_tree).collect()),
-    }
 }
 
 /// Collects `(parameter index, borrowed view)` for every leaf of `tree`, reached through
@@ -990,7 +961,7 @@ fn params_struct(names: &[&str]) -> TokenStream {
     let mut defs = Vec::new();
     let ty = merged_type("params", &[&root], &mut defs);
     let defs: Vec<TokenStream> = defs.into_iter().map(|(_, d)| d).collect();
-    let shape = Tree::Array(vec![clone_tree(&root)]);
+    let shape = Tree::Array(vec![root.clone()]);
     let build = build_expr("params", &root, &shape);
     let mut views = Vec::new();
     flat_views(&root, quote!(self), &mut views, &shape);

@@ -173,19 +173,7 @@ impl<'g> Executor<'g> {
                 _ => {}
             }
         }
-        let mut experts_forward = HashMap::new();
-        for (id, node) in graph.nodes.iter() {
-            if let Op::ExpertsGrad { .. } = node.op {
-                let operands = &node.inputs[..node.inputs.len() - 1];
-                let fwd = graph
-                    .nodes
-                    .iter()
-                    .find(|(_, n)| matches!(n.op, Op::Experts { .. }) && n.inputs == operands);
-                if let Some((f, _)) = fwd {
-                    experts_forward.insert(id.index(), f.index());
-                }
-            }
-        }
+        let experts_forward = graph.experts_forward();
         let experts_backward = experts_forward.values().copied().collect();
         Executor {
             graph,
@@ -430,26 +418,15 @@ impl<'g> Executor<'g> {
                 let (s, y) = ops::add_norm(*norm, *eps, x, r, w, b);
                 vec![f(s), f(y)]
             }
-            Op::RmsNormGrad { eps } => norm_bwd(
-                NormKind::RmsNorm,
-                *eps,
-                arg(0).floats(),
-                arg(1).floats(),
-                arg(2).floats(),
-            )
-            .into_iter()
-            .map(f)
-            .collect(),
-            Op::LayerNormGrad { eps } => norm_bwd(
-                NormKind::LayerNorm,
-                *eps,
-                arg(0).floats(),
-                arg(1).floats(),
-                arg(2).floats(),
-            )
-            .into_iter()
-            .map(f)
-            .collect(),
+            Op::RmsNormGrad { eps } | Op::LayerNormGrad { eps } => {
+                let kind = if let Op::LayerNormGrad { .. } = node.op {
+                    NormKind::LayerNorm
+                } else {
+                    NormKind::RmsNorm
+                };
+                let (x, w, dy) = (arg(0).floats(), arg(1).floats(), arg(2).floats());
+                norm_bwd(kind, *eps, x, w, dy).into_iter().map(f).collect()
+            }
             Op::AddNormGrad { norm, eps } => {
                 let (s, w, dy) = (arg(0).floats(), arg(1).floats(), arg(2).floats());
                 ops::add_norm_grad(*norm, *eps, s, w, dy, arg(3).floats())

@@ -212,8 +212,21 @@ impl<'g> Trainer<'g> {
     /// A trainer for `graph`, the output of `autodiff::differentiate` (it must have `loss`,
     /// `loss.main` and one `grad.<param>` output per trainable parameter).
     pub fn new(graph: &'g Graph, config: TrainConfig, params: Vec<Vec<f32>>) -> Self {
+        let keep = TrainOutputs::of(graph)
+            .expect("a training graph has losses")
+            .values();
+        Trainer::with_runner(graph, config, params, Box::new(Executor::new(graph, &keep)))
+    }
+
+    /// A trainer whose graph runs on `runner` instead of the interpreter: a module generated
+    /// from the same graph (`kiln::model!`), which must keep [`TrainOutputs::values`].
+    pub fn with_runner(
+        graph: &'g Graph,
+        config: TrainConfig,
+        params: Vec<Vec<f32>>,
+        runner: Box<dyn Run + 'g>,
+    ) -> Self {
         let outputs = TrainOutputs::of(graph).expect("a training graph has losses");
-        let keep = outputs.values();
         let TrainOutputs {
             loss,
             main_loss,
@@ -226,7 +239,7 @@ impl<'g> Trainer<'g> {
             .iter()
             .any(|(_, v)| v.def == Def::Input(InputKind::Positions));
         Trainer {
-            exec: Box::new(Executor::new(graph, &keep)),
+            exec: runner,
             graph,
             config,
             m: zeros.clone(),
@@ -239,20 +252,6 @@ impl<'g> Trainer<'g> {
             routers,
             max_offset: max_token_offset(graph),
             positions,
-        }
-    }
-
-    /// A trainer whose graph runs on `runner` instead of the interpreter: a module generated
-    /// from the same graph (`kiln::model!`), which must keep [`TrainOutputs::values`].
-    pub fn with_runner(
-        graph: &'g Graph,
-        config: TrainConfig,
-        params: Vec<Vec<f32>>,
-        runner: Box<dyn Run + 'g>,
-    ) -> Self {
-        Trainer {
-            exec: runner,
-            ..Trainer::new(graph, config, params)
         }
     }
 

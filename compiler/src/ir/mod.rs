@@ -585,6 +585,26 @@ impl Graph {
             .sum()
     }
 
+    /// For each `experts_grad` node, the `experts` node it differentiates (the one with the
+    /// same operands), by node index: a backend keeps that node's routed activations for the
+    /// backward pass instead of recomputing them.
+    pub fn experts_forward(&self) -> std::collections::HashMap<usize, usize> {
+        let mut pairs = std::collections::HashMap::new();
+        for (id, node) in self.nodes.iter() {
+            if let Op::ExpertsGrad { .. } = node.op {
+                let operands = &node.inputs[..node.inputs.len() - 1];
+                let fwd = self
+                    .nodes
+                    .iter()
+                    .find(|(_, n)| matches!(n.op, Op::Experts { .. }) && n.inputs == operands);
+                if let Some((f, _)) = fwd {
+                    pairs.insert(id.index(), f.index());
+                }
+            }
+        }
+        pairs
+    }
+
     /// The value of a named output.
     pub fn output(&self, name: &str) -> Option<ValueId> {
         self.outputs

@@ -556,6 +556,21 @@ pub struct ExpertFfn<'a, T> {
     pub act: &'a dyn Activation<T>,
 }
 
+impl<T: Real> ExpertFfn<'_, T> {
+    /// Checks, in debug builds, that the operands have the shapes documented above.
+    fn debug_check(&self) {
+        let (n, d, k, e, h) = (self.n, self.d, self.k, self.e, self.h);
+        debug_assert_eq!(self.x.len(), n * d);
+        debug_assert_eq!(self.weights.len(), n * k);
+        debug_assert_eq!(self.experts.len(), n * k);
+        debug_assert!(self.experts.iter().all(|&i| (i as usize) < e));
+        debug_assert_eq!(self.act.gated(), self.w_gate.is_some());
+        debug_assert!(self.w_gate.is_none_or(|g| g.len() == e * h * d));
+        debug_assert_eq!(self.w_up.len(), e * h * d);
+        debug_assert_eq!(self.w_down.len(), e * d * h);
+    }
+}
+
 /// What [`experts_fwd`] keeps for [`experts_bwd`]. A "routed row" is one (token, slot) pair;
 /// routed rows are stored sorted by expert, and by `t·k + j` within an expert.
 #[derive(Clone, Debug, PartialEq)]
@@ -743,14 +758,7 @@ pub fn experts_fwd<T: Real>(ffn: &ExpertFfn<'_, T>) -> (Vec<T>, ExpertsSaved<T>)
         h,
         act,
     } = *ffn;
-    debug_assert_eq!(x.len(), n * d);
-    debug_assert_eq!(weights.len(), n * k);
-    debug_assert_eq!(experts.len(), n * k);
-    debug_assert!(experts.iter().all(|&i| (i as usize) < e));
-    debug_assert_eq!(act.gated(), w_gate.is_some());
-    debug_assert!(w_gate.is_none_or(|g| g.len() == e * h * d));
-    debug_assert_eq!(w_up.len(), e * h * d);
-    debug_assert_eq!(w_down.len(), e * d * h);
+    ffn.debug_check();
     let rows = n * k;
     let hd = h * d;
     let (order, row_of, offsets) = sort_by_expert(experts, e);
@@ -847,7 +855,7 @@ pub fn experts_bwd<T: Real>(
         n,
         d,
         weights,
-        experts,
+        experts: _,
         k,
         w_gate,
         w_up,
@@ -856,13 +864,10 @@ pub fn experts_bwd<T: Real>(
         h,
         act,
     } = *ffn;
-    debug_assert_eq!(x.len(), n * d);
-    debug_assert_eq!(weights.len(), n * k);
-    debug_assert_eq!(experts.len(), n * k);
+    ffn.debug_check();
     debug_assert_eq!(dy.len(), n * d);
     debug_assert_eq!(saved.offsets.len(), e + 1);
     debug_assert_eq!(saved.order.len(), n * k);
-    debug_assert_eq!(act.gated(), w_gate.is_some());
     let rows = n * k;
     let hd = h * d;
     let offsets = &saved.offsets;
