@@ -45,6 +45,53 @@ fn every_reference_spec_emits_a_module_that_parses() {
     }
 }
 
+/// The names of the methods outlined from layer runs in the first `impl` of `runner`.
+fn outlined_methods(text: &str, runner: &str) -> Vec<String> {
+    let start = text
+        .find(&format!("impl {runner} {{"))
+        .unwrap_or_else(|| panic!("no impl {runner}"));
+    let end = start + text[start..].find("\n    }\n").expect("the impl ends");
+    text[start..end]
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("fn "))
+        .filter_map(|l| l.split('(').next())
+        .filter(|name| name.starts_with("layers_") || name.starts_with("mtp_"))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn layers_that_compute_alike_share_one_method() {
+    // DeepSeek-V3: the first dense layer (it also normalizes the embedding), the other two
+    // dense layers, the 58 MoE layers and the MTP module, forward and backward; code grows
+    // with the kinds of layer, not with their 61 instances.
+    let text = emitted(&model("specs/deepseek-v3.toml"));
+    let train = outlined_methods(&text, "Train");
+    assert_eq!(
+        train,
+        [
+            "layers_0_forward",
+            "layers_1_forward",
+            "layers_3_forward",
+            "mtp_0_forward",
+            "mtp_0_backward",
+            "layers_60_backward",
+            "layers_2_backward",
+        ],
+        "{train:?}"
+    );
+    assert!(text.contains(
+        "/// The forward pass of `layers.3` to `layers.60` (the comments name the ops of `layers.3`)."
+    ));
+    assert!(text.contains("/// The backward pass of `layers.60` to `layers.3`"));
+    // GPT-2's twelve identical blocks: one method each way.
+    let text = emitted(&model("specs/gpt2-124m.toml"));
+    assert_eq!(
+        outlined_methods(&text, "Train"),
+        ["layers_0_forward", "layers_11_backward"]
+    );
+}
+
 #[test]
 fn hostile_model_names_stay_string_literals() {
     let text = std::fs::read_to_string(

@@ -4,9 +4,16 @@
 //! Every node becomes one statement that calls the function the interpreter calls for that op
 //! (`kiln_runtime::ops`, or a `kiln_runtime::cpu` kernel) with the node's shapes written as
 //! literals, so the generated module computes the interpreter's bits without walking a graph,
-//! looking up shapes or dispatching on ops. Values are locals `vN` (the value's index), freed
-//! by `drop` right after their last use; parameters and inputs are borrowed from the feed. What
-//! can be built once (RoPE tables, compiled activation expressions) is built in `new`.
+//! looking up shapes or dispatching on ops. Values are locals, freed by `drop` right after
+//! their last use; parameters and inputs are borrowed from the feed. What can be built once
+//! (RoPE tables, compiled activation expressions) is built in `new`.
+//!
+//! Each layer's run of nodes (its forward pass; its backward pass) is outlined into a method
+//! whose body names everything positionally (parameters `p[i]`, operands `aN`, locals `lN`),
+//! so layers that compute the same thing on their own parameters produce the same tokens and
+//! share one method: DeepSeek-V3's 61 layers become three forward and three backward methods,
+//! and the code grows with the kinds of layer, not their number. What crosses a method's
+//! boundary is a value or an `experts` node's saved state; the caller drops what it read last.
 //!
 //! User text reaches the output only as string literals (the model name), made by `quote`, so
 //! a spec cannot inject code; the module's identifier is sanitized.
@@ -73,15 +80,6 @@ impl Operands<'_> {
             .map(|&d| d as usize)
             .collect()
     }
-
-    /// The operand as a slice expression (floats or ids alike).
-    fn arg(&self, i: usize) -> TokenStream {
-        slice_of(self.graph, self.value(i))
-    }
-
-    fn path(&self) -> Literal {
-        Literal::string(&self.node.path)
-    }
 }
 
 /// A slice expression for a value: a parameter or input borrowed from the feed, or a local.
@@ -111,6 +109,205 @@ fn norm_kind(kind: NormKind) -> TokenStream {
     match kind {
         NormKind::RmsNorm => quote!(NormKind::RmsNorm),
         NormKind::LayerNorm => quote!(NormKind::LayerNorm),
+    }
+}
+
+/// How statements name what they read and bind. The runner's own body and an outlined layer
+/// function name things differently; the statements are the same.
+trait Scope {
+    /// A slice expression reading `v`.
+    fn read(&mut self, v: ValueId) -> TokenStream;
+    /// The local a statement binds `v` to.
+    fn def(&mut self, v: ValueId) -> proc_macro2::Ident;
+    /// The local a statement bound `v` to (after [`Scope::def`]).
+    fn bound(&self, v: ValueId) -> proc_macro2::Ident;
+    /// What follows the statement that bound `v` when something reads `v` later.
+    fn keep_result(&self, v: ValueId) -> TokenStream;
+    /// An expression moving `v` out, if this scope owns it (and so drops or moves it).
+    fn take(&self, v: ValueId) -> Option<TokenStream>;
+    /// The local holding the expert-FFN state that node `node` saves.
+    fn saved_def(&mut self, node: usize) -> proc_macro2::Ident;
+    /// What follows the statement that bound the state of `node`.
+    fn keep_saved(&self, node: usize) -> TokenStream;
+    /// The expert-FFN state node `node` saved, owned or borrowed.
+    fn saved_use(&mut self, node: usize) -> TokenStream;
+    /// A `&str` expression for the node's op path (error messages name it).
+    fn path(&mut self, node: &Node) -> TokenStream;
+}
+
+/// The runner's own body. What one statement computes moves at once into a store indexed by
+/// value (`vals` for floats, `ids` for token and expert ids; `saved` for expert states by
+/// node), so no local outlives its statement: a function holding a whole model's saved
+/// activations in locals is one LLVM optimizes in superlinear time (DeepSeek-V3's did not
+/// finish in 25 minutes). Parameters and inputs come from the feed.
+struct Straight<'g> {
+    graph: &'g Graph,
+}
+
+fn saved_local(node: usize) -> proc_macro2::Ident {
+    format_ident!("saved_{}", node)
+}
+
+impl Straight<'_> {
+    /// The store `v` lives in, and its index there.
+    fn slot(&self, v: ValueId) -> (proc_macro2::Ident, Literal) {
+        let store = if self.graph.values[v].ty.dtype == crate::ir::DType::U32 {
+            format_ident!("ids")
+        } else {
+            format_ident!("vals")
+        };
+        (store, lit(v.index()))
+    }
+}
+
+impl Scope for Straight<'_> {
+    fn read(&mut self, v: ValueId) -> TokenStream {
+        match self.graph.values[v].def {
+            Def::Node { .. } => {
+                let (store, i) = self.slot(v);
+                quote!(&#store[#i][..])
+            }
+            _ => slice_of(self.graph, v),
+        }
+    }
+
+    fn def(&mut self, v: ValueId) -> proc_macro2::Ident {
+        local(v)
+    }
+
+    fn bound(&self, v: ValueId) -> proc_macro2::Ident {
+        local(v)
+    }
+
+    fn keep_result(&self, v: ValueId) -> TokenStream {
+        let (store, i) = self.slot(v);
+        let l = local(v);
+        quote!(#store[#i] = #l;)
+    }
+
+    fn take(&self, v: ValueId) -> Option<TokenStream> {
+        matches!(self.graph.values[v].def, Def::Node { .. }).then(|| {
+            let (store, i) = self.slot(v);
+            quote!(std::mem::take(&mut #store[#i]))
+        })
+    }
+
+    fn saved_def(&mut self, node: usize) -> proc_macro2::Ident {
+        saved_local(node)
+    }
+
+    fn keep_saved(&self, node: usize) -> TokenStream {
+        let (l, i) = (saved_local(node), lit(node));
+        quote!(saved[#i] = Some(#l);)
+    }
+
+    fn saved_use(&mut self, node: usize) -> TokenStream {
+        let i = lit(node);
+        quote!(saved[#i].take().expect("the experts node saved its state"))
+    }
+
+    fn path(&mut self, node: &Node) -> TokenStream {
+        let l = Literal::string(&node.path);
+        quote!(#l)
+    }
+}
+
+/// What crosses the boundary of an outlined function: a value, or the expert-FFN state an
+/// `experts` node saved for its `experts_grad`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Slot {
+    Value(ValueId),
+    Saved(usize),
+}
+
+/// The body of an outlined function, named so that two layers computing the same thing on
+/// different parameters produce the same tokens: locals `lN` and states `sN` in order of
+/// definition, operands from outside `aN` in order of first use, parameters `p[N]` and op
+/// paths `paths[N]` in order of first use.
+struct Outlined<'g> {
+    graph: &'g Graph,
+    locals: HashMap<ValueId, proc_macro2::Ident>,
+    saved: HashMap<usize, proc_macro2::Ident>,
+    /// What the body binds, in order.
+    defined: Vec<Slot>,
+    inputs: Vec<(Slot, proc_macro2::Ident)>,
+    params: Vec<usize>,
+    paths: Vec<String>,
+}
+
+impl Outlined<'_> {
+    fn input(&mut self, slot: Slot) -> proc_macro2::Ident {
+        if let Some((_, a)) = self.inputs.iter().find(|(s, _)| *s == slot) {
+            return a.clone();
+        }
+        let a = format_ident!("a{}", self.inputs.len());
+        self.inputs.push((slot, a.clone()));
+        a
+    }
+}
+
+impl Scope for Outlined<'_> {
+    fn read(&mut self, v: ValueId) -> TokenStream {
+        if let Some(l) = self.locals.get(&v) {
+            return quote!(&#l[..]);
+        }
+        if let Def::Param(p) = self.graph.values[v].def {
+            let k = match self.params.iter().position(|&q| q == p.index()) {
+                Some(k) => k,
+                None => {
+                    self.params.push(p.index());
+                    self.params.len() - 1
+                }
+            };
+            let k = lit(k);
+            return quote!(p[#k]);
+        }
+        let a = self.input(Slot::Value(v));
+        quote!(#a)
+    }
+
+    fn def(&mut self, v: ValueId) -> proc_macro2::Ident {
+        let l = format_ident!("l{}", self.locals.len());
+        self.locals.insert(v, l.clone());
+        self.defined.push(Slot::Value(v));
+        l
+    }
+
+    fn bound(&self, v: ValueId) -> proc_macro2::Ident {
+        self.locals[&v].clone()
+    }
+
+    fn keep_result(&self, _: ValueId) -> TokenStream {
+        quote!()
+    }
+
+    fn take(&self, v: ValueId) -> Option<TokenStream> {
+        self.locals.get(&v).map(|l| quote!(#l))
+    }
+
+    fn keep_saved(&self, _: usize) -> TokenStream {
+        quote!()
+    }
+
+    fn saved_def(&mut self, node: usize) -> proc_macro2::Ident {
+        let s = format_ident!("s{}", self.saved.len());
+        self.saved.insert(node, s.clone());
+        self.defined.push(Slot::Saved(node));
+        s
+    }
+
+    fn saved_use(&mut self, node: usize) -> TokenStream {
+        if let Some(s) = self.saved.get(&node) {
+            return quote!(#s);
+        }
+        let a = self.input(Slot::Saved(node));
+        quote!(#a)
+    }
+
+    fn path(&mut self, node: &Node) -> TokenStream {
+        let k = lit(self.paths.len());
+        self.paths.push(node.path.clone());
+        quote!(paths[#k])
     }
 }
 
@@ -171,19 +368,36 @@ impl Setup {
     }
 }
 
-/// The statement computing `node` (index `index`); `saved` names the expert-FFN state a
-/// backward node reuses from its forward node.
+/// Which `experts` node's saved state each `experts_grad` node reuses.
+struct ExpertPairs {
+    /// `experts_grad` node index → its `experts` node index.
+    forward: HashMap<usize, usize>,
+    /// The `experts` nodes whose state some `experts_grad` reuses.
+    backward: Vec<usize>,
+}
+
+impl ExpertPairs {
+    fn of(graph: &Graph) -> Self {
+        let forward = graph.experts_forward();
+        let backward = forward.values().copied().collect();
+        ExpertPairs { forward, backward }
+    }
+}
+
+/// The statement computing `node` (index `index`), naming its operands and results through
+/// `scope`.
 fn node_statement(
     graph: &Graph,
     index: usize,
     node: &Node,
     setup: &mut Setup,
-    experts_forward: &HashMap<usize, usize>,
-    experts_backward: &[usize],
+    scope: &mut dyn Scope,
+    experts: &ExpertPairs,
 ) -> TokenStream {
     let o = Operands { graph, node };
-    let outs: Vec<proc_macro2::Ident> = node.outputs.iter().map(|&v| local(v)).collect();
-    let a = |i: usize| o.arg(i);
+    let args: Vec<TokenStream> = node.inputs.iter().map(|&v| scope.read(v)).collect();
+    let outs: Vec<proc_macro2::Ident> = node.outputs.iter().map(|&v| scope.def(v)).collect();
+    let a = |i: usize| args[i].clone();
     match &node.op {
         Op::Fill { value, .. } => {
             let n = lit(o.out_shape(0).iter().product::<usize>());
@@ -257,7 +471,7 @@ fn node_statement(
         }
         Op::Embedding => {
             let t = o.shape(0);
-            let (vocab, d, path) = (lit(t[0]), lit(t[1]), o.path());
+            let (vocab, d, path) = (lit(t[0]), lit(t[1]), scope.path(node));
             let (y, w, ids) = (&outs[0], a(0), a(1));
             quote!(let #y: Vec<f32> = ops::embedding(#w, #vocab, #d, #ids, #path)?;)
         }
@@ -478,7 +692,7 @@ fn node_statement(
             let (xa, wts, ids) = (a(0), a(1), a(2));
             let (w_up, w_down) = (a(up_at), a(up_at + 1));
             let (n, d, k, e_l, h) = (lit(x[0]), lit(x[1]), lit(k), lit(e), lit(h));
-            let path = o.path();
+            let path = scope.path(node);
             let ffn = quote!(
                 ops::check_ids(#ids, #e_l, #path)?;
                 let ffn = moe::ExpertFfn {
@@ -496,20 +710,21 @@ fn node_statement(
                     act: &self.#field,
                 };
             );
-            let saved = format_ident!("saved_{}", index);
             if let Op::Experts { .. } = node.op {
                 let y = &outs[0];
-                if experts_backward.contains(&index) {
-                    quote!(let (#y, #saved): (Vec<f32>, moe::ExpertsSaved<f32>) = { #ffn moe::experts_fwd(&ffn) };)
+                if experts.backward.contains(&index) {
+                    let saved = scope.saved_def(index);
+                    let keep = scope.keep_saved(index);
+                    quote!(
+                        let (#y, #saved): (Vec<f32>, moe::ExpertsSaved<f32>) = { #ffn moe::experts_fwd(&ffn) };
+                        #keep
+                    )
                 } else {
                     quote!(let #y: Vec<f32> = { #ffn moe::experts_fwd(&ffn).0 };)
                 }
             } else {
-                let state = match experts_forward.get(&index) {
-                    Some(&f) => {
-                        let s = format_ident!("saved_{}", f);
-                        quote!(#s)
-                    }
+                let state = match experts.forward.get(&index) {
+                    Some(&f) => scope.saved_use(f),
                     None => quote!(moe::experts_fwd(&ffn).1),
                 };
                 let dy = a(up_at + 2);
@@ -536,7 +751,7 @@ fn node_statement(
         }
         Op::CrossEntropy => {
             let l = o.shape(0);
-            let (n, vocab, path) = (lit(l[0]), lit(l[1]), o.path());
+            let (n, vocab, path) = (lit(l[0]), lit(l[1]), scope.path(node));
             let (y, logits, t) = (&outs[0], a(0), a(1));
             quote!(let #y: Vec<f32> = vec![ops::cross_entropy(#logits, #n, #vocab, #t, #path)?];)
         }
@@ -562,9 +777,56 @@ fn node_statement(
     }
 }
 
-/// The struct and `run` method executing `graph`, keeping `keep`: `pub struct #name` with
-/// `new()` and an implementation of `kiln_runtime::exec::Run`.
-fn runner(graph: &Graph, keep: &[ValueId], name: &proc_macro2::Ident) -> TokenStream {
+/// The layer a node belongs to, for outlining: `layers.3` for `layers.3.attn.kv_a`, `mtp.0`
+/// for `mtp.0.eh_proj`; a fused node belongs to its first op's layer. Nodes outside layers
+/// (embedding, head, losses) have none.
+fn layer_of(path: &str) -> Option<&str> {
+    let first = path.split('+').next()?;
+    let mut parts = first.splitn(3, '.');
+    let (group, index) = (parts.next()?, parts.next()?);
+    let nested = parts.next().is_some();
+    let known = group == "layers" || group == "mtp";
+    (known && nested && index.parse::<usize>().is_ok())
+        .then(|| &first[..group.len() + 1 + index.len()])
+}
+
+/// A maximal run of consecutive nodes of one layer: becomes one call of an outlined function.
+struct Segment<'g> {
+    layer: &'g str,
+    /// Which run of its layer this is: 0 is the forward pass, later ones the backward.
+    ordinal: usize,
+    nodes: std::ops::Range<usize>,
+}
+
+/// The runs of `graph` worth outlining (two nodes or more), in order.
+fn segments(graph: &Graph) -> Vec<Segment<'_>> {
+    let mut runs: Vec<Segment> = Vec::new();
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    for (id, node) in graph.nodes.iter() {
+        let i = id.index();
+        let Some(layer) = layer_of(&node.path) else {
+            continue;
+        };
+        match runs.last_mut() {
+            Some(run) if run.layer == layer && run.nodes.end == i => run.nodes.end = i + 1,
+            _ => {
+                let ordinal = seen.entry(layer).or_insert(0);
+                runs.push(Segment {
+                    layer,
+                    ordinal: *ordinal,
+                    nodes: i..i + 1,
+                });
+                *ordinal += 1;
+            }
+        }
+    }
+    runs.retain(|r| r.nodes.len() >= 2);
+    runs
+}
+
+/// When each value is read last (a node index), `None` for values nothing reads or that the
+/// runner keeps.
+fn last_uses(graph: &Graph, keep: &[ValueId]) -> Vec<Option<usize>> {
     let mut last_use = vec![None; graph.values.len()];
     for (id, node) in graph.nodes.iter() {
         for &v in &node.inputs {
@@ -574,12 +836,377 @@ fn runner(graph: &Graph, keep: &[ValueId], name: &proc_macro2::Ident) -> TokenSt
     for &v in keep {
         last_use[v.index()] = None;
     }
-    // Each experts_grad node reuses the state of the experts node with the same operands.
-    let experts_forward = graph.experts_forward();
-    let experts_backward: Vec<usize> = experts_forward.values().copied().collect();
+    last_use
+}
 
-    let mut setup = Setup::default();
-    let mut body = Vec::new();
+/// One generated statement, with the comment naming the node it computes (a reshape that
+/// moves its buffer has none).
+struct Statement {
+    comment: Option<String>,
+    code: TokenStream,
+}
+
+/// The statements computing `nodes` in `scope`, with `drop`s after each owned local's last use.
+fn statements(
+    graph: &Graph,
+    nodes: std::ops::Range<usize>,
+    scope: &mut dyn Scope,
+    setup: &mut Setup,
+    experts: &ExpertPairs,
+    last_use: &[Option<usize>],
+    keep: &[ValueId],
+) -> Vec<Statement> {
+    let mut out = Vec::new();
+    for index in nodes {
+        let node = &graph.nodes[crate::ir::Handle::from_index(index)];
+        // A reshape of an owned value nothing reads afterwards takes its buffer (row-major
+        // data does not change); otherwise it copies.
+        let moved = match (&node.op, node.inputs.as_slice()) {
+            (Op::Reshape { .. }, &[x]) if last_use[x.index()] == Some(index) => {
+                scope.take(x).map(|place| {
+                    let y = scope.def(node.outputs[0]);
+                    out.push(Statement {
+                        comment: None,
+                        code: quote!(let #y = #place;),
+                    });
+                    x
+                })
+            }
+            _ => None,
+        };
+        if moved.is_none() {
+            out.push(Statement {
+                comment: Some(format!(" {} {}", node.op.name(), node.path)),
+                code: node_statement(graph, index, node, setup, scope, experts),
+            });
+        }
+        // Keep what is read later; free what nobody reads and what this node read last.
+        for &v in &node.outputs {
+            let code = if last_use[v.index()].is_none() && !keep.contains(&v) {
+                let l = scope.bound(v);
+                quote!(drop(#l);)
+            } else {
+                scope.keep_result(v)
+            };
+            if !code.is_empty() {
+                out.push(Statement {
+                    comment: None,
+                    code,
+                });
+            }
+        }
+        let mut dead: Vec<ValueId> = node
+            .inputs
+            .iter()
+            .copied()
+            .filter(|v| last_use[v.index()] == Some(index) && Some(*v) != moved)
+            .collect();
+        dead.sort_by_key(|v| v.index());
+        dead.dedup();
+        for place in dead.into_iter().filter_map(|v| scope.take(v)) {
+            out.push(Statement {
+                comment: None,
+                code: quote!(drop(#place);),
+            });
+        }
+    }
+    out
+}
+
+/// A function outlined from layer runs: the code every run with the same tokens shares.
+struct Outline {
+    /// The function's tokens without its name and comments: runs with equal keys share it.
+    key: String,
+    name: proc_macro2::Ident,
+    /// The layers whose run calls it, in order.
+    layers: Vec<String>,
+    ordinal: usize,
+    /// The function, commented with the first caller's op paths.
+    item: TokenStream,
+}
+
+impl Outline {
+    fn phase(ordinal: usize) -> String {
+        match ordinal {
+            0 => "forward".to_string(),
+            1 => "backward".to_string(),
+            n => format!("backward_{n}"),
+        }
+    }
+
+    /// The function with a doc comment naming its callers.
+    fn documented(&self) -> TokenStream {
+        let what = match self.ordinal {
+            0 => "The forward pass".to_string(),
+            1 => "The backward pass".to_string(),
+            n => format!("Part {n} of the backward pass"),
+        };
+        let doc = format!(
+            " {what} of {} (the comments name the ops of `{}`).",
+            layer_list(&self.layers),
+            self.layers[0]
+        );
+        let item = &self.item;
+        quote!(#[doc = #doc] #item)
+    }
+}
+
+/// Layer names as a short list: runs of consecutive indices in either direction become
+/// ranges (`layers.3` to `layers.60`).
+fn layer_list(layers: &[String]) -> String {
+    let split = |l: &str| -> Option<(String, usize)> {
+        let (group, index) = l.rsplit_once('.')?;
+        Some((group.to_string(), index.parse().ok()?))
+    };
+    let mut runs: Vec<(usize, usize)> = Vec::new(); // [first, last] positions in `layers`
+    for i in 0..layers.len() {
+        let extends = runs.last().is_some_and(|&(first, last)| {
+            let (a, b) = (split(&layers[last]), split(&layers[i]));
+            let step = |x: usize, y: usize| x.abs_diff(y) == 1;
+            match (a, b, split(&layers[first])) {
+                (Some((ga, ia)), Some((gb, ib)), Some((_, i0))) if ga == gb && step(ia, ib) => {
+                    // A run keeps one direction.
+                    last == first || (ib > ia) == (ia > i0)
+                }
+                _ => false,
+            }
+        });
+        match runs.last_mut() {
+            Some(run) if extends => run.1 = i,
+            _ => runs.push((i, i)),
+        }
+    }
+    runs.iter()
+        .map(|&(a, b)| match b - a {
+            0 => format!("`{}`", layers[a]),
+            1 => format!("`{}`, `{}`", layers[a], layers[b]),
+            _ => format!("`{}` to `{}`", layers[a], layers[b]),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The Rust type of a slot an outlined function borrows (`borrowed`) or returns.
+fn slot_type(graph: &Graph, slot: Slot, borrowed: bool) -> TokenStream {
+    let owned = match slot {
+        Slot::Value(v) if graph.values[v].ty.dtype == crate::ir::DType::U32 => quote!(u32),
+        Slot::Value(_) => quote!(f32),
+        Slot::Saved(_) => {
+            return if borrowed {
+                quote!(&moe::ExpertsSaved<f32>)
+            } else {
+                quote!(Option<moe::ExpertsSaved<f32>>)
+            }
+        }
+    };
+    if borrowed {
+        quote!(&[#owned])
+    } else {
+        quote!(Vec<#owned>)
+    }
+}
+
+/// Everything one runner emits into: the compiled-once setup and the outlined functions.
+struct RunnerParts<'g> {
+    graph: &'g Graph,
+    keep: &'g [ValueId],
+    last_use: Vec<Option<usize>>,
+    experts: ExpertPairs,
+    setup: Setup,
+    outlines: Vec<Outline>,
+}
+
+impl RunnerParts<'_> {
+    /// The statements for `nodes` in the runner's own body.
+    fn straight(&mut self, nodes: std::ops::Range<usize>) -> Vec<TokenStream> {
+        let mut scope = Straight { graph: self.graph };
+        let stmts = statements(
+            self.graph,
+            nodes,
+            &mut scope,
+            &mut self.setup,
+            &self.experts,
+            &self.last_use,
+            self.keep,
+        );
+        render(&stmts, true)
+    }
+
+    /// The call running `seg` through its outlined function (added, or found by its key), and
+    /// the `drop`s of what the run read last.
+    fn call(&mut self, seg: &Segment) -> TokenStream {
+        let graph = self.graph;
+        let mut scope = Outlined {
+            graph,
+            locals: HashMap::new(),
+            saved: HashMap::new(),
+            defined: Vec::new(),
+            inputs: Vec::new(),
+            params: Vec::new(),
+            paths: Vec::new(),
+        };
+        let stmts = statements(
+            graph,
+            seg.nodes.clone(),
+            &mut scope,
+            &mut self.setup,
+            &self.experts,
+            &self.last_use,
+            self.keep,
+        );
+        // What the rest of the graph reads (or the runner keeps) leaves as a result.
+        let end = seg.nodes.end;
+        let outputs: Vec<Slot> = scope
+            .defined
+            .iter()
+            .copied()
+            .filter(|&slot| match slot {
+                Slot::Value(v) => {
+                    self.keep.contains(&v) || self.last_use[v.index()].is_some_and(|u| u >= end)
+                }
+                Slot::Saved(f) => self
+                    .experts
+                    .forward
+                    .iter()
+                    .any(|(g, &ff)| ff == f && !seg.nodes.contains(g)),
+            })
+            .collect();
+        // A state leaves as `Some`, so the caller can assign it straight into its store.
+        let out_names: Vec<TokenStream> = outputs
+            .iter()
+            .map(|&slot| match slot {
+                Slot::Value(v) => {
+                    let l = &scope.locals[&v];
+                    quote!(#l)
+                }
+                Slot::Saved(f) => {
+                    let s = &scope.saved[&f];
+                    quote!(Some(#s))
+                }
+            })
+            .collect();
+        let out_tys: Vec<TokenStream> = outputs
+            .iter()
+            .map(|&s| slot_type(graph, s, false))
+            .collect();
+        let in_params: Vec<TokenStream> = scope
+            .inputs
+            .iter()
+            .map(|(s, a)| {
+                let ty = slot_type(graph, *s, true);
+                quote!(#a: #ty)
+            })
+            .collect();
+        let function = |name: &proc_macro2::Ident, comments: bool| {
+            let body = render(&stmts, comments);
+            quote! {
+                #[allow(unused_variables, clippy::let_unit_value, clippy::redundant_locals, clippy::too_many_arguments)]
+                fn #name(
+                    &self,
+                    p: &[&[f32]],
+                    paths: &[&str],
+                    #(#in_params),*
+                ) -> Result<(#(#out_tys,)*), ExecError> {
+                    #(#body)*
+                    Ok((#(#out_names,)*))
+                }
+            }
+        };
+        let key = function(&format_ident!("outlined"), false).to_string();
+        let name = match self.outlines.iter_mut().find(|o| o.key == key) {
+            Some(o) => {
+                o.layers.push(seg.layer.to_string());
+                o.name.clone()
+            }
+            None => {
+                let name = format_ident!(
+                    "{}_{}",
+                    seg.layer.replace('.', "_"),
+                    Outline::phase(seg.ordinal)
+                );
+                self.outlines.push(Outline {
+                    key,
+                    name: name.clone(),
+                    layers: vec![seg.layer.to_string()],
+                    ordinal: seg.ordinal,
+                    item: function(&name, true),
+                });
+                name
+            }
+        };
+        let mut top = Straight { graph };
+        let params = scope.params.iter().map(|&i| lit(i));
+        let paths = scope.paths.iter().map(|p| Literal::string(p));
+        let args: Vec<TokenStream> = scope
+            .inputs
+            .iter()
+            .map(|&(s, _)| match s {
+                Slot::Value(v) => top.read(v),
+                Slot::Saved(f) => {
+                    let i = lit(f);
+                    quote!(saved[#i].as_ref().expect("the experts node saved its state"))
+                }
+            })
+            .collect();
+        // The results go straight into the store (places with constant indices: no
+        // statement here can fail, so no cleanup paths multiply).
+        let places = outputs.iter().map(|&s| match s {
+            Slot::Value(v) => {
+                let (store, i) = top.slot(v);
+                quote!(#store[#i])
+            }
+            Slot::Saved(f) => {
+                let i = lit(f);
+                quote!(saved[#i])
+            }
+        });
+        let mut call = quote! {
+            (#(#places,)*) = self.#name(&gather(feed, &[#(#params),*]), &[#(#paths),*], #(#args),*)?;
+        };
+        for &(s, _) in &scope.inputs {
+            match s {
+                Slot::Value(v) => {
+                    let last = self.last_use[v.index()].is_some_and(|u| seg.nodes.contains(&u));
+                    if let Some(place) = top.take(v).filter(|_| last) {
+                        call.extend(quote!(drop(#place);));
+                    }
+                }
+                Slot::Saved(f) => {
+                    let i = lit(f);
+                    call.extend(quote!(saved[#i] = None;));
+                }
+            }
+        }
+        call
+    }
+}
+
+/// Statements as tokens, with or without their comments.
+fn render(stmts: &[Statement], comments: bool) -> Vec<TokenStream> {
+    let mut out = Vec::new();
+    for s in stmts {
+        if let (Some(c), true) = (&s.comment, comments) {
+            out.push(quote!(#[doc = #c]));
+        }
+        out.push(s.code.clone());
+    }
+    out
+}
+
+/// The struct and `run` method executing `graph`, keeping `keep`: `pub struct #name` with
+/// `new()` and an implementation of `kiln_runtime::exec::Run`. Each layer's run of nodes
+/// (its forward pass, its backward pass) is a call of a method; layers computing the same
+/// thing on their own parameters call the same method, so the code grows with the kinds of
+/// layer, not their number.
+fn runner(graph: &Graph, keep: &[ValueId], name: &proc_macro2::Ident) -> TokenStream {
+    let mut parts = RunnerParts {
+        graph,
+        keep,
+        last_use: last_uses(graph, keep),
+        experts: ExpertPairs::of(graph),
+        setup: Setup::default(),
+        outlines: Vec::new(),
+    };
     let mut inputs = Vec::new();
     let mut seen = Vec::new();
     for (_, v) in graph.values.iter() {
@@ -603,54 +1230,14 @@ fn runner(graph: &Graph, keep: &[ValueId], name: &proc_macro2::Ident) -> TokenSt
             inputs.push(quote!(let #local: &[u32] = input(feed, #key, #n)?;));
         }
     }
-    for (id, node) in graph.nodes.iter() {
-        // A reshape of a local nothing reads afterwards takes its buffer (row-major data does
-        // not change); otherwise it copies.
-        let moved = match (&node.op, node.inputs.as_slice()) {
-            (Op::Reshape { .. }, &[x])
-                if last_use[x.index()] == Some(id.index())
-                    && matches!(graph.values[x].def, Def::Node { .. }) =>
-            {
-                let (y, x) = (local(node.outputs[0]), local(x));
-                body.push(quote!(let #y = #x;));
-                Some(node.inputs[0])
-            }
-            _ => None,
-        };
-        let comment = format!(" {} {}", node.op.name(), node.path);
-        if moved.is_none() {
-            body.push(quote!(#[doc = #comment]));
-            body.push(node_statement(
-                graph,
-                id.index(),
-                node,
-                &mut setup,
-                &experts_forward,
-                &experts_backward,
-            ));
-        }
-        // Free what this node read last (and what it computed that nobody reads).
-        let mut dead: Vec<ValueId> = node
-            .inputs
-            .iter()
-            .copied()
-            .filter(|v| last_use[v.index()] == Some(id.index()))
-            .filter(|&v| matches!(graph.values[v].def, Def::Node { .. }))
-            .filter(|&v| Some(v) != moved)
-            .collect();
-        dead.extend(
-            node.outputs
-                .iter()
-                .copied()
-                .filter(|v| last_use[v.index()].is_none() && !keep.contains(v)),
-        );
-        dead.sort_by_key(|v| v.index());
-        dead.dedup();
-        for v in dead {
-            let name = local(v);
-            body.push(quote!(drop(#name);));
-        }
+    let mut body = Vec::new();
+    let mut next = 0;
+    for seg in segments(graph) {
+        body.extend(parts.straight(next..seg.nodes.start));
+        body.push(parts.call(&seg));
+        next = seg.nodes.end;
     }
+    body.extend(parts.straight(next..graph.nodes.len()));
     let kept: Vec<TokenStream> = keep
         .iter()
         .map(|&v| {
@@ -660,11 +1247,16 @@ fn runner(graph: &Graph, keep: &[ValueId], name: &proc_macro2::Ident) -> TokenSt
             } else {
                 quote!(Buf::F)
             };
-            let name = local(v);
-            quote!(out.insert(ValueId::from_index(#i), #buf(#name));)
+            let place = Straight { graph }
+                .take(v)
+                .expect("kept values are computed");
+            quote!(out.insert(ValueId::from_index(#i), #buf(#place));)
         })
         .collect();
-    let (fields, inits) = (&setup.fields, &setup.inits);
+    let (fields, inits) = (&parts.setup.fields, &parts.setup.inits);
+    let value_count = lit(graph.values.len());
+    let node_count = lit(graph.nodes.len());
+    let outlined = parts.outlines.iter().map(Outline::documented);
     quote! {
         /// The graph as straight-line code: build once with `new`, run once per step.
         pub struct #name {
@@ -675,6 +1267,8 @@ fn runner(graph: &Graph, keep: &[ValueId], name: &proc_macro2::Ident) -> TokenSt
             pub fn new() -> Self {
                 #name { #(#inits,)* }
             }
+
+            #(#outlined)*
         }
 
         impl Default for #name {
@@ -684,10 +1278,13 @@ fn runner(graph: &Graph, keep: &[ValueId], name: &proc_macro2::Ident) -> TokenSt
         }
 
         impl Run for #name {
-            #[allow(unused_variables, clippy::let_unit_value, clippy::redundant_locals)]
+            #[allow(unused_variables, unused_mut, clippy::let_unit_value, clippy::redundant_locals)]
             fn run(&self, feed: &Feed<f32>) -> Result<HashMap<ValueId, Buf<f32>>, ExecError> {
                 check_params(feed)?;
                 #(#inputs)*
+                let mut vals: Box<[Vec<f32>; #value_count]> = store();
+                let mut ids: Box<[Vec<u32>; #value_count]> = store();
+                let mut saved: Box<[Option<moe::ExpertsSaved<f32>>; #node_count]> = store();
                 #(#body)*
                 let mut out = HashMap::new();
                 #(#kept)*
@@ -1087,6 +1684,18 @@ pub fn emit(model: &Model, compiled: &Compiled) -> TokenStream {
                 ops::ExprActivation::new(&expr, gated)
             }
 
+            /// The parameters at `indices` (in range: `check_params` ran).
+            fn gather<'f>(feed: &'f Feed<f32>, indices: &[usize]) -> Vec<&'f [f32]> {
+                indices.iter().map(|&i| &feed.params[i][..]).collect()
+            }
+
+            /// A store of `N` empty slots on the heap, indexed by constants, so reading or
+            /// filling a slot cannot fail.
+            fn store<T: Default, const N: usize>() -> Box<[T; N]> {
+                let slots: Box<[T]> = (0..N).map(|_| T::default()).collect();
+                slots.try_into().unwrap_or_else(|_| unreachable!("N slots were made"))
+            }
+
             fn check_params(feed: &Feed<f32>) -> Result<(), ExecError> {
                 if feed.params.len() < PARAM_NAMES.len() {
                     return Err(ExecError::Param(format!(
@@ -1143,4 +1752,52 @@ pub fn emit_text(model: &Model, compiled: &Compiled) -> Result<String, String> {
     let file: syn::File =
         syn::parse2(tokens).map_err(|e| format!("generated Rust does not parse: {e}"))?;
     Ok(prettyplease::unparse(&file))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nodes_belong_to_the_layer_of_their_first_op() {
+        assert_eq!(layer_of("layers.3.attn.kv_a"), Some("layers.3"));
+        assert_eq!(
+            layer_of("layers.0.ffn.residual+layers.1.attn.norm"),
+            Some("layers.0")
+        );
+        assert_eq!(
+            layer_of("mtp.0.hnorm.grad+layers.3.ffn.residual.grad_sum"),
+            Some("mtp.0")
+        );
+        assert_eq!(layer_of("layers.12.moe.experts.grad"), Some("layers.12"));
+        for outside in [
+            "embed",
+            "head",
+            "loss.mtp.0",
+            "layers",
+            "layers.x.attn",
+            "layers.3",
+        ] {
+            assert_eq!(layer_of(outside), None, "{outside}");
+        }
+    }
+
+    #[test]
+    fn layer_lists_fold_runs_of_consecutive_layers_into_ranges() {
+        let list = |xs: &[&str]| layer_list(&xs.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert_eq!(list(&["layers.0"]), "`layers.0`");
+        assert_eq!(list(&["layers.1", "layers.2"]), "`layers.1`, `layers.2`");
+        assert_eq!(
+            list(&["layers.3", "layers.4", "layers.5", "layers.6"]),
+            "`layers.3` to `layers.6`"
+        );
+        assert_eq!(
+            list(&["layers.60", "layers.59", "layers.58"]),
+            "`layers.60` to `layers.58`"
+        );
+        assert_eq!(
+            list(&["layers.1", "layers.2", "layers.3", "layers.2", "mtp.0", "mtp.1"]),
+            "`layers.1` to `layers.3`, `layers.2`, `mtp.0`, `mtp.1`"
+        );
+    }
 }
