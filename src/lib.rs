@@ -21,6 +21,7 @@ pub mod bench;
 mod build;
 mod hf;
 mod logits;
+pub mod nvcc;
 mod sample;
 pub mod train;
 
