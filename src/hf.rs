@@ -115,7 +115,7 @@ fn copies(model: &Model, params: &[ParamPieces]) -> Vec<(String, usize)> {
 }
 
 /// Refuses an output directory that exists and is not empty.
-fn fresh_dir(out: &Path) -> Result<(), Failure> {
+pub(crate) fn fresh_dir(out: &Path) -> Result<(), Failure> {
     if let Ok(mut entries) = std::fs::read_dir(out) {
         if entries.next().is_some() {
             return Err(other(format!(
@@ -134,7 +134,7 @@ fn fresh_dir(out: &Path) -> Result<(), Failure> {
 
 /// Writes `files` (name, bytes) into `out` through a temporary sibling directory renamed into
 /// place at the end.
-fn write_dir(out: &Path, files: &[(&str, Vec<u8>)]) -> Result<(), Failure> {
+pub(crate) fn write_dir(out: &Path, files: &[(&str, Vec<u8>)]) -> Result<(), Failure> {
     let fail = |what: &str, e: std::io::Error| other(format!("cannot {what}: {e}"));
     let parent = out
         .parent()

@@ -127,6 +127,23 @@ enum Emit {
         /// The spec [default: the built-in specs/tiny.toml].
         spec: Option<PathBuf>,
     },
+    /// The CUDA kernels of the spec's training step: prints the translation unit, or with
+    /// `--out DIR` writes `DIR/<model>.cu`, the building blocks it includes (`kiln_*.cuh`) and
+    /// `DIR/manifest.json` (every kernel with its block size and the nodes that launch it; per
+    /// Program node, its launches with grid and arguments, its cuBLASLt GEMMs, or why no
+    /// kernel exists for it yet; the optimizer's launches). `--check` compiles the unit with
+    /// nvcc for sm_90a and refuses register spills and unlisted stack frames.
+    Cuda {
+        /// The spec [default: the built-in specs/tiny.toml].
+        spec: Option<PathBuf>,
+        /// Write the directory (it must not exist or be empty) instead of printing.
+        #[arg(short, long)]
+        out: Option<PathBuf>,
+        /// Compile with nvcc (`$KILN_NVCC`, or the one `scripts/cuda-toolchain` installs) and
+        /// print each kernel's registers, shared memory, stack and spills.
+        #[arg(long)]
+        check: bool,
+    },
     /// The forward graph IR at the spec's batch size and sequence length: parameters, inputs,
     /// one line per op (result types, operands, resolved format, op path), named outputs.
     Ir {
@@ -177,6 +194,9 @@ pub fn main() -> ExitCode {
         Command::Emit {
             what: Emit::Rust { spec },
         } => cmd_emit_rust(spec, color),
+        Command::Emit {
+            what: Emit::Cuda { spec, out, check },
+        } => cmd_emit_cuda(spec, out, check, color),
         Command::Sample(args) => sample::run(args, color),
         Command::Logits(args) => logits::run(args, color),
         Command::Build(args) => build::run(args, color),
@@ -327,6 +347,92 @@ fn cmd_emit_rust(spec: Option<PathBuf>, color: bool) -> Result<(), Failure> {
     let compiled = program::compile(&model).map_err(|e| Failure::Other(e.to_string()))?;
     let text = kiln_compiler::emit_rust::emit_text(&model, &compiled).map_err(Failure::Other)?;
     out(&text);
+    Ok(())
+}
+
+fn cmd_emit_cuda(
+    spec: Option<PathBuf>,
+    out_dir: Option<PathBuf>,
+    check: bool,
+    color: bool,
+) -> Result<(), Failure> {
+    use kiln_compiler::emit_cuda;
+    let (_, model) = load(spec.as_ref(), &mut Vec::new(), color)?;
+    let compiled = program::compile(&model).map_err(|e| Failure::Other(e.to_string()))?;
+    let cuda = emit_cuda::emit(&model, &compiled.train);
+    let unit = format!(
+        "{}.cu",
+        kiln_compiler::names::ident(&model.name, kiln_compiler::names::Lang::Cuda)
+    );
+    let manifest = serde_json::to_vec_pretty(&cuda)
+        .map_err(|e| Failure::Other(format!("cannot encode the manifest: {e}")))?;
+    if check {
+        let nvcc = nvcc::find().map_err(|e| Failure::Other(e.to_string()))?;
+        let dir = std::env::temp_dir().join(format!("kiln-emit-cuda-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| Failure::Other(format!("cannot create {}: {e}", dir.display())))?;
+        let path = dir.join(&unit);
+        let result = std::fs::write(&path, &cuda.source)
+            .map_err(|e| Failure::Other(format!("cannot write {}: {e}", path.display())))
+            .and_then(|()| {
+                nvcc.compile(&path, &dir)
+                    .map_err(|e| Failure::Other(e.to_string()))
+            });
+        let _ = std::fs::remove_dir_all(&dir);
+        let compiled = result?;
+        let allow = nvcc::AllowList::load(&nvcc::allowlist_path()).map_err(Failure::Other)?;
+        let mut table = format!(
+            "{:<40} {:>5} {:>7} {:>6} {:>7}\n",
+            "kernel (sm_90a)", "regs", "smem", "stack", "spills"
+        );
+        for k in compiled.resources.iter().filter(|k| k.entry) {
+            let spills = k
+                .frame
+                .map_or(0, |f| f.spill_store_bytes + f.spill_load_bytes);
+            table.push_str(&format!(
+                "{:<40} {:>5} {:>7} {:>6} {:>7}\n",
+                k.readable,
+                k.registers.map_or("?".into(), |r| r.to_string()),
+                k.smem_bytes,
+                k.stack_bytes(),
+                spills
+            ));
+        }
+        eprint!("{table}");
+        let problems = nvcc::check(&compiled.resources, &allow);
+        if !problems.is_empty() {
+            return Err(Failure::Other(problems.join("\n")));
+        }
+    }
+    match out_dir {
+        None => out(&cuda.source),
+        Some(dir) => {
+            hf::fresh_dir(&dir)?;
+            let mut files = vec![
+                (unit.as_str(), cuda.source.clone().into_bytes()),
+                ("manifest.json", manifest),
+            ];
+            for (name, text) in emit_cuda::HEADERS {
+                files.push((name, text.as_bytes().to_vec()));
+            }
+            hf::write_dir(&dir, &files)?;
+            let pending = cuda
+                .steps
+                .iter()
+                .filter(|s| {
+                    s.work
+                        .iter()
+                        .any(|w| matches!(w, emit_cuda::Work::Pending { .. }))
+                })
+                .count();
+            eprintln!(
+                "wrote {}: {unit} ({} kernels), manifest.json ({} steps, {pending} without a kernel yet)",
+                dir.display(),
+                cuda.kernels.len(),
+                cuda.steps.len()
+            );
+        }
+    }
     Ok(())
 }
 

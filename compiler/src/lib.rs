@@ -6,6 +6,7 @@ pub mod autodiff;
 pub mod check;
 pub mod diag;
 pub mod dsl;
+pub mod emit_cuda;
 pub mod emit_rust;
 pub mod fuse;
 pub mod hf;

@@ -1,0 +1,1522 @@
+//! The CUDA emitter: a verified training Program → one CUDA translation unit of kernels and the
+//! plan of work that runs the Program on a GPU (`kiln emit cuda`).
+//!
+//! Every node of the Program becomes a [`Step`]: kernel launches, a GEMM for cuBLASLt, an alias
+//! (a reshape moves no data), or — for the ops whose kernels have not been written yet —
+//! `Pending`, which says so. Kernels are specialized to the node's constants (a norm's width
+//! and epsilon, an expression, RoPE's pair layout) and take row counts as arguments; a kernel
+//! that two nodes would generate identically is emitted once and launched twice.
+//!
+//! The source reads like hand-written CUDA: each kernel opens with what it computes and the
+//! shapes of its arguments, is named after the op it implements (and, for expressions, after
+//! the first op path that uses it), and uses the building blocks in `kernels/*.cuh` (warp and
+//! block reductions, online softmax, the activation functions and their derivatives). All
+//! generated names live in `namespace kiln_gen`, except the `extern "C"` kernel entry points.
+//!
+//! Data are f32 in this version; GEMMs are described for cuBLASLt with bf16 operands and f32
+//! accumulation, which is how the runtime runs them.
+
+use std::collections::HashMap;
+use std::fmt::Write;
+
+use serde::Serialize;
+
+use crate::dsl::expr::{BinOp, Compiled, Expr, Instr};
+use crate::ir::{Def, Graph, Node, Op, RopePairs, Update, ValueId};
+use crate::model::{Model, NormKind, Yarn};
+use crate::names::{comment_text, Lang, Namer};
+use crate::program::{Program, TrainOutputs};
+
+/// The building blocks in `kernels/` that the translation unit includes, by file name (for
+/// writing beside it, and for NVRTC, which takes headers as strings).
+pub const HEADERS: [(&str, &str); 4] = [
+    (
+        "kiln_types.cuh",
+        include_str!("../../kernels/kiln_types.cuh"),
+    ),
+    (
+        "kiln_reduce.cuh",
+        include_str!("../../kernels/kiln_reduce.cuh"),
+    ),
+    (
+        "kiln_softmax.cuh",
+        include_str!("../../kernels/kiln_softmax.cuh"),
+    ),
+    ("kiln_math.cuh", include_str!("../../kernels/kiln_math.cuh")),
+];
+
+/// Threads per block of the row-wise kernels (norms, cross-entropy) and the elementwise ones.
+const BLOCK: u32 = 256;
+
+/// The most blocks an elementwise launch uses; its loop strides over the rest.
+const MAX_GRID: u64 = 132 * 16;
+
+/// The CUDA program of a training step: source, kernels and the work of each node.
+#[derive(Clone, Debug, Serialize)]
+pub struct CudaProgram {
+    /// What the program computes for (the graph's name).
+    pub name: String,
+    /// The translation unit: includes, helpers and every kernel.
+    #[serde(skip)]
+    pub source: String,
+    /// Each kernel once, in source order.
+    pub kernels: Vec<Kernel>,
+    /// RoPE tables the runtime computes on the host and uploads (`Arg::RopeCos/RopeSin`).
+    pub rope_tables: Vec<RopeTable>,
+    /// One step per Program node, in execution order.
+    pub steps: Vec<Step>,
+    /// The optimizer's kernels, launched once per parameter tensor after the step.
+    pub optimizer: Vec<Launch>,
+}
+
+/// One kernel of the translation unit.
+#[derive(Clone, Debug, Serialize)]
+pub struct Kernel {
+    pub name: String,
+    /// What it computes, in one line.
+    pub summary: String,
+    /// Threads per block.
+    pub block: u32,
+    /// Dynamic shared memory per block, in bytes (static shared memory is in the source).
+    pub shared_bytes: u32,
+    /// The Program nodes that launch it.
+    pub nodes: Vec<usize>,
+}
+
+/// A RoPE table pair `cos, sin: f32[seq, dim / 2]`, as the CPU backend's `rope_tables`
+/// computes them.
+#[derive(Clone, Debug, Serialize)]
+pub struct RopeTable {
+    pub seq: u64,
+    pub dim: u64,
+    pub theta: f64,
+    pub yarn: Option<Yarn>,
+}
+
+/// One kernel launch.
+#[derive(Clone, Debug, Serialize)]
+pub struct Launch {
+    pub kernel: String,
+    pub grid: u64,
+    pub block: u32,
+    pub shared_bytes: u32,
+    /// The kernel's arguments, in order.
+    pub args: Vec<Arg>,
+}
+
+/// A kernel argument.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum Arg {
+    /// The buffer of a value (a parameter, an input or an intermediate), by value index.
+    Value {
+        id: usize,
+    },
+    /// Scratch memory of the step, `slot` numbered within the step: launches of one step that
+    /// name the same slot share the buffer.
+    Scratch {
+        slot: u32,
+        bytes: u64,
+    },
+    /// The device's error flag: kernels set it to a nonzero code on bad input (a token id
+    /// outside the vocabulary), and the runtime reports it after the step.
+    ErrorFlag,
+    /// A RoPE table (index into `rope_tables`).
+    RopeCos {
+        table: usize,
+    },
+    RopeSin {
+        table: usize,
+    },
+    /// An AdamW moment (`which` is 1 or 2) of the parameter whose value is `param`.
+    Moment {
+        param: usize,
+        which: u8,
+    },
+    /// A per-step optimizer scalar the runtime supplies: `lr` (the schedule's), `bias1` and
+    /// `bias2` (`1 − βᵗ`), `clip` (the global-norm factor).
+    Hyper {
+        name: &'static str,
+    },
+    /// Integers and floats passed by value (`long long` and `float`).
+    Int {
+        value: i64,
+    },
+    Float {
+        value: f64,
+    },
+}
+
+/// The work of one Program node.
+#[derive(Clone, Debug, Serialize)]
+pub struct Step {
+    pub node: usize,
+    pub op: &'static str,
+    pub path: String,
+    pub work: Vec<Work>,
+}
+
+/// What runs for (part of) a node.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum Work {
+    Launch(Launch),
+    /// A matrix product on cuBLASLt: row-major `out[m, n] = op(a)[m, k] · op(b)[k, n]`
+    /// (+ `bias[n]` broadcast over rows), where `op` transposes when the flag says so;
+    /// operands in bf16, accumulation and output in f32.
+    Gemm(Gemm),
+    /// No work: the output is the input's buffer under another shape.
+    Alias {
+        of: usize,
+    },
+    /// No kernel generated for this op yet; the reason names what is missing.
+    Pending {
+        reason: String,
+    },
+}
+
+/// A GEMM for cuBLASLt (see [`Work::Gemm`]).
+#[derive(Clone, Debug, Serialize)]
+pub struct Gemm {
+    pub out: usize,
+    pub a: usize,
+    pub b: usize,
+    pub m: u64,
+    pub n: u64,
+    pub k: u64,
+    pub a_trans: bool,
+    pub b_trans: bool,
+    pub bias: Option<usize>,
+}
+
+/// A kernel written once and found again by its text.
+struct Written {
+    name: String,
+    index: usize,
+}
+
+/// The emitter's state: the source so far and the kernels by their text.
+struct Emitter<'g> {
+    graph: &'g Graph,
+    out: String,
+    namer: Namer,
+    kernels: Vec<Kernel>,
+    /// Kernel body text (with a placeholder for the name) → the kernel.
+    by_text: HashMap<String, Written>,
+    rope_tables: Vec<RopeTable>,
+}
+
+/// The placeholder for a kernel's name in its text until it is named.
+const NAME: &str = "@KERNEL@";
+
+impl<'g> Emitter<'g> {
+    /// Adds the kernel `text` (its name written as [`NAME`]) for `node`, unless the same text
+    /// was added before; returns its name. `base` names it (sanitized, made unique).
+    fn kernel(
+        &mut self,
+        base: &str,
+        summary: &str,
+        text: String,
+        node: usize,
+        shared: u32,
+    ) -> String {
+        if let Some(w) = self.by_text.get(&text) {
+            let k = &mut self.kernels[w.index];
+            if !k.nodes.contains(&node) {
+                k.nodes.push(node);
+            }
+            return w.name.clone();
+        }
+        let name = self.namer.call(base);
+        let body = text.replace(NAME, &name);
+        self.out.push_str(&body);
+        self.out.push('\n');
+        self.kernels.push(Kernel {
+            name: name.clone(),
+            summary: summary.to_string(),
+            block: BLOCK,
+            shared_bytes: shared,
+            nodes: vec![node],
+        });
+        self.by_text.insert(
+            text,
+            Written {
+                name: name.clone(),
+                index: self.kernels.len() - 1,
+            },
+        );
+        name
+    }
+
+    fn shape(&self, v: ValueId) -> Vec<u64> {
+        self.graph.values[v].ty.shape.clone()
+    }
+
+    fn elements(&self, v: ValueId) -> u64 {
+        self.shape(v).iter().product()
+    }
+
+    /// The rows and width of `v` seen as `[rows, last axis]`.
+    fn rows(&self, v: ValueId) -> (u64, u64) {
+        let s = self.shape(v);
+        let d = *s.last().unwrap_or(&1);
+        (s.iter().product::<u64>() / d.max(1), d)
+    }
+
+    fn rope_table(&mut self, seq: u64, dim: u64, theta: f64, yarn: Option<Yarn>) -> usize {
+        let same = |t: &RopeTable| {
+            t.seq == seq && t.dim == dim && t.theta.to_bits() == theta.to_bits() && t.yarn == yarn
+        };
+        if let Some(i) = self.rope_tables.iter().position(same) {
+            return i;
+        }
+        self.rope_tables.push(RopeTable {
+            seq,
+            dim,
+            theta,
+            yarn,
+        });
+        self.rope_tables.len() - 1
+    }
+}
+
+fn val(v: ValueId) -> Arg {
+    Arg::Value { id: v.index() }
+}
+
+fn int(x: u64) -> Arg {
+    Arg::Int {
+        value: i64::try_from(x).expect("sizes fit in i64"),
+    }
+}
+
+/// A launch of `kernel` over `n` elements, one per thread, striding past [`MAX_GRID`] blocks.
+fn elementwise_launch(kernel: String, n: u64, args: Vec<Arg>) -> Work {
+    Work::Launch(Launch {
+        kernel,
+        grid: n.div_ceil(u64::from(BLOCK)).clamp(1, MAX_GRID),
+        block: BLOCK,
+        shared_bytes: 0,
+        args,
+    })
+}
+
+/// A launch of `kernel` with one block per row.
+fn row_launch(kernel: String, rows: u64, args: Vec<Arg>) -> Work {
+    Work::Launch(Launch {
+        kernel,
+        grid: rows.max(1),
+        block: BLOCK,
+        shared_bytes: 0,
+        args,
+    })
+}
+
+/// An f32 literal that reads back to `x` rounded to f32.
+fn float_lit(x: f64) -> String {
+    let f = x as f32;
+    if f.is_nan() {
+        return "__int_as_float(0x7fc00000)".to_string();
+    }
+    if f.is_infinite() {
+        return if f > 0.0 {
+            "__int_as_float(0x7f800000)"
+        } else {
+            "__int_as_float(0xff800000)"
+        }
+        .to_string();
+    }
+    let s = format!("{f:?}");
+    let s = if s.contains(['.', 'e', 'E']) {
+        s
+    } else {
+        format!("{s}.0")
+    };
+    format!("{s}f")
+}
+
+/// The statements evaluating `expr` over `inputs` (C expressions, one per operand) into `t0…`,
+/// and the name of the result.
+fn expr_forward(c: &Compiled, inputs: &[String], indent: &str, out: &mut String) -> String {
+    for (i, step) in c.instrs().iter().enumerate() {
+        let rhs = match *step {
+            Instr::Var(v) => inputs[v].clone(),
+            Instr::Num(x) => float_lit(x),
+            Instr::Neg(a) => format!("-t{a}"),
+            Instr::Bin(op, a, b) => format!("t{a} {} t{b}", op.symbol()),
+            Instr::Pow(a, n) => vec![format!("t{a}"); n as usize].join(" * "),
+            Instr::Call(f, a) => format!("kiln_{}(t{a})", f.name()),
+        };
+        let _ = writeln!(out, "{indent}const float t{i} = {rhs};");
+    }
+    format!("t{}", c.len() - 1)
+}
+
+/// After [`expr_forward`]: the reverse sweep seeding the result's adjoint with `seed`, leaving
+/// each operand's gradient in `d0…` (declared here).
+fn expr_backward(c: &Compiled, seed: &str, indent: &str, out: &mut String) {
+    let steps = c.instrs();
+    for v in 0..c.arity() {
+        let _ = writeln!(out, "{indent}float d{v} = 0.0f;");
+    }
+    // Only the adjoints that something reaches are declared.
+    let mut reached = vec![false; steps.len()];
+    reached[steps.len() - 1] = true;
+    for i in (0..steps.len()).rev() {
+        if !reached[i] {
+            continue;
+        }
+        match steps[i] {
+            Instr::Neg(a) | Instr::Pow(a, _) | Instr::Call(_, a) => reached[a] = true,
+            Instr::Bin(_, a, b) => {
+                reached[a] = true;
+                reached[b] = true;
+            }
+            Instr::Var(_) | Instr::Num(_) => {}
+        }
+    }
+    for (i, &r) in reached.iter().enumerate().take(steps.len() - 1) {
+        if r && !matches!(steps[i], Instr::Num(_)) {
+            let _ = writeln!(out, "{indent}float g{i} = 0.0f;");
+        }
+    }
+    let last = steps.len() - 1;
+    let _ = writeln!(out, "{indent}const float g{last} = {seed};");
+    for i in (0..steps.len()).rev() {
+        if !reached[i] {
+            continue;
+        }
+        let g = format!("g{i}");
+        let line = match steps[i] {
+            Instr::Var(v) => format!("d{v} += {g};"),
+            Instr::Num(_) => continue,
+            Instr::Neg(a) => format!("g{a} -= {g};"),
+            Instr::Bin(BinOp::Add, a, b) => format!("g{a} += {g}; g{b} += {g};"),
+            Instr::Bin(BinOp::Sub, a, b) => format!("g{a} += {g}; g{b} -= {g};"),
+            Instr::Bin(BinOp::Mul, a, b) => format!("g{a} += {g} * t{b}; g{b} += {g} * t{a};"),
+            Instr::Bin(BinOp::Div, a, b) => {
+                format!("g{a} += {g} / t{b}; g{b} -= {g} * t{a} / (t{b} * t{b});")
+            }
+            Instr::Pow(a, n) => {
+                let power = if n == 1 {
+                    "1.0f".to_string()
+                } else {
+                    vec![format!("t{a}"); n as usize - 1].join(" * ")
+                };
+                format!("g{a} += {g} * {} * ({power});", float_lit(f64::from(n)))
+            }
+            Instr::Call(f, a) => format!("g{a} += {g} * kiln_{}_grad(t{a});", f.name()),
+        };
+        // Constant operands have no adjoint to accumulate into.
+        let line = drop_constant_adjoints(&line, steps);
+        if !line.is_empty() {
+            let _ = writeln!(out, "{indent}{line}");
+        }
+    }
+}
+
+/// Removes the `gN += …;` parts of `line` whose `N` is a constant (no adjoint declared).
+fn drop_constant_adjoints(line: &str, steps: &[Instr]) -> String {
+    line.split_inclusive(';')
+        .map(str::trim)
+        .filter(|part| {
+            let target = part
+                .strip_prefix('g')
+                .and_then(|r| r.split_whitespace().next())
+                .and_then(|n| n.parse::<usize>().ok());
+            !matches!(target.map(|n| steps[n]), Some(Instr::Num(_)))
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The C declaration list `const float* __restrict__ x0, …`.
+fn const_ptrs(names: &[String]) -> String {
+    names
+        .iter()
+        .map(|n| format!("const float* __restrict__ {n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The kernel name for an op's path: the last two segments of its last op (`ffn.act` →
+/// `ffn_act`; a fused linear layer and activation is named after the activation).
+fn path_base(path: &str) -> String {
+    let first = path.rsplit('+').next().unwrap_or(path);
+    let parts: Vec<&str> = first
+        .split('.')
+        .filter(|p| p.parse::<usize>().is_err())
+        .collect();
+    let tail = &parts[parts.len().saturating_sub(2)..];
+    tail.join("_")
+}
+
+impl Emitter<'_> {
+    fn map(&mut self, index: usize, node: &Node, expr: &Expr, vars: &[String]) -> Vec<Work> {
+        let names: Vec<&str> = vars.iter().map(String::as_str).collect();
+        let c = expr.compile(&names).expect("a verified map compiles");
+        let ins: Vec<String> = (0..vars.len()).map(|i| format!("x{i}")).collect();
+        let loads: Vec<String> = ins.iter().map(|x| format!("{x}[i]")).collect();
+        let mut body = String::new();
+        let y = expr_forward(&c, &loads, "        ", &mut body);
+        let shapes = vars
+            .iter()
+            .enumerate()
+            .map(|(i, v)| format!("x{i} ({}): f32[n]", comment_text(v)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let what = comment_text(&expr.to_string());
+        let text = format!(
+            "// y = {what}, elementwise.\n// {shapes}; y: f32[n]\n\
+             extern \"C\" __global__ void {NAME}({}, float* __restrict__ y, long long n) {{\n\
+             \x20   for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;\n\
+             \x20        i += (long long)gridDim.x * blockDim.x) {{\n{body}        y[i] = {y};\n    }}\n}}\n",
+            const_ptrs(&ins)
+        );
+        let name = self.kernel(
+            &format!("map_{}", path_base(&node.path)),
+            &format!("y = {what}"),
+            text,
+            index,
+            0,
+        );
+        let n = self.elements(node.outputs[0]);
+        let mut args: Vec<Arg> = node.inputs.iter().map(|&v| val(v)).collect();
+        args.push(val(node.outputs[0]));
+        args.push(int(n));
+        vec![elementwise_launch(name, n, args)]
+    }
+
+    fn map_grad(
+        &mut self,
+        index: usize,
+        node: &Node,
+        expr: &Expr,
+        vars: &[String],
+        wrt: &[u32],
+    ) -> Vec<Work> {
+        let names: Vec<&str> = vars.iter().map(String::as_str).collect();
+        let c = expr.compile(&names).expect("a verified map compiles");
+        let ins: Vec<String> = (0..vars.len()).map(|i| format!("x{i}")).collect();
+        let loads: Vec<String> = ins.iter().map(|x| format!("{x}[i]")).collect();
+        let mut body = String::new();
+        expr_forward(&c, &loads, "        ", &mut body);
+        expr_backward(&c, "dy[i]", "        ", &mut body);
+        let outs: Vec<String> = wrt.iter().map(|w| format!("dx{w}")).collect();
+        for w in wrt {
+            let _ = writeln!(body, "        dx{w}[i] = d{w};");
+        }
+        let what = comment_text(&expr.to_string());
+        let wrt_names = wrt
+            .iter()
+            .map(|&w| comment_text(&vars[w as usize]))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let out_decls = outs
+            .iter()
+            .map(|o| format!("float* __restrict__ {o}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let text = format!(
+            "// The gradient of y = {what} with respect to {wrt_names}: dx_w = dy · ∂y/∂x_w.\n\
+             // x*, dy, dx*: f32[n]\n\
+             extern \"C\" __global__ void {NAME}({}, const float* __restrict__ dy, {out_decls}, long long n) {{\n\
+             \x20   for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;\n\
+             \x20        i += (long long)gridDim.x * blockDim.x) {{\n{body}    }}\n}}\n",
+            const_ptrs(&ins)
+        );
+        let name = self.kernel(
+            &format!("map_grad_{}", path_base(&node.path)),
+            &format!("gradient of y = {what}"),
+            text,
+            index,
+            0,
+        );
+        let n = self.elements(node.outputs[0]);
+        let mut args: Vec<Arg> = node.inputs.iter().map(|&v| val(v)).collect();
+        args.extend(node.outputs.iter().map(|&v| val(v)));
+        args.push(int(n));
+        vec![elementwise_launch(name, n, args)]
+    }
+
+    /// A norm's forward (`add` adds the residual first and writes the sum too).
+    fn norm_fwd(
+        &mut self,
+        index: usize,
+        node: &Node,
+        kind: NormKind,
+        eps: f64,
+        add: bool,
+    ) -> Vec<Work> {
+        let x = node.inputs[0];
+        let (rows, d) = self.rows(x);
+        let layer = kind == NormKind::LayerNorm;
+        let kind_name = if layer { "layer_norm" } else { "rms_norm" };
+        let op = if add {
+            format!("add_{kind_name}")
+        } else {
+            kind_name.to_string()
+        };
+        let eps_lit = float_lit(eps);
+        let mut t = String::new();
+        let _ = writeln!(
+            t,
+            "// {}y = {} over rows of {d}, statistics in f32 (eps = {eps_lit}).",
+            if add { "s = x + r; " } else { "" },
+            if layer {
+                "(s − mean) / sqrt(var + eps) · w + b"
+            } else {
+                "s / sqrt(mean(s²) + eps) · w"
+            }
+        );
+        let _ = writeln!(
+            t,
+            "// x{}: f32[rows, {d}]; w{}: f32[{d}]; {}y: f32[rows, {d}]",
+            if add { ", r" } else { "" },
+            if layer { ", b" } else { "" },
+            if add { "s, " } else { "" }
+        );
+        let mut params = vec!["const float* __restrict__ x".to_string()];
+        if add {
+            params.push("const float* __restrict__ r".into());
+        }
+        params.push("const float* __restrict__ w".into());
+        if layer {
+            params.push("const float* __restrict__ b".into());
+        }
+        if add {
+            params.push("float* __restrict__ s".into());
+        }
+        params.push("float* __restrict__ y".into());
+        params.push("long long rows".into());
+        let _ = writeln!(
+            t,
+            "extern \"C\" __global__ void __launch_bounds__({BLOCK}) {NAME}({}) {{",
+            params.join(", ")
+        );
+        let _ = writeln!(t, "    __shared__ float scratch[32];");
+        let _ = writeln!(t, "    const long long row = blockIdx.x;");
+        let _ = writeln!(t, "    if (row >= rows) return;");
+        let _ = writeln!(t, "    const float* xr = x + row * {d};");
+        if add {
+            let _ = writeln!(t, "    const float* rr = r + row * {d};");
+            let _ = writeln!(t, "    float* sr = s + row * {d};");
+        }
+        let _ = writeln!(t, "    float* yr = y + row * {d};");
+        let load = if add { "xr[j] + rr[j]" } else { "xr[j]" };
+        if add {
+            let _ = writeln!(
+                t,
+                "    for (int j = threadIdx.x; j < {d}; j += blockDim.x) sr[j] = {load};"
+            );
+            let _ = writeln!(t, "    __syncthreads();");
+        }
+        let src = if add { "sr" } else { "xr" };
+        if layer {
+            let _ = writeln!(t, "    float sum = 0.0f;");
+            let _ = writeln!(
+                t,
+                "    for (int j = threadIdx.x; j < {d}; j += blockDim.x) sum += {src}[j];"
+            );
+            let _ = writeln!(
+                t,
+                "    const float mean = kiln_block_sum(sum, scratch) / {d}.0f;"
+            );
+            let _ = writeln!(t, "    float sq = 0.0f;");
+            let _ = writeln!(t, "    for (int j = threadIdx.x; j < {d}; j += blockDim.x) {{ const float c = {src}[j] - mean; sq += c * c; }}");
+            let _ = writeln!(
+                t,
+                "    const float rstd = rsqrtf(kiln_block_sum(sq, scratch) / {d}.0f + {eps_lit});"
+            );
+            let _ = writeln!(t, "    for (int j = threadIdx.x; j < {d}; j += blockDim.x) yr[j] = ({src}[j] - mean) * rstd * w[j] + b[j];");
+        } else {
+            let _ = writeln!(t, "    float sq = 0.0f;");
+            let _ = writeln!(t, "    for (int j = threadIdx.x; j < {d}; j += blockDim.x) {{ const float v = {src}[j]; sq += v * v; }}");
+            let _ = writeln!(
+                t,
+                "    const float rstd = rsqrtf(kiln_block_sum(sq, scratch) / {d}.0f + {eps_lit});"
+            );
+            let _ = writeln!(t, "    for (int j = threadIdx.x; j < {d}; j += blockDim.x) yr[j] = {src}[j] * rstd * w[j];");
+        }
+        let _ = writeln!(t, "}}");
+        let base = format!("{op}_fwd_d{d}");
+        let name = self.kernel(
+            &base,
+            &format!("{op} forward over rows of {d}"),
+            t,
+            index,
+            0,
+        );
+        let args: Vec<Arg> = node
+            .inputs
+            .iter()
+            .chain(&node.outputs)
+            .map(|&v| val(v))
+            .chain([int(rows)])
+            .collect();
+        vec![row_launch(name, rows, args)]
+    }
+
+    /// A norm's backward: one kernel for the input gradient (plus the residual stream's `ds`
+    /// when `add`), saving each row's statistics, and one for the weight (and bias) gradients,
+    /// summed over rows in a fixed order.
+    fn norm_bwd(
+        &mut self,
+        index: usize,
+        node: &Node,
+        kind: NormKind,
+        eps: f64,
+        add: bool,
+    ) -> Vec<Work> {
+        let x = node.inputs[0];
+        let (rows, d) = self.rows(x);
+        let layer = kind == NormKind::LayerNorm;
+        let kind_name = if layer { "layer_norm" } else { "rms_norm" };
+        let op = if add {
+            format!("add_{kind_name}")
+        } else {
+            kind_name.to_string()
+        };
+        let eps_lit = float_lit(eps);
+        let mut t = String::new();
+        let _ = writeln!(
+            t,
+            "// The input gradient of {kind_name} over rows of {d}{}; saves each row's {} for the weight gradient.",
+            if add { ", plus the residual stream's gradient ds" } else { "" },
+            if layer { "mean and 1/std" } else { "1/rms" }
+        );
+        let _ = writeln!(
+            t,
+            "// x, dy{}, dx: f32[rows, {d}]; w: f32[{d}]; stats: f32[rows, 2]",
+            if add { ", ds" } else { "" }
+        );
+        let mut params = vec![
+            "const float* __restrict__ x".to_string(),
+            "const float* __restrict__ w".into(),
+            "const float* __restrict__ dy".into(),
+        ];
+        if add {
+            params.push("const float* __restrict__ ds".into());
+        }
+        params.extend([
+            "float* __restrict__ dx".to_string(),
+            "float* __restrict__ stats".into(),
+            "long long rows".into(),
+        ]);
+        let _ = writeln!(
+            t,
+            "extern \"C\" __global__ void __launch_bounds__({BLOCK}) {NAME}({}) {{",
+            params.join(", ")
+        );
+        let _ = writeln!(t, "    __shared__ float scratch[32];");
+        let _ = writeln!(t, "    const long long row = blockIdx.x;");
+        let _ = writeln!(t, "    if (row >= rows) return;");
+        let _ = writeln!(t, "    const float* xr = x + row * {d};");
+        let _ = writeln!(t, "    const float* gr = dy + row * {d};");
+        let _ = writeln!(t, "    float* dxr = dx + row * {d};");
+        if layer {
+            let _ = writeln!(t, "    float sum = 0.0f;");
+            let _ = writeln!(
+                t,
+                "    for (int j = threadIdx.x; j < {d}; j += blockDim.x) sum += xr[j];"
+            );
+            let _ = writeln!(
+                t,
+                "    const float mean = kiln_block_sum(sum, scratch) / {d}.0f;"
+            );
+            let _ = writeln!(t, "    float sq = 0.0f;");
+            let _ = writeln!(t, "    for (int j = threadIdx.x; j < {d}; j += blockDim.x) {{ const float c = xr[j] - mean; sq += c * c; }}");
+            let _ = writeln!(
+                t,
+                "    const float rstd = rsqrtf(kiln_block_sum(sq, scratch) / {d}.0f + {eps_lit});"
+            );
+        } else {
+            let _ = writeln!(t, "    const float mean = 0.0f;");
+            let _ = writeln!(t, "    float sq = 0.0f;");
+            let _ = writeln!(t, "    for (int j = threadIdx.x; j < {d}; j += blockDim.x) {{ const float v = xr[j]; sq += v * v; }}");
+            let _ = writeln!(
+                t,
+                "    const float rstd = rsqrtf(kiln_block_sum(sq, scratch) / {d}.0f + {eps_lit});"
+            );
+        }
+        // g = w·dy; dx = rstd·(g − mean(g) − x̂·mean(g·x̂)) for LayerNorm, rstd·(g − x̂·mean(g·x̂))
+        // for RMSNorm.
+        let _ = writeln!(t, "    float gsum = 0.0f, gx = 0.0f;");
+        let _ = writeln!(
+            t,
+            "    for (int j = threadIdx.x; j < {d}; j += blockDim.x) {{"
+        );
+        let _ = writeln!(t, "        const float g = w[j] * gr[j];");
+        let _ = writeln!(t, "        gsum += g;");
+        let _ = writeln!(t, "        gx += g * (xr[j] - mean) * rstd;");
+        let _ = writeln!(t, "    }}");
+        if layer {
+            let _ = writeln!(
+                t,
+                "    const float gmean = kiln_block_sum(gsum, scratch) / {d}.0f;"
+            );
+        } else {
+            let _ = writeln!(t, "    const float gmean = 0.0f;");
+        }
+        let _ = writeln!(
+            t,
+            "    const float gxmean = kiln_block_sum(gx, scratch) / {d}.0f;"
+        );
+        let _ = writeln!(
+            t,
+            "    for (int j = threadIdx.x; j < {d}; j += blockDim.x) {{"
+        );
+        let _ = writeln!(t, "        const float xhat = (xr[j] - mean) * rstd;");
+        let residual = if add {
+            format!(" + ds[row * {d} + j]")
+        } else {
+            String::new()
+        };
+        let _ = writeln!(
+            t,
+            "        dxr[j] = rstd * (w[j] * gr[j] - gmean - xhat * gxmean){residual};"
+        );
+        let _ = writeln!(t, "    }}");
+        let _ = writeln!(
+            t,
+            "    if (threadIdx.x == 0) {{ stats[2 * row] = mean; stats[2 * row + 1] = rstd; }}"
+        );
+        let _ = writeln!(t, "}}");
+        let dx_name = self.kernel(
+            &format!("{op}_bwd_dx_d{d}"),
+            &format!("{op} input gradient over rows of {d}"),
+            t,
+            index,
+            0,
+        );
+
+        // The weight (and bias) gradient: 32 columns per block, 8 row lanes summing rows
+        // strided by 8, then the lanes in a fixed order.
+        let mut t = String::new();
+        let _ = writeln!(
+            t,
+            "// The weight{} gradient of {kind_name}: dw[j] = Σ_rows dy·x̂{}, over rows of {d}.",
+            if layer { " and bias" } else { "" },
+            if layer { ", db[j] = Σ_rows dy" } else { "" }
+        );
+        let _ = writeln!(t, "// x, dy: f32[rows, {d}]; stats: f32[rows, 2]; dw{}: f32[{d}]. Block: 32 columns × 8 row lanes.", if layer { ", db" } else { "" });
+        let mut params = vec![
+            "const float* __restrict__ x".to_string(),
+            "const float* __restrict__ dy".into(),
+            "const float* __restrict__ stats".into(),
+            "float* __restrict__ dw".into(),
+        ];
+        if layer {
+            params.push("float* __restrict__ db".into());
+        }
+        params.push("long long rows".into());
+        let _ = writeln!(
+            t,
+            "extern \"C\" __global__ void __launch_bounds__({BLOCK}) {NAME}({}) {{",
+            params.join(", ")
+        );
+        let _ = writeln!(t, "    __shared__ float part_w[8][33];");
+        if layer {
+            let _ = writeln!(t, "    __shared__ float part_b[8][33];");
+        }
+        let _ = writeln!(
+            t,
+            "    const int lane = threadIdx.x % 32, group = threadIdx.x / 32;"
+        );
+        let _ = writeln!(t, "    const int j = blockIdx.x * 32 + lane;");
+        let _ = writeln!(t, "    float acc_w = 0.0f, acc_b = 0.0f;");
+        let _ = writeln!(t, "    if (j < {d}) {{");
+        let _ = writeln!(
+            t,
+            "        for (long long row = group; row < rows; row += 8) {{"
+        );
+        let _ = writeln!(t, "            const float g = dy[row * {d} + j];");
+        let _ = writeln!(
+            t,
+            "            acc_w += g * (x[row * {d} + j] - stats[2 * row]) * stats[2 * row + 1];"
+        );
+        let _ = writeln!(t, "            acc_b += g;");
+        let _ = writeln!(t, "        }}");
+        let _ = writeln!(t, "    }}");
+        let _ = writeln!(t, "    part_w[group][lane] = acc_w;");
+        if layer {
+            let _ = writeln!(t, "    part_b[group][lane] = acc_b;");
+        }
+        let _ = writeln!(t, "    __syncthreads();");
+        let _ = writeln!(t, "    if (group == 0 && j < {d}) {{");
+        let _ = writeln!(
+            t,
+            "        float w_sum = 0.0f{};",
+            if layer { ", b_sum = 0.0f" } else { "" }
+        );
+        let _ = writeln!(
+            t,
+            "        for (int k = 0; k < 8; ++k) {{ w_sum += part_w[k][lane];{} }}",
+            if layer {
+                " b_sum += part_b[k][lane];"
+            } else {
+                ""
+            }
+        );
+        let _ = writeln!(t, "        dw[j] = w_sum;");
+        if layer {
+            let _ = writeln!(t, "        db[j] = b_sum;");
+        }
+        let _ = writeln!(t, "    }}");
+        let _ = writeln!(t, "}}");
+        let dw_name = self.kernel(
+            &format!("{kind_name}_bwd_dw_d{d}"),
+            &format!("{kind_name} weight gradient over rows of {d}"),
+            t,
+            index,
+            0,
+        );
+
+        let stats = Arg::Scratch {
+            slot: 0,
+            bytes: rows * 8,
+        };
+        let mut args = vec![
+            val(node.inputs[0]),
+            val(node.inputs[1]),
+            val(node.inputs[2]),
+        ];
+        if add {
+            args.push(val(node.inputs[3]));
+        }
+        args.extend([val(node.outputs[0]), stats.clone(), int(rows)]);
+        let mut dw_args = vec![
+            val(node.inputs[0]),
+            val(node.inputs[2]),
+            stats,
+            val(node.outputs[1]),
+        ];
+        if layer {
+            dw_args.push(val(node.outputs[2]));
+        }
+        dw_args.push(int(rows));
+        vec![
+            row_launch(dx_name, rows, args),
+            Work::Launch(Launch {
+                kernel: dw_name,
+                grid: d.div_ceil(32),
+                block: BLOCK,
+                shared_bytes: 0,
+                args: dw_args,
+            }),
+        ]
+    }
+
+    fn rope(
+        &mut self,
+        index: usize,
+        node: &Node,
+        theta: f64,
+        yarn: Option<Yarn>,
+        pairs: RopePairs,
+        grad: bool,
+    ) -> Vec<Work> {
+        let s = self.shape(node.inputs[0]);
+        let (b, t_len, h, d) = (s[0], s[1], s[2], s[3]);
+        let half = d / 2;
+        let table = self.rope_table(t_len, d, theta, yarn);
+        let (layout, first, second): (&str, String, String) = match pairs {
+            RopePairs::Interleaved => ("interleaved", "2 * i".into(), "2 * i + 1".into()),
+            RopePairs::Halves => ("halves", "i".into(), format!("i + {half}")),
+        };
+        let (dir, rot) = if grad {
+            (
+                "bwd",
+                "(a, b) → (a·cos + b·sin, −a·sin + b·cos), the transposed rotation",
+            )
+        } else {
+            ("fwd", "(a, b) → (a·cos − b·sin, a·sin + b·cos)")
+        };
+        let mut t = String::new();
+        let _ = writeln!(t, "// RoPE {dir}: rotates each pair ({layout}) of every head by its position's angle, {rot}.");
+        let _ = writeln!(
+            t,
+            "// x, y: f32[B, T, H, {d}]; cos, sin: f32[T, {half}]. One thread per pair."
+        );
+        let _ = writeln!(t, "extern \"C\" __global__ void {NAME}(const float* __restrict__ x, const float* __restrict__ cos_t, const float* __restrict__ sin_t, float* __restrict__ y, long long pairs_total, long long t_len, long long heads) {{");
+        let _ = writeln!(t, "    for (long long p = blockIdx.x * (long long)blockDim.x + threadIdx.x; p < pairs_total;");
+        let _ = writeln!(t, "         p += (long long)gridDim.x * blockDim.x) {{");
+        let _ = writeln!(t, "        const long long i = p % {half};");
+        let _ = writeln!(t, "        const long long head = p / {half};");
+        let _ = writeln!(t, "        const long long pos = (head / heads) % t_len;");
+        let _ = writeln!(
+            t,
+            "        const float c = cos_t[pos * {half} + i], s = sin_t[pos * {half} + i];"
+        );
+        let _ = writeln!(t, "        const float* xh = x + head * {d};");
+        let _ = writeln!(t, "        float* yh = y + head * {d};");
+        let _ = writeln!(t, "        const float a = xh[{first}], b = xh[{second}];");
+        if grad {
+            let _ = writeln!(t, "        yh[{first}] = a * c + b * s;");
+            let _ = writeln!(t, "        yh[{second}] = b * c - a * s;");
+        } else {
+            let _ = writeln!(t, "        yh[{first}] = a * c - b * s;");
+            let _ = writeln!(t, "        yh[{second}] = a * s + b * c;");
+        }
+        let _ = writeln!(t, "    }}");
+        let _ = writeln!(t, "}}");
+        let name = self.kernel(
+            &format!("rope_{dir}_{layout}_d{d}"),
+            &format!("RoPE {dir}, {layout} pairs, head dim {d}"),
+            t,
+            index,
+            0,
+        );
+        let pairs_total = b * t_len * h * half;
+        vec![elementwise_launch(
+            name,
+            pairs_total,
+            vec![
+                val(node.inputs[0]),
+                Arg::RopeCos { table },
+                Arg::RopeSin { table },
+                val(node.outputs[0]),
+                int(pairs_total),
+                int(t_len),
+                int(h),
+            ],
+        )]
+    }
+}
+
+/// The copy kernel behind split and concat: a block of columns from one row-major matrix into
+/// another.
+const COPY_COLUMNS: &str = "\
+// Copies columns [src_off, src_off + width) of src: f32[rows, src_cols] into columns
+// [dst_off, dst_off + width) of dst: f32[rows, dst_cols] (split and concat).
+extern \"C\" __global__ void @KERNEL@(const float* __restrict__ src, float* __restrict__ dst, long long rows, long long width, long long src_cols, long long src_off, long long dst_cols, long long dst_off) {
+    const long long n = rows * width;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        const long long r = i / width, c = i % width;
+        dst[r * dst_cols + dst_off + c] = src[r * src_cols + src_off + c];
+    }
+}
+";
+
+const FILL: &str = "\
+// y[i] = value for i < n (gradient seeds, absent gradients).
+extern \"C\" __global__ void @KERNEL@(float* __restrict__ y, float value, long long n) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        y[i] = value;
+    }
+}
+";
+
+const EXPAND: &str = "\
+// Repeats the middle axis: x: f32[outer, 1, inner] → y: f32[outer, n, inner].
+extern \"C\" __global__ void @KERNEL@(const float* __restrict__ x, float* __restrict__ y, long long outer, long long n, long long inner) {
+    const long long total = outer * n * inner;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+         i += (long long)gridDim.x * blockDim.x) {
+        const long long o = i / (n * inner), j = i % inner;
+        y[i] = x[o * inner + j];
+    }
+}
+";
+
+const SUM_AXIS: &str = "\
+// Sums the middle axis in order: x: f32[outer, len, inner] → y: f32[outer, 1, inner].
+extern \"C\" __global__ void @KERNEL@(const float* __restrict__ x, float* __restrict__ y, long long outer, long long len, long long inner) {
+    const long long total = outer * inner;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+         i += (long long)gridDim.x * blockDim.x) {
+        const long long o = i / inner, j = i % inner;
+        float acc = 0.0f;
+        for (long long k = 0; k < len; ++k) acc += x[(o * len + k) * inner + j];
+        y[i] = acc;
+    }
+}
+";
+
+const EMBEDDING_FWD: &str = "\
+// Row lookup: y[r, :] = table[ids[r], :]. An id outside the vocabulary sets *error = 1 and
+// writes zeros. table: f32[vocab, d]; ids: u32[rows]; y: f32[rows, d].
+extern \"C\" __global__ void @KERNEL@(const float* __restrict__ table, const unsigned* __restrict__ ids, float* __restrict__ y, int* __restrict__ error, long long rows, long long d, long long vocab) {
+    const long long n = rows * d;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        const long long r = i / d, j = i % d;
+        const unsigned id = ids[r];
+        if (id < vocab) {
+            y[i] = table[(long long)id * d + j];
+        } else {
+            y[i] = 0.0f;
+            *error = 1;
+        }
+    }
+}
+";
+
+const EMBEDDING_BWD: &str = "\
+// Scatter-add of rows: dtable[ids[r], :] += dy[r, :] (dtable zeroed first by a fill). Atomic
+// adds: the order of additions, and so the last bits, vary from run to run.
+// ids: u32[rows]; dy: f32[rows, d]; dtable: f32[vocab, d].
+extern \"C\" __global__ void @KERNEL@(const unsigned* __restrict__ ids, const float* __restrict__ dy, float* __restrict__ dtable, long long rows, long long d, long long vocab) {
+    const long long n = rows * d;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        const long long r = i / d, j = i % d;
+        const unsigned id = ids[r];
+        if (id < vocab) atomicAdd(&dtable[(long long)id * d + j], dy[i]);
+    }
+}
+";
+
+const BIAS_GRAD: &str = "\
+// Column sums in a fixed order: db[j] = Σ_r dy[r, j]. dy: f32[rows, cols]; db: f32[cols].
+// Block: 32 columns × 8 row lanes.
+extern \"C\" __global__ void __launch_bounds__(256) @KERNEL@(const float* __restrict__ dy, float* __restrict__ db, long long rows, long long cols) {
+    __shared__ float part[8][33];
+    const int lane = threadIdx.x % 32, group = threadIdx.x / 32;
+    const long long j = blockIdx.x * 32LL + lane;
+    float acc = 0.0f;
+    if (j < cols) {
+        for (long long r = group; r < rows; r += 8) acc += dy[r * cols + j];
+    }
+    part[group][lane] = acc;
+    __syncthreads();
+    if (group == 0 && j < cols) {
+        float sum = 0.0f;
+        for (int k = 0; k < 8; ++k) sum += part[k][lane];
+        db[j] = sum;
+    }
+}
+";
+
+const SUM_SQUARES: &str = "\
+// Partial sums of squares for the global gradient norm: block b adds x[i]² over its stride
+// into partial[b] (f32 terms, summed in a fixed tree order). x: f32[n]; partial: f32[gridDim.x].
+extern \"C\" __global__ void __launch_bounds__(256) @KERNEL@(const float* __restrict__ x, float* __restrict__ partial, long long n) {
+    __shared__ float scratch[32];
+    float acc = 0.0f;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        const float v = x[i];
+        acc += v * v;
+    }
+    acc = kiln_block_sum(acc, scratch);
+    if (threadIdx.x == 0) partial[blockIdx.x] = acc;
+}
+";
+
+const ADAMW: &str = "\
+// One AdamW step on a tensor with decoupled weight decay, on the clipped gradient:
+// m = β₁m + (1−β₁)g, v = β₂v + (1−β₂)g², w −= lr·((m/bias1) / (sqrt(v/bias2) + eps) + decay·w),
+// with g = clip·grad. w, m, v, grad: f32[n].
+extern \"C\" __global__ void @KERNEL@(float* __restrict__ w, float* __restrict__ m, float* __restrict__ v, const float* __restrict__ grad, long long n, float lr, float beta1, float beta2, float eps, float bias1, float bias2, float clip, float decay) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        const float g = grad[i] * clip;
+        const float mi = beta1 * m[i] + (1.0f - beta1) * g;
+        const float vi = beta2 * v[i] + (1.0f - beta2) * g * g;
+        m[i] = mi;
+        v[i] = vi;
+        const float step = (mi / bias1) / (sqrtf(vi / bias2) + eps);
+        w[i] = w[i] - lr * (step + decay * w[i]);
+    }
+}
+";
+
+/// Cross-entropy over rows of `V` logits, forward: each block runs an online softmax over its
+/// row (never storing probabilities) and writes `lse − logit[target]`; a second kernel takes
+/// the mean in a fixed order.
+fn cross_entropy_fwd_text(vocab: u64) -> String {
+    format!(
+        "\
+// Cross-entropy, forward: loss[r] = logsumexp(logits[r, :]) − logits[r, target[r]], by an
+// online softmax over the {vocab} logits of the row (the probabilities are never stored). A
+// target outside the vocabulary sets *error = 2 and counts as zero loss.
+// logits: f32[rows, {vocab}]; target: u32[rows]; loss: f32[rows].
+extern \"C\" __global__ void __launch_bounds__({BLOCK}) {NAME}(const float* __restrict__ logits, const unsigned* __restrict__ target, float* __restrict__ loss, int* __restrict__ error, long long rows) {{
+    __shared__ float scratch[32];
+    const long long row = blockIdx.x;
+    if (row >= rows) return;
+    const float* z = logits + row * {vocab};
+    kiln_softmax_state state = kiln_softmax_state::empty();
+    for (int j = threadIdx.x; j < {vocab}; j += blockDim.x) state.update(z[j]);
+    const float m = kiln_block_max(state.m, scratch);
+    const float l = kiln_block_sum(state.l * kiln_softmax_exp(state.m - m), scratch);
+    if (threadIdx.x == 0) {{
+        const unsigned t = target[row];
+        if (t < {vocab}) {{
+            loss[row] = m + logf(l) - z[t];
+        }} else {{
+            loss[row] = 0.0f;
+            *error = 2;
+        }}
+    }}
+}}
+"
+    )
+}
+
+/// Cross-entropy, backward: recomputes each row's log-sum-exp, then writes
+/// `(softmax − onehot) · dloss / rows`.
+fn cross_entropy_bwd_text(vocab: u64) -> String {
+    format!(
+        "\
+// Cross-entropy, backward: dlogits[r, j] = (softmax(logits[r, :])[j] − [j = target[r]]) ·
+// dloss / rows, the row's log-sum-exp recomputed by an online softmax (two reads of the row,
+// one write; the probabilities are never stored).
+// logits, dlogits: f32[rows, {vocab}]; target: u32[rows]; dloss: f32[1].
+extern \"C\" __global__ void __launch_bounds__({BLOCK}) {NAME}(const float* __restrict__ logits, const unsigned* __restrict__ target, const float* __restrict__ dloss, float* __restrict__ dlogits, long long rows) {{
+    __shared__ float scratch[32];
+    const long long row = blockIdx.x;
+    if (row >= rows) return;
+    const float* z = logits + row * {vocab};
+    float* dz = dlogits + row * {vocab};
+    kiln_softmax_state state = kiln_softmax_state::empty();
+    for (int j = threadIdx.x; j < {vocab}; j += blockDim.x) state.update(z[j]);
+    const float m = kiln_block_max(state.m, scratch);
+    const float l = kiln_block_sum(state.l * kiln_softmax_exp(state.m - m), scratch);
+    const float scale = dloss[0] / (float)rows;
+    const unsigned t = target[row];
+    for (int j = threadIdx.x; j < {vocab}; j += blockDim.x) {{
+        const float p = kiln_softmax_exp(z[j] - m) / l;
+        dz[j] = (p - (j == (int)t ? 1.0f : 0.0f)) * scale;
+    }}
+}}
+"
+    )
+}
+
+/// The mean of `n` values in one block, in a fixed order (losses).
+const MEAN: &str = "\
+// y[0] = (Σ x[i]) / n, one block, fixed order. x: f32[n]; y: f32[1].
+extern \"C\" __global__ void __launch_bounds__(256) @KERNEL@(const float* __restrict__ x, float* __restrict__ y, long long n) {
+    __shared__ float scratch[32];
+    float acc = 0.0f;
+    for (long long i = threadIdx.x; i < n; i += blockDim.x) acc += x[i];
+    acc = kiln_block_sum(acc, scratch);
+    if (threadIdx.x == 0) y[0] = acc / (float)n;
+}
+";
+
+impl Emitter<'_> {
+    /// A fixed kernel (its text uses [`NAME`]), added once.
+    fn fixed(&mut self, base: &str, summary: &str, text: &str, node: usize) -> String {
+        self.kernel(base, summary, text.to_string(), node, 0)
+    }
+
+    fn copy_columns(&mut self, node: usize) -> String {
+        self.fixed(
+            "copy_columns",
+            "copies a block of columns (split, concat)",
+            COPY_COLUMNS,
+            node,
+        )
+    }
+
+    fn fill_launch(&mut self, node: usize, out: ValueId, value: f64) -> Work {
+        let k = self.fixed("fill", "fills a buffer with a value", FILL, node);
+        let n = self.elements(out);
+        elementwise_launch(k, n, vec![val(out), Arg::Float { value }, int(n)])
+    }
+
+    /// A linear layer's GEMM `y = x·wᵀ (+ b)`.
+    fn linear_gemm(&self, x: ValueId, w: ValueId, b: Option<ValueId>, y: ValueId) -> Work {
+        let ws = self.shape(w);
+        let (rows, _) = self.rows(x);
+        Work::Gemm(Gemm {
+            out: y.index(),
+            a: x.index(),
+            b: w.index(),
+            m: rows,
+            n: ws[0],
+            k: ws[1],
+            a_trans: false,
+            b_trans: true,
+            bias: b.map(ValueId::index),
+        })
+    }
+
+    /// The work of one node.
+    fn step(&mut self, index: usize, node: &Node) -> Vec<Work> {
+        let ins = &node.inputs;
+        let outs = &node.outputs;
+        match &node.op {
+            Op::Reshape { .. } => vec![Work::Alias { of: ins[0].index() }],
+            Op::Fill { value, .. } => vec![self.fill_launch(index, outs[0], *value)],
+            Op::Map { expr, vars } => self.map(index, node, expr, vars),
+            Op::MapGrad { expr, vars, wrt } => self.map_grad(index, node, expr, vars, wrt),
+            Op::Split { sizes } => {
+                let k = self.copy_columns(index);
+                let (rows, cols) = self.rows(ins[0]);
+                let mut off = 0;
+                let mut work = Vec::new();
+                for (&size, &out) in sizes.iter().zip(outs) {
+                    let n = rows * size;
+                    work.push(elementwise_launch(
+                        k.clone(),
+                        n,
+                        vec![val(ins[0]), val(out), int(rows), int(size), int(cols), int(off), int(size), int(0)],
+                    ));
+                    off += size;
+                }
+                work
+            }
+            Op::Concat => {
+                let k = self.copy_columns(index);
+                let (rows, cols) = self.rows(outs[0]);
+                let mut off = 0;
+                let mut work = Vec::new();
+                for &x in ins {
+                    let (_, width) = self.rows(x);
+                    work.push(elementwise_launch(
+                        k.clone(),
+                        rows * width,
+                        vec![val(x), val(outs[0]), int(rows), int(width), int(width), int(0), int(cols), int(off)],
+                    ));
+                    off += width;
+                }
+                work
+            }
+            Op::Expand { axis, n } => {
+                let s = self.shape(ins[0]);
+                let outer: u64 = s[..*axis as usize].iter().product();
+                let inner: u64 = s[*axis as usize + 1..].iter().product();
+                let k = self.fixed("expand_axis", "repeats an axis of size 1", EXPAND, index);
+                vec![elementwise_launch(k, outer * n * inner, vec![val(ins[0]), val(outs[0]), int(outer), int(*n), int(inner)])]
+            }
+            Op::SumAxis { axis } => {
+                let s = self.shape(ins[0]);
+                let outer: u64 = s[..*axis as usize].iter().product();
+                let len = s[*axis as usize];
+                let inner: u64 = s[*axis as usize + 1..].iter().product();
+                let k = self.fixed("sum_axis", "sums an axis, keeping it", SUM_AXIS, index);
+                vec![elementwise_launch(k, outer * inner, vec![val(ins[0]), val(outs[0]), int(outer), int(len), int(inner)])]
+            }
+            Op::Embedding => {
+                let t = self.shape(ins[0]);
+                let (rows, d) = (self.elements(ins[1]), t[1]);
+                let k = self.fixed("embedding_fwd", "row lookup", EMBEDDING_FWD, index);
+                vec![elementwise_launch(k, rows * d, vec![val(ins[0]), val(ins[1]), val(outs[0]), Arg::ErrorFlag, int(rows), int(d), int(t[0])])]
+            }
+            Op::EmbeddingGrad { vocab } => {
+                let (rows, d) = self.rows(ins[1]);
+                let zero = self.fill_launch(index, outs[0], 0.0);
+                let k = self.fixed("embedding_bwd", "scatter-add of rows", EMBEDDING_BWD, index);
+                vec![zero, elementwise_launch(k, rows * d, vec![val(ins[0]), val(ins[1]), val(outs[0]), int(rows), int(d), int(*vocab)])]
+            }
+            Op::Linear { bias } => {
+                let b = bias.then(|| ins[2]);
+                vec![self.linear_gemm(ins[0], ins[1], b, outs[0])]
+            }
+            Op::LinearMap { bias, expr, var } => {
+                let b = bias.then(|| ins[2]);
+                let gemm = self.linear_gemm(ins[0], ins[1], b, outs[0]);
+                // The activation reads the pre-activation the GEMM wrote.
+                let act = Node {
+                    op: Op::Map { expr: expr.clone(), vars: vec![var.clone()] },
+                    inputs: vec![outs[0]],
+                    outputs: vec![outs[1]],
+                    path: node.path.clone(),
+                    format: node.format,
+                };
+                let Op::Map { expr, vars } = &act.op else { unreachable!() };
+                let mut work = vec![gemm];
+                work.extend(self.map(index, &act, expr, vars));
+                work
+            }
+            Op::LinearGrad { bias } => {
+                let (x, w, dy) = (ins[0], ins[1], ins[2]);
+                let ws = self.shape(w);
+                let (rows, _) = self.rows(x);
+                let (out_f, in_f) = (ws[0], ws[1]);
+                let mut work = vec![
+                    // dx[rows, in] = dy[rows, out] · w[out, in]
+                    Work::Gemm(Gemm { out: outs[0].index(), a: dy.index(), b: w.index(), m: rows, n: in_f, k: out_f, a_trans: false, b_trans: false, bias: None }),
+                    // dw[out, in] = dyᵀ[out, rows] · x[rows, in]
+                    Work::Gemm(Gemm { out: outs[1].index(), a: dy.index(), b: x.index(), m: out_f, n: in_f, k: rows, a_trans: true, b_trans: false, bias: None }),
+                ];
+                if *bias {
+                    let k = self.fixed("bias_grad", "column sums (a bias gradient)", BIAS_GRAD, index);
+                    work.push(Work::Launch(Launch {
+                        kernel: k,
+                        grid: out_f.div_ceil(32),
+                        block: BLOCK,
+                        shared_bytes: 0,
+                        args: vec![val(dy), val(outs[2]), int(rows), int(out_f)],
+                    }));
+                }
+                work
+            }
+            Op::RmsNorm { eps } => self.norm_fwd(index, node, NormKind::RmsNorm, *eps, false),
+            Op::LayerNorm { eps } => self.norm_fwd(index, node, NormKind::LayerNorm, *eps, false),
+            Op::AddNorm { norm, eps } => self.norm_fwd(index, node, *norm, *eps, true),
+            Op::RmsNormGrad { eps } => self.norm_bwd(index, node, NormKind::RmsNorm, *eps, false),
+            Op::LayerNormGrad { eps } => self.norm_bwd(index, node, NormKind::LayerNorm, *eps, false),
+            Op::AddNormGrad { norm, eps } => self.norm_bwd(index, node, *norm, *eps, true),
+            Op::Rope { theta, yarn, pairs } => self.rope(index, node, *theta, *yarn, *pairs, false),
+            Op::RopeGrad { theta, yarn, pairs } => self.rope(index, node, *theta, *yarn, *pairs, true),
+            Op::CrossEntropy => {
+                let (rows, vocab) = self.rows(ins[0]);
+                let fwd = self.kernel(&format!("cross_entropy_fwd_v{vocab}"), &format!("cross-entropy rows over {vocab} logits"), cross_entropy_fwd_text(vocab), index, 0);
+                let mean = self.fixed("mean", "the mean of a vector", MEAN, index);
+                let per_row = Arg::Scratch { slot: 0, bytes: rows * 4 };
+                vec![
+                    row_launch(fwd, rows, vec![val(ins[0]), val(ins[1]), per_row.clone(), Arg::ErrorFlag, int(rows)]),
+                    Work::Launch(Launch { kernel: mean, grid: 1, block: BLOCK, shared_bytes: 0, args: vec![per_row, val(outs[0]), int(rows)] }),
+                ]
+            }
+            Op::CrossEntropyGrad => {
+                let (rows, vocab) = self.rows(ins[0]);
+                let bwd = self.kernel(&format!("cross_entropy_bwd_v{vocab}"), &format!("cross-entropy gradient over {vocab} logits"), cross_entropy_bwd_text(vocab), index, 0);
+                vec![row_launch(bwd, rows, vec![val(ins[0]), val(ins[1]), val(ins[2]), val(outs[0]), int(rows)])]
+            }
+            Op::Attention { .. } | Op::AttentionGrad { .. } => vec![Work::Pending {
+                reason: "flash-style attention kernels (forward and backward) are not generated yet".into(),
+            }],
+            Op::Router(_) | Op::RouterGrad(_) => vec![Work::Pending {
+                reason: "router kernels (scores, group-limited top-k and their gradient) are not generated yet".into(),
+            }],
+            Op::Experts { .. } | Op::ExpertsGrad { .. } => vec![Work::Pending {
+                reason: "MoE permute/un-permute kernels and grouped expert GEMMs are not generated yet".into(),
+            }],
+            Op::BalanceLoss { .. } | Op::BalanceLossGrad { .. } => vec![Work::Pending {
+                reason: "the sequence-wise balance loss kernels are not generated yet".into(),
+            }],
+        }
+    }
+}
+
+/// The CUDA program for a verified training Program of `model`: kernels for its nodes, then
+/// the optimizer's: partial sums of squares for the global gradient norm and one AdamW launch
+/// per trainable tensor.
+pub fn emit(model: &Model, program: &Program) -> CudaProgram {
+    let graph = program.graph();
+    let mut namer = Namer::new(Lang::Cuda);
+    namer.reserve("kiln_gen");
+    let mut e = Emitter {
+        graph,
+        out: String::new(),
+        namer,
+        kernels: Vec::new(),
+        by_text: HashMap::new(),
+        rope_tables: Vec::new(),
+    };
+    let _ = writeln!(
+        e.out,
+        "// Generated by kiln from the spec {} (batch {}, seq_len {}): the kernels of one\n\
+         // training step.\n\
+         // Every kernel opens with what it computes and the shapes of its arguments; the plan\n\
+         // of launches (grids, blocks, arguments) is in the manifest beside this file.\n\
+         #include <cuda_runtime.h>\n\
+         #include \"kiln_types.cuh\"\n\
+         #include \"kiln_reduce.cuh\"\n\
+         #include \"kiln_softmax.cuh\"\n\
+         #include \"kiln_math.cuh\"\n",
+        comment_text(&crate::names::rust_str_literal(&model.name)),
+        model.train.batch,
+        model.train.seq_len
+    );
+    let mut steps = Vec::new();
+    for (id, node) in graph.nodes.iter() {
+        let work = e.step(id.index(), node);
+        steps.push(Step {
+            node: id.index(),
+            op: node.op.name(),
+            path: node.path.clone(),
+            work,
+        });
+    }
+    let optimizer = match TrainOutputs::of(graph) {
+        Some(outputs) => e.optimizer(model, &outputs),
+        None => Vec::new(),
+    };
+    CudaProgram {
+        name: graph.name.clone(),
+        source: e.out,
+        kernels: e.kernels,
+        rope_tables: e.rope_tables,
+        steps,
+        optimizer,
+    }
+}
+
+impl Emitter<'_> {
+    /// The optimizer's launches: the gradient norm's partial sums over every gradient, then
+    /// AdamW on every trainable tensor (`node` numbers past the graph's nodes name them).
+    fn optimizer(&mut self, model: &Model, outputs: &TrainOutputs) -> Vec<Launch> {
+        let graph = self.graph;
+        let node = graph.nodes.len();
+        let squares = self.fixed(
+            "sum_squares",
+            "partial sums of squares (gradient norm)",
+            SUM_SQUARES,
+            node,
+        );
+        let adamw = self.fixed("adamw", "one AdamW step on a tensor", ADAMW, node);
+        let opt = &model.train.optimizer;
+        let mut launches = Vec::new();
+        for (slot, &(_, g)) in (0u32..).zip(&outputs.grads) {
+            let n = self.elements(g);
+            let grid = n.div_ceil(u64::from(BLOCK)).clamp(1, 256);
+            launches.push(Launch {
+                kernel: squares.clone(),
+                grid,
+                block: BLOCK,
+                shared_bytes: 0,
+                args: vec![
+                    val(g),
+                    Arg::Scratch {
+                        slot,
+                        bytes: grid * 4,
+                    },
+                    int(n),
+                ],
+            });
+        }
+        for &(p, g) in &outputs.grads {
+            let Some((w, _)) = graph
+                .values
+                .iter()
+                .find(|(_, v)| matches!(v.def, Def::Param(q) if q == p))
+            else {
+                continue;
+            };
+            let decay = if graph.params[p].update == Update::Decayed {
+                opt.weight_decay
+            } else {
+                0.0
+            };
+            let n = self.elements(g);
+            let hyper = |name: &'static str| Arg::Hyper { name };
+            launches.push(Launch {
+                kernel: adamw.clone(),
+                grid: n.div_ceil(u64::from(BLOCK)).clamp(1, MAX_GRID),
+                block: BLOCK,
+                shared_bytes: 0,
+                args: vec![
+                    val(w),
+                    Arg::Moment {
+                        param: w.index(),
+                        which: 1,
+                    },
+                    Arg::Moment {
+                        param: w.index(),
+                        which: 2,
+                    },
+                    val(g),
+                    int(n),
+                    hyper("lr"),
+                    Arg::Float { value: opt.beta1 },
+                    Arg::Float { value: opt.beta2 },
+                    Arg::Float { value: opt.eps },
+                    hyper("bias1"),
+                    hyper("bias2"),
+                    hyper("clip"),
+                    Arg::Float { value: decay },
+                ],
+            });
+        }
+        launches
+    }
+}
