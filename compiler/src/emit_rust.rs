@@ -1648,6 +1648,7 @@ pub fn emit(model: &Model, compiled: &Compiled) -> TokenStream {
         })
         .collect();
     let fwd_output_count = lit(fwd_outputs.len());
+    let cuda_source = Literal::string(&crate::emit_cuda::emit(model, &compiled.train).source);
     quote! {
         #[allow(clippy::all, clippy::pedantic, unused_imports, unused_doc_comments, dead_code)]
         pub mod #module {
@@ -1667,6 +1668,9 @@ pub fn emit(model: &Model, compiled: &Compiled) -> TokenStream {
             pub const LAYERS: usize = #layers;
             pub const BATCH: usize = #batch;
             pub const SEQ_LEN: usize = #seq_len;
+            /// The CUDA kernels of the training step (`kiln emit cuda`), for the CUDA backend;
+            /// they include `kiln_compiler::emit_cuda::HEADERS`.
+            pub const CUDA_SOURCE: &str = #cuda_source;
             /// The training graph's parameters, in order: `feed.params[i]` is `PARAM_NAMES[i]`.
             pub const PARAM_NAMES: [&str; #count] = [#(#names),*];
             pub const PARAM_SHAPES: [&[usize]; #count] = [#(#shapes),*];

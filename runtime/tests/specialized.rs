@@ -55,6 +55,15 @@ fn same_training(spec: &str, generated: Box<dyn Run>, steps: u64) -> Vec<u64> {
 }
 
 #[test]
+fn the_module_carries_the_cuda_emitters_source() {
+    let path = format!("{}/../specs/tiny.toml", env!("CARGO_MANIFEST_DIR"));
+    let model = check(&std::fs::read(&path).unwrap()).unwrap();
+    let cuda = kiln_compiler::emit_cuda::emit(&model, &compile(&model).unwrap().train);
+    assert_eq!(tiny::CUDA_SOURCE, cuda.source);
+    assert!(tiny::CUDA_SOURCE.contains("extern \"C\" __global__ void"));
+}
+
+#[test]
 fn tiny_trains_bit_identically() {
     assert_eq!(tiny::NAME, "tiny");
     assert_eq!((tiny::BATCH, tiny::SEQ_LEN, tiny::LAYERS), (8, 128, 4));
