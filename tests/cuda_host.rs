@@ -1,0 +1,537 @@
+//! Every generated CUDA kernel against the CPU backend, without a GPU: the generated
+//! translation unit is compiled for the CPU with g++ under a small emulation of CUDA's
+//! execution model (a block's 256 threads are real threads, `__syncthreads()` is a barrier,
+//! `__shared__` memory is shared by the block's threads, blocks run one after another), and
+//! each step of the manifest is run on inputs from the CPU interpreter's run of the same
+//! training step. Outputs are poisoned with NaN before each step and compared with the
+//! interpreter's by ‖out − ref‖ / ‖ref‖.
+//!
+//! What this checks: each kernel's indexing, its arguments as the manifest passes them, and its
+//! arithmetic (expressions and their reverse-mode gradients, norms, RoPE/YaRN, cross-entropy,
+//! embedding, copies). What it cannot: warp shuffles and CUDA's own math functions (the host
+//! has its own `expf`, `erff`…; `kiln_reduce.cuh` is replaced by a host reduction) and the
+//! GPU's memory model; `scripts/device-check` runs the same comparison on a GPU. GEMM steps
+//! (cuBLASLt) and the ops without kernels yet are skipped; a GEMM's outputs that a launch of
+//! the same step reads come from the interpreter.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use kiln_compiler::check::check;
+use kiln_compiler::emit_cuda::{emit, Arg, CudaProgram, Work};
+use kiln_compiler::ir::{DType, Graph, ValueId};
+use kiln_compiler::program::compile;
+use kiln_runtime::cpu::attention::rope_tables;
+use kiln_runtime::data::{builtin_corpus, byte_tokens, Batcher};
+use kiln_runtime::exec::{Buf, Executor, Feed};
+use kiln_runtime::train::{feed_inputs, init_params, max_token_offset};
+
+fn scratch(test: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join("cuda_host")
+        .join(test);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// CUDA's execution model on the host, enough for kiln's generated kernels.
+const SHIM: &str = r#"
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <barrier>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __restrict__
+#define __launch_bounds__(n)
+// Blocks run one at a time, so a function-static array is the block's shared memory.
+#define __shared__ static
+struct kiln_dim3 { unsigned x, y, z; };
+static kiln_dim3 blockIdx, blockDim = {256, 1, 1}, gridDim;
+static thread_local kiln_dim3 threadIdx;
+static std::barrier<>* kiln_block_barrier;
+static inline void __syncthreads() { kiln_block_barrier->arrive_and_wait(); }
+static inline float __fmul_rn(float a, float b) { return a * b; }
+static inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
+float __shfl_xor_sync(unsigned mask, float value, int lane_mask);
+static std::mutex kiln_atomic_lock;
+static inline float atomicAdd(float* p, float v) {
+    std::lock_guard<std::mutex> guard(kiln_atomic_lock);
+    const float old = *p;
+    *p = old + v;
+    return old;
+}
+// kiln_reduce.cuh's block reductions, through shared memory and barriers (no shuffles).
+static float kiln_host_reduce[1024];
+static inline float kiln_host_block(float x, bool max) {
+    __syncthreads();
+    kiln_host_reduce[threadIdx.x] = x;
+    __syncthreads();
+    float r = max ? -INFINITY : 0.0f;
+    for (unsigned i = 0; i < blockDim.x; ++i) r = max ? fmaxf(r, kiln_host_reduce[i]) : r + kiln_host_reduce[i];
+    return r;
+}
+static inline float kiln_block_sum(float x, float*) { return kiln_host_block(x, false); }
+static inline float kiln_block_max(float x, float*) { return kiln_host_block(x, true); }
+"#;
+
+/// Runs blocks of 256 threads: the workers wait at `start`, run the kernel, meet at `done`.
+const POOL: &str = r#"
+struct Pool {
+    std::barrier<> start{257}, done{257}, sync{256};
+    std::vector<std::thread> workers;
+    std::function<void()> body;
+    bool quit = false;
+    Pool() {
+        kiln_block_barrier = &sync;
+        for (unsigned t = 0; t < 256; ++t) {
+            workers.emplace_back([this, t] {
+                threadIdx = {t, 0, 0};
+                for (;;) {
+                    start.arrive_and_wait();
+                    if (quit) return;
+                    body();
+                    done.arrive_and_wait();
+                }
+            });
+        }
+    }
+    void run(unsigned long long grid, std::function<void()> kernel) {
+        body = kernel;
+        gridDim = {(unsigned)grid, 1, 1};
+        for (unsigned long long b = 0; b < grid; ++b) {
+            blockIdx = {(unsigned)b, 0, 0};
+            start.arrive_and_wait();
+            done.arrive_and_wait();
+        }
+    }
+    ~Pool() {
+        quit = true;
+        start.arrive_and_wait();
+        for (auto& w : workers) w.join();
+    }
+};
+static float f32(unsigned bits) { float f; memcpy(&f, &bits, 4); return f; }
+"#;
+
+/// One buffer the host program reads: a value from the interpreter, or a RoPE table.
+struct Input {
+    id: usize,
+    floats: Option<Vec<f32>>,
+    ids: Option<Vec<u32>>,
+}
+
+/// The step's launches and which values they write, for the steps the host runs.
+struct Plan {
+    node: usize,
+    launches: Vec<kiln_compiler::emit_cuda::Launch>,
+    /// Values the launches write (outputs of the node no GEMM of the step writes).
+    written: Vec<ValueId>,
+}
+
+fn plans(graph: &Graph, cuda: &CudaProgram) -> Vec<Plan> {
+    let mut out = Vec::new();
+    for step in &cuda.steps {
+        let launches: Vec<_> = step
+            .work
+            .iter()
+            .filter_map(|w| match w {
+                Work::Launch(l) => Some(l.clone()),
+                _ => None,
+            })
+            .collect();
+        if launches.is_empty() {
+            continue;
+        }
+        let by_gemm: HashSet<usize> = step
+            .work
+            .iter()
+            .filter_map(|w| match w {
+                Work::Gemm(g) => Some(g.out),
+                _ => None,
+            })
+            .collect();
+        let node = &graph.nodes[kiln_compiler::ir::Handle::from_index(step.node)];
+        let written = node
+            .outputs
+            .iter()
+            .copied()
+            .filter(|v| !by_gemm.contains(&v.index()))
+            .collect();
+        out.push(Plan {
+            node: step.node,
+            launches,
+            written,
+        });
+    }
+    out
+}
+
+/// The C++ expression for one kernel argument.
+fn arg_expr(graph: &Graph, a: &Arg, values: usize) -> String {
+    match a {
+        Arg::Value { id } => {
+            let ty = if graph.values[ValueId::from_index(*id)].ty.dtype == DType::U32 {
+                "unsigned"
+            } else {
+                "float"
+            };
+            format!("({ty}*)work[{id}]")
+        }
+        Arg::Scratch { slot, .. } => format!("(float*)scratch[{slot}]"),
+        Arg::ErrorFlag => "&error_flag".into(),
+        Arg::RopeCos { table } => format!("(float*)work[{}]", values + 2 * table),
+        Arg::RopeSin { table } => format!("(float*)work[{}]", values + 2 * table + 1),
+        Arg::Int { value } => format!("{value}LL"),
+        Arg::Float { value } => format!("f32(0x{:08x}u)", (*value as f32).to_bits()),
+        Arg::Moment { .. } | Arg::Hyper { .. } => unreachable!("optimizer launches are not run"),
+    }
+}
+
+/// Runs every generated kernel of `spec`'s training step on the host and compares it with the
+/// interpreter; returns `(node path, value, relative error)` for every compared output.
+fn run_spec(spec: &str, test: &str) -> Vec<(String, usize, f64)> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(spec);
+    let model = check(&std::fs::read(path).unwrap()).unwrap();
+    let compiled = compile(&model).unwrap();
+    let graph = compiled.train.graph();
+    let cuda = emit(&model, &compiled.train);
+    let plans = plans(graph, &cuda);
+
+    // The interpreter's run of one step, keeping every value.
+    let (b, t) = (model.train.batch as usize, model.train.seq_len as usize);
+    let forward = compiled.forward.graph();
+    let window = t + max_token_offset(forward) as usize - 1;
+    let mut batcher = Batcher::new(byte_tokens(&builtin_corpus(0, 1 << 15)), b, window, 0).unwrap();
+    let batch = batcher.next_batch();
+    let inputs = feed_inputs(graph, &batch, t);
+    let params = init_params(forward, 7);
+    let all: Vec<ValueId> = graph
+        .nodes
+        .iter()
+        .flat_map(|(_, n)| n.outputs.iter().copied())
+        .collect();
+    let values = Executor::new(graph, &all)
+        .run::<f32>(&Feed {
+            params: &params,
+            inputs: &inputs,
+        })
+        .unwrap();
+    let value_of = |v: ValueId| -> Input {
+        let id = v.index();
+        match graph.values[v].def {
+            kiln_compiler::ir::Def::Param(p) => Input {
+                id,
+                floats: Some(params[p.index()].clone()),
+                ids: None,
+            },
+            kiln_compiler::ir::Def::Input(kind) => Input {
+                id,
+                floats: None,
+                ids: Some(inputs[&kind].clone()),
+            },
+            kiln_compiler::ir::Def::Node { .. } => match &values[&v] {
+                Buf::F(x) => Input {
+                    id,
+                    floats: Some(x.clone()),
+                    ids: None,
+                },
+                Buf::U(x) => Input {
+                    id,
+                    floats: None,
+                    ids: Some(x.clone()),
+                },
+            },
+        }
+    };
+
+    // Every buffer any launch reads, and the RoPE tables.
+    let mut needed: BTreeMap<usize, Input> = BTreeMap::new();
+    for plan in &plans {
+        for l in &plan.launches {
+            for a in &l.args {
+                if let Arg::Value { id } = a {
+                    needed
+                        .entry(*id)
+                        .or_insert_with(|| value_of(ValueId::from_index(*id)));
+                }
+            }
+        }
+    }
+    let nvalues = graph.values.len();
+    for (k, table) in cuda.rope_tables.iter().enumerate() {
+        let tables = rope_tables::<f32>(
+            table.seq as usize,
+            table.dim as usize,
+            table.theta,
+            table.yarn.as_ref(),
+        );
+        for (i, data) in [tables.cos, tables.sin].into_iter().enumerate() {
+            let id = nvalues + 2 * k + i;
+            needed.insert(
+                id,
+                Input {
+                    id,
+                    floats: Some(data),
+                    ids: None,
+                },
+            );
+        }
+    }
+
+    // The data file: per buffer its index, element count and little-endian 32-bit elements.
+    let dir = scratch(test);
+    let mut data = Vec::new();
+    for input in needed.values() {
+        let words: Vec<u32> = match (&input.floats, &input.ids) {
+            (Some(f), _) => f.iter().map(|x| x.to_bits()).collect(),
+            (_, Some(u)) => u.clone(),
+            _ => unreachable!(),
+        };
+        data.extend((input.id as u64).to_le_bytes());
+        data.extend((words.len() as u64).to_le_bytes());
+        for w in words {
+            data.extend(w.to_le_bytes());
+        }
+    }
+    std::fs::write(dir.join("inputs.bin"), data).unwrap();
+
+    // The host program: the generated unit under the shim, then one block per step.
+    let source = cuda
+        .source
+        .replace("#include <cuda_runtime.h>\n", "")
+        .replace("#include \"kiln_types.cuh\"\n", "")
+        .replace("#include \"kiln_reduce.cuh\"\n", "");
+    let mut main = String::from(POOL);
+    let total = nvalues + 2 * cuda.rope_tables.len();
+    writeln!(
+        main,
+        "int main() {{\n    static std::vector<void*> pristine({total}, nullptr), work({total}, nullptr);\n    \
+         static std::vector<size_t> count({total}, 0);\n    int error_flag = 0;\n    \
+         FILE* in = fopen(\"inputs.bin\", \"rb\");\n    unsigned long long hdr[2];\n    \
+         while (fread(hdr, 8, 2, in) == 2) {{\n        pristine[hdr[0]] = malloc(hdr[1] * 4 + 4);\n        \
+         count[hdr[0]] = hdr[1];\n        if (fread(pristine[hdr[0]], 4, hdr[1], in) != hdr[1]) return 3;\n    }}\n    \
+         fclose(in);\n    FILE* out = fopen(\"outputs.bin\", \"wb\");\n    Pool pool;"
+    )
+    .unwrap();
+    for plan in &plans {
+        let _ = writeln!(main, "    {{ // node {}", plan.node);
+        // Fresh copies of what the step reads; NaN in what it writes.
+        let mut seen = HashSet::new();
+        for l in &plan.launches {
+            for a in &l.args {
+                if let Arg::Value { id } = a {
+                    if seen.insert(*id) {
+                        let _ = writeln!(
+                            main,
+                            "        work[{id}] = malloc(count[{id}] * 4 + 4); memcpy(work[{id}], pristine[{id}], count[{id}] * 4);"
+                        );
+                    }
+                }
+            }
+        }
+        for v in &plan.written {
+            let id = v.index();
+            let _ = writeln!(
+                main,
+                "        for (size_t i = 0; i < count[{id}]; ++i) ((float*)work[{id}])[i] = NAN;"
+            );
+        }
+        let mut slots = BTreeMap::new();
+        for l in &plan.launches {
+            for a in &l.args {
+                if let Arg::Scratch { slot, bytes } = a {
+                    slots.insert(*slot, *bytes);
+                }
+            }
+        }
+        let _ = writeln!(
+            main,
+            "        void* scratch[{}] = {{}};",
+            slots.len().max(1)
+        );
+        for (slot, bytes) in &slots {
+            let _ = writeln!(
+                main,
+                "        scratch[{slot}] = malloc({bytes}); for (size_t i = 0; i < {bytes} / 4; ++i) ((float*)scratch[{slot}])[i] = NAN;"
+            );
+        }
+        for t in 0..cuda.rope_tables.len() {
+            for k in 0..2 {
+                let id = nvalues + 2 * t + k;
+                let _ = writeln!(main, "        work[{id}] = pristine[{id}];");
+            }
+        }
+        for l in &plan.launches {
+            let args: Vec<String> = l.args.iter().map(|a| arg_expr(graph, a, nvalues)).collect();
+            let _ = writeln!(
+                main,
+                "        pool.run({}ULL, [&] {{ {}({}); }});",
+                l.grid,
+                l.kernel,
+                args.join(", ")
+            );
+        }
+        for v in &plan.written {
+            let id = v.index();
+            let _ = writeln!(
+                main,
+                "        {{ unsigned long long h[2] = {{{id}ULL, count[{id}]}}; fwrite(h, 8, 2, out); fwrite(work[{id}], 4, count[{id}], out); }}"
+            );
+        }
+        for id in &seen {
+            let _ = writeln!(main, "        free(work[{id}]); work[{id}] = nullptr;");
+        }
+        for slot in slots.keys() {
+            let _ = writeln!(main, "        free(scratch[{slot}]);");
+        }
+        let _ = writeln!(main, "    }}");
+    }
+    main.push_str("    fclose(out);\n    return error_flag;\n}\n");
+    let program = format!("{SHIM}\n{source}\n{main}");
+    let cpp = dir.join("host.cpp");
+    std::fs::write(&cpp, program).unwrap();
+    let cxx = std::env::var("CXX").unwrap_or_else(|_| "g++".to_string());
+    let exe = dir.join("host");
+    let built = Command::new(&cxx)
+        .args([
+            "-std=c++20",
+            "-O1",
+            "-pthread",
+            "-ffp-contract=off",
+            "-w",
+            "-I",
+        ])
+        .arg(kiln::nvcc::kernels_dir())
+        .arg("-o")
+        .arg(&exe)
+        .arg(&cpp)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run the host C++ compiler {cxx} (set CXX): {e}"));
+    assert!(
+        built.status.success(),
+        "{spec}: {cxx} failed:\n{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let ran = Command::new(&exe).current_dir(&dir).output().unwrap();
+    assert!(
+        ran.status.success(),
+        "{spec}: the host run failed ({}; error flag set?)\n{}",
+        ran.status,
+        String::from_utf8_lossy(&ran.stderr)
+    );
+
+    // Compare every written value with the interpreter's.
+    let bytes = std::fs::read(dir.join("outputs.bin")).unwrap();
+    let mut results = Vec::new();
+    let mut at = 0;
+    let mut order = plans
+        .iter()
+        .flat_map(|p| p.written.iter().map(move |&v| (p.node, v)));
+    while at < bytes.len() {
+        let word = |i: usize| u64::from_le_bytes(bytes[i..i + 8].try_into().unwrap()) as usize;
+        let (id, n) = (word(at), word(at + 8));
+        at += 16;
+        let got: Vec<f32> = bytes[at..at + 4 * n]
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        at += 4 * n;
+        let (node, v) = order.next().expect("one record per written value");
+        assert_eq!(v.index(), id);
+        let want = values[&v].floats();
+        assert_eq!(want.len(), got.len(), "{spec}: %{id} size");
+        let (mut diff, mut norm) = (0.0f64, 0.0f64);
+        for (&g, &w) in got.iter().zip(want) {
+            diff += (f64::from(g) - f64::from(w)).powi(2);
+            norm += f64::from(w).powi(2);
+        }
+        let rel = if norm > 0.0 {
+            (diff / norm).sqrt()
+        } else {
+            diff.sqrt()
+        };
+        let node_ref = &graph.nodes[kiln_compiler::ir::Handle::from_index(node)];
+        let path = node_ref.path.clone();
+        // The step's largest float operand: what the output is computed from.
+        let scale = node_ref
+            .inputs
+            .iter()
+            .filter_map(|&x| match graph.values[x].def {
+                kiln_compiler::ir::Def::Node { .. } => match &values[&x] {
+                    Buf::F(f) => Some(f.iter().map(|&e| f64::from(e).powi(2)).sum::<f64>().sqrt()),
+                    Buf::U(_) => None,
+                },
+                _ => None,
+            })
+            .fold(0.0, f64::max);
+        // An output that is zero up to the rounding of what it is computed from (the key
+        // bias's gradient: softmax ignores a shift shared by all keys, so it is exactly zero
+        // in exact arithmetic) has no relative accuracy to compare; it passes when both
+        // results are that small.
+        let noise = 1e-9 * scale;
+        if norm.sqrt() <= noise && diff.sqrt() <= noise {
+            println!(
+                "%{id} {path}: zero up to rounding (|ref| {:.2e}, |out - ref| {:.2e}, |input| {scale:.2e})",
+                norm.sqrt(),
+                diff.sqrt()
+            );
+            results.push((path, id, 0.0));
+            continue;
+        }
+        results.push((path, id, rel));
+    }
+    let _ = std::io::stdout().flush();
+    results
+}
+
+/// f32 kernels against the f32 interpreter: the orders of summation differ, nothing else.
+const TOLERANCE: f64 = 1e-5;
+
+fn check_spec(spec: &str, test: &str) {
+    let results = run_spec(spec, test);
+    assert!(!results.is_empty());
+    let worst = results.iter().max_by(|a, b| a.2.total_cmp(&b.2)).unwrap();
+    println!(
+        "{spec}: {} outputs compared, worst {:.2e} at {} (%{})",
+        results.len(),
+        worst.2,
+        worst.0,
+        worst.1
+    );
+    let bad: Vec<String> = results
+        .iter()
+        .filter(|r| r.2.is_nan() || r.2 > TOLERANCE)
+        .map(|(p, id, rel)| format!("{p} %{id}: {rel:.3e}"))
+        .collect();
+    assert!(
+        bad.is_empty(),
+        "{spec}: outside {TOLERANCE:e}:\n{}",
+        bad.join("\n")
+    );
+}
+
+#[test]
+fn micro_kernels_match_the_cpu_backend() {
+    check_spec("tests/specs/micro.toml", "micro");
+}
+
+#[test]
+fn gpt2_micro_kernels_match_the_cpu_backend() {
+    check_spec("tests/specs/gpt2-micro.toml", "gpt2-micro");
+}
+
+#[test]
+fn micro_yarn_kernels_match_the_cpu_backend() {
+    check_spec("tests/specs/micro-yarn.toml", "micro-yarn");
+}
