@@ -1,16 +1,18 @@
 //! Every generated CUDA kernel against the CPU backend, without a GPU: the generated
 //! translation unit is compiled for the CPU with g++ under a small emulation of CUDA's
 //! execution model (a block's 256 threads are real threads, `__syncthreads()` is a barrier,
-//! `__shared__` memory is shared by the block's threads, blocks run one after another), and
+//! `__shared__` memory is shared by the block's threads, warp and block reductions go through
+//! shared memory between two barriers, blocks run one after another), and
 //! each step of the manifest is run on inputs from the CPU interpreter's run of the same
 //! training step. Outputs are poisoned with NaN before each step and compared with the
 //! interpreter's by ‖out − ref‖ / ‖ref‖.
 //!
 //! What this checks: each kernel's indexing, its arguments as the manifest passes them, and its
-//! arithmetic (expressions and their reverse-mode gradients, norms, RoPE/YaRN, cross-entropy,
-//! embedding, copies). What it cannot: warp shuffles and CUDA's own math functions (the host
-//! has its own `expf`, `erff`…; `kiln_reduce.cuh` is replaced by a host reduction) and the
-//! GPU's memory model; `scripts/device-check` runs the same comparison on a GPU. GEMM steps
+//! arithmetic (expressions and their reverse-mode gradients, norms, RoPE/YaRN, attention and
+//! its gradients, cross-entropy, embedding, copies). What it cannot: the warp's lockstep
+//! execution and CUDA's own math functions (the host
+//! has its own `expf`, `erff`…; `kiln_reduce.cuh`'s shuffles are replaced by reductions
+//! through shared memory between barriers) and the GPU's memory model; `scripts/device-check` runs the same comparison on a GPU. GEMM steps
 //! (cuBLASLt) and the ops without kernels yet are skipped; a GEMM's outputs that a launch of
 //! the same step reads come from the interpreter.
 
@@ -63,7 +65,6 @@ static std::barrier<>* kiln_block_barrier;
 static inline void __syncthreads() { kiln_block_barrier->arrive_and_wait(); }
 static inline float __fmul_rn(float a, float b) { return a * b; }
 static inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
-float __shfl_xor_sync(unsigned mask, float value, int lane_mask);
 static std::mutex kiln_atomic_lock;
 static inline float atomicAdd(float* p, float v) {
     std::lock_guard<std::mutex> guard(kiln_atomic_lock);
@@ -71,18 +72,26 @@ static inline float atomicAdd(float* p, float v) {
     *p = old + v;
     return old;
 }
-// kiln_reduce.cuh's block reductions, through shared memory and barriers (no shuffles).
-static float kiln_host_reduce[1024];
-static inline float kiln_host_block(float x, bool max) {
+// kiln_reduce.cuh's warp and block reductions, through shared memory between two barriers
+// (each shuffle there would cost two). Every thread of the block must make the same calls,
+// as kiln's kernels do (never in divergent code).
+static float kiln_host_lanes[1024];
+static inline float kiln_host_reduce(float x, unsigned first, unsigned count, bool max) {
     __syncthreads();
-    kiln_host_reduce[threadIdx.x] = x;
+    kiln_host_lanes[threadIdx.x] = x;
     __syncthreads();
     float r = max ? -INFINITY : 0.0f;
-    for (unsigned i = 0; i < blockDim.x; ++i) r = max ? fmaxf(r, kiln_host_reduce[i]) : r + kiln_host_reduce[i];
+    for (unsigned i = first; i < first + count; ++i)
+        r = max ? fmaxf(r, kiln_host_lanes[i]) : r + kiln_host_lanes[i];
     return r;
 }
-static inline float kiln_block_sum(float x, float*) { return kiln_host_block(x, false); }
-static inline float kiln_block_max(float x, float*) { return kiln_host_block(x, true); }
+static inline float kiln_warp_sum(float x) { return kiln_host_reduce(x, threadIdx.x & ~31u, 32, false); }
+static inline float kiln_warp_max(float x) { return kiln_host_reduce(x, threadIdx.x & ~31u, 32, true); }
+static inline float kiln_block_sum(float x, float*) { return kiln_host_reduce(x, 0, blockDim.x, false); }
+static inline float kiln_block_max(float x, float*) { return kiln_host_reduce(x, 0, blockDim.x, true); }
+static inline void __syncwarp() { __syncthreads(); }
+// Declared for kiln_softmax.cuh's warp merge, which no generated kernel calls.
+float __shfl_xor_sync(unsigned mask, float value, int lane_mask);
 "#;
 
 /// Runs blocks of 256 threads: the workers wait at `start`, run the kernel, meet at `done`.
