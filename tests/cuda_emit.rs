@@ -119,18 +119,7 @@ fn every_node_without_a_kernel_says_why() {
         })
         .collect();
     for (op, reason) in &pending {
-        assert!(
-            [
-                "router",
-                "router_grad",
-                "experts",
-                "experts_grad",
-                "balance_loss",
-                "balance_loss_grad"
-            ]
-            .contains(op),
-            "{op}: {reason}"
-        );
+        assert!(["experts", "experts_grad"].contains(op), "{op}: {reason}");
         assert!(reason.contains("not generated yet"));
     }
     // GPT-2 has every kernel.

@@ -66,6 +66,12 @@ static inline void __syncthreads() { kiln_block_barrier->arrive_and_wait(); }
 static inline float __fmul_rn(float a, float b) { return a * b; }
 static inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
 static std::mutex kiln_atomic_lock;
+static inline unsigned atomicAdd(unsigned* p, unsigned v) {
+    std::lock_guard<std::mutex> guard(kiln_atomic_lock);
+    const unsigned old = *p;
+    *p = old + v;
+    return old;
+}
 static inline float atomicAdd(float* p, float v) {
     std::lock_guard<std::mutex> guard(kiln_atomic_lock);
     const float old = *p;
@@ -451,13 +457,26 @@ fn run_spec(spec: &str, test: &str) -> Vec<(String, usize, f64)> {
         let word = |i: usize| u64::from_le_bytes(bytes[i..i + 8].try_into().unwrap()) as usize;
         let (id, n) = (word(at), word(at + 8));
         at += 16;
-        let got: Vec<f32> = bytes[at..at + 4 * n]
+        let words: Vec<[u8; 4]> = bytes[at..at + 4 * n]
             .chunks_exact(4)
-            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .map(|c| c.try_into().unwrap())
             .collect();
         at += 4 * n;
         let (node, v) = order.next().expect("one record per written value");
         assert_eq!(v.index(), id);
+        let path_of = |node: usize| {
+            graph.nodes[kiln_compiler::ir::Handle::from_index(node)]
+                .path
+                .clone()
+        };
+        // Ids (the router's choice of experts) must be equal.
+        if let Buf::U(want) = &values[&v] {
+            let got: Vec<u32> = words.iter().map(|w| u32::from_le_bytes(*w)).collect();
+            let differ = got.iter().zip(want).filter(|(g, w)| g != w).count();
+            results.push((path_of(node), id, differ as f64));
+            continue;
+        }
+        let got: Vec<f32> = words.iter().map(|w| f32::from_le_bytes(*w)).collect();
         let want = values[&v].floats();
         assert_eq!(want.len(), got.len(), "{spec}: %{id} size");
         let (mut diff, mut norm) = (0.0f64, 0.0f64);
