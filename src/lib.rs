@@ -130,8 +130,8 @@ enum Emit {
     /// The CUDA kernels of the spec's training step: prints the translation unit, or with
     /// `--out DIR` writes `DIR/<model>.cu`, the building blocks it includes (`kiln_*.cuh`) and
     /// `DIR/manifest.json` (every kernel with its block size and the nodes that launch it; per
-    /// Program node, its launches with grid and arguments, its cuBLASLt GEMMs, or why no
-    /// kernel exists for it yet; the optimizer's launches). `--check` compiles the unit with
+    /// Program node, its launches with grid and arguments and its cuBLASLt GEMMs; the
+    /// optimizer's launches). `--check` compiles the unit with
     /// nvcc for sm_90a and refuses register spills and unlisted stack frames.
     Cuda {
         /// The spec [default: the built-in specs/tiny.toml].
@@ -416,20 +416,12 @@ fn cmd_emit_cuda(
                 files.push((name, text.as_bytes().to_vec()));
             }
             hf::write_dir(&dir, &files)?;
-            let pending = cuda
-                .steps
-                .iter()
-                .filter(|s| {
-                    s.work
-                        .iter()
-                        .any(|w| matches!(w, emit_cuda::Work::Pending { .. }))
-                })
-                .count();
             eprintln!(
-                "wrote {}: {unit} ({} kernels), manifest.json ({} steps, {pending} without a kernel yet)",
+                "wrote {}: {unit} ({} kernels), manifest.json ({} steps, {} optimizer launches)",
                 dir.display(),
                 cuda.kernels.len(),
-                cuda.steps.len()
+                cuda.steps.len(),
+                cuda.optimizer.len()
             );
         }
     }

@@ -137,6 +137,11 @@ struct Pool {
     }
 };
 static float f32(unsigned bits) { float f; memcpy(&f, &bits, 4); return f; }
+// Scratch memory holds floats or ints, as the kernel's parameter says.
+struct AnyPtr {
+    void* p;
+    template <class T> operator T*() const { return (T*)p; }
+};
 "#;
 
 /// One buffer the host program reads: a value from the interpreter, or a RoPE table.
@@ -203,7 +208,7 @@ fn arg_expr(graph: &Graph, a: &Arg, values: usize) -> String {
             };
             format!("({ty}*)work[{id}]")
         }
-        Arg::Scratch { slot, .. } => format!("(float*)scratch[{slot}]"),
+        Arg::Scratch { slot, .. } => format!("AnyPtr{{scratch[{slot}]}}"),
         Arg::ErrorFlag => "&error_flag".into(),
         Arg::RopeCos { table } => format!("(float*)work[{}]", values + 2 * table),
         Arg::RopeSin { table } => format!("(float*)work[{}]", values + 2 * table + 1),
@@ -562,4 +567,226 @@ fn gpt2_micro_kernels_match_the_cpu_backend() {
 #[test]
 fn micro_yarn_kernels_match_the_cpu_backend() {
     check_spec("tests/specs/micro-yarn.toml", "micro-yarn");
+}
+
+/// The optimizer's kernels against `Trainer::step`: the gradient norm's partial sums, AdamW on
+/// every tensor (first step, zero moments) and the aux-free bias update, from the gradients
+/// and expert choices of the interpreter's run of the same step.
+#[test]
+fn optimizer_kernels_match_the_trainer() {
+    use kiln_compiler::program::TrainOutputs;
+    use kiln_runtime::train::{TrainConfig, Trainer};
+
+    let spec = "tests/specs/micro.toml";
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(spec);
+    let model = check(&std::fs::read(path).unwrap()).unwrap();
+    let compiled = compile(&model).unwrap();
+    let graph = compiled.train.graph();
+    let forward = compiled.forward.graph();
+    let cuda = emit(&model, &compiled.train);
+    let (b, t) = (model.train.batch as usize, model.train.seq_len as usize);
+    let window = t + max_token_offset(forward) as usize - 1;
+    let mut batcher = Batcher::new(byte_tokens(&builtin_corpus(0, 1 << 15)), b, window, 0).unwrap();
+    let batch = batcher.next_batch();
+    let params = init_params(forward, 7);
+    let outputs = TrainOutputs::of(graph).unwrap();
+    let ran = Executor::new(graph, &outputs.values())
+        .run::<f32>(&Feed {
+            params: &params,
+            inputs: &feed_inputs(graph, &batch, t),
+        })
+        .unwrap();
+    let config = TrainConfig::of(&model, 10, 0);
+    let mut trainer = Trainer::new(graph, config.clone(), params.clone());
+    let stats = trainer.step(&batch, t).unwrap();
+    assert!(!stats.skipped);
+
+    // The per-step scalars the runtime supplies, as the trainer computes them.
+    let clip = match config.grad_clip {
+        Some(c) if stats.grad_norm > c => c / stats.grad_norm,
+        _ => 1.0,
+    };
+    let hyper = |name: &str| -> f64 {
+        match name {
+            "lr" => config.lr_at(0),
+            "bias1" => 1.0 - config.beta1,
+            "bias2" => 1.0 - config.beta2,
+            "clip" => clip,
+            other => panic!("unknown optimizer scalar {other}"),
+        }
+    };
+    // Buffers: every parameter and gradient by value index, moments by parameter.
+    let param_value = |p: kiln_compiler::ir::ParamId| {
+        graph
+            .values
+            .iter()
+            .find(|(_, v)| matches!(v.def, kiln_compiler::ir::Def::Param(q) if q == p))
+            .map(|(id, _)| id)
+            .unwrap()
+    };
+    let mut buffers: BTreeMap<usize, Vec<u32>> = BTreeMap::new();
+    for (p, _) in graph.params.iter() {
+        buffers.insert(
+            param_value(p).index(),
+            params[p.index()].iter().map(|x| x.to_bits()).collect(),
+        );
+    }
+    for &(_, g) in &outputs.grads {
+        buffers.insert(
+            g.index(),
+            ran[&g].floats().iter().map(|x| x.to_bits()).collect(),
+        );
+    }
+    for &(_, experts, _) in &outputs.routers {
+        let Buf::U(ids) = &ran[&experts] else {
+            panic!("ids")
+        };
+        buffers.insert(experts.index(), ids.clone());
+    }
+    let dir = scratch("optimizer");
+    let mut data = Vec::new();
+    for (id, words) in &buffers {
+        data.extend((*id as u64).to_le_bytes());
+        data.extend((words.len() as u64).to_le_bytes());
+        for w in words {
+            data.extend(w.to_le_bytes());
+        }
+    }
+    std::fs::write(dir.join("inputs.bin"), data).unwrap();
+    let total = graph.values.len();
+    let mut main = String::from(POOL);
+    writeln!(
+        main,
+        "int main() {{\n    static std::vector<void*> buf({total}, nullptr), m({total}, nullptr), v({total}, nullptr);\n    \
+         static std::vector<size_t> count({total}, 0);\n    FILE* in = fopen(\"inputs.bin\", \"rb\");\n    \
+         unsigned long long hdr[2];\n    while (fread(hdr, 8, 2, in) == 2) {{\n        buf[hdr[0]] = malloc(hdr[1] * 4 + 4);\n        \
+         m[hdr[0]] = calloc(hdr[1] + 1, 4);\n        v[hdr[0]] = calloc(hdr[1] + 1, 4);\n        count[hdr[0]] = hdr[1];\n        \
+         if (fread(buf[hdr[0]], 4, hdr[1], in) != hdr[1]) return 3;\n    }}\n    fclose(in);\n    \
+         FILE* out = fopen(\"outputs.bin\", \"wb\");\n    Pool pool;\n    double squares = 0.0;"
+    )
+    .unwrap();
+    for l in &cuda.optimizer {
+        let mut partial = None;
+        let args: Vec<String> = l
+            .args
+            .iter()
+            .map(|a| match a {
+                Arg::Value { id } => format!("AnyPtr{{buf[{id}]}}"),
+                Arg::Moment { param, which } => {
+                    format!("(float*){}[{param}]", if *which == 1 { "m" } else { "v" })
+                }
+                Arg::Hyper { name } => {
+                    format!("f32(0x{:08x}u)", (hyper(name) as f32).to_bits())
+                }
+                Arg::Scratch { bytes, .. } => {
+                    partial = Some(*bytes / 4);
+                    "partial".to_string()
+                }
+                other => arg_expr(graph, other, total),
+            })
+            .collect();
+        let _ = writeln!(main, "    {{");
+        if let Some(n) = partial {
+            let _ = writeln!(main, "        float* partial = (float*)calloc({n}, 4);");
+        }
+        let _ = writeln!(
+            main,
+            "        pool.run({}ULL, [&] {{ {}({}); }});",
+            l.grid,
+            l.kernel,
+            args.join(", ")
+        );
+        if let Some(n) = partial {
+            let _ = writeln!(
+                main,
+                "        for (int i = 0; i < {n}; ++i) squares += partial[i];\n        free(partial);"
+            );
+        }
+        let _ = writeln!(main, "    }}");
+    }
+    let _ = writeln!(main, "    fwrite(&squares, 8, 1, out);");
+    for (p, _) in graph.params.iter() {
+        let id = param_value(p).index();
+        let _ = writeln!(main, "    fwrite(buf[{id}], 4, count[{id}], out);");
+    }
+    main.push_str("    fclose(out);\n    return 0;\n}\n");
+    let source = cuda
+        .source
+        .replace("#include <cuda_runtime.h>\n", "")
+        .replace("#include \"kiln_types.cuh\"\n", "")
+        .replace("#include \"kiln_reduce.cuh\"\n", "");
+    let cpp = dir.join("host.cpp");
+    std::fs::write(&cpp, format!("{SHIM}\n{source}\n{main}")).unwrap();
+    let cxx = std::env::var("CXX").unwrap_or_else(|_| "g++".to_string());
+    let exe = dir.join("host");
+    let built = Command::new(&cxx)
+        .args([
+            "-std=c++20",
+            "-O1",
+            "-pthread",
+            "-ffp-contract=off",
+            "-w",
+            "-I",
+        ])
+        .arg(kiln::nvcc::kernels_dir())
+        .arg("-o")
+        .arg(&exe)
+        .arg(&cpp)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run the host C++ compiler {cxx} (set CXX): {e}"));
+    assert!(
+        built.status.success(),
+        "{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let ran_host = Command::new(&exe).current_dir(&dir).output().unwrap();
+    assert!(ran_host.status.success());
+    let bytes = std::fs::read(dir.join("outputs.bin")).unwrap();
+    let squares = f64::from_le_bytes(bytes[..8].try_into().unwrap());
+    let norm = squares.sqrt();
+    let rel_norm = (norm - stats.grad_norm).abs() / stats.grad_norm;
+    println!(
+        "gradient norm: host {norm:.9e}, trainer {:.9e} (rel {rel_norm:.2e})",
+        stats.grad_norm
+    );
+    assert!(
+        rel_norm < 1e-5,
+        "gradient norm {norm} vs {}",
+        stats.grad_norm
+    );
+
+    // Every parameter against the trainer's. The kernel computes in f32 where the trainer
+    // computes in f64 and rounds once. An Adam update is at most about lr in size (|m̂/√v̂| ≤ 1
+    // on a first step), so each parameter must be within 1e-5 · lr of the trainer's, plus
+    // the rounding of the result (2 ulp).
+    let lr = config.lr_at(0);
+    let mut at = 8;
+    let mut worst: (f64, String) = (0.0, String::new());
+    for (p, param) in graph.params.iter() {
+        let n = params[p.index()].len();
+        let got: Vec<f32> = bytes[at..at + 4 * n]
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        at += 4 * n;
+        for (i, &have) in got.iter().enumerate() {
+            let want = trainer.params[p.index()][i];
+            let ulp = f64::from(f32::from_bits(want.abs().to_bits() + 1) - want.abs());
+            let err = (f64::from(have) - f64::from(want)).abs();
+            let allowed = 1e-5 * lr + 2.0 * ulp;
+            assert!(
+                err <= allowed,
+                "{}[{i}]: {have} vs the trainer's {want} (off by {err:.3e}, lr {lr:.3e})",
+                param.name
+            );
+            let in_lr = (err - 2.0 * ulp).max(0.0) / lr;
+            if in_lr > worst.0 {
+                worst = (in_lr, param.name.clone());
+            }
+        }
+    }
+    println!(
+        "parameters: within 2 ulp + {:.2e} · lr of the trainer's (worst {})",
+        worst.0, worst.1
+    );
 }
