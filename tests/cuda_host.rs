@@ -197,6 +197,65 @@ fn plans(graph: &Graph, cuda: &CudaProgram) -> Vec<Plan> {
     out
 }
 
+/// Writes `inputs.bin` into `dir`: per buffer its index, its element count and its
+/// little-endian 32-bit elements (float bits or ids), as the host program reads them.
+fn write_buffers<'a>(dir: &Path, buffers: impl IntoIterator<Item = (usize, &'a [u32])>) {
+    let mut data = Vec::new();
+    for (id, words) in buffers {
+        data.extend((id as u64).to_le_bytes());
+        data.extend((words.len() as u64).to_le_bytes());
+        for w in words {
+            data.extend(w.to_le_bytes());
+        }
+    }
+    std::fs::write(dir.join("inputs.bin"), data).unwrap();
+}
+
+/// The generated unit for the host: without the CUDA headers the shim replaces.
+fn host_source(cuda: &CudaProgram) -> String {
+    cuda.source
+        .replace("#include <cuda_runtime.h>\n", "")
+        .replace("#include \"kiln_types.cuh\"\n", "")
+        .replace("#include \"kiln_reduce.cuh\"\n", "")
+}
+
+/// Compiles `SHIM`, the generated unit and `main` with the host C++ compiler, runs it in
+/// `dir`, and returns what it wrote to `outputs.bin`.
+fn build_and_run(dir: &Path, what: &str, cuda: &CudaProgram, main: &str) -> Vec<u8> {
+    let cpp = dir.join("host.cpp");
+    std::fs::write(&cpp, format!("{SHIM}\n{}\n{main}", host_source(cuda))).unwrap();
+    let cxx = std::env::var("CXX").unwrap_or_else(|_| "g++".to_string());
+    let exe = dir.join("host");
+    let built = Command::new(&cxx)
+        .args([
+            "-std=c++20",
+            "-O1",
+            "-pthread",
+            "-ffp-contract=off",
+            "-w",
+            "-I",
+        ])
+        .arg(kiln::nvcc::kernels_dir())
+        .arg("-o")
+        .arg(&exe)
+        .arg(&cpp)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run the host C++ compiler {cxx} (set CXX): {e}"));
+    assert!(
+        built.status.success(),
+        "{what}: {cxx} failed:\n{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let ran = Command::new(&exe).current_dir(dir).output().unwrap();
+    assert!(
+        ran.status.success(),
+        "{what}: the host run failed ({}; error flag set?)\n{}",
+        ran.status,
+        String::from_utf8_lossy(&ran.stderr)
+    );
+    std::fs::read(dir.join("outputs.bin")).unwrap()
+}
+
 /// The C++ expression for one kernel argument.
 fn arg_expr(graph: &Graph, a: &Arg, values: usize) -> String {
     match a {
@@ -311,27 +370,20 @@ fn run_spec(spec: &str, test: &str) -> Vec<(String, usize, f64)> {
 
     // The data file: per buffer its index, element count and little-endian 32-bit elements.
     let dir = scratch(test);
-    let mut data = Vec::new();
-    for input in needed.values() {
-        let words: Vec<u32> = match (&input.floats, &input.ids) {
-            (Some(f), _) => f.iter().map(|x| x.to_bits()).collect(),
-            (_, Some(u)) => u.clone(),
-            _ => unreachable!(),
-        };
-        data.extend((input.id as u64).to_le_bytes());
-        data.extend((words.len() as u64).to_le_bytes());
-        for w in words {
-            data.extend(w.to_le_bytes());
-        }
-    }
-    std::fs::write(dir.join("inputs.bin"), data).unwrap();
+    let words: Vec<(usize, Vec<u32>)> = needed
+        .values()
+        .map(|input| {
+            let words = match (&input.floats, &input.ids) {
+                (Some(f), _) => f.iter().map(|x| x.to_bits()).collect(),
+                (_, Some(u)) => u.clone(),
+                _ => unreachable!(),
+            };
+            (input.id, words)
+        })
+        .collect();
+    write_buffers(&dir, words.iter().map(|(id, w)| (*id, &w[..])));
 
     // The host program: the generated unit under the shim, then one block per step.
-    let source = cuda
-        .source
-        .replace("#include <cuda_runtime.h>\n", "")
-        .replace("#include \"kiln_types.cuh\"\n", "")
-        .replace("#include \"kiln_reduce.cuh\"\n", "");
     let mut main = String::from(POOL);
     let total = nvalues + 2 * cuda.rope_tables.len();
     writeln!(
@@ -418,41 +470,9 @@ fn run_spec(spec: &str, test: &str) -> Vec<(String, usize, f64)> {
         let _ = writeln!(main, "    }}");
     }
     main.push_str("    fclose(out);\n    return error_flag;\n}\n");
-    let program = format!("{SHIM}\n{source}\n{main}");
-    let cpp = dir.join("host.cpp");
-    std::fs::write(&cpp, program).unwrap();
-    let cxx = std::env::var("CXX").unwrap_or_else(|_| "g++".to_string());
-    let exe = dir.join("host");
-    let built = Command::new(&cxx)
-        .args([
-            "-std=c++20",
-            "-O1",
-            "-pthread",
-            "-ffp-contract=off",
-            "-w",
-            "-I",
-        ])
-        .arg(kiln::nvcc::kernels_dir())
-        .arg("-o")
-        .arg(&exe)
-        .arg(&cpp)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run the host C++ compiler {cxx} (set CXX): {e}"));
-    assert!(
-        built.status.success(),
-        "{spec}: {cxx} failed:\n{}",
-        String::from_utf8_lossy(&built.stderr)
-    );
-    let ran = Command::new(&exe).current_dir(&dir).output().unwrap();
-    assert!(
-        ran.status.success(),
-        "{spec}: the host run failed ({}; error flag set?)\n{}",
-        ran.status,
-        String::from_utf8_lossy(&ran.stderr)
-    );
+    let bytes = build_and_run(&dir, spec, &cuda, &main);
 
     // Compare every written value with the interpreter's.
-    let bytes = std::fs::read(dir.join("outputs.bin")).unwrap();
     let mut results = Vec::new();
     let mut at = 0;
     let mut order = plans
@@ -644,15 +664,7 @@ fn optimizer_kernels_match_the_trainer() {
         buffers.insert(experts.index(), ids.clone());
     }
     let dir = scratch("optimizer");
-    let mut data = Vec::new();
-    for (id, words) in &buffers {
-        data.extend((*id as u64).to_le_bytes());
-        data.extend((words.len() as u64).to_le_bytes());
-        for w in words {
-            data.extend(w.to_le_bytes());
-        }
-    }
-    std::fs::write(dir.join("inputs.bin"), data).unwrap();
+    write_buffers(&dir, buffers.iter().map(|(id, w)| (*id, &w[..])));
     let total = graph.values.len();
     let mut main = String::from(POOL);
     writeln!(
@@ -710,38 +722,7 @@ fn optimizer_kernels_match_the_trainer() {
         let _ = writeln!(main, "    fwrite(buf[{id}], 4, count[{id}], out);");
     }
     main.push_str("    fclose(out);\n    return 0;\n}\n");
-    let source = cuda
-        .source
-        .replace("#include <cuda_runtime.h>\n", "")
-        .replace("#include \"kiln_types.cuh\"\n", "")
-        .replace("#include \"kiln_reduce.cuh\"\n", "");
-    let cpp = dir.join("host.cpp");
-    std::fs::write(&cpp, format!("{SHIM}\n{source}\n{main}")).unwrap();
-    let cxx = std::env::var("CXX").unwrap_or_else(|_| "g++".to_string());
-    let exe = dir.join("host");
-    let built = Command::new(&cxx)
-        .args([
-            "-std=c++20",
-            "-O1",
-            "-pthread",
-            "-ffp-contract=off",
-            "-w",
-            "-I",
-        ])
-        .arg(kiln::nvcc::kernels_dir())
-        .arg("-o")
-        .arg(&exe)
-        .arg(&cpp)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run the host C++ compiler {cxx} (set CXX): {e}"));
-    assert!(
-        built.status.success(),
-        "{}",
-        String::from_utf8_lossy(&built.stderr)
-    );
-    let ran_host = Command::new(&exe).current_dir(&dir).output().unwrap();
-    assert!(ran_host.status.success());
-    let bytes = std::fs::read(dir.join("outputs.bin")).unwrap();
+    let bytes = build_and_run(&dir, "the optimizer", &cuda, &main);
     let squares = f64::from_le_bytes(bytes[..8].try_into().unwrap());
     let norm = squares.sqrt();
     let rel_norm = (norm - stats.grad_norm).abs() / stats.grad_norm;
