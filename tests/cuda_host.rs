@@ -273,7 +273,9 @@ fn arg_expr(graph: &Graph, a: &Arg, values: usize) -> String {
         Arg::RopeSin { table } => format!("(float*)work[{}]", values + 2 * table + 1),
         Arg::Int { value } => format!("{value}LL"),
         Arg::Float { value } => format!("f32(0x{:08x}u)", (*value as f32).to_bits()),
-        Arg::Moment { .. } | Arg::Hyper { .. } => unreachable!("optimizer launches are not run"),
+        Arg::Tensors { .. } | Arg::ChunkTensor | Arg::ChunkStart | Arg::Hyper { .. } => {
+            unreachable!("optimizer launches are not run here")
+        }
     }
 }
 
@@ -589,9 +591,9 @@ fn micro_yarn_kernels_match_the_cpu_backend() {
     check_spec("tests/specs/micro-yarn.toml", "micro-yarn");
 }
 
-/// The optimizer's kernels against `Trainer::step`: the gradient norm's partial sums, AdamW on
-/// every tensor (first step, zero moments) and the aux-free bias update, from the gradients
-/// and expert choices of the interpreter's run of the same step.
+/// The optimizer's kernels against `Trainer::step`: the gradient norm and clipping factor,
+/// AdamW on every tensor in one launch (first step, zero moments) and the aux-free bias
+/// update, from the gradients and expert choices of the interpreter's run of the same step.
 #[test]
 fn optimizer_kernels_match_the_trainer() {
     use kiln_compiler::program::TrainOutputs;
@@ -622,16 +624,11 @@ fn optimizer_kernels_match_the_trainer() {
     assert!(!stats.skipped);
 
     // The per-step scalars the runtime supplies, as the trainer computes them.
-    let clip = match config.grad_clip {
-        Some(c) if stats.grad_norm > c => c / stats.grad_norm,
-        _ => 1.0,
-    };
     let hyper = |name: &str| -> f64 {
         match name {
             "lr" => config.lr_at(0),
             "bias1" => 1.0 - config.beta1,
             "bias2" => 1.0 - config.beta2,
-            "clip" => clip,
             other => panic!("unknown optimizer scalar {other}"),
         }
     };
@@ -674,57 +671,66 @@ fn optimizer_kernels_match_the_trainer() {
          unsigned long long hdr[2];\n    while (fread(hdr, 8, 2, in) == 2) {{\n        buf[hdr[0]] = malloc(hdr[1] * 4 + 4);\n        \
          m[hdr[0]] = calloc(hdr[1] + 1, 4);\n        v[hdr[0]] = calloc(hdr[1] + 1, 4);\n        count[hdr[0]] = hdr[1];\n        \
          if (fread(buf[hdr[0]], 4, hdr[1], in) != hdr[1]) return 3;\n    }}\n    fclose(in);\n    \
-         FILE* out = fopen(\"outputs.bin\", \"wb\");\n    Pool pool;\n    double squares = 0.0;"
+         FILE* out = fopen(\"outputs.bin\", \"wb\");\n    Pool pool;"
     )
     .unwrap();
+    // The tables the runtime builds: every tensor, and the chunks of each in order.
+    let Some(Arg::Tensors { entries }) = cuda.optimizer[0].args.first() else {
+        panic!("the first optimizer launch reads the tensor table");
+    };
+    let _ = writeln!(main, "    static std::vector<KilnTensor> tensors;");
+    let _ = writeln!(
+        main,
+        "    static std::vector<int> chunk_tensor;\n    static std::vector<long long> chunk_start;"
+    );
+    for (i, t) in entries.iter().enumerate() {
+        let _ = writeln!(
+            main,
+            "    tensors.push_back(KilnTensor{{(float*)buf[{p}], (float*)m[{p}], (float*)v[{p}], (const float*)buf[{g}], {n}LL, f32(0x{d:08x}u)}});\n    \
+             for (long long s = 0; s < {n}LL; s += {c}) {{ chunk_tensor.push_back({i}); chunk_start.push_back(s); }}",
+            p = t.param,
+            g = t.grad,
+            n = t.elements,
+            d = (t.decay as f32).to_bits(),
+            c = kiln_compiler::emit_cuda::OPTIMIZER_CHUNK,
+        );
+    }
+    let _ = writeln!(main, "    static float* slots[2] = {{(float*)calloc(chunk_tensor.size() + 1, 4), (float*)calloc(2, 4)}};");
     for l in &cuda.optimizer {
-        let mut partial = None;
         let args: Vec<String> = l
             .args
             .iter()
             .map(|a| match a {
                 Arg::Value { id } => format!("AnyPtr{{buf[{id}]}}"),
-                Arg::Moment { param, which } => {
-                    format!("(float*){}[{param}]", if *which == 1 { "m" } else { "v" })
-                }
+                Arg::Tensors { .. } => "tensors.data()".into(),
+                Arg::ChunkTensor => "chunk_tensor.data()".into(),
+                Arg::ChunkStart => "chunk_start.data()".into(),
                 Arg::Hyper { name } => {
                     format!("f32(0x{:08x}u)", (hyper(name) as f32).to_bits())
                 }
-                Arg::Scratch { bytes, .. } => {
-                    partial = Some(*bytes / 4);
-                    "partial".to_string()
-                }
+                Arg::Scratch { slot, .. } => format!("slots[{slot}]"),
                 other => arg_expr(graph, other, total),
             })
             .collect();
-        let _ = writeln!(main, "    {{");
-        if let Some(n) = partial {
-            let _ = writeln!(main, "        float* partial = (float*)calloc({n}, 4);");
-        }
         let _ = writeln!(
             main,
-            "        pool.run({}ULL, [&] {{ {}({}); }});",
+            "    pool.run({}ULL, [&] {{ {}({}); }});",
             l.grid,
             l.kernel,
             args.join(", ")
         );
-        if let Some(n) = partial {
-            let _ = writeln!(
-                main,
-                "        for (int i = 0; i < {n}; ++i) squares += partial[i];\n        free(partial);"
-            );
-        }
-        let _ = writeln!(main, "    }}");
     }
-    let _ = writeln!(main, "    fwrite(&squares, 8, 1, out);");
+    let _ = writeln!(
+        main,
+        "    double norm = slots[1][0];\n    fwrite(&norm, 8, 1, out);"
+    );
     for (p, _) in graph.params.iter() {
         let id = param_value(p).index();
         let _ = writeln!(main, "    fwrite(buf[{id}], 4, count[{id}], out);");
     }
     main.push_str("    fclose(out);\n    return 0;\n}\n");
     let bytes = build_and_run(&dir, "the optimizer", &cuda, &main);
-    let squares = f64::from_le_bytes(bytes[..8].try_into().unwrap());
-    let norm = squares.sqrt();
+    let norm = f64::from_le_bytes(bytes[..8].try_into().unwrap());
     let rel_norm = (norm - stats.grad_norm).abs() / stats.grad_norm;
     println!(
         "gradient norm: host {norm:.9e}, trainer {:.9e} (rel {rel_norm:.2e})",

@@ -64,7 +64,9 @@ pub struct CudaProgram {
     pub rope_tables: Vec<RopeTable>,
     /// One step per Program node, in execution order.
     pub steps: Vec<Step>,
-    /// The optimizer's kernels, launched once per parameter tensor after the step.
+    /// The optimizer's launches after the step: the gradient norm (chunk partial sums, then
+    /// the norm and clipping factor), AdamW on every tensor in one launch, each router's bias
+    /// update.
     pub optimizer: Vec<Launch>,
 }
 
@@ -127,13 +129,17 @@ pub enum Arg {
     RopeSin {
         table: usize,
     },
-    /// An AdamW moment (`which` is 1 or 2) of the parameter whose value is `param`.
-    Moment {
-        param: usize,
-        which: u8,
+    /// The device table of every trainable tensor (`KilnTensor`: parameter, AdamW moments,
+    /// gradient, size, weight decay), in this order; the runtime fills the pointers.
+    Tensors {
+        entries: Vec<TensorEntry>,
     },
+    /// For the optimizer's chunks of `OPTIMIZER_CHUNK` elements (each tensor's, in the order
+    /// of `Tensors`): the tensor of each chunk (`i32`), and its first element (`i64`).
+    ChunkTensor,
+    ChunkStart,
     /// A per-step optimizer scalar the runtime supplies: `lr` (the schedule's), `bias1` and
-    /// `bias2` (`1 − βᵗ`), `clip` (the global-norm factor).
+    /// `bias2` (`1 − βᵗ`).
     Hyper {
         name: &'static str,
     },
@@ -168,6 +174,16 @@ pub enum Work {
     Alias {
         of: usize,
     },
+}
+
+/// One trainable tensor of [`Arg::Tensors`]: its parameter and gradient values, its size, its
+/// weight decay.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct TensorEntry {
+    pub param: usize,
+    pub grad: usize,
+    pub elements: u64,
+    pub decay: f64,
 }
 
 /// A GEMM for cuBLASLt (see [`Work::Gemm`]).
@@ -1085,36 +1101,80 @@ extern \"C\" __global__ void __launch_bounds__(256) @KERNEL@(const float* __rest
 }
 ";
 
+/// Elements per chunk of the optimizer's multi-tensor launches: block `c` takes chunk `c`.
+pub const OPTIMIZER_CHUNK: u64 = 4096;
+
+/// The optimizer's view of every trainable tensor, which the runtime fills in a device table
+/// (`Arg::Tensors`), and the chunks its launches split them into (`Arg::ChunkTensor`,
+/// `Arg::ChunkStart`).
+const OPTIMIZER_TYPES: &str = "\
+// One trainable tensor for the optimizer: parameter, AdamW moments, gradient, size, decay.
+struct KilnTensor {
+    float* w;
+    float* m;
+    float* v;
+    const float* g;
+    long long n;
+    float decay;
+};
+";
+
 const SUM_SQUARES: &str = "\
-// Partial sums of squares for the global gradient norm: block b adds x[i]² over its stride
-// into partial[b] (f32 terms, summed in a fixed tree order). x: f32[n]; partial: f32[gridDim.x].
-extern \"C\" __global__ void __launch_bounds__(256) @KERNEL@(const float* __restrict__ x, float* __restrict__ partial, long long n) {
+// The gradient norm, first part: partial[c] = Σ g² over chunk c of the gradients (chunks of
+// 4096 elements of one tensor; f32 terms, summed in a fixed tree order), one block per chunk.
+// tensors: the trainable tensors; chunk_tensor, chunk_start: i32[chunks], i64[chunks].
+extern \"C\" __global__ void __launch_bounds__(256) @KERNEL@(const KilnTensor* __restrict__ tensors, const int* __restrict__ chunk_tensor, const long long* __restrict__ chunk_start, float* __restrict__ partial, long long chunks) {
+    __shared__ float scratch[32];
+    for (long long c = blockIdx.x; c < chunks; c += gridDim.x) {
+        const KilnTensor t = tensors[chunk_tensor[c]];
+        const long long end = chunk_start[c] + 4096 < t.n ? chunk_start[c] + 4096 : t.n;
+        float acc = 0.0f;
+        for (long long i = chunk_start[c] + threadIdx.x; i < end; i += blockDim.x) {
+            const float x = t.g[i];
+            acc += x * x;
+        }
+        acc = kiln_block_sum(acc, scratch);
+        if (threadIdx.x == 0) partial[c] = acc;
+    }
+}
+";
+
+const GRAD_NORM: &str = "\
+// The gradient norm, second part: norm[0] = sqrt(Σ partial) in a fixed order, and the clipping
+// factor norm[1] = max_norm / norm[0] when that is below 1 (1 otherwise; max_norm ≤ 0: no
+// clipping). One block. partial: f32[chunks]; norm: f32[2].
+extern \"C\" __global__ void __launch_bounds__(256) @KERNEL@(const float* __restrict__ partial, float* __restrict__ norm, long long chunks, float max_norm) {
     __shared__ float scratch[32];
     float acc = 0.0f;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
-         i += (long long)gridDim.x * blockDim.x) {
-        const float v = x[i];
-        acc += v * v;
-    }
+    for (long long c = threadIdx.x; c < chunks; c += blockDim.x) acc += partial[c];
     acc = kiln_block_sum(acc, scratch);
-    if (threadIdx.x == 0) partial[blockIdx.x] = acc;
+    if (threadIdx.x == 0) {
+        const float n = sqrtf(acc);
+        norm[0] = n;
+        norm[1] = max_norm > 0.0f && n > max_norm ? max_norm / n : 1.0f;
+    }
 }
 ";
 
 const ADAMW: &str = "\
-// One AdamW step on a tensor with decoupled weight decay, on the clipped gradient:
-// m = β₁m + (1−β₁)g, v = β₂v + (1−β₂)g², w −= lr·((m/bias1) / (sqrt(v/bias2) + eps) + decay·w),
-// with g = clip·grad. w, m, v, grad: f32[n].
-extern \"C\" __global__ void @KERNEL@(float* __restrict__ w, float* __restrict__ m, float* __restrict__ v, const float* __restrict__ grad, long long n, float lr, float beta1, float beta2, float eps, float bias1, float bias2, float clip, float decay) {
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
-         i += (long long)gridDim.x * blockDim.x) {
-        const float g = grad[i] * clip;
-        const float mi = beta1 * m[i] + (1.0f - beta1) * g;
-        const float vi = beta2 * v[i] + (1.0f - beta2) * g * g;
-        m[i] = mi;
-        v[i] = vi;
-        const float step = (mi / bias1) / (sqrtf(vi / bias2) + eps);
-        w[i] = w[i] - lr * (step + decay * w[i]);
+// One AdamW step on every trainable tensor, a block per chunk of 4096 elements, with
+// decoupled weight decay, on the clipped gradient (clip = norm[1]):
+// m = β₁m + (1−β₁)g, v = β₂v + (1−β₂)g², w −= lr·((m/bias1) / (sqrt(v/bias2) + eps) + decay·w).
+// tensors: the trainable tensors; chunk_tensor, chunk_start: i32[chunks], i64[chunks].
+extern \"C\" __global__ void @KERNEL@(const KilnTensor* __restrict__ tensors, const int* __restrict__ chunk_tensor, const long long* __restrict__ chunk_start, const float* __restrict__ norm, long long chunks, float lr, float beta1, float beta2, float eps, float bias1, float bias2) {
+    const float clip = norm[1];
+    for (long long c = blockIdx.x; c < chunks; c += gridDim.x) {
+        const KilnTensor t = tensors[chunk_tensor[c]];
+        const long long end = chunk_start[c] + 4096 < t.n ? chunk_start[c] + 4096 : t.n;
+        for (long long i = chunk_start[c] + threadIdx.x; i < end; i += blockDim.x) {
+            const float g = t.g[i] * clip;
+            const float mi = beta1 * t.m[i] + (1.0f - beta1) * g;
+            const float vi = beta2 * t.v[i] + (1.0f - beta2) * g * g;
+            t.m[i] = mi;
+            t.v[i] = vi;
+            const float step = (mi / bias1) / (sqrtf(vi / bias2) + eps);
+            t.w[i] = t.w[i] - lr * (step + t.decay * t.w[i]);
+        }
     }
 }
 ";
@@ -1583,33 +1643,23 @@ impl Emitter<'_> {
     fn optimizer(&mut self, model: &Model, outputs: &TrainOutputs) -> Vec<Launch> {
         let graph = self.graph;
         let node = graph.nodes.len();
+        self.out.push_str(OPTIMIZER_TYPES);
+        self.out.push('\n');
         let squares = self.fixed(
             "sum_squares",
             "partial sums of squares (gradient norm)",
             SUM_SQUARES,
             node,
         );
-        let adamw = self.fixed("adamw", "one AdamW step on a tensor", ADAMW, node);
+        let norm_k = self.fixed(
+            "grad_norm",
+            "the gradient norm and clipping factor",
+            GRAD_NORM,
+            node,
+        );
+        let adamw = self.fixed("adamw", "one AdamW step on every tensor", ADAMW, node);
         let opt = &model.train.optimizer;
-        let mut launches = Vec::new();
-        for (slot, &(_, g)) in (0u32..).zip(&outputs.grads) {
-            let n = self.elements(g);
-            let grid = n.div_ceil(u64::from(BLOCK)).clamp(1, 256);
-            launches.push(Launch {
-                kernel: squares.clone(),
-                grid,
-                block: BLOCK,
-                shared_bytes: 0,
-                args: vec![
-                    val(g),
-                    Arg::Scratch {
-                        slot,
-                        bytes: grid * 4,
-                    },
-                    int(n),
-                ],
-            });
-        }
+        let mut entries = Vec::new();
         for &(p, g) in &outputs.grads {
             let Some((w, _)) = graph
                 .values
@@ -1623,36 +1673,72 @@ impl Emitter<'_> {
             } else {
                 0.0
             };
-            let n = self.elements(g);
-            let hyper = |name: &'static str| Arg::Hyper { name };
-            launches.push(Launch {
-                kernel: adamw.clone(),
-                grid: n.div_ceil(u64::from(BLOCK)).clamp(1, MAX_GRID),
+            entries.push(TensorEntry {
+                param: w.index(),
+                grad: g.index(),
+                elements: self.elements(g),
+                decay,
+            });
+        }
+        let chunks: u64 = entries
+            .iter()
+            .map(|t| t.elements.div_ceil(OPTIMIZER_CHUNK))
+            .sum();
+        let tensors = Arg::Tensors { entries };
+        let partial = Arg::Scratch {
+            slot: 0,
+            bytes: chunks.max(1) * 4,
+        };
+        let norm = Arg::Scratch { slot: 1, bytes: 8 };
+        let grid = chunks.clamp(1, MAX_GRID);
+        let mut launches = vec![
+            Launch {
+                kernel: squares,
+                grid,
                 block: BLOCK,
                 shared_bytes: 0,
                 args: vec![
-                    val(w),
-                    Arg::Moment {
-                        param: w.index(),
-                        which: 1,
+                    tensors.clone(),
+                    Arg::ChunkTensor,
+                    Arg::ChunkStart,
+                    partial.clone(),
+                    int(chunks),
+                ],
+            },
+            Launch {
+                kernel: norm_k,
+                grid: 1,
+                block: BLOCK,
+                shared_bytes: 0,
+                args: vec![
+                    partial,
+                    norm.clone(),
+                    int(chunks),
+                    Arg::Float {
+                        value: model.train.grad_clip.unwrap_or(0.0),
                     },
-                    Arg::Moment {
-                        param: w.index(),
-                        which: 2,
-                    },
-                    val(g),
-                    int(n),
-                    hyper("lr"),
+                ],
+            },
+            Launch {
+                kernel: adamw,
+                grid,
+                block: BLOCK,
+                shared_bytes: 0,
+                args: vec![
+                    tensors,
+                    Arg::ChunkTensor,
+                    Arg::ChunkStart,
+                    norm,
+                    int(chunks),
+                    Arg::Hyper { name: "lr" },
                     Arg::Float { value: opt.beta1 },
                     Arg::Float { value: opt.beta2 },
                     Arg::Float { value: opt.eps },
-                    hyper("bias1"),
-                    hyper("bias2"),
-                    hyper("clip"),
-                    Arg::Float { value: decay },
+                    Arg::Hyper { name: "bias1" },
+                    Arg::Hyper { name: "bias2" },
                 ],
-            });
-        }
+            },
+        ];
         let gamma = model.moe.as_ref().map_or(0.0, |m| m.bias_update);
         if gamma > 0.0 {
             let update = self.fixed(
