@@ -28,11 +28,9 @@ use crate::program::{Program, TrainOutputs};
 
 /// The building blocks in `kernels/` that the translation unit includes, by file name (for
 /// writing beside it, and for NVRTC, which takes headers as strings).
-pub const HEADERS: [(&str, &str); 4] = [
-    (
-        "kiln_types.cuh",
-        include_str!("../../kernels/kiln_types.cuh"),
-    ),
+/// (`kiln_types.cuh`, the bf16/FP8 conversions, joins them when a kernel needs it: it includes
+/// CUDA's own headers, which NVRTC needs a path to.)
+pub const HEADERS: [(&str, &str); 3] = [
     (
         "kiln_reduce.cuh",
         include_str!("../../kernels/kiln_reduce.cuh"),
@@ -1604,8 +1602,13 @@ pub fn emit(model: &Model, program: &Program) -> CudaProgram {
          // training step.\n\
          // Every kernel opens with what it computes and the shapes of its arguments; the plan\n\
          // of launches (grids, blocks, arguments) is in the manifest beside this file.\n\
-         #include <cuda_runtime.h>\n\
-         #include \"kiln_types.cuh\"\n\
+         // It compiles with nvcc and with NVRTC (which has no C headers: hence the macros).\n\
+         #ifndef INFINITY\n\
+         #define INFINITY __int_as_float(0x7f800000)\n\
+         #endif\n\
+         #ifndef NAN\n\
+         #define NAN __int_as_float(0x7fffffff)\n\
+         #endif\n\
          #include \"kiln_reduce.cuh\"\n\
          #include \"kiln_softmax.cuh\"\n\
          #include \"kiln_math.cuh\"\n",

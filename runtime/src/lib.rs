@@ -13,6 +13,8 @@
 
 pub mod checkpoint;
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod data;
 pub mod exec;
 pub mod hf;

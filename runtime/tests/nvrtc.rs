@@ -1,0 +1,80 @@
+//! The CUDA backend's kernel compile (feature `cuda`), without a GPU: NVRTC compiles the
+//! generated unit of every reference spec to PTX holding every kernel, and the on-disk cache
+//! returns the same PTX the second time without compiling.
+//!
+//! Needs NVRTC on the library path (`scripts/test` puts the pinned `nvidia-cuda-nvrtc` wheel's
+//! there); without it the test fails with the backend's message, unless
+//! `KILN_SKIP_CUDA_COMPILE=1`.
+#![cfg(feature = "cuda")]
+
+use kiln_compiler::check::check;
+use kiln_compiler::emit_cuda::{emit, HEADERS};
+use kiln_compiler::program::compile;
+use kiln_runtime::cuda::{compile_cached, nvrtc_available, CudaError};
+
+#[test]
+fn nvrtc_compiles_every_spec_through_the_cache() {
+    if let Err(e) = nvrtc_available() {
+        if std::env::var("KILN_SKIP_CUDA_COMPILE").as_deref() == Ok("1") {
+            eprintln!("skipped: {e}");
+            return;
+        }
+        panic!("{e}");
+    }
+    let cache = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("nvrtc-cache");
+    let _ = std::fs::remove_dir_all(&cache);
+    std::fs::create_dir_all(&cache).unwrap();
+    for spec in [
+        "tiny",
+        "gpt2-124m",
+        "llama3-8b",
+        "deepseek-v2-lite",
+        "deepseek-v3",
+    ] {
+        let path = format!("{}/../specs/{spec}.toml", env!("CARGO_MANIFEST_DIR"));
+        let model = check(&std::fs::read(&path).unwrap()).unwrap();
+        let cuda = emit(&model, &compile(&model).unwrap().train);
+        let first = compile_cached(&cuda.source, &HEADERS, "sm_90a", &cache)
+            .unwrap_or_else(|e| panic!("{spec}: {e}"));
+        assert!(!first.cached, "{spec}: a fresh cache compiles");
+        for k in &cuda.kernels {
+            assert!(
+                first.text.contains(&format!(".entry {}(", k.name)),
+                "{spec}: the PTX has {}",
+                k.name
+            );
+        }
+        let again = compile_cached(&cuda.source, &HEADERS, "sm_90a", &cache).unwrap();
+        assert!(
+            again.cached,
+            "{spec}: the second compile comes from the cache"
+        );
+        assert_eq!(first.text, again.text);
+        assert_eq!(first.path, again.path);
+    }
+}
+
+#[test]
+fn a_compile_error_returns_nvrtcs_log_and_caches_nothing() {
+    if nvrtc_available().is_err() {
+        return; // the test above reports it
+    }
+    let cache = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("nvrtc-bad");
+    let _ = std::fs::remove_dir_all(&cache);
+    std::fs::create_dir_all(&cache).unwrap();
+    let bad = "extern \"C\" __global__ void k(float* y) { y[0] = undefined_name; }\n";
+    match compile_cached(bad, &[], "sm_90a", &cache) {
+        Err(CudaError::Compile(log)) => assert!(log.contains("undefined_name"), "{log}"),
+        Err(e) => panic!("expected a compile error, got {e}"),
+        Ok(_) => panic!("the source does not compile"),
+    }
+    assert_eq!(
+        std::fs::read_dir(&cache).unwrap().count(),
+        0,
+        "nothing cached"
+    );
+    assert!(matches!(
+        compile_cached("", &[], "sm_42", &cache),
+        Err(CudaError::Compile(m)) if m.contains("unsupported GPU architecture")
+    ));
+}
