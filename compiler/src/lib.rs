@@ -1,5 +1,5 @@
 //! kiln-compiler: spec checking and analysis, lowering to the graph IR, autodiff, fusion and
-//! memory planning ([`program::compile`]); code generation to come.
+//! memory planning ([`program::compile`]), and the Rust and CUDA emitters.
 
 pub mod analyze;
 pub mod autodiff;
