@@ -364,8 +364,6 @@ fn cmd_emit_cuda(
         "{}.cu",
         kiln_compiler::names::ident(&model.name, kiln_compiler::names::Lang::Cuda)
     );
-    let manifest = serde_json::to_vec_pretty(&cuda)
-        .map_err(|e| Failure::Other(format!("cannot encode the manifest: {e}")))?;
     if check {
         let nvcc = nvcc::find().map_err(|e| Failure::Other(e.to_string()))?;
         let dir = std::env::temp_dir().join(format!("kiln-emit-cuda-{}", std::process::id()));
@@ -408,6 +406,8 @@ fn cmd_emit_cuda(
         None => out(&cuda.source),
         Some(dir) => {
             hf::fresh_dir(&dir)?;
+            let manifest = serde_json::to_vec_pretty(&cuda)
+                .map_err(|e| Failure::Other(format!("cannot encode the manifest: {e}")))?;
             let mut files = vec![
                 (unit.as_str(), cuda.source.clone().into_bytes()),
                 ("manifest.json", manifest),

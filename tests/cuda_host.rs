@@ -256,6 +256,16 @@ fn build_and_run(dir: &Path, what: &str, cuda: &CudaProgram, main: &str) -> Vec<
     std::fs::read(dir.join("outputs.bin")).unwrap()
 }
 
+/// The host program's statement running launch `l` with `args` (C++ expressions) on the pool.
+fn launch_line(indent: &str, l: &kiln_compiler::emit_cuda::Launch, args: &[String]) -> String {
+    format!(
+        "{indent}pool.run({}ULL, [&] {{ {}({}); }});\n",
+        l.grid,
+        l.kernel,
+        args.join(", ")
+    )
+}
+
 /// The C++ expression for one kernel argument.
 fn arg_expr(graph: &Graph, a: &Arg, values: usize) -> String {
     match a {
@@ -448,13 +458,7 @@ fn run_spec(spec: &str, test: &str) -> Vec<(String, usize, f64)> {
         }
         for l in &plan.launches {
             let args: Vec<String> = l.args.iter().map(|a| arg_expr(graph, a, nvalues)).collect();
-            let _ = writeln!(
-                main,
-                "        pool.run({}ULL, [&] {{ {}({}); }});",
-                l.grid,
-                l.kernel,
-                args.join(", ")
-            );
+            main.push_str(&launch_line("        ", l, &args));
         }
         for v in &plan.written {
             let id = v.index();
@@ -633,13 +637,10 @@ fn optimizer_kernels_match_the_trainer() {
         }
     };
     // Buffers: every parameter and gradient by value index, moments by parameter.
-    let param_value = |p: kiln_compiler::ir::ParamId| {
+    let param_value = |p| {
         graph
-            .values
-            .iter()
-            .find(|(_, v)| matches!(v.def, kiln_compiler::ir::Def::Param(q) if q == p))
-            .map(|(id, _)| id)
-            .unwrap()
+            .param_value(p)
+            .expect("the training graph reads every parameter")
     };
     let mut buffers: BTreeMap<usize, Vec<u32>> = BTreeMap::new();
     for (p, _) in graph.params.iter() {
@@ -712,13 +713,7 @@ fn optimizer_kernels_match_the_trainer() {
                 other => arg_expr(graph, other, total),
             })
             .collect();
-        let _ = writeln!(
-            main,
-            "    pool.run({}ULL, [&] {{ {}({}); }});",
-            l.grid,
-            l.kernel,
-            args.join(", ")
-        );
+        main.push_str(&launch_line("    ", l, &args));
     }
     let _ = writeln!(
         main,

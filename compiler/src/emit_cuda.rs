@@ -21,7 +21,7 @@ use std::fmt::Write;
 use serde::Serialize;
 
 use crate::dsl::expr::{BinOp, Compiled, Expr, Instr};
-use crate::ir::{Def, Graph, Node, Op, RopePairs, Update, ValueId};
+use crate::ir::{Graph, Node, Op, RopePairs, Update, ValueId};
 use crate::model::{Model, NormKind, Yarn};
 use crate::names::{comment_text, Lang, Namer};
 use crate::program::{Program, TrainOutputs};
@@ -1664,11 +1664,7 @@ impl Emitter<'_> {
         let opt = &model.train.optimizer;
         let mut entries = Vec::new();
         for &(p, g) in &outputs.grads {
-            let Some((w, _)) = graph
-                .values
-                .iter()
-                .find(|(_, v)| matches!(v.def, Def::Param(q) if q == p))
-            else {
+            let Some(w) = graph.param_value(p) else {
                 continue;
             };
             let decay = if graph.params[p].update == Update::Decayed {
@@ -1751,11 +1747,7 @@ impl Emitter<'_> {
                 node,
             );
             for &(bias, experts, e) in &outputs.routers {
-                let Some((b, _)) = graph
-                    .values
-                    .iter()
-                    .find(|(_, v)| matches!(v.def, Def::Param(q) if q == bias))
-                else {
+                let Some(b) = graph.param_value(bias) else {
                     continue;
                 };
                 launches.push(Launch {
@@ -2688,6 +2680,25 @@ impl Emitter<'_> {
     }
 }
 
+/// An expert activation compiled over its operands (`gate, up`, or `x` ungated), and its
+/// text for comments.
+struct ExpertAct {
+    compiled: Compiled,
+    text: String,
+}
+
+impl ExpertAct {
+    fn of(act: &Expr, gated: bool) -> Self {
+        let vars: &[&str] = if gated { &["gate", "up"] } else { &["x"] };
+        ExpertAct {
+            compiled: act
+                .compile(vars)
+                .expect("a verified expert activation compiles"),
+            text: comment_text(&act.to_string()),
+        }
+    }
+}
+
 /// The shapes of an `experts` node, baked into its kernels.
 #[derive(Clone, Copy)]
 struct MoeDims {
@@ -3011,13 +3022,8 @@ impl Emitter<'_> {
         index: usize,
         node: &Node,
         m: MoeDims,
-        act: &Expr,
+        act: &ExpertAct,
     ) -> (Vec<Work>, [Arg; 7]) {
-        let vars: &[&str] = if m.gated { &["gate", "up"] } else { &["x"] };
-        let c = act
-            .compile(vars)
-            .expect("a verified expert activation compiles");
-        let act_text = comment_text(&act.to_string());
         let rows = m.n * m.k;
         let slot = |s: u32, bytes: u64| Arg::Scratch {
             slot: s,
@@ -3043,7 +3049,7 @@ impl Emitter<'_> {
         let hidden = self.kernel(
             &format!("moe_hidden_{}", m.suffix()),
             "the experts' hidden layer",
-            moe_hidden_text(m, &c, &act_text),
+            moe_hidden_text(m, &act.compiled, &act.text),
             index,
             0,
         );
@@ -3096,7 +3102,7 @@ impl Emitter<'_> {
 
     fn experts(&mut self, index: usize, node: &Node, act: &Expr, gated: bool) -> Vec<Work> {
         let m = self.moe_dims(node, gated);
-        let (mut work, slots) = self.moe_front(index, node, m, act);
+        let (mut work, slots) = self.moe_front(index, node, m, &ExpertAct::of(act, gated));
         let combine = self.kernel(
             &format!("moe_combine_k{}_d{}", m.k, m.d),
             "combines each token's experts",
@@ -3123,15 +3129,11 @@ impl Emitter<'_> {
     /// dw_down)`.
     fn experts_grad(&mut self, index: usize, node: &Node, act: &Expr, gated: bool) -> Vec<Work> {
         let m = self.moe_dims(node, gated);
-        let (mut work, slots) = self.moe_front(index, node, m, act);
+        let act = ExpertAct::of(act, gated);
+        let (mut work, slots) = self.moe_front(index, node, m, &act);
         let [offsets, perm, row_of, gate, up, a, out] = slots;
-        let vars: &[&str] = if gated { &["gate", "up"] } else { &["x"] };
-        let c = act
-            .compile(vars)
-            .expect("a verified expert activation compiles");
-        let act_text = comment_text(&act.to_string());
         let rows = m.n * m.k;
-        let texts = moe_bwd_texts(m, &c, &act_text);
+        let texts = moe_bwd_texts(m, &act.compiled, &act.text);
         let mut names = HashMap::new();
         for (what, text) in texts {
             let base = match what {

@@ -605,6 +605,14 @@ impl Graph {
         pairs
     }
 
+    /// The value that reads parameter `p` (`None` if the graph never reads it).
+    pub fn param_value(&self, p: ParamId) -> Option<ValueId> {
+        self.values
+            .iter()
+            .find(|(_, v)| matches!(v.def, Def::Param(q) if q == p))
+            .map(|(id, _)| id)
+    }
+
     /// The value of a named output.
     pub fn output(&self, name: &str) -> Option<ValueId> {
         self.outputs
