@@ -10,6 +10,8 @@
 //! - [`checkpoint`]: atomic safetensors checkpoints.
 //! - [`data`]: the PRNG, the built-in corpus, text and llm.c token shards, batching.
 //! - [`memory`]: process-wide allocator settings for training loops.
+//! - [`numerics`]: FP8 and 16-bit formats, block scaling and limited-precision accumulation,
+//!   emulated exactly so a spec's precision policy can train on the CPU.
 
 pub mod checkpoint;
 pub mod cpu;
@@ -19,6 +21,7 @@ pub mod data;
 pub mod exec;
 pub mod hf;
 pub mod memory;
+pub mod numerics;
 pub mod ops;
 pub mod train;
 
