@@ -1,0 +1,362 @@
+//! kiln's FP8 conversion (`kiln_runtime::numerics::Fp8Format`) against NVIDIA's own: the host
+//! implementation in the CUDA toolkit's `cuda_fp8.h`, compared bit for bit.
+//!
+//! kiln emulates FP8 on the CPU (`kiln_runtime::numerics`: what a spec's `[precision]` does to
+//! a training step), while the generated kernels convert with `kernels/kiln_types.cuh`, that
+//! is with `__nv_cvt_float_to_fp8(x, __NV_SATFINITE, …)`, which on sm_89+ is the instruction
+//! `cvt.rn.satfinite.e4m3x2.f32` (or `…e5m2x2.f32`). Emulation and GPU must produce the same
+//! bytes. The header's host path of that function (the code outside `__CUDA_ARCH__`) is
+//! NVIDIA's portable definition of what the instruction computes, so it is the reference
+//! here; a device check of the instruction against the same inputs is to come.
+//!
+//! - Encoding: [`inputs`] (4,649,728 f32 bit patterns: a prime-stride sweep of all 2³² bit
+//!   patterns, the neighbourhood of every code's value and of every rounding midpoint, and
+//!   special values) go through `Fp8Format::encode` and through `__nv_cvt_float_to_fp8` for
+//!   both formats, and every code must be equal.
+//! - Decoding: all 256 codes of both formats through `Fp8Format::decode` and through
+//!   `cuda_fp8.h`'s host conversion to float (`__nv_cvt_fp8_to_halfraw`, then
+//!   `__half2float`, the expression `kiln_e4m3_to_f32` uses) must give the same f32 bits, any
+//!   NaN matching any NaN.
+//!
+//! Why not all 2³² inputs: the test profile does not optimize workspace crates (the
+//! `opt-level = 3` of `[profile.dev.package."*"]` is for dependencies only), and there
+//! `encode` costs about 50 ns a call: encoding every bit pattern in both formats would take
+//! about 7 minutes on one core. This test takes 2 to 3 seconds, nvcc included.
+//!
+//! The reference program is host-only C++: no device code and no CUDA runtime. nvcc compiles
+//! it as a `.cpp` file, which nvcc hands to the host compiler with the toolkit's include path
+//! (a `.cu` file would get a device pass and need the CUDA runtime to link), so the headers
+//! are those of the pinned toolchain that compiles kiln's kernels. No GPU is needed. Without
+//! nvcc the tests fail with `kiln::nvcc::find`'s message (run `scripts/cuda-toolchain`);
+//! `KILN_SKIP_CUDA_COMPILE=1` makes them print why they skip and pass.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use kiln::nvcc::{self, Nvcc};
+use kiln_runtime::numerics::Fp8Format;
+
+/// The stride of the sweep over all f32 bit patterns: prime (odd), so every low fraction bit
+/// pattern is visited; 2³² / 1021 ≈ 4.2 million patterns.
+const SWEEP_STRIDE: usize = 1021;
+/// How far, in f32 bit patterns (ulps), the test looks around each code's value and each
+/// midpoint between neighbouring codes.
+const NEIGHBOURHOOD: u32 = 300;
+/// How many mismatches a failure lists.
+const SHOWN: usize = 20;
+
+/// The reference program. Arguments: the input file (f32 bit patterns, native-endian u32)
+/// and an output directory, where it writes `e4m3.codes` and `e5m2.codes` (one byte per
+/// input) and `e4m3.values` and `e5m2.values` (the f32 bits of each of the 256 codes).
+const REFERENCE: &str = r#"// NVIDIA's host FP8 conversions (tests/fp8_cuda.rs).
+#include <cuda_fp8.h>
+
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#ifdef __CUDA_ARCH__
+#error "the reference is cuda_fp8.h's host path; this must not be compiled for a device"
+#endif
+
+static void write_file(const std::string& path, const void* data, size_t size) {
+    FILE* f = std::fopen(path.c_str(), "wb");
+    if (!f || std::fwrite(data, 1, size, f) != size || std::fclose(f) != 0) {
+        std::fprintf(stderr, "cannot write %s\n", path.c_str());
+        std::exit(1);
+    }
+}
+
+static void convert(const std::vector<uint32_t>& inputs, __nv_fp8_interpretation_t format,
+                    const std::string& path) {
+    std::vector<uint8_t> codes(inputs.size());
+    for (size_t i = 0; i < inputs.size(); ++i) {
+        float x;
+        std::memcpy(&x, &inputs[i], sizeof x);
+        codes[i] = __nv_cvt_float_to_fp8(x, __NV_SATFINITE, format);
+    }
+    write_file(path, codes.data(), codes.size());
+}
+
+static void decode(__nv_fp8_interpretation_t format, const std::string& path) {
+    uint32_t values[256];
+    for (unsigned code = 0; code < 256; ++code) {
+        const __half_raw half = __nv_cvt_fp8_to_halfraw((__nv_fp8_storage_t)code, format);
+        const float value = __half2float(__half(half));
+        std::memcpy(&values[code], &value, sizeof value);
+    }
+    write_file(path, values, sizeof values);
+}
+
+int main(int argc, char** argv) {
+    if (argc != 3) {
+        std::fprintf(stderr, "usage: %s INPUTS OUT_DIR\n", argv[0]);
+        return 2;
+    }
+    FILE* f = std::fopen(argv[1], "rb");
+    if (!f) {
+        std::fprintf(stderr, "cannot open %s\n", argv[1]);
+        return 1;
+    }
+    std::vector<uint32_t> inputs;
+    uint32_t chunk[4096];
+    size_t n;
+    while ((n = std::fread(chunk, sizeof chunk[0], 4096, f)) > 0) {
+        inputs.insert(inputs.end(), chunk, chunk + n);
+    }
+    std::fclose(f);
+    const std::string out = argv[2];
+    convert(inputs, __NV_E4M3, out + "/e4m3.codes");
+    convert(inputs, __NV_E5M2, out + "/e5m2.codes");
+    decode(__NV_E4M3, out + "/e4m3.values");
+    decode(__NV_E5M2, out + "/e5m2.values");
+    return 0;
+}
+"#;
+
+/// A fresh directory for one test's files.
+fn scratch(test: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join("fp8_cuda")
+        .join(test);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// nvcc, `None` when the CUDA checks are switched off; a missing nvcc fails the test.
+fn nvcc(test: &str) -> Option<Nvcc> {
+    nvcc::find_or_skip(test).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// What the reference program computed.
+struct Reference {
+    /// Per format (in `Fp8Format::ALL`'s order): the code of every input.
+    codes: [Vec<u8>; 2],
+    /// Per format: the f32 value of every code.
+    values: [[f32; 256]; 2],
+}
+
+/// Compiles the reference program with `nvcc` in `dir` and runs it on `inputs`.
+fn run_reference(nvcc: &Nvcc, dir: &Path, inputs: &[u32]) -> Reference {
+    let source = dir.join("fp8_reference.cpp");
+    let exe = dir.join("fp8_reference");
+    std::fs::write(&source, REFERENCE).unwrap();
+    let mut compile = Command::new(nvcc.path());
+    compile
+        .args(["-std=c++17", "-O2", "-Xcompiler", "-Wall,-Wextra,-Werror"])
+        .arg("-o")
+        .arg(&exe)
+        .arg(&source);
+    let out = compile
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", nvcc.path().display()));
+    assert!(
+        out.status.success(),
+        "compiling the reference failed: {compile:?}\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let input_file = dir.join("inputs.bin");
+    let bytes: Vec<u8> = inputs.iter().flat_map(|b| b.to_ne_bytes()).collect();
+    std::fs::write(&input_file, bytes).unwrap();
+    let run = Command::new(&exe)
+        .arg(&input_file)
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "the reference program failed ({}):\n{}",
+        run.status,
+        String::from_utf8_lossy(&run.stderr)
+    );
+
+    let read = |name: &str, len: usize| {
+        let path = dir.join(name);
+        let data = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert_eq!(data.len(), len, "{}: wrong size", path.display());
+        data
+    };
+    let codes = Fp8Format::ALL.map(|f| read(&format!("{f}.codes"), inputs.len()));
+    let values = Fp8Format::ALL.map(|f| {
+        let data = read(&format!("{f}.values"), 256 * 4);
+        std::array::from_fn(|c| {
+            f32::from_bits(u32::from_ne_bytes(
+                data[4 * c..4 * c + 4].try_into().unwrap(),
+            ))
+        })
+    });
+    Reference { codes, values }
+}
+
+/// The f32 bit patterns whose encoding is compared, each once:
+///
+/// - every 1021st of all 2³² bit patterns (both signs, zeros, subnormals, NaNs included);
+/// - for each of the 256 codes of each format, every bit pattern within ±300 of its value
+///   and of the midpoint between it and the next code away from zero (for the largest
+///   finite code: between it and the value one step beyond, 464 and 61440, where saturation
+///   starts);
+/// - special values: signed zeros and infinities, NaNs of both signs with several payloads,
+///   f32 subnormals, the smallest normal, `f32::MAX`, and the saturation thresholds with
+///   their neighbours.
+///
+/// The sweep comes first, in order; the rest is sorted apart from it, without what the
+/// sweep already has (sorting everything would cost seconds unoptimized).
+fn inputs() -> Vec<u32> {
+    let mut extra = Vec::new();
+    let mut centre = |x: f32| {
+        // Wrapping: around ±0 this reaches the NaNs at the far end of the other sign, which
+        // are inputs as good as any.
+        let first = x.to_bits().wrapping_sub(NEIGHBOURHOOD);
+        extra.extend((0..=2 * NEIGHBOURHOOD).map(|i| first.wrapping_add(i)));
+    };
+    for format in Fp8Format::ALL {
+        for code in 0..=255u8 {
+            let value = format.decode(code);
+            centre(value);
+            if value.is_finite() {
+                let next = next_away_from_zero(format, code);
+                centre(((f64::from(value) + f64::from(next)) / 2.0) as f32);
+            }
+        }
+    }
+    extra.extend([
+        0x0000_0000, // +0
+        0x8000_0000, // -0
+        0x7F80_0000, // +inf
+        0xFF80_0000, // -inf
+        0x7FC0_0000, // the quiet NaN
+        0xFFC0_0000,
+        0x7FC0_0001,
+        0x7FFF_FFFF,
+        0xFFFF_FFFF,
+        0x7F80_0001, // signalling NaNs
+        0xFF80_0001,
+        0x7FA0_0000,
+        0x7F81_2345,
+        0xFFBF_FFFF,
+        0x0000_0001, // f32 subnormals
+        0x0000_0002,
+        0x0040_0000,
+        0x007F_FFFF,
+        0x8000_0001,
+        0x807F_FFFF,
+        0x0080_0000, // the smallest normal
+        0x8080_0000,
+        0x7F7F_FFFF, // f32::MAX
+        0xFF7F_FFFF,
+    ]);
+    for threshold in [448.0f32, 464.0, 480.0, 57344.0, 61440.0, 65536.0] {
+        for x in [threshold, -threshold] {
+            extra.extend((0..=6).map(|i| x.to_bits() - 3 + i));
+        }
+    }
+    extra.sort_unstable();
+    extra.dedup();
+    extra.retain(|&b| b as usize % SWEEP_STRIDE != 0);
+
+    let mut bits: Vec<u32> = (0..=u32::MAX).step_by(SWEEP_STRIDE).collect();
+    bits.extend(extra);
+    bits
+}
+
+/// The value of the code after `code` in magnitude: the next code, or for the largest
+/// finite code, the value one step beyond it on the same grid (which the format lacks).
+fn next_away_from_zero(format: Fp8Format, code: u8) -> f32 {
+    let magnitude = code & 0x7F;
+    if magnitude == format.max_code() {
+        let max = format.decode(code);
+        max + (max - format.decode(code - 1))
+    } else {
+        format.decode(code + 1)
+    }
+}
+
+fn describe(format: Fp8Format, code: u8) -> String {
+    format!("{code:#04x} ({})", format.decode(code))
+}
+
+#[test]
+fn encode_matches_cuda_host_conversion() {
+    let test = "encode_matches_cuda_host_conversion";
+    let Some(nvcc) = nvcc(test) else { return };
+    let dir = scratch(test);
+    let inputs = inputs();
+    let reference = run_reference(&nvcc, &dir, &inputs);
+
+    let mut report = String::new();
+    let mut per_format = Vec::new();
+    let mut mismatches = 0usize;
+    for (format, cuda_codes) in Fp8Format::ALL.into_iter().zip(&reference.codes) {
+        let before = mismatches;
+        for (&bits, &cuda) in inputs.iter().zip(cuda_codes) {
+            let x = f32::from_bits(bits);
+            let kiln = format.encode(x);
+            if kiln != cuda {
+                mismatches += 1;
+                if mismatches <= SHOWN {
+                    writeln!(
+                        report,
+                        "  {format} {bits:#010x} = {x:e}: kiln {}, CUDA {}",
+                        describe(format, kiln),
+                        describe(format, cuda)
+                    )
+                    .unwrap();
+                }
+            }
+        }
+        per_format.push(format!("{format}: {}", mismatches - before));
+    }
+    assert!(
+        mismatches == 0,
+        "kiln's encode differs from __nv_cvt_float_to_fp8(x, __NV_SATFINITE, …) in {} \
+         conversions of {} inputs × 2 formats ({}); the first {}:\n{report}",
+        mismatches,
+        inputs.len(),
+        per_format.join(", "),
+        mismatches.min(SHOWN)
+    );
+    eprintln!(
+        "{test}: {} inputs agree in {} formats",
+        inputs.len(),
+        Fp8Format::ALL.len()
+    );
+}
+
+#[test]
+fn decode_matches_cuda_on_every_code() {
+    let test = "decode_matches_cuda_on_every_code";
+    let Some(nvcc) = nvcc(test) else { return };
+    let dir = scratch(test);
+    let reference = run_reference(&nvcc, &dir, &[]);
+
+    let mut report = String::new();
+    for (format, cuda_values) in Fp8Format::ALL.into_iter().zip(&reference.values) {
+        for code in 0..=255u8 {
+            let (kiln, cuda) = (format.decode(code), cuda_values[code as usize]);
+            let same = if kiln.is_nan() || cuda.is_nan() {
+                kiln.is_nan() && cuda.is_nan()
+            } else {
+                kiln.to_bits() == cuda.to_bits()
+            };
+            if !same {
+                writeln!(
+                    report,
+                    "  {format} {code:#04x}: kiln {kiln:e} ({:#010x}), CUDA {cuda:e} ({:#010x})",
+                    kiln.to_bits(),
+                    cuda.to_bits()
+                )
+                .unwrap();
+            }
+        }
+    }
+    assert!(
+        report.is_empty(),
+        "kiln's decode differs from cuda_fp8.h's:\n{report}"
+    );
+}
