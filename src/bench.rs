@@ -85,6 +85,7 @@ pub(crate) fn run_model(
         grad_clip: Some(1.0),
         bias_update: 0.0,
         seed: 0,
+        emulate: None,
     };
     let params = init_params(forward, 0);
     let mut trainer = match built {

@@ -54,6 +54,13 @@ pub struct RunArgs {
     /// Validation batches per evaluation.
     #[arg(long, default_value_t = 8)]
     pub eval_batches: usize,
+    /// Emulate the spec's `[precision]` policy exactly instead of training in f32: every
+    /// linear and expert GEMM rounds its operands to its format (bf16/fp16 to nearest even;
+    /// e4m3/e5m2 block-scaled as `[precision.fp8]` says, with the tensor core's limited
+    /// accumulation and promotion), and AdamW stores its moments in `precision.moments`.
+    /// Slower; other ops stay in f32. See docs/fp8.md.
+    #[arg(long)]
+    pub emulate_precision: bool,
 }
 
 /// Consecutive non-finite steps `train.skip_nonfinite` tolerates before giving up.
@@ -193,7 +200,16 @@ fn run_with(
     let ck_path = checkpoint_path(&out_dir);
     let hash = checkpoint::spec_hash(&spec_bytes);
 
-    let config = TrainConfig::of(&model, steps, seed);
+    let mut config = TrainConfig::of(&model, steps, seed);
+    if args.emulate_precision {
+        if built.is_some() {
+            return Err(other(
+                "--emulate-precision runs on kiln's interpreter, not on a specialized binary's \
+                 generated step; use `kiln train SPEC --emulate-precision`",
+            ));
+        }
+        config = config.emulating(&model);
+    }
     let mut trainer = match built {
         Some(b) => Trainer::with_runner(full, config, init_params(forward, seed), (b.runner)()),
         None => Trainer::new(full, config, init_params(forward, seed)),
@@ -249,7 +265,8 @@ fn run_with(
             .map_err(|e| other(e.to_string()))?
             .filter(|batch| batch.inputs.len() == b * window)
             .take(args.eval_batches);
-        eval_loss(forward, &trainer.params, batches, t).map_err(|e| other(e.to_string()))
+        let emulate = trainer.config.emulate.as_ref();
+        eval_loss(forward, &trainer.params, batches, t, emulate).map_err(|e| other(e.to_string()))
     };
     let save = |trainer: &Trainer, batcher: &Batcher| -> Result<(), Failure> {
         let (m, v) = trainer.moments();

@@ -170,6 +170,8 @@ fn vjp(
 ) -> Result<Vec<(ValueId, ValueId)>, ShapeError> {
     let path = format!("{}.grad", node.path);
     let fmt = node.format;
+    // The gradient GEMMs of linear and expert nodes have their own operand format.
+    let grad_fmt = g.grad_formats.get(&node.path).copied().unwrap_or(fmt);
     let x = &node.inputs;
     let dy0 = dys[0];
     let mut out = Vec::new();
@@ -189,7 +191,7 @@ fn vjp(
                 Op::LinearGrad { bias: *bias },
                 &[x[0], x[1], dy0.expect("one output")],
                 path,
-                fmt,
+                grad_fmt,
             )?;
             out.extend(x.iter().copied().zip(r));
         }
@@ -297,7 +299,7 @@ fn vjp(
                 act: act.clone(),
                 gated: *gated,
             };
-            let r = g.node(op, &inputs, path, fmt)?;
+            let r = g.node(op, &inputs, path, grad_fmt)?;
             // dx, d_weights, then one gradient per expert weight tensor.
             let targets = [x[0], x[1]].into_iter().chain(x[3..].iter().copied());
             out.extend(targets.zip(r));

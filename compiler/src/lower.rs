@@ -27,9 +27,14 @@ use crate::ops::ops;
 /// Lowers a checked model. An error here is a bug in kiln (a checked model always lowers),
 /// reported with the op that did not fit.
 pub fn lower(model: &Model) -> Result<Graph, ShapeError> {
-    let formats = ops(model)
+    let all = ops(model);
+    let formats = all
         .iter()
         .map(|op| (op.path.clone(), model.precision.format_of(op)))
+        .collect();
+    let grad_formats = all
+        .iter()
+        .map(|op| (op.path.clone(), model.precision.grad_format_of(op)))
         .collect();
     let mut l = Lowering {
         m: model,
@@ -38,6 +43,7 @@ pub fn lower(model: &Model) -> Result<Graph, ShapeError> {
             model.name, model.train.batch, model.train.seq_len
         )),
         formats,
+        grad_formats,
         b: model.train.batch,
         t: model.train.seq_len,
         aux: Vec::new(),
@@ -51,6 +57,8 @@ struct Lowering<'m> {
     g: Graph,
     /// The policy's format for every named op path.
     formats: HashMap<String, Format>,
+    /// The policy's gradient-GEMM format for every named op path.
+    grad_formats: HashMap<String, Format>,
     b: u64,
     t: u64,
     /// Balance losses of the MoE layers, summed into the total loss.
@@ -133,7 +141,16 @@ impl Lowering<'_> {
         if bias {
             inputs.push(self.param(format!("{path}.bias"), vec![out], Init::Zeros));
         }
-        self.node(Op::Linear { bias }, &inputs, &path)
+        let y = self.node(Op::Linear { bias }, &inputs, &path)?;
+        self.record_grad_format(&path, &path);
+        Ok(y)
+    }
+
+    /// Records the gradient-GEMM format of the GEMM node at `node_path`, from op `op_path`.
+    fn record_grad_format(&mut self, node_path: &str, op_path: &str) {
+        if let Some(&f) = self.grad_formats.get(op_path) {
+            self.g.grad_formats.insert(node_path.to_string(), f);
+        }
     }
 
     fn norm(&mut self, prefix: &str, name: &str, x: ValueId, width: u64) -> R<ValueId> {
@@ -493,7 +510,8 @@ impl Lowering<'_> {
             gated: moe.act.gated,
         };
         let fmt = self.format(&format!("{ex}.up"));
-        let mut y = self.g.node1(op, &inputs, ex, fmt)?;
+        let mut y = self.g.node1(op, &inputs, ex.clone(), fmt)?;
+        self.record_grad_format(&ex, &format!("{ex}.up"));
         if moe.shared > 0 {
             // HF stores the shared experts as one MLP of width shared · expert_hidden.
             let s = self.mlp(

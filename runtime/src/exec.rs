@@ -9,11 +9,12 @@ use std::collections::HashMap;
 use std::fmt;
 
 use kiln_compiler::ir::{Def, Graph, InputKind, Node, Op, ValueId};
-use kiln_compiler::model::NormKind;
+use kiln_compiler::model::{Fp8, NormKind};
 
 use crate::cpu::attention::{self, RopeTables};
 use crate::cpu::elementwise::Elementwise;
 use crate::cpu::{dense, moe, Real};
+use crate::numerics::gemm::GemmNumerics;
 use crate::ops::{self, check_ids, norm_bwd, norm_fwd, rope_pairs, router_config, ExprActivation};
 
 /// A tensor's data: floats, or u32 ids and indices.
@@ -139,6 +140,9 @@ pub struct Executor<'g> {
     experts_forward: HashMap<usize, usize>,
     /// The `experts` nodes some `experts_grad` node reads saved activations from.
     experts_backward: std::collections::HashSet<usize>,
+    /// How each GEMM node treats its operands, by node index; absent nodes are exact. Empty
+    /// unless [`Executor::emulating`] set a precision policy.
+    gemm: HashMap<usize, GemmNumerics>,
 }
 
 impl<'g> Executor<'g> {
@@ -182,7 +186,36 @@ impl<'g> Executor<'g> {
             rope_key,
             experts_forward,
             experts_backward,
+            gemm: HashMap::new(),
         }
+    }
+
+    fn gemm_of(&self, index: usize) -> GemmNumerics {
+        self.gemm
+            .get(&index)
+            .copied()
+            .unwrap_or(GemmNumerics::Exact)
+    }
+
+    /// Runs every linear and expert GEMM in its node's format, emulated exactly
+    /// ([`crate::numerics`]): 16-bit operands rounded, FP8 operands block-scaled with the
+    /// spec's `fp8` settings and limited-precision accumulation. Other ops are unchanged
+    /// (they compute in the run's type, at least as precise as any policy format).
+    pub fn emulating(mut self, fp8: Option<&Fp8>) -> Self {
+        for (id, node) in self.graph.nodes.iter() {
+            if matches!(
+                node.op,
+                Op::Linear { .. }
+                    | Op::LinearMap { .. }
+                    | Op::LinearGrad { .. }
+                    | Op::Experts { .. }
+                    | Op::ExpertsGrad { .. }
+            ) {
+                self.gemm
+                    .insert(id.index(), GemmNumerics::of(node.format, fp8));
+            }
+        }
+        self
     }
 
     /// Runs the graph; returns the kept values.
@@ -293,6 +326,8 @@ impl<'g> Executor<'g> {
                 .as_ref()
                 .expect("operands are computed before use")
         };
+        // How this node's GEMMs (if any) treat their operands.
+        let num = &self.gemm_of(index);
         let shape = |i: usize| {
             g.values[node.inputs[i]]
                 .ty
@@ -378,7 +413,8 @@ impl<'g> Executor<'g> {
             Op::Linear { bias } | Op::LinearMap { bias, .. } => {
                 let w = shape(1);
                 let b = bias.then(|| arg(2).floats());
-                let pre = ops::linear(arg(0).floats(), arg(1).floats(), b, w[0], w[1]);
+                let (x, wt) = (arg(0).floats(), arg(1).floats());
+                let pre = ops::linear_with(x, wt, b, w[0], w[1], num);
                 match self.elementwise.get(&index) {
                     // `linear_map`: the activation follows in the same node.
                     Some(act) => {
@@ -391,7 +427,7 @@ impl<'g> Executor<'g> {
             Op::LinearGrad { bias } => {
                 let w = shape(1);
                 let (x, dy) = (arg(0).floats(), arg(2).floats());
-                let r = ops::linear_grad(x, arg(1).floats(), dy, w[0], w[1], *bias);
+                let r = ops::linear_grad_with(x, arg(1).floats(), dy, w[0], w[1], *bias, num);
                 let mut v = vec![f(r.dx), f(r.dw)];
                 if let Some(db) = r.db {
                     v.push(f(db));
@@ -539,7 +575,7 @@ impl<'g> Executor<'g> {
                     act: &act,
                 };
                 if matches!(node.op, Op::Experts { .. }) {
-                    let (y, saved) = moe::experts_fwd(&ffn);
+                    let (y, saved) = moe::experts_fwd_with(&ffn, num);
                     // Keep the routed activations for the backward pass if one follows.
                     if self.experts_backward.contains(&index) {
                         saved_experts.insert(index, saved);
@@ -552,10 +588,15 @@ impl<'g> Executor<'g> {
                         .and_then(|i| saved_experts.remove(i))
                     {
                         Some(s) => s,
-                        None => moe::experts_fwd(&ffn).1,
+                        // Recomputed as the forward node computed it.
+                        None => {
+                            let fwd = self.experts_forward.get(&index);
+                            let fwd_num = fwd.map_or(*num, |&i| self.gemm_of(i));
+                            moe::experts_fwd_with(&ffn, &fwd_num).1
+                        }
                     };
                     let dy = arg(up_at + 2).floats();
-                    let r = moe::experts_bwd(&ffn, &saved, dy);
+                    let r = moe::experts_bwd_with(&ffn, &saved, dy, num);
                     let mut v = vec![f(r.dx), f(r.d_weights)];
                     if let Some(dg) = r.dw_gate {
                         v.push(f(dg));

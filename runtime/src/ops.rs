@@ -15,6 +15,7 @@ use crate::cpu::attention;
 use crate::cpu::elementwise::{self, is_swiglu, swiglu};
 use crate::cpu::{dense, moe, Real};
 use crate::exec::ExecError;
+use crate::numerics::gemm::GemmNumerics;
 
 /// A tensor of `n` copies of `value`.
 pub fn fill<T: Real>(value: f64, n: usize) -> Vec<T> {
@@ -90,7 +91,19 @@ pub fn embedding<T: Real>(
 
 /// `x·wᵀ (+ b)` for `x: [rows, inp]`, `w: [out, inp]`.
 pub fn linear<T: Real>(x: &[T], w: &[T], b: Option<&[T]>, out: usize, inp: usize) -> Vec<T> {
-    dense::linear_fwd(x, x.len() / inp, inp, w, out, b)
+    linear_with(x, w, b, out, inp, &GemmNumerics::Exact)
+}
+
+/// [`linear`] under a precision policy's numerics.
+pub fn linear_with<T: Real>(
+    x: &[T],
+    w: &[T],
+    b: Option<&[T]>,
+    out: usize,
+    inp: usize,
+    num: &GemmNumerics,
+) -> Vec<T> {
+    dense::linear_fwd_with(x, x.len() / inp, inp, w, out, b, num)
 }
 
 /// The gradients of [`linear`] given `dy: [rows, out]`.
@@ -102,7 +115,21 @@ pub fn linear_grad<T: Real>(
     inp: usize,
     bias: bool,
 ) -> dense::LinearGrads<T> {
-    dense::linear_bwd(x, x.len() / inp, inp, w, out, dy, bias)
+    linear_grad_with(x, w, dy, out, inp, bias, &GemmNumerics::Exact)
+}
+
+/// [`linear_grad`] under a precision policy's numerics.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_grad_with<T: Real>(
+    x: &[T],
+    w: &[T],
+    dy: &[T],
+    out: usize,
+    inp: usize,
+    bias: bool,
+    num: &GemmNumerics,
+) -> dense::LinearGrads<T> {
+    dense::linear_bwd_with(x, x.len() / inp, inp, w, out, dy, bias, num)
 }
 
 /// `s = x + r` and `norm(s)`: a residual add fused with the norm that reads it.

@@ -15,6 +15,7 @@ use rayon::prelude::*;
 use crate::cpu::moe;
 use crate::data::{Batch, Rng};
 use crate::exec::{Buf, ExecError, Executor, Feed, Run};
+use crate::numerics::Emulation;
 
 /// Optimizer and schedule settings (the spec's `[train]` and `[moe] bias_update`).
 #[derive(Clone, Debug, PartialEq)]
@@ -35,6 +36,9 @@ pub struct TrainConfig {
     /// Aux-loss-free balancing speed γ.
     pub bias_update: f64,
     pub seed: u64,
+    /// Emulate the spec's precision policy (GEMM formats, FP8 scaling, moment storage);
+    /// `None` trains in f32 throughout.
+    pub emulate: Option<Emulation>,
 }
 
 impl TrainConfig {
@@ -55,6 +59,15 @@ impl TrainConfig {
             grad_clip: t.grad_clip,
             bias_update: model.moe.as_ref().map_or(0.0, |m| m.bias_update),
             seed,
+            emulate: None,
+        }
+    }
+
+    /// The same settings, emulating `model`'s precision policy.
+    pub fn emulating(self, model: &kiln_compiler::model::Model) -> TrainConfig {
+        TrainConfig {
+            emulate: Some(Emulation::of(&model.precision)),
+            ..self
         }
     }
 
@@ -113,7 +126,18 @@ struct AdamStep {
 impl AdamStep {
     /// AdamW on one tensor: moments from the clipped gradient, then the bias-corrected step
     /// plus decoupled weight decay `decay · w`.
-    fn apply(&self, w: &mut [f32], m: &mut [f32], v: &mut [f32], grad: &[f32], decay: f64) {
+    ///
+    /// With `emulate`, the moments are stored in its format (the step itself uses the
+    /// moments as computed).
+    fn apply(
+        &self,
+        w: &mut [f32],
+        m: &mut [f32],
+        v: &mut [f32],
+        grad: &[f32],
+        decay: f64,
+        emulate: Option<&Emulation>,
+    ) {
         const CHUNK: usize = 1 << 14;
         w.par_chunks_mut(CHUNK)
             .zip(m.par_chunks_mut(CHUNK))
@@ -124,8 +148,10 @@ impl AdamStep {
                     let gi = f64::from(g[i]) * self.clip;
                     let mi = self.beta1 * f64::from(m[i]) + (1.0 - self.beta1) * gi;
                     let vi = self.beta2 * f64::from(v[i]) + (1.0 - self.beta2) * gi * gi;
-                    m[i] = mi as f32;
-                    v[i] = vi as f32;
+                    (m[i], v[i]) = match emulate {
+                        Some(e) => (e.store_moment(mi), e.store_moment(vi)),
+                        None => (mi as f32, vi as f32),
+                    };
                     let step = (mi / self.bias1) / ((vi / self.bias2).sqrt() + self.eps);
                     w[i] = (f64::from(w[i]) - self.lr * (step + decay * f64::from(w[i]))) as f32;
                 }
@@ -215,7 +241,12 @@ impl<'g> Trainer<'g> {
         let keep = TrainOutputs::of(graph)
             .expect("a training graph has losses")
             .values();
-        Trainer::with_runner(graph, config, params, Box::new(Executor::new(graph, &keep)))
+        let exec = Executor::new(graph, &keep);
+        let exec = match &config.emulate {
+            Some(e) => exec.emulating(e.fp8.as_ref()),
+            None => exec,
+        };
+        Trainer::with_runner(graph, config, params, Box::new(exec))
     }
 
     /// A trainer whose graph runs on `runner` instead of the interpreter: a module generated
@@ -355,7 +386,7 @@ impl<'g> Trainer<'g> {
                 } else {
                     0.0
                 };
-                hyper.apply(w, m, v, grad, decay);
+                hyper.apply(w, m, v, grad, decay, c.emulate.as_ref());
             });
         if c.bias_update > 0.0 {
             for &(bias, experts, e) in &self.routers {
@@ -376,17 +407,23 @@ impl<'g> Trainer<'g> {
     }
 }
 
-/// Mean main-model cross-entropy of a forward graph over `batches` (validation).
+/// Mean main-model cross-entropy of a forward graph over `batches` (validation), with the
+/// precision policy emulated when `emulate` is given.
 pub fn eval_loss(
     forward: &Graph,
     params: &[Vec<f32>],
     batches: impl Iterator<Item = Batch>,
     seq_len: usize,
+    emulate: Option<&Emulation>,
 ) -> Result<f64, ExecError> {
     let main = forward
         .output("loss.main")
         .expect("a forward graph has a main loss");
     let exec = Executor::new(forward, &[main]);
+    let exec = match emulate {
+        Some(e) => exec.emulating(e.fp8.as_ref()),
+        None => exec,
+    };
     let (mut sum, mut n) = (0.0, 0usize);
     for batch in batches {
         let inputs = feed_inputs(forward, &batch, seq_len);

@@ -22,6 +22,7 @@ fn config() -> TrainConfig {
         grad_clip: Some(1.0),
         bias_update: 0.001,
         seed: 0,
+        emulate: None,
     }
 }
 

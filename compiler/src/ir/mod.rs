@@ -471,6 +471,11 @@ pub struct Graph {
     pub nodes: Arena<Node>,
     /// Named results (`loss`, `logits`, …).
     pub outputs: Vec<(String, ValueId)>,
+    /// The operand format of the gradient GEMMs of `linear` and `experts` nodes, by node
+    /// path: the policy's `linear_grad` (or the forward format, for kept ops). Autodiff gives
+    /// it to their `linear_grad` and `experts_grad` nodes; a path not listed keeps the
+    /// forward node's format.
+    pub grad_formats: std::collections::HashMap<String, Format>,
 }
 
 /// Why a node could not be added: its operands do not fit the op.

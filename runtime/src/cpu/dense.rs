@@ -4,6 +4,7 @@ use rayon::prelude::*;
 
 use super::simd;
 use super::Real;
+use crate::numerics::gemm::{GemmNumerics, Role};
 
 /// `c[m, n] = (accumulate ? c : 0) + op(a)[m, k] · op(b)[k, n]`, all row-major. `op(a)` is
 /// `a` stored `[m, k]`, or `aᵀ` of `a` stored `[k, m]` when `trans_a`; likewise `op(b)` is
@@ -211,6 +212,20 @@ pub fn linear_fwd<T: Real>(
     out: usize,
     b: Option<&[T]>,
 ) -> Vec<T> {
+    linear_fwd_with(x, rows, inp, w, out, b, &GemmNumerics::Exact)
+}
+
+/// [`linear_fwd`] with the product's operands treated as `num` says (a precision policy's
+/// emulation; [`GemmNumerics::Exact`] is `linear_fwd` itself).
+pub fn linear_fwd_with<T: Real>(
+    x: &[T],
+    rows: usize,
+    inp: usize,
+    w: &[T],
+    out: usize,
+    b: Option<&[T]>,
+    num: &GemmNumerics,
+) -> Vec<T> {
     debug_assert_eq!(x.len(), rows * inp, "linear_fwd: x is not [rows, inp]");
     debug_assert_eq!(w.len(), out * inp, "linear_fwd: w is not [out, inp]");
     let mut y = vec![T::ZERO; rows * out];
@@ -223,7 +238,16 @@ pub fn linear_fwd<T: Real>(
         }
     }
     // y[rows, out] (+)= x[rows, inp] · wᵀ, where w is stored [out, inp].
-    matmul(rows, inp, out, x, false, w, true, &mut y, b.is_some());
+    let dims = (rows, inp, out);
+    num.product(
+        Role::Forward,
+        dims,
+        (x, false),
+        (w, true),
+        &mut y,
+        b.is_some(),
+        false,
+    );
     y
 }
 
@@ -242,15 +266,48 @@ pub fn linear_bwd<T: Real>(
     dy: &[T],
     bias: bool,
 ) -> LinearGrads<T> {
+    linear_bwd_with(x, rows, inp, w, out, dy, bias, &GemmNumerics::Exact)
+}
+
+/// [`linear_bwd`] with both products' operands treated as `num` says.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_bwd_with<T: Real>(
+    x: &[T],
+    rows: usize,
+    inp: usize,
+    w: &[T],
+    out: usize,
+    dy: &[T],
+    bias: bool,
+    num: &GemmNumerics,
+) -> LinearGrads<T> {
     debug_assert_eq!(x.len(), rows * inp, "linear_bwd: x is not [rows, inp]");
     debug_assert_eq!(w.len(), out * inp, "linear_bwd: w is not [out, inp]");
     debug_assert_eq!(dy.len(), rows * out, "linear_bwd: dy is not [rows, out]");
     // dx[rows, inp] = dy[rows, out] · w[out, inp].
     let mut dx = vec![T::ZERO; rows * inp];
-    matmul(rows, out, inp, dy, false, w, false, &mut dx, false);
+    let dims = (rows, out, inp);
+    num.product(
+        Role::InputGrad,
+        dims,
+        (dy, false),
+        (w, false),
+        &mut dx,
+        false,
+        false,
+    );
     // dw[out, inp] = dyᵀ · x, where dy is stored [rows, out] and so read transposed.
     let mut dw = vec![T::ZERO; out * inp];
-    matmul(out, rows, inp, dy, true, x, false, &mut dw, false);
+    let dims = (out, rows, inp);
+    num.product(
+        Role::WeightGrad,
+        dims,
+        (dy, true),
+        (x, false),
+        &mut dw,
+        false,
+        false,
+    );
     let db = bias.then(|| {
         column_sums(rows, out, |r, first, acc| {
             for (a, &d) in acc.iter_mut().zip(&dy[r * out + first..]) {

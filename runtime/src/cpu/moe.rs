@@ -19,10 +19,11 @@
 
 use rayon::prelude::*;
 
-use super::dense::{matmul, matmul_serial};
+use super::dense::matmul;
 use super::elementwise::swiglu;
 use super::simd;
 use super::Real;
+use crate::numerics::gemm::{GemmNumerics, Role};
 
 /// The score function that turns router logits into per-expert affinities.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -744,6 +745,14 @@ fn row_parts(rows: usize, flop_per_row: usize) -> usize {
 ///
 /// Returns `(y [n, d], saved)`.
 pub fn experts_fwd<T: Real>(ffn: &ExpertFfn<'_, T>) -> (Vec<T>, ExpertsSaved<T>) {
+    experts_fwd_with(ffn, &GemmNumerics::Exact)
+}
+
+/// [`experts_fwd`] with the expert GEMMs' operands treated as `num` says.
+pub fn experts_fwd_with<T: Real>(
+    ffn: &ExpertFfn<'_, T>,
+    num: &GemmNumerics,
+) -> (Vec<T>, ExpertsSaved<T>) {
     let ExpertFfn {
         x,
         n,
@@ -794,18 +803,42 @@ pub fn experts_fwd<T: Real>(ffn: &ExpertFfn<'_, T>) -> (Vec<T>, ExpertsSaved<T>)
                     gather_tokens_into(x, &order[lo..hi], k, d, xs);
                     let w = |w| block(w, i, hd);
                     let up_i = &mut up_p[r * h..re * h];
-                    matmul_serial(m, d, h, xs, false, w(w_up), true, up_i, false);
+                    num.product(
+                        Role::Forward,
+                        (m, d, h),
+                        (xs, false),
+                        (w(w_up), true),
+                        up_i,
+                        false,
+                        true,
+                    );
                     let gate_i: &[T] = match w_gate {
                         Some(wg) => {
                             let gate_i = &mut gate_p[r * h..re * h];
-                            matmul_serial(m, d, h, xs, false, w(wg), true, gate_i, false);
+                            num.product(
+                                Role::Forward,
+                                (m, d, h),
+                                (xs, false),
+                                (w(wg), true),
+                                gate_i,
+                                false,
+                                true,
+                            );
                             gate_i
                         }
                         None => &[],
                     };
                     act.values(gate_i, up_i, a);
                     let out_i = &mut out_p[r * d..re * d];
-                    matmul_serial(m, h, d, a, false, w(w_down), true, out_i, false);
+                    num.product(
+                        Role::Forward,
+                        (m, h, d),
+                        (a, false),
+                        (w(w_down), true),
+                        out_i,
+                        false,
+                        true,
+                    );
                 }
             });
     }
@@ -849,6 +882,16 @@ pub fn experts_bwd<T: Real>(
     ffn: &ExpertFfn<'_, T>,
     saved: &ExpertsSaved<T>,
     dy: &[T],
+) -> ExpertsGrads<T> {
+    experts_bwd_with(ffn, saved, dy, &GemmNumerics::Exact)
+}
+
+/// [`experts_bwd`] with the expert GEMMs' operands treated as `num` says.
+pub fn experts_bwd_with<T: Real>(
+    ffn: &ExpertFfn<'_, T>,
+    saved: &ExpertsSaved<T>,
+    dy: &[T],
+    num: &GemmNumerics,
 ) -> ExpertsGrads<T> {
     let ExpertFfn {
         x,
@@ -918,7 +961,15 @@ pub fn experts_bwd<T: Real>(
                     // G = dy·w_down[i]: the gradient of the activation before weighting.
                     let g = &mut g[..m * h];
                     let dyi = &dys[lo * d..hi * d];
-                    matmul_serial(m, d, h, dyi, false, w(w_down), false, g, false);
+                    num.product(
+                        Role::InputGrad,
+                        (m, d, h),
+                        (dyi, false),
+                        (w(w_down), false),
+                        g,
+                        false,
+                        true,
+                    );
                     // a, act′ for the rows; a lands in a_w and is weighted below.
                     let gate_i = gate_saved.get(lo * h..hi * h).unwrap_or(&[]);
                     let a_i = &mut a_w_p[r * h..re * h];
@@ -946,9 +997,25 @@ pub fn experts_bwd<T: Real>(
                         *dwt = dot;
                     }
                     let dx_i = &mut dx_p[r * d..re * d];
-                    matmul_serial(m, h, d, du_i, false, w(w_up), false, dx_i, false);
+                    num.product(
+                        Role::InputGrad,
+                        (m, h, d),
+                        (du_i, false),
+                        (w(w_up), false),
+                        dx_i,
+                        false,
+                        true,
+                    );
                     if let Some(wg) = w_gate {
-                        matmul_serial(m, h, d, dg_i, false, w(wg), false, dx_i, true);
+                        num.product(
+                            Role::InputGrad,
+                            (m, h, d),
+                            (dg_i, false),
+                            (w(wg), false),
+                            dx_i,
+                            true,
+                            true,
+                        );
                     }
                 }
             },
@@ -969,7 +1036,15 @@ pub fn experts_bwd<T: Real>(
             // out = lhsᵀ·rhs over the expert's rows: [cols(lhs), cols(rhs)].
             let (p, q) = (t.lhs.len() / rows, t.rhs.len() / rows);
             let (l, r) = (&t.lhs[lo * p..hi * p], &t.rhs[lo * q..hi * q]);
-            matmul_serial(p, hi - lo, q, l, true, r, false, t.out, false);
+            num.product(
+                Role::WeightGrad,
+                (p, hi - lo, q),
+                (l, true),
+                (r, false),
+                t.out,
+                false,
+                true,
+            );
         });
     }
 

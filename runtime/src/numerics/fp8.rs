@@ -175,8 +175,11 @@ impl Fp8Format {
             // Subnormal (or zero): the count of the smallest subnormal step, rounded to
             // nearest even. Scaling by a power of two is exact, and a result of 2^m is the
             // smallest normal code, which is what that value encodes to.
+            // Adding and subtracting 2^23 rounds a value below 2^22 to an integer, to
+            // nearest even, in f32's default rounding (no libm call).
             let steps = f32::from_bits(abs) / self.min_subnormal();
-            steps.round_ties_even() as u32
+            const SHIFTER: f32 = 8_388_608.0;
+            ((steps + SHIFTER) - SHIFTER) as u32
         };
         sign | magnitude as u8
     }

@@ -8,6 +8,42 @@
 //!   every N_C elements, and the block-scaled FP8 GEMM built from them.
 //! - [`gemm`]: the products of a linear layer or expert under a node's format.
 
+pub mod accum;
 pub mod fp8;
+pub mod gemm;
+pub mod quant;
 
 pub use fp8::Fp8Format;
+
+use kiln_compiler::model::{Format, Fp8, Precision};
+
+/// A spec's precision policy as a CPU run emulates it: GEMM operands in their nodes'
+/// formats (the graph carries those), FP8 scaling and accumulation from `[precision.fp8]`,
+/// and the storage format of AdamW's moments.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Emulation {
+    pub fp8: Option<Fp8>,
+    /// `fp32`, or `bf16`/`fp16`: moments are rounded to it each time they are stored.
+    pub moments: Format,
+}
+
+impl Emulation {
+    pub fn of(precision: &Precision) -> Emulation {
+        Emulation {
+            fp8: precision.fp8,
+            moments: precision.moments,
+        }
+    }
+
+    /// `x` as a moment stored in the policy's format.
+    #[inline]
+    pub fn store_moment(&self, x: f64) -> f32 {
+        let x = x as f32;
+        match self.moments {
+            Format::Bf16 => half::bf16::from_f32(x).to_f32(),
+            Format::Fp16 => half::f16::from_f32(x).to_f32(),
+            // FP8 moments are not a policy the checker accepts; f32 otherwise.
+            _ => x,
+        }
+    }
+}

@@ -1,0 +1,152 @@
+//! Training under an emulated precision policy (`Executor::emulating`, `TrainConfig::emulate`):
+//! an fp32 policy changes no bit, an FP8 policy changes the numbers by about what FP8's
+//! rounding predicts and nothing breaks, gradient GEMMs take `linear_grad`'s format, and
+//! bf16 moments are stored as bf16.
+
+use kiln_compiler::autodiff::differentiate;
+use kiln_compiler::check::check_str;
+use kiln_compiler::ir::{Graph, Op};
+use kiln_compiler::lower::lower;
+use kiln_compiler::model::{Format, Model};
+use kiln_runtime::data::{builtin_corpus, byte_tokens, Batcher};
+use kiln_runtime::train::{init_params, max_token_offset, StepStats, TrainConfig, Trainer};
+
+const MICRO: &str = include_str!("../../tests/specs/micro.toml");
+
+/// micro with a precision policy: FP8 GEMMs in 8-wide tiles and 8×8 blocks (micro's widths
+/// are multiples of 8), the paper's keep list, bf16 moments.
+fn with_policy(linear: &str, linear_grad: &str) -> Model {
+    let spec = format!(
+        "{MICRO}\n[precision]\ncompute = \"bf16\"\nlinear = \"{linear}\"\nlinear_grad = \"{linear_grad}\"\n\
+         keep = [\"embed\", \"head\", \"moe.router\", \"*norm\", \"attn.core\"]\nmoments = \"bf16\"\n\n\
+         [precision.fp8]\nact_tile = [1, 8]\nweight_block = [8, 8]\n"
+    );
+    check_str(&spec).unwrap_or_else(|e| panic!("{e:?}"))
+}
+
+fn all_fp32() -> Model {
+    let spec = format!("{MICRO}\n[precision]\ncompute = \"fp32\"\nmoments = \"fp32\"\n");
+    check_str(&spec).unwrap_or_else(|e| panic!("{e:?}"))
+}
+
+struct Run {
+    stats: Vec<StepStats>,
+    params: Vec<Vec<f32>>,
+    moments: Vec<Vec<f32>>,
+}
+
+fn train(model: &Model, emulate: bool, steps: u64) -> Run {
+    let fwd = lower(model).unwrap();
+    let full = differentiate(&fwd, fwd.output("loss").unwrap()).unwrap();
+    let (b, t) = (model.train.batch as usize, model.train.seq_len as usize);
+    let window = t + max_token_offset(&fwd) as usize - 1;
+    let tokens: Vec<u32> = byte_tokens(&builtin_corpus(0, 1 << 16))
+        .into_iter()
+        .map(|x| x % 128)
+        .collect();
+    let mut batcher = Batcher::new(tokens, b, window, 0).unwrap();
+    let mut config = TrainConfig::of(model, steps, 0);
+    if emulate {
+        config = config.emulating(model);
+    }
+    let mut trainer = Trainer::new(&full, config, init_params(&fwd, 0));
+    let stats = (0..steps)
+        .map(|_| trainer.step(&batcher.next_batch(), t).unwrap())
+        .collect();
+    Run {
+        stats,
+        moments: trainer.moments().0.to_vec(),
+        params: trainer.params,
+    }
+}
+
+fn bits(v: &[Vec<f32>]) -> Vec<Vec<u32>> {
+    v.iter()
+        .map(|t| t.iter().map(|x| x.to_bits()).collect())
+        .collect()
+}
+
+#[test]
+fn an_fp32_policy_emulates_to_the_same_bits() {
+    let model = all_fp32();
+    let (plain, emulated) = (train(&model, false, 3), train(&model, true, 3));
+    assert_eq!(plain.stats, emulated.stats);
+    assert_eq!(bits(&plain.params), bits(&emulated.params));
+}
+
+#[test]
+fn an_fp8_policy_moves_the_loss_a_little_and_stores_bf16_moments() {
+    let model = with_policy("e4m3", "e4m3");
+    let (plain, fp8) = (train(&model, false, 6), train(&model, true, 6));
+    for (p, q) in plain.stats.iter().zip(&fp8.stats) {
+        assert!(
+            !q.skipped && q.loss.is_finite() && q.grad_norm.is_finite(),
+            "{q:?}"
+        );
+        let rel = (p.loss - q.loss).abs() / p.loss;
+        // E4M3 keeps 3 fraction bits (relative rounding up to 1/16 per operand); averaged
+        // over a loss, the difference is far smaller but never zero.
+        assert!(
+            rel > 1e-7 && rel < 2e-2,
+            "step loss {} vs {}: {rel}",
+            p.loss,
+            q.loss
+        );
+    }
+    assert_ne!(bits(&plain.params), bits(&fp8.params));
+    // Every stored moment is a bf16 value (its low 16 bits are zero), and some are not zero.
+    assert!(fp8
+        .moments
+        .iter()
+        .flatten()
+        .all(|m| m.to_bits() & 0xFFFF == 0));
+    assert!(fp8.moments.iter().flatten().any(|m| *m != 0.0));
+    assert!(plain
+        .moments
+        .iter()
+        .flatten()
+        .any(|m| m.to_bits() & 0xFFFF != 0));
+}
+
+fn formats(g: &Graph, pick: impl Fn(&Op) -> bool) -> Vec<(String, Format)> {
+    g.nodes
+        .iter()
+        .filter(|(_, n)| pick(&n.op))
+        .map(|(_, n)| (n.path.clone(), n.format))
+        .collect()
+}
+
+#[test]
+fn gradient_gemms_take_the_linear_grad_format() {
+    let model = with_policy("e4m3", "bf16");
+    let fwd = lower(&model).unwrap();
+    let full = differentiate(&fwd, fwd.output("loss").unwrap()).unwrap();
+    let grads = formats(&full, |op| {
+        matches!(op, Op::LinearGrad { .. } | Op::ExpertsGrad { .. })
+    });
+    let fwds = formats(&full, |op| {
+        matches!(op, Op::Linear { .. } | Op::Experts { .. })
+    });
+    assert!(fwds.iter().any(|(_, f)| *f == Format::E4m3));
+    for (path, f) in &grads {
+        assert_eq!(*f, Format::Bf16, "{path}");
+        let op = path.trim_end_matches(".grad");
+        let kept = op.ends_with("head");
+        let fwd_format = fwds.iter().find(|(p, _)| p == op).map(|(_, f)| *f);
+        assert_eq!(
+            fwd_format,
+            Some(if kept { Format::Bf16 } else { Format::E4m3 }),
+            "{op}"
+        );
+    }
+    // And the other way round: FP8 only in the gradient GEMMs.
+    let model = with_policy("bf16", "e4m3");
+    let fwd = lower(&model).unwrap();
+    let full = differentiate(&fwd, fwd.output("loss").unwrap()).unwrap();
+    let grads = formats(&full, |op| matches!(op, Op::LinearGrad { .. }));
+    let fp8: Vec<_> = grads.iter().filter(|(_, f)| *f == Format::E4m3).collect();
+    assert!(
+        !fp8.is_empty() && fp8.iter().all(|(p, _)| !p.contains("head")),
+        "{grads:?}"
+    );
+}
