@@ -22,6 +22,8 @@ mod build;
 mod hf;
 mod logits;
 pub mod nvcc;
+/// SVG line plots of training curves, written without dependencies.
+pub mod plot;
 mod sample;
 pub mod train;
 
