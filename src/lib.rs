@@ -19,6 +19,7 @@ use kiln_compiler::report;
 
 pub mod bench;
 mod build;
+mod exp;
 mod hf;
 mod logits;
 pub mod nvcc;
@@ -108,6 +109,12 @@ enum Command {
     Emit {
         #[command(subcommand)]
         what: Emit,
+    },
+    /// Experiments that reproduce published claims: `fp8-accum` (DeepSeek-V3's FP8
+    /// accumulation error) and `fp8-vs-bf16` (FP8 against BF16 training of one spec).
+    Exp {
+        #[command(subcommand)]
+        what: exp::Exp,
     },
     /// Compare two specs: changed settings, and how parameters, FLOPs, KV cache and memory
     /// change from A to B.
@@ -206,6 +213,7 @@ pub fn main() -> ExitCode {
         Command::ExportHf(args) => hf::run_export(args, color),
         Command::Bench(args) => bench::run(args, color),
         Command::Train(args) => train::run(args, color),
+        Command::Exp { what } => exp::run(what, color),
     };
     exit_code(result)
 }

@@ -69,7 +69,7 @@ const MAX_SKIPPED: u32 = 100;
 /// Share of the data held out for validation.
 const VAL_FRACTION: f64 = 0.1;
 
-fn load_data(model: &Model, arg: Option<&str>, seed: u64) -> Result<Dataset, Failure> {
+pub(crate) fn load_data(model: &Model, arg: Option<&str>, seed: u64) -> Result<Dataset, Failure> {
     let spec_data = match &model.train.data {
         DataSource::Builtin => "builtin".to_string(),
         DataSource::Path(p) => p.clone(),

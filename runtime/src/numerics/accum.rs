@@ -7,8 +7,8 @@
 //! applied and the full-precision sum continues.
 //!
 //! The model here:
-//! - the tensor core adds [`MMA_K`] products at a time (one FP8 `wgmma` step on Hopper); the
-//!   sum of those products is formed in f32, then added to the running sum with
+//! - the tensor core adds [`MMA_K`] products at a time (one FP8 `wgmma` step on Hopper;
+//!   [`Accumulation::step`] changes it); the sum of those products is formed in f32, then added to the running sum with
 //!   [`add_limited`]: both are truncated toward zero to `bits` fraction bits below the larger
 //!   one's leading bit, added exactly, and a carry into the next binade drops one more bit;
 //! - every `promote_every` elements the running sum is added to an f32 accumulator and
@@ -35,6 +35,9 @@ pub struct Accumulation {
     pub bits: u32,
     /// Contraction elements between promotions to f32; `None` never promotes.
     pub promote_every: Option<usize>,
+    /// Products the tensor core sums before adding them to the running sum: [`MMA_K`] on
+    /// Hopper; 1 models alignment of every single product.
+    pub step: usize,
 }
 
 impl Accumulation {
@@ -42,6 +45,7 @@ impl Accumulation {
     pub const DEEPSEEK_V3: Accumulation = Accumulation {
         bits: 14,
         promote_every: Some(128),
+        step: MMA_K,
     };
 }
 
@@ -112,15 +116,15 @@ fn accumulate_row(limited: &mut [f32], part: &[f32], sb: &[f32], sa: f32, bits: 
 }
 
 /// `C[m, n] = Σ_k A[m, k] · B[n, k]` for two quantized operands laid out `[outer, K]`, with
-/// each element's scales applied, accumulated as `acc` describes. The groups of [`MMA_K`]
-/// are narrowed where needed so that none straddles a scale block or a promotion point.
+/// each element's scales applied, accumulated as `acc` describes. The steps of `acc.step`
+/// products are narrowed where needed so that none straddles a scale block or a promotion point.
 ///
 /// `serial` keeps the work on the calling thread (for callers that already run many
 /// products in parallel); otherwise blocks of rows run in parallel. Both give the same bits.
 pub fn fp8_product(a: &Quantized, b: &Quantized, acc: Accumulation, serial: bool) -> Vec<f32> {
     assert_eq!(a.cols, b.cols, "fp8_product: contraction lengths differ");
     let (m, n, k) = (a.rows, b.rows, a.cols);
-    let mut group = gcd(gcd(MMA_K, a.block[1]), b.block[1]);
+    let mut group = gcd(gcd(acc.step.max(1), a.block[1]), b.block[1]);
     if let Some(p) = acc.promote_every {
         group = gcd(group, p);
     }
@@ -286,6 +290,7 @@ mod tests {
             Accumulation {
                 bits: 23,
                 promote_every: Some(128),
+                step: MMA_K,
             },
             true,
         );
@@ -301,6 +306,7 @@ mod tests {
             let acc = Accumulation {
                 bits: 14,
                 promote_every,
+                step: MMA_K,
             };
             max_rel(&fp8_product(&a, &b, acc, false), &want)
         };
@@ -312,6 +318,27 @@ mod tests {
         assert!(
             every < 2e-4,
             "promotion every 128 keeps 14-bit error small: {every}"
+        );
+    }
+
+    #[test]
+    fn aligning_fewer_products_per_step_loses_more() {
+        // One truncation per step: the fewer products per step, the more truncations, and
+        // without promotion their loss accumulates over the whole contraction.
+        let (a, b) = operands(4, 8, 4096);
+        let want = reference(&a, &b);
+        let err = |step| {
+            let acc = Accumulation {
+                bits: 14,
+                promote_every: None,
+                step,
+            };
+            max_rel(&fp8_product(&a, &b, acc, true), &want)
+        };
+        let (one, four, wgmma) = (err(1), err(4), err(MMA_K));
+        assert!(
+            one > 2.0 * four && four > 3.0 * wgmma,
+            "{one} {four} {wgmma}"
         );
     }
 

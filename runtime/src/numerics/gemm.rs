@@ -80,6 +80,7 @@ impl GemmNumerics {
             accumulation: Accumulation {
                 bits: f.accumulator_bits,
                 promote_every: f.promote_every.map(|p| p as usize),
+                step: super::accum::MMA_K,
             },
         })
     }

@@ -1,0 +1,477 @@
+//! `kiln exp`: experiments that reproduce published claims with numbers anyone can rerun.
+//!
+//! - `fp8-accum`: DeepSeek-V3 §3.3.2's accumulation-precision experiment, on the CPU
+//!   emulation of Hopper's limited FP8 accumulator ([`kiln_runtime::numerics::accum`]).
+//! - `fp8-vs-bf16`: the same spec, data and seed trained under its FP8 policy and under BF16,
+//!   both emulated exactly; the relative difference of the final validation losses against
+//!   the paper's 0.25%.
+//!
+//! docs/fp8.md explains the models and records results.
+
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use kiln_compiler::model::{Format, Model};
+use kiln_compiler::program::compile;
+use kiln_runtime::data::{self, Batcher, Rng};
+use kiln_runtime::numerics::accum::{fp8_product, Accumulation, MMA_K};
+use kiln_runtime::numerics::quant::{quantize, Quantized, ScaleRule};
+use kiln_runtime::numerics::Fp8Format;
+use kiln_runtime::train::{eval_loss, init_params, max_token_offset, TrainConfig, Trainer};
+
+use crate::plot::{Plot, Series};
+use crate::{load, other, out, Failure};
+
+#[derive(clap::Subcommand)]
+pub(crate) enum Exp {
+    /// DeepSeek-V3's FP8 accumulation experiment: random E4M3 matrices multiplied with the
+    /// emulated tensor-core accumulator (`--bits` fraction bits, aligned to the larger
+    /// operand and truncated, 32 products per step), promoted to f32 every N_C elements or
+    /// never; the max and mean relative error against an f64 product of the same quantized
+    /// inputs, for K from 512 to 16384 and N_C ∈ {none, 32, 128, 512}.
+    ///
+    /// The paper reports a maximum relative error near 2% at K = 4096 without promotion.
+    Fp8Accum(AccumArgs),
+    /// Train one spec twice from the same initialization, data and seed: under its FP8
+    /// precision policy and with every FP8 format replaced by BF16, both emulated exactly
+    /// (as `kiln train --emulate-precision`). Writes DIR/curves.jsonl (one line per step and
+    /// run), DIR/plot.svg (both loss curves) and DIR/summary.json, and prints the relative
+    /// difference of the final validation losses (DeepSeek-V3 reports below 0.25%).
+    Fp8VsBf16(VsArgs),
+}
+
+#[derive(clap::Args)]
+pub(crate) struct AccumArgs {
+    /// Fraction bits of the emulated accumulator between promotions.
+    #[arg(long, default_value_t = 14, value_parser = clap::value_parser!(u32).range(1..=23))]
+    bits: u32,
+    /// Rows of A and of B (the product is size × size, each element a length-K dot product).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    size: u64,
+    /// Products the tensor core sums before each limited-precision addition: 32 (one
+    /// Hopper FP8 wgmma step); 1 aligns and truncates every product on its own.
+    #[arg(long, default_value_t = MMA_K as u64, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    step: u64,
+    /// Seed of the random matrices.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Print the table as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+pub(crate) struct VsArgs {
+    /// The spec; its precision policy must use FP8 somewhere [default: the built-in
+    /// specs/tiny.toml].
+    spec: Option<PathBuf>,
+    /// Optimizer steps of each run [default: the spec's train.steps].
+    #[arg(long)]
+    steps: Option<u64>,
+    /// Output directory [default: runs/<model name>-fp8-vs-bf16].
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Evaluate the validation loss every N steps (and at the end) [default: steps / 10].
+    #[arg(long)]
+    eval_every: Option<u64>,
+    /// Validation batches per evaluation.
+    #[arg(long, default_value_t = 8)]
+    eval_batches: usize,
+    /// Seed for initialization and batching [default: the spec's train.seed].
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Training data, as for `kiln train` [default: the spec's train.data].
+    #[arg(long)]
+    data: Option<String>,
+}
+
+pub(crate) fn run(exp: Exp, color: bool) -> Result<(), Failure> {
+    match exp {
+        Exp::Fp8Accum(args) => fp8_accum(&args),
+        Exp::Fp8VsBf16(args) => fp8_vs_bf16(args, color),
+    }
+}
+
+/// The contraction lengths of the paper's experiment.
+pub const ACCUM_K: [usize; 6] = [512, 1024, 2048, 4096, 8192, 16384];
+/// Promotion intervals compared (`None`: never promoted).
+pub const ACCUM_PROMOTE: [Option<usize>; 4] = [None, Some(32), Some(128), Some(512)];
+
+/// One cell of the accumulation table.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
+pub struct AccumCell {
+    pub k: usize,
+    /// `None`: the whole contraction in the limited accumulator.
+    pub promote_every: Option<usize>,
+    /// Largest and mean `|c − ref| / |ref|` over the product's elements.
+    pub max_rel_error: f64,
+    pub mean_rel_error: f64,
+}
+
+/// Random `[rows, k]` uniform in [0, 1), quantized to E4M3 with `block` scaling.
+fn random_e4m3(rng: &mut Rng, rows: usize, k: usize, block: [usize; 2]) -> Quantized {
+    let x: Vec<f32> = (0..rows * k).map(|_| rng.next_f64() as f32).collect();
+    quantize(&x, rows, k, block, Fp8Format::E4m3, ScaleRule::Fp32).expect("finite")
+}
+
+/// `Σ_k a[r, k] · b[c, k]` of the dequantized operands in f64: exact products of codes and
+/// scales, summed in f64.
+fn reference(a: &Quantized, b: &Quantized) -> Vec<f64> {
+    let (av, bv) = (a.code_values(), b.code_values());
+    let k = a.cols;
+    let mut c = Vec::with_capacity(a.rows * b.rows);
+    for r in 0..a.rows {
+        for j in 0..b.rows {
+            let dot: f64 = (0..k)
+                .map(|i| {
+                    let x = f64::from(av[r * k + i]) * f64::from(a.scale(r, i));
+                    let y = f64::from(bv[j * k + i]) * f64::from(b.scale(j, i));
+                    x * y
+                })
+                .sum();
+            c.push(dot);
+        }
+    }
+    c
+}
+
+/// The table of `kiln exp fp8-accum`: for each K, the error of each promotion interval on
+/// the same random product (A in 1×128 activation tiles, B in 128×128 weight blocks, both
+/// uniform in [0, 1) so that no dot product cancels and the relative error is defined).
+pub fn accumulation_table(bits: u32, step: usize, size: usize, seed: u64) -> Vec<AccumCell> {
+    let mut cells = Vec::new();
+    for &k in &ACCUM_K {
+        let mut rng = Rng::with_stream(seed, k as u64);
+        let a = random_e4m3(&mut rng, size, k, [1, 128]);
+        let b = random_e4m3(&mut rng, size, k, [128, 128]);
+        let want = reference(&a, &b);
+        for &promote_every in &ACCUM_PROMOTE {
+            let acc = Accumulation {
+                bits,
+                promote_every,
+                step,
+            };
+            let got = fp8_product(&a, &b, acc, false);
+            let rel: Vec<f64> = got
+                .iter()
+                .zip(&want)
+                .map(|(&g, &w)| (f64::from(g) - w).abs() / w.abs())
+                .collect();
+            cells.push(AccumCell {
+                k,
+                promote_every,
+                max_rel_error: rel.iter().copied().fold(0.0, f64::max),
+                mean_rel_error: rel.iter().sum::<f64>() / rel.len() as f64,
+            });
+        }
+    }
+    cells
+}
+
+fn promote_name(p: Option<usize>) -> String {
+    p.map_or("none".to_string(), |n| n.to_string())
+}
+
+fn fp8_accum(args: &AccumArgs) -> Result<(), Failure> {
+    let size = args.size as usize;
+    let started = Instant::now();
+    let cells = accumulation_table(args.bits, args.step as usize, size, args.seed);
+    if args.json {
+        let json = serde_json::json!({
+            "accumulator_bits": args.bits,
+            "products_per_step": args.step,
+            "size": size,
+            "seed": args.seed,
+            "inputs": "uniform [0, 1), E4M3; A in 1x128 tiles, B in 128x128 blocks",
+            "cells": cells,
+        });
+        out(&format!("{json:#}\n"));
+        return Ok(());
+    }
+    let mut s = format!(
+        "FP8 (E4M3) GEMM accumulation error: {size}×K · K×{size}, inputs uniform in [0, 1), \
+         accumulator keeps {} fraction bits ({} products per step),\n\
+         promoted to f32 every N_C elements; relative error against f64 (max / mean over the \
+         {} elements)\n\n",
+        args.bits,
+        args.step,
+        size * size
+    );
+    s.push_str(&format!("{:>7}", "K"));
+    for p in ACCUM_PROMOTE {
+        s.push_str(&format!("  {:>21}", format!("N_C = {}", promote_name(p))));
+    }
+    s.push('\n');
+    for row in cells.chunks(ACCUM_PROMOTE.len()) {
+        s.push_str(&format!("{:>7}", row[0].k));
+        for c in row {
+            let cell = format!(
+                "{:.3}% / {:.3}%",
+                100.0 * c.max_rel_error,
+                100.0 * c.mean_rel_error
+            );
+            s.push_str(&format!("  {cell:>21}"));
+        }
+        s.push('\n');
+    }
+    s.push_str(&format!(
+        "\n(DeepSeek-V3 §3.3.2: about 2% max at K = 4096 without promotion; {:.1} s)\n",
+        started.elapsed().as_secs_f64()
+    ));
+    out(&s);
+    Ok(())
+}
+
+/// `model` with every FP8 format of its policy replaced by BF16: the baseline of
+/// `fp8-vs-bf16`. `None` when the policy uses no FP8.
+pub fn bf16_baseline(model: &Model) -> Option<Model> {
+    let mut m = model.clone();
+    let p = &mut m.precision;
+    let mut changed = false;
+    for f in [
+        &mut p.compute,
+        &mut p.linear,
+        &mut p.embed,
+        &mut p.head,
+        &mut p.router,
+        &mut p.norm,
+        &mut p.attn_core,
+        &mut p.act,
+        &mut p.linear_grad,
+        &mut p.keep_format,
+        &mut p.kv_cache,
+    ] {
+        if f.is_fp8() {
+            *f = Format::Bf16;
+            changed = true;
+        }
+    }
+    p.fp8 = None;
+    changed.then_some(m)
+}
+
+/// One run's curve: `(step, loss, main_loss)` per step and `(step, val_loss)` per evaluation.
+struct Curve {
+    train: Vec<(u64, f64, f64)>,
+    val: Vec<(u64, f64)>,
+    seconds: f64,
+}
+
+struct Setup<'a> {
+    steps: u64,
+    seed: u64,
+    eval_every: u64,
+    eval_batches: usize,
+    dataset: &'a data::Dataset,
+    curves: &'a mut std::fs::File,
+}
+
+fn train_curve(label: &str, model: &Model, s: &mut Setup) -> Result<Curve, Failure> {
+    let (b, t) = (model.train.batch as usize, model.train.seq_len as usize);
+    let compiled = compile(model).map_err(|e| other(e.to_string()))?;
+    let (full, forward) = (compiled.train.graph(), compiled.forward.graph());
+    let window = t + max_token_offset(forward) as usize - 1;
+    let mut batcher = Batcher::new(s.dataset.train.clone(), b, window, s.seed)
+        .map_err(|e| other(e.to_string()))?;
+    let config = TrainConfig::of(model, s.steps, s.seed).emulating(model);
+    let emulate = config.emulate.clone();
+    let mut trainer = Trainer::new(full, config, init_params(forward, s.seed));
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let started = Instant::now();
+    let mut curve = Curve {
+        train: Vec::new(),
+        val: Vec::new(),
+        seconds: 0.0,
+    };
+    while trainer.step < s.steps {
+        let st = trainer
+            .step(&batcher.next_batch(), t)
+            .map_err(|e| other(e.to_string()))?;
+        let step = trainer.step;
+        if st.skipped {
+            return Err(other(format!(
+                "the {label} run's loss became {} at step {}; lower train.lr or raise \
+                 train.warmup",
+                st.loss,
+                step + 1
+            )));
+        }
+        curve.train.push((step, st.loss, st.main_loss));
+        let mut line = serde_json::json!({
+            "run": label, "step": step, "loss": st.loss, "main_loss": st.main_loss,
+            "lr": st.lr, "grad_norm": st.grad_norm,
+        });
+        let eval_now = step % s.eval_every == 0 || step == s.steps;
+        if eval_now {
+            let batches = data::val_batches(&s.dataset.val, b, window)
+                .map_err(|e| other(e.to_string()))?
+                .filter(|batch| batch.inputs.len() == b * window)
+                .take(s.eval_batches);
+            let val = eval_loss(forward, &trainer.params, batches, t, emulate.as_ref())
+                .map_err(|e| other(e.to_string()))?;
+            curve.val.push((step, val));
+            line["val_loss"] = val.into();
+        }
+        writeln!(s.curves, "{line}").map_err(|e| other(format!("cannot write curves: {e}")))?;
+        let elapsed = started.elapsed().as_secs_f64();
+        let eta = elapsed / step as f64 * (s.steps - step) as f64;
+        let val = curve
+            .val
+            .last()
+            .map_or("–".to_string(), |v| format!("{:.4}", v.1));
+        let progress = format!(
+            "{label}: step {step}/{}  loss {:.4}  val {val}  ETA {eta:.0}s",
+            s.steps, st.main_loss
+        );
+        if tty {
+            eprint!("\r{progress}   ");
+        } else if eval_now {
+            eprintln!("{progress}");
+        }
+    }
+    if tty {
+        eprintln!();
+    }
+    curve.seconds = started.elapsed().as_secs_f64();
+    Ok(curve)
+}
+
+fn fp8_vs_bf16(args: VsArgs, color: bool) -> Result<(), Failure> {
+    let (spec_name, fp8) = load(args.spec.as_ref(), &mut Vec::new(), color)?;
+    let Some(bf16) = bf16_baseline(&fp8) else {
+        return Err(other(format!(
+            "{spec_name} uses no FP8 format in [precision], so there is nothing to compare; \
+             set e.g. linear = \"e4m3\" and linear_grad = \"e4m3\""
+        )));
+    };
+    let steps = args.steps.unwrap_or(fp8.train.steps).max(1);
+    let seed = args.seed.unwrap_or(fp8.train.seed);
+    let eval_every = args.eval_every.unwrap_or((steps / 10).max(1)).max(1);
+    let dir = args
+        .out
+        .unwrap_or_else(|| PathBuf::from("runs").join(format!("{}-fp8-vs-bf16", fp8.name)));
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| other(format!("cannot create {}: {e}", dir.display())))?;
+    let dataset = crate::train::load_data(&fp8, args.data.as_deref(), seed)?;
+    let curves_path = dir.join("curves.jsonl");
+    let mut curves = std::fs::File::create(&curves_path)
+        .map_err(|e| other(format!("cannot write {}: {e}", curves_path.display())))?;
+    eprintln!(
+        "fp8-vs-bf16 on {spec_name} ({}): {steps} steps of {} × {} tokens per run on {}, \
+         seed {seed}, precision emulated",
+        fp8.name, fp8.train.batch, fp8.train.seq_len, dataset.description
+    );
+    let mut setup = Setup {
+        steps,
+        seed,
+        eval_every,
+        eval_batches: args.eval_batches,
+        dataset: &dataset,
+        curves: &mut curves,
+    };
+    let base = train_curve("bf16", &bf16, &mut setup)?;
+    let test = train_curve("fp8", &fp8, &mut setup)?;
+
+    let final_val = |c: &Curve| c.val.last().map_or(f64::NAN, |v| v.1);
+    let (vb, vf) = (final_val(&base), final_val(&test));
+    let rel = (vf - vb) / vb;
+    let series = |name: &str, pts: Vec<(f64, f64)>, dashed| Series {
+        name: name.to_string(),
+        points: pts,
+        dashed,
+    };
+    let train_pts = |c: &Curve| c.train.iter().map(|&(s, _, l)| (s as f64, l)).collect();
+    let val_pts = |c: &Curve| c.val.iter().map(|&(s, v)| (s as f64, v)).collect();
+    let plot = Plot {
+        title: format!("{}: FP8 vs BF16 (emulated), seed {seed}", fp8.name),
+        x_label: "step".into(),
+        y_label: "cross-entropy (main)".into(),
+        series: vec![
+            series("BF16 train", train_pts(&base), false),
+            series("FP8 train", train_pts(&test), false),
+            series("BF16 validation", val_pts(&base), true),
+            series("FP8 validation", val_pts(&test), true),
+        ],
+    };
+    let write = |name: &str, text: String| {
+        std::fs::write(dir.join(name), text)
+            .map_err(|e| other(format!("cannot write {}: {e}", dir.join(name).display())))
+    };
+    write("plot.svg", plot.to_svg())?;
+    let fp8_cfg = fp8.precision.fp8;
+    let summary = serde_json::json!({
+        "spec": spec_name,
+        "model": fp8.name,
+        "steps": steps,
+        "seed": seed,
+        "batch": fp8.train.batch,
+        "seq_len": fp8.train.seq_len,
+        "data": dataset.description,
+        "eval_batches": args.eval_batches,
+        "fp8": fp8_cfg,
+        "fp8_linear": fp8.precision.linear,
+        "fp8_linear_grad": fp8.precision.linear_grad,
+        "final_val_loss_bf16": vb,
+        "final_val_loss_fp8": vf,
+        "relative_difference": rel,
+        "paper_bound": 0.0025,
+        "seconds_bf16": base.seconds,
+        "seconds_fp8": test.seconds,
+    });
+    write("summary.json", format!("{summary:#}\n"))?;
+    out(&format!(
+        "final validation loss: BF16 {vb:.4}, FP8 {vf:.4}: FP8 is {:+.3}% relative ({} the paper's 0.25%)\n\
+         runs took {:.0} s (BF16) and {:.0} s (FP8)\n\
+         written: {} (curves.jsonl, plot.svg, summary.json)\n",
+        100.0 * rel,
+        if rel.abs() < 0.0025 { "within" } else { "outside" },
+        base.seconds,
+        test.seconds,
+        dir.display()
+    ));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_baseline_replaces_every_fp8_format_and_only_those() {
+        let tiny = kiln_compiler::check::check(crate::TINY.as_bytes()).unwrap();
+        let base = bf16_baseline(&tiny).expect("tiny trains in FP8");
+        assert_eq!(base.precision.linear, Format::Bf16);
+        assert_eq!(base.precision.linear_grad, Format::Bf16);
+        assert_eq!(base.precision.fp8, None);
+        assert_eq!(base.precision.norm, tiny.precision.norm, "fp32 norms stay");
+        assert_eq!(base.precision.moments, tiny.precision.moments);
+        assert_eq!(bf16_baseline(&base), None, "nothing left to replace");
+    }
+
+    #[test]
+    fn promotion_keeps_the_accumulation_error_from_growing_with_k() {
+        let cells = accumulation_table(14, MMA_K, 8, 1);
+        let at = |k, p| {
+            cells
+                .iter()
+                .find(|c| c.k == k && c.promote_every == p)
+                .copied()
+                .unwrap()
+        };
+        // Without promotion the error grows with K; with promotion every 128 it does not.
+        assert!(at(16384, None).max_rel_error > 4.0 * at(1024, None).max_rel_error);
+        assert!(at(16384, Some(128)).max_rel_error < 2.0 * at(1024, Some(128)).max_rel_error);
+        for k in ACCUM_K {
+            assert!(
+                at(k, Some(128)).max_rel_error < at(k, None).max_rel_error,
+                "K = {k}"
+            );
+            assert!(
+                at(k, Some(32)).max_rel_error <= at(k, Some(512)).max_rel_error,
+                "K = {k}"
+            );
+        }
+        assert_eq!(cells.len(), ACCUM_K.len() * ACCUM_PROMOTE.len());
+    }
+}

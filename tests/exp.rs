@@ -1,0 +1,190 @@
+//! `kiln exp` as a user runs it: the FP8 accumulation table and the FP8-vs-BF16 comparison,
+//! their files and their refusals; and `kiln train --emulate-precision`.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn kiln(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("the kiln binary runs")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join("exp")
+        .join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// micro with FP8 GEMMs in 8-wide tiles (its widths are multiples of 8).
+fn micro_fp8(dir: &std::path::Path) -> String {
+    let micro = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/specs/micro.toml"),
+    )
+    .unwrap();
+    let spec = format!(
+        "{micro}\n[precision]\nlinear = \"e4m3\"\nlinear_grad = \"e4m3\"\n\
+         keep = [\"embed\", \"head\", \"moe.router\", \"*norm\", \"attn.core\"]\n\n\
+         [precision.fp8]\nact_tile = [1, 8]\nweight_block = [8, 8]\n"
+    );
+    let path = dir.join("micro-fp8.toml");
+    std::fs::write(&path, spec).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+#[test]
+fn fp8_accum_prints_every_k_and_promotion_interval() {
+    let o = kiln(&["exp", "fp8-accum", "--json", "--size", "4"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let cells = v["cells"].as_array().unwrap();
+    assert_eq!(cells.len(), 6 * 4);
+    assert_eq!(v["accumulator_bits"], 14);
+    assert_eq!(v["products_per_step"], 32);
+    let err = |k: u64, p: Option<u64>| {
+        cells
+            .iter()
+            .find(|c| c["k"] == k && c["promote_every"].as_u64() == p)
+            .unwrap()["max_rel_error"]
+            .as_f64()
+            .unwrap()
+    };
+    assert!(err(16384, None) > err(16384, Some(128)));
+    assert!(err(16384, None) > err(512, None));
+    // The table form names the paper's figure next to kiln's.
+    let o = kiln(&["exp", "fp8-accum", "--size", "4"]);
+    assert!(
+        text(&o.stdout).contains("N_C = none"),
+        "{}",
+        text(&o.stdout)
+    );
+    assert!(text(&o.stdout).contains("2% max at K = 4096"));
+    let o = kiln(&["exp", "fp8-accum", "--bits", "40"]);
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "bits beyond f32's 23 are a usage error"
+    );
+}
+
+#[test]
+fn fp8_vs_bf16_writes_both_curves_a_plot_and_a_summary() {
+    let dir = scratch("vs");
+    let spec = micro_fp8(&dir);
+    let out = dir.join("out");
+    let o = kiln(&[
+        "exp",
+        "fp8-vs-bf16",
+        &spec,
+        "--steps",
+        "4",
+        "--eval-every",
+        "2",
+        "--eval-batches",
+        "2",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stdout).contains("final validation loss: BF16"),
+        "{}",
+        text(&o.stdout)
+    );
+    let curves = std::fs::read_to_string(out.join("curves.jsonl")).unwrap();
+    let rows: Vec<serde_json::Value> = curves
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 8, "four steps per run");
+    for run in ["bf16", "fp8"] {
+        let vals = rows
+            .iter()
+            .filter(|r| r["run"] == run && r.get("val_loss").is_some())
+            .count();
+        assert_eq!(vals, 2, "{run}: evaluated at steps 2 and 4");
+    }
+    // Same data and initialization, different numerics: close, but not the same.
+    let (b, f) = (&rows[0]["loss"], &rows[4]["loss"]);
+    assert_ne!(b, f);
+    assert!((b.as_f64().unwrap() - f.as_f64().unwrap()).abs() < 0.05);
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    for key in [
+        "final_val_loss_bf16",
+        "final_val_loss_fp8",
+        "relative_difference",
+        "seconds_fp8",
+    ] {
+        assert!(summary[key].is_f64(), "summary lacks {key}: {summary}");
+    }
+    assert_eq!(summary["fp8"]["act_tile"], serde_json::json!([1, 8]));
+    let svg = std::fs::read_to_string(out.join("plot.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("FP8 validation"));
+}
+
+#[test]
+fn fp8_vs_bf16_refuses_a_spec_without_fp8() {
+    let dir = scratch("no-fp8");
+    let o = kiln(&[
+        "exp",
+        "fp8-vs-bf16",
+        "tests/specs/micro.toml",
+        "--out",
+        dir.join("out").to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        text(&o.stderr).contains("uses no FP8 format"),
+        "{}",
+        text(&o.stderr)
+    );
+    assert!(!dir.join("out").exists(), "nothing is written");
+}
+
+#[test]
+fn train_emulates_the_precision_policy_when_asked() {
+    let dir = scratch("train");
+    let spec = micro_fp8(&dir);
+    let run = |name: &str, extra: &[&str]| {
+        let out = dir.join(name);
+        let mut args = vec![
+            "train",
+            &spec,
+            "--steps",
+            "3",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend(extra);
+        let o = kiln(&args);
+        assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+        let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+        metrics
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                    .as_f64()
+                    .unwrap()
+            })
+            .collect::<Vec<f64>>()
+    };
+    let (plain, emulated) = (run("plain", &[]), run("emulated", &["--emulate-precision"]));
+    assert_eq!(plain.len(), 3);
+    for (p, e) in plain.iter().zip(&emulated) {
+        assert!(
+            p != e && (p - e).abs() < 0.05,
+            "losses {plain:?} vs {emulated:?}"
+        );
+    }
+}
