@@ -33,6 +33,15 @@ pub struct Flags {
     /// Print one JSON object (the keys docs/perf.md quotes).
     #[arg(long)]
     pub json: bool,
+    /// Time the step with the spec's precision policy emulated (as `kiln train
+    /// --emulate-precision`; interpreter only).
+    #[arg(long)]
+    pub emulate_precision: bool,
+    /// Time KV-cached generation instead of training: `train.batch` sequences from a
+    /// one-token prompt, greedy, until the model's positions (at most 128 tokens) are full;
+    /// reports tokens/s and the cache's measured bytes per token beside the analyzer's.
+    #[arg(long, conflicts_with = "emulate_precision")]
+    pub generate: bool,
 }
 
 /// GFLOP/s of an f32 `n × n × n` matrix product: the best of `reps` runs.
@@ -54,14 +63,91 @@ pub(crate) fn run(args: Args, color: bool) -> Result<(), Failure> {
     run_model(&name, &model, &args.flags, None)
 }
 
+/// `kiln bench --generate`: greedy KV-cached generation of `train.batch` sequences.
+fn run_generate(name: &str, model: &Model, args: &Flags) -> Result<(), Failure> {
+    use kiln_runtime::decode::Decoder;
+    use kiln_runtime::generate::{generate_in, Sampling};
+    let report = analyze(model);
+    let mut m = model.clone();
+    m.train.batch = 1;
+    m.train.seq_len = 1;
+    let program = kiln_compiler::program::compile_forward(&m).map_err(|e| other(e.to_string()))?;
+    let graph = program.graph();
+    let params = init_params(graph, 0);
+    let decoder = Decoder::new(&m, graph, &params).map_err(|e| other(e.to_string()))?;
+    let format = match model.precision.kv_cache {
+        f if f.is_fp8() => kiln_compiler::model::Format::Bf16,
+        f => f,
+    };
+    let batch = model.train.batch as usize;
+    let tokens = (model.max_positions as usize).min(128);
+    let prompts: Vec<Vec<u32>> = (0..batch)
+        .map(|i| vec![(i as u32 * 7) % model.vocab as u32])
+        .collect();
+    let sampling = Sampling {
+        temperature: 0.0,
+        top_k: 0,
+        top_p: 1.0,
+        max_tokens: tokens,
+        stop: Vec::new(),
+        seed: 0,
+    };
+    let mut times = Vec::new();
+    let mut generated = 0;
+    let mut cache_bytes = 0.0;
+    for _ in 0..args.steps.clamp(1, 5) {
+        let mut cache = decoder
+            .cache(batch, tokens, format)
+            .map_err(|e| other(e.to_string()))?;
+        cache_bytes = cache.bytes_per_token();
+        let start = Instant::now();
+        let out = generate_in(&decoder, &mut cache, &prompts, &sampling)
+            .map_err(|e| other(e.to_string()))?;
+        times.push(start.elapsed().as_secs_f64());
+        generated = out.iter().map(|c| c.tokens.len()).sum::<usize>();
+    }
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    let tps = generated as f64 / median;
+    let analyzer = report.kv_cache.bytes_per_token;
+    if args.json {
+        crate::out(&format!(
+            "{}\n",
+            serde_json::json!({
+                "spec": name, "mode": "generate", "batch": batch, "tokens_per_sequence": tokens,
+                "threads": rayon::current_num_threads(), "seconds": median, "tokens_per_s": tps,
+                "cache_format": format.name(), "cache_bytes_per_token": cache_bytes,
+                "analyzer_bytes_per_token": analyzer as f64,
+            })
+        ));
+    } else {
+        crate::out(&format!(
+            "{} ({name}), KV-cached generation: {batch} sequences × {tokens} tokens, greedy, {} threads, median of {} runs\n  \
+             time            {:>10.1} ms\n  tokens/s        {:>10.0}\n  \
+             cache           {:>10} bytes per token ({format}; the analyzer says {analyzer})\n",
+            model.name,
+            rayon::current_num_threads(),
+            times.len(),
+            median * 1e3,
+            tps,
+            cache_bytes,
+        ));
+    }
+    Ok(())
+}
+
 /// Benchmarks `model`'s training step, run by the interpreter or, for a specialized binary, by
-/// its generated step.
+/// its generated step (or, with `--generate`, its KV-cached generation).
 pub(crate) fn run_model(
     name: &str,
     model: &Model,
     args: &Flags,
     built: Option<&Specialized>,
 ) -> Result<(), Failure> {
+    if args.generate {
+        // Generation runs kiln's decoder, the same in a specialized binary.
+        return run_generate(name, model, args);
+    }
     let report = analyze(model);
     let compiled = compile(model).map_err(|e| other(e.to_string()))?;
     let (full, forward) = (compiled.train.graph(), compiled.forward.graph());
@@ -87,15 +173,24 @@ pub(crate) fn run_model(
         seed: 0,
         emulate: None,
     };
+    let config =
+        match (args.emulate_precision, built) {
+            (false, _) => config,
+            (true, None) => config.emulating(model),
+            (true, Some(_)) => return Err(other(
+                "--emulate-precision runs on kiln's interpreter, not on a specialized binary's \
+                 generated step; use `kiln bench SPEC --emulate-precision`",
+            )),
+        };
     let params = init_params(forward, 0);
     let mut trainer = match built {
         Some(b) => Trainer::with_runner(full, config, params, (b.runner)()),
         None => Trainer::new(full, config, params),
     };
-    let engine = if built.is_some() {
-        "generated step"
-    } else {
-        "interpreter"
+    let engine = match (built.is_some(), args.emulate_precision) {
+        (true, _) => "generated step",
+        (false, true) => "interpreter, emulated precision",
+        (false, false) => "interpreter",
     };
     let ceiling = gemm_rate(1024, 5);
     // Warm up, then time each step; report the median.

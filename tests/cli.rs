@@ -371,6 +371,30 @@ fn sample_and_bench_run_on_a_trained_micro_model() {
     ] {
         assert!(v[key].as_f64().unwrap() > 0.0, "{key}: {v}");
     }
+    // Generation: longer than the model's 32 positions slides the window; stop strings end
+    // the text.
+    let o = kiln(&[
+        "sample",
+        dir.to_str().unwrap(),
+        "--max-tokens",
+        "80",
+        "--top-p",
+        "0.9",
+        "--seed",
+        "1",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    // micro's vocabulary is ASCII, so one character per token (the trailing newline aside).
+    let text = stdout(&o);
+    assert_eq!(text.chars().count() - 1, 80, "{text}");
+    let o = kiln(&["bench", "tests/specs/micro.toml", "--generate", "--json"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert!(v["tokens_per_s"].as_f64().unwrap() > 0.0, "{v}");
+    assert_eq!(
+        v["cache_bytes_per_token"], v["analyzer_bytes_per_token"],
+        "{v}"
+    );
     std::fs::remove_dir_all(&dir).ok();
 }
 

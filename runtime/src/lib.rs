@@ -9,6 +9,8 @@
 //! - [`train`]: parameters, AdamW, schedules, the training step.
 //! - [`checkpoint`]: atomic safetensors checkpoints.
 //! - [`data`]: the PRNG, the built-in corpus, text and llm.c token shards, batching.
+//! - [`decode`]: autoregressive decoding with a KV cache (MLA's latent cache, absorbed).
+//! - [`generate`]: batched, seeded sampling on the decoder (temperature, top-k/p, stops).
 //! - [`memory`]: process-wide allocator settings for training loops.
 //! - [`numerics`]: FP8 and 16-bit formats, block scaling and limited-precision accumulation,
 //!   emulated exactly so a spec's precision policy can train on the CPU.
@@ -18,7 +20,9 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod data;
+pub mod decode;
 pub mod exec;
+pub mod generate;
 pub mod hf;
 pub mod memory;
 pub mod numerics;

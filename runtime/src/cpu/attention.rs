@@ -183,18 +183,55 @@ fn rotate<T: Real>(
             let p = r % t;
             let cos = &tables.cos[p * half..][..half];
             let sin = &tables.sin[p * half..][..half];
-            for (yh, xh) in y_row.chunks_exact_mut(d).zip(x_row.chunks_exact(d)) {
-                for i in 0..half {
-                    let (ia, ib) = pairs.pair(i, half);
-                    let (a, bb) = (xh[ia], xh[ib]);
-                    let c = cos[i];
-                    let s = if transpose { -sin[i] } else { sin[i] };
-                    yh[ia] = a * c - bb * s;
-                    yh[ib] = a * s + bb * c;
-                }
-            }
+            rotate_row(y_row, x_row, d, cos, sin, pairs, transpose);
         });
     y
+}
+
+/// Rotates every head (of `d` dimensions) of one row with one position's `cos`/`sin`.
+fn rotate_row<T: Real>(
+    y_row: &mut [T],
+    x_row: &[T],
+    d: usize,
+    cos: &[T],
+    sin: &[T],
+    pairs: RopePairs,
+    transpose: bool,
+) {
+    let half = d / 2;
+    for (yh, xh) in y_row.chunks_exact_mut(d).zip(x_row.chunks_exact(d)) {
+        for i in 0..half {
+            let (ia, ib) = pairs.pair(i, half);
+            let (a, bb) = (xh[ia], xh[ib]);
+            let c = cos[i];
+            let s = if transpose { -sin[i] } else { sin[i] };
+            yh[ia] = a * c - bb * s;
+            yh[ib] = a * s + bb * c;
+        }
+    }
+}
+
+/// [`rope_fwd`] for one row of heads at position `pos` (`x: [h, d]`), in place: what a
+/// decoder applies to the one new token of a sequence. The same arithmetic as `rope_fwd`.
+pub fn rope_row<T: Real>(
+    x: &mut [T],
+    d: usize,
+    tables: &RopeTables<T>,
+    pos: usize,
+    pairs: RopePairs,
+) {
+    debug_assert!(
+        pos < tables.seq,
+        "rope: position {pos} beyond the tables' {}",
+        tables.seq
+    );
+    let half = tables.half;
+    let (cos, sin) = (
+        &tables.cos[pos * half..][..half],
+        &tables.sin[pos * half..][..half],
+    );
+    let src = x.to_vec();
+    rotate_row(x, &src, d, cos, sin, pairs, false);
 }
 
 /// The shapes of an attention call: batch `b`, sequence `t`, query heads `h`, key/value heads
