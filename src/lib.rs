@@ -25,6 +25,7 @@ mod logits;
 pub mod nvcc;
 /// SVG line plots of training curves, written without dependencies.
 pub mod plot;
+mod rl;
 mod sample;
 pub mod train;
 
@@ -79,6 +80,14 @@ enum Command {
     Train(train::Args),
     /// Generate text from a trained run (its spec.toml and checkpoint.safetensors).
     Sample(sample::Args),
+    /// Fine-tune a pretrained run with GRPO (reinforcement learning with rule-based rewards)
+    /// on the built-in arithmetic task, as the spec's `[rl]` section says.
+    ///
+    /// Prints a progress line per step (reward mean and std, accuracy, KL, clip fraction,
+    /// completion length) and the held-out accuracy before and after; writes
+    /// OUT/metrics.jsonl, OUT/summary.json (`heldout_accuracy_before`,
+    /// `heldout_accuracy_after`) and a run directory `kiln sample` reads.
+    Rl(rl::Args),
     /// Import a Hugging Face model: a config.json becomes a spec; a model directory
     /// (config.json and safetensors weights, single-file or sharded) becomes a run directory
     /// that `kiln logits`, `kiln sample`, `kiln train --resume` and `kiln export-hf` accept.
@@ -207,6 +216,7 @@ pub fn main() -> ExitCode {
             what: Emit::Cuda { spec, out, check },
         } => cmd_emit_cuda(spec, out, check, color),
         Command::Sample(args) => sample::run(args, color),
+        Command::Rl(args) => rl::run(args, color),
         Command::Logits(args) => logits::run(args, color),
         Command::Build(args) => build::run(args, color),
         Command::ImportHf(args) => hf::run_import(args),

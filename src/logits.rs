@@ -61,6 +61,7 @@ pub(crate) fn forward_logits(
         .run::<f32>(&Feed {
             params: &params,
             inputs: &inputs,
+            weights: None,
         })
         .map_err(|e| e.to_string())?;
     Ok(out[&logits_v]
@@ -87,6 +88,8 @@ pub(crate) fn window_inputs(
                 InputKind::Tokens { offset } => (0..len)
                     .map(|i| tokens.get(i + offset as usize).copied().unwrap_or(0))
                     .collect(),
+                // Only policy-gradient training graphs weigh tokens.
+                InputKind::TokenWeights => continue,
             };
             inputs.insert(kind, data);
         }

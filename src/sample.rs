@@ -94,7 +94,7 @@ pub(crate) fn run(args: Args, color: bool) -> Result<(), Failure> {
         let c = generate(&decoder, std::slice::from_ref(&context), &sampling, format)
             .map_err(|e| other(e.to_string()))?
             .remove(0);
-        generated.extend(&c.tokens);
+        generated.extend(c.text_tokens());
         if c.finish != Finish::Context || c.tokens.is_empty() {
             break;
         }

@@ -316,6 +316,7 @@ fn run_spec(spec: &str, test: &str) -> Vec<(String, usize, f64)> {
         .run::<f32>(&Feed {
             params: &params,
             inputs: &inputs,
+            weights: None,
         })
         .unwrap();
     let value_of = |v: ValueId| -> Input {
@@ -620,6 +621,7 @@ fn optimizer_kernels_match_the_trainer() {
         .run::<f32>(&Feed {
             params: &params,
             inputs: &feed_inputs(graph, &batch, t),
+            weights: None,
         })
         .unwrap();
     let config = TrainConfig::of(&model, 10, 0);

@@ -305,12 +305,10 @@ fn vjp(
             out.extend(targets.zip(r));
         }
         Op::CrossEntropy => {
-            let d = g.node1(
-                Op::CrossEntropyGrad,
-                &[x[0], x[1], dy0.expect("one output")],
-                path,
-                fmt,
-            )?;
+            // Weights, when present, are data: they get no gradient.
+            let mut inputs = vec![x[0], x[1], dy0.expect("one output")];
+            inputs.extend(x.get(2));
+            let d = g.node1(Op::CrossEntropyGrad, &inputs, path, fmt)?;
             out.push((x[0], d));
         }
         Op::BalanceLoss { alpha, top_k } => {

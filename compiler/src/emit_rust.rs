@@ -94,6 +94,7 @@ fn slice_of(graph: &Graph, v: ValueId) -> TokenStream {
             quote!(&#name[..])
         }
         Def::Input(InputKind::Positions) => quote!(&positions[..]),
+        Def::Input(InputKind::TokenWeights) => quote!(&token_weights[..]),
         Def::Node { .. } => {
             let name = local(v);
             quote!(&#name[..])
@@ -753,13 +754,23 @@ fn node_statement(
             let l = o.shape(0);
             let (n, vocab, path) = (lit(l[0]), lit(l[1]), scope.path(node));
             let (y, logits, t) = (&outs[0], a(0), a(1));
-            quote!(let #y: Vec<f32> = vec![ops::cross_entropy(#logits, #n, #vocab, #t, #path)?];)
+            if node.inputs.len() == 3 {
+                let w = a(2);
+                quote!(let #y: Vec<f32> = vec![ops::cross_entropy_weighted(#logits, #n, #vocab, #t, #w, #path)?];)
+            } else {
+                quote!(let #y: Vec<f32> = vec![ops::cross_entropy(#logits, #n, #vocab, #t, #path)?];)
+            }
         }
         Op::CrossEntropyGrad => {
             let l = o.shape(0);
             let (n, vocab) = (lit(l[0]), lit(l[1]));
             let (y, logits, t, dl) = (&outs[0], a(0), a(1), a(2));
-            quote!(let #y: Vec<f32> = ops::cross_entropy_grad(#logits, #n, #vocab, #t, (#dl)[0]);)
+            if node.inputs.len() == 4 {
+                let w = a(3);
+                quote!(let #y: Vec<f32> = ops::cross_entropy_weighted_grad(#logits, #n, #vocab, #t, #w, (#dl)[0]);)
+            } else {
+                quote!(let #y: Vec<f32> = ops::cross_entropy_grad(#logits, #n, #vocab, #t, (#dl)[0]);)
+            }
         }
         Op::BalanceLoss { alpha, top_k } | Op::BalanceLossGrad { alpha, top_k } => {
             let s = o.shape(0);
@@ -1225,6 +1236,11 @@ fn runner(graph: &Graph, keep: &[ValueId], name: &proc_macro2::Ident) -> TokenSt
                     )
                 }
                 InputKind::Positions => (format_ident!("positions"), quote!(InputKind::Positions)),
+                InputKind::TokenWeights => {
+                    let n = lit(v.ty.elements());
+                    inputs.push(quote!(let token_weights: &[f32] = token_weights(feed, #n)?;));
+                    continue;
+                }
             };
             let n = lit(v.ty.elements());
             inputs.push(quote!(let #local: &[u32] = input(feed, #key, #n)?;));
@@ -1649,6 +1665,30 @@ pub fn emit(model: &Model, compiled: &Compiled) -> TokenStream {
         .collect();
     let fwd_output_count = lit(fwd_outputs.len());
     let cuda_source = Literal::string(&crate::emit_cuda::emit(model, &compiled.train).source);
+    // Only graphs with a weighted loss read token weights.
+    let weighted = [&compiled.train, &compiled.forward].iter().any(|p| {
+        p.graph()
+            .values
+            .iter()
+            .any(|(_, v)| v.def == Def::Input(InputKind::TokenWeights))
+    });
+    let weights_helper = if weighted {
+        quote! {
+            fn token_weights<'f>(feed: &'f Feed<f32>, n: usize) -> Result<&'f [f32], ExecError> {
+                match feed.weights {
+                    Some(w) if w.len() == n => Ok(w),
+                    Some(w) => Err(ExecError::Input(format!(
+                        "{} token weights were supplied, the graph needs {n}", w.len()
+                    ))),
+                    None => Err(ExecError::Input(
+                        "the graph reads token weights, which were not supplied".to_string()
+                    )),
+                }
+            }
+        }
+    } else {
+        quote!()
+    };
     quote! {
         #[allow(clippy::all, clippy::pedantic, unused_imports, unused_doc_comments, dead_code)]
         pub mod #module {
@@ -1719,6 +1759,8 @@ pub fn emit(model: &Model, compiled: &Compiled) -> TokenStream {
                 }
                 Ok(())
             }
+
+            #weights_helper
 
             fn input<'f>(feed: &'f Feed<f32>, kind: InputKind, n: usize) -> Result<&'f [u32], ExecError> {
                 match feed.inputs.get(&kind) {

@@ -24,9 +24,26 @@ use crate::ir::{
 use crate::model::{Activation, AttentionKind, Format, LayerKind, Model, NormKind, Positions};
 use crate::ops::ops;
 
+/// What the lowered graph's `loss` is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Objective {
+    /// Pretraining: the main cross-entropy (mean over tokens), the MTP losses weighted
+    /// `λ/D`, and the balance losses.
+    Pretrain,
+    /// Policy-gradient fine-tuning (GRPO): `Σ wᵢ · CEᵢ` of the main head over the target
+    /// tokens, with per-token weights from an `InputKind::TokenWeights` input; no MTP modules
+    /// and no balance losses (the aux-loss-free bias update still balances the experts).
+    PolicyGradient,
+}
+
 /// Lowers a checked model. An error here is a bug in kiln (a checked model always lowers),
 /// reported with the op that did not fit.
 pub fn lower(model: &Model) -> Result<Graph, ShapeError> {
+    lower_for(model, Objective::Pretrain)
+}
+
+/// [`lower`] with the loss of `objective`.
+pub fn lower_for(model: &Model, objective: Objective) -> Result<Graph, ShapeError> {
     let all = ops(model);
     let formats = all
         .iter()
@@ -44,6 +61,7 @@ pub fn lower(model: &Model) -> Result<Graph, ShapeError> {
         )),
         formats,
         grad_formats,
+        objective,
         b: model.train.batch,
         t: model.train.seq_len,
         aux: Vec::new(),
@@ -59,6 +77,7 @@ struct Lowering<'m> {
     formats: HashMap<String, Format>,
     /// The policy's gradient-GEMM format for every named op path.
     grad_formats: HashMap<String, Format>,
+    objective: Objective,
     b: u64,
     t: u64,
     /// Balance losses of the MoE layers, summed into the total loss.
@@ -202,6 +221,10 @@ impl Lowering<'_> {
         self.g.outputs.push(("loss.main".into(), main_loss));
 
         let mut mtp_losses = Vec::new();
+        if self.objective == Objective::PolicyGradient {
+            self.g.outputs.push(("loss".into(), main_loss));
+            return Ok(());
+        }
         if let Some(mtp) = m.mtp {
             let mut prev = x;
             for k in 0..mtp.depth as u32 {
@@ -269,9 +292,14 @@ impl Lowering<'_> {
             format!("loss.{prefix}")
         };
         let fmt = self.format("head");
-        let loss = self
-            .g
-            .node1(Op::CrossEntropy, &[flat, targets], loss_path, fmt)?;
+        let mut operands = vec![flat, targets];
+        if self.objective == Objective::PolicyGradient {
+            let w = self
+                .g
+                .input(InputKind::TokenWeights, TensorType::f32([b, t]));
+            operands.push(self.reshape(w, vec![b * t], format!("{head_path}.weights"))?);
+        }
+        let loss = self.g.node1(Op::CrossEntropy, &operands, loss_path, fmt)?;
         Ok((logits, loss))
     }
 
@@ -524,7 +552,7 @@ impl Lowering<'_> {
             )?;
             y = self.residual(y, s, p("moe.combine"))?;
         }
-        if moe.seq_aux > 0.0 {
+        if moe.seq_aux > 0.0 && self.objective == Objective::Pretrain {
             let scores = self.reshape(scores, vec![b, t, e], p("moe.balance.scores"))?;
             let experts = self.reshape(experts, vec![b, t, moe.top_k], p("moe.balance.experts"))?;
             let op = Op::BalanceLoss {

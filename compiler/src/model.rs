@@ -39,6 +39,8 @@ pub struct Model {
     pub mtp: Option<Mtp>,
     pub precision: Precision,
     pub train: Train,
+    /// GRPO fine-tuning settings (`[rl]`, all defaulted; `kiln rl` reads them).
+    pub rl: Rl,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -307,6 +309,66 @@ pub struct Mtp {
     pub weight: f64,
     /// The kind of transformer block inside each module.
     pub block: LayerKind,
+}
+
+/// How completions of the verifiable task are scored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AnswerFormat {
+    /// The completion's first line is the answer (the built-in corpus's `Q: … A: 19` form).
+    Plain,
+    /// `<think>…</think><answer>…</answer>`: accuracy from the answer block, plus a format
+    /// reward.
+    Tagged,
+}
+
+/// Group Relative Policy Optimization (DeepSeekMath §4.1) on the built-in arithmetic task.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct Rl {
+    /// Completions sampled per question (G).
+    pub group: u64,
+    /// Questions per step; a step trains on `questions × group` completions.
+    pub questions: u64,
+    pub steps: u64,
+    /// AdamW learning rate (constant; the spec's betas, eps and weight decay).
+    pub lr: f64,
+    /// The ratio clip ε.
+    pub clip: f64,
+    /// The KL coefficient β (k3 estimator against the reference policy).
+    pub kl: f64,
+    /// Copy the policy into the reference every this many steps; `None` keeps the initial one.
+    pub ref_reset: Option<u64>,
+    /// Tokens a completion may have.
+    pub max_completion: u64,
+    pub temperature: f64,
+    /// Sample among the k most likely tokens; 0 for all.
+    pub top_k: u64,
+    /// Policy updates per sampled batch (μ); the first is on-policy.
+    pub updates: u64,
+    pub answer: AnswerFormat,
+    /// Reward weights: accuracy, and (for `Tagged`) format.
+    pub accuracy_weight: f64,
+    pub format_weight: f64,
+}
+
+impl Rl {
+    /// The defaults of `[rl]`.
+    pub const DEFAULT: Rl = Rl {
+        group: 8,
+        questions: 8,
+        steps: 100,
+        lr: 1e-4,
+        clip: 0.2,
+        kl: 0.04,
+        ref_reset: None,
+        max_completion: 8,
+        temperature: 1.0,
+        top_k: 0,
+        updates: 1,
+        answer: AnswerFormat::Plain,
+        accuracy_weight: 1.0,
+        format_weight: 0.1,
+    };
 }
 
 /// Number formats a tensor or op can use.
@@ -693,6 +755,25 @@ impl Model {
             DataSource::Path(p) => p,
         };
         put("train.data", q(data));
+        let r = &self.rl;
+        put("rl.group", r.group.to_string());
+        put("rl.questions", r.questions.to_string());
+        put("rl.steps", r.steps.to_string());
+        put("rl.lr", f(r.lr));
+        put("rl.clip", f(r.clip));
+        put("rl.kl", f(r.kl));
+        put("rl.ref_reset", r.ref_reset.unwrap_or(0).to_string());
+        put("rl.max_completion", r.max_completion.to_string());
+        put("rl.temperature", f(r.temperature));
+        put("rl.top_k", r.top_k.to_string());
+        put("rl.updates", r.updates.to_string());
+        let answer = match r.answer {
+            AnswerFormat::Plain => "plain",
+            AnswerFormat::Tagged => "tagged",
+        };
+        put("rl.answer", q(answer));
+        put("rl.accuracy_weight", f(r.accuracy_weight));
+        put("rl.format_weight", f(r.format_weight));
         out
     }
 

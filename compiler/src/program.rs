@@ -13,7 +13,7 @@ use std::fmt;
 use crate::autodiff::differentiate;
 use crate::fuse::fuse;
 use crate::ir::{verify, Def, Graph, Op, ParamId, ValueId};
-use crate::lower::lower;
+use crate::lower::{lower, lower_for, Objective};
 use crate::model::Model;
 use crate::plan::{plan, Plan};
 
@@ -143,6 +143,20 @@ pub fn graph_after(model: &Model, pass: Pass) -> Result<Graph, CompileError> {
 /// The whole pipeline: lower, differentiate, fuse and plan.
 pub fn compile(model: &Model) -> Result<Compiled, CompileError> {
     let forward = lowered(model)?;
+    let train = differentiated(&forward)?;
+    Ok(Compiled {
+        train: Program::new(fuse(&train))?,
+        forward: Program::new(fuse(&forward))?,
+    })
+}
+
+/// The pipeline for policy-gradient fine-tuning (GRPO): the training step of
+/// [`Objective::PolicyGradient`]'s weighted loss, and its forward pass (whose `logits`
+/// give the current policy's log-probabilities).
+pub fn compile_policy(model: &Model) -> Result<Compiled, CompileError> {
+    let forward =
+        lower_for(model, Objective::PolicyGradient).map_err(|e| CompileError::new("lower", e))?;
+    checked("lower", &forward)?;
     let train = differentiated(&forward)?;
     Ok(Compiled {
         train: Program::new(fuse(&train))?,

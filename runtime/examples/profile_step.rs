@@ -34,6 +34,7 @@ fn main() {
             &Feed {
                 params: &params,
                 inputs: &inputs,
+                weights: None,
             },
             Some(&mut profile),
         )

@@ -112,6 +112,9 @@ impl std::error::Error for ExecError {}
 pub struct Feed<'a, T> {
     pub params: &'a [Vec<T>],
     pub inputs: &'a HashMap<InputKind, Vec<u32>>,
+    /// The per-token loss weights of a graph with a weighted cross-entropy
+    /// (`InputKind::TokenWeights`); `None` for every other graph.
+    pub weights: Option<&'a [f32]>,
 }
 
 /// Something that runs one graph in f32 and returns the values its caller keeps: the
@@ -235,6 +238,21 @@ impl<'g> Executor<'g> {
         for (v, value) in g.values.iter() {
             let want = value.ty.elements() as usize;
             match value.def {
+                Def::Input(InputKind::TokenWeights) => {
+                    let Some(w) = feed.weights else {
+                        return Err(ExecError::Input(
+                            "the graph reads token weights, which were not supplied".into(),
+                        ));
+                    };
+                    if w.len() != want {
+                        return Err(ExecError::Input(format!(
+                            "{} token weights were supplied, the graph needs {want}",
+                            w.len()
+                        )));
+                    }
+                    let w = w.iter().map(|&x| T::from_f64(f64::from(x))).collect();
+                    slots[v.index()] = Some(Slot::Owned(Buf::F(w)));
+                }
                 Def::Input(kind) => {
                     let Some(data) = feed.inputs.get(&kind) else {
                         // Inputs no node reads (and nobody keeps) may be omitted.
@@ -609,17 +627,26 @@ impl<'g> Executor<'g> {
             Op::CrossEntropy => {
                 let l = shape(0);
                 let (logits, targets) = (arg(0).floats(), arg(1).ids());
-                vec![f(vec![ops::cross_entropy(
-                    logits, l[0], l[1], targets, &node.path,
-                )?])]
+                let loss = match node.inputs.get(2) {
+                    None => ops::cross_entropy(logits, l[0], l[1], targets, &node.path)?,
+                    Some(_) => {
+                        let w = arg(2).floats();
+                        ops::cross_entropy_weighted(logits, l[0], l[1], targets, w, &node.path)?
+                    }
+                };
+                vec![f(vec![loss])]
             }
             Op::CrossEntropyGrad => {
                 let l = shape(0);
                 let (logits, targets) = (arg(0).floats(), arg(1).ids());
                 let dloss = arg(2).floats()[0];
-                vec![f(ops::cross_entropy_grad(
-                    logits, l[0], l[1], targets, dloss,
-                ))]
+                vec![f(match node.inputs.get(3) {
+                    None => ops::cross_entropy_grad(logits, l[0], l[1], targets, dloss),
+                    Some(_) => {
+                        let w = arg(3).floats();
+                        ops::cross_entropy_weighted_grad(logits, l[0], l[1], targets, w, dloss)
+                    }
+                })]
             }
             Op::BalanceLoss { alpha, top_k } => {
                 let s = shape(0);

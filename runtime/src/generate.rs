@@ -27,8 +27,8 @@ pub struct Sampling {
     pub top_p: f64,
     /// Tokens to generate at most per sequence.
     pub max_tokens: usize,
-    /// Token sequences that end a completion when it ends with one (the stop sequence is
-    /// removed from the completion).
+    /// Token sequences that end a completion when it ends with one (the completion keeps it;
+    /// [`Completion::text_tokens`] leaves it out).
     pub stop: Vec<Vec<u32>>,
     pub seed: u64,
 }
@@ -47,11 +47,20 @@ pub enum Finish {
 /// One prompt's completion.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Completion {
+    /// The generated tokens, ending with the stop sequence when `finish` is `Stop`.
     pub tokens: Vec<u32>,
-    /// `log p(token)` of each generated token under the model (temperature 1), stop
-    /// sequence excluded like its tokens.
+    /// `log p(token)` of each generated token under the model (temperature 1).
     pub logprobs: Vec<f32>,
     pub finish: Finish,
+    /// The length of the stop sequence that ends `tokens` (0 unless `finish` is `Stop`).
+    pub stop_len: usize,
+}
+
+impl Completion {
+    /// The generated tokens without the stop sequence: the text to show or to score.
+    pub fn text_tokens(&self) -> &[u32] {
+        &self.tokens[..self.tokens.len() - self.stop_len]
+    }
 }
 
 /// The log-softmax of `logits` at `token`, in f64.
@@ -135,6 +144,7 @@ pub fn generate_in(
             tokens: Vec::new(),
             logprobs: Vec::new(),
             finish: Finish::Length,
+            stop_len: 0,
         })
         .collect();
     // Next prompt token to feed per sequence, or None once the prompt is in the cache.
@@ -175,9 +185,7 @@ pub fn generate_in(
                 .iter()
                 .find(|st| !st.is_empty() && c.tokens.ends_with(st))
             {
-                let keep = c.tokens.len() - stop.len();
-                c.tokens.truncate(keep);
-                c.logprobs.truncate(keep);
+                c.stop_len = stop.len();
                 c.finish = Finish::Stop;
                 done[i] = true;
             } else if c.tokens.len() >= s.max_tokens {

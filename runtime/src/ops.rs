@@ -197,6 +197,33 @@ pub fn cross_entropy<T: Real>(
     Ok(dense::cross_entropy_fwd(logits, n, vocab, targets).0)
 }
 
+/// The weighted cross-entropy `Σᵢ wᵢ · CEᵢ` of `logits: [n, vocab]` (a policy-gradient
+/// loss); a target out of range is an error naming `path`.
+pub fn cross_entropy_weighted<T: Real>(
+    logits: &[T],
+    n: usize,
+    vocab: usize,
+    targets: &[u32],
+    weights: &[T],
+    path: &str,
+) -> Result<T, ExecError> {
+    check_ids(targets, vocab, path)?;
+    Ok(dense::cross_entropy_fwd_weighted(logits, n, vocab, targets, Some(weights)).0)
+}
+
+/// The gradient of [`cross_entropy_weighted`] scaled by `dloss`.
+pub fn cross_entropy_weighted_grad<T: Real>(
+    logits: &[T],
+    n: usize,
+    vocab: usize,
+    targets: &[u32],
+    weights: &[T],
+    dloss: T,
+) -> Vec<T> {
+    let (_, lse) = dense::cross_entropy_fwd_weighted(logits, n, vocab, targets, Some(weights));
+    dense::cross_entropy_bwd_weighted(logits, n, vocab, targets, &lse, dloss, Some(weights))
+}
+
 /// The gradient of [`cross_entropy`] scaled by `dloss` (the row statistics are recomputed).
 pub fn cross_entropy_grad<T: Real>(
     logits: &[T],

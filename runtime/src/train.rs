@@ -215,6 +215,8 @@ pub fn feed_inputs(graph: &Graph, batch: &Batch, seq_len: usize) -> HashMap<Inpu
                 ids
             }
             InputKind::Positions => (0..rows).flat_map(|_| 0..seq_len as u32).collect(),
+            // Float data: the caller's `Feed::weights`.
+            InputKind::TokenWeights => continue,
         };
         out.insert(kind, data);
     }
@@ -318,10 +320,22 @@ impl<'g> Trainer<'g> {
 
     /// One optimizer step on `batch` (rows of [`Trainer::window`] tokens).
     pub fn step(&mut self, batch: &Batch, seq_len: usize) -> Result<StepStats, ExecError> {
+        self.step_weighted(batch, seq_len, None)
+    }
+
+    /// [`Trainer::step`] for a graph whose loss weighs its target tokens
+    /// (`InputKind::TokenWeights`, `[rows, seq_len]`): a policy-gradient step.
+    pub fn step_weighted(
+        &mut self,
+        batch: &Batch,
+        seq_len: usize,
+        weights: Option<&[f32]>,
+    ) -> Result<StepStats, ExecError> {
         let inputs = feed_inputs(self.graph, batch, seq_len);
         let out = self.exec.run(&Feed {
             params: &self.params,
             inputs: &inputs,
+            weights,
         })?;
         let scalar = |v: ValueId| f64::from(out[&v].floats()[0]);
         let (loss, main_loss) = (scalar(self.loss), scalar(self.main_loss));
@@ -430,6 +444,7 @@ pub fn eval_loss(
         let out = exec.run::<f32>(&Feed {
             params,
             inputs: &inputs,
+            weights: None,
         })?;
         sum += f64::from(out[&main].floats()[0]);
         n += 1;

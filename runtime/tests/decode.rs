@@ -78,6 +78,7 @@ fn forward_logits(m: &Model, params: &[Vec<f32>], toks: &[u32]) -> Vec<f32> {
             let data = match kind {
                 InputKind::Tokens { .. } => toks.to_vec(),
                 InputKind::Positions => (0..b).flat_map(|_| 0..t as u32).collect(),
+                InputKind::TokenWeights => continue,
             };
             inputs.insert(kind, data);
         }
@@ -86,6 +87,7 @@ fn forward_logits(m: &Model, params: &[Vec<f32>], toks: &[u32]) -> Vec<f32> {
         .run::<f32>(&Feed {
             params,
             inputs: &inputs,
+            weights: None,
         })
         .unwrap();
     out[&logits].floats().to_vec()
@@ -269,7 +271,7 @@ mod generation {
     }
 
     #[test]
-    fn stop_sequences_end_a_completion_and_are_removed() {
+    fn stop_sequences_end_a_completion() {
         let m = model(MICRO, 1, 4);
         let g = lower(&m).unwrap();
         let p = params(&m, 4);
@@ -282,11 +284,14 @@ mod generation {
         // The first occurrence of the stop pair may end earlier than position 4.
         let c = &stopped[0];
         assert_eq!(c.finish, Finish::Stop);
+        assert_eq!(c.stop_len, 2);
         assert!(
-            c.tokens.len() <= 2 && t.starts_with(&c.tokens),
+            c.tokens.len() <= 4 && t.starts_with(&c.tokens),
             "{t:?} → {:?}",
             c.tokens
         );
+        assert!(c.tokens.ends_with(&t[2..4]));
+        assert_eq!(c.text_tokens(), &c.tokens[..c.tokens.len() - 2]);
         assert_eq!(c.tokens.len(), c.logprobs.len());
         // A long completion ends with Finish::Context when its sequence fills the model's
         // positions: every position fed (1 prompt token, then 31 drawn ones), and the token

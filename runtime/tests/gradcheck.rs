@@ -8,8 +8,8 @@ use std::collections::HashMap;
 use kiln_compiler::autodiff::differentiate;
 use kiln_compiler::check::check_str;
 use kiln_compiler::ir::{verify, Def, Graph, InputKind, Update};
-use kiln_compiler::lower::lower;
-use kiln_compiler::program::compile;
+use kiln_compiler::lower::{lower_for, Objective};
+use kiln_compiler::program::{compile, compile_policy};
 use kiln_runtime::data::Rng;
 use kiln_runtime::exec::{Executor, Feed};
 use kiln_runtime::train::init_params;
@@ -132,6 +132,7 @@ fn inputs(graph: &Graph, seed: u64) -> HashMap<InputKind, Vec<u32>> {
                         .shape[0];
                     (0..n).map(|_| rng.below(vocab) as u32).collect()
                 }
+                InputKind::TokenWeights => continue,
             };
             out.insert(kind, data);
         }
@@ -140,8 +141,25 @@ fn inputs(graph: &Graph, seed: u64) -> HashMap<InputKind, Vec<u32>> {
 }
 
 fn gradcheck(spec: &str) {
+    gradcheck_for(spec, Objective::Pretrain);
+}
+
+fn gradcheck_for(spec: &str, objective: Objective) {
     let model = check_str(spec).unwrap_or_else(|d| panic!("{d:#?}"));
-    let fwd = lower(&model).unwrap();
+    let fwd = lower_for(&model, objective).unwrap();
+    // Policy-gradient weights: both signs, and zeros (prompt and padding positions).
+    let tokens = (model.train.batch * model.train.seq_len) as usize;
+    let mut wrng = Rng::new(17);
+    let token_weights: Vec<f32> = (0..tokens)
+        .map(|i| {
+            if i % 4 == 0 {
+                0.0
+            } else {
+                wrng.next_f64() as f32 * 2.0 - 1.0
+            }
+        })
+        .collect();
+    let weights = (objective == Objective::PolicyGradient).then_some(&token_weights[..]);
     let full = differentiate(&fwd, fwd.output("loss").unwrap()).unwrap();
     verify(&full).unwrap();
     let params: Vec<Vec<f64>> = init_params(&fwd, 3)
@@ -156,6 +174,7 @@ fn gradcheck(spec: &str) {
             .run::<f64>(&Feed {
                 params,
                 inputs: &feed_inputs,
+                weights,
             })
             .unwrap();
         out[&loss].floats()[0]
@@ -167,17 +186,23 @@ fn gradcheck(spec: &str) {
         .map(|(id, p)| (id, full.output(&format!("grad.{}", p.name)).unwrap()))
         .collect();
     let keep: Vec<_> = grads.iter().map(|&(_, g)| g).collect();
+    let compiled = match objective {
+        Objective::Pretrain => compile(&model),
+        Objective::PolicyGradient => compile_policy(&model),
+    };
     fused_equals_unfused(
         &full,
-        &compile(&model).unwrap().train,
+        &compiled.unwrap().train,
         &feed_inputs,
         &params,
+        weights,
     );
     let exec = Executor::new(&full, &keep);
     let out = exec
         .run::<f64>(&Feed {
             params: &params,
             inputs: &feed_inputs,
+            weights,
         })
         .unwrap();
 
@@ -215,6 +240,7 @@ fn fused_equals_unfused(
     fused: &kiln_compiler::program::Program,
     inputs: &HashMap<InputKind, Vec<u32>>,
     params: &[Vec<f64>],
+    weights: Option<&[f32]>,
 ) {
     let fused = fused.graph();
     assert!(
@@ -226,10 +252,15 @@ fn fused_equals_unfused(
         g: &Graph,
         inputs: &HashMap<InputKind, Vec<u32>>,
         params: &[Vec<T>],
+        weights: Option<&[f32]>,
     ) -> Vec<(String, Vec<T>)> {
         let keep: Vec<_> = g.outputs.iter().map(|&(_, v)| v).collect();
         let out = Executor::new(g, &keep)
-            .run::<T>(&Feed { params, inputs })
+            .run::<T>(&Feed {
+                params,
+                inputs,
+                weights,
+            })
             .unwrap();
         g.outputs
             .iter()
@@ -241,12 +272,12 @@ fn fused_equals_unfused(
         .map(|p| p.iter().map(|&x| x as f32).collect())
         .collect();
     assert_eq!(
-        outputs(full, inputs, params),
-        outputs(fused, inputs, params)
+        outputs(full, inputs, params, weights),
+        outputs(fused, inputs, params, weights)
     );
     assert_eq!(
-        outputs(full, inputs, &params32),
-        outputs(fused, inputs, &params32)
+        outputs(full, inputs, &params32, weights),
+        outputs(fused, inputs, &params32, weights)
     );
 }
 
@@ -263,4 +294,52 @@ fn gpt2_style_model_gradients_match_finite_differences() {
 #[test]
 fn gqa_and_softmax_moe_gradients_match_finite_differences() {
     gradcheck(SMALL_GQA_MOE);
+}
+
+#[test]
+fn policy_gradient_loss_gradients_match_finite_differences() {
+    // Σ wᵢ · CEᵢ with weights of both signs and zeros: what a GRPO step differentiates.
+    gradcheck_for(SMALL_MLA, Objective::PolicyGradient);
+    gradcheck_for(SMALL_GPT, Objective::PolicyGradient);
+}
+
+#[test]
+fn uniform_token_weights_give_the_mean_cross_entropy() {
+    let model = check_str(SMALL_MLA).unwrap();
+    let (pre, pg) = (
+        lower_for(&model, Objective::Pretrain).unwrap(),
+        lower_for(&model, Objective::PolicyGradient).unwrap(),
+    );
+    // The policy-gradient graph has the main model's parameters, in the same order, and no
+    // MTP module's.
+    let names =
+        |g: &Graph| -> Vec<String> { g.params.iter().map(|(_, p)| p.name.clone()).collect() };
+    let (pre_names, pg_names) = (names(&pre), names(&pg));
+    assert!(pre_names.starts_with(&pg_names) && pg_names.iter().all(|n| !n.starts_with("mtp.")));
+    let params: Vec<Vec<f64>> = init_params(&pre, 3)
+        .into_iter()
+        .map(|p| p.into_iter().map(f64::from).collect())
+        .collect();
+    let feed_inputs = inputs(&pre, 11);
+    let n = (model.train.batch * model.train.seq_len) as usize;
+    let uniform = vec![1.0 / n as f32; n];
+    let run = |g: &Graph, output: &str, weights: Option<&[f32]>| -> f64 {
+        let v = g.output(output).unwrap();
+        let out = Executor::new(g, &[v])
+            .run::<f64>(&Feed {
+                params: &params[..g.params.len()],
+                inputs: &feed_inputs,
+                weights,
+            })
+            .unwrap();
+        out[&v].floats()[0]
+    };
+    let mean = run(&pre, "loss.main", None);
+    let weighted = run(&pg, "loss", Some(&uniform));
+    assert!(
+        (mean - weighted).abs() < 1e-6 * mean,
+        "{mean} vs {weighted}"
+    );
+    let doubled: Vec<f32> = uniform.iter().map(|w| 2.0 * w).collect();
+    assert!((run(&pg, "loss", Some(&doubled)) - 2.0 * weighted).abs() < 1e-9);
 }

@@ -162,6 +162,7 @@ fn the_generated_forward_pass_equals_the_interpreters() {
         let feed = Feed {
             params: &params,
             inputs: &inputs,
+            weights: None,
         };
         let keep: Vec<_> = forward.outputs.iter().map(|&(_, v)| v).collect();
         let want = Executor::new(forward, &keep).run::<f32>(&feed).unwrap();

@@ -35,6 +35,7 @@ const SECTIONS: &[&str] = &[
     "mtp",
     "precision",
     "train",
+    "rl",
 ];
 const MODEL_KEYS: &[&str] = &[
     "name",
@@ -119,6 +120,23 @@ const TRAIN_KEYS: &[&str] = &[
     "grad_clip",
     "skip_nonfinite",
     "data",
+];
+
+const RL_KEYS: &[&str] = &[
+    "group",
+    "questions",
+    "steps",
+    "lr",
+    "clip",
+    "kl",
+    "ref_reset",
+    "max_completion",
+    "temperature",
+    "top_k",
+    "updates",
+    "answer",
+    "accuracy_weight",
+    "format_weight",
 ];
 
 const FORMATS: &[(&str, Format)] = &[
@@ -235,7 +253,7 @@ fn positive(x: f64) -> bool {
 
 impl<'a, 't> Checker<'a, 't> {
     fn run(&self, root: &'a DeTable<'t>) -> Option<Model> {
-        let mut sections: [Option<Section<'a, 't>>; 7] = Default::default();
+        let mut sections: [Option<Section<'a, 't>>; 8] = Default::default();
         for (k, v) in root.iter() {
             let key: &str = k.get_ref();
             let Some(idx) = SECTIONS.iter().position(|s| *s == key) else {
@@ -283,6 +301,7 @@ impl<'a, 't> Checker<'a, 't> {
                 MTP_KEYS,
                 PRECISION_KEYS,
                 TRAIN_KEYS,
+                RL_KEYS,
             ][idx];
             sections[idx] = Some(Section::new(self.sink, key, t, k.span(), keys));
         }
@@ -303,7 +322,7 @@ impl<'a, 't> Checker<'a, 't> {
                 }
             }
         }
-        let [model, attention, ffn, moe, mtp, precision, train] = sections;
+        let [model, attention, ffn, moe, mtp, precision, train, rl] = sections;
 
         let model = self.require(model, "model");
         let m = model
@@ -341,6 +360,7 @@ impl<'a, 't> Checker<'a, 't> {
         let train_sec = self.require(train, "train");
         spans.seq_len = train_sec.as_ref().map_or(0..0, |t| t.span_of("seq_len"));
         let train = train_sec.and_then(|t| self.train(&t, m.as_ref()));
+        let rl = rl.map_or(Some(Rl::DEFAULT), |s| self.rl(&s, m.as_ref()));
 
         let m = m?;
         let model = Model {
@@ -359,6 +379,7 @@ impl<'a, 't> Checker<'a, 't> {
             mtp,
             precision: precision?,
             train: train?,
+            rl: rl?,
         };
         if self.sink.has_errors() {
             return None;

@@ -524,6 +524,62 @@ impl<'a, 't> Checker<'a, 't> {
         })
     }
 
+    pub(super) fn rl(&self, s: &Section<'a, 't>, m: Option<&PartialModel>) -> Option<Rl> {
+        let d = Rl::DEFAULT;
+        let positions = m.map_or(1 << 20, |m| m.max_positions);
+        let unit = |x: f64| x > 0.0 && x < 1.0;
+        let group = s.int_or("group", 2..=1024, d.group);
+        let questions = s.int_or("questions", 1..=4096, d.questions);
+        let steps = s.int_or("steps", 1..=1 << 40, d.steps);
+        let lr = s.float_or("lr", |x| x > 0.0 && x <= 1.0, "in (0, 1]", d.lr);
+        let clip = s.float_or("clip", unit, "in (0, 1)", d.clip);
+        let kl = s.float_or("kl", |x| (0.0..=100.0).contains(&x), "in [0, 100]", d.kl);
+        let ref_reset = s
+            .int_or("ref_reset", 0..=1 << 40, 0)
+            .map(|n| (n > 0).then_some(n));
+        let max_completion = s.int_or(
+            "max_completion",
+            1..=positions.saturating_sub(1).max(1),
+            d.max_completion,
+        );
+        let temperature = s.float_or(
+            "temperature",
+            |x| x > 0.0 && x <= 100.0,
+            "in (0, 100]",
+            d.temperature,
+        );
+        let top_k = s.int_or("top_k", 0..=MAX_VOCAB, d.top_k);
+        let updates = s.int_or("updates", 1..=64, d.updates);
+        let answer = s.choice_or(
+            "answer",
+            &[
+                ("plain", AnswerFormat::Plain),
+                ("tagged", AnswerFormat::Tagged),
+            ],
+            d.answer,
+        );
+        let weight = |x: f64| (0.0..=100.0).contains(&x);
+        let accuracy_weight =
+            s.float_or("accuracy_weight", weight, "in [0, 100]", d.accuracy_weight);
+        let format_weight = s.float_or("format_weight", weight, "in [0, 100]", d.format_weight);
+        Some(Rl {
+            group: group?,
+            questions: questions?,
+            steps: steps?,
+            lr: lr?,
+            clip: clip?,
+            kl: kl?,
+            ref_reset: ref_reset?,
+            max_completion: max_completion?,
+            temperature: temperature?,
+            top_k: top_k?,
+            updates: updates?,
+            answer: answer?,
+            accuracy_weight: accuracy_weight?,
+            format_weight: format_weight?,
+        })
+    }
+
     pub(super) fn mtp(&self, s: &Section<'a, 't>, layers: Option<&[LayerKind]>) -> Option<Mtp> {
         let depth = s.req_int("depth", 1..=16, "number of extra tokens predicted");
         let weight = s.float_or("weight", |x| x > 0.0 && x <= 100.0, "in (0, 100]", 0.3);

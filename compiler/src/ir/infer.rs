@@ -236,12 +236,20 @@ pub fn infer(op: &Op, inputs: &[&TensorType]) -> Types {
             Ok(vec![x.clone()])
         }
         Op::CrossEntropy => {
-            arity(inputs, 2)?;
+            if inputs.len() != 3 {
+                arity(inputs, 2)?;
+            }
             let (logits, targets) = (inputs[0], inputs[1]);
             rank(logits, 2, "the logits [N, V]")?;
             dtype(targets, DType::U32, "the targets")?;
             if targets.shape != [logits.shape[0]] {
                 return Err(format!("targets {targets} do not fit logits {logits}"));
+            }
+            if let Some(w) = inputs.get(2) {
+                dtype(w, DType::F32, "the token weights")?;
+                if w.shape != [logits.shape[0]] {
+                    return Err(format!("token weights {w} do not fit logits {logits}"));
+                }
             }
             Ok(vec![TensorType::f32(Vec::new())])
         }
@@ -380,8 +388,13 @@ pub fn infer(op: &Op, inputs: &[&TensorType]) -> Types {
             Ok(out)
         }
         Op::CrossEntropyGrad => {
-            arity(inputs, 3)?;
-            infer(&Op::CrossEntropy, &inputs[..2])?;
+            if inputs.len() != 4 {
+                arity(inputs, 3)?;
+            }
+            // The forward operands: logits, targets and, when weighted, the weights (last).
+            let mut fwd = vec![inputs[0], inputs[1]];
+            fwd.extend(inputs.get(3));
+            infer(&Op::CrossEntropy, &fwd)?;
             if !inputs[2].shape.is_empty() {
                 return Err(format!("the loss gradient {} is not a scalar", inputs[2]));
             }

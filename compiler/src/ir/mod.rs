@@ -245,6 +245,10 @@ pub enum InputKind {
     Tokens { offset: u32 },
     /// Positions `0..seq_len` in every row (learned position embeddings).
     Positions,
+    /// Per-token loss weights `[B, T]` (f32) of a weighted cross-entropy: the coefficients a
+    /// policy-gradient objective puts on each target token's log-probability (zero on prompt
+    /// and padding positions).
+    TokenWeights,
 }
 
 /// Where a value comes from.
@@ -318,7 +322,8 @@ pub enum Op {
     /// w_down[E, d, h]) -> [N, d]`: `Σⱼ weightsⱼ · down_e(act(gate_e(x), up_e(x)))` over each
     /// token's chosen experts `e`, computed by sorting tokens by expert (grouped GEMMs).
     Experts { act: Expr, gated: bool },
-    /// `(logits[N, V], targets[N]: u32) -> []`: mean cross-entropy.
+    /// `(logits[N, V], targets[N]: u32) -> []`: mean cross-entropy; with a third operand
+    /// `weights[N]: f32`, the weighted sum `Σᵢ wᵢ · CEᵢ` instead (a policy-gradient loss).
     CrossEntropy,
     /// `(scores[B, T, E], experts[B, T, k]: u32) -> []`: the sequence-wise balance loss
     /// `alpha · Σᵢ fᵢ·Pᵢ` averaged over sequences, with `fᵢ = E/(k·T) · count(i)` and `Pᵢ`
@@ -358,7 +363,7 @@ pub enum Op {
     /// `(x, weights, experts, w_gate?, w_up, w_down, dy) -> (dx, d_weights, dw_gate?, dw_up,
     /// dw_down)`.
     ExpertsGrad { act: Expr, gated: bool },
-    /// `(logits[N, V], targets[N], dloss[]) -> dlogits[N, V]`.
+    /// `(logits[N, V], targets[N], dloss[], weights[N]?) -> dlogits[N, V]`.
     CrossEntropyGrad,
     /// `(scores[B, T, E], experts[B, T, k], dloss[]) -> d_scores[B, T, E]`.
     BalanceLossGrad { alpha: f64, top_k: u64 },

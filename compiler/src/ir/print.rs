@@ -152,6 +152,7 @@ impl fmt::Display for Graph {
                 let what = match kind {
                     InputKind::Tokens { offset } => format!("tokens(+{offset})"),
                     InputKind::Positions => "positions".to_string(),
+                    InputKind::TokenWeights => "token weights".to_string(),
                 };
                 writeln!(f, "  {}: {} = {what}", v(id), value.ty)?;
             }

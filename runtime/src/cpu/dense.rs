@@ -701,6 +701,18 @@ pub fn cross_entropy_fwd<T: Real>(
     vocab: usize,
     targets: &[u32],
 ) -> (T, Vec<T>) {
+    cross_entropy_fwd_weighted(logits, n, vocab, targets, None)
+}
+
+/// [`cross_entropy_fwd`], or with `weights: [n]` the weighted sum `Σ_i w_i · loss_i` (no
+/// mean), summed in row order in f64.
+pub fn cross_entropy_fwd_weighted<T: Real>(
+    logits: &[T],
+    n: usize,
+    vocab: usize,
+    targets: &[u32],
+    weights: Option<&[T]>,
+) -> (T, Vec<T>) {
     debug_assert_eq!(
         logits.len(),
         n * vocab,
@@ -729,8 +741,11 @@ pub fn cross_entropy_fwd<T: Real>(
             .zip(losses.iter_mut())
             .for_each(|(((lr, &t), s), l)| (*s, *l) = cross_entropy_row(lr, t));
     }
-    let total: f64 = losses.iter().sum();
-    (T::from_f64(total / n as f64), lse)
+    let total = match weights {
+        None => losses.iter().sum::<f64>() / n as f64,
+        Some(w) => losses.iter().zip(w).map(|(l, w)| l * w.to_f64()).sum(),
+    };
+    (T::from_f64(total), lse)
 }
 
 /// One row of the cross-entropy gradient: `dlogits = (exp(logits − lse) − onehot(target)) ·
@@ -764,6 +779,21 @@ pub fn cross_entropy_bwd<T: Real>(
     lse: &[T],
     dloss: T,
 ) -> Vec<T> {
+    cross_entropy_bwd_weighted(logits, n, vocab, targets, lse, dloss, None)
+}
+
+/// The backward pass of [`cross_entropy_fwd_weighted`]: row `i` scaled by `dloss · w_i`
+/// instead of `dloss / n` when weighted; rows of weight zero stay zero.
+#[allow(clippy::too_many_arguments)]
+pub fn cross_entropy_bwd_weighted<T: Real>(
+    logits: &[T],
+    n: usize,
+    vocab: usize,
+    targets: &[u32],
+    lse: &[T],
+    dloss: T,
+    weights: Option<&[T]>,
+) -> Vec<T> {
     debug_assert_eq!(
         logits.len(),
         n * vocab,
@@ -775,22 +805,36 @@ pub fn cross_entropy_bwd<T: Real>(
     if vocab == 0 || n == 0 {
         return dlogits;
     }
-    let scale = T::from_f64(dloss.to_f64() / n as f64);
+    let mean = T::from_f64(dloss.to_f64() / n as f64);
+    let scale = |i: usize| match weights {
+        None => mean,
+        Some(w) => T::from_f64(dloss.to_f64() * w[i].to_f64()),
+    };
+    /// A row: its index, then its logits, target, gradient and log-sum-exp.
+    type Row<'r, T> = (usize, (((&'r [T], &'r u32), &'r mut [T]), &'r T));
+    let row = |(i, (((lr, &t), dr), &s)): Row<'_, T>| {
+        let sc = scale(i);
+        if weights.is_none() || sc != T::ZERO {
+            cross_entropy_bwd_row(lr, t, s, sc, dr);
+        }
+    };
     if parallel(n, vocab) {
         logits
             .par_chunks(vocab)
             .zip(targets.par_iter())
             .zip(dlogits.par_chunks_mut(vocab))
             .zip(lse.par_iter())
+            .enumerate()
             .with_min_len(min_rows_per_task(vocab))
-            .for_each(|(((lr, &t), dr), &s)| cross_entropy_bwd_row(lr, t, s, scale, dr));
+            .for_each(row);
     } else {
         logits
             .chunks(vocab)
             .zip(targets.iter())
             .zip(dlogits.chunks_mut(vocab))
             .zip(lse.iter())
-            .for_each(|(((lr, &t), dr), &s)| cross_entropy_bwd_row(lr, t, s, scale, dr));
+            .enumerate()
+            .for_each(row);
     }
     dlogits
 }
