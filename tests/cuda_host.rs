@@ -24,8 +24,9 @@ use std::process::Command;
 
 use kiln_compiler::check::check;
 use kiln_compiler::emit_cuda::{emit, Arg, CudaProgram, Work};
-use kiln_compiler::ir::{DType, Graph, ValueId};
-use kiln_compiler::program::compile;
+use kiln_compiler::ir::{DType, Graph, InputKind, ValueId};
+use kiln_compiler::lower::Objective;
+use kiln_compiler::program::{compile, compile_policy};
 use kiln_runtime::cpu::attention::rope_tables;
 use kiln_runtime::data::{builtin_corpus, byte_tokens, Batcher};
 use kiln_runtime::exec::{Buf, Executor, Feed};
@@ -291,10 +292,13 @@ fn arg_expr(graph: &Graph, a: &Arg, values: usize) -> String {
 
 /// Runs every generated kernel of `spec`'s training step on the host and compares it with the
 /// interpreter; returns `(node path, value, relative error)` for every compared output.
-fn run_spec(spec: &str, test: &str) -> Vec<(String, usize, f64)> {
+fn run_spec(spec: &str, test: &str, objective: Objective) -> Vec<(String, usize, f64)> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(spec);
     let model = check(&std::fs::read(path).unwrap()).unwrap();
-    let compiled = compile(&model).unwrap();
+    let compiled = match objective {
+        Objective::Pretrain => compile(&model).unwrap(),
+        Objective::PolicyGradient => compile_policy(&model).unwrap(),
+    };
     let graph = compiled.train.graph();
     let cuda = emit(&model, &compiled.train);
     let plans = plans(graph, &cuda);
@@ -307,6 +311,17 @@ fn run_spec(spec: &str, test: &str) -> Vec<(String, usize, f64)> {
     let batch = batcher.next_batch();
     let inputs = feed_inputs(graph, &batch, t);
     let params = init_params(forward, 7);
+    // Policy-gradient weights of both signs, zero on every third token.
+    let token_weights: Vec<f32> = (0..b * t)
+        .map(|i| {
+            if i % 3 == 0 {
+                0.0
+            } else {
+                ((i % 7) as f32 - 3.0) / 50.0
+            }
+        })
+        .collect();
+    let weights = (objective == Objective::PolicyGradient).then_some(&token_weights[..]);
     let all: Vec<ValueId> = graph
         .nodes
         .iter()
@@ -316,7 +331,7 @@ fn run_spec(spec: &str, test: &str) -> Vec<(String, usize, f64)> {
         .run::<f32>(&Feed {
             params: &params,
             inputs: &inputs,
-            weights: None,
+            weights,
         })
         .unwrap();
     let value_of = |v: ValueId| -> Input {
@@ -325,6 +340,11 @@ fn run_spec(spec: &str, test: &str) -> Vec<(String, usize, f64)> {
             kiln_compiler::ir::Def::Param(p) => Input {
                 id,
                 floats: Some(params[p.index()].clone()),
+                ids: None,
+            },
+            kiln_compiler::ir::Def::Input(InputKind::TokenWeights) => Input {
+                id,
+                floats: Some(token_weights.clone()),
                 ids: None,
             },
             kiln_compiler::ir::Def::Input(kind) => Input {
@@ -559,7 +579,11 @@ fn run_spec(spec: &str, test: &str) -> Vec<(String, usize, f64)> {
 const TOLERANCE: f64 = 1e-5;
 
 fn check_spec(spec: &str, test: &str) {
-    let results = run_spec(spec, test);
+    check_spec_for(spec, test, Objective::Pretrain);
+}
+
+fn check_spec_for(spec: &str, test: &str, objective: Objective) {
+    let results = run_spec(spec, test, objective);
     assert!(!results.is_empty());
     let worst = results.iter().max_by(|a, b| a.2.total_cmp(&b.2)).unwrap();
     println!(
@@ -584,6 +608,16 @@ fn check_spec(spec: &str, test: &str) {
 #[test]
 fn micro_kernels_match_the_cpu_backend() {
     check_spec("tests/specs/micro.toml", "micro");
+}
+
+/// The policy-gradient graph's weighted cross-entropy (forward and gradient kernels).
+#[test]
+fn micro_policy_gradient_kernels_match_the_cpu_backend() {
+    check_spec_for(
+        "tests/specs/micro.toml",
+        "micro-pg",
+        Objective::PolicyGradient,
+    );
 }
 
 #[test]
