@@ -39,7 +39,10 @@ fn micro_with(dir: &std::path::Path, rl: &str) -> String {
 #[test]
 fn grpo_from_a_pretrained_run_writes_metrics_a_summary_and_a_run() {
     let dir = scratch("run");
-    let spec = micro_with(&dir, "group = 4\nquestions = 2\nmax_completion = 4\n");
+    let spec = micro_with(
+        &dir,
+        "group = 4\nquestions = 2\nmax_completion = 4\nupdates = 2\nref_reset = 2\n",
+    );
     let pre = dir.join("pre");
     let o = kiln(&[
         "train",
