@@ -1,45 +1,19 @@
 //! `kiln exp` as a user runs it: the FP8 accumulation table and the FP8-vs-BF16 comparison,
 //! their files and their refusals; and `kiln train --emulate-precision`.
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
+mod common;
 
-fn kiln(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .env("NO_COLOR", "1")
-        .output()
-        .expect("the kiln binary runs")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .join("exp")
-        .join(name);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
+use common::{kiln, micro_with, scratch, text};
 
 /// micro with FP8 GEMMs in 8-wide tiles (its widths are multiples of 8).
 fn micro_fp8(dir: &std::path::Path) -> String {
-    let micro = std::fs::read_to_string(
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/specs/micro.toml"),
-    )
-    .unwrap();
-    let spec = format!(
-        "{micro}\n[precision]\nlinear = \"e4m3\"\nlinear_grad = \"e4m3\"\n\
+    micro_with(
+        dir,
+        "micro-fp8.toml",
+        "[precision]\nlinear = \"e4m3\"\nlinear_grad = \"e4m3\"\n\
          keep = [\"embed\", \"head\", \"moe.router\", \"*norm\", \"attn.core\"]\n\n\
-         [precision.fp8]\nact_tile = [1, 8]\nweight_block = [8, 8]\n"
-    );
-    let path = dir.join("micro-fp8.toml");
-    std::fs::write(&path, spec).unwrap();
-    path.to_str().unwrap().to_string()
+         [precision.fp8]\nact_tile = [1, 8]\nweight_block = [8, 8]\n",
+    )
 }
 
 #[test]
@@ -79,7 +53,7 @@ fn fp8_accum_prints_every_k_and_promotion_interval() {
 
 #[test]
 fn fp8_vs_bf16_writes_both_curves_a_plot_and_a_summary() {
-    let dir = scratch("vs");
+    let dir = scratch("exp", "vs");
     let spec = micro_fp8(&dir);
     let out = dir.join("out");
     let o = kiln(&[
@@ -135,7 +109,7 @@ fn fp8_vs_bf16_writes_both_curves_a_plot_and_a_summary() {
 
 #[test]
 fn fp8_vs_bf16_refuses_a_spec_without_fp8() {
-    let dir = scratch("no-fp8");
+    let dir = scratch("exp", "no-fp8");
     let o = kiln(&[
         "exp",
         "fp8-vs-bf16",
@@ -154,7 +128,7 @@ fn fp8_vs_bf16_refuses_a_spec_without_fp8() {
 
 #[test]
 fn train_emulates_the_precision_policy_when_asked() {
-    let dir = scratch("train");
+    let dir = scratch("exp", "train");
     let spec = micro_fp8(&dir);
     let run = |name: &str, extra: &[&str]| {
         let out = dir.join(name);

@@ -1,44 +1,17 @@
 //! `kiln rl` as a user runs it: GRPO from a pretrained micro run writes its metrics, summary
 //! and a run directory `kiln sample` reads; bad `[rl]` settings are refused.
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
+mod common;
 
-fn kiln(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .env("NO_COLOR", "1")
-        .output()
-        .expect("the kiln binary runs")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .join("rl")
-        .join(name);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
+use common::{kiln, scratch, text};
 
 fn micro_with(dir: &std::path::Path, rl: &str) -> String {
-    let micro = std::fs::read_to_string(
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/specs/micro.toml"),
-    )
-    .unwrap();
-    let path = dir.join("micro-rl.toml");
-    std::fs::write(&path, format!("{micro}\n[rl]\n{rl}")).unwrap();
-    path.to_str().unwrap().to_string()
+    common::micro_with(dir, "micro-rl.toml", &format!("[rl]\n{rl}"))
 }
 
 #[test]
 fn grpo_from_a_pretrained_run_writes_metrics_a_summary_and_a_run() {
-    let dir = scratch("run");
+    let dir = scratch("rl", "run");
     let spec = micro_with(
         &dir,
         "group = 4\nquestions = 2\nmax_completion = 4\nupdates = 2\nref_reset = 2\n",
@@ -103,7 +76,7 @@ fn grpo_from_a_pretrained_run_writes_metrics_a_summary_and_a_run() {
 
 #[test]
 fn bad_rl_settings_are_refused() {
-    let dir = scratch("bad");
+    let dir = scratch("rl", "bad");
     let spec = micro_with(&dir, "group = 1\nclip = 1.5\n");
     let o = kiln(&["check", &spec]);
     assert_eq!(o.status.code(), Some(2));
