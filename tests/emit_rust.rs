@@ -148,3 +148,24 @@ fn hostile_model_names_stay_string_literals() {
     assert_eq!(module_ident("9lives"), "n_9lives");
     assert_eq!(module_ident("gpt2-124m"), "gpt2_124m");
 }
+
+#[test]
+fn a_policy_gradient_graph_emits_a_module_that_reads_token_weights() {
+    let m = model("tests/specs/micro.toml");
+    let text = emit_text(&m, &kiln_compiler::program::compile_policy(&m).unwrap()).unwrap();
+    syn::parse_file(&text).unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        text.contains("ops::cross_entropy_weighted("),
+        "forward loss"
+    );
+    assert!(
+        text.contains("ops::cross_entropy_weighted_grad("),
+        "its gradient"
+    );
+    assert!(
+        text.contains("fn token_weights"),
+        "the feed's weights are read and checked"
+    );
+    // Spec graphs never weigh tokens, so their modules have no such helper.
+    assert!(!emitted(&m).contains("fn token_weights"));
+}
