@@ -37,6 +37,11 @@ pub struct Flags {
     /// --emulate-precision`; interpreter only).
     #[arg(long)]
     pub emulate_precision: bool,
+    /// Also measure the heap: the most bytes live during the timed steps (above what was
+    /// live before the parameters were made), beside the analyzer's memory report for the
+    /// CPU's storage (every tensor in f32) and the memory plan's peak of intermediates.
+    #[arg(long, conflicts_with = "generate")]
+    pub memory: bool,
     /// Time KV-cached generation instead of training: `train.batch` sequences from a
     /// one-token prompt, greedy, until the model's positions (at most 128 tokens) are full;
     /// reports tokens/s and the cache's measured bytes per token beside the analyzer's.
@@ -61,6 +66,58 @@ fn gemm_rate(n: usize, reps: usize) -> f64 {
 pub(crate) fn run(args: Args, color: bool) -> Result<(), Failure> {
     let (name, model) = load(args.spec.as_ref(), &mut Vec::new(), color)?;
     run_model(&name, &model, &args.flags, None)
+}
+
+/// `kiln bench --memory`: the measured heap peak of the timed steps beside the analyzer's
+/// report for the CPU's storage (every format f32, as the interpreter stores tensors) and the
+/// memory plan's peak of intermediates.
+fn memory_report(
+    name: &str,
+    model: &Model,
+    compiled: &kiln_compiler::program::Compiled,
+    measured: usize,
+    json: bool,
+) -> Result<(), Failure> {
+    let cpu = Model {
+        precision: model
+            .precision
+            .mapped(|_| kiln_compiler::model::Format::Fp32),
+        ..model.clone()
+    };
+    let m = analyze(&cpu).memory;
+    let state = m.master_bytes + m.grads_bytes + m.moments_bytes;
+    let estimate = state + m.activations_bytes + m.weights_bytes + m.scales_bytes;
+    let planned = state + u128::from(compiled.train.plan().peak_bytes);
+    let ratio = measured as f64 / estimate as f64;
+    if json {
+        crate::out(&format!(
+            "{}\n",
+            serde_json::json!({
+                "spec": name, "mode": "memory", "measured_peak_bytes": measured,
+                "analyzer_bytes": estimate as f64, "planned_bytes": planned as f64,
+                "state_bytes": state as f64, "activations_bytes": m.activations_bytes as f64,
+                "measured_over_analyzer": ratio,
+            })
+        ));
+    } else {
+        let mib = |b: f64| b / (1 << 20) as f64;
+        crate::out(&format!(
+            "{} ({name}), heap during training steps, batch {} × {} tokens, every tensor in f32\n  \
+             measured peak   {:>10.2} MiB\n  analyzer        {:>10.2} MiB (weights, gradients and moments {:.2} MiB + saved activations {:.2} MiB)\n  \
+             planned         {:>10.2} MiB (state + the memory plan's peak of intermediates)\n  \
+             measured / analyzer {:>6.3}\n",
+            model.name,
+            model.train.batch,
+            model.train.seq_len,
+            mib(measured as f64),
+            mib(estimate as f64),
+            mib(state as f64),
+            mib(m.activations_bytes as f64),
+            mib(planned as f64),
+            ratio
+        ));
+    }
+    Ok(())
 }
 
 /// `kiln bench --generate`: greedy KV-cached generation of `train.batch` sequences.
@@ -182,6 +239,7 @@ pub(crate) fn run_model(
                  generated step; use `kiln bench SPEC --emulate-precision`",
             )),
         };
+    let heap_before = crate::heap::live();
     let params = init_params(forward, 0);
     let mut trainer = match built {
         Some(b) => Trainer::with_runner(full, config, params, (b.runner)()),
@@ -200,14 +258,19 @@ pub(crate) fn run_model(
             .map_err(|e| other(e.to_string()))?;
     }
     let mut times = Vec::new();
+    crate::heap::reset_peak();
     for _ in 0..args.steps.max(1) {
         let batch = batcher.next_batch();
         let start = Instant::now();
         trainer.step(&batch, t).map_err(|e| other(e.to_string()))?;
         times.push(start.elapsed().as_secs_f64());
     }
+    let heap_peak = crate::heap::peak().saturating_sub(heap_before);
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
+    if args.memory {
+        return memory_report(name, model, &compiled, heap_peak, args.json);
+    }
     let tokens = (b * t) as f64;
     let flops = report.flops.train_per_step as f64;
     let achieved = flops / median / 1e9;

@@ -226,29 +226,14 @@ fn fp8_accum(args: &AccumArgs) -> Result<(), Failure> {
 /// `model` with every FP8 format of its policy replaced by BF16: the baseline of
 /// `fp8-vs-bf16`. `None` when the policy uses no FP8.
 pub fn bf16_baseline(model: &Model) -> Option<Model> {
-    let mut m = model.clone();
-    let p = &mut m.precision;
-    let mut changed = false;
-    for f in [
-        &mut p.compute,
-        &mut p.linear,
-        &mut p.embed,
-        &mut p.head,
-        &mut p.router,
-        &mut p.norm,
-        &mut p.attn_core,
-        &mut p.act,
-        &mut p.linear_grad,
-        &mut p.keep_format,
-        &mut p.kv_cache,
-    ] {
-        if f.is_fp8() {
-            *f = Format::Bf16;
-            changed = true;
-        }
-    }
-    p.fp8 = None;
-    changed.then_some(m)
+    let p = &model.precision;
+    let uses_fp8 = [p.linear, p.linear_grad, p.head, p.kv_cache]
+        .iter()
+        .any(|f| f.is_fp8());
+    uses_fp8.then(|| Model {
+        precision: p.mapped(|f| if f.is_fp8() { Format::Bf16 } else { f }),
+        ..model.clone()
+    })
 }
 
 /// One run's curve: `(step, loss, main_loss)` per step and `(step, val_loss)` per evaluation.

@@ -20,6 +20,7 @@ use kiln_compiler::report;
 pub mod bench;
 mod build;
 mod exp;
+pub mod heap;
 mod hf;
 mod logits;
 pub mod nvcc;
@@ -30,6 +31,10 @@ mod sample;
 pub mod train;
 
 /// The default spec, compiled in so `kiln check` works anywhere.
+/// Every binary linking kiln counts its heap (see [`heap`]); `kiln bench --memory` reads it.
+#[global_allocator]
+static ALLOCATOR: heap::Counting = heap::Counting;
+
 const TINY: &str = include_str!("../specs/tiny.toml");
 const TINY_NAME: &str = "specs/tiny.toml (built in)";
 

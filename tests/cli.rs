@@ -395,6 +395,20 @@ fn sample_and_bench_run_on_a_trained_micro_model() {
         v["cache_bytes_per_token"], v["analyzer_bytes_per_token"],
         "{v}"
     );
+    // The heap counter sees at least the parameters, gradients and moments a step holds.
+    let o = kiln(&[
+        "bench",
+        "tests/specs/micro.toml",
+        "--memory",
+        "--steps",
+        "1",
+        "--json",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    let measured = v["measured_peak_bytes"].as_f64().unwrap();
+    let state = v["state_bytes"].as_f64().unwrap();
+    assert!(measured > state && state > 0.0, "{v}");
     std::fs::remove_dir_all(&dir).ok();
 }
 

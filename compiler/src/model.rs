@@ -489,6 +489,34 @@ pub enum ScaleFormat {
 }
 
 impl Precision {
+    /// The same policy with every format replaced by `f(format)`; the FP8 scaling is kept
+    /// only while some GEMM format is still FP8.
+    pub fn mapped(&self, f: impl Fn(Format) -> Format) -> Precision {
+        let mut p = self.clone();
+        for x in [
+            &mut p.compute,
+            &mut p.linear,
+            &mut p.embed,
+            &mut p.head,
+            &mut p.router,
+            &mut p.norm,
+            &mut p.attn_core,
+            &mut p.act,
+            &mut p.linear_grad,
+            &mut p.keep_format,
+            &mut p.master,
+            &mut p.grads,
+            &mut p.moments,
+            &mut p.kv_cache,
+        ] {
+            *x = f(*x);
+        }
+        if ![p.linear, p.linear_grad, p.head].iter().any(|f| f.is_fp8()) {
+            p.fp8 = None;
+        }
+        p
+    }
+
     /// Whether a keep pattern selects `op`.
     pub fn is_kept(&self, op: &crate::ops::Op) -> bool {
         self.keep.iter().any(|p| p.matches(&op.path))
