@@ -1,16 +1,11 @@
 //! The `kiln` binary as a user runs it: exit codes, JSON keys, the default spec, `diff`.
 
-use std::path::Path;
-use std::process::{Command, Output};
+mod common;
 
-fn kiln(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .env("NO_COLOR", "1")
-        .output()
-        .expect("the kiln binary runs")
-}
+use std::path::Path;
+use std::process::Output;
+
+use common::kiln;
 
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()

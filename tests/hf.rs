@@ -5,22 +5,17 @@
 //! transformers' logits (max |Δ| ≤ 1e-4), `export-hf` it, check the exported tensors equal
 //! the originals, and import the export again to get the same logits bit for bit.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
+
+use common::kiln;
 
 use kiln_runtime::hf::{read_dir, read_safetensors, HfCheckpoint};
 
 /// The tolerance the issue sets: max absolute logit difference in f32.
 const TOLERANCE: f32 = 1e-4;
-
-fn kiln(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .env("NO_COLOR", "1")
-        .output()
-        .expect("the kiln binary runs")
-}
 
 fn ok(o: &Output, what: &str) -> String {
     assert_eq!(

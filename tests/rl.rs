@@ -9,6 +9,22 @@ fn micro_with(dir: &std::path::Path, rl: &str) -> String {
     common::micro_with(dir, "micro-rl.toml", &format!("[rl]\n{rl}"))
 }
 
+/// `kiln train SPEC --steps N` into `dir/pre`.
+fn pretrain(spec: &str, dir: &std::path::Path, steps: u32) -> std::path::PathBuf {
+    let pre = dir.join("pre");
+    let steps = steps.to_string();
+    let o = kiln(&[
+        "train",
+        spec,
+        "--steps",
+        &steps,
+        "--out",
+        pre.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    pre
+}
+
 #[test]
 fn grpo_from_a_pretrained_run_writes_metrics_a_summary_and_a_run() {
     let dir = scratch("rl", "run");
@@ -16,16 +32,7 @@ fn grpo_from_a_pretrained_run_writes_metrics_a_summary_and_a_run() {
         &dir,
         "group = 4\nquestions = 2\nmax_completion = 4\nupdates = 2\nref_reset = 2\n",
     );
-    let pre = dir.join("pre");
-    let o = kiln(&[
-        "train",
-        &spec,
-        "--steps",
-        "10",
-        "--out",
-        pre.to_str().unwrap(),
-    ]);
-    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let pre = pretrain(&spec, &dir, 10);
     let out = dir.join("rl");
     let o = kiln(&[
         "rl",
@@ -86,16 +93,7 @@ fn bad_rl_settings_are_refused() {
     // Within the checker's bounds but too long for the prompts of the task: refused by `kiln
     // rl` before anything is written.
     let spec = micro_with(&dir, "max_completion = 25\n");
-    let pre = dir.join("pre");
-    let o = kiln(&[
-        "train",
-        &spec,
-        "--steps",
-        "1",
-        "--out",
-        pre.to_str().unwrap(),
-    ]);
-    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let pre = pretrain(&spec, &dir, 1);
     let out = dir.join("rl");
     let o = kiln(&[
         "rl",
