@@ -132,10 +132,7 @@ fn run_generate(name: &str, model: &Model, args: &Flags) -> Result<(), Failure> 
     let graph = program.graph();
     let params = init_params(graph, 0);
     let decoder = Decoder::new(&m, graph, &params).map_err(|e| other(e.to_string()))?;
-    let format = match model.precision.kv_cache {
-        f if f.is_fp8() => kiln_compiler::model::Format::Bf16,
-        f => f,
-    };
+    let format = kiln_runtime::decode::cache_format(model.precision.kv_cache);
     let batch = model.train.batch as usize;
     let tokens = (model.max_positions as usize).min(128);
     let prompts: Vec<Vec<u32>> = (0..batch)

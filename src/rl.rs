@@ -96,8 +96,8 @@ fn bytes(s: &str) -> Vec<u32> {
     s.bytes().map(u32::from).collect()
 }
 
-/// A completion's text as it is scored: with its stop sequence for tagged answers (which
-/// end with `</answer>`), without it for plain ones (which end with a newline).
+/// A completion's text as it is scored, stop sequence included: tagged answers end with
+/// `</answer>`, plain ones with the newline their first line ends at.
 fn text(c: &Sampled) -> String {
     decode_bytes(&c.tokens)
 }

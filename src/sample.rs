@@ -7,11 +7,10 @@
 
 use std::path::PathBuf;
 
-use kiln_compiler::model::Format;
 use kiln_compiler::program::compile_forward;
 use kiln_runtime::checkpoint;
 use kiln_runtime::data::decode_bytes;
-use kiln_runtime::decode::Decoder;
+use kiln_runtime::decode::{cache_format, Decoder};
 use kiln_runtime::generate::{generate, Finish, Sampling};
 
 use crate::{load, other, Failure};
@@ -69,10 +68,7 @@ pub(crate) fn run(args: Args, color: bool) -> Result<(), Failure> {
     if tokens.is_empty() {
         tokens.push(u32::from(b'\n'));
     }
-    let format = match model.precision.kv_cache {
-        f if f.is_fp8() => Format::Bf16,
-        f => f,
-    };
+    let format = cache_format(model.precision.kv_cache);
     let stop: Vec<Vec<u32>> = args
         .stop
         .iter()

@@ -61,6 +61,16 @@ impl std::fmt::Display for DecodeError {
 
 impl std::error::Error for DecodeError {}
 
+/// The format a cache stores in for a policy's `kv_cache` format: that format, except FP8
+/// (which would need per-token scales), which falls back to bf16.
+pub fn cache_format(kv_cache: Format) -> Format {
+    if kv_cache.is_fp8() {
+        Format::Bf16
+    } else {
+        kv_cache
+    }
+}
+
 /// Cached elements in one of the supported storage formats.
 #[derive(Clone, Debug)]
 enum Store {

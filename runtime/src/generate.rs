@@ -147,7 +147,7 @@ pub fn generate_in(
             stop_len: 0,
         })
         .collect();
-    // Next prompt token to feed per sequence, or None once the prompt is in the cache.
+    // Tokens fed per sequence: prompt tokens until the prompt is in the cache, then drawn ones.
     let mut fed = vec![0usize; n];
     let mut done = vec![s.max_tokens == 0; n];
     let mut next: Vec<u32> = prompts.iter().map(|p| p[0]).collect();

@@ -19,6 +19,7 @@ use kiln_compiler::model::{Format, Fp8, ScaleFormat};
 use super::accum::{fp8_product, Accumulation};
 use super::fp8::Fp8Format;
 use super::quant::{quantize, ScaleRule};
+use super::round16;
 use crate::cpu::dense::{matmul, matmul_serial};
 use crate::cpu::Real;
 
@@ -102,27 +103,30 @@ impl GemmNumerics {
         accumulate: bool,
         serial: bool,
     ) {
-        let round: fn(f32) -> f32 = match self {
-            GemmNumerics::Exact => {
-                let mm = if serial { matmul_serial } else { matmul };
-                return mm(m, k, n, a, trans_a, b, trans_b, c, accumulate);
-            }
-            GemmNumerics::Bf16 => |v| half::bf16::from_f32(v).to_f32(),
-            GemmNumerics::Fp16 => |v| half::f16::from_f32(v).to_f32(),
+        let mm = if serial { matmul_serial } else { matmul };
+        let format = match self {
+            GemmNumerics::Exact => return mm(m, k, n, a, trans_a, b, trans_b, c, accumulate),
+            GemmNumerics::Bf16 => Format::Bf16,
+            GemmNumerics::Fp16 => Format::Fp16,
+            GemmNumerics::Fp8(_) => Format::Fp32,
+        };
+        let p = match self {
             GemmNumerics::Fp8(f) => {
-                let p = fp8_gemm(f, role, (m, k, n), (a, trans_a), (b, trans_b), serial);
-                for (c, p) in c.iter_mut().zip(p) {
-                    let p = T::from_f64(f64::from(p));
-                    *c = if accumulate { *c + p } else { p };
-                }
-                return;
+                fp8_gemm(f, role, (m, k, n), (a, trans_a), (b, trans_b), serial)
+            }
+            _ => {
+                let r = |x: &[T]| -> Vec<f32> {
+                    x.iter()
+                        .map(|v| round16(format, v.to_f64() as f32))
+                        .collect()
+                };
+                let (a, b) = (r(a), r(b));
+                let mut p = vec![0f32; m * n];
+                let mm32 = if serial { matmul_serial } else { matmul };
+                mm32(m, k, n, &a, trans_a, &b, trans_b, &mut p, false);
+                p
             }
         };
-        let r = |x: &[T]| -> Vec<f32> { x.iter().map(|v| round(v.to_f64() as f32)).collect() };
-        let (a, b) = (r(a), r(b));
-        let mut p = vec![0f32; m * n];
-        let mm = if serial { matmul_serial } else { matmul };
-        mm(m, k, n, &a, trans_a, &b, trans_b, &mut p, false);
         for (c, p) in c.iter_mut().zip(p) {
             let p = T::from_f64(f64::from(p));
             *c = if accumulate { *c + p } else { p };

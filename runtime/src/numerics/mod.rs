@@ -38,12 +38,17 @@ impl Emulation {
     /// `x` as a moment stored in the policy's format.
     #[inline]
     pub fn store_moment(&self, x: f64) -> f32 {
-        let x = x as f32;
-        match self.moments {
-            Format::Bf16 => half::bf16::from_f32(x).to_f32(),
-            Format::Fp16 => half::f16::from_f32(x).to_f32(),
-            // FP8 moments are not a policy the checker accepts; f32 otherwise.
-            _ => x,
-        }
+        round16(self.moments, x as f32)
+    }
+}
+
+/// `x` rounded to nearest even in `format` when it is a 16-bit float (bf16, fp16); unchanged
+/// otherwise (f32, and FP8, which needs a scale and goes through [`quant`]).
+#[inline]
+pub fn round16(format: Format, x: f32) -> f32 {
+    match format {
+        Format::Bf16 => half::bf16::from_f32(x).to_f32(),
+        Format::Fp16 => half::f16::from_f32(x).to_f32(),
+        _ => x,
     }
 }

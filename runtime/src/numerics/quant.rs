@@ -195,18 +195,6 @@ impl Quantized {
     }
 }
 
-/// `x` quantized and dequantized in place: what an FP8 operand of a GEMM contributes.
-pub fn fake_quantize(
-    x: &[f32],
-    rows: usize,
-    cols: usize,
-    block: [usize; 2],
-    format: Fp8Format,
-    rule: ScaleRule,
-) -> Result<Vec<f32>, NonFinite> {
-    Ok(quantize(x, rows, cols, block, format, rule)?.dequantize())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
