@@ -273,8 +273,8 @@ fn run_with(
         let ck = checkpoint::Checkpoint {
             step: trainer.step,
             params: trainer.params.clone(),
-            m: m.to_vec(),
-            v: v.to_vec(),
+            m,
+            v,
             data_rng: batcher.state(),
             spec_hash: hash.clone(),
         };

@@ -4,17 +4,23 @@
 //! Values live in one slot each, indexed by value id, and are freed after their last use
 //! unless the caller asked to keep them (graph outputs). Elementwise [`Op::Map`] nodes run a
 //! compiled expression ([`kiln_compiler::dsl::expr::Compiled`]) over chunks in parallel.
+//!
+//! Emulating a precision policy ([`Executor::emulating`]), activations the backward pass
+//! reads are packed into their storage format ([`crate::numerics::store`]) once the forward
+//! pass is done with them, and unpacked for each backward use.
 
 use std::collections::HashMap;
 use std::fmt;
 
 use kiln_compiler::ir::{Def, Graph, InputKind, Node, Op, ValueId};
-use kiln_compiler::model::{Fp8, NormKind};
+use kiln_compiler::model::NormKind;
 
 use crate::cpu::attention::{self, RopeTables};
 use crate::cpu::elementwise::Elementwise;
 use crate::cpu::{dense, moe, Real};
 use crate::numerics::gemm::GemmNumerics;
+use crate::numerics::store::{Half, Packed, Storage};
+use crate::numerics::Emulation;
 use crate::ops::{self, check_ids, norm_bwd, norm_fwd, rope_pairs, router_config, ExprActivation};
 
 /// A tensor's data: floats, or u32 ids and indices.
@@ -41,11 +47,13 @@ impl<T: Real> Buf<T> {
 }
 
 /// A value held during a run: computed by a node, or borrowed from the caller's feed (so
-/// parameters and inputs are never copied to run a step).
+/// parameters and inputs are never copied to run a step), or an activation kept for the
+/// backward pass in its storage format (unpacked into an `Owned` slot while a node reads it).
 enum Slot<'f, T> {
     Owned(Buf<T>),
     Param(&'f [T]),
     Input(&'f [u32]),
+    Packed(Packed),
 }
 
 impl<T: Real> Slot<'_, T> {
@@ -56,6 +64,7 @@ impl<T: Real> Slot<'_, T> {
             Slot::Input(_) => {
                 panic!("expected a float tensor; the verifier guarantees operand types")
             }
+            Slot::Packed(_) => panic!("packed values are unpacked before a node reads them"),
         }
     }
 
@@ -63,7 +72,7 @@ impl<T: Real> Slot<'_, T> {
         match self {
             Slot::Owned(b) => b.ids(),
             Slot::Input(i) => i,
-            Slot::Param(_) => {
+            Slot::Param(_) | Slot::Packed(_) => {
                 panic!("expected a u32 tensor; the verifier guarantees operand types")
             }
         }
@@ -83,6 +92,7 @@ impl<T: Real> Slot<'_, T> {
             Slot::Owned(b) => b.clone(),
             Slot::Param(p) => Buf::F(p.to_vec()),
             Slot::Input(i) => Buf::U(i.to_vec()),
+            Slot::Packed(p) => Buf::F(p.unpack()),
         }
     }
 }
@@ -146,6 +156,58 @@ pub struct Executor<'g> {
     /// How each GEMM node treats its operands, by node index; absent nodes are exact. Empty
     /// unless [`Executor::emulating`] set a precision policy.
     gemm: HashMap<usize, GemmNumerics>,
+    /// The activations to pack once a node has run, by node index: each is a value the
+    /// backward pass reads, after its last forward reader. Empty unless emulating.
+    pack: HashMap<usize, Vec<(ValueId, Storage)>>,
+    /// How `experts` nodes keep their routed projections for the backward pass; `None`
+    /// keeps them in the run's type.
+    experts_storage: Option<Half>,
+}
+
+/// Bytes of the activations an emulating executor keeps for the backward pass.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KeptBytes {
+    /// Stored in the 16-bit compute format.
+    pub half: u64,
+    /// FP8 codes.
+    pub fp8: u64,
+    /// The FP8 codes' f32 tile scales.
+    pub scales: u64,
+}
+
+impl KeptBytes {
+    pub fn total(&self) -> u64 {
+        self.half + self.fp8 + self.scales
+    }
+}
+
+/// What an `experts` node keeps for its backward pass: the routing and the projections,
+/// which are packed (and the saved vectors left empty) under a 16-bit compute format.
+struct KeptExperts<T> {
+    saved: moe::ExpertsSaved<T>,
+    packed: Option<(Option<Packed>, Packed)>,
+}
+
+impl<T: Real> KeptExperts<T> {
+    /// Keeps `saved`, whose projections are `h` wide, packing them in `half` if given.
+    fn keep(mut saved: moe::ExpertsSaved<T>, h: usize, half: Option<Half>) -> Self {
+        let packed = half.map(|half| {
+            let pack = |x: Vec<T>| Packed::pack(&x, h, Storage::Half(half));
+            let gate = saved.gate.take().map(pack);
+            (gate, pack(std::mem::take(&mut saved.up)))
+        });
+        KeptExperts { saved, packed }
+    }
+
+    /// The saved activations, unpacked.
+    fn restore(self) -> moe::ExpertsSaved<T> {
+        let mut saved = self.saved;
+        if let Some((gate, up)) = self.packed {
+            saved.gate = gate.map(|g| g.unpack());
+            saved.up = up.unpack();
+        }
+        saved
+    }
 }
 
 impl<'g> Executor<'g> {
@@ -190,6 +252,8 @@ impl<'g> Executor<'g> {
             experts_forward,
             experts_backward,
             gemm: HashMap::new(),
+            pack: HashMap::new(),
+            experts_storage: None,
         }
     }
 
@@ -202,9 +266,13 @@ impl<'g> Executor<'g> {
 
     /// Runs every linear and expert GEMM in its node's format, emulated exactly
     /// ([`crate::numerics`]): 16-bit operands rounded, FP8 operands block-scaled with the
-    /// spec's `fp8` settings and limited-precision accumulation. Other ops are unchanged
-    /// (they compute in the run's type, at least as precise as any policy format).
-    pub fn emulating(mut self, fp8: Option<&Fp8>) -> Self {
+    /// spec's `fp8` settings and limited-precision accumulation. Other ops compute in the
+    /// run's type, at least as precise as any policy format.
+    ///
+    /// Activations the backward pass reads are stored as a GPU stores them
+    /// ([`Executor::storage`]).
+    pub fn emulating(mut self, emulation: &Emulation) -> Self {
+        let fp8 = emulation.fp8.as_ref();
         for (id, node) in self.graph.nodes.iter() {
             if matches!(
                 node.op,
@@ -218,7 +286,138 @@ impl<'g> Executor<'g> {
                     .insert(id.index(), GemmNumerics::of(node.format, fp8));
             }
         }
+        let half = Half::of(emulation.activations);
+        self.experts_storage = half;
+        self.pack = self.storage(half);
         self
+    }
+
+    /// The activations this executor packs for the backward pass, with their storage, in
+    /// graph order (none unless [`Executor::emulating`] set a policy).
+    pub fn kept_activations(&self) -> Vec<(ValueId, Storage)> {
+        let mut kept: Vec<(ValueId, Storage)> = self.pack.values().flatten().copied().collect();
+        kept.sort_by_key(|(v, _)| v.index());
+        kept
+    }
+
+    /// Bytes the packed activations hold once the forward pass is done: every value of
+    /// [`Executor::kept_activations`] plus the routed projections `experts` nodes keep.
+    pub fn kept_bytes(&self) -> KeptBytes {
+        let g = self.graph;
+        let mut kept = KeptBytes::default();
+        for (v, storage) in self.kept_activations() {
+            let ty = &g.values[v].ty;
+            let n = ty.elements() as u64;
+            match storage {
+                Storage::Half(_) => kept.half += 2 * n,
+                Storage::Fp8 { tile, .. } => {
+                    let cols = *ty.shape.last().unwrap_or(&1);
+                    kept.fp8 += n;
+                    kept.scales += 4 * (n / cols.max(1)) * cols.div_ceil(tile as u64);
+                }
+            }
+        }
+        if self.experts_storage.is_some() {
+            for &f in &self.experts_backward {
+                let node = &g.nodes.iter().nth(f).expect("a node index").1;
+                let Op::Experts { gated, .. } = node.op else {
+                    continue;
+                };
+                let routed = g.values[node.inputs[1]].ty.elements() as u64;
+                let h = g.values[node.inputs[if gated { 4 } else { 3 }]].ty.shape[1];
+                kept.half += 2 * routed * h * if gated { 2 } else { 1 };
+            }
+        }
+        kept
+    }
+
+    /// Which activations a training graph keeps in which format, by the node after which
+    /// they are packed (the last forward node reading them, or their producer).
+    ///
+    /// The backward pass is every node after the one computing `loss`. A value of the
+    /// forward pass that it reads is packed when it is float, computed from the graph's inputs (values derived from
+    /// parameters alone are weights, not activations), and not kept by the caller:
+    /// - as FP8 tiles, exactly as an FP8 GEMM of the forward pass read it, when every
+    ///   backward reader is the weight-gradient GEMM of an FP8 `linear_grad` or
+    ///   `experts_grad` (DeepSeek-V3 caches the FP8 input; its weight gradient quantizes the
+    ///   dequantized values again, along the tokens);
+    /// - in f32 when it is a statistic the analyzer keeps in f32: a scalar, a router's
+    ///   outputs, attention's log-sum-exp, the logits a cross-entropy gradient reads, or a
+    ///   reshape of one of these;
+    /// - otherwise in the 16-bit compute format `half`, when there is one.
+    fn storage(&self, half: Option<Half>) -> HashMap<usize, Vec<(ValueId, Storage)>> {
+        let g = self.graph;
+        let mut pack: HashMap<usize, Vec<(ValueId, Storage)>> = HashMap::new();
+        let loss_node = g.output("loss").and_then(|v| match g.values[v].def {
+            Def::Node { node, .. } => Some(node.index()),
+            _ => None,
+        });
+        let Some(boundary) = loss_node.map(|n| n + 1) else {
+            return pack;
+        };
+        let mut from_data = vec![false; g.values.len()];
+        let mut readers: Vec<Vec<(usize, usize)>> = vec![Vec::new(); g.values.len()];
+        for (v, value) in g.values.iter() {
+            from_data[v.index()] = matches!(value.def, Def::Input(_));
+        }
+        let mut statistic = vec![false; g.values.len()];
+        for (id, node) in g.nodes.iter() {
+            let data = node.inputs.iter().any(|v| from_data[v.index()]);
+            for (i, &o) in node.outputs.iter().enumerate() {
+                from_data[o.index()] = data;
+                statistic[o.index()] = g.values[o].ty.shape.is_empty()
+                    || match node.op {
+                        Op::Router(_) => true,
+                        Op::Attention { .. } => i == 1,
+                        Op::Reshape { .. } => statistic[node.inputs[0].index()],
+                        _ => false,
+                    };
+            }
+            for (at, &v) in node.inputs.iter().enumerate() {
+                readers[v.index()].push((id.index(), at));
+            }
+            if let (Op::CrossEntropyGrad, Some(logits)) = (&node.op, node.inputs.first()) {
+                statistic[logits.index()] = true;
+            }
+        }
+        // The FP8 numerics of a GEMM node reading `v` as its activation operand (operand 0).
+        let fp8_reader = |(node, at): (usize, usize)| match self.gemm.get(&node) {
+            Some(GemmNumerics::Fp8(f)) if at == 0 => Some(*f),
+            _ => None,
+        };
+        for (v, value) in g.values.iter() {
+            let Def::Node { node: producer, .. } = value.def else {
+                continue;
+            };
+            let r = &readers[v.index()];
+            let (forward, backward): (Vec<_>, Vec<_>) = r.iter().partition(|(n, _)| *n < boundary);
+            if producer.index() >= boundary
+                || backward.is_empty()
+                || value.ty.dtype != kiln_compiler::ir::DType::F32
+                || !from_data[v.index()]
+                || statistic[v.index()]
+                || self.last_use[v.index()] == usize::MAX
+            {
+                continue;
+            }
+            let fp8 = forward.iter().find_map(|&&r| fp8_reader(r));
+            let storage = match fp8 {
+                Some(f) if backward.iter().all(|&&r| fp8_reader(r).is_some()) => Storage::Fp8 {
+                    format: f.format,
+                    tile: f.tile,
+                    rule: f.rule,
+                },
+                _ => match half {
+                    Some(h) => Storage::Half(h),
+                    None => continue,
+                },
+            };
+            let after = forward.iter().map(|(n, _)| *n).max();
+            pack.entry(after.unwrap_or(producer.index()))
+                .or_default()
+                .push((v, storage));
+        }
+        pack
     }
 
     /// Runs the graph; returns the kept values.
@@ -294,9 +493,20 @@ impl<'g> Executor<'g> {
         }
         let mut tables: HashMap<(usize, usize), RopeTables<T>> = HashMap::new();
         // What each expert FFN's forward saved for its backward, by forward node.
-        let mut saved_experts: HashMap<usize, moe::ExpertsSaved<T>> = HashMap::new();
+        let mut saved_experts: HashMap<usize, KeptExperts<T>> = HashMap::new();
         for (id, node) in g.nodes.iter() {
             let started = std::time::Instant::now();
+            // A node reads packed operands unpacked; the packed copies go back afterwards,
+            // unless this node was their last reader.
+            let mut aside: Vec<(usize, Packed)> = Vec::new();
+            for &v in &node.inputs {
+                if let Some(Slot::Packed(p)) =
+                    slots[v.index()].take_if(|s| matches!(s, Slot::Packed(_)))
+                {
+                    slots[v.index()] = Some(Slot::Owned(Buf::F(p.unpack())));
+                    aside.push((v.index(), p));
+                }
+            }
             // A reshape of a value nothing reads afterwards moves its buffer instead of
             // copying it (row-major data does not change).
             if let (Op::Reshape { .. }, [x]) = (&node.op, node.inputs.as_slice()) {
@@ -320,6 +530,17 @@ impl<'g> Executor<'g> {
                     slots[v.index()] = None;
                 }
             }
+            for (v, p) in aside {
+                if slots[v].is_some() {
+                    slots[v] = Some(Slot::Packed(p));
+                }
+            }
+            for &(v, storage) in self.pack.get(&id.index()).into_iter().flatten() {
+                if let Some(Slot::Owned(Buf::F(x))) = &slots[v.index()] {
+                    let cols = *g.values[v].ty.shape.last().unwrap_or(&1) as usize;
+                    slots[v.index()] = Some(Slot::Packed(Packed::pack(x, cols, storage)));
+                }
+            }
         }
         let mut out = HashMap::new();
         for ((v, _), slot) in g.values.iter().zip(slots) {
@@ -336,7 +557,7 @@ impl<'g> Executor<'g> {
         node: &Node,
         slots: &[Option<Slot<T>>],
         tables: &mut HashMap<(usize, usize), RopeTables<T>>,
-        saved_experts: &mut HashMap<usize, moe::ExpertsSaved<T>>,
+        saved_experts: &mut HashMap<usize, KeptExperts<T>>,
     ) -> Result<Vec<Buf<T>>, ExecError> {
         let g = self.graph;
         let arg = |i: usize| {
@@ -596,7 +817,8 @@ impl<'g> Executor<'g> {
                     let (y, saved) = moe::experts_fwd_with(&ffn, num);
                     // Keep the routed activations for the backward pass if one follows.
                     if self.experts_backward.contains(&index) {
-                        saved_experts.insert(index, saved);
+                        saved_experts
+                            .insert(index, KeptExperts::keep(saved, h, self.experts_storage));
                     }
                     vec![f(y)]
                 } else {
@@ -605,7 +827,7 @@ impl<'g> Executor<'g> {
                         .get(&index)
                         .and_then(|i| saved_experts.remove(i))
                     {
-                        Some(s) => s,
+                        Some(s) => s.restore(),
                         // Recomputed as the forward node computed it.
                         None => {
                             let fwd = self.experts_forward.get(&index);

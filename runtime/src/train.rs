@@ -15,6 +15,7 @@ use rayon::prelude::*;
 use crate::cpu::moe;
 use crate::data::{Batch, Rng};
 use crate::exec::{Buf, ExecError, Executor, Feed, Run};
+use crate::numerics::store::Half;
 use crate::numerics::Emulation;
 
 /// Optimizer and schedule settings (the spec's `[train]` and `[moe] bias_update`).
@@ -125,18 +126,33 @@ struct AdamStep {
 
 impl AdamStep {
     /// AdamW on one tensor: moments from the clipped gradient, then the bias-corrected step
-    /// plus decoupled weight decay `decay · w`.
-    ///
-    /// With `emulate`, the moments are stored in its format (the step itself uses the
-    /// moments as computed).
-    fn apply(
+    /// plus decoupled weight decay `decay · w`. The moments are stored in their format; the
+    /// step itself uses them as computed, before storing.
+    fn apply(&self, w: &mut [f32], m: &mut Moment, v: &mut Moment, grad: &[f32], decay: f64) {
+        match (m, v) {
+            (Moment::F32(m), Moment::F32(v)) => {
+                self.update(w, m, v, grad, decay, |x| x as f32, f64::from)
+            }
+            (Moment::Half(h, m), Moment::Half(_, v)) => {
+                let h = *h;
+                let store = move |x: f64| h.encode(x as f32);
+                let load = move |b: u16| f64::from(h.decode(b));
+                self.update(w, m, v, grad, decay, store, load)
+            }
+            _ => unreachable!("a tensor's two moments share one format"),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn update<E: Copy + Send + Sync>(
         &self,
         w: &mut [f32],
-        m: &mut [f32],
-        v: &mut [f32],
+        m: &mut [E],
+        v: &mut [E],
         grad: &[f32],
         decay: f64,
-        emulate: Option<&Emulation>,
+        store: impl Fn(f64) -> E + Sync,
+        load: impl Fn(E) -> f64 + Sync,
     ) {
         const CHUNK: usize = 1 << 14;
         w.par_chunks_mut(CHUNK)
@@ -146,16 +162,38 @@ impl AdamStep {
             .for_each(|(((w, m), v), g)| {
                 for i in 0..w.len() {
                     let gi = f64::from(g[i]) * self.clip;
-                    let mi = self.beta1 * f64::from(m[i]) + (1.0 - self.beta1) * gi;
-                    let vi = self.beta2 * f64::from(v[i]) + (1.0 - self.beta2) * gi * gi;
-                    (m[i], v[i]) = match emulate {
-                        Some(e) => (e.store_moment(mi), e.store_moment(vi)),
-                        None => (mi as f32, vi as f32),
-                    };
+                    let mi = self.beta1 * load(m[i]) + (1.0 - self.beta1) * gi;
+                    let vi = self.beta2 * load(v[i]) + (1.0 - self.beta2) * gi * gi;
+                    (m[i], v[i]) = (store(mi), store(vi));
                     let step = (mi / self.bias1) / ((vi / self.bias2).sqrt() + self.eps);
                     w[i] = (f64::from(w[i]) - self.lr * (step + decay * f64::from(w[i]))) as f32;
                 }
             });
+    }
+}
+
+/// One tensor's AdamW moment in its storage format: f32, or 16-bit floats when the policy
+/// says so (`precision.moments`, under emulation), which halves the optimizer's memory.
+#[derive(Clone, Debug, PartialEq)]
+enum Moment {
+    F32(Vec<f32>),
+    Half(Half, Vec<u16>),
+}
+
+impl Moment {
+    /// `values` stored in `format` (16-bit formats round to nearest even).
+    fn stored(values: Vec<f32>, format: Option<Half>) -> Moment {
+        match format {
+            None => Moment::F32(values),
+            Some(h) => Moment::Half(h, values.iter().map(|&x| h.encode(x)).collect()),
+        }
+    }
+
+    fn values(&self) -> Vec<f32> {
+        match self {
+            Moment::F32(v) => v.clone(),
+            Moment::Half(h, bits) => bits.iter().map(|&b| h.decode(b)).collect(),
+        }
     }
 }
 
@@ -178,8 +216,8 @@ pub struct Trainer<'g> {
     exec: Box<dyn Run + 'g>,
     pub config: TrainConfig,
     pub params: Vec<Vec<f32>>,
-    m: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
+    m: Vec<Moment>,
+    v: Vec<Moment>,
     pub step: u64,
     loss: ValueId,
     main_loss: ValueId,
@@ -245,7 +283,7 @@ impl<'g> Trainer<'g> {
             .values();
         let exec = Executor::new(graph, &keep);
         let exec = match &config.emulate {
-            Some(e) => exec.emulating(e.fp8.as_ref()),
+            Some(e) => exec.emulating(e),
             None => exec,
         };
         Trainer::with_runner(graph, config, params, Box::new(exec))
@@ -266,7 +304,11 @@ impl<'g> Trainer<'g> {
             grads,
             routers,
         } = outputs;
-        let zeros: Vec<Vec<f32>> = params.iter().map(|p| vec![0.0; p.len()]).collect();
+        let format = config.emulate.as_ref().and_then(|e| Half::of(e.moments));
+        let zeros: Vec<Moment> = params
+            .iter()
+            .map(|p| Moment::stored(vec![0.0; p.len()], format))
+            .collect();
         let positions = graph
             .values
             .iter()
@@ -288,9 +330,24 @@ impl<'g> Trainer<'g> {
         }
     }
 
-    /// The AdamW moments, in parameter order.
-    pub fn moments(&self) -> (&[Vec<f32>], &[Vec<f32>]) {
-        (&self.m, &self.v)
+    /// The AdamW moments' values (a copy), in parameter order.
+    pub fn moments(&self) -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
+        (
+            self.m.iter().map(Moment::values).collect(),
+            self.v.iter().map(Moment::values).collect(),
+        )
+    }
+
+    /// Bytes the AdamW moments hold.
+    pub fn moment_bytes(&self) -> usize {
+        self.m
+            .iter()
+            .chain(&self.v)
+            .map(|m| match m {
+                Moment::F32(v) => 4 * v.len(),
+                Moment::Half(_, v) => 2 * v.len(),
+            })
+            .sum()
     }
 
     /// Continues from a checkpointed state: step count, parameters and moments.
@@ -303,8 +360,13 @@ impl<'g> Trainer<'g> {
     ) {
         self.step = step;
         self.params = params;
-        self.m = m;
-        self.v = v;
+        let format = self
+            .config
+            .emulate
+            .as_ref()
+            .and_then(|e| Half::of(e.moments));
+        self.m = m.into_iter().map(|m| Moment::stored(m, format)).collect();
+        self.v = v.into_iter().map(|v| Moment::stored(v, format)).collect();
     }
 
     /// The window length a batch row must have: `seq_len + max_offset - 1` inputs (the batcher
@@ -400,7 +462,7 @@ impl<'g> Trainer<'g> {
                 } else {
                     0.0
                 };
-                hyper.apply(w, m, v, grad, decay, c.emulate.as_ref());
+                hyper.apply(w, m, v, grad, decay);
             });
         if c.bias_update > 0.0 {
             for &(bias, experts, e) in &self.routers {
@@ -435,7 +497,7 @@ pub fn eval_loss(
         .expect("a forward graph has a main loss");
     let exec = Executor::new(forward, &[main]);
     let exec = match emulate {
-        Some(e) => exec.emulating(e.fp8.as_ref()),
+        Some(e) => exec.emulating(e),
         None => exec,
     };
     let (mut sum, mut n) = (0.0, 0usize);

@@ -1,14 +1,19 @@
 //! Training under an emulated precision policy (`Executor::emulating`, `TrainConfig::emulate`):
 //! an fp32 policy changes no bit, an FP8 policy changes the numbers by about what FP8's
-//! rounding predicts and nothing breaks, gradient GEMMs take `linear_grad`'s format, and
-//! bf16 moments are stored as bf16.
+//! rounding predicts and nothing breaks, gradient GEMMs take `linear_grad`'s format, bf16
+//! moments are stored as bf16, and activations kept for the backward pass are stored as the
+//! policy says (FP8 tiles for FP8 GEMMs, bf16 otherwise, statistics in f32).
 
 use kiln_compiler::autodiff::differentiate;
 use kiln_compiler::check::check_str;
-use kiln_compiler::ir::{Graph, Op};
+use kiln_compiler::ir::{Def, Graph, Node, Op, ValueId};
 use kiln_compiler::lower::lower;
 use kiln_compiler::model::{Format, Model};
+use kiln_compiler::program::TrainOutputs;
 use kiln_runtime::data::{builtin_corpus, byte_tokens, Batcher};
+use kiln_runtime::exec::Executor;
+use kiln_runtime::numerics::store::{Half, Storage};
+use kiln_runtime::numerics::{Emulation, Fp8Format};
 use kiln_runtime::train::{init_params, max_token_offset, StepStats, TrainConfig, Trainer};
 
 const MICRO: &str = include_str!("../../tests/specs/micro.toml");
@@ -148,5 +153,147 @@ fn gradient_gemms_take_the_linear_grad_format() {
     assert!(
         !fp8.is_empty() && fp8.iter().all(|(p, _)| !p.contains("head")),
         "{grads:?}"
+    );
+}
+
+/// The training graph of `model` and an executor emulating its policy.
+fn emulated(model: &Model) -> (Graph, usize) {
+    let fwd = lower(model).unwrap();
+    let full = differentiate(&fwd, fwd.output("loss").unwrap()).unwrap();
+    let loss = full.output("loss").unwrap();
+    let Def::Node { node, .. } = full.values[loss].def else {
+        panic!("the loss is computed")
+    };
+    (full, node.index())
+}
+
+#[test]
+fn kept_activations_are_fp8_tiles_for_fp8_gemms_and_bf16_otherwise() {
+    let model = with_policy("e4m3", "e4m3");
+    let (g, loss_node) = emulated(&model);
+    let keep = TrainOutputs::of(&g).unwrap().values();
+    let exec = Executor::new(&g, &keep).emulating(&Emulation::of(&model.precision));
+    let kept = exec.kept_activations();
+    let readers = |v: ValueId| -> Vec<(usize, usize, &Node)> {
+        g.nodes
+            .iter()
+            .flat_map(|(id, n)| {
+                n.inputs
+                    .iter()
+                    .enumerate()
+                    .filter(move |(_, &i)| i == v)
+                    .map(move |(at, _)| (id.index(), at, n))
+            })
+            .collect()
+    };
+    let (mut fp8, mut half) = (0, 0);
+    for &(v, storage) in &kept {
+        let value = &g.values[v];
+        let Def::Node { node, output } = value.def else {
+            panic!("only computed values are kept")
+        };
+        let producer = &g.nodes[node];
+        assert!(node.index() <= loss_node, "{}", producer.path);
+        let r = readers(v);
+        assert!(
+            r.iter().any(|(n, _, _)| *n > loss_node),
+            "{}",
+            producer.path
+        );
+        // Statistics stay f32.
+        assert!(!value.ty.shape.is_empty(), "{}", producer.path);
+        assert!(!matches!(producer.op, Op::Router(_)), "{}", producer.path);
+        assert!(
+            !(matches!(producer.op, Op::Attention { .. }) && output == 1),
+            "{}",
+            producer.path
+        );
+        assert!(
+            !r.iter()
+                .any(|(_, at, n)| matches!(n.op, Op::CrossEntropyGrad) && *at == 0),
+            "{}",
+            producer.path
+        );
+        match storage {
+            Storage::Fp8 { format, tile, .. } => {
+                fp8 += 1;
+                assert_eq!((format, tile), (Fp8Format::E4m3, 8));
+                // Read as the activation operand of an FP8 GEMM forward, and only by FP8
+                // weight-gradient GEMMs backward.
+                for (n, at, reader) in r {
+                    let gemm = if n > loss_node {
+                        matches!(reader.op, Op::LinearGrad { .. } | Op::ExpertsGrad { .. })
+                    } else {
+                        matches!(reader.op, Op::Linear { .. } | Op::Experts { .. })
+                    };
+                    assert!(
+                        gemm && at == 0 && reader.format == Format::E4m3,
+                        "{} read by {}",
+                        producer.path,
+                        reader.path
+                    );
+                }
+            }
+            Storage::Half(h) => {
+                half += 1;
+                assert_eq!(h, Half::Bf16);
+            }
+        }
+    }
+    assert!(fp8 > 0 && half > 0, "{kept:?}");
+    let bytes = exec.kept_bytes();
+    assert!(
+        bytes.fp8 > 0 && bytes.scales > 0 && bytes.half > bytes.fp8,
+        "{bytes:?}"
+    );
+
+    // An fp32 policy keeps every activation as computed.
+    let model = all_fp32();
+    let (g, _) = emulated(&model);
+    let keep = TrainOutputs::of(&g).unwrap().values();
+    let exec = Executor::new(&g, &keep).emulating(&Emulation::of(&model.precision));
+    assert!(exec.kept_activations().is_empty());
+    assert_eq!(exec.kept_bytes().total(), 0);
+}
+
+/// One step of `model`'s training under `emulation`, from the same parameters and batch.
+fn one_step(model: &Model, emulation: Emulation) -> StepStats {
+    let fwd = lower(model).unwrap();
+    let full = differentiate(&fwd, fwd.output("loss").unwrap()).unwrap();
+    let (b, t) = (model.train.batch as usize, model.train.seq_len as usize);
+    let window = t + max_token_offset(&fwd) as usize - 1;
+    let tokens: Vec<u32> = byte_tokens(&builtin_corpus(0, 1 << 16))
+        .into_iter()
+        .map(|x| x % 128)
+        .collect();
+    let mut batcher = Batcher::new(tokens, b, window, 0).unwrap();
+    let config = TrainConfig {
+        emulate: Some(emulation),
+        ..TrainConfig::of(model, 1, 0)
+    };
+    let mut trainer = Trainer::new(&full, config, init_params(&fwd, 0));
+    trainer.step(&batcher.next_batch(), t).unwrap()
+}
+
+#[test]
+fn storing_kept_activations_in_bf16_changes_the_gradients_not_the_forward_pass() {
+    let model = with_policy("e4m3", "e4m3");
+    let stored = Emulation::of(&model.precision);
+    let f32_kept = Emulation {
+        activations: Format::Fp32,
+        ..stored.clone()
+    };
+    let (a, b) = (one_step(&model, stored), one_step(&model, f32_kept));
+    // Packing happens after the forward pass's last use: the losses agree to the bit.
+    assert_eq!(a.loss.to_bits(), b.loss.to_bits());
+    assert_eq!(a.main_loss.to_bits(), b.main_loss.to_bits());
+    // The backward pass reads bf16 values (relative rounding up to 2^-9 each; the norm of
+    // the gradients moves by 3e-5).
+    let rel = (a.grad_norm - b.grad_norm).abs() / b.grad_norm;
+    assert!(
+        rel > 1e-7 && rel < 1e-3,
+        "{} vs {}: {rel}",
+        a.grad_norm,
+        b.grad_norm
     );
 }

@@ -7,11 +7,14 @@
 //! - [`accum`]: the tensor core's limited-precision accumulation and its promotion to f32
 //!   every N_C elements, and the block-scaled FP8 GEMM built from them.
 //! - [`gemm`]: the products of a linear layer or expert under a node's format.
+//! - [`store`]: activations kept for the backward pass in the compute format, or as the FP8
+//!   tiles their GEMM read.
 
 pub mod accum;
 pub mod fp8;
 pub mod gemm;
 pub mod quant;
+pub mod store;
 
 pub use fp8::Fp8Format;
 
@@ -19,11 +22,15 @@ use kiln_compiler::model::{Format, Fp8, Precision};
 
 /// A spec's precision policy as a CPU run emulates it: GEMM operands in their nodes'
 /// formats (the graph carries those), FP8 scaling and accumulation from `[precision.fp8]`,
-/// and the storage format of AdamW's moments.
+/// activations kept for the backward pass in the compute format ([`store`]), and AdamW's
+/// moments stored in theirs.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Emulation {
     pub fp8: Option<Fp8>,
-    /// `fp32`, or `bf16`/`fp16`: moments are rounded to it each time they are stored.
+    /// The compute format (`precision.compute`): kept activations are stored in it when it is
+    /// a 16-bit format, except the inputs of FP8 GEMMs, which are kept as FP8 tiles.
+    pub activations: Format,
+    /// `fp32`, or `bf16`/`fp16`: moments are stored in it.
     pub moments: Format,
 }
 
@@ -31,14 +38,9 @@ impl Emulation {
     pub fn of(precision: &Precision) -> Emulation {
         Emulation {
             fp8: precision.fp8,
+            activations: precision.compute,
             moments: precision.moments,
         }
-    }
-
-    /// `x` as a moment stored in the policy's format.
-    #[inline]
-    pub fn store_moment(&self, x: f64) -> f32 {
-        round16(self.moments, x as f32)
     }
 }
 

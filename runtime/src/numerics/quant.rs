@@ -180,11 +180,25 @@ impl Quantized {
     /// `decode(code) · scale` for every element, row-major.
     pub fn dequantize(&self) -> Vec<f32> {
         let table = self.format.values();
-        let mut y = Vec::with_capacity(self.codes.len());
-        for r in 0..self.rows {
-            for c in 0..self.cols {
-                y.push(table[self.codes[r * self.cols + c] as usize] * self.scale(r, c));
+        let mut y = vec![0f32; self.codes.len()];
+        let cols = self.cols.max(1);
+        let row = |(r, (out, codes)): (usize, (&mut [f32], &[u8]))| {
+            for (j, (out, codes)) in out
+                .chunks_mut(self.block[1])
+                .zip(codes.chunks(self.block[1]))
+                .enumerate()
+            {
+                let s = self.scale(r, j * self.block[1]);
+                for (o, &c) in out.iter_mut().zip(codes) {
+                    *o = table[c as usize] * s;
+                }
             }
+        };
+        let rows = y.chunks_mut(cols).zip(self.codes.chunks(cols)).enumerate();
+        if self.codes.len() >= PARALLEL_ELEMENTS {
+            rows.par_bridge().for_each(row);
+        } else {
+            rows.for_each(row);
         }
         y
     }
