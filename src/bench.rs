@@ -6,8 +6,11 @@ use std::time::Instant;
 
 use kiln_compiler::analyze::analyze;
 use kiln_compiler::program::compile;
+use kiln_compiler::program::TrainOutputs;
 use kiln_runtime::cpu::dense::matmul;
 use kiln_runtime::data::{builtin_corpus, byte_tokens, Batcher};
+use kiln_runtime::exec::{Executor, KeptBytes};
+use kiln_runtime::numerics::Emulation;
 use kiln_runtime::train::{init_params, max_token_offset, TrainConfig, Trainer};
 
 use kiln_compiler::model::Model;
@@ -39,7 +42,9 @@ pub struct Flags {
     pub emulate_precision: bool,
     /// Also measure the heap: the most bytes live during the timed steps (above what was
     /// live before the parameters were made), beside the analyzer's memory report for the
-    /// CPU's storage (every tensor in f32) and the memory plan's peak of intermediates.
+    /// run's storage: every tensor in f32 (and the memory plan's peak of intermediates), or
+    /// with --emulate-precision the spec's policy (moments and kept activations stored in
+    /// their formats).
     #[arg(long, conflicts_with = "generate")]
     pub memory: bool,
     /// Time KV-cached generation instead of training: `train.batch` sequences from a
@@ -69,54 +74,87 @@ pub(crate) fn run(args: Args, color: bool) -> Result<(), Failure> {
 }
 
 /// `kiln bench --memory`: the measured heap peak of the timed steps beside the analyzer's
-/// report for the CPU's storage (every format f32, as the interpreter stores tensors) and the
-/// memory plan's peak of intermediates.
+/// report.
+///
+/// Plain runs store every tensor in f32, so they are compared with the report for an
+/// all-f32 policy, and with the memory plan's peak of intermediates. Emulated runs
+/// (`kept` is the executor's packing of activations) store moments and kept activations
+/// as the policy says, and are compared with the policy's own report.
 fn memory_report(
     name: &str,
     model: &Model,
     compiled: &kiln_compiler::program::Compiled,
     measured: usize,
+    kept: Option<KeptBytes>,
     json: bool,
 ) -> Result<(), Failure> {
-    let cpu = Model {
-        precision: model
-            .precision
-            .mapped(|_| kiln_compiler::model::Format::Fp32),
-        ..model.clone()
+    let reported = match kept {
+        Some(_) => model.clone(),
+        None => Model {
+            precision: model
+                .precision
+                .mapped(|_| kiln_compiler::model::Format::Fp32),
+            ..model.clone()
+        },
     };
-    let m = analyze(&cpu).memory;
+    let m = analyze(&reported).memory;
     let state = m.master_bytes + m.grads_bytes + m.moments_bytes;
-    let estimate = state + m.activations_bytes + m.weights_bytes + m.scales_bytes;
+    let estimate = m.total_bytes;
     let planned = state + u128::from(compiled.train.plan().peak_bytes);
     let ratio = measured as f64 / estimate as f64;
+    let mib = |b: f64| b / (1 << 20) as f64;
     if json {
-        crate::out(&format!(
-            "{}\n",
-            serde_json::json!({
-                "spec": name, "mode": "memory", "measured_peak_bytes": measured,
-                "analyzer_bytes": estimate as f64, "planned_bytes": planned as f64,
-                "state_bytes": state as f64, "activations_bytes": m.activations_bytes as f64,
-                "measured_over_analyzer": ratio,
-            })
-        ));
-    } else {
-        let mib = |b: f64| b / (1 << 20) as f64;
-        crate::out(&format!(
-            "{} ({name}), heap during training steps, batch {} × {} tokens, every tensor in f32\n  \
-             measured peak   {:>10.2} MiB\n  analyzer        {:>10.2} MiB (weights, gradients and moments {:.2} MiB + saved activations {:.2} MiB)\n  \
-             planned         {:>10.2} MiB (state + the memory plan's peak of intermediates)\n  \
-             measured / analyzer {:>6.3}\n",
-            model.name,
-            model.train.batch,
-            model.train.seq_len,
-            mib(measured as f64),
-            mib(estimate as f64),
-            mib(state as f64),
-            mib(m.activations_bytes as f64),
-            mib(planned as f64),
-            ratio
-        ));
+        let mut o = serde_json::json!({
+            "spec": name, "mode": "memory", "emulated": kept.is_some(),
+            "measured_peak_bytes": measured, "analyzer_bytes": estimate as f64,
+            "state_bytes": state as f64, "weights_bytes": m.weights_bytes as f64,
+            "activations_bytes": m.activations_bytes as f64,
+            "scales_bytes": m.scales_bytes as f64, "measured_over_analyzer": ratio,
+        });
+        match kept {
+            Some(k) => {
+                o["kept_half_bytes"] = k.half.into();
+                o["kept_fp8_bytes"] = k.fp8.into();
+                o["kept_scale_bytes"] = k.scales.into();
+            }
+            None => o["planned_bytes"] = (planned as f64).into(),
+        }
+        crate::out(&format!("{o}\n"));
+        return Ok(());
     }
+    let storage = match kept {
+        Some(_) => "storage as the precision policy says (emulated)",
+        None => "every tensor in f32",
+    };
+    let mut text = format!(
+        "{} ({name}), heap during training steps, batch {} × {} tokens, {storage}\n  \
+         measured peak   {:>10.2} MiB\n  \
+         analyzer        {:>10.2} MiB (master weights, gradients and moments {:.2} MiB + working weight copies {:.2} MiB + saved activations {:.2} MiB + FP8 scales {:.2} MiB)\n",
+        model.name,
+        model.train.batch,
+        model.train.seq_len,
+        mib(measured as f64),
+        mib(estimate as f64),
+        mib(state as f64),
+        mib(m.weights_bytes as f64),
+        mib(m.activations_bytes as f64),
+        mib(m.scales_bytes as f64),
+    );
+    match kept {
+        Some(k) => text += &format!(
+            "  kept            {:>10.2} MiB (activations packed for the backward pass: {:.2} MiB 16-bit, {:.2} MiB FP8 + {:.2} MiB scales)\n",
+            mib(k.total() as f64),
+            mib(k.half as f64),
+            mib(k.fp8 as f64),
+            mib(k.scales as f64),
+        ),
+        None => text += &format!(
+            "  planned         {:>10.2} MiB (state + the memory plan's peak of intermediates)\n",
+            mib(planned as f64)
+        ),
+    }
+    text += &format!("  measured / analyzer {ratio:>6.3}\n");
+    crate::out(&text);
     Ok(())
 }
 
@@ -266,7 +304,15 @@ pub(crate) fn run_model(
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
     if args.memory {
-        return memory_report(name, model, &compiled, heap_peak, args.json);
+        let kept = args.emulate_precision.then(|| {
+            let keep = TrainOutputs::of(full)
+                .expect("a training graph has losses")
+                .values();
+            Executor::new(full, &keep)
+                .emulating(&Emulation::of(&model.precision))
+                .kept_bytes()
+        });
+        return memory_report(name, model, &compiled, heap_peak, kept, args.json);
     }
     let tokens = (b * t) as f64;
     let flops = report.flops.train_per_step as f64;

@@ -408,6 +408,28 @@ fn sample_and_bench_run_on_a_trained_micro_model() {
 }
 
 #[test]
+fn an_emulated_step_of_tiny_holds_what_the_analyzer_reports_for_its_fp8_policy() {
+    // The built-in tiny: moments in bf16, kept activations in bf16 or FP8 tiles, as
+    // `kiln check` reports them.
+    let o = kiln(&[
+        "bench",
+        "--memory",
+        "--emulate-precision",
+        "--steps",
+        "1",
+        "--json",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert_eq!(v["emulated"], true, "{v}");
+    let ratio = v["measured_over_analyzer"].as_f64().unwrap();
+    assert!((0.85..=1.15).contains(&ratio), "{v}");
+    assert!(v["kept_fp8_bytes"].as_u64().unwrap() > 0, "{v}");
+    assert!(v["kept_scale_bytes"].as_u64().unwrap() > 0, "{v}");
+    assert!(v["scales_bytes"].as_f64().unwrap() > 0.0, "{v}");
+}
+
+#[test]
 fn build_refuses_an_invalid_spec_or_a_wrong_source_tree_before_writing_anything() {
     let out = std::env::temp_dir().join(format!("kiln-build-refused-{}", std::process::id()));
     let out_s = out.to_str().unwrap();
