@@ -1,6 +1,6 @@
 //! The hand-written CUDA building blocks in `kernels/` (docs/cuda.md).
 //!
-//! - Tier 3: a translation unit including all four headers, with small `extern "C"` kernels
+//! - Tier 3: a translation unit including all five headers, with small `extern "C"` kernels
 //!   that call every function, compiles with nvcc for sm_90a, and no kernel spills or has a
 //!   stack frame.
 //! - The harness refuses what it should: a spilling kernel, an unlisted stack, a compile
@@ -53,6 +53,7 @@ const BLOCKS: &str = r#"// Small kernels calling every function of kernels/*.cuh
 #include "kiln_reduce.cuh"
 #include "kiln_softmax.cuh"
 #include "kiln_math.cuh"
+#include "kiln_fp8.cuh"
 
 // x: (n,). Converts to bf16, E4M3 and E5M2 and back; back: (n, 3).
 extern "C" __global__ void kiln_test_types(const float* x, __nv_bfloat16* bf16,
@@ -80,6 +81,18 @@ extern "C" __global__ void kiln_test_types_x2(const float2* x, __nv_bfloat162* b
     back[3 * i] = kiln_bf16x2_to_f32x2(bf16[i]);
     back[3 * i + 1] = kiln_e4m3x2_to_f32x2(e4m3[i]);
     back[3 * i + 2] = kiln_e5m2x2_to_f32x2(e5m2[i]);
+}
+
+// x: (n,) rows of 1×(4·lanes) tiles, n a multiple of 128; each thread quantizes four
+// consecutive elements. codes: (n / 4,) four codes each; scales: (n / (4·lanes),).
+extern "C" __global__ void kiln_test_quantize(const float4* x, unsigned* codes, float* scales,
+                                              int n, int lanes, int e5m2, int pow2) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (32 * (i / 32) >= n / 4) return;  // whole warps only: the tile max is a warp shuffle
+    float s;
+    codes[i] = e5m2 ? kiln_quantize4<true>(x[i], lanes, pow2, &s)
+                    : kiln_quantize4<false>(x[i], lanes, pow2, &s);
+    if (i % lanes == 0) scales[i / lanes] = s;
 }
 
 // x: (gridDim.x, blockDim.x). warp: (gridDim.x, blockDim.x / 32, 2) each warp's sum and max;
@@ -156,6 +169,7 @@ fn blocks_kernels() -> BTreeSet<String> {
         "kiln_test_types_x2",
         "kiln_test_reduce",
         "kiln_test_softmax",
+        "kiln_test_quantize",
     ];
     let maps = Func::ALL.map(|f| format!("kiln_test_{}", f.name()));
     fixed.into_iter().map(String::from).chain(maps).collect()

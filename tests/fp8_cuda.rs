@@ -35,6 +35,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use kiln::nvcc::{self, Nvcc};
+use kiln_runtime::numerics::quant::{quantize, ScaleRule};
 use kiln_runtime::numerics::Fp8Format;
 
 /// The stride of the sweep over all f32 bit patterns: prime (odd), so every low fraction bit
@@ -141,22 +142,27 @@ struct Reference {
 }
 
 /// Compiles the reference program with `nvcc` in `dir` and runs it on `inputs`.
-fn run_reference(nvcc: &Nvcc, dir: &Path, inputs: &[u32]) -> Reference {
-    let source = dir.join("fp8_reference.cpp");
-    let exe = dir.join("fp8_reference");
-    std::fs::write(&source, REFERENCE).unwrap();
+/// Compiles the host-only C++ program `source` as `dir/name` with nvcc (the toolkit's headers
+/// on the include path, `kernels/` too) and runs it on `inputs` (written to a file, its first
+/// argument) with `dir` as its second argument.
+fn compile_and_run(nvcc: &Nvcc, dir: &Path, name: &str, source: &str, inputs: &[u32]) {
+    let cpp = dir.join(format!("{name}.cpp"));
+    let exe = dir.join(name);
+    std::fs::write(&cpp, source).unwrap();
     let mut compile = Command::new(nvcc.path());
     compile
-        .args(["-std=c++17", "-O2", "-Xcompiler", "-Wall,-Wextra,-Werror"])
+        .args(["-std=c++20", "-O2", "-Xcompiler", "-Wall,-Wextra,-Werror"])
+        .arg("-I")
+        .arg(nvcc::kernels_dir())
         .arg("-o")
         .arg(&exe)
-        .arg(&source);
+        .arg(&cpp);
     let out = compile
         .output()
         .unwrap_or_else(|e| panic!("cannot run {}: {e}", nvcc.path().display()));
     assert!(
         out.status.success(),
-        "compiling the reference failed: {compile:?}\n{}{}",
+        "compiling {name} failed: {compile:?}\n{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
@@ -171,10 +177,14 @@ fn run_reference(nvcc: &Nvcc, dir: &Path, inputs: &[u32]) -> Reference {
         .unwrap();
     assert!(
         run.status.success(),
-        "the reference program failed ({}):\n{}",
+        "{name} failed ({}):\n{}",
         run.status,
         String::from_utf8_lossy(&run.stderr)
     );
+}
+
+fn run_reference(nvcc: &Nvcc, dir: &Path, inputs: &[u32]) -> Reference {
+    compile_and_run(nvcc, dir, "fp8_reference", REFERENCE, inputs);
 
     let read = |name: &str, len: usize| {
         let path = dir.join(name);
@@ -358,5 +368,221 @@ fn decode_matches_cuda_on_every_code() {
     assert!(
         report.is_empty(),
         "kiln's decode differs from cuda_fp8.h's:\n{report}"
+    );
+}
+
+/// The tile quantizer of `kernels/kiln_fp8.cuh` on the host: a warp is 32 threads, and
+/// `__shfl_xor_sync` goes through a board between two barriers. Arguments: the input file
+/// (f32 bit patterns of a row-major `[rows, COLS]` matrix) and an output directory, where it
+/// writes, for every tile width, format and scale rule, `T-FORMAT-RULE.codes` (one byte per
+/// element) and `.scales` (one f32 per tile, row-major).
+const QUANTIZER: &str = r#"// kiln_fp8.cuh's tile quantizer run by emulated warps (tests/fp8_cuda.rs).
+#include <math.h>
+
+#include <barrier>
+#include <cstdint>
+#include <cstdio>
+#include <string>
+#include <thread>
+#include <vector>
+
+static thread_local int kiln_lane;
+static float kiln_board[32];
+static std::barrier<>* kiln_warp;
+
+float __shfl_xor_sync(unsigned, float value, int offset) {
+    kiln_board[kiln_lane] = value;
+    kiln_warp->arrive_and_wait();
+    const float other = kiln_board[kiln_lane ^ offset];
+    kiln_warp->arrive_and_wait();
+    return other;
+}
+
+#include "kiln_fp8.cuh"
+
+static void write_file(const std::string& path, const void* data, size_t size) {
+    FILE* f = std::fopen(path.c_str(), "wb");
+    if (!f || std::fwrite(data, 1, size, f) != size || std::fclose(f) != 0) {
+        std::fprintf(stderr, "cannot write %s\n", path.c_str());
+        std::exit(1);
+    }
+}
+
+int main(int argc, char** argv) {
+    if (argc != 3) return 2;
+    FILE* f = std::fopen(argv[1], "rb");
+    if (!f) return 1;
+    std::vector<float> x;
+    float chunk[4096];
+    size_t n;
+    while ((n = std::fread(chunk, sizeof chunk[0], 4096, f)) > 0) x.insert(x.end(), chunk, chunk + n);
+    std::fclose(f);
+    if (x.size() % 128 != 0) return 3;
+    std::barrier<> warp(32);
+    kiln_warp = &warp;
+    for (int tile : {4, 8, 32, 128}) {
+        for (int e5m2 = 0; e5m2 < 2; ++e5m2) {
+            for (int pow2 = 0; pow2 < 2; ++pow2) {
+                std::vector<uint8_t> codes(x.size());
+                std::vector<float> scales(x.size() / tile);
+                std::vector<std::thread> lanes;
+                for (int lane = 0; lane < 32; ++lane) {
+                    lanes.emplace_back([&, lane] {
+                        kiln_lane = lane;
+                        for (size_t base = 4 * lane; base < x.size(); base += 128) {
+                            const float4 v = make_float4(x[base], x[base + 1], x[base + 2], x[base + 3]);
+                            float s;
+                            const unsigned c = e5m2 ? kiln_quantize4<true>(v, tile / 4, pow2, &s)
+                                                    : kiln_quantize4<false>(v, tile / 4, pow2, &s);
+                            for (int j = 0; j < 4; ++j) codes[base + j] = (c >> (8 * j)) & 0xFF;
+                            if (base % tile == 0) scales[base / tile] = s;
+                        }
+                    });
+                }
+                for (auto& t : lanes) t.join();
+                const std::string stem = std::string(argv[2]) + "/" + std::to_string(tile) + "-" +
+                                         (e5m2 ? "e5m2" : "e4m3") + "-" + (pow2 ? "pow2" : "fp32");
+                write_file(stem + ".codes", codes.data(), codes.size());
+                write_file(stem + ".scales", scales.data(), 4 * scales.size());
+            }
+        }
+    }
+    return 0;
+}
+"#;
+
+/// Rows of 256 elements whose tiles (4 to 128 wide) test every rule of the scale: magnitudes
+/// from f32 subnormals to `f32::MAX` (the minimum-scale clamp and the overflow step-down),
+/// all-zero tiles and partly zero ones, an exact 448 and 57344 (scale 1), values on FP8
+/// rounding midpoints, and plain random values of one magnitude per row.
+fn tile_inputs() -> (usize, Vec<f32>) {
+    const COLS: usize = 256;
+    let mut rng = kiln_runtime::data::Rng::new(5);
+    let mut x = Vec::new();
+    let uniform = |rng: &mut kiln_runtime::data::Rng| rng.next_f64() as f32 * 2.0 - 1.0;
+    // One magnitude per row: 2^e for e from -149 (subnormal) to 127.
+    for e in (-149..=127).step_by(6) {
+        let m = 2f64.powi(e) as f32;
+        x.extend((0..COLS).map(|_| uniform(&mut rng) * m * 1.5));
+    }
+    // Near f32::MAX: tiles whose scale would overflow.
+    x.extend((0..COLS).map(|i| {
+        if i % 3 == 0 {
+            f32::MAX
+        } else {
+            -f32::MAX * uniform(&mut rng).abs()
+        }
+    }));
+    x.extend((0..COLS).map(|i| f32::from_bits(f32::MAX.to_bits() - (i as u32 % 7))));
+    // Zeros: a whole row, and every other 4-wide tile.
+    x.extend(std::iter::repeat_n(0.0, COLS));
+    x.extend((0..COLS).map(|i| {
+        if (i / 4) % 2 == 0 {
+            0.0
+        } else {
+            uniform(&mut rng)
+        }
+    }));
+    // Scale 1 exactly, then midpoints between E4M3 codes (ties to even) at that scale.
+    for max in [448.0f32, 57344.0] {
+        x.extend((0..COLS).map(|i| {
+            if i % 4 == 0 {
+                max
+            } else {
+                let code = Fp8Format::E4m3.decode((i % 0x7E) as u8);
+                let next = Fp8Format::E4m3.decode((i % 0x7E) as u8 + 1);
+                (code + next) / 2.0
+            }
+        }));
+    }
+    // Within two f32 ulps of midpoints between codes, at a scale that is not a power of two:
+    // x / scale must be a division (x · (1 / scale) rounds differently near midpoints).
+    for format in Fp8Format::ALL {
+        let amax = format.max() * 1.3;
+        let scale = kiln_runtime::numerics::quant::scale_of(amax, format, ScaleRule::Fp32);
+        x.extend((0..COLS).map(|i| {
+            if i % 4 == 0 {
+                return amax;
+            }
+            let code = (i % format.max_code() as usize) as u8;
+            let mid = (format.decode(code) + format.decode(code + 1)) / 2.0;
+            f32::from_bits(
+                (mid * scale)
+                    .to_bits()
+                    .wrapping_add_signed(i as i32 % 5 - 2),
+            )
+        }));
+    }
+    // f32 subnormals only: the smallest-normal clamp of the scale.
+    x.extend((0..COLS).map(|i| {
+        f32::from_bits(1 + (i as u32 * 977) % 0x7F_FFFF) * if i % 2 == 0 { 1.0 } else { -1.0 }
+    }));
+    (COLS, x)
+}
+
+#[test]
+fn tile_quantization_of_kiln_fp8_cuh_matches_the_cpu_emulation() {
+    let test = "tile_quantization_of_kiln_fp8_cuh_matches_the_cpu_emulation";
+    let Some(nvcc) = nvcc(test) else { return };
+    let dir = scratch(test);
+    let (cols, x) = tile_inputs();
+    let rows = x.len() / cols;
+    let bits: Vec<u32> = x.iter().map(|v| v.to_bits()).collect();
+    compile_and_run(&nvcc, &dir, "quantizer", QUANTIZER, &bits);
+
+    let mut report = String::new();
+    for tile in [4usize, 8, 32, 128] {
+        for format in Fp8Format::ALL {
+            for rule in [ScaleRule::Fp32, ScaleRule::Pow2] {
+                let want = quantize(&x, rows, cols, [1, tile], format, rule).unwrap();
+                let rule_name = if rule == ScaleRule::Pow2 {
+                    "pow2"
+                } else {
+                    "fp32"
+                };
+                let stem = dir.join(format!("{tile}-{format}-{rule_name}"));
+                let codes = std::fs::read(stem.with_extension("codes")).unwrap();
+                let scales: Vec<f32> = std::fs::read(stem.with_extension("scales"))
+                    .unwrap()
+                    .chunks_exact(4)
+                    .map(|b| f32::from_ne_bytes(b.try_into().unwrap()))
+                    .collect();
+                let bad_scales = (0..scales.len())
+                    .filter(|&i| scales[i].to_bits() != want.scales[i].to_bits())
+                    .collect::<Vec<_>>();
+                let bad_codes = (0..codes.len())
+                    .filter(|&i| codes[i] != want.codes[i])
+                    .collect::<Vec<_>>();
+                if let Some(&i) = bad_scales.first() {
+                    writeln!(
+                        report,
+                        "  1×{tile} {format} {rule_name}: {} scales differ; tile {i}: CUDA {:e}, kiln {:e}",
+                        bad_scales.len(),
+                        scales[i],
+                        want.scales[i]
+                    )
+                    .unwrap();
+                }
+                if let Some(&i) = bad_codes.first() {
+                    writeln!(
+                        report,
+                        "  1×{tile} {format} {rule_name}: {} codes differ; element {i} = {:e}: CUDA {:#04x}, kiln {:#04x}",
+                        bad_codes.len(),
+                        x[i],
+                        codes[i],
+                        want.codes[i]
+                    )
+                    .unwrap();
+                }
+            }
+        }
+    }
+    assert!(
+        report.is_empty(),
+        "kiln_fp8.cuh's tile quantizer differs from numerics::quant:\n{report}"
+    );
+    eprintln!(
+        "{test}: {} elements × 4 tile widths × 2 formats × 2 scale rules agree",
+        x.len()
     );
 }
