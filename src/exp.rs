@@ -81,6 +81,10 @@ pub(crate) struct VsArgs {
     /// Seed for initialization and batching [default: the spec's train.seed].
     #[arg(long)]
     seed: Option<u64>,
+    /// Run this many seeds (--seed, --seed + 1, …), each training both runs; the summary
+    /// reports every seed's relative difference, their mean and its standard error.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    seeds: u64,
     /// Training data, as for `kiln train` [default: the spec's train.data].
     #[arg(long)]
     data: Option<String>,
@@ -284,7 +288,7 @@ fn train_curve(label: &str, model: &Model, s: &mut Setup) -> Result<Curve, Failu
         }
         curve.train.push((step, st.loss, st.main_loss));
         let mut line = serde_json::json!({
-            "run": label, "step": step, "loss": st.loss, "main_loss": st.main_loss,
+            "run": label, "seed": s.seed, "step": step, "loss": st.loss, "main_loss": st.main_loss,
             "lr": st.lr, "grad_norm": st.grad_norm,
         });
         let eval_now = step % s.eval_every == 0 || step == s.steps;
@@ -322,6 +326,38 @@ fn train_curve(label: &str, model: &Model, s: &mut Setup) -> Result<Curve, Failu
     Ok(curve)
 }
 
+/// One seed's pair of runs.
+struct Pair {
+    seed: u64,
+    data: String,
+    bf16: Curve,
+    fp8: Curve,
+}
+
+impl Pair {
+    fn final_val(c: &Curve) -> f64 {
+        c.val.last().map_or(f64::NAN, |v| v.1)
+    }
+
+    /// The FP8 run's final validation loss relative to the BF16 run's.
+    fn relative(&self) -> f64 {
+        let (vb, vf) = (Pair::final_val(&self.bf16), Pair::final_val(&self.fp8));
+        (vf - vb) / vb
+    }
+}
+
+/// The mean of `xs` and its standard error (the sample standard deviation over √n; `None`
+/// for fewer than two values).
+pub fn mean_and_error(xs: &[f64]) -> (f64, Option<f64>) {
+    let n = xs.len() as f64;
+    let mean = xs.iter().sum::<f64>() / n;
+    let error = (xs.len() > 1).then(|| {
+        let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0);
+        (var / n).sqrt()
+    });
+    (mean, error)
+}
+
 fn fp8_vs_bf16(args: VsArgs, color: bool) -> Result<(), Failure> {
     let (spec_name, fp8) = load(args.spec.as_ref(), &mut Vec::new(), color)?;
     let Some(bf16) = bf16_baseline(&fp8) else {
@@ -331,36 +367,151 @@ fn fp8_vs_bf16(args: VsArgs, color: bool) -> Result<(), Failure> {
         )));
     };
     let steps = args.steps.unwrap_or(fp8.train.steps).max(1);
-    let seed = args.seed.unwrap_or(fp8.train.seed);
+    let first_seed = args.seed.unwrap_or(fp8.train.seed);
     let eval_every = args.eval_every.unwrap_or((steps / 10).max(1)).max(1);
     let dir = args
         .out
         .unwrap_or_else(|| PathBuf::from("runs").join(format!("{}-fp8-vs-bf16", fp8.name)));
     std::fs::create_dir_all(&dir)
         .map_err(|e| other(format!("cannot create {}: {e}", dir.display())))?;
-    let dataset = crate::train::load_data(&fp8, args.data.as_deref(), seed)?;
     let curves_path = dir.join("curves.jsonl");
     let mut curves = std::fs::File::create(&curves_path)
         .map_err(|e| other(format!("cannot write {}: {e}", curves_path.display())))?;
-    eprintln!(
-        "fp8-vs-bf16 on {spec_name} ({}): {steps} steps of {} × {} tokens per run on {}, \
-         seed {seed}, precision emulated",
-        fp8.name, fp8.train.batch, fp8.train.seq_len, dataset.description
-    );
-    let mut setup = Setup {
-        steps,
-        seed,
-        eval_every,
-        eval_batches: args.eval_batches,
-        dataset: &dataset,
-        curves: &mut curves,
+    let write = |name: &str, text: String| {
+        std::fs::write(dir.join(name), text)
+            .map_err(|e| other(format!("cannot write {}: {e}", dir.join(name).display())))
     };
-    let base = train_curve("bf16", &bf16, &mut setup)?;
-    let test = train_curve("fp8", &fp8, &mut setup)?;
+    let mut pairs: Vec<Pair> = Vec::new();
+    for seed in first_seed..first_seed + args.seeds {
+        let dataset = crate::train::load_data(&fp8, args.data.as_deref(), seed)?;
+        eprintln!(
+            "fp8-vs-bf16 on {spec_name} ({}): {steps} steps of {} × {} tokens per run on {}, \
+             seed {seed}{}, precision emulated",
+            fp8.name,
+            fp8.train.batch,
+            fp8.train.seq_len,
+            dataset.description,
+            if args.seeds > 1 {
+                format!(" ({} of {})", seed - first_seed + 1, args.seeds)
+            } else {
+                String::new()
+            }
+        );
+        let mut setup = Setup {
+            steps,
+            seed,
+            eval_every,
+            eval_batches: args.eval_batches,
+            dataset: &dataset,
+            curves: &mut curves,
+        };
+        let pair = Pair {
+            seed,
+            data: dataset.description.clone(),
+            bf16: train_curve("bf16", &bf16, &mut setup)?,
+            fp8: train_curve("fp8", &fp8, &mut setup)?,
+        };
+        let name = if seed == first_seed {
+            "plot.svg".to_string()
+        } else {
+            format!("plot-seed{seed}.svg")
+        };
+        write(&name, pair_plot(&fp8.name, &pair).to_svg())?;
+        pairs.push(pair);
+    }
 
-    let final_val = |c: &Curve| c.val.last().map_or(f64::NAN, |v| v.1);
-    let (vb, vf) = (final_val(&base), final_val(&test));
-    let rel = (vf - vb) / vb;
+    let relatives: Vec<f64> = pairs.iter().map(Pair::relative).collect();
+    let (mean, error) = mean_and_error(&relatives);
+    let first = &pairs[0];
+    let runs: Vec<serde_json::Value> = pairs
+        .iter()
+        .map(|p| {
+            serde_json::json!({
+                "seed": p.seed,
+                "data": p.data,
+                "final_val_loss_bf16": Pair::final_val(&p.bf16),
+                "final_val_loss_fp8": Pair::final_val(&p.fp8),
+                "relative_difference": p.relative(),
+                "seconds_bf16": p.bf16.seconds,
+                "seconds_fp8": p.fp8.seconds,
+            })
+        })
+        .collect();
+    let summary = serde_json::json!({
+        "spec": spec_name,
+        "model": fp8.name,
+        "steps": steps,
+        "seed": first_seed,
+        "seeds": args.seeds,
+        "batch": fp8.train.batch,
+        "seq_len": fp8.train.seq_len,
+        "data": first.data,
+        "eval_batches": args.eval_batches,
+        "fp8": fp8.precision.fp8,
+        "fp8_linear": fp8.precision.linear,
+        "fp8_linear_grad": fp8.precision.linear_grad,
+        "final_val_loss_bf16": Pair::final_val(&first.bf16),
+        "final_val_loss_fp8": Pair::final_val(&first.fp8),
+        "relative_difference": mean,
+        "standard_error": error,
+        "runs": runs,
+        "paper_bound": 0.0025,
+        "seconds_bf16": pairs.iter().map(|p| p.bf16.seconds).sum::<f64>(),
+        "seconds_fp8": pairs.iter().map(|p| p.fp8.seconds).sum::<f64>(),
+    });
+    write("summary.json", format!("{summary:#}\n"))?;
+    let mut text = String::new();
+    for p in &pairs {
+        text += &format!(
+            "seed {}: final validation loss BF16 {:.4}, FP8 {:.4}: FP8 is {:+.3}% relative\n",
+            p.seed,
+            Pair::final_val(&p.bf16),
+            Pair::final_val(&p.fp8),
+            100.0 * p.relative()
+        );
+    }
+    let verdict = |x: f64| {
+        if x.abs() < 0.0025 {
+            "within"
+        } else {
+            "outside"
+        }
+    };
+    match error {
+        None => {
+            let (vb, vf) = (Pair::final_val(&first.bf16), Pair::final_val(&first.fp8));
+            text = format!(
+                "final validation loss: BF16 {vb:.4}, FP8 {vf:.4}: FP8 is {:+.3}% relative ({} the paper's 0.25%)\n",
+                100.0 * mean,
+                verdict(mean)
+            );
+        }
+        Some(se) => {
+            text += &format!(
+                "mean over {} seeds: FP8 is {:+.3}% ± {:.3}% (standard error) relative ({} the paper's 0.25%; \
+                 ±2 standard errors span {:+.3}% to {:+.3}%)\n",
+                pairs.len(),
+                100.0 * mean,
+                100.0 * se,
+                verdict(mean),
+                100.0 * (mean - 2.0 * se),
+                100.0 * (mean + 2.0 * se)
+            );
+        }
+    }
+    text += &format!(
+        "runs took {:.0} s (BF16) and {:.0} s (FP8)\nwritten: {} (curves.jsonl, plot.svg{}, summary.json)\n",
+        summary["seconds_bf16"].as_f64().unwrap_or(0.0),
+        summary["seconds_fp8"].as_f64().unwrap_or(0.0),
+        dir.display(),
+        if pairs.len() > 1 { ", plot-seed*.svg" } else { "" }
+    );
+    out(&text);
+    Ok(())
+}
+
+/// Both runs of one seed: training and validation curves.
+fn pair_plot(model: &str, pair: &Pair) -> Plot {
     let series = |name: &str, pts: Vec<(f64, f64)>, dashed| Series {
         name: name.to_string(),
         points: pts,
@@ -368,54 +519,17 @@ fn fp8_vs_bf16(args: VsArgs, color: bool) -> Result<(), Failure> {
     };
     let train_pts = |c: &Curve| c.train.iter().map(|&(s, _, l)| (s as f64, l)).collect();
     let val_pts = |c: &Curve| c.val.iter().map(|&(s, v)| (s as f64, v)).collect();
-    let plot = Plot {
-        title: format!("{}: FP8 vs BF16 (emulated), seed {seed}", fp8.name),
+    Plot {
+        title: format!("{model}: FP8 vs BF16 (emulated), seed {}", pair.seed),
         x_label: "step".into(),
         y_label: "cross-entropy (main)".into(),
         series: vec![
-            series("BF16 train", train_pts(&base), false),
-            series("FP8 train", train_pts(&test), false),
-            series("BF16 validation", val_pts(&base), true),
-            series("FP8 validation", val_pts(&test), true),
+            series("BF16 train", train_pts(&pair.bf16), false),
+            series("FP8 train", train_pts(&pair.fp8), false),
+            series("BF16 validation", val_pts(&pair.bf16), true),
+            series("FP8 validation", val_pts(&pair.fp8), true),
         ],
-    };
-    let write = |name: &str, text: String| {
-        std::fs::write(dir.join(name), text)
-            .map_err(|e| other(format!("cannot write {}: {e}", dir.join(name).display())))
-    };
-    write("plot.svg", plot.to_svg())?;
-    let fp8_cfg = fp8.precision.fp8;
-    let summary = serde_json::json!({
-        "spec": spec_name,
-        "model": fp8.name,
-        "steps": steps,
-        "seed": seed,
-        "batch": fp8.train.batch,
-        "seq_len": fp8.train.seq_len,
-        "data": dataset.description,
-        "eval_batches": args.eval_batches,
-        "fp8": fp8_cfg,
-        "fp8_linear": fp8.precision.linear,
-        "fp8_linear_grad": fp8.precision.linear_grad,
-        "final_val_loss_bf16": vb,
-        "final_val_loss_fp8": vf,
-        "relative_difference": rel,
-        "paper_bound": 0.0025,
-        "seconds_bf16": base.seconds,
-        "seconds_fp8": test.seconds,
-    });
-    write("summary.json", format!("{summary:#}\n"))?;
-    out(&format!(
-        "final validation loss: BF16 {vb:.4}, FP8 {vf:.4}: FP8 is {:+.3}% relative ({} the paper's 0.25%)\n\
-         runs took {:.0} s (BF16) and {:.0} s (FP8)\n\
-         written: {} (curves.jsonl, plot.svg, summary.json)\n",
-        100.0 * rel,
-        if rel.abs() < 0.0025 { "within" } else { "outside" },
-        base.seconds,
-        test.seconds,
-        dir.display()
-    ));
-    Ok(())
+    }
 }
 
 #[cfg(test)]

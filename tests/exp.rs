@@ -103,8 +103,67 @@ fn fp8_vs_bf16_writes_both_curves_a_plot_and_a_summary() {
         assert!(summary[key].is_f64(), "summary lacks {key}: {summary}");
     }
     assert_eq!(summary["fp8"]["act_tile"], serde_json::json!([1, 8]));
+    assert!(summary["standard_error"].is_null(), "one seed: {summary}");
     let svg = std::fs::read_to_string(out.join("plot.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("FP8 validation"));
+
+    // Two seeds: each trains both runs; the summary averages their relative differences.
+    let out2 = dir.join("out2");
+    let o = kiln(&[
+        "exp",
+        "fp8-vs-bf16",
+        &spec,
+        "--steps",
+        "2",
+        "--eval-batches",
+        "1",
+        "--seed",
+        "3",
+        "--seeds",
+        "2",
+        "--out",
+        out2.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let printed = text(&o.stdout);
+    assert!(
+        printed.contains("seed 3:")
+            && printed.contains("seed 4:")
+            && printed.contains("mean over 2 seeds"),
+        "{printed}"
+    );
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out2.join("summary.json")).unwrap()).unwrap();
+    let runs = summary["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2, "{summary}");
+    let rel: Vec<f64> = runs
+        .iter()
+        .map(|r| r["relative_difference"].as_f64().unwrap())
+        .collect();
+    let mean = summary["relative_difference"].as_f64().unwrap();
+    assert!((mean - (rel[0] + rel[1]) / 2.0).abs() < 1e-12, "{summary}");
+    let se = summary["standard_error"].as_f64().unwrap();
+    assert!(
+        (se - (rel[0] - rel[1]).abs() / 2.0).abs() < 1e-12,
+        "{summary}"
+    );
+    let curves = std::fs::read_to_string(out2.join("curves.jsonl")).unwrap();
+    let seeds: Vec<u64> = curves
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["seed"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(
+        seeds,
+        [3, 3, 3, 3, 4, 4, 4, 4],
+        "two steps per run, two runs per seed"
+    );
+    assert!(out2.join("plot.svg").exists() && out2.join("plot-seed4.svg").exists());
+    let o = kiln(&["exp", "fp8-vs-bf16", &spec, "--seeds", "0"]);
+    assert_eq!(o.status.code(), Some(2), "no seeds is a usage error");
 }
 
 #[test]
