@@ -297,3 +297,40 @@ fn storing_kept_activations_in_bf16_changes_the_gradients_not_the_forward_pass()
         b.grad_norm
     );
 }
+
+#[test]
+fn bf16_moments_survive_a_checkpoint_round_trip() {
+    // Three steps in one go equal two steps, a restore of the state into a new trainer (as
+    // `kiln train` resumes), and a third step: the u16 moments decode and re-encode exactly.
+    let model = with_policy("e4m3", "e4m3");
+    let fwd = lower(&model).unwrap();
+    let full = differentiate(&fwd, fwd.output("loss").unwrap()).unwrap();
+    let (b, t) = (model.train.batch as usize, model.train.seq_len as usize);
+    let window = t + max_token_offset(&fwd) as usize - 1;
+    let tokens: Vec<u32> = byte_tokens(&builtin_corpus(0, 1 << 16))
+        .into_iter()
+        .map(|x| x % 128)
+        .collect();
+    let batches: Vec<_> = {
+        let mut batcher = Batcher::new(tokens, b, window, 0).unwrap();
+        (0..3).map(|_| batcher.next_batch()).collect()
+    };
+    let config = || TrainConfig::of(&model, 3, 0).emulating(&model);
+    let mut straight = Trainer::new(&full, config(), init_params(&fwd, 0));
+    for batch in &batches {
+        straight.step(batch, t).unwrap();
+    }
+    let mut first = Trainer::new(&full, config(), init_params(&fwd, 0));
+    for batch in &batches[..2] {
+        first.step(batch, t).unwrap();
+    }
+    let (m, v) = first.moments();
+    let mut resumed = Trainer::new(&full, config(), init_params(&fwd, 1));
+    resumed.restore(first.step, first.params.clone(), m, v);
+    resumed.step(&batches[2], t).unwrap();
+    assert_eq!(bits(&straight.params), bits(&resumed.params));
+    assert_eq!(bits(&straight.moments().0), bits(&resumed.moments().0));
+    // bf16 moments take two bytes each.
+    let elements: usize = straight.params.iter().map(Vec::len).sum();
+    assert_eq!(straight.moment_bytes(), 2 * 2 * elements);
+}
