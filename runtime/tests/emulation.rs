@@ -10,7 +10,7 @@ use kiln_compiler::ir::{Def, Graph, Node, Op, ValueId};
 use kiln_compiler::lower::lower;
 use kiln_compiler::model::{Format, Model};
 use kiln_compiler::program::TrainOutputs;
-use kiln_runtime::data::{builtin_corpus, byte_tokens, Batcher};
+use kiln_runtime::data::{builtin_corpus, byte_tokens, Batch, Batcher};
 use kiln_runtime::exec::Executor;
 use kiln_runtime::numerics::store::{Half, Storage};
 use kiln_runtime::numerics::{Emulation, Fp8Format};
@@ -40,23 +40,52 @@ struct Run {
     moments: Vec<Vec<f32>>,
 }
 
+/// `model`'s forward and training graphs, its `seq_len`, and its first `steps` batches of a
+/// fixed corpus.
+struct Fixture {
+    fwd: Graph,
+    full: Graph,
+    t: usize,
+    batches: Vec<Batch>,
+}
+
+impl Fixture {
+    fn new(model: &Model, steps: u64) -> Fixture {
+        let fwd = lower(model).unwrap();
+        let full = differentiate(&fwd, fwd.output("loss").unwrap()).unwrap();
+        let (b, t) = (model.train.batch as usize, model.train.seq_len as usize);
+        let window = t + max_token_offset(&fwd) as usize - 1;
+        let tokens: Vec<u32> = byte_tokens(&builtin_corpus(0, 1 << 16))
+            .into_iter()
+            .map(|x| x % 128)
+            .collect();
+        let mut batcher = Batcher::new(tokens, b, window, 0).unwrap();
+        let batches = (0..steps).map(|_| batcher.next_batch()).collect();
+        Fixture {
+            fwd,
+            full,
+            t,
+            batches,
+        }
+    }
+
+    /// A trainer from the initial parameters of seed 0.
+    fn trainer(&self, config: TrainConfig) -> Trainer<'_> {
+        Trainer::new(&self.full, config, init_params(&self.fwd, 0))
+    }
+}
+
 fn train(model: &Model, emulate: bool, steps: u64) -> Run {
-    let fwd = lower(model).unwrap();
-    let full = differentiate(&fwd, fwd.output("loss").unwrap()).unwrap();
-    let (b, t) = (model.train.batch as usize, model.train.seq_len as usize);
-    let window = t + max_token_offset(&fwd) as usize - 1;
-    let tokens: Vec<u32> = byte_tokens(&builtin_corpus(0, 1 << 16))
-        .into_iter()
-        .map(|x| x % 128)
-        .collect();
-    let mut batcher = Batcher::new(tokens, b, window, 0).unwrap();
+    let f = Fixture::new(model, steps);
     let mut config = TrainConfig::of(model, steps, 0);
     if emulate {
         config = config.emulating(model);
     }
-    let mut trainer = Trainer::new(&full, config, init_params(&fwd, 0));
-    let stats = (0..steps)
-        .map(|_| trainer.step(&batcher.next_batch(), t).unwrap())
+    let mut trainer = f.trainer(config);
+    let stats = f
+        .batches
+        .iter()
+        .map(|batch| trainer.step(batch, f.t).unwrap())
         .collect();
     Run {
         stats,
@@ -258,21 +287,12 @@ fn kept_activations_are_fp8_tiles_for_fp8_gemms_and_bf16_otherwise() {
 
 /// One step of `model`'s training under `emulation`, from the same parameters and batch.
 fn one_step(model: &Model, emulation: Emulation) -> StepStats {
-    let fwd = lower(model).unwrap();
-    let full = differentiate(&fwd, fwd.output("loss").unwrap()).unwrap();
-    let (b, t) = (model.train.batch as usize, model.train.seq_len as usize);
-    let window = t + max_token_offset(&fwd) as usize - 1;
-    let tokens: Vec<u32> = byte_tokens(&builtin_corpus(0, 1 << 16))
-        .into_iter()
-        .map(|x| x % 128)
-        .collect();
-    let mut batcher = Batcher::new(tokens, b, window, 0).unwrap();
-    let config = TrainConfig {
+    let f = Fixture::new(model, 1);
+    let mut trainer = f.trainer(TrainConfig {
         emulate: Some(emulation),
         ..TrainConfig::of(model, 1, 0)
-    };
-    let mut trainer = Trainer::new(&full, config, init_params(&fwd, 0));
-    trainer.step(&batcher.next_batch(), t).unwrap()
+    });
+    trainer.step(&f.batches[0], f.t).unwrap()
 }
 
 #[test]
@@ -303,31 +323,20 @@ fn bf16_moments_survive_a_checkpoint_round_trip() {
     // Three steps in one go equal two steps, a restore of the state into a new trainer (as
     // `kiln train` resumes), and a third step: the u16 moments decode and re-encode exactly.
     let model = with_policy("e4m3", "e4m3");
-    let fwd = lower(&model).unwrap();
-    let full = differentiate(&fwd, fwd.output("loss").unwrap()).unwrap();
-    let (b, t) = (model.train.batch as usize, model.train.seq_len as usize);
-    let window = t + max_token_offset(&fwd) as usize - 1;
-    let tokens: Vec<u32> = byte_tokens(&builtin_corpus(0, 1 << 16))
-        .into_iter()
-        .map(|x| x % 128)
-        .collect();
-    let batches: Vec<_> = {
-        let mut batcher = Batcher::new(tokens, b, window, 0).unwrap();
-        (0..3).map(|_| batcher.next_batch()).collect()
-    };
+    let f = Fixture::new(&model, 3);
     let config = || TrainConfig::of(&model, 3, 0).emulating(&model);
-    let mut straight = Trainer::new(&full, config(), init_params(&fwd, 0));
-    for batch in &batches {
-        straight.step(batch, t).unwrap();
+    let mut straight = f.trainer(config());
+    for batch in &f.batches {
+        straight.step(batch, f.t).unwrap();
     }
-    let mut first = Trainer::new(&full, config(), init_params(&fwd, 0));
-    for batch in &batches[..2] {
-        first.step(batch, t).unwrap();
+    let mut first = f.trainer(config());
+    for batch in &f.batches[..2] {
+        first.step(batch, f.t).unwrap();
     }
     let (m, v) = first.moments();
-    let mut resumed = Trainer::new(&full, config(), init_params(&fwd, 1));
+    let mut resumed = Trainer::new(&f.full, config(), init_params(&f.fwd, 1));
     resumed.restore(first.step, first.params.clone(), m, v);
-    resumed.step(&batches[2], t).unwrap();
+    resumed.step(&f.batches[2], f.t).unwrap();
     assert_eq!(bits(&straight.params), bits(&resumed.params));
     assert_eq!(bits(&straight.moments().0), bits(&resumed.moments().0));
     // bf16 moments take two bytes each.
