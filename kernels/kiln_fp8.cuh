@@ -17,13 +17,41 @@
 //   - a scale whose largest code would overflow f32 is lowered: to the next f32 below, or,
 //     with `pow2`, halved (for E4M3 and E5M2 only pow2 scales of tiles whose max-abs is in
 //     f32's top binade get there);
-//   - code = f32 -> FP8 of x / scale: round to nearest even, saturating (kiln_types.cuh).
+//   - code = f32 -> FP8 of x / scale: round to nearest even, saturating, as
+//     __nv_cvt_float_to_fp8(…, __NV_SATFINITE, …) (kiln_types.cuh).
 // Non-finite elements are outside the contract: the CPU refuses them, and here a NaN is
 // ignored by the max (fmaxf) and encodes as NaN. Either way the GEMM reading the tile gives
 // NaN, and so does the loss.
+//
+// Self-contained for NVRTC, which has no CUDA headers: on the device the conversion is the
+// sm_89+ instruction itself; compiled for the host (tests) it is cuda_fp8.h's host code.
 #pragma once
 
-#include "kiln_types.cuh"
+#ifndef __CUDA_ARCH__
+#include <cuda_fp8.h>
+#endif
+
+// The largest finite values of the formats.
+constexpr float KILN_FP8_E4M3_MAX = 448.0f;
+constexpr float KILN_FP8_E5M2_MAX = 57344.0f;
+
+// Two floats as two FP8 codes, `lo` in the low byte: round to nearest even, saturating.
+template <bool E5M2>
+__device__ __forceinline__ unsigned kiln_fp8x2(float lo, float hi) {
+#ifdef __CUDA_ARCH__
+    // The instruction puts its first source operand in the upper byte.
+    unsigned short d;
+    if (E5M2) {
+        asm("cvt.rn.satfinite.e5m2x2.f32 %0, %1, %2;" : "=h"(d) : "f"(hi), "f"(lo));
+    } else {
+        asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(d) : "f"(hi), "f"(lo));
+    }
+    return d;
+#else
+    return __nv_cvt_float2_to_fp8x2(make_float2(lo, hi), __NV_SATFINITE,
+                                    E5M2 ? __NV_E5M2 : __NV_E4M3);
+#endif
+}
 
 // The smallest normal f32 (FLT_MIN, without <cfloat>, which NVRTC lacks).
 constexpr float KILN_F32_MIN_NORMAL = 1.17549435e-38f;
@@ -49,7 +77,7 @@ __device__ __forceinline__ float kiln_bits_float(unsigned b) {
 }
 
 // The scale of a block whose largest magnitude is `amax` (finite, >= 0), for a format whose
-// largest finite value is `format_max` (KILN_E4M3_MAX or KILN_E5M2_MAX).
+// largest finite value is `format_max` (KILN_FP8_E4M3_MAX or KILN_FP8_E5M2_MAX).
 __device__ __forceinline__ float kiln_fp8_scale(float amax, float format_max, bool pow2) {
     if (amax == 0.0f) return 1.0f;
     float s = fmaxf(amax / format_max, KILN_F32_MIN_NORMAL);
@@ -86,11 +114,9 @@ template <bool E5M2>
 __device__ __forceinline__ unsigned kiln_quantize4(float4 x, int lanes, bool pow2, float* scale) {
     const float m = fmaxf(fmaxf(fabsf(x.x), fabsf(x.y)), fmaxf(fabsf(x.z), fabsf(x.w)));
     const float s = kiln_fp8_scale(kiln_tile_amax(m, lanes),
-                                   E5M2 ? KILN_E5M2_MAX : KILN_E4M3_MAX, pow2);
+                                   E5M2 ? KILN_FP8_E5M2_MAX : KILN_FP8_E4M3_MAX, pow2);
     *scale = s;
-    const float2 lo = make_float2(x.x / s, x.y / s);
-    const float2 hi = make_float2(x.z / s, x.w / s);
-    const unsigned a = E5M2 ? kiln_f32x2_to_e5m2x2(lo) : kiln_f32x2_to_e4m3x2(lo);
-    const unsigned b = E5M2 ? kiln_f32x2_to_e5m2x2(hi) : kiln_f32x2_to_e4m3x2(hi);
+    const unsigned a = kiln_fp8x2<E5M2>(x.x / s, x.y / s);
+    const unsigned b = kiln_fp8x2<E5M2>(x.z / s, x.w / s);
     return (a & 0xFFFFu) | (b << 16);
 }

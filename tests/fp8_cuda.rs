@@ -586,3 +586,58 @@ fn tile_quantization_of_kiln_fp8_cuh_matches_the_cpu_emulation() {
         x.len()
     );
 }
+
+/// The device path of `kiln_fp8x2` is inline PTX (NVRTC has no `cuda_fp8.h`); it must pass
+/// its operands in the order `cuda_fp8.h`'s device code does, which puts the first element in
+/// the low byte. Both are compiled to PTX for sm_90a from the same two floats, and the
+/// conversion instructions must read the same registers in the same order.
+#[test]
+fn the_device_fp8_conversion_orders_its_operands_as_cuda_fp8_h() {
+    let test = "the_device_fp8_conversion_orders_its_operands_as_cuda_fp8_h";
+    let Some(nvcc) = nvcc(test) else { return };
+    let dir = scratch(test);
+    let source = r#"#include <cuda_fp8.h>
+#include "kiln_fp8.cuh"
+extern "C" __global__ void pairs(const float2* x, unsigned* kiln, unsigned* cuda) {
+    const float2 v = x[threadIdx.x];
+    kiln[2 * threadIdx.x] = kiln_fp8x2<false>(v.x, v.y);
+    cuda[2 * threadIdx.x] = __nv_cvt_float2_to_fp8x2(v, __NV_SATFINITE, __NV_E4M3);
+    kiln[2 * threadIdx.x + 1] = kiln_fp8x2<true>(v.x, v.y);
+    cuda[2 * threadIdx.x + 1] = __nv_cvt_float2_to_fp8x2(v, __NV_SATFINITE, __NV_E5M2);
+}
+"#;
+    let cu = dir.join("pairs.cu");
+    let ptx = dir.join("pairs.ptx");
+    std::fs::write(&cu, source).unwrap();
+    let out = Command::new(nvcc.path())
+        .args(["-ptx", "-arch=sm_90a", "-O3", "-I"])
+        .arg(nvcc::kernels_dir())
+        .arg("-o")
+        .arg(&ptx)
+        .arg(&cu)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&ptx).unwrap();
+    for format in ["e4m3x2", "e5m2x2"] {
+        let operands: Vec<String> = text
+            .lines()
+            .filter(|l| l.contains(&format!("cvt.rn.satfinite.{format}.f32")))
+            .map(|l| {
+                // `cvt… %rsN, %fA, %fB;`: the two sources.
+                let args = l.split_whitespace().skip(1).collect::<String>();
+                args.trim_end_matches([';', '}'])
+                    .split(',')
+                    .skip(1)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
+            .collect();
+        assert_eq!(operands.len(), 2, "{format}: two conversions in\n{text}");
+        assert_eq!(operands[0], operands[1], "{format}: kiln vs cuda_fp8.h");
+    }
+}

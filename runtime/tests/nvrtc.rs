@@ -55,6 +55,40 @@ fn nvrtc_compiles_every_spec_through_the_cache() {
 }
 
 #[test]
+fn kiln_fp8_cuh_compiles_with_nvrtc_alone_to_the_fp8_conversion_instruction() {
+    // NVRTC has no CUDA headers (kiln_types.cuh cannot be compiled by it), so the FP8 tile
+    // quantizer that generated kernels will include must need nothing but itself.
+    if nvrtc_available().is_err() {
+        return; // the first test reports it
+    }
+    let cache = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("nvrtc-fp8");
+    let _ = std::fs::remove_dir_all(&cache);
+    std::fs::create_dir_all(&cache).unwrap();
+    let headers = [("kiln_fp8.cuh", include_str!("../../kernels/kiln_fp8.cuh"))];
+    let source = r#"#include "kiln_fp8.cuh"
+extern "C" __global__ void quantize(const float4* x, unsigned* codes, float* scales, int e5m2) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    float s;
+    codes[i] = e5m2 ? kiln_quantize4<true>(x[i], 32, true, &s)
+                    : kiln_quantize4<false>(x[i], 32, false, &s);
+    if (i % 32 == 0) scales[i / 32] = s;
+}
+"#;
+    let ptx = compile_cached(source, &headers, "sm_90a", &cache).unwrap_or_else(|e| panic!("{e}"));
+    for format in ["e4m3x2", "e5m2x2"] {
+        assert!(
+            ptx.text.contains(&format!("cvt.rn.satfinite.{format}.f32")),
+            "{format}: {}",
+            ptx.text
+        );
+    }
+    assert!(
+        ptx.text.contains("shfl.sync.bfly"),
+        "the tile max is a warp butterfly"
+    );
+}
+
+#[test]
 fn a_compile_error_returns_nvrtcs_log_and_caches_nothing() {
     if nvrtc_available().is_err() {
         return; // the test above reports it
