@@ -23,35 +23,14 @@
 // ignored by the max (fmaxf) and encodes as NaN. Either way the GEMM reading the tile gives
 // NaN, and so does the loss.
 //
-// Self-contained for NVRTC, which has no CUDA headers: on the device the conversion is the
-// sm_89+ instruction itself; compiled for the host (tests) it is cuda_fp8.h's host code.
+// Self-contained, for NVRTC, which has no CUDA headers, and for host compilers: on the device
+// the conversion is the sm_89+ instruction itself; on the host (tests, and the CPU emulation
+// of generated kernels) it is kiln_fp8_encode_host, checked against cuda_fp8.h's host code.
 #pragma once
-
-#ifndef __CUDA_ARCH__
-#include <cuda_fp8.h>
-#endif
 
 // The largest finite values of the formats.
 constexpr float KILN_FP8_E4M3_MAX = 448.0f;
 constexpr float KILN_FP8_E5M2_MAX = 57344.0f;
-
-// Two floats as two FP8 codes, `lo` in the low byte: round to nearest even, saturating.
-template <bool E5M2>
-__device__ __forceinline__ unsigned kiln_fp8x2(float lo, float hi) {
-#ifdef __CUDA_ARCH__
-    // The instruction puts its first source operand in the upper byte.
-    unsigned short d;
-    if (E5M2) {
-        asm("cvt.rn.satfinite.e5m2x2.f32 %0, %1, %2;" : "=h"(d) : "f"(hi), "f"(lo));
-    } else {
-        asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(d) : "f"(hi), "f"(lo));
-    }
-    return d;
-#else
-    return __nv_cvt_float2_to_fp8x2(make_float2(lo, hi), __NV_SATFINITE,
-                                    E5M2 ? __NV_E5M2 : __NV_E4M3);
-#endif
-}
 
 // The smallest normal f32 (FLT_MIN, without <cfloat>, which NVRTC lacks).
 constexpr float KILN_F32_MIN_NORMAL = 1.17549435e-38f;
@@ -73,6 +52,62 @@ __device__ __forceinline__ float kiln_bits_float(unsigned b) {
     float x;
     __builtin_memcpy(&x, &b, sizeof x);
     return x;
+#endif
+}
+
+#ifndef __CUDA_ARCH__
+// One float as an FP8 code, as cvt.rn.satfinite computes it, in integer arithmetic (f32
+// arithmetic without excess precision, as on x86-64, for the subnormal range).
+template <bool E5M2>
+inline unsigned kiln_fp8_encode_host(float x) {
+    constexpr unsigned M = E5M2 ? 2 : 3;  // fraction bits
+    constexpr unsigned BIAS = E5M2 ? 15 : 7;
+    constexpr unsigned MAX_CODE = E5M2 ? 0x7B : 0x7E;
+    // The largest finite value's f32 bits (57344, 448). Saturation starts half an ulp above
+    // it: at the tie itself when the largest code is odd (the tie rounds away from it, to
+    // the even code beyond), just above it when even.
+    constexpr unsigned MAX_BITS = E5M2 ? 0x47600000u : 0x43E00000u;
+    constexpr unsigned MIDPOINT = MAX_BITS + (1u << (23 - M - 1));
+    constexpr unsigned SATURATES = (MAX_CODE & 1) ? MIDPOINT : MIDPOINT + 1;
+    constexpr unsigned MIN_NORMAL_BITS = (127 + 1 - BIAS) << 23;
+    // The smallest subnormal: 2^-16, 2^-9.
+    constexpr float MIN_SUBNORMAL = E5M2 ? 1.52587890625e-5f : 1.953125e-3f;
+    const unsigned bits = kiln_float_bits(x);
+    const unsigned sign = (bits >> 24) & 0x80u;
+    const unsigned a = bits & 0x7FFFFFFFu;
+    if (a > 0x7F800000u) return 0x7Fu;  // NaN
+    if (a >= SATURATES) return sign | MAX_CODE;
+    unsigned magnitude;
+    if (a >= MIN_NORMAL_BITS) {
+        // Round the fraction to M bits, ties to even: add just under half an ulp plus the
+        // ulp's parity (a carry moves into the exponent), then rebias the exponent.
+        constexpr unsigned SHIFT = 23 - M;
+        const unsigned rounded = a + ((1u << (SHIFT - 1)) - 1) + ((a >> SHIFT) & 1u);
+        magnitude = (rounded >> SHIFT) - ((127 - BIAS) << M);
+    } else {
+        // Subnormal or zero: the count of smallest steps, rounded to nearest even by adding
+        // and subtracting 2^23 (exact division by a power of two first).
+        const float steps = kiln_bits_float(a) / MIN_SUBNORMAL;
+        magnitude = (unsigned)((steps + 8388608.0f) - 8388608.0f);
+    }
+    return sign | magnitude;
+}
+#endif
+
+// Two floats as two FP8 codes, `lo` in the low byte: round to nearest even, saturating.
+template <bool E5M2>
+__device__ __forceinline__ unsigned kiln_fp8x2(float lo, float hi) {
+#ifdef __CUDA_ARCH__
+    // The instruction puts its first source operand in the upper byte.
+    unsigned short d;
+    if (E5M2) {
+        asm("cvt.rn.satfinite.e5m2x2.f32 %0, %1, %2;" : "=h"(d) : "f"(hi), "f"(lo));
+    } else {
+        asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(d) : "f"(hi), "f"(lo));
+    }
+    return d;
+#else
+    return kiln_fp8_encode_host<E5M2>(lo) | (kiln_fp8_encode_host<E5M2>(hi) << 8);
 #endif
 }
 

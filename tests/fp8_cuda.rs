@@ -63,6 +63,12 @@ const REFERENCE: &str = r#"// NVIDIA's host FP8 conversions (tests/fp8_cuda.rs).
 #error "the reference is cuda_fp8.h's host path; this must not be compiled for a device"
 #endif
 
+// kiln_fp8.cuh's host encoder, compared with the reference too (its warp shuffle is declared
+// for the header and never called).
+#include <math.h>
+float __shfl_xor_sync(unsigned, float, int);
+#include "kiln_fp8.cuh"
+
 static void write_file(const std::string& path, const void* data, size_t size) {
     FILE* f = std::fopen(path.c_str(), "wb");
     if (!f || std::fwrite(data, 1, size, f) != size || std::fclose(f) != 0) {
@@ -78,6 +84,16 @@ static void convert(const std::vector<uint32_t>& inputs, __nv_fp8_interpretation
         float x;
         std::memcpy(&x, &inputs[i], sizeof x);
         codes[i] = __nv_cvt_float_to_fp8(x, __NV_SATFINITE, format);
+    }
+    write_file(path, codes.data(), codes.size());
+}
+
+static void convert_kiln(const std::vector<uint32_t>& inputs, bool e5m2, const std::string& path) {
+    std::vector<uint8_t> codes(inputs.size());
+    for (size_t i = 0; i < inputs.size(); ++i) {
+        float x;
+        std::memcpy(&x, &inputs[i], sizeof x);
+        codes[i] = e5m2 ? kiln_fp8_encode_host<true>(x) : kiln_fp8_encode_host<false>(x);
     }
     write_file(path, codes.data(), codes.size());
 }
@@ -112,6 +128,8 @@ int main(int argc, char** argv) {
     const std::string out = argv[2];
     convert(inputs, __NV_E4M3, out + "/e4m3.codes");
     convert(inputs, __NV_E5M2, out + "/e5m2.codes");
+    convert_kiln(inputs, false, out + "/e4m3.kiln");
+    convert_kiln(inputs, true, out + "/e5m2.kiln");
     decode(__NV_E4M3, out + "/e4m3.values");
     decode(__NV_E5M2, out + "/e5m2.values");
     return 0;
@@ -139,9 +157,10 @@ struct Reference {
     codes: [Vec<u8>; 2],
     /// Per format: the f32 value of every code.
     values: [[f32; 256]; 2],
+    /// Per format: the code of every input by `kernels/kiln_fp8.cuh`'s host encoder.
+    kiln_codes: [Vec<u8>; 2],
 }
 
-/// Compiles the reference program with `nvcc` in `dir` and runs it on `inputs`.
 /// Compiles the host-only C++ program `source` as `dir/name` with nvcc (the toolkit's headers
 /// on the include path, `kernels/` too) and runs it on `inputs` (written to a file, its first
 /// argument) with `dir` as its second argument.
@@ -183,6 +202,7 @@ fn compile_and_run(nvcc: &Nvcc, dir: &Path, name: &str, source: &str, inputs: &[
     );
 }
 
+/// Compiles the reference program with `nvcc` in `dir` and runs it on `inputs`.
 fn run_reference(nvcc: &Nvcc, dir: &Path, inputs: &[u32]) -> Reference {
     compile_and_run(nvcc, dir, "fp8_reference", REFERENCE, inputs);
 
@@ -201,7 +221,12 @@ fn run_reference(nvcc: &Nvcc, dir: &Path, inputs: &[u32]) -> Reference {
             ))
         })
     });
-    Reference { codes, values }
+    let kiln_codes = Fp8Format::ALL.map(|f| read(&format!("{f}.kiln"), inputs.len()));
+    Reference {
+        codes,
+        values,
+        kiln_codes,
+    }
 }
 
 /// The f32 bit patterns whose encoding is compared, each once:
@@ -331,8 +356,37 @@ fn encode_matches_cuda_host_conversion() {
         per_format.join(", "),
         mismatches.min(SHOWN)
     );
+    // kiln_fp8.cuh's host encoder (what the CPU emulation of generated kernels runs).
+    for ((format, cuda_codes), kiln_codes) in Fp8Format::ALL
+        .into_iter()
+        .zip(&reference.codes)
+        .zip(&reference.kiln_codes)
+    {
+        let bad: Vec<usize> = (0..inputs.len())
+            .filter(|&i| cuda_codes[i] != kiln_codes[i])
+            .collect();
+        let shown: Vec<String> = bad
+            .iter()
+            .take(SHOWN)
+            .map(|&i| {
+                format!(
+                    "  {:#010x}: kiln_fp8.cuh {}, CUDA {}",
+                    inputs[i],
+                    describe(format, kiln_codes[i]),
+                    describe(format, cuda_codes[i])
+                )
+            })
+            .collect();
+        assert!(
+            bad.is_empty(),
+            "kiln_fp8_encode_host<{format}> differs from CUDA's in {} of {} inputs:\n{}",
+            bad.len(),
+            inputs.len(),
+            shown.join("\n")
+        );
+    }
     eprintln!(
-        "{test}: {} inputs agree in {} formats",
+        "{test}: {} inputs agree in {} formats, in kiln's Rust and kiln_fp8.cuh's host encoder",
         inputs.len(),
         Fp8Format::ALL.len()
     );
@@ -378,6 +432,8 @@ fn decode_matches_cuda_on_every_code() {
 /// element) and `.scales` (one f32 per tile, row-major).
 const QUANTIZER: &str = r#"// kiln_fp8.cuh's tile quantizer run by emulated warps (tests/fp8_cuda.rs).
 #include <math.h>
+#include <vector_functions.h>
+#include <vector_types.h>
 
 #include <barrier>
 #include <cstdint>
