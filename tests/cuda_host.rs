@@ -23,13 +23,15 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use kiln_compiler::check::check;
-use kiln_compiler::emit_cuda::{emit, Arg, CudaProgram, Work};
+use kiln_compiler::emit_cuda::{emit, Arg, CudaProgram, Gemm, Work};
 use kiln_compiler::ir::{DType, Graph, InputKind, ValueId};
 use kiln_compiler::lower::Objective;
 use kiln_compiler::program::{compile, compile_policy};
 use kiln_runtime::cpu::attention::rope_tables;
 use kiln_runtime::data::{builtin_corpus, byte_tokens, Batcher};
 use kiln_runtime::exec::{Buf, Executor, Feed};
+use kiln_runtime::numerics::quant::{quantize, ScaleRule};
+use kiln_runtime::numerics::Fp8Format;
 use kiln_runtime::train::{feed_inputs, init_params, max_token_offset};
 
 fn scratch(test: &str) -> PathBuf {
@@ -97,8 +99,15 @@ static inline float kiln_warp_max(float x) { return kiln_host_reduce(x, threadId
 static inline float kiln_block_sum(float x, float*) { return kiln_host_reduce(x, 0, blockDim.x, false); }
 static inline float kiln_block_max(float x, float*) { return kiln_host_reduce(x, 0, blockDim.x, true); }
 static inline void __syncwarp() { __syncthreads(); }
-// Declared for kiln_softmax.cuh's warp merge, which no generated kernel calls.
-float __shfl_xor_sync(unsigned mask, float value, int lane_mask);
+// A warp shuffle through shared memory between two barriers (kiln_fp8.cuh's tile maximum).
+static float kiln_host_shuffle[1024];
+static inline float __shfl_xor_sync(unsigned, float value, int lane_mask) {
+    __syncthreads();
+    kiln_host_shuffle[threadIdx.x] = value;
+    __syncthreads();
+    return kiln_host_shuffle[threadIdx.x ^ lane_mask];
+}
+struct float4 { float x, y, z, w; };
 "#;
 
 /// Runs blocks of 256 threads: the workers wait at `start`, run the kernel, meet at `done`.
@@ -158,6 +167,8 @@ struct Plan {
     launches: Vec<kiln_compiler::emit_cuda::Launch>,
     /// Values the launches write (outputs of the node no GEMM of the step writes).
     written: Vec<ValueId>,
+    /// The step's FP8 GEMMs, whose quantized operands the launches write into scratch.
+    fp8: Vec<Gemm>,
 }
 
 fn plans(graph: &Graph, cuda: &CudaProgram) -> Vec<Plan> {
@@ -189,10 +200,19 @@ fn plans(graph: &Graph, cuda: &CudaProgram) -> Vec<Plan> {
             .copied()
             .filter(|v| !by_gemm.contains(&v.index()))
             .collect();
+        let fp8 = step
+            .work
+            .iter()
+            .filter_map(|w| match w {
+                Work::Gemm(g) if g.fp8.is_some() => Some(g.clone()),
+                _ => None,
+            })
+            .collect();
         out.push(Plan {
             node: step.node,
             launches,
             written,
+            fp8,
         });
     }
     out
@@ -488,6 +508,22 @@ fn run_spec(spec: &str, test: &str, objective: Objective) -> Vec<(String, usize,
                 "        {{ unsigned long long h[2] = {{{id}ULL, count[{id}]}}; fwrite(h, 8, 2, out); fwrite(work[{id}], 4, count[{id}], out); }}"
             );
         }
+        // The FP8 GEMMs' quantized operands, one file per scratch slot.
+        for g in &plan.fp8 {
+            let q = g.fp8.as_ref().unwrap();
+            for operand in [&q.a, &q.b] {
+                for arg in [&operand.codes, &operand.scales] {
+                    let Arg::Scratch { slot, bytes } = arg else {
+                        unreachable!("quantized operands live in scratch")
+                    };
+                    let _ = writeln!(
+                        main,
+                        "        {{ FILE* f = fopen(\"fp8-{}-{slot}.bin\", \"wb\"); fwrite(scratch[{slot}], 1, {bytes}, f); fclose(f); }}",
+                        plan.node
+                    );
+                }
+            }
+        }
         for id in &seen {
             let _ = writeln!(main, "        free(work[{id}]); work[{id}] = nullptr;");
         }
@@ -571,6 +607,64 @@ fn run_spec(spec: &str, test: &str, objective: Objective) -> Vec<(String, usize,
         }
         results.push((path, id, rel));
     }
+    // Every FP8 GEMM's operands: the launches' codes and scales must be the CPU emulation's
+    // quantization of the same values, bit for bit (mismatches are counted).
+    let rule = match model.precision.fp8.map(|f| f.scale) {
+        Some(kiln_compiler::model::ScaleFormat::Pow2) => ScaleRule::Pow2,
+        _ => ScaleRule::Fp32,
+    };
+    for plan in &plans {
+        for g in &plan.fp8 {
+            let q = g.fp8.as_ref().unwrap();
+            let format = match q.format {
+                kiln_compiler::model::Format::E5m2 => Fp8Format::E5m2,
+                _ => Fp8Format::E4m3,
+            };
+            // Each operand as [outer, k] row-major, from how the GEMM stores it.
+            let operands = [(&q.a, g.a, g.m, g.a_trans), (&q.b, g.b, g.n, !g.b_trans)];
+            for (operand, source, outer, stored_transposed) in operands {
+                let x = value_of(ValueId::from_index(source)).floats.unwrap();
+                let (outer, k) = (outer as usize, g.k as usize);
+                let kmajor: Vec<f32> = if stored_transposed {
+                    (0..outer * k).map(|e| x[(e % k) * outer + e / k]).collect()
+                } else {
+                    x
+                };
+                let block = operand.block.map(|b| b as usize);
+                let want = quantize(&kmajor, outer, k, block, format, rule).unwrap();
+                let read = |arg: &Arg| {
+                    let Arg::Scratch { slot, .. } = arg else {
+                        unreachable!()
+                    };
+                    std::fs::read(dir.join(format!("fp8-{}-{slot}.bin", plan.node))).unwrap()
+                };
+                let codes = read(&operand.codes);
+                let scales: Vec<u32> = read(&operand.scales)
+                    .chunks_exact(4)
+                    .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+                    .collect();
+                let bad_codes = (0..want.codes.len())
+                    .filter(|&i| codes[i] != want.codes[i])
+                    .count();
+                let bad_scales = (0..want.scales.len())
+                    .filter(|&i| scales[i] != want.scales[i].to_bits())
+                    .count();
+                let node = &graph.nodes[kiln_compiler::ir::Handle::from_index(plan.node)];
+                println!(
+                    "%{source} {} as FP8 [{outer}, {k}] in {:?} blocks: {bad_codes} of {} codes, {bad_scales} of {} scales differ",
+                    node.path,
+                    operand.block,
+                    want.codes.len(),
+                    want.scales.len()
+                );
+                results.push((
+                    format!("{} FP8 operand %{source}", node.path),
+                    source,
+                    (bad_codes + bad_scales) as f64,
+                ));
+            }
+        }
+    }
     let _ = std::io::stdout().flush();
     results
 }
@@ -584,6 +678,10 @@ fn check_spec(spec: &str, test: &str) {
 
 fn check_spec_for(spec: &str, test: &str, objective: Objective) {
     let results = run_spec(spec, test, objective);
+    check_results(spec, &results);
+}
+
+fn check_results(spec: &str, results: &[(String, usize, f64)]) {
     assert!(!results.is_empty());
     let worst = results.iter().max_by(|a, b| a.2.total_cmp(&b.2)).unwrap();
     println!(
@@ -618,6 +716,36 @@ fn micro_policy_gradient_kernels_match_the_cpu_backend() {
         "micro-pg",
         Objective::PolicyGradient,
     );
+}
+
+/// micro under an FP8 policy (E4M3 forward, E5M2 gradients, 1×8 tiles and 8×8 blocks, as
+/// micro's widths allow): every FP8 GEMM's operand quantization (activation tiles, weight
+/// blocks, both transposed for the gradients) against `numerics::quant`, bit for bit.
+#[test]
+fn micro_fp8_quantization_matches_the_cpu_emulation() {
+    let dir = scratch("micro-fp8-spec");
+    let spec = dir.join("micro-fp8.toml");
+    let micro = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/specs/micro.toml"),
+    )
+    .unwrap();
+    std::fs::write(
+        &spec,
+        format!(
+            "{micro}\n[precision]\nlinear = \"e4m3\"\nlinear_grad = \"e5m2\"\n\
+             keep = [\"embed\", \"head\", \"moe.router\", \"*norm\", \"attn.core\"]\n\n\
+             [precision.fp8]\nact_tile = [1, 8]\nweight_block = [8, 8]\n"
+        ),
+    )
+    .unwrap();
+    let results = run_spec(spec.to_str().unwrap(), "micro-fp8", Objective::Pretrain);
+    let fp8: Vec<_> = results
+        .iter()
+        .filter(|r| r.0.contains("FP8 operand"))
+        .collect();
+    // Each of the 25 FP8 linear ops: forward and both gradient GEMMs, two operands each.
+    assert_eq!(fp8.len(), 150, "{fp8:?}");
+    check_results(spec.to_str().unwrap(), &results);
 }
 
 #[test]

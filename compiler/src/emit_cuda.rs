@@ -13,7 +13,9 @@
 //! generated names live in `namespace kiln_gen`, except the `extern "C"` kernel entry points.
 //!
 //! Data are f32 in this version; GEMMs are described for cuBLASLt with bf16 operands and f32
-//! accumulation, which is how the runtime runs them.
+//! accumulation, which is how the runtime runs them. A linear layer's GEMM whose format is FP8
+//! is preceded by launches that quantize both operands into K-major FP8 copies with their
+//! scales (1×T activation tiles, weight blocks; [`Fp8Gemm`]), which the GEMM reads instead.
 
 use std::collections::HashMap;
 use std::fmt::Write;
@@ -22,7 +24,7 @@ use serde::Serialize;
 
 use crate::dsl::expr::{BinOp, Compiled, Expr, Instr};
 use crate::ir::{Graph, Node, Op, RopePairs, Update, ValueId};
-use crate::model::{Model, NormKind, Yarn};
+use crate::model::{Format, Fp8, Model, NormKind, ScaleFormat, Yarn};
 use crate::names::{comment_text, Lang, Namer};
 use crate::program::{Program, TrainOutputs};
 
@@ -30,7 +32,8 @@ use crate::program::{Program, TrainOutputs};
 /// writing beside it, and for NVRTC, which takes headers as strings).
 /// (`kiln_types.cuh`, the bf16/FP8 conversions, joins them when a kernel needs it: it includes
 /// CUDA's own headers, which NVRTC needs a path to.)
-pub const HEADERS: [(&str, &str); 3] = [
+/// `kiln_fp8.cuh` is included when some GEMM is FP8; it needs no CUDA header.
+pub const HEADERS: [(&str, &str); 4] = [
     (
         "kiln_reduce.cuh",
         include_str!("../../kernels/kiln_reduce.cuh"),
@@ -40,6 +43,7 @@ pub const HEADERS: [(&str, &str); 3] = [
         include_str!("../../kernels/kiln_softmax.cuh"),
     ),
     ("kiln_math.cuh", include_str!("../../kernels/kiln_math.cuh")),
+    ("kiln_fp8.cuh", include_str!("../../kernels/kiln_fp8.cuh")),
 ];
 
 /// Threads per block of the row-wise kernels (norms, cross-entropy) and the elementwise ones.
@@ -196,6 +200,37 @@ pub struct Gemm {
     pub a_trans: bool,
     pub b_trans: bool,
     pub bias: Option<usize>,
+    /// The FP8 copies of `a` and `b` the GEMM reads instead, when its format is FP8.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fp8: Option<Fp8Gemm>,
+}
+
+/// A block-scaled FP8 GEMM (DeepSeek-V3's recipe): `out = (a_codes · a_scales) ·
+/// (b_codes · b_scales)ᵀ` over `k`, accumulated in f32. Both operands are K-major copies that
+/// the step's launches wrote before it: `a` as `[m, k]` and `b` as `[n, k]`, row-major, the
+/// layout cuBLASLt's FP8 GEMM takes. The `a`, `b` and transpose fields of the [`Gemm`]
+/// still name the f32 values the copies come from.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Fp8Gemm {
+    pub format: Format,
+    pub a: Fp8Operand,
+    pub b: Fp8Operand,
+}
+
+/// One quantized operand of an [`Fp8Gemm`], `[outer, k]` row-major.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Fp8Operand {
+    /// One byte per element.
+    pub codes: Arg,
+    /// One f32 per block, row-major `[outer / block[0], k / block[1]]` (rounded up).
+    pub scales: Arg,
+    /// The elements one scale covers, `[outer, k]`: `[1, T]` activation tiles or `[R, C]`
+    /// weight blocks (a weight read as `[in, out]` has its `[out, in]` blocks transposed).
+    pub block: [u64; 2],
+    /// The cuBLASLt scale mode these blocks are: `VEC128_32F` for 1×128 tiles,
+    /// `BLK128x128_32F` for 128×128 blocks; none for other sizes, which cuBLASLt does not
+    /// take. The runtime arranges the scales as the mode wants.
+    pub cublaslt_scale_mode: Option<&'static str>,
 }
 
 /// A kernel written once and found again by its text.
@@ -213,6 +248,8 @@ struct Emitter<'g> {
     /// Kernel body text (with a placeholder for the name) → the kernel.
     by_text: HashMap<String, Written>,
     rope_tables: Vec<RopeTable>,
+    /// The spec's FP8 scaling (`[precision.fp8]`), for GEMMs whose format is FP8.
+    fp8: Fp8,
 }
 
 /// The placeholder for a kernel's name in its text until it is named.
@@ -993,6 +1030,112 @@ impl Emitter<'_> {
     }
 }
 
+/// The quantizer of activations and gradients: `[outer, k]` (stored transposed as
+/// `[k, outer]` when `transposed`) to K-major FP8 codes with one scale per 1×`t` tile along
+/// `k`, four elements per thread (kiln_fp8.cuh's `kiln_quantize4`).
+fn fp8_tiles_text(e5m2: bool, pow2: bool, t: u64, transposed: bool) -> String {
+    let lanes = t / 4;
+    let (format, rule) = fp8_names(e5m2, pow2);
+    let stored = if transposed {
+        "f32[k, outer]"
+    } else {
+        "f32[outer, k]"
+    };
+    let load = if transposed {
+        "            // Four consecutive k of one row of the output: a column of x.
+            const long long o = 4 * i / k, j = 4 * i % k;
+            v.x = x[j * outer + o];
+            v.y = x[(j + 1) * outer + o];
+            v.z = x[(j + 2) * outer + o];
+            v.w = x[(j + 3) * outer + o];"
+    } else {
+        "            v = reinterpret_cast<const float4*>(x)[i];"
+    };
+    format!(
+        "\
+// Quantizes x: {stored} to {format} codes: u8[outer, k] (four per unsigned, the first in the
+// low byte) with one {rule} scale per 1×{t} tile along k, scales: f32[outer, k / {t}].
+// Each thread converts four consecutive elements; the {lanes} lanes of a tile find its
+// max-abs together, so whole warps go round the loop together.
+extern \"C\" __global__ void @KERNEL@(const float* __restrict__ x, unsigned* __restrict__ codes, float* __restrict__ scales, long long outer, long long k) {{
+    const long long n4 = outer * k / 4;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i - threadIdx.x % 32 < n4;
+         i += (long long)gridDim.x * blockDim.x) {{
+        float4 v = {{0.0f, 0.0f, 0.0f, 0.0f}};
+        if (i < n4) {{
+{load}
+        }}
+        float s;
+        const unsigned c = kiln_quantize4<{e5m2}>(v, {lanes}, {pow2}, &s);
+        if (i < n4) {{
+            codes[i] = c;
+            if (threadIdx.x % {lanes} == 0) scales[4 * i / {t}] = s;
+        }}
+    }}
+}}
+"
+    )
+}
+
+/// The quantizer of weights: `w: f32[rows, cols]` in `br × bc` blocks, one thread block per
+/// weight block, codes in `w`'s layout or (when `transposed`) in `[cols, rows]`.
+fn fp8_blocks_text(e5m2: bool, pow2: bool, br: u64, bc: u64, transposed: bool) -> String {
+    let (format, rule) = fp8_names(e5m2, pow2);
+    let max = if e5m2 {
+        "KILN_FP8_E5M2_MAX"
+    } else {
+        "KILN_FP8_E4M3_MAX"
+    };
+    let (layout, code_at, scale_at) = if transposed {
+        (
+            format!(
+                "u8[cols, rows] (transposed), scales: f32[ceil(cols / {bc}), ceil(rows / {br})]"
+            ),
+            "c * rows + r",
+            format!("bc * ((rows + {br} - 1) / {br}) + br"),
+        )
+    } else {
+        (
+            format!("u8[rows, cols], scales: f32[ceil(rows / {br}), ceil(cols / {bc})]"),
+            "r * cols + c",
+            "br * bcols + bc".to_string(),
+        )
+    };
+    format!(
+        "\
+// Quantizes the weight w: f32[rows, cols] to {format} in {br} × {bc} blocks with one {rule}
+// scale each: codes: {layout}.
+// One thread block per weight block (the last ones may be partial).
+extern \"C\" __global__ void @KERNEL@(const float* __restrict__ w, unsigned char* __restrict__ codes, float* __restrict__ scales, long long rows, long long cols) {{
+    __shared__ float scratch[32];
+    const long long bcols = (cols + {bc} - 1) / {bc};
+    const long long br = blockIdx.x / bcols, bc = blockIdx.x % bcols;
+    const long long r0 = br * {br}, c0 = bc * {bc};
+    const long long h = rows - r0 < {br} ? rows - r0 : {br};
+    const long long wd = cols - c0 < {bc} ? cols - c0 : {bc};
+    float m = 0.0f;
+    for (long long e = threadIdx.x; e < h * wd; e += blockDim.x) {{
+        m = fmaxf(m, fabsf(w[(r0 + e / wd) * cols + c0 + e % wd]));
+    }}
+    const float s = kiln_fp8_scale(kiln_block_max(m, scratch), {max}, {pow2});
+    for (long long e = threadIdx.x; e < h * wd; e += blockDim.x) {{
+        const long long r = r0 + e / wd, c = c0 + e % wd;
+        codes[{code_at}] = (unsigned char)(kiln_fp8x2<{e5m2}>(w[r * cols + c] / s, 0.0f) & 0xFFu);
+    }}
+    if (threadIdx.x == 0) scales[{scale_at}] = s;
+}}
+"
+    )
+}
+
+/// The format and scale rule of an FP8 kernel, as its comment names them.
+fn fp8_names(e5m2: bool, pow2: bool) -> (&'static str, &'static str) {
+    (
+        if e5m2 { "E5M2" } else { "E4M3" },
+        if pow2 { "power-of-two" } else { "fp32" },
+    )
+}
+
 /// The copy kernel behind split and concat: a block of columns from one row-major matrix into
 /// another.
 const COPY_COLUMNS: &str = "\
@@ -1328,7 +1471,148 @@ impl Emitter<'_> {
             a_trans: false,
             b_trans: true,
             bias: b.map(ValueId::index),
+            fp8: None,
         })
+    }
+
+    /// `gemm` as the work of a node whose format is `format`: the GEMM alone, or for an FP8
+    /// format, launches quantizing both operands into K-major copies (scratch slots `slot` to
+    /// `slot + 3`) and the GEMM reading those. `b_is_weight`: the `b` operand is a weight,
+    /// scaled per weight block (DeepSeek-V3's 128×128); activations and gradients are scaled
+    /// per 1×T tile along `k` (its 1×128).
+    fn gemm_in(
+        &mut self,
+        node: usize,
+        format: Format,
+        gemm: Work,
+        b_is_weight: bool,
+        slot: u32,
+    ) -> Vec<Work> {
+        let Work::Gemm(mut g) = gemm else {
+            unreachable!("gemm_in takes a GEMM")
+        };
+        if !format.is_fp8() {
+            return vec![Work::Gemm(g)];
+        }
+        let (m, n, k) = (g.m, g.n, g.k);
+        // a is [m, k] when stored as it is, else [k, m]; b is [k, n] stored as [n, k] when
+        // transposed, else as it is.
+        let (qa, la) = self.quantize(node, format, g.a, m, k, g.a_trans, false, slot);
+        let (qb, lb) = self.quantize(node, format, g.b, n, k, !g.b_trans, b_is_weight, slot + 2);
+        g.fp8 = Some(Fp8Gemm {
+            format,
+            a: qa,
+            b: qb,
+        });
+        vec![la, lb, Work::Gemm(g)]
+    }
+
+    /// The launch writing value `v`, seen as the operand `[outer, k]` (stored as `[k, outer]`
+    /// when `stored_transposed`), as FP8 codes and scales into scratch `slot` and `slot + 1`:
+    /// per 1×T tile along `k`, or per weight block for a weight.
+    #[allow(clippy::too_many_arguments)]
+    fn quantize(
+        &mut self,
+        node: usize,
+        format: Format,
+        v: usize,
+        outer: u64,
+        k: u64,
+        stored_transposed: bool,
+        weight: bool,
+        slot: u32,
+    ) -> (Fp8Operand, Work) {
+        let fp8 = self.fp8;
+        let e5m2 = format == Format::E5m2;
+        let pow2 = fp8.scale == ScaleFormat::Pow2;
+        let fname = format.name();
+        let rule = if pow2 { "_pow2" } else { "" };
+        let scratch = |s: u32, bytes: u64| Arg::Scratch {
+            slot: s,
+            bytes: bytes.max(4),
+        };
+        let source = Arg::Value { id: v };
+        if weight {
+            // The weight is stored [out, in]. Read as [outer, k] = [out, in] (the forward
+            // product) it keeps its blocks; read as [in, out] (the input gradient) the same
+            // blocks are transposed.
+            let [br, bc] = fp8.weight_block;
+            let (rows, cols) = if stored_transposed {
+                (k, outer)
+            } else {
+                (outer, k)
+            };
+            let blocks = rows.div_ceil(br) * cols.div_ceil(bc);
+            let name = self.kernel(
+                &format!(
+                    "fp8_blocks{}_{fname}_{br}x{bc}{rule}",
+                    if stored_transposed { "_t" } else { "" }
+                ),
+                "quantizes a weight to FP8 in blocks",
+                fp8_blocks_text(e5m2, pow2, br, bc, stored_transposed),
+                node,
+                0,
+            );
+            let block = if stored_transposed {
+                [bc, br]
+            } else {
+                [br, bc]
+            };
+            let operand = Fp8Operand {
+                codes: scratch(slot, rows * cols),
+                scales: scratch(slot + 1, 4 * blocks),
+                block,
+                cublaslt_scale_mode: (block == [128, 128]).then_some("BLK128x128_32F"),
+            };
+            let launch = Work::Launch(Launch {
+                kernel: name,
+                grid: blocks.max(1),
+                block: BLOCK,
+                shared_bytes: 0,
+                args: vec![
+                    source,
+                    operand.codes.clone(),
+                    operand.scales.clone(),
+                    int(rows),
+                    int(cols),
+                ],
+            });
+            return (operand, launch);
+        }
+        let t = fp8.act_tile[1];
+        assert!(
+            k % t == 0 && t % 4 == 0 && t <= 128 && t.is_power_of_two(),
+            "FP8 tiles of {t} along k = {k}: the checker allows only tiles that divide k"
+        );
+        let name = self.kernel(
+            &format!(
+                "fp8_tiles{}_{fname}_t{t}{rule}",
+                if stored_transposed { "_t" } else { "" }
+            ),
+            "quantizes an activation to FP8 in 1×T tiles",
+            fp8_tiles_text(e5m2, pow2, t, stored_transposed),
+            node,
+            0,
+        );
+        let elements = outer * k;
+        let operand = Fp8Operand {
+            codes: scratch(slot, elements),
+            scales: scratch(slot + 1, 4 * (elements / t)),
+            block: [1, t],
+            cublaslt_scale_mode: (t == 128).then_some("VEC128_32F"),
+        };
+        let launch = elementwise_launch(
+            name,
+            elements / 4,
+            vec![
+                source,
+                operand.codes.clone(),
+                operand.scales.clone(),
+                int(outer),
+                int(k),
+            ],
+        );
+        (operand, launch)
     }
 
     /// The work of one node.
@@ -1453,11 +1737,13 @@ impl Emitter<'_> {
             }
             Op::Linear { bias } => {
                 let b = bias.then(|| ins[2]);
-                vec![self.linear_gemm(ins[0], ins[1], b, outs[0])]
+                let gemm = self.linear_gemm(ins[0], ins[1], b, outs[0]);
+                self.gemm_in(index, node.format, gemm, true, 0)
             }
             Op::LinearMap { bias, expr, var } => {
                 let b = bias.then(|| ins[2]);
                 let gemm = self.linear_gemm(ins[0], ins[1], b, outs[0]);
+                let gemm = self.gemm_in(index, node.format, gemm, true, 0);
                 // The activation reads the pre-activation the GEMM wrote.
                 let act = Node {
                     op: Op::Map {
@@ -1472,7 +1758,7 @@ impl Emitter<'_> {
                 let Op::Map { expr, vars } = &act.op else {
                     unreachable!()
                 };
-                let mut work = vec![gemm];
+                let mut work = gemm;
                 work.extend(self.map(index, &act, expr, vars));
                 work
             }
@@ -1481,32 +1767,34 @@ impl Emitter<'_> {
                 let ws = self.shape(w);
                 let (rows, _) = self.rows(x);
                 let (out_f, in_f) = (ws[0], ws[1]);
-                let mut work = vec![
-                    // dx[rows, in] = dy[rows, out] · w[out, in]
-                    Work::Gemm(Gemm {
-                        out: outs[0].index(),
-                        a: dy.index(),
-                        b: w.index(),
-                        m: rows,
-                        n: in_f,
-                        k: out_f,
-                        a_trans: false,
-                        b_trans: false,
-                        bias: None,
-                    }),
-                    // dw[out, in] = dyᵀ[out, rows] · x[rows, in]
-                    Work::Gemm(Gemm {
-                        out: outs[1].index(),
-                        a: dy.index(),
-                        b: x.index(),
-                        m: out_f,
-                        n: in_f,
-                        k: rows,
-                        a_trans: true,
-                        b_trans: false,
-                        bias: None,
-                    }),
-                ];
+                // dx[rows, in] = dy[rows, out] · w[out, in]
+                let dx = Work::Gemm(Gemm {
+                    out: outs[0].index(),
+                    a: dy.index(),
+                    b: w.index(),
+                    m: rows,
+                    n: in_f,
+                    k: out_f,
+                    a_trans: false,
+                    b_trans: false,
+                    bias: None,
+                    fp8: None,
+                });
+                // dw[out, in] = dyᵀ[out, rows] · x[rows, in]
+                let dw = Work::Gemm(Gemm {
+                    out: outs[1].index(),
+                    a: dy.index(),
+                    b: x.index(),
+                    m: out_f,
+                    n: in_f,
+                    k: rows,
+                    a_trans: true,
+                    b_trans: false,
+                    bias: None,
+                    fp8: None,
+                });
+                let mut work = self.gemm_in(index, node.format, dx, true, 0);
+                work.extend(self.gemm_in(index, node.format, dw, false, 4));
                 if *bias {
                     let k = self.fixed(
                         "bias_grad",
@@ -1624,7 +1912,14 @@ pub fn emit(model: &Model, program: &Program) -> CudaProgram {
         kernels: Vec::new(),
         by_text: HashMap::new(),
         rope_tables: Vec::new(),
+        fp8: model.precision.fp8.unwrap_or(Fp8::DEEPSEEK_V3),
     };
+    let fp8_gemms = graph.nodes.iter().any(|(_, n)| {
+        matches!(
+            n.op,
+            Op::Linear { .. } | Op::LinearMap { .. } | Op::LinearGrad { .. }
+        ) && n.format.is_fp8()
+    });
     let _ = writeln!(
         e.out,
         "// Generated by kiln from the spec {} (batch {}, seq_len {}): the kernels of one\n\
@@ -1640,10 +1935,15 @@ pub fn emit(model: &Model, program: &Program) -> CudaProgram {
          #endif\n\
          #include \"kiln_reduce.cuh\"\n\
          #include \"kiln_softmax.cuh\"\n\
-         #include \"kiln_math.cuh\"\n",
+         #include \"kiln_math.cuh\"\n{}",
         comment_text(&crate::names::rust_str_literal(&model.name)),
         model.train.batch,
-        model.train.seq_len
+        model.train.seq_len,
+        if fp8_gemms {
+            "#include \"kiln_fp8.cuh\"\n"
+        } else {
+            ""
+        }
     );
     let mut steps = Vec::new();
     for (id, node) in graph.nodes.iter() {
