@@ -335,8 +335,9 @@ impl<'g> Executor<'g> {
     /// they are packed (the last forward node reading them, or their producer).
     ///
     /// The backward pass is every node after the one computing `loss`. A value of the
-    /// forward pass that it reads is packed when it is float, computed from the graph's inputs (values derived from
-    /// parameters alone are weights, not activations), and not kept by the caller:
+    /// forward pass that it reads is packed when it is float, computed from the graph's
+    /// inputs (values derived from parameters alone are weights, not activations), and not
+    /// kept by the caller:
     /// - as FP8 tiles, exactly as an FP8 GEMM of the forward pass read it, when every
     ///   backward reader is the weight-gradient GEMM of an FP8 `linear_grad` or
     ///   `experts_grad` (DeepSeek-V3 caches the FP8 input; its weight gradient quantizes the
