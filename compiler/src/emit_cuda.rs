@@ -1458,10 +1458,10 @@ impl Emitter<'_> {
     }
 
     /// A linear layer's GEMM `y = x·wᵀ (+ b)`.
-    fn linear_gemm(&self, x: ValueId, w: ValueId, b: Option<ValueId>, y: ValueId) -> Work {
+    fn linear_gemm(&self, x: ValueId, w: ValueId, b: Option<ValueId>, y: ValueId) -> Gemm {
         let ws = self.shape(w);
         let (rows, _) = self.rows(x);
-        Work::Gemm(Gemm {
+        Gemm {
             out: y.index(),
             a: x.index(),
             b: w.index(),
@@ -1472,7 +1472,7 @@ impl Emitter<'_> {
             b_trans: true,
             bias: b.map(ValueId::index),
             fp8: None,
-        })
+        }
     }
 
     /// `gemm` as the work of a node whose format is `format`: the GEMM alone, or for an FP8
@@ -1484,13 +1484,10 @@ impl Emitter<'_> {
         &mut self,
         node: usize,
         format: Format,
-        gemm: Work,
+        mut g: Gemm,
         b_is_weight: bool,
         slot: u32,
     ) -> Vec<Work> {
-        let Work::Gemm(mut g) = gemm else {
-            unreachable!("gemm_in takes a GEMM")
-        };
         if !format.is_fp8() {
             return vec![Work::Gemm(g)];
         }
@@ -1768,7 +1765,7 @@ impl Emitter<'_> {
                 let (rows, _) = self.rows(x);
                 let (out_f, in_f) = (ws[0], ws[1]);
                 // dx[rows, in] = dy[rows, out] · w[out, in]
-                let dx = Work::Gemm(Gemm {
+                let dx = Gemm {
                     out: outs[0].index(),
                     a: dy.index(),
                     b: w.index(),
@@ -1779,9 +1776,9 @@ impl Emitter<'_> {
                     b_trans: false,
                     bias: None,
                     fp8: None,
-                });
+                };
                 // dw[out, in] = dyᵀ[out, rows] · x[rows, in]
-                let dw = Work::Gemm(Gemm {
+                let dw = Gemm {
                     out: outs[1].index(),
                     a: dy.index(),
                     b: x.index(),
@@ -1792,7 +1789,7 @@ impl Emitter<'_> {
                     b_trans: false,
                     bias: None,
                     fp8: None,
-                });
+                };
                 let mut work = self.gemm_in(index, node.format, dx, true, 0);
                 work.extend(self.gemm_in(index, node.format, dw, false, 4));
                 if *bias {
