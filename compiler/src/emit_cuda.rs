@@ -1049,7 +1049,11 @@ fn fp8_tiles_text(e5m2: bool, pow2: bool, t: u64, transposed: bool) -> String {
             v.z = x[(j + 2) * outer + o];
             v.w = x[(j + 3) * outer + o];"
     } else {
-        "            v = reinterpret_cast<const float4*>(x)[i];"
+        // Four scalar loads: a value's buffer may sit at any 4-byte offset of the arena.
+        "            v.x = x[4 * i];
+            v.y = x[4 * i + 1];
+            v.z = x[4 * i + 2];
+            v.w = x[4 * i + 3];"
     };
     format!(
         "\
