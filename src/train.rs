@@ -57,8 +57,10 @@ pub struct RunArgs {
     /// Emulate the spec's `[precision]` policy exactly instead of training in f32: every
     /// linear and expert GEMM rounds its operands to its format (bf16/fp16 to nearest even;
     /// e4m3/e5m2 block-scaled as `[precision.fp8]` says, with the tensor core's limited
-    /// accumulation and promotion), and AdamW stores its moments in `precision.moments`.
-    /// Slower; other ops stay in f32. See docs/fp8.md.
+    /// accumulation and promotion), activations kept for the backward pass are stored in
+    /// the compute format (FP8 tiles where only FP8 GEMMs read them again), and AdamW stores
+    /// its moments in `precision.moments`. Slower; other ops compute in f32. See
+    /// docs/fp8.md.
     #[arg(long)]
     pub emulate_precision: bool,
 }
