@@ -319,7 +319,7 @@ impl<'g> Executor<'g> {
         }
         if self.experts_storage.is_some() {
             for &f in &self.experts_backward {
-                let node = &g.nodes.iter().nth(f).expect("a node index").1;
+                let node = &g.nodes[kiln_compiler::ir::Handle::from_index(f)];
                 let Op::Experts { gated, .. } = node.op else {
                     continue;
                 };

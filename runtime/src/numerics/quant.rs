@@ -22,8 +22,9 @@ use rayon::prelude::*;
 
 use super::fp8::Fp8Format;
 
-/// Matrices at least this large are encoded on several threads.
-const PARALLEL_ELEMENTS: usize = 1 << 16;
+/// Tensors at least this large are converted (quantized, dequantized, packed) on several
+/// threads.
+pub(crate) const PARALLEL_ELEMENTS: usize = 1 << 16;
 
 /// How a block's scale is chosen from its max-abs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -10,11 +10,8 @@ use kiln_compiler::model::Format;
 use rayon::prelude::*;
 
 use super::fp8::Fp8Format;
-use super::quant::{quantize, Quantized, ScaleRule};
+use super::quant::{quantize, Quantized, ScaleRule, PARALLEL_ELEMENTS};
 use crate::cpu::Real;
-
-/// Tensors at least this large are converted on several threads.
-const PARALLEL_ELEMENTS: usize = 1 << 15;
 
 /// `f` applied to every element, in parallel for large tensors.
 fn convert<A: Sync, B: Send>(x: &[A], f: impl Fn(&A) -> B + Sync + Send) -> Vec<B> {
