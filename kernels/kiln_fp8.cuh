@@ -35,7 +35,15 @@ constexpr float KILN_FP8_E5M2_MAX = 57344.0f;
 // The smallest normal f32 (FLT_MIN, without <cfloat>, which NVRTC lacks).
 constexpr float KILN_F32_MIN_NORMAL = 1.17549435e-38f;
 
-__device__ __forceinline__ unsigned kiln_float_bits(float x) {
+// The bit casts serve the host encoder too, so under nvcc (and NVRTC) they are host and device
+// functions; host compilers that are not nvcc see the shim's __device__ (defined away).
+#ifdef __CUDACC__
+#define KILN_HOST_DEVICE __host__ __device__
+#else
+#define KILN_HOST_DEVICE __device__
+#endif
+
+KILN_HOST_DEVICE __forceinline__ unsigned kiln_float_bits(float x) {
 #ifdef __CUDA_ARCH__
     return __float_as_uint(x);
 #else
@@ -45,7 +53,7 @@ __device__ __forceinline__ unsigned kiln_float_bits(float x) {
 #endif
 }
 
-__device__ __forceinline__ float kiln_bits_float(unsigned b) {
+KILN_HOST_DEVICE __forceinline__ float kiln_bits_float(unsigned b) {
 #ifdef __CUDA_ARCH__
     return __uint_as_float(b);
 #else

@@ -697,3 +697,38 @@ extern "C" __global__ void pairs(const float2* x, unsigned* kiln, unsigned* cuda
         assert_eq!(operands[0], operands[1], "{format}: kiln vs cuda_fp8.h");
     }
 }
+
+/// The header in a whole nvcc compile (host and device passes, as a user building the
+/// generated unit with `nvcc -c` would), not only the device-only builds kiln does: its host
+/// encoder and its bit casts must be callable from host code under nvcc too.
+#[test]
+fn kiln_fp8_cuh_builds_for_host_and_device_with_nvcc() {
+    let test = "kiln_fp8_cuh_builds_for_host_and_device_with_nvcc";
+    let Some(nvcc) = nvcc(test) else { return };
+    let dir = scratch(test);
+    let source = r#"#include "kiln_fp8.cuh"
+extern "C" __global__ void tiles(const float4* x, unsigned* codes, float* scales) {
+    float s;
+    codes[threadIdx.x] = kiln_quantize4<false>(x[threadIdx.x], 32, false, &s);
+    if (threadIdx.x % 32 == 0) scales[threadIdx.x / 32] = s;
+}
+#ifndef __CUDA_ARCH__
+unsigned host_code(float x) { return kiln_fp8_encode_host<true>(x) + kiln_float_bits(x); }
+#endif
+"#;
+    let cu = dir.join("both.cu");
+    std::fs::write(&cu, source).unwrap();
+    let out = Command::new(nvcc.path())
+        .args(["-c", "-arch=sm_90a", "-O3", "-I"])
+        .arg(nvcc::kernels_dir())
+        .arg("-o")
+        .arg(dir.join("both.o"))
+        .arg(&cu)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
