@@ -6,6 +6,9 @@
 //! - the manifest agrees with the source: every launch names a kernel of the unit and passes
 //!   exactly as many arguments as the kernel declares; every node has its step and work, and
 //!   every router its bias update;
+//! - the FP8 copies: each is written by exactly one launch, in its writer's step (the
+//!   producer's own kernel when fused), before every GEMM that reads it, and every FP8 GEMM
+//!   reading an activation as stored reads a copy; the plan for `tiny` is a snapshot;
 //! - snapshots of the generated CUDA for `tiny` and `gpt2-124m`.
 //!
 //! Without nvcc the compile test fails with `nvcc::find`'s message (run
@@ -15,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 use kiln::nvcc;
 use kiln_compiler::check::check;
-use kiln_compiler::emit_cuda::{emit, CudaProgram, Work};
+use kiln_compiler::emit_cuda::{emit, Arg, CudaProgram, Work};
 use kiln_compiler::model::Model;
 use kiln_compiler::program::compile;
 
@@ -190,4 +193,120 @@ fn generated_cuda_compiles_for_sm_90a_without_spills_or_stack() {
 fn generated_cuda_snapshots() {
     insta::assert_snapshot!("emit-cuda-tiny", cuda("specs/tiny.toml").source);
     insta::assert_snapshot!("emit-cuda-gpt2-124m", cuda("specs/gpt2-124m.toml").source);
+}
+
+#[test]
+fn fp8_copies_are_written_once_before_their_readers() {
+    let mut planned = 0;
+    for spec in SPECS {
+        let p = cuda(spec);
+        planned += p.fp8_copies.len();
+        let step_of = |node: usize| p.steps.iter().find(|s| s.node == node).unwrap();
+        for (i, c) in p.fp8_copies.iter().enumerate() {
+            let what = format!("{spec}: copy {i} of %{}", c.value);
+            // Exactly one launch writes it, in the writer's step.
+            let writes: Vec<(usize, &str)> = p
+                .steps
+                .iter()
+                .flat_map(|s| s.work.iter().map(move |w| (s.node, w)))
+                .filter_map(|(node, w)| match w {
+                    Work::Launch(l) => Some((node, l)),
+                    _ => None,
+                })
+                .filter(|(_, l)| {
+                    l.args.contains(&Arg::Fp8Codes {
+                        copy: i,
+                        bytes: c.outer * c.k,
+                    }) && l.args.contains(&Arg::Fp8Scales {
+                        copy: i,
+                        bytes: 4 * c.outer * c.k / c.block[1],
+                    })
+                })
+                .map(|(node, l)| (node, l.kernel.as_str()))
+                .collect();
+            assert_eq!(writes.len(), 1, "{what}: written by {writes:?}");
+            let (node, kernel) = writes[0];
+            assert_eq!(node, c.writer, "{what}: written in its writer's step");
+            assert_eq!(
+                kernel.starts_with("fp8_tiles"),
+                !c.fused,
+                "{what}: {kernel} (fused {})",
+                c.fused
+            );
+            // Readers come at or after the writer, in order, and each has a GEMM on the copy.
+            assert!(!c.readers.is_empty(), "{what}: no reader");
+            assert!(c.readers.windows(2).all(|w| w[0] < w[1]), "{what}");
+            assert!(c.writer <= c.readers[0], "{what}: read before written");
+            assert_eq!(c.fused, c.writer < c.readers[0], "{what}");
+            for &r in &c.readers {
+                let reads = step_of(r).work.iter().any(|w| {
+                    matches!(w, Work::Gemm(g) if g.fp8.as_ref().is_some_and(|f| matches!(f.a.codes, Arg::Fp8Codes { copy, .. } if copy == i)))
+                });
+                assert!(reads, "{what}: node {r} does not read it");
+            }
+        }
+        // Every FP8 GEMM reads its left operand from a copy exactly when it reads it as stored,
+        // and only its planned readers read a copy.
+        for s in &p.steps {
+            for w in &s.work {
+                let Work::Gemm(g) = w else { continue };
+                let Some(f) = &g.fp8 else { continue };
+                match f.a.codes {
+                    Arg::Fp8Codes { copy, .. } => {
+                        assert!(!g.a_trans, "{spec}: node {}", s.node);
+                        assert!(p.fp8_copies[copy].readers.contains(&s.node));
+                    }
+                    _ => assert!(
+                        g.a_trans,
+                        "{spec}: node {} quantizes a stored operand itself",
+                        s.node
+                    ),
+                }
+                assert!(matches!(f.b.codes, Arg::Scratch { .. }));
+            }
+        }
+    }
+    assert!(planned > 0, "some spec has FP8 GEMMs");
+}
+
+/// Tiny's FP8 copies: each line says what is quantized, where, and which GEMMs read it.
+#[test]
+fn fp8_copies_snapshot() {
+    let m = model("specs/tiny.toml");
+    let compiled = compile(&m).unwrap();
+    let graph = compiled.train.graph();
+    let p = emit(&m, &compiled.train);
+    let path = |node: usize| {
+        p.steps
+            .iter()
+            .find(|s| s.node == node)
+            .unwrap()
+            .path
+            .clone()
+    };
+    let mut rows = vec![format!(
+        "{} copies, {} fused into their producer, {} GEMM operands read from them",
+        p.fp8_copies.len(),
+        p.fp8_copies.iter().filter(|c| c.fused).count(),
+        p.fp8_copies.iter().map(|c| c.readers.len()).sum::<usize>()
+    )];
+    for c in &p.fp8_copies {
+        let value = kiln_compiler::ir::ValueId::from_index(c.value);
+        let written = if c.fused {
+            format!("fused into {}", path(c.writer))
+        } else {
+            format!("quantized at {}", path(c.writer))
+        };
+        let readers: Vec<String> = c.readers.iter().map(|&r| path(r)).collect();
+        rows.push(format!(
+            "%{} {:?} {} [{}, {}] {written}; read by {}",
+            c.value,
+            graph.values[value].ty.shape,
+            c.format.name(),
+            c.outer,
+            c.k,
+            readers.join(", ")
+        ));
+    }
+    insta::assert_snapshot!("fp8-copies-tiny", rows.join("\n"));
 }

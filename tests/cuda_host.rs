@@ -16,7 +16,7 @@
 //! (cuBLASLt) and the ops without kernels yet are skipped; a GEMM's outputs that a launch of
 //! the same step reads come from the interpreter.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -299,6 +299,8 @@ fn arg_expr(graph: &Graph, a: &Arg, values: usize) -> String {
             format!("({ty}*)work[{id}]")
         }
         Arg::Scratch { slot, .. } => format!("AnyPtr{{scratch[{slot}]}}"),
+        Arg::Fp8Codes { copy, .. } => format!("AnyPtr{{copies[{}]}}", 2 * copy),
+        Arg::Fp8Scales { copy, .. } => format!("AnyPtr{{copies[{}]}}", 2 * copy + 1),
         Arg::ErrorFlag => "&error_flag".into(),
         Arg::RopeCos { table } => format!("(float*)work[{}]", values + 2 * table),
         Arg::RopeSin { table } => format!("(float*)work[{}]", values + 2 * table + 1),
@@ -442,11 +444,13 @@ fn run_spec(spec: &str, test: &str, objective: Objective) -> Vec<(String, usize,
     writeln!(
         main,
         "int main() {{\n    static std::vector<void*> pristine({total}, nullptr), work({total}, nullptr);\n    \
-         static std::vector<size_t> count({total}, 0);\n    int error_flag = 0;\n    \
+         static std::vector<size_t> count({total}, 0);\n    \
+         static std::vector<void*> copies({}, nullptr);\n    int error_flag = 0;\n    \
          FILE* in = fopen(\"inputs.bin\", \"rb\");\n    unsigned long long hdr[2];\n    \
          while (fread(hdr, 8, 2, in) == 2) {{\n        pristine[hdr[0]] = malloc(hdr[1] * 4 + 4);\n        \
          count[hdr[0]] = hdr[1];\n        if (fread(pristine[hdr[0]], 4, hdr[1], in) != hdr[1]) return 3;\n    }}\n    \
-         fclose(in);\n    FILE* out = fopen(\"outputs.bin\", \"wb\");\n    Pool pool;"
+         fclose(in);\n    FILE* out = fopen(\"outputs.bin\", \"wb\");\n    Pool pool;",
+        2 * cuda.fp8_copies.len().max(1)
     )
     .unwrap();
     for plan in &plans {
@@ -472,23 +476,40 @@ fn run_spec(spec: &str, test: &str, objective: Objective) -> Vec<(String, usize,
                 "        for (size_t i = 0; i < count[{id}]; ++i) ((float*)work[{id}])[i] = NAN;"
             );
         }
+        // Scratch slots and the FP8 copies the step writes, NaN until written.
         let mut slots = BTreeMap::new();
+        let mut copies = BTreeMap::new();
         for l in &plan.launches {
             for a in &l.args {
-                if let Arg::Scratch { slot, bytes } = a {
-                    slots.insert(*slot, *bytes);
+                match a {
+                    Arg::Scratch { slot, bytes } => {
+                        slots.insert(*slot, *bytes);
+                    }
+                    Arg::Fp8Codes { copy, bytes } => {
+                        copies.insert(2 * copy, (format!("fp8copy-{copy}-codes.bin"), *bytes));
+                    }
+                    Arg::Fp8Scales { copy, bytes } => {
+                        copies.insert(2 * copy + 1, (format!("fp8copy-{copy}-scales.bin"), *bytes));
+                    }
+                    _ => {}
                 }
             }
         }
         let _ = writeln!(
             main,
             "        void* scratch[{}] = {{}};",
-            slots.len().max(1)
+            slots.keys().max().map_or(1, |&s| s as usize + 1)
         );
         for (slot, bytes) in &slots {
             let _ = writeln!(
                 main,
                 "        scratch[{slot}] = malloc({bytes}); for (size_t i = 0; i < {bytes} / 4; ++i) ((float*)scratch[{slot}])[i] = NAN;"
+            );
+        }
+        for (at, (_, bytes)) in &copies {
+            let _ = writeln!(
+                main,
+                "        copies[{at}] = malloc({bytes}); for (size_t i = 0; i < {bytes} / 4; ++i) ((float*)copies[{at}])[i] = NAN;"
             );
         }
         for t in 0..cuda.rope_tables.len() {
@@ -514,7 +535,7 @@ fn run_spec(spec: &str, test: &str, objective: Objective) -> Vec<(String, usize,
             for operand in [&q.a, &q.b] {
                 for arg in [&operand.codes, &operand.scales] {
                     let Arg::Scratch { slot, bytes } = arg else {
-                        unreachable!("quantized operands live in scratch")
+                        continue; // an FP8 copy, written out by its writer's step
                     };
                     let _ = writeln!(
                         main,
@@ -523,6 +544,13 @@ fn run_spec(spec: &str, test: &str, objective: Objective) -> Vec<(String, usize,
                     );
                 }
             }
+        }
+        // The FP8 copies the step wrote, one file each.
+        for (at, (file, bytes)) in &copies {
+            let _ = writeln!(
+                main,
+                "        {{ FILE* f = fopen(\"{file}\", \"wb\"); fwrite(copies[{at}], 1, {bytes}, f); fclose(f); free(copies[{at}]); }}"
+            );
         }
         for id in &seen {
             let _ = writeln!(main, "        free(work[{id}]); work[{id}] = nullptr;");
@@ -537,6 +565,8 @@ fn run_spec(spec: &str, test: &str, objective: Objective) -> Vec<(String, usize,
 
     // Compare every written value with the interpreter's.
     let mut results = Vec::new();
+    // What the kernels wrote, by value (fused FP8 copies are the quantization of these).
+    let mut computed: HashMap<usize, Vec<f32>> = HashMap::new();
     let mut at = 0;
     let mut order = plans
         .iter()
@@ -565,6 +595,7 @@ fn run_spec(spec: &str, test: &str, objective: Objective) -> Vec<(String, usize,
             continue;
         }
         let got: Vec<f32> = words.iter().map(|w| f32::from_le_bytes(*w)).collect();
+        computed.insert(id, got.clone());
         let want = values[&v].floats();
         assert_eq!(want.len(), got.len(), "{spec}: %{id} size");
         let (mut diff, mut norm) = (0.0f64, 0.0f64);
@@ -623,7 +654,29 @@ fn run_spec(spec: &str, test: &str, objective: Objective) -> Vec<(String, usize,
             // Each operand as [outer, k] row-major, from how the GEMM stores it.
             let operands = [(&q.a, g.a, g.m, g.a_trans), (&q.b, g.b, g.n, !g.b_trans)];
             for (operand, source, outer, stored_transposed) in operands {
-                let x = value_of(ValueId::from_index(source)).floats.unwrap();
+                // A scratch operand is quantized from the interpreter's value in the GEMM's
+                // step; a copy from the interpreter's value in its first reader's step, or
+                // as its producer computes it (fused): from what that kernel wrote.
+                let (x, file, kind) = match operand.codes {
+                    Arg::Scratch { slot, .. } => (
+                        value_of(ValueId::from_index(source)).floats.unwrap(),
+                        format!("fp8-{}-{slot}", plan.node),
+                        "scratch",
+                    ),
+                    Arg::Fp8Codes { copy, .. } => {
+                        let c = &cuda.fp8_copies[copy];
+                        let (x, kind) = if c.fused {
+                            (computed[&c.value].clone(), "copy fused into its producer")
+                        } else {
+                            (
+                                value_of(ValueId::from_index(c.value)).floats.unwrap(),
+                                "copy",
+                            )
+                        };
+                        (x, format!("fp8copy-{copy}"), kind)
+                    }
+                    _ => unreachable!("FP8 operands live in scratch or in copies"),
+                };
                 let (outer, k) = (outer as usize, g.k as usize);
                 let kmajor: Vec<f32> = if stored_transposed {
                     (0..outer * k).map(|e| x[(e % k) * outer + e / k]).collect()
@@ -633,10 +686,12 @@ fn run_spec(spec: &str, test: &str, objective: Objective) -> Vec<(String, usize,
                 let block = operand.block.map(|b| b as usize);
                 let want = quantize(&kmajor, outer, k, block, format, rule).unwrap();
                 let read = |arg: &Arg| {
-                    let Arg::Scratch { slot, .. } = arg else {
-                        unreachable!()
+                    let name = match arg {
+                        Arg::Scratch { slot, .. } => format!("fp8-{}-{slot}.bin", plan.node),
+                        Arg::Fp8Codes { .. } => format!("{file}-codes.bin"),
+                        _ => format!("{file}-scales.bin"),
                     };
-                    std::fs::read(dir.join(format!("fp8-{}-{slot}.bin", plan.node))).unwrap()
+                    std::fs::read(dir.join(name)).unwrap()
                 };
                 let codes = read(&operand.codes);
                 let scales: Vec<u32> = read(&operand.scales)
@@ -651,7 +706,7 @@ fn run_spec(spec: &str, test: &str, objective: Objective) -> Vec<(String, usize,
                     .count();
                 let node = &graph.nodes[kiln_compiler::ir::Handle::from_index(plan.node)];
                 println!(
-                    "%{source} {} as FP8 [{outer}, {k}] in {:?} blocks: {bad_codes} of {} codes, {bad_scales} of {} scales differ",
+                    "%{source} {} as FP8 [{outer}, {k}] in {:?} blocks ({kind}): {bad_codes} of {} codes, {bad_scales} of {} scales differ",
                     node.path,
                     operand.block,
                     want.codes.len(),

@@ -24,9 +24,13 @@ use serde::Serialize;
 
 use crate::dsl::expr::{BinOp, Compiled, Expr, Instr};
 use crate::ir::{Graph, Node, Op, RopePairs, Update, ValueId};
-use crate::model::{Format, Fp8, Model, NormKind, ScaleFormat, Yarn};
+use crate::model::{Format, Fp8, Model, NormKind, Yarn};
 use crate::names::{comment_text, Lang, Namer};
 use crate::program::{Program, TrainOutputs};
+
+mod fp8;
+
+use fp8::{quantizing_loop, Copies, TileOut, Tiles};
 
 /// The building blocks in `kernels/` that the translation unit includes, by file name (for
 /// writing beside it, and for NVRTC, which takes headers as strings).
@@ -70,6 +74,9 @@ pub struct CudaProgram {
     /// the norm and clipping factor), AdamW on every tensor in one launch, each router's bias
     /// update.
     pub optimizer: Vec<Launch>,
+    /// The FP8 copies of activations that the step's FP8 GEMMs read (`Arg::Fp8Codes`,
+    /// `Arg::Fp8Scales`), each live from its writer's step to its last reader's.
+    pub fp8_copies: Vec<Fp8Copy>,
 }
 
 /// One kernel of the translation unit.
@@ -119,6 +126,17 @@ pub enum Arg {
     /// name the same slot share the buffer.
     Scratch {
         slot: u32,
+        bytes: u64,
+    },
+    /// The codes (`bytes`, one per element) and the scales (f32) of an FP8 copy, by index
+    /// into `fp8_copies`: buffers that outlive a step, from the one that writes them to the
+    /// last that reads them.
+    Fp8Codes {
+        copy: usize,
+        bytes: u64,
+    },
+    Fp8Scales {
+        copy: usize,
         bytes: u64,
     },
     /// The device's error flag: kernels set it to a nonzero code on bad input (a token id
@@ -233,6 +251,30 @@ pub struct Fp8Operand {
     pub cublaslt_scale_mode: Option<&'static str>,
 }
 
+/// An FP8 copy of an activation (or activation gradient) in 1×T tiles along its last axis,
+/// `[outer, k]` row-major: the left operand of the forward and input-gradient GEMMs that read
+/// the value as it is stored, in this format. A step writes it once and every such GEMM reads
+/// it (`fp8::Copies::plan`).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Fp8Copy {
+    /// The value quantized (the buffer's own value: reshapes alias it).
+    pub value: usize,
+    pub format: Format,
+    pub outer: u64,
+    pub k: u64,
+    /// The elements one scale covers, `[1, T]`.
+    pub block: [u64; 2],
+    /// `VEC128_32F` for 1×128 tiles (see [`Fp8Operand`]).
+    pub cublaslt_scale_mode: Option<&'static str>,
+    /// The node whose step writes the copy: the value's producer when `fused` (its kernel
+    /// quantizes what it computes, and takes the copy's codes and scales as arguments), else
+    /// the first reader, with a quantizing launch before its GEMM.
+    pub writer: usize,
+    pub fused: bool,
+    /// The nodes whose GEMMs read it, in execution order; the copy is dead after the last.
+    pub readers: Vec<usize>,
+}
+
 /// A kernel written once and found again by its text.
 struct Written {
     name: String,
@@ -250,6 +292,8 @@ struct Emitter<'g> {
     rope_tables: Vec<RopeTable>,
     /// The spec's FP8 scaling (`[precision.fp8]`), for GEMMs whose format is FP8.
     fp8: Fp8,
+    /// The FP8 copies of activations, planned before any step is emitted.
+    copies: Copies,
 }
 
 /// The placeholder for a kernel's name in its text until it is named.
@@ -497,14 +541,60 @@ fn path_base(path: &str) -> String {
     tail.join("_")
 }
 
+/// The last loop of a row kernel (one block per row of `d`): element `j` of the row is
+/// the expression `value` (after the lines `pre`, which may declare temporaries), written to `dst[j]`; with
+/// an FP8 copy to write, four consecutive elements per thread, quantized into the row's tiles
+/// as they are written (the copy's pointers are offset by `row`).
+fn row_epilogue(
+    quantized: &Option<(Tiles, Arg, Arg)>,
+    d: u64,
+    dst: &str,
+    pre: &[String],
+    value: &str,
+) -> String {
+    let Some((tiles, ..)) = quantized else {
+        if pre.is_empty() {
+            return format!(
+                "    for (int j = threadIdx.x; j < {d}; j += blockDim.x) {dst}[j] = {value};\n"
+            );
+        }
+        let mut s = format!("    for (int j = threadIdx.x; j < {d}; j += blockDim.x) {{\n");
+        for line in pre {
+            let _ = writeln!(s, "        {line}");
+        }
+        let _ = writeln!(s, "        {dst}[j] = {value};\n    }}");
+        return s;
+    };
+    let mut element = pre.to_vec();
+    element.push(format!("const float value = {value};"));
+    let mut s = format!(
+        "    unsigned* const row_codes = codes + row * {};\n    float* const row_scales = scales + row * {};\n",
+        d / 4,
+        d / tiles.t
+    );
+    s.push_str(&quantizing_loop(
+        "    ",
+        "threadIdx.x",
+        "blockDim.x",
+        &(d / 4).to_string(),
+        &element,
+        &[TileOut {
+            tiles: *tiles,
+            value: "value",
+            store: Some(dst),
+            codes: "row_codes",
+            scales: "row_scales",
+        }],
+    ));
+    s
+}
+
 impl Emitter<'_> {
     fn map(&mut self, index: usize, node: &Node, expr: &Expr, vars: &[String]) -> Vec<Work> {
         let names: Vec<&str> = vars.iter().map(String::as_str).collect();
         let c = expr.compile(&names).expect("a verified map compiles");
         let ins: Vec<String> = (0..vars.len()).map(|i| format!("x{i}")).collect();
-        let loads: Vec<String> = ins.iter().map(|x| format!("{x}[i]")).collect();
-        let mut body = String::new();
-        let y = expr_forward(&c, &loads, "        ", &mut body);
+        let quantized = self.fused_copy(index, node.outputs[0]);
         let shapes = vars
             .iter()
             .enumerate()
@@ -512,25 +602,61 @@ impl Emitter<'_> {
             .collect::<Vec<_>>()
             .join(", ");
         let what = comment_text(&expr.to_string());
-        let text = format!(
-            "// y = {what}, elementwise.\n// {shapes}; y: f32[n]\n\
-             extern \"C\" __global__ void {NAME}({}, float* __restrict__ y, long long n) {{\n\
-             \x20   for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;\n\
-             \x20        i += (long long)gridDim.x * blockDim.x) {{\n{body}        y[i] = {y};\n    }}\n}}\n",
-            const_ptrs(&ins)
-        );
-        let name = self.kernel(
-            &format!("map_{}", path_base(&node.path)),
-            &format!("y = {what}"),
-            text,
-            index,
-            0,
-        );
         let n = self.elements(node.outputs[0]);
         let mut args: Vec<Arg> = node.inputs.iter().map(|&v| val(v)).collect();
         args.push(val(node.outputs[0]));
+        let mut base = format!("map_{}", path_base(&node.path));
+        let (text, threads) = match quantized {
+            None => {
+                let loads: Vec<String> = ins.iter().map(|x| format!("{x}[i]")).collect();
+                let mut body = String::new();
+                let y = expr_forward(&c, &loads, "        ", &mut body);
+                let text = format!(
+                    "// y = {what}, elementwise.\n// {shapes}; y: f32[n]\n\
+                     extern \"C\" __global__ void {NAME}({}, float* __restrict__ y, long long n) {{\n\
+                     \x20   for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;\n\
+                     \x20        i += (long long)gridDim.x * blockDim.x) {{\n{body}        y[i] = {y};\n    }}\n}}\n",
+                    const_ptrs(&ins)
+                );
+                (text, n)
+            }
+            Some((tiles, codes, scales)) => {
+                // Four consecutive elements per thread, quantized as they are written.
+                let loads: Vec<String> = ins.iter().map(|x| format!("{x}[j]")).collect();
+                let mut body = String::new();
+                let y = expr_forward(&c, &loads, "", &mut body);
+                let mut element: Vec<String> = body.lines().map(str::to_string).collect();
+                element.push(format!("const float value = {y};"));
+                let text = format!(
+                    "// y = {what}, elementwise.\n// {shapes}; y: f32[n], n a multiple of {}\n{}\n\
+                     extern \"C\" __global__ void {NAME}({}, float* __restrict__ y, unsigned* __restrict__ codes, float* __restrict__ scales, long long n) {{\n\
+                     \x20   const long long n4 = n / 4;\n{}}}\n",
+                    tiles.t,
+                    tiles.comment("y"),
+                    const_ptrs(&ins),
+                    quantizing_loop(
+                        "    ",
+                        "blockIdx.x * (long long)blockDim.x + threadIdx.x",
+                        "(long long)gridDim.x * blockDim.x",
+                        "n4",
+                        &element,
+                        &[TileOut {
+                            tiles,
+                            value: "value",
+                            store: Some("y"),
+                            codes: "codes",
+                            scales: "scales",
+                        }],
+                    )
+                );
+                base.push_str(&format!("_q{}", tiles.suffix()));
+                args.extend([codes, scales]);
+                (text, n / 4)
+            }
+        };
+        let name = self.kernel(&base, &format!("y = {what}"), text, index, 0);
         args.push(int(n));
-        vec![elementwise_launch(name, n, args)]
+        vec![elementwise_launch(name, threads, args)]
     }
 
     fn map_grad(
@@ -544,45 +670,116 @@ impl Emitter<'_> {
         let names: Vec<&str> = vars.iter().map(String::as_str).collect();
         let c = expr.compile(&names).expect("a verified map compiles");
         let ins: Vec<String> = (0..vars.len()).map(|i| format!("x{i}")).collect();
-        let loads: Vec<String> = ins.iter().map(|x| format!("{x}[i]")).collect();
-        let mut body = String::new();
-        expr_forward(&c, &loads, "        ", &mut body);
-        expr_backward(&c, "dy[i]", "        ", &mut body);
-        let outs: Vec<String> = wrt.iter().map(|w| format!("dx{w}")).collect();
-        for w in wrt {
-            let _ = writeln!(body, "        dx{w}[i] = d{w};");
-        }
+        // The FP8 copies of gradients the kernel writes too (planned where a GEMM reads one).
+        let quantized: Vec<Option<(Tiles, Arg, Arg)>> = node
+            .outputs
+            .iter()
+            .map(|&v| self.fused_copy(index, v))
+            .collect();
         let what = comment_text(&expr.to_string());
         let wrt_names = wrt
             .iter()
             .map(|&w| comment_text(&vars[w as usize]))
             .collect::<Vec<_>>()
             .join(", ");
-        let out_decls = outs
+        let mut params: Vec<String> = wrt
             .iter()
-            .map(|o| format!("float* __restrict__ {o}"))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let text = format!(
-            "// The gradient of y = {what} with respect to {wrt_names}: dx_w = dy · ∂y/∂x_w.\n\
-             // x*, dy, dx*: f32[n]\n\
-             extern \"C\" __global__ void {NAME}({}, const float* __restrict__ dy, {out_decls}, long long n) {{\n\
-             \x20   for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;\n\
-             \x20        i += (long long)gridDim.x * blockDim.x) {{\n{body}    }}\n}}\n",
-            const_ptrs(&ins)
-        );
-        let name = self.kernel(
-            &format!("map_grad_{}", path_base(&node.path)),
-            &format!("gradient of y = {what}"),
-            text,
-            index,
-            0,
-        );
-        let n = self.elements(node.outputs[0]);
+            .map(|w| format!("float* __restrict__ dx{w}"))
+            .collect();
         let mut args: Vec<Arg> = node.inputs.iter().map(|&v| val(v)).collect();
         args.extend(node.outputs.iter().map(|&v| val(v)));
+        let n = self.elements(node.outputs[0]);
+        let mut base = format!("map_grad_{}", path_base(&node.path));
+        let (text, threads) = if quantized.iter().all(Option::is_none) {
+            let loads: Vec<String> = ins.iter().map(|x| format!("{x}[i]")).collect();
+            let mut body = String::new();
+            expr_forward(&c, &loads, "        ", &mut body);
+            expr_backward(&c, "dy[i]", "        ", &mut body);
+            for w in wrt {
+                let _ = writeln!(body, "        dx{w}[i] = d{w};");
+            }
+            let text = format!(
+                "// The gradient of y = {what} with respect to {wrt_names}: dx_w = dy · ∂y/∂x_w.\n\
+                 // x*, dy, dx*: f32[n]\n\
+                 extern \"C\" __global__ void {NAME}({}, const float* __restrict__ dy, {}, long long n) {{\n\
+                 \x20   for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;\n\
+                 \x20        i += (long long)gridDim.x * blockDim.x) {{\n{body}    }}\n}}\n",
+                const_ptrs(&ins),
+                params.join(", ")
+            );
+            (text, n)
+        } else {
+            // Four consecutive elements per thread; the quantized gradients are quantized
+            // as they are written.
+            let loads: Vec<String> = ins.iter().map(|x| format!("{x}[j]")).collect();
+            let mut body = String::new();
+            expr_forward(&c, &loads, "", &mut body);
+            expr_backward(&c, "dy[j]", "", &mut body);
+            let mut element: Vec<String> = body.lines().map(str::to_string).collect();
+            let mut names = Vec::new();
+            for (w, q) in wrt.iter().zip(&quantized) {
+                match q {
+                    None => element.push(format!("dx{w}[j] = d{w};")),
+                    Some((tiles, codes, scales)) => {
+                        names.push((*tiles, format!("d{w}"), format!("dx{w}"), *w));
+                        params.push(format!("unsigned* __restrict__ codes{w}"));
+                        params.push(format!("float* __restrict__ scales{w}"));
+                        args.extend([codes.clone(), scales.clone()]);
+                        base.push_str(&format!("_q{w}"));
+                    }
+                }
+            }
+            let codes: Vec<(String, String)> = names
+                .iter()
+                .map(|(.., w)| (format!("codes{w}"), format!("scales{w}")))
+                .collect();
+            let outs: Vec<TileOut> = names
+                .iter()
+                .zip(&codes)
+                .map(|((tiles, value, store, _), (c, s))| TileOut {
+                    tiles: *tiles,
+                    value,
+                    store: Some(store),
+                    codes: c,
+                    scales: s,
+                })
+                .collect();
+            base.push_str(&names[0].0.suffix());
+            // One comment for the gradients quantized alike.
+            let mut comments: Vec<String> = Vec::new();
+            let mut alike: Vec<(Tiles, Vec<&str>)> = Vec::new();
+            for (tiles, _, store, _) in &names {
+                match alike.iter_mut().find(|(t, _)| t == tiles) {
+                    Some((_, stores)) => stores.push(store),
+                    None => alike.push((*tiles, vec![store])),
+                }
+            }
+            for (tiles, stores) in alike {
+                comments.push(tiles.comment(&stores.join(" and ")));
+            }
+            let text = format!(
+                "// The gradient of y = {what} with respect to {wrt_names}: dx_w = dy · ∂y/∂x_w.\n\
+                 // x*, dy, dx*: f32[n], n a multiple of {}\n{}\n\
+                 extern \"C\" __global__ void {NAME}({}, const float* __restrict__ dy, {}, long long n) {{\n\
+                 \x20   const long long n4 = n / 4;\n{}}}\n",
+                names[0].0.t,
+                comments.join("\n"),
+                const_ptrs(&ins),
+                params.join(", "),
+                quantizing_loop(
+                    "    ",
+                    "blockIdx.x * (long long)blockDim.x + threadIdx.x",
+                    "(long long)gridDim.x * blockDim.x",
+                    "n4",
+                    &element,
+                    &outs,
+                )
+            );
+            (text, n / 4)
+        };
+        let name = self.kernel(&base, &format!("gradient of y = {what}"), text, index, 0);
         args.push(int(n));
-        vec![elementwise_launch(name, n, args)]
+        vec![elementwise_launch(name, threads, args)]
     }
 
     /// A norm's forward (`add` adds the residual first and writes the sum too).
@@ -596,6 +793,9 @@ impl Emitter<'_> {
     ) -> Vec<Work> {
         let x = node.inputs[0];
         let (rows, d) = self.rows(x);
+        // y, and the FP8 copy of it the kernel writes too, if one is planned here.
+        let y = *node.outputs.last().expect("a norm has an output");
+        let quantized = self.fused_copy(index, y);
         let layer = kind == NormKind::LayerNorm;
         let kind_name = if layer { "layer_norm" } else { "rms_norm" };
         let op = if add {
@@ -622,6 +822,9 @@ impl Emitter<'_> {
             if layer { ", b" } else { "" },
             if add { "s, " } else { "" }
         );
+        if let Some((tiles, ..)) = &quantized {
+            let _ = writeln!(t, "{}", tiles.comment("y"));
+        }
         let mut params = vec!["const float* __restrict__ x".to_string()];
         if add {
             params.push("const float* __restrict__ r".into());
@@ -634,6 +837,10 @@ impl Emitter<'_> {
             params.push("float* __restrict__ s".into());
         }
         params.push("float* __restrict__ y".into());
+        if quantized.is_some() {
+            params.push("unsigned* __restrict__ codes".into());
+            params.push("float* __restrict__ scales".into());
+        }
         params.push("long long rows".into());
         let _ = writeln!(
             t,
@@ -674,7 +881,6 @@ impl Emitter<'_> {
                 t,
                 "    const float rstd = rsqrtf(kiln_block_sum(sq, scratch) / {d}.0f + {eps_lit});"
             );
-            let _ = writeln!(t, "    for (int j = threadIdx.x; j < {d}; j += blockDim.x) yr[j] = ({src}[j] - mean) * rstd * w[j] + b[j];");
         } else {
             let _ = writeln!(t, "    float sq = 0.0f;");
             let _ = writeln!(t, "    for (int j = threadIdx.x; j < {d}; j += blockDim.x) {{ const float v = {src}[j]; sq += v * v; }}");
@@ -682,10 +888,26 @@ impl Emitter<'_> {
                 t,
                 "    const float rstd = rsqrtf(kiln_block_sum(sq, scratch) / {d}.0f + {eps_lit});"
             );
-            let _ = writeln!(t, "    for (int j = threadIdx.x; j < {d}; j += blockDim.x) yr[j] = {src}[j] * rstd * w[j];");
         }
+        let element = if layer {
+            format!("({src}[j] - mean) * rstd * w[j] + b[j]")
+        } else {
+            format!("{src}[j] * rstd * w[j]")
+        };
+        t.push_str(&row_epilogue(&quantized, d, "yr", &[], &element));
         let _ = writeln!(t, "}}");
-        let base = format!("{op}_fwd_d{d}");
+        let mut base = format!("{op}_fwd_d{d}");
+        let mut args: Vec<Arg> = node
+            .inputs
+            .iter()
+            .chain(&node.outputs)
+            .map(|&v| val(v))
+            .collect();
+        if let Some((tiles, codes, scales)) = quantized {
+            base.push_str(&format!("_q{}", tiles.suffix()));
+            args.extend([codes, scales]);
+        }
+        args.push(int(rows));
         let name = self.kernel(
             &base,
             &format!("{op} forward over rows of {d}"),
@@ -693,13 +915,6 @@ impl Emitter<'_> {
             index,
             0,
         );
-        let args: Vec<Arg> = node
-            .inputs
-            .iter()
-            .chain(&node.outputs)
-            .map(|&v| val(v))
-            .chain([int(rows)])
-            .collect();
         vec![row_launch(name, rows, args)]
     }
 
@@ -716,6 +931,7 @@ impl Emitter<'_> {
     ) -> Vec<Work> {
         let x = node.inputs[0];
         let (rows, d) = self.rows(x);
+        let quantized = self.fused_copy(index, node.outputs[0]);
         let layer = kind == NormKind::LayerNorm;
         let kind_name = if layer { "layer_norm" } else { "rms_norm" };
         let op = if add {
@@ -736,6 +952,9 @@ impl Emitter<'_> {
             "// x, dy{}, dx: f32[rows, {d}]; w: f32[{d}]; stats: f32[rows, 2]",
             if add { ", ds" } else { "" }
         );
+        if let Some((tiles, ..)) = &quantized {
+            let _ = writeln!(t, "{}", tiles.comment("dx"));
+        }
         let mut params = vec![
             "const float* __restrict__ x".to_string(),
             "const float* __restrict__ w".into(),
@@ -747,8 +966,12 @@ impl Emitter<'_> {
         params.extend([
             "float* __restrict__ dx".to_string(),
             "float* __restrict__ stats".into(),
-            "long long rows".into(),
         ]);
+        if quantized.is_some() {
+            params.push("unsigned* __restrict__ codes".into());
+            params.push("float* __restrict__ scales".into());
+        }
+        params.push("long long rows".into());
         let _ = writeln!(
             t,
             "extern \"C\" __global__ void __launch_bounds__({BLOCK}) {NAME}({}) {{",
@@ -808,28 +1031,29 @@ impl Emitter<'_> {
             t,
             "    const float gxmean = kiln_block_sum(gx, scratch) / {d}.0f;"
         );
-        let _ = writeln!(
-            t,
-            "    for (int j = threadIdx.x; j < {d}; j += blockDim.x) {{"
-        );
-        let _ = writeln!(t, "        const float xhat = (xr[j] - mean) * rstd;");
         let residual = if add {
             format!(" + ds[row * {d} + j]")
         } else {
             String::new()
         };
-        let _ = writeln!(
-            t,
-            "        dxr[j] = rstd * (w[j] * gr[j] - gmean - xhat * gxmean){residual};"
-        );
-        let _ = writeln!(t, "    }}");
+        t.push_str(&row_epilogue(
+            &quantized,
+            d,
+            "dxr",
+            &["const float xhat = (xr[j] - mean) * rstd;".to_string()],
+            &format!("rstd * (w[j] * gr[j] - gmean - xhat * gxmean){residual}"),
+        ));
         let _ = writeln!(
             t,
             "    if (threadIdx.x == 0) {{ stats[2 * row] = mean; stats[2 * row + 1] = rstd; }}"
         );
         let _ = writeln!(t, "}}");
+        let dx_base = match &quantized {
+            Some((tiles, ..)) => format!("{op}_bwd_dx_d{d}_q{}", tiles.suffix()),
+            None => format!("{op}_bwd_dx_d{d}"),
+        };
         let dx_name = self.kernel(
-            &format!("{op}_bwd_dx_d{d}"),
+            &dx_base,
             &format!("{op} input gradient over rows of {d}"),
             t,
             index,
@@ -930,7 +1154,11 @@ impl Emitter<'_> {
         if add {
             args.push(val(node.inputs[3]));
         }
-        args.extend([val(node.outputs[0]), stats.clone(), int(rows)]);
+        args.extend([val(node.outputs[0]), stats.clone()]);
+        if let Some((_, codes, scales)) = quantized {
+            args.extend([codes, scales]);
+        }
+        args.push(int(rows));
         let mut dw_args = vec![
             val(node.inputs[0]),
             val(node.inputs[2]),
@@ -1028,116 +1256,6 @@ impl Emitter<'_> {
             ],
         )]
     }
-}
-
-/// The quantizer of activations and gradients: `[outer, k]` (stored transposed as
-/// `[k, outer]` when `transposed`) to K-major FP8 codes with one scale per 1×`t` tile along
-/// `k`, four elements per thread (kiln_fp8.cuh's `kiln_quantize4`).
-fn fp8_tiles_text(e5m2: bool, pow2: bool, t: u64, transposed: bool) -> String {
-    let lanes = t / 4;
-    let (format, rule) = fp8_names(e5m2, pow2);
-    let stored = if transposed {
-        "f32[k, outer]"
-    } else {
-        "f32[outer, k]"
-    };
-    let load = if transposed {
-        "            // Four consecutive k of one row of the output: a column of x.
-            const long long o = 4 * i / k, j = 4 * i % k;
-            v.x = x[j * outer + o];
-            v.y = x[(j + 1) * outer + o];
-            v.z = x[(j + 2) * outer + o];
-            v.w = x[(j + 3) * outer + o];"
-    } else {
-        // Four scalar loads: a value's buffer may sit at any 4-byte offset of the arena.
-        "            v.x = x[4 * i];
-            v.y = x[4 * i + 1];
-            v.z = x[4 * i + 2];
-            v.w = x[4 * i + 3];"
-    };
-    format!(
-        "\
-// Quantizes x: {stored} to {format} codes: u8[outer, k] (four per unsigned, the first in the
-// low byte) with one {rule} scale per 1×{t} tile along k, scales: f32[outer, k / {t}].
-// Each thread converts four consecutive elements; the {lanes} lanes of a tile find its
-// max-abs together, so whole warps go round the loop together.
-extern \"C\" __global__ void @KERNEL@(const float* __restrict__ x, unsigned* __restrict__ codes, float* __restrict__ scales, long long outer, long long k) {{
-    const long long n4 = outer * k / 4;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i - threadIdx.x % 32 < n4;
-         i += (long long)gridDim.x * blockDim.x) {{
-        float4 v = {{0.0f, 0.0f, 0.0f, 0.0f}};
-        if (i < n4) {{
-{load}
-        }}
-        float s;
-        const unsigned c = kiln_quantize4<{e5m2}>(v, {lanes}, {pow2}, &s);
-        if (i < n4) {{
-            codes[i] = c;
-            if (threadIdx.x % {lanes} == 0) scales[4 * i / {t}] = s;
-        }}
-    }}
-}}
-"
-    )
-}
-
-/// The quantizer of weights: `w: f32[rows, cols]` in `br × bc` blocks, one thread block per
-/// weight block, codes in `w`'s layout or (when `transposed`) in `[cols, rows]`.
-fn fp8_blocks_text(e5m2: bool, pow2: bool, br: u64, bc: u64, transposed: bool) -> String {
-    let (format, rule) = fp8_names(e5m2, pow2);
-    let max = if e5m2 {
-        "KILN_FP8_E5M2_MAX"
-    } else {
-        "KILN_FP8_E4M3_MAX"
-    };
-    let (layout, code_at, scale_at) = if transposed {
-        (
-            format!(
-                "u8[cols, rows] (transposed), scales: f32[ceil(cols / {bc}), ceil(rows / {br})]"
-            ),
-            "c * rows + r",
-            format!("bc * ((rows + {br} - 1) / {br}) + br"),
-        )
-    } else {
-        (
-            format!("u8[rows, cols], scales: f32[ceil(rows / {br}), ceil(cols / {bc})]"),
-            "r * cols + c",
-            "br * bcols + bc".to_string(),
-        )
-    };
-    format!(
-        "\
-// Quantizes the weight w: f32[rows, cols] to {format} in {br} × {bc} blocks with one {rule}
-// scale each: codes: {layout}.
-// One thread block per weight block (the last ones may be partial).
-extern \"C\" __global__ void @KERNEL@(const float* __restrict__ w, unsigned char* __restrict__ codes, float* __restrict__ scales, long long rows, long long cols) {{
-    __shared__ float scratch[32];
-    const long long bcols = (cols + {bc} - 1) / {bc};
-    const long long br = blockIdx.x / bcols, bc = blockIdx.x % bcols;
-    const long long r0 = br * {br}, c0 = bc * {bc};
-    const long long h = rows - r0 < {br} ? rows - r0 : {br};
-    const long long wd = cols - c0 < {bc} ? cols - c0 : {bc};
-    float m = 0.0f;
-    for (long long e = threadIdx.x; e < h * wd; e += blockDim.x) {{
-        m = fmaxf(m, fabsf(w[(r0 + e / wd) * cols + c0 + e % wd]));
-    }}
-    const float s = kiln_fp8_scale(kiln_block_max(m, scratch), {max}, {pow2});
-    for (long long e = threadIdx.x; e < h * wd; e += blockDim.x) {{
-        const long long r = r0 + e / wd, c = c0 + e % wd;
-        codes[{code_at}] = (unsigned char)(kiln_fp8x2<{e5m2}>(w[r * cols + c] / s, 0.0f) & 0xFFu);
-    }}
-    if (threadIdx.x == 0) scales[{scale_at}] = s;
-}}
-"
-    )
-}
-
-/// The format and scale rule of an FP8 kernel, as its comment names them.
-fn fp8_names(e5m2: bool, pow2: bool) -> (&'static str, &'static str) {
-    (
-        if e5m2 { "E5M2" } else { "E4M3" },
-        if pow2 { "power-of-two" } else { "fp32" },
-    )
 }
 
 /// The copy kernel behind split and concat: a block of columns from one row-major matrix into
@@ -1479,143 +1597,6 @@ impl Emitter<'_> {
         }
     }
 
-    /// `gemm` as the work of a node whose format is `format`: the GEMM alone, or for an FP8
-    /// format, launches quantizing both operands into K-major copies (scratch slots `slot` to
-    /// `slot + 3`) and the GEMM reading those. `b_is_weight`: the `b` operand is a weight,
-    /// scaled per weight block (DeepSeek-V3's 128×128); activations and gradients are scaled
-    /// per 1×T tile along `k` (its 1×128).
-    fn gemm_in(
-        &mut self,
-        node: usize,
-        format: Format,
-        mut g: Gemm,
-        b_is_weight: bool,
-        slot: u32,
-    ) -> Vec<Work> {
-        if !format.is_fp8() {
-            return vec![Work::Gemm(g)];
-        }
-        let (m, n, k) = (g.m, g.n, g.k);
-        // a is [m, k] when stored as it is, else [k, m]; b is [k, n] stored as [n, k] when
-        // transposed, else as it is.
-        let (qa, la) = self.quantize(node, format, g.a, m, k, g.a_trans, false, slot);
-        let (qb, lb) = self.quantize(node, format, g.b, n, k, !g.b_trans, b_is_weight, slot + 2);
-        g.fp8 = Some(Fp8Gemm {
-            format,
-            a: qa,
-            b: qb,
-        });
-        vec![la, lb, Work::Gemm(g)]
-    }
-
-    /// The launch writing value `v`, seen as the operand `[outer, k]` (stored as `[k, outer]`
-    /// when `stored_transposed`), as FP8 codes and scales into scratch `slot` and `slot + 1`:
-    /// per 1×T tile along `k`, or per weight block for a weight.
-    #[allow(clippy::too_many_arguments)]
-    fn quantize(
-        &mut self,
-        node: usize,
-        format: Format,
-        v: usize,
-        outer: u64,
-        k: u64,
-        stored_transposed: bool,
-        weight: bool,
-        slot: u32,
-    ) -> (Fp8Operand, Work) {
-        let fp8 = self.fp8;
-        let e5m2 = format == Format::E5m2;
-        let pow2 = fp8.scale == ScaleFormat::Pow2;
-        let fname = format.name();
-        let rule = if pow2 { "_pow2" } else { "" };
-        let scratch = |s: u32, bytes: u64| Arg::Scratch {
-            slot: s,
-            bytes: bytes.max(4),
-        };
-        let source = Arg::Value { id: v };
-        if weight {
-            // The weight is stored [out, in]. Read as [outer, k] = [out, in] (the forward
-            // product) it keeps its blocks; read as [in, out] (the input gradient) the same
-            // blocks are transposed.
-            let [br, bc] = fp8.weight_block;
-            let (rows, cols) = if stored_transposed {
-                (k, outer)
-            } else {
-                (outer, k)
-            };
-            let blocks = rows.div_ceil(br) * cols.div_ceil(bc);
-            let name = self.kernel(
-                &format!(
-                    "fp8_blocks{}_{fname}_{br}x{bc}{rule}",
-                    if stored_transposed { "_t" } else { "" }
-                ),
-                "quantizes a weight to FP8 in blocks",
-                fp8_blocks_text(e5m2, pow2, br, bc, stored_transposed),
-                node,
-                0,
-            );
-            let block = if stored_transposed {
-                [bc, br]
-            } else {
-                [br, bc]
-            };
-            let operand = Fp8Operand {
-                codes: scratch(slot, rows * cols),
-                scales: scratch(slot + 1, 4 * blocks),
-                block,
-                cublaslt_scale_mode: (block == [128, 128]).then_some("BLK128x128_32F"),
-            };
-            let launch = Work::Launch(Launch {
-                kernel: name,
-                grid: blocks.max(1),
-                block: BLOCK,
-                shared_bytes: 0,
-                args: vec![
-                    source,
-                    operand.codes.clone(),
-                    operand.scales.clone(),
-                    int(rows),
-                    int(cols),
-                ],
-            });
-            return (operand, launch);
-        }
-        let t = fp8.act_tile[1];
-        assert!(
-            k % t == 0 && t % 4 == 0 && t <= 128 && t.is_power_of_two(),
-            "FP8 tiles of {t} along k = {k}: the checker allows only tiles that divide k"
-        );
-        let name = self.kernel(
-            &format!(
-                "fp8_tiles{}_{fname}_t{t}{rule}",
-                if stored_transposed { "_t" } else { "" }
-            ),
-            "quantizes an activation to FP8 in 1×T tiles",
-            fp8_tiles_text(e5m2, pow2, t, stored_transposed),
-            node,
-            0,
-        );
-        let elements = outer * k;
-        let operand = Fp8Operand {
-            codes: scratch(slot, elements),
-            scales: scratch(slot + 1, 4 * (elements / t)),
-            block: [1, t],
-            cublaslt_scale_mode: (t == 128).then_some("VEC128_32F"),
-        };
-        let launch = elementwise_launch(
-            name,
-            elements / 4,
-            vec![
-                source,
-                operand.codes.clone(),
-                operand.scales.clone(),
-                int(outer),
-                int(k),
-            ],
-        );
-        (operand, launch)
-    }
-
     /// The work of one node.
     fn step(&mut self, index: usize, node: &Node) -> Vec<Work> {
         let ins = &node.inputs;
@@ -1914,7 +1895,9 @@ pub fn emit(model: &Model, program: &Program) -> CudaProgram {
         by_text: HashMap::new(),
         rope_tables: Vec::new(),
         fp8: model.precision.fp8.unwrap_or(Fp8::DEEPSEEK_V3),
+        copies: Copies::default(),
     };
+    e.copies = Copies::plan(graph, &e.fp8);
     let fp8_gemms = graph.nodes.iter().any(|(_, n)| {
         matches!(
             n.op,
@@ -1967,6 +1950,7 @@ pub fn emit(model: &Model, program: &Program) -> CudaProgram {
         rope_tables: e.rope_tables,
         steps,
         optimizer,
+        fp8_copies: e.copies.copies,
     }
 }
 

@@ -1,0 +1,597 @@
+//! FP8 GEMM operands on the CUDA path, as DeepSeek-V3 trains: the kernels that quantize them,
+//! and which copies a step keeps.
+//!
+//! Every operand of an FP8 GEMM is a K-major copy in FP8 codes with its scales:
+//! - An activation (or activation gradient) that a forward or input-gradient product reads as
+//!   its left operand, as it is stored, is an [`Fp8Copy`] of the program: quantized once per
+//!   step in 1×T tiles along its last axis, and read by every GEMM that takes the value in
+//!   that format (a norm's output feeds several projections). When the kernel computing the
+//!   value can quantize what it has just computed (norms, forward and backward, and
+//!   elementwise maps: every tile lies within what one thread block writes), it does
+//!   (*fused*), and the value is never read back for it; otherwise a quantizing launch in the
+//!   step of its first reader writes the copy.
+//! - The weight-gradient product's operands (tiles along the tokens, a transposed read) and
+//!   weights (blocks) are quantized into the step's scratch right before their GEMM.
+//!
+//! Quantization is `kiln_fp8.cuh`'s, bit for bit the CPU emulation's (`numerics::quant`):
+//! tests/cuda_host.rs compares every operand of a step's FP8 GEMMs with it.
+
+use std::collections::HashMap;
+use std::fmt::Write;
+
+use super::{
+    elementwise_launch, int, Arg, Emitter, Fp8Copy, Fp8Gemm, Fp8Operand, Gemm, Launch, Work, BLOCK,
+};
+use crate::ir::{Def, Graph, Op, ValueId};
+use crate::model::{Format, Fp8, ScaleFormat};
+
+/// Quantization in 1×T tiles along the contraction, as the copies and the tile kernels do it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Tiles {
+    pub format: Format,
+    pub pow2: bool,
+    /// Elements per tile (and per scale).
+    pub t: u64,
+}
+
+impl Tiles {
+    pub fn of(format: Format, fp8: &Fp8) -> Tiles {
+        let t = fp8.act_tile[1];
+        assert!(
+            t % 4 == 0 && t <= 128 && t.is_power_of_two(),
+            "FP8 tiles of {t}: the checker allows powers of two from 4 to 128"
+        );
+        Tiles {
+            format,
+            pow2: fp8.scale == ScaleFormat::Pow2,
+            t,
+        }
+    }
+
+    fn e5m2(self) -> bool {
+        self.format == Format::E5m2
+    }
+
+    /// What a kernel name says of the quantization: `_e4m3_t128`, `_e5m2_t8_pow2`.
+    pub fn suffix(self) -> String {
+        format!(
+            "_{}_t{}{}",
+            self.format.name(),
+            self.t,
+            if self.pow2 { "_pow2" } else { "" }
+        )
+    }
+
+    /// The comment lines saying how a kernel quantizes `what`, the rows it writes.
+    pub fn comment(self, what: &str) -> String {
+        let (format, rule) = fp8_names(self.e5m2(), self.pow2);
+        let t = self.t;
+        format!(
+            "// Quantizes {what} on the way out: {format} codes (u8, four per unsigned, the first in\n\
+             // the low byte) and one {rule} scale (f32) per 1×{t} tile along its rows."
+        )
+    }
+}
+
+/// One value that a [`quantizing_loop`] quantizes.
+pub(super) struct TileOut<'a> {
+    pub tiles: Tiles,
+    /// The variable holding element `j` after the loop's element lines.
+    pub value: &'a str,
+    /// Where the loop stores it (`store[j]`), when the element lines do not.
+    pub store: Option<&'a str>,
+    /// The pointers its codes (`unsigned`, four per group) and scales (per tile) go to.
+    pub codes: &'a str,
+    pub scales: &'a str,
+}
+
+/// The loop over groups of four consecutive elements `4i .. 4i + 3`, `i` from `start` by
+/// `stride` below `n4`, that computes, stores and quantizes them: `element` (lines at the
+/// body's indentation, which may declare temporaries) computes element `j` of each of `outs`;
+/// the loop stores those that name a store, then writes each group's four codes to
+/// `codes[i]` and each tile's scale to `scales[4 * i / T]`. Whole blocks go round together,
+/// so that the lanes of a tile meet in its shuffles (and the host emulation's block-wide
+/// barriers meet too).
+pub(super) fn quantizing_loop(
+    indent: &str,
+    start: &str,
+    stride: &str,
+    n4: &str,
+    element: &[String],
+    outs: &[TileOut],
+) -> String {
+    let suffix = |k: usize| {
+        if outs.len() == 1 {
+            String::new()
+        } else {
+            k.to_string()
+        }
+    };
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "{indent}for (long long i = {start}; i - threadIdx.x < {n4}; i += {stride}) {{"
+    );
+    for k in 0..outs.len() {
+        let p = suffix(k);
+        let _ = writeln!(
+            s,
+            "{indent}    float part{p}[4] = {{0.0f, 0.0f, 0.0f, 0.0f}};"
+        );
+    }
+    let _ = writeln!(s, "{indent}    if (i < {n4}) {{");
+    let _ = writeln!(s, "{indent}        #pragma unroll");
+    let _ = writeln!(s, "{indent}        for (int e = 0; e < 4; ++e) {{");
+    let _ = writeln!(s, "{indent}            const long long j = 4 * i + e;");
+    for line in element {
+        let _ = writeln!(s, "{indent}            {line}");
+    }
+    for (k, out) in outs.iter().enumerate() {
+        let (p, value) = (suffix(k), out.value);
+        if let Some(store) = out.store {
+            let _ = writeln!(s, "{indent}            {store}[j] = {value};");
+        }
+        let _ = writeln!(s, "{indent}            part{p}[e] = {value};");
+    }
+    let _ = writeln!(s, "{indent}        }}");
+    let _ = writeln!(s, "{indent}    }}");
+    for (k, out) in outs.iter().enumerate() {
+        let p = suffix(k);
+        let t = out.tiles;
+        let (e5m2, pow2, lanes) = (t.e5m2(), t.pow2, t.t / 4);
+        let _ = writeln!(s, "{indent}    float scale{p};");
+        let _ = writeln!(
+            s,
+            "{indent}    const unsigned four{p} = kiln_quantize4<{e5m2}>({{part{p}[0], part{p}[1], part{p}[2], part{p}[3]}}, {lanes}, {pow2}, &scale{p});"
+        );
+        let _ = writeln!(s, "{indent}    if (i < {n4}) {{");
+        let _ = writeln!(s, "{indent}        {}[i] = four{p};", out.codes);
+        let _ = writeln!(
+            s,
+            "{indent}        if (threadIdx.x % {lanes} == 0) {}[4 * i / {}] = scale{p};",
+            out.scales, t.t
+        );
+        let _ = writeln!(s, "{indent}    }}");
+    }
+    let _ = writeln!(s, "{indent}}}");
+    s
+}
+
+/// The quantizer of activations and gradients: `[outer, k]` (stored transposed as
+/// `[k, outer]` when `transposed`) to K-major FP8 codes with one scale per 1×T tile along
+/// `k`, four elements per thread.
+fn fp8_tiles_text(tiles: Tiles, transposed: bool) -> String {
+    let stored = if transposed {
+        "f32[k, outer]"
+    } else {
+        "f32[outer, k]"
+    };
+    // Scalar loads: a value's buffer may sit at any 4-byte offset of the arena.
+    let element = if transposed {
+        // Element j of the K-major copy is (o, c) = (j / k, j % k): x[c, o]. The four of a
+        // group share o (4 divides k), so the divisions are the group's, out of the loop.
+        vec![
+            "const long long first = j - e;".to_string(),
+            "const float value = x[(first % k + e) * outer + first / k];".to_string(),
+        ]
+    } else {
+        vec!["const float value = x[j];".to_string()]
+    };
+    let (format, rule) = fp8_names(tiles.e5m2(), tiles.pow2);
+    let t = tiles.t;
+    format!(
+        "\
+// Quantizes x: {stored}, read as [outer, k], to {format} codes: u8[outer, k] (four per
+// unsigned, the first in the low byte) with one {rule} scale per 1×{t} tile along k,
+// scales: f32[outer, k / {t}]. Four elements per thread (`kiln_quantize4`).
+extern \"C\" __global__ void @KERNEL@(const float* __restrict__ x, unsigned* __restrict__ codes, float* __restrict__ scales, long long outer, long long k) {{
+    const long long n4 = outer * k / 4;
+{}}}
+",
+        quantizing_loop(
+            "    ",
+            "blockIdx.x * (long long)blockDim.x + threadIdx.x",
+            "(long long)gridDim.x * blockDim.x",
+            "n4",
+            &element,
+            &[TileOut {
+                tiles,
+                value: "value",
+                store: None,
+                codes: "codes",
+                scales: "scales",
+            }],
+        )
+    )
+}
+
+/// The quantizer of weights: `w: f32[rows, cols]` in `br × bc` blocks, one thread block per
+/// weight block, codes in `w`'s layout or (when `transposed`) in `[cols, rows]`.
+fn fp8_blocks_text(e5m2: bool, pow2: bool, br: u64, bc: u64, transposed: bool) -> String {
+    let (format, rule) = fp8_names(e5m2, pow2);
+    let max = if e5m2 {
+        "KILN_FP8_E5M2_MAX"
+    } else {
+        "KILN_FP8_E4M3_MAX"
+    };
+    let (layout, code_at, scale_at) = if transposed {
+        (
+            format!(
+                "u8[cols, rows] (transposed), scales: f32[ceil(cols / {bc}), ceil(rows / {br})]"
+            ),
+            "c * rows + r",
+            format!("bc * ((rows + {br} - 1) / {br}) + br"),
+        )
+    } else {
+        (
+            format!("u8[rows, cols], scales: f32[ceil(rows / {br}), ceil(cols / {bc})]"),
+            "r * cols + c",
+            "br * bcols + bc".to_string(),
+        )
+    };
+    format!(
+        "\
+// Quantizes the weight w: f32[rows, cols] to {format} in {br} × {bc} blocks with one {rule}
+// scale each: codes: {layout}.
+// One thread block per weight block (the last ones may be partial).
+extern \"C\" __global__ void @KERNEL@(const float* __restrict__ w, unsigned char* __restrict__ codes, float* __restrict__ scales, long long rows, long long cols) {{
+    __shared__ float scratch[32];
+    const long long bcols = (cols + {bc} - 1) / {bc};
+    const long long br = blockIdx.x / bcols, bc = blockIdx.x % bcols;
+    const long long r0 = br * {br}, c0 = bc * {bc};
+    const long long h = rows - r0 < {br} ? rows - r0 : {br};
+    const long long wd = cols - c0 < {bc} ? cols - c0 : {bc};
+    float m = 0.0f;
+    for (long long e = threadIdx.x; e < h * wd; e += blockDim.x) {{
+        m = fmaxf(m, fabsf(w[(r0 + e / wd) * cols + c0 + e % wd]));
+    }}
+    const float s = kiln_fp8_scale(kiln_block_max(m, scratch), {max}, {pow2});
+    for (long long e = threadIdx.x; e < h * wd; e += blockDim.x) {{
+        const long long r = r0 + e / wd, c = c0 + e % wd;
+        codes[{code_at}] = (unsigned char)(kiln_fp8x2<{e5m2}>(w[r * cols + c] / s, 0.0f) & 0xFFu);
+    }}
+    if (threadIdx.x == 0) scales[{scale_at}] = s;
+}}
+"
+    )
+}
+
+/// The format and scale rule of an FP8 kernel, as its comment names them.
+fn fp8_names(e5m2: bool, pow2: bool) -> (&'static str, &'static str) {
+    (
+        if e5m2 { "E5M2" } else { "E4M3" },
+        if pow2 { "power-of-two" } else { "fp32" },
+    )
+}
+
+/// The FP8 copies of a program, and which GEMMs and kernels use them.
+#[derive(Debug, Default)]
+pub(super) struct Copies {
+    pub copies: Vec<Fp8Copy>,
+    /// (the buffer's value, format, k) → its copy.
+    by_operand: HashMap<(ValueId, Format, u64), usize>,
+}
+
+/// The value whose buffer `v` is: reshapes alias their input.
+fn buffer_of(graph: &Graph, mut v: ValueId) -> ValueId {
+    while let Def::Node { node, .. } = graph.values[v].def {
+        let n = &graph.nodes[node];
+        if !matches!(n.op, Op::Reshape { .. }) {
+            break;
+        }
+        v = n.inputs[0];
+    }
+    v
+}
+
+/// Whether output `output` of `node` comes from a kernel that can quantize it as it writes
+/// it, in tiles of `t`: an elementwise map (any tile of consecutive elements), or a norm's
+/// (forward or backward) row output when `t` divides its rows, which one block writes each.
+fn fusable(graph: &Graph, node: ValueId, t: u64) -> bool {
+    let Def::Node { node: n, output } = graph.values[node].def else {
+        return false;
+    };
+    let n = &graph.nodes[n];
+    let d = *graph.values[node].ty.shape.last().unwrap_or(&1);
+    match n.op {
+        Op::Map { .. } | Op::MapGrad { .. } => true,
+        Op::LinearMap { .. } => output == 1,
+        Op::RmsNorm { .. } | Op::LayerNorm { .. } => output == 0 && d % t == 0,
+        Op::AddNorm { .. } => output == 1 && d % t == 0,
+        Op::RmsNormGrad { .. } | Op::LayerNormGrad { .. } | Op::AddNormGrad { .. } => {
+            output == 0 && d % t == 0
+        }
+        _ => false,
+    }
+}
+
+impl Copies {
+    /// Every activation an FP8 GEMM reads as its left operand, stored as it is (the forward
+    /// product's input, the input-gradient product's output gradient), once per format and
+    /// width: its writer (the producing node when [`fusable`], else the first reader) and
+    /// readers.
+    pub fn plan(graph: &Graph, fp8: &Fp8) -> Copies {
+        let mut plan = Copies::default();
+        for (id, node) in graph.nodes.iter() {
+            if !node.format.is_fp8() {
+                continue;
+            }
+            let (operand, w) = match node.op {
+                Op::Linear { .. } | Op::LinearMap { .. } => (node.inputs[0], node.inputs[1]),
+                Op::LinearGrad { .. } => (node.inputs[2], node.inputs[1]),
+                _ => continue,
+            };
+            let ws = &graph.values[w].ty.shape;
+            // The contraction: the layer's input width forward, its output width backward.
+            let k = if matches!(node.op, Op::LinearGrad { .. }) {
+                ws[0]
+            } else {
+                ws[1]
+            };
+            let tiles = Tiles::of(node.format, fp8);
+            assert!(
+                k % tiles.t == 0,
+                "FP8 tiles of {} along k = {k}: the checker allows only tiles that divide k",
+                tiles.t
+            );
+            let value = buffer_of(graph, operand);
+            let key = (value, node.format, k);
+            let reader = id.index();
+            if let Some(&c) = plan.by_operand.get(&key) {
+                plan.copies[c].readers.push(reader);
+                continue;
+            }
+            let elements: u64 = graph.values[value].ty.shape.iter().product();
+            let fused = fusable(graph, value, tiles.t);
+            let writer = match graph.values[value].def {
+                Def::Node { node, .. } if fused => node.index(),
+                _ => reader,
+            };
+            plan.by_operand.insert(key, plan.copies.len());
+            plan.copies.push(Fp8Copy {
+                value: value.index(),
+                format: node.format,
+                outer: elements / k,
+                k,
+                block: [1, tiles.t],
+                cublaslt_scale_mode: (tiles.t == 128).then_some("VEC128_32F"),
+                writer,
+                fused,
+                readers: vec![reader],
+            });
+        }
+        plan
+    }
+
+    /// The copy of `value` that `node`'s kernel writes as it computes it, if any.
+    fn fused_at(&self, node: usize, value: ValueId) -> Option<usize> {
+        self.copies
+            .iter()
+            .position(|c| c.fused && c.writer == node && c.value == value.index())
+    }
+}
+
+impl Fp8Copy {
+    /// The kernel arguments naming its codes and its scales.
+    fn args(&self, copy: usize) -> (Arg, Arg) {
+        let elements = self.outer * self.k;
+        (
+            Arg::Fp8Codes {
+                copy,
+                bytes: elements,
+            },
+            Arg::Fp8Scales {
+                copy,
+                bytes: 4 * (elements / self.block[1]),
+            },
+        )
+    }
+}
+
+/// An FP8 operand before quantization: `value` seen as `[outer, k]`, stored as `[k, outer]`
+/// when `stored_transposed`; a weight is scaled in blocks, anything else in 1×T tiles.
+struct Operand {
+    value: usize,
+    outer: u64,
+    k: u64,
+    stored_transposed: bool,
+    weight: bool,
+}
+
+impl Emitter<'_> {
+    /// The FP8 copy of `value` that the kernel of `node` writes as it computes it: its
+    /// quantization, codes and scales, when the plan fused one there.
+    pub(super) fn fused_copy(&self, node: usize, value: ValueId) -> Option<(Tiles, Arg, Arg)> {
+        let c = self.copies.fused_at(node, value)?;
+        let copy = &self.copies.copies[c];
+        let (codes, scales) = copy.args(c);
+        Some((Tiles::of(copy.format, &self.fp8), codes, scales))
+    }
+
+    /// `gemm` as the work of a node whose format is `format`: the GEMM alone, or for an FP8
+    /// format the GEMM reading K-major FP8 copies of both operands, after the launches that
+    /// write those of them this step must: its left operand's [`Fp8Copy`] when it is read
+    /// as stored (unless an earlier step or kernel wrote it), else scratch slots `slot`,
+    /// `slot + 1`; the right operand's in `slot + 2`, `slot + 3`. `b_is_weight`: the `b`
+    /// operand is a weight, scaled per weight block (DeepSeek-V3's 128×128); activations and
+    /// gradients are scaled per 1×T tile along `k` (its 1×128).
+    pub(super) fn gemm_in(
+        &mut self,
+        node: usize,
+        format: Format,
+        mut g: Gemm,
+        b_is_weight: bool,
+        slot: u32,
+    ) -> Vec<Work> {
+        if !format.is_fp8() {
+            return vec![Work::Gemm(g)];
+        }
+        let (m, n, k) = (g.m, g.n, g.k);
+        let mut work = Vec::new();
+        // a is [m, k] when stored as it is, else [k, m]; b is [k, n] stored as [n, k] when
+        // transposed, else as it is.
+        let a = Operand {
+            value: g.a,
+            outer: m,
+            k,
+            stored_transposed: g.a_trans,
+            weight: false,
+        };
+        let qa = if g.a_trans {
+            self.scratch_operand(node, format, &a, slot, &mut work)
+        } else {
+            self.copy_operand(node, format, &a, &mut work)
+        };
+        let b = Operand {
+            value: g.b,
+            outer: n,
+            k,
+            stored_transposed: !g.b_trans,
+            weight: b_is_weight,
+        };
+        let qb = self.scratch_operand(node, format, &b, slot + 2, &mut work);
+        g.fp8 = Some(Fp8Gemm {
+            format,
+            a: qa,
+            b: qb,
+        });
+        work.push(Work::Gemm(g));
+        work
+    }
+
+    /// The planned copy of an operand read as stored, with the launch writing it when this
+    /// node is its (unfused) writer.
+    fn copy_operand(
+        &mut self,
+        node: usize,
+        format: Format,
+        op: &Operand,
+        work: &mut Vec<Work>,
+    ) -> Fp8Operand {
+        let value = buffer_of(self.graph, ValueId::from_index(op.value));
+        let c = self.copies.by_operand[&(value, format, op.k)];
+        let copy = self.copies.copies[c].clone();
+        let (codes, scales) = copy.args(c);
+        if copy.writer == node && !copy.fused {
+            work.push(self.quantize(node, format, op, codes.clone(), scales.clone()));
+        }
+        Fp8Operand {
+            codes,
+            scales,
+            block: copy.block,
+            cublaslt_scale_mode: copy.cublaslt_scale_mode,
+        }
+    }
+
+    /// An operand quantized into scratch `slot` (codes) and `slot + 1` (scales) by a launch
+    /// pushed onto `work`: per 1×T tile along `k`, or per weight block for a weight.
+    fn scratch_operand(
+        &mut self,
+        node: usize,
+        format: Format,
+        op: &Operand,
+        slot: u32,
+        work: &mut Vec<Work>,
+    ) -> Fp8Operand {
+        let fp8 = self.fp8;
+        let elements = op.outer * op.k;
+        let (block, scales, mode) = if op.weight {
+            // The weight is stored [out, in]. Read as [outer, k] = [out, in] (the forward
+            // product) it keeps its blocks; read as [in, out] (the input gradient) the same
+            // blocks are transposed.
+            let [br, bc] = fp8.weight_block;
+            let block = if op.stored_transposed {
+                [bc, br]
+            } else {
+                [br, bc]
+            };
+            let blocks = op.outer.div_ceil(block[0]) * op.k.div_ceil(block[1]);
+            (
+                block,
+                blocks,
+                (block == [128, 128]).then_some("BLK128x128_32F"),
+            )
+        } else {
+            let t = Tiles::of(format, &fp8).t;
+            ([1, t], elements / t, (t == 128).then_some("VEC128_32F"))
+        };
+        let codes = Arg::Scratch {
+            slot,
+            bytes: elements.max(4),
+        };
+        let scales = Arg::Scratch {
+            slot: slot + 1,
+            bytes: 4 * scales.max(1),
+        };
+        work.push(self.quantize(node, format, op, codes.clone(), scales.clone()));
+        Fp8Operand {
+            codes,
+            scales,
+            block,
+            cublaslt_scale_mode: mode,
+        }
+    }
+
+    /// The launch quantizing `op` into `codes` and `scales`.
+    fn quantize(
+        &mut self,
+        node: usize,
+        format: Format,
+        op: &Operand,
+        codes: Arg,
+        scales: Arg,
+    ) -> Work {
+        let fp8 = self.fp8;
+        let e5m2 = format == Format::E5m2;
+        let pow2 = fp8.scale == ScaleFormat::Pow2;
+        let transposed = if op.stored_transposed { "_t" } else { "" };
+        if op.weight {
+            let [br, bc] = fp8.weight_block;
+            let (rows, cols) = if op.stored_transposed {
+                (op.k, op.outer)
+            } else {
+                (op.outer, op.k)
+            };
+            let rule = if pow2 { "_pow2" } else { "" };
+            let name = self.kernel(
+                &format!("fp8_blocks{transposed}_{}_{br}x{bc}{rule}", format.name()),
+                "quantizes a weight to FP8 in blocks",
+                fp8_blocks_text(e5m2, pow2, br, bc, op.stored_transposed),
+                node,
+                0,
+            );
+            return Work::Launch(Launch {
+                kernel: name,
+                grid: (rows.div_ceil(br) * cols.div_ceil(bc)).max(1),
+                block: BLOCK,
+                shared_bytes: 0,
+                args: vec![
+                    Arg::Value { id: op.value },
+                    codes,
+                    scales,
+                    int(rows),
+                    int(cols),
+                ],
+            });
+        }
+        let tiles = Tiles::of(format, &fp8);
+        let name = self.kernel(
+            &format!("fp8_tiles{transposed}{}", tiles.suffix()),
+            "quantizes an activation to FP8 in 1×T tiles",
+            fp8_tiles_text(tiles, op.stored_transposed),
+            node,
+            0,
+        );
+        elementwise_launch(
+            name,
+            op.outer * op.k / 4,
+            vec![
+                Arg::Value { id: op.value },
+                codes,
+                scales,
+                int(op.outer),
+                int(op.k),
+            ],
+        )
+    }
+}
