@@ -1579,6 +1579,79 @@ impl Emitter<'_> {
         elementwise_launch(k, n, vec![val(out), Arg::Float { value }, int(n)])
     }
 
+    /// A concat whose output has an FP8 copy: one kernel writes the whole output, four
+    /// consecutive elements per thread, each from the input that holds its column, and
+    /// quantizes them on the way out. (A tile may span inputs, and rows: the column widths
+    /// are constants of the kernel.)
+    fn concat_quantized(&mut self, index: usize, node: &Node, q: (Tiles, Arg, Arg)) -> Work {
+        let (tiles, codes, scales) = q;
+        let (rows, cols) = self.rows(node.outputs[0]);
+        let widths: Vec<u64> = node.inputs.iter().map(|&x| self.rows(x).1).collect();
+        let mut element = vec![format!("const long long r = j / {cols}, c = j % {cols};")];
+        let mut off = 0;
+        let mut select = String::new();
+        for (i, w) in widths.iter().enumerate() {
+            let load = if off == 0 {
+                format!("x{i}[r * {w} + c]")
+            } else {
+                format!("x{i}[r * {w} + c - {off}]")
+            };
+            off += w;
+            if i + 1 == widths.len() {
+                select.push_str(&load);
+            } else {
+                select.push_str(&format!("c < {off} ? {load} : "));
+            }
+        }
+        element.push(format!("const float value = {select};"));
+        let ins: Vec<String> = (0..widths.len()).map(|i| format!("x{i}")).collect();
+        let shapes = widths
+            .iter()
+            .enumerate()
+            .map(|(i, w)| format!("x{i}: f32[rows, {w}]"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let text = format!(
+            "// y = concat(x0, …) along the last axis.\n// {shapes}; y: f32[rows, {cols}]\n{}\n\
+             extern \"C\" __global__ void {NAME}({}, float* __restrict__ y, unsigned* __restrict__ codes, float* __restrict__ scales, long long rows) {{\n\
+             \x20   const long long n4 = rows * {cols} / 4;\n{}}}\n",
+            tiles.comment("y"),
+            const_ptrs(&ins),
+            quantizing_loop(
+                "    ",
+                "blockIdx.x * (long long)blockDim.x + threadIdx.x",
+                "(long long)gridDim.x * blockDim.x",
+                "n4",
+                &element,
+                &[TileOut {
+                    tiles,
+                    value: "value",
+                    store: Some("y"),
+                    codes: "codes",
+                    scales: "scales",
+                }],
+            )
+        );
+        let name = self.kernel(
+            &format!(
+                "concat_{}_q{}",
+                widths
+                    .iter()
+                    .map(u64::to_string)
+                    .collect::<Vec<_>>()
+                    .join("_"),
+                tiles.suffix()
+            ),
+            "concat, quantized to FP8 on the way out",
+            text,
+            index,
+            0,
+        );
+        let mut args: Vec<Arg> = node.inputs.iter().map(|&v| val(v)).collect();
+        args.extend([val(node.outputs[0]), codes, scales, int(rows)]);
+        elementwise_launch(name, rows * cols / 4, args)
+    }
+
     /// A linear layer's GEMM `y = x·wᵀ (+ b)`.
     fn linear_gemm(&self, x: ValueId, w: ValueId, b: Option<ValueId>, y: ValueId) -> Gemm {
         let ws = self.shape(w);
@@ -1632,6 +1705,9 @@ impl Emitter<'_> {
                 work
             }
             Op::Concat => {
+                if let Some(q) = self.fused_copy(index, outs[0]) {
+                    return vec![self.concat_quantized(index, node, q)];
+                }
                 let k = self.copy_columns(index);
                 let (rows, cols) = self.rows(outs[0]);
                 let mut off = 0;

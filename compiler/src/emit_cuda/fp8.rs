@@ -285,7 +285,7 @@ fn buffer_of(graph: &Graph, mut v: ValueId) -> ValueId {
 }
 
 /// Whether output `output` of `node` comes from a kernel that can quantize it as it writes
-/// it, in tiles of `t`: an elementwise map (any tile of consecutive elements), or a norm's
+/// it, in tiles of `t`: an elementwise map or a concat (any tile of consecutive elements), or a norm's
 /// (forward or backward) row output when `t` divides its rows, which one block writes each.
 fn fusable(graph: &Graph, node: ValueId, t: u64) -> bool {
     let Def::Node { node: n, output } = graph.values[node].def else {
@@ -294,7 +294,7 @@ fn fusable(graph: &Graph, node: ValueId, t: u64) -> bool {
     let n = &graph.nodes[n];
     let d = *graph.values[node].ty.shape.last().unwrap_or(&1);
     match n.op {
-        Op::Map { .. } | Op::MapGrad { .. } => true,
+        Op::Map { .. } | Op::MapGrad { .. } | Op::Concat => true,
         Op::LinearMap { .. } => output == 1,
         Op::RmsNorm { .. } | Op::LayerNorm { .. } => output == 0 && d % t == 0,
         Op::AddNorm { .. } => output == 1 && d % t == 0,
