@@ -214,12 +214,13 @@ fn fp8_copies_are_written_once_before_their_readers() {
                     _ => None,
                 })
                 .filter(|(_, l)| {
+                    let scales = c.outer.div_ceil(c.block[0]) * c.k.div_ceil(c.block[1]);
                     l.args.contains(&Arg::Fp8Codes {
                         copy: i,
                         bytes: c.outer * c.k,
                     }) && l.args.contains(&Arg::Fp8Scales {
                         copy: i,
-                        bytes: 4 * c.outer * c.k / c.block[1],
+                        bytes: 4 * scales,
                     })
                 })
                 .map(|(node, l)| (node, l.kernel.as_str()))
@@ -228,7 +229,7 @@ fn fp8_copies_are_written_once_before_their_readers() {
             let (node, kernel) = writes[0];
             assert_eq!(node, c.writer, "{what}: written in its writer's step");
             assert_eq!(
-                kernel.starts_with("fp8_tiles"),
+                kernel.starts_with("fp8_"),
                 !c.fused,
                 "{what}: {kernel} (fused {})",
                 c.fused
@@ -237,15 +238,31 @@ fn fp8_copies_are_written_once_before_their_readers() {
             assert!(!c.readers.is_empty(), "{what}: no reader");
             assert!(c.readers.windows(2).all(|w| w[0] < w[1]), "{what}");
             assert!(c.writer <= c.readers[0], "{what}: read before written");
-            assert_eq!(c.fused, c.writer < c.readers[0], "{what}");
+            let first = match c.pair {
+                // A weight's two layouts are written together, at the first reader of either.
+                Some(t) => {
+                    let pair = &p.fp8_copies[t];
+                    assert_eq!(pair.pair, Some(i), "{what}: pairs pair");
+                    assert_eq!((pair.value, pair.writer), (c.value, c.writer), "{what}");
+                    assert_ne!(pair.transposed, c.transposed, "{what}");
+                    c.readers[0].min(pair.readers[0])
+                }
+                None => c.readers[0],
+            };
+            assert_eq!(c.fused, c.writer < first, "{what}");
             for &r in &c.readers {
                 let reads = step_of(r).work.iter().any(|w| {
-                    matches!(w, Work::Gemm(g) if g.fp8.as_ref().is_some_and(|f| matches!(f.a.codes, Arg::Fp8Codes { copy, .. } if copy == i)))
+                    let Work::Gemm(g) = w else { return false };
+                    let Some(f) = &g.fp8 else { return false };
+                    [&f.a.codes, &f.b.codes]
+                        .into_iter()
+                        .any(|a| matches!(a, Arg::Fp8Codes { copy, .. } if *copy == i))
                 });
                 assert!(reads, "{what}: node {r} does not read it");
             }
         }
         // Every FP8 GEMM reads its left operand from a copy exactly when it reads it as stored,
+        // its right one exactly when it is a weight (the forward and input-gradient GEMMs),
         // and only its planned readers read a copy.
         for s in &p.steps {
             for w in &s.work {
@@ -262,14 +279,27 @@ fn fp8_copies_are_written_once_before_their_readers() {
                         s.node
                     ),
                 }
-                assert!(matches!(f.b.codes, Arg::Scratch { .. }));
+                match f.b.codes {
+                    Arg::Fp8Codes { copy, .. } => {
+                        let c = &p.fp8_copies[copy];
+                        assert_eq!(c.value, g.b, "{spec}: node {}", s.node);
+                        assert_eq!(c.transposed, !g.b_trans, "{spec}: node {}", s.node);
+                        assert!(c.readers.contains(&s.node));
+                    }
+                    _ => assert!(
+                        g.a_trans,
+                        "{spec}: node {} quantizes a weight itself",
+                        s.node
+                    ),
+                }
             }
         }
     }
     assert!(planned > 0, "some spec has FP8 GEMMs");
 }
 
-/// Tiny's FP8 copies: each line says what is quantized, where, and which GEMMs read it.
+/// Tiny's FP8 copies: each line says what is quantized (ᵀ: transposed), where, and which GEMMs
+/// read it.
 #[test]
 fn fp8_copies_snapshot() {
     let m = model("specs/tiny.toml");
@@ -292,16 +322,17 @@ fn fp8_copies_snapshot() {
     )];
     for c in &p.fp8_copies {
         let value = kiln_compiler::ir::ValueId::from_index(c.value);
-        let written = if c.fused {
-            format!("fused into {}", path(c.writer))
-        } else {
-            format!("quantized at {}", path(c.writer))
+        let written = match (c.fused, c.pair) {
+            (true, _) => format!("fused into {}", path(c.writer)),
+            (false, None) => format!("quantized at {}", path(c.writer)),
+            (false, Some(_)) => format!("quantized with its pair at {}", path(c.writer)),
         };
         let readers: Vec<String> = c.readers.iter().map(|&r| path(r)).collect();
         rows.push(format!(
-            "%{} {:?} {} [{}, {}] {written}; read by {}",
+            "%{} {:?}{} {} [{}, {}] {written}; read by {}",
             c.value,
             graph.values[value].ty.shape,
+            if c.transposed { "ᵀ" } else { "" },
             c.format.name(),
             c.outer,
             c.k,

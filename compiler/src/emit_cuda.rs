@@ -251,26 +251,34 @@ pub struct Fp8Operand {
     pub cublaslt_scale_mode: Option<&'static str>,
 }
 
-/// An FP8 copy of an activation (or activation gradient) in 1×T tiles along its last axis,
-/// `[outer, k]` row-major: the left operand of the forward and input-gradient GEMMs that read
-/// the value as it is stored, in this format. A step writes it once and every such GEMM reads
-/// it (`fp8::Copies::plan`).
+/// An FP8 copy of a GEMM operand that a step writes once and every GEMM reading the value in
+/// that layout and format reads (`fp8::Copies::plan`): an activation (or activation gradient)
+/// in 1×T tiles along its last axis, the left operand of the forward and input-gradient GEMMs
+/// that read it as stored; or a weight in blocks, as stored (forward) or transposed (input
+/// gradient).
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Fp8Copy {
     /// The value quantized (the buffer's own value: reshapes alias it).
     pub value: usize,
     pub format: Format,
+    /// The copy is `[outer, k]` row-major: the value as stored, or its transpose when
+    /// `transposed` (a weight, as the input-gradient GEMM reads it).
     pub outer: u64,
     pub k: u64,
-    /// The elements one scale covers, `[1, T]`.
+    pub transposed: bool,
+    /// The elements one scale covers: `[1, T]` tiles of an activation, a weight's blocks
+    /// (`[C, R]` when transposed).
     pub block: [u64; 2],
-    /// `VEC128_32F` for 1×128 tiles (see [`Fp8Operand`]).
+    /// `VEC128_32F`, `BLK128x128_32F` or none (see [`Fp8Operand`]).
     pub cublaslt_scale_mode: Option<&'static str>,
     /// The node whose step writes the copy: the value's producer when `fused` (its kernel
     /// quantizes what it computes, and takes the copy's codes and scales as arguments), else
-    /// the first reader, with a quantizing launch before its GEMM.
+    /// a quantizing launch before the GEMM of the first reader (of the pair, for a weight).
     pub writer: usize,
     pub fused: bool,
+    /// A weight's copy in the other layout, which the same launch writes (the blocks' scales
+    /// come from one max-abs).
+    pub pair: Option<usize>,
     /// The nodes whose GEMMs read it, in execution order; the copy is dead after the last.
     pub readers: Vec<usize>,
 }

@@ -205,36 +205,85 @@ extern \"C\" __global__ void @KERNEL@(const float* __restrict__ x, unsigned* __r
     )
 }
 
+/// One layout a weight quantizer writes: the weight's own `[rows, cols]` or its transpose
+/// `[cols, rows]` (the input-gradient GEMM's K-major operand), in a format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct BlockOut {
+    e5m2: bool,
+    transposed: bool,
+}
+
 /// The quantizer of weights: `w: f32[rows, cols]` in `br × bc` blocks, one thread block per
-/// weight block, codes in `w`'s layout or (when `transposed`) in `[cols, rows]`.
-fn fp8_blocks_text(e5m2: bool, pow2: bool, br: u64, bc: u64, transposed: bool) -> String {
-    let (format, rule) = fp8_names(e5m2, pow2);
-    let max = if e5m2 {
-        "KILN_FP8_E5M2_MAX"
-    } else {
-        "KILN_FP8_E4M3_MAX"
+/// weight block, each block's max-abs found once and its codes written in every layout of
+/// `outs` (`codes`/`scales` for one, `codes{i}`/`scales{i}` for several).
+fn fp8_blocks_text(pow2: bool, br: u64, bc: u64, outs: &[BlockOut]) -> String {
+    let one = outs.len() == 1;
+    let name = |what: &str, i: usize| {
+        if one {
+            what.to_string()
+        } else {
+            format!("{what}{i}")
+        }
     };
-    let (layout, code_at, scale_at) = if transposed {
-        (
-            format!(
-                "u8[cols, rows] (transposed), scales: f32[ceil(cols / {bc}), ceil(rows / {br})]"
-            ),
-            "c * rows + r",
-            format!("bc * ((rows + {br} - 1) / {br}) + br"),
-        )
-    } else {
-        (
-            format!("u8[rows, cols], scales: f32[ceil(rows / {br}), ceil(cols / {bc})]"),
-            "r * cols + c",
-            "br * bcols + bc".to_string(),
-        )
-    };
+    let rule = fp8_names(false, pow2).1;
+    let mut header = String::new();
+    let mut params = vec!["const float* __restrict__ w".to_string()];
+    let (mut scale_lines, mut code_lines, mut store_lines) =
+        (String::new(), String::new(), String::new());
+    // One scale and one code per format, whatever the layouts.
+    let first_of = |i: usize| (0..=i).find(|&j| outs[j].e5m2 == outs[i].e5m2).unwrap();
+    for (i, out) in outs.iter().enumerate() {
+        let format = fp8_names(out.e5m2, pow2).0;
+        let (codes, scales) = (name("codes", i), name("scales", i));
+        let (s, q) = (format!("s{}", first_of(i)), format!("q{}", first_of(i)));
+        let (layout, code_at, scale_at) = if out.transposed {
+            (
+                format!(
+                    "u8[cols, rows] (transposed), {scales}: f32[ceil(cols / {bc}), ceil(rows / {br})]"
+                ),
+                "c * rows + r",
+                format!("bc * ((rows + {br} - 1) / {br}) + br"),
+            )
+        } else {
+            (
+                format!("u8[rows, cols], {scales}: f32[ceil(rows / {br}), ceil(cols / {bc})]"),
+                "r * cols + c",
+                "br * bcols + bc".to_string(),
+            )
+        };
+        let _ = writeln!(header, "//   {format}: {codes}: {layout}");
+        params.push(format!("unsigned char* __restrict__ {codes}"));
+        params.push(format!("float* __restrict__ {scales}"));
+        if first_of(i) == i {
+            let max = if out.e5m2 {
+                "KILN_FP8_E5M2_MAX"
+            } else {
+                "KILN_FP8_E4M3_MAX"
+            };
+            let _ = writeln!(
+                scale_lines,
+                "    const float {s} = kiln_fp8_scale(amax, {max}, {pow2});"
+            );
+            let _ = writeln!(
+                code_lines,
+                "        const unsigned char {q} = (unsigned char)(kiln_fp8x2<{}>(v / {s}, 0.0f) & 0xFFu);",
+                out.e5m2
+            );
+        }
+        let _ = writeln!(code_lines, "        {codes}[{code_at}] = {q};");
+        let _ = writeln!(
+            store_lines,
+            "    if (threadIdx.x == 0) {scales}[{scale_at}] = {s};"
+        );
+    }
+    params.push("long long rows".into());
+    params.push("long long cols".into());
     format!(
         "\
-// Quantizes the weight w: f32[rows, cols] to {format} in {br} × {bc} blocks with one {rule}
-// scale each: codes: {layout}.
-// One thread block per weight block (the last ones may be partial).
-extern \"C\" __global__ void @KERNEL@(const float* __restrict__ w, unsigned char* __restrict__ codes, float* __restrict__ scales, long long rows, long long cols) {{
+// Quantizes the weight w: f32[rows, cols] in {br} × {bc} blocks, one {rule} scale per block
+// from its max-abs:
+{header}// One thread block per weight block (the last ones may be partial).
+extern \"C\" __global__ void @KERNEL@({}) {{
     __shared__ float scratch[32];
     const long long bcols = (cols + {bc} - 1) / {bc};
     const long long br = blockIdx.x / bcols, bc = blockIdx.x % bcols;
@@ -245,14 +294,14 @@ extern \"C\" __global__ void @KERNEL@(const float* __restrict__ w, unsigned char
     for (long long e = threadIdx.x; e < h * wd; e += blockDim.x) {{
         m = fmaxf(m, fabsf(w[(r0 + e / wd) * cols + c0 + e % wd]));
     }}
-    const float s = kiln_fp8_scale(kiln_block_max(m, scratch), {max}, {pow2});
-    for (long long e = threadIdx.x; e < h * wd; e += blockDim.x) {{
+    const float amax = kiln_block_max(m, scratch);
+{scale_lines}    for (long long e = threadIdx.x; e < h * wd; e += blockDim.x) {{
         const long long r = r0 + e / wd, c = c0 + e % wd;
-        codes[{code_at}] = (unsigned char)(kiln_fp8x2<{e5m2}>(w[r * cols + c] / s, 0.0f) & 0xFFu);
-    }}
-    if (threadIdx.x == 0) scales[{scale_at}] = s;
-}}
-"
+        const float v = w[r * cols + c];
+{code_lines}    }}
+{store_lines}}}
+",
+        params.join(", ")
     )
 }
 
@@ -268,8 +317,8 @@ fn fp8_names(e5m2: bool, pow2: bool) -> (&'static str, &'static str) {
 #[derive(Debug, Default)]
 pub(super) struct Copies {
     pub copies: Vec<Fp8Copy>,
-    /// (the buffer's value, format, k) → its copy.
-    by_operand: HashMap<(ValueId, Format, u64), usize>,
+    /// (the buffer's value, format, k, transposed) → its copy.
+    by_operand: HashMap<(ValueId, Format, u64, bool), usize>,
 }
 
 /// The value whose buffer `v` is: reshapes alias their input.
@@ -305,62 +354,148 @@ fn fusable(graph: &Graph, node: ValueId, t: u64) -> bool {
     }
 }
 
+/// An FP8 GEMM operand that a copy serves: `value` read as `[outer, k]` in `format`, as
+/// stored or transposed (a weight read by the input gradient).
+struct Read {
+    value: ValueId,
+    format: Format,
+    outer: u64,
+    k: u64,
+    transposed: bool,
+    weight: bool,
+}
+
 impl Copies {
-    /// Every activation an FP8 GEMM reads as its left operand, stored as it is (the forward
-    /// product's input, the input-gradient product's output gradient), once per format and
-    /// width: its writer (the producing node when [`fusable`], else the first reader) and
-    /// readers.
+    /// The copies of an FP8 program: every activation an FP8 GEMM reads as its left operand,
+    /// as stored (the forward product's input, the input-gradient product's output gradient),
+    /// and every weight in each layout its GEMMs read, once per format. An activation's
+    /// writer is its producing node when [`fusable`], else its first reader; a weight's is
+    /// its first reader, and when the weight is read in both layouts (forward and input
+    /// gradient) one launch writes both, at the first reader of either (`pair`).
     pub fn plan(graph: &Graph, fp8: &Fp8) -> Copies {
-        let mut plan = Copies::default();
+        let mut activations = Copies::default();
+        let mut weights = Copies::default();
         for (id, node) in graph.nodes.iter() {
             if !node.format.is_fp8() {
                 continue;
             }
-            let (operand, w) = match node.op {
-                Op::Linear { .. } | Op::LinearMap { .. } => (node.inputs[0], node.inputs[1]),
-                Op::LinearGrad { .. } => (node.inputs[2], node.inputs[1]),
+            let backward = match node.op {
+                Op::Linear { .. } | Op::LinearMap { .. } => false,
+                Op::LinearGrad { .. } => true,
                 _ => continue,
             };
-            let ws = &graph.values[w].ty.shape;
-            // The contraction: the layer's input width forward, its output width backward.
-            let k = if matches!(node.op, Op::LinearGrad { .. }) {
-                ws[0]
+            let (operand, w) = if backward {
+                (node.inputs[2], node.inputs[1])
             } else {
-                ws[1]
+                (node.inputs[0], node.inputs[1])
             };
-            let tiles = Tiles::of(node.format, fp8);
-            assert!(
-                k % tiles.t == 0,
-                "FP8 tiles of {} along k = {k}: the checker allows only tiles that divide k",
-                tiles.t
-            );
+            let ws = &graph.values[w].ty.shape;
+            let (out_f, in_f) = (ws[0], ws[1]);
+            // The contraction: the layer's input width forward, its output width backward.
+            let k = if backward { out_f } else { in_f };
             let value = buffer_of(graph, operand);
-            let key = (value, node.format, k);
+            let elements: u64 = graph.values[value].ty.shape.iter().product();
             let reader = id.index();
-            if let Some(&c) = plan.by_operand.get(&key) {
-                plan.copies[c].readers.push(reader);
+            activations.add(
+                graph,
+                fp8,
+                reader,
+                Read {
+                    value,
+                    format: node.format,
+                    outer: elements / k,
+                    k,
+                    transposed: false,
+                    weight: false,
+                },
+            );
+            weights.add(
+                graph,
+                fp8,
+                reader,
+                Read {
+                    value: w,
+                    format: node.format,
+                    outer: if backward { in_f } else { out_f },
+                    k,
+                    transposed: backward,
+                    weight: true,
+                },
+            );
+        }
+        // Each weight's copy as stored pairs with its transposed one.
+        let n = weights.copies.len();
+        for c in 0..n {
+            if weights.copies[c].transposed {
                 continue;
             }
-            let elements: u64 = graph.values[value].ty.shape.iter().product();
-            let fused = fusable(graph, value, tiles.t);
-            let writer = match graph.values[value].def {
-                Def::Node { node, .. } if fused => node.index(),
-                _ => reader,
-            };
-            plan.by_operand.insert(key, plan.copies.len());
-            plan.copies.push(Fp8Copy {
-                value: value.index(),
-                format: node.format,
-                outer: elements / k,
-                k,
-                block: [1, tiles.t],
-                cublaslt_scale_mode: (tiles.t == 128).then_some("VEC128_32F"),
-                writer,
-                fused,
-                readers: vec![reader],
+            let partner = (0..n).find(|&t| {
+                let (a, b) = (&weights.copies[c], &weights.copies[t]);
+                b.transposed && b.value == a.value && b.pair.is_none()
             });
+            if let Some(t) = partner {
+                let writer = weights.copies[c].readers[0].min(weights.copies[t].readers[0]);
+                let offset = activations.copies.len();
+                for (x, y) in [(c, t), (t, c)] {
+                    weights.copies[x].pair = Some(offset + y);
+                    weights.copies[x].writer = writer;
+                }
+            }
         }
-        plan
+        let offset = activations.copies.len();
+        for (key, c) in weights.by_operand {
+            activations.by_operand.insert(key, offset + c);
+        }
+        activations.copies.extend(weights.copies);
+        activations
+    }
+
+    /// Records `reader` as a reader of the copy `read` names, planning the copy if it is new.
+    fn add(&mut self, graph: &Graph, fp8: &Fp8, reader: usize, read: Read) {
+        let key = (read.value, read.format, read.k, read.transposed);
+        if let Some(&c) = self.by_operand.get(&key) {
+            self.copies[c].readers.push(reader);
+            return;
+        }
+        let (block, mode, fused) = if read.weight {
+            let [br, bc] = fp8.weight_block;
+            let block = if read.transposed { [bc, br] } else { [br, bc] };
+            (
+                block,
+                (block == [128, 128]).then_some("BLK128x128_32F"),
+                false,
+            )
+        } else {
+            let t = Tiles::of(read.format, fp8).t;
+            assert!(
+                read.k % t == 0,
+                "FP8 tiles of {t} along k = {}: the checker allows only tiles that divide k",
+                read.k
+            );
+            (
+                [1, t],
+                (t == 128).then_some("VEC128_32F"),
+                fusable(graph, read.value, t),
+            )
+        };
+        let writer = match graph.values[read.value].def {
+            Def::Node { node, .. } if fused => node.index(),
+            _ => reader,
+        };
+        self.by_operand.insert(key, self.copies.len());
+        self.copies.push(Fp8Copy {
+            value: read.value.index(),
+            format: read.format,
+            outer: read.outer,
+            k: read.k,
+            transposed: read.transposed,
+            block,
+            cublaslt_scale_mode: mode,
+            writer,
+            fused,
+            pair: None,
+            readers: vec![reader],
+        });
     }
 
     /// The copy of `value` that `node`'s kernel writes as it computes it, if any.
@@ -374,15 +509,15 @@ impl Copies {
 impl Fp8Copy {
     /// The kernel arguments naming its codes and its scales.
     fn args(&self, copy: usize) -> (Arg, Arg) {
-        let elements = self.outer * self.k;
+        let scales = self.outer.div_ceil(self.block[0]) * self.k.div_ceil(self.block[1]);
         (
             Arg::Fp8Codes {
                 copy,
-                bytes: elements,
+                bytes: self.outer * self.k,
             },
             Arg::Fp8Scales {
                 copy,
-                bytes: 4 * (elements / self.block[1]),
+                bytes: 4 * scales,
             },
         )
     }
@@ -410,11 +545,12 @@ impl Emitter<'_> {
 
     /// `gemm` as the work of a node whose format is `format`: the GEMM alone, or for an FP8
     /// format the GEMM reading K-major FP8 copies of both operands, after the launches that
-    /// write those of them this step must: its left operand's [`Fp8Copy`] when it is read
-    /// as stored (unless an earlier step or kernel wrote it), else scratch slots `slot`,
-    /// `slot + 1`; the right operand's in `slot + 2`, `slot + 3`. `b_is_weight`: the `b`
-    /// operand is a weight, scaled per weight block (DeepSeek-V3's 128×128); activations and
-    /// gradients are scaled per 1×T tile along `k` (its 1×128).
+    /// write those this step must. An operand read as stored, or a weight, is its
+    /// [`Fp8Copy`] (written here only when this node is the copy's writer and no kernel
+    /// fuses it); the weight gradient's operands, read transposed, are quantized into
+    /// scratch slots `slot`, `slot + 1` (`a`) and `slot + 2`, `slot + 3` (`b`).
+    /// `b_is_weight`: the `b` operand is a weight, scaled per weight block (DeepSeek-V3's
+    /// 128×128); activations and gradients are scaled per 1×T tile along `k` (its 1×128).
     pub(super) fn gemm_in(
         &mut self,
         node: usize,
@@ -449,7 +585,11 @@ impl Emitter<'_> {
             stored_transposed: !g.b_trans,
             weight: b_is_weight,
         };
-        let qb = self.scratch_operand(node, format, &b, slot + 2, &mut work);
+        let qb = if b_is_weight {
+            self.copy_operand(node, format, &b, &mut work)
+        } else {
+            self.scratch_operand(node, format, &b, slot + 2, &mut work)
+        };
         g.fp8 = Some(Fp8Gemm {
             format,
             a: qa,
@@ -459,8 +599,8 @@ impl Emitter<'_> {
         work
     }
 
-    /// The planned copy of an operand read as stored, with the launch writing it when this
-    /// node is its (unfused) writer.
+    /// The planned copy of an operand, with the launch writing it when this node is its
+    /// (unfused) writer.
     fn copy_operand(
         &mut self,
         node: usize,
@@ -469,11 +609,16 @@ impl Emitter<'_> {
         work: &mut Vec<Work>,
     ) -> Fp8Operand {
         let value = buffer_of(self.graph, ValueId::from_index(op.value));
-        let c = self.copies.by_operand[&(value, format, op.k)];
+        let key = (value, format, op.k, op.weight && op.stored_transposed);
+        let c = self.copies.by_operand[&key];
         let copy = self.copies.copies[c].clone();
         let (codes, scales) = copy.args(c);
         if copy.writer == node && !copy.fused {
-            work.push(self.quantize(node, format, op, codes.clone(), scales.clone()));
+            work.push(if op.weight {
+                self.quantize_weight(node, c)
+            } else {
+                self.quantize_tiles(node, format, op, codes.clone(), scales.clone())
+            });
         }
         Fp8Operand {
             codes,
@@ -483,8 +628,8 @@ impl Emitter<'_> {
         }
     }
 
-    /// An operand quantized into scratch `slot` (codes) and `slot + 1` (scales) by a launch
-    /// pushed onto `work`: per 1×T tile along `k`, or per weight block for a weight.
+    /// An activation operand read transposed, quantized in 1×T tiles along `k` into scratch
+    /// `slot` (codes) and `slot + 1` (scales) by a launch pushed onto `work`.
     fn scratch_operand(
         &mut self,
         node: usize,
@@ -493,47 +638,79 @@ impl Emitter<'_> {
         slot: u32,
         work: &mut Vec<Work>,
     ) -> Fp8Operand {
-        let fp8 = self.fp8;
+        let t = Tiles::of(format, &self.fp8).t;
         let elements = op.outer * op.k;
-        let (block, scales, mode) = if op.weight {
-            // The weight is stored [out, in]. Read as [outer, k] = [out, in] (the forward
-            // product) it keeps its blocks; read as [in, out] (the input gradient) the same
-            // blocks are transposed.
-            let [br, bc] = fp8.weight_block;
-            let block = if op.stored_transposed {
-                [bc, br]
-            } else {
-                [br, bc]
-            };
-            let blocks = op.outer.div_ceil(block[0]) * op.k.div_ceil(block[1]);
-            (
-                block,
-                blocks,
-                (block == [128, 128]).then_some("BLK128x128_32F"),
-            )
-        } else {
-            let t = Tiles::of(format, &fp8).t;
-            ([1, t], elements / t, (t == 128).then_some("VEC128_32F"))
-        };
         let codes = Arg::Scratch {
             slot,
             bytes: elements.max(4),
         };
         let scales = Arg::Scratch {
             slot: slot + 1,
-            bytes: 4 * scales.max(1),
+            bytes: 4 * (elements / t).max(1),
         };
-        work.push(self.quantize(node, format, op, codes.clone(), scales.clone()));
+        work.push(self.quantize_tiles(node, format, op, codes.clone(), scales.clone()));
         Fp8Operand {
             codes,
             scales,
-            block,
-            cublaslt_scale_mode: mode,
+            block: [1, t],
+            cublaslt_scale_mode: (t == 128).then_some("VEC128_32F"),
         }
     }
 
-    /// The launch quantizing `op` into `codes` and `scales`.
-    fn quantize(
+    /// The launch writing weight copy `c`, and its pair when it has one, from the weight:
+    /// one thread block per weight block.
+    fn quantize_weight(&mut self, node: usize, c: usize) -> Work {
+        let copy = &self.copies.copies[c];
+        let mut written: Vec<usize> = std::iter::once(c).chain(copy.pair).collect();
+        // As stored first, then transposed.
+        written.sort_by_key(|&i| self.copies.copies[i].transposed);
+        let w = ValueId::from_index(copy.value);
+        let (rows, cols) = (self.shape(w)[0], self.shape(w)[1]);
+        let pow2 = self.fp8.scale == ScaleFormat::Pow2;
+        let [br, bc] = self.fp8.weight_block;
+        let outs: Vec<BlockOut> = written
+            .iter()
+            .map(|&i| BlockOut {
+                e5m2: self.copies.copies[i].format == Format::E5m2,
+                transposed: self.copies.copies[i].transposed,
+            })
+            .collect();
+        // fp8_blocks_e4m3, fp8_blocks_t_e4m3 (transposed), fp8_blocks_pair_e4m3 (both layouts;
+        // two formats when they differ).
+        let copies = &self.copies.copies;
+        let mut formats: Vec<&str> = written.iter().map(|&i| copies[i].format.name()).collect();
+        formats.dedup();
+        let layouts = match written[..] {
+            [i] if copies[i].transposed => format!("_t_{}", formats[0]),
+            [_] => format!("_{}", formats[0]),
+            _ => format!("_pair_{}", formats.join("_")),
+        };
+        let rule = if pow2 { "_pow2" } else { "" };
+        let name = self.kernel(
+            &format!("fp8_blocks{layouts}_{br}x{bc}{rule}"),
+            "quantizes a weight to FP8 in blocks, in each layout its GEMMs read",
+            fp8_blocks_text(pow2, br, bc, &outs),
+            node,
+            0,
+        );
+        let mut args = vec![Arg::Value { id: w.index() }];
+        for &i in &written {
+            let (codes, scales) = self.copies.copies[i].args(i);
+            args.extend([codes, scales]);
+        }
+        args.extend([int(rows), int(cols)]);
+        Work::Launch(Launch {
+            kernel: name,
+            grid: (rows.div_ceil(br) * cols.div_ceil(bc)).max(1),
+            block: BLOCK,
+            shared_bytes: 0,
+            args,
+        })
+    }
+
+    /// The launch quantizing the activation operand `op` in 1×T tiles into `codes` and
+    /// `scales`.
+    fn quantize_tiles(
         &mut self,
         node: usize,
         format: Format,
@@ -541,40 +718,8 @@ impl Emitter<'_> {
         codes: Arg,
         scales: Arg,
     ) -> Work {
-        let fp8 = self.fp8;
-        let e5m2 = format == Format::E5m2;
-        let pow2 = fp8.scale == ScaleFormat::Pow2;
+        let tiles = Tiles::of(format, &self.fp8);
         let transposed = if op.stored_transposed { "_t" } else { "" };
-        if op.weight {
-            let [br, bc] = fp8.weight_block;
-            let (rows, cols) = if op.stored_transposed {
-                (op.k, op.outer)
-            } else {
-                (op.outer, op.k)
-            };
-            let rule = if pow2 { "_pow2" } else { "" };
-            let name = self.kernel(
-                &format!("fp8_blocks{transposed}_{}_{br}x{bc}{rule}", format.name()),
-                "quantizes a weight to FP8 in blocks",
-                fp8_blocks_text(e5m2, pow2, br, bc, op.stored_transposed),
-                node,
-                0,
-            );
-            return Work::Launch(Launch {
-                kernel: name,
-                grid: (rows.div_ceil(br) * cols.div_ceil(bc)).max(1),
-                block: BLOCK,
-                shared_bytes: 0,
-                args: vec![
-                    Arg::Value { id: op.value },
-                    codes,
-                    scales,
-                    int(rows),
-                    int(cols),
-                ],
-            });
-        }
-        let tiles = Tiles::of(format, &fp8);
         let name = self.kernel(
             &format!("fp8_tiles{transposed}{}", tiles.suffix()),
             "quantizes an activation to FP8 in 1×T tiles",
