@@ -154,7 +154,8 @@ enum Emit {
     /// `--out DIR` writes `DIR/<model>.cu`, the building blocks it includes (`kiln_*.cuh`) and
     /// `DIR/manifest.json` (every kernel with its block size and the nodes that launch it; per
     /// Program node, its launches with grid and arguments and its cuBLASLt GEMMs; the
-    /// optimizer's launches). `--check` compiles the unit with
+    /// optimizer's launches; the FP8 copies of GEMM operands, with the node that writes each
+    /// and the nodes that read it). `--check` compiles the unit with
     /// nvcc for sm_90a and refuses register spills and unlisted stack frames.
     Cuda {
         /// The spec [default: the built-in specs/tiny.toml].
@@ -441,8 +442,24 @@ fn cmd_emit_cuda(
                 files.push((name, text.as_bytes().to_vec()));
             }
             hf::write_dir(&dir, &files)?;
+            let launches = cuda
+                .steps
+                .iter()
+                .flat_map(|s| &s.work)
+                .filter(|w| matches!(w, emit_cuda::Work::Launch(_)))
+                .count();
+            let copies = if cuda.fp8_copies.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    ", {} FP8 copies, {} of them fused into their producers",
+                    cuda.fp8_copies.len(),
+                    cuda.fp8_copies.iter().filter(|c| c.fused).count()
+                )
+            };
             eprintln!(
-                "wrote {}: {unit} ({} kernels), manifest.json ({} steps, {} optimizer launches)",
+                "wrote {}: {unit} ({} kernels), manifest.json ({} steps, {launches} launches, \
+                 {} optimizer launches{copies})",
                 dir.display(),
                 cuda.kernels.len(),
                 cuda.steps.len(),

@@ -461,3 +461,33 @@ fn build_refuses_an_invalid_spec_or_a_wrong_source_tree_before_writing_anything(
     );
     assert!(!out.exists(), "nothing is written before the checks pass");
 }
+
+/// `kiln emit cuda --out DIR` writes the unit, its headers and a manifest whose FP8 copies are
+/// the emitter's, and says what it wrote; a second run into the same directory is refused.
+#[test]
+fn emit_cuda_writes_the_unit_headers_and_manifest() {
+    let dir = common::scratch("cli", "emit-cuda").join("out");
+    let out = kiln(&["emit", "cuda", "--out", dir.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", common::text(&out.stderr));
+    let said = common::text(&out.stderr);
+    assert!(
+        said.contains("tiny.cu (62 kernels)")
+            && said.contains("437 launches")
+            && said.contains("99 FP8 copies, 42 of them fused into their producers"),
+        "{said}"
+    );
+    for (name, _) in kiln_compiler::emit_cuda::HEADERS {
+        assert!(dir.join(name).is_file(), "{name} written");
+    }
+    let unit = std::fs::read_to_string(dir.join("tiny.cu")).unwrap();
+    assert!(unit.contains("#include \"kiln_fp8.cuh\""));
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+    let copies = manifest["fp8_copies"].as_array().unwrap();
+    assert_eq!(copies.len(), 99);
+    let fused = copies.iter().filter(|c| c["fused"] == true).count();
+    assert_eq!(fused, 42);
+    let again = kiln(&["emit", "cuda", "--out", dir.to_str().unwrap()]);
+    assert!(!again.status.success());
+    assert!(common::text(&again.stderr).contains("exists and is not empty"));
+}
