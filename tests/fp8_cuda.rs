@@ -662,22 +662,7 @@ extern "C" __global__ void pairs(const float2* x, unsigned* kiln, unsigned* cuda
     cuda[2 * threadIdx.x + 1] = __nv_cvt_float2_to_fp8x2(v, __NV_SATFINITE, __NV_E5M2);
 }
 "#;
-    let cu = dir.join("pairs.cu");
-    let ptx = dir.join("pairs.ptx");
-    std::fs::write(&cu, source).unwrap();
-    let out = Command::new(nvcc.path())
-        .args(["-ptx", "-arch=sm_90a", "-O3", "-I"])
-        .arg(nvcc::kernels_dir())
-        .arg("-o")
-        .arg(&ptx)
-        .arg(&cu)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let ptx = compile_unit(&nvcc, &dir, "pairs", source, "-ptx", "ptx");
     let text = std::fs::read_to_string(&ptx).unwrap();
     for format in ["e4m3x2", "e5m2x2"] {
         let operands: Vec<String> = text
@@ -716,19 +701,34 @@ extern "C" __global__ void tiles(const float4* x, unsigned* codes, float* scales
 unsigned host_code(float x) { return kiln_fp8_encode_host<true>(x) + kiln_float_bits(x); }
 #endif
 "#;
-    let cu = dir.join("both.cu");
+    compile_unit(&nvcc, &dir, "both", source, "-c", "o");
+}
+
+/// Compiles the CUDA `source` as `dir/name.cu` for sm_90a with nvcc in `mode` (`-ptx`, `-c`),
+/// `kernels/` on the include path; returns the output file, `dir/name.ext`.
+fn compile_unit(
+    nvcc: &Nvcc,
+    dir: &Path,
+    name: &str,
+    source: &str,
+    mode: &str,
+    ext: &str,
+) -> PathBuf {
+    let cu = dir.join(format!("{name}.cu"));
+    let output = dir.join(format!("{name}.{ext}"));
     std::fs::write(&cu, source).unwrap();
     let out = Command::new(nvcc.path())
-        .args(["-c", "-arch=sm_90a", "-O3", "-I"])
+        .args([mode, "-arch=sm_90a", "-O3", "-I"])
         .arg(nvcc::kernels_dir())
         .arg("-o")
-        .arg(dir.join("both.o"))
+        .arg(&output)
         .arg(&cu)
         .output()
         .unwrap();
     assert!(
         out.status.success(),
-        "{}",
+        "{name}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    output
 }

@@ -30,7 +30,7 @@ use crate::program::{Program, TrainOutputs};
 
 mod fp8;
 
-use fp8::{quantizing_loop, Copies, TileOut, Tiles};
+use fp8::{quantizing_loop, Copies, TileOut, Tiles, GRID_START, GRID_STRIDE};
 
 /// The building blocks in `kernels/` that the translation unit includes, by file name (for
 /// writing beside it, and for NVRTC, which takes headers as strings).
@@ -642,20 +642,7 @@ impl Emitter<'_> {
                     tiles.t,
                     tiles.comment("y"),
                     const_ptrs(&ins),
-                    quantizing_loop(
-                        "    ",
-                        "blockIdx.x * (long long)blockDim.x + threadIdx.x",
-                        "(long long)gridDim.x * blockDim.x",
-                        "n4",
-                        &element,
-                        &[TileOut {
-                            tiles,
-                            value: "value",
-                            store: Some("y"),
-                            codes: "codes",
-                            scales: "scales",
-                        }],
-                    )
+                    tiles.grid_loop(&element, Some("y"))
                 );
                 base.push_str(&format!("_q{}", tiles.suffix()));
                 args.extend([codes, scales]);
@@ -774,14 +761,7 @@ impl Emitter<'_> {
                 comments.join("\n"),
                 const_ptrs(&ins),
                 params.join(", "),
-                quantizing_loop(
-                    "    ",
-                    "blockIdx.x * (long long)blockDim.x + threadIdx.x",
-                    "(long long)gridDim.x * blockDim.x",
-                    "n4",
-                    &element,
-                    &outs,
-                )
+                quantizing_loop("    ", GRID_START, GRID_STRIDE, "n4", &element, &outs)
             );
             (text, n / 4)
         };
@@ -1625,20 +1605,7 @@ impl Emitter<'_> {
              \x20   const long long n4 = rows * {cols} / 4;\n{}}}\n",
             tiles.comment("y"),
             const_ptrs(&ins),
-            quantizing_loop(
-                "    ",
-                "blockIdx.x * (long long)blockDim.x + threadIdx.x",
-                "(long long)gridDim.x * blockDim.x",
-                "n4",
-                &element,
-                &[TileOut {
-                    tiles,
-                    value: "value",
-                    store: Some("y"),
-                    codes: "codes",
-                    scales: "scales",
-                }],
-            )
+            tiles.grid_loop(&element, Some("y"))
         );
         let name = self.kernel(
             &format!(

@@ -6,12 +6,14 @@
 //!   its left operand, as it is stored, is an [`Fp8Copy`] of the program: quantized once per
 //!   step in 1×T tiles along its last axis, and read by every GEMM that takes the value in
 //!   that format (a norm's output feeds several projections). When the kernel computing the
-//!   value can quantize what it has just computed (norms, forward and backward, and
-//!   elementwise maps: every tile lies within what one thread block writes), it does
-//!   (*fused*), and the value is never read back for it; otherwise a quantizing launch in the
-//!   step of its first reader writes the copy.
-//! - The weight-gradient product's operands (tiles along the tokens, a transposed read) and
-//!   weights (blocks) are quantized into the step's scratch right before their GEMM.
+//!   value can quantize what it has just computed (norms forward and backward, when T divides
+//!   their rows; elementwise maps and their gradients; concats), it does (*fused*), and the
+//!   value is never read back for it; otherwise a quantizing launch in the step of its first
+//!   reader writes the copy.
+//! - A weight is a copy per layout its GEMMs read (blocks as stored for the forward product,
+//!   transposed for the input gradient); one launch at the first reader writes both.
+//! - The weight-gradient product's operands (tiles along the tokens, a transposed read) are
+//!   quantized into the step's scratch right before their GEMM.
 //!
 //! Quantization is `kiln_fp8.cuh`'s, bit for bit the CPU emulation's (`numerics::quant`):
 //! tests/cuda_host.rs compares every operand of a step's FP8 GEMMs with it.
@@ -69,6 +71,32 @@ impl Tiles {
         format!(
             "// Quantizes {what} on the way out: {format} codes (u8, four per unsigned, the first in\n\
              // the low byte) and one {rule} scale (f32) per 1×{t} tile along its rows."
+        )
+    }
+}
+
+/// The first index and the stride of a grid-stride loop over all threads of the launch.
+pub(super) const GRID_START: &str = "blockIdx.x * (long long)blockDim.x + threadIdx.x";
+pub(super) const GRID_STRIDE: &str = "(long long)gridDim.x * blockDim.x";
+
+impl Tiles {
+    /// The grid-stride [`quantizing_loop`] of an elementwise kernel over `n4` groups of four:
+    /// `element` computes element `j` as `value`, stored to `store[j]` if given, quantized
+    /// into `codes` and `scales`.
+    pub fn grid_loop(self, element: &[String], store: Option<&str>) -> String {
+        quantizing_loop(
+            "    ",
+            GRID_START,
+            GRID_STRIDE,
+            "n4",
+            element,
+            &[TileOut {
+                tiles: self,
+                value: "value",
+                store,
+                codes: "codes",
+                scales: "scales",
+            }],
         )
     }
 }
@@ -188,20 +216,7 @@ extern \"C\" __global__ void @KERNEL@(const float* __restrict__ x, unsigned* __r
     const long long n4 = outer * k / 4;
 {}}}
 ",
-        quantizing_loop(
-            "    ",
-            "blockIdx.x * (long long)blockDim.x + threadIdx.x",
-            "(long long)gridDim.x * blockDim.x",
-            "n4",
-            &element,
-            &[TileOut {
-                tiles,
-                value: "value",
-                store: None,
-                codes: "codes",
-                scales: "scales",
-            }],
-        )
+        tiles.grid_loop(&element, None)
     )
 }
 
@@ -333,16 +348,15 @@ fn buffer_of(graph: &Graph, mut v: ValueId) -> ValueId {
     v
 }
 
-/// Whether output `output` of `node` comes from a kernel that can quantize it as it writes
-/// it, in tiles of `t`: an elementwise map or a concat (any tile of consecutive elements), or a norm's
-/// (forward or backward) row output when `t` divides its rows, which one block writes each.
-fn fusable(graph: &Graph, node: ValueId, t: u64) -> bool {
-    let Def::Node { node: n, output } = graph.values[node].def else {
+/// Whether `value` comes from a kernel that can quantize it in tiles of `t` as it writes it:
+/// an elementwise map, its gradient or a concat (any tile of consecutive elements), or a
+/// norm's row output, forward or backward, when `t` divides the rows (one block writes each).
+fn fusable(graph: &Graph, value: ValueId, t: u64) -> bool {
+    let Def::Node { node, output } = graph.values[value].def else {
         return false;
     };
-    let n = &graph.nodes[n];
-    let d = *graph.values[node].ty.shape.last().unwrap_or(&1);
-    match n.op {
+    let d = *graph.values[value].ty.shape.last().unwrap_or(&1);
+    match graph.nodes[node].op {
         Op::Map { .. } | Op::MapGrad { .. } | Op::Concat => true,
         Op::LinearMap { .. } => output == 1,
         Op::RmsNorm { .. } | Op::LayerNorm { .. } => output == 0 && d % t == 0,
@@ -472,10 +486,16 @@ impl Copies {
                 "FP8 tiles of {t} along k = {}: the checker allows only tiles that divide k",
                 read.k
             );
+            // A producer's kernel writes one copy of its output; a second one (another
+            // format or width, which no spec makes today) is quantized at its first reader.
+            let taken = self
+                .copies
+                .iter()
+                .any(|c| c.fused && c.value == read.value.index());
             (
                 [1, t],
                 (t == 128).then_some("VEC128_32F"),
-                fusable(graph, read.value, t),
+                !taken && fusable(graph, read.value, t),
             )
         };
         let writer = match graph.values[read.value].def {
