@@ -6,11 +6,9 @@ use std::time::Instant;
 
 use kiln_compiler::analyze::analyze;
 use kiln_compiler::program::compile;
-use kiln_compiler::program::TrainOutputs;
 use kiln_runtime::cpu::dense::matmul;
 use kiln_runtime::data::{builtin_corpus, byte_tokens, Batcher};
-use kiln_runtime::exec::{Executor, KeptBytes};
-use kiln_runtime::numerics::Emulation;
+use kiln_runtime::exec::KeptBytes;
 use kiln_runtime::train::{init_params, max_token_offset, TrainConfig, Trainer};
 
 use kiln_compiler::model::Model;
@@ -304,14 +302,11 @@ pub(crate) fn run_model(
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
     if args.memory {
-        let kept = args.emulate_precision.then(|| {
-            let keep = TrainOutputs::of(full)
-                .expect("a training graph has losses")
-                .values();
-            Executor::new(full, &keep)
-                .emulating(&Emulation::of(&model.precision))
-                .kept_bytes()
-        });
+        let kept = if args.emulate_precision {
+            trainer.kept_bytes()
+        } else {
+            None
+        };
         return memory_report(name, model, &compiled, heap_peak, kept, args.json);
     }
     let tokens = (b * t) as f64;

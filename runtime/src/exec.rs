@@ -131,11 +131,22 @@ pub struct Feed<'a, T> {
 /// interpreter ([`Executor`]), or a module generated from the graph (`kiln::model!`).
 pub trait Run: Sync {
     fn run(&self, feed: &Feed<f32>) -> Result<HashMap<ValueId, Buf<f32>>, ExecError>;
+
+    /// The bytes of the activations a step packs for the backward pass, by storage format
+    /// (all zero unless an emulated precision policy stores them below f32); `None` for
+    /// runners that cannot say (a generated module, which never emulates).
+    fn kept_bytes(&self) -> Option<KeptBytes> {
+        None
+    }
 }
 
 impl Run for Executor<'_> {
     fn run(&self, feed: &Feed<f32>) -> Result<HashMap<ValueId, Buf<f32>>, ExecError> {
         Executor::run(self, feed)
+    }
+
+    fn kept_bytes(&self) -> Option<KeptBytes> {
+        Some(Executor::kept_bytes(self))
     }
 }
 

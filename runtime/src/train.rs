@@ -14,7 +14,7 @@ use rayon::prelude::*;
 
 use crate::cpu::moe;
 use crate::data::{Batch, Rng};
-use crate::exec::{Buf, ExecError, Executor, Feed, Run};
+use crate::exec::{Buf, ExecError, Executor, Feed, KeptBytes, Run};
 use crate::numerics::store::Half;
 use crate::numerics::Emulation;
 
@@ -336,6 +336,12 @@ impl<'g> Trainer<'g> {
             self.m.iter().map(Moment::values).collect(),
             self.v.iter().map(Moment::values).collect(),
         )
+    }
+
+    /// Bytes of the activations a step packs for the backward pass, as its runner keeps
+    /// them (see [`Run::kept_bytes`]).
+    pub fn kept_bytes(&self) -> Option<KeptBytes> {
+        self.exec.kept_bytes()
     }
 
     /// Bytes the AdamW moments hold.
