@@ -341,3 +341,28 @@ fn fp8_copies_snapshot() {
     }
     insta::assert_snapshot!("fp8-copies-tiny", rows.join("\n"));
 }
+
+/// The unit a user gets from `kiln emit cuda` builds in a whole nvcc compile too (host and
+/// device passes, as `nvcc -c` runs them; kiln itself builds device code only), without a
+/// warning: no unread temporaries in the gradient kernels, no device-only call from host code.
+#[test]
+fn generated_cuda_builds_warning_free_with_nvcc_c() {
+    let Some(nvcc) = nvcc::find_or_skip("whole nvcc compile").unwrap_or_else(|e| panic!("{e}"))
+    else {
+        return;
+    };
+    let dir = scratch("whole");
+    let path = dir.join("tiny.cu");
+    std::fs::write(&path, cuda("specs/tiny.toml").source).unwrap();
+    let out = std::process::Command::new(nvcc.path())
+        .args(["-c", nvcc::GENCODE, "-I"])
+        .arg(nvcc::kernels_dir())
+        .arg("-o")
+        .arg(dir.join("tiny.o"))
+        .arg(&path)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    assert!(!said.contains("warning"), "{said}");
+}

@@ -513,6 +513,42 @@ fn expr_backward(c: &Compiled, seed: &str, indent: &str, out: &mut String) {
     }
 }
 
+/// `body` without the forward temporaries (`const float tN = …;` lines) that no later line
+/// reads: a gradient kernel recomputes only the forward values its adjoints use.
+fn drop_unread_temporaries(body: &str) -> String {
+    let mut lines: Vec<&str> = body.lines().collect();
+    // From the last line up, so that a temporary read only by dropped ones goes too.
+    for i in (0..lines.len()).rev() {
+        let Some(name) = lines[i]
+            .trim_start()
+            .strip_prefix("const float ")
+            .and_then(|rest| rest.split_once(" = "))
+            .map(|(name, _)| name)
+            .filter(|n| n.starts_with('t') && n[1..].bytes().all(|b| b.is_ascii_digit()))
+        else {
+            continue;
+        };
+        if !lines[i + 1..].iter().any(|l| reads(l, name)) {
+            lines.remove(i);
+        }
+    }
+    let mut out = lines.join("\n");
+    if body.ends_with('\n') {
+        out.push('\n');
+    }
+    out
+}
+
+/// Whether `line` reads the identifier `name` (not merely a longer one containing it).
+fn reads(line: &str, name: &str) -> bool {
+    let ident = |b: u8| b.is_ascii_alphanumeric() || b == b'_';
+    line.match_indices(name).any(|(at, _)| {
+        let before = line.as_bytes()[..at].last().copied();
+        let after = line.as_bytes().get(at + name.len()).copied();
+        !before.is_some_and(ident) && !after.is_some_and(ident)
+    })
+}
+
 /// Removes the `gN += …;` parts of `line` whose `N` is a constant (no adjoint declared).
 fn drop_constant_adjoints(line: &str, steps: &[Instr]) -> String {
     line.split_inclusive(';')
@@ -693,6 +729,7 @@ impl Emitter<'_> {
             for w in wrt {
                 let _ = writeln!(body, "        dx{w}[i] = d{w};");
             }
+            let body = drop_unread_temporaries(&body);
             let text = format!(
                 "// The gradient of y = {what} with respect to {wrt_names}: dx_w = dy · ∂y/∂x_w.\n\
                  // x*, dy, dx*: f32[n]\n\
@@ -710,11 +747,12 @@ impl Emitter<'_> {
             let mut body = String::new();
             expr_forward(&c, &loads, "", &mut body);
             expr_backward(&c, "dy[j]", "", &mut body);
-            let mut element: Vec<String> = body.lines().map(str::to_string).collect();
             let mut names = Vec::new();
             for (w, q) in wrt.iter().zip(&quantized) {
                 match q {
-                    None => element.push(format!("dx{w}[j] = d{w};")),
+                    None => {
+                        let _ = writeln!(body, "dx{w}[j] = d{w};");
+                    }
                     Some((tiles, codes, scales)) => {
                         names.push((*tiles, format!("d{w}"), format!("dx{w}"), *w));
                         params.push(format!("unsigned* __restrict__ codes{w}"));
@@ -724,6 +762,10 @@ impl Emitter<'_> {
                     }
                 }
             }
+            let element: Vec<String> = drop_unread_temporaries(&body)
+                .lines()
+                .map(str::to_string)
+                .collect();
             let codes: Vec<(String, String)> = names
                 .iter()
                 .map(|(.., w)| (format!("codes{w}"), format!("scales{w}")))
@@ -3257,6 +3299,7 @@ extern \"C\" __global__ void {NAME}(const float* __restrict__ weights, const int
     };
     expr_forward(act, &inputs, "        ", &mut body);
     expr_backward(act, "da", "        ", &mut body);
+    let body = drop_unread_temporaries(&body);
     let stores = if gated {
         "        dg[r * H + i] = d0;\n        du[r * H + i] = d1;\n"
     } else {
