@@ -14,8 +14,9 @@
 //!
 //! Data are f32 in this version; GEMMs are described for cuBLASLt with bf16 operands and f32
 //! accumulation, which is how the runtime runs them. A linear layer's GEMM whose format is FP8
-//! is preceded by launches that quantize both operands into K-major FP8 copies with their
-//! scales (1×T activation tiles, weight blocks; [`Fp8Gemm`]), which the GEMM reads instead.
+//! reads K-major FP8 copies of both operands with their scales (1×T activation tiles, weight
+//! blocks; [`Fp8Gemm`]) instead, each written once per step, where possible by the kernel
+//! that computes the value ([`Fp8Copy`], planned in `fp8.rs`).
 
 use std::collections::HashMap;
 use std::fmt::Write;
@@ -74,8 +75,9 @@ pub struct CudaProgram {
     /// the norm and clipping factor), AdamW on every tensor in one launch, each router's bias
     /// update.
     pub optimizer: Vec<Launch>,
-    /// The FP8 copies of activations that the step's FP8 GEMMs read (`Arg::Fp8Codes`,
-    /// `Arg::Fp8Scales`), each live from its writer's step to its last reader's.
+    /// The FP8 copies of activations and weights that the step's FP8 GEMMs read
+    /// (`Arg::Fp8Codes`, `Arg::Fp8Scales`), each live from its writer's step to its last
+    /// reader's.
     pub fp8_copies: Vec<Fp8Copy>,
 }
 
@@ -300,7 +302,7 @@ struct Emitter<'g> {
     rope_tables: Vec<RopeTable>,
     /// The spec's FP8 scaling (`[precision.fp8]`), for GEMMs whose format is FP8.
     fp8: Fp8,
-    /// The FP8 copies of activations, planned before any step is emitted.
+    /// The FP8 copies of GEMM operands, planned before any step is emitted.
     copies: Copies,
 }
 
@@ -585,10 +587,10 @@ fn path_base(path: &str) -> String {
     tail.join("_")
 }
 
-/// The last loop of a row kernel (one block per row of `d`): element `j` of the row is
-/// the expression `value` (after the lines `pre`, which may declare temporaries), written to `dst[j]`; with
-/// an FP8 copy to write, four consecutive elements per thread, quantized into the row's tiles
-/// as they are written (the copy's pointers are offset by `row`).
+/// The last loop of a row kernel (one block per row of `d`): element `j` of the row is the
+/// expression `value` (after the lines `pre`, which may declare temporaries), written to
+/// `dst[j]`; with an FP8 copy to write, four consecutive elements per thread, quantized into
+/// the row's tiles as they are written (the copy's pointers are offset by `row`).
 fn row_epilogue(
     quantized: &Option<(Tiles, Arg, Arg)>,
     d: u64,
