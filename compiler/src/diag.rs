@@ -67,7 +67,7 @@ impl fmt::Display for Rule {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Diagnostic {
     pub rule: Rule,
-    /// The headline, e.g. "unknown key `kv_rnk` in [attention]".
+    /// The headline, e.g. "unknown key `kv_rnk` in \[attention\]".
     pub message: String,
     /// Byte range in the spec text the error is about (the primary label).
     pub span: Range<usize>,

@@ -281,7 +281,7 @@ impl<'g> Executor<'g> {
     /// run's type, at least as precise as any policy format.
     ///
     /// Activations the backward pass reads are stored as a GPU stores them
-    /// ([`Executor::storage`]).
+    /// (`Executor::storage`).
     pub fn emulating(mut self, emulation: &Emulation) -> Self {
         let fp8 = emulation.fp8.as_ref();
         for (id, node) in self.graph.nodes.iter() {
