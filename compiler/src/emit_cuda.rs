@@ -438,7 +438,16 @@ fn float_lit(x: f64) -> String {
 /// The statements evaluating `expr` over `inputs` (C expressions, one per operand) into `t0…`,
 /// and the name of the result.
 fn expr_forward(c: &Compiled, inputs: &[String], indent: &str, out: &mut String) -> String {
+    forward_lines(c, inputs, indent, out, &vec![true; c.len()]);
+    format!("t{}", c.len() - 1)
+}
+
+/// The statements defining the temporaries `t{i}` that `keep` marks.
+fn forward_lines(c: &Compiled, inputs: &[String], indent: &str, out: &mut String, keep: &[bool]) {
     for (i, step) in c.instrs().iter().enumerate() {
+        if !keep[i] {
+            continue;
+        }
         let rhs = match *step {
             Instr::Var(v) => inputs[v].clone(),
             Instr::Num(x) => float_lit(x),
@@ -449,16 +458,13 @@ fn expr_forward(c: &Compiled, inputs: &[String], indent: &str, out: &mut String)
         };
         let _ = writeln!(out, "{indent}const float t{i} = {rhs};");
     }
-    format!("t{}", c.len() - 1)
 }
 
-/// After [`expr_forward`]: the reverse sweep seeding the result's adjoint with `seed`, leaving
-/// each operand's gradient in `d0…` (declared here).
-fn expr_backward(c: &Compiled, seed: &str, indent: &str, out: &mut String) {
+/// The gradient of `expr` over `inputs`: the forward temporaries the reverse sweep reads
+/// (and those they are computed from), then the sweep seeding the result's adjoint with
+/// `seed`, leaving each operand's gradient in `d0…` (declared here).
+fn expr_gradient(c: &Compiled, inputs: &[String], seed: &str, indent: &str, out: &mut String) {
     let steps = c.instrs();
-    for v in 0..c.arity() {
-        let _ = writeln!(out, "{indent}float d{v} = 0.0f;");
-    }
     // Only the adjoints that something reaches are declared.
     let mut reached = vec![false; steps.len()];
     reached[steps.len() - 1] = true;
@@ -475,6 +481,86 @@ fn expr_backward(c: &Compiled, seed: &str, indent: &str, out: &mut String) {
             Instr::Var(_) | Instr::Num(_) => {}
         }
     }
+    // Per reached step, its statements: (the adjoint it accumulates into, the statement, the
+    // forward temporaries it reads). Constants have no adjoint, so theirs are left out.
+    let mut sweep = Vec::new();
+    let mut read = vec![false; steps.len()];
+    for i in (0..steps.len()).rev() {
+        if !reached[i] {
+            continue;
+        }
+        let g = format!("g{i}");
+        let parts: Vec<(Option<usize>, String, Vec<usize>)> = match steps[i] {
+            Instr::Var(v) => vec![(None, format!("d{v} += {g};"), vec![])],
+            Instr::Num(_) => continue,
+            Instr::Neg(a) => vec![(Some(a), format!("g{a} -= {g};"), vec![])],
+            Instr::Bin(BinOp::Add, a, b) => vec![
+                (Some(a), format!("g{a} += {g};"), vec![]),
+                (Some(b), format!("g{b} += {g};"), vec![]),
+            ],
+            Instr::Bin(BinOp::Sub, a, b) => vec![
+                (Some(a), format!("g{a} += {g};"), vec![]),
+                (Some(b), format!("g{b} -= {g};"), vec![]),
+            ],
+            Instr::Bin(BinOp::Mul, a, b) => vec![
+                (Some(a), format!("g{a} += {g} * t{b};"), vec![b]),
+                (Some(b), format!("g{b} += {g} * t{a};"), vec![a]),
+            ],
+            Instr::Bin(BinOp::Div, a, b) => vec![
+                (Some(a), format!("g{a} += {g} / t{b};"), vec![b]),
+                (
+                    Some(b),
+                    format!("g{b} -= {g} * t{a} / (t{b} * t{b});"),
+                    vec![a, b],
+                ),
+            ],
+            Instr::Pow(a, n) => {
+                let (power, reads) = if n == 1 {
+                    ("1.0f".to_string(), vec![])
+                } else {
+                    (vec![format!("t{a}"); n as usize - 1].join(" * "), vec![a])
+                };
+                let line = format!("g{a} += {g} * {} * ({power});", float_lit(f64::from(n)));
+                vec![(Some(a), line, reads)]
+            }
+            Instr::Call(f, a) => vec![(
+                Some(a),
+                format!("g{a} += {g} * kiln_{}_grad(t{a});", f.name()),
+                vec![a],
+            )],
+        };
+        let kept: Vec<String> = parts
+            .into_iter()
+            .filter(|(target, ..)| !target.is_some_and(|t| matches!(steps[t], Instr::Num(_))))
+            .map(|(_, line, reads)| {
+                for r in reads {
+                    read[r] = true;
+                }
+                line
+            })
+            .collect();
+        if !kept.is_empty() {
+            sweep.push(kept.join(" "));
+        }
+    }
+    // A temporary read by a kept one is kept too (operands come first).
+    for i in (0..steps.len()).rev() {
+        if !read[i] {
+            continue;
+        }
+        match steps[i] {
+            Instr::Neg(a) | Instr::Pow(a, _) | Instr::Call(_, a) => read[a] = true,
+            Instr::Bin(_, a, b) => {
+                read[a] = true;
+                read[b] = true;
+            }
+            Instr::Var(_) | Instr::Num(_) => {}
+        }
+    }
+    forward_lines(c, inputs, indent, out, &read);
+    for v in 0..c.arity() {
+        let _ = writeln!(out, "{indent}float d{v} = 0.0f;");
+    }
     for (i, &r) in reached.iter().enumerate().take(steps.len() - 1) {
         if r && !matches!(steps[i], Instr::Num(_)) {
             let _ = writeln!(out, "{indent}float g{i} = 0.0f;");
@@ -482,88 +568,9 @@ fn expr_backward(c: &Compiled, seed: &str, indent: &str, out: &mut String) {
     }
     let last = steps.len() - 1;
     let _ = writeln!(out, "{indent}const float g{last} = {seed};");
-    for i in (0..steps.len()).rev() {
-        if !reached[i] {
-            continue;
-        }
-        let g = format!("g{i}");
-        let line = match steps[i] {
-            Instr::Var(v) => format!("d{v} += {g};"),
-            Instr::Num(_) => continue,
-            Instr::Neg(a) => format!("g{a} -= {g};"),
-            Instr::Bin(BinOp::Add, a, b) => format!("g{a} += {g}; g{b} += {g};"),
-            Instr::Bin(BinOp::Sub, a, b) => format!("g{a} += {g}; g{b} -= {g};"),
-            Instr::Bin(BinOp::Mul, a, b) => format!("g{a} += {g} * t{b}; g{b} += {g} * t{a};"),
-            Instr::Bin(BinOp::Div, a, b) => {
-                format!("g{a} += {g} / t{b}; g{b} -= {g} * t{a} / (t{b} * t{b});")
-            }
-            Instr::Pow(a, n) => {
-                let power = if n == 1 {
-                    "1.0f".to_string()
-                } else {
-                    vec![format!("t{a}"); n as usize - 1].join(" * ")
-                };
-                format!("g{a} += {g} * {} * ({power});", float_lit(f64::from(n)))
-            }
-            Instr::Call(f, a) => format!("g{a} += {g} * kiln_{}_grad(t{a});", f.name()),
-        };
-        // Constant operands have no adjoint to accumulate into.
-        let line = drop_constant_adjoints(&line, steps);
-        if !line.is_empty() {
-            let _ = writeln!(out, "{indent}{line}");
-        }
+    for line in sweep {
+        let _ = writeln!(out, "{indent}{line}");
     }
-}
-
-/// `body` without the forward temporaries (`const float tN = …;` lines) that no later line
-/// reads: a gradient kernel recomputes only the forward values its adjoints use.
-fn drop_unread_temporaries(body: &str) -> String {
-    let mut lines: Vec<&str> = body.lines().collect();
-    // From the last line up, so that a temporary read only by dropped ones goes too.
-    for i in (0..lines.len()).rev() {
-        let Some(name) = lines[i]
-            .trim_start()
-            .strip_prefix("const float ")
-            .and_then(|rest| rest.split_once(" = "))
-            .map(|(name, _)| name)
-            .filter(|n| n.starts_with('t') && n[1..].bytes().all(|b| b.is_ascii_digit()))
-        else {
-            continue;
-        };
-        if !lines[i + 1..].iter().any(|l| reads(l, name)) {
-            lines.remove(i);
-        }
-    }
-    let mut out = lines.join("\n");
-    if body.ends_with('\n') {
-        out.push('\n');
-    }
-    out
-}
-
-/// Whether `line` reads the identifier `name` (not merely a longer one containing it).
-fn reads(line: &str, name: &str) -> bool {
-    let ident = |b: u8| b.is_ascii_alphanumeric() || b == b'_';
-    line.match_indices(name).any(|(at, _)| {
-        let before = line.as_bytes()[..at].last().copied();
-        let after = line.as_bytes().get(at + name.len()).copied();
-        !before.is_some_and(ident) && !after.is_some_and(ident)
-    })
-}
-
-/// Removes the `gN += …;` parts of `line` whose `N` is a constant (no adjoint declared).
-fn drop_constant_adjoints(line: &str, steps: &[Instr]) -> String {
-    line.split_inclusive(';')
-        .map(str::trim)
-        .filter(|part| {
-            let target = part
-                .strip_prefix('g')
-                .and_then(|r| r.split_whitespace().next())
-                .and_then(|n| n.parse::<usize>().ok());
-            !matches!(target.map(|n| steps[n]), Some(Instr::Num(_)))
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 /// The C declaration list `const float* __restrict__ x0, …`.
@@ -726,12 +733,10 @@ impl Emitter<'_> {
         let (text, threads) = if quantized.iter().all(Option::is_none) {
             let loads: Vec<String> = ins.iter().map(|x| format!("{x}[i]")).collect();
             let mut body = String::new();
-            expr_forward(&c, &loads, "        ", &mut body);
-            expr_backward(&c, "dy[i]", "        ", &mut body);
+            expr_gradient(&c, &loads, "dy[i]", "        ", &mut body);
             for w in wrt {
                 let _ = writeln!(body, "        dx{w}[i] = d{w};");
             }
-            let body = drop_unread_temporaries(&body);
             let text = format!(
                 "// The gradient of y = {what} with respect to {wrt_names}: dx_w = dy · ∂y/∂x_w.\n\
                  // x*, dy, dx*: f32[n]\n\
@@ -747,8 +752,7 @@ impl Emitter<'_> {
             // as they are written.
             let loads: Vec<String> = ins.iter().map(|x| format!("{x}[j]")).collect();
             let mut body = String::new();
-            expr_forward(&c, &loads, "", &mut body);
-            expr_backward(&c, "dy[j]", "", &mut body);
+            expr_gradient(&c, &loads, "dy[j]", "", &mut body);
             let mut names = Vec::new();
             for (w, q) in wrt.iter().zip(&quantized) {
                 match q {
@@ -764,10 +768,7 @@ impl Emitter<'_> {
                     }
                 }
             }
-            let element: Vec<String> = drop_unread_temporaries(&body)
-                .lines()
-                .map(str::to_string)
-                .collect();
+            let element: Vec<String> = body.lines().map(str::to_string).collect();
             let codes: Vec<(String, String)> = names
                 .iter()
                 .map(|(.., w)| (format!("codes{w}"), format!("scales{w}")))
@@ -3299,9 +3300,7 @@ extern \"C\" __global__ void {NAME}(const float* __restrict__ weights, const int
     } else {
         vec!["up[r * H + i]".into()]
     };
-    expr_forward(act, &inputs, "        ", &mut body);
-    expr_backward(act, "da", "        ", &mut body);
-    let body = drop_unread_temporaries(&body);
+    expr_gradient(act, &inputs, "da", "        ", &mut body);
     let stores = if gated {
         "        dg[r * H + i] = d0;\n        du[r * H + i] = d1;\n"
     } else {

@@ -334,6 +334,8 @@ pub(super) struct Copies {
     pub copies: Vec<Fp8Copy>,
     /// (the buffer's value, format, k, transposed) → its copy.
     by_operand: HashMap<(ValueId, Format, u64, bool), usize>,
+    /// A value → the copy its producer's kernel writes (at most one per value).
+    fused: HashMap<ValueId, usize>,
 }
 
 /// The value whose buffer `v` is: reshapes alias their input.
@@ -488,10 +490,7 @@ impl Copies {
             );
             // A producer's kernel writes one copy of its output; a second one (another
             // format or width, which no spec makes today) is quantized at its first reader.
-            let taken = self
-                .copies
-                .iter()
-                .any(|c| c.fused && c.value == read.value.index());
+            let taken = self.fused.contains_key(&read.value);
             (
                 [1, t],
                 (t == 128).then_some("VEC128_32F"),
@@ -503,6 +502,9 @@ impl Copies {
             _ => reader,
         };
         self.by_operand.insert(key, self.copies.len());
+        if fused {
+            self.fused.insert(read.value, self.copies.len());
+        }
         self.copies.push(Fp8Copy {
             value: read.value.index(),
             format: read.format,
@@ -520,9 +522,8 @@ impl Copies {
 
     /// The copy of `value` that `node`'s kernel writes as it computes it, if any.
     fn fused_at(&self, node: usize, value: ValueId) -> Option<usize> {
-        self.copies
-            .iter()
-            .position(|c| c.fused && c.writer == node && c.value == value.index())
+        let &c = self.fused.get(&value)?;
+        (self.copies[c].writer == node).then_some(c)
     }
 }
 
@@ -631,8 +632,9 @@ impl Emitter<'_> {
         let value = buffer_of(self.graph, ValueId::from_index(op.value));
         let key = (value, format, op.k, op.weight && op.stored_transposed);
         let c = self.copies.by_operand[&key];
-        let copy = self.copies.copies[c].clone();
+        let copy = &self.copies.copies[c];
         let (codes, scales) = copy.args(c);
+        let (block, cublaslt_scale_mode) = (copy.block, copy.cublaslt_scale_mode);
         if copy.writer == node && !copy.fused {
             work.push(if op.weight {
                 self.quantize_weight(node, c)
@@ -643,8 +645,8 @@ impl Emitter<'_> {
         Fp8Operand {
             codes,
             scales,
-            block: copy.block,
-            cublaslt_scale_mode: copy.cublaslt_scale_mode,
+            block,
+            cublaslt_scale_mode,
         }
     }
 
