@@ -240,7 +240,7 @@ pub(crate) fn run_model(
     }
     let report = analyze(model);
     let compiled = compile(model).map_err(|e| other(e.to_string()))?;
-    let (full, forward) = (compiled.train.graph(), compiled.forward.graph());
+    let forward = compiled.forward.graph();
     let (b, t) = (model.train.batch as usize, model.train.seq_len as usize);
     let window = t + max_token_offset(forward) as usize - 1;
     let tokens = byte_tokens(&builtin_corpus(0, 1 << 20))
@@ -266,7 +266,7 @@ pub(crate) fn run_model(
     let config =
         match (args.emulate_precision, built) {
             (false, _) => config,
-            (true, None) => config.emulating(model),
+            (true, None) => config.emulating(compiled.train.settings()),
             (true, Some(_)) => return Err(other(
                 "--emulate-precision runs on kiln's interpreter, not on a specialized binary's \
                  generated step; use `kiln bench SPEC --emulate-precision`",
@@ -275,8 +275,8 @@ pub(crate) fn run_model(
     let heap_before = crate::heap::live();
     let params = init_params(forward, 0);
     let mut trainer = match built {
-        Some(b) => Trainer::with_runner(full, config, params, (b.runner)()),
-        None => Trainer::new(full, config, params),
+        Some(b) => Trainer::with_runner(&compiled.train, config, params, (b.runner)()),
+        None => Trainer::new(&compiled.train, config, params),
     };
     let engine = match (built.is_some(), args.emulate_precision) {
         (true, _) => "generated step",

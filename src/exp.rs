@@ -259,13 +259,14 @@ struct Setup<'a> {
 fn train_curve(label: &str, model: &Model, s: &mut Setup) -> Result<Curve, Failure> {
     let (b, t) = (model.train.batch as usize, model.train.seq_len as usize);
     let compiled = compile(model).map_err(|e| other(e.to_string()))?;
-    let (full, forward) = (compiled.train.graph(), compiled.forward.graph());
+    let forward = compiled.forward.graph();
     let window = t + max_token_offset(forward) as usize - 1;
     let mut batcher = Batcher::new(s.dataset.train.clone(), b, window, s.seed)
         .map_err(|e| other(e.to_string()))?;
-    let config = TrainConfig::of(model, s.steps, s.seed).emulating(model);
+    let settings = compiled.train.settings();
+    let config = TrainConfig::of(settings, s.steps, s.seed).emulating(settings);
     let emulate = config.emulate.clone();
-    let mut trainer = Trainer::new(full, config, init_params(forward, s.seed));
+    let mut trainer = Trainer::new(&compiled.train, config, init_params(forward, s.seed));
     let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let started = Instant::now();
     let mut curve = Curve {
@@ -297,8 +298,14 @@ fn train_curve(label: &str, model: &Model, s: &mut Setup) -> Result<Curve, Failu
                 .map_err(|e| other(e.to_string()))?
                 .filter(|batch| batch.inputs.len() == b * window)
                 .take(s.eval_batches);
-            let val = eval_loss(forward, &trainer.params, batches, t, emulate.as_ref())
-                .map_err(|e| other(e.to_string()))?;
+            let val = eval_loss(
+                &compiled.forward,
+                &trainer.params,
+                batches,
+                t,
+                emulate.as_ref(),
+            )
+            .map_err(|e| other(e.to_string()))?;
             curve.val.push((step, val));
             line["val_loss"] = val.into();
         }

@@ -342,7 +342,8 @@ fn cmd_emit_ir(spec: Option<PathBuf>, after: Pass, color: bool) -> Result<(), Fa
     let graph = program::graph_after(&model, pass).map_err(|e| Failure::Other(e.to_string()))?;
     out(&graph.to_string());
     if after == Pass::Plan {
-        let program = program::Program::new(graph).map_err(|e| Failure::Other(e.to_string()))?;
+        let program = program::Program::new(graph, program::Settings::of(&model))
+            .map_err(|e| Failure::Other(e.to_string()))?;
         let plan = program.plan();
         let mut text = String::from("plan\n");
         for (v, off) in plan.offsets.iter().enumerate() {
@@ -371,7 +372,7 @@ fn cmd_emit_ir(spec: Option<PathBuf>, after: Pass, color: bool) -> Result<(), Fa
 fn cmd_emit_rust(spec: Option<PathBuf>, color: bool) -> Result<(), Failure> {
     let (_, model) = load(spec.as_ref(), &mut Vec::new(), color)?;
     let compiled = program::compile(&model).map_err(|e| Failure::Other(e.to_string()))?;
-    let text = kiln_compiler::emit_rust::emit_text(&model, &compiled).map_err(Failure::Other)?;
+    let text = kiln_compiler::emit_rust::emit_text(&compiled).map_err(Failure::Other)?;
     out(&text);
     Ok(())
 }
@@ -385,7 +386,7 @@ fn cmd_emit_cuda(
     use kiln_compiler::emit_cuda;
     let (_, model) = load(spec.as_ref(), &mut Vec::new(), color)?;
     let compiled = program::compile(&model).map_err(|e| Failure::Other(e.to_string()))?;
-    let cuda = emit_cuda::emit(&model, &compiled.train);
+    let cuda = emit_cuda::emit(&compiled.train);
     let unit = format!(
         "{}.cu",
         kiln_compiler::names::ident(&model.name, kiln_compiler::names::Lang::Cuda)

@@ -55,7 +55,7 @@ pub(crate) fn forward_logits(
     let graph = program.graph();
     let params = params_of(graph)?;
     let logits_v = graph.output("logits").expect("lowering names the logits");
-    let exec = Executor::new(graph, &[logits_v]);
+    let exec = Executor::new(&program, &[logits_v]);
     let inputs = window_inputs(graph, tokens, tokens.len());
     let out = exec
         .run::<f32>(&Feed {

@@ -237,19 +237,19 @@ pub(crate) fn run(args: Args, color: bool) -> Result<(), Failure> {
     pg_model.train.batch = rows as u64;
     pg_model.train.seq_len = window as u64;
     let compiled = compile_policy(&pg_model).map_err(|e| other(e.to_string()))?;
-    let (full, forward) = (compiled.train.graph(), compiled.forward.graph());
+    let forward = compiled.forward.graph();
     let params = by_name(pre_graph, &ck.params, forward)?;
     let mut reference = params.clone();
 
-    let mut config = TrainConfig::of(&model, steps, seed);
+    let mut config = TrainConfig::of(compiled.train.settings(), steps, seed);
     config.lr = cfg.lr;
     config.min_lr = cfg.lr;
     config.warmup = 0;
     config.cosine = false;
-    let mut trainer = Trainer::new(full, config, params);
+    let mut trainer = Trainer::new(&compiled.train, config, params);
     let fwd_exec = {
         let logits = forward.output("logits").expect("lowering names the logits");
-        Executor::new(forward, &[logits])
+        Executor::new(&compiled.forward, &[logits])
     };
     let grpo = GrpoConfig {
         clip_eps: cfg.clip,

@@ -202,7 +202,7 @@ fn run_with(
     let ck_path = checkpoint_path(&out_dir);
     let hash = checkpoint::spec_hash(&spec_bytes);
 
-    let mut config = TrainConfig::of(&model, steps, seed);
+    let mut config = TrainConfig::of(compiled.train.settings(), steps, seed);
     if args.emulate_precision {
         if built.is_some() {
             return Err(other(
@@ -210,11 +210,16 @@ fn run_with(
                  generated step; use `kiln train SPEC --emulate-precision`",
             ));
         }
-        config = config.emulating(&model);
+        config = config.emulating(compiled.train.settings());
     }
     let mut trainer = match built {
-        Some(b) => Trainer::with_runner(full, config, init_params(forward, seed), (b.runner)()),
-        None => Trainer::new(full, config, init_params(forward, seed)),
+        Some(b) => Trainer::with_runner(
+            &compiled.train,
+            config,
+            init_params(forward, seed),
+            (b.runner)(),
+        ),
+        None => Trainer::new(&compiled.train, config, init_params(forward, seed)),
     };
     let mut kept_metrics = String::new();
     if args.resume.is_some() {
@@ -268,7 +273,8 @@ fn run_with(
             .filter(|batch| batch.inputs.len() == b * window)
             .take(args.eval_batches);
         let emulate = trainer.config.emulate.as_ref();
-        eval_loss(forward, &trainer.params, batches, t, emulate).map_err(|e| other(e.to_string()))
+        eval_loss(&compiled.forward, &trainer.params, batches, t, emulate)
+            .map_err(|e| other(e.to_string()))
     };
     let save = |trainer: &Trainer, batcher: &Batcher| -> Result<(), Failure> {
         let (m, v) = trainer.moments();

@@ -41,7 +41,7 @@ fn model(path: &str) -> Model {
 
 fn cuda(path: &str) -> CudaProgram {
     let m = model(path);
-    emit(&m, &compile(&m).unwrap().train)
+    emit(&compile(&m).unwrap().train)
 }
 
 fn scratch(test: &str) -> PathBuf {
@@ -305,7 +305,7 @@ fn fp8_copies_snapshot() {
     let m = model("specs/tiny.toml");
     let compiled = compile(&m).unwrap();
     let graph = compiled.train.graph();
-    let p = emit(&m, &compiled.train);
+    let p = emit(&compiled.train);
     let path = |node: usize| {
         p.steps
             .iter()

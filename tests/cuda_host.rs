@@ -322,7 +322,7 @@ fn run_spec(spec: &str, test: &str, objective: Objective) -> Vec<(String, usize,
         Objective::PolicyGradient => compile_policy(&model).unwrap(),
     };
     let graph = compiled.train.graph();
-    let cuda = emit(&model, &compiled.train);
+    let cuda = emit(&compiled.train);
     let plans = plans(graph, &cuda);
 
     // The interpreter's run of one step, keeping every value.
@@ -349,7 +349,7 @@ fn run_spec(spec: &str, test: &str, objective: Objective) -> Vec<(String, usize,
         .iter()
         .flat_map(|(_, n)| n.outputs.iter().copied())
         .collect();
-    let values = Executor::new(graph, &all)
+    let values = Executor::new(&compiled.train, &all)
         .run::<f32>(&Feed {
             params: &params,
             inputs: &inputs,
@@ -840,22 +840,22 @@ fn optimizer_kernels_match_the_trainer() {
     let compiled = compile(&model).unwrap();
     let graph = compiled.train.graph();
     let forward = compiled.forward.graph();
-    let cuda = emit(&model, &compiled.train);
+    let cuda = emit(&compiled.train);
     let (b, t) = (model.train.batch as usize, model.train.seq_len as usize);
     let window = t + max_token_offset(forward) as usize - 1;
     let mut batcher = Batcher::new(byte_tokens(&builtin_corpus(0, 1 << 15)), b, window, 0).unwrap();
     let batch = batcher.next_batch();
     let params = init_params(forward, 7);
     let outputs = TrainOutputs::of(graph).unwrap();
-    let ran = Executor::new(graph, &outputs.values())
+    let ran = Executor::new(&compiled.train, &outputs.values())
         .run::<f32>(&Feed {
             params: &params,
             inputs: &feed_inputs(graph, &batch, t),
             weights: None,
         })
         .unwrap();
-    let config = TrainConfig::of(&model, 10, 0);
-    let mut trainer = Trainer::new(graph, config.clone(), params.clone());
+    let config = TrainConfig::of(compiled.train.settings(), 10, 0);
+    let mut trainer = Trainer::new(&compiled.train, config.clone(), params.clone());
     let stats = trainer.step(&batch, t).unwrap();
     assert!(!stats.skipped);
 

@@ -15,7 +15,7 @@ fn model(path: &str) -> Model {
 }
 
 fn emitted(m: &Model) -> String {
-    emit_text(m, &compile(m).unwrap()).unwrap()
+    emit_text(&compile(m).unwrap()).unwrap()
 }
 
 #[test]
@@ -152,7 +152,7 @@ fn hostile_model_names_stay_string_literals() {
 #[test]
 fn a_policy_gradient_graph_emits_a_module_that_reads_token_weights() {
     let m = model("tests/specs/micro.toml");
-    let text = emit_text(&m, &kiln_compiler::program::compile_policy(&m).unwrap()).unwrap();
+    let text = emit_text(&kiln_compiler::program::compile_policy(&m).unwrap()).unwrap();
     syn::parse_file(&text).unwrap_or_else(|e| panic!("{e}"));
     assert!(
         text.contains("ops::cross_entropy_weighted("),

@@ -25,9 +25,9 @@ use serde::Serialize;
 
 use crate::dsl::expr::{BinOp, Compiled, Expr, Instr};
 use crate::ir::{Graph, Node, Op, RopePairs, Update, ValueId};
-use crate::model::{Format, Fp8, Model, NormKind, Yarn};
+use crate::model::{Format, Fp8, NormKind, Yarn};
 use crate::names::{comment_text, Lang, Namer};
-use crate::program::{Program, TrainOutputs};
+use crate::program::{Program, Settings, TrainOutputs};
 
 mod fp8;
 
@@ -1976,11 +1976,12 @@ impl Emitter<'_> {
     }
 }
 
-/// The CUDA program for a verified training Program of `model`: kernels for its nodes, then
-/// the optimizer's: partial sums of squares for the global gradient norm and one AdamW launch
-/// per trainable tensor.
-pub fn emit(model: &Model, program: &Program) -> CudaProgram {
+/// The CUDA program for a verified training Program: kernels for its nodes, then the
+/// optimizer's: partial sums of squares for the global gradient norm and one AdamW launch per
+/// trainable tensor, with the Program's settings.
+pub fn emit(program: &Program) -> CudaProgram {
     let graph = program.graph();
+    let settings = program.settings();
     let mut namer = Namer::new(Lang::Cuda);
     namer.reserve("kiln_gen");
     let mut e = Emitter {
@@ -1990,7 +1991,7 @@ pub fn emit(model: &Model, program: &Program) -> CudaProgram {
         kernels: Vec::new(),
         by_text: HashMap::new(),
         rope_tables: Vec::new(),
-        fp8: model.precision.fp8.unwrap_or(Fp8::DEEPSEEK_V3),
+        fp8: settings.formats.fp8.unwrap_or(Fp8::DEEPSEEK_V3),
         copies: Copies::default(),
     };
     e.copies = Copies::plan(graph, &e.fp8);
@@ -2016,9 +2017,9 @@ pub fn emit(model: &Model, program: &Program) -> CudaProgram {
          #include \"kiln_reduce.cuh\"\n\
          #include \"kiln_softmax.cuh\"\n\
          #include \"kiln_math.cuh\"\n{}",
-        comment_text(&crate::names::rust_str_literal(&model.name)),
-        model.train.batch,
-        model.train.seq_len,
+        comment_text(&crate::names::rust_str_literal(&settings.name)),
+        settings.batch,
+        settings.seq_len,
         if fp8_gemms {
             "#include \"kiln_fp8.cuh\"\n"
         } else {
@@ -2036,7 +2037,7 @@ pub fn emit(model: &Model, program: &Program) -> CudaProgram {
         });
     }
     let optimizer = match TrainOutputs::of(graph) {
-        Some(outputs) => e.optimizer(model, &outputs),
+        Some(outputs) => e.optimizer(settings, &outputs),
         None => Vec::new(),
     };
     CudaProgram {
@@ -2053,7 +2054,7 @@ pub fn emit(model: &Model, program: &Program) -> CudaProgram {
 impl Emitter<'_> {
     /// The optimizer's launches: the gradient norm's partial sums over every gradient, then
     /// AdamW on every trainable tensor (`node` numbers past the graph's nodes name them).
-    fn optimizer(&mut self, model: &Model, outputs: &TrainOutputs) -> Vec<Launch> {
+    fn optimizer(&mut self, settings: &Settings, outputs: &TrainOutputs) -> Vec<Launch> {
         let graph = self.graph;
         let node = graph.nodes.len();
         self.out.push_str(OPTIMIZER_TYPES);
@@ -2071,7 +2072,7 @@ impl Emitter<'_> {
             node,
         );
         let adamw = self.fixed("adamw", "one AdamW step on every tensor", ADAMW, node);
-        let opt = &model.train.optimizer;
+        let opt = &settings.optimizer;
         let mut entries = Vec::new();
         for &(p, g) in &outputs.grads {
             let Some(w) = graph.param_value(p) else {
@@ -2124,7 +2125,7 @@ impl Emitter<'_> {
                     norm.clone(),
                     int(chunks),
                     Arg::Float {
-                        value: model.train.grad_clip.unwrap_or(0.0),
+                        value: settings.grad_clip.unwrap_or(0.0),
                     },
                 ],
             },
@@ -2148,7 +2149,7 @@ impl Emitter<'_> {
                 ],
             },
         ];
-        let gamma = model.moe.as_ref().map_or(0.0, |m| m.bias_update);
+        let gamma = settings.bias_update;
         if gamma > 0.0 {
             let update = self.fixed(
                 "bias_update",

@@ -24,7 +24,7 @@ use proc_macro2::{Literal, TokenStream};
 use quote::{format_ident, quote};
 
 use crate::ir::{Def, Graph, InputKind, Node, Op, RopePairs, ValueId};
-use crate::model::{GroupScore, Model, NormKind, ScoreFunc, Selection};
+use crate::model::{GroupScore, NormKind, ScoreFunc, Selection};
 use crate::program::{Compiled, TrainOutputs};
 
 /// A `usize` literal without suffix.
@@ -1610,22 +1610,23 @@ fn params_struct(names: &[&str]) -> TokenStream {
 /// typed `Params`, `Train`, which runs the training graph (forward, backward, losses) keeping
 /// exactly what `kiln_runtime::train::Trainer` reads, and `Forward`, which runs the forward
 /// Program (losses and logits, for evaluation and sampling) keeping its named outputs.
-pub fn emit(model: &Model, compiled: &Compiled) -> TokenStream {
+pub fn emit(compiled: &Compiled) -> TokenStream {
     let graph = compiled.train.graph();
+    let settings = compiled.train.settings();
     let mut keep = TrainOutputs::of(graph)
         .map(|t| t.values())
         .unwrap_or_default();
     // Without MoE or MTP the total loss is the main loss: one value, kept once.
     keep.sort_by_key(|v| v.index());
     keep.dedup();
-    let module = format_ident!("{}", module_ident(&model.name));
-    let name = Literal::string(&model.name);
+    let module = format_ident!("{}", module_ident(&settings.name));
+    let name = Literal::string(&settings.name);
     let (vocab, d_model, layers) = (
-        lit(model.vocab),
-        lit(model.d_model),
-        lit(model.layers.len()),
+        lit(settings.vocab),
+        lit(settings.d_model),
+        lit(settings.layers),
     );
-    let (batch, seq_len) = (lit(model.train.batch), lit(model.train.seq_len));
+    let (batch, seq_len) = (lit(settings.batch), lit(settings.seq_len));
     let names: Vec<Literal> = graph
         .params
         .iter()
@@ -1664,7 +1665,7 @@ pub fn emit(model: &Model, compiled: &Compiled) -> TokenStream {
         })
         .collect();
     let fwd_output_count = lit(fwd_outputs.len());
-    let cuda_source = Literal::string(&crate::emit_cuda::emit(model, &compiled.train).source);
+    let cuda_source = Literal::string(&crate::emit_cuda::emit(&compiled.train).source);
     // Only graphs with a weighted loss read token weights.
     let weighted = [&compiled.train, &compiled.forward].iter().any(|p| {
         p.graph()
@@ -1793,8 +1794,8 @@ pub fn emit(model: &Model, compiled: &Compiled) -> TokenStream {
 }
 
 /// [`emit`] formatted as a source file (`kiln emit rust`).
-pub fn emit_text(model: &Model, compiled: &Compiled) -> Result<String, String> {
-    let tokens = emit(model, compiled);
+pub fn emit_text(compiled: &Compiled) -> Result<String, String> {
+    let tokens = emit(compiled);
     let file: syn::File =
         syn::parse2(tokens).map_err(|e| format!("generated Rust does not parse: {e}"))?;
     Ok(prettyplease::unparse(&file))

@@ -12,6 +12,7 @@ pub mod fuse;
 pub mod hf;
 pub mod hf_weights;
 pub mod ir;
+pub mod keep;
 pub mod lower;
 pub mod model;
 pub mod names;

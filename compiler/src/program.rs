@@ -13,23 +13,35 @@ use std::fmt;
 use crate::autodiff::differentiate;
 use crate::fuse::fuse;
 use crate::ir::{verify, Def, Graph, Op, ParamId, ValueId};
+use crate::keep::{keep, KeepPlan};
 use crate::lower::{lower, lower_for, Objective};
-use crate::model::Model;
+use crate::model::{AdamW, Format, Fp8, Model, Schedule};
 use crate::plan::{plan, Plan};
 
-/// A verified graph, its memory plan, and the values its caller keeps (its outputs).
+/// Everything a backend needs to run a graph: the verified graph, its memory plan, what its
+/// backward pass keeps (and in which format), and the settings of the run. Backends take a
+/// `Program` and nothing else of the compiler.
 #[derive(Clone, Debug)]
 pub struct Program {
     graph: Graph,
     plan: Plan,
+    keep: KeepPlan,
+    settings: Settings,
 }
 
 impl Program {
-    /// Verifies `graph` and plans its memory, keeping its named outputs to the end.
-    pub fn new(graph: Graph) -> Result<Program, CompileError> {
+    /// Verifies `graph`, plans its memory (keeping its named outputs to the end) and what its
+    /// backward pass keeps under `settings`' precision policy.
+    pub fn new(graph: Graph, settings: Settings) -> Result<Program, CompileError> {
         checked("verify", &graph)?;
         let plan = plan(&graph, &outputs(&graph));
-        Ok(Program { graph, plan })
+        let keep = keep(&graph, settings.formats.fp8.as_ref());
+        Ok(Program {
+            graph,
+            plan,
+            keep,
+            settings,
+        })
     }
 
     pub fn graph(&self) -> &Graph {
@@ -38,6 +50,80 @@ impl Program {
 
     pub fn plan(&self) -> &Plan {
         &self.plan
+    }
+
+    /// The values the backward pass reads from the forward pass, with their storage.
+    pub fn keep(&self) -> &KeepPlan {
+        &self.keep
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+}
+
+/// The settings of a run that are not in the graph: the model's name, the shape of a step,
+/// the optimizer and its schedule, clipping, the router bias update, and the storage formats
+/// of the precision policy. (Each node's compute format is in the graph.)
+#[derive(Clone, Debug, PartialEq)]
+pub struct Settings {
+    pub name: String,
+    /// Vocabulary size, residual width and block count: the constants a generated module
+    /// states.
+    pub vocab: u64,
+    pub d_model: u64,
+    pub layers: usize,
+    /// Sequences per step.
+    pub batch: u64,
+    /// Tokens per sequence.
+    pub seq_len: u64,
+    pub optimizer: AdamW,
+    pub schedule: Schedule,
+    /// Global gradient-norm clip; `None` disables clipping.
+    pub grad_clip: Option<f64>,
+    /// Aux-loss-free balancing speed γ (0 without routed experts).
+    pub bias_update: f64,
+    pub formats: Formats,
+}
+
+/// The precision policy's storage formats and FP8 scaling.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Formats {
+    /// The residual stream's format, and that of activations kept for the backward pass.
+    pub compute: Format,
+    pub master: Format,
+    pub grads: Format,
+    /// AdamW's moments.
+    pub moments: Format,
+    pub kv_cache: Format,
+    /// FP8 scaling; present iff some GEMM format is FP8.
+    pub fp8: Option<Fp8>,
+}
+
+impl Settings {
+    /// The settings of a checked model.
+    pub fn of(model: &Model) -> Settings {
+        let (t, p) = (&model.train, &model.precision);
+        Settings {
+            name: model.name.clone(),
+            vocab: model.vocab,
+            d_model: model.d_model,
+            layers: model.layers.len(),
+            batch: t.batch,
+            seq_len: t.seq_len,
+            optimizer: t.optimizer,
+            schedule: t.schedule,
+            grad_clip: t.grad_clip,
+            bias_update: model.moe.as_ref().map_or(0.0, |m| m.bias_update),
+            formats: Formats {
+                compute: p.compute,
+                master: p.master,
+                grads: p.grads,
+                moments: p.moments,
+                kv_cache: p.kv_cache,
+                fp8: p.fp8,
+            },
+        }
     }
 }
 
@@ -145,8 +231,8 @@ pub fn compile(model: &Model) -> Result<Compiled, CompileError> {
     let forward = lowered(model)?;
     let train = differentiated(&forward)?;
     Ok(Compiled {
-        train: Program::new(fuse(&train))?,
-        forward: Program::new(fuse(&forward))?,
+        train: Program::new(fuse(&train), Settings::of(model))?,
+        forward: Program::new(fuse(&forward), Settings::of(model))?,
     })
 }
 
@@ -159,14 +245,14 @@ pub fn compile_policy(model: &Model) -> Result<Compiled, CompileError> {
     checked("lower", &forward)?;
     let train = differentiated(&forward)?;
     Ok(Compiled {
-        train: Program::new(fuse(&train))?,
-        forward: Program::new(fuse(&forward))?,
+        train: Program::new(fuse(&train), Settings::of(model))?,
+        forward: Program::new(fuse(&forward), Settings::of(model))?,
     })
 }
 
 /// The forward pass alone, lowered, fused and planned (sampling needs no backward pass).
 pub fn compile_forward(model: &Model) -> Result<Program, CompileError> {
-    Program::new(fuse(&lowered(model)?))
+    Program::new(fuse(&lowered(model)?), Settings::of(model))
 }
 
 fn lowered(model: &Model) -> Result<Graph, CompileError> {

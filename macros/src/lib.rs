@@ -51,7 +51,7 @@ fn expand(relative: &str) -> Result<proc_macro2::TokenStream, String> {
     })?;
     let compiled = kiln_compiler::program::compile(&model)
         .map_err(|e| format!("kiln::model!: cannot compile {relative}: {e}"))?;
-    let module = kiln_compiler::emit_rust::emit(&model, &compiled);
+    let module = kiln_compiler::emit_rust::emit(&compiled);
     let spec_path = path.to_string_lossy().into_owned();
     Ok(quote! {
         #module

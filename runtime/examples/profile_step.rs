@@ -22,7 +22,7 @@ fn main() {
     let mut batcher = Batcher::new(tokens, b, window, 0).unwrap();
     let params = init_params(fwd, 0);
     let keep: Vec<_> = full.outputs.iter().map(|(_, v)| *v).collect();
-    let exec = Executor::new(full, &keep);
+    let exec = Executor::new(&compiled.train, &keep);
     let mut profile = HashMap::new();
     let steps: usize = std::env::args()
         .nth(2)

@@ -17,15 +17,20 @@ fn main() {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../specs/tiny.toml");
     let model = check(&std::fs::read(path).unwrap()).unwrap();
     let compiled = compile(&model).unwrap();
-    let (full, forward) = (compiled.train.graph(), compiled.forward.graph());
+    let forward = compiled.forward.graph();
     let (b, t) = (model.train.batch as usize, model.train.seq_len as usize);
     let tokens = byte_tokens(&builtin_corpus(0, 1 << 20));
     let window = t + max_token_offset(forward) as usize - 1;
     let mut batcher = Batcher::new(tokens, b, window, 0).unwrap();
     let params = init_params(forward, 0);
-    let config = TrainConfig::of(&model, 1000, 0);
-    let mut interpreted = Trainer::new(full, config.clone(), params.clone());
-    let mut specialized = Trainer::with_runner(full, config, params, Box::new(tiny::Train::new()));
+    let config = TrainConfig::of(compiled.train.settings(), 1000, 0);
+    let mut interpreted = Trainer::new(&compiled.train, config.clone(), params.clone());
+    let mut specialized = Trainer::with_runner(
+        &compiled.train,
+        config,
+        params,
+        Box::new(tiny::Train::new()),
+    );
     const STEPS: usize = 10;
     for round in 0..rounds {
         for (name, trainer) in [

@@ -13,14 +13,17 @@ use std::collections::HashMap;
 use std::fmt;
 
 use kiln_compiler::ir::{Def, Graph, InputKind, Node, Op, ValueId};
-use kiln_compiler::model::NormKind;
+use kiln_compiler::keep::{self, KeepPlan};
+use kiln_compiler::model::{Format, NormKind};
+use kiln_compiler::program::Program;
 
 use crate::cpu::attention::{self, RopeTables};
 use crate::cpu::elementwise::Elementwise;
 use crate::cpu::{dense, moe, Real};
 use crate::numerics::gemm::GemmNumerics;
+use crate::numerics::quant::ScaleRule;
 use crate::numerics::store::{Half, Packed, Storage};
-use crate::numerics::Emulation;
+use crate::numerics::{Emulation, Fp8Format};
 use crate::ops::{self, check_ids, norm_bwd, norm_fwd, rope_pairs, router_config, ExprActivation};
 
 /// A tensor's data: floats, or u32 ids and indices.
@@ -153,6 +156,10 @@ impl Run for Executor<'_> {
 /// A graph prepared for repeated runs: liveness and compiled expressions computed once.
 pub struct Executor<'g> {
     graph: &'g Graph,
+    /// What the backward pass reads from the forward pass, and how it is stored.
+    keep: &'g KeepPlan,
+    /// The compute format kept activations are stored in, when emulating a policy.
+    compute: Option<Format>,
     /// For each value, the index of the last node reading it (`usize::MAX` if kept).
     last_use: Vec<usize>,
     /// Compiled expressions of `map` and `map_grad` nodes, by node index.
@@ -162,8 +169,6 @@ pub struct Executor<'g> {
     /// For each `experts_grad` node, the `experts` node it differentiates; its routed
     /// activations are kept from the forward pass instead of being recomputed.
     experts_forward: HashMap<usize, usize>,
-    /// The `experts` nodes some `experts_grad` node reads saved activations from.
-    experts_backward: std::collections::HashSet<usize>,
     /// How each GEMM node treats its operands, by node index; absent nodes are exact. Empty
     /// unless [`Executor::emulating`] set a precision policy.
     gemm: HashMap<usize, GemmNumerics>,
@@ -222,8 +227,9 @@ impl<T: Real> KeptExperts<T> {
 }
 
 impl<'g> Executor<'g> {
-    /// Prepares `graph` (which must verify) to run, keeping the values in `keep` alive.
-    pub fn new(graph: &'g Graph, keep: &[ValueId]) -> Self {
+    /// Prepares `program` to run, keeping the values in `keep` alive.
+    pub fn new(program: &'g Program, keep: &[ValueId]) -> Self {
+        let graph = program.graph();
         let mut last_use = vec![0usize; graph.values.len()];
         for (id, node) in graph.nodes.iter() {
             for &v in &node.inputs {
@@ -254,14 +260,14 @@ impl<'g> Executor<'g> {
             }
         }
         let experts_forward = graph.experts_forward();
-        let experts_backward = experts_forward.values().copied().collect();
         Executor {
             graph,
+            keep: program.keep(),
+            compute: None,
             last_use,
             elementwise,
             rope_key,
             experts_forward,
-            experts_backward,
             gemm: HashMap::new(),
             pack: HashMap::new(),
             experts_storage: None,
@@ -281,7 +287,7 @@ impl<'g> Executor<'g> {
     /// run's type, at least as precise as any policy format.
     ///
     /// Activations the backward pass reads are stored as a GPU stores them
-    /// (`Executor::storage`).
+    /// (the Program's keep plan).
     pub fn emulating(mut self, emulation: &Emulation) -> Self {
         let fp8 = emulation.fp8.as_ref();
         for (id, node) in self.graph.nodes.iter() {
@@ -299,6 +305,7 @@ impl<'g> Executor<'g> {
         }
         let half = Half::of(emulation.activations);
         self.experts_storage = half;
+        self.compute = Some(emulation.activations);
         self.pack = self.storage(half);
         self
     }
@@ -312,122 +319,44 @@ impl<'g> Executor<'g> {
     }
 
     /// Bytes the packed activations hold once the forward pass is done: every value of
-    /// [`Executor::kept_activations`] plus the routed projections `experts` nodes keep.
+    /// [`Executor::kept_activations`] plus the routed projections `experts` nodes keep, as
+    /// the keep plan counts them (all zero unless emulating a 16-bit or FP8 policy).
     pub fn kept_bytes(&self) -> KeptBytes {
-        let g = self.graph;
-        let mut kept = KeptBytes::default();
-        for (v, storage) in self.kept_activations() {
-            let ty = &g.values[v].ty;
-            let n = ty.elements() as u64;
-            match storage {
-                Storage::Half(_) => kept.half += 2 * n,
-                Storage::Fp8 { tile, .. } => {
-                    let cols = *ty.shape.last().unwrap_or(&1);
-                    kept.fp8 += n;
-                    kept.scales += 4 * (n / cols.max(1)) * cols.div_ceil(tile as u64);
+        match self.compute {
+            Some(compute) => {
+                let b = self.keep.bytes(self.graph, compute);
+                KeptBytes {
+                    half: b.half,
+                    fp8: b.fp8,
+                    scales: b.scales,
                 }
             }
+            None => KeptBytes::default(),
         }
-        if self.experts_storage.is_some() {
-            for &f in &self.experts_backward {
-                let node = &g.nodes[kiln_compiler::ir::Handle::from_index(f)];
-                let Op::Experts { gated, .. } = node.op else {
-                    continue;
-                };
-                let routed = g.values[node.inputs[1]].ty.elements() as u64;
-                let h = g.values[node.inputs[if gated { 4 } else { 3 }]].ty.shape[1];
-                kept.half += 2 * routed * h * if gated { 2 } else { 1 };
-            }
-        }
-        kept
     }
 
-    /// Which activations a training graph keeps in which format, by the node after which
-    /// they are packed (the last forward node reading them, or their producer).
-    ///
-    /// The backward pass is every node after the one computing `loss`. A value of the
-    /// forward pass that it reads is packed when it is float, computed from the graph's
-    /// inputs (values derived from parameters alone are weights, not activations), and not
-    /// kept by the caller:
-    /// - as FP8 tiles, exactly as an FP8 GEMM of the forward pass read it, when every
-    ///   backward reader is the weight-gradient GEMM of an FP8 `linear_grad` or
-    ///   `experts_grad` (DeepSeek-V3 caches the FP8 input; its weight gradient quantizes the
-    ///   dequantized values again, along the tokens);
-    /// - in f32 when it is a statistic the analyzer keeps in f32: a scalar, a router's
-    ///   outputs, attention's log-sum-exp, the logits a cross-entropy gradient reads, or a
-    ///   reshape of one of these;
-    /// - otherwise in the 16-bit compute format `half`, when there is one.
+    /// The activations to pack once each node has run, from the Program's keep plan: those
+    /// it stores in FP8, and those it stores in the compute format when that is 16-bit.
     fn storage(&self, half: Option<Half>) -> HashMap<usize, Vec<(ValueId, Storage)>> {
-        let g = self.graph;
         let mut pack: HashMap<usize, Vec<(ValueId, Storage)>> = HashMap::new();
-        let loss_node = g.output("loss").and_then(|v| match g.values[v].def {
-            Def::Node { node, .. } => Some(node.index()),
-            _ => None,
-        });
-        let Some(boundary) = loss_node.map(|n| n + 1) else {
-            return pack;
-        };
-        let mut from_data = vec![false; g.values.len()];
-        let mut readers: Vec<Vec<(usize, usize)>> = vec![Vec::new(); g.values.len()];
-        for (v, value) in g.values.iter() {
-            from_data[v.index()] = matches!(value.def, Def::Input(_));
-        }
-        let mut statistic = vec![false; g.values.len()];
-        for (id, node) in g.nodes.iter() {
-            let data = node.inputs.iter().any(|v| from_data[v.index()]);
-            for (i, &o) in node.outputs.iter().enumerate() {
-                from_data[o.index()] = data;
-                statistic[o.index()] = g.values[o].ty.shape.is_empty()
-                    || match node.op {
-                        Op::Router(_) => true,
-                        Op::Attention { .. } => i == 1,
-                        Op::Reshape { .. } => statistic[node.inputs[0].index()],
-                        _ => false,
-                    };
-            }
-            for (at, &v) in node.inputs.iter().enumerate() {
-                readers[v.index()].push((id.index(), at));
-            }
-            if let (Op::CrossEntropyGrad, Some(logits)) = (&node.op, node.inputs.first()) {
-                statistic[logits.index()] = true;
-            }
-        }
-        // The FP8 numerics of a GEMM node reading `v` as its activation operand (operand 0).
-        let fp8_reader = |(node, at): (usize, usize)| match self.gemm.get(&node) {
-            Some(GemmNumerics::Fp8(f)) if at == 0 => Some(*f),
-            _ => None,
-        };
-        for (v, value) in g.values.iter() {
-            let Def::Node { node: producer, .. } = value.def else {
-                continue;
-            };
-            let r = &readers[v.index()];
-            let (forward, backward): (Vec<_>, Vec<_>) = r.iter().partition(|(n, _)| *n < boundary);
-            if producer.index() >= boundary
-                || backward.is_empty()
-                || value.ty.dtype != kiln_compiler::ir::DType::F32
-                || !from_data[v.index()]
-                || statistic[v.index()]
-                || self.last_use[v.index()] == usize::MAX
-            {
-                continue;
-            }
-            let fp8 = forward.iter().find_map(|&&r| fp8_reader(r));
-            let storage = match fp8 {
-                Some(f) if backward.iter().all(|&&r| fp8_reader(r).is_some()) => Storage::Fp8 {
-                    format: f.format,
-                    tile: f.tile,
-                    rule: f.rule,
-                },
-                _ => match half {
+        for k in &self.keep.kept {
+            let storage = match k.storage {
+                keep::Storage::F32 => continue,
+                keep::Storage::Compute => match half {
                     Some(h) => Storage::Half(h),
                     None => continue,
                 },
+                keep::Storage::Fp8 {
+                    format,
+                    tile,
+                    scale,
+                } => Storage::Fp8 {
+                    format: Fp8Format::of(format).expect("the keep plan stores FP8 formats"),
+                    tile: tile as usize,
+                    rule: ScaleRule::of(scale),
+                },
             };
-            let after = forward.iter().map(|(n, _)| *n).max();
-            pack.entry(after.unwrap_or(producer.index()))
-                .or_default()
-                .push((v, storage));
+            pack.entry(k.after).or_default().push((k.value, storage));
         }
         pack
     }
@@ -828,7 +757,7 @@ impl<'g> Executor<'g> {
                 if matches!(node.op, Op::Experts { .. }) {
                     let (y, saved) = moe::experts_fwd_with(&ffn, num);
                     // Keep the routed activations for the backward pass if one follows.
-                    if self.experts_backward.contains(&index) {
+                    if self.keep.experts.binary_search(&index).is_ok() {
                         saved_experts
                             .insert(index, KeptExperts::keep(saved, h, self.experts_storage));
                     }

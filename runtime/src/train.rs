@@ -2,13 +2,14 @@
 //! backward) graph, AdamW with decoupled weight decay, global-norm clipping, the learning-rate
 //! schedule, the aux-loss-free router bias update, and validation loss.
 //!
-//! The runtime does not read specs: the caller lowers and differentiates the model and fills a
-//! [`TrainConfig`] from it.
+//! The runtime does not read specs: it trains a compiled [`Program`], and [`TrainConfig`]
+//! comes from the Program's settings.
 
 use std::collections::HashMap;
 
 use kiln_compiler::ir::{Def, Graph, Init, InputKind, ParamId, Update, ValueId};
-use kiln_compiler::program::TrainOutputs;
+use kiln_compiler::model::ScheduleKind;
+use kiln_compiler::program::{Program, Settings, TrainOutputs};
 
 use rayon::prelude::*;
 
@@ -43,31 +44,31 @@ pub struct TrainConfig {
 }
 
 impl TrainConfig {
-    /// The settings of a checked model's `[train]` section (and its MoE balancing speed), for
-    /// `steps` steps from `seed`.
-    pub fn of(model: &kiln_compiler::model::Model, steps: u64, seed: u64) -> TrainConfig {
-        let t = &model.train;
+    /// A Program's optimizer, schedule, clipping and balancing speed
+    /// ([`Program::settings`]), for `steps` steps from `seed`.
+    pub fn of(settings: &Settings, steps: u64, seed: u64) -> TrainConfig {
+        let (o, s) = (&settings.optimizer, &settings.schedule);
         TrainConfig {
             steps,
-            lr: t.optimizer.lr,
-            beta1: t.optimizer.beta1,
-            beta2: t.optimizer.beta2,
-            eps: t.optimizer.eps,
-            weight_decay: t.optimizer.weight_decay,
-            warmup: t.schedule.warmup.min(steps),
-            cosine: t.schedule.kind == kiln_compiler::model::ScheduleKind::Cosine,
-            min_lr: t.schedule.min_lr,
-            grad_clip: t.grad_clip,
-            bias_update: model.moe.as_ref().map_or(0.0, |m| m.bias_update),
+            lr: o.lr,
+            beta1: o.beta1,
+            beta2: o.beta2,
+            eps: o.eps,
+            weight_decay: o.weight_decay,
+            warmup: s.warmup.min(steps),
+            cosine: s.kind == ScheduleKind::Cosine,
+            min_lr: s.min_lr,
+            grad_clip: settings.grad_clip,
+            bias_update: settings.bias_update,
             seed,
             emulate: None,
         }
     }
 
-    /// The same settings, emulating `model`'s precision policy.
-    pub fn emulating(self, model: &kiln_compiler::model::Model) -> TrainConfig {
+    /// The same settings, emulating the precision policy of `settings`.
+    pub fn emulating(self, settings: &Settings) -> TrainConfig {
         TrainConfig {
-            emulate: Some(Emulation::of(&model.precision)),
+            emulate: Some(Emulation::of(&settings.formats)),
             ..self
         }
     }
@@ -275,28 +276,29 @@ pub fn max_token_offset(graph: &Graph) -> u32 {
 }
 
 impl<'g> Trainer<'g> {
-    /// A trainer for `graph`, the output of `autodiff::differentiate` (it must have `loss`,
-    /// `loss.main` and one `grad.<param>` output per trainable parameter).
-    pub fn new(graph: &'g Graph, config: TrainConfig, params: Vec<Vec<f32>>) -> Self {
-        let keep = TrainOutputs::of(graph)
+    /// A trainer for `program`, a training graph (the output of `autodiff::differentiate`:
+    /// it must have `loss`, `loss.main` and one `grad.<param>` output per trainable parameter).
+    pub fn new(program: &'g Program, config: TrainConfig, params: Vec<Vec<f32>>) -> Self {
+        let keep = TrainOutputs::of(program.graph())
             .expect("a training graph has losses")
             .values();
-        let exec = Executor::new(graph, &keep);
+        let exec = Executor::new(program, &keep);
         let exec = match &config.emulate {
             Some(e) => exec.emulating(e),
             None => exec,
         };
-        Trainer::with_runner(graph, config, params, Box::new(exec))
+        Trainer::with_runner(program, config, params, Box::new(exec))
     }
 
     /// A trainer whose graph runs on `runner` instead of the interpreter: a module generated
     /// from the same graph (`kiln::model!`), which must keep [`TrainOutputs::values`].
     pub fn with_runner(
-        graph: &'g Graph,
+        program: &'g Program,
         config: TrainConfig,
         params: Vec<Vec<f32>>,
         runner: Box<dyn Run + 'g>,
     ) -> Self {
+        let graph = program.graph();
         let outputs = TrainOutputs::of(graph).expect("a training graph has losses");
         let TrainOutputs {
             loss,
@@ -492,13 +494,14 @@ impl<'g> Trainer<'g> {
 /// Mean main-model cross-entropy of a forward graph over `batches` (validation), with the
 /// precision policy emulated when `emulate` is given.
 pub fn eval_loss(
-    forward: &Graph,
+    forward: &Program,
     params: &[Vec<f32>],
     batches: impl Iterator<Item = Batch>,
     seq_len: usize,
     emulate: Option<&Emulation>,
 ) -> Result<f64, ExecError> {
     let main = forward
+        .graph()
         .output("loss.main")
         .expect("a forward graph has a main loss");
     let exec = Executor::new(forward, &[main]);
@@ -508,7 +511,7 @@ pub fn eval_loss(
     };
     let (mut sum, mut n) = (0.0, 0usize);
     for batch in batches {
-        let inputs = feed_inputs(forward, &batch, seq_len);
+        let inputs = feed_inputs(forward.graph(), &batch, seq_len);
         let out = exec.run::<f32>(&Feed {
             params,
             inputs: &inputs,

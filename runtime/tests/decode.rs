@@ -11,6 +11,7 @@ use kiln_compiler::check::check_str;
 use kiln_compiler::ir::InputKind;
 use kiln_compiler::lower::lower;
 use kiln_compiler::model::{Format, Model};
+use kiln_compiler::program::{Program, Settings};
 use kiln_runtime::data::Rng;
 use kiln_runtime::decode::{DecodeError, Decoder};
 use kiln_runtime::exec::{Executor, Feed};
@@ -68,9 +69,10 @@ fn tokens(m: &Model, seed: u64) -> Vec<u32> {
 
 /// The uncached logits `[b, t, vocab]` from the interpreter.
 fn forward_logits(m: &Model, params: &[Vec<f32>], toks: &[u32]) -> Vec<f32> {
-    let g = lower(m).unwrap();
+    let program = Program::new(lower(m).unwrap(), Settings::of(m)).unwrap();
+    let g = program.graph();
     let logits = g.output("logits").unwrap();
-    let exec = Executor::new(&g, &[logits]);
+    let exec = Executor::new(&program, &[logits]);
     let (b, t) = (m.train.batch as usize, m.train.seq_len as usize);
     let mut inputs = HashMap::new();
     for (_, v) in g.values.iter() {

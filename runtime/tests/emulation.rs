@@ -9,7 +9,7 @@ use kiln_compiler::check::check_str;
 use kiln_compiler::ir::{Def, Graph, Node, Op, ValueId};
 use kiln_compiler::lower::lower;
 use kiln_compiler::model::{Format, Model};
-use kiln_compiler::program::TrainOutputs;
+use kiln_compiler::program::{Program, Settings, TrainOutputs};
 use kiln_runtime::data::{builtin_corpus, byte_tokens, Batch, Batcher};
 use kiln_runtime::exec::Executor;
 use kiln_runtime::numerics::store::{Half, Storage};
@@ -44,7 +44,7 @@ struct Run {
 /// fixed corpus.
 struct Fixture {
     fwd: Graph,
-    full: Graph,
+    full: Program,
     t: usize,
     batches: Vec<Batch>,
 }
@@ -53,6 +53,7 @@ impl Fixture {
     fn new(model: &Model, steps: u64) -> Fixture {
         let fwd = lower(model).unwrap();
         let full = differentiate(&fwd, fwd.output("loss").unwrap()).unwrap();
+        let full = Program::new(full, Settings::of(model)).unwrap();
         let (b, t) = (model.train.batch as usize, model.train.seq_len as usize);
         let window = t + max_token_offset(&fwd) as usize - 1;
         let tokens: Vec<u32> = byte_tokens(&builtin_corpus(0, 1 << 16))
@@ -77,9 +78,9 @@ impl Fixture {
 
 fn train(model: &Model, emulate: bool, steps: u64) -> Run {
     let f = Fixture::new(model, steps);
-    let mut config = TrainConfig::of(model, steps, 0);
+    let mut config = TrainConfig::of(f.full.settings(), steps, 0);
     if emulate {
-        config = config.emulating(model);
+        config = config.emulating(f.full.settings());
     }
     let mut trainer = f.trainer(config);
     let stats = f
@@ -185,23 +186,28 @@ fn gradient_gemms_take_the_linear_grad_format() {
     );
 }
 
-/// The training graph of `model` and an executor emulating its policy.
-fn emulated(model: &Model) -> (Graph, usize) {
+/// The training Program of `model` and the index of the node computing its loss.
+fn emulated(model: &Model) -> (Program, usize) {
     let fwd = lower(model).unwrap();
     let full = differentiate(&fwd, fwd.output("loss").unwrap()).unwrap();
     let loss = full.output("loss").unwrap();
     let Def::Node { node, .. } = full.values[loss].def else {
         panic!("the loss is computed")
     };
-    (full, node.index())
+    (
+        Program::new(full, Settings::of(model)).unwrap(),
+        node.index(),
+    )
 }
 
 #[test]
 fn kept_activations_are_fp8_tiles_for_fp8_gemms_and_bf16_otherwise() {
     let model = with_policy("e4m3", "e4m3");
-    let (g, loss_node) = emulated(&model);
-    let keep = TrainOutputs::of(&g).unwrap().values();
-    let exec = Executor::new(&g, &keep).emulating(&Emulation::of(&model.precision));
+    let (program, loss_node) = emulated(&model);
+    let g = program.graph();
+    let keep = TrainOutputs::of(g).unwrap().values();
+    let exec =
+        Executor::new(&program, &keep).emulating(&Emulation::of(&program.settings().formats));
     let kept = exec.kept_activations();
     let readers = |v: ValueId| -> Vec<(usize, usize, &Node)> {
         g.nodes
@@ -278,9 +284,10 @@ fn kept_activations_are_fp8_tiles_for_fp8_gemms_and_bf16_otherwise() {
 
     // An fp32 policy keeps every activation as computed.
     let model = all_fp32();
-    let (g, _) = emulated(&model);
-    let keep = TrainOutputs::of(&g).unwrap().values();
-    let exec = Executor::new(&g, &keep).emulating(&Emulation::of(&model.precision));
+    let (program, _) = emulated(&model);
+    let keep = TrainOutputs::of(program.graph()).unwrap().values();
+    let exec =
+        Executor::new(&program, &keep).emulating(&Emulation::of(&program.settings().formats));
     assert!(exec.kept_activations().is_empty());
     assert_eq!(exec.kept_bytes().total(), 0);
 }
@@ -290,7 +297,7 @@ fn one_step(model: &Model, emulation: Emulation) -> StepStats {
     let f = Fixture::new(model, 1);
     let mut trainer = f.trainer(TrainConfig {
         emulate: Some(emulation),
-        ..TrainConfig::of(model, 1, 0)
+        ..TrainConfig::of(f.full.settings(), 1, 0)
     });
     trainer.step(&f.batches[0], f.t).unwrap()
 }
@@ -298,7 +305,7 @@ fn one_step(model: &Model, emulation: Emulation) -> StepStats {
 #[test]
 fn storing_kept_activations_in_bf16_changes_the_gradients_not_the_forward_pass() {
     let model = with_policy("e4m3", "e4m3");
-    let stored = Emulation::of(&model.precision);
+    let stored = Emulation::of(&Settings::of(&model).formats);
     let f32_kept = Emulation {
         activations: Format::Fp32,
         ..stored.clone()
@@ -324,7 +331,7 @@ fn bf16_moments_survive_a_checkpoint_round_trip() {
     // `kiln train` resumes), and a third step: the u16 moments decode and re-encode exactly.
     let model = with_policy("e4m3", "e4m3");
     let f = Fixture::new(&model, 3);
-    let config = || TrainConfig::of(&model, 3, 0).emulating(&model);
+    let config = || TrainConfig::of(f.full.settings(), 3, 0).emulating(f.full.settings());
     let mut straight = f.trainer(config());
     for batch in &f.batches {
         straight.step(batch, f.t).unwrap();

@@ -9,7 +9,7 @@ use kiln_compiler::autodiff::differentiate;
 use kiln_compiler::check::check_str;
 use kiln_compiler::ir::{verify, Def, Graph, InputKind, Update};
 use kiln_compiler::lower::{lower_for, Objective};
-use kiln_compiler::program::{compile, compile_policy};
+use kiln_compiler::program::{compile, compile_policy, Program, Settings};
 use kiln_runtime::data::Rng;
 use kiln_runtime::exec::{Executor, Feed};
 use kiln_runtime::train::init_params;
@@ -162,6 +162,8 @@ fn gradcheck_for(spec: &str, objective: Objective) {
     let weights = (objective == Objective::PolicyGradient).then_some(&token_weights[..]);
     let full = differentiate(&fwd, fwd.output("loss").unwrap()).unwrap();
     verify(&full).unwrap();
+    let program = |g: &Graph| Program::new(g.clone(), Settings::of(&model)).unwrap();
+    let (fwd_p, full_p) = (program(&fwd), program(&full));
     let params: Vec<Vec<f64>> = init_params(&fwd, 3)
         .into_iter()
         .map(|p| p.into_iter().map(f64::from).collect())
@@ -169,7 +171,7 @@ fn gradcheck_for(spec: &str, objective: Objective) {
     let feed_inputs = inputs(&fwd, 11);
     let loss_of = |params: &[Vec<f64>]| -> f64 {
         let loss = fwd.output("loss").unwrap();
-        let exec = Executor::new(&fwd, &[loss]);
+        let exec = Executor::new(&fwd_p, &[loss]);
         let out = exec
             .run::<f64>(&Feed {
                 params,
@@ -191,13 +193,13 @@ fn gradcheck_for(spec: &str, objective: Objective) {
         Objective::PolicyGradient => compile_policy(&model),
     };
     fused_equals_unfused(
-        &full,
+        &full_p,
         &compiled.unwrap().train,
         &feed_inputs,
         &params,
         weights,
     );
-    let exec = Executor::new(&full, &keep);
+    let exec = Executor::new(&full_p, &keep);
     let out = exec
         .run::<f64>(&Feed {
             params: &params,
@@ -236,26 +238,26 @@ fn gradcheck_for(spec: &str, objective: Objective) {
 
 /// Every named output of the fused graph equals the unfused graph's, exactly, in f64 and f32.
 fn fused_equals_unfused(
-    full: &Graph,
-    fused: &kiln_compiler::program::Program,
+    full: &Program,
+    fused: &Program,
     inputs: &HashMap<InputKind, Vec<u32>>,
     params: &[Vec<f64>],
     weights: Option<&[f32]>,
 ) {
-    let fused = fused.graph();
     assert!(
-        fused.nodes.len() < full.nodes.len(),
+        fused.graph().nodes.len() < full.graph().nodes.len(),
         "{}: nothing was fused",
-        full.name
+        full.graph().name
     );
     fn outputs<T: kiln_runtime::cpu::Real>(
-        g: &Graph,
+        p: &Program,
         inputs: &HashMap<InputKind, Vec<u32>>,
         params: &[Vec<T>],
         weights: Option<&[f32]>,
     ) -> Vec<(String, Vec<T>)> {
+        let g = p.graph();
         let keep: Vec<_> = g.outputs.iter().map(|&(_, v)| v).collect();
-        let out = Executor::new(g, &keep)
+        let out = Executor::new(p, &keep)
             .run::<T>(&Feed {
                 params,
                 inputs,
@@ -325,7 +327,8 @@ fn uniform_token_weights_give_the_mean_cross_entropy() {
     let uniform = vec![1.0 / n as f32; n];
     let run = |g: &Graph, output: &str, weights: Option<&[f32]>| -> f64 {
         let v = g.output(output).unwrap();
-        let out = Executor::new(g, &[v])
+        let program = Program::new(g.clone(), Settings::of(&model)).unwrap();
+        let out = Executor::new(&program, &[v])
             .run::<f64>(&Feed {
                 params: &params[..g.params.len()],
                 inputs: &feed_inputs,

@@ -33,7 +33,7 @@ fn nvrtc_compiles_every_spec_through_the_cache() {
     ] {
         let path = format!("{}/../specs/{spec}.toml", env!("CARGO_MANIFEST_DIR"));
         let model = check(&std::fs::read(&path).unwrap()).unwrap();
-        let cuda = emit(&model, &compile(&model).unwrap().train);
+        let cuda = emit(&compile(&model).unwrap().train);
         let first = compile_cached(&cuda.source, &HEADERS, "sm_90a", &cache)
             .unwrap_or_else(|e| panic!("{spec}: {e}"));
         assert!(!first.cached, "{spec}: a fresh cache compiles");

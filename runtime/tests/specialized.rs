@@ -21,15 +21,15 @@ fn same_training(spec: &str, generated: Box<dyn Run>, steps: u64) -> Vec<u64> {
     let path = format!("{}/../{spec}", env!("CARGO_MANIFEST_DIR"));
     let model = check(&std::fs::read(&path).unwrap()).unwrap();
     let compiled = compile(&model).unwrap();
-    let (full, forward) = (compiled.train.graph(), compiled.forward.graph());
+    let forward = compiled.forward.graph();
     let (b, t) = (model.train.batch as usize, model.train.seq_len as usize);
     let tokens = byte_tokens(&builtin_corpus(0, 1 << 16));
     let window = t + max_token_offset(forward) as usize - 1;
     let mut batcher = Batcher::new(tokens, b, window, 0).unwrap();
     let params = init_params(forward, 0);
-    let config = TrainConfig::of(&model, steps, 0);
-    let mut interpreted = Trainer::new(full, config.clone(), params.clone());
-    let mut specialized = Trainer::with_runner(full, config, params, generated);
+    let config = TrainConfig::of(compiled.train.settings(), steps, 0);
+    let mut interpreted = Trainer::new(&compiled.train, config.clone(), params.clone());
+    let mut specialized = Trainer::with_runner(&compiled.train, config, params, generated);
     let mut losses = Vec::new();
     for step in 0..steps {
         let batch = batcher.next_batch();
@@ -58,7 +58,7 @@ fn same_training(spec: &str, generated: Box<dyn Run>, steps: u64) -> Vec<u64> {
 fn the_module_carries_the_cuda_emitters_source() {
     let path = format!("{}/../specs/tiny.toml", env!("CARGO_MANIFEST_DIR"));
     let model = check(&std::fs::read(&path).unwrap()).unwrap();
-    let cuda = kiln_compiler::emit_cuda::emit(&model, &compile(&model).unwrap().train);
+    let cuda = kiln_compiler::emit_cuda::emit(&compile(&model).unwrap().train);
     assert_eq!(tiny::CUDA_SOURCE, cuda.source);
     assert!(tiny::CUDA_SOURCE.contains("extern \"C\" __global__ void"));
 }
@@ -165,7 +165,9 @@ fn the_generated_forward_pass_equals_the_interpreters() {
             weights: None,
         };
         let keep: Vec<_> = forward.outputs.iter().map(|&(_, v)| v).collect();
-        let want = Executor::new(forward, &keep).run::<f32>(&feed).unwrap();
+        let want = Executor::new(&compiled.forward, &keep)
+            .run::<f32>(&feed)
+            .unwrap();
         let got = generated.run(&feed).unwrap();
         assert_eq!(got.len(), want.len(), "{spec}");
         for (name, v) in &forward.outputs {

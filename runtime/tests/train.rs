@@ -3,6 +3,7 @@
 use kiln_compiler::autodiff::differentiate;
 use kiln_compiler::check::check_str;
 use kiln_compiler::lower::lower;
+use kiln_compiler::program::{Program, Settings};
 use kiln_runtime::data::{builtin_corpus, byte_tokens, Batcher};
 use kiln_runtime::train::{init_params, max_token_offset, TrainConfig, Trainer};
 
@@ -41,6 +42,7 @@ fn a_non_finite_step_changes_nothing() {
     let mut params = init_params(&fwd, 0);
     // The first norm weight: every token reads it.
     params[1][0] = f32::NAN;
+    let full = Program::new(full, Settings::of(&model)).unwrap();
     let mut trainer = Trainer::new(&full, config(), params.clone());
     let s = trainer.step(&batcher.next_batch(), t).unwrap();
     assert!(s.skipped, "a NaN parameter gives a NaN loss: {s:?}");

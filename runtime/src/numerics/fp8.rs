@@ -18,6 +18,17 @@ pub enum Fp8Format {
     E5m2,
 }
 
+impl Fp8Format {
+    /// The FP8 format a policy format is, if it is one.
+    pub fn of(format: kiln_compiler::model::Format) -> Option<Fp8Format> {
+        match format {
+            kiln_compiler::model::Format::E4m3 => Some(Fp8Format::E4m3),
+            kiln_compiler::model::Format::E5m2 => Some(Fp8Format::E5m2),
+            _ => None,
+        }
+    }
+}
+
 /// The code every NaN input converts to, in both formats.
 pub const NAN_CODE: u8 = 0x7F;
 

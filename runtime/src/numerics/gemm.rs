@@ -14,7 +14,7 @@
 //! input-gradient product reads the same blocks transposed) or, for the weight gradient,
 //! the layer's input, scaled per tile along the tokens it is contracted over.
 
-use kiln_compiler::model::{Format, Fp8, ScaleFormat};
+use kiln_compiler::model::{Format, Fp8};
 
 use super::accum::{fp8_product, Accumulation};
 use super::fp8::Fp8Format;
@@ -74,10 +74,7 @@ impl GemmNumerics {
             format: fp8_format,
             tile: f.act_tile[1] as usize,
             weight_block: f.weight_block.map(|v| v as usize),
-            rule: match f.scale {
-                ScaleFormat::Fp32 => ScaleRule::Fp32,
-                ScaleFormat::Pow2 => ScaleRule::Pow2,
-            },
+            rule: ScaleRule::of(f.scale),
             accumulation: Accumulation {
                 bits: f.accumulator_bits,
                 promote_every: f.promote_every.map(|p| p as usize),

@@ -18,7 +18,8 @@ pub mod store;
 
 pub use fp8::Fp8Format;
 
-use kiln_compiler::model::{Format, Fp8, Precision};
+use kiln_compiler::model::{Format, Fp8};
+use kiln_compiler::program::Formats;
 
 /// A spec's precision policy as a CPU run emulates it: GEMM operands in their nodes'
 /// formats (the graph carries those), FP8 scaling and accumulation from `[precision.fp8]`,
@@ -35,11 +36,12 @@ pub struct Emulation {
 }
 
 impl Emulation {
-    pub fn of(precision: &Precision) -> Emulation {
+    /// The policy of a Program's settings (`Program::settings().formats`).
+    pub fn of(formats: &Formats) -> Emulation {
         Emulation {
-            fp8: precision.fp8,
-            activations: precision.compute,
-            moments: precision.moments,
+            fp8: formats.fp8,
+            activations: formats.compute,
+            moments: formats.moments,
         }
     }
 }

@@ -35,6 +35,16 @@ pub enum ScaleRule {
     Pow2,
 }
 
+impl ScaleRule {
+    /// The rule of a policy's `scale` setting.
+    pub fn of(scale: kiln_compiler::model::ScaleFormat) -> ScaleRule {
+        match scale {
+            kiln_compiler::model::ScaleFormat::Fp32 => ScaleRule::Fp32,
+            kiln_compiler::model::ScaleFormat::Pow2 => ScaleRule::Pow2,
+        }
+    }
+}
+
 /// A matrix in FP8 with one f32 scale per block.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Quantized {
