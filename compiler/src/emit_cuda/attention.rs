@@ -1,0 +1,485 @@
+//! Attention: causal attention with online softmax (a warp per query row, key and value tiles
+//! in shared memory) and its flash-style backward (`delta`, the query gradient, and the key and
+//! value gradients per KV head).
+
+use super::{elementwise_launch, float_lit, int, val, Arg, Emitter, Launch, Work, BLOCK, NAME};
+use crate::ir::Node;
+
+/// Rows (query rows, or key rows in the key-side backward) per attention block: one warp each.
+pub(super) const ATTN_ROWS: u64 = 8;
+
+/// The attention kernels' shapes, baked into their text.
+#[derive(Clone, Copy)]
+struct AttnDims {
+    b: u64,
+    t: u64,
+    h: u64,
+    hk: u64,
+    dk: u64,
+    dv: u64,
+}
+
+impl AttnDims {
+    /// Keys (or queries) per tile streamed through shared memory: 32, one per lane, unless
+    /// the tiles would not fit in 48 KB of static shared memory with room to spare.
+    fn tile(&self) -> u64 {
+        let floats = |kt: u64| {
+            2 * ATTN_ROWS * (self.dk + self.dv)
+                + kt * (self.dk + self.dv + 2)
+                + 2 * ATTN_ROWS * kt
+                + 2 * kt
+        };
+        if floats(32) * 4 <= 40 * 1024 {
+            32
+        } else {
+            16
+        }
+    }
+
+    /// Accumulators per lane for `d` dimensions split over the warp's 32 lanes.
+    fn per_lane(d: u64) -> u64 {
+        d.div_ceil(32)
+    }
+
+    fn suffix(&self) -> String {
+        format!("h{}_kv{}_dk{}_dv{}", self.h, self.hk, self.dk, self.dv)
+    }
+}
+
+/// The causal attention forward: one block per 8 query rows of one (batch, head), one warp per
+/// row; key and value tiles go through shared memory, each lane scores one key of the tile,
+/// and the warp keeps the row's online-softmax state and its output (dimensions split over the
+/// lanes) in registers.
+fn attention_fwd_text(d: AttnDims, scale: f64) -> String {
+    let AttnDims {
+        t, h, hk, dk, dv, ..
+    } = d;
+    let kt = d.tile();
+    let acc = AttnDims::per_lane(dv);
+    let scale = float_lit(scale);
+    let group = h / hk;
+    format!(
+        "\
+// Causal attention, forward (flash-style): o = softmax(scale · q·kᵀ) · v over the keys at or
+// before each query, with the row's log-sum-exp kept for the backward pass. Query head h reads
+// KV head h / {group}. One block per {ATTN_ROWS} query rows of one (batch, head), a warp per row;
+// tiles of {kt} keys through shared memory, one key per lane; online softmax in registers.
+// q: f32[B, {t}, {h}, {dk}]; k: f32[B, {t}, {hk}, {dk}]; v: f32[B, {t}, {hk}, {dv}];
+// o: f32[B, {t}, {h}, {dv}]; lse: f32[B, {h}, {t}]. scale = {scale}.
+extern \"C\" __global__ void __launch_bounds__({BLOCK}) {NAME}(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v, float* __restrict__ o, float* __restrict__ lse) {{
+    __shared__ float qs[{ATTN_ROWS}][{dk}];
+    __shared__ float ks[{kt}][{dk} + 1];
+    __shared__ float vs[{kt}][{dv}];
+    __shared__ float ps[{ATTN_ROWS}][{kt}];
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const long long tiles = ({t} + {ATTN_ROWS} - 1) / {ATTN_ROWS};
+    const long long bh = blockIdx.x / tiles;
+    const long long b = bh / {h}, head = bh % {h}, kv = head / {group};
+    const long long t0 = (blockIdx.x % tiles) * {ATTN_ROWS};
+    const long long row = t0 + warp;
+    for (int i = threadIdx.x; i < {ATTN_ROWS} * {dk}; i += blockDim.x) {{
+        const long long r = t0 + i / {dk};
+        qs[i / {dk}][i % {dk}] = r < {t} ? q[((b * {t} + r) * {h} + head) * {dk} + i % {dk}] : 0.0f;
+    }}
+    float m = -INFINITY, l = 0.0f;
+    float acc[{acc}];
+#pragma unroll
+    for (int i = 0; i < {acc}; ++i) acc[i] = 0.0f;
+    const long long last = t0 + {ATTN_ROWS} - 1 < {t} - 1 ? t0 + {ATTN_ROWS} - 1 : {t} - 1;
+    for (long long k0 = 0; k0 <= last; k0 += {kt}) {{
+        __syncthreads();
+        for (int i = threadIdx.x; i < {kt} * {dk}; i += blockDim.x) {{
+            const long long key = k0 + i / {dk};
+            ks[i / {dk}][i % {dk}] = key < {t} ? k[((b * {t} + key) * {hk} + kv) * {dk} + i % {dk}] : 0.0f;
+        }}
+        for (int i = threadIdx.x; i < {kt} * {dv}; i += blockDim.x) {{
+            const long long key = k0 + i / {dv};
+            vs[i / {dv}][i % {dv}] = key < {t} ? v[((b * {t} + key) * {hk} + kv) * {dv} + i % {dv}] : 0.0f;
+        }}
+        __syncthreads();
+        const long long key = k0 + lane;
+        float s = -INFINITY;
+        if (lane < {kt} && key <= row && row < {t}) {{
+            float dot = 0.0f;
+            for (int c = 0; c < {dk}; ++c) dot += qs[warp][c] * ks[lane][c];
+            s = dot * {scale};
+        }}
+        const float m_new = fmaxf(m, kiln_warp_max(s));
+        const float shift = m_new == -INFINITY ? 0.0f : m_new;
+        const float p = s == -INFINITY ? 0.0f : kiln_softmax_exp(s - shift);
+        const float correction = m == -INFINITY ? 0.0f : kiln_softmax_exp(m - shift);
+        l = l * correction + kiln_warp_sum(p);
+        m = m_new;
+        if (lane < {kt}) ps[warp][lane] = p;
+        __syncwarp();
+#pragma unroll
+        for (int i = 0; i < {acc}; ++i) {{
+            const int c = lane + 32 * i;
+            float a = acc[i] * correction;
+            if (c < {dv}) {{
+                for (int j = 0; j < {kt}; ++j) a += ps[warp][j] * vs[j][c];
+            }}
+            acc[i] = a;
+        }}
+        __syncwarp();
+    }}
+    if (row < {t}) {{
+#pragma unroll
+        for (int i = 0; i < {acc}; ++i) {{
+            const int c = lane + 32 * i;
+            if (c < {dv}) o[((b * {t} + row) * {h} + head) * {dv} + c] = acc[i] / l;
+        }}
+        if (lane == 0) lse[(b * {h} + head) * {t} + row] = m + logf(l);
+    }}
+}}
+"
+    )
+}
+
+/// `delta[b, h, t] = Σ_c do[b, t, h, c] · o[b, t, h, c]`, one thread per row.
+fn attention_delta_text(d: AttnDims) -> String {
+    let AttnDims { t, h, dv, .. } = d;
+    format!(
+        "\
+// Attention backward, first part: delta[b, h, t] = Σ_c do·o over the {dv} output dimensions of
+// each row, which the softmax's backward subtracts. One thread per row.
+// o, d_o: f32[B, {t}, {h}, {dv}]; delta: f32[B, {h}, {t}].
+extern \"C\" __global__ void {NAME}(const float* __restrict__ o, const float* __restrict__ d_o, float* __restrict__ delta, long long rows) {{
+    for (long long r = blockIdx.x * (long long)blockDim.x + threadIdx.x; r < rows;
+         r += (long long)gridDim.x * blockDim.x) {{
+        const long long b = r / ({h} * {t}), head = (r / {t}) % {h}, row = r % {t};
+        const float* orow = o + ((b * {t} + row) * {h} + head) * {dv};
+        const float* drow = d_o + ((b * {t} + row) * {h} + head) * {dv};
+        float acc = 0.0f;
+        for (int c = 0; c < {dv}; ++c) acc += orow[c] * drow[c];
+        delta[r] = acc;
+    }}
+}}
+"
+    )
+}
+
+/// The query gradient: the forward's layout, with `ds = p · (do·v − delta)` per key and
+/// `dq = scale · Σ ds · k`.
+fn attention_dq_text(d: AttnDims, scale: f64) -> String {
+    let AttnDims {
+        t, h, hk, dk, dv, ..
+    } = d;
+    let kt = d.tile();
+    let acc = AttnDims::per_lane(dk);
+    let scale = float_lit(scale);
+    let group = h / hk;
+    format!(
+        "\
+// Attention backward, query gradient: for each query row and each key at or before it,
+// p = exp(scale · q·k − lse), ds = p · (do·v − delta), and dq = scale · Σ ds · k. The
+// forward's layout: {ATTN_ROWS} query rows per block, a warp per row, {kt} keys per tile.
+// q, dq: f32[B, {t}, {h}, {dk}]; k: f32[B, {t}, {hk}, {dk}]; v: f32[B, {t}, {hk}, {dv}];
+// d_o: f32[B, {t}, {h}, {dv}]; lse, delta: f32[B, {h}, {t}].
+extern \"C\" __global__ void __launch_bounds__({BLOCK}) {NAME}(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v, const float* __restrict__ lse, const float* __restrict__ d_o, const float* __restrict__ delta, float* __restrict__ dq) {{
+    __shared__ float qs[{ATTN_ROWS}][{dk}];
+    __shared__ float dos[{ATTN_ROWS}][{dv}];
+    __shared__ float ks[{kt}][{dk} + 1];
+    __shared__ float vs[{kt}][{dv} + 1];
+    __shared__ float ds_s[{ATTN_ROWS}][{kt}];
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const long long tiles = ({t} + {ATTN_ROWS} - 1) / {ATTN_ROWS};
+    const long long bh = blockIdx.x / tiles;
+    const long long b = bh / {h}, head = bh % {h}, kv = head / {group};
+    const long long t0 = (blockIdx.x % tiles) * {ATTN_ROWS};
+    const long long row = t0 + warp;
+    for (int i = threadIdx.x; i < {ATTN_ROWS} * {dk}; i += blockDim.x) {{
+        const long long r = t0 + i / {dk};
+        qs[i / {dk}][i % {dk}] = r < {t} ? q[((b * {t} + r) * {h} + head) * {dk} + i % {dk}] : 0.0f;
+    }}
+    for (int i = threadIdx.x; i < {ATTN_ROWS} * {dv}; i += blockDim.x) {{
+        const long long r = t0 + i / {dv};
+        dos[i / {dv}][i % {dv}] = r < {t} ? d_o[((b * {t} + r) * {h} + head) * {dv} + i % {dv}] : 0.0f;
+    }}
+    const float row_lse = row < {t} ? lse[(b * {h} + head) * {t} + row] : 0.0f;
+    const float row_delta = row < {t} ? delta[(b * {h} + head) * {t} + row] : 0.0f;
+    float acc[{acc}];
+#pragma unroll
+    for (int i = 0; i < {acc}; ++i) acc[i] = 0.0f;
+    const long long last = t0 + {ATTN_ROWS} - 1 < {t} - 1 ? t0 + {ATTN_ROWS} - 1 : {t} - 1;
+    for (long long k0 = 0; k0 <= last; k0 += {kt}) {{
+        __syncthreads();
+        for (int i = threadIdx.x; i < {kt} * {dk}; i += blockDim.x) {{
+            const long long key = k0 + i / {dk};
+            ks[i / {dk}][i % {dk}] = key < {t} ? k[((b * {t} + key) * {hk} + kv) * {dk} + i % {dk}] : 0.0f;
+        }}
+        for (int i = threadIdx.x; i < {kt} * {dv}; i += blockDim.x) {{
+            const long long key = k0 + i / {dv};
+            vs[i / {dv}][i % {dv}] = key < {t} ? v[((b * {t} + key) * {hk} + kv) * {dv} + i % {dv}] : 0.0f;
+        }}
+        __syncthreads();
+        const long long key = k0 + lane;
+        float ds = 0.0f;
+        if (lane < {kt} && key <= row && row < {t}) {{
+            float s = 0.0f, dp = 0.0f;
+            for (int c = 0; c < {dk}; ++c) s += qs[warp][c] * ks[lane][c];
+            for (int c = 0; c < {dv}; ++c) dp += dos[warp][c] * vs[lane][c];
+            const float p = kiln_softmax_exp(s * {scale} - row_lse);
+            ds = p * (dp - row_delta);
+        }}
+        if (lane < {kt}) ds_s[warp][lane] = ds;
+        __syncwarp();
+#pragma unroll
+        for (int i = 0; i < {acc}; ++i) {{
+            const int c = lane + 32 * i;
+            if (c < {dk}) {{
+                float a = acc[i];
+                for (int j = 0; j < {kt}; ++j) a += ds_s[warp][j] * ks[j][c];
+                acc[i] = a;
+            }}
+        }}
+        __syncwarp();
+    }}
+    if (row < {t}) {{
+#pragma unroll
+        for (int i = 0; i < {acc}; ++i) {{
+            const int c = lane + 32 * i;
+            if (c < {dk}) dq[((b * {t} + row) * {h} + head) * {dk} + c] = acc[i] * {scale};
+        }}
+    }}
+}}
+"
+    )
+}
+
+/// The key and value gradients: one block per 8 key rows of one (batch, KV head), a warp per
+/// key; query tiles (of every query head reading this KV head) through shared memory.
+fn attention_dkdv_text(d: AttnDims, scale: f64) -> String {
+    let AttnDims {
+        t, h, hk, dk, dv, ..
+    } = d;
+    let qt = d.tile();
+    let acc_k = AttnDims::per_lane(dk);
+    let acc_v = AttnDims::per_lane(dv);
+    let scale = float_lit(scale);
+    let group = h / hk;
+    format!(
+        "\
+// Attention backward, key and value gradients: for each key row and each query at or after it
+// (in each of the {group} query heads reading its KV head), p = exp(scale · q·k − lse),
+// dv = Σ p · do and dk = scale · Σ p · (do·v − delta) · q. One block per {ATTN_ROWS} key rows
+// of one (batch, KV head), a warp per key; tiles of {qt} queries through shared memory.
+// q: f32[B, {t}, {h}, {dk}]; k, dk_out: f32[B, {t}, {hk}, {dk}]; v, dv_out: f32[B, {t}, {hk}, {dv}];
+// d_o: f32[B, {t}, {h}, {dv}]; lse, delta: f32[B, {h}, {t}].
+extern \"C\" __global__ void __launch_bounds__({BLOCK}) {NAME}(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v, const float* __restrict__ lse, const float* __restrict__ d_o, const float* __restrict__ delta, float* __restrict__ dk_out, float* __restrict__ dv_out) {{
+    __shared__ float krows[{ATTN_ROWS}][{dk}];
+    __shared__ float vrows[{ATTN_ROWS}][{dv}];
+    __shared__ float qs[{qt}][{dk} + 1];
+    __shared__ float dos[{qt}][{dv} + 1];
+    __shared__ float lse_s[{qt}], delta_s[{qt}];
+    __shared__ float p_s[{ATTN_ROWS}][{qt}], ds_s[{ATTN_ROWS}][{qt}];
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const long long tiles = ({t} + {ATTN_ROWS} - 1) / {ATTN_ROWS};
+    const long long bkv = blockIdx.x / tiles;
+    const long long b = bkv / {hk}, kv = bkv % {hk};
+    const long long k0 = (blockIdx.x % tiles) * {ATTN_ROWS};
+    const long long key = k0 + warp;
+    for (int i = threadIdx.x; i < {ATTN_ROWS} * {dk}; i += blockDim.x) {{
+        const long long r = k0 + i / {dk};
+        krows[i / {dk}][i % {dk}] = r < {t} ? k[((b * {t} + r) * {hk} + kv) * {dk} + i % {dk}] : 0.0f;
+    }}
+    for (int i = threadIdx.x; i < {ATTN_ROWS} * {dv}; i += blockDim.x) {{
+        const long long r = k0 + i / {dv};
+        vrows[i / {dv}][i % {dv}] = r < {t} ? v[((b * {t} + r) * {hk} + kv) * {dv} + i % {dv}] : 0.0f;
+    }}
+    float acc_k[{acc_k}], acc_v[{acc_v}];
+#pragma unroll
+    for (int i = 0; i < {acc_k}; ++i) acc_k[i] = 0.0f;
+#pragma unroll
+    for (int i = 0; i < {acc_v}; ++i) acc_v[i] = 0.0f;
+    for (int g = 0; g < {group}; ++g) {{
+        const long long head = kv * {group} + g;
+        for (long long q0 = k0; q0 < {t}; q0 += {qt}) {{
+            __syncthreads();
+            for (int i = threadIdx.x; i < {qt} * {dk}; i += blockDim.x) {{
+                const long long r = q0 + i / {dk};
+                qs[i / {dk}][i % {dk}] = r < {t} ? q[((b * {t} + r) * {h} + head) * {dk} + i % {dk}] : 0.0f;
+            }}
+            for (int i = threadIdx.x; i < {qt} * {dv}; i += blockDim.x) {{
+                const long long r = q0 + i / {dv};
+                dos[i / {dv}][i % {dv}] = r < {t} ? d_o[((b * {t} + r) * {h} + head) * {dv} + i % {dv}] : 0.0f;
+            }}
+            for (int i = threadIdx.x; i < {qt}; i += blockDim.x) {{
+                const long long r = q0 + i;
+                lse_s[i] = r < {t} ? lse[(b * {h} + head) * {t} + r] : 0.0f;
+                delta_s[i] = r < {t} ? delta[(b * {h} + head) * {t} + r] : 0.0f;
+            }}
+            __syncthreads();
+            const long long query = q0 + lane;
+            float p = 0.0f, ds = 0.0f;
+            if (lane < {qt} && key < {t} && query < {t} && query >= key) {{
+                float s = 0.0f, dp = 0.0f;
+                for (int c = 0; c < {dk}; ++c) s += qs[lane][c] * krows[warp][c];
+                for (int c = 0; c < {dv}; ++c) dp += dos[lane][c] * vrows[warp][c];
+                p = kiln_softmax_exp(s * {scale} - lse_s[lane]);
+                ds = p * (dp - delta_s[lane]);
+            }}
+            if (lane < {qt}) {{
+                p_s[warp][lane] = p;
+                ds_s[warp][lane] = ds;
+            }}
+            __syncwarp();
+#pragma unroll
+            for (int i = 0; i < {acc_v}; ++i) {{
+                const int c = lane + 32 * i;
+                if (c < {dv}) {{
+                    float a = acc_v[i];
+                    for (int j = 0; j < {qt}; ++j) a += p_s[warp][j] * dos[j][c];
+                    acc_v[i] = a;
+                }}
+            }}
+#pragma unroll
+            for (int i = 0; i < {acc_k}; ++i) {{
+                const int c = lane + 32 * i;
+                if (c < {dk}) {{
+                    float a = acc_k[i];
+                    for (int j = 0; j < {qt}; ++j) a += ds_s[warp][j] * qs[j][c];
+                    acc_k[i] = a;
+                }}
+            }}
+            __syncwarp();
+        }}
+    }}
+    if (key < {t}) {{
+#pragma unroll
+        for (int i = 0; i < {acc_k}; ++i) {{
+            const int c = lane + 32 * i;
+            if (c < {dk}) dk_out[((b * {t} + key) * {hk} + kv) * {dk} + c] = acc_k[i] * {scale};
+        }}
+#pragma unroll
+        for (int i = 0; i < {acc_v}; ++i) {{
+            const int c = lane + 32 * i;
+            if (c < {dv}) dv_out[((b * {t} + key) * {hk} + kv) * {dv} + c] = acc_v[i];
+        }}
+    }}
+}}
+"
+    )
+}
+
+impl Emitter<'_> {
+    fn attn_dims(&self, node: &Node) -> AttnDims {
+        let (q, k, v) = (
+            self.shape(node.inputs[0]),
+            self.shape(node.inputs[1]),
+            self.shape(node.inputs[2]),
+        );
+        AttnDims {
+            b: q[0],
+            t: q[1],
+            h: q[2],
+            hk: k[2],
+            dk: q[3],
+            dv: v[3],
+        }
+    }
+
+    pub(super) fn attention(&mut self, index: usize, node: &Node, scale: f64) -> Vec<Work> {
+        let d = self.attn_dims(node);
+        let name = self.kernel(
+            &format!("attention_fwd_{}", d.suffix()),
+            "causal attention forward (flash-style, online softmax)",
+            attention_fwd_text(d, scale),
+            index,
+            0,
+        );
+        let grid = d.b * d.h * d.t.div_ceil(ATTN_ROWS);
+        let args = node
+            .inputs
+            .iter()
+            .chain(&node.outputs)
+            .map(|&v| val(v))
+            .collect();
+        vec![Work::Launch(Launch {
+            kernel: name,
+            grid,
+            block: BLOCK,
+            shared_bytes: 0,
+            args,
+        })]
+    }
+
+    /// `(q, k, v, o, lse, do) -> (dq, dk, dv)`: delta, then the query gradient and the key and
+    /// value gradients, each without atomics.
+    pub(super) fn attention_grad(&mut self, index: usize, node: &Node, scale: f64) -> Vec<Work> {
+        let d = self.attn_dims(node);
+        let (q, k, v, o, lse, d_o) = (
+            node.inputs[0],
+            node.inputs[1],
+            node.inputs[2],
+            node.inputs[3],
+            node.inputs[4],
+            node.inputs[5],
+        );
+        let (dq, dk, dv) = (node.outputs[0], node.outputs[1], node.outputs[2]);
+        let rows = d.b * d.h * d.t;
+        let delta = Arg::Scratch {
+            slot: 0,
+            bytes: rows * 4,
+        };
+        let delta_k = self.kernel(
+            &format!("attention_bwd_delta_h{}_dv{}", d.h, d.dv),
+            "attention backward: delta = rowsum(do · o)",
+            attention_delta_text(d),
+            index,
+            0,
+        );
+        let dq_k = self.kernel(
+            &format!("attention_bwd_dq_{}", d.suffix()),
+            "attention backward: query gradient",
+            attention_dq_text(d, scale),
+            index,
+            0,
+        );
+        let dkdv_k = self.kernel(
+            &format!("attention_bwd_dkdv_{}", d.suffix()),
+            "attention backward: key and value gradients",
+            attention_dkdv_text(d, scale),
+            index,
+            0,
+        );
+        vec![
+            elementwise_launch(
+                delta_k,
+                rows,
+                vec![val(o), val(d_o), delta.clone(), int(rows)],
+            ),
+            Work::Launch(Launch {
+                kernel: dq_k,
+                grid: d.b * d.h * d.t.div_ceil(ATTN_ROWS),
+                block: BLOCK,
+                shared_bytes: 0,
+                args: vec![
+                    val(q),
+                    val(k),
+                    val(v),
+                    val(lse),
+                    val(d_o),
+                    delta.clone(),
+                    val(dq),
+                ],
+            }),
+            Work::Launch(Launch {
+                kernel: dkdv_k,
+                grid: d.b * d.hk * d.t.div_ceil(ATTN_ROWS),
+                block: BLOCK,
+                shared_bytes: 0,
+                args: vec![
+                    val(q),
+                    val(k),
+                    val(v),
+                    val(lse),
+                    val(d_o),
+                    delta,
+                    val(dk),
+                    val(dv),
+                ],
+            }),
+        ]
+    }
+}

@@ -1,0 +1,235 @@
+//! The CUDA program an emission yields, the manifest `kiln emit cuda` writes as JSON beside
+//! the source: the kernels, the RoPE tables, per node its launches, cuBLASLt GEMMs (FP8 ones
+//! with their quantized operands) or aliases, and the optimizer's launches.
+
+use serde::Serialize;
+
+use crate::model::{Format, Yarn};
+
+/// The CUDA program of a training step: source, kernels and the work of each node.
+#[derive(Clone, Debug, Serialize)]
+pub struct CudaProgram {
+    /// What the program computes for (the graph's name).
+    pub name: String,
+    /// The translation unit: includes, helpers and every kernel.
+    #[serde(skip)]
+    pub source: String,
+    /// Each kernel once, in source order.
+    pub kernels: Vec<Kernel>,
+    /// RoPE tables the runtime computes on the host and uploads (`Arg::RopeCos/RopeSin`).
+    pub rope_tables: Vec<RopeTable>,
+    /// One step per Program node, in execution order.
+    pub steps: Vec<Step>,
+    /// The optimizer's launches after the step: the gradient norm (chunk partial sums, then
+    /// the norm and clipping factor), AdamW on every tensor in one launch, each router's bias
+    /// update.
+    pub optimizer: Vec<Launch>,
+    /// The FP8 copies of activations and weights that the step's FP8 GEMMs read
+    /// (`Arg::Fp8Codes`, `Arg::Fp8Scales`), each live from its writer's step to its last
+    /// reader's.
+    pub fp8_copies: Vec<Fp8Copy>,
+}
+
+/// One kernel of the translation unit.
+#[derive(Clone, Debug, Serialize)]
+pub struct Kernel {
+    pub name: String,
+    /// What it computes, in one line.
+    pub summary: String,
+    /// Threads per block.
+    pub block: u32,
+    /// Dynamic shared memory per block, in bytes (static shared memory is in the source).
+    pub shared_bytes: u32,
+    /// The Program nodes that launch it.
+    pub nodes: Vec<usize>,
+}
+
+/// A RoPE table pair `cos, sin: f32[seq, dim / 2]`, as the CPU backend's `rope_tables`
+/// computes them.
+#[derive(Clone, Debug, Serialize)]
+pub struct RopeTable {
+    pub seq: u64,
+    pub dim: u64,
+    pub theta: f64,
+    pub yarn: Option<Yarn>,
+}
+
+/// One kernel launch.
+#[derive(Clone, Debug, Serialize)]
+pub struct Launch {
+    pub kernel: String,
+    pub grid: u64,
+    pub block: u32,
+    pub shared_bytes: u32,
+    /// The kernel's arguments, in order.
+    pub args: Vec<Arg>,
+}
+
+/// A kernel argument.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum Arg {
+    /// The buffer of a value (a parameter, an input or an intermediate), by value index.
+    Value {
+        id: usize,
+    },
+    /// Scratch memory of the step, `slot` numbered within the step: launches of one step that
+    /// name the same slot share the buffer.
+    Scratch {
+        slot: u32,
+        bytes: u64,
+    },
+    /// The codes (`bytes`, one per element) and the scales (f32) of an FP8 copy, by index
+    /// into `fp8_copies`: buffers that outlive a step, from the one that writes them to the
+    /// last that reads them.
+    Fp8Codes {
+        copy: usize,
+        bytes: u64,
+    },
+    Fp8Scales {
+        copy: usize,
+        bytes: u64,
+    },
+    /// The device's error flag: kernels set it to a nonzero code on bad input (a token id
+    /// outside the vocabulary), and the runtime reports it after the step.
+    ErrorFlag,
+    /// A RoPE table (index into `rope_tables`).
+    RopeCos {
+        table: usize,
+    },
+    RopeSin {
+        table: usize,
+    },
+    /// The device table of every trainable tensor (`KilnTensor`: parameter, AdamW moments,
+    /// gradient, size, weight decay), in this order; the runtime fills the pointers.
+    Tensors {
+        entries: Vec<TensorEntry>,
+    },
+    /// For the optimizer's chunks of `OPTIMIZER_CHUNK` elements (each tensor's, in the order
+    /// of `Tensors`): the tensor of each chunk (`i32`), and its first element (`i64`).
+    ChunkTensor,
+    ChunkStart,
+    /// A per-step optimizer scalar the runtime supplies: `lr` (the schedule's), `bias1` and
+    /// `bias2` (`1 − βᵗ`).
+    Hyper {
+        name: &'static str,
+    },
+    /// Integers and floats passed by value (`long long` and `float`).
+    Int {
+        value: i64,
+    },
+    Float {
+        value: f64,
+    },
+}
+
+/// The work of one Program node.
+#[derive(Clone, Debug, Serialize)]
+pub struct Step {
+    pub node: usize,
+    pub op: &'static str,
+    pub path: String,
+    pub work: Vec<Work>,
+}
+
+/// What runs for (part of) a node.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum Work {
+    Launch(Launch),
+    /// A matrix product on cuBLASLt: row-major `out[m, n] = op(a)[m, k] · op(b)[k, n]`
+    /// (+ `bias[n]` broadcast over rows), where `op` transposes when the flag says so;
+    /// operands in bf16, accumulation and output in f32.
+    Gemm(Gemm),
+    /// No work: the output is the input's buffer under another shape.
+    Alias {
+        of: usize,
+    },
+}
+
+/// One trainable tensor of [`Arg::Tensors`]: its parameter and gradient values, its size, its
+/// weight decay.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct TensorEntry {
+    pub param: usize,
+    pub grad: usize,
+    pub elements: u64,
+    pub decay: f64,
+}
+
+/// A GEMM for cuBLASLt (see [`Work::Gemm`]).
+#[derive(Clone, Debug, Serialize)]
+pub struct Gemm {
+    pub out: usize,
+    pub a: usize,
+    pub b: usize,
+    pub m: u64,
+    pub n: u64,
+    pub k: u64,
+    pub a_trans: bool,
+    pub b_trans: bool,
+    pub bias: Option<usize>,
+    /// The FP8 copies of `a` and `b` the GEMM reads instead, when its format is FP8.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fp8: Option<Fp8Gemm>,
+}
+
+/// A block-scaled FP8 GEMM (DeepSeek-V3's recipe): `out = (a_codes · a_scales) ·
+/// (b_codes · b_scales)ᵀ` over `k`, accumulated in f32. Both operands are K-major copies that
+/// the step's launches wrote before it: `a` as `[m, k]` and `b` as `[n, k]`, row-major, the
+/// layout cuBLASLt's FP8 GEMM takes. The `a`, `b` and transpose fields of the [`Gemm`]
+/// still name the f32 values the copies come from.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Fp8Gemm {
+    pub format: Format,
+    pub a: Fp8Operand,
+    pub b: Fp8Operand,
+}
+
+/// One quantized operand of an [`Fp8Gemm`], `[outer, k]` row-major.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Fp8Operand {
+    /// One byte per element.
+    pub codes: Arg,
+    /// One f32 per block, row-major `[outer / block[0], k / block[1]]` (rounded up).
+    pub scales: Arg,
+    /// The elements one scale covers, `[outer, k]`: `[1, T]` activation tiles or `[R, C]`
+    /// weight blocks (a weight read as `[in, out]` has its `[out, in]` blocks transposed).
+    pub block: [u64; 2],
+    /// The cuBLASLt scale mode these blocks are: `VEC128_32F` for 1×128 tiles,
+    /// `BLK128x128_32F` for 128×128 blocks; none for other sizes, which cuBLASLt does not
+    /// take. The runtime arranges the scales as the mode wants.
+    pub cublaslt_scale_mode: Option<&'static str>,
+}
+
+/// An FP8 copy of a GEMM operand that a step writes once and every GEMM reading the value in
+/// that layout and format reads (`fp8::Copies::plan`): an activation (or activation gradient)
+/// in 1×T tiles along its last axis, the left operand of the forward and input-gradient GEMMs
+/// that read it as stored; or a weight in blocks, as stored (forward) or transposed (input
+/// gradient).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Fp8Copy {
+    /// The value quantized (the buffer's own value: reshapes alias it).
+    pub value: usize,
+    pub format: Format,
+    /// The copy is `[outer, k]` row-major: the value as stored, or its transpose when
+    /// `transposed` (a weight, as the input-gradient GEMM reads it).
+    pub outer: u64,
+    pub k: u64,
+    pub transposed: bool,
+    /// The elements one scale covers: `[1, T]` tiles of an activation, a weight's blocks
+    /// (`[C, R]` when transposed).
+    pub block: [u64; 2],
+    /// `VEC128_32F`, `BLK128x128_32F` or none (see [`Fp8Operand`]).
+    pub cublaslt_scale_mode: Option<&'static str>,
+    /// The node whose step writes the copy: the value's producer when `fused` (its kernel
+    /// quantizes what it computes, and takes the copy's codes and scales as arguments), else
+    /// a quantizing launch before the GEMM of the first reader (of the pair, for a weight).
+    pub writer: usize,
+    pub fused: bool,
+    /// A weight's copy in the other layout, which the same launch writes (the blocks' scales
+    /// come from one max-abs).
+    pub pair: Option<usize>,
+    /// The nodes whose GEMMs read it, in execution order; the copy is dead after the last.
+    pub readers: Vec<usize>,
+}

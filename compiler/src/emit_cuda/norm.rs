@@ -1,0 +1,459 @@
+//! Norms: RMSNorm and LayerNorm, forward (the residual add fused in, the output quantized to
+//! FP8 on the way out where a GEMM reads it) and backward (the input gradient, with the
+//! residual gradient joined, and the weight and bias gradients), one block per row.
+
+use std::fmt::Write;
+
+use super::fp8::{quantizing_loop, TileOut, Tiles};
+use super::{float_lit, int, row_launch, val, Arg, Emitter, Launch, Work, BLOCK, NAME};
+use crate::ir::Node;
+use crate::model::NormKind;
+
+/// The last loop of a row kernel (one block per row of `d`): element `j` of the row is the
+/// expression `value` (after the lines `pre`, which may declare temporaries), written to
+/// `dst[j]`; with an FP8 copy to write, four consecutive elements per thread, quantized into
+/// the row's tiles as they are written (the copy's pointers are offset by `row`).
+fn row_epilogue(
+    quantized: &Option<(Tiles, Arg, Arg)>,
+    d: u64,
+    dst: &str,
+    pre: &[String],
+    value: &str,
+) -> String {
+    let Some((tiles, ..)) = quantized else {
+        if pre.is_empty() {
+            return format!(
+                "    for (int j = threadIdx.x; j < {d}; j += blockDim.x) {dst}[j] = {value};\n"
+            );
+        }
+        let mut s = format!("    for (int j = threadIdx.x; j < {d}; j += blockDim.x) {{\n");
+        for line in pre {
+            let _ = writeln!(s, "        {line}");
+        }
+        let _ = writeln!(s, "        {dst}[j] = {value};\n    }}");
+        return s;
+    };
+    let mut element = pre.to_vec();
+    element.push(format!("const float value = {value};"));
+    let mut s = format!(
+        "    unsigned* const row_codes = codes + row * {};\n    float* const row_scales = scales + row * {};\n",
+        d / 4,
+        d / tiles.t
+    );
+    s.push_str(&quantizing_loop(
+        "    ",
+        "threadIdx.x",
+        "blockDim.x",
+        &(d / 4).to_string(),
+        &element,
+        &[TileOut {
+            tiles: *tiles,
+            value: "value",
+            store: Some(dst),
+            codes: "row_codes",
+            scales: "row_scales",
+        }],
+    ));
+    s
+}
+
+impl Emitter<'_> {
+    /// A norm's forward (`add` adds the residual first and writes the sum too).
+    pub(super) fn norm_fwd(
+        &mut self,
+        index: usize,
+        node: &Node,
+        kind: NormKind,
+        eps: f64,
+        add: bool,
+    ) -> Vec<Work> {
+        let x = node.inputs[0];
+        let (rows, d) = self.rows(x);
+        // y, and the FP8 copy of it the kernel writes too, if one is planned here.
+        let y = *node.outputs.last().expect("a norm has an output");
+        let quantized = self.fused_copy(index, y);
+        let layer = kind == NormKind::LayerNorm;
+        let kind_name = if layer { "layer_norm" } else { "rms_norm" };
+        let op = if add {
+            format!("add_{kind_name}")
+        } else {
+            kind_name.to_string()
+        };
+        let eps_lit = float_lit(eps);
+        let mut t = String::new();
+        let _ = writeln!(
+            t,
+            "// {}y = {} over rows of {d}, statistics in f32 (eps = {eps_lit}).",
+            if add { "s = x + r; " } else { "" },
+            if layer {
+                "(s − mean) / sqrt(var + eps) · w + b"
+            } else {
+                "s / sqrt(mean(s²) + eps) · w"
+            }
+        );
+        let _ = writeln!(
+            t,
+            "// x{}: f32[rows, {d}]; w{}: f32[{d}]; {}y: f32[rows, {d}]",
+            if add { ", r" } else { "" },
+            if layer { ", b" } else { "" },
+            if add { "s, " } else { "" }
+        );
+        if let Some((tiles, ..)) = &quantized {
+            let _ = writeln!(t, "{}", tiles.comment("y"));
+        }
+        let mut params = vec!["const float* __restrict__ x".to_string()];
+        if add {
+            params.push("const float* __restrict__ r".into());
+        }
+        params.push("const float* __restrict__ w".into());
+        if layer {
+            params.push("const float* __restrict__ b".into());
+        }
+        if add {
+            params.push("float* __restrict__ s".into());
+        }
+        params.push("float* __restrict__ y".into());
+        if quantized.is_some() {
+            params.push("unsigned* __restrict__ codes".into());
+            params.push("float* __restrict__ scales".into());
+        }
+        params.push("long long rows".into());
+        let _ = writeln!(
+            t,
+            "extern \"C\" __global__ void __launch_bounds__({BLOCK}) {NAME}({}) {{",
+            params.join(", ")
+        );
+        let _ = writeln!(t, "    __shared__ float scratch[32];");
+        let _ = writeln!(t, "    const long long row = blockIdx.x;");
+        let _ = writeln!(t, "    if (row >= rows) return;");
+        let _ = writeln!(t, "    const float* xr = x + row * {d};");
+        if add {
+            let _ = writeln!(t, "    const float* rr = r + row * {d};");
+            let _ = writeln!(t, "    float* sr = s + row * {d};");
+        }
+        let _ = writeln!(t, "    float* yr = y + row * {d};");
+        let load = if add { "xr[j] + rr[j]" } else { "xr[j]" };
+        if add {
+            let _ = writeln!(
+                t,
+                "    for (int j = threadIdx.x; j < {d}; j += blockDim.x) sr[j] = {load};"
+            );
+            let _ = writeln!(t, "    __syncthreads();");
+        }
+        let src = if add { "sr" } else { "xr" };
+        if layer {
+            let _ = writeln!(t, "    float sum = 0.0f;");
+            let _ = writeln!(
+                t,
+                "    for (int j = threadIdx.x; j < {d}; j += blockDim.x) sum += {src}[j];"
+            );
+            let _ = writeln!(
+                t,
+                "    const float mean = kiln_block_sum(sum, scratch) / {d}.0f;"
+            );
+            let _ = writeln!(t, "    float sq = 0.0f;");
+            let _ = writeln!(t, "    for (int j = threadIdx.x; j < {d}; j += blockDim.x) {{ const float c = {src}[j] - mean; sq += c * c; }}");
+            let _ = writeln!(
+                t,
+                "    const float rstd = rsqrtf(kiln_block_sum(sq, scratch) / {d}.0f + {eps_lit});"
+            );
+        } else {
+            let _ = writeln!(t, "    float sq = 0.0f;");
+            let _ = writeln!(t, "    for (int j = threadIdx.x; j < {d}; j += blockDim.x) {{ const float v = {src}[j]; sq += v * v; }}");
+            let _ = writeln!(
+                t,
+                "    const float rstd = rsqrtf(kiln_block_sum(sq, scratch) / {d}.0f + {eps_lit});"
+            );
+        }
+        let element = if layer {
+            format!("({src}[j] - mean) * rstd * w[j] + b[j]")
+        } else {
+            format!("{src}[j] * rstd * w[j]")
+        };
+        t.push_str(&row_epilogue(&quantized, d, "yr", &[], &element));
+        let _ = writeln!(t, "}}");
+        let mut base = format!("{op}_fwd_d{d}");
+        let mut args: Vec<Arg> = node
+            .inputs
+            .iter()
+            .chain(&node.outputs)
+            .map(|&v| val(v))
+            .collect();
+        if let Some((tiles, codes, scales)) = quantized {
+            base.push_str(&format!("_q{}", tiles.suffix()));
+            args.extend([codes, scales]);
+        }
+        args.push(int(rows));
+        let name = self.kernel(
+            &base,
+            &format!("{op} forward over rows of {d}"),
+            t,
+            index,
+            0,
+        );
+        vec![row_launch(name, rows, args)]
+    }
+
+    /// A norm's backward: one kernel for the input gradient (plus the residual stream's `ds`
+    /// when `add`), saving each row's statistics, and one for the weight (and bias) gradients,
+    /// summed over rows in a fixed order.
+    pub(super) fn norm_bwd(
+        &mut self,
+        index: usize,
+        node: &Node,
+        kind: NormKind,
+        eps: f64,
+        add: bool,
+    ) -> Vec<Work> {
+        let x = node.inputs[0];
+        let (rows, d) = self.rows(x);
+        let quantized = self.fused_copy(index, node.outputs[0]);
+        let layer = kind == NormKind::LayerNorm;
+        let kind_name = if layer { "layer_norm" } else { "rms_norm" };
+        let op = if add {
+            format!("add_{kind_name}")
+        } else {
+            kind_name.to_string()
+        };
+        let eps_lit = float_lit(eps);
+        let mut t = String::new();
+        let _ = writeln!(
+            t,
+            "// The input gradient of {kind_name} over rows of {d}{}; saves each row's {} for the weight gradient.",
+            if add { ", plus the residual stream's gradient ds" } else { "" },
+            if layer { "mean and 1/std" } else { "1/rms" }
+        );
+        let _ = writeln!(
+            t,
+            "// x, dy{}, dx: f32[rows, {d}]; w: f32[{d}]; stats: f32[rows, 2]",
+            if add { ", ds" } else { "" }
+        );
+        if let Some((tiles, ..)) = &quantized {
+            let _ = writeln!(t, "{}", tiles.comment("dx"));
+        }
+        let mut params = vec![
+            "const float* __restrict__ x".to_string(),
+            "const float* __restrict__ w".into(),
+            "const float* __restrict__ dy".into(),
+        ];
+        if add {
+            params.push("const float* __restrict__ ds".into());
+        }
+        params.extend([
+            "float* __restrict__ dx".to_string(),
+            "float* __restrict__ stats".into(),
+        ]);
+        if quantized.is_some() {
+            params.push("unsigned* __restrict__ codes".into());
+            params.push("float* __restrict__ scales".into());
+        }
+        params.push("long long rows".into());
+        let _ = writeln!(
+            t,
+            "extern \"C\" __global__ void __launch_bounds__({BLOCK}) {NAME}({}) {{",
+            params.join(", ")
+        );
+        let _ = writeln!(t, "    __shared__ float scratch[32];");
+        let _ = writeln!(t, "    const long long row = blockIdx.x;");
+        let _ = writeln!(t, "    if (row >= rows) return;");
+        let _ = writeln!(t, "    const float* xr = x + row * {d};");
+        let _ = writeln!(t, "    const float* gr = dy + row * {d};");
+        let _ = writeln!(t, "    float* dxr = dx + row * {d};");
+        if layer {
+            let _ = writeln!(t, "    float sum = 0.0f;");
+            let _ = writeln!(
+                t,
+                "    for (int j = threadIdx.x; j < {d}; j += blockDim.x) sum += xr[j];"
+            );
+            let _ = writeln!(
+                t,
+                "    const float mean = kiln_block_sum(sum, scratch) / {d}.0f;"
+            );
+            let _ = writeln!(t, "    float sq = 0.0f;");
+            let _ = writeln!(t, "    for (int j = threadIdx.x; j < {d}; j += blockDim.x) {{ const float c = xr[j] - mean; sq += c * c; }}");
+            let _ = writeln!(
+                t,
+                "    const float rstd = rsqrtf(kiln_block_sum(sq, scratch) / {d}.0f + {eps_lit});"
+            );
+        } else {
+            let _ = writeln!(t, "    const float mean = 0.0f;");
+            let _ = writeln!(t, "    float sq = 0.0f;");
+            let _ = writeln!(t, "    for (int j = threadIdx.x; j < {d}; j += blockDim.x) {{ const float v = xr[j]; sq += v * v; }}");
+            let _ = writeln!(
+                t,
+                "    const float rstd = rsqrtf(kiln_block_sum(sq, scratch) / {d}.0f + {eps_lit});"
+            );
+        }
+        // g = w·dy; dx = rstd·(g − mean(g) − x̂·mean(g·x̂)) for LayerNorm, rstd·(g − x̂·mean(g·x̂))
+        // for RMSNorm.
+        let _ = writeln!(t, "    float gsum = 0.0f, gx = 0.0f;");
+        let _ = writeln!(
+            t,
+            "    for (int j = threadIdx.x; j < {d}; j += blockDim.x) {{"
+        );
+        let _ = writeln!(t, "        const float g = w[j] * gr[j];");
+        let _ = writeln!(t, "        gsum += g;");
+        let _ = writeln!(t, "        gx += g * (xr[j] - mean) * rstd;");
+        let _ = writeln!(t, "    }}");
+        if layer {
+            let _ = writeln!(
+                t,
+                "    const float gmean = kiln_block_sum(gsum, scratch) / {d}.0f;"
+            );
+        } else {
+            let _ = writeln!(t, "    const float gmean = 0.0f;");
+        }
+        let _ = writeln!(
+            t,
+            "    const float gxmean = kiln_block_sum(gx, scratch) / {d}.0f;"
+        );
+        let residual = if add {
+            format!(" + ds[row * {d} + j]")
+        } else {
+            String::new()
+        };
+        t.push_str(&row_epilogue(
+            &quantized,
+            d,
+            "dxr",
+            &["const float xhat = (xr[j] - mean) * rstd;".to_string()],
+            &format!("rstd * (w[j] * gr[j] - gmean - xhat * gxmean){residual}"),
+        ));
+        let _ = writeln!(
+            t,
+            "    if (threadIdx.x == 0) {{ stats[2 * row] = mean; stats[2 * row + 1] = rstd; }}"
+        );
+        let _ = writeln!(t, "}}");
+        let dx_base = match &quantized {
+            Some((tiles, ..)) => format!("{op}_bwd_dx_d{d}_q{}", tiles.suffix()),
+            None => format!("{op}_bwd_dx_d{d}"),
+        };
+        let dx_name = self.kernel(
+            &dx_base,
+            &format!("{op} input gradient over rows of {d}"),
+            t,
+            index,
+            0,
+        );
+
+        // The weight (and bias) gradient: 32 columns per block, 8 row lanes summing rows
+        // strided by 8, then the lanes in a fixed order.
+        let mut t = String::new();
+        let _ = writeln!(
+            t,
+            "// The weight{} gradient of {kind_name}: dw[j] = Σ_rows dy·x̂{}, over rows of {d}.",
+            if layer { " and bias" } else { "" },
+            if layer { ", db[j] = Σ_rows dy" } else { "" }
+        );
+        let _ = writeln!(t, "// x, dy: f32[rows, {d}]; stats: f32[rows, 2]; dw{}: f32[{d}]. Block: 32 columns × 8 row lanes.", if layer { ", db" } else { "" });
+        let mut params = vec![
+            "const float* __restrict__ x".to_string(),
+            "const float* __restrict__ dy".into(),
+            "const float* __restrict__ stats".into(),
+            "float* __restrict__ dw".into(),
+        ];
+        if layer {
+            params.push("float* __restrict__ db".into());
+        }
+        params.push("long long rows".into());
+        let _ = writeln!(
+            t,
+            "extern \"C\" __global__ void __launch_bounds__({BLOCK}) {NAME}({}) {{",
+            params.join(", ")
+        );
+        let _ = writeln!(t, "    __shared__ float part_w[8][33];");
+        if layer {
+            let _ = writeln!(t, "    __shared__ float part_b[8][33];");
+        }
+        let _ = writeln!(
+            t,
+            "    const int lane = threadIdx.x % 32, group = threadIdx.x / 32;"
+        );
+        let _ = writeln!(t, "    const int j = blockIdx.x * 32 + lane;");
+        let _ = writeln!(t, "    float acc_w = 0.0f, acc_b = 0.0f;");
+        let _ = writeln!(t, "    if (j < {d}) {{");
+        let _ = writeln!(
+            t,
+            "        for (long long row = group; row < rows; row += 8) {{"
+        );
+        let _ = writeln!(t, "            const float g = dy[row * {d} + j];");
+        let _ = writeln!(
+            t,
+            "            acc_w += g * (x[row * {d} + j] - stats[2 * row]) * stats[2 * row + 1];"
+        );
+        let _ = writeln!(t, "            acc_b += g;");
+        let _ = writeln!(t, "        }}");
+        let _ = writeln!(t, "    }}");
+        let _ = writeln!(t, "    part_w[group][lane] = acc_w;");
+        if layer {
+            let _ = writeln!(t, "    part_b[group][lane] = acc_b;");
+        }
+        let _ = writeln!(t, "    __syncthreads();");
+        let _ = writeln!(t, "    if (group == 0 && j < {d}) {{");
+        let _ = writeln!(
+            t,
+            "        float w_sum = 0.0f{};",
+            if layer { ", b_sum = 0.0f" } else { "" }
+        );
+        let _ = writeln!(
+            t,
+            "        for (int k = 0; k < 8; ++k) {{ w_sum += part_w[k][lane];{} }}",
+            if layer {
+                " b_sum += part_b[k][lane];"
+            } else {
+                ""
+            }
+        );
+        let _ = writeln!(t, "        dw[j] = w_sum;");
+        if layer {
+            let _ = writeln!(t, "        db[j] = b_sum;");
+        }
+        let _ = writeln!(t, "    }}");
+        let _ = writeln!(t, "}}");
+        let dw_name = self.kernel(
+            &format!("{kind_name}_bwd_dw_d{d}"),
+            &format!("{kind_name} weight gradient over rows of {d}"),
+            t,
+            index,
+            0,
+        );
+
+        let stats = Arg::Scratch {
+            slot: 0,
+            bytes: rows * 8,
+        };
+        let mut args = vec![
+            val(node.inputs[0]),
+            val(node.inputs[1]),
+            val(node.inputs[2]),
+        ];
+        if add {
+            args.push(val(node.inputs[3]));
+        }
+        args.extend([val(node.outputs[0]), stats.clone()]);
+        if let Some((_, codes, scales)) = quantized {
+            args.extend([codes, scales]);
+        }
+        args.push(int(rows));
+        let mut dw_args = vec![
+            val(node.inputs[0]),
+            val(node.inputs[2]),
+            stats,
+            val(node.outputs[1]),
+        ];
+        if layer {
+            dw_args.push(val(node.outputs[2]));
+        }
+        dw_args.push(int(rows));
+        vec![
+            row_launch(dx_name, rows, args),
+            Work::Launch(Launch {
+                kernel: dw_name,
+                grid: d.div_ceil(32),
+                block: BLOCK,
+                shared_bytes: 0,
+                args: dw_args,
+            }),
+        ]
+    }
+}
