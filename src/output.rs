@@ -1,6 +1,9 @@
-//! What the commands print: stdout that survives a closed pipe, and indented JSON documents.
+//! What the commands print and the JSON they write: stdout that survives a closed pipe, and
+//! JSON documents made by serde_json, so a string is always escaped and a number that is not
+//! finite is `null` (JSON has no NaN or infinity).
 
 use serde::Serialize;
+use serde_json::value::RawValue;
 
 use crate::{other, Failure};
 
@@ -24,4 +27,37 @@ pub(crate) fn print_pretty(value: &impl Serialize, what: &str) -> Result<(), Fai
         .map_err(|e| other(format!("cannot encode the {what}: {e}")))?;
     out(&format!("{s}\n"));
     Ok(())
+}
+
+/// `value` as one line of JSON (a `metrics.jsonl` row, a `--json` line), without the newline.
+pub(crate) fn line(value: &impl Serialize) -> String {
+    // Serializing plain structs, maps of strings and numbers cannot fail.
+    serde_json::to_string(value).expect("a JSON row serializes")
+}
+
+/// A number for a JSON document, written as `text` writes it (a fixed number of digits, as
+/// users' scripts have always read it), or `null` when it is not finite.
+pub(crate) fn number(x: f64, text: impl FnOnce(f64) -> String) -> Box<RawValue> {
+    let text = if x.is_finite() {
+        text(x)
+    } else {
+        "null".to_string()
+    };
+    RawValue::from_string(text).expect("a finite f64 formats as a JSON number")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_keep_their_format_and_non_finite_ones_are_null() {
+        let six = |x: f64| format!("{x:.6}");
+        assert_eq!(number(2.5, six).get(), "2.500000");
+        assert_eq!(number(3e-4, |x| format!("{x:.6e}")).get(), "3.000000e-4");
+        assert_eq!(number(-0.0, six).get(), "-0.000000");
+        for x in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+            assert_eq!(number(x, six).get(), "null");
+        }
+    }
 }

@@ -10,11 +10,12 @@ use kiln_runtime::cpu::dense::matmul;
 use kiln_runtime::data::{builtin_corpus, byte_tokens, Batcher};
 use kiln_runtime::exec::KeptBytes;
 use kiln_runtime::train::{init_params, TrainConfig};
+use serde_json::value::RawValue;
 
 use kiln_compiler::model::Model;
 
 use crate::engine::{self, Specialized};
-use crate::output::out;
+use crate::output::{self, number, out};
 use crate::spec::load;
 use crate::{other, Failure};
 
@@ -305,13 +306,35 @@ pub(crate) fn run_model(
     let achieved = flops / median / 1e9;
     let threads = rayon::current_num_threads();
     if args.json {
-        out(&format!(
-            "{{\"spec\":{:?},\"engine\":{engine:?},\"threads\":{threads},\"batch\":{b},\"seq_len\":{t},\"step_s\":{median:.5},\"tokens_per_s\":{:.1},\"train_gflop_per_step\":{:.3},\"achieved_gflops\":{achieved:.1},\"gemm_gflops\":{ceiling:.1},\"fraction_of_gemm\":{:.3}}}\n",
-            name,
-            tokens / median,
-            flops / 1e9,
-            achieved / ceiling
-        ));
+        #[derive(serde::Serialize)]
+        struct Step<'a> {
+            spec: &'a str,
+            engine: &'a str,
+            threads: usize,
+            batch: usize,
+            seq_len: usize,
+            step_s: Box<RawValue>,
+            tokens_per_s: Box<RawValue>,
+            train_gflop_per_step: Box<RawValue>,
+            achieved_gflops: Box<RawValue>,
+            gemm_gflops: Box<RawValue>,
+            fraction_of_gemm: Box<RawValue>,
+        }
+        let digits = |n: usize| move |x: f64| format!("{x:.n$}");
+        let line = output::line(&Step {
+            spec: name,
+            engine,
+            threads,
+            batch: b,
+            seq_len: t,
+            step_s: number(median, digits(5)),
+            tokens_per_s: number(tokens / median, digits(1)),
+            train_gflop_per_step: number(flops / 1e9, digits(3)),
+            achieved_gflops: number(achieved, digits(1)),
+            gemm_gflops: number(ceiling, digits(1)),
+            fraction_of_gemm: number(achieved / ceiling, digits(3)),
+        });
+        out(&format!("{line}\n"));
     } else {
         out(&format!(
             "{} ({name}, {engine}), batch {b} × {t} tokens, {threads} threads, median of {} steps\n  \

@@ -8,11 +8,12 @@ use std::time::Instant;
 use kiln_compiler::program::compile;
 use kiln_runtime::checkpoint;
 use kiln_runtime::data::{self, Batcher};
-use kiln_runtime::train::{eval_loss, init_params, TrainConfig, Trainer};
+use kiln_runtime::train::{eval_loss, init_params, StepStats, TrainConfig, Trainer};
+use serde_json::value::RawValue;
 
 use crate::engine::{self, load_data, Specialized};
 use crate::fsutil;
-use crate::output::out;
+use crate::output::{self, number, out};
 use crate::spec::{load, read_spec};
 use crate::{other, Failure};
 
@@ -248,15 +249,10 @@ pub(crate) fn run_with(
         let elapsed = start.elapsed().as_secs_f64();
         let tps = tokens_per_step * (done - first) as f64 / elapsed.max(1e-9);
         let eval_now = done % args.eval_every.max(1) == 0 || done == stop;
-        let mut line = format!(
-            "{{\"step\":{done},\"loss\":{:.6},\"main_loss\":{:.6},\"lr\":{:.6e},\"grad_norm\":{:.4},\"tokens_per_s\":{tps:.1}",
-            s.loss, s.main_loss, s.lr, s.grad_norm
-        );
         if eval_now {
             last_val = val(&trainer)?;
-            line.push_str(&format!(",\"val_loss\":{last_val:.6}"));
         }
-        line.push('}');
+        let line = metrics_row(done, &s, tps, eval_now.then_some(last_val));
         writeln!(metrics, "{line}").map_err(|e| other(format!("cannot write metrics: {e}")))?;
         if eval_now {
             metrics
@@ -298,4 +294,105 @@ pub(crate) fn run_with(
         out_dir.display()
     ));
     Ok(())
+}
+
+/// One line of `metrics.jsonl`: `step`, `loss`, `main_loss`, `lr`, `grad_norm`,
+/// `tokens_per_s`, and `val_loss` at evaluation steps, with the digits they have always had;
+/// a value that is not finite is `null`.
+fn metrics_row(step: u64, s: &StepStats, tokens_per_s: f64, val_loss: Option<f64>) -> String {
+    #[derive(serde::Serialize)]
+    struct Row {
+        step: u64,
+        loss: Box<RawValue>,
+        main_loss: Box<RawValue>,
+        lr: Box<RawValue>,
+        grad_norm: Box<RawValue>,
+        tokens_per_s: Box<RawValue>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        val_loss: Option<Box<RawValue>>,
+    }
+    let six = |x: f64| format!("{x:.6}");
+    output::line(&Row {
+        step,
+        loss: number(s.loss, six),
+        main_loss: number(s.main_loss, six),
+        lr: number(s.lr, |x| format!("{x:.6e}")),
+        grad_norm: number(s.grad_norm, |x| format!("{x:.4}")),
+        tokens_per_s: number(tokens_per_s, |x| format!("{x:.1}")),
+        val_loss: val_loss.map(|v| number(v, six)),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stats(loss: f64) -> StepStats {
+        StepStats {
+            loss,
+            main_loss: loss,
+            grad_norm: 0.25,
+            lr: 3e-4,
+            skipped: false,
+        }
+    }
+
+    #[test]
+    fn a_metrics_row_keeps_its_keys_and_digits() {
+        assert_eq!(
+            metrics_row(3, &stats(2.5), 1234.56, Some(2.75)),
+            "{\"step\":3,\"loss\":2.500000,\"main_loss\":2.500000,\"lr\":3.000000e-4,\
+             \"grad_norm\":0.2500,\"tokens_per_s\":1234.6,\"val_loss\":2.750000}"
+        );
+        assert!(!metrics_row(3, &stats(2.5), 1.0, None).contains("val_loss"));
+    }
+
+    /// The row as kiln wrote it by hand before serde_json wrote it.
+    fn hand_built(done: u64, s: &StepStats, tps: f64, val: Option<f64>) -> String {
+        let mut line = format!(
+            "{{\"step\":{done},\"loss\":{:.6},\"main_loss\":{:.6},\"lr\":{:.6e},\"grad_norm\":{:.4},\"tokens_per_s\":{tps:.1}",
+            s.loss, s.main_loss, s.lr, s.grad_norm
+        );
+        if let Some(v) = val {
+            line.push_str(&format!(",\"val_loss\":{v:.6}"));
+        }
+        line.push('}');
+        line
+    }
+
+    #[test]
+    fn finite_rows_are_written_as_before() {
+        for (i, loss) in [0.0, 1e-9, 0.5, 2.718_281_9, 10.999_999_9, 123456.789]
+            .into_iter()
+            .enumerate()
+        {
+            let s = StepStats {
+                loss,
+                main_loss: loss * 0.97,
+                grad_norm: loss * 3.1,
+                lr: 6e-4 / (i + 1) as f64,
+                skipped: false,
+            };
+            for val in [None, Some(loss + 0.25)] {
+                let tps = 1234.567 * i as f64;
+                assert_eq!(
+                    metrics_row(i as u64, &s, tps, val),
+                    hand_built(i as u64, &s, tps, val)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_nan_loss_row_is_valid_json() {
+        for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+            let line = metrics_row(7, &stats(bad), f64::NAN, Some(bad));
+            let v: serde_json::Value = serde_json::from_str(&line).expect(&line);
+            assert_eq!(v["step"], 7);
+            for key in ["loss", "main_loss", "tokens_per_s", "val_loss"] {
+                assert!(v[key].is_null(), "{key} in {line}");
+            }
+            assert_eq!(v["lr"], 3e-4);
+        }
+    }
 }
