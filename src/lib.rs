@@ -1,7 +1,9 @@
 //! The `kiln` command line: the only part of kiln that touches the file system on a user's
 //! behalf. Libraries receive bytes and return values; this crate reads, prints and exits.
 //! `src/main.rs` calls [`main`]; the specialized training binaries `kiln build` makes call
-//! [`train::specialized_main`], so they take the same flags and write the same files.
+//! [`specialized::main`], so they take the same flags and write the same files. This file is
+//! the command line (clap), the dispatch to the command bodies in `cmd/`, and the mapping of
+//! failures to exit codes.
 //!
 //! Exit codes: 0 success, 2 invalid spec or usage, 1 any other failure.
 
@@ -10,33 +12,23 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use kiln_compiler::analyze::{analyze, Report};
-use kiln_compiler::check::check;
-use kiln_compiler::diag::{self, Diagnostic};
-use kiln_compiler::model::Model;
-use kiln_compiler::program;
-use kiln_compiler::report;
 
-pub mod bench;
-mod build;
-mod exp;
+mod cmd;
+mod engine;
+mod fsutil;
 pub mod heap;
-mod hf;
-mod logits;
 pub mod nvcc;
+mod output;
 /// SVG line plots of training curves, written without dependencies.
 pub mod plot;
-mod rl;
-mod sample;
-pub mod train;
+mod spec;
+pub mod specialized;
 
-/// The default spec, compiled in so `kiln check` works anywhere.
+use cmd::{bench, build, emit, exp, hf, logits, rl, sample, train};
+
 /// Every binary linking kiln counts its heap (see [`heap`]); `kiln bench --memory` reads it.
 #[global_allocator]
 static ALLOCATOR: heap::Counting = heap::Counting;
-
-const TINY: &str = include_str!("../specs/tiny.toml");
-const TINY_NAME: &str = "specs/tiny.toml (built in)";
 
 #[derive(Parser)]
 #[command(
@@ -183,7 +175,7 @@ enum Emit {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum Pass {
+pub(crate) enum Pass {
     Lower,
     Autodiff,
     Fuse,
@@ -210,17 +202,17 @@ pub fn main() -> ExitCode {
         Color::Auto => std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none(),
     };
     let result = match cli.command {
-        Command::Check { spec, json } => cmd_check(spec, json, color),
-        Command::Diff { a, b, json } => cmd_diff(&a, &b, json, color),
+        Command::Check { spec, json } => cmd::check::run(spec, json, color),
+        Command::Diff { a, b, json } => cmd::diff::run(&a, &b, json, color),
         Command::Emit {
             what: Emit::Ir { spec, after },
-        } => cmd_emit_ir(spec, after, color),
+        } => emit::ir(spec, after, color),
         Command::Emit {
             what: Emit::Rust { spec },
-        } => cmd_emit_rust(spec, color),
+        } => emit::rust(spec, color),
         Command::Emit {
             what: Emit::Cuda { spec, out, check },
-        } => cmd_emit_cuda(spec, out, check, color),
+        } => emit::cuda(spec, out, check, color),
         Command::Sample(args) => sample::run(args, color),
         Command::Rl(args) => rl::run(args, color),
         Command::Logits(args) => logits::run(args, color),
@@ -249,289 +241,4 @@ pub(crate) fn exit_code(result: Result<(), Failure>) -> ExitCode {
 /// A failure other than an invalid spec (exit code 1).
 pub(crate) fn other(msg: impl Into<String>) -> Failure {
     Failure::Other(msg.into())
-}
-
-/// Writes to stdout. A closed pipe (`kiln check … | head`) ends the process quietly instead of
-/// panicking as `print!` would.
-pub(crate) fn out(s: &str) {
-    use std::io::Write;
-    let mut stdout = std::io::stdout().lock();
-    if let Err(e) = stdout.write_all(s.as_bytes()).and_then(|()| stdout.flush()) {
-        if e.kind() == std::io::ErrorKind::BrokenPipe {
-            std::process::exit(0);
-        }
-        eprintln!("error: cannot write to stdout: {e}");
-        std::process::exit(1);
-    }
-}
-
-/// A spec's display name and bytes.
-pub(crate) fn read_spec(path: Option<&PathBuf>) -> Result<(String, Vec<u8>), Failure> {
-    match path {
-        None => Ok((TINY_NAME.to_string(), TINY.as_bytes().to_vec())),
-        Some(p) => std::fs::read(p)
-            .map(|b| (p.display().to_string(), b))
-            .map_err(|e| Failure::Other(format!("cannot read {}: {e}", p.display()))),
-    }
-}
-
-/// The JSON form of diagnostics, one object per error.
-fn errors_json(file: &str, text: &str, diags: &[Diagnostic]) -> Vec<serde_json::Value> {
-    diags
-        .iter()
-        .map(|d| {
-            let (line, col) = d.line_col(text);
-            serde_json::json!({
-                "rule": d.rule.name(),
-                "message": d.message,
-                "file": file,
-                "line": line,
-                "col": col,
-                "span": [d.span.start, d.span.end],
-                "label": d.label,
-                "help": d.help,
-            })
-        })
-        .collect()
-}
-
-/// Checks one spec. On failure, renders its diagnostics to stderr and appends their JSON form
-/// to `json_errors`.
-pub(crate) fn load(
-    path: Option<&PathBuf>,
-    json_errors: &mut Vec<serde_json::Value>,
-    color: bool,
-) -> Result<(String, Model), Failure> {
-    let (name, bytes) = read_spec(path)?;
-    check(&bytes).map(|m| (name.clone(), m)).map_err(|diags| {
-        let text = String::from_utf8_lossy(&bytes);
-        eprint!("{}", diag::render(&name, &text, &diags, color));
-        json_errors.extend(errors_json(&name, &text, &diags));
-        Failure::Invalid
-    })
-}
-
-/// With `--json`, an invalid spec's errors go to stdout as `{"errors": [...]}`.
-fn print_errors_json(json: bool, errors: Vec<serde_json::Value>) {
-    if json && !errors.is_empty() {
-        out(&format!("{:#}\n", serde_json::json!({ "errors": errors })));
-    }
-}
-
-fn cmd_check(spec: Option<PathBuf>, json: bool, color: bool) -> Result<(), Failure> {
-    let mut errors = Vec::new();
-    let loaded = load(spec.as_ref(), &mut errors, color);
-    print_errors_json(json, errors);
-    let (_, model) = loaded?;
-    let r = analyze(&model);
-    if json {
-        print_json(&r)?;
-    } else {
-        out(&report::render(&r));
-    }
-    Ok(())
-}
-
-fn cmd_emit_ir(spec: Option<PathBuf>, after: Pass, color: bool) -> Result<(), Failure> {
-    let (_, model) = load(spec.as_ref(), &mut Vec::new(), color)?;
-    let pass = match after {
-        Pass::Lower => program::Pass::Lower,
-        Pass::Autodiff => program::Pass::Autodiff,
-        Pass::Fuse | Pass::Plan => program::Pass::Fuse,
-    };
-    let graph = program::graph_after(&model, pass).map_err(|e| Failure::Other(e.to_string()))?;
-    out(&graph.to_string());
-    if after == Pass::Plan {
-        let program = program::Program::new(graph, program::Settings::of(&model))
-            .map_err(|e| Failure::Other(e.to_string()))?;
-        let plan = program.plan();
-        let mut text = String::from("plan\n");
-        for (v, off) in plan.offsets.iter().enumerate() {
-            if let (Some(off), Some((first, last))) = (off, plan.lifetimes[v]) {
-                text.push_str(&format!(
-                    "  %{v}: {} bytes at {off}, nodes {first}..={last}\n",
-                    plan.sizes[v]
-                ));
-            }
-        }
-        let report = kiln_compiler::analyze::analyze(&model);
-        text.push_str(&format!(
-            "planned peak of intermediates: {} ({} bytes; {} without reuse)\n\
-             analyzer's activation estimate: {} ({} bytes; stored formats, saved tensors only)\n",
-            report::bytes_h(u128::from(plan.peak_bytes)),
-            plan.peak_bytes,
-            report::bytes_h(u128::from(plan.total_bytes)),
-            report::bytes_h(report.memory.activations_bytes),
-            report.memory.activations_bytes
-        ));
-        out(&text);
-    }
-    Ok(())
-}
-
-fn cmd_emit_rust(spec: Option<PathBuf>, color: bool) -> Result<(), Failure> {
-    let (_, model) = load(spec.as_ref(), &mut Vec::new(), color)?;
-    let compiled = program::compile(&model).map_err(|e| Failure::Other(e.to_string()))?;
-    let text = kiln_compiler::emit_rust::emit_text(&compiled).map_err(Failure::Other)?;
-    out(&text);
-    Ok(())
-}
-
-fn cmd_emit_cuda(
-    spec: Option<PathBuf>,
-    out_dir: Option<PathBuf>,
-    check: bool,
-    color: bool,
-) -> Result<(), Failure> {
-    use kiln_compiler::emit_cuda;
-    let (_, model) = load(spec.as_ref(), &mut Vec::new(), color)?;
-    let compiled = program::compile(&model).map_err(|e| Failure::Other(e.to_string()))?;
-    let cuda = emit_cuda::emit(&compiled.train);
-    let unit = format!(
-        "{}.cu",
-        kiln_compiler::names::ident(&model.name, kiln_compiler::names::Lang::Cuda)
-    );
-    if check {
-        let nvcc = nvcc::find().map_err(|e| Failure::Other(e.to_string()))?;
-        let dir = std::env::temp_dir().join(format!("kiln-emit-cuda-{}", std::process::id()));
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| Failure::Other(format!("cannot create {}: {e}", dir.display())))?;
-        let path = dir.join(&unit);
-        let result = std::fs::write(&path, &cuda.source)
-            .map_err(|e| Failure::Other(format!("cannot write {}: {e}", path.display())))
-            .and_then(|()| {
-                nvcc.compile(&path, &dir)
-                    .map_err(|e| Failure::Other(e.to_string()))
-            });
-        let _ = std::fs::remove_dir_all(&dir);
-        let compiled = result?;
-        let allow = nvcc::AllowList::load(&nvcc::allowlist_path()).map_err(Failure::Other)?;
-        let mut table = format!(
-            "{:<40} {:>5} {:>7} {:>6} {:>7}\n",
-            "kernel (sm_90a)", "regs", "smem", "stack", "spills"
-        );
-        for k in compiled.resources.iter().filter(|k| k.entry) {
-            let spills = k
-                .frame
-                .map_or(0, |f| f.spill_store_bytes + f.spill_load_bytes);
-            table.push_str(&format!(
-                "{:<40} {:>5} {:>7} {:>6} {:>7}\n",
-                k.readable,
-                k.registers.map_or("?".into(), |r| r.to_string()),
-                k.smem_bytes,
-                k.stack_bytes(),
-                spills
-            ));
-        }
-        eprint!("{table}");
-        let problems = nvcc::check(&compiled.resources, &allow);
-        if !problems.is_empty() {
-            return Err(Failure::Other(problems.join("\n")));
-        }
-    }
-    match out_dir {
-        None => out(&cuda.source),
-        Some(dir) => {
-            hf::fresh_dir(&dir)?;
-            let manifest = serde_json::to_vec_pretty(&cuda)
-                .map_err(|e| Failure::Other(format!("cannot encode the manifest: {e}")))?;
-            let mut files = vec![
-                (unit.as_str(), cuda.source.clone().into_bytes()),
-                ("manifest.json", manifest),
-            ];
-            for (name, text) in emit_cuda::HEADERS {
-                files.push((name, text.as_bytes().to_vec()));
-            }
-            hf::write_dir(&dir, &files)?;
-            let launches = cuda
-                .steps
-                .iter()
-                .flat_map(|s| &s.work)
-                .filter(|w| matches!(w, emit_cuda::Work::Launch(_)))
-                .count();
-            let copies = if cuda.fp8_copies.is_empty() {
-                String::new()
-            } else {
-                format!(
-                    ", {} FP8 copies, {} of them fused into their producers",
-                    cuda.fp8_copies.len(),
-                    cuda.fp8_copies.iter().filter(|c| c.fused).count()
-                )
-            };
-            eprintln!(
-                "wrote {}: {unit} ({} kernels), manifest.json ({} steps, {launches} launches, \
-                 {} optimizer launches{copies})",
-                dir.display(),
-                cuda.kernels.len(),
-                cuda.steps.len(),
-                cuda.optimizer.len()
-            );
-        }
-    }
-    Ok(())
-}
-
-fn print_json(r: &Report) -> Result<(), Failure> {
-    let s = serde_json::to_string_pretty(r)
-        .map_err(|e| Failure::Other(format!("cannot encode the report: {e}")))?;
-    out(&format!("{s}\n"));
-    Ok(())
-}
-
-fn cmd_diff(a: &PathBuf, b: &PathBuf, json: bool, color: bool) -> Result<(), Failure> {
-    let mut errors = Vec::new();
-    let ma = load(Some(a), &mut errors, color);
-    let mb = load(Some(b), &mut errors, color);
-    print_errors_json(json, errors);
-    let ((na, ma), (nb, mb)) = (ma?, mb?);
-    let (ra, rb) = (analyze(&ma), analyze(&mb));
-    let sa = ma.settings();
-    let sb = mb.settings();
-    let mut spec_changes = Vec::new();
-    for (k, va) in &sa {
-        let vb = sb
-            .iter()
-            .find(|(kb, _)| kb == k)
-            .map_or("(unset)", |(_, v)| v.as_str());
-        if vb != va {
-            spec_changes.push((k.clone(), va.clone(), vb.to_string()));
-        }
-    }
-    for (k, vb) in &sb {
-        if !sa.iter().any(|(ka, _)| ka == k) {
-            spec_changes.push((k.clone(), "(unset)".to_string(), vb.clone()));
-        }
-    }
-    let changes = report::diff(&ra, &rb);
-    if json {
-        #[derive(serde::Serialize)]
-        struct SpecChange<'a> {
-            key: &'a str,
-            a: &'a str,
-            b: &'a str,
-        }
-        #[derive(serde::Serialize)]
-        struct DiffJson<'a> {
-            a: &'a str,
-            b: &'a str,
-            spec_changes: Vec<SpecChange<'a>>,
-            /// Serialized with exact integers (u128), never rounded through f64.
-            metric_changes: &'a [report::Change],
-        }
-        let doc = DiffJson {
-            a: &na,
-            b: &nb,
-            spec_changes: spec_changes
-                .iter()
-                .map(|(key, a, b)| SpecChange { key, a, b })
-                .collect(),
-            metric_changes: &changes,
-        };
-        let s = serde_json::to_string_pretty(&doc)
-            .map_err(|e| Failure::Other(format!("cannot encode the diff: {e}")))?;
-        out(&format!("{s}\n"));
-    } else {
-        out(&report::render_diff(&na, &nb, &spec_changes, &changes));
-    }
-    Ok(())
 }

@@ -22,19 +22,13 @@ use std::process::Command;
 use kiln::nvcc::{self, AllowList, Nvcc, NvccError};
 use kiln_compiler::dsl::expr::Func;
 
+mod common;
+
+use common::nvcc;
+
 /// A fresh directory for one test's files.
 fn scratch(test: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join("cuda_blocks")
-        .join(test);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-/// nvcc, `None` when the compile checks are switched off; a missing nvcc fails the test.
-fn nvcc(test: &str) -> Option<Nvcc> {
-    nvcc::find_or_skip(test).unwrap_or_else(|e| panic!("{e}"))
+    common::scratch("cuda_blocks", test)
 }
 
 fn skip_host(test: &str) -> bool {
@@ -360,23 +354,19 @@ fn run_on_host(dir: &Path, headers: &[&str], main: &str) -> String {
     let cpp = dir.join("host.cpp");
     let exe = dir.join("host");
     std::fs::write(&cpp, source).unwrap();
-    let cxx = std::env::var("CXX").unwrap_or_else(|_| "g++".to_string());
-    let out = Command::new(&cxx)
-        .args([
+    let (cxx, command) = common::cxx_command(
+        &[
             "-std=c++17",
             "-O1",
             "-ffp-contract=off",
             "-Wall",
             "-Werror",
             "-Wno-unknown-pragmas",
-            "-I",
-        ])
-        .arg(nvcc::kernels_dir())
-        .arg("-o")
-        .arg(&exe)
-        .arg(&cpp)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run the host C++ compiler {cxx} (set CXX): {e}"));
+        ],
+        &exe,
+        &cpp,
+    );
+    let out = common::run_cxx(&cxx, command);
     assert!(
         out.status.success(),
         "{cxx} failed:\n{}",

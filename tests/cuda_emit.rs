@@ -17,6 +17,8 @@
 use std::path::{Path, PathBuf};
 
 use kiln::nvcc;
+
+mod common;
 use kiln_compiler::check::check;
 use kiln_compiler::emit_cuda::{emit, Arg, CudaProgram, Work};
 use kiln_compiler::model::Model;
@@ -45,12 +47,7 @@ fn cuda(path: &str) -> CudaProgram {
 }
 
 fn scratch(test: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join("cuda_emit")
-        .join(test);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    common::scratch("cuda_emit", test)
 }
 
 /// The number of parameters each `extern "C"` kernel of `source` declares.
@@ -347,19 +344,13 @@ fn fp8_copies_snapshot() {
 /// warning: no unread temporaries in the gradient kernels, no device-only call from host code.
 #[test]
 fn generated_cuda_builds_warning_free_with_nvcc_c() {
-    let Some(nvcc) = nvcc::find_or_skip("whole nvcc compile").unwrap_or_else(|e| panic!("{e}"))
-    else {
+    let Some(nvcc) = common::nvcc("whole nvcc compile") else {
         return;
     };
     let dir = scratch("whole");
     let path = dir.join("tiny.cu");
     std::fs::write(&path, cuda("specs/tiny.toml").source).unwrap();
-    let out = std::process::Command::new(nvcc.path())
-        .args(["-c", nvcc::GENCODE, "-I"])
-        .arg(nvcc::kernels_dir())
-        .arg("-o")
-        .arg(dir.join("tiny.o"))
-        .arg(&path)
+    let out = common::nvcc_command(&nvcc, &["-c", nvcc::GENCODE], &dir.join("tiny.o"), &path)
         .output()
         .unwrap();
     let said = String::from_utf8_lossy(&out.stderr);

@@ -34,13 +34,10 @@ use kiln_runtime::numerics::quant::{quantize, ScaleRule};
 use kiln_runtime::numerics::Fp8Format;
 use kiln_runtime::train::{feed_inputs, init_params, max_token_offset};
 
+mod common;
+
 fn scratch(test: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join("cuda_host")
-        .join(test);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    common::scratch("cuda_host", test)
 }
 
 /// CUDA's execution model on the host, enough for kiln's generated kernels.
@@ -245,23 +242,13 @@ fn host_source(cuda: &CudaProgram) -> String {
 fn build_and_run(dir: &Path, what: &str, cuda: &CudaProgram, main: &str) -> Vec<u8> {
     let cpp = dir.join("host.cpp");
     std::fs::write(&cpp, format!("{SHIM}\n{}\n{main}", host_source(cuda))).unwrap();
-    let cxx = std::env::var("CXX").unwrap_or_else(|_| "g++".to_string());
     let exe = dir.join("host");
-    let built = Command::new(&cxx)
-        .args([
-            "-std=c++20",
-            "-O1",
-            "-pthread",
-            "-ffp-contract=off",
-            "-w",
-            "-I",
-        ])
-        .arg(kiln::nvcc::kernels_dir())
-        .arg("-o")
-        .arg(&exe)
-        .arg(&cpp)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run the host C++ compiler {cxx} (set CXX): {e}"));
+    let (cxx, command) = common::cxx_command(
+        &["-std=c++20", "-O1", "-pthread", "-ffp-contract=off", "-w"],
+        &exe,
+        &cpp,
+    );
+    let built = common::run_cxx(&cxx, command);
     assert!(
         built.status.success(),
         "{what}: {cxx} failed:\n{}",

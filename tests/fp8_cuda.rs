@@ -34,7 +34,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use kiln::nvcc::{self, Nvcc};
+use kiln::nvcc::Nvcc;
 use kiln_runtime::numerics::quant::{quantize, ScaleRule};
 use kiln_runtime::numerics::Fp8Format;
 
@@ -136,19 +136,13 @@ int main(int argc, char** argv) {
 }
 "#;
 
+mod common;
+
+use common::nvcc;
+
 /// A fresh directory for one test's files.
 fn scratch(test: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join("fp8_cuda")
-        .join(test);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-/// nvcc, `None` when the CUDA checks are switched off; a missing nvcc fails the test.
-fn nvcc(test: &str) -> Option<Nvcc> {
-    nvcc::find_or_skip(test).unwrap_or_else(|e| panic!("{e}"))
+    common::scratch("fp8_cuda", test)
 }
 
 /// What the reference program computed.
@@ -168,14 +162,12 @@ fn compile_and_run(nvcc: &Nvcc, dir: &Path, name: &str, source: &str, inputs: &[
     let cpp = dir.join(format!("{name}.cpp"));
     let exe = dir.join(name);
     std::fs::write(&cpp, source).unwrap();
-    let mut compile = Command::new(nvcc.path());
-    compile
-        .args(["-std=c++20", "-O2", "-Xcompiler", "-Wall,-Wextra,-Werror"])
-        .arg("-I")
-        .arg(nvcc::kernels_dir())
-        .arg("-o")
-        .arg(&exe)
-        .arg(&cpp);
+    let mut compile = common::nvcc_command(
+        nvcc,
+        &["-std=c++20", "-O2", "-Xcompiler", "-Wall,-Wextra,-Werror"],
+        &exe,
+        &cpp,
+    );
     let out = compile
         .output()
         .unwrap_or_else(|e| panic!("cannot run {}: {e}", nvcc.path().display()));
@@ -717,12 +709,7 @@ fn compile_unit(
     let cu = dir.join(format!("{name}.cu"));
     let output = dir.join(format!("{name}.{ext}"));
     std::fs::write(&cu, source).unwrap();
-    let out = Command::new(nvcc.path())
-        .args([mode, "-arch=sm_90a", "-O3", "-I"])
-        .arg(nvcc::kernels_dir())
-        .arg("-o")
-        .arg(&output)
-        .arg(&cu)
+    let out = common::nvcc_command(nvcc, &[mode, "-arch=sm_90a", "-O3"], &output, &cu)
         .output()
         .unwrap();
     assert!(

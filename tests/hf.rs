@@ -29,10 +29,7 @@ fn ok(o: &Output, what: &str) -> String {
 
 /// A fresh scratch directory for one test.
 fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("kiln-hf-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    common::scratch("hf", name)
 }
 
 fn fixtures() -> Vec<PathBuf> {

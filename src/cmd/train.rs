@@ -5,14 +5,17 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use kiln_compiler::model::{DataSource, Model};
 use kiln_compiler::program::compile;
 use kiln_runtime::checkpoint;
-use kiln_runtime::data::{self, Batcher, Dataset};
-use kiln_runtime::exec::Run;
-use kiln_runtime::train::{eval_loss, init_params, max_token_offset, TrainConfig, Trainer};
+use kiln_runtime::data::{self, Batcher};
+use kiln_runtime::train::{eval_loss, init_params, StepStats, TrainConfig, Trainer};
+use serde_json::value::RawValue;
 
-use crate::{load, other, Failure};
+use crate::engine::{self, load_data, Specialized};
+use crate::fsutil;
+use crate::output::{self, number, out};
+use crate::spec::{load, read_spec};
+use crate::{other, Failure};
 
 /// The command's arguments (see `kiln train --help`).
 #[derive(clap::Args)]
@@ -68,91 +71,18 @@ pub struct RunArgs {
 /// Consecutive non-finite steps `train.skip_nonfinite` tolerates before giving up.
 const MAX_SKIPPED: u32 = 100;
 
-/// Share of the data held out for validation.
-const VAL_FRACTION: f64 = 0.1;
-
-pub(crate) fn load_data(model: &Model, arg: Option<&str>, seed: u64) -> Result<Dataset, Failure> {
-    let spec_data = match &model.train.data {
-        DataSource::Builtin => "builtin".to_string(),
-        DataSource::Path(p) => p.clone(),
-    };
-    let which = arg.unwrap_or(&spec_data);
-    let mut source = data::resolve(which).map_err(|e| other(e.to_string()))?;
-    if let data::Source::Builtin { seed: s, .. } = &mut source {
-        *s = seed;
-    }
-    let ds = data::load(&source, VAL_FRACTION).map_err(|e| other(e.to_string()))?;
-    if u64::from(ds.vocab) > model.vocab {
-        return Err(other(format!(
-            "the data ({}) has token ids up to {}, but the model's vocabulary is {}; raise model.vocab",
-            ds.description,
-            ds.vocab - 1,
-            model.vocab
-        )));
-    }
-    Ok(ds)
-}
-
 /// The checkpoint file of a run directory.
 fn checkpoint_path(dir: &std::path::Path) -> PathBuf {
     dir.join("checkpoint.safetensors")
-}
-
-/// A training binary specialized to one spec by `kiln build`: the spec it was built from and
-/// its generated training step.
-pub struct Specialized {
-    /// The spec's text, compiled into the binary.
-    pub spec: &'static str,
-    /// The `Train` runner of the spec's `kiln::model!` module.
-    pub runner: fn() -> Box<dyn Run>,
-}
-
-/// The flags of a specialized training binary: those of `kiln train`, without the spec (it
-/// is built in).
-#[derive(clap::Parser)]
-#[command(
-    version,
-    about = "Train the model this binary was built for (see `kiln build`)",
-    args_conflicts_with_subcommands = true
-)]
-struct SpecializedCli {
-    #[command(subcommand)]
-    command: Option<SpecializedCommand>,
-    #[command(flatten)]
-    run: RunArgs,
-}
-
-#[derive(clap::Subcommand)]
-enum SpecializedCommand {
-    /// Time training steps with this binary's generated step: `kiln bench`'s report.
-    Bench(crate::bench::Flags),
-}
-
-/// The `main` of a specialized training binary: `kiln train` with the built-in spec and the
-/// generated step. The same flags, the same metrics, checkpoints and run directories, and the
-/// same losses bit for bit.
-pub fn specialized_main(built: Specialized) -> std::process::ExitCode {
-    use clap::Parser;
-    kiln_runtime::memory::keep_freed_memory();
-    let cli = SpecializedCli::parse();
-    if let Some(SpecializedCommand::Bench(flags)) = cli.command {
-        let result = kiln_compiler::check::check(built.spec.as_bytes())
-            .map_err(|_| other("the built-in spec does not check; rebuild with `kiln build`"))
-            .and_then(|model| {
-                crate::bench::run_model("built-in spec", &model, &flags, Some(&built))
-            });
-        return crate::exit_code(result);
-    }
-    let color = std::io::IsTerminal::is_terminal(&std::io::stderr())
-        && std::env::var_os("NO_COLOR").is_none();
-    crate::exit_code(run_with(None, cli.run, color, Some(&built)))
 }
 
 pub(crate) fn run(args: Args, color: bool) -> Result<(), Failure> {
     run_with(args.spec, args.run, color, None)
 }
 
-fn run_with(
+/// Trains the spec at `spec` with the interpreter, or a specialized binary's own spec with its
+/// generated step (`built`).
+pub(crate) fn run_with(
     spec: Option<PathBuf>,
     args: RunArgs,
     color: bool,
@@ -174,7 +104,7 @@ fn run_with(
             ("built-in spec".to_string(), bytes, model)
         }
         None => {
-            let (_, bytes) = crate::read_spec(spec_path.as_ref())?;
+            let (_, bytes) = read_spec(spec_path.as_ref())?;
             let (name, model) = load(spec_path.as_ref(), &mut Vec::new(), color)?;
             (name, bytes, model)
         }
@@ -187,7 +117,7 @@ fn run_with(
     let (full, forward) = (compiled.train.graph(), compiled.forward.graph());
 
     let dataset = load_data(&model, args.data.as_deref(), seed)?;
-    let window = t + max_token_offset(forward) as usize - 1;
+    let window = engine::window(forward, t);
     let mut batcher =
         Batcher::new(dataset.train.clone(), b, window, seed).map_err(|e| other(e.to_string()))?;
 
@@ -196,31 +126,15 @@ fn run_with(
         (None, Some(dir)) => dir,
         (None, None) => PathBuf::from("runs").join(&model.name),
     };
-    std::fs::create_dir_all(&out_dir)
-        .map_err(|e| other(format!("cannot create {}: {e}", out_dir.display())))?;
+    fsutil::create_dir(&out_dir)?;
     let metrics_path = out_dir.join("metrics.jsonl");
     let ck_path = checkpoint_path(&out_dir);
     let hash = checkpoint::spec_hash(&spec_bytes);
 
-    let mut config = TrainConfig::of(compiled.train.settings(), steps, seed);
-    if args.emulate_precision {
-        if built.is_some() {
-            return Err(other(
-                "--emulate-precision runs on kiln's interpreter, not on a specialized binary's \
-                 generated step; use `kiln train SPEC --emulate-precision`",
-            ));
-        }
-        config = config.emulating(compiled.train.settings());
-    }
-    let mut trainer = match built {
-        Some(b) => Trainer::with_runner(
-            &compiled.train,
-            config,
-            init_params(forward, seed),
-            (b.runner)(),
-        ),
-        None => Trainer::new(&compiled.train, config, init_params(forward, seed)),
-    };
+    let settings = compiled.train.settings();
+    let config = TrainConfig::of(settings, steps, seed);
+    let config = engine::emulating(config, settings, args.emulate_precision, built, "train")?;
+    let mut trainer = engine::trainer(&compiled.train, config, init_params(forward, seed), built);
     let mut kept_metrics = String::new();
     if args.resume.is_some() {
         let ck = checkpoint::load(&ck_path, forward).map_err(|e| other(e.to_string()))?;
@@ -251,11 +165,10 @@ fn run_with(
             ck_path.display()
         );
     } else {
-        std::fs::write(out_dir.join("spec.toml"), &spec_bytes)
+        fsutil::write_atomic(&out_dir.join("spec.toml"), &spec_bytes)
             .map_err(|e| other(format!("cannot write the run's spec copy: {e}")))?;
     }
-    let mut metrics = std::fs::File::create(&metrics_path)
-        .map_err(|e| other(format!("cannot write {}: {e}", metrics_path.display())))?;
+    let mut metrics = fsutil::create_file(&metrics_path)?;
     metrics
         .write_all(kept_metrics.as_bytes())
         .map_err(|e| other(format!("cannot write metrics: {e}")))?;
@@ -338,15 +251,10 @@ fn run_with(
         let elapsed = start.elapsed().as_secs_f64();
         let tps = tokens_per_step * (done - first) as f64 / elapsed.max(1e-9);
         let eval_now = done % args.eval_every.max(1) == 0 || done == stop;
-        let mut line = format!(
-            "{{\"step\":{done},\"loss\":{:.6},\"main_loss\":{:.6},\"lr\":{:.6e},\"grad_norm\":{:.4},\"tokens_per_s\":{tps:.1}",
-            s.loss, s.main_loss, s.lr, s.grad_norm
-        );
         if eval_now {
             last_val = val(&trainer)?;
-            line.push_str(&format!(",\"val_loss\":{last_val:.6}"));
         }
-        line.push('}');
+        let line = metrics_row(done, &s, tps, eval_now.then_some(last_val));
         writeln!(metrics, "{line}").map_err(|e| other(format!("cannot write metrics: {e}")))?;
         if eval_now {
             metrics
@@ -378,7 +286,7 @@ fn run_with(
     }
     let elapsed = start.elapsed().as_secs_f64();
     let ran = stop.saturating_sub(first);
-    crate::out(&format!(
+    out(&format!(
         "trained {} to step {stop} of {steps} ({ran} steps in {elapsed:.1} s, {:.0} tokens/s): train loss {last_main:.4}, \
          validation loss {last_val:.4} (ln {} = {:.4})\nrun: {} (metrics.jsonl, checkpoint.safetensors, spec.toml)\n",
         model.name,
@@ -388,4 +296,105 @@ fn run_with(
         out_dir.display()
     ));
     Ok(())
+}
+
+/// One line of `metrics.jsonl`: `step`, `loss`, `main_loss`, `lr`, `grad_norm`,
+/// `tokens_per_s`, and `val_loss` at evaluation steps, with the digits they have always had;
+/// a value that is not finite is `null`.
+fn metrics_row(step: u64, s: &StepStats, tokens_per_s: f64, val_loss: Option<f64>) -> String {
+    #[derive(serde::Serialize)]
+    struct Row {
+        step: u64,
+        loss: Box<RawValue>,
+        main_loss: Box<RawValue>,
+        lr: Box<RawValue>,
+        grad_norm: Box<RawValue>,
+        tokens_per_s: Box<RawValue>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        val_loss: Option<Box<RawValue>>,
+    }
+    let six = |x: f64| format!("{x:.6}");
+    output::line(&Row {
+        step,
+        loss: number(s.loss, six),
+        main_loss: number(s.main_loss, six),
+        lr: number(s.lr, |x| format!("{x:.6e}")),
+        grad_norm: number(s.grad_norm, |x| format!("{x:.4}")),
+        tokens_per_s: number(tokens_per_s, |x| format!("{x:.1}")),
+        val_loss: val_loss.map(|v| number(v, six)),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stats(loss: f64) -> StepStats {
+        StepStats {
+            loss,
+            main_loss: loss,
+            grad_norm: 0.25,
+            lr: 3e-4,
+            skipped: false,
+        }
+    }
+
+    #[test]
+    fn a_metrics_row_keeps_its_keys_and_digits() {
+        assert_eq!(
+            metrics_row(3, &stats(2.5), 1234.56, Some(2.75)),
+            "{\"step\":3,\"loss\":2.500000,\"main_loss\":2.500000,\"lr\":3.000000e-4,\
+             \"grad_norm\":0.2500,\"tokens_per_s\":1234.6,\"val_loss\":2.750000}"
+        );
+        assert!(!metrics_row(3, &stats(2.5), 1.0, None).contains("val_loss"));
+    }
+
+    /// The row as kiln wrote it by hand before serde_json wrote it.
+    fn hand_built(done: u64, s: &StepStats, tps: f64, val: Option<f64>) -> String {
+        let mut line = format!(
+            "{{\"step\":{done},\"loss\":{:.6},\"main_loss\":{:.6},\"lr\":{:.6e},\"grad_norm\":{:.4},\"tokens_per_s\":{tps:.1}",
+            s.loss, s.main_loss, s.lr, s.grad_norm
+        );
+        if let Some(v) = val {
+            line.push_str(&format!(",\"val_loss\":{v:.6}"));
+        }
+        line.push('}');
+        line
+    }
+
+    #[test]
+    fn finite_rows_are_written_as_before() {
+        for (i, loss) in [0.0, 1e-9, 0.5, 2.718_281_9, 10.999_999_9, 123456.789]
+            .into_iter()
+            .enumerate()
+        {
+            let s = StepStats {
+                loss,
+                main_loss: loss * 0.97,
+                grad_norm: loss * 3.1,
+                lr: 6e-4 / (i + 1) as f64,
+                skipped: false,
+            };
+            for val in [None, Some(loss + 0.25)] {
+                let tps = 1234.567 * i as f64;
+                assert_eq!(
+                    metrics_row(i as u64, &s, tps, val),
+                    hand_built(i as u64, &s, tps, val)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_nan_loss_row_is_valid_json() {
+        for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+            let line = metrics_row(7, &stats(bad), f64::NAN, Some(bad));
+            let v: serde_json::Value = serde_json::from_str(&line).expect(&line);
+            assert_eq!(v["step"], 7);
+            for key in ["loss", "main_loss", "tokens_per_s", "val_loss"] {
+                assert!(v[key].is_null(), "{key} in {line}");
+            }
+            assert_eq!(v["lr"], 3e-4);
+        }
+    }
 }

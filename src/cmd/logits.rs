@@ -10,7 +10,8 @@ use kiln_compiler::program::compile_forward;
 use kiln_runtime::checkpoint;
 use kiln_runtime::exec::{Executor, Feed};
 
-use crate::{load, other, Failure};
+use crate::spec::load;
+use crate::{other, Failure};
 
 /// The command's arguments (see `kiln logits --help`).
 #[derive(clap::Args)]
@@ -118,6 +119,6 @@ pub(crate) fn run(args: Args, color: bool) -> Result<(), Failure> {
     }
     let json = serde_json::to_string(&Logits { logits })
         .map_err(|e| other(format!("cannot encode the logits: {e}")))?;
-    crate::out(&format!("{json}\n"));
+    crate::output::out(&format!("{json}\n"));
     Ok(())
 }

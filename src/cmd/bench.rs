@@ -9,12 +9,15 @@ use kiln_compiler::program::compile;
 use kiln_runtime::cpu::dense::matmul;
 use kiln_runtime::data::{builtin_corpus, byte_tokens, Batcher};
 use kiln_runtime::exec::KeptBytes;
-use kiln_runtime::train::{init_params, max_token_offset, TrainConfig, Trainer};
+use kiln_runtime::train::{init_params, TrainConfig};
+use serde_json::value::RawValue;
 
 use kiln_compiler::model::Model;
 
-use crate::train::Specialized;
-use crate::{load, other, Failure};
+use crate::engine::{self, Specialized};
+use crate::output::{self, number, out};
+use crate::spec::load;
+use crate::{other, Failure};
 
 /// The command's arguments (see `kiln bench --help`).
 #[derive(clap::Args)]
@@ -117,7 +120,7 @@ fn memory_report(
             }
             None => o["planned_bytes"] = (planned as f64).into(),
         }
-        crate::out(&format!("{o}\n"));
+        out(&format!("{o}\n"));
         return Ok(());
     }
     let storage = match kept {
@@ -152,7 +155,7 @@ fn memory_report(
         ),
     }
     text += &format!("  measured / analyzer {ratio:>6.3}\n");
-    crate::out(&text);
+    out(&text);
     Ok(())
 }
 
@@ -201,7 +204,7 @@ fn run_generate(name: &str, model: &Model, args: &Flags) -> Result<(), Failure> 
     let tps = generated as f64 / median;
     let analyzer = report.kv_cache.bytes_per_token;
     if args.json {
-        crate::out(&format!(
+        out(&format!(
             "{}\n",
             serde_json::json!({
                 "spec": name, "mode": "generate", "batch": batch, "tokens_per_sequence": tokens,
@@ -211,7 +214,7 @@ fn run_generate(name: &str, model: &Model, args: &Flags) -> Result<(), Failure> 
             })
         ));
     } else {
-        crate::out(&format!(
+        out(&format!(
             "{} ({name}), KV-cached generation: {batch} sequences × {tokens} tokens, greedy, {} threads, median of {} runs\n  \
              time            {:>10.1} ms\n  tokens/s        {:>10.0}\n  \
              cache           {:>10} bytes per token ({format}; the analyzer says {analyzer})\n",
@@ -242,7 +245,7 @@ pub(crate) fn run_model(
     let compiled = compile(model).map_err(|e| other(e.to_string()))?;
     let forward = compiled.forward.graph();
     let (b, t) = (model.train.batch as usize, model.train.seq_len as usize);
-    let window = t + max_token_offset(forward) as usize - 1;
+    let window = engine::window(forward, t);
     let tokens = byte_tokens(&builtin_corpus(0, 1 << 20))
         .into_iter()
         .map(|x| x % model.vocab as u32)
@@ -263,21 +266,11 @@ pub(crate) fn run_model(
         seed: 0,
         emulate: None,
     };
-    let config =
-        match (args.emulate_precision, built) {
-            (false, _) => config,
-            (true, None) => config.emulating(compiled.train.settings()),
-            (true, Some(_)) => return Err(other(
-                "--emulate-precision runs on kiln's interpreter, not on a specialized binary's \
-                 generated step; use `kiln bench SPEC --emulate-precision`",
-            )),
-        };
+    let settings = compiled.train.settings();
+    let config = engine::emulating(config, settings, args.emulate_precision, built, "bench")?;
     let heap_before = crate::heap::live();
     let params = init_params(forward, 0);
-    let mut trainer = match built {
-        Some(b) => Trainer::with_runner(&compiled.train, config, params, (b.runner)()),
-        None => Trainer::new(&compiled.train, config, params),
-    };
+    let mut trainer = engine::trainer(&compiled.train, config, params, built);
     let engine = match (built.is_some(), args.emulate_precision) {
         (true, _) => "generated step",
         (false, true) => "interpreter, emulated precision",
@@ -314,15 +307,37 @@ pub(crate) fn run_model(
     let achieved = flops / median / 1e9;
     let threads = rayon::current_num_threads();
     if args.json {
-        crate::out(&format!(
-            "{{\"spec\":{:?},\"engine\":{engine:?},\"threads\":{threads},\"batch\":{b},\"seq_len\":{t},\"step_s\":{median:.5},\"tokens_per_s\":{:.1},\"train_gflop_per_step\":{:.3},\"achieved_gflops\":{achieved:.1},\"gemm_gflops\":{ceiling:.1},\"fraction_of_gemm\":{:.3}}}\n",
-            name,
-            tokens / median,
-            flops / 1e9,
-            achieved / ceiling
-        ));
+        #[derive(serde::Serialize)]
+        struct Step<'a> {
+            spec: &'a str,
+            engine: &'a str,
+            threads: usize,
+            batch: usize,
+            seq_len: usize,
+            step_s: Box<RawValue>,
+            tokens_per_s: Box<RawValue>,
+            train_gflop_per_step: Box<RawValue>,
+            achieved_gflops: Box<RawValue>,
+            gemm_gflops: Box<RawValue>,
+            fraction_of_gemm: Box<RawValue>,
+        }
+        let digits = |n: usize| move |x: f64| format!("{x:.n$}");
+        let line = output::line(&Step {
+            spec: name,
+            engine,
+            threads,
+            batch: b,
+            seq_len: t,
+            step_s: number(median, digits(5)),
+            tokens_per_s: number(tokens / median, digits(1)),
+            train_gflop_per_step: number(flops / 1e9, digits(3)),
+            achieved_gflops: number(achieved, digits(1)),
+            gemm_gflops: number(ceiling, digits(1)),
+            fraction_of_gemm: number(achieved / ceiling, digits(3)),
+        });
+        out(&format!("{line}\n"));
     } else {
-        crate::out(&format!(
+        out(&format!(
             "{} ({name}, {engine}), batch {b} × {t} tokens, {threads} threads, median of {} steps\n  \
              step            {:>10.1} ms\n  tokens/s        {:>10.0}\n  achieved        {:>10.1} GFLOP/s ({:.3} GFLOP per step by the analyzer's count)\n  \
              single GEMM     {:>10.1} GFLOP/s (f32 1024³, same run)\n  fraction        {:>10.1} % of the GEMM rate\n",

@@ -13,7 +13,8 @@ use kiln_runtime::data::decode_bytes;
 use kiln_runtime::decode::{cache_format, Decoder};
 use kiln_runtime::generate::{generate, Finish, Sampling};
 
-use crate::{load, other, Failure};
+use crate::spec::load;
+use crate::{other, Failure};
 
 /// The command's arguments (see `kiln sample --help`).
 #[derive(clap::Args)]
@@ -99,6 +100,6 @@ pub(crate) fn run(args: Args, color: bool) -> Result<(), Failure> {
         context = all[all.len().saturating_sub(positions / 2)..].to_vec();
         round += 1;
     }
-    crate::out(&format!("{}{}\n", args.prompt, decode_bytes(&generated)));
+    crate::output::out(&format!("{}{}\n", args.prompt, decode_bytes(&generated)));
     Ok(())
 }

@@ -20,8 +20,12 @@ use kiln_runtime::numerics::quant::{quantize, Quantized, ScaleRule};
 use kiln_runtime::numerics::Fp8Format;
 use kiln_runtime::train::{eval_loss, init_params, max_token_offset, TrainConfig, Trainer};
 
+use crate::engine::load_data;
+use crate::fsutil;
+use crate::output::out;
 use crate::plot::{Plot, Series};
-use crate::{load, other, out, Failure};
+use crate::spec::load;
+use crate::{other, Failure};
 
 #[derive(clap::Subcommand)]
 pub(crate) enum Exp {
@@ -379,18 +383,15 @@ fn fp8_vs_bf16(args: VsArgs, color: bool) -> Result<(), Failure> {
     let dir = args
         .out
         .unwrap_or_else(|| PathBuf::from("runs").join(format!("{}-fp8-vs-bf16", fp8.name)));
-    std::fs::create_dir_all(&dir)
-        .map_err(|e| other(format!("cannot create {}: {e}", dir.display())))?;
-    let curves_path = dir.join("curves.jsonl");
-    let mut curves = std::fs::File::create(&curves_path)
-        .map_err(|e| other(format!("cannot write {}: {e}", curves_path.display())))?;
+    fsutil::create_dir(&dir)?;
+    let mut curves = fsutil::create_file(&dir.join("curves.jsonl"))?;
     let write = |name: &str, text: String| {
-        std::fs::write(dir.join(name), text)
+        fsutil::write_atomic(&dir.join(name), text.as_bytes())
             .map_err(|e| other(format!("cannot write {}: {e}", dir.join(name).display())))
     };
     let mut pairs: Vec<Pair> = Vec::new();
     for seed in first_seed..first_seed + args.seeds {
-        let dataset = crate::train::load_data(&fp8, args.data.as_deref(), seed)?;
+        let dataset = load_data(&fp8, args.data.as_deref(), seed)?;
         eprintln!(
             "fp8-vs-bf16 on {spec_name} ({}): {steps} steps of {} × {} tokens per run on {}, \
              seed {seed}{}, precision emulated",
@@ -545,7 +546,7 @@ mod tests {
 
     #[test]
     fn the_baseline_replaces_every_fp8_format_and_only_those() {
-        let tiny = kiln_compiler::check::check(crate::TINY.as_bytes()).unwrap();
+        let tiny = kiln_compiler::check::check(crate::spec::TINY.as_bytes()).unwrap();
         let base = bf16_baseline(&tiny).expect("tiny trains in FP8");
         assert_eq!(base.precision.linear, Format::Bf16);
         assert_eq!(base.precision.linear_grad, Format::Bf16);

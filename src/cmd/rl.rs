@@ -29,7 +29,9 @@ use kiln_runtime::generate::{generate, log_prob, Completion as Sampled, Sampling
 use kiln_runtime::rl::{self, GrpoConfig, RewardWeights};
 use kiln_runtime::train::{feed_inputs, TrainConfig, Trainer};
 
-use crate::{load, other, Failure};
+use crate::fsutil;
+use crate::spec::load;
+use crate::{other, Failure};
 
 /// The command's arguments (see `kiln rl --help`).
 #[derive(clap::Args)]
@@ -273,11 +275,8 @@ pub(crate) fn run(args: Args, color: bool) -> Result<(), Failure> {
             .collect()
     };
 
-    std::fs::create_dir_all(&out_dir)
-        .map_err(|e| other(format!("cannot create {}: {e}", out_dir.display())))?;
-    let metrics_path = out_dir.join("metrics.jsonl");
-    let mut metrics = std::fs::File::create(&metrics_path)
-        .map_err(|e| other(format!("cannot write {}: {e}", metrics_path.display())))?;
+    fsutil::create_dir(&out_dir)?;
+    let mut metrics = fsutil::create_file(&out_dir.join("metrics.jsonl"))?;
     eprintln!(
         "GRPO on {} ({spec_name}) from {}: {steps} steps of {} questions × {} completions (≤ {} \
          tokens), lr {:e}, clip {}, kl {}",
@@ -465,7 +464,7 @@ pub(crate) fn run(args: Args, color: bool) -> Result<(), Failure> {
     }
     let spec_bytes = std::fs::read(&spec_path)
         .map_err(|e| other(format!("cannot read {}: {e}", spec_path.display())))?;
-    std::fs::write(out_dir.join("spec.toml"), &spec_bytes)
+    fsutil::write_atomic(&out_dir.join("spec.toml"), &spec_bytes)
         .map_err(|e| other(format!("cannot write the run's spec copy: {e}")))?;
     let zeros: Vec<Vec<f32>> = full_params.iter().map(|p| vec![0.0; p.len()]).collect();
     checkpoint::save(
@@ -489,9 +488,12 @@ pub(crate) fn run(args: Args, color: bool) -> Result<(), Failure> {
         "heldout_accuracy_before": before, "heldout_accuracy_after": after,
         "seconds": seconds,
     });
-    std::fs::write(out_dir.join("summary.json"), format!("{summary:#}\n"))
-        .map_err(|e| other(format!("cannot write summary.json: {e}")))?;
-    crate::out(&format!(
+    fsutil::write_atomic(
+        &out_dir.join("summary.json"),
+        format!("{summary:#}\n").as_bytes(),
+    )
+    .map_err(|e| other(format!("cannot write summary.json: {e}")))?;
+    crate::output::out(&format!(
         "GRPO: {steps} steps in {seconds:.0} s; held-out accuracy {:.1}% → {:.1}% ({} problems)\n\
          last step: {last_line}\nrun: {} (metrics.jsonl, summary.json, checkpoint.safetensors, spec.toml)\n",
         100.0 * before,

@@ -18,7 +18,9 @@ use kiln_runtime::data::initial_batch_state;
 use kiln_runtime::hf::{self as rt_hf, ParamPieces, StoreAs};
 use kiln_runtime::train::init_params;
 
-use crate::{load, other, Failure};
+use crate::fsutil::{self, fresh_dir, write_dir};
+use crate::spec::load;
+use crate::{other, Failure};
 
 /// `kiln import-hf` (see `--help`).
 #[derive(clap::Args)]
@@ -114,58 +116,6 @@ fn copies(model: &Model, params: &[ParamPieces]) -> Vec<(String, usize)> {
         .collect()
 }
 
-/// Refuses an output directory that exists and is not empty.
-pub(crate) fn fresh_dir(out: &Path) -> Result<(), Failure> {
-    if let Ok(mut entries) = std::fs::read_dir(out) {
-        if entries.next().is_some() {
-            return Err(other(format!(
-                "{} exists and is not empty; remove it or choose another output",
-                out.display()
-            )));
-        }
-    } else if out.exists() {
-        return Err(other(format!(
-            "{} exists and is not a directory",
-            out.display()
-        )));
-    }
-    Ok(())
-}
-
-/// Writes `files` (name, bytes) into `out` through a temporary sibling directory renamed into
-/// place at the end.
-pub(crate) fn write_dir(out: &Path, files: &[(&str, Vec<u8>)]) -> Result<(), Failure> {
-    let fail = |what: &str, e: std::io::Error| other(format!("cannot {what}: {e}"));
-    let parent = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent)
-        .map_err(|e| fail(&format!("create {}", parent.display()), e))?;
-    let leaf = out
-        .file_name()
-        .map_or("out".into(), |n| n.to_string_lossy().into_owned());
-    let tmp = parent.join(format!(".{leaf}.partial-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir(&tmp).map_err(|e| fail(&format!("create {}", tmp.display()), e))?;
-    let result = (|| {
-        for (name, bytes) in files {
-            std::fs::write(tmp.join(name), bytes)
-                .map_err(|e| fail(&format!("write {name} in {}", tmp.display()), e))?;
-        }
-        // An empty directory at `out` (allowed by `fresh_dir`) is replaced.
-        if out.is_dir() {
-            std::fs::remove_dir(out).map_err(|e| fail(&format!("replace {}", out.display()), e))?;
-        }
-        std::fs::rename(&tmp, out)
-            .map_err(|e| fail(&format!("move the result to {}", out.display()), e))
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_dir_all(&tmp);
-    }
-    result
-}
-
 pub(crate) fn run_import(args: ImportArgs) -> Result<(), Failure> {
     let name = model_name(&args);
     let config_path = if args.path.is_dir() {
@@ -177,9 +127,7 @@ pub(crate) fn run_import(args: ImportArgs) -> Result<(), Failure> {
         .map_err(|e| other(format!("{}: {e}", config_path.display())))?;
     if !args.path.is_dir() {
         // A config alone: write the spec (through a temporary file, renamed into place).
-        let tmp = args.out.with_extension("toml.partial");
-        std::fs::write(&tmp, &imported.spec)
-            .and_then(|()| std::fs::rename(&tmp, &args.out))
+        fsutil::write_atomic(&args.out, imported.spec.as_bytes())
             .map_err(|e| other(format!("cannot write {}: {e}", args.out.display())))?;
         eprintln!(
             "wrote {} ({} model `{name}`); check it with `kiln check {}`",

@@ -1,0 +1,14 @@
+//! The bodies of `kiln`'s commands, one module per command; `lib.rs` parses the command line
+//! and dispatches here.
+
+pub(crate) mod bench;
+pub(crate) mod build;
+pub(crate) mod check;
+pub(crate) mod diff;
+pub(crate) mod emit;
+pub(crate) mod exp;
+pub(crate) mod hf;
+pub(crate) mod logits;
+pub(crate) mod rl;
+pub(crate) mod sample;
+pub(crate) mod train;

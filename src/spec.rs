@@ -1,0 +1,68 @@
+//! Reading a spec and checking it: the built-in default, diagnostics rendered to stderr and,
+//! for `--json`, their JSON form.
+
+use std::path::PathBuf;
+
+use kiln_compiler::check::check;
+use kiln_compiler::diag::{self, Diagnostic};
+use kiln_compiler::model::Model;
+
+use crate::output::out;
+use crate::Failure;
+
+/// The default spec, compiled in so `kiln check` works anywhere.
+pub(crate) const TINY: &str = include_str!("../specs/tiny.toml");
+const TINY_NAME: &str = "specs/tiny.toml (built in)";
+
+/// A spec's display name and bytes.
+pub(crate) fn read_spec(path: Option<&PathBuf>) -> Result<(String, Vec<u8>), Failure> {
+    match path {
+        None => Ok((TINY_NAME.to_string(), TINY.as_bytes().to_vec())),
+        Some(p) => std::fs::read(p)
+            .map(|b| (p.display().to_string(), b))
+            .map_err(|e| Failure::Other(format!("cannot read {}: {e}", p.display()))),
+    }
+}
+
+/// The JSON form of diagnostics, one object per error.
+fn errors_json(file: &str, text: &str, diags: &[Diagnostic]) -> Vec<serde_json::Value> {
+    diags
+        .iter()
+        .map(|d| {
+            let (line, col) = d.line_col(text);
+            serde_json::json!({
+                "rule": d.rule.name(),
+                "message": d.message,
+                "file": file,
+                "line": line,
+                "col": col,
+                "span": [d.span.start, d.span.end],
+                "label": d.label,
+                "help": d.help,
+            })
+        })
+        .collect()
+}
+
+/// Checks one spec. On failure, renders its diagnostics to stderr and appends their JSON form
+/// to `json_errors`.
+pub(crate) fn load(
+    path: Option<&PathBuf>,
+    json_errors: &mut Vec<serde_json::Value>,
+    color: bool,
+) -> Result<(String, Model), Failure> {
+    let (name, bytes) = read_spec(path)?;
+    check(&bytes).map(|m| (name.clone(), m)).map_err(|diags| {
+        let text = String::from_utf8_lossy(&bytes);
+        eprint!("{}", diag::render(&name, &text, &diags, color));
+        json_errors.extend(errors_json(&name, &text, &diags));
+        Failure::Invalid
+    })
+}
+
+/// With `--json`, an invalid spec's errors go to stdout as `{"errors": [...]}`.
+pub(crate) fn print_errors_json(json: bool, errors: Vec<serde_json::Value>) {
+    if json && !errors.is_empty() {
+        out(&format!("{:#}\n", serde_json::json!({ "errors": errors })));
+    }
+}
