@@ -69,7 +69,7 @@ pub fn per_element_values_and_grads<T: Real, A: Activation<T> + ?Sized>(
 }
 
 /// SwiGLU: `silu(gate)·up` with `silu(g) = g·sigmoid(g)`, computed as
-/// [`super::elementwise::swiglu`].
+/// [`crate::cpu::elementwise::swiglu`].
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SwiGlu;
 
