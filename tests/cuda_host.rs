@@ -307,6 +307,7 @@ fn run_spec(spec: &str, test: &str, objective: Objective) -> Vec<(String, usize,
     let compiled = match objective {
         Objective::Pretrain => compile(&model).unwrap(),
         Objective::PolicyGradient => compile_policy(&model).unwrap(),
+        Objective::Decode { .. } => unreachable!("the training step's kernels"),
     };
     let graph = compiled.train.graph();
     let cuda = emit(&compiled.train);

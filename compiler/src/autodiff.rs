@@ -341,6 +341,14 @@ fn vjp(
                 message: "fused ops are not differentiated: differentiate, then fuse".into(),
             });
         }
+        // A decode graph is forward-only: it reads a cache no gradient flows into.
+        Op::RopeAt { .. } | Op::CachedAttention { .. } => {
+            return Err(ShapeError {
+                path: node.path.clone(),
+                op: node.op.name(),
+                message: "decode ops are not differentiated: a decode graph is forward-only".into(),
+            });
+        }
     }
     // Gradients of u32 operands (ids, expert indices) do not exist.
     out.retain(|&(v, _)| g.values[v].ty.dtype == DType::F32);

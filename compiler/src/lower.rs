@@ -19,7 +19,8 @@ use std::collections::HashMap;
 
 use crate::dsl::expr::{BinOp, Expr};
 use crate::ir::{
-    Graph, Init, InputKind, Op, RopePairs, RouterSpec, ShapeError, TensorType, Update, ValueId,
+    CacheLayout, Graph, Init, InputKind, Op, RopePairs, RouterSpec, ShapeError, TensorType, Update,
+    ValueId,
 };
 use crate::model::{Activation, AttentionKind, Format, LayerKind, Model, NormKind, Positions};
 use crate::ops::ops;
@@ -34,6 +35,18 @@ pub enum Objective {
     /// tokens, with per-token weights from an `InputKind::TokenWeights` input; no MTP modules
     /// and no balance losses (the aux-loss-free bias update still balances the experts).
     PolicyGradient,
+    /// Decoding with a KV cache: one new token per row for `rows` rows, each at its own
+    /// position (`InputKind::Positions`, `[rows, 1]`), attending to its sequence's cache of
+    /// up to `capacity` tokens per block (`InputKind::KvCache`, `[rows, capacity, E]`). The
+    /// graph's outputs are the `logits` `[rows, 1, V]` and each block's new cache entry
+    /// `cache.<i>` `[rows, 1, E]`; it has no loss, no MTP modules and no balance losses.
+    Decode { rows: u64, capacity: u64 },
+}
+
+impl Objective {
+    fn decoding(self) -> bool {
+        matches!(self, Objective::Decode { .. })
+    }
 }
 
 /// Lowers a checked model. An error here is a bug in kiln (a checked model always lowers),
@@ -53,18 +66,27 @@ pub fn lower_for(model: &Model, objective: Objective) -> Result<Graph, ShapeErro
         .iter()
         .map(|op| (op.path.clone(), model.precision.grad_format_of(op)))
         .collect();
+    let (b, t) = match objective {
+        Objective::Decode { rows, .. } => (rows, 1),
+        _ => (model.train.batch, model.train.seq_len),
+    };
+    let name = match objective {
+        Objective::Decode { rows, capacity } => {
+            format!("{} (decode {rows} rows, cache {capacity})", model.name)
+        }
+        _ => format!("{} (batch {b} × seq_len {t})", model.name),
+    };
     let mut l = Lowering {
         m: model,
-        g: Graph::new(format!(
-            "{} (batch {} × seq_len {})",
-            model.name, model.train.batch, model.train.seq_len
-        )),
+        g: Graph::new(name),
         formats,
         grad_formats,
         objective,
-        b: model.train.batch,
-        t: model.train.seq_len,
+        b,
+        t,
         aux: Vec::new(),
+        positions: None,
+        layer: 0,
     };
     l.model()?;
     Ok(l.g)
@@ -82,6 +104,10 @@ struct Lowering<'m> {
     t: u64,
     /// Balance losses of the MoE layers, summed into the total loss.
     aux: Vec<ValueId>,
+    /// A decode graph's positions input `[B, 1]`.
+    positions: Option<ValueId>,
+    /// The index of the block being lowered (a decode graph's cache input and output).
+    layer: u32,
 }
 
 fn var(name: &str) -> Expr {
@@ -202,6 +228,10 @@ impl Lowering<'_> {
             .input(InputKind::Tokens { offset: 0 }, TensorType::u32([b, t]));
         let embed_w = self.weight("embed", vec![vocab, d]);
         let mut x = self.node(Op::Embedding, &[embed_w, tokens], "embed")?;
+        if self.objective.decoding() {
+            let pos = self.g.input(InputKind::Positions, TensorType::u32([b, t]));
+            self.positions = Some(pos);
+        }
         if m.positions == Positions::Learned {
             let pos = self.g.input(InputKind::Positions, TensorType::u32([b, t]));
             let pos_w = self.weight("pos_embed", vec![m.max_positions, d]);
@@ -209,6 +239,7 @@ impl Lowering<'_> {
             x = self.residual(x, pe, "pos_embed.add".into())?;
         }
         for (i, &kind) in m.layers.iter().enumerate() {
+            self.layer = i as u32;
             x = self.block(&format!("layers.{i}"), kind, x)?;
         }
         let head_w = if m.tie_embeddings {
@@ -216,6 +247,18 @@ impl Lowering<'_> {
         } else {
             self.weight("head", vec![vocab, d])
         };
+        if self.objective.decoding() {
+            let xn = self.norm("", "final.norm", x, d)?;
+            let fmt = self.format("head");
+            let logits = self.g.node1(
+                Op::Linear { bias: false },
+                &[xn, head_w],
+                String::from("head"),
+                fmt,
+            )?;
+            self.g.outputs.push(("logits".into(), logits));
+            return Ok(());
+        }
         let (logits, main_loss) = self.head_and_loss("", "final.norm", x, head_w, 1)?;
         self.g.outputs.push(("logits".into(), logits));
         self.g.outputs.push(("loss.main".into(), main_loss));
@@ -404,6 +447,9 @@ impl Lowering<'_> {
     }
 
     fn attention(&mut self, prefix: &str, x: ValueId) -> R<ValueId> {
+        if let Objective::Decode { capacity, .. } = self.objective {
+            return self.cached_attention(prefix, x, capacity);
+        }
         let m = self.m;
         let a = &m.attention;
         let (b, t, d, h) = (self.b, self.t, m.d_model, a.heads);
@@ -492,6 +538,126 @@ impl Lowering<'_> {
             .g
             .node(Op::Attention { scale }, &[q, k, v], path, fmt)?[0];
         let o = self.reshape(o, vec![b, t, h * a.v_dim()], p("attn.core.merge"))?;
+        self.linear(prefix, "attn.o", o, h * a.v_dim(), d, a.bias)
+    }
+
+    /// RoPE of a decode graph: each row rotated by its own position.
+    fn rope_at(&mut self, prefix: &str, x: ValueId, path: String, pairs: RopePairs) -> R<ValueId> {
+        let rope = self
+            .m
+            .attention
+            .rope
+            .expect("checked: rotary attention has [attention.rope]");
+        let op = Op::RopeAt {
+            theta: rope.theta,
+            yarn: rope.yarn,
+            pairs,
+        };
+        let pos = self.positions.expect("a decode graph has positions");
+        let format = self.format(&join(prefix, "attn.core"));
+        self.g.node1(op, &[x, pos], path, format)
+    }
+
+    /// A decode graph's attention: the same projections as [`Lowering::attention`] for one
+    /// token per row, its cache entry (a named output), and [`Op::CachedAttention`] over the
+    /// block's cache input. MLA's entry is the normalized latent and the roped shared key;
+    /// its key and value up-projection (`kv_b`) is absorbed into the attention.
+    fn cached_attention(&mut self, prefix: &str, x: ValueId, capacity: u64) -> R<ValueId> {
+        let m = self.m;
+        let a = &m.attention;
+        let (b, d, h) = (self.b, m.d_model, a.heads);
+        let xn = self.norm(prefix, "attn.norm", x, d)?;
+        let p = |s: &str| join(prefix, s);
+        let rope = m.positions == Positions::Rope;
+        let (q, entry, layout, kv_b) = match &a.kind {
+            AttentionKind::Grouped { kv_heads, head_dim } => {
+                let (hk, hd) = (*kv_heads, *head_dim);
+                let q = self.linear(prefix, "attn.q", xn, d, h * hd, a.bias)?;
+                let k = self.linear(prefix, "attn.k", xn, d, hk * hd, a.bias)?;
+                let v = self.linear(prefix, "attn.v", xn, d, hk * hd, a.bias)?;
+                let mut q = self.reshape(q, vec![b, 1, h, hd], p("attn.q.heads"))?;
+                let mut k = self.reshape(k, vec![b, 1, hk, hd], p("attn.k.heads"))?;
+                if rope {
+                    q = self.rope_at(prefix, q, p("attn.q.rope"), RopePairs::Halves)?;
+                    k = self.rope_at(prefix, k, p("attn.k.rope"), RopePairs::Halves)?;
+                }
+                let k = self.reshape(k, vec![b, 1, hk * hd], p("attn.k.rows"))?;
+                let entry = self.structural(Op::Concat, &[k, v], p("attn.cache.entry"))?[0];
+                let layout = CacheLayout::Grouped {
+                    kv_heads: hk,
+                    head_dim: hd,
+                };
+                (q, entry, layout, None)
+            }
+            AttentionKind::Latent(mla) => {
+                let qk = mla.nope_dim + mla.rope_dim;
+                let q = match mla.q_rank {
+                    Some(r) => {
+                        let cq = self.linear(prefix, "attn.q_a", xn, d, r, a.bias)?;
+                        let cq = self.norm(prefix, "attn.q_norm", cq, r)?;
+                        self.linear(prefix, "attn.q_b", cq, r, h * qk, false)?
+                    }
+                    None => self.linear(prefix, "attn.q", xn, d, h * qk, false)?,
+                };
+                let q = self.reshape(q, vec![b, 1, h, qk], p("attn.q.heads"))?;
+                let split = Op::Split {
+                    sizes: vec![mla.nope_dim, mla.rope_dim],
+                };
+                let qs = self.structural(split, &[q], p("attn.q.split"))?;
+                let q_rope =
+                    self.rope_at(prefix, qs[1], p("attn.q.rope"), RopePairs::Interleaved)?;
+                let q = self.structural(Op::Concat, &[qs[0], q_rope], p("attn.q.concat"))?[0];
+                let kv = self.linear(
+                    prefix,
+                    "attn.kv_a",
+                    xn,
+                    d,
+                    mla.kv_rank + mla.rope_dim,
+                    a.bias,
+                )?;
+                let split = Op::Split {
+                    sizes: vec![mla.kv_rank, mla.rope_dim],
+                };
+                let kvs = self.structural(split, &[kv], p("attn.kv_a.split"))?;
+                let ckv = self.norm(prefix, "attn.kv_norm", kvs[0], mla.kv_rank)?;
+                let k_rope =
+                    self.reshape(kvs[1], vec![b, 1, 1, mla.rope_dim], p("attn.k_rope.heads"))?;
+                let k_rope =
+                    self.rope_at(prefix, k_rope, p("attn.k.rope"), RopePairs::Interleaved)?;
+                let k_rope =
+                    self.reshape(k_rope, vec![b, 1, mla.rope_dim], p("attn.k_rope.rows"))?;
+                let entry = self.structural(Op::Concat, &[ckv, k_rope], p("attn.cache.entry"))?[0];
+                let kv_b = self.weight(
+                    &p("attn.kv_b"),
+                    vec![h * (mla.nope_dim + mla.v_dim), mla.kv_rank],
+                );
+                let layout = CacheLayout::Latent {
+                    rank: mla.kv_rank,
+                    nope: mla.nope_dim,
+                    rope: mla.rope_dim,
+                    v: mla.v_dim,
+                };
+                (q, entry, layout, Some(kv_b))
+            }
+        };
+        let e = self.g.values[entry].ty.shape[2];
+        let layer = self.layer;
+        let cache = self.g.input(
+            InputKind::KvCache { layer },
+            TensorType::f32([b, capacity, e]),
+        );
+        self.g.outputs.push((format!("cache.{layer}"), entry));
+        let pos = self.positions.expect("a decode graph has positions");
+        let mut operands = vec![q, entry, cache, pos];
+        operands.extend(kv_b);
+        let path = p("attn.core");
+        let fmt = self.format(&path);
+        let op = Op::CachedAttention {
+            scale: a.softmax_scale(),
+            layout,
+        };
+        let o = self.g.node1(op, &operands, path, fmt)?;
+        let o = self.reshape(o, vec![b, 1, h * a.v_dim()], p("attn.core.merge"))?;
         self.linear(prefix, "attn.o", o, h * a.v_dim(), d, a.bias)
     }
 

@@ -250,6 +250,16 @@ pub fn compile_policy(model: &Model) -> Result<Compiled, CompileError> {
     })
 }
 
+/// The decode step of [`Objective::Decode`]: one token for each of `rows` rows over KV caches
+/// of `capacity` tokens, lowered, fused and planned. Decoding (`kiln sample`, GRPO's
+/// sampling) runs it on the same executor as training, and the CUDA emitter its kernels.
+pub fn compile_decode(model: &Model, rows: u64, capacity: u64) -> Result<Program, CompileError> {
+    let graph = lower_for(model, Objective::Decode { rows, capacity })
+        .map_err(|e| CompileError::new("lower", e))?;
+    checked("lower", &graph)?;
+    Program::new(fuse(&graph), Settings::of(model))
+}
+
 /// The forward pass alone, lowered, fused and planned (sampling needs no backward pass).
 pub fn compile_forward(model: &Model) -> Result<Program, CompileError> {
     Program::new(fuse(&lowered(model)?), Settings::of(model))

@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::fmt;
 
-use kiln_compiler::ir::{Def, Graph, InputKind, Node, Op, ValueId};
+use kiln_compiler::ir::{CacheLayout, Def, Graph, InputKind, Node, Op, ValueId};
 use kiln_compiler::keep::{self, KeepPlan};
 use kiln_compiler::model::{Format, NormKind};
 use kiln_compiler::program::Program;
@@ -256,6 +256,16 @@ impl<'g> Executor<'g> {
                     let shape = &graph.values[node.inputs[0]].ty.shape;
                     rope_key.insert(id.index(), (shape[1] as usize, shape[3] as usize));
                 }
+                // Positions of a decode graph reach its caches' capacity.
+                Op::RopeAt { .. } => {
+                    let capacity = graph
+                        .values
+                        .iter()
+                        .find(|(_, v)| matches!(v.def, Def::Input(InputKind::KvCache { .. })))
+                        .map_or(0, |(_, v)| v.ty.shape[1]);
+                    let dim = graph.values[node.inputs[0]].ty.shape[3];
+                    rope_key.insert(id.index(), (capacity as usize, dim as usize));
+                }
                 _ => {}
             }
         }
@@ -366,11 +376,30 @@ impl<'g> Executor<'g> {
         self.run_timed(feed, None)
     }
 
+    /// Runs a decode graph with `caches[i]`, the KV cache input of block `i`
+    /// (`InputKind::KvCache`); returns the kept values.
+    pub fn run_cached<T: Real>(
+        &self,
+        feed: &Feed<T>,
+        caches: &[Vec<T>],
+    ) -> Result<HashMap<ValueId, Buf<T>>, ExecError> {
+        self.run_with(feed, caches, None)
+    }
+
     /// Runs the graph, adding each node's wall time to `profile` under its op name when
     /// given; returns the kept values.
     pub fn run_timed<T: Real>(
         &self,
         feed: &Feed<T>,
+        profile: Option<&mut HashMap<&'static str, std::time::Duration>>,
+    ) -> Result<HashMap<ValueId, Buf<T>>, ExecError> {
+        self.run_with(feed, &[], profile)
+    }
+
+    fn run_with<'f, T: Real>(
+        &self,
+        feed: &'f Feed<T>,
+        caches: &'f [Vec<T>],
         mut profile: Option<&mut HashMap<&'static str, std::time::Duration>>,
     ) -> Result<HashMap<ValueId, Buf<T>>, ExecError> {
         let g = self.graph;
@@ -392,6 +421,18 @@ impl<'g> Executor<'g> {
                     }
                     let w = w.iter().map(|&x| T::from_f64(f64::from(x))).collect();
                     slots[v.index()] = Some(Slot::Owned(Buf::F(w)));
+                }
+                Def::Input(InputKind::KvCache { layer }) => {
+                    let cache = caches.get(layer as usize).ok_or_else(|| {
+                        ExecError::Input(format!("the KV cache of block {layer} was not supplied"))
+                    })?;
+                    if cache.len() != want {
+                        return Err(ExecError::Input(format!(
+                            "the KV cache of block {layer} has {} values, the graph needs {want}",
+                            cache.len()
+                        )));
+                    }
+                    slots[v.index()] = Some(Slot::Param(cache));
                 }
                 Def::Input(kind) => {
                     let Some(data) = feed.inputs.get(&kind) else {
@@ -663,6 +704,79 @@ impl<'g> Executor<'g> {
                     attention::rope_bwd(arg(0).floats(), s[0], s[1], s[2], s[3], table, p)
                 };
                 vec![f(y)]
+            }
+            Op::RopeAt { theta, yarn, pairs } => {
+                let key = self.rope_key[&index];
+                let table = tables
+                    .entry(key)
+                    .or_insert_with(|| attention::rope_tables(key.0, key.1, *theta, yarn.as_ref()));
+                let positions = arg(1).ids();
+                if let Some(&p) = positions.iter().find(|&&p| p as usize >= table.seq) {
+                    return Err(ExecError::OutOfRange(format!(
+                        "{}: position {p} is beyond the cache's {} positions",
+                        node.path, table.seq
+                    )));
+                }
+                let y = attention::rope_at(
+                    arg(0).floats(),
+                    shape(0)[3],
+                    positions,
+                    table,
+                    rope_pairs(*pairs),
+                );
+                vec![f(y)]
+            }
+            Op::CachedAttention { scale, layout } => {
+                let (q, cache) = (shape(0), shape(2));
+                let s = attention::CacheShape {
+                    rows: q[0],
+                    capacity: cache[1],
+                    entry: cache[2],
+                    heads: q[2],
+                };
+                let positions = arg(3).ids();
+                if let Some(&p) = positions.iter().find(|&&p| p as usize >= s.capacity) {
+                    return Err(ExecError::OutOfRange(format!(
+                        "{}: position {p} is beyond the cache's {} slots",
+                        node.path, s.capacity
+                    )));
+                }
+                let (qs, entry, cache) = (arg(0).floats(), arg(1).floats(), arg(2).floats());
+                let o = match *layout {
+                    CacheLayout::Grouped { kv_heads, head_dim } => {
+                        attention::cached_attention_grouped(
+                            qs,
+                            entry,
+                            cache,
+                            positions,
+                            s,
+                            kv_heads as usize,
+                            head_dim as usize,
+                            *scale,
+                        )
+                    }
+                    CacheLayout::Latent {
+                        rank,
+                        nope,
+                        rope,
+                        v,
+                    } => attention::cached_attention_latent(
+                        qs,
+                        entry,
+                        cache,
+                        positions,
+                        arg(4).floats(),
+                        s,
+                        attention::LatentDims {
+                            rank: rank as usize,
+                            nope: nope as usize,
+                            rope: rope as usize,
+                            v: v as usize,
+                        },
+                        *scale,
+                    ),
+                };
+                vec![f(o)]
             }
             Op::Attention { scale } => {
                 let (q, k, v) = (shape(0), shape(1), shape(2));

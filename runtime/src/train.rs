@@ -254,8 +254,8 @@ pub fn feed_inputs(graph: &Graph, batch: &Batch, seq_len: usize) -> HashMap<Inpu
                 ids
             }
             InputKind::Positions => (0..rows).flat_map(|_| 0..seq_len as u32).collect(),
-            // Float data: the caller's `Feed::weights`.
-            InputKind::TokenWeights => continue,
+            // Float data: the caller's `Feed::weights` and a decoder's caches.
+            InputKind::TokenWeights | InputKind::KvCache { .. } => continue,
         };
         out.insert(kind, data);
     }

@@ -11,7 +11,7 @@ use kiln_compiler::check::check_str;
 use kiln_compiler::ir::InputKind;
 use kiln_compiler::lower::lower;
 use kiln_compiler::model::{Format, Model};
-use kiln_compiler::program::{Program, Settings};
+use kiln_compiler::program::{compile_decode, Program, Settings};
 use kiln_runtime::data::Rng;
 use kiln_runtime::decode::{DecodeError, Decoder};
 use kiln_runtime::exec::{Executor, Feed};
@@ -61,6 +61,11 @@ fn params(m: &Model, seed: u64) -> Vec<Vec<f32>> {
         .collect()
 }
 
+/// The decode Program of `m` for up to 4 sequences of up to `max_positions` tokens.
+fn decode_program(m: &Model) -> Program {
+    compile_decode(m, 4, m.max_positions).unwrap()
+}
+
 fn tokens(m: &Model, seed: u64) -> Vec<u32> {
     let mut rng = Rng::new(seed ^ 99);
     let n = (m.train.batch * m.train.seq_len) as usize;
@@ -80,7 +85,7 @@ fn forward_logits(m: &Model, params: &[Vec<f32>], toks: &[u32]) -> Vec<f32> {
             let data = match kind {
                 InputKind::Tokens { .. } => toks.to_vec(),
                 InputKind::Positions => (0..b).flat_map(|_| 0..t as u32).collect(),
-                InputKind::TokenWeights => continue,
+                InputKind::TokenWeights | InputKind::KvCache { .. } => continue,
             };
             inputs.insert(kind, data);
         }
@@ -113,7 +118,8 @@ fn cached_vs_uncached(spec: &str, format: Format) -> f64 {
     let toks = tokens(&m, 3);
     let want = forward_logits(&m, &p, &toks);
     let g = lower(&m).unwrap();
-    let dec = Decoder::new(&m, &g, &p).unwrap();
+    let dp = decode_program(&m);
+    let dec = Decoder::new(&dp, &g, &p).unwrap();
     let (b, t, v) = (2, 12, m.vocab as usize);
     let mut cache = dec.cache(b, t, format).unwrap();
     let mut worst = 0f64;
@@ -151,7 +157,8 @@ fn a_bf16_cache_holds_the_analyzers_bytes_and_stays_close() {
     let m = model(MICRO, 2, 12);
     let g = lower(&m).unwrap();
     let p = params(&m, 3);
-    let dec = Decoder::new(&m, &g, &p).unwrap();
+    let dp = decode_program(&m);
+    let dec = Decoder::new(&dp, &g, &p).unwrap();
     let cache = dec.cache(3, 7, Format::Bf16).unwrap();
     let report = analyze(&m);
     assert_eq!(
@@ -174,7 +181,8 @@ fn a_full_cache_and_bad_ids_are_errors() {
     let m = model(MICRO, 1, 4);
     let g = lower(&m).unwrap();
     let p = params(&m, 1);
-    let dec = Decoder::new(&m, &g, &p).unwrap();
+    let dp = decode_program(&m);
+    let dec = Decoder::new(&dp, &g, &p).unwrap();
     let mut cache = dec.cache(1, 2, Format::Fp32).unwrap();
     dec.step(&mut cache, &[(0, 1)]).unwrap();
     dec.step(&mut cache, &[(0, 2)]).unwrap();
@@ -200,7 +208,7 @@ fn a_full_cache_and_bad_ids_are_errors() {
     ));
     let wrong = vec![vec![0.0; 3]; p.len()];
     assert!(matches!(
-        Decoder::new(&m, &g, &wrong),
+        Decoder::new(&dp, &g, &wrong),
         Err(DecodeError::Param(_))
     ));
 }
@@ -225,7 +233,8 @@ mod generation {
         let m = model(MICRO, 1, 4);
         let g = lower(&m).unwrap();
         let p = params(&m, 4);
-        let dec = Decoder::new(&m, &g, &p).unwrap();
+        let dp = decode_program(&m);
+        let dec = Decoder::new(&dp, &g, &p).unwrap();
         let prompts = vec![vec![5, 9, 11], vec![7]];
         let out = generate(&dec, &prompts, &sampling(1.0, 6, vec![]), Format::Fp32).unwrap();
         for (prompt, c) in prompts.iter().zip(&out) {
@@ -252,7 +261,8 @@ mod generation {
         let m = model(MICRO, 1, 4);
         let g = lower(&m).unwrap();
         let p = params(&m, 4);
-        let dec = Decoder::new(&m, &g, &p).unwrap();
+        let dp = decode_program(&m);
+        let dec = Decoder::new(&dp, &g, &p).unwrap();
         let s = sampling(1.0, 8, vec![]);
         let both = generate(&dec, &[vec![3, 4], vec![8, 8, 8, 8]], &s, Format::Fp32).unwrap();
         let again = generate(&dec, &[vec![3, 4], vec![8, 8, 8, 8]], &s, Format::Fp32).unwrap();
@@ -277,7 +287,8 @@ mod generation {
         let m = model(MICRO, 1, 4);
         let g = lower(&m).unwrap();
         let p = params(&m, 4);
-        let dec = Decoder::new(&m, &g, &p).unwrap();
+        let dp = decode_program(&m);
+        let dec = Decoder::new(&dp, &g, &p).unwrap();
         let greedy =
             generate(&dec, &[vec![1, 2]], &sampling(0.0, 6, vec![]), Format::Fp32).unwrap();
         let t = &greedy[0].tokens;

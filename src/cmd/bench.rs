@@ -170,10 +170,14 @@ fn run_generate(name: &str, model: &Model, args: &Flags) -> Result<(), Failure> 
     let program = kiln_compiler::program::compile_forward(&m).map_err(|e| other(e.to_string()))?;
     let graph = program.graph();
     let params = init_params(graph, 0);
-    let decoder = Decoder::new(&m, graph, &params).map_err(|e| other(e.to_string()))?;
     let format = kiln_runtime::decode::cache_format(model.precision.kv_cache);
     let batch = model.train.batch as usize;
     let tokens = (model.max_positions as usize).min(128);
+    // One-token prompts and `tokens` more, within the model's positions.
+    let capacity = (tokens as u64 + 1).min(model.max_positions);
+    let decode = kiln_compiler::program::compile_decode(&m, batch as u64, capacity)
+        .map_err(|e| other(e.to_string()))?;
+    let decoder = Decoder::new(&decode, graph, &params).map_err(|e| other(e.to_string()))?;
     let prompts: Vec<Vec<u32>> = (0..batch)
         .map(|i| vec![(i as u32 * 7) % model.vocab as u32])
         .collect();

@@ -90,7 +90,7 @@ pub(crate) fn window_inputs(
                     .map(|i| tokens.get(i + offset as usize).copied().unwrap_or(0))
                     .collect(),
                 // Only policy-gradient training graphs weigh tokens.
-                InputKind::TokenWeights => continue,
+                InputKind::TokenWeights | InputKind::KvCache { .. } => continue,
             };
             inputs.insert(kind, data);
         }

@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use kiln_compiler::ir::Graph;
 use kiln_compiler::model;
-use kiln_compiler::program::{compile_forward, compile_policy};
+use kiln_compiler::program::{compile_decode, compile_forward, compile_policy};
 use kiln_runtime::checkpoint;
 use kiln_runtime::data::builtin::{heldout_problems, training_problems, Problem};
 use kiln_runtime::data::{decode_bytes, Batch, Rng};
@@ -289,8 +289,15 @@ pub(crate) fn run(args: Args, color: bool) -> Result<(), Failure> {
         cfg.clip,
         cfg.kl
     );
+    // Decode Programs for the sampled groups and for the held-out set, with caches for the
+    // longest prompt and completion.
+    let capacity = (window as u64 + 1).min(model.max_positions);
+    let decode = |rows: usize| {
+        compile_decode(&pg_model, rows.max(1) as u64, capacity).map_err(|e| other(e.to_string()))
+    };
+    let (sample_program, eval_program) = (decode(rows)?, decode(heldout.len())?);
     let decoder_of = |params: &[Vec<f32>]| -> Result<f64, Failure> {
-        let d = Decoder::new(&pg_model, forward, params).map_err(|e| other(e.to_string()))?;
+        let d = Decoder::new(&eval_program, forward, params).map_err(|e| other(e.to_string()))?;
         accuracy(&d, &heldout, &cfg, cache)
     };
     let started = Instant::now();
@@ -321,8 +328,8 @@ pub(crate) fn run(args: Args, color: bool) -> Result<(), Failure> {
             stop: stops(&cfg),
             seed: seed.wrapping_mul(1_000_003).wrapping_add(step),
         };
-        let decoder =
-            Decoder::new(&pg_model, forward, &trainer.params).map_err(|e| other(e.to_string()))?;
+        let decoder = Decoder::new(&sample_program, forward, &trainer.params)
+            .map_err(|e| other(e.to_string()))?;
         let sampled =
             generate(&decoder, &prompts, &sampling, cache).map_err(|e| other(e.to_string()))?;
         let rows: Vec<Row> = prompts

@@ -7,7 +7,7 @@
 
 use std::path::PathBuf;
 
-use kiln_compiler::program::compile_forward;
+use kiln_compiler::program::{compile_decode, compile_forward};
 use kiln_runtime::checkpoint;
 use kiln_runtime::data::decode_bytes;
 use kiln_runtime::decode::{cache_format, Decoder};
@@ -57,7 +57,10 @@ pub(crate) fn run(args: Args, color: bool) -> Result<(), Failure> {
     let graph = program.graph();
     let ck_path = args.dir.join("checkpoint.safetensors");
     let ck = checkpoint::load(&ck_path, graph).map_err(|e| other(e.to_string()))?;
-    let decoder = Decoder::new(&model, graph, &ck.params).map_err(|e| other(e.to_string()))?;
+    // One sequence at a time, up to the model's positions.
+    let decode =
+        compile_decode(&model, 1, model.max_positions).map_err(|e| other(e.to_string()))?;
+    let decoder = Decoder::new(&decode, graph, &ck.params).map_err(|e| other(e.to_string()))?;
     let vocab = model.vocab as usize;
 
     let mut tokens: Vec<u32> = args.prompt.bytes().map(u32::from).collect();

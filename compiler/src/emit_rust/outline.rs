@@ -459,6 +459,9 @@ pub(super) fn runner(graph: &Graph, keep: &[ValueId], name: &proc_macro2::Ident)
                     )
                 }
                 InputKind::Positions => (format_ident!("positions"), quote!(InputKind::Positions)),
+                InputKind::KvCache { .. } => {
+                    unreachable!("the Rust emitter takes training and forward Programs")
+                }
                 InputKind::TokenWeights => {
                     let n = lit(v.ty.elements());
                     inputs.push(quote!(let token_weights: &[f32] = token_weights(feed, #n)?;));

@@ -54,6 +54,9 @@ pub(super) fn slice_of(graph: &Graph, v: ValueId) -> TokenStream {
         }
         Def::Input(InputKind::Positions) => quote!(&positions[..]),
         Def::Input(InputKind::TokenWeights) => quote!(&token_weights[..]),
+        Def::Input(InputKind::KvCache { .. }) => {
+            unreachable!("the Rust emitter takes training and forward Programs")
+        }
         Def::Node { .. } => {
             let name = local(v);
             quote!(&#name[..])
@@ -156,6 +159,11 @@ pub(super) fn node_statement(
     let outs: Vec<proc_macro2::Ident> = node.outputs.iter().map(|&v| scope.def(v)).collect();
     let a = |i: usize| args[i].clone();
     match &node.op {
+        // `emit` takes a `Compiled` (training and forward Programs); decode Programs run on
+        // the interpreter and the CUDA plan.
+        Op::RopeAt { .. } | Op::CachedAttention { .. } => {
+            unreachable!("the Rust emitter takes training and forward Programs, not decode ones")
+        }
         Op::Fill { value, .. } => {
             let n = lit(o.out_shape(0).iter().product::<usize>());
             let value = lit_f64(*value);

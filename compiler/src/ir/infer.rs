@@ -3,7 +3,7 @@
 //! The graph builder uses these to type new nodes, and the verifier re-derives every node's
 //! result types with them, so the two can never disagree.
 
-use super::{DType, Op, RouterSpec, TensorType};
+use super::{CacheLayout, DType, Op, RouterSpec, TensorType};
 use crate::model::NormKind;
 
 type Types = Result<Vec<TensorType>, String>;
@@ -171,6 +171,65 @@ pub fn infer(op: &Op, inputs: &[&TensorType]) -> Types {
                 return Err(format!("the rotary dimension of {x} is odd"));
             }
             Ok(vec![x.clone()])
+        }
+        Op::RopeAt { .. } => {
+            arity(inputs, 2)?;
+            let (x, pos) = (inputs[0], inputs[1]);
+            dtype(x, DType::F32, "the input")?;
+            rank(x, 4, "the input [B, T, H, D]")?;
+            dtype(pos, DType::U32, "the positions")?;
+            if pos.shape != x.shape[..2] {
+                return Err(format!("positions {pos} do not fit the rows of {x}"));
+            }
+            if x.shape[3] % 2 != 0 {
+                return Err(format!("the rotary dimension of {x} is odd"));
+            }
+            Ok(vec![x.clone()])
+        }
+        Op::CachedAttention { layout, .. } => {
+            let latent = matches!(layout, CacheLayout::Latent { .. });
+            arity(inputs, if latent { 5 } else { 4 })?;
+            let (q, entry, cache, pos) = (inputs[0], inputs[1], inputs[2], inputs[3]);
+            for (t, what) in [(q, "q"), (entry, "the entry"), (cache, "the cache")] {
+                dtype(t, DType::F32, what)?;
+            }
+            dtype(pos, DType::U32, "the positions")?;
+            rank(q, 4, "q [B, 1, H, Dq]")?;
+            rank(entry, 3, "the entry [B, 1, E]")?;
+            rank(cache, 3, "the cache [B, C, E]")?;
+            let (b, h) = (q.shape[0], q.shape[2]);
+            let (dq, e, dv) = match *layout {
+                CacheLayout::Grouped { kv_heads, head_dim } => {
+                    if kv_heads == 0 || h % kv_heads != 0 {
+                        return Err(format!("{h} query heads cannot share {kv_heads} KV heads"));
+                    }
+                    (head_dim, 2 * kv_heads * head_dim, head_dim)
+                }
+                CacheLayout::Latent {
+                    rank: r,
+                    nope,
+                    rope,
+                    v,
+                } => {
+                    let w = inputs[4];
+                    if w.shape != [h * (nope + v), r] {
+                        return Err(format!("kv_b {w} is not [{}, {r}]", h * (nope + v)));
+                    }
+                    (nope + rope, r + rope, v)
+                }
+            };
+            if q.shape != [b, 1, h, dq]
+                || entry.shape != [b, 1, e]
+                || cache.shape.len() != 3
+                || cache.shape[0] != b
+                || cache.shape[2] != e
+                || pos.shape != [b, 1]
+            {
+                return Err(format!(
+                    "q {q}, entry {entry}, cache {cache} and positions {pos} do not fit together"
+                ));
+            }
+            Ok(vec![TensorType::f32([b, 1, h, dv])])
         }
         Op::Attention { .. } => {
             arity(inputs, 3)?;

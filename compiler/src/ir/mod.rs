@@ -249,6 +249,9 @@ pub enum InputKind {
     /// policy-gradient objective puts on each target token's log-probability (zero on prompt
     /// and padding positions).
     TokenWeights,
+    /// The KV cache of block `layer` for each row of a decode graph, `[B, C, E]` (f32): the
+    /// entries of the tokens before each row's position (see [`Op::CachedAttention`]).
+    KvCache { layer: u32 },
 }
 
 /// Where a value comes from.
@@ -278,6 +281,25 @@ pub enum RopePairs {
     /// Dimension `2i` with `2i + 1` (DeepSeek's reference code, the layout of its released
     /// checkpoints' RoPE weights).
     Interleaved,
+}
+
+/// What one cached token of one layer holds, for [`Op::CachedAttention`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CacheLayout {
+    /// `E = 2·Hk·D`: the roped keys of every KV head, then their values; `Dq = Dv = D`, and
+    /// query head `h` reads KV head `h / (H / Hk)`.
+    Grouped { kv_heads: u64, head_dim: u64 },
+    /// Multi-head latent attention: `E = R + Dr`, the normalized latent `c_kv` and the roped
+    /// shared key `k_rope`; `q` is `[q_nope (Dn) | q_rope (Dr)]` per head, `q_rope` roped. A
+    /// fifth operand `kv_b[H·(Dn + Dv), R]` (each head's `Dn` key rows, then its `Dv` value
+    /// rows) is absorbed: scores are `(W_ukᵀ·q_nope)·c_kv + q_rope·k_rope`, and the output
+    /// `W_uv·(Σₜ pₜ·c_kv(t))` (DeepSeek-V2 §2.1.2).
+    Latent {
+        rank: u64,
+        nope: u64,
+        rope: u64,
+        v: u64,
+    },
 }
 
 /// The closed op set. Shape rules are in [`infer`]; each op's operand order is documented
@@ -314,6 +336,20 @@ pub enum Op {
     /// causal `softmax(scale · q·kᵀ)·v`, query head `h` reading KV head `h / (H / Hk)`; `lse`
     /// is each query's log-sum-exp of scaled scores, kept for the backward pass.
     Attention { scale: f64 },
+    /// `(x[B, T, H, D], positions[B, T]: u32) -> [B, T, H, D]`: [`Op::Rope`], each row
+    /// `(b, t)` rotated by the angle of its own position `positions[b, t]` (decoding, where a
+    /// row's position is the number of tokens its sequence has cached).
+    RopeAt {
+        theta: f64,
+        yarn: Option<Yarn>,
+        pairs: RopePairs,
+    },
+    /// Decoding attention of one new token per row over its sequence's KV cache:
+    /// `(q[B, 1, H, Dq], entry[B, 1, E], cache[B, C, E], positions[B, 1]: u32, kv_b?) ->
+    /// o[B, 1, H, Dv]`. Row `b` attends to `cache[b, 0..p]` and then to its own `entry` (at
+    /// position `p = positions[b, 0] < C`), `softmax(scale · scores)`; `entry` is what the
+    /// caller appends to the cache at `p`. [`CacheLayout`] says what an entry holds.
+    CachedAttention { scale: f64, layout: CacheLayout },
     /// `(x[N, d], w[E, d], bias[E]) -> (weights[N, k], experts[N, k]: u32, scores[N, E])`:
     /// scores `score(x·wᵀ)` in f32; selection on `scores + bias`; weights are the unbiased
     /// scores of the chosen experts, normalized if `normalize`, times `scale`.
@@ -411,6 +447,8 @@ impl Op {
             Op::Expand { .. } => "expand",
             Op::Rope { .. } => "rope",
             Op::Attention { .. } => "attention",
+            Op::RopeAt { .. } => "rope_at",
+            Op::CachedAttention { .. } => "cached_attention",
             Op::Router(_) => "router",
             Op::Experts { .. } => "experts",
             Op::CrossEntropy => "cross_entropy",

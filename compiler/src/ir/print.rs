@@ -17,7 +17,7 @@
 
 use std::fmt::{self, Write};
 
-use super::{Def, Graph, Init, InputKind, Op, RopePairs, RouterSpec, Update, ValueId};
+use super::{CacheLayout, Def, Graph, Init, InputKind, Op, RopePairs, RouterSpec, Update, ValueId};
 
 fn v(id: ValueId) -> String {
     format!("%{}", id.index())
@@ -44,6 +44,26 @@ fn attributes(op: &Op) -> String {
             format!("[{}]", s.join(", "))
         }
         Op::Expand { axis, n } => format!("[axis={axis}, n={n}]"),
+        Op::RopeAt { theta, yarn, pairs } => attributes(&Op::Rope {
+            theta: *theta,
+            yarn: *yarn,
+            pairs: *pairs,
+        }),
+        Op::CachedAttention { scale, layout } => match *layout {
+            CacheLayout::Grouped { kv_heads, head_dim } => format!(
+                "[scale={}, grouped(kv_heads={kv_heads}, head_dim={head_dim})]",
+                num(*scale)
+            ),
+            CacheLayout::Latent {
+                rank,
+                nope,
+                rope,
+                v,
+            } => format!(
+                "[scale={}, latent(rank={rank}, nope={nope}, rope={rope}, v={v})]",
+                num(*scale)
+            ),
+        },
         Op::Rope { theta, yarn, pairs } => {
             let pairs = match pairs {
                 RopePairs::Halves => "halves",
@@ -153,6 +173,7 @@ impl fmt::Display for Graph {
                     InputKind::Tokens { offset } => format!("tokens(+{offset})"),
                     InputKind::Positions => "positions".to_string(),
                     InputKind::TokenWeights => "token weights".to_string(),
+                    InputKind::KvCache { layer } => format!("kv cache {layer}"),
                 };
                 writeln!(f, "  {}: {} = {what}", v(id), value.ty)?;
             }
