@@ -22,7 +22,7 @@ use crate::ir::{
     CacheLayout, Graph, Init, InputKind, Op, RopePairs, RouterSpec, ShapeError, TensorType, Update,
     ValueId,
 };
-use crate::model::{Activation, AttentionKind, Format, LayerKind, Model, NormKind, Positions};
+use crate::model::{Activation, AttentionKind, Format, LayerKind, Mla, Model, NormKind, Positions};
 use crate::ops::ops;
 
 /// What the lowered graph's `loss` is.
@@ -233,7 +233,10 @@ impl Lowering<'_> {
             self.positions = Some(pos);
         }
         if m.positions == Positions::Learned {
-            let pos = self.g.input(InputKind::Positions, TensorType::u32([b, t]));
+            let pos = match self.positions {
+                Some(pos) => pos,
+                None => self.g.input(InputKind::Positions, TensorType::u32([b, t])),
+            };
             let pos_w = self.weight("pos_embed", vec![m.max_positions, d]);
             let pe = self.node(Op::Embedding, &[pos_w, pos], "pos_embed")?;
             x = self.residual(x, pe, "pos_embed.add".into())?;
@@ -430,20 +433,92 @@ impl Lowering<'_> {
         self.linear(&g, "down", a, hidden, d, bias)
     }
 
-    /// RoPE belongs to the attention core's op class, and takes its format.
+    /// RoPE on `x[B, T, H, D]`: by sequence position, or in a decode graph by each row's
+    /// position input. RoPE belongs to the attention core's op class, and takes its format.
     fn rope(&mut self, prefix: &str, x: ValueId, path: String, pairs: RopePairs) -> R<ValueId> {
         let rope = self
             .m
             .attention
             .rope
             .expect("checked: rotary attention has [attention.rope]");
-        let op = Op::Rope {
-            theta: rope.theta,
-            yarn: rope.yarn,
-            pairs,
-        };
+        let (theta, yarn) = (rope.theta, rope.yarn);
         let format = self.format(&join(prefix, "attn.core"));
-        self.g.node1(op, &[x], path, format)
+        match self.positions {
+            Some(pos) => {
+                let op = Op::RopeAt { theta, yarn, pairs };
+                self.g.node1(op, &[x, pos], path, format)
+            }
+            None => self
+                .g
+                .node1(Op::Rope { theta, yarn, pairs }, &[x], path, format),
+        }
+    }
+
+    /// GQA/MHA's roped queries and keys and its values, `[B, T, heads, D]`.
+    fn grouped_qkv(
+        &mut self,
+        prefix: &str,
+        xn: ValueId,
+        hk: u64,
+        hd: u64,
+    ) -> R<(ValueId, ValueId, ValueId)> {
+        let m = self.m;
+        let (a, b, t, d) = (&m.attention, self.b, self.t, m.d_model);
+        let h = a.heads;
+        let p = |s: &str| join(prefix, s);
+        let q = self.linear(prefix, "attn.q", xn, d, h * hd, a.bias)?;
+        let k = self.linear(prefix, "attn.k", xn, d, hk * hd, a.bias)?;
+        let v = self.linear(prefix, "attn.v", xn, d, hk * hd, a.bias)?;
+        let mut q = self.reshape(q, vec![b, t, h, hd], p("attn.q.heads"))?;
+        let mut k = self.reshape(k, vec![b, t, hk, hd], p("attn.k.heads"))?;
+        let v = self.reshape(v, vec![b, t, hk, hd], p("attn.v.heads"))?;
+        if m.positions == Positions::Rope {
+            q = self.rope(prefix, q, p("attn.q.rope"), RopePairs::Halves)?;
+            k = self.rope(prefix, k, p("attn.k.rope"), RopePairs::Halves)?;
+        }
+        Ok((q, k, v))
+    }
+
+    /// MLA's per-token projections: the query's no-RoPE part `[B, T, H, nope]` and roped
+    /// part `[B, T, H, rope]`, the normalized latent `c_kv` `[B, T, kv_rank]` and the roped
+    /// shared key `[B, T, 1, rope]`.
+    fn latent_parts(&mut self, prefix: &str, xn: ValueId, mla: &Mla) -> R<[ValueId; 4]> {
+        let m = self.m;
+        let (a, b, t, d) = (&m.attention, self.b, self.t, m.d_model);
+        let h = a.heads;
+        let p = |s: &str| join(prefix, s);
+        let qk = mla.nope_dim + mla.rope_dim;
+        let q = match mla.q_rank {
+            Some(r) => {
+                let cq = self.linear(prefix, "attn.q_a", xn, d, r, a.bias)?;
+                let cq = self.norm(prefix, "attn.q_norm", cq, r)?;
+                self.linear(prefix, "attn.q_b", cq, r, h * qk, false)?
+            }
+            None => self.linear(prefix, "attn.q", xn, d, h * qk, false)?,
+        };
+        let q = self.reshape(q, vec![b, t, h, qk], p("attn.q.heads"))?;
+        let split = Op::Split {
+            sizes: vec![mla.nope_dim, mla.rope_dim],
+        };
+        let qs = self.structural(split, &[q], p("attn.q.split"))?;
+        let q_rope = self.rope(prefix, qs[1], p("attn.q.rope"), RopePairs::Interleaved)?;
+
+        let kv = self.linear(
+            prefix,
+            "attn.kv_a",
+            xn,
+            d,
+            mla.kv_rank + mla.rope_dim,
+            a.bias,
+        )?;
+        let split = Op::Split {
+            sizes: vec![mla.kv_rank, mla.rope_dim],
+        };
+        let kvs = self.structural(split, &[kv], p("attn.kv_a.split"))?;
+        let ckv = self.norm(prefix, "attn.kv_norm", kvs[0], mla.kv_rank)?;
+        let k_rope = self.reshape(kvs[1], vec![b, t, 1, mla.rope_dim], p("attn.k_rope.heads"))?;
+        let k_rope = self.rope(prefix, k_rope, p("attn.k.rope"), RopePairs::Interleaved)?;
+        Ok([qs[0], q_rope, ckv, k_rope])
     }
 
     fn attention(&mut self, prefix: &str, x: ValueId) -> R<ValueId> {
@@ -457,52 +532,10 @@ impl Lowering<'_> {
         let p = |s: &str| join(prefix, s);
         let (q, k, v) = match &a.kind {
             AttentionKind::Grouped { kv_heads, head_dim } => {
-                let (hk, hd) = (*kv_heads, *head_dim);
-                let q = self.linear(prefix, "attn.q", xn, d, h * hd, a.bias)?;
-                let k = self.linear(prefix, "attn.k", xn, d, hk * hd, a.bias)?;
-                let v = self.linear(prefix, "attn.v", xn, d, hk * hd, a.bias)?;
-                let mut q = self.reshape(q, vec![b, t, h, hd], p("attn.q.heads"))?;
-                let mut k = self.reshape(k, vec![b, t, hk, hd], p("attn.k.heads"))?;
-                let v = self.reshape(v, vec![b, t, hk, hd], p("attn.v.heads"))?;
-                if m.positions == Positions::Rope {
-                    q = self.rope(prefix, q, p("attn.q.rope"), RopePairs::Halves)?;
-                    k = self.rope(prefix, k, p("attn.k.rope"), RopePairs::Halves)?;
-                }
-                (q, k, v)
+                self.grouped_qkv(prefix, xn, *kv_heads, *head_dim)?
             }
             AttentionKind::Latent(mla) => {
-                let qk = mla.nope_dim + mla.rope_dim;
-                let q = match mla.q_rank {
-                    Some(r) => {
-                        let cq = self.linear(prefix, "attn.q_a", xn, d, r, a.bias)?;
-                        let cq = self.norm(prefix, "attn.q_norm", cq, r)?;
-                        self.linear(prefix, "attn.q_b", cq, r, h * qk, false)?
-                    }
-                    None => self.linear(prefix, "attn.q", xn, d, h * qk, false)?,
-                };
-                let q = self.reshape(q, vec![b, t, h, qk], p("attn.q.heads"))?;
-                let split = Op::Split {
-                    sizes: vec![mla.nope_dim, mla.rope_dim],
-                };
-                let qs = self.structural(split, &[q], p("attn.q.split"))?;
-                let q_rope = self.rope(prefix, qs[1], p("attn.q.rope"), RopePairs::Interleaved)?;
-
-                let kv = self.linear(
-                    prefix,
-                    "attn.kv_a",
-                    xn,
-                    d,
-                    mla.kv_rank + mla.rope_dim,
-                    a.bias,
-                )?;
-                let split = Op::Split {
-                    sizes: vec![mla.kv_rank, mla.rope_dim],
-                };
-                let kvs = self.structural(split, &[kv], p("attn.kv_a.split"))?;
-                let ckv = self.norm(prefix, "attn.kv_norm", kvs[0], mla.kv_rank)?;
-                let k_rope =
-                    self.reshape(kvs[1], vec![b, t, 1, mla.rope_dim], p("attn.k_rope.heads"))?;
-                let k_rope = self.rope(prefix, k_rope, p("attn.k.rope"), RopePairs::Interleaved)?;
+                let [q_nope, q_rope, ckv, k_rope] = self.latent_parts(prefix, xn, mla)?;
                 let k_rope = self.structural(
                     Op::Expand { axis: 2, n: h },
                     &[k_rope],
@@ -526,7 +559,7 @@ impl Lowering<'_> {
                     sizes: vec![mla.nope_dim, mla.v_dim],
                 };
                 let kvbs = self.structural(split, &[kvb], p("attn.kv_b.split"))?;
-                let q = self.structural(Op::Concat, &[qs[0], q_rope], p("attn.q.concat"))?[0];
+                let q = self.structural(Op::Concat, &[q_nope, q_rope], p("attn.q.concat"))?[0];
                 let k = self.structural(Op::Concat, &[kvbs[0], k_rope], p("attn.k.concat"))?[0];
                 (q, k, kvbs[1])
             }
@@ -541,25 +574,8 @@ impl Lowering<'_> {
         self.linear(prefix, "attn.o", o, h * a.v_dim(), d, a.bias)
     }
 
-    /// RoPE of a decode graph: each row rotated by its own position.
-    fn rope_at(&mut self, prefix: &str, x: ValueId, path: String, pairs: RopePairs) -> R<ValueId> {
-        let rope = self
-            .m
-            .attention
-            .rope
-            .expect("checked: rotary attention has [attention.rope]");
-        let op = Op::RopeAt {
-            theta: rope.theta,
-            yarn: rope.yarn,
-            pairs,
-        };
-        let pos = self.positions.expect("a decode graph has positions");
-        let format = self.format(&join(prefix, "attn.core"));
-        self.g.node1(op, &[x, pos], path, format)
-    }
-
-    /// A decode graph's attention: the same projections as [`Lowering::attention`] for one
-    /// token per row, its cache entry (a named output), and [`Op::CachedAttention`] over the
+    /// A decode graph's attention: the projections of [`Lowering::attention`] for one token
+    /// per row, the token's cache entry (a named output), and [`Op::CachedAttention`] over the
     /// block's cache input. MLA's entry is the normalized latent and the roped shared key;
     /// its key and value up-projection (`kv_b`) is absorbed into the attention.
     fn cached_attention(&mut self, prefix: &str, x: ValueId, capacity: u64) -> R<ValueId> {
@@ -568,20 +584,12 @@ impl Lowering<'_> {
         let (b, d, h) = (self.b, m.d_model, a.heads);
         let xn = self.norm(prefix, "attn.norm", x, d)?;
         let p = |s: &str| join(prefix, s);
-        let rope = m.positions == Positions::Rope;
         let (q, entry, layout, kv_b) = match &a.kind {
             AttentionKind::Grouped { kv_heads, head_dim } => {
                 let (hk, hd) = (*kv_heads, *head_dim);
-                let q = self.linear(prefix, "attn.q", xn, d, h * hd, a.bias)?;
-                let k = self.linear(prefix, "attn.k", xn, d, hk * hd, a.bias)?;
-                let v = self.linear(prefix, "attn.v", xn, d, hk * hd, a.bias)?;
-                let mut q = self.reshape(q, vec![b, 1, h, hd], p("attn.q.heads"))?;
-                let mut k = self.reshape(k, vec![b, 1, hk, hd], p("attn.k.heads"))?;
-                if rope {
-                    q = self.rope_at(prefix, q, p("attn.q.rope"), RopePairs::Halves)?;
-                    k = self.rope_at(prefix, k, p("attn.k.rope"), RopePairs::Halves)?;
-                }
+                let (q, k, v) = self.grouped_qkv(prefix, xn, hk, hd)?;
                 let k = self.reshape(k, vec![b, 1, hk * hd], p("attn.k.rows"))?;
+                let v = self.reshape(v, vec![b, 1, hk * hd], p("attn.v.rows"))?;
                 let entry = self.structural(Op::Concat, &[k, v], p("attn.cache.entry"))?[0];
                 let layout = CacheLayout::Grouped {
                     kv_heads: hk,
@@ -590,40 +598,8 @@ impl Lowering<'_> {
                 (q, entry, layout, None)
             }
             AttentionKind::Latent(mla) => {
-                let qk = mla.nope_dim + mla.rope_dim;
-                let q = match mla.q_rank {
-                    Some(r) => {
-                        let cq = self.linear(prefix, "attn.q_a", xn, d, r, a.bias)?;
-                        let cq = self.norm(prefix, "attn.q_norm", cq, r)?;
-                        self.linear(prefix, "attn.q_b", cq, r, h * qk, false)?
-                    }
-                    None => self.linear(prefix, "attn.q", xn, d, h * qk, false)?,
-                };
-                let q = self.reshape(q, vec![b, 1, h, qk], p("attn.q.heads"))?;
-                let split = Op::Split {
-                    sizes: vec![mla.nope_dim, mla.rope_dim],
-                };
-                let qs = self.structural(split, &[q], p("attn.q.split"))?;
-                let q_rope =
-                    self.rope_at(prefix, qs[1], p("attn.q.rope"), RopePairs::Interleaved)?;
-                let q = self.structural(Op::Concat, &[qs[0], q_rope], p("attn.q.concat"))?[0];
-                let kv = self.linear(
-                    prefix,
-                    "attn.kv_a",
-                    xn,
-                    d,
-                    mla.kv_rank + mla.rope_dim,
-                    a.bias,
-                )?;
-                let split = Op::Split {
-                    sizes: vec![mla.kv_rank, mla.rope_dim],
-                };
-                let kvs = self.structural(split, &[kv], p("attn.kv_a.split"))?;
-                let ckv = self.norm(prefix, "attn.kv_norm", kvs[0], mla.kv_rank)?;
-                let k_rope =
-                    self.reshape(kvs[1], vec![b, 1, 1, mla.rope_dim], p("attn.k_rope.heads"))?;
-                let k_rope =
-                    self.rope_at(prefix, k_rope, p("attn.k.rope"), RopePairs::Interleaved)?;
+                let [q_nope, q_rope, ckv, k_rope] = self.latent_parts(prefix, xn, mla)?;
+                let q = self.structural(Op::Concat, &[q_nope, q_rope], p("attn.q.concat"))?[0];
                 let k_rope =
                     self.reshape(k_rope, vec![b, 1, mla.rope_dim], p("attn.k_rope.rows"))?;
                 let entry = self.structural(Op::Concat, &[ckv, k_rope], p("attn.cache.entry"))?[0];
