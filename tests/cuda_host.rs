@@ -311,7 +311,6 @@ fn run_spec(spec: &str, test: &str, objective: Objective) -> Vec<(String, usize,
     };
     let graph = compiled.train.graph();
     let cuda = emit(&compiled.train);
-    let plans = plans(graph, &cuda);
 
     // The interpreter's run of one step, keeping every value.
     let (b, t) = (model.train.batch as usize, model.train.seq_len as usize);
@@ -376,6 +375,28 @@ fn run_spec(spec: &str, test: &str, objective: Objective) -> Vec<(String, usize,
             },
         }
     };
+
+    let rule = match model.precision.fp8.map(|f| f.scale) {
+        Some(kiln_compiler::model::ScaleFormat::Pow2) => ScaleRule::Pow2,
+        _ => ScaleRule::Fp32,
+    };
+    compare_on_host(spec, test, graph, &cuda, &values, &value_of, rule)
+}
+
+/// Runs every launch of `cuda` on the host, each step on fresh copies of the interpreter's
+/// `values` (`value_of` gives any value, input or parameter, as the step reads it), and
+/// compares what each writes with the interpreter's; FP8 operands (scaled by `rule`) are
+/// compared bit for bit. Returns `(node path, value, relative error)` per compared output.
+fn compare_on_host(
+    spec: &str,
+    test: &str,
+    graph: &Graph,
+    cuda: &CudaProgram,
+    values: &HashMap<ValueId, Buf<f32>>,
+    value_of: &dyn Fn(ValueId) -> Input,
+    rule: ScaleRule,
+) -> Vec<(String, usize, f64)> {
+    let plans = plans(graph, cuda);
 
     // Every buffer any launch reads, and the RoPE tables.
     let mut needed: BTreeMap<usize, Input> = BTreeMap::new();
@@ -549,7 +570,7 @@ fn run_spec(spec: &str, test: &str, objective: Objective) -> Vec<(String, usize,
         let _ = writeln!(main, "    }}");
     }
     main.push_str("    fclose(out);\n    return error_flag;\n}\n");
-    let bytes = build_and_run(&dir, spec, &cuda, &main);
+    let bytes = build_and_run(&dir, spec, cuda, &main);
 
     // Compare every written value with the interpreter's.
     let mut results = Vec::new();
@@ -628,10 +649,6 @@ fn run_spec(spec: &str, test: &str, objective: Objective) -> Vec<(String, usize,
     }
     // Every FP8 GEMM's operands: the launches' codes and scales must be the CPU emulation's
     // quantization of the same values, bit for bit (mismatches are counted).
-    let rule = match model.precision.fp8.map(|f| f.scale) {
-        Some(kiln_compiler::model::ScaleFormat::Pow2) => ScaleRule::Pow2,
-        _ => ScaleRule::Fp32,
-    };
     for plan in &plans {
         for g in &plan.fp8 {
             let q = g.fp8.as_ref().unwrap();
