@@ -9,7 +9,9 @@
 //! - the FP8 copies: each is written by exactly one launch, in its writer's step (the
 //!   producer's own kernel when fused), before every GEMM that reads it, and every FP8 GEMM
 //!   reading an activation as stored reads a copy; the plan for `tiny` is a snapshot;
-//! - snapshots of the generated CUDA for `tiny` and `gpt2-124m`.
+//! - snapshots of the generated CUDA for `tiny` and `gpt2-124m`;
+//! - the decode step (`compile_decode`) of latent, grouped and multi-head specs: its plan,
+//!   and its unit compiled for sm_90a without spills or stack.
 //!
 //! Without nvcc the compile test fails with `nvcc::find`'s message (run
 //! `scripts/cuda-toolchain`); `KILN_SKIP_CUDA_COMPILE=1` skips it.
@@ -21,8 +23,9 @@ use kiln::nvcc;
 mod common;
 use kiln_compiler::check::check;
 use kiln_compiler::emit_cuda::{emit, Arg, CudaProgram, Work};
+use kiln_compiler::ir::{Def, InputKind};
 use kiln_compiler::model::Model;
-use kiln_compiler::program::compile;
+use kiln_compiler::program::{compile, compile_decode};
 
 const SPECS: [&str; 10] = [
     "specs/tiny.toml",
@@ -356,4 +359,112 @@ fn generated_cuda_builds_warning_free_with_nvcc_c() {
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{said}");
     assert!(!said.contains("warning"), "{said}");
+}
+
+/// The decode step (`compile_decode`) of tiny and of DeepSeek-V3's shapes (latent caches), of
+/// Llama 3 8B (grouped) and GPT-2 124M (multi-head, learned positions): every node has its
+/// work and every launch names a kernel of the unit with as many arguments as it declares;
+/// cached attention runs one block per (row, head), RoPE at positions reads a table covering
+/// the cache, each block's KV cache input is passed like any other value; and the unit
+/// compiles for sm_90a without spills or a stack frame.
+#[test]
+fn decode_step_emits_and_compiles_for_sm_90a_without_spills_or_stack() {
+    let compiler = common::nvcc("decode step CUDA compile");
+    let allow = nvcc::AllowList::load(&nvcc::allowlist_path()).unwrap();
+    let dir = scratch("decode");
+    for (spec, rows, capacity) in [
+        ("specs/tiny.toml", 4, 256),
+        ("specs/deepseek-v3.toml", 8, 4096),
+        ("specs/llama3-8b.toml", 8, 8192),
+        ("specs/gpt2-124m.toml", 8, 1024),
+    ] {
+        let m = model(spec);
+        let program = compile_decode(&m, rows, capacity).unwrap();
+        let graph = program.graph();
+        let p = emit(&program);
+        assert!(
+            p.source.contains("the kernels of one\n// decode step"),
+            "{spec}"
+        );
+        assert!(p.optimizer.is_empty(), "{spec}: decoding trains nothing");
+        assert_eq!(
+            p.steps.len(),
+            graph.nodes.len(),
+            "{spec}: one step per node"
+        );
+        let arities = kernel_arities(&p.source);
+        assert_eq!(arities.len(), p.kernels.len(), "{spec}");
+        let launches: Vec<_> = p
+            .steps
+            .iter()
+            .flat_map(|s| {
+                assert!(
+                    !s.work.is_empty(),
+                    "{spec}: {} {} does nothing",
+                    s.op,
+                    s.path
+                );
+                s.work.iter().filter_map(move |w| match w {
+                    Work::Launch(l) => Some((s, l)),
+                    _ => None,
+                })
+            })
+            .collect();
+        for (s, l) in &launches {
+            let (_, arity) = arities
+                .iter()
+                .find(|(n, _)| *n == l.kernel)
+                .unwrap_or_else(|| panic!("{spec}: {} is not in the source", l.kernel));
+            assert_eq!(l.args.len(), *arity, "{spec}: arguments of {}", l.kernel);
+            assert!(l.grid >= 1 && l.block == 256, "{spec}: {}", l.kernel);
+            if s.op == "cached_attention" {
+                assert_eq!(l.grid, rows * m.attention.heads, "{spec}: {}", s.path);
+            }
+        }
+        let attention = p.steps.iter().filter(|s| s.op == "cached_attention");
+        assert_eq!(attention.count(), m.layers.len(), "{spec}");
+        let rotary = m.positions == kiln_compiler::model::Positions::Rope;
+        assert_eq!(p.steps.iter().any(|s| s.op == "rope_at"), rotary, "{spec}");
+        assert!(
+            p.rope_tables.iter().all(|t| t.seq == capacity),
+            "{spec}: RoPE tables cover the cache"
+        );
+        for (v, value) in graph.values.iter() {
+            if let Def::Input(InputKind::KvCache { layer }) = value.def {
+                let read = launches
+                    .iter()
+                    .any(|(_, l)| l.args.contains(&Arg::Value { id: v.index() }));
+                assert!(read, "{spec}: the KV cache of block {layer} is read");
+            }
+        }
+        let Some(compiler) = &compiler else { continue };
+        let name = spec.rsplit('/').next().unwrap().trim_end_matches(".toml");
+        let path = dir.join(format!("{name}-decode.cu"));
+        std::fs::write(&path, &p.source).unwrap();
+        let compiled = compiler
+            .compile(&path, &dir)
+            .unwrap_or_else(|e| panic!("{spec}: {e}"));
+        let problems = nvcc::check(&compiled.resources, &allow);
+        assert!(problems.is_empty(), "{spec}:\n{}", problems.join("\n"));
+        for k in &p.kernels {
+            assert!(
+                compiled
+                    .resources
+                    .iter()
+                    .any(|r| r.entry && r.name == k.name),
+                "{spec}: ptxas reports {}",
+                k.name
+            );
+        }
+        for r in compiled.resources.iter().filter(|r| {
+            r.entry && (r.name.starts_with("cached_attention") || r.name.starts_with("rope_at"))
+        }) {
+            println!(
+                "{spec}: {} regs {} smem {}",
+                r.name,
+                r.registers.unwrap_or(0),
+                r.smem_bytes
+            );
+        }
+    }
 }

@@ -24,11 +24,11 @@ use std::process::Command;
 
 use kiln_compiler::check::check;
 use kiln_compiler::emit_cuda::{emit, Arg, CudaProgram, Gemm, Work};
-use kiln_compiler::ir::{DType, Graph, InputKind, ValueId};
+use kiln_compiler::ir::{DType, Def, Graph, InputKind, ValueId};
 use kiln_compiler::lower::Objective;
-use kiln_compiler::program::{compile, compile_policy};
+use kiln_compiler::program::{compile, compile_decode, compile_policy};
 use kiln_runtime::cpu::attention::rope_tables;
-use kiln_runtime::data::{builtin_corpus, byte_tokens, Batcher};
+use kiln_runtime::data::{builtin_corpus, byte_tokens, Batcher, Rng};
 use kiln_runtime::exec::{Buf, Executor, Feed};
 use kiln_runtime::numerics::quant::{quantize, ScaleRule};
 use kiln_runtime::numerics::Fp8Format;
@@ -311,7 +311,6 @@ fn run_spec(spec: &str, test: &str, objective: Objective) -> Vec<(String, usize,
     };
     let graph = compiled.train.graph();
     let cuda = emit(&compiled.train);
-    let plans = plans(graph, &cuda);
 
     // The interpreter's run of one step, keeping every value.
     let (b, t) = (model.train.batch as usize, model.train.seq_len as usize);
@@ -376,6 +375,28 @@ fn run_spec(spec: &str, test: &str, objective: Objective) -> Vec<(String, usize,
             },
         }
     };
+
+    let rule = match model.precision.fp8.map(|f| f.scale) {
+        Some(kiln_compiler::model::ScaleFormat::Pow2) => ScaleRule::Pow2,
+        _ => ScaleRule::Fp32,
+    };
+    compare_on_host(spec, test, graph, &cuda, &values, &value_of, rule)
+}
+
+/// Runs every launch of `cuda` on the host, each step on fresh copies of the interpreter's
+/// `values` (`value_of` gives any value, input or parameter, as the step reads it), and
+/// compares what each writes with the interpreter's; FP8 operands (scaled by `rule`) are
+/// compared bit for bit. Returns `(node path, value, relative error)` per compared output.
+fn compare_on_host(
+    spec: &str,
+    test: &str,
+    graph: &Graph,
+    cuda: &CudaProgram,
+    values: &HashMap<ValueId, Buf<f32>>,
+    value_of: &dyn Fn(ValueId) -> Input,
+    rule: ScaleRule,
+) -> Vec<(String, usize, f64)> {
+    let plans = plans(graph, cuda);
 
     // Every buffer any launch reads, and the RoPE tables.
     let mut needed: BTreeMap<usize, Input> = BTreeMap::new();
@@ -549,7 +570,7 @@ fn run_spec(spec: &str, test: &str, objective: Objective) -> Vec<(String, usize,
         let _ = writeln!(main, "    }}");
     }
     main.push_str("    fclose(out);\n    return error_flag;\n}\n");
-    let bytes = build_and_run(&dir, spec, &cuda, &main);
+    let bytes = build_and_run(&dir, spec, cuda, &main);
 
     // Compare every written value with the interpreter's.
     let mut results = Vec::new();
@@ -628,10 +649,6 @@ fn run_spec(spec: &str, test: &str, objective: Objective) -> Vec<(String, usize,
     }
     // Every FP8 GEMM's operands: the launches' codes and scales must be the CPU emulation's
     // quantization of the same values, bit for bit (mismatches are counted).
-    let rule = match model.precision.fp8.map(|f| f.scale) {
-        Some(kiln_compiler::model::ScaleFormat::Pow2) => ScaleRule::Pow2,
-        _ => ScaleRule::Fp32,
-    };
     for plan in &plans {
         for g in &plan.fp8 {
             let q = g.fp8.as_ref().unwrap();
@@ -812,6 +829,168 @@ fn gpt2_micro_kernels_match_the_cpu_backend() {
 #[test]
 fn micro_yarn_kernels_match_the_cpu_backend() {
     check_spec("tests/specs/micro-yarn.toml", "micro-yarn");
+}
+
+/// Rows of the decode checks, their positions in caches of 8 tokens: the first token (the
+/// entry alone), one in the middle, the last slot.
+const DECODE_POSITIONS: [u32; 3] = [0, 3, 7];
+
+/// Runs every generated kernel of the decode step of `spec` (TOML text), one row per position
+/// of `positions` over KV caches of `capacity` tokens filled with random values, on the host,
+/// and compares it with the interpreter's `run_cached`.
+fn check_decode(spec: &str, test: &str, positions: &[u32], capacity: u64) {
+    let model = check(spec.as_bytes()).unwrap();
+    let rows = positions.len();
+    let program = compile_decode(&model, rows as u64, capacity).unwrap();
+    let graph = program.graph();
+    let cuda = emit(&program);
+    assert!(
+        cuda.steps
+            .iter()
+            .any(|s| s.op == "cached_attention" && !s.work.is_empty()),
+        "{test}: the decode step has cached attention kernels"
+    );
+    let params = init_params(graph, 7);
+    let vocab = model.vocab as u32;
+    let mut inputs = HashMap::new();
+    inputs.insert(
+        InputKind::Tokens { offset: 0 },
+        (0..rows as u32)
+            .map(|r| (5 + 37 * r) % vocab)
+            .collect::<Vec<_>>(),
+    );
+    inputs.insert(InputKind::Positions, positions.to_vec());
+    // Each block's cache, by layer, random in [-1, 1).
+    let mut layers: Vec<(u32, usize)> = graph
+        .values
+        .iter()
+        .filter_map(|(_, v)| match v.def {
+            Def::Input(InputKind::KvCache { layer }) => {
+                Some((layer, v.ty.shape.iter().product::<u64>() as usize))
+            }
+            _ => None,
+        })
+        .collect();
+    layers.sort_unstable();
+    let mut rng = Rng::new(11);
+    let caches: Vec<Vec<f32>> = layers
+        .iter()
+        .enumerate()
+        .map(|(i, &(layer, n))| {
+            assert_eq!(layer as usize, i, "{test}: one cache per block");
+            (0..n)
+                .map(|_| (2.0 * rng.next_f64() - 1.0) as f32)
+                .collect()
+        })
+        .collect();
+    let all: Vec<ValueId> = graph
+        .nodes
+        .iter()
+        .flat_map(|(_, n)| n.outputs.iter().copied())
+        .collect();
+    let values = Executor::new(&program, &all)
+        .run_cached::<f32>(
+            &Feed {
+                params: &params,
+                inputs: &inputs,
+                weights: None,
+            },
+            &caches,
+        )
+        .unwrap();
+    let value_of = |v: ValueId| -> Input {
+        let id = v.index();
+        let (floats, ids) = match graph.values[v].def {
+            Def::Param(p) => (Some(params[p.index()].clone()), None),
+            Def::Input(InputKind::KvCache { layer }) => {
+                (Some(caches[layer as usize].clone()), None)
+            }
+            Def::Input(kind) => (None, Some(inputs[&kind].clone())),
+            Def::Node { .. } => match &values[&v] {
+                Buf::F(x) => (Some(x.clone()), None),
+                Buf::U(x) => (None, Some(x.clone())),
+            },
+        };
+        Input { id, floats, ids }
+    };
+    let results = compare_on_host(
+        test,
+        test,
+        graph,
+        &cuda,
+        &values,
+        &value_of,
+        ScaleRule::Fp32,
+    );
+    for op in ["rope_at", "cached_attention"] {
+        let worst = results
+            .iter()
+            .filter(
+                |(_, id, _)| match graph.values[ValueId::from_index(*id)].def {
+                    Def::Node { node, .. } => graph.nodes[node].op.name() == op,
+                    _ => false,
+                },
+            )
+            .map(|r| r.2)
+            .fold(None, |w: Option<f64>, e| Some(w.map_or(e, |w| w.max(e))));
+        println!("{test}: worst {op} error {worst:?}");
+    }
+    check_results(test, &results);
+}
+
+/// The decode step of micro (MLA with YaRN-free RoPE, MoE): RoPE at positions and the latent
+/// cached attention with kv_b absorbed.
+#[test]
+fn micro_decode_kernels_match_the_cpu_backend() {
+    check_decode(
+        &spec_text("tests/specs/micro.toml"),
+        "micro-decode",
+        &DECODE_POSITIONS,
+        8,
+    );
+}
+
+/// gpt2-micro's decode step: multi-head attention over its cache, learned positions (no
+/// RoPE).
+#[test]
+fn gpt2_micro_decode_kernels_match_the_cpu_backend() {
+    check_decode(
+        &spec_text("tests/specs/gpt2-micro.toml"),
+        "gpt2-micro-decode",
+        &DECODE_POSITIONS,
+        8,
+    );
+}
+
+/// micro with grouped-query attention (4 query heads over 2 KV heads), RoPE in halves.
+#[test]
+fn gqa_decode_kernels_match_the_cpu_backend() {
+    check_decode(&gqa_spec(), "gqa-decode", &DECODE_POSITIONS, 8);
+}
+
+/// micro with grouped-query attention: 4 query heads over 2 KV heads of 8 dimensions.
+fn gqa_spec() -> String {
+    let micro = spec_text("tests/specs/micro.toml");
+    let (start, end) = (
+        micro.find("[attention]").unwrap(),
+        micro.find("[ffn]").unwrap(),
+    );
+    let attention = "[attention]\nkind = \"gqa\"\nheads = 4\nkv_heads = 2\nhead_dim = 8\n\n\
+                     [attention.rope]\ntheta = 10000.0\n\n";
+    format!("{}{attention}{}", &micro[..start], &micro[end..])
+}
+
+/// Caches longer than a tile of 256 keys: the online softmax's rescaling across tiles, for
+/// both layouts (positions in the first, second and third tile; the last slot).
+#[test]
+fn decode_kernels_span_several_key_tiles() {
+    let micro = spec_text("tests/specs/micro.toml");
+    check_decode(&micro, "micro-decode-long", &[255, 256, 599], 600);
+    check_decode(&gqa_spec(), "gqa-decode-long", &[1, 300, 511], 512);
+}
+
+fn spec_text(path: &str) -> String {
+    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(path)).unwrap()
 }
 
 /// The optimizer's kernels against `Trainer::step`: the gradient norm and clipping factor,

@@ -1,9 +1,11 @@
 //! Attention: causal attention with online softmax (a warp per query row, key and value tiles
 //! in shared memory) and its flash-style backward (`delta`, the query gradient, and the key and
-//! value gradients per KV head).
+//! value gradients per KV head); and decoding's cached attention (a block per row and head over
+//! its KV cache, grouped or latent with kv_b absorbed).
 
+use super::rope::POSITION_ERROR;
 use super::{elementwise_launch, float_lit, int, val, Arg, Emitter, Launch, Work, BLOCK, NAME};
-use crate::ir::Node;
+use crate::ir::{CacheLayout, Node};
 
 /// Rows (query rows, or key rows in the key-side backward) per attention block: one warp each.
 pub(super) const ATTN_ROWS: u64 = 8;
@@ -481,5 +483,253 @@ impl Emitter<'_> {
                 ],
             }),
         ]
+    }
+}
+
+/// Keys per tile of the decode attention kernels: one per thread of the block.
+const DECODE_TILE: u64 = BLOCK as u64;
+
+/// The shapes of a decode step's cached attention, baked into its kernels' text.
+#[derive(Clone, Copy)]
+struct CachedDims {
+    /// Query heads, cached tokens per row (the capacity), elements per cached token.
+    h: u64,
+    c: u64,
+    e: u64,
+}
+
+/// The part of a cached attention kernel shared by both layouts: the loop over the keys
+/// `0..=pos` in tiles of [`DECODE_TILE`], one key per thread, with the online softmax over
+/// the block (`kiln_block_max`, `kiln_block_sum`) and `out` output dimensions accumulated
+/// in registers, `ceil(out / 256)` per thread. `score` is C statements that set `s` from the
+/// key's cached token `kt` (before `scale`); `value` is the offset of the token's values
+/// within it. On exit, `acc[i]` holds dimension `threadIdx.x + 256·i` of `Σₜ eₜ·vₜ` and `l`
+/// the sum `Σₜ eₜ` (`eₜ = exp(s_t − m)`).
+fn cached_softmax_loop(d: CachedDims, scale: f64, out: u64, score: &str, value: &str) -> String {
+    let CachedDims { c, e, .. } = d;
+    let per = out.div_ceil(DECODE_TILE);
+    let scale = float_lit(scale);
+    format!(
+        "    float m = -INFINITY, l = 0.0f;
+    float acc[{per}];
+#pragma unroll
+    for (int i = 0; i < {per}; ++i) acc[i] = 0.0f;
+    for (long long k0 = 0; k0 <= pos; k0 += {DECODE_TILE}) {{
+        const long long key = k0 + threadIdx.x;
+        // Slots before the row's position come from the cache, slot pos is the new entry.
+        const float* kt = key < pos ? cache + (b * {c} + key) * {e} : entry + b * {e};
+        float s = -INFINITY;
+        if (key <= pos) {{
+{score}
+            s *= {scale};
+        }}
+        // The tile holds key k0 <= pos, so m_new is finite (for finite scores).
+        const float m_new = fmaxf(m, kiln_block_max(s, red));
+        const float p = key <= pos ? kiln_softmax_exp(s - m_new) : 0.0f;
+        const float correction = kiln_softmax_exp(m - m_new);
+        l = l * correction + kiln_block_sum(p, red);
+        m = m_new;
+        ps[threadIdx.x] = p;
+        __syncthreads();
+        const long long last = pos - k0 < {DECODE_TILE} ? pos - k0 : {DECODE_TILE} - 1;
+#pragma unroll
+        for (int i = 0; i < {per}; ++i) {{
+            const long long dim = threadIdx.x + {DECODE_TILE} * i;
+            float a = acc[i] * correction;
+            if (dim < {out}) {{
+                for (long long j = 0; j <= last; ++j) {{
+                    const float* vt = k0 + j < pos ? cache + (b * {c} + k0 + j) * {e} : entry + b * {e};
+                    a += ps[j] * vt[{value} + dim];
+                }}
+            }}
+            acc[i] = a;
+        }}
+        __syncthreads();
+    }}
+"
+    )
+}
+
+/// The prologue of both layouts' kernels: the block's row and head, the row's position, and
+/// the precondition on it (a position outside the cache zeroes the block's output and sets
+/// the error flag).
+fn cached_prologue(d: CachedDims, dout: u64) -> String {
+    let CachedDims { h, c, .. } = d;
+    format!(
+        "    const long long b = blockIdx.x / {h}, head = blockIdx.x % {h};
+    const long long pos = positions[b];
+    float* oh = o + (b * {h} + head) * {dout};
+    if (pos >= {c}) {{
+        for (int i = threadIdx.x; i < {dout}; i += blockDim.x) oh[i] = 0.0f;
+        if (threadIdx.x == 0) *error = {POSITION_ERROR};
+        return;
+    }}
+"
+    )
+}
+
+/// Grouped (or multi-head) decoding attention: one block per (row, query head).
+fn cached_grouped_text(d: CachedDims, hk: u64, dh: u64, scale: f64) -> String {
+    let CachedDims { h, c, e } = d;
+    let group = h / hk;
+    let prologue = cached_prologue(d, dh);
+    let score = format!(
+        "            float dot = 0.0f;
+            for (int i = 0; i < {dh}; ++i) dot += qs[i] * kt[kv * {dh} + i];
+            s = dot;"
+    );
+    let body = cached_softmax_loop(d, scale, dh, &score, &format!("({hk} + kv) * {dh}"));
+    format!(
+        "\
+// Decoding attention over a grouped KV cache: the new token of row b attends to its cached
+// tokens 0..pos-1 and then to its own entry (slot pos = positions[b]), o = softmax(scale ·
+// q·kᵀ)·v; query head h reads KV head h / {group}. A cached token is [k ({hk}×{dh}) | v ({hk}×{dh})].
+// One block per (row, query head), one key per thread in tiles of {DECODE_TILE} with block
+// reductions (online softmax), the {dh} output dimensions split over the threads.
+// q: f32[B, 1, {h}, {dh}]; entry: f32[B, 1, {e}]; cache: f32[B, {c}, {e}]; positions: u32[B, 1];
+// o: f32[B, 1, {h}, {dh}]. Precondition: positions[b] < {c}; a position beyond the cache sets
+// *error = {POSITION_ERROR} and writes zeros.
+extern \"C\" __global__ void __launch_bounds__({BLOCK}) {NAME}(const float* __restrict__ q, const float* __restrict__ entry, const float* __restrict__ cache, const unsigned* __restrict__ positions, float* __restrict__ o, int* __restrict__ error) {{
+    __shared__ float qs[{dh}];
+    __shared__ float ps[{DECODE_TILE}];
+    __shared__ float red[32];
+{prologue}    const long long kv = head / {group};
+    for (int i = threadIdx.x; i < {dh}; i += blockDim.x) qs[i] = q[(b * {h} + head) * {dh} + i];
+    __syncthreads();
+{body}#pragma unroll
+    for (int i = 0; i < {per}; ++i) {{
+        const long long dim = threadIdx.x + {DECODE_TILE} * i;
+        if (dim < {dh}) oh[dim] = acc[i] / l;
+    }}
+}}
+",
+        per = dh.div_ceil(DECODE_TILE),
+    )
+}
+
+/// Latent (MLA) decoding attention with kv_b absorbed: one block per (row, query head).
+fn cached_latent_text(d: CachedDims, r: u64, nope: u64, rope: u64, v: u64, scale: f64) -> String {
+    let CachedDims { h, c, e } = d;
+    let (qk, stride) = (nope + rope, nope + v);
+    let prologue = cached_prologue(d, v);
+    let score = format!(
+        "            float nope = 0.0f, rope = 0.0f;
+            for (int i = 0; i < {r}; ++i) nope += q_lat[i] * kt[i];
+            for (int i = 0; i < {rope}; ++i) rope += q_rope[i] * kt[{r} + i];
+            s = nope + rope;"
+    );
+    let body = cached_softmax_loop(d, scale, r, &score, "0");
+    format!(
+        "\
+// Decoding attention over a latent (MLA) cache with the key and value up-projection kv_b
+// absorbed (DeepSeek-V2 §2.1.2): a cached token is [c_kv ({r}) | k_rope ({rope})], the query
+// [q_nope ({nope}) | q_rope ({rope}), already roped]. For head h, with W_uk its {nope} key rows
+// and W_uv its next {v} value rows of kv_b: q̃ = W_ukᵀ·q_nope, scores s_t = scale · (q̃·c_kv(t)
+// + q_rope·k_rope(t)) over the cached tokens 0..pos-1 and the row's own entry (slot pos =
+// positions[b]), õ = Σ_t softmax(s)_t · c_kv(t), and o = W_uv·õ.
+// One block per (row, query head): q̃ by threads over the {r} latent dimensions, one key per
+// thread in tiles of {DECODE_TILE} with block reductions (online softmax), õ split over the
+// threads, then a warp per output dimension of W_uv·õ.
+// q: f32[B, 1, {h}, {qk}]; entry: f32[B, 1, {e}]; cache: f32[B, {c}, {e}]; positions: u32[B, 1];
+// kv_b: f32[{h}·{stride}, {r}]; o: f32[B, 1, {h}, {v}]. Precondition: positions[b] < {c}; a
+// position beyond the cache sets *error = {POSITION_ERROR} and writes zeros.
+extern \"C\" __global__ void __launch_bounds__({BLOCK}) {NAME}(const float* __restrict__ q, const float* __restrict__ entry, const float* __restrict__ cache, const unsigned* __restrict__ positions, const float* __restrict__ kv_b, float* __restrict__ o, int* __restrict__ error) {{
+    __shared__ float q_lat[{r}];
+    __shared__ float q_rope[{rope}];
+    __shared__ float o_lat[{r}];
+    __shared__ float ps[{DECODE_TILE}];
+    __shared__ float red[32];
+{prologue}    const float* qh = q + (b * {h} + head) * {qk};
+    const float* w = kv_b + head * {stride} * {r};
+    // q̃[j] = Σ_i q_nope[i] · W_uk[i, j], one latent dimension per thread.
+    for (int j = threadIdx.x; j < {r}; j += blockDim.x) {{
+        float a = 0.0f;
+        for (int i = 0; i < {nope}; ++i) a += qh[i] * w[i * {r} + j];
+        q_lat[j] = a;
+    }}
+    for (int i = threadIdx.x; i < {rope}; i += blockDim.x) q_rope[i] = qh[{nope} + i];
+    __syncthreads();
+{body}#pragma unroll
+    for (int i = 0; i < {per}; ++i) {{
+        const long long dim = threadIdx.x + {DECODE_TILE} * i;
+        if (dim < {r}) o_lat[dim] = acc[i] / l;
+    }}
+    __syncthreads();
+    // o[vi] = W_uv[vi, :]·õ, a warp per output dimension (every warp runs every round).
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    for (int v0 = 0; v0 < {v}; v0 += warps) {{
+        const int vi = v0 + warp;
+        float a = 0.0f;
+        if (vi < {v}) {{
+            const float* wv = w + ({nope} + vi) * {r};
+            for (int j = lane; j < {r}; j += 32) a += wv[j] * o_lat[j];
+        }}
+        a = kiln_warp_sum(a);
+        if (vi < {v} && lane == 0) oh[vi] = a;
+    }}
+}}
+",
+        per = r.div_ceil(DECODE_TILE),
+    )
+}
+
+impl Emitter<'_> {
+    /// `Op::CachedAttention`: `(q, entry, cache, positions[, kv_b]) -> o`, one block per
+    /// (row, query head).
+    pub(super) fn cached_attention(
+        &mut self,
+        index: usize,
+        node: &Node,
+        scale: f64,
+        layout: CacheLayout,
+    ) -> Vec<Work> {
+        let (q, cache) = (self.shape(node.inputs[0]), self.shape(node.inputs[2]));
+        let d = CachedDims {
+            h: q[2],
+            c: cache[1],
+            e: cache[2],
+        };
+        let (name, mut args) = match layout {
+            CacheLayout::Grouped { kv_heads, head_dim } => {
+                let name = self.kernel(
+                    &format!(
+                        "cached_attention_h{}_kv{kv_heads}_d{head_dim}_c{}",
+                        d.h, d.c
+                    ),
+                    "decoding attention over a grouped KV cache (online softmax over the block)",
+                    cached_grouped_text(d, kv_heads, head_dim, scale),
+                    index,
+                    0,
+                );
+                (name, node.inputs[..4].iter().map(|&v| val(v)).collect())
+            }
+            CacheLayout::Latent {
+                rank,
+                nope,
+                rope,
+                v,
+            } => {
+                let name = self.kernel(
+                    &format!("cached_attention_mla_h{}_r{rank}_c{}", d.h, d.c),
+                    "decoding attention over a latent (MLA) cache, kv_b absorbed",
+                    cached_latent_text(d, rank, nope, rope, v, scale),
+                    index,
+                    0,
+                );
+                (
+                    name,
+                    node.inputs[..5].iter().map(|&v| val(v)).collect::<Vec<_>>(),
+                )
+            }
+        };
+        args.push(val(node.outputs[0]));
+        args.push(Arg::ErrorFlag);
+        vec![Work::Launch(Launch {
+            kernel: name,
+            grid: q[0] * d.h,
+            block: BLOCK,
+            shared_bytes: 0,
+            args,
+        })]
     }
 }

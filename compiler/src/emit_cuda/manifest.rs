@@ -6,7 +6,9 @@ use serde::Serialize;
 
 use crate::model::{Format, Yarn};
 
-/// The CUDA program of a training step: source, kernels and the work of each node.
+/// The CUDA program of a training (or decode) step: source, kernels and the work of each node.
+/// Graph inputs (tokens, positions, a decode step's KV caches) and parameters are values,
+/// passed as [`Arg::Value`] by their index like intermediates.
 #[derive(Clone, Debug, Serialize)]
 pub struct CudaProgram {
     /// What the program computes for (the graph's name).
@@ -90,8 +92,10 @@ pub enum Arg {
         copy: usize,
         bytes: u64,
     },
-    /// The device's error flag: kernels set it to a nonzero code on bad input (a token id
-    /// outside the vocabulary), and the runtime reports it after the step.
+    /// The device's error flag: kernels set it to a nonzero code on bad input (1: a token id
+    /// outside the vocabulary, 2: a target outside it, 3: an expert id out of range, 4: a
+    /// decode position at or beyond the KV cache's capacity), and the runtime reports it after
+    /// the step.
     ErrorFlag,
     /// A RoPE table (index into `rope_tables`).
     RopeCos {

@@ -1,6 +1,7 @@
 //! RoPE: the rotation of every head's pairs (either pair layout) by its position's angle, and
 //! its gradient (the inverse rotation), reading the cos/sin tables the runtime fills
-//! (`RopeTable`, one per distinct table).
+//! (`RopeTable`, one per distinct table); and decoding's RoPE at positions, each row rotated
+//! by its own position read from the positions input, from a table covering the KV cache.
 
 use std::fmt::Write;
 
@@ -96,6 +97,89 @@ impl Emitter<'_> {
                 val(node.outputs[0]),
                 int(pairs_total),
                 int(t_len),
+                int(h),
+            ],
+        )]
+    }
+}
+
+/// The error code a decode kernel sets for a position at or beyond the cache's capacity.
+pub(super) const POSITION_ERROR: u32 = 4;
+
+impl Emitter<'_> {
+    /// RoPE of a decode graph (`Op::RopeAt`): row `(b, t)` rotated by the angle of its own
+    /// position `positions[b, t]`, from a table covering the KV cache's capacity.
+    pub(super) fn rope_at(
+        &mut self,
+        index: usize,
+        node: &Node,
+        theta: f64,
+        yarn: Option<Yarn>,
+        pairs: RopePairs,
+    ) -> Vec<Work> {
+        let s = self.shape(node.inputs[0]);
+        let (rows, h, d) = (s[0] * s[1], s[2], s[3]);
+        let half = d / 2;
+        let capacity = self.cache_capacity();
+        let table = self.rope_table(capacity, d, theta, yarn);
+        let (layout, first, second): (&str, String, String) = match pairs {
+            RopePairs::Interleaved => ("interleaved", "2 * i".into(), "2 * i + 1".into()),
+            RopePairs::Halves => ("halves", "i".into(), format!("i + {half}")),
+        };
+        let mut t = String::new();
+        let _ = writeln!(t, "// RoPE at positions (decoding): rotates each pair ({layout}) of every head of row r by the");
+        let _ = writeln!(
+            t,
+            "// angle of the row's own position positions[r], (a, b) → (a·cos − b·sin, a·sin + b·cos)."
+        );
+        let _ = writeln!(t, "// x, y: f32[rows, H, {d}]; positions: u32[rows]; cos, sin: f32[{capacity}, {half}] (the KV");
+        let _ = writeln!(t, "// cache's capacity). One thread per pair. Precondition: positions[r] < {capacity}; a position");
+        let _ = writeln!(
+            t,
+            "// beyond the table sets *error = {POSITION_ERROR} and writes zeros."
+        );
+        let _ = writeln!(t, "extern \"C\" __global__ void {NAME}(const float* __restrict__ x, const unsigned* __restrict__ positions, const float* __restrict__ cos_t, const float* __restrict__ sin_t, float* __restrict__ y, int* __restrict__ error, long long pairs_total, long long heads) {{");
+        let _ = writeln!(t, "    for (long long p = blockIdx.x * (long long)blockDim.x + threadIdx.x; p < pairs_total;");
+        let _ = writeln!(t, "         p += (long long)gridDim.x * blockDim.x) {{");
+        let _ = writeln!(t, "        const long long i = p % {half};");
+        let _ = writeln!(t, "        const long long head = p / {half};");
+        let _ = writeln!(t, "        const unsigned pos = positions[head / heads];");
+        let _ = writeln!(t, "        const float* xh = x + head * {d};");
+        let _ = writeln!(t, "        float* yh = y + head * {d};");
+        let _ = writeln!(t, "        if (pos >= {capacity}u) {{");
+        let _ = writeln!(t, "            yh[{first}] = 0.0f;");
+        let _ = writeln!(t, "            yh[{second}] = 0.0f;");
+        let _ = writeln!(t, "            *error = {POSITION_ERROR};");
+        let _ = writeln!(t, "            continue;");
+        let _ = writeln!(t, "        }}");
+        let _ = writeln!(
+            t,
+            "        const float c = cos_t[pos * {half}LL + i], s = sin_t[pos * {half}LL + i];"
+        );
+        let _ = writeln!(t, "        const float a = xh[{first}], b = xh[{second}];");
+        let _ = writeln!(t, "        yh[{first}] = a * c - b * s;");
+        let _ = writeln!(t, "        yh[{second}] = a * s + b * c;");
+        let _ = writeln!(t, "    }}");
+        let _ = writeln!(t, "}}");
+        let name = self.kernel(
+            &format!("rope_at_{layout}_d{d}"),
+            &format!("RoPE at each row's position (decoding), {layout} pairs, head dim {d}"),
+            t,
+            index,
+            0,
+        );
+        let pairs_total = rows * h * half;
+        vec![elementwise_launch(
+            name,
+            pairs_total,
+            vec![
+                val(node.inputs[0]),
+                val(node.inputs[1]),
+                Arg::RopeCos { table },
+                Arg::RopeSin { table },
+                val(node.outputs[0]),
+                Arg::ErrorFlag,
+                int(pairs_total),
                 int(h),
             ],
         )]
