@@ -3,7 +3,7 @@
 //!
 //! Values live in one slot each, indexed by value id, and are freed after their last use
 //! unless the caller asked to keep them (graph outputs). Elementwise [`Op::Map`] nodes run a
-//! compiled expression ([`kiln_compiler::dsl::expr::Compiled`]) over chunks in parallel.
+//! compiled expression ([`kiln_ir::expr::Compiled`]) over chunks in parallel.
 //!
 //! Emulating a precision policy ([`Executor::emulating`]), activations the backward pass
 //! reads are packed into their storage format ([`crate::numerics::store`]) once the forward
@@ -12,10 +12,10 @@
 use std::collections::HashMap;
 use std::fmt;
 
-use kiln_compiler::ir::{Def, Graph, InputKind, Node, Op, ValueId};
-use kiln_compiler::keep::{self, KeepPlan};
-use kiln_compiler::model::{Format, NormKind};
-use kiln_compiler::program::Program;
+use kiln_ir::attrs::{Format, NormKind};
+use kiln_ir::ir::{Def, Graph, InputKind, Node, Op, ValueId};
+use kiln_ir::keep::{self, KeepPlan};
+use kiln_ir::program::Program;
 
 use crate::cpu::attention::{self, RopeTables};
 use crate::cpu::elementwise::Elementwise;

@@ -7,9 +7,9 @@
 //! the kernels leave to their caller (bounds checks on ids, row counts, the fused residual
 //! adds, re-deriving a norm's statistics for its backward pass).
 
-use kiln_compiler::dsl::expr::Compiled;
-use kiln_compiler::ir::{RopePairs, RouterSpec};
-use kiln_compiler::model::{GroupScore, NormKind, ScoreFunc, Selection};
+use kiln_ir::attrs::{GroupScore, NormKind, ScoreFunc, Selection};
+use kiln_ir::expr::Compiled;
+use kiln_ir::ir::{RopePairs, RouterSpec};
 
 use crate::cpu::attention;
 use crate::cpu::elementwise::{self, is_swiglu, swiglu};
@@ -319,7 +319,7 @@ pub struct ExprActivation {
 }
 
 impl ExprActivation {
-    pub fn new(expr: &kiln_compiler::dsl::expr::Expr, gated: bool) -> Self {
+    pub fn new(expr: &kiln_ir::expr::Expr, gated: bool) -> Self {
         let vars: &[&str] = if gated { &["gate", "up"] } else { &["x"] };
         ExprActivation {
             compiled: expr

@@ -150,8 +150,8 @@ pub fn emit(compiled: &Compiled) -> TokenStream {
             use ::kiln_runtime::cpu::elementwise::Elementwise;
             use ::kiln_runtime::exec::{Buf, ExecError, Feed, Run};
             use ::kiln_runtime::ops;
-            use ::kiln_runtime::kiln_compiler::ir::{InputKind, ValueId};
-            use ::kiln_runtime::kiln_compiler::model::NormKind;
+            use ::kiln_runtime::kiln_ir::ir::{InputKind, ValueId};
+            use ::kiln_runtime::kiln_ir::attrs::NormKind;
 
             /// The spec's model name.
             pub const NAME: &str = #name;

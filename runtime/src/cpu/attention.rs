@@ -24,7 +24,7 @@ const SPAN_BLOCKS: usize = 8;
 
 /// YaRN's parameters: the checked model's own type, whose methods hold the formulas (the
 /// correction range, the cos/sin amplitude) so the compiler and the runtime share one copy.
-pub use kiln_compiler::model::Yarn;
+pub use kiln_ir::attrs::Yarn;
 
 /// Which dimensions of a head RoPE rotates together.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -14,7 +14,7 @@
 //! input-gradient product reads the same blocks transposed) or, for the weight gradient,
 //! the layer's input, scaled per tile along the tokens it is contracted over.
 
-use kiln_compiler::model::{Format, Fp8};
+use kiln_ir::attrs::{Format, Fp8};
 
 use super::accum::{fp8_product, Accumulation};
 use super::fp8::Fp8Format;

@@ -37,10 +37,10 @@ pub enum ScaleRule {
 
 impl ScaleRule {
     /// The rule of a policy's `scale` setting.
-    pub fn of(scale: kiln_compiler::model::ScaleFormat) -> ScaleRule {
+    pub fn of(scale: kiln_ir::attrs::ScaleFormat) -> ScaleRule {
         match scale {
-            kiln_compiler::model::ScaleFormat::Fp32 => ScaleRule::Fp32,
-            kiln_compiler::model::ScaleFormat::Pow2 => ScaleRule::Pow2,
+            kiln_ir::attrs::ScaleFormat::Fp32 => ScaleRule::Fp32,
+            kiln_ir::attrs::ScaleFormat::Pow2 => ScaleRule::Pow2,
         }
     }
 }

@@ -6,7 +6,7 @@
 //! and its backward uses; each backward use unpacks a transient f32 copy. The bytes held are
 //! the policy's, so a CPU run's heap measures the memory the analyzer reports.
 
-use kiln_compiler::model::Format;
+use kiln_ir::attrs::Format;
 use rayon::prelude::*;
 
 use super::fp8::Fp8Format;
