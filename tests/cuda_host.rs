@@ -30,7 +30,7 @@ use kiln_compiler::program::{compile, compile_policy};
 use kiln_runtime::cpu::attention::rope_tables;
 use kiln_runtime::data::{builtin_corpus, byte_tokens, Batcher};
 use kiln_runtime::exec::{Buf, Executor, Feed};
-use kiln_runtime::numerics::quant::{quantize, ScaleRule};
+use kiln_runtime::numerics::quant::{quantize, ScaleFormat};
 use kiln_runtime::numerics::Fp8Format;
 use kiln_runtime::train::{feed_inputs, init_params, max_token_offset};
 
@@ -628,8 +628,8 @@ fn run_spec(spec: &str, test: &str, objective: Objective) -> Vec<(String, usize,
     // Every FP8 GEMM's operands: the launches' codes and scales must be the CPU emulation's
     // quantization of the same values, bit for bit (mismatches are counted).
     let rule = match model.precision.fp8.map(|f| f.scale) {
-        Some(kiln_compiler::model::ScaleFormat::Pow2) => ScaleRule::Pow2,
-        _ => ScaleRule::Fp32,
+        Some(kiln_compiler::model::ScaleFormat::Pow2) => ScaleFormat::Pow2,
+        _ => ScaleFormat::Fp32,
     };
     for plan in &plans {
         for g in &plan.fp8 {

@@ -21,10 +21,9 @@ use crate::cpu::attention::{self, RopeTables};
 use crate::cpu::elementwise::Elementwise;
 use crate::cpu::{dense, moe, Real};
 use crate::numerics::gemm::GemmNumerics;
-use crate::numerics::quant::ScaleRule;
 use crate::numerics::store::{Half, Packed, Storage};
 use crate::numerics::{Emulation, Fp8Format};
-use crate::ops::{self, check_ids, norm_bwd, norm_fwd, rope_pairs, router_config, ExprActivation};
+use crate::ops::{self, check_ids, norm_bwd, norm_fwd, router_config, ExprActivation};
 
 /// A tensor's data: floats, or u32 ids and indices.
 #[derive(Clone, Debug, PartialEq)]
@@ -353,7 +352,7 @@ impl<'g> Executor<'g> {
                 } => Storage::Fp8 {
                     format: Fp8Format::of(format).expect("the keep plan stores FP8 formats"),
                     tile: tile as usize,
-                    rule: ScaleRule::of(scale),
+                    rule: scale,
                 },
             };
             pack.entry(k.after).or_default().push((k.value, storage));
@@ -656,7 +655,7 @@ impl<'g> Executor<'g> {
                     .entry(key)
                     .or_insert_with(|| attention::rope_tables(key.0, key.1, *theta, yarn.as_ref()));
                 let s = shape(0);
-                let p = rope_pairs(*pairs);
+                let p = *pairs;
                 let y = if matches!(node.op, Op::Rope { .. }) {
                     attention::rope_fwd(arg(0).floats(), s[0], s[1], s[2], s[3], table, p)
                 } else {

@@ -393,12 +393,12 @@ pub(super) fn node_statement(
             let (x, w) = (o.shape(0), o.shape(1));
             let (n, d, e) = (lit(x[0]), lit(x[1]), lit(w[0]));
             let score = match spec.score {
-                ScoreFunc::Softmax => quote!(moe::Score::Softmax),
-                ScoreFunc::Sigmoid => quote!(moe::Score::Sigmoid),
+                ScoreFunc::Softmax => quote!(moe::ScoreFunc::Softmax),
+                ScoreFunc::Sigmoid => quote!(moe::ScoreFunc::Sigmoid),
             };
             let select = match spec.select {
-                Selection::Greedy => quote!(moe::Select::Greedy),
-                Selection::GroupLimited => quote!(moe::Select::GroupLimited),
+                Selection::Greedy => quote!(moe::Selection::Greedy),
+                Selection::GroupLimited => quote!(moe::Selection::GroupLimited),
             };
             let group_score = match spec.group_score {
                 GroupScore::Max => quote!(moe::GroupScore::Max),
