@@ -17,7 +17,7 @@ pub use kiln_ir::program::*;
 
 impl SettingsSource for Model {
     /// The settings of a checked model.
-    fn settings(&self) -> Settings {
+    fn to_settings(&self) -> Settings {
         let model = self;
         let (t, p) = (&model.train, &model.precision);
         Settings {

@@ -97,14 +97,14 @@ impl Settings {
     /// The settings of a checked model (kiln-compiler implements [`SettingsSource`] for
     /// its `Model`).
     pub fn of(source: &impl SettingsSource) -> Settings {
-        source.settings()
+        source.to_settings()
     }
 }
 
 /// What a [`Settings`] value is read from: kiln-compiler's `Model`. A trait, so that this
 /// crate does not depend on the model and `Settings::of(model)` still reads naturally.
 pub trait SettingsSource {
-    fn settings(&self) -> Settings;
+    fn to_settings(&self) -> Settings;
 }
 
 fn outputs(g: &Graph) -> Vec<ValueId> {

@@ -23,7 +23,7 @@
 use super::quant::Quantized;
 use rayon::prelude::*;
 
-use crate::cpu::dense::matmul_serial;
+use crate::cpu::matmul::matmul_serial;
 
 /// Contraction elements the tensor core adds per step: the K of Hopper's FP8 `wgmma`.
 pub const MMA_K: usize = 32;

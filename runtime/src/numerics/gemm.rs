@@ -20,7 +20,7 @@ use super::accum::{fp8_product, Accumulation};
 use super::fp8::Fp8Format;
 use super::quant::{quantize, ScaleFormat};
 use super::round16;
-use crate::cpu::dense::{matmul, matmul_serial};
+use crate::cpu::matmul::{matmul, matmul_serial};
 use crate::cpu::Real;
 
 /// Which product of a layer a GEMM is.

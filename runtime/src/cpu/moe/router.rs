@@ -3,7 +3,7 @@
 
 use rayon::prelude::*;
 
-use crate::cpu::dense::matmul;
+use crate::cpu::matmul::matmul;
 use crate::cpu::Real;
 
 /// The score function, the selection and the group score: the IR's own router attributes
