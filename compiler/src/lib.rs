@@ -13,8 +13,8 @@ pub mod hf;
 pub mod hf_weights;
 pub mod lower;
 pub mod model;
+pub mod named_ops;
 pub mod names;
-pub mod ops;
 pub mod program;
 pub mod report;
 

@@ -26,7 +26,7 @@ use kiln_compiler::model::{AttentionKind, Format, LayerKind, Model, NormKind, Po
 
 use crate::cpu::attention::{rope_row, rope_tables, RopePairs, RopeTables};
 use crate::cpu::moe::{self, Activation as _, ExpertFfn};
-use crate::ops::{self, norm_fwd, router_config, ExprActivation};
+use crate::op_fns::{self, norm_fwd, router_config, ExprActivation};
 
 /// Why a decoder could not be built or run.
 #[derive(Debug, Clone, PartialEq)]
@@ -526,7 +526,7 @@ impl<'a> Decoder<'a> {
 
     fn linear(&self, (w, b): (&[f32], Option<&[f32]>), x: &[f32], out: usize) -> Vec<f32> {
         let inp = w.len() / out.max(1);
-        ops::linear(x, w, b, out, inp)
+        op_fns::linear(x, w, b, out, inp)
     }
 
     fn mlp(&self, m: &Mlp, act: &ExprActivation, x: &[f32]) -> Vec<f32> {
@@ -635,7 +635,7 @@ impl<'a> Decoder<'a> {
             cache.lens[s] += 1;
         }
         let xn = self.norm(self.final_norm, &x);
-        Ok(ops::linear(&xn, self.head, None, vocab, d))
+        Ok(op_fns::linear(&xn, self.head, None, vocab, d))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -786,9 +786,9 @@ impl<'a> Decoder<'a> {
                         let rank = mla.q_rank.expect("q_a implies q_rank") as usize;
                         let cq = self.linear(*qa, xn, rank);
                         let cq = self.norm(*qn, &cq);
-                        ops::linear(&cq, q, None, h * qk, rank)
+                        op_fns::linear(&cq, q, None, h * qk, rank)
                     }
-                    _ => ops::linear(xn, q, None, h * qk, self.model.d_model as usize),
+                    _ => op_fns::linear(xn, q, None, h * qk, self.model.d_model as usize),
                 };
                 let kv = self.linear(*kv_a, xn, r_dim + rope);
                 let tables = self.rope.as_ref().expect("MLA uses RoPE");

@@ -23,7 +23,7 @@ use crate::cpu::{dense, moe, Real};
 use crate::numerics::gemm::GemmNumerics;
 use crate::numerics::store::{Half, Packed, Storage};
 use crate::numerics::{Emulation, Fp8Format};
-use crate::ops::{self, check_ids, norm_bwd, norm_fwd, router_config, ExprActivation};
+use crate::op_fns::{self, check_ids, norm_bwd, norm_fwd, router_config, ExprActivation};
 
 /// A tensor's data: floats, or u32 ids and indices.
 #[derive(Clone, Debug, PartialEq)]
@@ -526,7 +526,7 @@ impl<'g> Executor<'g> {
         let f = |v: Vec<T>| Buf::F(v);
         Ok(match &node.op {
             Op::Fill { value, .. } => {
-                vec![f(ops::fill(*value, out_shape(0).iter().product()))]
+                vec![f(op_fns::fill(*value, out_shape(0).iter().product()))]
             }
             Op::Reshape { .. } => vec![arg(0).to_buf()],
             Op::Map { .. } => {
@@ -544,7 +544,7 @@ impl<'g> Executor<'g> {
             }
             Op::Split { sizes } => {
                 let sizes: Vec<usize> = sizes.iter().map(|&s| s as usize).collect();
-                ops::split(arg(0).floats(), &sizes)
+                op_fns::split(arg(0).floats(), &sizes)
                     .into_iter()
                     .map(f)
                     .collect()
@@ -554,25 +554,30 @@ impl<'g> Executor<'g> {
                     .map(|i| *shape(i).last().expect("rank ≥ 1"))
                     .collect();
                 let xs: Vec<&[T]> = (0..node.inputs.len()).map(|i| arg(i).floats()).collect();
-                vec![f(ops::concat(&xs, &widths))]
+                vec![f(op_fns::concat(&xs, &widths))]
             }
             Op::Expand { axis, n } => {
                 let s = shape(0);
                 let outer: usize = s[..*axis as usize].iter().product();
                 let inner: usize = s[*axis as usize + 1..].iter().product();
-                vec![f(ops::expand(arg(0).floats(), outer, inner, *n as usize))]
+                vec![f(op_fns::expand(
+                    arg(0).floats(),
+                    outer,
+                    inner,
+                    *n as usize,
+                ))]
             }
             Op::SumAxis { axis } => {
                 let s = shape(0);
                 let outer: usize = s[..*axis as usize].iter().product();
                 let inner: usize = s[*axis as usize + 1..].iter().product();
                 let len = s[*axis as usize];
-                vec![f(ops::sum_axis(arg(0).floats(), outer, len, inner))]
+                vec![f(op_fns::sum_axis(arg(0).floats(), outer, len, inner))]
             }
             Op::Embedding => {
                 let t = shape(0);
                 let ids = arg(1).ids();
-                vec![f(ops::embedding(
+                vec![f(op_fns::embedding(
                     arg(0).floats(),
                     t[0],
                     t[1],
@@ -593,7 +598,7 @@ impl<'g> Executor<'g> {
                 let w = shape(1);
                 let b = bias.then(|| arg(2).floats());
                 let (x, wt) = (arg(0).floats(), arg(1).floats());
-                let pre = ops::linear_with(x, wt, b, w[0], w[1], num);
+                let pre = op_fns::linear_with(x, wt, b, w[0], w[1], num);
                 match self.elementwise.get(&index) {
                     // `linear_map`: the activation follows in the same node.
                     Some(act) => {
@@ -606,7 +611,7 @@ impl<'g> Executor<'g> {
             Op::LinearGrad { bias } => {
                 let w = shape(1);
                 let (x, dy) = (arg(0).floats(), arg(2).floats());
-                let r = ops::linear_grad_with(x, arg(1).floats(), dy, w[0], w[1], *bias, num);
+                let r = op_fns::linear_grad_with(x, arg(1).floats(), dy, w[0], w[1], *bias, num);
                 let mut v = vec![f(r.dx), f(r.dw)];
                 if let Some(db) = r.db {
                     v.push(f(db));
@@ -630,7 +635,7 @@ impl<'g> Executor<'g> {
             Op::AddNorm { norm, eps } => {
                 let b = (*norm == NormKind::LayerNorm).then(|| arg(3).floats());
                 let (x, r, w) = (arg(0).floats(), arg(1).floats(), arg(2).floats());
-                let (s, y) = ops::add_norm(*norm, *eps, x, r, w, b);
+                let (s, y) = op_fns::add_norm(*norm, *eps, x, r, w, b);
                 vec![f(s), f(y)]
             }
             Op::RmsNormGrad { eps } | Op::LayerNormGrad { eps } => {
@@ -644,7 +649,7 @@ impl<'g> Executor<'g> {
             }
             Op::AddNormGrad { norm, eps } => {
                 let (s, w, dy) = (arg(0).floats(), arg(1).floats(), arg(2).floats());
-                ops::add_norm_grad(*norm, *eps, s, w, dy, arg(3).floats())
+                op_fns::add_norm_grad(*norm, *eps, s, w, dy, arg(3).floats())
                     .into_iter()
                     .map(f)
                     .collect()
@@ -713,7 +718,7 @@ impl<'g> Executor<'g> {
             }
             Op::RouterGrad(spec) => {
                 let (x, w) = (shape(0), shape(1));
-                let (dx, dw) = ops::router_grad(
+                let (dx, dw) = op_fns::router_grad(
                     arg(0).floats(),
                     x[0],
                     x[1],
@@ -790,10 +795,10 @@ impl<'g> Executor<'g> {
                 let l = shape(0);
                 let (logits, targets) = (arg(0).floats(), arg(1).ids());
                 let loss = match node.inputs.get(2) {
-                    None => ops::cross_entropy(logits, l[0], l[1], targets, &node.path)?,
+                    None => op_fns::cross_entropy(logits, l[0], l[1], targets, &node.path)?,
                     Some(_) => {
                         let w = arg(2).floats();
-                        ops::cross_entropy_weighted(logits, l[0], l[1], targets, w, &node.path)?
+                        op_fns::cross_entropy_weighted(logits, l[0], l[1], targets, w, &node.path)?
                     }
                 };
                 vec![f(vec![loss])]
@@ -803,10 +808,10 @@ impl<'g> Executor<'g> {
                 let (logits, targets) = (arg(0).floats(), arg(1).ids());
                 let dloss = arg(2).floats()[0];
                 vec![f(match node.inputs.get(3) {
-                    None => ops::cross_entropy_grad(logits, l[0], l[1], targets, dloss),
+                    None => op_fns::cross_entropy_grad(logits, l[0], l[1], targets, dloss),
                     Some(_) => {
                         let w = arg(3).floats();
-                        ops::cross_entropy_weighted_grad(logits, l[0], l[1], targets, w, dloss)
+                        op_fns::cross_entropy_weighted_grad(logits, l[0], l[1], targets, w, dloss)
                     }
                 })]
             }

@@ -29,7 +29,7 @@ pub mod generate;
 pub mod hf;
 pub mod memory;
 pub mod numerics;
-pub mod ops;
+pub mod op_fns;
 pub mod rl;
 pub mod train;
 

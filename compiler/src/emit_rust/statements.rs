@@ -112,7 +112,7 @@ impl Setup {
         let lit = Literal::string(text);
         self.field(
             &f,
-            quote!(ops::ExprActivation),
+            quote!(op_fns::ExprActivation),
             quote!(activation(#lit, #gated)),
         );
         self.activations.insert(key, f.clone());
@@ -160,7 +160,7 @@ pub(super) fn node_statement(
             let n = lit(o.out_shape(0).iter().product::<usize>());
             let value = lit_f64(*value);
             let y = &outs[0];
-            quote!(let #y: Vec<f32> = ops::fill(#value, #n);)
+            quote!(let #y: Vec<f32> = op_fns::fill(#value, #n);)
         }
         Op::Reshape { .. } => {
             let y = &outs[0];
@@ -197,7 +197,7 @@ pub(super) fn node_statement(
             let count = lit(outs.len());
             let x = a(0);
             quote!(
-                let [#(#outs),*]: [Vec<f32>; #count] = ops::split(#x, &[#(#sizes),*])
+                let [#(#outs),*]: [Vec<f32>; #count] = op_fns::split(#x, &[#(#sizes),*])
                     .try_into()
                     .expect("one part per size");
             )
@@ -208,7 +208,7 @@ pub(super) fn node_statement(
                 .collect();
             let xs: Vec<TokenStream> = (0..node.inputs.len()).map(a).collect();
             let y = &outs[0];
-            quote!(let #y: Vec<f32> = ops::concat(&[#(#xs),*], &[#(#widths),*]);)
+            quote!(let #y: Vec<f32> = op_fns::concat(&[#(#xs),*], &[#(#widths),*]);)
         }
         Op::Expand { axis, n } => {
             let s = o.shape(0);
@@ -216,7 +216,7 @@ pub(super) fn node_statement(
             let inner = lit(s[*axis as usize + 1..].iter().product::<usize>());
             let n = lit(*n);
             let (y, x) = (&outs[0], a(0));
-            quote!(let #y: Vec<f32> = ops::expand(#x, #outer, #inner, #n);)
+            quote!(let #y: Vec<f32> = op_fns::expand(#x, #outer, #inner, #n);)
         }
         Op::SumAxis { axis } => {
             let s = o.shape(0);
@@ -224,13 +224,13 @@ pub(super) fn node_statement(
             let len = lit(s[*axis as usize]);
             let inner = lit(s[*axis as usize + 1..].iter().product::<usize>());
             let (y, x) = (&outs[0], a(0));
-            quote!(let #y: Vec<f32> = ops::sum_axis(#x, #outer, #len, #inner);)
+            quote!(let #y: Vec<f32> = op_fns::sum_axis(#x, #outer, #len, #inner);)
         }
         Op::Embedding => {
             let t = o.shape(0);
             let (vocab, d, path) = (lit(t[0]), lit(t[1]), scope.path(node));
             let (y, w, ids) = (&outs[0], a(0), a(1));
-            quote!(let #y: Vec<f32> = ops::embedding(#w, #vocab, #d, #ids, #path)?;)
+            quote!(let #y: Vec<f32> = op_fns::embedding(#w, #vocab, #d, #ids, #path)?;)
         }
         Op::EmbeddingGrad { vocab } => {
             let d = lit(*o.shape(1).last().expect("rank ≥ 1"));
@@ -249,7 +249,7 @@ pub(super) fn node_statement(
             };
             let (x, wt) = (a(0), a(1));
             let pre = &outs[0];
-            let linear = quote!(let #pre: Vec<f32> = ops::linear(#x, #wt, #b, #out, #inp););
+            let linear = quote!(let #pre: Vec<f32> = op_fns::linear(#x, #wt, #b, #out, #inp););
             if let Op::LinearMap { expr, var, .. } = &node.op {
                 let field = setup.map(&expr.to_string(), &[var]);
                 let y = &outs[1];
@@ -270,7 +270,7 @@ pub(super) fn node_statement(
                 quote!()
             };
             quote!(
-                let g = ops::linear_grad(#x, #wt, #dy, #out, #inp, #bias);
+                let g = op_fns::linear_grad(#x, #wt, #dy, #out, #inp, #bias);
                 let #dx: Vec<f32> = g.dx;
                 let #dw: Vec<f32> = g.dw;
                 #db
@@ -285,7 +285,7 @@ pub(super) fn node_statement(
             };
             let eps = lit_f64(*eps);
             let (y, x, w) = (&outs[0], a(0), a(1));
-            quote!(let #y: Vec<f32> = ops::norm_fwd(#kind, #eps, #x, #w, #b);)
+            quote!(let #y: Vec<f32> = op_fns::norm_fwd(#kind, #eps, #x, #w, #b);)
         }
         Op::AddNorm { norm, eps } => {
             let b = if *norm == NormKind::LayerNorm {
@@ -297,7 +297,7 @@ pub(super) fn node_statement(
             let (kind, eps) = (norm_kind(*norm), lit_f64(*eps));
             let (x, r, w) = (a(0), a(1), a(2));
             let (s, y) = (&outs[0], &outs[1]);
-            quote!(let (#s, #y): (Vec<f32>, Vec<f32>) = ops::add_norm(#kind, #eps, #x, #r, #w, #b);)
+            quote!(let (#s, #y): (Vec<f32>, Vec<f32>) = op_fns::add_norm(#kind, #eps, #x, #r, #w, #b);)
         }
         Op::RmsNormGrad { eps } | Op::LayerNormGrad { eps } => {
             let kind = if let Op::LayerNormGrad { .. } = node.op {
@@ -309,7 +309,7 @@ pub(super) fn node_statement(
             let (x, w, dy) = (a(0), a(1), a(2));
             let count = lit(outs.len());
             quote!(
-                let [#(#outs),*]: [Vec<f32>; #count] = ops::norm_bwd(#kind, #eps, #x, #w, #dy)
+                let [#(#outs),*]: [Vec<f32>; #count] = op_fns::norm_bwd(#kind, #eps, #x, #w, #dy)
                     .try_into()
                     .expect("a norm has one gradient per operand");
             )
@@ -319,7 +319,7 @@ pub(super) fn node_statement(
             let (s, w, dy, ds) = (a(0), a(1), a(2), a(3));
             let count = lit(outs.len());
             quote!(
-                let [#(#outs),*]: [Vec<f32>; #count] = ops::add_norm_grad(#kind, #eps, #s, #w, #dy, #ds)
+                let [#(#outs),*]: [Vec<f32>; #count] = op_fns::add_norm_grad(#kind, #eps, #s, #w, #dy, #ds)
                     .try_into()
                     .expect("a norm has one gradient per operand");
             )
@@ -430,7 +430,7 @@ pub(super) fn node_statement(
                 let rest: Vec<TokenStream> = (3..8).map(a).collect();
                 let (dx, dw) = (&outs[0], &outs[1]);
                 quote!(let (#dx, #dw): (Vec<f32>, Vec<f32>) =
-                    ops::router_grad(#xa, #n, #d, #wa, #e, #(#rest),*, #cfg);)
+                    op_fns::router_grad(#xa, #n, #d, #wa, #e, #(#rest),*, #cfg);)
             }
         }
         Op::Experts { act, gated } | Op::ExpertsGrad { act, gated } => {
@@ -451,7 +451,7 @@ pub(super) fn node_statement(
             let (n, d, k, e_l, h) = (lit(x[0]), lit(x[1]), lit(k), lit(e), lit(h));
             let path = scope.path(node);
             let ffn = quote!(
-                ops::check_ids(#ids, #e_l, #path)?;
+                op_fns::check_ids(#ids, #e_l, #path)?;
                 let ffn = moe::ExpertFfn {
                     x: #xa,
                     n: #n,
@@ -512,9 +512,9 @@ pub(super) fn node_statement(
             let (y, logits, t) = (&outs[0], a(0), a(1));
             if node.inputs.len() == 3 {
                 let w = a(2);
-                quote!(let #y: Vec<f32> = vec![ops::cross_entropy_weighted(#logits, #n, #vocab, #t, #w, #path)?];)
+                quote!(let #y: Vec<f32> = vec![op_fns::cross_entropy_weighted(#logits, #n, #vocab, #t, #w, #path)?];)
             } else {
-                quote!(let #y: Vec<f32> = vec![ops::cross_entropy(#logits, #n, #vocab, #t, #path)?];)
+                quote!(let #y: Vec<f32> = vec![op_fns::cross_entropy(#logits, #n, #vocab, #t, #path)?];)
             }
         }
         Op::CrossEntropyGrad => {
@@ -523,9 +523,9 @@ pub(super) fn node_statement(
             let (y, logits, t, dl) = (&outs[0], a(0), a(1), a(2));
             if node.inputs.len() == 4 {
                 let w = a(3);
-                quote!(let #y: Vec<f32> = ops::cross_entropy_weighted_grad(#logits, #n, #vocab, #t, #w, (#dl)[0]);)
+                quote!(let #y: Vec<f32> = op_fns::cross_entropy_weighted_grad(#logits, #n, #vocab, #t, #w, (#dl)[0]);)
             } else {
-                quote!(let #y: Vec<f32> = ops::cross_entropy_grad(#logits, #n, #vocab, #t, (#dl)[0]);)
+                quote!(let #y: Vec<f32> = op_fns::cross_entropy_grad(#logits, #n, #vocab, #t, (#dl)[0]);)
             }
         }
         Op::BalanceLoss { alpha, top_k } | Op::BalanceLossGrad { alpha, top_k } => {

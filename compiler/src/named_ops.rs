@@ -541,7 +541,8 @@ pub fn ops(model: &Model) -> Vec<Op> {
 }
 
 /// The precision policy applied to named ops. (Here rather than in `model.rs`, so that the
-/// model does not depend on the ops it contains: `ops` reads `model`, never the reverse.)
+/// model does not depend on the ops it contains: `named_ops` reads `model`, never the
+/// reverse.)
 impl Precision {
     /// Whether a keep pattern selects `op`.
     pub fn is_kept(&self, op: &Op) -> bool {
