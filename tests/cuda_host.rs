@@ -30,7 +30,7 @@ use kiln_compiler::program::{compile, compile_decode, compile_policy};
 use kiln_runtime::cpu::attention::rope_tables;
 use kiln_runtime::data::{builtin_corpus, byte_tokens, Batcher, Rng};
 use kiln_runtime::exec::{Buf, Executor, Feed};
-use kiln_runtime::numerics::quant::{quantize, ScaleRule};
+use kiln_runtime::numerics::quant::{quantize, ScaleFormat};
 use kiln_runtime::numerics::Fp8Format;
 use kiln_runtime::train::{feed_inputs, init_params, max_token_offset};
 
@@ -377,8 +377,8 @@ fn run_spec(spec: &str, test: &str, objective: Objective) -> Vec<(String, usize,
     };
 
     let rule = match model.precision.fp8.map(|f| f.scale) {
-        Some(kiln_compiler::model::ScaleFormat::Pow2) => ScaleRule::Pow2,
-        _ => ScaleRule::Fp32,
+        Some(ScaleFormat::Pow2) => ScaleFormat::Pow2,
+        _ => ScaleFormat::Fp32,
     };
     compare_on_host(spec, test, graph, &cuda, &values, &value_of, rule)
 }
@@ -394,7 +394,7 @@ fn compare_on_host(
     cuda: &CudaProgram,
     values: &HashMap<ValueId, Buf<f32>>,
     value_of: &dyn Fn(ValueId) -> Input,
-    rule: ScaleRule,
+    rule: ScaleFormat,
 ) -> Vec<(String, usize, f64)> {
     let plans = plans(graph, cuda);
 
@@ -920,7 +920,7 @@ fn check_decode(spec: &str, test: &str, positions: &[u32], capacity: u64) {
         &cuda,
         &values,
         &value_of,
-        ScaleRule::Fp32,
+        ScaleFormat::Fp32,
     );
     for op in ["rope_at", "cached_attention"] {
         let worst = results

@@ -155,11 +155,11 @@ fn a_policy_gradient_graph_emits_a_module_that_reads_token_weights() {
     let text = emit_text(&kiln_compiler::program::compile_policy(&m).unwrap()).unwrap();
     syn::parse_file(&text).unwrap_or_else(|e| panic!("{e}"));
     assert!(
-        text.contains("ops::cross_entropy_weighted("),
+        text.contains("op_fns::cross_entropy_weighted("),
         "forward loss"
     );
     assert!(
-        text.contains("ops::cross_entropy_weighted_grad("),
+        text.contains("op_fns::cross_entropy_weighted_grad("),
         "its gradient"
     );
     assert!(

@@ -35,7 +35,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use kiln::nvcc::Nvcc;
-use kiln_runtime::numerics::quant::{quantize, ScaleRule};
+use kiln_runtime::numerics::quant::{quantize, ScaleFormat};
 use kiln_runtime::numerics::Fp8Format;
 
 /// The stride of the sweep over all f32 bit patterns: prime (odd), so every low fraction bit
@@ -547,7 +547,7 @@ fn tile_inputs() -> (usize, Vec<f32>) {
     // x / scale must be a division (x · (1 / scale) rounds differently near midpoints).
     for format in Fp8Format::ALL {
         let amax = format.max() * 1.3;
-        let scale = kiln_runtime::numerics::quant::scale_of(amax, format, ScaleRule::Fp32);
+        let scale = kiln_runtime::numerics::quant::scale_of(amax, format, ScaleFormat::Fp32);
         x.extend((0..COLS).map(|i| {
             if i % 4 == 0 {
                 return amax;
@@ -581,9 +581,9 @@ fn tile_quantization_of_kiln_fp8_cuh_matches_the_cpu_emulation() {
     let mut report = String::new();
     for tile in [4usize, 8, 32, 128] {
         for format in Fp8Format::ALL {
-            for rule in [ScaleRule::Fp32, ScaleRule::Pow2] {
+            for rule in [ScaleFormat::Fp32, ScaleFormat::Pow2] {
                 let want = quantize(&x, rows, cols, [1, tile], format, rule).unwrap();
-                let rule_name = if rule == ScaleRule::Pow2 {
+                let rule_name = if rule == ScaleFormat::Pow2 {
                     "pow2"
                 } else {
                     "fp32"

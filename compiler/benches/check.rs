@@ -6,7 +6,7 @@ use kiln_compiler::analyze::analyze;
 use kiln_compiler::check::check_str;
 use kiln_compiler::ir::verify;
 use kiln_compiler::lower::lower;
-use kiln_compiler::ops::ops;
+use kiln_compiler::named_ops::ops;
 use kiln_compiler::report::render;
 
 const V3: &str = include_str!("../../specs/deepseek-v3.toml");

@@ -1,6 +1,6 @@
 //! `analyze`: [`Model`] → [`Report`]: parameters, FLOPs, KV cache and training memory.
 //!
-//! Every number derives from the op list in [`crate::ops`], so the analyzer, the precision
+//! Every number derives from the op list in [`crate::named_ops`], so the analyzer, the precision
 //! rules and (later) the IR agree on what a model contains. Sums are `u128`: the checker bounds
 //! each dimension, but products of bounded dimensions over thousands of layers can pass 2⁶⁴.
 //! The formulas are stated in `docs/spec.md` ("What `kiln check` reports").
@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashSet};
 use serde::Serialize;
 
 use crate::model::{AttentionKind, Format, Model};
-use crate::ops::{ops, Component, Op, OpClass, Site};
+use crate::named_ops::{ops, Component, Op, OpClass, Site};
 
 /// Everything `kiln check` reports about a model. JSON keys are stable (see `docs/spec.md`).
 #[derive(Clone, Debug, PartialEq, Serialize)]

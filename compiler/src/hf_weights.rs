@@ -21,6 +21,7 @@
 //!   fused into `attn.c_attn` (`[d, 3d]`, bias `[3d]`).
 
 use crate::model::{AttentionKind, Model, NormKind, Positions};
+pub use kiln_ir::hf_layout::{Layout, Piece};
 
 /// The HF naming scheme a model's checkpoints use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,34 +40,6 @@ impl Naming {
             Naming::Gpt2
         } else {
             Naming::Decoder
-        }
-    }
-}
-
-/// How a piece is stored in its HF tensor.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Layout {
-    /// Exactly the kiln piece's shape and order.
-    Same,
-    /// GPT-2's `Conv1D`: a weight stored `[in, out]` (the transpose of kiln's `[out, in]`),
-    /// or a bias `[out]`; the kiln piece is output chunk `index` of `count` equal chunks
-    /// (`c_attn` holds query, key and value as chunks 0, 1, 2; other `Conv1D`s have one).
-    Conv1d { index: usize, count: usize },
-}
-
-/// One HF tensor (or part of one) that makes up a kiln parameter.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Piece {
-    /// The tensor's name in the HF checkpoint.
-    pub name: String,
-    pub layout: Layout,
-}
-
-impl Piece {
-    fn same(name: impl Into<String>) -> Piece {
-        Piece {
-            name: name.into(),
-            layout: Layout::Same,
         }
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! The graph computes the training loss (main cross-entropy, MTP losses weighted `λ/D`, and
 //! sequence-wise balance losses) and exposes the main logits. Node paths are the op paths of
-//! [`crate::ops`], so each node's format comes from the precision policy, and parameters are
+//! [`crate::named_ops`], so each node's format comes from the precision policy, and parameters are
 //! named `<op path>.weight` / `.bias`.
 //!
 //! Semantics follow DeepSeek-V3 as HF transformers implements it (DESIGN.md):
@@ -23,7 +23,7 @@ use crate::ir::{
     ValueId,
 };
 use crate::model::{Activation, AttentionKind, Format, LayerKind, Mla, Model, NormKind, Positions};
-use crate::ops::ops;
+use crate::named_ops::ops;
 
 /// What the lowered graph's `loss` is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -10,6 +10,10 @@ use serde::Serialize;
 use crate::dsl::expr::Expr;
 use crate::dsl::pattern::Pattern;
 pub use crate::dsl::stack::LayerKind;
+pub use kiln_ir::attrs::{
+    AdamW, Format, Fp8, GroupScore, NormKind, ScaleFormat, Schedule, ScheduleKind, ScoreFunc,
+    Selection, Yarn,
+};
 
 /// A checked model spec. Produced only by [`crate::check::check`].
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -56,25 +60,6 @@ pub enum Positions {
 pub struct Norm {
     pub kind: NormKind,
     pub eps: f64,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum NormKind {
-    /// `x / sqrt(mean(x²) + eps) * w`, computed in fp32. One weight vector.
-    RmsNorm,
-    /// `(x - mean) / sqrt(var + eps) * w + b`. Weight and bias vectors.
-    LayerNorm,
-}
-
-impl NormKind {
-    /// Learned vectors per norm: weight, plus bias for LayerNorm.
-    pub fn vectors(self) -> u64 {
-        match self {
-            NormKind::RmsNorm => 1,
-            NormKind::LayerNorm => 2,
-        }
-    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -166,56 +151,6 @@ pub struct Rope {
     pub yarn: Option<Yarn>,
 }
 
-/// YaRN context extension (HF `rope_scaling` with `type = "yarn"`).
-#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
-pub struct Yarn {
-    pub factor: f64,
-    pub original_max_positions: u64,
-    pub beta_fast: f64,
-    pub beta_slow: f64,
-    pub mscale: f64,
-    pub mscale_all_dim: f64,
-}
-
-impl Yarn {
-    /// YaRN's magnitude correction `0.1 · m · ln(factor) + 1` (1 when `factor ≤ 1`).
-    fn correction(&self, m: f64) -> f64 {
-        if self.factor <= 1.0 {
-            1.0
-        } else {
-            0.1 * m * self.factor.ln() + 1.0
-        }
-    }
-
-    /// The correction with `mscale_all_dim`, whose square multiplies the softmax scale.
-    pub fn attention_mscale(&self) -> f64 {
-        self.correction(self.mscale_all_dim)
-    }
-
-    /// The amplitude of the cos/sin tables: `correction(mscale) / correction(mscale_all_dim)`,
-    /// exactly 1 for every released DeepSeek config (where `mscale == mscale_all_dim`).
-    pub fn rope_amplitude(&self) -> f64 {
-        self.correction(self.mscale) / self.correction(self.mscale_all_dim)
-    }
-
-    /// DeepSeek's correction range `(low, high)` over the frequency indices of a head with
-    /// `dim` rotated dimensions and base `theta`: the fractional index at which a frequency
-    /// completes `beta_fast` (for `low`) or `beta_slow` (for `high`) rotations over the original
-    /// context, `low` rounded down and `high` rounded up (HF's `truncate`), then clamped to
-    /// `[0, dim − 1]`. Frequencies below `low` are kept, above `high` divided by `factor`.
-    pub fn correction_range(&self, dim: usize, theta: f64) -> (f64, f64) {
-        let dim = dim as f64;
-        let positions = self.original_max_positions as f64;
-        // The index whose wavelength fits `rotations` times into the original context.
-        let index_for = |rotations: f64| {
-            dim * (positions / (rotations * 2.0 * std::f64::consts::PI)).ln() / (2.0 * theta.ln())
-        };
-        let low = index_for(self.beta_fast).floor().max(0.0);
-        let high = index_for(self.beta_slow).ceil().min(dim - 1.0);
-        (low, high)
-    }
-}
-
 /// A position-wise feed-forward network: `down(act(...))` where the activation expression reads
 /// either one projection (`x`) or two (`gate` and `up`).
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -274,31 +209,6 @@ pub struct Moe {
     pub bias_update: f64,
     /// Weight α of the sequence-wise balance loss `α Σ f_i P_i`; 0 disables.
     pub seq_aux: f64,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ScoreFunc {
-    Softmax,
-    Sigmoid,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Selection {
-    /// Top-k over all experts.
-    Greedy,
-    /// Keep the best `groups_kept` groups, then top-k among their experts.
-    GroupLimited,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum GroupScore {
-    /// The group's best expert score (DeepSeek-V2).
-    Max,
-    /// The sum of the group's two best scores (DeepSeek-V3).
-    Top2Sum,
 }
 
 /// Multi-token prediction: `depth` sequential modules, each predicting one token further.
@@ -371,55 +281,6 @@ impl Rl {
     };
 }
 
-/// Number formats a tensor or op can use.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Format {
-    Fp32,
-    Bf16,
-    Fp16,
-    E4m3,
-    E5m2,
-}
-
-impl Format {
-    pub const ALL: [Format; 5] = [
-        Format::Fp32,
-        Format::Bf16,
-        Format::Fp16,
-        Format::E4m3,
-        Format::E5m2,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Format::Fp32 => "fp32",
-            Format::Bf16 => "bf16",
-            Format::Fp16 => "fp16",
-            Format::E4m3 => "e4m3",
-            Format::E5m2 => "e5m2",
-        }
-    }
-
-    pub fn bytes(self) -> u64 {
-        match self {
-            Format::Fp32 => 4,
-            Format::Bf16 | Format::Fp16 => 2,
-            Format::E4m3 | Format::E5m2 => 1,
-        }
-    }
-
-    pub fn is_fp8(self) -> bool {
-        matches!(self, Format::E4m3 | Format::E5m2)
-    }
-}
-
-impl std::fmt::Display for Format {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
 /// The precision policy: which format each op computes in and how tensors are stored.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Precision {
@@ -447,45 +308,6 @@ pub struct Precision {
     pub grads: Format,
     pub moments: Format,
     pub kv_cache: Format,
-}
-
-/// Fine-grained FP8 scaling, as in DeepSeek-V3 §3.3.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-pub struct Fp8 {
-    /// Activation tile `[rows, cols]`; one scale per tile, cols along the contraction dim.
-    pub act_tile: [u64; 2],
-    /// Weight block `[rows, cols]`; one scale per block.
-    pub weight_block: [u64; 2],
-    pub scale: ScaleFormat,
-    /// Elements accumulated in the tensor core before promotion to an fp32 accumulator;
-    /// `None` accumulates the whole contraction in the limited-precision accumulator.
-    pub promote_every: Option<u64>,
-    /// Mantissa bits the tensor-core accumulator keeps between promotions (about 14 on
-    /// Hopper, per DeepSeek-V3 §3.3.2); the CPU emulation rounds partial sums to this.
-    /// Promoted partial sums are accumulated in fp32.
-    pub accumulator_bits: u32,
-}
-
-impl Fp8 {
-    /// DeepSeek-V3's recipe (tech report §3.3): 1×128 activation tiles, 128×128 weight blocks,
-    /// fp32 scales, promotion to fp32 every 128 elements of a ~14-bit accumulator. The
-    /// defaults of `[precision.fp8]`.
-    pub const DEEPSEEK_V3: Fp8 = Fp8 {
-        act_tile: [1, 128],
-        weight_block: [128, 128],
-        scale: ScaleFormat::Fp32,
-        promote_every: Some(128),
-        accumulator_bits: 14,
-    };
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ScaleFormat {
-    /// Scales are any fp32 value (`amax / fmt_max`).
-    Fp32,
-    /// Scales are rounded up to a power of two, so scaling is exact.
-    Pow2,
 }
 
 impl Precision {
@@ -516,44 +338,6 @@ impl Precision {
         }
         p
     }
-
-    /// Whether a keep pattern selects `op`.
-    pub fn is_kept(&self, op: &crate::ops::Op) -> bool {
-        self.keep.iter().any(|p| p.matches(&op.path))
-    }
-
-    /// The forward-pass format of an op: its class's format, except that an op a keep pattern
-    /// selects never runs in FP8 and uses `keep_format` instead.
-    pub fn format_of(&self, op: &crate::ops::Op) -> Format {
-        use crate::ops::OpClass;
-        let class = match op.class {
-            OpClass::Embed => self.embed,
-            OpClass::Linear => self.linear,
-            OpClass::Norm => self.norm,
-            OpClass::AttnCore => self.attn_core,
-            OpClass::Act => self.act,
-            OpClass::Router => self.router,
-            OpClass::Head => self.head,
-        };
-        self.unless_kept(op, class)
-    }
-
-    /// The operand format of an op's input- and weight-gradient GEMMs: `linear_grad` for
-    /// linear ops, the forward format otherwise, and never FP8 for a kept op.
-    pub fn grad_format_of(&self, op: &crate::ops::Op) -> Format {
-        match op.class {
-            crate::ops::OpClass::Linear => self.unless_kept(op, self.linear_grad),
-            _ => self.format_of(op),
-        }
-    }
-
-    fn unless_kept(&self, op: &crate::ops::Op, format: Format) -> Format {
-        if format.is_fp8() && self.is_kept(op) {
-            self.keep_format
-        } else {
-            format
-        }
-    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -571,31 +355,6 @@ pub struct Train {
     /// Skip an optimizer step whose loss or gradient is not finite (instead of stopping).
     pub skip_nonfinite: bool,
     pub data: DataSource,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
-pub struct AdamW {
-    pub lr: f64,
-    pub beta1: f64,
-    pub beta2: f64,
-    pub eps: f64,
-    pub weight_decay: f64,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
-pub struct Schedule {
-    pub kind: ScheduleKind,
-    /// Linear warmup from 0 to `lr` over this many steps.
-    pub warmup: u64,
-    /// For `Cosine`, the learning rate reached at the last step.
-    pub min_lr: f64,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ScheduleKind {
-    Constant,
-    Cosine,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -823,7 +582,6 @@ impl Model {
 mod tests {
     use super::*;
     use crate::check::check_str;
-    use crate::ops::ops;
 
     const TINY: &str = include_str!("../../specs/tiny.toml");
     const V3: &str = include_str!("../../specs/deepseek-v3.toml");
@@ -843,36 +601,6 @@ mod tests {
         };
         let amp = (0.05 * 40f64.ln() + 1.0) / mscale;
         assert!((unequal.rope_amplitude() - amp).abs() < 1e-15);
-    }
-
-    #[test]
-    fn keep_only_takes_ops_out_of_fp8() {
-        let m = check_str(TINY).unwrap();
-        let all = ops(&m);
-        let p = &m.precision;
-        let find = |path: &str| all.iter().find(|o| o.path == path).unwrap();
-        // Kept in the spec, but not FP8 by class: the class format (fp32) stands.
-        assert_eq!(p.format_of(find("layers.1.moe.router")), Format::Fp32);
-        assert_eq!(p.format_of(find("layers.0.attn.norm")), Format::Fp32);
-        // Kept linear: out of FP8, into keep_format, forward and backward.
-        assert_eq!(p.format_of(find("layers.0.attn.kv_a")), Format::Bf16);
-        assert_eq!(p.grad_format_of(find("layers.0.attn.kv_a")), Format::Bf16);
-        // Not kept: FP8 both ways.
-        assert_eq!(p.format_of(find("layers.1.moe.experts.up")), Format::E4m3);
-        assert_eq!(p.grad_format_of(find("mtp.0.eh_proj")), Format::E4m3);
-    }
-
-    #[test]
-    fn linear_grad_applies_without_fp8_forward() {
-        let spec = TINY
-            .replace("linear = \"e4m3\"", "linear = \"bf16\"")
-            .replace("linear_grad = \"e4m3\"", "linear_grad = \"fp32\"");
-        let m = check_str(&spec).unwrap();
-        let all = ops(&m);
-        let up = all.iter().find(|o| o.path == "layers.0.ffn.up").unwrap();
-        assert_eq!(m.precision.format_of(up), Format::Bf16);
-        assert_eq!(m.precision.grad_format_of(up), Format::Fp32);
-        assert_eq!(m.precision.fp8, None, "no FP8 format is used");
     }
 
     #[test]

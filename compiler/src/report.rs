@@ -3,7 +3,7 @@
 use std::fmt::Write;
 
 use crate::analyze::Report;
-use crate::ops::Component;
+use crate::named_ops::Component;
 
 /// `1234567` → `1,234,567`.
 pub fn group(n: u128) -> String {

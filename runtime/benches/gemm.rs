@@ -6,7 +6,7 @@
 //! 2-core machine is what the `gemm` crate reaches on large shapes (145–160 GFLOP/s).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use kiln_runtime::cpu::dense::matmul;
+use kiln_runtime::cpu::matmul::matmul;
 use std::hint::black_box;
 
 /// One product to measure: `c[m, n] = op(a)[m, k] · op(b)[k, n]`.

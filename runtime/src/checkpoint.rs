@@ -11,7 +11,7 @@ use std::fmt;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use kiln_compiler::ir::Graph;
+use kiln_ir::ir::Graph;
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
 

@@ -1,14 +1,17 @@
 //! Autoregressive decoding with a KV cache: one new token per sequence per step, attention
 //! reading the cached keys and values of the earlier tokens instead of recomputing them.
 //!
-//! The decoder computes what the lowered forward graph computes (`kiln_compiler::lower`),
-//! token by token, from the same parameters (by name), with the same CPU kernels where the
-//! shapes allow; a test checks its logits against the interpreter's uncached forward pass.
+//! The decoder runs a decode Program (the compiler's `compile_decode`: the model lowered for
+//! one token per row, with each block's cache as an input and its new entry as an output) on
+//! the interpreter, from the forward graph's parameters (by name); a test checks its logits
+//! against the interpreter's uncached forward pass. The Program decides what is cached; this
+//! module stores it.
 //!
 //! For multi-head latent attention the cache holds only what DeepSeek-V2/V3 need per token and
 //! layer: the normalized latent `c_kv` (`kv_rank` elements) and the roped shared key
-//! `k_rope` (`rope_dim`), 576 elements for V3. The key and value up-projections are absorbed
-//! instead of applied to every cached token (DeepSeek-V2 §2.1.2):
+//! `k_rope` (`rope_dim`), 576 elements for V3. The Program's `cached_attention` absorbs the
+//! key and value up-projections instead of applying them to every cached token (DeepSeek-V2
+//! §2.1.2):
 //! - per head, the query's no-RoPE part is mapped into the latent space once,
 //!   `q̃ = W_ukᵀ · q_nope`, so that `q_nope · k_nope(t) = q̃ · c_kv(t)`;
 //! - the attention output is formed in the latent space, `õ = Σ_t p_t · c_kv(t)`, and mapped
@@ -21,9 +24,9 @@
 
 use std::collections::HashMap;
 
-use kiln_compiler::ir::{Def, Graph, InputKind, ValueId};
-use kiln_compiler::model::Format;
-use kiln_compiler::program::Program;
+use kiln_ir::attrs::Format;
+use kiln_ir::ir::{Def, Graph, InputKind, ValueId};
+use kiln_ir::program::Program;
 
 use crate::exec::{Executor, Feed};
 

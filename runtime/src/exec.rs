@@ -3,7 +3,7 @@
 //!
 //! Values live in one slot each, indexed by value id, and are freed after their last use
 //! unless the caller asked to keep them (graph outputs). Elementwise [`Op::Map`] nodes run a
-//! compiled expression ([`kiln_compiler::dsl::expr::Compiled`]) over chunks in parallel.
+//! compiled expression ([`kiln_ir::expr::Compiled`]) over chunks in parallel.
 //!
 //! Emulating a precision policy ([`Executor::emulating`]), activations the backward pass
 //! reads are packed into their storage format ([`crate::numerics::store`]) once the forward
@@ -12,19 +12,18 @@
 use std::collections::HashMap;
 use std::fmt;
 
-use kiln_compiler::ir::{CacheLayout, Def, Graph, InputKind, Node, Op, ValueId};
-use kiln_compiler::keep::{self, KeepPlan};
-use kiln_compiler::model::{Format, NormKind};
-use kiln_compiler::program::Program;
+use kiln_ir::attrs::{Format, NormKind};
+use kiln_ir::ir::{CacheLayout, Def, Graph, InputKind, Node, Op, ValueId};
+use kiln_ir::keep::{self, KeepPlan};
+use kiln_ir::program::Program;
 
 use crate::cpu::attention::{self, RopeTables};
 use crate::cpu::elementwise::Elementwise;
 use crate::cpu::{dense, moe, Real};
 use crate::numerics::gemm::GemmNumerics;
-use crate::numerics::quant::ScaleRule;
 use crate::numerics::store::{Half, Packed, Storage};
 use crate::numerics::{Emulation, Fp8Format};
-use crate::ops::{self, check_ids, norm_bwd, norm_fwd, rope_pairs, router_config, ExprActivation};
+use crate::op_fns::{self, check_ids, norm_bwd, norm_fwd, router_config, ExprActivation};
 
 /// A tensor's data: floats, or u32 ids and indices.
 #[derive(Clone, Debug, PartialEq)]
@@ -363,7 +362,7 @@ impl<'g> Executor<'g> {
                 } => Storage::Fp8 {
                     format: Fp8Format::of(format).expect("the keep plan stores FP8 formats"),
                     tile: tile as usize,
-                    rule: ScaleRule::of(scale),
+                    rule: scale,
                 },
             };
             pack.entry(k.after).or_default().push((k.value, storage));
@@ -568,7 +567,7 @@ impl<'g> Executor<'g> {
         let f = |v: Vec<T>| Buf::F(v);
         Ok(match &node.op {
             Op::Fill { value, .. } => {
-                vec![f(ops::fill(*value, out_shape(0).iter().product()))]
+                vec![f(op_fns::fill(*value, out_shape(0).iter().product()))]
             }
             Op::Reshape { .. } => vec![arg(0).to_buf()],
             Op::Map { .. } => {
@@ -586,7 +585,7 @@ impl<'g> Executor<'g> {
             }
             Op::Split { sizes } => {
                 let sizes: Vec<usize> = sizes.iter().map(|&s| s as usize).collect();
-                ops::split(arg(0).floats(), &sizes)
+                op_fns::split(arg(0).floats(), &sizes)
                     .into_iter()
                     .map(f)
                     .collect()
@@ -596,25 +595,30 @@ impl<'g> Executor<'g> {
                     .map(|i| *shape(i).last().expect("rank ≥ 1"))
                     .collect();
                 let xs: Vec<&[T]> = (0..node.inputs.len()).map(|i| arg(i).floats()).collect();
-                vec![f(ops::concat(&xs, &widths))]
+                vec![f(op_fns::concat(&xs, &widths))]
             }
             Op::Expand { axis, n } => {
                 let s = shape(0);
                 let outer: usize = s[..*axis as usize].iter().product();
                 let inner: usize = s[*axis as usize + 1..].iter().product();
-                vec![f(ops::expand(arg(0).floats(), outer, inner, *n as usize))]
+                vec![f(op_fns::expand(
+                    arg(0).floats(),
+                    outer,
+                    inner,
+                    *n as usize,
+                ))]
             }
             Op::SumAxis { axis } => {
                 let s = shape(0);
                 let outer: usize = s[..*axis as usize].iter().product();
                 let inner: usize = s[*axis as usize + 1..].iter().product();
                 let len = s[*axis as usize];
-                vec![f(ops::sum_axis(arg(0).floats(), outer, len, inner))]
+                vec![f(op_fns::sum_axis(arg(0).floats(), outer, len, inner))]
             }
             Op::Embedding => {
                 let t = shape(0);
                 let ids = arg(1).ids();
-                vec![f(ops::embedding(
+                vec![f(op_fns::embedding(
                     arg(0).floats(),
                     t[0],
                     t[1],
@@ -635,7 +639,7 @@ impl<'g> Executor<'g> {
                 let w = shape(1);
                 let b = bias.then(|| arg(2).floats());
                 let (x, wt) = (arg(0).floats(), arg(1).floats());
-                let pre = ops::linear_with(x, wt, b, w[0], w[1], num);
+                let pre = op_fns::linear_with(x, wt, b, w[0], w[1], num);
                 match self.elementwise.get(&index) {
                     // `linear_map`: the activation follows in the same node.
                     Some(act) => {
@@ -648,7 +652,7 @@ impl<'g> Executor<'g> {
             Op::LinearGrad { bias } => {
                 let w = shape(1);
                 let (x, dy) = (arg(0).floats(), arg(2).floats());
-                let r = ops::linear_grad_with(x, arg(1).floats(), dy, w[0], w[1], *bias, num);
+                let r = op_fns::linear_grad_with(x, arg(1).floats(), dy, w[0], w[1], *bias, num);
                 let mut v = vec![f(r.dx), f(r.dw)];
                 if let Some(db) = r.db {
                     v.push(f(db));
@@ -672,7 +676,7 @@ impl<'g> Executor<'g> {
             Op::AddNorm { norm, eps } => {
                 let b = (*norm == NormKind::LayerNorm).then(|| arg(3).floats());
                 let (x, r, w) = (arg(0).floats(), arg(1).floats(), arg(2).floats());
-                let (s, y) = ops::add_norm(*norm, *eps, x, r, w, b);
+                let (s, y) = op_fns::add_norm(*norm, *eps, x, r, w, b);
                 vec![f(s), f(y)]
             }
             Op::RmsNormGrad { eps } | Op::LayerNormGrad { eps } => {
@@ -686,7 +690,7 @@ impl<'g> Executor<'g> {
             }
             Op::AddNormGrad { norm, eps } => {
                 let (s, w, dy) = (arg(0).floats(), arg(1).floats(), arg(2).floats());
-                ops::add_norm_grad(*norm, *eps, s, w, dy, arg(3).floats())
+                op_fns::add_norm_grad(*norm, *eps, s, w, dy, arg(3).floats())
                     .into_iter()
                     .map(f)
                     .collect()
@@ -697,7 +701,7 @@ impl<'g> Executor<'g> {
                     .entry(key)
                     .or_insert_with(|| attention::rope_tables(key.0, key.1, *theta, yarn.as_ref()));
                 let s = shape(0);
-                let p = rope_pairs(*pairs);
+                let p = *pairs;
                 let y = if matches!(node.op, Op::Rope { .. }) {
                     attention::rope_fwd(arg(0).floats(), s[0], s[1], s[2], s[3], table, p)
                 } else {
@@ -717,13 +721,7 @@ impl<'g> Executor<'g> {
                         node.path, table.seq
                     )));
                 }
-                let y = attention::rope_at(
-                    arg(0).floats(),
-                    shape(0)[3],
-                    positions,
-                    table,
-                    rope_pairs(*pairs),
-                );
+                let y = attention::rope_at(arg(0).floats(), shape(0)[3], positions, table, *pairs);
                 vec![f(y)]
             }
             Op::CachedAttention { scale, layout } => {
@@ -828,7 +826,7 @@ impl<'g> Executor<'g> {
             }
             Op::RouterGrad(spec) => {
                 let (x, w) = (shape(0), shape(1));
-                let (dx, dw) = ops::router_grad(
+                let (dx, dw) = op_fns::router_grad(
                     arg(0).floats(),
                     x[0],
                     x[1],
@@ -905,10 +903,10 @@ impl<'g> Executor<'g> {
                 let l = shape(0);
                 let (logits, targets) = (arg(0).floats(), arg(1).ids());
                 let loss = match node.inputs.get(2) {
-                    None => ops::cross_entropy(logits, l[0], l[1], targets, &node.path)?,
+                    None => op_fns::cross_entropy(logits, l[0], l[1], targets, &node.path)?,
                     Some(_) => {
                         let w = arg(2).floats();
-                        ops::cross_entropy_weighted(logits, l[0], l[1], targets, w, &node.path)?
+                        op_fns::cross_entropy_weighted(logits, l[0], l[1], targets, w, &node.path)?
                     }
                 };
                 vec![f(vec![loss])]
@@ -918,10 +916,10 @@ impl<'g> Executor<'g> {
                 let (logits, targets) = (arg(0).floats(), arg(1).ids());
                 let dloss = arg(2).floats()[0];
                 vec![f(match node.inputs.get(3) {
-                    None => ops::cross_entropy_grad(logits, l[0], l[1], targets, dloss),
+                    None => op_fns::cross_entropy_grad(logits, l[0], l[1], targets, dloss),
                     Some(_) => {
                         let w = arg(3).floats();
-                        ops::cross_entropy_weighted_grad(logits, l[0], l[1], targets, w, dloss)
+                        op_fns::cross_entropy_weighted_grad(logits, l[0], l[1], targets, w, dloss)
                     }
                 })]
             }

@@ -10,7 +10,7 @@
 //! log-softmax of the logits at temperature 1, whatever the sampling temperature): what a
 //! policy-gradient method needs as the sampling policy's log-probabilities.
 
-use kiln_compiler::model::Format;
+use kiln_ir::attrs::Format;
 
 use crate::data::Rng;
 use crate::decode::{DecodeError, Decoder, KvCache};

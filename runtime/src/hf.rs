@@ -1,18 +1,18 @@
 //! Hugging Face safetensors checkpoints: read them into kiln parameters, write kiln parameters
 //! out in HF's names and layouts.
 //!
-//! Which HF tensor holds which kiln parameter is the compiler's knowledge
-//! ([`kiln_compiler::hf_weights`]); callers pass it in as one [`ParamPieces`] per parameter, so
-//! this module never looks at a spec. A checkpoint is one `model.safetensors` or shards listed
-//! by `model.safetensors.index.json`. Tensors may be F32, BF16 or F16; every value converts to
-//! f32 exactly (kiln's master weights are f32), and [`HfCheckpoint::dtypes`] reports what the
-//! file held so the caller can say so.
+//! Which HF tensor holds which kiln parameter is the compiler's knowledge (kiln-compiler's
+//! `hf_weights`, as the data of [`kiln_ir::hf_layout`]); callers pass it in as one
+//! [`ParamPieces`] per parameter, so this module never looks at a spec. A checkpoint is one
+//! `model.safetensors` or shards listed by `model.safetensors.index.json`. Tensors may be F32,
+//! BF16 or F16; every value converts to f32 exactly (kiln's master weights are f32), and
+//! [`HfCheckpoint::dtypes`] reports what the file held so the caller can say so.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use kiln_compiler::hf_weights::{Layout, Piece};
+use kiln_ir::hf_layout::{Layout, Piece};
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
 

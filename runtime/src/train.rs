@@ -7,9 +7,9 @@
 
 use std::collections::HashMap;
 
-use kiln_compiler::ir::{Def, Graph, Init, InputKind, ParamId, Update, ValueId};
-use kiln_compiler::model::ScheduleKind;
-use kiln_compiler::program::{Program, Settings, TrainOutputs};
+use kiln_ir::attrs::ScheduleKind;
+use kiln_ir::ir::{Def, Graph, Init, InputKind, ParamId, Update, ValueId};
+use kiln_ir::program::{Program, Settings, TrainOutputs};
 
 use rayon::prelude::*;
 

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use kiln_compiler::analyze::analyze;
 use kiln_compiler::program::compile;
-use kiln_runtime::cpu::dense::matmul;
+use kiln_runtime::cpu::matmul::matmul;
 use kiln_runtime::data::{builtin_corpus, byte_tokens, Batcher};
 use kiln_runtime::exec::KeptBytes;
 use kiln_runtime::train::{init_params, TrainConfig};

@@ -16,7 +16,7 @@ use kiln_compiler::model::{Format, Model};
 use kiln_compiler::program::compile;
 use kiln_runtime::data::{self, Batcher, Rng};
 use kiln_runtime::numerics::accum::{fp8_product, Accumulation, MMA_K};
-use kiln_runtime::numerics::quant::{quantize, Quantized, ScaleRule};
+use kiln_runtime::numerics::quant::{quantize, Quantized, ScaleFormat};
 use kiln_runtime::numerics::Fp8Format;
 use kiln_runtime::train::{eval_loss, init_params, max_token_offset, TrainConfig, Trainer};
 
@@ -120,7 +120,7 @@ pub struct AccumCell {
 /// Random `[rows, k]` uniform in [0, 1), quantized to E4M3 with `block` scaling.
 fn random_e4m3(rng: &mut Rng, rows: usize, k: usize, block: [usize; 2]) -> Quantized {
     let x: Vec<f32> = (0..rows * k).map(|_| rng.next_f64() as f32).collect();
-    quantize(&x, rows, k, block, Fp8Format::E4m3, ScaleRule::Fp32).expect("finite")
+    quantize(&x, rows, k, block, Fp8Format::E4m3, ScaleFormat::Fp32).expect("finite")
 }
 
 /// `Σ_k a[r, k] · b[c, k]` of the dequantized operands in f64: exact products of codes and

@@ -5,7 +5,7 @@ use std::ops::Range;
 
 use super::*;
 use crate::dsl::pattern::Pattern;
-use crate::ops::{ops, Op, OpClass, Site};
+use crate::named_ops::{ops, Op, OpClass, Site};
 
 impl Checker<'_, '_> {
     /// Rules over the model's named ops: keep patterns must select something, and FP8 GEMMs

@@ -2,7 +2,7 @@
 //! shapes, calling the runtime's kernels (`kiln emit rust`, `kiln::model!`).
 //!
 //! Every node becomes one statement that calls the function the interpreter calls for that op
-//! (`kiln_runtime::ops`, or a `kiln_runtime::cpu` kernel) with the node's shapes written as
+//! (`kiln_runtime::op_fns`, or a `kiln_runtime::cpu` kernel) with the node's shapes written as
 //! literals, so the generated module computes the interpreter's bits without walking a graph,
 //! looking up shapes or dispatching on ops. Values are locals, freed by `drop` right after
 //! their last use; parameters and inputs are borrowed from the feed. What can be built once
@@ -149,9 +149,10 @@ pub fn emit(compiled: &Compiled) -> TokenStream {
             use ::kiln_runtime::cpu::{attention, dense, moe};
             use ::kiln_runtime::cpu::elementwise::Elementwise;
             use ::kiln_runtime::exec::{Buf, ExecError, Feed, Run};
-            use ::kiln_runtime::ops;
-            use ::kiln_runtime::kiln_compiler::ir::{InputKind, ValueId};
-            use ::kiln_runtime::kiln_compiler::model::NormKind;
+            use ::kiln_runtime::op_fns;
+            use ::kiln_runtime::kiln_ir::ir::{InputKind, ValueId};
+            use ::kiln_runtime::kiln_ir::attrs::NormKind;
+            use ::kiln_runtime::kiln_ir::expr::{BinOp, Expr, Func};
 
             /// The spec's model name.
             pub const NAME: &str = #name;
@@ -167,17 +168,8 @@ pub fn emit(compiled: &Compiled) -> TokenStream {
             pub const PARAM_NAMES: [&str; #count] = [#(#names),*];
             pub const PARAM_SHAPES: [&[usize]; #count] = [#(#shapes),*];
 
-            fn elementwise(text: &str, vars: &[&str]) -> Elementwise {
-                let expr = ::kiln_runtime::kiln_compiler::dsl::expr::parse_expr(text, vars)
-                    .expect("kiln printed this expression");
-                Elementwise::new(&expr, vars).expect("kiln compiled this expression")
-            }
-
-            fn activation(text: &str, gated: bool) -> ops::ExprActivation {
-                let vars: &[&str] = if gated { &["gate", "up"] } else { &["x"] };
-                let expr = ::kiln_runtime::kiln_compiler::dsl::expr::parse_expr(text, vars)
-                    .expect("kiln printed this expression");
-                ops::ExprActivation::new(&expr, gated)
+            fn elementwise(expr: &Expr, vars: &[&str]) -> Elementwise {
+                Elementwise::new(expr, vars).expect("kiln compiled this expression")
             }
 
             /// The parameters at `indices` (in range: `check_params` ran).

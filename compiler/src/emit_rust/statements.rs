@@ -10,6 +10,7 @@ use super::scope::{local, Scope};
 use super::{lit, lit_f64};
 use crate::ir::{Def, Graph, InputKind, Node, Op, RopePairs, ValueId};
 use crate::model::{GroupScore, NormKind, ScoreFunc, Selection};
+use kiln_ir::expr::Expr;
 
 /// How the statement for one node reads its operands.
 struct Operands<'a> {
@@ -84,39 +85,68 @@ pub(super) struct Setup {
     pub(super) activations: HashMap<String, proc_macro2::Ident>,
 }
 
+/// Code that builds `e` (the generated module needs no expression parser, so the runtime
+/// links none).
+fn expr_tokens(e: &Expr) -> TokenStream {
+    match e {
+        Expr::Var(v) => {
+            let v = Literal::string(v);
+            quote!(Expr::Var(#v.to_string()))
+        }
+        Expr::Num(x) => {
+            let x = Literal::f64_unsuffixed(*x);
+            quote!(Expr::Num(#x))
+        }
+        Expr::Neg(a) => {
+            let a = expr_tokens(a);
+            quote!(Expr::Neg(Box::new(#a)))
+        }
+        Expr::Bin(op, a, b) => {
+            let op = format_ident!("{op:?}");
+            let (a, b) = (expr_tokens(a), expr_tokens(b));
+            quote!(Expr::Bin(BinOp::#op, Box::new(#a), Box::new(#b)))
+        }
+        Expr::Pow(a, n) => {
+            let (a, n) = (expr_tokens(a), Literal::u32_unsuffixed(*n));
+            quote!(Expr::Pow(Box::new(#a), #n))
+        }
+        Expr::Call(f, a) => {
+            let (f, a) = (format_ident!("{f:?}"), expr_tokens(a));
+            quote!(Expr::Call(Func::#f, Box::new(#a)))
+        }
+    }
+}
+
 impl Setup {
-    /// The field holding the compiled expression `text` over `vars`, added on first use.
-    fn map(&mut self, text: &str, vars: &[&str]) -> proc_macro2::Ident {
-        let key = format!("{text}\u{0}{}", vars.join("\u{0}"));
+    /// The field holding the compiled expression `expr` over `vars`, added on first use.
+    fn map(&mut self, expr: &Expr, vars: &[&str]) -> proc_macro2::Ident {
+        let key = format!("{expr}\u{0}{}", vars.join("\u{0}"));
         if let Some(f) = self.maps.get(&key) {
             return f.clone();
         }
         let f = format_ident!("map_{}", self.maps.len());
-        let (text, names) = (
-            Literal::string(text),
-            vars.iter().map(|v| Literal::string(v)),
-        );
+        let (tree, names) = (expr_tokens(expr), vars.iter().map(|v| Literal::string(v)));
         self.field(
             &f,
             quote!(Elementwise),
-            quote!(elementwise(#text, &[#(#names),*])),
+            quote!(elementwise(&#tree, &[#(#names),*])),
         );
         self.maps.insert(key, f.clone());
         f
     }
 
-    /// The field holding the expert activation `text` (gated or not), added on first use.
-    fn activation(&mut self, text: &str, gated: bool) -> proc_macro2::Ident {
-        let key = format!("{text}\u{0}{gated}");
+    /// The field holding the expert activation `expr` (gated or not), added on first use.
+    fn activation(&mut self, expr: &Expr, gated: bool) -> proc_macro2::Ident {
+        let key = format!("{expr}\u{0}{gated}");
         if let Some(f) = self.activations.get(&key) {
             return f.clone();
         }
         let f = format_ident!("act_{}", self.activations.len());
-        let lit = Literal::string(text);
+        let tree = expr_tokens(expr);
         self.field(
             &f,
-            quote!(ops::ExprActivation),
-            quote!(activation(#lit, #gated)),
+            quote!(op_fns::ExprActivation),
+            quote!(op_fns::ExprActivation::new(&#tree, #gated)),
         );
         self.activations.insert(key, f.clone());
         f
@@ -168,7 +198,7 @@ pub(super) fn node_statement(
             let n = lit(o.out_shape(0).iter().product::<usize>());
             let value = lit_f64(*value);
             let y = &outs[0];
-            quote!(let #y: Vec<f32> = ops::fill(#value, #n);)
+            quote!(let #y: Vec<f32> = op_fns::fill(#value, #n);)
         }
         Op::Reshape { .. } => {
             let y = &outs[0];
@@ -177,7 +207,7 @@ pub(super) fn node_statement(
         }
         Op::Map { expr, vars } | Op::MapGrad { expr, vars, .. } => {
             let vars: Vec<&str> = vars.iter().map(String::as_str).collect();
-            let field = setup.map(&expr.to_string(), &vars);
+            let field = setup.map(expr, &vars);
             match &node.op {
                 Op::MapGrad { wrt, .. } => {
                     let n = node.inputs.len() - 1;
@@ -205,7 +235,7 @@ pub(super) fn node_statement(
             let count = lit(outs.len());
             let x = a(0);
             quote!(
-                let [#(#outs),*]: [Vec<f32>; #count] = ops::split(#x, &[#(#sizes),*])
+                let [#(#outs),*]: [Vec<f32>; #count] = op_fns::split(#x, &[#(#sizes),*])
                     .try_into()
                     .expect("one part per size");
             )
@@ -216,7 +246,7 @@ pub(super) fn node_statement(
                 .collect();
             let xs: Vec<TokenStream> = (0..node.inputs.len()).map(a).collect();
             let y = &outs[0];
-            quote!(let #y: Vec<f32> = ops::concat(&[#(#xs),*], &[#(#widths),*]);)
+            quote!(let #y: Vec<f32> = op_fns::concat(&[#(#xs),*], &[#(#widths),*]);)
         }
         Op::Expand { axis, n } => {
             let s = o.shape(0);
@@ -224,7 +254,7 @@ pub(super) fn node_statement(
             let inner = lit(s[*axis as usize + 1..].iter().product::<usize>());
             let n = lit(*n);
             let (y, x) = (&outs[0], a(0));
-            quote!(let #y: Vec<f32> = ops::expand(#x, #outer, #inner, #n);)
+            quote!(let #y: Vec<f32> = op_fns::expand(#x, #outer, #inner, #n);)
         }
         Op::SumAxis { axis } => {
             let s = o.shape(0);
@@ -232,13 +262,13 @@ pub(super) fn node_statement(
             let len = lit(s[*axis as usize]);
             let inner = lit(s[*axis as usize + 1..].iter().product::<usize>());
             let (y, x) = (&outs[0], a(0));
-            quote!(let #y: Vec<f32> = ops::sum_axis(#x, #outer, #len, #inner);)
+            quote!(let #y: Vec<f32> = op_fns::sum_axis(#x, #outer, #len, #inner);)
         }
         Op::Embedding => {
             let t = o.shape(0);
             let (vocab, d, path) = (lit(t[0]), lit(t[1]), scope.path(node));
             let (y, w, ids) = (&outs[0], a(0), a(1));
-            quote!(let #y: Vec<f32> = ops::embedding(#w, #vocab, #d, #ids, #path)?;)
+            quote!(let #y: Vec<f32> = op_fns::embedding(#w, #vocab, #d, #ids, #path)?;)
         }
         Op::EmbeddingGrad { vocab } => {
             let d = lit(*o.shape(1).last().expect("rank ≥ 1"));
@@ -257,9 +287,9 @@ pub(super) fn node_statement(
             };
             let (x, wt) = (a(0), a(1));
             let pre = &outs[0];
-            let linear = quote!(let #pre: Vec<f32> = ops::linear(#x, #wt, #b, #out, #inp););
+            let linear = quote!(let #pre: Vec<f32> = op_fns::linear(#x, #wt, #b, #out, #inp););
             if let Op::LinearMap { expr, var, .. } = &node.op {
-                let field = setup.map(&expr.to_string(), &[var]);
+                let field = setup.map(expr, &[var]);
                 let y = &outs[1];
                 quote!(#linear let #y: Vec<f32> = self.#field.forward(&[&#pre[..]]);)
             } else {
@@ -278,7 +308,7 @@ pub(super) fn node_statement(
                 quote!()
             };
             quote!(
-                let g = ops::linear_grad(#x, #wt, #dy, #out, #inp, #bias);
+                let g = op_fns::linear_grad(#x, #wt, #dy, #out, #inp, #bias);
                 let #dx: Vec<f32> = g.dx;
                 let #dw: Vec<f32> = g.dw;
                 #db
@@ -293,7 +323,7 @@ pub(super) fn node_statement(
             };
             let eps = lit_f64(*eps);
             let (y, x, w) = (&outs[0], a(0), a(1));
-            quote!(let #y: Vec<f32> = ops::norm_fwd(#kind, #eps, #x, #w, #b);)
+            quote!(let #y: Vec<f32> = op_fns::norm_fwd(#kind, #eps, #x, #w, #b);)
         }
         Op::AddNorm { norm, eps } => {
             let b = if *norm == NormKind::LayerNorm {
@@ -305,7 +335,7 @@ pub(super) fn node_statement(
             let (kind, eps) = (norm_kind(*norm), lit_f64(*eps));
             let (x, r, w) = (a(0), a(1), a(2));
             let (s, y) = (&outs[0], &outs[1]);
-            quote!(let (#s, #y): (Vec<f32>, Vec<f32>) = ops::add_norm(#kind, #eps, #x, #r, #w, #b);)
+            quote!(let (#s, #y): (Vec<f32>, Vec<f32>) = op_fns::add_norm(#kind, #eps, #x, #r, #w, #b);)
         }
         Op::RmsNormGrad { eps } | Op::LayerNormGrad { eps } => {
             let kind = if let Op::LayerNormGrad { .. } = node.op {
@@ -317,7 +347,7 @@ pub(super) fn node_statement(
             let (x, w, dy) = (a(0), a(1), a(2));
             let count = lit(outs.len());
             quote!(
-                let [#(#outs),*]: [Vec<f32>; #count] = ops::norm_bwd(#kind, #eps, #x, #w, #dy)
+                let [#(#outs),*]: [Vec<f32>; #count] = op_fns::norm_bwd(#kind, #eps, #x, #w, #dy)
                     .try_into()
                     .expect("a norm has one gradient per operand");
             )
@@ -327,7 +357,7 @@ pub(super) fn node_statement(
             let (s, w, dy, ds) = (a(0), a(1), a(2), a(3));
             let count = lit(outs.len());
             quote!(
-                let [#(#outs),*]: [Vec<f32>; #count] = ops::add_norm_grad(#kind, #eps, #s, #w, #dy, #ds)
+                let [#(#outs),*]: [Vec<f32>; #count] = op_fns::add_norm_grad(#kind, #eps, #s, #w, #dy, #ds)
                     .try_into()
                     .expect("a norm has one gradient per operand");
             )
@@ -401,12 +431,12 @@ pub(super) fn node_statement(
             let (x, w) = (o.shape(0), o.shape(1));
             let (n, d, e) = (lit(x[0]), lit(x[1]), lit(w[0]));
             let score = match spec.score {
-                ScoreFunc::Softmax => quote!(moe::Score::Softmax),
-                ScoreFunc::Sigmoid => quote!(moe::Score::Sigmoid),
+                ScoreFunc::Softmax => quote!(moe::ScoreFunc::Softmax),
+                ScoreFunc::Sigmoid => quote!(moe::ScoreFunc::Sigmoid),
             };
             let select = match spec.select {
-                Selection::Greedy => quote!(moe::Select::Greedy),
-                Selection::GroupLimited => quote!(moe::Select::GroupLimited),
+                Selection::Greedy => quote!(moe::Selection::Greedy),
+                Selection::GroupLimited => quote!(moe::Selection::GroupLimited),
             };
             let group_score = match spec.group_score {
                 GroupScore::Max => quote!(moe::GroupScore::Max),
@@ -438,7 +468,7 @@ pub(super) fn node_statement(
                 let rest: Vec<TokenStream> = (3..8).map(a).collect();
                 let (dx, dw) = (&outs[0], &outs[1]);
                 quote!(let (#dx, #dw): (Vec<f32>, Vec<f32>) =
-                    ops::router_grad(#xa, #n, #d, #wa, #e, #(#rest),*, #cfg);)
+                    op_fns::router_grad(#xa, #n, #d, #wa, #e, #(#rest),*, #cfg);)
             }
         }
         Op::Experts { act, gated } | Op::ExpertsGrad { act, gated } => {
@@ -447,7 +477,7 @@ pub(super) fn node_statement(
             let up_at = if *gated { 4 } else { 3 };
             let up = o.shape(up_at);
             let (e, h) = (up[0], up[1]);
-            let field = setup.activation(&act.to_string(), *gated);
+            let field = setup.activation(act, *gated);
             let w_gate = if *gated {
                 let g = a(3);
                 quote!(Some(#g))
@@ -459,7 +489,7 @@ pub(super) fn node_statement(
             let (n, d, k, e_l, h) = (lit(x[0]), lit(x[1]), lit(k), lit(e), lit(h));
             let path = scope.path(node);
             let ffn = quote!(
-                ops::check_ids(#ids, #e_l, #path)?;
+                op_fns::check_ids(#ids, #e_l, #path)?;
                 let ffn = moe::ExpertFfn {
                     x: #xa,
                     n: #n,
@@ -520,9 +550,9 @@ pub(super) fn node_statement(
             let (y, logits, t) = (&outs[0], a(0), a(1));
             if node.inputs.len() == 3 {
                 let w = a(2);
-                quote!(let #y: Vec<f32> = vec![ops::cross_entropy_weighted(#logits, #n, #vocab, #t, #w, #path)?];)
+                quote!(let #y: Vec<f32> = vec![op_fns::cross_entropy_weighted(#logits, #n, #vocab, #t, #w, #path)?];)
             } else {
-                quote!(let #y: Vec<f32> = vec![ops::cross_entropy(#logits, #n, #vocab, #t, #path)?];)
+                quote!(let #y: Vec<f32> = vec![op_fns::cross_entropy(#logits, #n, #vocab, #t, #path)?];)
             }
         }
         Op::CrossEntropyGrad => {
@@ -531,9 +561,9 @@ pub(super) fn node_statement(
             let (y, logits, t, dl) = (&outs[0], a(0), a(1), a(2));
             if node.inputs.len() == 4 {
                 let w = a(3);
-                quote!(let #y: Vec<f32> = ops::cross_entropy_weighted_grad(#logits, #n, #vocab, #t, #w, (#dl)[0]);)
+                quote!(let #y: Vec<f32> = op_fns::cross_entropy_weighted_grad(#logits, #n, #vocab, #t, #w, (#dl)[0]);)
             } else {
-                quote!(let #y: Vec<f32> = ops::cross_entropy_grad(#logits, #n, #vocab, #t, (#dl)[0]);)
+                quote!(let #y: Vec<f32> = op_fns::cross_entropy_grad(#logits, #n, #vocab, #t, (#dl)[0]);)
             }
         }
         Op::BalanceLoss { alpha, top_k } | Op::BalanceLossGrad { alpha, top_k } => {

@@ -24,24 +24,16 @@ const SPAN_BLOCKS: usize = 8;
 
 /// YaRN's parameters: the checked model's own type, whose methods hold the formulas (the
 /// correction range, the cos/sin amplitude) so the compiler and the runtime share one copy.
-pub use kiln_compiler::model::Yarn;
+pub use kiln_ir::attrs::Yarn;
 
-/// Which dimensions of a head RoPE rotates together.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RopePairs {
-    /// Dimension `i` pairs with `i + D/2` under frequency `i` (HF's `rotate_half`, Llama).
-    Halves,
-    /// Dimension `2i` pairs with `2i + 1` under frequency `i` (DeepSeek's reference layout).
-    Interleaved,
-}
+/// Which dimensions of a head RoPE rotates together: the IR's own `RopePairs`.
+pub use kiln_ir::ir::RopePairs;
 
-impl RopePairs {
-    /// The two dimensions of pair `i` in a head of `2 · half` dimensions.
-    fn pair(self, i: usize, half: usize) -> (usize, usize) {
-        match self {
-            RopePairs::Halves => (i, i + half),
-            RopePairs::Interleaved => (2 * i, 2 * i + 1),
-        }
+/// The two dimensions of pair `i` in a head of `2 · half` dimensions.
+fn pair(pairs: RopePairs, i: usize, half: usize) -> (usize, usize) {
+    match pairs {
+        RopePairs::Halves => (i, i + half),
+        RopePairs::Interleaved => (2 * i, 2 * i + 1),
     }
 }
 
@@ -201,7 +193,7 @@ fn rotate_row<T: Real>(
     let half = d / 2;
     for (yh, xh) in y_row.chunks_exact_mut(d).zip(x_row.chunks_exact(d)) {
         for i in 0..half {
-            let (ia, ib) = pairs.pair(i, half);
+            let (ia, ib) = pair(pairs, i, half);
             let (a, bb) = (xh[ia], xh[ib]);
             let c = cos[i];
             let s = if transpose { -sin[i] } else { sin[i] };

@@ -12,7 +12,7 @@
 //! evaluated step by step in the compute type would, so fusing a chain of maps into one never
 //! changes a result.
 
-use kiln_compiler::dsl::expr::{BinOp, Compiled, Expr, Func, Instr};
+use kiln_ir::expr::{BinOp, Compiled, Expr, Func, Instr};
 use rayon::prelude::*;
 
 use super::simd;

@@ -8,7 +8,8 @@
 //! by the IR verifier before anything runs; kernels `debug_assert!` them), and are
 //! deterministic for a given thread count.
 //!
-//! - [`dense`]: matrix products, linear layers, embeddings, norms, cross-entropy.
+//! - [`matmul`]: the matrix product on the `gemm` crate.
+//! - [`dense`]: linear layers, embeddings, norms, cross-entropy.
 //! - [`elementwise`]: the activation language's expressions and their gradients.
 //! - [`attention`]: RoPE (plain and YaRN, both pair layouts) and causal attention.
 //! - [`moe`]: the router, the grouped expert FFN and the sequence-wise balance loss.
@@ -16,6 +17,7 @@
 pub mod attention;
 pub mod dense;
 pub mod elementwise;
+pub mod matmul;
 pub mod moe;
 pub mod simd;
 

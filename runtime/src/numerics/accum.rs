@@ -23,7 +23,7 @@
 use super::quant::Quantized;
 use rayon::prelude::*;
 
-use crate::cpu::dense::matmul_serial;
+use crate::cpu::matmul::matmul_serial;
 
 /// Contraction elements the tensor core adds per step: the K of Hopper's FP8 `wgmma`.
 pub const MMA_K: usize = 32;
@@ -205,7 +205,7 @@ fn gcd(a: usize, b: usize) -> usize {
 mod tests {
     use super::*;
     use crate::numerics::fp8::Fp8Format;
-    use crate::numerics::quant::{quantize, ScaleRule};
+    use crate::numerics::quant::{quantize, ScaleFormat};
     use proptest::prelude::*;
 
     #[test]
@@ -269,8 +269,8 @@ mod tests {
         let y: Vec<f32> = (0..n * k).map(|_| rng.next_f64() as f32 - 0.25).collect();
         let f = Fp8Format::E4m3;
         (
-            quantize(&x, m, k, [1, 128], f, ScaleRule::Fp32).unwrap(),
-            quantize(&y, n, k, [128, 128], f, ScaleRule::Fp32).unwrap(),
+            quantize(&x, m, k, [1, 128], f, ScaleFormat::Fp32).unwrap(),
+            quantize(&y, n, k, [128, 128], f, ScaleFormat::Fp32).unwrap(),
         )
     }
 

@@ -20,10 +20,10 @@ pub enum Fp8Format {
 
 impl Fp8Format {
     /// The FP8 format a policy format is, if it is one.
-    pub fn of(format: kiln_compiler::model::Format) -> Option<Fp8Format> {
+    pub fn of(format: kiln_ir::attrs::Format) -> Option<Fp8Format> {
         match format {
-            kiln_compiler::model::Format::E4m3 => Some(Fp8Format::E4m3),
-            kiln_compiler::model::Format::E5m2 => Some(Fp8Format::E5m2),
+            kiln_ir::attrs::Format::E4m3 => Some(Fp8Format::E4m3),
+            kiln_ir::attrs::Format::E5m2 => Some(Fp8Format::E5m2),
             _ => None,
         }
     }

@@ -14,13 +14,13 @@
 //! input-gradient product reads the same blocks transposed) or, for the weight gradient,
 //! the layer's input, scaled per tile along the tokens it is contracted over.
 
-use kiln_compiler::model::{Format, Fp8};
+use kiln_ir::attrs::{Format, Fp8};
 
 use super::accum::{fp8_product, Accumulation};
 use super::fp8::Fp8Format;
-use super::quant::{quantize, ScaleRule};
+use super::quant::{quantize, ScaleFormat};
 use super::round16;
-use crate::cpu::dense::{matmul, matmul_serial};
+use crate::cpu::matmul::{matmul, matmul_serial};
 use crate::cpu::Real;
 
 /// Which product of a layer a GEMM is.
@@ -42,7 +42,7 @@ pub struct Fp8Gemm {
     pub tile: usize,
     /// Weight block `[rows, cols]` of a weight stored `[out, in]`.
     pub weight_block: [usize; 2],
-    pub rule: ScaleRule,
+    pub rule: ScaleFormat,
     pub accumulation: Accumulation,
 }
 
@@ -74,7 +74,7 @@ impl GemmNumerics {
             format: fp8_format,
             tile: f.act_tile[1] as usize,
             weight_block: f.weight_block.map(|v| v as usize),
-            rule: ScaleRule::of(f.scale),
+            rule: f.scale,
             accumulation: Accumulation {
                 bits: f.accumulator_bits,
                 promote_every: f.promote_every.map(|p| p as usize),

@@ -18,8 +18,8 @@ pub mod store;
 
 pub use fp8::Fp8Format;
 
-use kiln_compiler::model::{Format, Fp8};
-use kiln_compiler::program::Formats;
+use kiln_ir::attrs::{Format, Fp8};
+use kiln_ir::program::Formats;
 
 /// A spec's precision policy as a CPU run emulates it: GEMM operands in their nodes'
 /// formats (the graph carries those), FP8 scaling and accumulation from `[precision.fp8]`,

@@ -5,7 +5,7 @@
 //!
 //! The rules, which the CUDA kernels follow too:
 //! - `scale = amax / format.max()` in f32, where `amax` is the block's largest `|x|`; with
-//!   [`ScaleRule::Pow2`] it is rounded up to a power of two, so scaling is exact;
+//!   [`ScaleFormat::Pow2`] it is rounded up to a power of two, so scaling is exact;
 //! - a block of zeros gets scale 1 (its codes are zero, and so is every product);
 //! - a scale below f32's smallest normal (a block whose `amax` is below about 5e-36 in E4M3)
 //!   is raised to it, and a scale whose largest code would overflow f32 (an `amax` within a
@@ -26,24 +26,9 @@ use super::fp8::Fp8Format;
 /// threads.
 pub(crate) const PARALLEL_ELEMENTS: usize = 1 << 16;
 
-/// How a block's scale is chosen from its max-abs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum ScaleRule {
-    /// `amax / format.max()`.
-    Fp32,
-    /// `amax / format.max()` rounded up to a power of two.
-    Pow2,
-}
-
-impl ScaleRule {
-    /// The rule of a policy's `scale` setting.
-    pub fn of(scale: kiln_compiler::model::ScaleFormat) -> ScaleRule {
-        match scale {
-            kiln_compiler::model::ScaleFormat::Fp32 => ScaleRule::Fp32,
-            kiln_compiler::model::ScaleFormat::Pow2 => ScaleRule::Pow2,
-        }
-    }
-}
+/// How a block's scale is chosen from its max-abs: the policy's own `ScaleFormat` (`Fp32`:
+/// `amax / format.max()`; `Pow2`: that rounded up to a power of two).
+pub use kiln_ir::attrs::ScaleFormat;
 
 /// A matrix in FP8 with one f32 scale per block.
 #[derive(Clone, Debug, PartialEq)]
@@ -80,14 +65,14 @@ impl std::fmt::Display for NonFinite {
 impl std::error::Error for NonFinite {}
 
 /// The scale of a block whose largest magnitude is `amax` (finite, ≥ 0).
-pub fn scale_of(amax: f32, format: Fp8Format, rule: ScaleRule) -> f32 {
+pub fn scale_of(amax: f32, format: Fp8Format, rule: ScaleFormat) -> f32 {
     if amax == 0.0 {
         return 1.0;
     }
     let s = (amax / format.max()).max(f32::MIN_POSITIVE);
     let s = match rule {
-        ScaleRule::Fp32 => s,
-        ScaleRule::Pow2 => {
+        ScaleFormat::Fp32 => s,
+        ScaleFormat::Pow2 => {
             // Round up to a power of two: clear the fraction, and step up one binade unless
             // it was already zero. `s` is normal, so this stays finite (amax ≤ f32::MAX).
             let bits = s.to_bits();
@@ -103,8 +88,8 @@ pub fn scale_of(amax: f32, format: Fp8Format, rule: ScaleRule) -> f32 {
     // and let the few largest elements saturate.
     if (s * format.max()).is_infinite() {
         return match rule {
-            ScaleRule::Fp32 => f32::from_bits(s.to_bits() - 1),
-            ScaleRule::Pow2 => s / 2.0,
+            ScaleFormat::Fp32 => f32::from_bits(s.to_bits() - 1),
+            ScaleFormat::Pow2 => s / 2.0,
         };
     }
     s
@@ -117,7 +102,7 @@ pub fn quantize(
     cols: usize,
     block: [usize; 2],
     format: Fp8Format,
-    rule: ScaleRule,
+    rule: ScaleFormat,
 ) -> Result<Quantized, NonFinite> {
     assert_eq!(x.len(), rows * cols, "quantize: x is not [rows, cols]");
     assert!(block[0] > 0 && block[1] > 0, "quantize: empty block");
@@ -263,14 +248,14 @@ mod tests {
             pow2 in any::<bool>(),
         ) {
             let format = if e5m2 { Fp8Format::E5m2 } else { Fp8Format::E4m3 };
-            let rule = if pow2 { ScaleRule::Pow2 } else { ScaleRule::Fp32 };
+            let rule = if pow2 { ScaleFormat::Pow2 } else { ScaleFormat::Fp32 };
             let x: Vec<f32> = (0..rows * cols).map(|i| seed[(i * 31 + i / 7) % seed.len()]).collect();
             let q = quantize(&x, rows, cols, [block_rows, block_cols], format, rule).unwrap();
             let y = q.dequantize();
             for s in &q.scales {
                 prop_assert!(s.is_normal() && *s > 0.0, "scale {s}");
             }
-            if rule == ScaleRule::Pow2 {
+            if rule == ScaleFormat::Pow2 {
                 for s in &q.scales {
                     prop_assert_eq!(s.to_bits() & 0x007F_FFFF, 0, "{} is a power of two", s);
                 }
@@ -293,7 +278,7 @@ mod tests {
     #[test]
     fn a_block_of_zeros_has_scale_one_and_zero_codes() {
         let x = [0.0, -0.0, 0.0, 5.0];
-        let q = quantize(&x, 2, 2, [1, 2], Fp8Format::E4m3, ScaleRule::Fp32).unwrap();
+        let q = quantize(&x, 2, 2, [1, 2], Fp8Format::E4m3, ScaleFormat::Fp32).unwrap();
         assert_eq!(q.scales, vec![1.0, 5.0 / 448.0]);
         assert_eq!(&q.codes[..2], &[0x00, 0x80]);
         assert_eq!(q.dequantize()[3], 5.0, "the block max maps to 448 exactly");
@@ -303,18 +288,18 @@ mod tests {
     fn scales_follow_the_block_max_and_saturate_nothing() {
         // One 1×4 tile per row: the largest element becomes exactly ±448 · scale.
         let x = [1.0, -3.0, 0.5, 2.0, 1e-3, 2e-3, -4e-3, 0.0];
-        let q = quantize(&x, 2, 4, [1, 4], Fp8Format::E4m3, ScaleRule::Fp32).unwrap();
+        let q = quantize(&x, 2, 4, [1, 4], Fp8Format::E4m3, ScaleFormat::Fp32).unwrap();
         assert_eq!(q.scales, vec![3.0 / 448.0, 4e-3 / 448.0]);
         assert_eq!(q.codes[1], 0x80 | 0x7E);
         assert_eq!(q.codes[6], 0x80 | 0x7E);
-        let p = quantize(&x, 2, 4, [1, 4], Fp8Format::E4m3, ScaleRule::Pow2).unwrap();
+        let p = quantize(&x, 2, 4, [1, 4], Fp8Format::E4m3, ScaleFormat::Pow2).unwrap();
         assert_eq!(p.scales[0], 1.0 / 128.0, "3/448 rounds up to 2^-7");
     }
 
     #[test]
     fn tiny_blocks_get_the_smallest_normal_scale() {
         let x = [1e-40f32, -2e-40];
-        let q = quantize(&x, 1, 2, [1, 2], Fp8Format::E4m3, ScaleRule::Fp32).unwrap();
+        let q = quantize(&x, 1, 2, [1, 2], Fp8Format::E4m3, ScaleFormat::Fp32).unwrap();
         assert_eq!(q.scales, vec![f32::MIN_POSITIVE]);
         let y = q.dequantize();
         assert!((y[1] - x[1]).abs() <= f32::MIN_POSITIVE * Fp8Format::E4m3.min_subnormal());
@@ -323,7 +308,7 @@ mod tests {
     #[test]
     fn non_finite_elements_are_errors_naming_their_position() {
         let x = [1.0, 2.0, 3.0, f32::NAN, 0.0, f32::INFINITY];
-        let e = quantize(&x, 2, 3, [1, 3], Fp8Format::E4m3, ScaleRule::Fp32).unwrap_err();
+        let e = quantize(&x, 2, 3, [1, 3], Fp8Format::E4m3, ScaleFormat::Fp32).unwrap_err();
         assert_eq!((e.row, e.col), (1, 0));
         assert!(e.value.is_nan());
         assert!(e.to_string().contains("row 1, column 0"), "{e}");
@@ -334,7 +319,7 @@ mod tests {
         // A 4×4 matrix in 2×2 blocks: the scale of block (0, 1) comes from rows 0-1,
         // columns 2-3 only.
         let x: Vec<f32> = (0..16).map(|i| i as f32).collect();
-        let q = quantize(&x, 4, 4, [2, 2], Fp8Format::E4m3, ScaleRule::Fp32).unwrap();
+        let q = quantize(&x, 4, 4, [2, 2], Fp8Format::E4m3, ScaleFormat::Fp32).unwrap();
         let want: Vec<f32> = [5.0f32, 7.0, 13.0, 15.0]
             .iter()
             .map(|m| m / 448.0)

@@ -6,11 +6,11 @@
 //! and its backward uses; each backward use unpacks a transient f32 copy. The bytes held are
 //! the policy's, so a CPU run's heap measures the memory the analyzer reports.
 
-use kiln_compiler::model::Format;
+use kiln_ir::attrs::Format;
 use rayon::prelude::*;
 
 use super::fp8::Fp8Format;
-use super::quant::{quantize, Quantized, ScaleRule, PARALLEL_ELEMENTS};
+use super::quant::{quantize, Quantized, ScaleFormat, PARALLEL_ELEMENTS};
 use crate::cpu::Real;
 
 /// `f` applied to every element, in parallel for large tensors.
@@ -31,7 +31,7 @@ pub enum Storage {
     Fp8 {
         format: Fp8Format,
         tile: usize,
-        rule: ScaleRule,
+        rule: ScaleFormat,
     },
 }
 
@@ -161,12 +161,12 @@ mod tests {
         let storage = Storage::Fp8 {
             format: Fp8Format::E4m3,
             tile: 128,
-            rule: ScaleRule::Fp32,
+            rule: ScaleFormat::Fp32,
         };
         let p = Packed::pack(&x, cols, storage);
         // 1200 codes and two tiles (one partial) per row.
         assert_eq!(p.bytes(), 1200 + 4 * 12);
-        let q = quantize(&x, rows, cols, [1, 128], Fp8Format::E4m3, ScaleRule::Fp32).unwrap();
+        let q = quantize(&x, rows, cols, [1, 128], Fp8Format::E4m3, ScaleFormat::Fp32).unwrap();
         assert_eq!(p.unpack::<f32>(), q.dequantize());
     }
 
@@ -177,7 +177,7 @@ mod tests {
         let storage = Storage::Fp8 {
             format: Fp8Format::E5m2,
             tile: 128,
-            rule: ScaleRule::Pow2,
+            rule: ScaleFormat::Pow2,
         };
         let y: Vec<f32> = Packed::pack(&x, 128, storage).unpack();
         assert_eq!(y.len(), 256);

@@ -30,7 +30,9 @@ pub use experts::{
     per_element_values_and_grads, Activation, ExpertFfn, ExpertsGrads, ExpertsSaved, GeluTanh,
     SwiGlu,
 };
-pub use router::{router_bwd, router_fwd, GroupScore, RouterConfig, RouterOut, Score, Select};
+pub use router::{
+    router_bwd, router_fwd, GroupScore, RouterConfig, RouterOut, ScoreFunc, Selection,
+};
 
 #[cfg(test)]
 mod tests {
@@ -58,10 +60,10 @@ mod tests {
         1.0 / (1.0 + (-x).exp())
     }
 
-    fn config(score: Score, top_k: usize) -> RouterConfig {
+    fn config(score: ScoreFunc, top_k: usize) -> RouterConfig {
         RouterConfig {
             score,
-            select: Select::Greedy,
+            select: Selection::Greedy,
             groups: 1,
             groups_kept: 1,
             group_score: GroupScore::Top2Sum,
@@ -73,11 +75,11 @@ mod tests {
 
     fn grouped(group_score: GroupScore, groups: usize, kept: usize, top_k: usize) -> RouterConfig {
         RouterConfig {
-            select: Select::GroupLimited,
+            select: Selection::GroupLimited,
             groups,
             groups_kept: kept,
             group_score,
-            ..config(Score::Sigmoid, top_k)
+            ..config(ScoreFunc::Sigmoid, top_k)
         }
     }
 
@@ -117,7 +119,7 @@ mod tests {
     #[test]
     fn greedy_softmax_picks_the_two_best_in_descending_order() {
         let logits = [1.0, 3.0, 2.0, 0.0, 0.0, 0.0, 5.0, 1.0];
-        let out = route(&logits, 4, &[0.0; 4], &config(Score::Softmax, 2));
+        let out = route(&logits, 4, &[0.0; 4], &config(ScoreFunc::Softmax, 2));
         assert_eq!(out.experts, [1, 2, 2, 3]);
         let z0: f64 = [1.0f64, 3.0, 2.0, 0.0].iter().map(|v| v.exp()).sum();
         let z1: f64 = [0.0f64, 0.0, 5.0, 1.0].iter().map(|v| v.exp()).sum();
@@ -139,7 +141,7 @@ mod tests {
     #[test]
     fn the_bias_changes_the_selection_but_not_the_weights() {
         let logits = [2.0, 1.0, 0.0, -1.0];
-        let cfg = config(Score::Sigmoid, 2);
+        let cfg = config(ScoreFunc::Sigmoid, 2);
         let plain = route(&logits, 4, &[0.0; 4], &cfg);
         assert_eq!(plain.experts, [0, 1]);
         assert_close(&plain.weights, &[sig(2.0), sig(1.0)], 1e-14, "unbiased");
@@ -168,7 +170,7 @@ mod tests {
             1e-14,
             "weights",
         );
-        let greedy = route(&GROUP_LOGITS, 8, &[0.0; 8], &config(Score::Sigmoid, 3));
+        let greedy = route(&GROUP_LOGITS, 8, &[0.0; 8], &config(ScoreFunc::Sigmoid, 3));
         assert_eq!(greedy.experts, [0, 7, 2]);
     }
 
@@ -216,8 +218,8 @@ mod tests {
         let x = uniform(&mut rng, n * d, 1.0);
         let w = uniform(&mut rng, e * d, 1.0);
         let bias = uniform(&mut rng, e, 0.1);
-        for score in [Score::Sigmoid, Score::Softmax] {
-            for select in [Select::Greedy, Select::GroupLimited] {
+        for score in [ScoreFunc::Sigmoid, ScoreFunc::Softmax] {
+            for select in [Selection::Greedy, Selection::GroupLimited] {
                 let cfg = RouterConfig {
                     score,
                     select,
@@ -244,13 +246,13 @@ mod tests {
 
     #[test]
     fn ties_go_to_the_lower_index() {
-        let out = route(&[0.0; 6], 6, &[0.0; 6], &config(Score::Sigmoid, 3));
+        let out = route(&[0.0; 6], 6, &[0.0; 6], &config(ScoreFunc::Sigmoid, 3));
         assert_eq!(out.experts, [0, 1, 2]);
         let out = route(
             &[0.0, 1.0, 0.0, 1.0],
             4,
             &[0.0; 4],
-            &config(Score::Softmax, 3),
+            &config(ScoreFunc::Softmax, 3),
         );
         assert_eq!(out.experts, [1, 3, 0]);
         // Tied groups: the lower-index group is kept.
@@ -315,12 +317,12 @@ mod tests {
                 scale: 2.5,
                 ..grouped(GroupScore::Top2Sum, 4, 2, k)
             },
-            config(Score::Softmax, k),
+            config(ScoreFunc::Softmax, k),
             RouterConfig {
                 normalize: true,
-                ..config(Score::Softmax, k)
+                ..config(ScoreFunc::Softmax, k)
             },
-            config(Score::Sigmoid, k),
+            config(ScoreFunc::Sigmoid, k),
         ];
         for cfg in &configs {
             let base = router_fwd(&x, n, d, &w, e, &bias, cfg);
@@ -553,7 +555,7 @@ mod tests {
 
     #[test]
     fn empty_shapes_give_empty_or_zero_results() {
-        let cfg = config(Score::Softmax, 0);
+        let cfg = config(ScoreFunc::Softmax, 0);
         let out = router_fwd(&[1.0, 2.0], 1, 2, &[1.0, 0.0, 0.0, 1.0], 2, &[0.0; 2], &cfg);
         assert!(out.weights.is_empty() && out.experts.is_empty());
         assert_close(
@@ -569,7 +571,7 @@ mod tests {
             &[0.0; 4],
             2,
             &[0.0; 2],
-            &config(Score::Sigmoid, 1),
+            &config(ScoreFunc::Sigmoid, 1),
         );
         assert!(out.scores.is_empty());
         let (dx, dw) = router_bwd::<f64>(
@@ -579,7 +581,7 @@ mod tests {
             &[0.0; 4],
             2,
             &out,
-            &config(Score::Sigmoid, 1),
+            &config(ScoreFunc::Sigmoid, 1),
             &[],
             None,
         );

@@ -3,44 +3,20 @@
 
 use rayon::prelude::*;
 
-use crate::cpu::dense::matmul;
+use crate::cpu::matmul::matmul;
 use crate::cpu::Real;
 
-/// The score function that turns router logits into per-expert affinities.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Score {
-    /// `softmax` over the experts (DeepSeek-V2).
-    Softmax,
-    /// An elementwise logistic sigmoid (DeepSeek-V3).
-    Sigmoid,
-}
-
-/// How a token's experts are chosen from the selection scores.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Select {
-    /// Top-k over all experts.
-    Greedy,
-    /// Keep the best `groups_kept` of `groups` contiguous expert groups, then top-k.
-    GroupLimited,
-}
-
-/// How a group of experts is scored for group-limited selection.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum GroupScore {
-    /// The group's best selection score (DeepSeek-V2).
-    Max,
-    /// The sum of the group's two best selection scores (DeepSeek-V3). A group of one expert
-    /// scores its single expert (HF would fail on such a group).
-    Top2Sum,
-}
+/// The score function, the selection and the group score: the IR's own router attributes
+/// (`Op::Router`), which the kernels match on.
+pub use kiln_ir::attrs::{GroupScore, ScoreFunc, Selection};
 
 /// The router's configuration, mirroring the compiler's `Op::Router` attributes.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct RouterConfig {
-    pub score: Score,
-    pub select: Select,
+    pub score: ScoreFunc,
+    pub select: Selection,
     /// The number of contiguous expert groups; it divides the expert count. Only read for
-    /// [`Select::GroupLimited`].
+    /// [`Selection::GroupLimited`].
     pub groups: usize,
     /// The number of groups a token may route into, at most `groups`.
     pub groups_kept: usize,
@@ -73,14 +49,14 @@ fn sigmoid<T: Real>(x: T) -> T {
 }
 
 /// Turns one row of logits into scores in place with the configured score function.
-fn score_row<T: Real>(row: &mut [T], score: Score) {
+fn score_row<T: Real>(row: &mut [T], score: ScoreFunc) {
     match score {
-        Score::Sigmoid => {
+        ScoreFunc::Sigmoid => {
             for v in row.iter_mut() {
                 *v = sigmoid(*v);
             }
         }
-        Score::Softmax => {
+        ScoreFunc::Softmax => {
             // Subtracting the row maximum keeps every exponent at or below zero.
             let max = row.iter().fold(T::NEG_INFINITY, |m, &v| m.max(v));
             let mut sum = T::ZERO;
@@ -151,7 +127,7 @@ fn select_row<T: Real>(
     keys.clear();
     keys.extend(scores.iter().zip(bias).map(|(&s, &b)| key(s + b)));
 
-    if cfg.select == Select::GroupLimited && cfg.groups > 0 {
+    if cfg.select == Selection::GroupLimited && cfg.groups > 0 {
         let size = e / cfg.groups;
         // Each group's score from its best (or two best) selection scores.
         scratch.group_keys.clear();
@@ -236,7 +212,7 @@ pub fn router_fwd<T: Real>(
     debug_assert_eq!(bias.len(), e);
     debug_assert!(k <= e, "router: top_k {k} exceeds {e} experts");
     debug_assert!(
-        cfg.select == Select::Greedy
+        cfg.select == Selection::Greedy
             || (cfg.groups > 0 && e % cfg.groups == 0 && cfg.groups_kept <= cfg.groups),
         "router: {e} experts do not split into {} groups keeping {}",
         cfg.groups,
@@ -340,12 +316,12 @@ pub fn router_bwd<T: Real>(
             }
         }
         match cfg.score {
-            Score::Sigmoid => {
+            ScoreFunc::Sigmoid => {
                 for (g, &si) in ds.iter_mut().zip(s) {
                     *g *= si * (T::ONE - si);
                 }
             }
-            Score::Softmax => {
+            ScoreFunc::Softmax => {
                 let mut dot = T::ZERO;
                 for (&g, &si) in ds.iter().zip(s) {
                     dot += g * si;

@@ -20,8 +20,8 @@
 //! Besides values, an `experts` node whose gradient node reads its routed projections keeps
 //! them (one or two `[routed rows, hidden]` tensors) in the compute format.
 
+use crate::attrs::{Format, Fp8, ScaleFormat};
 use crate::ir::{DType, Def, Graph, Op, ValueId};
-use crate::model::{Format, Fp8, ScaleFormat};
 
 /// How a kept value is stored between the forward and the backward pass.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

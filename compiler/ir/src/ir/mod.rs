@@ -25,8 +25,8 @@ use std::marker::PhantomData;
 
 use serde::Serialize;
 
-use crate::dsl::expr::Expr;
-use crate::model::{Format, GroupScore, NormKind, ScoreFunc, Selection, Yarn};
+use crate::attrs::{Format, GroupScore, NormKind, ScoreFunc, Selection, Yarn};
+use crate::expr::Expr;
 
 pub use infer::infer;
 pub use verify::{verify, VerifyError};

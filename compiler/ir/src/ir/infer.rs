@@ -4,7 +4,7 @@
 //! result types with them, so the two can never disagree.
 
 use super::{CacheLayout, DType, Op, RouterSpec, TensorType};
-use crate::model::NormKind;
+use crate::attrs::NormKind;
 
 type Types = Result<Vec<TensorType>, String>;
 

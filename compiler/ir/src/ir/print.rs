@@ -126,10 +126,10 @@ fn router(spec: &RouterSpec) -> String {
         scale,
     } = spec;
     let mut s = format!("[{}, top-{top_k}", format!("{score:?}").to_lowercase());
-    if *select == crate::model::Selection::GroupLimited {
+    if *select == crate::attrs::Selection::GroupLimited {
         let gs = match group_score {
-            crate::model::GroupScore::Max => "max",
-            crate::model::GroupScore::Top2Sum => "top2_sum",
+            crate::attrs::GroupScore::Max => "max",
+            crate::attrs::GroupScore::Top2Sum => "top2_sum",
         };
         let _ = write!(s, ", groups {groups_kept}/{groups} by {gs}");
     }

@@ -7,11 +7,10 @@
 //! the kernels leave to their caller (bounds checks on ids, row counts, the fused residual
 //! adds, re-deriving a norm's statistics for its backward pass).
 
-use kiln_compiler::dsl::expr::Compiled;
-use kiln_compiler::ir::{RopePairs, RouterSpec};
-use kiln_compiler::model::{GroupScore, NormKind, ScoreFunc, Selection};
+use kiln_ir::attrs::NormKind;
+use kiln_ir::expr::Compiled;
+use kiln_ir::ir::RouterSpec;
 
-use crate::cpu::attention;
 use crate::cpu::elementwise::{self, is_swiglu, swiglu};
 use crate::cpu::{dense, moe, Real};
 use crate::exec::ExecError;
@@ -280,31 +279,14 @@ pub fn norm_bwd<T: Real>(kind: NormKind, eps: f64, x: &[T], w: &[T], dy: &[T]) -
     }
 }
 
-/// The runtime's pair layout of the IR's.
-pub fn rope_pairs(p: RopePairs) -> attention::RopePairs {
-    match p {
-        RopePairs::Halves => attention::RopePairs::Halves,
-        RopePairs::Interleaved => attention::RopePairs::Interleaved,
-    }
-}
-
 /// The runtime's router configuration of the IR's router attributes.
 pub fn router_config(s: &RouterSpec) -> moe::RouterConfig {
     moe::RouterConfig {
-        score: match s.score {
-            ScoreFunc::Softmax => moe::Score::Softmax,
-            ScoreFunc::Sigmoid => moe::Score::Sigmoid,
-        },
-        select: match s.select {
-            Selection::Greedy => moe::Select::Greedy,
-            Selection::GroupLimited => moe::Select::GroupLimited,
-        },
+        score: s.score,
+        select: s.select,
         groups: s.groups as usize,
         groups_kept: s.groups_kept as usize,
-        group_score: match s.group_score {
-            GroupScore::Max => moe::GroupScore::Max,
-            GroupScore::Top2Sum => moe::GroupScore::Top2Sum,
-        },
+        group_score: s.group_score,
         top_k: s.top_k as usize,
         normalize: s.normalize,
         scale: s.scale,
@@ -319,7 +301,7 @@ pub struct ExprActivation {
 }
 
 impl ExprActivation {
-    pub fn new(expr: &kiln_compiler::dsl::expr::Expr, gated: bool) -> Self {
+    pub fn new(expr: &kiln_ir::expr::Expr, gated: bool) -> Self {
         let vars: &[&str] = if gated { &["gate", "up"] } else { &["x"] };
         ExprActivation {
             compiled: expr

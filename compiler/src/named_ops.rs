@@ -8,7 +8,7 @@
 
 use serde::Serialize;
 
-use crate::model::{AttentionKind, LayerKind, Model, Positions};
+use crate::model::{AttentionKind, Format, LayerKind, Model, Positions, Precision};
 
 /// What an op computes, for the precision policy's per-class formats.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
@@ -538,4 +538,84 @@ pub fn ops(model: &Model) -> Vec<Op> {
         }
     }
     b.ops
+}
+
+/// The precision policy applied to named ops. (Here rather than in `model.rs`, so that the
+/// model does not depend on the ops it contains: `named_ops` reads `model`, never the
+/// reverse.)
+impl Precision {
+    /// Whether a keep pattern selects `op`.
+    pub fn is_kept(&self, op: &Op) -> bool {
+        self.keep.iter().any(|p| p.matches(&op.path))
+    }
+
+    /// The forward-pass format of an op: its class's format, except that an op a keep pattern
+    /// selects never runs in FP8 and uses `keep_format` instead.
+    pub fn format_of(&self, op: &Op) -> Format {
+        let class = match op.class {
+            OpClass::Embed => self.embed,
+            OpClass::Linear => self.linear,
+            OpClass::Norm => self.norm,
+            OpClass::AttnCore => self.attn_core,
+            OpClass::Act => self.act,
+            OpClass::Router => self.router,
+            OpClass::Head => self.head,
+        };
+        self.unless_kept(op, class)
+    }
+
+    /// The operand format of an op's input- and weight-gradient GEMMs: `linear_grad` for
+    /// linear ops, the forward format otherwise, and never FP8 for a kept op.
+    pub fn grad_format_of(&self, op: &Op) -> Format {
+        match op.class {
+            OpClass::Linear => self.unless_kept(op, self.linear_grad),
+            _ => self.format_of(op),
+        }
+    }
+
+    fn unless_kept(&self, op: &Op, format: Format) -> Format {
+        if format.is_fp8() && self.is_kept(op) {
+            self.keep_format
+        } else {
+            format
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::check::check_str;
+
+    const TINY: &str = include_str!("../../specs/tiny.toml");
+
+    #[test]
+    fn keep_only_takes_ops_out_of_fp8() {
+        let m = check_str(TINY).unwrap();
+        let all = ops(&m);
+        let p = &m.precision;
+        let find = |path: &str| all.iter().find(|o| o.path == path).unwrap();
+        // Kept in the spec, but not FP8 by class: the class format (fp32) stands.
+        assert_eq!(p.format_of(find("layers.1.moe.router")), Format::Fp32);
+        assert_eq!(p.format_of(find("layers.0.attn.norm")), Format::Fp32);
+        // Kept linear: out of FP8, into keep_format, forward and backward.
+        assert_eq!(p.format_of(find("layers.0.attn.kv_a")), Format::Bf16);
+        assert_eq!(p.grad_format_of(find("layers.0.attn.kv_a")), Format::Bf16);
+        // Not kept: FP8 both ways.
+        assert_eq!(p.format_of(find("layers.1.moe.experts.up")), Format::E4m3);
+        assert_eq!(p.grad_format_of(find("mtp.0.eh_proj")), Format::E4m3);
+    }
+
+    #[test]
+    fn linear_grad_applies_without_fp8_forward() {
+        let spec = TINY
+            .replace("linear = \"e4m3\"", "linear = \"bf16\"")
+            .replace("linear_grad = \"e4m3\"", "linear_grad = \"fp32\"");
+        let m = check_str(&spec).unwrap();
+        let all = ops(&m);
+        let up = all.iter().find(|o| o.path == "layers.0.ffn.up").unwrap();
+        assert_eq!(m.precision.format_of(up), Format::Bf16);
+        assert_eq!(m.precision.grad_format_of(up), Format::Fp32);
+        assert_eq!(m.precision.fp8, None, "no FP8 format is used");
+    }
 }
