@@ -18,6 +18,7 @@ use kiln_ir::keep::{self, KeepPlan};
 use kiln_ir::program::Program;
 
 use crate::cpu::attention::{self, RopeTables};
+use crate::cpu::cached_attention;
 use crate::cpu::elementwise::Elementwise;
 use crate::cpu::{dense, moe, Real};
 use crate::numerics::gemm::GemmNumerics;
@@ -726,7 +727,7 @@ impl<'g> Executor<'g> {
             }
             Op::CachedAttention { scale, layout } => {
                 let (q, cache) = (shape(0), shape(2));
-                let s = attention::CacheShape {
+                let s = cached_attention::CacheShape {
                     rows: q[0],
                     capacity: cache[1],
                     entry: cache[2],
@@ -742,7 +743,7 @@ impl<'g> Executor<'g> {
                 let (qs, entry, cache) = (arg(0).floats(), arg(1).floats(), arg(2).floats());
                 let o = match *layout {
                     CacheLayout::Grouped { kv_heads, head_dim } => {
-                        attention::cached_attention_grouped(
+                        cached_attention::cached_attention_grouped(
                             qs,
                             entry,
                             cache,
@@ -758,14 +759,14 @@ impl<'g> Executor<'g> {
                         nope,
                         rope,
                         v,
-                    } => attention::cached_attention_latent(
+                    } => cached_attention::cached_attention_latent(
                         qs,
                         entry,
                         cache,
                         positions,
                         arg(4).floats(),
                         s,
-                        attention::LatentDims {
+                        cached_attention::LatentDims {
                             rank: rank as usize,
                             nope: nope as usize,
                             rope: rope as usize,

@@ -15,6 +15,7 @@
 //! - [`moe`]: the router, the grouped expert FFN and the sequence-wise balance loss.
 
 pub mod attention;
+pub mod cached_attention;
 pub mod dense;
 pub mod elementwise;
 pub mod matmul;
