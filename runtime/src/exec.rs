@@ -258,11 +258,7 @@ impl<'g> Executor<'g> {
                 }
                 // Positions of a decode graph reach its caches' capacity.
                 Op::RopeAt { .. } => {
-                    let capacity = graph
-                        .values
-                        .iter()
-                        .find(|(_, v)| matches!(v.def, Def::Input(InputKind::KvCache { .. })))
-                        .map_or(0, |(_, v)| v.ty.shape[1]);
+                    let capacity = graph.cache_capacity();
                     let dim = graph.values[node.inputs[0]].ty.shape[3];
                     rope_key.insert(id.index(), (capacity as usize, dim as usize));
                 }

@@ -155,17 +155,6 @@ impl<'g> Emitter<'g> {
         self.shape(v).iter().product()
     }
 
-    /// The tokens a decode graph's KV caches hold per row (`InputKind::KvCache`'s `[B, C, E]`
-    /// shape's `C`; every block's cache has the same), or 0 without a cache, as the
-    /// interpreter takes it.
-    fn cache_capacity(&self) -> u64 {
-        self.graph
-            .values
-            .iter()
-            .find(|(_, v)| matches!(v.def, Def::Input(InputKind::KvCache { .. })))
-            .map_or(0, |(_, v)| v.ty.shape[1])
-    }
-
     /// The rows and width of `v` seen as `[rows, last axis]`.
     fn rows(&self, v: ValueId) -> (u64, u64) {
         let s = self.shape(v);

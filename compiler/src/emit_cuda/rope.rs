@@ -9,6 +9,14 @@ use super::{elementwise_launch, int, val, Arg, Emitter, RopeTable, Work, NAME};
 use crate::ir::{Node, RopePairs};
 use crate::model::Yarn;
 
+/// A pair layout's name and the indices, within a head, of pair `i`'s two elements.
+fn pair_indices(pairs: RopePairs, half: u64) -> (&'static str, String, String) {
+    match pairs {
+        RopePairs::Interleaved => ("interleaved", "2 * i".into(), "2 * i + 1".into()),
+        RopePairs::Halves => ("halves", "i".into(), format!("i + {half}")),
+    }
+}
+
 impl Emitter<'_> {
     fn rope_table(&mut self, seq: u64, dim: u64, theta: f64, yarn: Option<Yarn>) -> usize {
         let same = |t: &RopeTable| {
@@ -39,10 +47,7 @@ impl Emitter<'_> {
         let (b, t_len, h, d) = (s[0], s[1], s[2], s[3]);
         let half = d / 2;
         let table = self.rope_table(t_len, d, theta, yarn);
-        let (layout, first, second): (&str, String, String) = match pairs {
-            RopePairs::Interleaved => ("interleaved", "2 * i".into(), "2 * i + 1".into()),
-            RopePairs::Halves => ("halves", "i".into(), format!("i + {half}")),
-        };
+        let (layout, first, second) = pair_indices(pairs, half);
         let (dir, rot) = if grad {
             (
                 "bwd",
@@ -120,12 +125,9 @@ impl Emitter<'_> {
         let s = self.shape(node.inputs[0]);
         let (rows, h, d) = (s[0] * s[1], s[2], s[3]);
         let half = d / 2;
-        let capacity = self.cache_capacity();
+        let capacity = self.graph.cache_capacity();
         let table = self.rope_table(capacity, d, theta, yarn);
-        let (layout, first, second): (&str, String, String) = match pairs {
-            RopePairs::Interleaved => ("interleaved", "2 * i".into(), "2 * i + 1".into()),
-            RopePairs::Halves => ("halves", "i".into(), format!("i + {half}")),
-        };
+        let (layout, first, second) = pair_indices(pairs, half);
         let mut t = String::new();
         let _ = writeln!(t, "// RoPE at positions (decoding): rotates each pair ({layout}) of every head of row r by the");
         let _ = writeln!(

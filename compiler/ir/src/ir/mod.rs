@@ -653,6 +653,15 @@ impl Graph {
         pairs
     }
 
+    /// The cache slots per row of a decode graph (its `KvCache` inputs' second axis); 0 for
+    /// a graph without a KV cache.
+    pub fn cache_capacity(&self) -> u64 {
+        self.values
+            .iter()
+            .find(|(_, v)| matches!(v.def, Def::Input(InputKind::KvCache { .. })))
+            .map_or(0, |(_, v)| v.ty.shape[1])
+    }
+
     /// The value that reads parameter `p` (`None` if the graph never reads it).
     pub fn param_value(&self, p: ParamId) -> Option<ValueId> {
         self.values
