@@ -22,7 +22,7 @@ use kiln::nvcc;
 
 mod common;
 use kiln_compiler::check::check;
-use kiln_compiler::emit_cuda::{emit, Arg, CudaProgram, Work};
+use kiln_compiler::emit_cuda::{emit, Arg, CudaProgram, Elem, Pass, Work};
 use kiln_compiler::ir::{Def, InputKind};
 use kiln_compiler::model::Model;
 use kiln_compiler::program::{compile, compile_decode};
@@ -53,8 +53,8 @@ fn scratch(test: &str) -> PathBuf {
     common::scratch("cuda_emit", test)
 }
 
-/// The number of parameters each `extern "C"` kernel of `source` declares.
-fn kernel_arities(source: &str) -> Vec<(String, usize)> {
+/// The parameter list each `extern "C"` kernel of `source` declares, as written.
+fn kernel_params(source: &str) -> Vec<(String, String)> {
     let mut out = Vec::new();
     for line in source.lines() {
         let Some(rest) = line.strip_prefix("extern \"C\" __global__ void ") else {
@@ -63,49 +63,78 @@ fn kernel_arities(source: &str) -> Vec<(String, usize)> {
         let rest = rest.trim_start_matches("__launch_bounds__(256) ");
         let (name, params) = rest.split_once('(').unwrap();
         let params = params.rsplit_once(')').unwrap().0;
-        out.push((name.to_string(), params.split(',').count()));
+        out.push((name.to_string(), params.to_string()));
     }
     out
+}
+
+/// Each kernel's parameters in the manifest are the ones its source declares, and every
+/// launch (of the steps and the optimizer) passes one argument per parameter, of the kind the
+/// parameter's type takes.
+fn assert_signatures_agree(spec: &str, p: &CudaProgram) {
+    let declared = kernel_params(&p.source);
+    assert_eq!(
+        declared.len(),
+        p.kernels.len(),
+        "{spec}: one definition per kernel"
+    );
+    for k in &p.kernels {
+        let (_, params) = declared
+            .iter()
+            .find(|(n, _)| *n == k.name)
+            .unwrap_or_else(|| panic!("{spec}: {} is defined", k.name));
+        let manifest: Vec<String> = k.params.iter().map(|p| p.c_decl()).collect();
+        assert_eq!(*params, manifest.join(", "), "{spec}: {}", k.name);
+        assert!(!k.nodes.is_empty(), "{spec}: {} is launched", k.name);
+    }
+    let launches = p
+        .steps
+        .iter()
+        .flat_map(|s| s.work.iter())
+        .filter_map(|w| match w {
+            Work::Launch(l) => Some(l),
+            _ => None,
+        })
+        .chain(&p.optimizer);
+    for l in launches {
+        let k = p
+            .kernels
+            .iter()
+            .find(|k| k.name == l.kernel)
+            .unwrap_or_else(|| panic!("{spec}: {} is not in the source", l.kernel));
+        assert_eq!(
+            l.args.len(),
+            k.params.len(),
+            "{spec}: arguments of {}",
+            l.kernel
+        );
+        for (param, arg) in k.params.iter().zip(&l.args) {
+            let fits = match arg {
+                Arg::Int { .. } => param.pass == Pass::Value && param.elem == Elem::I64,
+                Arg::Float { .. } | Arg::Hyper { .. } => {
+                    param.pass == Pass::Value && param.elem == Elem::F32
+                }
+                _ => param.pass != Pass::Value,
+            };
+            assert!(
+                fits,
+                "{spec}: {} takes {arg:?} for {}",
+                l.kernel,
+                param.c_decl()
+            );
+        }
+        assert!(l.grid >= 1 && l.block == 256, "{spec}: {}", l.kernel);
+    }
 }
 
 #[test]
 fn the_manifest_matches_the_source() {
     for spec in SPECS {
         let p = cuda(spec);
-        let arities = kernel_arities(&p.source);
-        assert_eq!(
-            arities.len(),
-            p.kernels.len(),
-            "{spec}: one definition per kernel"
-        );
-        for k in &p.kernels {
-            assert!(
-                arities.iter().any(|(n, _)| *n == k.name),
-                "{spec}: {} is defined",
-                k.name
-            );
-            assert!(!k.nodes.is_empty(), "{spec}: {} is launched", k.name);
-        }
+        assert_signatures_agree(spec, &p);
         let m = model(spec);
         let graph_nodes = compile(&m).unwrap().train.graph().nodes.len();
         assert_eq!(p.steps.len(), graph_nodes, "{spec}: one step per node");
-        let launches = p
-            .steps
-            .iter()
-            .flat_map(|s| s.work.iter())
-            .filter_map(|w| match w {
-                Work::Launch(l) => Some(l),
-                _ => None,
-            })
-            .chain(&p.optimizer);
-        for l in launches {
-            let (_, arity) = arities
-                .iter()
-                .find(|(n, _)| *n == l.kernel)
-                .unwrap_or_else(|| panic!("{spec}: {} is not in the source", l.kernel));
-            assert_eq!(l.args.len(), *arity, "{spec}: arguments of {}", l.kernel);
-            assert!(l.grid >= 1 && l.block == 256, "{spec}: {}", l.kernel);
-        }
     }
 }
 
@@ -392,8 +421,7 @@ fn decode_step_emits_and_compiles_for_sm_90a_without_spills_or_stack() {
             graph.nodes.len(),
             "{spec}: one step per node"
         );
-        let arities = kernel_arities(&p.source);
-        assert_eq!(arities.len(), p.kernels.len(), "{spec}");
+        assert_signatures_agree(spec, &p);
         let launches: Vec<_> = p
             .steps
             .iter()
@@ -411,12 +439,6 @@ fn decode_step_emits_and_compiles_for_sm_90a_without_spills_or_stack() {
             })
             .collect();
         for (s, l) in &launches {
-            let (_, arity) = arities
-                .iter()
-                .find(|(n, _)| *n == l.kernel)
-                .unwrap_or_else(|| panic!("{spec}: {} is not in the source", l.kernel));
-            assert_eq!(l.args.len(), *arity, "{spec}: arguments of {}", l.kernel);
-            assert!(l.grid >= 1 && l.block == 256, "{spec}: {}", l.kernel);
             if s.op == "cached_attention" {
                 assert_eq!(l.grid, rows * m.attention.heads, "{spec}: {}", s.path);
             }

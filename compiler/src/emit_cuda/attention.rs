@@ -4,7 +4,7 @@
 //! its KV cache, grouped or latent with kv_b absorbed).
 
 use super::rope::POSITION_ERROR;
-use super::{elementwise_launch, float_lit, int, val, Arg, Emitter, Launch, Work, BLOCK, NAME};
+use super::{float_lit, grid_stride, val, Arg, Elem, Emitter, Grid, KernelDef, Pass, Work, BLOCK};
 use crate::ir::{CacheLayout, Node};
 
 /// Rows (query rows, or key rows in the key-side backward) per attention block: one warp each.
@@ -52,7 +52,7 @@ impl AttnDims {
 /// row; key and value tiles go through shared memory, each lane scores one key of the tile,
 /// and the warp keeps the row's online-softmax state and its output (dimensions split over the
 /// lanes) in registers.
-fn attention_fwd_text(d: AttnDims, scale: f64) -> String {
+fn attention_fwd(def: KernelDef, d: AttnDims, scale: f64) -> KernelDef {
     let AttnDims {
         t, h, hk, dk, dv, ..
     } = d;
@@ -60,16 +60,16 @@ fn attention_fwd_text(d: AttnDims, scale: f64) -> String {
     let acc = AttnDims::per_lane(dv);
     let scale = float_lit(scale);
     let group = h / hk;
-    format!(
-        "\
-// Causal attention, forward (flash-style): o = softmax(scale · q·kᵀ) · v over the keys at or
-// before each query, with the row's log-sum-exp kept for the backward pass. Query head h reads
-// KV head h / {group}. One block per {ATTN_ROWS} query rows of one (batch, head), a warp per row;
-// tiles of {kt} keys through shared memory, one key per lane; online softmax in registers.
-// q: f32[B, {t}, {h}, {dk}]; k: f32[B, {t}, {hk}, {dk}]; v: f32[B, {t}, {hk}, {dv}];
-// o: f32[B, {t}, {h}, {dv}]; lse: f32[B, {h}, {t}]. scale = {scale}.
-extern \"C\" __global__ void __launch_bounds__({BLOCK}) {NAME}(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v, float* __restrict__ o, float* __restrict__ lse) {{
-    __shared__ float qs[{ATTN_ROWS}][{dk}];
+    def.doc(format!(
+        "// Causal attention, forward (flash-style): o = softmax(scale · q·kᵀ) · v over the keys at or\n\
+// before each query, with the row's log-sum-exp kept for the backward pass. Query head h reads\n\
+// KV head h / {group}. One block per {ATTN_ROWS} query rows of one (batch, head), a warp per row;\n\
+// tiles of {kt} keys through shared memory, one key per lane; online softmax in registers.\n\
+// q: f32[B, {t}, {h}, {dk}]; k: f32[B, {t}, {hk}, {dk}]; v: f32[B, {t}, {hk}, {dv}];\n\
+// o: f32[B, {t}, {h}, {dv}]; lse: f32[B, {h}, {t}]. scale = {scale}."
+    ))
+    .body(format!(
+        "    __shared__ float qs[{ATTN_ROWS}][{dk}];
     __shared__ float ks[{kt}][{dk} + 1];
     __shared__ float vs[{kt}][{dv}];
     __shared__ float ps[{ATTN_ROWS}][{kt}];
@@ -133,37 +133,36 @@ extern \"C\" __global__ void __launch_bounds__({BLOCK}) {NAME}(const float* __re
         }}
         if (lane == 0) lse[(b * {h} + head) * {t} + row] = m + logf(l);
     }}
-}}
 "
-    )
+    ))
 }
 
 /// `delta[b, h, t] = Σ_c do[b, t, h, c] · o[b, t, h, c]`, one thread per row.
-fn attention_delta_text(d: AttnDims) -> String {
+fn attention_delta(def: KernelDef, d: AttnDims) -> KernelDef {
     let AttnDims { t, h, dv, .. } = d;
-    format!(
+    def.doc(format!(
+        "// Attention backward, first part: delta[b, h, t] = Σ_c do·o over the {dv} output dimensions of\n\
+// each row, which the softmax's backward subtracts. One thread per row.\n\
+// o, d_o: f32[B, {t}, {h}, {dv}]; delta: f32[B, {h}, {t}]."
+    ))
+    .body(format!(
         "\
-// Attention backward, first part: delta[b, h, t] = Σ_c do·o over the {dv} output dimensions of
-// each row, which the softmax's backward subtracts. One thread per row.
-// o, d_o: f32[B, {t}, {h}, {dv}]; delta: f32[B, {h}, {t}].
-extern \"C\" __global__ void {NAME}(const float* __restrict__ o, const float* __restrict__ d_o, float* __restrict__ delta, long long rows) {{
-    for (long long r = blockIdx.x * (long long)blockDim.x + threadIdx.x; r < rows;
-         r += (long long)gridDim.x * blockDim.x) {{
-        const long long b = r / ({h} * {t}), head = (r / {t}) % {h}, row = r % {t};
+{}\
+\x20       const long long b = r / ({h} * {t}), head = (r / {t}) % {h}, row = r % {t};
         const float* orow = o + ((b * {t} + row) * {h} + head) * {dv};
         const float* drow = d_o + ((b * {t} + row) * {h} + head) * {dv};
         float acc = 0.0f;
         for (int c = 0; c < {dv}; ++c) acc += orow[c] * drow[c];
         delta[r] = acc;
     }}
-}}
-"
-    )
+",
+        grid_stride("    ", "r", "rows")
+    ))
 }
 
 /// The query gradient: the forward's layout, with `ds = p · (do·v − delta)` per key and
 /// `dq = scale · Σ ds · k`.
-fn attention_dq_text(d: AttnDims, scale: f64) -> String {
+fn attention_dq(def: KernelDef, d: AttnDims, scale: f64) -> KernelDef {
     let AttnDims {
         t, h, hk, dk, dv, ..
     } = d;
@@ -171,15 +170,15 @@ fn attention_dq_text(d: AttnDims, scale: f64) -> String {
     let acc = AttnDims::per_lane(dk);
     let scale = float_lit(scale);
     let group = h / hk;
-    format!(
-        "\
-// Attention backward, query gradient: for each query row and each key at or before it,
-// p = exp(scale · q·k − lse), ds = p · (do·v − delta), and dq = scale · Σ ds · k. The
-// forward's layout: {ATTN_ROWS} query rows per block, a warp per row, {kt} keys per tile.
-// q, dq: f32[B, {t}, {h}, {dk}]; k: f32[B, {t}, {hk}, {dk}]; v: f32[B, {t}, {hk}, {dv}];
-// d_o: f32[B, {t}, {h}, {dv}]; lse, delta: f32[B, {h}, {t}].
-extern \"C\" __global__ void __launch_bounds__({BLOCK}) {NAME}(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v, const float* __restrict__ lse, const float* __restrict__ d_o, const float* __restrict__ delta, float* __restrict__ dq) {{
-    __shared__ float qs[{ATTN_ROWS}][{dk}];
+    def.doc(format!(
+        "// Attention backward, query gradient: for each query row and each key at or before it,\n\
+// p = exp(scale · q·k − lse), ds = p · (do·v − delta), and dq = scale · Σ ds · k. The\n\
+// forward's layout: {ATTN_ROWS} query rows per block, a warp per row, {kt} keys per tile.\n\
+// q, dq: f32[B, {t}, {h}, {dk}]; k: f32[B, {t}, {hk}, {dk}]; v: f32[B, {t}, {hk}, {dv}];\n\
+// d_o: f32[B, {t}, {h}, {dv}]; lse, delta: f32[B, {h}, {t}]."
+    ))
+    .body(format!(
+        "    __shared__ float qs[{ATTN_ROWS}][{dk}];
     __shared__ float dos[{ATTN_ROWS}][{dv}];
     __shared__ float ks[{kt}][{dk} + 1];
     __shared__ float vs[{kt}][{dv} + 1];
@@ -244,14 +243,13 @@ extern \"C\" __global__ void __launch_bounds__({BLOCK}) {NAME}(const float* __re
             if (c < {dk}) dq[((b * {t} + row) * {h} + head) * {dk} + c] = acc[i] * {scale};
         }}
     }}
-}}
 "
-    )
+    ))
 }
 
 /// The key and value gradients: one block per 8 key rows of one (batch, KV head), a warp per
 /// key; query tiles (of every query head reading this KV head) through shared memory.
-fn attention_dkdv_text(d: AttnDims, scale: f64) -> String {
+fn attention_dkdv(def: KernelDef, d: AttnDims, scale: f64) -> KernelDef {
     let AttnDims {
         t, h, hk, dk, dv, ..
     } = d;
@@ -260,16 +258,16 @@ fn attention_dkdv_text(d: AttnDims, scale: f64) -> String {
     let acc_v = AttnDims::per_lane(dv);
     let scale = float_lit(scale);
     let group = h / hk;
-    format!(
-        "\
-// Attention backward, key and value gradients: for each key row and each query at or after it
-// (in each of the {group} query heads reading its KV head), p = exp(scale · q·k − lse),
-// dv = Σ p · do and dk = scale · Σ p · (do·v − delta) · q. One block per {ATTN_ROWS} key rows
-// of one (batch, KV head), a warp per key; tiles of {qt} queries through shared memory.
-// q: f32[B, {t}, {h}, {dk}]; k, dk_out: f32[B, {t}, {hk}, {dk}]; v, dv_out: f32[B, {t}, {hk}, {dv}];
-// d_o: f32[B, {t}, {h}, {dv}]; lse, delta: f32[B, {h}, {t}].
-extern \"C\" __global__ void __launch_bounds__({BLOCK}) {NAME}(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v, const float* __restrict__ lse, const float* __restrict__ d_o, const float* __restrict__ delta, float* __restrict__ dk_out, float* __restrict__ dv_out) {{
-    __shared__ float krows[{ATTN_ROWS}][{dk}];
+    def.doc(format!(
+        "// Attention backward, key and value gradients: for each key row and each query at or after it\n\
+// (in each of the {group} query heads reading its KV head), p = exp(scale · q·k − lse),\n\
+// dv = Σ p · do and dk = scale · Σ p · (do·v − delta) · q. One block per {ATTN_ROWS} key rows\n\
+// of one (batch, KV head), a warp per key; tiles of {qt} queries through shared memory.\n\
+// q: f32[B, {t}, {h}, {dk}]; k, dk_out: f32[B, {t}, {hk}, {dk}]; v, dv_out: f32[B, {t}, {hk}, {dv}];\n\
+// d_o: f32[B, {t}, {h}, {dv}]; lse, delta: f32[B, {h}, {t}]."
+    ))
+    .body(format!(
+        "    __shared__ float krows[{ATTN_ROWS}][{dk}];
     __shared__ float vrows[{ATTN_ROWS}][{dv}];
     __shared__ float qs[{qt}][{dk} + 1];
     __shared__ float dos[{qt}][{dv} + 1];
@@ -359,9 +357,8 @@ extern \"C\" __global__ void __launch_bounds__({BLOCK}) {NAME}(const float* __re
             if (c < {dv}) dv_out[((b * {t} + key) * {hk} + kv) * {dv} + c] = acc_v[i];
         }}
     }}
-}}
 "
-    )
+    ))
 }
 
 impl Emitter<'_> {
@@ -383,27 +380,22 @@ impl Emitter<'_> {
 
     pub(super) fn attention(&mut self, index: usize, node: &Node, scale: f64) -> Vec<Work> {
         let d = self.attn_dims(node);
-        let name = self.kernel(
-            &format!("attention_fwd_{}", d.suffix()),
+        let (i, o) = (&node.inputs, &node.outputs);
+        let def = KernelDef::new(
+            format!("attention_fwd_{}", d.suffix()),
             "causal attention forward (flash-style, online softmax)",
-            attention_fwd_text(d, scale),
+        )
+        .read("q", val(i[0]))
+        .read("k", val(i[1]))
+        .read("v", val(i[2]))
+        .write("o", val(o[0]))
+        .write("lse", val(o[1]));
+        let def = attention_fwd(def, d, scale);
+        vec![self.work(
             index,
-            0,
-        );
-        let grid = d.b * d.h * d.t.div_ceil(ATTN_ROWS);
-        let args = node
-            .inputs
-            .iter()
-            .chain(&node.outputs)
-            .map(|&v| val(v))
-            .collect();
-        vec![Work::Launch(Launch {
-            kernel: name,
-            grid,
-            block: BLOCK,
-            shared_bytes: 0,
-            args,
-        })]
+            def,
+            Grid::Blocks(d.b * d.h * d.t.div_ceil(ATTN_ROWS)),
+        )]
     }
 
     /// `(q, k, v, o, lse, do) -> (dq, dk, dv)`: delta, then the query gradient and the key and
@@ -424,64 +416,46 @@ impl Emitter<'_> {
             slot: 0,
             bytes: rows * 4,
         };
-        let delta_k = self.kernel(
-            &format!("attention_bwd_delta_h{}_dv{}", d.h, d.dv),
+        let delta_def = KernelDef::new(
+            format!("attention_bwd_delta_h{}_dv{}", d.h, d.dv),
             "attention backward: delta = rowsum(do · o)",
-            attention_delta_text(d),
-            index,
-            0,
-        );
-        let dq_k = self.kernel(
-            &format!("attention_bwd_dq_{}", d.suffix()),
+        )
+        .read("o", val(o))
+        .read("d_o", val(d_o))
+        .write("delta", delta.clone())
+        .long("rows", rows);
+        // q, k, v, lse, d_o and delta: what both gradient kernels read.
+        let reads = |def: KernelDef| {
+            def.read("q", val(q))
+                .read("k", val(k))
+                .read("v", val(v))
+                .read("lse", val(lse))
+                .read("d_o", val(d_o))
+                .read("delta", delta.clone())
+        };
+        let dq_def = reads(KernelDef::new(
+            format!("attention_bwd_dq_{}", d.suffix()),
             "attention backward: query gradient",
-            attention_dq_text(d, scale),
-            index,
-            0,
-        );
-        let dkdv_k = self.kernel(
-            &format!("attention_bwd_dkdv_{}", d.suffix()),
+        ))
+        .write("dq", val(dq));
+        let dkdv_def = reads(KernelDef::new(
+            format!("attention_bwd_dkdv_{}", d.suffix()),
             "attention backward: key and value gradients",
-            attention_dkdv_text(d, scale),
-            index,
-            0,
-        );
+        ))
+        .write("dk_out", val(dk))
+        .write("dv_out", val(dv));
         vec![
-            elementwise_launch(
-                delta_k,
-                rows,
-                vec![val(o), val(d_o), delta.clone(), int(rows)],
+            self.work(index, attention_delta(delta_def, d), Grid::Threads(rows)),
+            self.work(
+                index,
+                attention_dq(dq_def, d, scale),
+                Grid::Blocks(d.b * d.h * d.t.div_ceil(ATTN_ROWS)),
             ),
-            Work::Launch(Launch {
-                kernel: dq_k,
-                grid: d.b * d.h * d.t.div_ceil(ATTN_ROWS),
-                block: BLOCK,
-                shared_bytes: 0,
-                args: vec![
-                    val(q),
-                    val(k),
-                    val(v),
-                    val(lse),
-                    val(d_o),
-                    delta.clone(),
-                    val(dq),
-                ],
-            }),
-            Work::Launch(Launch {
-                kernel: dkdv_k,
-                grid: d.b * d.hk * d.t.div_ceil(ATTN_ROWS),
-                block: BLOCK,
-                shared_bytes: 0,
-                args: vec![
-                    val(q),
-                    val(k),
-                    val(v),
-                    val(lse),
-                    val(d_o),
-                    delta,
-                    val(dk),
-                    val(dv),
-                ],
-            }),
+            self.work(
+                index,
+                attention_dkdv(dkdv_def, d, scale),
+                Grid::Blocks(d.b * d.hk * d.t.div_ceil(ATTN_ROWS)),
+            ),
         ]
     }
 }
@@ -569,7 +543,7 @@ fn cached_prologue(d: CachedDims, dout: u64) -> String {
 }
 
 /// Grouped (or multi-head) decoding attention: one block per (row, query head).
-fn cached_grouped_text(d: CachedDims, hk: u64, dh: u64, scale: f64) -> String {
+fn cached_grouped(def: KernelDef, d: CachedDims, hk: u64, dh: u64, scale: f64) -> KernelDef {
     let CachedDims { h, c, e } = d;
     let group = h / hk;
     let prologue = cached_prologue(d, dh);
@@ -579,18 +553,18 @@ fn cached_grouped_text(d: CachedDims, hk: u64, dh: u64, scale: f64) -> String {
             s = dot;"
     );
     let body = cached_softmax_loop(d, scale, dh, &score, &format!("({hk} + kv) * {dh}"));
-    format!(
-        "\
-// Decoding attention over a grouped KV cache: the new token of row b attends to its cached
-// tokens 0..pos-1 and then to its own entry (slot pos = positions[b]), o = softmax(scale ·
-// q·kᵀ)·v; query head h reads KV head h / {group}. A cached token is [k ({hk}×{dh}) | v ({hk}×{dh})].
-// One block per (row, query head), one key per thread in tiles of {DECODE_TILE} with block
-// reductions (online softmax), the {dh} output dimensions split over the threads.
-// q: f32[B, 1, {h}, {dh}]; entry: f32[B, 1, {e}]; cache: f32[B, {c}, {e}]; positions: u32[B, 1];
-// o: f32[B, 1, {h}, {dh}]. Precondition: positions[b] < {c}; a position beyond the cache sets
-// *error = {POSITION_ERROR} and writes zeros.
-extern \"C\" __global__ void __launch_bounds__({BLOCK}) {NAME}(const float* __restrict__ q, const float* __restrict__ entry, const float* __restrict__ cache, const unsigned* __restrict__ positions, float* __restrict__ o, int* __restrict__ error) {{
-    __shared__ float qs[{dh}];
+    def.doc(format!(
+        "// Decoding attention over a grouped KV cache: the new token of row b attends to its cached\n\
+// tokens 0..pos-1 and then to its own entry (slot pos = positions[b]), o = softmax(scale ·\n\
+// q·kᵀ)·v; query head h reads KV head h / {group}. A cached token is [k ({hk}×{dh}) | v ({hk}×{dh})].\n\
+// One block per (row, query head), one key per thread in tiles of {DECODE_TILE} with block\n\
+// reductions (online softmax), the {dh} output dimensions split over the threads.\n\
+// q: f32[B, 1, {h}, {dh}]; entry: f32[B, 1, {e}]; cache: f32[B, {c}, {e}]; positions: u32[B, 1];\n\
+// o: f32[B, 1, {h}, {dh}]. Precondition: positions[b] < {c}; a position beyond the cache sets\n\
+// *error = {POSITION_ERROR} and writes zeros."
+    ))
+    .body(format!(
+        "    __shared__ float qs[{dh}];
     __shared__ float ps[{DECODE_TILE}];
     __shared__ float red[32];
 {prologue}    const long long kv = head / {group};
@@ -601,14 +575,18 @@ extern \"C\" __global__ void __launch_bounds__({BLOCK}) {NAME}(const float* __re
         const long long dim = threadIdx.x + {DECODE_TILE} * i;
         if (dim < {dh}) oh[dim] = acc[i] / l;
     }}
-}}
 ",
         per = dh.div_ceil(DECODE_TILE),
-    )
+    ))
 }
 
 /// Latent (MLA) decoding attention with kv_b absorbed: one block per (row, query head).
-fn cached_latent_text(d: CachedDims, r: u64, nope: u64, rope: u64, v: u64, scale: f64) -> String {
+fn cached_latent(
+    def: KernelDef,
+    d: CachedDims,
+    [r, nope, rope, v]: [u64; 4],
+    scale: f64,
+) -> KernelDef {
     let CachedDims { h, c, e } = d;
     let (qk, stride) = (nope + rope, nope + v);
     let prologue = cached_prologue(d, v);
@@ -619,22 +597,22 @@ fn cached_latent_text(d: CachedDims, r: u64, nope: u64, rope: u64, v: u64, scale
             s = nope + rope;"
     );
     let body = cached_softmax_loop(d, scale, r, &score, "0");
-    format!(
-        "\
-// Decoding attention over a latent (MLA) cache with the key and value up-projection kv_b
-// absorbed (DeepSeek-V2 §2.1.2): a cached token is [c_kv ({r}) | k_rope ({rope})], the query
-// [q_nope ({nope}) | q_rope ({rope}), already roped]. For head h, with W_uk its {nope} key rows
-// and W_uv its next {v} value rows of kv_b: q̃ = W_ukᵀ·q_nope, scores s_t = scale · (q̃·c_kv(t)
-// + q_rope·k_rope(t)) over the cached tokens 0..pos-1 and the row's own entry (slot pos =
-// positions[b]), õ = Σ_t softmax(s)_t · c_kv(t), and o = W_uv·õ.
-// One block per (row, query head): q̃ by threads over the {r} latent dimensions, one key per
-// thread in tiles of {DECODE_TILE} with block reductions (online softmax), õ split over the
-// threads, then a warp per output dimension of W_uv·õ.
-// q: f32[B, 1, {h}, {qk}]; entry: f32[B, 1, {e}]; cache: f32[B, {c}, {e}]; positions: u32[B, 1];
-// kv_b: f32[{h}·{stride}, {r}]; o: f32[B, 1, {h}, {v}]. Precondition: positions[b] < {c}; a
-// position beyond the cache sets *error = {POSITION_ERROR} and writes zeros.
-extern \"C\" __global__ void __launch_bounds__({BLOCK}) {NAME}(const float* __restrict__ q, const float* __restrict__ entry, const float* __restrict__ cache, const unsigned* __restrict__ positions, const float* __restrict__ kv_b, float* __restrict__ o, int* __restrict__ error) {{
-    __shared__ float q_lat[{r}];
+    def.doc(format!(
+        "// Decoding attention over a latent (MLA) cache with the key and value up-projection kv_b\n\
+// absorbed (DeepSeek-V2 §2.1.2): a cached token is [c_kv ({r}) | k_rope ({rope})], the query\n\
+// [q_nope ({nope}) | q_rope ({rope}), already roped]. For head h, with W_uk its {nope} key rows\n\
+// and W_uv its next {v} value rows of kv_b: q̃ = W_ukᵀ·q_nope, scores s_t = scale · (q̃·c_kv(t)\n\
+// + q_rope·k_rope(t)) over the cached tokens 0..pos-1 and the row's own entry (slot pos =\n\
+// positions[b]), õ = Σ_t softmax(s)_t · c_kv(t), and o = W_uv·õ.\n\
+// One block per (row, query head): q̃ by threads over the {r} latent dimensions, one key per\n\
+// thread in tiles of {DECODE_TILE} with block reductions (online softmax), õ split over the\n\
+// threads, then a warp per output dimension of W_uv·õ.\n\
+// q: f32[B, 1, {h}, {qk}]; entry: f32[B, 1, {e}]; cache: f32[B, {c}, {e}]; positions: u32[B, 1];\n\
+// kv_b: f32[{h}·{stride}, {r}]; o: f32[B, 1, {h}, {v}]. Precondition: positions[b] < {c}; a\n\
+// position beyond the cache sets *error = {POSITION_ERROR} and writes zeros."
+    ))
+    .body(format!(
+        "    __shared__ float q_lat[{r}];
     __shared__ float q_rope[{rope}];
     __shared__ float o_lat[{r}];
     __shared__ float ps[{DECODE_TILE}];
@@ -667,10 +645,9 @@ extern \"C\" __global__ void __launch_bounds__({BLOCK}) {NAME}(const float* __re
         a = kiln_warp_sum(a);
         if (vi < {v} && lane == 0) oh[vi] = a;
     }}
-}}
 ",
         per = r.div_ceil(DECODE_TILE),
-    )
+    ))
 }
 
 impl Emitter<'_> {
@@ -689,19 +666,23 @@ impl Emitter<'_> {
             c: cache[1],
             e: cache[2],
         };
-        let (name, mut args) = match layout {
+        let i = &node.inputs;
+        let reads = |def: KernelDef| {
+            def.read("q", val(i[0]))
+                .read("entry", val(i[1]))
+                .read("cache", val(i[2]))
+                .param("positions", Elem::U32, Pass::Read, val(i[3]))
+        };
+        let def = match layout {
             CacheLayout::Grouped { kv_heads, head_dim } => {
-                let name = self.kernel(
-                    &format!(
+                let def = reads(KernelDef::new(
+                    format!(
                         "cached_attention_h{}_kv{kv_heads}_d{head_dim}_c{}",
                         d.h, d.c
                     ),
                     "decoding attention over a grouped KV cache (online softmax over the block)",
-                    cached_grouped_text(d, kv_heads, head_dim, scale),
-                    index,
-                    0,
-                );
-                (name, node.inputs[..4].iter().map(|&v| val(v)).collect())
+                ));
+                cached_grouped(def, d, kv_heads, head_dim, scale)
             }
             CacheLayout::Latent {
                 rank,
@@ -709,27 +690,20 @@ impl Emitter<'_> {
                 rope,
                 v,
             } => {
-                let name = self.kernel(
-                    &format!("cached_attention_mla_h{}_r{rank}_c{}", d.h, d.c),
+                let def = reads(KernelDef::new(
+                    format!("cached_attention_mla_h{}_r{rank}_c{}", d.h, d.c),
                     "decoding attention over a latent (MLA) cache, kv_b absorbed",
-                    cached_latent_text(d, rank, nope, rope, v, scale),
-                    index,
-                    0,
-                );
-                (
-                    name,
-                    node.inputs[..5].iter().map(|&v| val(v)).collect::<Vec<_>>(),
-                )
+                ))
+                .read("kv_b", val(i[4]));
+                cached_latent(def, d, [rank, nope, rope, v], scale)
             }
         };
-        args.push(val(node.outputs[0]));
-        args.push(Arg::ErrorFlag);
-        vec![Work::Launch(Launch {
-            kernel: name,
-            grid: q[0] * d.h,
-            block: BLOCK,
-            shared_bytes: 0,
-            args,
-        })]
+        let def = def.write("o", val(node.outputs[0])).param(
+            "error",
+            Elem::I32,
+            Pass::Write,
+            Arg::ErrorFlag,
+        );
+        vec![self.work(index, def, Grid::Blocks(q[0] * d.h))]
     }
 }

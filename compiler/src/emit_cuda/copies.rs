@@ -3,99 +3,69 @@
 //! and scatter-add, and the bias gradient's column sums.
 
 use super::fp8::Tiles;
-use super::{const_ptrs, elementwise_launch, int, val, Arg, Emitter, Work, NAME};
+use super::{grid_stride, val, Arg, Elem, Emitter, Grid, KernelDef, Pass, Work};
 use crate::ir::{Node, ValueId};
 
-/// The copy kernel behind split and concat: a block of columns from one row-major matrix into
-/// another.
-const COPY_COLUMNS: &str = "\
-// Copies columns [src_off, src_off + width) of src: f32[rows, src_cols] into columns
-// [dst_off, dst_off + width) of dst: f32[rows, dst_cols] (split and concat).
-extern \"C\" __global__ void @KERNEL@(const float* __restrict__ src, float* __restrict__ dst, long long rows, long long width, long long src_cols, long long src_off, long long dst_cols, long long dst_off) {
-    const long long n = rows * width;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
-         i += (long long)gridDim.x * blockDim.x) {
-        const long long r = i / width, c = i % width;
-        dst[r * dst_cols + dst_off + c] = src[r * src_cols + src_off + c];
-    }
+/// The copy behind split and concat: columns `[src_off, src_off + width)` of `src` into
+/// `[dst_off, dst_off + width)` of `dst`.
+#[allow(clippy::too_many_arguments)]
+fn copy_columns(
+    src: Arg,
+    dst: Arg,
+    rows: u64,
+    width: u64,
+    src_cols: u64,
+    src_off: u64,
+    dst_cols: u64,
+    dst_off: u64,
+) -> KernelDef {
+    KernelDef::new("copy_columns", "copies a block of columns (split, concat)")
+        .doc(
+            "// Copies columns [src_off, src_off + width) of src: f32[rows, src_cols] into columns\n\
+             // [dst_off, dst_off + width) of dst: f32[rows, dst_cols] (split and concat).",
+        )
+        .read("src", src)
+        .write("dst", dst)
+        .long("rows", rows)
+        .long("width", width)
+        .long("src_cols", src_cols)
+        .long("src_off", src_off)
+        .long("dst_cols", dst_cols)
+        .long("dst_off", dst_off)
+        .body(format!(
+            "    const long long n = rows * width;\n{}\
+             \x20       const long long r = i / width, c = i % width;\n\
+             \x20       dst[r * dst_cols + dst_off + c] = src[r * src_cols + src_off + c];\n    }}\n",
+            grid_stride("    ", "i", "n")
+        ))
 }
-";
 
-const FILL: &str = "\
-// y[i] = value for i < n (gradient seeds, absent gradients).
-extern \"C\" __global__ void @KERNEL@(float* __restrict__ y, float value, long long n) {
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
-         i += (long long)gridDim.x * blockDim.x) {
-        y[i] = value;
-    }
+/// `y[i] = value` for all of `y`.
+fn fill(y: Arg, value: f64, n: u64) -> KernelDef {
+    KernelDef::new("fill", "fills a buffer with a value")
+        .doc("// y[i] = value for i < n (gradient seeds, absent gradients).")
+        .write("y", y)
+        .float("value", value)
+        .long("n", n)
+        .body(format!(
+            "{}        y[i] = value;\n    }}\n",
+            grid_stride("    ", "i", "n")
+        ))
 }
-";
 
-const EXPAND: &str = "\
-// Repeats the middle axis: x: f32[outer, 1, inner] → y: f32[outer, n, inner].
-extern \"C\" __global__ void @KERNEL@(const float* __restrict__ x, float* __restrict__ y, long long outer, long long n, long long inner) {
-    const long long total = outer * n * inner;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
-         i += (long long)gridDim.x * blockDim.x) {
-        const long long o = i / (n * inner), j = i % inner;
-        y[i] = x[o * inner + j];
-    }
-}
-";
-
-const SUM_AXIS: &str = "\
-// Sums the middle axis in order: x: f32[outer, len, inner] → y: f32[outer, 1, inner].
-extern \"C\" __global__ void @KERNEL@(const float* __restrict__ x, float* __restrict__ y, long long outer, long long len, long long inner) {
-    const long long total = outer * inner;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
-         i += (long long)gridDim.x * blockDim.x) {
-        const long long o = i / inner, j = i % inner;
-        float acc = 0.0f;
-        for (long long k = 0; k < len; ++k) acc += x[(o * len + k) * inner + j];
-        y[i] = acc;
-    }
-}
-";
-
-const EMBEDDING_FWD: &str = "\
-// Row lookup: y[r, :] = table[ids[r], :]. An id outside the vocabulary sets *error = 1 and
-// writes zeros. table: f32[vocab, d]; ids: u32[rows]; y: f32[rows, d].
-extern \"C\" __global__ void @KERNEL@(const float* __restrict__ table, const unsigned* __restrict__ ids, float* __restrict__ y, int* __restrict__ error, long long rows, long long d, long long vocab) {
-    const long long n = rows * d;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
-         i += (long long)gridDim.x * blockDim.x) {
-        const long long r = i / d, j = i % d;
-        const unsigned id = ids[r];
-        if (id < vocab) {
-            y[i] = table[(long long)id * d + j];
-        } else {
-            y[i] = 0.0f;
-            *error = 1;
-        }
-    }
-}
-";
-
-const EMBEDDING_BWD: &str = "\
-// Scatter-add of rows: dtable[ids[r], :] += dy[r, :] (dtable zeroed first by a fill). Atomic
-// adds: the order of additions, and so the last bits, vary from run to run.
-// ids: u32[rows]; dy: f32[rows, d]; dtable: f32[vocab, d].
-extern \"C\" __global__ void @KERNEL@(const unsigned* __restrict__ ids, const float* __restrict__ dy, float* __restrict__ dtable, long long rows, long long d, long long vocab) {
-    const long long n = rows * d;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
-         i += (long long)gridDim.x * blockDim.x) {
-        const long long r = i / d, j = i % d;
-        const unsigned id = ids[r];
-        if (id < vocab) atomicAdd(&dtable[(long long)id * d + j], dy[i]);
-    }
-}
-";
-
-pub(super) const BIAS_GRAD: &str = "\
-// Column sums in a fixed order: db[j] = Σ_r dy[r, j]. dy: f32[rows, cols]; db: f32[cols].
-// Block: 32 columns × 8 row lanes.
-extern \"C\" __global__ void __launch_bounds__(256) @KERNEL@(const float* __restrict__ dy, float* __restrict__ db, long long rows, long long cols) {
-    __shared__ float part[8][33];
+/// The column sums of `dy: [rows, cols]` into `db` (a bias gradient), 32 columns per block.
+pub(super) fn bias_grad(dy: Arg, db: Arg, rows: u64, cols: u64) -> KernelDef {
+    KernelDef::new("bias_grad", "column sums (a bias gradient)")
+        .doc(
+            "// Column sums in a fixed order: db[j] = Σ_r dy[r, j]. dy: f32[rows, cols]; db: f32[cols].\n\
+             // Block: 32 columns × 8 row lanes.",
+        )
+        .read("dy", dy)
+        .write("db", db)
+        .long("rows", rows)
+        .long("cols", cols)
+        .body(
+            "    __shared__ float part[8][33];
     const int lane = threadIdx.x % 32, group = threadIdx.x / 32;
     const long long j = blockIdx.x * 32LL + lane;
     float acc = 0.0f;
@@ -109,23 +79,14 @@ extern \"C\" __global__ void __launch_bounds__(256) @KERNEL@(const float* __rest
         for (int k = 0; k < 8; ++k) sum += part[k][lane];
         db[j] = sum;
     }
+",
+        )
 }
-";
 
 impl Emitter<'_> {
-    fn copy_columns(&mut self, node: usize) -> String {
-        self.fixed(
-            "copy_columns",
-            "copies a block of columns (split, concat)",
-            COPY_COLUMNS,
-            node,
-        )
-    }
-
     pub(super) fn fill_launch(&mut self, node: usize, out: ValueId, value: f64) -> Work {
-        let k = self.fixed("fill", "fills a buffer with a value", FILL, node);
         let n = self.elements(out);
-        elementwise_launch(k, n, vec![val(out), Arg::Float { value }, int(n)])
+        self.work(node, fill(val(out), value, n), Grid::Threads(n))
     }
 
     /// A concat whose output has an FP8 copy: one kernel writes the whole output, four
@@ -153,65 +114,50 @@ impl Emitter<'_> {
             }
         }
         element.push(format!("const float value = {select};"));
-        let ins: Vec<String> = (0..widths.len()).map(|i| format!("x{i}")).collect();
         let shapes = widths
             .iter()
             .enumerate()
             .map(|(i, w)| format!("x{i}: f32[rows, {w}]"))
             .collect::<Vec<_>>()
             .join(", ");
-        let text = format!(
-            "// y = concat(x0, …) along the last axis.\n// {shapes}; y: f32[rows, {cols}]\n{}\n\
-             extern \"C\" __global__ void {NAME}({}, float* __restrict__ y, unsigned* __restrict__ codes, float* __restrict__ scales, long long rows) {{\n\
-             \x20   const long long n4 = rows * {cols} / 4;\n{}}}\n",
-            tiles.comment("y"),
-            const_ptrs(&ins),
-            tiles.grid_loop(&element, Some("y"))
+        let base = format!(
+            "concat_{}_q{}",
+            widths
+                .iter()
+                .map(u64::to_string)
+                .collect::<Vec<_>>()
+                .join("_"),
+            tiles.suffix()
         );
-        let name = self.kernel(
-            &format!(
-                "concat_{}_q{}",
-                widths
-                    .iter()
-                    .map(u64::to_string)
-                    .collect::<Vec<_>>()
-                    .join("_"),
-                tiles.suffix()
-            ),
-            "concat, quantized to FP8 on the way out",
-            text,
-            index,
-            0,
-        );
-        let mut args: Vec<Arg> = node.inputs.iter().map(|&v| val(v)).collect();
-        args.extend([val(node.outputs[0]), codes, scales, int(rows)]);
-        elementwise_launch(name, rows * cols / 4, args)
+        let mut def = KernelDef::new(base, "concat, quantized to FP8 on the way out").doc(format!(
+            "// y = concat(x0, …) along the last axis.\n// {shapes}; y: f32[rows, {cols}]\n{}",
+            tiles.comment("y")
+        ));
+        for (i, &x) in node.inputs.iter().enumerate() {
+            def = def.read(&format!("x{i}"), val(x));
+        }
+        let def = def
+            .write("y", val(node.outputs[0]))
+            .param("codes", Elem::U32, Pass::Write, codes)
+            .write("scales", scales)
+            .long("rows", rows)
+            .body(format!(
+                "    const long long n4 = rows * {cols} / 4;\n{}",
+                tiles.grid_loop(&element, Some("y"))
+            ));
+        self.work(index, def, Grid::Threads(rows * cols / 4))
     }
 
     /// A split: one column copy per output.
     pub(super) fn split(&mut self, index: usize, node: &Node, sizes: &[u64]) -> Vec<Work> {
         let ins = &node.inputs;
         let outs = &node.outputs;
-        let k = self.copy_columns(index);
         let (rows, cols) = self.rows(ins[0]);
         let mut off = 0;
         let mut work = Vec::new();
         for (&size, &out) in sizes.iter().zip(outs) {
-            let n = rows * size;
-            work.push(elementwise_launch(
-                k.clone(),
-                n,
-                vec![
-                    val(ins[0]),
-                    val(out),
-                    int(rows),
-                    int(size),
-                    int(cols),
-                    int(off),
-                    int(size),
-                    int(0),
-                ],
-            ));
+            let def = copy_columns(val(ins[0]), val(out), rows, size, cols, off, size, 0);
+            work.push(self.work(index, def, Grid::Threads(rows * size)));
             off += size;
         }
         work
@@ -224,26 +170,13 @@ impl Emitter<'_> {
         if let Some(q) = self.fused_copy(index, outs[0]) {
             return vec![self.concat_quantized(index, node, q)];
         }
-        let k = self.copy_columns(index);
         let (rows, cols) = self.rows(outs[0]);
         let mut off = 0;
         let mut work = Vec::new();
         for &x in ins {
             let (_, width) = self.rows(x);
-            work.push(elementwise_launch(
-                k.clone(),
-                rows * width,
-                vec![
-                    val(x),
-                    val(outs[0]),
-                    int(rows),
-                    int(width),
-                    int(width),
-                    int(0),
-                    int(cols),
-                    int(off),
-                ],
-            ));
+            let def = copy_columns(val(x), val(outs[0]), rows, width, width, 0, cols, off);
+            work.push(self.work(index, def, Grid::Threads(rows * width)));
             off += width;
         }
         work
@@ -256,12 +189,20 @@ impl Emitter<'_> {
         let s = self.shape(ins[0]);
         let outer: u64 = s[..axis as usize].iter().product();
         let inner: u64 = s[axis as usize + 1..].iter().product();
-        let k = self.fixed("expand_axis", "repeats an axis of size 1", EXPAND, index);
-        vec![elementwise_launch(
-            k,
-            outer * n * inner,
-            vec![val(ins[0]), val(outs[0]), int(outer), int(n), int(inner)],
-        )]
+        let def = KernelDef::new("expand_axis", "repeats an axis of size 1")
+            .doc("// Repeats the middle axis: x: f32[outer, 1, inner] → y: f32[outer, n, inner].")
+            .read("x", val(ins[0]))
+            .write("y", val(outs[0]))
+            .long("outer", outer)
+            .long("n", n)
+            .long("inner", inner)
+            .body(format!(
+                "    const long long total = outer * n * inner;\n{}\
+                 \x20       const long long o = i / (n * inner), j = i % inner;\n\
+                 \x20       y[i] = x[o * inner + j];\n    }}\n",
+                grid_stride("    ", "i", "total")
+            ));
+        vec![self.work(index, def, Grid::Threads(outer * n * inner))]
     }
 
     /// Sums an axis, keeping it.
@@ -272,12 +213,22 @@ impl Emitter<'_> {
         let outer: u64 = s[..axis as usize].iter().product();
         let len = s[axis as usize];
         let inner: u64 = s[axis as usize + 1..].iter().product();
-        let k = self.fixed("sum_axis", "sums an axis, keeping it", SUM_AXIS, index);
-        vec![elementwise_launch(
-            k,
-            outer * inner,
-            vec![val(ins[0]), val(outs[0]), int(outer), int(len), int(inner)],
-        )]
+        let def = KernelDef::new("sum_axis", "sums an axis, keeping it")
+            .doc("// Sums the middle axis in order: x: f32[outer, len, inner] → y: f32[outer, 1, inner].")
+            .read("x", val(ins[0]))
+            .write("y", val(outs[0]))
+            .long("outer", outer)
+            .long("len", len)
+            .long("inner", inner)
+            .body(format!(
+                "    const long long total = outer * inner;\n{}\
+                 \x20       const long long o = i / inner, j = i % inner;\n\
+                 \x20       float acc = 0.0f;\n\
+                 \x20       for (long long k = 0; k < len; ++k) acc += x[(o * len + k) * inner + j];\n\
+                 \x20       y[i] = acc;\n    }}\n",
+                grid_stride("    ", "i", "total")
+            ));
+        vec![self.work(index, def, Grid::Threads(outer * inner))]
     }
 
     /// The embedding's row lookup.
@@ -286,20 +237,31 @@ impl Emitter<'_> {
         let outs = &node.outputs;
         let t = self.shape(ins[0]);
         let (rows, d) = (self.elements(ins[1]), t[1]);
-        let k = self.fixed("embedding_fwd", "row lookup", EMBEDDING_FWD, index);
-        vec![elementwise_launch(
-            k,
-            rows * d,
-            vec![
-                val(ins[0]),
-                val(ins[1]),
-                val(outs[0]),
-                Arg::ErrorFlag,
-                int(rows),
-                int(d),
-                int(t[0]),
-            ],
-        )]
+        let def = KernelDef::new("embedding_fwd", "row lookup")
+            .doc(
+                "// Row lookup: y[r, :] = table[ids[r], :]. An id outside the vocabulary sets *error = 1 and\n\
+                 // writes zeros. table: f32[vocab, d]; ids: u32[rows]; y: f32[rows, d].",
+            )
+            .read("table", val(ins[0]))
+            .param("ids", Elem::U32, Pass::Read, val(ins[1]))
+            .write("y", val(outs[0]))
+            .param("error", Elem::I32, Pass::Write, Arg::ErrorFlag)
+            .long("rows", rows)
+            .long("d", d)
+            .long("vocab", t[0])
+            .body(format!(
+                "    const long long n = rows * d;\n{}\
+                 \x20       const long long r = i / d, j = i % d;\n\
+                 \x20       const unsigned id = ids[r];\n\
+                 \x20       if (id < vocab) {{\n\
+                 \x20           y[i] = table[(long long)id * d + j];\n\
+                 \x20       }} else {{\n\
+                 \x20           y[i] = 0.0f;\n\
+                 \x20           *error = 1;\n\
+                 \x20       }}\n    }}\n",
+                grid_stride("    ", "i", "n")
+            ));
+        vec![self.work(index, def, Grid::Threads(rows * d))]
     }
 
     /// The embedding's gradient: zeros, then a scatter-add of rows.
@@ -308,21 +270,25 @@ impl Emitter<'_> {
         let outs = &node.outputs;
         let (rows, d) = self.rows(ins[1]);
         let zero = self.fill_launch(index, outs[0], 0.0);
-        let k = self.fixed("embedding_bwd", "scatter-add of rows", EMBEDDING_BWD, index);
-        vec![
-            zero,
-            elementwise_launch(
-                k,
-                rows * d,
-                vec![
-                    val(ins[0]),
-                    val(ins[1]),
-                    val(outs[0]),
-                    int(rows),
-                    int(d),
-                    int(vocab),
-                ],
-            ),
-        ]
+        let def = KernelDef::new("embedding_bwd", "scatter-add of rows")
+            .doc(
+                "// Scatter-add of rows: dtable[ids[r], :] += dy[r, :] (dtable zeroed first by a fill). Atomic\n\
+                 // adds: the order of additions, and so the last bits, vary from run to run.\n\
+                 // ids: u32[rows]; dy: f32[rows, d]; dtable: f32[vocab, d].",
+            )
+            .param("ids", Elem::U32, Pass::Read, val(ins[0]))
+            .read("dy", val(ins[1]))
+            .write("dtable", val(outs[0]))
+            .long("rows", rows)
+            .long("d", d)
+            .long("vocab", vocab)
+            .body(format!(
+                "    const long long n = rows * d;\n{}\
+                 \x20       const long long r = i / d, j = i % d;\n\
+                 \x20       const unsigned id = ids[r];\n\
+                 \x20       if (id < vocab) atomicAdd(&dtable[(long long)id * d + j], dy[i]);\n    }}\n",
+                grid_stride("    ", "i", "n")
+            ));
+        vec![zero, self.work(index, def, Grid::Threads(rows * d))]
     }
 }

@@ -1,21 +1,30 @@
 //! Cross-entropy: each row's loss by an online softmax over its logits, the mean (or weighted
 //! sum) of the rows in a fixed order, and the gradient (`softmax − onehot`, weighted or not).
 
-use super::{int, row_launch, val, Arg, Emitter, Launch, Work, BLOCK, NAME};
-use crate::ir::Node;
+use super::{val, Arg, Elem, Emitter, Grid, KernelDef, Pass, Work};
+use crate::ir::{Node, ValueId};
 
 /// Cross-entropy over rows of `V` logits, forward: each block runs an online softmax over its
 /// row (never storing probabilities) and writes `lse − logit[target]`; a second kernel takes
 /// the mean in a fixed order.
-fn cross_entropy_fwd_text(vocab: u64) -> String {
-    format!(
-        "\
-// Cross-entropy, forward: loss[r] = logsumexp(logits[r, :]) − logits[r, target[r]], by an
-// online softmax over the {vocab} logits of the row (the probabilities are never stored). A
-// target outside the vocabulary sets *error = 2 and counts as zero loss.
-// logits: f32[rows, {vocab}]; target: u32[rows]; loss: f32[rows].
-extern \"C\" __global__ void __launch_bounds__({BLOCK}) {NAME}(const float* __restrict__ logits, const unsigned* __restrict__ target, float* __restrict__ loss, int* __restrict__ error, long long rows) {{
-    __shared__ float scratch[32];
+fn cross_entropy_fwd(logits: Arg, target: Arg, loss: Arg, rows: u64, vocab: u64) -> KernelDef {
+    KernelDef::new(
+        format!("cross_entropy_fwd_v{vocab}"),
+        format!("cross-entropy rows over {vocab} logits"),
+    )
+    .doc(format!(
+        "// Cross-entropy, forward: loss[r] = logsumexp(logits[r, :]) − logits[r, target[r]], by an\n\
+         // online softmax over the {vocab} logits of the row (the probabilities are never stored). A\n\
+         // target outside the vocabulary sets *error = 2 and counts as zero loss.\n\
+         // logits: f32[rows, {vocab}]; target: u32[rows]; loss: f32[rows]."
+    ))
+    .read("logits", logits)
+    .param("target", Elem::U32, Pass::Read, target)
+    .write("loss", loss)
+    .param("error", Elem::I32, Pass::Write, Arg::ErrorFlag)
+    .long("rows", rows)
+    .body(format!(
+        "    __shared__ float scratch[32];
     const long long row = blockIdx.x;
     if (row >= rows) return;
     const float* z = logits + row * {vocab};
@@ -32,33 +41,49 @@ extern \"C\" __global__ void __launch_bounds__({BLOCK}) {NAME}(const float* __re
             *error = 2;
         }}
     }}
-}}
 "
-    )
+    ))
 }
 
 /// Cross-entropy, backward: recomputes each row's log-sum-exp, then writes
 /// `(softmax − onehot) · dloss / rows`.
-fn cross_entropy_bwd_text(vocab: u64, weighted: bool) -> String {
+/// `ins` are the logits, targets, `dloss` and the rows' weights if the loss is weighted.
+fn cross_entropy_bwd(ins: &[ValueId], dlogits: Arg, rows: u64, vocab: u64) -> KernelDef {
+    let weight = ins.get(3).copied();
+    let (base, op) = match weight {
+        None => ("cross_entropy_bwd", "cross-entropy"),
+        Some(_) => ("cross_entropy_weighted_bwd", "weighted cross-entropy"),
+    };
     // The weighted loss Σ w[r]·CE[r] scales row r by dloss · w[r] instead of dloss / rows.
-    let (what, weight_doc, weight_arg, scale) = if weighted {
+    let (what, weight_doc, scale) = if weight.is_some() {
         (
             "dloss · weight[r]",
             "; weight: f32[rows]",
-            "const float* __restrict__ weight, ",
             "dloss[0] * weight[row]",
         )
     } else {
-        ("dloss / rows", "", "", "dloss[0] / (float)rows")
+        ("dloss / rows", "", "dloss[0] / (float)rows")
     };
-    format!(
-        "\
-// Cross-entropy, backward: dlogits[r, j] = (softmax(logits[r, :])[j] − [j = target[r]]) ·
-// {what}, the row's log-sum-exp recomputed by an online softmax (two reads of the row,
-// one write; the probabilities are never stored).
-// logits, dlogits: f32[rows, {vocab}]; target: u32[rows]; dloss: f32[1]{weight_doc}.
-extern \"C\" __global__ void __launch_bounds__({BLOCK}) {NAME}(const float* __restrict__ logits, const unsigned* __restrict__ target, const float* __restrict__ dloss, {weight_arg}float* __restrict__ dlogits, long long rows) {{
-    __shared__ float scratch[32];
+    let mut def = KernelDef::new(
+        format!("{base}_v{vocab}"),
+        format!("{op} gradient over {vocab} logits"),
+    )
+    .doc(format!(
+        "// Cross-entropy, backward: dlogits[r, j] = (softmax(logits[r, :])[j] − [j = target[r]]) ·\n\
+         // {what}, the row's log-sum-exp recomputed by an online softmax (two reads of the row,\n\
+         // one write; the probabilities are never stored).\n\
+         // logits, dlogits: f32[rows, {vocab}]; target: u32[rows]; dloss: f32[1]{weight_doc}."
+    ))
+    .read("logits", val(ins[0]))
+    .param("target", Elem::U32, Pass::Read, val(ins[1]))
+    .read("dloss", val(ins[2]));
+    if let Some(w) = weight {
+        def = def.read("weight", val(w));
+    }
+    def.write("dlogits", dlogits)
+        .long("rows", rows)
+        .body(format!(
+            "    __shared__ float scratch[32];
     const long long row = blockIdx.x;
     if (row >= rows) return;
     const float* z = logits + row * {vocab};
@@ -73,34 +98,45 @@ extern \"C\" __global__ void __launch_bounds__({BLOCK}) {NAME}(const float* __re
         const float p = kiln_softmax_exp(z[j] - m) / l;
         dz[j] = (p - (j == (int)t ? 1.0f : 0.0f)) * scale;
     }}
-}}
 "
-    )
+        ))
 }
 
-/// The weighted sum of `n` values in one block, in a fixed order (weighted losses).
-const WEIGHTED_SUM: &str = "\
-// y[0] = Σ x[i] · w[i], one block, fixed order. x, w: f32[n]; y: f32[1].
-extern \"C\" __global__ void __launch_bounds__(256) @KERNEL@(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y, long long n) {
-    __shared__ float scratch[32];
+/// The weighted sum `Σ x[i] · w[i]` of `n` values in one block, in a fixed order (weighted
+/// losses).
+fn weighted_sum(x: Arg, w: Arg, y: Arg, n: u64) -> KernelDef {
+    KernelDef::new("weighted_sum", "the weighted sum of a vector")
+        .doc("// y[0] = Σ x[i] · w[i], one block, fixed order. x, w: f32[n]; y: f32[1].")
+        .read("x", x)
+        .read("w", w)
+        .write("y", y)
+        .long("n", n)
+        .body(
+            "    __shared__ float scratch[32];
     float acc = 0.0f;
     for (long long i = threadIdx.x; i < n; i += blockDim.x) acc += x[i] * w[i];
     acc = kiln_block_sum(acc, scratch);
     if (threadIdx.x == 0) y[0] = acc;
+",
+        )
 }
-";
 
 /// The mean of `n` values in one block, in a fixed order (losses).
-pub(super) const MEAN: &str = "\
-// y[0] = (Σ x[i]) / n, one block, fixed order. x: f32[n]; y: f32[1].
-extern \"C\" __global__ void __launch_bounds__(256) @KERNEL@(const float* __restrict__ x, float* __restrict__ y, long long n) {
-    __shared__ float scratch[32];
+pub(super) fn mean(x: Arg, y: Arg, n: u64) -> KernelDef {
+    KernelDef::new("mean", "the mean of a vector")
+        .doc("// y[0] = (Σ x[i]) / n, one block, fixed order. x: f32[n]; y: f32[1].")
+        .read("x", x)
+        .write("y", y)
+        .long("n", n)
+        .body(
+            "    __shared__ float scratch[32];
     float acc = 0.0f;
     for (long long i = threadIdx.x; i < n; i += blockDim.x) acc += x[i];
     acc = kiln_block_sum(acc, scratch);
     if (threadIdx.x == 0) y[0] = acc / (float)n;
+",
+        )
 }
-";
 
 impl Emitter<'_> {
     /// Cross-entropy: per-row losses into scratch, then their mean (or weighted sum).
@@ -108,68 +144,25 @@ impl Emitter<'_> {
         let ins = &node.inputs;
         let outs = &node.outputs;
         let (rows, vocab) = self.rows(ins[0]);
-        let fwd = self.kernel(
-            &format!("cross_entropy_fwd_v{vocab}"),
-            &format!("cross-entropy rows over {vocab} logits"),
-            cross_entropy_fwd_text(vocab),
-            index,
-            0,
-        );
         let per_row = Arg::Scratch {
             slot: 0,
             bytes: rows * 4,
         };
-        let (reduce, args) = match ins.get(2) {
-            None => (
-                self.fixed("mean", "the mean of a vector", MEAN, index),
-                vec![per_row.clone(), val(outs[0]), int(rows)],
-            ),
-            Some(&w) => (
-                self.fixed(
-                    "weighted_sum",
-                    "the weighted sum of a vector",
-                    WEIGHTED_SUM,
-                    index,
-                ),
-                vec![per_row.clone(), val(w), val(outs[0]), int(rows)],
-            ),
+        let fwd = cross_entropy_fwd(val(ins[0]), val(ins[1]), per_row.clone(), rows, vocab);
+        let reduce = match ins.get(2) {
+            None => mean(per_row, val(outs[0]), rows),
+            Some(&w) => weighted_sum(per_row, val(w), val(outs[0]), rows),
         };
         vec![
-            row_launch(
-                fwd,
-                rows,
-                vec![val(ins[0]), val(ins[1]), per_row, Arg::ErrorFlag, int(rows)],
-            ),
-            Work::Launch(Launch {
-                kernel: reduce,
-                grid: 1,
-                block: BLOCK,
-                shared_bytes: 0,
-                args,
-            }),
+            self.work(index, fwd, Grid::Blocks(rows)),
+            self.work(index, reduce, Grid::Blocks(1)),
         ]
     }
 
     /// Cross-entropy's gradient, one block per row.
     pub(super) fn cross_entropy_grad(&mut self, index: usize, node: &Node) -> Vec<Work> {
-        let ins = &node.inputs;
-        let outs = &node.outputs;
-        let (rows, vocab) = self.rows(ins[0]);
-        let weight = ins.get(3).copied();
-        let (base, what) = match weight {
-            None => ("cross_entropy_bwd", "cross-entropy"),
-            Some(_) => ("cross_entropy_weighted_bwd", "weighted cross-entropy"),
-        };
-        let bwd = self.kernel(
-            &format!("{base}_v{vocab}"),
-            &format!("{what} gradient over {vocab} logits"),
-            cross_entropy_bwd_text(vocab, weight.is_some()),
-            index,
-            0,
-        );
-        let mut args = vec![val(ins[0]), val(ins[1]), val(ins[2])];
-        args.extend(weight.map(val));
-        args.extend([val(outs[0]), int(rows)]);
-        vec![row_launch(bwd, rows, args)]
+        let (rows, vocab) = self.rows(node.inputs[0]);
+        let def = cross_entropy_bwd(&node.inputs, val(node.outputs[0]), rows, vocab);
+        vec![self.work(index, def, Grid::Blocks(rows))]
     }
 }

@@ -4,9 +4,9 @@
 use std::collections::HashMap;
 
 use super::expr::{expr_forward, expr_gradient};
-use super::{elementwise_launch, int, val, Arg, Emitter, Launch, Work, BLOCK, NAME};
+use super::{grid_stride, val, Arg, Elem, Emitter, Grid, KernelDef, Pass, Work};
 use crate::dsl::expr::{Compiled, Expr};
-use crate::ir::Node;
+use crate::ir::{Node, ValueId};
 use crate::names::comment_text;
 
 /// An expert activation compiled over its operands (`gate, up`, or `x` ungated), and its
@@ -50,15 +50,16 @@ impl MoeDims {
 /// `e`'s rows, `perm[row]` is the pair at a sorted row and `row_of[pair]` its inverse. One
 /// block; thread `e` places expert `e`'s pairs in pair order. An id outside the experts sets
 /// *error = 3 and goes nowhere.
-fn moe_sort_text(m: MoeDims) -> String {
+fn moe_sort(m: MoeDims) -> KernelDef {
     let MoeDims { e, k, .. } = m;
-    format!(
-        "\
-// Sorts the (token, slot) pairs by expert, stably (counting sort): offsets[e]..offsets[e + 1]
-// are expert e's rows, perm[row] the pair at a sorted row, row_of[pair] its row. One block.
-// experts: u32[n, {k}]; offsets: i32[{e} + 1]; perm, row_of: i32[n · {k}].
-extern \"C\" __global__ void __launch_bounds__({BLOCK}) {NAME}(const unsigned* __restrict__ experts, int* __restrict__ offsets, int* __restrict__ perm, int* __restrict__ row_of, int* __restrict__ error, long long n) {{
-    __shared__ int counts[{e}];
+    KernelDef::new(format!("moe_sort_e{e}_k{k}"), "sorts (token, slot) pairs by expert")
+    .doc(format!(
+        "// Sorts the (token, slot) pairs by expert, stably (counting sort): offsets[e]..offsets[e + 1]\n\
+// are expert e's rows, perm[row] the pair at a sorted row, row_of[pair] its row. One block.\n\
+// experts: u32[n, {k}]; offsets: i32[{e} + 1]; perm, row_of: i32[n · {k}]."
+    ))
+    .body(format!(
+        "    __shared__ int counts[{e}];
     const long long pairs = n * {k};
     for (int x = threadIdx.x; x < {e}; x += blockDim.x) {{
         int c = 0;
@@ -83,14 +84,13 @@ extern \"C\" __global__ void __launch_bounds__({BLOCK}) {NAME}(const unsigned* _
             if (experts[p] == (unsigned)x) {{ perm[row] = (int)p; row_of[p] = row; ++row; }}
         }}
     }}
-}}
 "
-    )
+    ))
 }
 
 /// The expert hidden layer for every sorted row: `gate = x·W_gate[e]ᵀ`, `up = x·W_up[e]ᵀ` and
 /// `a = act(gate, up)`, one thread per (row, hidden unit).
-fn moe_hidden_text(m: MoeDims, act: &Compiled, act_text: &str) -> String {
+fn moe_hidden(m: MoeDims, act: &Compiled, act_text: &str) -> KernelDef {
     let MoeDims { k, d, h, gated, .. } = m;
     let mut body = String::new();
     let inputs: Vec<String> = if gated {
@@ -99,26 +99,23 @@ fn moe_hidden_text(m: MoeDims, act: &Compiled, act_text: &str) -> String {
         vec!["u".into()]
     };
     let y = expr_forward(act, &inputs, "        ", &mut body);
-    let (gate_param, gate_out, gate_dot) = if gated {
-        (
-            "const float* __restrict__ w_gate, ",
-            "float* __restrict__ gate, ",
-            format!(
+    let gate_dot = if gated {
+        format!(
                 "        float g = 0.0f;\n        for (int c = 0; c < {d}; ++c) g += xr[c] * w_gate[(e * {h} + i) * {d} + c];\n        gate[r * {h} + i] = g;\n"
-            ),
         )
     } else {
-        ("", "", String::new())
+        String::new()
     };
-    format!(
+    KernelDef::new(format!("moe_hidden_{}", m.suffix()), "the experts' hidden layer")
+    .doc(format!(
+        "// The routed experts' hidden layer, one thread per (sorted row, hidden unit): for the row's\n\
+// token x and expert e, {}up = x·W_up[e]ᵀ and a = {act_text}.\n\
+// x: f32[n, {d}]; experts: u32[n, {k}]; w_gate?, w_up: f32[E, {h}, {d}]; gate?, up, a: f32[n · {k}, {h}].",
+        if gated { "gate = x·W_gate[e]ᵀ, " } else { "" }
+    ))
+    .body(format!(
         "\
-// The routed experts' hidden layer, one thread per (sorted row, hidden unit): for the row's
-// token x and expert e, {}up = x·W_up[e]ᵀ and a = {act_text}.
-// x: f32[n, {d}]; experts: u32[n, {k}]; w_gate?, w_up: f32[E, {h}, {d}]; gate?, up, a: f32[n · {k}, {h}].
-extern \"C\" __global__ void {NAME}(const float* __restrict__ x, const unsigned* __restrict__ experts, const int* __restrict__ perm, {gate_param}const float* __restrict__ w_up, {gate_out}float* __restrict__ up, float* __restrict__ a, long long rows) {{
-    for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < rows * {h};
-         idx += (long long)gridDim.x * blockDim.x) {{
-        const long long r = idx / {h}, i = idx % {h};
+{gs}        const long long r = idx / {h}, i = idx % {h};
         const long long pair = perm[r];
         const long long e = experts[pair];
         const float* xr = x + (pair / {k}) * {d};
@@ -127,45 +124,47 @@ extern \"C\" __global__ void {NAME}(const float* __restrict__ x, const unsigned*
         up[r * {h} + i] = u;
 {body}        a[r * {h} + i] = {y};
     }}
-}}
 ",
-        if gated { "gate = x·W_gate[e]ᵀ, " } else { "" }
-    )
+        gs = grid_stride("    ", "idx", &format!("rows * {h}"))
+    ))
 }
 
 /// `out[row, c] = Σ_i a[row, i] · W_down[e][c, i]`, one thread per (sorted row, column).
-fn moe_down_text(m: MoeDims) -> String {
+fn moe_down(m: MoeDims) -> KernelDef {
     let MoeDims { k, d, h, .. } = m;
-    format!(
+    KernelDef::new(
+        format!("moe_down_{}", m.suffix()),
+        "the experts' down projection",
+    )
+    .doc(format!(
+        "// The routed experts' down projection, one thread per (sorted row, output column):\n\
+// out[row, c] = Σ_i a[row, i] · W_down[e][c, i].\n\
+// a: f32[n · {k}, {h}]; w_down: f32[E, {d}, {h}]; out: f32[n · {k}, {d}]."
+    ))
+    .body(format!(
         "\
-// The routed experts' down projection, one thread per (sorted row, output column):
-// out[row, c] = Σ_i a[row, i] · W_down[e][c, i].
-// a: f32[n · {k}, {h}]; w_down: f32[E, {d}, {h}]; out: f32[n · {k}, {d}].
-extern \"C\" __global__ void {NAME}(const float* __restrict__ a, const unsigned* __restrict__ experts, const int* __restrict__ perm, const float* __restrict__ w_down, float* __restrict__ out, long long rows) {{
-    for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < rows * {d};
-         idx += (long long)gridDim.x * blockDim.x) {{
-        const long long r = idx / {d}, c = idx % {d};
+{gs}        const long long r = idx / {d}, c = idx % {d};
         const long long e = experts[perm[r]];
         float acc = 0.0f;
         for (int i = 0; i < {h}; ++i) acc += a[r * {h} + i] * w_down[(e * {d} + c) * {h} + i];
         out[idx] = acc;
     }}
-}}
-"
-    )
+",
+        gs = grid_stride("    ", "idx", &format!("rows * {d}"))
+    ))
 }
 
 /// `y[t, c] = Σ_slot weights[t, slot] · out[row_of[t, slot], c]`, in slot order.
-fn moe_combine_text(m: MoeDims) -> String {
+fn moe_combine(m: MoeDims) -> KernelDef {
     let MoeDims { k, d, .. } = m;
-    format!(
+    KernelDef::new(format!("moe_combine_k{k}_d{d}"), "combines each token's experts")
+    .doc(format!(
+        "// Combines each token's experts in slot order: y[t, c] = Σ_j weights[t, j] · out[row_of[t, j], c].\n\
+// weights: f32[n, {k}]; out: f32[n · {k}, {d}]; y: f32[n, {d}]."
+    ))
+    .body(format!(
         "\
-// Combines each token's experts in slot order: y[t, c] = Σ_j weights[t, j] · out[row_of[t, j], c].
-// weights: f32[n, {k}]; out: f32[n · {k}, {d}]; y: f32[n, {d}].
-extern \"C\" __global__ void {NAME}(const float* __restrict__ weights, const int* __restrict__ row_of, const float* __restrict__ out, float* __restrict__ y, long long n) {{
-    for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < n * {d};
-         idx += (long long)gridDim.x * blockDim.x) {{
-        const long long t = idx / {d}, c = idx % {d};
+{gs}        const long long t = idx / {d}, c = idx % {d};
         float acc = 0.0f;
         for (int j = 0; j < {k}; ++j) {{
             const int r = row_of[t * {k} + j];
@@ -173,46 +172,46 @@ extern \"C\" __global__ void {NAME}(const float* __restrict__ weights, const int
         }}
         y[idx] = acc;
     }}
-}}
-"
-    )
+",
+        gs = grid_stride("    ", "idx", &format!("n * {d}"))
+    ))
 }
 
 /// The experts' backward kernels (after the forward's sort, hidden layer and down projection
 /// ran again): the weights' gradient, the weighted output gradient, the hidden gradient
 /// through the activation, the input gradient, and the weight gradients per expert, each
 /// output element summed by one thread in a fixed order.
-fn moe_bwd_texts(m: MoeDims, act: &Compiled, act_text: &str) -> Vec<(&'static str, String)> {
+fn moe_bwd(m: MoeDims, act: &Compiled, act_text: &str) -> HashMap<&'static str, KernelDef> {
     let MoeDims { k, d, h, gated, .. } = m;
-    let dweights = format!(
+    let dweights = KernelDef::new("", "the experts' backward")
+    .doc(format!(
+        "// Experts backward: d_weights[t, j] = dy[t, :] · out[row_of[t, j], :], one thread per pair.\n\
+// dy: f32[n, {d}]; out: f32[n · {k}, {d}]; d_weights: f32[n, {k}]."
+    ))
+    .body(format!(
         "\
-// Experts backward: d_weights[t, j] = dy[t, :] · out[row_of[t, j], :], one thread per pair.
-// dy: f32[n, {d}]; out: f32[n · {k}, {d}]; d_weights: f32[n, {k}].
-extern \"C\" __global__ void {NAME}(const float* __restrict__ dy, const int* __restrict__ row_of, const float* __restrict__ out, float* __restrict__ d_weights, long long n) {{
-    for (long long p = blockIdx.x * (long long)blockDim.x + threadIdx.x; p < n * {k};
-         p += (long long)gridDim.x * blockDim.x) {{
-        const int r = row_of[p];
+{gs}        const int r = row_of[p];
         float acc = 0.0f;
         if (r >= 0) for (int c = 0; c < {d}; ++c) acc += dy[(p / {k}) * {d} + c] * out[(long long)r * {d} + c];
         d_weights[p] = acc;
     }}
-}}
-"
-    );
-    let gout = format!(
+",
+        gs = grid_stride("    ", "p", &format!("n * {k}"))
+    ));
+    let gout = KernelDef::new("", "the experts' backward")
+    .doc(format!(
+        "// Experts backward: the gradient of each sorted row's down output, weights[pair] · dy[token].\n\
+// weights: f32[n, {k}]; dy: f32[n, {d}]; gout: f32[n · {k}, {d}]."
+    ))
+    .body(format!(
         "\
-// Experts backward: the gradient of each sorted row's down output, weights[pair] · dy[token].
-// weights: f32[n, {k}]; dy: f32[n, {d}]; gout: f32[n · {k}, {d}].
-extern \"C\" __global__ void {NAME}(const float* __restrict__ weights, const int* __restrict__ perm, const float* __restrict__ dy, float* __restrict__ gout, long long rows) {{
-    for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < rows * {d};
-         idx += (long long)gridDim.x * blockDim.x) {{
-        const long long r = idx / {d}, c = idx % {d};
+{gs}        const long long r = idx / {d}, c = idx % {d};
         const long long pair = perm[r];
         gout[idx] = weights[pair] * dy[(pair / {k}) * {d} + c];
     }}
-}}
-"
-    );
+",
+        gs = grid_stride("    ", "idx", &format!("rows * {d}"))
+    ));
     let mut body = String::new();
     let inputs: Vec<String> = if gated {
         vec!["gate[r * H + i]".into(), "up[r * H + i]".into()]
@@ -225,24 +224,23 @@ extern \"C\" __global__ void {NAME}(const float* __restrict__ weights, const int
     } else {
         "        du[r * H + i] = d0;\n"
     };
-    let da = format!(
-        "\
-// Experts backward: da[row, i] = Σ_c gout[row, c] · W_down[e][c, i], then through
-// a = {act_text} to the gradients of the pre-activations{}.
-// gout: f32[n · {k}, {d}]; w_down: f32[E, {d}, {h}]; gate?, up, dg?, du: f32[n · {k}, {h}].
-extern \"C\" __global__ void {NAME}(const float* __restrict__ gout, const unsigned* __restrict__ experts, const int* __restrict__ perm, const float* __restrict__ w_down, const float* __restrict__ gate, const float* __restrict__ up, float* __restrict__ dg, float* __restrict__ du, long long rows) {{
-    constexpr long long H = {h};
-    for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < rows * H;
-         idx += (long long)gridDim.x * blockDim.x) {{
-        const long long r = idx / H, i = idx % H;
+    let da = KernelDef::new("", "the experts' backward")
+        .doc(format!(
+            "// Experts backward: da[row, i] = Σ_c gout[row, c] · W_down[e][c, i], then through\n\
+// a = {act_text} to the gradients of the pre-activations{}.\n\
+// gout: f32[n · {k}, {d}]; w_down: f32[E, {d}, {h}]; gate?, up, dg?, du: f32[n · {k}, {h}].",
+            if gated { " (gate and up)" } else { "" }
+        ))
+        .body(format!(
+            "    constexpr long long H = {h};
+{gs}        const long long r = idx / H, i = idx % H;
         const long long e = experts[perm[r]];
         float da = 0.0f;
         for (int c = 0; c < {d}; ++c) da += gout[r * {d} + c] * w_down[(e * {d} + c) * H + i];
 {body}{stores}    }}
-}}
 ",
-        if gated { " (gate and up)" } else { "" }
-    );
+            gs = grid_stride("    ", "idx", "rows * H")
+        ));
     let gate_term = if gated {
         "dg[r * {h} + i] * w_gate[(e * {h} + i) * {d} + c] + "
             .replace("{h}", &h.to_string())
@@ -250,32 +248,32 @@ extern \"C\" __global__ void {NAME}(const float* __restrict__ gout, const unsign
     } else {
         String::new()
     };
-    let dxs = format!(
+    let dxs = KernelDef::new("", "the experts' backward")
+    .doc(format!(
+        "// Experts backward: each sorted row's input gradient,\n\
+// dxs[row, c] = Σ_i {}du[row, i] · W_up[e][i, c].\n\
+// dg?, du: f32[n · {k}, {h}]; w_gate?, w_up: f32[E, {h}, {d}]; dxs: f32[n · {k}, {d}].",
+        if gated { "dg[row, i] · W_gate[e][i, c] + " } else { "" }
+    ))
+    .body(format!(
         "\
-// Experts backward: each sorted row's input gradient,
-// dxs[row, c] = Σ_i {}du[row, i] · W_up[e][i, c].
-// dg?, du: f32[n · {k}, {h}]; w_gate?, w_up: f32[E, {h}, {d}]; dxs: f32[n · {k}, {d}].
-extern \"C\" __global__ void {NAME}(const float* __restrict__ dg, const float* __restrict__ du, const unsigned* __restrict__ experts, const int* __restrict__ perm, const float* __restrict__ w_gate, const float* __restrict__ w_up, float* __restrict__ dxs, long long rows) {{
-    for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < rows * {d};
-         idx += (long long)gridDim.x * blockDim.x) {{
-        const long long r = idx / {d}, c = idx % {d};
+{gs}        const long long r = idx / {d}, c = idx % {d};
         const long long e = experts[perm[r]];
         float acc = 0.0f;
         for (int i = 0; i < {h}; ++i) acc += {gate_term}du[r * {h} + i] * w_up[(e * {h} + i) * {d} + c];
         dxs[idx] = acc;
     }}
-}}
 ",
-        if gated { "dg[row, i] · W_gate[e][i, c] + " } else { "" }
-    );
-    let dx = format!(
-        "\
-// Experts backward: dx[t, c] = Σ_j dxs[row_of[t, j], c], in slot order.
-// dxs: f32[n · {k}, {d}]; dx: f32[n, {d}].
-extern \"C\" __global__ void {NAME}(const float* __restrict__ dxs, const int* __restrict__ row_of, float* __restrict__ dx, long long n) {{
-    for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < n * {d};
-         idx += (long long)gridDim.x * blockDim.x) {{
-        const long long t = idx / {d}, c = idx % {d};
+        gs = grid_stride("    ", "idx", &format!("rows * {d}"))
+    ));
+    let dx = KernelDef::new("", "the experts' backward")
+        .doc(format!(
+            "// Experts backward: dx[t, c] = Σ_j dxs[row_of[t, j], c], in slot order.\n\
+// dxs: f32[n · {k}, {d}]; dx: f32[n, {d}]."
+        ))
+        .body(format!(
+            "\
+{gs}        const long long t = idx / {d}, c = idx % {d};
         float acc = 0.0f;
         for (int j = 0; j < {k}; ++j) {{
             const int r = row_of[t * {k} + j];
@@ -283,41 +281,41 @@ extern \"C\" __global__ void {NAME}(const float* __restrict__ dxs, const int* __
         }}
         dx[idx] = acc;
     }}
-}}
-"
-    );
-    let dw_down = format!(
+",
+            gs = grid_stride("    ", "idx", &format!("n * {d}"))
+        ));
+    let dw_down = KernelDef::new("", "the experts' backward")
+    .doc(format!(
+        "// Experts backward: dW_down[e][c, i] = Σ over expert e's rows of gout[row, c] · a[row, i].\n\
+// gout: f32[n · {k}, {d}]; a: f32[n · {k}, {h}]; dw_down: f32[E, {d}, {h}]."
+    ))
+    .body(format!(
         "\
-// Experts backward: dW_down[e][c, i] = Σ over expert e's rows of gout[row, c] · a[row, i].
-// gout: f32[n · {k}, {d}]; a: f32[n · {k}, {h}]; dw_down: f32[E, {d}, {h}].
-extern \"C\" __global__ void {NAME}(const float* __restrict__ gout, const float* __restrict__ a, const int* __restrict__ offsets, float* __restrict__ dw_down, long long experts) {{
-    for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < experts * {d} * {h};
-         idx += (long long)gridDim.x * blockDim.x) {{
-        const long long e = idx / ({d} * {h}), c = (idx / {h}) % {d}, i = idx % {h};
+{gs}        const long long e = idx / ({d} * {h}), c = (idx / {h}) % {d}, i = idx % {h};
         float acc = 0.0f;
         for (int r = offsets[e]; r < offsets[e + 1]; ++r) acc += gout[(long long)r * {d} + c] * a[(long long)r * {h} + i];
         dw_down[idx] = acc;
     }}
-}}
-"
-    );
-    let dw_in = format!(
+",
+        gs = grid_stride("    ", "idx", &format!("experts * {d} * {h}"))
+    ));
+    let dw_in = KernelDef::new("", "the experts' backward")
+    .doc(format!(
+        "// Experts backward: dW[e][i, c] = Σ over expert e's rows of g[row, i] · x[token(row), c], for\n\
+// the up projection (g = du) or the gate (g = dg).\n\
+// g: f32[n · {k}, {h}]; x: f32[n, {d}]; dw: f32[E, {h}, {d}]."
+    ))
+    .body(format!(
         "\
-// Experts backward: dW[e][i, c] = Σ over expert e's rows of g[row, i] · x[token(row), c], for
-// the up projection (g = du) or the gate (g = dg).
-// g: f32[n · {k}, {h}]; x: f32[n, {d}]; dw: f32[E, {h}, {d}].
-extern \"C\" __global__ void {NAME}(const float* __restrict__ g, const float* __restrict__ x, const int* __restrict__ perm, const int* __restrict__ offsets, float* __restrict__ dw, long long experts) {{
-    for (long long idx = blockIdx.x * (long long)blockDim.x + threadIdx.x; idx < experts * {h} * {d};
-         idx += (long long)gridDim.x * blockDim.x) {{
-        const long long e = idx / ({h} * {d}), i = (idx / {d}) % {h}, c = idx % {d};
+{gs}        const long long e = idx / ({h} * {d}), i = (idx / {d}) % {h}, c = idx % {d};
         float acc = 0.0f;
         for (int r = offsets[e]; r < offsets[e + 1]; ++r) acc += g[(long long)r * {h} + i] * x[(perm[r] / {k}) * {d} + c];
         dw[idx] = acc;
     }}
-}}
-"
-    );
-    vec![
+",
+        gs = grid_stride("    ", "idx", &format!("experts * {h} * {d}"))
+    ));
+    [
         ("dweights", dweights),
         ("gout", gout),
         ("da", da),
@@ -326,6 +324,15 @@ extern \"C\" __global__ void {NAME}(const float* __restrict__ g, const float* __
         ("dw_down", dw_down),
         ("dw_in", dw_in),
     ]
+    .into_iter()
+    .map(|(what, def)| {
+        let base = match what {
+            "dx" | "dweights" | "gout" => format!("moe_bwd_{what}_k{k}_d{d}"),
+            _ => format!("moe_bwd_{what}_{}", m.suffix()),
+        };
+        (what, def.rename(base))
+    })
+    .collect()
 }
 
 impl Emitter<'_> {
@@ -367,63 +374,45 @@ impl Emitter<'_> {
             slot(6, rows * m.d * 4),
         ];
         let [offsets, perm, row_of, gate, up, a, out] = slots.clone();
-        let sort = self.kernel(
-            &format!("moe_sort_e{}_k{}", m.e, m.k),
-            "sorts (token, slot) pairs by expert",
-            moe_sort_text(m),
-            index,
-            0,
-        );
-        let hidden = self.kernel(
-            &format!("moe_hidden_{}", m.suffix()),
-            "the experts' hidden layer",
-            moe_hidden_text(m, &act.compiled, &act.text),
-            index,
-            0,
-        );
-        let down = self.kernel(
-            &format!("moe_down_{}", m.suffix()),
-            "the experts' down projection",
-            moe_down_text(m),
-            index,
-            0,
-        );
         let (x, ids) = (node.inputs[0], node.inputs[2]);
         let (w_up, w_down) = if m.gated {
             (node.inputs[4], node.inputs[5])
         } else {
             (node.inputs[3], node.inputs[4])
         };
-        let mut hidden_args = vec![val(x), val(ids), perm.clone()];
+        let sort = moe_sort(m)
+            .param("experts", Elem::U32, Pass::Read, val(ids))
+            .param("offsets", Elem::I32, Pass::Write, offsets)
+            .param("perm", Elem::I32, Pass::Write, perm.clone())
+            .param("row_of", Elem::I32, Pass::Write, row_of)
+            .param("error", Elem::I32, Pass::Write, Arg::ErrorFlag)
+            .long("n", m.n);
+        let mut hidden = moe_hidden(m, &act.compiled, &act.text)
+            .read("x", val(x))
+            .param("experts", Elem::U32, Pass::Read, val(ids))
+            .param("perm", Elem::I32, Pass::Read, perm.clone());
         if m.gated {
-            hidden_args.push(val(node.inputs[3]));
+            hidden = hidden.read("w_gate", val(node.inputs[3]));
         }
-        hidden_args.push(val(w_up));
+        hidden = hidden.read("w_up", val(w_up));
         if m.gated {
-            hidden_args.push(gate.clone());
+            hidden = hidden.write("gate", gate);
         }
-        hidden_args.extend([up.clone(), a.clone(), int(rows)]);
+        let hidden = hidden
+            .write("up", up)
+            .write("a", a.clone())
+            .long("rows", rows);
+        let down = moe_down(m)
+            .read("a", a)
+            .param("experts", Elem::U32, Pass::Read, val(ids))
+            .param("perm", Elem::I32, Pass::Read, perm)
+            .read("w_down", val(w_down))
+            .write("out", out)
+            .long("rows", rows);
         let work = vec![
-            Work::Launch(Launch {
-                kernel: sort,
-                grid: 1,
-                block: BLOCK,
-                shared_bytes: 0,
-                args: vec![
-                    val(ids),
-                    offsets,
-                    perm.clone(),
-                    row_of,
-                    Arg::ErrorFlag,
-                    int(m.n),
-                ],
-            }),
-            elementwise_launch(hidden, rows * m.h, hidden_args),
-            elementwise_launch(
-                down,
-                rows * m.d,
-                vec![a, val(ids), perm, val(w_down), out, int(rows)],
-            ),
+            self.work(index, sort, Grid::Blocks(1)),
+            self.work(index, hidden, Grid::Threads(rows * m.h)),
+            self.work(index, down, Grid::Threads(rows * m.d)),
         ];
         (work, slots)
     }
@@ -437,25 +426,14 @@ impl Emitter<'_> {
     ) -> Vec<Work> {
         let m = self.moe_dims(node, gated);
         let (mut work, slots) = self.moe_front(index, node, m, &ExpertAct::of(act, gated));
-        let combine = self.kernel(
-            &format!("moe_combine_k{}_d{}", m.k, m.d),
-            "combines each token's experts",
-            moe_combine_text(m),
-            index,
-            0,
-        );
         let [_, _, row_of, _, _, _, out] = slots;
-        work.push(elementwise_launch(
-            combine,
-            m.n * m.d,
-            vec![
-                val(node.inputs[1]),
-                row_of,
-                out,
-                val(node.outputs[0]),
-                int(m.n),
-            ],
-        ));
+        let combine = moe_combine(m)
+            .read("weights", val(node.inputs[1]))
+            .param("row_of", Elem::I32, Pass::Read, row_of)
+            .read("out", out)
+            .write("y", val(node.outputs[0]))
+            .long("n", m.n);
+        work.push(self.work(index, combine, Grid::Threads(m.n * m.d)));
         work
     }
 
@@ -473,16 +451,8 @@ impl Emitter<'_> {
         let (mut work, slots) = self.moe_front(index, node, m, &act);
         let [offsets, perm, row_of, gate, up, a, out] = slots;
         let rows = m.n * m.k;
-        let texts = moe_bwd_texts(m, &act.compiled, &act.text);
-        let mut names = HashMap::new();
-        for (what, text) in texts {
-            let base = match what {
-                "dx" | "dweights" | "gout" => format!("moe_bwd_{what}_k{}_d{}", m.k, m.d),
-                _ => format!("moe_bwd_{what}_{}", m.suffix()),
-            };
-            let name = self.kernel(&base, "the experts' backward", text, index, 0);
-            names.insert(what, name);
-        }
+        let mut defs = moe_bwd(m, &act.compiled, &act.text);
+        let mut def = |what: &str| defs.remove(what).expect("every backward kernel is defined");
         let i = &node.inputs;
         let o = &node.outputs;
         let (x, weights, ids, dy) = (i[0], i[1], i[2], *i.last().expect("dy"));
@@ -509,75 +479,82 @@ impl Emitter<'_> {
         );
         // Without a gate, the gate's slots are unused placeholders the kernels never read.
         let w_gate_arg = w_gate.map_or(up.clone(), val);
+        let int_ptr =
+            |def: KernelDef, name: &str, arg: Arg| def.param(name, Elem::I32, Pass::Read, arg);
+        let ids_ptr = |def: KernelDef| def.param("experts", Elem::U32, Pass::Read, val(ids));
+        let dweights = int_ptr(
+            def("dweights").read("dy", val(dy)),
+            "row_of",
+            row_of.clone(),
+        )
+        .read("out", out)
+        .write("d_weights", val(d_weights))
+        .long("n", m.n);
+        let gout_def = int_ptr(
+            def("gout").read("weights", val(weights)),
+            "perm",
+            perm.clone(),
+        )
+        .read("dy", val(dy))
+        .write("gout", gout.clone())
+        .long("rows", rows);
+        let da = int_ptr(
+            ids_ptr(def("da").read("gout", gout.clone())),
+            "perm",
+            perm.clone(),
+        )
+        .read("w_down", val(w_down))
+        .read("gate", gate)
+        .read("up", up)
+        .write("dg", dg.clone())
+        .write("du", du.clone())
+        .long("rows", rows);
+        let dxs_def = int_ptr(
+            ids_ptr(def("dxs").read("dg", dg.clone()).read("du", du.clone())),
+            "perm",
+            perm.clone(),
+        )
+        .read("w_gate", w_gate_arg)
+        .read("w_up", val(w_up))
+        .write("dxs", dxs.clone())
+        .long("rows", rows);
+        let dx_def = int_ptr(def("dx").read("dxs", dxs), "row_of", row_of)
+            .write("dx", val(dx))
+            .long("n", m.n);
+        let dw_down_def = int_ptr(
+            def("dw_down").read("gout", gout).read("a", a),
+            "offsets",
+            offsets.clone(),
+        )
+        .write("dw_down", val(dw_down))
+        .long("experts", m.e);
+        let dw_in = def("dw_in");
+        // The up projection's weight gradient from du, the gate's from dg: one kernel.
+        let dw_in_of = |g: Arg, dw: ValueId| {
+            int_ptr(
+                int_ptr(
+                    dw_in.clone().read("g", g).read("x", val(x)),
+                    "perm",
+                    perm.clone(),
+                ),
+                "offsets",
+                offsets.clone(),
+            )
+            .write("dw", val(dw))
+            .long("experts", m.e)
+        };
+        let experts_out = m.e * m.h * m.d;
         work.extend([
-            elementwise_launch(
-                names["dweights"].clone(),
-                rows,
-                vec![val(dy), row_of.clone(), out, val(d_weights), int(m.n)],
-            ),
-            elementwise_launch(
-                names["gout"].clone(),
-                rows * m.d,
-                vec![val(weights), perm.clone(), val(dy), gout.clone(), int(rows)],
-            ),
-            elementwise_launch(
-                names["da"].clone(),
-                rows * m.h,
-                vec![
-                    gout.clone(),
-                    val(ids),
-                    perm.clone(),
-                    val(w_down),
-                    gate,
-                    up,
-                    dg.clone(),
-                    du.clone(),
-                    int(rows),
-                ],
-            ),
-            elementwise_launch(
-                names["dxs"].clone(),
-                rows * m.d,
-                vec![
-                    dg.clone(),
-                    du.clone(),
-                    val(ids),
-                    perm.clone(),
-                    w_gate_arg,
-                    val(w_up),
-                    dxs.clone(),
-                    int(rows),
-                ],
-            ),
-            elementwise_launch(
-                names["dx"].clone(),
-                m.n * m.d,
-                vec![dxs, row_of, val(dx), int(m.n)],
-            ),
-            elementwise_launch(
-                names["dw_down"].clone(),
-                m.e * m.d * m.h,
-                vec![gout, a, offsets.clone(), val(dw_down), int(m.e)],
-            ),
-            elementwise_launch(
-                names["dw_in"].clone(),
-                m.e * m.h * m.d,
-                vec![
-                    du,
-                    val(x),
-                    perm.clone(),
-                    offsets.clone(),
-                    val(dw_up),
-                    int(m.e),
-                ],
-            ),
+            self.work(index, dweights, Grid::Threads(rows)),
+            self.work(index, gout_def, Grid::Threads(rows * m.d)),
+            self.work(index, da, Grid::Threads(rows * m.h)),
+            self.work(index, dxs_def, Grid::Threads(rows * m.d)),
+            self.work(index, dx_def, Grid::Threads(m.n * m.d)),
+            self.work(index, dw_down_def, Grid::Threads(experts_out)),
+            self.work(index, dw_in_of(du, dw_up), Grid::Threads(experts_out)),
         ]);
         if let Some(dw_gate) = dw_gate {
-            work.push(elementwise_launch(
-                names["dw_in"].clone(),
-                m.e * m.h * m.d,
-                vec![dg, val(x), perm, offsets, val(dw_gate), int(m.e)],
-            ));
+            work.push(self.work(index, dw_in_of(dg, dw_gate), Grid::Threads(experts_out)));
         }
         work
     }

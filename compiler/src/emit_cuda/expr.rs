@@ -5,9 +5,10 @@
 
 use std::fmt::Write;
 
-use super::fp8::{quantizing_loop, TileOut, Tiles, GRID_START, GRID_STRIDE};
+use super::fp8::{quantizing_loop, TileOut, Tiles};
+use super::kernel::{GRID_START, GRID_STRIDE};
 use super::{
-    const_ptrs, elementwise_launch, float_lit, int, path_base, val, Arg, Emitter, Work, NAME,
+    float_lit, grid_stride, path_base, val, Arg, Elem, Emitter, Grid, KernelDef, Pass, Work,
 };
 use crate::dsl::expr::{BinOp, Compiled, Expr, Instr};
 use crate::ir::Node;
@@ -182,22 +183,30 @@ impl Emitter<'_> {
             .join(", ");
         let what = comment_text(&expr.to_string());
         let n = self.elements(node.outputs[0]);
-        let mut args: Vec<Arg> = node.inputs.iter().map(|&v| val(v)).collect();
-        args.push(val(node.outputs[0]));
-        let mut base = format!("map_{}", path_base(&node.path));
-        let (text, threads) = match quantized {
+        let base = match &quantized {
+            None => format!("map_{}", path_base(&node.path)),
+            Some((tiles, ..)) => format!("map_{}_q{}", path_base(&node.path), tiles.suffix()),
+        };
+        let mut def = KernelDef::new(base, format!("y = {what}"));
+        for (x, &v) in ins.iter().zip(&node.inputs) {
+            def = def.read(x, val(v));
+        }
+        let (def, threads) = match quantized {
             None => {
                 let loads: Vec<String> = ins.iter().map(|x| format!("{x}[i]")).collect();
                 let mut body = String::new();
                 let y = expr_forward(&c, &loads, "        ", &mut body);
-                let text = format!(
-                    "// y = {what}, elementwise.\n// {shapes}; y: f32[n]\n\
-                     extern \"C\" __global__ void {NAME}({}, float* __restrict__ y, long long n) {{\n\
-                     \x20   for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;\n\
-                     \x20        i += (long long)gridDim.x * blockDim.x) {{\n{body}        y[i] = {y};\n    }}\n}}\n",
-                    const_ptrs(&ins)
-                );
-                (text, n)
+                let def = def
+                    .doc(format!(
+                        "// y = {what}, elementwise.\n// {shapes}; y: f32[n]"
+                    ))
+                    .write("y", val(node.outputs[0]))
+                    .long("n", n)
+                    .body(format!(
+                        "{}{body}        y[i] = {y};\n    }}\n",
+                        grid_stride("    ", "i", "n")
+                    ));
+                (def, n)
             }
             Some((tiles, codes, scales)) => {
                 // Four consecutive elements per thread, quantized as they are written.
@@ -206,23 +215,24 @@ impl Emitter<'_> {
                 let y = expr_forward(&c, &loads, "", &mut body);
                 let mut element: Vec<String> = body.lines().map(str::to_string).collect();
                 element.push(format!("const float value = {y};"));
-                let text = format!(
-                    "// y = {what}, elementwise.\n// {shapes}; y: f32[n], n a multiple of {}\n{}\n\
-                     extern \"C\" __global__ void {NAME}({}, float* __restrict__ y, unsigned* __restrict__ codes, float* __restrict__ scales, long long n) {{\n\
-                     \x20   const long long n4 = n / 4;\n{}}}\n",
-                    tiles.t,
-                    tiles.comment("y"),
-                    const_ptrs(&ins),
-                    tiles.grid_loop(&element, Some("y"))
-                );
-                base.push_str(&format!("_q{}", tiles.suffix()));
-                args.extend([codes, scales]);
-                (text, n / 4)
+                let def = def
+                    .doc(format!(
+                        "// y = {what}, elementwise.\n// {shapes}; y: f32[n], n a multiple of {}\n{}",
+                        tiles.t,
+                        tiles.comment("y"),
+                    ))
+                    .write("y", val(node.outputs[0]))
+                    .param("codes", Elem::U32, Pass::Write, codes)
+                    .write("scales", scales)
+                    .long("n", n)
+                    .body(format!(
+                        "    const long long n4 = n / 4;\n{}",
+                        tiles.grid_loop(&element, Some("y"))
+                    ));
+                (def, n / 4)
             }
         };
-        let name = self.kernel(&base, &format!("y = {what}"), text, index, 0);
-        args.push(int(n));
-        vec![elementwise_launch(name, threads, args)]
+        vec![self.work(index, def, Grid::Threads(threads))]
     }
 
     pub(super) fn map_grad(
@@ -248,34 +258,37 @@ impl Emitter<'_> {
             .map(|&w| comment_text(&vars[w as usize]))
             .collect::<Vec<_>>()
             .join(", ");
-        let mut params: Vec<String> = wrt
-            .iter()
-            .map(|w| format!("float* __restrict__ dx{w}"))
-            .collect();
-        let mut args: Vec<Arg> = node.inputs.iter().map(|&v| val(v)).collect();
-        args.extend(node.outputs.iter().map(|&v| val(v)));
         let n = self.elements(node.outputs[0]);
         let mut base = format!("map_grad_{}", path_base(&node.path));
-        let (text, threads) = if quantized.iter().all(Option::is_none) {
+        let mut def = KernelDef::new("", format!("gradient of y = {what}"));
+        for (x, &v) in ins.iter().zip(&node.inputs) {
+            def = def.read(x, val(v));
+        }
+        def = def.read("dy", val(node.inputs[vars.len()]));
+        let (def, threads) = if quantized.iter().all(Option::is_none) {
+            for (w, &dx) in wrt.iter().zip(&node.outputs) {
+                def = def.write(&format!("dx{w}"), val(dx));
+            }
             let loads: Vec<String> = ins.iter().map(|x| format!("{x}[i]")).collect();
             let mut body = String::new();
             expr_gradient(&c, &loads, "dy[i]", "        ", &mut body);
             for w in wrt {
                 let _ = writeln!(body, "        dx{w}[i] = d{w};");
             }
-            let text = format!(
-                "// The gradient of y = {what} with respect to {wrt_names}: dx_w = dy · ∂y/∂x_w.\n\
-                 // x*, dy, dx*: f32[n]\n\
-                 extern \"C\" __global__ void {NAME}({}, const float* __restrict__ dy, {}, long long n) {{\n\
-                 \x20   for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;\n\
-                 \x20        i += (long long)gridDim.x * blockDim.x) {{\n{body}    }}\n}}\n",
-                const_ptrs(&ins),
-                params.join(", ")
-            );
-            (text, n)
+            let def = def
+                .doc(format!(
+                    "// The gradient of y = {what} with respect to {wrt_names}: dx_w = dy · ∂y/∂x_w.\n\
+                     // x*, dy, dx*: f32[n]"
+                ))
+                .long("n", n)
+                .body(format!("{}{body}    }}\n", grid_stride("    ", "i", "n")));
+            (def, n)
         } else {
             // Four consecutive elements per thread; the quantized gradients are quantized
             // as they are written.
+            for (w, &dx) in wrt.iter().zip(&node.outputs) {
+                def = def.write(&format!("dx{w}"), val(dx));
+            }
             let loads: Vec<String> = ins.iter().map(|x| format!("{x}[j]")).collect();
             let mut body = String::new();
             expr_gradient(&c, &loads, "dy[j]", "", &mut body);
@@ -287,9 +300,9 @@ impl Emitter<'_> {
                     }
                     Some((tiles, codes, scales)) => {
                         names.push((*tiles, format!("d{w}"), format!("dx{w}"), *w));
-                        params.push(format!("unsigned* __restrict__ codes{w}"));
-                        params.push(format!("float* __restrict__ scales{w}"));
-                        args.extend([codes.clone(), scales.clone()]);
+                        def = def
+                            .param(&format!("codes{w}"), Elem::U32, Pass::Write, codes.clone())
+                            .write(&format!("scales{w}"), scales.clone());
                         base.push_str(&format!("_q{w}"));
                     }
                 }
@@ -323,21 +336,21 @@ impl Emitter<'_> {
             for (tiles, stores) in alike {
                 comments.push(tiles.comment(&stores.join(" and ")));
             }
-            let text = format!(
-                "// The gradient of y = {what} with respect to {wrt_names}: dx_w = dy · ∂y/∂x_w.\n\
-                 // x*, dy, dx*: f32[n], n a multiple of {}\n{}\n\
-                 extern \"C\" __global__ void {NAME}({}, const float* __restrict__ dy, {}, long long n) {{\n\
-                 \x20   const long long n4 = n / 4;\n{}}}\n",
-                names[0].0.t,
-                comments.join("\n"),
-                const_ptrs(&ins),
-                params.join(", "),
-                quantizing_loop("    ", GRID_START, GRID_STRIDE, "n4", &element, &outs)
-            );
-            (text, n / 4)
+            let def = def
+                .doc(format!(
+                    "// The gradient of y = {what} with respect to {wrt_names}: dx_w = dy · ∂y/∂x_w.\n\
+                     // x*, dy, dx*: f32[n], n a multiple of {}\n{}",
+                    names[0].0.t,
+                    comments.join("\n"),
+                ))
+                .long("n", n)
+                .body(format!(
+                    "    const long long n4 = n / 4;\n{}",
+                    quantizing_loop("    ", GRID_START, GRID_STRIDE, "n4", &element, &outs)
+                ));
+            (def, n / 4)
         };
-        let name = self.kernel(&base, &format!("gradient of y = {what}"), text, index, 0);
-        args.push(int(n));
-        vec![elementwise_launch(name, threads, args)]
+        let def = def.rename(base);
+        vec![self.work(index, def, Grid::Threads(threads))]
     }
 }

@@ -21,8 +21,9 @@
 use std::collections::HashMap;
 use std::fmt::Write;
 
+use super::kernel::{GRID_START, GRID_STRIDE};
 use super::{
-    elementwise_launch, int, Arg, Emitter, Fp8Copy, Fp8Gemm, Fp8Operand, Gemm, Launch, Work, BLOCK,
+    val, Arg, Elem, Emitter, Fp8Copy, Fp8Gemm, Fp8Operand, Gemm, Grid, KernelDef, Pass, Work,
 };
 use crate::ir::{Def, Graph, Op, ValueId};
 use crate::model::{Format, Fp8, ScaleFormat};
@@ -74,10 +75,6 @@ impl Tiles {
         )
     }
 }
-
-/// The first index and the stride of a grid-stride loop over all threads of the launch.
-pub(super) const GRID_START: &str = "blockIdx.x * (long long)blockDim.x + threadIdx.x";
-pub(super) const GRID_STRIDE: &str = "(long long)gridDim.x * blockDim.x";
 
 impl Tiles {
     /// The grid-stride [`quantizing_loop`] of an elementwise kernel over `n4` groups of four:
@@ -188,7 +185,15 @@ pub(super) fn quantizing_loop(
 /// The quantizer of activations and gradients: `[outer, k]` (stored transposed as
 /// `[k, outer]` when `transposed`) to K-major FP8 codes with one scale per 1×T tile along
 /// `k`, four elements per thread.
-fn fp8_tiles_text(tiles: Tiles, transposed: bool) -> String {
+fn fp8_tiles(
+    tiles: Tiles,
+    transposed: bool,
+    x: Arg,
+    codes: Arg,
+    scales: Arg,
+    outer: u64,
+    k: u64,
+) -> KernelDef {
     let stored = if transposed {
         "f32[k, outer]"
     } else {
@@ -207,17 +212,25 @@ fn fp8_tiles_text(tiles: Tiles, transposed: bool) -> String {
     };
     let (format, rule) = fp8_names(tiles.e5m2(), tiles.pow2);
     let t = tiles.t;
-    format!(
-        "\
-// Quantizes x: {stored}, read as [outer, k], to {format} codes: u8[outer, k] (four per
-// unsigned, the first in the low byte) with one {rule} scale per 1×{t} tile along k,
-// scales: f32[outer, k / {t}]. Four elements per thread (`kiln_quantize4`).
-extern \"C\" __global__ void @KERNEL@(const float* __restrict__ x, unsigned* __restrict__ codes, float* __restrict__ scales, long long outer, long long k) {{
-    const long long n4 = outer * k / 4;
-{}}}
-",
-        tiles.grid_loop(&element, None)
+    let t_suffix = if transposed { "_t" } else { "" };
+    KernelDef::new(
+        format!("fp8_tiles{t_suffix}{}", tiles.suffix()),
+        "quantizes an activation to FP8 in 1×T tiles",
     )
+    .doc(format!(
+        "// Quantizes x: {stored}, read as [outer, k], to {format} codes: u8[outer, k] (four per\n\
+         // unsigned, the first in the low byte) with one {rule} scale per 1×{t} tile along k,\n\
+         // scales: f32[outer, k / {t}]. Four elements per thread (`kiln_quantize4`)."
+    ))
+    .read("x", x)
+    .param("codes", Elem::U32, Pass::Write, codes)
+    .write("scales", scales)
+    .long("outer", outer)
+    .long("k", k)
+    .body(format!(
+        "    const long long n4 = outer * k / 4;\n{}",
+        tiles.grid_loop(&element, None)
+    ))
 }
 
 /// One layout a weight quantizer writes: the weight's own `[rows, cols]` or its transpose
@@ -231,7 +244,15 @@ struct BlockOut {
 /// The quantizer of weights: `w: f32[rows, cols]` in `br × bc` blocks, one thread block per
 /// weight block, each block's max-abs found once and its codes written in every layout of
 /// `outs` (`codes`/`scales` for one, `codes{i}`/`scales{i}` for several).
-fn fp8_blocks_text(pow2: bool, br: u64, bc: u64, outs: &[BlockOut]) -> String {
+/// `w` is the weight's buffer, each of `outs` comes with its codes and scales.
+fn fp8_blocks(
+    def: KernelDef,
+    pow2: bool,
+    [br, bc]: [u64; 2],
+    w: Arg,
+    outs: &[(BlockOut, Arg, Arg)],
+    [rows, cols]: [u64; 2],
+) -> KernelDef {
     let one = outs.len() == 1;
     let name = |what: &str, i: usize| {
         if one {
@@ -242,12 +263,12 @@ fn fp8_blocks_text(pow2: bool, br: u64, bc: u64, outs: &[BlockOut]) -> String {
     };
     let rule = fp8_names(false, pow2).1;
     let mut header = String::new();
-    let mut params = vec!["const float* __restrict__ w".to_string()];
+    let mut def = def.read("w", w);
     let (mut scale_lines, mut code_lines, mut store_lines) =
         (String::new(), String::new(), String::new());
     // One scale and one code per format, whatever the layouts.
-    let first_of = |i: usize| (0..=i).find(|&j| outs[j].e5m2 == outs[i].e5m2).unwrap();
-    for (i, out) in outs.iter().enumerate() {
+    let first_of = |i: usize| (0..=i).find(|&j| outs[j].0.e5m2 == outs[i].0.e5m2).unwrap();
+    for (i, (out, codes_arg, scales_arg)) in outs.iter().enumerate() {
         let format = fp8_names(out.e5m2, pow2).0;
         let (codes, scales) = (name("codes", i), name("scales", i));
         let (s, q) = (format!("s{}", first_of(i)), format!("q{}", first_of(i)));
@@ -267,8 +288,9 @@ fn fp8_blocks_text(pow2: bool, br: u64, bc: u64, outs: &[BlockOut]) -> String {
             )
         };
         let _ = writeln!(header, "//   {format}: {codes}: {layout}");
-        params.push(format!("unsigned char* __restrict__ {codes}"));
-        params.push(format!("float* __restrict__ {scales}"));
+        def = def
+            .param(&codes, Elem::U8, Pass::Write, codes_arg.clone())
+            .write(&scales, scales_arg.clone());
         if first_of(i) == i {
             let max = if out.e5m2 {
                 "KILN_FP8_E5M2_MAX"
@@ -291,15 +313,15 @@ fn fp8_blocks_text(pow2: bool, br: u64, bc: u64, outs: &[BlockOut]) -> String {
             "    if (threadIdx.x == 0) {scales}[{scale_at}] = {s};"
         );
     }
-    params.push("long long rows".into());
-    params.push("long long cols".into());
-    format!(
+    def.doc(format!(
+        "// Quantizes the weight w: f32[rows, cols] in {br} × {bc} blocks, one {rule} scale per block\n\
+         // from its max-abs:\n{header}// One thread block per weight block (the last ones may be partial)."
+    ))
+    .long("rows", rows)
+    .long("cols", cols)
+    .body(format!(
         "\
-// Quantizes the weight w: f32[rows, cols] in {br} × {bc} blocks, one {rule} scale per block
-// from its max-abs:
-{header}// One thread block per weight block (the last ones may be partial).
-extern \"C\" __global__ void @KERNEL@({}) {{
-    __shared__ float scratch[32];
+\x20   __shared__ float scratch[32];
     const long long bcols = (cols + {bc} - 1) / {bc};
     const long long br = blockIdx.x / bcols, bc = blockIdx.x % bcols;
     const long long r0 = br * {br}, c0 = bc * {bc};
@@ -314,10 +336,8 @@ extern \"C\" __global__ void @KERNEL@({}) {{
         const long long r = r0 + e / wd, c = c0 + e % wd;
         const float v = w[r * cols + c];
 {code_lines}    }}
-{store_lines}}}
-",
-        params.join(", ")
-    )
+{store_lines}"
+    ))
 }
 
 /// The format and scale rule of an FP8 kernel, as its comment names them.
@@ -690,11 +710,16 @@ impl Emitter<'_> {
         let (rows, cols) = (self.shape(w)[0], self.shape(w)[1]);
         let pow2 = self.fp8.scale == ScaleFormat::Pow2;
         let [br, bc] = self.fp8.weight_block;
-        let outs: Vec<BlockOut> = written
+        let outs: Vec<(BlockOut, Arg, Arg)> = written
             .iter()
-            .map(|&i| BlockOut {
-                e5m2: self.copies.copies[i].format == Format::E5m2,
-                transposed: self.copies.copies[i].transposed,
+            .map(|&i| {
+                let copy = &self.copies.copies[i];
+                let (codes, scales) = copy.args(i);
+                let out = BlockOut {
+                    e5m2: copy.format == Format::E5m2,
+                    transposed: copy.transposed,
+                };
+                (out, codes, scales)
             })
             .collect();
         // fp8_blocks_e4m3, fp8_blocks_t_e4m3 (transposed), fp8_blocks_pair_e4m3 (both layouts;
@@ -708,26 +733,16 @@ impl Emitter<'_> {
             _ => format!("_pair_{}", formats.join("_")),
         };
         let rule = if pow2 { "_pow2" } else { "" };
-        let name = self.kernel(
-            &format!("fp8_blocks{layouts}_{br}x{bc}{rule}"),
+        let def = KernelDef::new(
+            format!("fp8_blocks{layouts}_{br}x{bc}{rule}"),
             "quantizes a weight to FP8 in blocks, in each layout its GEMMs read",
-            fp8_blocks_text(pow2, br, bc, &outs),
-            node,
-            0,
         );
-        let mut args = vec![Arg::Value { id: w.index() }];
-        for &i in &written {
-            let (codes, scales) = self.copies.copies[i].args(i);
-            args.extend([codes, scales]);
-        }
-        args.extend([int(rows), int(cols)]);
-        Work::Launch(Launch {
-            kernel: name,
-            grid: (rows.div_ceil(br) * cols.div_ceil(bc)).max(1),
-            block: BLOCK,
-            shared_bytes: 0,
-            args,
-        })
+        let def = fp8_blocks(def, pow2, [br, bc], val(w), &outs, [rows, cols]);
+        self.work(
+            node,
+            def,
+            Grid::Blocks(rows.div_ceil(br) * cols.div_ceil(bc)),
+        )
     }
 
     /// The launch quantizing the activation operand `op` in 1×T tiles into `codes` and
@@ -741,24 +756,16 @@ impl Emitter<'_> {
         scales: Arg,
     ) -> Work {
         let tiles = Tiles::of(format, &self.fp8);
-        let transposed = if op.stored_transposed { "_t" } else { "" };
-        let name = self.kernel(
-            &format!("fp8_tiles{transposed}{}", tiles.suffix()),
-            "quantizes an activation to FP8 in 1×T tiles",
-            fp8_tiles_text(tiles, op.stored_transposed),
-            node,
-            0,
+        let x = Arg::Value { id: op.value };
+        let def = fp8_tiles(
+            tiles,
+            op.stored_transposed,
+            x,
+            codes,
+            scales,
+            op.outer,
+            op.k,
         );
-        elementwise_launch(
-            name,
-            op.outer * op.k / 4,
-            vec![
-                Arg::Value { id: op.value },
-                codes,
-                scales,
-                int(op.outer),
-                int(op.k),
-            ],
-        )
+        self.work(node, def, Grid::Threads(op.outer * op.k / 4))
     }
 }

@@ -42,8 +42,83 @@ pub struct Kernel {
     pub block: u32,
     /// Dynamic shared memory per block, in bytes (static shared memory is in the source).
     pub shared_bytes: u32,
+    /// Its parameters in order, as the source declares them: every launch passes one
+    /// argument per parameter, of the kind the parameter's type takes.
+    pub params: Vec<Param>,
     /// The Program nodes that launch it.
     pub nodes: Vec<usize>,
+}
+
+/// A kernel parameter: its name and C type.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Param {
+    pub name: String,
+    pub elem: Elem,
+    pub pass: Pass,
+}
+
+/// What a kernel parameter holds or points to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Elem {
+    /// `float`
+    F32,
+    /// `int`
+    I32,
+    /// `long long`
+    I64,
+    /// `unsigned`
+    U32,
+    /// `unsigned char`
+    U8,
+    /// `KilnTensor`, the optimizer's view of a trainable tensor.
+    Tensor,
+}
+
+/// How a kernel parameter is passed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Pass {
+    /// By value (`long long n`, `float eps`).
+    Value,
+    /// A pointer the kernel only reads (`const float* __restrict__ x`).
+    Read,
+    /// A pointer the kernel writes (`float* __restrict__ y`).
+    Write,
+}
+
+impl Elem {
+    /// The C type's name.
+    pub fn c_name(self) -> &'static str {
+        match self {
+            Elem::F32 => "float",
+            Elem::I32 => "int",
+            Elem::I64 => "long long",
+            Elem::U32 => "unsigned",
+            Elem::U8 => "unsigned char",
+            Elem::Tensor => "KilnTensor",
+        }
+    }
+}
+
+impl Param {
+    pub fn new(name: &str, elem: Elem, pass: Pass) -> Param {
+        Param {
+            name: name.to_string(),
+            elem,
+            pass,
+        }
+    }
+
+    /// The C declaration, as in the kernel's parameter list.
+    pub fn c_decl(&self) -> String {
+        let (t, n) = (self.elem.c_name(), &self.name);
+        match self.pass {
+            Pass::Value => format!("{t} {n}"),
+            Pass::Read => format!("const {t}* __restrict__ {n}"),
+            Pass::Write => format!("{t}* __restrict__ {n}"),
+        }
+    }
 }
 
 /// A RoPE table pair `cos, sin: f32[seq, dim / 2]`, as the CPU backend's `rope_tables`

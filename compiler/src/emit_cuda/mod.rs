@@ -20,8 +20,10 @@
 //! blocks; [`Fp8Gemm`]) instead, each written once per step, where possible by the kernel
 //! that computes the value ([`Fp8Copy`], planned in `fp8.rs`).
 //!
-//! The emitter, its kernel registry and the dispatch of each node to its kernel family are
-//! here; the families have a file each: `expr.rs` (maps and their gradients), `norm.rs`,
+//! The emitter and the dispatch of each node to its kernel family are here; every kernel is
+//! written one way, as a `kernel::KernelDef` (comment, parameters bound to the launch's
+//! arguments, body) that `Emitter::launch` writes once and launches. The families have a file
+//! each: `expr.rs` (maps and their gradients), `norm.rs`,
 //! `rope.rs`, `attention.rs`, `cross_entropy.rs`, `router.rs` (with the balance loss),
 //! `experts.rs`, `copies.rs` (split, concat, fill, embedding…), `optimizer.rs` and `fp8.rs`
 //! (the FP8 copies and GEMMs). `manifest.rs` has the types of the emitted plan.
@@ -40,17 +42,18 @@ mod cross_entropy;
 mod experts;
 mod expr;
 mod fp8;
+mod kernel;
 mod manifest;
 mod norm;
 mod optimizer;
 mod rope;
 mod router;
 
-use copies::BIAS_GRAD;
 use fp8::Copies;
+use kernel::{grid_stride, Grid, KernelDef};
 pub use manifest::{
-    Arg, CudaProgram, Fp8Copy, Fp8Gemm, Fp8Operand, Gemm, Kernel, Launch, RopeTable, Step,
-    TensorEntry, Work,
+    Arg, CudaProgram, Elem, Fp8Copy, Fp8Gemm, Fp8Operand, Gemm, Kernel, Launch, Param, Pass,
+    RopeTable, Step, TensorEntry, Work,
 };
 pub use optimizer::OPTIMIZER_CHUNK;
 
@@ -84,20 +87,14 @@ const BLOCK: u32 = 256;
 /// The most blocks an elementwise launch uses; its loop strides over the rest.
 const MAX_GRID: u64 = 132 * 16;
 
-/// A kernel written once and found again by its text.
-struct Written {
-    name: String,
-    index: usize,
-}
-
 /// The emitter's state: the source so far and the kernels by their text.
 struct Emitter<'g> {
     graph: &'g Graph,
     out: String,
     namer: Namer,
     kernels: Vec<Kernel>,
-    /// Kernel body text (with a placeholder for the name) → the kernel.
-    by_text: HashMap<String, Written>,
+    /// Kernel text (with a placeholder for the name) → the kernel's index.
+    by_text: HashMap<String, usize>,
     rope_tables: Vec<RopeTable>,
     /// The spec's FP8 scaling (`[precision.fp8]`), for GEMMs whose format is FP8.
     fp8: Fp8,
@@ -105,48 +102,7 @@ struct Emitter<'g> {
     copies: Copies,
 }
 
-/// The placeholder for a kernel's name in its text until it is named.
-const NAME: &str = "@KERNEL@";
-
 impl<'g> Emitter<'g> {
-    /// Adds the kernel `text` (its name written as [`NAME`]) for `node`, unless the same text
-    /// was added before; returns its name. `base` names it (sanitized, made unique).
-    fn kernel(
-        &mut self,
-        base: &str,
-        summary: &str,
-        text: String,
-        node: usize,
-        shared: u32,
-    ) -> String {
-        if let Some(w) = self.by_text.get(&text) {
-            let k = &mut self.kernels[w.index];
-            if !k.nodes.contains(&node) {
-                k.nodes.push(node);
-            }
-            return w.name.clone();
-        }
-        let name = self.namer.call(base);
-        let body = text.replace(NAME, &name);
-        self.out.push_str(&body);
-        self.out.push('\n');
-        self.kernels.push(Kernel {
-            name: name.clone(),
-            summary: summary.to_string(),
-            block: BLOCK,
-            shared_bytes: shared,
-            nodes: vec![node],
-        });
-        self.by_text.insert(
-            text,
-            Written {
-                name: name.clone(),
-                index: self.kernels.len() - 1,
-            },
-        );
-        name
-    }
-
     fn shape(&self, v: ValueId) -> Vec<u64> {
         self.graph.values[v].ty.shape.clone()
     }
@@ -173,28 +129,6 @@ fn int(x: u64) -> Arg {
     }
 }
 
-/// A launch of `kernel` over `n` elements, one per thread, striding past [`MAX_GRID`] blocks.
-fn elementwise_launch(kernel: String, n: u64, args: Vec<Arg>) -> Work {
-    Work::Launch(Launch {
-        kernel,
-        grid: n.div_ceil(u64::from(BLOCK)).clamp(1, MAX_GRID),
-        block: BLOCK,
-        shared_bytes: 0,
-        args,
-    })
-}
-
-/// A launch of `kernel` with one block per row.
-fn row_launch(kernel: String, rows: u64, args: Vec<Arg>) -> Work {
-    Work::Launch(Launch {
-        kernel,
-        grid: rows.max(1),
-        block: BLOCK,
-        shared_bytes: 0,
-        args,
-    })
-}
-
 /// An f32 literal that reads back to `x` rounded to f32.
 fn float_lit(x: f64) -> String {
     let f = x as f32;
@@ -218,15 +152,6 @@ fn float_lit(x: f64) -> String {
     format!("{s}f")
 }
 
-/// The C declaration list `const float* __restrict__ x0, …`.
-fn const_ptrs(names: &[String]) -> String {
-    names
-        .iter()
-        .map(|n| format!("const float* __restrict__ {n}"))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
 /// The kernel name for an op's path: the last two segments of its last op (`ffn.act` →
 /// `ffn_act`; a fused linear layer and activation is named after the activation).
 fn path_base(path: &str) -> String {
@@ -240,11 +165,6 @@ fn path_base(path: &str) -> String {
 }
 
 impl Emitter<'_> {
-    /// A fixed kernel (its text uses [`NAME`]), added once.
-    fn fixed(&mut self, base: &str, summary: &str, text: &str, node: usize) -> String {
-        self.kernel(base, summary, text.to_string(), node, 0)
-    }
-
     /// A linear layer's GEMM `y = x·wᵀ (+ b)`.
     fn linear_gemm(&self, x: ValueId, w: ValueId, b: Option<ValueId>, y: ValueId) -> Gemm {
         let ws = self.shape(w);
@@ -343,19 +263,8 @@ impl Emitter<'_> {
                 let mut work = self.gemm_in(index, node.format, dx, true, 0);
                 work.extend(self.gemm_in(index, node.format, dw, false, 4));
                 if *bias {
-                    let k = self.fixed(
-                        "bias_grad",
-                        "column sums (a bias gradient)",
-                        BIAS_GRAD,
-                        index,
-                    );
-                    work.push(Work::Launch(Launch {
-                        kernel: k,
-                        grid: out_f.div_ceil(32),
-                        block: BLOCK,
-                        shared_bytes: 0,
-                        args: vec![val(dy), val(outs[2]), int(rows), int(out_f)],
-                    }));
+                    let def = copies::bias_grad(val(dy), val(outs[2]), rows, out_f);
+                    work.push(self.work(index, def, Grid::Blocks(out_f.div_ceil(32))));
                 }
                 work
             }

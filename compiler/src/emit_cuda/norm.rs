@@ -5,7 +5,7 @@
 use std::fmt::Write;
 
 use super::fp8::{quantizing_loop, TileOut, Tiles};
-use super::{float_lit, int, row_launch, val, Arg, Emitter, Launch, Work, BLOCK, NAME};
+use super::{float_lit, val, Arg, Elem, Emitter, Grid, KernelDef, Pass, Work};
 use crate::ir::Node;
 use crate::model::NormKind;
 
@@ -101,28 +101,24 @@ impl Emitter<'_> {
         if let Some((tiles, ..)) = &quantized {
             let _ = writeln!(t, "{}", tiles.comment("y"));
         }
-        let mut params = vec!["const float* __restrict__ x".to_string()];
+        // x, (r), w, (b) and (s), y, as the node has them.
+        let mut names = vec!["x"];
         if add {
-            params.push("const float* __restrict__ r".into());
+            names.push("r");
         }
-        params.push("const float* __restrict__ w".into());
+        names.push("w");
         if layer {
-            params.push("const float* __restrict__ b".into());
+            names.push("b");
         }
-        if add {
-            params.push("float* __restrict__ s".into());
+        let mut def = KernelDef::new("", format!("{op} forward over rows of {d}"));
+        for (name, &v) in names.iter().zip(&node.inputs) {
+            def = def.read(name, val(v));
         }
-        params.push("float* __restrict__ y".into());
-        if quantized.is_some() {
-            params.push("unsigned* __restrict__ codes".into());
-            params.push("float* __restrict__ scales".into());
+        let outs: &[&str] = if add { &["s", "y"] } else { &["y"] };
+        for (name, &v) in outs.iter().zip(&node.outputs) {
+            def = def.write(name, val(v));
         }
-        params.push("long long rows".into());
-        let _ = writeln!(
-            t,
-            "extern \"C\" __global__ void __launch_bounds__({BLOCK}) {NAME}({}) {{",
-            params.join(", ")
-        );
+        let doc = std::mem::take(&mut t);
         let _ = writeln!(t, "    __shared__ float scratch[32];");
         let _ = writeln!(t, "    const long long row = blockIdx.x;");
         let _ = writeln!(t, "    if (row >= rows) return;");
@@ -171,27 +167,15 @@ impl Emitter<'_> {
             format!("{src}[j] * rstd * w[j]")
         };
         t.push_str(&row_epilogue(&quantized, d, "yr", &[], &element));
-        let _ = writeln!(t, "}}");
         let mut base = format!("{op}_fwd_d{d}");
-        let mut args: Vec<Arg> = node
-            .inputs
-            .iter()
-            .chain(&node.outputs)
-            .map(|&v| val(v))
-            .collect();
         if let Some((tiles, codes, scales)) = quantized {
             base.push_str(&format!("_q{}", tiles.suffix()));
-            args.extend([codes, scales]);
+            def = def
+                .param("codes", Elem::U32, Pass::Write, codes)
+                .write("scales", scales);
         }
-        args.push(int(rows));
-        let name = self.kernel(
-            &base,
-            &format!("{op} forward over rows of {d}"),
-            t,
-            index,
-            0,
-        );
-        vec![row_launch(name, rows, args)]
+        let def = def.rename(base).doc(doc).long("rows", rows).body(t);
+        vec![self.work(index, def, Grid::Blocks(rows))]
     }
 
     /// A norm's backward: one kernel for the input gradient (plus the residual stream's `ds`
@@ -231,28 +215,21 @@ impl Emitter<'_> {
         if let Some((tiles, ..)) = &quantized {
             let _ = writeln!(t, "{}", tiles.comment("dx"));
         }
-        let mut params = vec![
-            "const float* __restrict__ x".to_string(),
-            "const float* __restrict__ w".into(),
-            "const float* __restrict__ dy".into(),
-        ];
+        let stats = Arg::Scratch {
+            slot: 0,
+            bytes: rows * 8,
+        };
+        let mut dx = KernelDef::new("", format!("{op} input gradient over rows of {d}"))
+            .read("x", val(node.inputs[0]))
+            .read("w", val(node.inputs[1]))
+            .read("dy", val(node.inputs[2]));
         if add {
-            params.push("const float* __restrict__ ds".into());
+            dx = dx.read("ds", val(node.inputs[3]));
         }
-        params.extend([
-            "float* __restrict__ dx".to_string(),
-            "float* __restrict__ stats".into(),
-        ]);
-        if quantized.is_some() {
-            params.push("unsigned* __restrict__ codes".into());
-            params.push("float* __restrict__ scales".into());
-        }
-        params.push("long long rows".into());
-        let _ = writeln!(
-            t,
-            "extern \"C\" __global__ void __launch_bounds__({BLOCK}) {NAME}({}) {{",
-            params.join(", ")
-        );
+        dx = dx
+            .write("dx", val(node.outputs[0]))
+            .write("stats", stats.clone());
+        let doc = std::mem::take(&mut t);
         let _ = writeln!(t, "    __shared__ float scratch[32];");
         let _ = writeln!(t, "    const long long row = blockIdx.x;");
         let _ = writeln!(t, "    if (row >= rows) return;");
@@ -323,18 +300,16 @@ impl Emitter<'_> {
             t,
             "    if (threadIdx.x == 0) {{ stats[2 * row] = mean; stats[2 * row + 1] = rstd; }}"
         );
-        let _ = writeln!(t, "}}");
         let dx_base = match &quantized {
             Some((tiles, ..)) => format!("{op}_bwd_dx_d{d}_q{}", tiles.suffix()),
             None => format!("{op}_bwd_dx_d{d}"),
         };
-        let dx_name = self.kernel(
-            &dx_base,
-            &format!("{op} input gradient over rows of {d}"),
-            t,
-            index,
-            0,
-        );
+        if let Some((_, codes, scales)) = quantized {
+            dx = dx
+                .param("codes", Elem::U32, Pass::Write, codes)
+                .write("scales", scales);
+        }
+        let dx = dx.rename(dx_base).doc(doc).long("rows", rows).body(t);
 
         // The weight (and bias) gradient: 32 columns per block, 8 row lanes summing rows
         // strided by 8, then the lanes in a fixed order.
@@ -346,21 +321,18 @@ impl Emitter<'_> {
             if layer { ", db[j] = Σ_rows dy" } else { "" }
         );
         let _ = writeln!(t, "// x, dy: f32[rows, {d}]; stats: f32[rows, 2]; dw{}: f32[{d}]. Block: 32 columns × 8 row lanes.", if layer { ", db" } else { "" });
-        let mut params = vec![
-            "const float* __restrict__ x".to_string(),
-            "const float* __restrict__ dy".into(),
-            "const float* __restrict__ stats".into(),
-            "float* __restrict__ dw".into(),
-        ];
+        let mut dw = KernelDef::new(
+            format!("{kind_name}_bwd_dw_d{d}"),
+            format!("{kind_name} weight gradient over rows of {d}"),
+        )
+        .read("x", val(node.inputs[0]))
+        .read("dy", val(node.inputs[2]))
+        .read("stats", stats)
+        .write("dw", val(node.outputs[1]));
         if layer {
-            params.push("float* __restrict__ db".into());
+            dw = dw.write("db", val(node.outputs[2]));
         }
-        params.push("long long rows".into());
-        let _ = writeln!(
-            t,
-            "extern \"C\" __global__ void __launch_bounds__({BLOCK}) {NAME}({}) {{",
-            params.join(", ")
-        );
+        let doc = std::mem::take(&mut t);
         let _ = writeln!(t, "    __shared__ float part_w[8][33];");
         if layer {
             let _ = writeln!(t, "    __shared__ float part_b[8][33];");
@@ -409,51 +381,10 @@ impl Emitter<'_> {
             let _ = writeln!(t, "        db[j] = b_sum;");
         }
         let _ = writeln!(t, "    }}");
-        let _ = writeln!(t, "}}");
-        let dw_name = self.kernel(
-            &format!("{kind_name}_bwd_dw_d{d}"),
-            &format!("{kind_name} weight gradient over rows of {d}"),
-            t,
-            index,
-            0,
-        );
-
-        let stats = Arg::Scratch {
-            slot: 0,
-            bytes: rows * 8,
-        };
-        let mut args = vec![
-            val(node.inputs[0]),
-            val(node.inputs[1]),
-            val(node.inputs[2]),
-        ];
-        if add {
-            args.push(val(node.inputs[3]));
-        }
-        args.extend([val(node.outputs[0]), stats.clone()]);
-        if let Some((_, codes, scales)) = quantized {
-            args.extend([codes, scales]);
-        }
-        args.push(int(rows));
-        let mut dw_args = vec![
-            val(node.inputs[0]),
-            val(node.inputs[2]),
-            stats,
-            val(node.outputs[1]),
-        ];
-        if layer {
-            dw_args.push(val(node.outputs[2]));
-        }
-        dw_args.push(int(rows));
+        let dw = dw.doc(doc).long("rows", rows).body(t);
         vec![
-            row_launch(dx_name, rows, args),
-            Work::Launch(Launch {
-                kernel: dw_name,
-                grid: d.div_ceil(32),
-                block: BLOCK,
-                shared_bytes: 0,
-                args: dw_args,
-            }),
+            self.work(index, dx, Grid::Blocks(rows)),
+            self.work(index, dw, Grid::Blocks(d.div_ceil(32))),
         ]
     }
 }

@@ -5,7 +5,7 @@
 
 use std::fmt::Write;
 
-use super::{elementwise_launch, int, val, Arg, Emitter, RopeTable, Work, NAME};
+use super::{grid_stride, val, Arg, Elem, Emitter, Grid, KernelDef, Pass, RopeTable, Work};
 use crate::ir::{Node, RopePairs};
 use crate::model::Yarn;
 
@@ -62,9 +62,8 @@ impl Emitter<'_> {
             t,
             "// x, y: f32[B, T, H, {d}]; cos, sin: f32[T, {half}]. One thread per pair."
         );
-        let _ = writeln!(t, "extern \"C\" __global__ void {NAME}(const float* __restrict__ x, const float* __restrict__ cos_t, const float* __restrict__ sin_t, float* __restrict__ y, long long pairs_total, long long t_len, long long heads) {{");
-        let _ = writeln!(t, "    for (long long p = blockIdx.x * (long long)blockDim.x + threadIdx.x; p < pairs_total;");
-        let _ = writeln!(t, "         p += (long long)gridDim.x * blockDim.x) {{");
+        let doc = std::mem::take(&mut t);
+        t.push_str(&grid_stride("    ", "p", "pairs_total"));
         let _ = writeln!(t, "        const long long i = p % {half};");
         let _ = writeln!(t, "        const long long head = p / {half};");
         let _ = writeln!(t, "        const long long pos = (head / heads) % t_len;");
@@ -83,28 +82,21 @@ impl Emitter<'_> {
             let _ = writeln!(t, "        yh[{second}] = a * s + b * c;");
         }
         let _ = writeln!(t, "    }}");
-        let _ = writeln!(t, "}}");
-        let name = self.kernel(
-            &format!("rope_{dir}_{layout}_d{d}"),
-            &format!("RoPE {dir}, {layout} pairs, head dim {d}"),
-            t,
-            index,
-            0,
-        );
         let pairs_total = b * t_len * h * half;
-        vec![elementwise_launch(
-            name,
-            pairs_total,
-            vec![
-                val(node.inputs[0]),
-                Arg::RopeCos { table },
-                Arg::RopeSin { table },
-                val(node.outputs[0]),
-                int(pairs_total),
-                int(t_len),
-                int(h),
-            ],
-        )]
+        let def = KernelDef::new(
+            format!("rope_{dir}_{layout}_d{d}"),
+            format!("RoPE {dir}, {layout} pairs, head dim {d}"),
+        )
+        .doc(doc)
+        .read("x", val(node.inputs[0]))
+        .read("cos_t", Arg::RopeCos { table })
+        .read("sin_t", Arg::RopeSin { table })
+        .write("y", val(node.outputs[0]))
+        .long("pairs_total", pairs_total)
+        .long("t_len", t_len)
+        .long("heads", h)
+        .body(t);
+        vec![self.work(index, def, Grid::Threads(pairs_total))]
     }
 }
 
@@ -140,9 +132,8 @@ impl Emitter<'_> {
             t,
             "// beyond the table sets *error = {POSITION_ERROR} and writes zeros."
         );
-        let _ = writeln!(t, "extern \"C\" __global__ void {NAME}(const float* __restrict__ x, const unsigned* __restrict__ positions, const float* __restrict__ cos_t, const float* __restrict__ sin_t, float* __restrict__ y, int* __restrict__ error, long long pairs_total, long long heads) {{");
-        let _ = writeln!(t, "    for (long long p = blockIdx.x * (long long)blockDim.x + threadIdx.x; p < pairs_total;");
-        let _ = writeln!(t, "         p += (long long)gridDim.x * blockDim.x) {{");
+        let doc = std::mem::take(&mut t);
+        t.push_str(&grid_stride("    ", "p", "pairs_total"));
         let _ = writeln!(t, "        const long long i = p % {half};");
         let _ = writeln!(t, "        const long long head = p / {half};");
         let _ = writeln!(t, "        const unsigned pos = positions[head / heads];");
@@ -162,28 +153,21 @@ impl Emitter<'_> {
         let _ = writeln!(t, "        yh[{first}] = a * c - b * s;");
         let _ = writeln!(t, "        yh[{second}] = a * s + b * c;");
         let _ = writeln!(t, "    }}");
-        let _ = writeln!(t, "}}");
-        let name = self.kernel(
-            &format!("rope_at_{layout}_d{d}"),
-            &format!("RoPE at each row's position (decoding), {layout} pairs, head dim {d}"),
-            t,
-            index,
-            0,
-        );
         let pairs_total = rows * h * half;
-        vec![elementwise_launch(
-            name,
-            pairs_total,
-            vec![
-                val(node.inputs[0]),
-                val(node.inputs[1]),
-                Arg::RopeCos { table },
-                Arg::RopeSin { table },
-                val(node.outputs[0]),
-                Arg::ErrorFlag,
-                int(pairs_total),
-                int(h),
-            ],
-        )]
+        let def = KernelDef::new(
+            format!("rope_at_{layout}_d{d}"),
+            format!("RoPE at each row's position (decoding), {layout} pairs, head dim {d}"),
+        )
+        .doc(doc)
+        .read("x", val(node.inputs[0]))
+        .param("positions", Elem::U32, Pass::Read, val(node.inputs[1]))
+        .read("cos_t", Arg::RopeCos { table })
+        .read("sin_t", Arg::RopeSin { table })
+        .write("y", val(node.outputs[0]))
+        .param("error", Elem::I32, Pass::Write, Arg::ErrorFlag)
+        .long("pairs_total", pairs_total)
+        .long("heads", h)
+        .body(t);
+        vec![self.work(index, def, Grid::Threads(pairs_total))]
     }
 }

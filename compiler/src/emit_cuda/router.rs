@@ -2,15 +2,15 @@
 //! selects), its backward, and the sequence-wise balance loss and its gradient.
 
 use super::attention::ATTN_ROWS;
-use super::cross_entropy::MEAN;
-use super::{elementwise_launch, float_lit, int, val, Arg, Emitter, Launch, Work, BLOCK, NAME};
+use super::cross_entropy::mean;
+use super::{float_lit, grid_stride, val, Arg, Elem, Emitter, Grid, KernelDef, Pass, Work};
 use crate::ir::Node;
 
 /// The router, fused: logits `x·wᵀ` (a lane per expert), the score function, and the selection
 /// exactly as the CPU backend makes it (keys `score + bias` with NaN lowest, group scores, the
 /// kept groups, top-k by descending key then ascending index, weights normalized and scaled),
 /// the selection sequential in lane 0 of the token's warp.
-fn router_fwd_text(spec: &crate::ir::RouterSpec, d: u64, e: u64) -> String {
+fn router_fwd(def: KernelDef, spec: &crate::ir::RouterSpec, d: u64, e: u64) -> KernelDef {
     use crate::model::{GroupScore, ScoreFunc, Selection};
     let k = spec.top_k;
     let per_lane = e.div_ceil(32);
@@ -67,15 +67,41 @@ fn router_fwd_text(spec: &crate::ir::RouterSpec, d: u64, e: u64) -> String {
     } else {
         "        for (int r = 0; r < K; ++r) weights[token * K + r] *= SCALE;\n"
     };
-    format!(
-        "\
-// The router, fused: logits = x·wᵀ (one lane per expert), scores = {score_name}(logits), and the
-// choice of {k} experts among {e} ranking scores + bias{grouped}; weights are the chosen
-// experts' unbiased scores{normalized} times {scale}. A warp per token; lane 0 selects.
-// x: f32[n, {d}]; w: f32[{e}, {d}]; bias: f32[{e}]; weights: f32[n, {k}]; experts: u32[n, {k}];
-// scores: f32[n, {e}].
-extern \"C\" __global__ void __launch_bounds__({BLOCK}) {NAME}(const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ bias, float* __restrict__ weights, unsigned* __restrict__ experts, float* __restrict__ scores, long long n) {{
-    constexpr int E = {e}, K = {k};
+    let score_name = match spec.score {
+        ScoreFunc::Sigmoid => "sigmoid",
+        ScoreFunc::Softmax => "softmax",
+    };
+    let grouped = if groups.is_empty() {
+        String::new()
+    } else {
+        format!(
+            " within the best {} of {} groups",
+            spec.groups_kept, spec.groups
+        )
+    };
+    let normalized = if spec.normalize {
+        ", normalized (+1e-20),"
+    } else {
+        ""
+    };
+    let group_shared = if spec.select == Selection::GroupLimited && spec.groups > 0 {
+        format!(
+            "    __shared__ double gkey_all[{ATTN_ROWS}][{g}];\n    __shared__ bool kept_all[{ATTN_ROWS}][{g}];",
+            g = spec.groups
+        )
+    } else {
+        String::new()
+    };
+    let scale = float_lit(spec.scale);
+    def.doc(format!(
+        "// The router, fused: logits = x·wᵀ (one lane per expert), scores = {score_name}(logits), and the\n\
+         // choice of {k} experts among {e} ranking scores + bias{grouped}; weights are the chosen\n\
+         // experts' unbiased scores{normalized} times {scale}. A warp per token; lane 0 selects.\n\
+         // x: f32[n, {d}]; w: f32[{e}, {d}]; bias: f32[{e}]; weights: f32[n, {k}]; experts: u32[n, {k}];\n\
+         // scores: f32[n, {e}]."
+    ))
+    .body(format!(
+        "    constexpr int E = {e}, K = {k};
     constexpr float SCALE = {scale};
     __shared__ float s_all[{ATTN_ROWS}][E];
     __shared__ float key_all[{ATTN_ROWS}][E];
@@ -114,34 +140,14 @@ extern \"C\" __global__ void __launch_bounds__({BLOCK}) {NAME}(const float* __re
         }}
 {normalize}        for (int j = 0; j < E; ++j) scores[token * E + j] = s[j];
     }}
-}}
-",
-        score_name = match spec.score {
-            ScoreFunc::Sigmoid => "sigmoid",
-            ScoreFunc::Softmax => "softmax",
-        },
-        grouped = if groups.is_empty() {
-            String::new()
-        } else {
-            format!(" within the best {} of {} groups", spec.groups_kept, spec.groups)
-        },
-        normalized = if spec.normalize { ", normalized (+1e-20)," } else { "" },
-        group_shared = if spec.select == Selection::GroupLimited && spec.groups > 0 {
-            format!(
-                "    __shared__ double gkey_all[{ATTN_ROWS}][{g}];\n    __shared__ bool kept_all[{ATTN_ROWS}][{g}];",
-                g = spec.groups
-            )
-        } else {
-            String::new()
-        },
-        scale = float_lit(spec.scale),
-    )
+"
+    ))
 }
 
 /// The router's backward, first part: each token's logit gradient from the weights' gradient
 /// (through the scale, the normalization and the gather) and the scores' own, through the
 /// score function.
-fn router_dlogits_text(spec: &crate::ir::RouterSpec, e: u64) -> String {
+fn router_dlogits(def: KernelDef, spec: &crate::ir::RouterSpec, e: u64) -> KernelDef {
     use crate::model::ScoreFunc;
     let k = spec.top_k;
     let gather = if spec.normalize {
@@ -168,66 +174,92 @@ fn router_dlogits_text(spec: &crate::ir::RouterSpec, e: u64) -> String {
         for (int j = 0; j < E; ++j) dl[j] = s[j] * (dl[j] - sdot);"
         }
     };
-    format!(
-        "\
-// The router's backward, first part: d_logits[t, :] from d_scores[t, :] plus the chosen
-// experts' share of d_weights[t, :] (through the scale and the normalization), times the
-// score function's Jacobian. One thread per token.
-// scores, d_scores, d_logits: f32[n, {e}]; experts: u32[n, {k}]; d_weights: f32[n, {k}].
-extern \"C\" __global__ void {NAME}(const float* __restrict__ scores, const unsigned* __restrict__ experts, const float* __restrict__ d_weights, const float* __restrict__ d_scores, float* __restrict__ d_logits, long long n) {{
-    constexpr int E = {e}, K = {k};
+    let scale = float_lit(spec.scale);
+    def.doc(format!(
+        "// The router's backward, first part: d_logits[t, :] from d_scores[t, :] plus the chosen\n\
+         // experts' share of d_weights[t, :] (through the scale and the normalization), times the\n\
+         // score function's Jacobian. One thread per token.\n\
+         // scores, d_scores, d_logits: f32[n, {e}]; experts: u32[n, {k}]; d_weights: f32[n, {k}]."
+    ))
+    .body(format!(
+        "    constexpr int E = {e}, K = {k};
     constexpr float SCALE = {scale};
-    for (long long token = blockIdx.x * (long long)blockDim.x + threadIdx.x; token < n;
-         token += (long long)gridDim.x * blockDim.x) {{
-        const float* s = scores + token * E;
+{}\
+\x20       const float* s = scores + token * E;
         float* dl = d_logits + token * E;
         for (int j = 0; j < E; ++j) dl[j] = d_scores[token * E + j];
 {gather}
 {jacobian}
     }}
-}}
 ",
-        scale = float_lit(spec.scale),
-    )
+        grid_stride("    ", "token", "n")
+    ))
 }
 
 /// `dx = d_logits · w` and `dw = d_logitsᵀ · x` for the router (small: `e` columns), one
 /// thread per output element, each summing in a fixed order.
-const ROUTER_DX: &str = "\
-// The router's backward, input gradient: dx[t, c] = Σ_j d_logits[t, j] · w[j, c].
-// d_logits: f32[n, e]; w: f32[e, d]; dx: f32[n, d].
-extern \"C\" __global__ void @KERNEL@(const float* __restrict__ d_logits, const float* __restrict__ w, float* __restrict__ dx, long long n, long long e, long long d) {
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n * d;
-         i += (long long)gridDim.x * blockDim.x) {
-        const long long t = i / d, c = i % d;
+fn router_dx(d_logits: Arg, w: Arg, dx: Arg, [n, e, d]: [u64; 3]) -> KernelDef {
+    KernelDef::new("router_bwd_dx", "the router's input gradient")
+        .doc(
+            "// The router's backward, input gradient: dx[t, c] = Σ_j d_logits[t, j] · w[j, c].\n\
+             // d_logits: f32[n, e]; w: f32[e, d]; dx: f32[n, d].",
+        )
+        .read("d_logits", d_logits)
+        .read("w", w)
+        .write("dx", dx)
+        .long("n", n)
+        .long("e", e)
+        .long("d", d)
+        .body(format!(
+            "{}\
+\x20       const long long t = i / d, c = i % d;
         float acc = 0.0f;
         for (long long j = 0; j < e; ++j) acc += d_logits[t * e + j] * w[j * d + c];
         dx[i] = acc;
-    }
+    }}
+",
+            grid_stride("    ", "i", "n * d")
+        ))
 }
-";
 
-const ROUTER_DW: &str = "\
-// The router's backward, weight gradient: dw[j, c] = Σ_t d_logits[t, j] · x[t, c].
-// d_logits: f32[n, e]; x: f32[n, d]; dw: f32[e, d].
-extern \"C\" __global__ void @KERNEL@(const float* __restrict__ d_logits, const float* __restrict__ x, float* __restrict__ dw, long long n, long long e, long long d) {
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < e * d;
-         i += (long long)gridDim.x * blockDim.x) {
-        const long long j = i / d, c = i % d;
+fn router_dw(d_logits: Arg, x: Arg, dw: Arg, [n, e, d]: [u64; 3]) -> KernelDef {
+    KernelDef::new("router_bwd_dw", "the router's weight gradient")
+        .doc(
+            "// The router's backward, weight gradient: dw[j, c] = Σ_t d_logits[t, j] · x[t, c].\n\
+             // d_logits: f32[n, e]; x: f32[n, d]; dw: f32[e, d].",
+        )
+        .read("d_logits", d_logits)
+        .read("x", x)
+        .write("dw", dw)
+        .long("n", n)
+        .long("e", e)
+        .long("d", d)
+        .body(format!(
+            "{}\
+\x20       const long long j = i / d, c = i % d;
         float acc = 0.0f;
         for (long long t = 0; t < n; ++t) acc += d_logits[t * e + j] * x[t * d + c];
         dw[i] = acc;
-    }
+    }}
+",
+            grid_stride("    ", "i", "e * d")
+        ))
 }
-";
 
 /// The sequence-wise balance loss, forward or backward (`grad`): a block per sequence counts
 /// its routed (token, slot) pairs per expert in shared memory, then each thread takes tokens.
-fn balance_text(t: u64, e: u64, k: u64, alpha: f64, batch: u64, grad: bool) -> String {
+fn balance(
+    def: KernelDef,
+    t: u64,
+    e: u64,
+    k: u64,
+    alpha: f64,
+    batch: u64,
+    grad: bool,
+) -> KernelDef {
     let alpha_l = float_lit(alpha);
     let counts = format!(
-        "\
-    __shared__ unsigned counts[{e}];
+        "    __shared__ unsigned counts[{e}];
     __shared__ float f[{e}];
     const long long b = blockIdx.x;
     for (int j = threadIdx.x; j < {e}; j += blockDim.x) counts[j] = 0;
@@ -242,13 +274,14 @@ fn balance_text(t: u64, e: u64, k: u64, alpha: f64, batch: u64, grad: bool) -> S
     __syncthreads();"
     );
     if grad {
-        format!(
+        def.doc(format!(
+            "// The sequence-wise balance loss, backward: with Z = Σ_j s[t, j],\n\
+             // d_scores[b, t, m] = dloss · alpha/(B·T) · (f_m / Z − Σ_i f_i·s[t, i] / Z²). A block per\n\
+             // sequence (counts in shared memory), a thread per token.\n\
+             // scores, d_scores: f32[B, {t}, {e}]; experts: u32[B, {t}, {k}]; dloss: f32[1]. alpha = {alpha_l}."
+        ))
+        .body(format!(
             "\
-// The sequence-wise balance loss, backward: with Z = Σ_j s[t, j],
-// d_scores[b, t, m] = dloss · alpha/(B·T) · (f_m / Z − Σ_i f_i·s[t, i] / Z²). A block per
-// sequence (counts in shared memory), a thread per token.
-// scores, d_scores: f32[B, {t}, {e}]; experts: u32[B, {t}, {k}]; dloss: f32[1]. alpha = {alpha_l}.
-extern \"C\" __global__ void __launch_bounds__({BLOCK}) {NAME}(const float* __restrict__ scores, const unsigned* __restrict__ experts, const float* __restrict__ dloss, float* __restrict__ d_scores) {{
 {counts}
     const float c = dloss[0] * ({alpha_l} / ({batch}.0f * {t}.0f));
     for (long long tok = threadIdx.x; tok < {t}; tok += blockDim.x) {{
@@ -259,17 +292,17 @@ extern \"C\" __global__ void __launch_bounds__({BLOCK}) {NAME}(const float* __re
         const float shift = fs / (z * z);
         for (int j = 0; j < {e}; ++j) ds[j] = c * (f[j] / z - shift);
     }}
-}}
 "
-        )
+        ))
     } else {
-        format!(
+        def.doc(format!(
+            "// The sequence-wise balance loss, forward: per sequence alpha · mean over tokens of\n\
+             // Σ_i f_i · s[t, i] / Σ_j s[t, j], with f_i = E/(k·T) · (pairs routed to i); the mean over\n\
+             // sequences follows (`mean`). A block per sequence, a thread per token.\n\
+             // scores: f32[B, {t}, {e}]; experts: u32[B, {t}, {k}]; per_seq: f32[B]. alpha = {alpha_l}."
+        ))
+        .body(format!(
             "\
-// The sequence-wise balance loss, forward: per sequence alpha · mean over tokens of
-// Σ_i f_i · s[t, i] / Σ_j s[t, j], with f_i = E/(k·T) · (pairs routed to i); the mean over
-// sequences follows (`mean`). A block per sequence, a thread per token.
-// scores: f32[B, {t}, {e}]; experts: u32[B, {t}, {k}]; per_seq: f32[B]. alpha = {alpha_l}.
-extern \"C\" __global__ void __launch_bounds__({BLOCK}) {NAME}(const float* __restrict__ scores, const unsigned* __restrict__ experts, float* __restrict__ per_seq) {{
 {counts}
     __shared__ float scratch[32];
     float acc = 0.0f;
@@ -281,9 +314,8 @@ extern \"C\" __global__ void __launch_bounds__({BLOCK}) {NAME}(const float* __re
     }}
     acc = kiln_block_sum(acc, scratch);
     if (threadIdx.x == 0) per_seq[b] = acc / {t}.0f * {alpha_l};
-}}
 "
-        )
+        ))
     }
 }
 
@@ -296,27 +328,21 @@ impl Emitter<'_> {
     ) -> Vec<Work> {
         let (n, d) = self.rows(node.inputs[0]);
         let e = self.shape(node.inputs[1])[0];
-        let name = self.kernel(
-            &format!("router_fwd_e{e}_k{}_d{d}", spec.top_k),
+        let i = &node.inputs;
+        let o = &node.outputs;
+        let def = KernelDef::new(
+            format!("router_fwd_e{e}_k{}_d{d}", spec.top_k),
             "the router: logits, scores and the choice of experts",
-            router_fwd_text(spec, d, e),
-            index,
-            0,
-        );
-        let args = node
-            .inputs
-            .iter()
-            .chain(&node.outputs)
-            .map(|&v| val(v))
-            .chain([int(n)])
-            .collect();
-        vec![Work::Launch(Launch {
-            kernel: name,
-            grid: n.div_ceil(ATTN_ROWS).max(1),
-            block: BLOCK,
-            shared_bytes: 0,
-            args,
-        })]
+        )
+        .read("x", val(i[0]))
+        .read("w", val(i[1]))
+        .read("bias", val(i[2]))
+        .write("weights", val(o[0]))
+        .param("experts", Elem::U32, Pass::Write, val(o[1]))
+        .write("scores", val(o[2]))
+        .long("n", n);
+        let def = router_fwd(def, spec, d, e);
+        vec![self.work(index, def, Grid::Blocks(n.div_ceil(ATTN_ROWS)))]
     }
 
     /// `(x, w, bias, weights, experts, scores, d_weights, d_scores) -> (dx, dw)`.
@@ -328,60 +354,28 @@ impl Emitter<'_> {
     ) -> Vec<Work> {
         let (n, d) = self.rows(node.inputs[0]);
         let e = self.shape(node.inputs[1])[0];
-        let dl_k = self.kernel(
-            &format!("router_bwd_dlogits_e{e}_k{}", spec.top_k),
-            "the router's logit gradient",
-            router_dlogits_text(spec, e),
-            index,
-            0,
-        );
-        let dx_k = self.fixed(
-            "router_bwd_dx",
-            "the router's input gradient",
-            ROUTER_DX,
-            index,
-        );
-        let dw_k = self.fixed(
-            "router_bwd_dw",
-            "the router's weight gradient",
-            ROUTER_DW,
-            index,
-        );
         let dl = Arg::Scratch {
             slot: 0,
             bytes: n * e * 4,
         };
         let i = &node.inputs;
+        let dlogits = KernelDef::new(
+            format!("router_bwd_dlogits_e{e}_k{}", spec.top_k),
+            "the router's logit gradient",
+        )
+        .read("scores", val(i[5]))
+        .param("experts", Elem::U32, Pass::Read, val(i[4]))
+        .read("d_weights", val(i[6]))
+        .read("d_scores", val(i[7]))
+        .write("d_logits", dl.clone())
+        .long("n", n);
+        let dlogits = router_dlogits(dlogits, spec, e);
+        let dx = router_dx(dl.clone(), val(i[1]), val(node.outputs[0]), [n, e, d]);
+        let dw = router_dw(dl, val(i[0]), val(node.outputs[1]), [n, e, d]);
         vec![
-            elementwise_launch(
-                dl_k,
-                n,
-                vec![
-                    val(i[5]),
-                    val(i[4]),
-                    val(i[6]),
-                    val(i[7]),
-                    dl.clone(),
-                    int(n),
-                ],
-            ),
-            elementwise_launch(
-                dx_k,
-                n * d,
-                vec![
-                    dl.clone(),
-                    val(i[1]),
-                    val(node.outputs[0]),
-                    int(n),
-                    int(e),
-                    int(d),
-                ],
-            ),
-            elementwise_launch(
-                dw_k,
-                e * d,
-                vec![dl, val(i[0]), val(node.outputs[1]), int(n), int(e), int(d)],
-            ),
+            self.work(index, dlogits, Grid::Threads(n)),
+            self.work(index, dx, Grid::Threads(n * d)),
+            self.work(index, dw, Grid::Threads(e * d)),
         ]
     }
 
@@ -396,48 +390,36 @@ impl Emitter<'_> {
         let s = self.shape(node.inputs[0]);
         let (b, t, e) = (s[0], s[1], s[2]);
         let dir = if grad { "bwd" } else { "fwd" };
-        let name = self.kernel(
-            &format!("balance_loss_{dir}_t{t}_e{e}_k{top_k}"),
+        let def = KernelDef::new(
+            format!("balance_loss_{dir}_t{t}_e{e}_k{top_k}"),
             "the sequence-wise balance loss",
-            balance_text(t, e, top_k, alpha, b, grad),
-            index,
-            0,
-        );
-        let launch = |args| {
-            Work::Launch(Launch {
-                kernel: name.clone(),
-                grid: b.max(1),
-                block: BLOCK,
-                shared_bytes: 0,
-                args,
-            })
-        };
+        )
+        .read("scores", val(node.inputs[0]))
+        .param("experts", Elem::U32, Pass::Read, val(node.inputs[1]));
         if grad {
-            vec![launch(vec![
-                val(node.inputs[0]),
-                val(node.inputs[1]),
-                val(node.inputs[2]),
-                val(node.outputs[0]),
-            ])]
+            let def = def
+                .read("dloss", val(node.inputs[2]))
+                .write("d_scores", val(node.outputs[0]));
+            let def = balance(def, t, e, top_k, alpha, b, grad);
+            vec![self.work(index, def, Grid::Blocks(b))]
         } else {
             let per_seq = Arg::Scratch {
                 slot: 0,
                 bytes: b * 4,
             };
-            let mean = self.fixed("mean", "the mean of a vector", MEAN, index);
+            let def = balance(
+                def.write("per_seq", per_seq.clone()),
+                t,
+                e,
+                top_k,
+                alpha,
+                b,
+                grad,
+            );
+            let mean = mean(per_seq, val(node.outputs[0]), b);
             vec![
-                launch(vec![
-                    val(node.inputs[0]),
-                    val(node.inputs[1]),
-                    per_seq.clone(),
-                ]),
-                Work::Launch(Launch {
-                    kernel: mean,
-                    grid: 1,
-                    block: BLOCK,
-                    shared_bytes: 0,
-                    args: vec![per_seq, val(node.outputs[0]), int(b)],
-                }),
+                self.work(index, def, Grid::Blocks(b)),
+                self.work(index, mean, Grid::Blocks(1)),
             ]
         }
     }
