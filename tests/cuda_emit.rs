@@ -22,7 +22,7 @@ use kiln::nvcc;
 
 mod common;
 use kiln_compiler::check::check;
-use kiln_compiler::emit_cuda::{emit, Arg, CudaProgram, Elem, Pass, Work};
+use kiln_compiler::emit_cuda::{emit, Arg, CudaProgram, Elem, Keep, Pass, Work};
 use kiln_compiler::ir::{Def, InputKind};
 use kiln_compiler::model::Model;
 use kiln_compiler::program::{compile, compile_decode};
@@ -135,6 +135,57 @@ fn the_manifest_matches_the_source() {
         let m = model(spec);
         let graph_nodes = compile(&m).unwrap().train.graph().nodes.len();
         assert_eq!(p.steps.len(), graph_nodes, "{spec}: one step per node");
+    }
+}
+
+/// The manifest states the Program's keep plan, and the plan's backward steps are the ones
+/// that read each kept value (directly, or through a reshape's alias).
+#[test]
+fn the_manifest_keeps_what_the_backward_steps_read() {
+    for spec in SPECS {
+        let train = compile(&model(spec)).unwrap().train;
+        let p = emit(&train);
+        assert_eq!(p.keep, Keep::of(train.keep()), "{spec}");
+        let boundary = p
+            .keep
+            .boundary
+            .expect("a training step has a backward pass");
+        assert!(!p.keep.kept.is_empty(), "{spec}");
+        // Each value's buffer: an alias reads its source's.
+        let mut buffer: Vec<usize> = (0..train.graph().values.len()).collect();
+        for s in &p.steps {
+            for w in &s.work {
+                if let Work::Alias { of } = w {
+                    let node = &train.graph().nodes[kiln_compiler::ir::NodeId::from_index(s.node)];
+                    buffer[node.outputs[0].index()] = buffer[*of];
+                }
+            }
+        }
+        for k in &p.keep.kept {
+            assert!(
+                k.after < boundary,
+                "{spec}: value {} packed in the forward pass",
+                k.value
+            );
+            let read_after = p.steps.iter().filter(|s| s.node >= boundary).any(|s| {
+                s.work.iter().any(|w| match w {
+                    Work::Launch(l) => l
+                        .args
+                        .iter()
+                        .any(|a| matches!(a, Arg::Value { id } if buffer[*id] == buffer[k.value])),
+                    Work::Gemm(g) => [Some(g.a), Some(g.b), g.bias]
+                        .into_iter()
+                        .flatten()
+                        .any(|v| buffer[v] == buffer[k.value]),
+                    Work::Alias { .. } => false,
+                })
+            });
+            assert!(
+                read_after,
+                "{spec}: kept value {} is read by the backward steps",
+                k.value
+            );
+        }
     }
 }
 

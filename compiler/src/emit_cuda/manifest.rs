@@ -30,6 +30,67 @@ pub struct CudaProgram {
     /// (`Arg::Fp8Codes`, `Arg::Fp8Scales`), each live from its writer's step to its last
     /// reader's.
     pub fp8_copies: Vec<Fp8Copy>,
+    /// What the backward pass keeps from the forward pass: the Program's keep plan.
+    pub keep: Keep,
+}
+
+/// The Program's keep plan (`kiln_ir::keep`) as the manifest states it: the values the
+/// backward pass reads from the forward pass, which the runtime's memory plan keeps across the
+/// boundary. This version's kernels store every kept value in f32 as computed; `storage` is
+/// the format the precision policy asks for, which the interpreter's emulation packs to.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Keep {
+    /// The first node of the backward pass; none for a Program without one (a decode step).
+    pub boundary: Option<usize>,
+    pub kept: Vec<KeptValue>,
+    /// The `experts` nodes whose routed projections their gradient node reads again.
+    pub experts: Vec<usize>,
+}
+
+/// One kept value: its index, the storage the policy asks for, and the node after which the
+/// forward pass is done with it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct KeptValue {
+    pub value: usize,
+    pub storage: KeptStorage,
+    pub after: usize,
+}
+
+/// How the policy stores a kept value (`kiln_ir::keep::Storage`).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum KeptStorage {
+    /// f32 as computed (statistics, named outputs).
+    F32,
+    /// The compute format (`precision.compute`).
+    Compute,
+    /// FP8 codes with one scale per `1 × tile` tile along the last axis, as the forward GEMM
+    /// quantized it.
+    Fp8 { format: Format, tile: u64 },
+}
+
+impl Keep {
+    /// The manifest's form of a keep plan.
+    pub fn of(plan: &kiln_ir::keep::KeepPlan) -> Keep {
+        use kiln_ir::keep::Storage;
+        Keep {
+            boundary: plan.boundary,
+            kept: plan
+                .kept
+                .iter()
+                .map(|k| KeptValue {
+                    value: k.value.index(),
+                    storage: match k.storage {
+                        Storage::F32 => KeptStorage::F32,
+                        Storage::Compute => KeptStorage::Compute,
+                        Storage::Fp8 { format, tile, .. } => KeptStorage::Fp8 { format, tile },
+                    },
+                    after: k.after,
+                })
+                .collect(),
+            experts: plan.experts.clone(),
+        }
+    }
 }
 
 /// One kernel of the translation unit.

@@ -52,8 +52,8 @@ mod router;
 use fp8::Copies;
 use kernel::{grid_stride, Grid, KernelDef};
 pub use manifest::{
-    Arg, CudaProgram, Elem, Fp8Copy, Fp8Gemm, Fp8Operand, Gemm, Kernel, Launch, Param, Pass,
-    RopeTable, Step, TensorEntry, Work,
+    Arg, CudaProgram, Elem, Fp8Copy, Fp8Gemm, Fp8Operand, Gemm, Keep, KeptStorage, KeptValue,
+    Kernel, Launch, Param, Pass, RopeTable, Step, TensorEntry, Work,
 };
 pub use optimizer::OPTIMIZER_CHUNK;
 
@@ -378,5 +378,6 @@ pub fn emit(program: &Program) -> CudaProgram {
         steps,
         optimizer,
         fp8_copies: e.copies.copies,
+        keep: Keep::of(program.keep()),
     }
 }
