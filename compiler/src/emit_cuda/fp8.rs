@@ -547,23 +547,6 @@ impl Copies {
     }
 }
 
-impl Fp8Copy {
-    /// The kernel arguments naming its codes and its scales.
-    fn args(&self, copy: usize) -> (Arg, Arg) {
-        let scales = self.outer.div_ceil(self.block[0]) * self.k.div_ceil(self.block[1]);
-        (
-            Arg::Fp8Codes {
-                copy,
-                bytes: self.outer * self.k,
-            },
-            Arg::Fp8Scales {
-                copy,
-                bytes: 4 * scales,
-            },
-        )
-    }
-}
-
 /// An FP8 operand before quantization: `value` seen as `[outer, k]`, stored as `[k, outer]`
 /// when `stored_transposed`; a weight is scaled in blocks, anything else in 1×T tiles.
 struct Operand {
@@ -595,11 +578,11 @@ impl Emitter<'_> {
     pub(super) fn gemm_in(
         &mut self,
         node: usize,
-        format: Format,
         mut g: Gemm,
         b_is_weight: bool,
         slot: u32,
     ) -> Vec<Work> {
+        let format = g.format;
         if !format.is_fp8() {
             return vec![Work::Gemm(g)];
         }

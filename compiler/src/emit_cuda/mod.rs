@@ -14,8 +14,8 @@
 //! block reductions, online softmax, the activation functions and their derivatives). All
 //! generated names live in `namespace kiln_gen`, except the `extern "C"` kernel entry points.
 //!
-//! Data are f32 in this version; GEMMs are described for cuBLASLt with bf16 operands and f32
-//! accumulation, which is how the runtime runs them. A linear layer's GEMM whose format is FP8
+//! Data are f32 in this version; GEMMs are described for cuBLASLt with operands in the node's
+//! format and f32 accumulation, which is how the runtime runs them. A linear layer's GEMM whose format is FP8
 //! reads K-major FP8 copies of both operands with their scales (1×T activation tiles, weight
 //! blocks; [`Fp8Gemm`]) instead, each written once per step, where possible by the kernel
 //! that computes the value ([`Fp8Copy`], planned in `fp8.rs`).
@@ -26,13 +26,14 @@
 //! each: `expr.rs` (maps and their gradients), `norm.rs`,
 //! `rope.rs`, `attention.rs`, `cross_entropy.rs`, `router.rs` (with the balance loss),
 //! `experts.rs`, `copies.rs` (split, concat, fill, embedding…), `optimizer.rs` and `fp8.rs`
-//! (the FP8 copies and GEMMs). `manifest.rs` has the types of the emitted plan.
+//! (the FP8 copies and GEMMs). The types of the emitted plan are
+//! `kiln_ir::cuda`'s, which the runtime reads too.
 
 use std::collections::HashMap;
 use std::fmt::Write;
 
 use crate::ir::{Def, Graph, InputKind, Node, Op, ValueId};
-use crate::model::{Fp8, NormKind};
+use crate::model::{Format, Fp8, NormKind};
 use crate::names::{comment_text, Lang, Namer};
 use crate::program::{Program, TrainOutputs};
 
@@ -43,7 +44,6 @@ mod experts;
 mod expr;
 mod fp8;
 mod kernel;
-mod manifest;
 mod norm;
 mod optimizer;
 mod rope;
@@ -51,35 +51,10 @@ mod router;
 
 use fp8::Copies;
 use kernel::{grid_stride, Grid, KernelDef};
-pub use manifest::{
+pub use kiln_ir::cuda::{
     Arg, CudaProgram, Elem, Fp8Copy, Fp8Gemm, Fp8Operand, Gemm, Keep, KeptStorage, KeptValue,
-    Kernel, Launch, Param, Pass, RopeTable, Step, TensorEntry, Work,
+    Kernel, Launch, Param, Pass, RopeTable, Step, TensorEntry, Work, HEADERS, OPTIMIZER_CHUNK,
 };
-pub use optimizer::OPTIMIZER_CHUNK;
-
-/// The building blocks in `kernels/` that the translation unit includes, by file name (for
-/// writing beside it, and for NVRTC, which takes headers as strings).
-/// (`kiln_types.cuh`, the bf16/FP8 conversions, joins them when a kernel needs it: it includes
-/// CUDA's own headers, which NVRTC needs a path to.)
-/// `kiln_fp8.cuh` is included when some GEMM is FP8; it needs no CUDA header.
-pub const HEADERS: [(&str, &str); 4] = [
-    (
-        "kiln_reduce.cuh",
-        include_str!("../../../kernels/kiln_reduce.cuh"),
-    ),
-    (
-        "kiln_softmax.cuh",
-        include_str!("../../../kernels/kiln_softmax.cuh"),
-    ),
-    (
-        "kiln_math.cuh",
-        include_str!("../../../kernels/kiln_math.cuh"),
-    ),
-    (
-        "kiln_fp8.cuh",
-        include_str!("../../../kernels/kiln_fp8.cuh"),
-    ),
-];
 
 /// Threads per block of the row-wise kernels (norms, cross-entropy) and the elementwise ones.
 const BLOCK: u32 = 256;
@@ -166,7 +141,14 @@ fn path_base(path: &str) -> String {
 
 impl Emitter<'_> {
     /// A linear layer's GEMM `y = x·wᵀ (+ b)`.
-    fn linear_gemm(&self, x: ValueId, w: ValueId, b: Option<ValueId>, y: ValueId) -> Gemm {
+    fn linear_gemm(
+        &self,
+        format: Format,
+        x: ValueId,
+        w: ValueId,
+        b: Option<ValueId>,
+        y: ValueId,
+    ) -> Gemm {
         let ws = self.shape(w);
         let (rows, _) = self.rows(x);
         Gemm {
@@ -179,6 +161,7 @@ impl Emitter<'_> {
             a_trans: false,
             b_trans: true,
             bias: b.map(ValueId::index),
+            format,
             fp8: None,
         }
     }
@@ -204,13 +187,13 @@ impl Emitter<'_> {
             Op::EmbeddingGrad { vocab } => self.embedding_grad(index, node, *vocab),
             Op::Linear { bias } => {
                 let b = bias.then(|| ins[2]);
-                let gemm = self.linear_gemm(ins[0], ins[1], b, outs[0]);
-                self.gemm_in(index, node.format, gemm, true, 0)
+                let gemm = self.linear_gemm(node.format, ins[0], ins[1], b, outs[0]);
+                self.gemm_in(index, gemm, true, 0)
             }
             Op::LinearMap { bias, expr, var } => {
                 let b = bias.then(|| ins[2]);
-                let gemm = self.linear_gemm(ins[0], ins[1], b, outs[0]);
-                let gemm = self.gemm_in(index, node.format, gemm, true, 0);
+                let gemm = self.linear_gemm(node.format, ins[0], ins[1], b, outs[0]);
+                let gemm = self.gemm_in(index, gemm, true, 0);
                 // The activation reads the pre-activation the GEMM wrote.
                 let act = Node {
                     op: Op::Map {
@@ -245,6 +228,7 @@ impl Emitter<'_> {
                     a_trans: false,
                     b_trans: false,
                     bias: None,
+                    format: node.format,
                     fp8: None,
                 };
                 // dw[out, in] = dyᵀ[out, rows] · x[rows, in]
@@ -258,10 +242,11 @@ impl Emitter<'_> {
                     a_trans: true,
                     b_trans: false,
                     bias: None,
+                    format: node.format,
                     fp8: None,
                 };
-                let mut work = self.gemm_in(index, node.format, dx, true, 0);
-                work.extend(self.gemm_in(index, node.format, dw, false, 4));
+                let mut work = self.gemm_in(index, dx, true, 0);
+                work.extend(self.gemm_in(index, dw, false, 4));
                 if *bias {
                     let def = copies::bias_grad(val(dy), val(outs[2]), rows, out_f);
                     work.push(self.work(index, def, Grid::Blocks(out_f.div_ceil(32))));

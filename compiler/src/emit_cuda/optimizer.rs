@@ -1,13 +1,12 @@
 //! The optimizer: partial sums of squares over every gradient and the global norm for clipping,
 //! AdamW over multi-tensor chunks, and the router bias update, launched after the step.
 
-use super::{val, Arg, Elem, Emitter, Grid, KernelDef, Launch, Pass, TensorEntry, MAX_GRID};
+use super::{
+    val, Arg, Elem, Emitter, Grid, KernelDef, Launch, Pass, TensorEntry, MAX_GRID, OPTIMIZER_CHUNK,
+};
 use crate::ir::Update;
 use crate::program::Settings;
 use crate::program::TrainOutputs;
-
-/// Elements per chunk of the optimizer's multi-tensor launches: block `c` takes chunk `c`.
-pub const OPTIMIZER_CHUNK: u64 = 4096;
 
 /// The optimizer's view of every trainable tensor, which the runtime fills in a device table
 /// (`Arg::Tensors`), and the chunks its launches split them into (`Arg::ChunkTensor`,

@@ -1,10 +1,45 @@
-//! The CUDA program an emission yields, the manifest `kiln emit cuda` writes as JSON beside
-//! the source: the kernels, the RoPE tables, per node its launches, cuBLASLt GEMMs (FP8 ones
-//! with their quantized operands) or aliases, and the optimizer's launches.
+//! The CUDA program of a Program: what kiln-compiler's CUDA emitter yields and the GPU runtime
+//! runs, the manifest `kiln emit cuda` writes as JSON beside the source: the kernels with
+//! their parameters, the RoPE tables, per node its launches, cuBLASLt GEMMs (FP8 ones with
+//! their quantized operands) or aliases, the optimizer's launches, the FP8 copies and the keep
+//! plan. The types live here, on the ground floor, so that the runtime reads a CUDA program
+//! without linking the compiler.
 
 use serde::Serialize;
 
-use crate::model::{Format, Yarn};
+use crate::attrs::{Format, Yarn};
+
+/// The building blocks in `kernels/` that the translation unit includes, by file name (for
+/// writing beside it, and for NVRTC, which takes headers as strings).
+/// (`kiln_types.cuh`, the bf16/FP8 conversions, joins them when a kernel needs it: it includes
+/// CUDA's own headers, which NVRTC needs a path to.)
+/// `kiln_fp8.cuh` is included when some GEMM is FP8; it needs no CUDA header.
+pub const HEADERS: [(&str, &str); 4] = [
+    (
+        "kiln_reduce.cuh",
+        include_str!("../../../kernels/kiln_reduce.cuh"),
+    ),
+    (
+        "kiln_softmax.cuh",
+        include_str!("../../../kernels/kiln_softmax.cuh"),
+    ),
+    (
+        "kiln_math.cuh",
+        include_str!("../../../kernels/kiln_math.cuh"),
+    ),
+    (
+        "kiln_fp8.cuh",
+        include_str!("../../../kernels/kiln_fp8.cuh"),
+    ),
+];
+
+/// Elements per chunk of the optimizer's multi-tensor launches: block `c` takes chunk `c`
+/// ([`Arg::ChunkTensor`], [`Arg::ChunkStart`]).
+pub const OPTIMIZER_CHUNK: u64 = 4096;
+
+/// CUDA's execution model on the host (`kernels/kiln_host.h`): the emulated device and the
+/// host tests build the translation unit under it.
+pub const HOST_HEADER: (&str, &str) = ("kiln_host.h", include_str!("../../../kernels/kiln_host.h"));
 
 /// The CUDA program of a training (or decode) step: source, kernels and the work of each node.
 /// Graph inputs (tokens, positions, a decode step's KV caches) and parameters are values,
@@ -34,7 +69,7 @@ pub struct CudaProgram {
     pub keep: Keep,
 }
 
-/// The Program's keep plan (`kiln_ir::keep`) as the manifest states it: the values the
+/// The Program's keep plan ([`crate::keep`]) as the manifest states it: the values the
 /// backward pass reads from the forward pass, which the runtime's memory plan keeps across the
 /// boundary. This version's kernels store every kept value in f32 as computed; `storage` is
 /// the format the precision policy asks for, which the interpreter's emulation packs to.
@@ -56,7 +91,7 @@ pub struct KeptValue {
     pub after: usize,
 }
 
-/// How the policy stores a kept value (`kiln_ir::keep::Storage`).
+/// How the policy stores a kept value ([`crate::keep::Storage`]).
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(rename_all = "snake_case", tag = "kind")]
 pub enum KeptStorage {
@@ -71,8 +106,8 @@ pub enum KeptStorage {
 
 impl Keep {
     /// The manifest's form of a keep plan.
-    pub fn of(plan: &kiln_ir::keep::KeepPlan) -> Keep {
-        use kiln_ir::keep::Storage;
+    pub fn of(plan: &crate::keep::KeepPlan) -> Keep {
+        use crate::keep::Storage;
         Keep {
             boundary: plan.boundary,
             kept: plan
@@ -278,8 +313,8 @@ pub struct Step {
 pub enum Work {
     Launch(Launch),
     /// A matrix product on cuBLASLt: row-major `out[m, n] = op(a)[m, k] · op(b)[k, n]`
-    /// (+ `bias[n]` broadcast over rows), where `op` transposes when the flag says so;
-    /// operands in bf16, accumulation and output in f32.
+    /// (+ `bias[n]` broadcast over rows), where `op` transposes when the flag says so; operands
+    /// in the node's format ([`Gemm::format`]), accumulation and output in f32.
     Gemm(Gemm),
     /// No work: the output is the input's buffer under another shape.
     Alias {
@@ -309,6 +344,10 @@ pub struct Gemm {
     pub a_trans: bool,
     pub b_trans: bool,
     pub bias: Option<usize>,
+    /// The node's format: `fp32` multiplies the operands as they are, `bf16` and `fp16` round
+    /// each to nearest even first (as the CPU's precision emulation does), and an FP8 format
+    /// reads the quantized copies of [`Gemm::fp8`] instead.
+    pub format: Format,
     /// The FP8 copies of `a` and `b` the GEMM reads instead, when its format is FP8.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fp8: Option<Fp8Gemm>,
@@ -372,4 +411,22 @@ pub struct Fp8Copy {
     pub pair: Option<usize>,
     /// The nodes whose GEMMs read it, in execution order; the copy is dead after the last.
     pub readers: Vec<usize>,
+}
+
+impl Fp8Copy {
+    /// The kernel arguments naming its codes (one byte per element) and its scales (one f32
+    /// per block); `copy` is its index in [`CudaProgram::fp8_copies`].
+    pub fn args(&self, copy: usize) -> (Arg, Arg) {
+        let scales = self.outer.div_ceil(self.block[0]) * self.k.div_ceil(self.block[1]);
+        (
+            Arg::Fp8Codes {
+                copy,
+                bytes: self.outer * self.k,
+            },
+            Arg::Fp8Scales {
+                copy,
+                bytes: 4 * scales,
+            },
+        )
+    }
 }
