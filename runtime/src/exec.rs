@@ -109,12 +109,15 @@ pub enum ExecError {
     Param(String),
     /// A token id or expert index is out of range.
     OutOfRange(String),
+    /// The device running the plan refused a call (`--device cuda-emulated`, `cuda`).
+    Device(String),
 }
 
 impl fmt::Display for ExecError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ExecError::Input(m) | ExecError::Param(m) | ExecError::OutOfRange(m) => f.write_str(m),
+            ExecError::Device(m) => write!(f, "device: {m}"),
         }
     }
 }

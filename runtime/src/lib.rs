@@ -24,6 +24,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod data;
 pub mod decode;
+pub mod device;
 pub mod exec;
 pub mod generate;
 pub mod hf;

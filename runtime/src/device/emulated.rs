@@ -1,0 +1,533 @@
+//! The emulated device (`--device cuda-emulated`): the CUDA plan on the CPU.
+//!
+//! Memory is host memory, so an address is a host pointer. The generated translation unit is
+//! built with the host C++ compiler (`$CXX`, else `g++`) under `kernels/kiln_host.h`, CUDA's
+//! execution model on the host (a block's 256 threads are real threads, blocks run one after
+//! another), into a shared library that is cached on disk by the hash of its source and
+//! loaded with `dlopen`. Each kernel gets a trampoline, `kiln_emu_<kernel>(grid, args)`, that
+//! takes its arguments as `cuLaunchKernel` does — an array of pointers to each argument's
+//! value — and casts them to the types the kernel's parameters declare (the manifest's
+//! `Kernel::params`), so a launch here passes exactly what it would pass to a GPU.
+//!
+//! GEMMs run on the CPU with cuBLASLt's semantics ([`super::GemmCall`]): operands rounded
+//! to the call's format as the interpreter's precision emulation rounds them, FP8 operands
+//! read from their codes and scales and accumulated with the policy's accumulation model.
+//!
+//! Every address a launch or a GEMM reads is checked to lie in an allocated buffer before it
+//! is dereferenced here; kernels index within the buffers the plan gave them (what
+//! `tests/cuda_host.rs` checks), which this device trusts as a GPU would.
+
+use std::collections::HashMap;
+use std::ffi::{c_void, CString};
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use kiln_ir::attrs::Format;
+use kiln_ir::cuda::{CudaProgram, Pass, HEADERS, HOST_HEADER};
+
+use super::{BufId, Device, DeviceError, Fp8Operand, GemmCall, GemmOperand, KernelArg};
+use crate::numerics::accum::fp8_product;
+use crate::numerics::fp8::Fp8Format;
+use crate::numerics::gemm::{GemmNumerics, Role};
+use crate::numerics::quant::Quantized;
+
+/// Held for every launch: a library is loaded once per process however many devices open it
+/// (`dlopen` counts references), and its worker pool, block index and barriers are that
+/// library's globals, so launches from different devices or threads must take turns.
+static LAUNCHES: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// A callback for lines of progress.
+type Progress = Box<dyn FnMut(&str) + Send>;
+
+/// A trampoline: `kiln_emu_<kernel>(grid, args)`.
+type Trampoline = unsafe extern "C" fn(u64, *const *const c_void);
+
+/// The loaded library of one translation unit.
+struct Library {
+    handle: *mut c_void,
+    kernels: HashMap<String, Trampoline>,
+    path: PathBuf,
+}
+
+// SAFETY: the library's code is process-global; every launch holds `LAUNCHES`, so one runs at
+// a time, which is all the host shim requires.
+unsafe impl Send for Library {}
+
+impl Drop for Library {
+    fn drop(&mut self) {
+        // SAFETY: the handle came from dlopen and no trampoline outlives `self`.
+        unsafe {
+            libc::dlclose(self.handle);
+        }
+    }
+}
+
+/// The CUDA plan's device, emulated on the host.
+pub struct Emulated {
+    /// Each buffer's words (8-byte aligned) and its size in bytes.
+    buffers: Vec<(Vec<u64>, u64)>,
+    /// Buffers by start address, for checking the addresses GEMMs read.
+    by_address: std::collections::BTreeMap<u64, usize>,
+    library: Option<Library>,
+    /// Where built libraries are cached.
+    cache: PathBuf,
+    /// Called with a line while the kernels build (which takes a while the first time).
+    progress: Option<Progress>,
+}
+
+impl Emulated {
+    /// An emulated device caching built kernels under `cache`.
+    pub fn new(cache: &Path) -> Emulated {
+        Emulated {
+            buffers: Vec::new(),
+            by_address: Default::default(),
+            library: None,
+            cache: cache.to_path_buf(),
+            progress: None,
+        }
+    }
+
+    /// Reports progress lines (the host build of the kernels) to `f`.
+    pub fn with_progress(mut self, f: impl FnMut(&str) + Send + 'static) -> Emulated {
+        self.progress = Some(Box::new(f));
+        self
+    }
+
+    /// The built library's path, once loaded.
+    pub fn library_path(&self) -> Option<&Path> {
+        self.library.as_ref().map(|l| l.path.as_path())
+    }
+
+    /// Checks that `[address, address + bytes)` lies in one buffer.
+    fn check(&self, address: u64, bytes: u64, what: &str) -> Result<(), DeviceError> {
+        let found = self
+            .by_address
+            .range(..=address)
+            .next_back()
+            .map(|(&start, &i)| (start, self.buffers[i].1));
+        match found {
+            Some((start, size)) if address + bytes <= start + size.max(1) => Ok(()),
+            _ => Err(DeviceError::Call(format!(
+                "{what}: {bytes} bytes at {address:#x} are outside every buffer"
+            ))),
+        }
+    }
+
+    /// `rows × cols` f32 of a row-major matrix at `ptr` with rows `ld` apart, packed.
+    fn matrix(
+        &self,
+        ptr: u64,
+        rows: u64,
+        cols: u64,
+        ld: u64,
+        what: &str,
+    ) -> Result<Vec<f32>, DeviceError> {
+        if rows == 0 || cols == 0 {
+            return Ok(Vec::new());
+        }
+        if ld < cols {
+            return Err(DeviceError::Call(format!(
+                "{what}: leading dimension {ld} below the row length {cols}"
+            )));
+        }
+        self.check(ptr, 4 * ((rows - 1) * ld + cols), what)?;
+        // SAFETY: the range lies in one live buffer (checked above), 4-byte aligned as every
+        // value's buffer is.
+        let all = unsafe {
+            std::slice::from_raw_parts(ptr as *const f32, ((rows - 1) * ld + cols) as usize)
+        };
+        let mut out = Vec::with_capacity((rows * cols) as usize);
+        for r in 0..rows {
+            let start = (r * ld) as usize;
+            out.extend_from_slice(&all[start..start + cols as usize]);
+        }
+        Ok(out)
+    }
+
+    /// An FP8 operand `[outer, k]` as the interpreter's quantized form.
+    fn quantized(
+        &self,
+        op: &Fp8Operand,
+        outer: u64,
+        k: u64,
+        format: Fp8Format,
+    ) -> Result<Quantized, DeviceError> {
+        let n = outer * k;
+        let blocks = outer.div_ceil(op.block[0]) * k.div_ceil(op.block[1]);
+        self.check(op.codes, n, "FP8 codes")?;
+        self.check(op.scales, 4 * blocks, "FP8 scales")?;
+        // SAFETY: both ranges lie in live buffers (checked above).
+        let (codes, scales) = unsafe {
+            (
+                std::slice::from_raw_parts(op.codes as *const u8, n as usize).to_vec(),
+                std::slice::from_raw_parts(op.scales as *const f32, blocks as usize).to_vec(),
+            )
+        };
+        Ok(Quantized {
+            format,
+            rows: outer as usize,
+            cols: k as usize,
+            block: op.block.map(|b| b as usize),
+            codes,
+            scales,
+        })
+    }
+}
+
+impl Device for Emulated {
+    fn describe(&self) -> String {
+        "cuda-emulated (the generated kernels on the host, GEMMs on the CPU)".to_string()
+    }
+
+    fn load(&mut self, program: &CudaProgram) -> Result<(), DeviceError> {
+        let source = host_unit(program);
+        let key = super::fnv1a(&[
+            source.as_bytes(),
+            compiler().as_bytes(),
+            FLAGS.join(" ").as_bytes(),
+        ]);
+        std::fs::create_dir_all(&self.cache).map_err(|e| {
+            DeviceError::Build(format!("cannot create {}: {e}", self.cache.display()))
+        })?;
+        let path = self.cache.join(format!("host-{key:016x}.so"));
+        if !path.exists() {
+            if let Some(p) = self.progress.as_mut() {
+                p(&format!(
+                    "building {} kernels for the host with {} (cached in {})",
+                    program.kernels.len(),
+                    compiler(),
+                    self.cache.display()
+                ));
+            }
+            build(&source, &path)?;
+        }
+        let names: Vec<&str> = program.kernels.iter().map(|k| k.name.as_str()).collect();
+        self.library = Some(open(&path, &names)?);
+        Ok(())
+    }
+
+    fn alloc(&mut self, bytes: u64) -> Result<BufId, DeviceError> {
+        let words = vec![0u64; bytes.div_ceil(8).max(1) as usize];
+        let address = words.as_ptr() as u64;
+        self.buffers.push((words, bytes));
+        self.by_address.insert(address, self.buffers.len() - 1);
+        Ok(BufId(self.buffers.len() - 1))
+    }
+
+    fn address(&self, buf: BufId) -> u64 {
+        self.buffers[buf.0].0.as_ptr() as u64
+    }
+
+    fn upload(&mut self, buf: BufId, data: &[u8]) -> Result<(), DeviceError> {
+        let (words, size) = &mut self.buffers[buf.0];
+        if data.len() as u64 > *size {
+            return Err(DeviceError::Call(format!(
+                "upload of {} bytes into a buffer of {size}",
+                data.len()
+            )));
+        }
+        as_bytes_mut(words)[..data.len()].copy_from_slice(data);
+        Ok(())
+    }
+
+    fn download(&mut self, buf: BufId, out: &mut [u8]) -> Result<(), DeviceError> {
+        let (words, size) = &mut self.buffers[buf.0];
+        if out.len() as u64 > *size {
+            return Err(DeviceError::Call(format!(
+                "download of {} bytes from a buffer of {size}",
+                out.len()
+            )));
+        }
+        out.copy_from_slice(&as_bytes_mut(words)[..out.len()]);
+        Ok(())
+    }
+
+    fn launch(
+        &mut self,
+        kernel: &str,
+        grid: u64,
+        block: u32,
+        _shared_bytes: u32,
+        args: &[KernelArg],
+    ) -> Result<(), DeviceError> {
+        let library = self
+            .library
+            .as_ref()
+            .ok_or_else(|| DeviceError::Call("launch before the kernels were loaded".into()))?;
+        let f = library
+            .kernels
+            .get(kernel)
+            .ok_or_else(|| DeviceError::Call(format!("no kernel `{kernel}` was loaded")))?;
+        if block != 256 {
+            return Err(DeviceError::Call(format!(
+                "{kernel}: the host shim runs 256 threads per block, not {block}"
+            )));
+        }
+        for a in args {
+            if let KernelArg::Ptr(p) = a {
+                self.check(*p, 1, &format!("{kernel}'s pointer argument"))?;
+            }
+        }
+        // Each argument's value in 8 bytes, and the array of pointers to them that
+        // cuLaunchKernel takes.
+        let values: Vec<[u8; 8]> = args
+            .iter()
+            .map(|a| match *a {
+                KernelArg::Ptr(p) => p.to_ne_bytes(),
+                KernelArg::I64(v) => v.to_ne_bytes(),
+                KernelArg::F32(v) => {
+                    let mut b = [0u8; 8];
+                    b[..4].copy_from_slice(&v.to_ne_bytes());
+                    b
+                }
+            })
+            .collect();
+        let pointers: Vec<*const c_void> = values.iter().map(|v| v.as_ptr().cast()).collect();
+        let _turn = LAUNCHES.lock().unwrap_or_else(|e| e.into_inner());
+        // SAFETY: the trampoline reads one argument per parameter of the kernel, each of the
+        // type the manifest declares; the runner passes one per parameter (checked against
+        // the manifest), and the values outlive the call.
+        unsafe { f(grid, pointers.as_ptr()) };
+        Ok(())
+    }
+
+    fn gemm(&mut self, g: &GemmCall) -> Result<(), DeviceError> {
+        let (m, n, k) = (g.m, g.n, g.k);
+        for batch in 0..g.batch.max(1) {
+            let [sa, sb, sc] = g.strides.map(|s| 4 * s * batch);
+            let p = match (g.format, g.fp8) {
+                (Format::E4m3 | Format::E5m2, Some(f)) => {
+                    let format = Fp8Format::of(g.format).expect("an FP8 format");
+                    let (fa, fb) = (offset_fp8(&f.a, sa / 4), offset_fp8(&f.b, sb / 4));
+                    let qa = self.quantized(&fa, m, k, format)?;
+                    let qb = self.quantized(&fb, n, k, format)?;
+                    fp8_product(&qa, &qb, f.accumulation, false)
+                }
+                (Format::E4m3 | Format::E5m2, None) => {
+                    return Err(DeviceError::Call(
+                        "an FP8 GEMM without its quantized operands".into(),
+                    ))
+                }
+                (format, _) => {
+                    let a = self.operand(&g.a, m, k, sa, "GEMM operand a")?;
+                    let b = self.operand(&g.b, k, n, sb, "GEMM operand b")?;
+                    let mut p = vec![0f32; (m * n) as usize];
+                    GemmNumerics::of(format, None).product(
+                        Role::Forward,
+                        (m as usize, k as usize, n as usize),
+                        (&a, g.a.trans),
+                        (&b, g.b.trans),
+                        &mut p,
+                        false,
+                        false,
+                    );
+                    p
+                }
+            };
+            let bias = match g.bias {
+                Some(ptr) => Some(self.matrix(ptr, 1, n, n, "GEMM bias")?),
+                None => None,
+            };
+            let c = g.c + sc;
+            if m == 0 || n == 0 {
+                continue;
+            }
+            self.check(c, 4 * ((m - 1) * g.ldc + n), "GEMM output")?;
+            // SAFETY: the output range lies in one live buffer (checked above), and no slice
+            // of it is alive here.
+            let out = unsafe {
+                std::slice::from_raw_parts_mut(c as *mut f32, ((m - 1) * g.ldc + n) as usize)
+            };
+            for r in 0..m as usize {
+                let row = &mut out[r * g.ldc as usize..][..n as usize];
+                row.copy_from_slice(&p[r * n as usize..][..n as usize]);
+                if let Some(bias) = &bias {
+                    for (y, b) in row.iter_mut().zip(bias) {
+                        *y += b;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn synchronize(&mut self) -> Result<(), DeviceError> {
+        Ok(())
+    }
+}
+
+impl Emulated {
+    /// A GEMM operand as stored: `op(x)` is `[rows, cols]`, so `x` is `[cols, rows]` when
+    /// transposed; packed row-major as stored (the product transposes it).
+    fn operand(
+        &self,
+        op: &GemmOperand,
+        rows: u64,
+        cols: u64,
+        offset: u64,
+        what: &str,
+    ) -> Result<Vec<f32>, DeviceError> {
+        let (r, c) = if op.trans { (cols, rows) } else { (rows, cols) };
+        self.matrix(op.ptr + offset, r, c, op.ld, what)
+    }
+}
+
+fn offset_fp8(op: &Fp8Operand, elements: u64) -> Fp8Operand {
+    Fp8Operand {
+        codes: op.codes + elements,
+        ..*op
+    }
+}
+
+/// The bytes of a word buffer.
+fn as_bytes_mut(words: &mut [u64]) -> &mut [u8] {
+    // SAFETY: u64 has no invalid bit patterns and u8 no alignment; the length covers exactly
+    // the words' bytes.
+    unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), words.len() * 8) }
+}
+
+/// The host C++ compiler.
+fn compiler() -> String {
+    std::env::var("CXX").unwrap_or_else(|_| "g++".to_string())
+}
+
+/// How the library is built: C++20 (the shim's `std::barrier`), and no contraction of
+/// `a * b + c` into fused multiply-adds, so each operation rounds as written (as
+/// `tests/cuda_host.rs` builds the same unit).
+const FLAGS: [&str; 7] = [
+    "-std=c++20",
+    "-O2",
+    "-pthread",
+    "-ffp-contract=off",
+    "-shared",
+    "-fPIC",
+    "-w",
+];
+
+/// The translation unit for the host: the shim, the generated kernels (without the CUDA
+/// headers the shim replaces), and one trampoline per kernel.
+pub fn host_unit(program: &CudaProgram) -> String {
+    let unit = program
+        .source
+        .replace("#include <cuda_runtime.h>\n", "")
+        .replace("#include \"kiln_types.cuh\"\n", "")
+        .replace("#include \"kiln_reduce.cuh\"\n", "");
+    let mut s = format!("#include \"{}\"\n{unit}\n", HOST_HEADER.0);
+    s.push_str(
+        "// One pool of 256 worker threads runs every launch, one block after another.\n\
+         static Pool& kiln_emu_pool() { static Pool pool; return pool; }\n",
+    );
+    for k in &program.kernels {
+        let args: Vec<String> = k
+            .params
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let t = p.elem.c_name();
+                match p.pass {
+                    Pass::Value => format!("*(const {t}*)args[{i}]"),
+                    Pass::Read => format!("*(const {t}* const*)args[{i}]"),
+                    Pass::Write => format!("*({t}* const*)args[{i}]"),
+                }
+            })
+            .collect();
+        let _ = writeln!(
+            s,
+            "extern \"C\" void kiln_emu_{name}(unsigned long long grid, const void* const* args) {{\n    \
+             kiln_emu_pool().run(grid, [&] {{ {name}({}); }});\n}}",
+            args.join(", "),
+            name = k.name
+        );
+    }
+    s
+}
+
+/// Builds `source` into the shared library `path` (through a temporary name, so an
+/// interrupted build leaves nothing half-written).
+fn build(source: &str, path: &Path) -> Result<(), DeviceError> {
+    let dir = path.with_extension("build");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| DeviceError::Build(format!("cannot create {}: {e}", dir.display())))?;
+    let write = |name: &str, text: &str| {
+        std::fs::write(dir.join(name), text)
+            .map_err(|e| DeviceError::Build(format!("cannot write {name}: {e}")))
+    };
+    for (name, text) in HEADERS.iter().chain([&HOST_HEADER]) {
+        write(name, text)?;
+    }
+    write("unit.cpp", source)?;
+    let tmp = dir.join("unit.so");
+    let cxx = compiler();
+    let out = Command::new(&cxx)
+        .args(FLAGS)
+        .arg("-I")
+        .arg(&dir)
+        .arg("-o")
+        .arg(&tmp)
+        .arg(dir.join("unit.cpp"))
+        .output()
+        .map_err(|e| DeviceError::Missing {
+            library: format!("the host C++ compiler `{cxx}` ({e}; set CXX)"),
+            tried: vec![cxx.clone()],
+        })?;
+    if !out.status.success() {
+        return Err(DeviceError::Build(format!(
+            "{cxx} could not build the kernels for the host ({}):\n{}",
+            dir.join("unit.cpp").display(),
+            String::from_utf8_lossy(&out.stderr)
+        )));
+    }
+    std::fs::rename(&tmp, path).map_err(|e| {
+        DeviceError::Build(format!(
+            "cannot move the library to {}: {e}",
+            path.display()
+        ))
+    })?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// Opens the library at `path` and finds the trampoline of every kernel in `names`.
+fn open(path: &Path, names: &[&str]) -> Result<Library, DeviceError> {
+    let c_path = CString::new(path.to_string_lossy().as_bytes())
+        .map_err(|_| DeviceError::Build(format!("a NUL in the path {}", path.display())))?;
+    // SAFETY: dlopen with a valid C string; the library's initializers only set up statics.
+    let handle = unsafe { libc::dlopen(c_path.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
+    if handle.is_null() {
+        // SAFETY: dlerror returns a C string or null.
+        let why = unsafe {
+            let e = libc::dlerror();
+            if e.is_null() {
+                "unknown error".to_string()
+            } else {
+                std::ffi::CStr::from_ptr(e).to_string_lossy().into_owned()
+            }
+        };
+        return Err(DeviceError::Build(format!(
+            "cannot load {}: {why}",
+            path.display()
+        )));
+    }
+    let mut library = Library {
+        handle,
+        kernels: HashMap::new(),
+        path: path.to_path_buf(),
+    };
+    for name in names {
+        let symbol = CString::new(format!("kiln_emu_{name}")).expect("kernel names have no NUL");
+        // SAFETY: looks a symbol up in a library we hold open.
+        let f = unsafe { libc::dlsym(handle, symbol.as_ptr()) };
+        if f.is_null() {
+            return Err(DeviceError::Build(format!(
+                "{} has no trampoline for kernel `{name}`",
+                path.display()
+            )));
+        }
+        // SAFETY: the symbol is a trampoline defined by `host_unit` with this signature.
+        let f: Trampoline = unsafe { std::mem::transmute::<*mut c_void, Trampoline>(f) };
+        library.kernels.insert((*name).to_string(), f);
+    }
+    Ok(library)
+}

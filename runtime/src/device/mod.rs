@@ -1,0 +1,208 @@
+//! Devices that run a Program's CUDA plan ([`kiln_ir::cuda::CudaProgram`]): the kernels the
+//! emitter generated, launched as the manifest says, and its GEMMs with cuBLASLt's semantics.
+//!
+//! A [`Device`] offers exactly what the plan needs: memory (allocate zeroed, upload, download,
+//! the address a pointer argument or a table of pointers carries), kernel launches (grid,
+//! block, shared bytes, arguments in the kernel's parameter order), GEMMs ([`GemmCall`]) and a
+//! synchronization point. Two devices implement it:
+//! - [`emulated::Emulated`] (`--device cuda-emulated`): the generated kernels built for the
+//!   host under CUDA's execution model (`kernels/kiln_host.h`), GEMMs by a CPU implementation
+//!   of the same semantics. Slow; it proves the plan runner, the manifest and the GEMM
+//!   descriptors without a GPU.
+//! - `cuda` (cargo feature `cuda`): the same calls on a GPU through cudarc.
+//!
+//! [`runner::DeviceRunner`] runs a training Program's plan on a device.
+
+use std::fmt;
+
+use kiln_ir::attrs::Format;
+use kiln_ir::cuda::CudaProgram;
+
+use crate::numerics::accum::Accumulation;
+
+pub mod emulated;
+pub mod runner;
+
+/// Where a command runs its steps (`--device`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceKind {
+    /// The interpreter (the default).
+    Cpu,
+    /// A GPU, through cudarc.
+    Cuda,
+    /// The CUDA plan on the CPU: the generated kernels built for the host, GEMMs emulated.
+    CudaEmulated,
+}
+
+impl DeviceKind {
+    /// Every kind, as `--device` spells them.
+    pub const ALL: [DeviceKind; 3] = [DeviceKind::Cpu, DeviceKind::Cuda, DeviceKind::CudaEmulated];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DeviceKind::Cpu => "cpu",
+            DeviceKind::Cuda => "cuda",
+            DeviceKind::CudaEmulated => "cuda-emulated",
+        }
+    }
+}
+
+impl fmt::Display for DeviceKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for DeviceKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        DeviceKind::ALL
+            .into_iter()
+            .find(|k| k.name() == s)
+            .ok_or_else(|| format!("unknown device `{s}`: expected cpu, cuda or cuda-emulated"))
+    }
+}
+
+/// Why a device could not do what the plan asked.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DeviceError {
+    /// A library the device needs was not found: which, and the names searched.
+    Missing { library: String, tried: Vec<String> },
+    /// The kernels could not be built or loaded.
+    Build(String),
+    /// A launch, GEMM or copy was refused: what, and why.
+    Call(String),
+}
+
+impl fmt::Display for DeviceError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceError::Missing { library, tried } => write!(
+                f,
+                "the library `{library}` was not found (searched: {})",
+                tried.join(", ")
+            ),
+            DeviceError::Build(m) | DeviceError::Call(m) => f.write_str(m),
+        }
+    }
+}
+
+impl std::error::Error for DeviceError {}
+
+/// A buffer of device memory, by index.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct BufId(pub usize);
+
+/// A kernel argument as a launch passes it: a device address, or a value.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum KernelArg {
+    Ptr(u64),
+    I64(i64),
+    F32(f32),
+}
+
+/// One operand of a [`GemmCall`]: a row-major matrix at `ptr` whose rows are `ld` elements
+/// apart; `op` transposes it when `trans`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GemmOperand {
+    pub ptr: u64,
+    pub trans: bool,
+    pub ld: u64,
+}
+
+/// An FP8 operand: K-major codes (one byte per element, `[outer, k]` row-major) and one f32
+/// scale per `block` of elements (`[outer / block[0], k / block[1]]`, rounded up).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fp8Operand {
+    pub codes: u64,
+    pub scales: u64,
+    pub block: [u64; 2],
+}
+
+/// The FP8 operands of a block-scaled GEMM and how its products accumulate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fp8Call {
+    pub a: Fp8Operand,
+    pub b: Fp8Operand,
+    pub accumulation: Accumulation,
+}
+
+/// A matrix product as cuBLASLt computes it, row-major:
+/// `c[m, n] = op(a)[m, k] · op(b)[k, n] (+ bias[n])`, `batch` times with the given element
+/// strides between matrices. Operands in `format` (`fp32` as they are, `bf16`/`fp16` rounded
+/// to nearest even, FP8 from `fp8`'s codes and scales), accumulation and output in f32.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GemmCall {
+    pub m: u64,
+    pub n: u64,
+    pub k: u64,
+    pub a: GemmOperand,
+    pub b: GemmOperand,
+    pub c: u64,
+    pub ldc: u64,
+    pub bias: Option<u64>,
+    pub batch: u64,
+    /// Elements between consecutive matrices of `a`, `b` and `c`.
+    pub strides: [u64; 3],
+    pub format: Format,
+    pub fp8: Option<Fp8Call>,
+}
+
+/// What a CUDA plan runs on.
+pub trait Device: Send {
+    /// One line saying what this device is.
+    fn describe(&self) -> String;
+    /// Makes `program`'s kernels launchable (compiling them, or loading them from a cache).
+    fn load(&mut self, program: &CudaProgram) -> Result<(), DeviceError>;
+    /// `bytes` of zeroed memory.
+    fn alloc(&mut self, bytes: u64) -> Result<BufId, DeviceError>;
+    /// The address of `buf`'s first byte, as pointer arguments and tables carry it.
+    fn address(&self, buf: BufId) -> u64;
+    /// Copies `data` to the start of `buf`.
+    fn upload(&mut self, buf: BufId, data: &[u8]) -> Result<(), DeviceError>;
+    /// Copies the start of `buf` into `out`.
+    fn download(&mut self, buf: BufId, out: &mut [u8]) -> Result<(), DeviceError>;
+    /// Launches `kernel` (a name the loaded program defines) over `grid` blocks of `block`
+    /// threads with `args` in its parameter order.
+    fn launch(
+        &mut self,
+        kernel: &str,
+        grid: u64,
+        block: u32,
+        shared_bytes: u32,
+        args: &[KernelArg],
+    ) -> Result<(), DeviceError>;
+    fn gemm(&mut self, call: &GemmCall) -> Result<(), DeviceError>;
+    /// Waits for everything launched so far.
+    fn synchronize(&mut self) -> Result<(), DeviceError>;
+}
+
+/// The directory kiln caches built kernels in: `$KILN_CACHE_DIR`, else `$XDG_CACHE_HOME/kiln`,
+/// else `~/.cache/kiln`, else the system's temporary directory.
+pub fn cache_dir() -> std::path::PathBuf {
+    if let Some(d) = std::env::var_os("KILN_CACHE_DIR") {
+        return d.into();
+    }
+    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
+        return std::path::PathBuf::from(d).join("kiln");
+    }
+    if let Some(h) = std::env::var_os("HOME") {
+        return std::path::PathBuf::from(h).join(".cache").join("kiln");
+    }
+    std::env::temp_dir().join("kiln")
+}
+
+/// FNV-1a, 64 bits, over `parts` kept apart: a stable hash for cache keys (not for security).
+pub fn fnv1a(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in parts {
+        for &b in *part {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        h ^= 0xff;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}

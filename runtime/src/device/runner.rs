@@ -1,0 +1,403 @@
+//! The plan runner: a training (or forward) Program's CUDA plan on a [`Device`].
+//!
+//! Built once per Program: every value gets a device buffer (a reshape's output is its input's
+//! buffer, as the plan's aliases say), every scratch slot the largest size any step asks of
+//! it, every FP8 copy its codes and scales, every RoPE table the CPU backend's values. A run
+//! uploads the parameters and the step's inputs, then does each step's work in the
+//! manifest's order — launches with their arguments resolved to addresses and values, GEMMs
+//! as [`GemmCall`]s — reads the error flag, and downloads the values its caller keeps.
+//!
+//! [`DeviceRunner`] implements the interpreter's [`Run`], so a [`crate::train::Trainer`]
+//! built `with_runner` trains on a device with everything else unchanged: batches, the
+//! learning-rate schedule, metrics, checkpoints (the same safetensors, so a run moves between
+//! devices). The optimizer then runs on the host over the gradients the device computed.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use kiln_ir::attrs::Format;
+use kiln_ir::cuda::{Arg, CudaProgram, Gemm, Work};
+use kiln_ir::ir::{DType, Def, InputKind, NodeId, ValueId};
+use kiln_ir::program::Program;
+
+use super::{BufId, Device, DeviceError, Fp8Call, Fp8Operand, GemmCall, GemmOperand, KernelArg};
+use crate::cpu::attention::rope_tables;
+use crate::exec::{Buf, ExecError, Feed, Run};
+use crate::numerics::gemm::GemmNumerics;
+
+/// A Program's plan, ready to run on a device.
+pub struct DeviceRunner<D: Device> {
+    state: Mutex<State<D>>,
+}
+
+struct State<D> {
+    device: D,
+    cuda: CudaProgram,
+    /// Each value's buffer (aliases share their source's), its element type and count.
+    values: Vec<(BufId, DType, u64)>,
+    scratch: Vec<BufId>,
+    /// Each FP8 copy's codes and scales.
+    copies: Vec<(BufId, BufId)>,
+    /// Each RoPE table's cos and sin.
+    rope: Vec<(BufId, BufId)>,
+    error: BufId,
+    /// The graph's inputs and parameters: which value each fills.
+    inputs: Vec<(ValueId, InputKind)>,
+    params: Vec<(usize, ValueId)>,
+    /// The values a run returns.
+    keep: Vec<ValueId>,
+    /// Parameters each kernel takes, by name.
+    arity: HashMap<String, usize>,
+    /// How FP8 GEMMs accumulate (the policy's `[precision.fp8]`).
+    fp8: Option<crate::numerics::accum::Accumulation>,
+}
+
+impl<D: Device> DeviceRunner<D> {
+    /// Prepares `program`'s plan `cuda` (its emission) on `device`, returning the values of
+    /// `keep` from each run.
+    pub fn new(
+        program: &Program,
+        cuda: CudaProgram,
+        mut device: D,
+        keep: &[ValueId],
+    ) -> Result<DeviceRunner<D>, DeviceError> {
+        let graph = program.graph();
+        device.load(&cuda)?;
+        // Buffers: one per value, an alias sharing its source's.
+        let mut source: Vec<usize> = (0..graph.values.len()).collect();
+        for step in &cuda.steps {
+            for w in &step.work {
+                if let Work::Alias { of } = w {
+                    let node = &graph.nodes[NodeId::from_index(step.node)];
+                    source[node.outputs[0].index()] = source[*of];
+                }
+            }
+        }
+        let mut values: Vec<Option<(BufId, DType, u64)>> = vec![None; graph.values.len()];
+        for (id, v) in graph.values.iter() {
+            let i = id.index();
+            if source[i] != i {
+                continue;
+            }
+            let elements: u64 = v.ty.shape.iter().product();
+            let buf = device.alloc(4 * elements.max(1))?;
+            values[i] = Some((buf, v.ty.dtype, elements));
+        }
+        let values: Vec<(BufId, DType, u64)> = (0..graph.values.len())
+            .map(|i| {
+                let (buf, _, _) = values[source[i]].expect("a source value has a buffer");
+                let v = &graph.values[ValueId::from_index(i)];
+                (buf, v.ty.dtype, v.ty.shape.iter().product())
+            })
+            .collect();
+        // Scratch slots at the largest size any step asks.
+        let mut slots: Vec<u64> = Vec::new();
+        let launches = cuda
+            .steps
+            .iter()
+            .flat_map(|s| &s.work)
+            .filter_map(|w| match w {
+                Work::Launch(l) => Some(l),
+                _ => None,
+            });
+        for l in launches.chain(&cuda.optimizer) {
+            for a in &l.args {
+                if let Arg::Scratch { slot, bytes } = a {
+                    let s = *slot as usize;
+                    if slots.len() <= s {
+                        slots.resize(s + 1, 0);
+                    }
+                    slots[s] = slots[s].max(*bytes);
+                }
+            }
+        }
+        let scratch = slots
+            .iter()
+            .map(|&b| device.alloc(b.max(4)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let copies = cuda
+            .fp8_copies
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let (codes, scales) = c.args(i);
+                let bytes = |a: &Arg| match a {
+                    Arg::Fp8Codes { bytes, .. } | Arg::Fp8Scales { bytes, .. } => *bytes,
+                    _ => unreachable!("an FP8 copy's arguments"),
+                };
+                Ok((
+                    device.alloc(bytes(&codes).max(4))?,
+                    device.alloc(bytes(&scales).max(4))?,
+                ))
+            })
+            .collect::<Result<Vec<_>, DeviceError>>()?;
+        let mut rope = Vec::new();
+        for t in &cuda.rope_tables {
+            let tables =
+                rope_tables::<f32>(t.seq as usize, t.dim as usize, t.theta, t.yarn.as_ref());
+            let cos = device.alloc(4 * tables.cos.len() as u64)?;
+            let sin = device.alloc(4 * tables.sin.len() as u64)?;
+            device.upload(cos, &f32_bytes(&tables.cos))?;
+            device.upload(sin, &f32_bytes(&tables.sin))?;
+            rope.push((cos, sin));
+        }
+        let error = device.alloc(4)?;
+        let inputs = graph
+            .values
+            .iter()
+            .filter_map(|(id, v)| match v.def {
+                Def::Input(kind) => Some((id, kind)),
+                _ => None,
+            })
+            .collect();
+        let params = graph
+            .params
+            .iter()
+            .filter_map(|(p, _)| graph.param_value(p).map(|v| (p.index(), v)))
+            .collect();
+        let arity = cuda
+            .kernels
+            .iter()
+            .map(|k| (k.name.clone(), k.params.len()))
+            .collect();
+        let fp8 = match GemmNumerics::of(Format::E4m3, program.settings().formats.fp8.as_ref()) {
+            GemmNumerics::Fp8(f) => Some(f.accumulation),
+            _ => None,
+        };
+        Ok(DeviceRunner {
+            state: Mutex::new(State {
+                device,
+                cuda,
+                values,
+                scratch,
+                copies,
+                rope,
+                error,
+                inputs,
+                params,
+                keep: keep.to_vec(),
+                arity,
+                fp8,
+            }),
+        })
+    }
+}
+
+impl<D: Device> State<D> {
+    fn address(&self, v: usize) -> u64 {
+        self.device.address(self.values[v].0)
+    }
+
+    /// A launch argument as the device takes it.
+    fn arg(&self, a: &Arg) -> Result<KernelArg, DeviceError> {
+        let ptr = |b: BufId| KernelArg::Ptr(self.device.address(b));
+        Ok(match a {
+            Arg::Value { id } => KernelArg::Ptr(self.address(*id)),
+            Arg::Scratch { slot, .. } => ptr(self.scratch[*slot as usize]),
+            Arg::Fp8Codes { copy, .. } => ptr(self.copies[*copy].0),
+            Arg::Fp8Scales { copy, .. } => ptr(self.copies[*copy].1),
+            Arg::ErrorFlag => ptr(self.error),
+            Arg::RopeCos { table } => ptr(self.rope[*table].0),
+            Arg::RopeSin { table } => ptr(self.rope[*table].1),
+            Arg::Int { value } => KernelArg::I64(*value),
+            Arg::Float { value } => KernelArg::F32(*value as f32),
+            Arg::Tensors { .. } | Arg::ChunkTensor | Arg::ChunkStart | Arg::Hyper { .. } => {
+                return Err(DeviceError::Call(format!(
+                    "{a:?} is the optimizer's, which a step does not launch"
+                )))
+            }
+        })
+    }
+
+    /// The manifest's GEMM with its operands' addresses.
+    fn gemm_call(&self, g: &Gemm) -> Result<GemmCall, DeviceError> {
+        let fp8 = match &g.fp8 {
+            None => None,
+            Some(f) => {
+                let operand = |o: &kiln_ir::cuda::Fp8Operand| -> Result<Fp8Operand, DeviceError> {
+                    let addr = |a: &Arg| match self.arg(a)? {
+                        KernelArg::Ptr(p) => Ok(p),
+                        other => Err(DeviceError::Call(format!(
+                            "an FP8 operand's buffer is {other:?}"
+                        ))),
+                    };
+                    Ok(Fp8Operand {
+                        codes: addr(&o.codes)?,
+                        scales: addr(&o.scales)?,
+                        block: o.block,
+                    })
+                };
+                let accumulation = self.fp8.ok_or_else(|| {
+                    DeviceError::Call("an FP8 GEMM in a Program without FP8 settings".into())
+                })?;
+                Some(Fp8Call {
+                    a: operand(&f.a)?,
+                    b: operand(&f.b)?,
+                    accumulation,
+                })
+            }
+        };
+        Ok(GemmCall {
+            m: g.m,
+            n: g.n,
+            k: g.k,
+            a: GemmOperand {
+                ptr: self.address(g.a),
+                trans: g.a_trans,
+                ld: if g.a_trans { g.m } else { g.k },
+            },
+            b: GemmOperand {
+                ptr: self.address(g.b),
+                trans: g.b_trans,
+                ld: if g.b_trans { g.k } else { g.n },
+            },
+            c: self.address(g.out),
+            ldc: g.n,
+            bias: g.bias.map(|b| self.address(b)),
+            batch: 1,
+            strides: [0; 3],
+            format: g.format,
+            fp8,
+        })
+    }
+
+    /// Uploads the parameters and inputs of `feed`.
+    fn upload(&mut self, feed: &Feed<f32>) -> Result<(), ExecError> {
+        let device_err = |e: DeviceError| ExecError::Device(e.to_string());
+        for &(p, v) in &self.params {
+            let data = feed
+                .params
+                .get(p)
+                .ok_or_else(|| ExecError::Param(format!("parameter {p} was not supplied")))?;
+            let (buf, _, n) = self.values[v.index()];
+            if data.len() as u64 != n {
+                return Err(ExecError::Param(format!(
+                    "parameter {p} has {} elements, the graph {n}",
+                    data.len()
+                )));
+            }
+            self.device
+                .upload(buf, &f32_bytes(data))
+                .map_err(device_err)?;
+        }
+        for &(v, kind) in &self.inputs {
+            let (buf, _, n) = self.values[v.index()];
+            let bytes = match kind {
+                InputKind::TokenWeights => {
+                    let w = feed.weights.ok_or_else(|| {
+                        ExecError::Input("the token weights were not supplied".into())
+                    })?;
+                    check_len(w.len(), n, "token weights")?;
+                    f32_bytes(w)
+                }
+                InputKind::KvCache { .. } => {
+                    return Err(ExecError::Input(
+                        "a decode step's caches are not run on a device yet".into(),
+                    ))
+                }
+                kind => {
+                    let ids = feed.inputs.get(&kind).ok_or_else(|| {
+                        ExecError::Input(format!("input {kind:?} was not supplied"))
+                    })?;
+                    check_len(ids.len(), n, &format!("input {kind:?}"))?;
+                    ids.iter().flat_map(|x| x.to_le_bytes()).collect()
+                }
+            };
+            self.device.upload(buf, &bytes).map_err(device_err)?;
+        }
+        self.device.upload(self.error, &[0; 4]).map_err(device_err)
+    }
+
+    /// Every step's work, in order.
+    fn steps(&mut self) -> Result<(), DeviceError> {
+        for step in &self.cuda.steps {
+            for w in &step.work {
+                match w {
+                    Work::Launch(l) => {
+                        let args = l
+                            .args
+                            .iter()
+                            .map(|a| self.arg(a))
+                            .collect::<Result<Vec<_>, _>>()?;
+                        if self.arity.get(&l.kernel) != Some(&args.len()) {
+                            return Err(DeviceError::Call(format!(
+                                "step {} ({}): {} launched with {} arguments, declared with {:?}",
+                                step.node,
+                                step.path,
+                                l.kernel,
+                                args.len(),
+                                self.arity.get(&l.kernel)
+                            )));
+                        }
+                        self.device
+                            .launch(&l.kernel, l.grid, l.block, l.shared_bytes, &args)?;
+                    }
+                    Work::Gemm(g) => {
+                        let call = self.gemm_call(g)?;
+                        self.device.gemm(&call)?;
+                    }
+                    Work::Alias { .. } => {}
+                }
+            }
+        }
+        self.device.synchronize()
+    }
+}
+
+fn check_len(got: usize, want: u64, what: &str) -> Result<(), ExecError> {
+    if got as u64 == want {
+        Ok(())
+    } else {
+        Err(ExecError::Input(format!(
+            "{what} has {got} elements, the graph reads {want}"
+        )))
+    }
+}
+
+/// The little-endian bytes of f32s.
+fn f32_bytes(x: &[f32]) -> Vec<u8> {
+    x.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+/// What the error flag's code means.
+fn flag_message(code: i32) -> String {
+    match code {
+        1 => "a token id outside the vocabulary".into(),
+        2 => "a target outside the vocabulary".into(),
+        3 => "an expert id out of range".into(),
+        4 => "a decode position at or beyond the KV cache".into(),
+        c => format!("error code {c}"),
+    }
+}
+
+impl<D: Device> Run for DeviceRunner<D> {
+    fn run(&self, feed: &Feed<f32>) -> Result<HashMap<ValueId, Buf<f32>>, ExecError> {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.upload(feed)?;
+        let device_err = |e: DeviceError| ExecError::Device(e.to_string());
+        s.steps().map_err(device_err)?;
+        let mut flag = [0u8; 4];
+        let error = s.error;
+        s.device.download(error, &mut flag).map_err(device_err)?;
+        let code = i32::from_le_bytes(flag);
+        if code != 0 {
+            return Err(ExecError::OutOfRange(format!(
+                "the device reported {} (error flag {code})",
+                flag_message(code)
+            )));
+        }
+        let mut out = HashMap::new();
+        for v in s.keep.clone() {
+            let (buf, dtype, n) = s.values[v.index()];
+            let mut bytes = vec![0u8; 4 * n as usize];
+            s.device.download(buf, &mut bytes).map_err(device_err)?;
+            let words = bytes.chunks_exact(4).map(|c| [c[0], c[1], c[2], c[3]]);
+            let b = match dtype {
+                DType::U32 => Buf::U(words.map(u32::from_le_bytes).collect()),
+                _ => Buf::F(words.map(f32::from_le_bytes).collect()),
+            };
+            out.insert(v, b);
+        }
+        Ok(out)
+    }
+}

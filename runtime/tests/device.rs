@@ -1,0 +1,281 @@
+//! The CUDA plan on the emulated device against the interpreter: three training steps of each
+//! test spec give the same losses and parameters, and a wrong plan is caught.
+//!
+//! The emulated device builds the generated kernels with the host C++ compiler (`$CXX`, else
+//! g++) into a library cached under this test's target directory.
+
+use kiln_compiler::check::check_str;
+use kiln_compiler::emit_cuda::{emit, Work};
+use kiln_compiler::ir::ValueId;
+use kiln_compiler::program::TrainOutputs;
+use kiln_compiler::program::{compile, Compiled};
+use kiln_runtime::data::{builtin_corpus, byte_tokens, Batcher};
+use kiln_runtime::device::emulated::Emulated;
+use kiln_runtime::device::runner::DeviceRunner;
+use kiln_runtime::exec::{Buf, Executor, Feed, Run};
+use kiln_runtime::train::{feed_inputs, init_params, max_token_offset, TrainConfig, Trainer};
+
+/// A test spec under an all-fp32 precision policy, or with `policy` appended.
+fn spec(name: &str, policy: &str) -> String {
+    let text = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/specs")
+            .join(format!("{name}.toml")),
+    )
+    .unwrap();
+    format!("{text}\n[precision]\n{policy}\n")
+}
+
+/// Every op in f32: the interpreter's own arithmetic, which the plan then matches.
+const FP32: &str = "compute = \"fp32\"";
+
+fn cache() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("emulated-kernels")
+}
+
+/// Losses and final parameters of `steps` steps of `compiled`'s training Program, on the
+/// interpreter or (with `plan`) on the emulated device running that plan.
+fn train(
+    compiled: &Compiled,
+    settings_steps: u64,
+    steps: usize,
+    plan: Option<kiln_compiler::emit_cuda::CudaProgram>,
+) -> (Vec<f64>, Vec<Vec<f32>>) {
+    let program = &compiled.train;
+    let settings = program.settings();
+    let forward = compiled.forward.graph();
+    let (b, t) = (settings.batch as usize, settings.seq_len as usize);
+    let window = t + max_token_offset(forward) as usize - 1;
+    let tokens = byte_tokens(&builtin_corpus(0, 1 << 16));
+    let mut batcher = Batcher::new(tokens, b, window, 0).unwrap();
+    let params = init_params(forward, 3);
+    let config = TrainConfig::of(settings, settings_steps, 3);
+    let mut trainer = match plan {
+        None => Trainer::new(program, config, params),
+        Some(plan) => {
+            let keep = TrainOutputs::of(program.graph()).unwrap().values();
+            let runner = DeviceRunner::new(program, plan, Emulated::new(&cache()), &keep)
+                .unwrap_or_else(|e| panic!("{e}"));
+            Trainer::with_runner(program, config, params, Box::new(runner))
+        }
+    };
+    let mut losses = Vec::new();
+    for _ in 0..steps {
+        let s = trainer
+            .step(&batcher.next_batch(), t)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(!s.skipped);
+        losses.push(s.loss);
+    }
+    (losses, trainer.params.clone())
+}
+
+fn relative(a: f64, b: f64) -> f64 {
+    (a - b).abs() / b.abs().max(1e-30)
+}
+
+/// How far two parameter sets are apart: the largest relative L2 distance of a tensor,
+/// `‖got − want‖ / ‖want‖`, and the largest element difference relative to its tensor's
+/// largest magnitude. NaN anywhere is infinitely far.
+fn param_error(got: &[Vec<f32>], want: &[Vec<f32>]) -> (f64, f64) {
+    let (mut l2, mut element) = (0f64, 0f64);
+    for (g, w) in got.iter().zip(want) {
+        assert_eq!(g.len(), w.len());
+        let scale = w
+            .iter()
+            .fold(0f64, |m, x| m.max(f64::from(x.abs())))
+            .max(1e-30);
+        let (mut d2, mut w2) = (0f64, 0f64);
+        for (x, y) in g.iter().zip(w) {
+            let d = f64::from(*x) - f64::from(*y);
+            if !d.is_finite() {
+                return (f64::INFINITY, f64::INFINITY);
+            }
+            d2 += d * d;
+            w2 += f64::from(*y) * f64::from(*y);
+            element = element.max(d.abs() / scale);
+        }
+        l2 = l2.max((d2 / w2.max(1e-300)).sqrt());
+    }
+    (l2, element)
+}
+
+/// The gradients that vanish in exact arithmetic — below 1e-6 of the largest gradient's norm
+/// on the interpreter, and on the device too (asserted) — such as an attention key bias's
+/// (softmax ignores a shift every key shares). Both sides compute rounding noise for them,
+/// which AdamW, normalizing each element's step, turns into steps of ±lr of either sign: their
+/// parameters are not compared, their gradients are held to vanish.
+fn vanishing_gradients(compiled: &Compiled) -> Vec<ValueId> {
+    let all = step_errors(compiled, emit(&compiled.train));
+    let largest = all.iter().fold(0f64, |m, c| m.max(c.cpu));
+    all.iter()
+        .filter(|c| c.cpu < 1e-6 * largest)
+        .map(|c| {
+            assert!(
+                c.dev < 1e-6 * largest,
+                "value {:?}: its gradient vanishes on the interpreter ({:.2e}), not on the device ({:.2e})",
+                c.value,
+                c.cpu,
+                c.dev
+            );
+            c.value
+        })
+        .collect()
+}
+
+#[test]
+fn three_steps_on_the_emulated_device_match_the_interpreter() {
+    for name in ["micro", "micro-yarn", "gpt2-micro"] {
+        let model = check_str(&spec(name, FP32)).unwrap();
+        let compiled = compile(&model).unwrap();
+        let plan = emit(&compiled.train);
+        let (cpu_losses, cpu_params) = train(&compiled, 100, 3, None);
+        let (dev_losses, dev_params) = train(&compiled, 100, 3, Some(plan));
+        for (i, (d, c)) in dev_losses.iter().zip(&cpu_losses).enumerate() {
+            let e = relative(*d, *c);
+            assert!(
+                e <= 1e-5,
+                "{name} step {i}: loss {d} on the device, {c} on the CPU ({e:.2e})"
+            );
+        }
+        // AdamW normalizes each element's step by its own gradient's magnitude, so an element
+        // whose gradient is small carries that gradient's relative rounding (kernels sum in
+        // other orders than the interpreter) into a difference of up to ~1e-3 of a step:
+        // elements are held to 1e-4 of their tensor's scale, tensors to 1e-5 in norm.
+        let vanishing = vanishing_gradients(&compiled);
+        let grads = TrainOutputs::of(compiled.train.graph()).unwrap().grads;
+        let compared = |params: &[Vec<f32>]| -> Vec<Vec<f32>> {
+            params
+                .iter()
+                .enumerate()
+                .map(|(i, p)| {
+                    let noise = grads
+                        .iter()
+                        .any(|&(param, g)| param.index() == i && vanishing.contains(&g));
+                    if noise {
+                        Vec::new()
+                    } else {
+                        p.clone()
+                    }
+                })
+                .collect()
+        };
+        let (l2, element) = param_error(&compared(&dev_params), &compared(&cpu_params));
+        assert!(
+            l2 <= 1e-5,
+            "{name}: a parameter tensor differs by {l2:.2e} in norm"
+        );
+        assert!(
+            element <= 1e-4,
+            "{name}: a parameter differs by {element:.2e} of its tensor's scale"
+        );
+        eprintln!(
+            "{name}: losses {dev_losses:?} (cpu {cpu_losses:?}); parameters within {l2:.2e} \
+             in norm, {element:.2e} per element"
+        );
+    }
+}
+
+/// One value a training step returns (a loss or a gradient) on the device and on the
+/// interpreter: the relative L2 distance `‖dev − cpu‖ / ‖cpu‖` (NaN anywhere is infinitely
+/// far), and both norms.
+struct Compared {
+    value: ValueId,
+    error: f64,
+    cpu: f64,
+    dev: f64,
+}
+
+/// [`Compared`] for every value a training step returns, the device running `plan`, on one
+/// batch.
+fn step_errors(compiled: &Compiled, plan: kiln_compiler::emit_cuda::CudaProgram) -> Vec<Compared> {
+    let program = &compiled.train;
+    let settings = program.settings();
+    let forward = compiled.forward.graph();
+    let (b, t) = (settings.batch as usize, settings.seq_len as usize);
+    let window = t + max_token_offset(forward) as usize - 1;
+    let tokens = byte_tokens(&builtin_corpus(0, 1 << 16));
+    let batch = Batcher::new(tokens, b, window, 0).unwrap().next_batch();
+    let params = init_params(forward, 3);
+    let keep = TrainOutputs::of(program.graph()).unwrap().values();
+    let inputs = feed_inputs(program.graph(), &batch, t);
+    let feed = Feed {
+        params: &params,
+        inputs: &inputs,
+        weights: None,
+    };
+    let cpu = Executor::new(program, &keep).run(&feed).unwrap();
+    let runner = DeviceRunner::new(program, plan, Emulated::new(&cache()), &keep)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let dev = runner.run(&feed).unwrap_or_else(|e| panic!("{e}"));
+    keep.iter()
+        .filter_map(|v| match (&cpu[v], &dev[v]) {
+            (Buf::F(c), Buf::F(d)) => {
+                let (mut d2, mut c2, mut g2) = (0f64, 0f64, 0f64);
+                for (x, y) in d.iter().zip(c) {
+                    d2 += f64::from(x - y).powi(2);
+                    c2 += f64::from(*y).powi(2);
+                    g2 += f64::from(*x).powi(2);
+                }
+                let e = (d2 / c2.max(1e-300)).sqrt();
+                Some(Compared {
+                    value: *v,
+                    error: if e.is_nan() { f64::INFINITY } else { e },
+                    cpu: c2.sqrt(),
+                    dev: g2.sqrt(),
+                })
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// Swapping two launches of a step, or flipping one GEMM's transpose flag, makes the
+/// step's gradients disagree with the interpreter's.
+#[test]
+fn a_wrong_plan_is_caught() {
+    let model = check_str(&spec("micro", FP32)).unwrap();
+    let compiled = compile(&model).unwrap();
+    let vanishing = vanishing_gradients(&compiled);
+    let worst = |plan| {
+        step_errors(&compiled, plan)
+            .into_iter()
+            .filter(|c| !vanishing.contains(&c.value))
+            .fold(0f64, |m, c| m.max(c.error))
+    };
+    let right = worst(emit(&compiled.train));
+    assert!(right < 1e-5, "the plan as emitted agrees ({right:.2e})");
+    // A linear layer's GEMM reading its weight `[out, in]` as if it were stored `[in, out]`
+    // (the same elements, indexed wrongly).
+    let mut flipped = emit(&compiled.train);
+    let gemm = flipped
+        .steps
+        .iter_mut()
+        .flat_map(|s| s.work.iter_mut())
+        .find_map(|w| match w {
+            Work::Gemm(g) if g.b_trans => Some(g),
+            _ => None,
+        })
+        .expect("a linear layer");
+    gemm.b_trans = false;
+    let e = worst(flipped);
+    assert!(e > 1e-2, "a flipped transpose went unnoticed ({e:.2e})");
+    // Two launches of one step in the wrong order: the mean of the rows' losses before the
+    // rows are computed.
+    let mut swapped = emit(&compiled.train);
+    let step = swapped
+        .steps
+        .iter_mut()
+        .find(|s| {
+            s.op == "cross_entropy"
+                && s.work
+                    .iter()
+                    .filter(|w| matches!(w, Work::Launch(_)))
+                    .count()
+                    >= 2
+        })
+        .expect("cross-entropy's rows, then their mean");
+    step.work.swap(0, 1);
+    let e = worst(swapped);
+    assert!(e > 1e-2, "swapped launches went unnoticed ({e:.2e})");
+}
