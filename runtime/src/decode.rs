@@ -20,7 +20,11 @@
 //! Grouped-query and multi-head attention cache each token's roped keys and values.
 //!
 //! The cache stores in the precision policy's `kv_cache` format (f32, bf16 or fp16); its
-//! bytes per token are then the analyzer's KV-cache figure.
+//! bytes per token are then the analyzer's KV-cache figure. The Program reads each block's
+//! cache as one f32 input in its own layout (sequence `s` in row `s`); the cache keeps that
+//! input from step to step, so a step passes it as it is and writes only the new entries
+//! (O(1) per token, not O(capacity)). For f32 the input is the storage; a 16-bit cache keeps
+//! it beside its storage, holding the rounded values, so attention reads what is stored.
 
 use std::collections::HashMap;
 
@@ -73,52 +77,27 @@ pub fn cache_format(kv_cache: Format) -> Format {
     }
 }
 
-/// Cached elements in one of the supported storage formats.
+/// A 16-bit cache's storage.
 #[derive(Clone, Debug)]
-enum Store {
-    F32(Vec<f32>),
+enum Half {
     Bf16(Vec<half::bf16>),
     F16(Vec<half::f16>),
 }
 
-impl Store {
-    fn new(format: Format, len: usize) -> Result<Store, DecodeError> {
-        Ok(match format {
-            Format::Fp32 => Store::F32(vec![0.0; len]),
-            Format::Bf16 => Store::Bf16(vec![half::bf16::ZERO; len]),
-            Format::Fp16 => Store::F16(vec![half::f16::ZERO; len]),
-            other => return Err(DecodeError::CacheFormat(other)),
-        })
-    }
-
-    fn write(&mut self, at: usize, x: &[f32]) {
+impl Half {
+    /// Stores `x` at `at` and overwrites `x` with the stored values, widened back to f32.
+    fn write(&mut self, at: usize, x: &mut [f32]) {
         match self {
-            Store::F32(v) => v[at..at + x.len()].copy_from_slice(x),
-            Store::Bf16(v) => {
-                for (d, &s) in v[at..at + x.len()].iter_mut().zip(x) {
-                    *d = half::bf16::from_f32(s);
+            Half::Bf16(v) => {
+                for (d, s) in v[at..at + x.len()].iter_mut().zip(x) {
+                    *d = half::bf16::from_f32(*s);
+                    *s = d.to_f32();
                 }
             }
-            Store::F16(v) => {
-                for (d, &s) in v[at..at + x.len()].iter_mut().zip(x) {
-                    *d = half::f16::from_f32(s);
-                }
-            }
-        }
-    }
-
-    /// Elements `at..at + out.len()` as f32.
-    fn read(&self, at: usize, out: &mut [f32]) {
-        match self {
-            Store::F32(v) => out.copy_from_slice(&v[at..at + out.len()]),
-            Store::Bf16(v) => {
-                for (d, s) in out.iter_mut().zip(&v[at..]) {
-                    *d = s.to_f32();
-                }
-            }
-            Store::F16(v) => {
-                for (d, s) in out.iter_mut().zip(&v[at..]) {
-                    *d = s.to_f32();
+            Half::F16(v) => {
+                for (d, s) in v[at..at + x.len()].iter_mut().zip(x) {
+                    *d = half::f16::from_f32(*s);
+                    *s = d.to_f32();
                 }
             }
         }
@@ -126,11 +105,25 @@ impl Store {
 
     fn bytes(&self) -> usize {
         match self {
-            Store::F32(v) => 4 * v.len(),
-            Store::Bf16(v) => 2 * v.len(),
-            Store::F16(v) => 2 * v.len(),
+            Half::Bf16(v) => 2 * v.len(),
+            Half::F16(v) => 2 * v.len(),
         }
     }
+}
+
+/// One block's cache.
+#[derive(Clone, Debug)]
+struct Layer {
+    /// The Program's cache input of this block, `[rows, slots, entry]` in f32 with sequence
+    /// `s` in row `s`: the stored values, so a step passes it to the Program as it is and
+    /// writes only the new entries. For an f32 cache this is the storage itself; for a 16-bit
+    /// one it holds the stored (rounded) values widened, so attention reads exactly what the
+    /// cache stores.
+    input: Vec<f32>,
+    /// A 16-bit cache's storage, `[batch, capacity, entry]`; `None` for f32.
+    half: Option<Half>,
+    /// Cached elements per token.
+    entry: usize,
 }
 
 /// The KV cache of a batch of sequences: per layer, `capacity` token slots per sequence.
@@ -140,7 +133,10 @@ pub struct KvCache {
     capacity: usize,
     /// Cached elements per token and layer.
     per_token: usize,
-    layers: Vec<Store>,
+    /// The Program's rows and cache slots per row (its inputs' shape).
+    rows: usize,
+    slots: usize,
+    layers: Vec<Layer>,
     lens: Vec<usize>,
 }
 
@@ -172,9 +168,19 @@ impl KvCache {
         self.per_token * self.layers.len()
     }
 
-    /// Bytes the cache holds, measured from its buffers.
+    /// Bytes the cache stores: a 16-bit cache's buffers, measured; for an f32 cache, 4 bytes
+    /// per element of its sequences' slots (batch × capacity) in the Program's input, which
+    /// is its storage (the Program's padding rows and slots beyond `capacity` are not counted).
+    /// The f32 copy a 16-bit cache keeps for the interpreter is not counted either.
     pub fn bytes(&self) -> usize {
-        self.layers.iter().map(Store::bytes).sum()
+        let slots = self.batch() * self.capacity;
+        self.layers
+            .iter()
+            .map(|l| match &l.half {
+                Some(h) => h.bytes(),
+                None => 4 * slots * l.entry,
+            })
+            .sum()
     }
 
     /// Bytes per cached token slot: [`KvCache::bytes`] over batch × capacity.
@@ -321,12 +327,27 @@ impl<'a> Decoder<'a> {
         let layers = self
             .per_token
             .iter()
-            .map(|&e| Store::new(format, batch * capacity * e))
+            .map(|&entry| {
+                let len = batch * capacity * entry;
+                let half = match format {
+                    Format::Fp32 => None,
+                    Format::Bf16 => Some(Half::Bf16(vec![half::bf16::ZERO; len])),
+                    Format::Fp16 => Some(Half::F16(vec![half::f16::ZERO; len])),
+                    other => return Err(DecodeError::CacheFormat(other)),
+                };
+                Ok(Layer {
+                    input: vec![0.0; self.rows * self.capacity * entry],
+                    half,
+                    entry,
+                })
+            })
             .collect::<Result<_, _>>()?;
         Ok(KvCache {
             format,
             capacity,
             per_token: self.per_token[0],
+            rows: self.rows,
+            slots: self.capacity,
             layers,
             lens: vec![0; batch],
         })
@@ -374,28 +395,29 @@ impl<'a> Decoder<'a> {
             }
             positions.push(cache.lens[s]);
         }
-        // The Program's rows: the listed ones, then padding rows at position 0 (which read
-        // no cache) whose outputs are dropped.
-        let (r_all, c) = (self.rows, self.capacity);
+        if (cache.rows, cache.slots) != (self.rows, self.capacity)
+            || cache.layers.len() != self.per_token.len()
+            || cache
+                .layers
+                .iter()
+                .zip(&self.per_token)
+                .any(|(l, &e)| l.entry != e)
+        {
+            return Err(DecodeError::OutOfRange(
+                "the cache was made by a decoder of another decode Program".into(),
+            ));
+        }
+        // Sequence `s` runs in the Program's row `s`, where the cache inputs hold its tokens;
+        // rows of sequences not listed (and beyond the batch) are padding at position 0, which
+        // reads no cache, and their outputs are dropped.
+        let r_all = self.rows;
         let mut tokens = vec![0u32; r_all];
         let mut pos = vec![0u32; r_all];
-        for (i, (&(_, tok), &p)) in rows.iter().zip(&positions).enumerate() {
-            tokens[i] = tok;
-            pos[i] = p as u32;
+        for (&(s, tok), &p) in rows.iter().zip(&positions) {
+            tokens[s] = tok;
+            pos[s] = p as u32;
         }
-        let caches: Vec<Vec<f32>> = cache
-            .layers
-            .iter()
-            .zip(&self.per_token)
-            .map(|(store, &e)| {
-                let mut past = vec![0f32; r_all * c * e];
-                for (i, (&(s, _), &p)) in rows.iter().zip(&positions).enumerate() {
-                    let from = s * cache.capacity * e;
-                    store.read(from, &mut past[i * c * e..][..p * e]);
-                }
-                past
-            })
-            .collect();
+        let caches: Vec<&[f32]> = cache.layers.iter().map(|l| l.input.as_slice()).collect();
         let mut inputs = HashMap::new();
         inputs.insert(InputKind::Tokens { offset: 0 }, tokens);
         inputs.insert(InputKind::Positions, pos);
@@ -410,20 +432,25 @@ impl<'a> Decoder<'a> {
                 &caches,
             )
             .map_err(|e| DecodeError::OutOfRange(e.to_string()))?;
-        for ((store, &entry), &e) in cache
-            .layers
-            .iter_mut()
-            .zip(&self.entries)
-            .zip(&self.per_token)
-        {
-            let new = out[&entry].floats();
-            for (i, (&(s, _), &p)) in rows.iter().zip(&positions).enumerate() {
-                store.write((s * cache.capacity + p) * e, &new[i * e..(i + 1) * e]);
+        let (capacity, slots) = (cache.capacity, cache.slots);
+        for (layer, &entry) in cache.layers.iter_mut().zip(&self.entries) {
+            let (new, e) = (out[&entry].floats(), layer.entry);
+            for (&(s, _), &p) in rows.iter().zip(&positions) {
+                let x = &mut layer.input[(s * slots + p) * e..][..e];
+                x.copy_from_slice(&new[s * e..(s + 1) * e]);
+                if let Some(half) = &mut layer.half {
+                    half.write((s * capacity + p) * e, x);
+                }
             }
         }
         for &(s, _) in rows {
             cache.lens[s] += 1;
         }
-        Ok(out[&self.logits].floats()[..n * vocab].to_vec())
+        let logits = out[&self.logits].floats();
+        let mut picked = Vec::with_capacity(n * vocab);
+        for &(s, _) in rows {
+            picked.extend_from_slice(&logits[s * vocab..(s + 1) * vocab]);
+        }
+        Ok(picked)
     }
 }

@@ -376,13 +376,14 @@ impl<'g> Executor<'g> {
     }
 
     /// Runs a decode graph with `caches[i]`, the KV cache input of block `i`
-    /// (`InputKind::KvCache`); returns the kept values.
+    /// (`InputKind::KvCache`), borrowed (not copied); returns the kept values.
     pub fn run_cached<T: Real>(
         &self,
         feed: &Feed<T>,
-        caches: &[Vec<T>],
+        caches: &[impl AsRef<[T]>],
     ) -> Result<HashMap<ValueId, Buf<T>>, ExecError> {
-        self.run_with(feed, caches, None)
+        let caches: Vec<&[T]> = caches.iter().map(AsRef::as_ref).collect();
+        self.run_with(feed, &caches, None)
     }
 
     /// Runs the graph, adding each node's wall time to `profile` under its op name when
@@ -398,7 +399,7 @@ impl<'g> Executor<'g> {
     fn run_with<'f, T: Real>(
         &self,
         feed: &'f Feed<T>,
-        caches: &'f [Vec<T>],
+        caches: &[&'f [T]],
         mut profile: Option<&mut HashMap<&'static str, std::time::Duration>>,
     ) -> Result<HashMap<ValueId, Buf<T>>, ExecError> {
         let g = self.graph;
