@@ -27,7 +27,10 @@ use kiln_compiler::ir::{Def, InputKind};
 use kiln_compiler::model::Model;
 use kiln_compiler::program::{compile, compile_decode};
 
-const SPECS: [&str; 10] = [
+/// Not `tests/specs/host-mha-learned.toml`: its attention query-gradient kernel (68-wide heads,
+/// three accumulators per lane) spills 12 bytes on sm_90a, a finding left for the kernel
+/// rework; tests/cuda_host.rs checks its results.
+const SPECS: [&str; 13] = [
     "specs/tiny.toml",
     "specs/gpt2-124m.toml",
     "specs/llama3-8b.toml",
@@ -38,6 +41,9 @@ const SPECS: [&str; 10] = [
     "tests/specs/micro-yarn.toml",
     "tests/specs/gpt2-micro.toml",
     "tests/specs/hostile-name.toml",
+    "tests/specs/host-wide-mla.toml",
+    "tests/specs/host-lite-softmax.toml",
+    "tests/specs/host-gqa.toml",
 ];
 
 fn model(path: &str) -> Model {
