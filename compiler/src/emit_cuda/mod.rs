@@ -53,7 +53,8 @@ use fp8::Copies;
 use kernel::{grid_stride, Grid, KernelDef};
 pub use kiln_ir::cuda::{
     Arg, CudaProgram, Elem, Fp8Copy, Fp8Gemm, Fp8Operand, Gemm, Keep, KeptStorage, KeptValue,
-    Kernel, Launch, Param, Pass, RopeTable, Step, TensorEntry, Work, HEADERS, OPTIMIZER_CHUNK,
+    Kernel, Launch, Param, Pass, RopeTable, Step, TensorEntry, Work, HEADERS, HOST_HEADER,
+    OPTIMIZER_CHUNK,
 };
 
 /// Threads per block of the row-wise kernels (norms, cross-entropy) and the elementwise ones.
