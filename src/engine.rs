@@ -2,10 +2,14 @@
 //! the other: the generated step a specialized binary brings, the trainer that runs either it
 //! or the interpreter, and a run's data.
 
+use kiln_compiler::emit_cuda;
 use kiln_compiler::ir::Graph;
 use kiln_compiler::model::{DataSource, Model};
-use kiln_compiler::program::{Program, Settings};
+use kiln_compiler::program::{Program, Settings, TrainOutputs};
 use kiln_runtime::data::{self, Dataset};
+use kiln_runtime::device::emulated::Emulated;
+use kiln_runtime::device::runner::DeviceRunner;
+use kiln_runtime::device::DeviceKind;
 use kiln_runtime::exec::Run;
 use kiln_runtime::train::{max_token_offset, TrainConfig, Trainer};
 
@@ -20,17 +24,57 @@ pub struct Specialized {
     pub runner: fn() -> Box<dyn Run>,
 }
 
-/// A trainer of `full` that runs the interpreter, or `built`'s generated step.
+/// A trainer of `full` that runs on `device`: the interpreter (or `built`'s generated step)
+/// for `cpu`, else the Program's CUDA plan on that device (a specialized binary's plan is
+/// emitted from its own spec).
 pub(crate) fn trainer<'g>(
     full: &'g Program,
     config: TrainConfig,
     params: Vec<Vec<f32>>,
     built: Option<&Specialized>,
-) -> Trainer<'g> {
-    match built {
-        Some(b) => Trainer::with_runner(full, config, params, (b.runner)()),
-        None => Trainer::new(full, config, params),
+    device: DeviceKind,
+) -> Result<Trainer<'g>, Failure> {
+    match (device, built) {
+        (DeviceKind::Cpu, Some(b)) => Ok(Trainer::with_runner(full, config, params, (b.runner)())),
+        (DeviceKind::Cpu, None) => Ok(Trainer::new(full, config, params)),
+        (DeviceKind::CudaEmulated, _) => {
+            let keep = TrainOutputs::of(full.graph())
+                .expect("a training Program has losses")
+                .values();
+            let cache = kiln_runtime::device::cache_dir().join("emulated");
+            let device = Emulated::new(&cache).with_progress(|line| eprintln!("{line}"));
+            let runner = DeviceRunner::new(full, emit_cuda::emit(full), device, &keep)
+                .map_err(|e| other(format!("--device cuda-emulated: {e}")))?;
+            Ok(Trainer::with_runner(full, config, params, Box::new(runner)))
+        }
+        (DeviceKind::Cuda, _) => Err(other(cuda_unavailable())),
     }
+}
+
+/// Why `--device cuda` cannot run here.
+fn cuda_unavailable() -> String {
+    let driver = ["libcuda.so.1", "libcuda.so"];
+    match kiln_runtime::device::find_library("the CUDA driver library", &driver) {
+        Err(e) => format!(
+            "--device cuda: {e}: this machine has no NVIDIA driver. `--device cuda-emulated` \
+             runs the same CUDA plan on the CPU"
+        ),
+        Ok(()) => "--device cuda: kiln's GPU device (launches through the driver, GEMMs through \
+                   cuBLASLt) is not built yet; `--device cuda-emulated` runs the same CUDA plan \
+                   on the CPU"
+            .to_string(),
+    }
+}
+
+/// `--emulate-precision` is the interpreter's: a device runs the policy's formats itself.
+pub(crate) fn check_device(device: DeviceKind, emulate: bool) -> Result<(), Failure> {
+    if emulate && device != DeviceKind::Cpu {
+        return Err(other(format!(
+            "--emulate-precision is the interpreter's (--device cpu); --device {device} runs \
+             the policy's GEMM formats itself"
+        )));
+    }
+    Ok(())
 }
 
 /// `config`, emulating the precision policy of `settings` when asked. Only the interpreter

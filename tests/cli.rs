@@ -491,3 +491,53 @@ fn emit_cuda_writes_the_unit_headers_and_manifest() {
     assert!(!again.status.success());
     assert!(common::text(&again.stderr).contains("exists and is not empty"));
 }
+
+/// `--device cuda` without a driver exits 1 saying what is missing; a run started on the
+/// emulated device resumes on the CPU and ends where a CPU-only run does.
+#[test]
+fn devices_fail_clearly_and_a_run_moves_between_them() {
+    let base = common::scratch("cli", "devices");
+    let o = kiln(&[
+        "train",
+        "--device",
+        "cuda",
+        "--steps",
+        "1",
+        "--out",
+        base.join("cuda").to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("--device cuda: ") && !stderr(&o).contains("panicked"),
+        "{}",
+        stderr(&o)
+    );
+    // An fp32 policy: the plan's GEMMs then compute what the interpreter does.
+    let spec = common::micro_with(
+        &base,
+        "micro-fp32.toml",
+        "[precision]\ncompute = \"fp32\"\n",
+    );
+    let (cpu, moved) = (base.join("cpu"), base.join("moved"));
+    let train = |extra: &[&str], out: &Path| {
+        let mut args = vec!["train", spec.as_str(), "--steps", "4", "--eval-every", "2"];
+        args.extend(extra);
+        args.extend(["--out", out.to_str().unwrap()]);
+        let o = kiln(&args);
+        assert_eq!(o.status.code(), Some(0), "{args:?}: {}", stderr(&o));
+    };
+    train(&[], &cpu);
+    train(&["--device", "cuda-emulated", "--stop-after", "2"], &moved);
+    let o = kiln(&["train", "--resume", moved.to_str().unwrap(), "--steps", "4"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let (a, b) = (losses(&cpu), losses(&moved));
+    assert_eq!(a.len(), 4);
+    assert_eq!(b.len(), 4);
+    for ((step, x), (_, y)) in a.iter().zip(&b) {
+        let (x, y): (f64, f64) = (x.parse().unwrap(), y.parse().unwrap());
+        assert!(
+            (x - y).abs() <= 1e-5 * x.abs(),
+            "step {step}: {y} after moving devices, {x} on the CPU alone"
+        );
+    }
+}

@@ -18,6 +18,7 @@ use crate::engine::{self, Specialized};
 use crate::output::{self, number, out};
 use crate::spec::load;
 use crate::{other, Failure};
+use kiln_runtime::device::DeviceKind;
 
 /// The command's arguments (see `kiln bench --help`).
 #[derive(clap::Args)]
@@ -53,6 +54,10 @@ pub struct Flags {
     /// reports tokens/s and the cache's measured bytes per token beside the analyzer's.
     #[arg(long, conflicts_with = "emulate_precision")]
     pub generate: bool,
+    /// Where the timed training steps run (as `kiln train --device`): `cpu`,
+    /// `cuda-emulated` or `cuda`.
+    #[arg(long, default_value = "cpu", conflicts_with = "generate")]
+    pub device: DeviceKind,
 }
 
 /// GFLOP/s of an f32 `n × n × n` matrix product: the best of `reps` runs.
@@ -271,14 +276,17 @@ pub(crate) fn run_model(
         emulate: None,
     };
     let settings = compiled.train.settings();
+    engine::check_device(args.device, args.emulate_precision)?;
     let config = engine::emulating(config, settings, args.emulate_precision, built, "bench")?;
     let heap_before = crate::heap::live();
     let params = init_params(forward, 0);
-    let mut trainer = engine::trainer(&compiled.train, config, params, built);
-    let engine = match (built.is_some(), args.emulate_precision) {
-        (true, _) => "generated step",
-        (false, true) => "interpreter, emulated precision",
-        (false, false) => "interpreter",
+    let mut trainer = engine::trainer(&compiled.train, config, params, built, args.device)?;
+    let engine = match (args.device, built.is_some(), args.emulate_precision) {
+        (DeviceKind::CudaEmulated, ..) => "CUDA plan, emulated on the host",
+        (DeviceKind::Cuda, ..) => "CUDA plan on the GPU",
+        (_, true, _) => "generated step",
+        (_, false, true) => "interpreter, emulated precision",
+        (_, false, false) => "interpreter",
     };
     let ceiling = gemm_rate(1024, 5);
     // Warm up, then time each step; report the median.

@@ -8,6 +8,7 @@ use std::time::Instant;
 use kiln_compiler::program::compile;
 use kiln_runtime::checkpoint;
 use kiln_runtime::data::{self, Batcher};
+use kiln_runtime::device::DeviceKind;
 use kiln_runtime::train::{eval_loss, init_params, StepStats, TrainConfig, Trainer};
 use serde_json::value::RawValue;
 
@@ -66,6 +67,12 @@ pub struct RunArgs {
     /// docs/fp8.md.
     #[arg(long)]
     pub emulate_precision: bool,
+    /// Where the training steps run: `cpu` (the interpreter), `cuda-emulated` (the
+    /// generated CUDA kernels built for the host and GEMMs on the CPU, as a GPU would run
+    /// them: slow, for checking the plan) or `cuda` (a GPU). The optimizer, validation and
+    /// checkpoints run on the host, so a run moves between devices with `--resume`.
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceKind,
 }
 
 /// Consecutive non-finite steps `train.skip_nonfinite` tolerates before giving up.
@@ -133,8 +140,10 @@ pub(crate) fn run_with(
 
     let settings = compiled.train.settings();
     let config = TrainConfig::of(settings, steps, seed);
+    engine::check_device(args.device, args.emulate_precision)?;
     let config = engine::emulating(config, settings, args.emulate_precision, built, "train")?;
-    let mut trainer = engine::trainer(&compiled.train, config, init_params(forward, seed), built);
+    let params = init_params(forward, seed);
+    let mut trainer = engine::trainer(&compiled.train, config, params, built, args.device)?;
     let mut kept_metrics = String::new();
     if args.resume.is_some() {
         let ck = checkpoint::load(&ck_path, forward).map_err(|e| other(e.to_string()))?;

@@ -469,7 +469,7 @@ fn build(source: &str, path: &Path) -> Result<(), DeviceError> {
         .arg(dir.join("unit.cpp"))
         .output()
         .map_err(|e| DeviceError::Missing {
-            library: format!("the host C++ compiler `{cxx}` ({e}; set CXX)"),
+            library: format!("the host C++ compiler ({e}; set CXX to one)"),
             tried: vec![cxx.clone()],
         })?;
     if !out.status.success() {

@@ -67,7 +67,7 @@ impl std::str::FromStr for DeviceKind {
 /// Why a device could not do what the plan asked.
 #[derive(Debug, Clone, PartialEq)]
 pub enum DeviceError {
-    /// A library the device needs was not found: which, and the names searched.
+    /// Something the device needs was not found: what (in words), and the names searched.
     Missing { library: String, tried: Vec<String> },
     /// The kernels could not be built or loaded.
     Build(String),
@@ -78,11 +78,13 @@ pub enum DeviceError {
 impl fmt::Display for DeviceError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            DeviceError::Missing { library, tried } => write!(
-                f,
-                "the library `{library}` was not found (searched: {})",
-                tried.join(", ")
-            ),
+            DeviceError::Missing { library, tried } => {
+                write!(
+                    f,
+                    "{library} was not found (searched: {})",
+                    tried.join(", ")
+                )
+            }
             DeviceError::Build(m) | DeviceError::Call(m) => f.write_str(m),
         }
     }
@@ -205,4 +207,24 @@ pub fn fnv1a(parts: &[&[u8]]) -> u64 {
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
     h
+}
+
+/// Whether a shared library can be loaded under one of `names`; the error names them all.
+pub fn find_library(what: &str, names: &[&str]) -> Result<(), DeviceError> {
+    for name in names {
+        let Ok(c) = std::ffi::CString::new(*name) else {
+            continue;
+        };
+        // SAFETY: dlopen with a valid C string; the handle is closed at once.
+        let handle = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_LAZY | libc::RTLD_LOCAL) };
+        if !handle.is_null() {
+            // SAFETY: the handle came from dlopen above.
+            unsafe { libc::dlclose(handle) };
+            return Ok(());
+        }
+    }
+    Err(DeviceError::Missing {
+        library: what.to_string(),
+        tried: names.iter().map(|n| n.to_string()).collect(),
+    })
 }
