@@ -13,9 +13,11 @@ use kiln_runtime::data::{builtin_corpus, byte_tokens, Batcher};
 use kiln_runtime::device::emulated::Emulated;
 use kiln_runtime::device::runner::DeviceRunner;
 use kiln_runtime::exec::{Buf, Executor, Feed, Run};
+use kiln_runtime::numerics::Emulation;
 use kiln_runtime::train::{feed_inputs, init_params, max_token_offset, TrainConfig, Trainer};
 
-/// A test spec under an all-fp32 precision policy, or with `policy` appended.
+/// A test spec with `policy` added to its `[precision]` section (appended as one when it
+/// has none).
 fn spec(name: &str, policy: &str) -> String {
     let text = std::fs::read_to_string(
         std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -23,7 +25,11 @@ fn spec(name: &str, policy: &str) -> String {
             .join(format!("{name}.toml")),
     )
     .unwrap();
-    format!("{text}\n[precision]\n{policy}\n")
+    if text.contains("\n[precision]\n") {
+        text.replacen("\n[precision]\n", &format!("\n[precision]\n{policy}\n"), 1)
+    } else {
+        format!("{text}\n[precision]\n{policy}\n")
+    }
 }
 
 /// Every op in f32: the interpreter's own arithmetic, which the plan then matches.
@@ -182,6 +188,8 @@ fn three_steps_on_the_emulated_device_match_the_interpreter() {
 struct Compared {
     value: ValueId,
     error: f64,
+    /// The largest element difference relative to the interpreter's largest magnitude.
+    element: f64,
     cpu: f64,
     dev: f64,
 }
@@ -204,23 +212,38 @@ fn step_errors(compiled: &Compiled, plan: kiln_compiler::emit_cuda::CudaProgram)
         inputs: &inputs,
         weights: None,
     };
-    let cpu = Executor::new(program, &keep).run(&feed).unwrap();
+    // A policy with FP8 GEMMs runs them as the plan does: the interpreter emulates it.
+    let exec = Executor::new(program, &keep);
+    let exec = match settings.formats.fp8 {
+        Some(_) => exec.emulating(&Emulation::of(&settings.formats)),
+        None => exec,
+    };
+    let cpu = exec.run(&feed).unwrap();
     let runner = DeviceRunner::new(program, plan, Emulated::new(&cache()), &keep)
         .unwrap_or_else(|e| panic!("{e}"));
     let dev = runner.run(&feed).unwrap_or_else(|e| panic!("{e}"));
     keep.iter()
         .filter_map(|v| match (&cpu[v], &dev[v]) {
             (Buf::F(c), Buf::F(d)) => {
-                let (mut d2, mut c2, mut g2) = (0f64, 0f64, 0f64);
+                let (mut d2, mut c2, mut g2, mut worst) = (0f64, 0f64, 0f64, 0f64);
+                let scale = c.iter().fold(0f64, |m, y| m.max(f64::from(y.abs())));
                 for (x, y) in d.iter().zip(c) {
-                    d2 += f64::from(x - y).powi(2);
+                    let diff = f64::from(x - y).abs();
+                    d2 += diff * diff;
                     c2 += f64::from(*y).powi(2);
                     g2 += f64::from(*x).powi(2);
+                    // NaN anywhere is infinitely far (`f64::max` would drop it).
+                    worst = if diff.is_nan() {
+                        f64::INFINITY
+                    } else {
+                        worst.max(diff)
+                    };
                 }
                 let e = (d2 / c2.max(1e-300)).sqrt();
                 Some(Compared {
                     value: *v,
                     error: if e.is_nan() { f64::INFINITY } else { e },
+                    element: worst / scale.max(1e-300),
                     cpu: c2.sqrt(),
                     dev: g2.sqrt(),
                 })
@@ -278,4 +301,54 @@ fn a_wrong_plan_is_caught() {
     step.work.swap(0, 1);
     let e = worst(swapped);
     assert!(e > 1e-2, "swapped launches went unnoticed ({e:.2e})");
+}
+
+/// One training step of each of the host specs (shapes past one block, one key tile and one
+/// accumulator per lane, every op variant of the reference specs; see tests/cuda_host.rs) on
+/// the emulated device: every gradient within 1e-5 of the interpreter's in norm and per
+/// element (of its largest magnitude), with computations in f32 (FP8 GEMMs, where the spec
+/// has them, emulated by the interpreter as the plan runs them).
+#[test]
+fn one_step_of_each_host_spec_matches_the_interpreter() {
+    for name in [
+        "host-gqa",
+        "host-mha-learned",
+        "host-lite-softmax",
+        "host-wide-mla",
+    ] {
+        let model = check_str(&spec(name, FP32)).unwrap_or_else(|e| panic!("{name}: {e:?}"));
+        let compiled = compile(&model).unwrap();
+        let all = step_errors(&compiled, emit(&compiled.train));
+        let largest = all.iter().fold(0f64, |m, c| m.max(c.cpu));
+        let (mut norm, mut element) = (0f64, 0f64);
+        for c in &all {
+            if c.cpu < 1e-6 * largest {
+                // A gradient that vanishes in exact arithmetic: rounding noise on both sides.
+                assert!(
+                    c.dev < 1e-6 * largest,
+                    "{name}: value {:?} vanishes on the CPU only",
+                    c.value
+                );
+                continue;
+            }
+            assert!(
+                c.error <= 1e-5,
+                "{name}: value {:?} differs by {:.2e} in norm",
+                c.value,
+                c.error
+            );
+            assert!(
+                c.element <= 1e-5,
+                "{name}: value {:?} differs by {:.2e} of its scale in an element",
+                c.value,
+                c.element
+            );
+            norm = norm.max(c.error);
+            element = element.max(c.element);
+        }
+        eprintln!(
+            "{name}: {} values, worst {norm:.2e} in norm, {element:.2e} per element",
+            all.len()
+        );
+    }
 }
