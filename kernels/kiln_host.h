@@ -6,7 +6,7 @@
 // is shared by the block's threads (blocks run one after another, so a function-static array
 // is the block's shared memory), warp and block reductions go through shared memory between
 // two barriers, atomics take a lock. Preconditions: 256 threads per block (every kiln kernel
-// declares `__launch_bounds__(256)`); one launch at a time; every thread of a block makes the
+// declares `__launch_bounds__(256, 4)`); one launch at a time; every thread of a block makes the
 // same reduction and shuffle calls (kiln's kernels never call them in divergent code).
 // What it cannot model: the warp's lockstep execution, CUDA's own math functions, the GPU's
 // memory model.
@@ -24,7 +24,7 @@
 #define __device__
 #define __forceinline__ inline
 #define __restrict__
-#define __launch_bounds__(n)
+#define __launch_bounds__(...)
 // Blocks run one at a time, so a function-static array is the block's shared memory.
 #define __shared__ static
 struct kiln_dim3 { unsigned x, y, z; };

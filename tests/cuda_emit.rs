@@ -66,7 +66,9 @@ fn kernel_params(source: &str) -> Vec<(String, String)> {
         let Some(rest) = line.strip_prefix("extern \"C\" __global__ void ") else {
             continue;
         };
-        let rest = rest.trim_start_matches("__launch_bounds__(256) ");
+        let rest = rest
+            .trim_start_matches("__launch_bounds__(256, 4) ")
+            .trim_start_matches("__launch_bounds__(256) ");
         let (name, params) = rest.split_once('(').unwrap();
         let params = params.rsplit_once(')').unwrap().0;
         out.push((name.to_string(), params.to_string()));

@@ -873,7 +873,7 @@ fn kernel_text<'a>(source: &'a str, name: &str) -> &'a str {
         .match_indices("__global__")
         .map(|(at, _)| at)
         .find(|&at| {
-            // `__global__ void [__launch_bounds__(256)] NAME(…) {`
+            // `__global__ void __launch_bounds__(256, 4) NAME(…) {`
             let head = &source[at..];
             head[..head.find('{').unwrap_or(head.len())].contains(&format!(" {name}("))
         })

@@ -390,7 +390,7 @@ impl Emitter<'_> {
         .read("v", val(i[2]))
         .write("o", val(o[0]))
         .write("lse", val(o[1]));
-        let def = attention_fwd(def, d, scale);
+        let def = attention_fwd(def.heavy(), d, scale);
         vec![self.work(
             index,
             def,
@@ -448,12 +448,12 @@ impl Emitter<'_> {
             self.work(index, attention_delta(delta_def, d), Grid::Threads(rows)),
             self.work(
                 index,
-                attention_dq(dq_def, d, scale),
+                attention_dq(dq_def.heavy(), d, scale),
                 Grid::Blocks(d.b * d.h * d.t.div_ceil(ATTN_ROWS)),
             ),
             self.work(
                 index,
-                attention_dkdv(dkdv_def, d, scale),
+                attention_dkdv(dkdv_def.heavy(), d, scale),
                 Grid::Blocks(d.b * d.hk * d.t.div_ceil(ATTN_ROWS)),
             ),
         ]
@@ -682,7 +682,7 @@ impl Emitter<'_> {
                     ),
                     "decoding attention over a grouped KV cache (online softmax over the block)",
                 ));
-                cached_grouped(def, d, kv_heads, head_dim, scale)
+                cached_grouped(def.heavy(), d, kv_heads, head_dim, scale)
             }
             CacheLayout::Latent {
                 rank,
@@ -695,7 +695,7 @@ impl Emitter<'_> {
                     "decoding attention over a latent (MLA) cache, kv_b absorbed",
                 ))
                 .read("kv_b", val(i[4]));
-                cached_latent(def, d, [rank, nope, rope, v], scale)
+                cached_latent(def.heavy(), d, [rank, nope, rope, v], scale)
             }
         };
         let def = def.write("o", val(node.outputs[0])).param(

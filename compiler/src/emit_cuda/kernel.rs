@@ -6,7 +6,9 @@
 //! out of line, and the manifest records each kernel's parameters for the runtime to check
 //! its arguments against.
 //!
-//! Every kernel runs [`BLOCK`] threads per block and says so (`__launch_bounds__`); loops over
+//! Every kernel runs [`BLOCK`] threads per block and says so, with [`MIN_BLOCKS`] blocks per
+//! multiprocessor (`__launch_bounds__(256, 4)`: 64 registers a thread) unless it is heavy
+//! (`(256)`: ptxas's own budget); loops over
 //! more elements than the launch has threads go round with [`grid_stride`].
 
 use std::fmt::Write;
@@ -23,6 +25,9 @@ pub(super) struct KernelDef {
     params: Vec<Param>,
     args: Vec<Arg>,
     body: String,
+    /// Leaves ptxas its own register budget (`__launch_bounds__(256)`), for kernels that keep
+    /// much per thread (attention's accumulators, a router's scores).
+    heavy: bool,
 }
 
 /// How many blocks a launch runs.
@@ -55,6 +60,7 @@ impl KernelDef {
             params: Vec::new(),
             args: Vec::new(),
             body: String::new(),
+            heavy: false,
         }
     }
 
@@ -124,6 +130,13 @@ impl KernelDef {
         self
     }
 
+    /// A kernel that keeps much state per thread (attention's accumulator arrays, a router's
+    /// scores): ptxas gets its own register budget instead of [`MIN_BLOCKS`]'s 64.
+    pub fn heavy(mut self) -> KernelDef {
+        self.heavy = true;
+        self
+    }
+
     /// The kernel renamed after `base` (for names that depend on what was bound).
     pub fn rename(mut self, base: impl Into<String>) -> KernelDef {
         self.base = base.into();
@@ -138,12 +151,24 @@ impl KernelDef {
             .map(Param::c_decl)
             .collect::<Vec<_>>()
             .join(", ");
+        let bounds = if self.heavy {
+            format!("{BLOCK}")
+        } else {
+            format!("{BLOCK}, {MIN_BLOCKS}")
+        };
         format!(
-            "{}extern \"C\" __global__ void __launch_bounds__({BLOCK}) {name}({params}) {{\n{}}}\n",
+            "{}extern \"C\" __global__ void __launch_bounds__({bounds}) {name}({params}) {{\n{}}}\n",
             self.doc, self.body
         )
     }
 }
+
+/// The blocks per multiprocessor a kernel asks ptxas to fit (`__launch_bounds__`'s second
+/// argument) unless it is [`KernelDef::heavy`]: 4 × 256 threads leave each thread 64
+/// registers. Without it ptxas aims at 8 blocks (32 registers) and spills a kernel as small
+/// as the experts' combine gradient; with 1 it spends up to 143 registers on memory-bound
+/// kernels.
+const MIN_BLOCKS: u32 = 4;
 
 /// The first index and the stride of a grid-stride loop over all threads of the launch.
 pub(super) const GRID_START: &str = "blockIdx.x * (long long)blockDim.x + threadIdx.x";

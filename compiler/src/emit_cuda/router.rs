@@ -341,7 +341,7 @@ impl Emitter<'_> {
         .param("experts", Elem::U32, Pass::Write, val(o[1]))
         .write("scores", val(o[2]))
         .long("n", n);
-        let def = router_fwd(def, spec, d, e);
+        let def = router_fwd(def.heavy(), spec, d, e);
         vec![self.work(index, def, Grid::Blocks(n.div_ceil(ATTN_ROWS)))]
     }
 
@@ -369,7 +369,7 @@ impl Emitter<'_> {
         .read("d_scores", val(i[7]))
         .write("d_logits", dl.clone())
         .long("n", n);
-        let dlogits = router_dlogits(dlogits, spec, e);
+        let dlogits = router_dlogits(dlogits.heavy(), spec, e);
         let dx = router_dx(dl.clone(), val(i[1]), val(node.outputs[0]), [n, e, d]);
         let dw = router_dw(dl, val(i[0]), val(node.outputs[1]), [n, e, d]);
         vec![
