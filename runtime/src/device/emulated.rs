@@ -528,3 +528,205 @@ fn open(path: &Path, names: &[&str]) -> Result<Library, DeviceError> {
     }
     Ok(library)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::{Fp8Call, Fp8Operand};
+    use crate::numerics::accum::Accumulation;
+    use crate::numerics::quant::{quantize, ScaleFormat};
+    use crate::numerics::round16;
+
+    fn data(len: usize, seed: u64) -> Vec<f32> {
+        let mut rng = crate::data::Rng::new(seed);
+        (0..len)
+            .map(|_| rng.next_f64() as f32 * 2.0 - 1.0)
+            .collect()
+    }
+
+    fn bytes(x: &[f32]) -> Vec<u8> {
+        x.iter().flat_map(|v| v.to_ne_bytes()).collect()
+    }
+
+    fn upload(d: &mut Emulated, x: &[f32]) -> u64 {
+        let b = d.alloc(4 * x.len() as u64).unwrap();
+        d.upload(b, &bytes(x)).unwrap();
+        d.address(b)
+    }
+
+    /// `op(x)[r, c]` of a matrix stored row-major with rows `ld` apart (transposed when
+    /// `trans`), from batch `i` at `stride` elements apart.
+    fn at(x: &[f32], trans: bool, ld: u64, stride: u64, i: u64, r: u64, c: u64) -> f64 {
+        let (row, col) = if trans { (c, r) } else { (r, c) };
+        f64::from(x[(i * stride + row * ld + col) as usize])
+    }
+
+    /// Every layout cuBLASLt takes — transposes, padded leading dimensions, batch strides, a
+    /// bias — against a plain f64 product, with operands rounded as the format says.
+    #[test]
+    fn gemms_follow_the_layout_the_call_describes() {
+        let (m, n, k, batch) = (5u64, 7u64, 9u64, 2u64);
+        for format in [Format::Fp32, Format::Bf16] {
+            for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
+                let mut d = Emulated::new(Path::new("/nonexistent"));
+                // Stored shapes, each row padded by 3 elements.
+                let (ar, ac) = if ta { (k, m) } else { (m, k) };
+                let (br, bc) = if tb { (n, k) } else { (k, n) };
+                let (lda, ldb, ldc) = (ac + 3, bc + 3, n + 3);
+                let (sa, sb, sc) = (ar * lda + 1, br * ldb + 2, m * ldc + 1);
+                let a = data((batch * sa) as usize, 1);
+                let b = data((batch * sb) as usize, 2);
+                let bias = data(n as usize, 3);
+                let c_init = vec![7.0f32; (batch * sc) as usize];
+                let (pa, pb, pbias) = (
+                    upload(&mut d, &a),
+                    upload(&mut d, &b),
+                    upload(&mut d, &bias),
+                );
+                let cbuf = d.alloc(4 * c_init.len() as u64).unwrap();
+                d.upload(cbuf, &bytes(&c_init)).unwrap();
+                let call = GemmCall {
+                    m,
+                    n,
+                    k,
+                    a: GemmOperand {
+                        ptr: pa,
+                        trans: ta,
+                        ld: lda,
+                    },
+                    b: GemmOperand {
+                        ptr: pb,
+                        trans: tb,
+                        ld: ldb,
+                    },
+                    c: d.address(cbuf),
+                    ldc,
+                    bias: Some(pbias),
+                    batch,
+                    strides: [sa, sb, sc],
+                    format,
+                    fp8: None,
+                };
+                d.gemm(&call).unwrap();
+                let mut out = vec![0u8; 4 * c_init.len()];
+                d.download(cbuf, &mut out).unwrap();
+                let out: Vec<f32> = out
+                    .chunks_exact(4)
+                    .map(|c| f32::from_ne_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect();
+                let r = |x: f64| f64::from(round16(format, x as f32));
+                for i in 0..batch {
+                    for row in 0..m {
+                        for col in 0..ldc {
+                            let got = f64::from(out[(i * sc + row * ldc + col) as usize]);
+                            if col >= n {
+                                assert_eq!(got, 7.0, "padding is left alone");
+                                continue;
+                            }
+                            let want: f64 = (0..k)
+                                .map(|j| {
+                                    r(at(&a, ta, lda, sa, i, row, j))
+                                        * r(at(&b, tb, ldb, sb, i, j, col))
+                                })
+                                .sum::<f64>()
+                                + f64::from(bias[col as usize]);
+                            assert!(
+                                (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                                "{format:?} {ta} {tb} batch {i} [{row}, {col}]: {got} vs {want}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// An FP8 GEMM reads K-major codes and block scales and accumulates as the interpreter's
+    /// emulation does: bit for bit with `fp8_product` of the same quantized operands.
+    #[test]
+    fn fp8_gemms_read_codes_and_scales_as_the_emulation() {
+        let (m, n, k) = (6u64, 10u64, 32u64);
+        let (a, b) = (data((m * k) as usize, 4), data((n * k) as usize, 5));
+        let qa = quantize(
+            &a,
+            m as usize,
+            k as usize,
+            [1, 8],
+            Fp8Format::E4m3,
+            ScaleFormat::Fp32,
+        )
+        .unwrap();
+        let qb = quantize(
+            &b,
+            n as usize,
+            k as usize,
+            [8, 8],
+            Fp8Format::E4m3,
+            ScaleFormat::Fp32,
+        )
+        .unwrap();
+        let acc = Accumulation::DEEPSEEK_V3;
+        let want = fp8_product(&qa, &qb, acc, true);
+        let mut d = Emulated::new(Path::new("/nonexistent"));
+        let put = |d: &mut Emulated, bytes: &[u8]| {
+            let buf = d.alloc(bytes.len() as u64).unwrap();
+            d.upload(buf, bytes).unwrap();
+            d.address(buf)
+        };
+        let operand = |d: &mut Emulated, q: &Quantized, block: [u64; 2]| Fp8Operand {
+            codes: put(d, &q.codes),
+            scales: put(d, &bytes(&q.scales)),
+            block,
+        };
+        let fa = operand(&mut d, &qa, [1, 8]);
+        let fb = operand(&mut d, &qb, [8, 8]);
+        let c = d.alloc(4 * m * n).unwrap();
+        let call = GemmCall {
+            m,
+            n,
+            k,
+            // The f32 operands a GEMM names stay unread when its copies are FP8.
+            a: GemmOperand {
+                ptr: 0,
+                trans: false,
+                ld: k,
+            },
+            b: GemmOperand {
+                ptr: 0,
+                trans: true,
+                ld: k,
+            },
+            c: d.address(c),
+            ldc: n,
+            bias: None,
+            batch: 1,
+            strides: [0; 3],
+            format: Format::E4m3,
+            fp8: Some(Fp8Call {
+                a: fa,
+                b: fb,
+                accumulation: acc,
+            }),
+        };
+        d.gemm(&call).unwrap();
+        let mut out = vec![0u8; (4 * m * n) as usize];
+        d.download(c, &mut out).unwrap();
+        let got: Vec<u32> = out
+            .chunks_exact(4)
+            .map(|c| u32::from_ne_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        let want: Vec<u32> = want.iter().map(|x| x.to_bits()).collect();
+        assert_eq!(got, want);
+    }
+
+    /// An address outside every buffer is refused, not read.
+    #[test]
+    fn addresses_outside_the_buffers_are_refused() {
+        let mut d = Emulated::new(Path::new("/nonexistent"));
+        let b = d.alloc(16).unwrap();
+        let p = d.address(b);
+        assert!(d.check(p, 16, "x").is_ok());
+        assert!(d.check(p + 8, 16, "x").is_err());
+        assert!(d.check(p.wrapping_sub(4096), 4, "x").is_err());
+    }
+}
