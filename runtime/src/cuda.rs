@@ -76,21 +76,6 @@ pub struct Ptx {
     pub path: PathBuf,
 }
 
-/// FNV-1a, 64 bits: a stable hash for cache keys (not for security).
-fn fnv1a(parts: &[&[u8]]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for part in parts {
-        for &b in *part {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-        // Separate the parts, so ("ab", "c") and ("a", "bc") differ.
-        h ^= 0xff;
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
-}
-
 /// The cache key of `source` compiled with `headers` for `arch` by NVRTC `version`.
 pub fn cache_key(
     source: &str,
@@ -105,7 +90,7 @@ pub fn cache_key(
     }
     let v = format!("{}.{}", version.0, version.1);
     parts.push(v.as_bytes());
-    format!("{:016x}-{arch}", fnv1a(&parts))
+    format!("{:016x}-{arch}", crate::device::fnv1a(&parts))
 }
 
 /// Compiles `source` (which includes `headers` by name) for `arch` (`sm_90a`) with NVRTC,

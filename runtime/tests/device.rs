@@ -43,6 +43,18 @@ fn cache() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("emulated-kernels")
 }
 
+/// The built-in corpus batched for `compiled`'s training step, its sequence length, and the
+/// parameters every run here starts from.
+fn start(compiled: &Compiled) -> (Batcher, usize, Vec<Vec<f32>>) {
+    let settings = compiled.train.settings();
+    let forward = compiled.forward.graph();
+    let (b, t) = (settings.batch as usize, settings.seq_len as usize);
+    let window = t + max_token_offset(forward) as usize - 1;
+    let tokens = byte_tokens(&builtin_corpus(0, 1 << 16));
+    let batcher = Batcher::new(tokens, b, window, 0).unwrap();
+    (batcher, t, init_params(forward, 3))
+}
+
 /// Losses and final parameters of `steps` steps of `compiled`'s training Program, on the
 /// interpreter or (with `plan`) on the emulated device running that plan.
 fn train(
@@ -53,12 +65,7 @@ fn train(
 ) -> (Vec<f64>, Vec<Vec<f32>>) {
     let program = &compiled.train;
     let settings = program.settings();
-    let forward = compiled.forward.graph();
-    let (b, t) = (settings.batch as usize, settings.seq_len as usize);
-    let window = t + max_token_offset(forward) as usize - 1;
-    let tokens = byte_tokens(&builtin_corpus(0, 1 << 16));
-    let mut batcher = Batcher::new(tokens, b, window, 0).unwrap();
-    let params = init_params(forward, 3);
+    let (mut batcher, t, params) = start(compiled);
     let config = TrainConfig::of(settings, settings_steps, 3);
     let mut trainer = match plan {
         None => Trainer::new(program, config, params),
@@ -203,12 +210,8 @@ struct Compared {
 fn step_errors(compiled: &Compiled, plan: kiln_compiler::emit_cuda::CudaProgram) -> Vec<Compared> {
     let program = &compiled.train;
     let settings = program.settings();
-    let forward = compiled.forward.graph();
-    let (b, t) = (settings.batch as usize, settings.seq_len as usize);
-    let window = t + max_token_offset(forward) as usize - 1;
-    let tokens = byte_tokens(&builtin_corpus(0, 1 << 16));
-    let batch = Batcher::new(tokens, b, window, 0).unwrap().next_batch();
-    let params = init_params(forward, 3);
+    let (mut batcher, t, params) = start(compiled);
+    let batch = batcher.next_batch();
     let keep = TrainOutputs::of(program.graph()).unwrap().values();
     let inputs = feed_inputs(program.graph(), &batch, t);
     let feed = Feed {

@@ -203,6 +203,7 @@ pub fn fnv1a(parts: &[&[u8]]) -> u64 {
             h ^= u64::from(b);
             h = h.wrapping_mul(0x0000_0100_0000_01b3);
         }
+        // Separate the parts, so ("ab", "c") and ("a", "bc") differ.
         h ^= 0xff;
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
