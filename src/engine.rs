@@ -3,13 +3,13 @@
 //! or the interpreter, and a run's data.
 
 use kiln_compiler::emit_cuda;
-use kiln_compiler::ir::Graph;
+use kiln_compiler::ir::{Graph, ValueId};
 use kiln_compiler::model::{DataSource, Model};
 use kiln_compiler::program::{Program, Settings, TrainOutputs};
 use kiln_runtime::data::{self, Dataset};
 use kiln_runtime::device::emulated::Emulated;
 use kiln_runtime::device::runner::DeviceRunner;
-use kiln_runtime::device::DeviceKind;
+use kiln_runtime::device::{Device, DeviceKind};
 use kiln_runtime::exec::Run;
 use kiln_runtime::train::{max_token_offset, TrainConfig, Trainer};
 
@@ -37,17 +37,42 @@ pub(crate) fn trainer<'g>(
     match (device, built) {
         (DeviceKind::Cpu, Some(b)) => Ok(Trainer::with_runner(full, config, params, (b.runner)())),
         (DeviceKind::Cpu, None) => Ok(Trainer::new(full, config, params)),
-        (DeviceKind::CudaEmulated, _) => {
+        (device, _) => {
             let keep = TrainOutputs::of(full.graph())
                 .expect("a training Program has losses")
                 .values();
-            let cache = kiln_runtime::device::cache_dir().join("emulated");
-            let device = Emulated::new(&cache).with_progress(|line| eprintln!("{line}"));
-            let runner = DeviceRunner::new(full, emit_cuda::emit(full), device, &keep)
-                .map_err(|e| other(format!("--device cuda-emulated: {e}")))?;
-            Ok(Trainer::with_runner(full, config, params, Box::new(runner)))
+            let runner = device_runner(full, device, &keep, false)?;
+            Ok(Trainer::with_runner(full, config, params, runner))
         }
-        (DeviceKind::Cuda, _) => Err(other(cuda_unavailable())),
+    }
+}
+
+/// `program`'s CUDA plan on `device` (not `cpu`), returning the values of `keep` from each
+/// run; with `poison`, every buffer the plan writes is filled with NaN before each run.
+pub(crate) fn device_runner(
+    program: &Program,
+    device: DeviceKind,
+    keep: &[ValueId],
+    poison: bool,
+) -> Result<Box<dyn Run>, Failure> {
+    let runner = DeviceRunner::new(program, emit_cuda::emit(program), open(device)?, keep)
+        .map_err(|e| other(format!("--device {device}: {e}")))?;
+    Ok(Box::new(if poison { runner.poisoning() } else { runner }))
+}
+
+/// A device of kind `device` (not `cpu`), reporting its progress (kernel builds) on stderr.
+pub(crate) fn open(device: DeviceKind) -> Result<Box<dyn Device>, Failure> {
+    match device {
+        DeviceKind::Cpu => Err(other(
+            "--device cpu is the interpreter, which runs no CUDA plan",
+        )),
+        DeviceKind::CudaEmulated => {
+            let cache = kiln_runtime::device::cache_dir().join("emulated");
+            Ok(Box::new(
+                Emulated::new(&cache).with_progress(|line| eprintln!("{line}")),
+            ))
+        }
+        DeviceKind::Cuda => Err(other(cuda_unavailable())),
     }
 }
 

@@ -24,7 +24,7 @@ pub mod plot;
 mod spec;
 pub mod specialized;
 
-use cmd::{bench, build, emit, exp, hf, logits, rl, sample, train};
+use cmd::{bench, build, emit, exp, hf, logits, rl, sample, train, verify};
 
 /// Every binary linking kiln counts its heap (see [`heap`]); `kiln bench --memory` reads it.
 #[global_allocator]
@@ -111,6 +111,14 @@ enum Command {
     /// Time training steps of a spec and compare the achieved GFLOP/s with a single large
     /// f32 GEMM measured in the same run.
     Bench(bench::Args),
+    /// Check a device's run of the spec's CUDA plan: one training step on the device and on
+    /// the interpreter, same parameters and batch, every value of every node compared.
+    ///
+    /// The device's buffers are filled with NaN before the step, so an element no kernel
+    /// writes fails. Each value's relative L2 distance must be within the tolerance of the
+    /// policy's narrowest format (docs/cuda.md); prints the farthest values and exits 1 if
+    /// any is beyond it.
+    Verify(verify::Args),
     /// Print what kiln compiles a spec to.
     Emit {
         #[command(subcommand)]
@@ -159,6 +167,13 @@ enum Emit {
         /// print each kernel's registers, shared memory, stack and spills.
         #[arg(long)]
         check: bool,
+    },
+    /// The Hugging Face `config.json` of the spec, as `kiln export-hf` writes it beside the
+    /// weights: for building the same model in transformers (deepseek_v3, deepseek_v2, llama
+    /// and gpt2 families).
+    HfConfig {
+        /// The spec [default: the built-in specs/tiny.toml].
+        spec: Option<PathBuf>,
     },
     /// The forward graph IR at the spec's batch size and sequence length: parameters, inputs,
     /// one line per op (result types, operands, resolved format, op path), named outputs.
@@ -211,6 +226,9 @@ pub fn main() -> ExitCode {
             what: Emit::Rust { spec },
         } => emit::rust(spec, color),
         Command::Emit {
+            what: Emit::HfConfig { spec },
+        } => emit::hf_config(spec, color),
+        Command::Emit {
             what: Emit::Cuda { spec, out, check },
         } => emit::cuda(spec, out, check, color),
         Command::Sample(args) => sample::run(args, color),
@@ -220,6 +238,7 @@ pub fn main() -> ExitCode {
         Command::ImportHf(args) => hf::run_import(args),
         Command::ExportHf(args) => hf::run_export(args, color),
         Command::Bench(args) => bench::run(args, color),
+        Command::Verify(args) => verify::run(args, color),
         Command::Train(args) => train::run(args, color),
         Command::Exp { what } => exp::run(what, color),
     };

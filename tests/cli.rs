@@ -539,5 +539,23 @@ fn devices_fail_clearly_and_a_run_moves_between_them() {
             (x - y).abs() <= 1e-5 * x.abs(),
             "step {step}: {y} after moving devices, {x} on the CPU alone"
         );
-    }
+    } // `kiln verify`: every value of a step against the interpreter, with a verdict.
+    let o = kiln(&["verify", spec.as_str(), "--show", "2"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = common::text(&o.stdout);
+    assert!(
+        out.contains("buffers poisoned with NaN")
+            && out.contains("tolerance 1.0e-5 relative L2 (narrowest format fp32)")
+            && out.contains("all within tolerance"),
+        "{out}"
+    );
+    let o = kiln(&["verify", spec.as_str(), "--tolerance", "1e-12", "--json"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(report["passed"], false);
+    assert!(report["failed"].as_u64().unwrap() > 0, "{report}");
+    assert!(stderr(&o).contains("differ from the interpreter by more than 1.0e-12"));
+    let o = kiln(&["verify", spec.as_str(), "--device", "cpu"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("checks a device against the interpreter"));
 }

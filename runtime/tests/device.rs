@@ -16,7 +16,8 @@ use kiln_compiler::program::{compile, Compiled};
 use kiln_runtime::data::{builtin_corpus, byte_tokens, Batcher};
 use kiln_runtime::device::emulated::Emulated;
 use kiln_runtime::device::runner::DeviceRunner;
-use kiln_runtime::exec::{Buf, Executor, Feed, Run};
+use kiln_runtime::device::verify::{compare, Compared};
+use kiln_runtime::exec::{Executor, Feed, Run};
 use kiln_runtime::numerics::Emulation;
 use kiln_runtime::train::{feed_inputs, init_params, max_token_offset, TrainConfig, Trainer};
 
@@ -193,20 +194,8 @@ fn three_steps_on_the_emulated_device_match_the_interpreter() {
     }
 }
 
-/// One value a training step returns (a loss or a gradient) on the device and on the
-/// interpreter: the relative L2 distance `‖dev − cpu‖ / ‖cpu‖` (NaN anywhere is infinitely
-/// far), and both norms.
-struct Compared {
-    value: ValueId,
-    error: f64,
-    /// The largest element difference relative to the interpreter's largest magnitude.
-    element: f64,
-    cpu: f64,
-    dev: f64,
-}
-
-/// [`Compared`] for every value a training step returns, the device running `plan`, on one
-/// batch.
+/// [`Compared`] for every value a training step returns, the device running `plan` (its
+/// buffers poisoned before the run), on one batch.
 fn step_errors(compiled: &Compiled, plan: kiln_compiler::emit_cuda::CudaProgram) -> Vec<Compared> {
     let program = &compiled.train;
     let settings = program.settings();
@@ -227,37 +216,10 @@ fn step_errors(compiled: &Compiled, plan: kiln_compiler::emit_cuda::CudaProgram)
     };
     let cpu = exec.run(&feed).unwrap();
     let runner = DeviceRunner::new(program, plan, Emulated::new(&cache()), &keep)
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap_or_else(|e| panic!("{e}"))
+        .poisoning();
     let dev = runner.run(&feed).unwrap_or_else(|e| panic!("{e}"));
-    keep.iter()
-        .filter_map(|v| match (&cpu[v], &dev[v]) {
-            (Buf::F(c), Buf::F(d)) => {
-                let (mut d2, mut c2, mut g2, mut worst) = (0f64, 0f64, 0f64, 0f64);
-                let scale = c.iter().fold(0f64, |m, y| m.max(f64::from(y.abs())));
-                for (x, y) in d.iter().zip(c) {
-                    let diff = f64::from(x - y).abs();
-                    d2 += diff * diff;
-                    c2 += f64::from(*y).powi(2);
-                    g2 += f64::from(*x).powi(2);
-                    // NaN anywhere is infinitely far (`f64::max` would drop it).
-                    worst = if diff.is_nan() {
-                        f64::INFINITY
-                    } else {
-                        worst.max(diff)
-                    };
-                }
-                let e = (d2 / c2.max(1e-300)).sqrt();
-                Some(Compared {
-                    value: *v,
-                    error: if e.is_nan() { f64::INFINITY } else { e },
-                    element: worst / scale.max(1e-300),
-                    cpu: c2.sqrt(),
-                    dev: g2.sqrt(),
-                })
-            }
-            _ => None,
-        })
-        .collect()
+    compare(&keep, &cpu, &dev)
 }
 
 /// Swapping two launches of a step, or flipping one GEMM's transpose flag, makes the

@@ -14,6 +14,11 @@ pub fn kiln(args: &[&str]) -> Output {
         .args(args)
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .env("NO_COLOR", "1")
+        // Built kernels (the emulated device's libraries) stay in the build tree.
+        .env(
+            "KILN_CACHE_DIR",
+            concat!(env!("CARGO_TARGET_TMPDIR"), "/kiln-cache"),
+        )
         .output()
         .expect("the kiln binary runs")
 }

@@ -11,7 +11,8 @@
 //!   descriptors without a GPU.
 //! - `cuda` (cargo feature `cuda`): the same calls on a GPU through cudarc.
 //!
-//! [`runner::DeviceRunner`] runs a training Program's plan on a device.
+//! [`runner::DeviceRunner`] runs a training Program's plan on a device; [`verify`] compares a
+//! device's step with the interpreter's, value by value.
 
 use std::fmt;
 
@@ -22,6 +23,7 @@ use crate::numerics::accum::Accumulation;
 
 pub mod emulated;
 pub mod runner;
+pub mod verify;
 
 /// Where a command runs its steps (`--device`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -228,4 +230,42 @@ pub fn find_library(what: &str, names: &[&str]) -> Result<(), DeviceError> {
         library: what.to_string(),
         tried: names.iter().map(|n| n.to_string()).collect(),
     })
+}
+
+/// A device chosen at run time (`--device`) is a boxed one.
+impl Device for Box<dyn Device> {
+    fn describe(&self) -> String {
+        (**self).describe()
+    }
+    fn load(&mut self, program: &CudaProgram) -> Result<(), DeviceError> {
+        (**self).load(program)
+    }
+    fn alloc(&mut self, bytes: u64) -> Result<BufId, DeviceError> {
+        (**self).alloc(bytes)
+    }
+    fn address(&self, buf: BufId) -> u64 {
+        (**self).address(buf)
+    }
+    fn upload(&mut self, buf: BufId, data: &[u8]) -> Result<(), DeviceError> {
+        (**self).upload(buf, data)
+    }
+    fn download(&mut self, buf: BufId, out: &mut [u8]) -> Result<(), DeviceError> {
+        (**self).download(buf, out)
+    }
+    fn launch(
+        &mut self,
+        kernel: &str,
+        grid: u64,
+        block: u32,
+        shared_bytes: u32,
+        args: &[KernelArg],
+    ) -> Result<(), DeviceError> {
+        (**self).launch(kernel, grid, block, shared_bytes, args)
+    }
+    fn gemm(&mut self, call: &GemmCall) -> Result<(), DeviceError> {
+        (**self).gemm(call)
+    }
+    fn synchronize(&mut self) -> Result<(), DeviceError> {
+        (**self).synchronize()
+    }
 }

@@ -50,6 +50,10 @@ struct State<D> {
     arity: HashMap<String, usize>,
     /// How FP8 GEMMs accumulate (the policy's `[precision.fp8]`).
     fp8: Option<crate::numerics::accum::Accumulation>,
+    /// Every buffer the plan writes (values, scratch, FP8 copies) with its size in bytes, and
+    /// whether a run fills them with 0xFF bytes first (see [`DeviceRunner::poisoning`]).
+    written: Vec<(BufId, u64)>,
+    poison: bool,
 }
 
 impl<D: Device> DeviceRunner<D> {
@@ -74,14 +78,19 @@ impl<D: Device> DeviceRunner<D> {
             }
         }
         let mut values: Vec<Option<(BufId, DType, u64)>> = vec![None; graph.values.len()];
+        let mut written = Vec::new();
         for (id, v) in graph.values.iter() {
             let i = id.index();
             if source[i] != i {
                 continue;
             }
             let elements: u64 = v.ty.shape.iter().product();
-            let buf = device.alloc(4 * elements.max(1))?;
+            let bytes = 4 * elements.max(1);
+            let buf = device.alloc(bytes)?;
             values[i] = Some((buf, v.ty.dtype, elements));
+            if matches!(v.def, Def::Node { .. }) {
+                written.push((buf, bytes));
+            }
         }
         let values: Vec<(BufId, DType, u64)> = (0..graph.values.len())
             .map(|i| {
@@ -115,6 +124,7 @@ impl<D: Device> DeviceRunner<D> {
             .iter()
             .map(|&b| device.alloc(b.max(4)))
             .collect::<Result<Vec<_>, _>>()?;
+        written.extend(scratch.iter().zip(&slots).map(|(&buf, &b)| (buf, b.max(4))));
         let copies = cuda
             .fp8_copies
             .iter()
@@ -125,12 +135,15 @@ impl<D: Device> DeviceRunner<D> {
                     Arg::Fp8Codes { bytes, .. } | Arg::Fp8Scales { bytes, .. } => *bytes,
                     _ => unreachable!("an FP8 copy's arguments"),
                 };
+                let (codes, scales) = (bytes(&codes).max(4), bytes(&scales).max(4));
                 Ok((
-                    device.alloc(bytes(&codes).max(4))?,
-                    device.alloc(bytes(&scales).max(4))?,
+                    (device.alloc(codes)?, codes),
+                    (device.alloc(scales)?, scales),
                 ))
             })
             .collect::<Result<Vec<_>, DeviceError>>()?;
+        written.extend(copies.iter().flat_map(|&(c, s)| [c, s]));
+        let copies = copies.iter().map(|&((c, _), (s, _))| (c, s)).collect();
         let mut rope = Vec::new();
         for t in &cuda.rope_tables {
             let tables =
@@ -178,8 +191,21 @@ impl<D: Device> DeviceRunner<D> {
                 keep: keep.to_vec(),
                 arity,
                 fp8,
+                written,
+                poison: false,
             }),
         })
+    }
+
+    /// Fills every buffer the plan writes with 0xFF bytes (NaN as f32, an id out of every
+    /// range as u32) before each run, so that an element a kernel fails to write shows up as
+    /// a NaN, not as a zero or a previous step's value that happens to be right.
+    pub fn poisoning(self) -> DeviceRunner<D> {
+        let mut state = self.state.into_inner().unwrap_or_else(|e| e.into_inner());
+        state.poison = true;
+        DeviceRunner {
+            state: Mutex::new(state),
+        }
     }
 }
 
@@ -261,9 +287,16 @@ impl<D: Device> State<D> {
         })
     }
 
-    /// Uploads the parameters and inputs of `feed`.
+    /// Uploads the parameters and inputs of `feed` (after the poison, if asked).
     fn upload(&mut self, feed: &Feed<f32>) -> Result<(), ExecError> {
         let device_err = |e: DeviceError| ExecError::Device(e.to_string());
+        if self.poison {
+            for &(buf, bytes) in &self.written {
+                self.device
+                    .upload(buf, &vec![0xFF; bytes as usize])
+                    .map_err(device_err)?;
+            }
+        }
         for &(p, v) in &self.params {
             let data = feed
                 .params
