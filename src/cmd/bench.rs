@@ -14,6 +14,7 @@ use serde_json::value::RawValue;
 
 use kiln_compiler::model::Model;
 
+use crate::cmd::gemms;
 use crate::engine::{self, Specialized};
 use crate::output::{self, number, out};
 use crate::spec::load;
@@ -58,6 +59,16 @@ pub struct Flags {
     /// `cuda-emulated` or `cuda`.
     #[arg(long, default_value = "cpu", conflicts_with = "generate")]
     pub device: DeviceKind,
+    /// Time the device's GEMMs instead of training: BF16 against block-scaled FP8 (E4M3,
+    /// 1×128 activation tiles, 128×128 weight blocks) for each shape, `y = x · wᵀ`. `v3`
+    /// (the default) is DeepSeek-V3's shapes (k × n: 7168×2048, 2048×7168, 7168×18432) with
+    /// `--tokens` rows; or `MxNxK,…`. Needs `--device cuda` or `cuda-emulated`.
+    #[arg(long, num_args = 0..=1, default_missing_value = "v3", value_name = "SHAPES",
+          conflicts_with_all = ["generate", "memory", "emulate_precision"])]
+    pub gemms: Option<String>,
+    /// Rows (tokens) of `--gemms v3`'s products.
+    #[arg(long, default_value_t = 4096)]
+    pub tokens: u64,
 }
 
 /// GFLOP/s of an f32 `n × n × n` matrix product: the best of `reps` runs.
@@ -238,6 +249,48 @@ fn run_generate(name: &str, model: &Model, args: &Flags) -> Result<(), Failure> 
     Ok(())
 }
 
+/// `kiln bench --gemms`: BF16 against FP8 GEMMs on the device, one line per shape.
+fn run_gemms(shapes: &str, args: &Flags) -> Result<(), Failure> {
+    let shapes =
+        gemms::parse_shapes(shapes, args.tokens).map_err(|e| other(format!("--gemms {e}")))?;
+    if args.device == DeviceKind::Cpu {
+        return Err(other(
+            "--gemms times a device's GEMMs: add --device cuda (or cuda-emulated)",
+        ));
+    }
+    let mut device = engine::open(args.device)?;
+    let what = device.describe();
+    let timings = gemms::run(&mut *device, &shapes, args.steps as usize, |line| {
+        eprintln!("{line}")
+    })
+    .map_err(other)?;
+    if args.json {
+        let o = serde_json::json!({
+            "mode": "gemms", "device": args.device.name(), "describe": what,
+            "reps": args.steps, "gemms": timings,
+        });
+        out(&format!("{o}\n"));
+    } else {
+        let mut text = format!(
+            "GEMMs on {what}, y = x · wᵀ, median of {} runs\n  {:>22}  {:>10} {:>10}  {:>10} {:>10}  {:>7}\n",
+            args.steps, "m × n × k", "bf16 ms", "TFLOP/s", "fp8 ms", "TFLOP/s", "fp8 ×"
+        );
+        for g in &timings {
+            text.push_str(&format!(
+                "  {:>22}  {:>10.3} {:>10.1}  {:>10.3} {:>10.1}  {:>7.2}\n",
+                format!("{} × {} × {}", g.m, g.n, g.k),
+                g.bf16_ms,
+                g.bf16_tflops,
+                g.fp8_ms,
+                g.fp8_tflops,
+                g.fp8_speedup
+            ));
+        }
+        out(&text);
+    }
+    Ok(())
+}
+
 /// Benchmarks `model`'s training step, run by the interpreter or, for a specialized binary, by
 /// its generated step (or, with `--generate`, its KV-cached generation).
 pub(crate) fn run_model(
@@ -249,6 +302,9 @@ pub(crate) fn run_model(
     if args.generate {
         // Generation runs kiln's decoder, the same in a specialized binary.
         return run_generate(name, model, args);
+    }
+    if let Some(shapes) = &args.gemms {
+        return run_gemms(shapes, args);
     }
     let report = analyze(model);
     let compiled = compile(model).map_err(|e| other(e.to_string()))?;
@@ -288,7 +344,24 @@ pub(crate) fn run_model(
         (_, false, true) => "interpreter, emulated precision",
         (_, false, false) => "interpreter",
     };
-    let ceiling = gemm_rate(1024, 5);
+    // The ceiling: the CPU's f32 product, or the device's bf16 one.
+    let (ceiling, ceiling_what) = match args.device {
+        DeviceKind::Cpu => (gemm_rate(1024, 5), "f32 1024³".to_string()),
+        device => {
+            let n = if device == DeviceKind::Cuda {
+                8192
+            } else {
+                256
+            };
+            let mut d = engine::open(device)?;
+            let s = gemms::bf16_time(&mut *d, [n; 3], 5)
+                .map_err(|e| other(format!("--device {device}: {e}")))?;
+            (
+                2.0 * (n as f64).powi(3) / s / 1e9,
+                format!("bf16 {n}³ on the device"),
+            )
+        }
+    };
     // Warm up, then time each step; report the median.
     for _ in 0..2 {
         trainer
@@ -331,6 +404,7 @@ pub(crate) fn run_model(
             train_gflop_per_step: Box<RawValue>,
             achieved_gflops: Box<RawValue>,
             gemm_gflops: Box<RawValue>,
+            gemm: &'a str,
             fraction_of_gemm: Box<RawValue>,
         }
         let digits = |n: usize| move |x: f64| format!("{x:.n$}");
@@ -345,6 +419,7 @@ pub(crate) fn run_model(
             train_gflop_per_step: number(flops / 1e9, digits(3)),
             achieved_gflops: number(achieved, digits(1)),
             gemm_gflops: number(ceiling, digits(1)),
+            gemm: &ceiling_what,
             fraction_of_gemm: number(achieved / ceiling, digits(3)),
         });
         out(&format!("{line}\n"));
@@ -352,7 +427,7 @@ pub(crate) fn run_model(
         out(&format!(
             "{} ({name}, {engine}), batch {b} × {t} tokens, {threads} threads, median of {} steps\n  \
              step            {:>10.1} ms\n  tokens/s        {:>10.0}\n  achieved        {:>10.1} GFLOP/s ({:.3} GFLOP per step by the analyzer's count)\n  \
-             single GEMM     {:>10.1} GFLOP/s (f32 1024³, same run)\n  fraction        {:>10.1} % of the GEMM rate\n",
+             single GEMM     {:>10.1} GFLOP/s ({}, same run)\n  fraction        {:>10.1} % of the GEMM rate\n",
             model.name,
             times.len(),
             median * 1e3,
@@ -360,6 +435,7 @@ pub(crate) fn run_model(
             achieved,
             flops / 1e9,
             ceiling,
+            ceiling_what,
             100.0 * achieved / ceiling
         ));
     }

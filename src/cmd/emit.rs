@@ -53,6 +53,16 @@ pub(crate) fn rust(spec: Option<PathBuf>, color: bool) -> Result<(), Failure> {
     Ok(())
 }
 
+pub(crate) fn hf_config(spec: Option<PathBuf>, color: bool) -> Result<(), Failure> {
+    let (name, model) = load(spec.as_ref(), &mut Vec::new(), color)?;
+    let config = kiln_compiler::hf::export_config(&model)
+        .map_err(|e| Failure::Other(format!("{name}: {e}")))?;
+    let text = serde_json::to_string_pretty(&config)
+        .map_err(|e| Failure::Other(format!("cannot encode config.json: {e}")))?;
+    out(&format!("{text}\n"));
+    Ok(())
+}
+
 pub(crate) fn cuda(
     spec: Option<PathBuf>,
     out_dir: Option<PathBuf>,
