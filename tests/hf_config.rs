@@ -57,6 +57,7 @@ fn assert_round_trip(label: &str, m: &Model) -> Value {
 #[test]
 fn every_reference_spec_round_trips() {
     let expected = [
+        ("deepseek-1b.toml", Family::DeepseekV3),
         ("deepseek-v2-lite.toml", Family::DeepseekV2),
         ("deepseek-v2.toml", Family::DeepseekV2),
         ("deepseek-v3.toml", Family::DeepseekV3),
