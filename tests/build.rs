@@ -12,6 +12,10 @@ fn run(program: &Path, args: &[&str]) -> Output {
         .args(args)
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .env("NO_COLOR", "1")
+        .env(
+            "KILN_CACHE_DIR",
+            concat!(env!("CARGO_TARGET_TMPDIR"), "/kiln-cache"),
+        )
         .output()
         .expect("the program runs");
     assert_eq!(
@@ -82,6 +86,59 @@ fn the_built_binary_trains_exactly_like_kiln_train() {
         std::fs::read(b.join("spec.toml")).unwrap()
     );
     run(kiln, &["logits", b.to_str().unwrap(), "--tokens", "1,2,3"]);
+
+    // `--device`: the binary runs its spec's CUDA plan as kiln does (the emulated device's
+    // atomics may add in another order, so within 1e-6, not bit for bit), and says why it
+    // cannot use a GPU here.
+    let (c, d) = (
+        work.join("kiln-emulated"),
+        work.join("specialized-emulated"),
+    );
+    let flags = [
+        "--steps",
+        "2",
+        "--eval-every",
+        "2",
+        "--eval-batches",
+        "1",
+        "--device",
+        "cuda-emulated",
+    ];
+    let mut train = vec![
+        "train",
+        "tests/specs/micro.toml",
+        "--out",
+        c.to_str().unwrap(),
+    ];
+    train.extend(flags);
+    run(kiln, &train);
+    let mut own = vec!["--out", d.to_str().unwrap()];
+    own.extend(flags);
+    run(&binary, &own);
+    let (lc, ld) = (losses(&c), losses(&d));
+    assert_eq!(lc.len(), 2);
+    for ((step, x, vx), (_, y, vy)) in lc.iter().zip(&ld) {
+        assert_eq!(vx.is_some(), vy.is_some(), "step {step}: validated by both");
+        for (x, y) in [(Some(*x), Some(*y)), (*vx, *vy)] {
+            let (Some(x), Some(y)) = (x, y) else { continue };
+            let (x, y) = (f64::from_bits(x), f64::from_bits(y));
+            assert!(
+                (x - y).abs() <= 1e-6 * x.abs(),
+                "step {step}: {y} from the binary, {x} from kiln"
+            );
+        }
+    }
+    let gpu = Command::new(&binary)
+        .args(["--steps", "1", "--device", "cuda", "--out"])
+        .arg(work.join("gpu"))
+        .output()
+        .unwrap();
+    assert_eq!(gpu.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&gpu.stderr).contains("--device cuda: "),
+        "{}",
+        String::from_utf8_lossy(&gpu.stderr)
+    );
 
     // Unchanged spec, same kiln: nothing to rebuild.
     let again = run(kiln, &build);
