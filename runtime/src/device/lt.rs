@@ -248,6 +248,10 @@ pub fn fp8_problem(call: &GemmCall) -> Result<Fp8Problem, DeviceError> {
     if !matches!(call.format, Format::E4m3 | Format::E5m2) {
         return refuse(format!("format {:?} is not FP8", call.format));
     }
+    if call.format == Format::E5m2 {
+        // cuBLASLt's FP8 GEMMs take e4m3 × e4m3, e4m3 × e5m2 and e5m2 × e4m3, not e5m2 × e5m2.
+        return refuse("both operands e5m2, a pairing cuBLASLt has no kernel for".into());
+    }
     if call.batch > 1 {
         return refuse("a batch (its scales have no batch stride)".into());
     }
@@ -278,6 +282,22 @@ pub fn fp8_problem(call: &GemmCall) -> Result<Fp8Problem, DeviceError> {
         scales_a: scale_layout(&f.b, call.n, call.k, "b")?,
         scales_b: scale_layout(&f.a, call.m, call.k, "a")?,
     })
+}
+
+/// The architecture NVRTC compiles for on a GPU of compute capability `(major, minor)`: the
+/// `a` variants where kiln's kernels may use the architecture-specific instructions (wgmma,
+/// tcgen05).
+pub fn nvrtc_arch(capability: (i32, i32)) -> Result<&'static str, DeviceError> {
+    match capability {
+        (8, 0) => Ok("sm_80"),
+        (8, 9) => Ok("sm_89"),
+        (9, 0) => Ok("sm_90a"),
+        (10, 0) => Ok("sm_100a"),
+        (major, minor) => Err(DeviceError::Call(format!(
+            "a GPU of compute capability {major}.{minor}: kiln compiles for 8.0 (sm_80), 8.9 \
+             (sm_89), 9.0 (sm_90a) and 10.0 (sm_100a) only"
+        ))),
+    }
 }
 
 /// `x` (a row-major `[rows, cols]` table) in `layout`, as `kiln_relayout_scales` writes it.
@@ -504,6 +524,13 @@ mod tests {
             (fp8_call(6, 12, 256, ok, 1), "m = 6"),
             (fp8_call(8, 10, 256, ok, 1), "n = 10"),
             (fp8_call(8, 12, 256, ok, 2), "batch"),
+            (
+                GemmCall {
+                    format: Format::E5m2,
+                    ..fp8_call(8, 12, 256, ok, 1)
+                },
+                "e5m2",
+            ),
             (fp8_call(8, 12, 256, [[1, 8], [128, 128]], 1), "a's 1×8"),
             (fp8_call(8, 12, 256, [[1, 128], [8, 8]], 1), "b's 8×8"),
         ] {
@@ -582,6 +609,18 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    #[test]
+    fn architectures_follow_the_compute_capability() {
+        assert_eq!(nvrtc_arch((9, 0)).unwrap(), "sm_90a");
+        assert_eq!(nvrtc_arch((8, 0)).unwrap(), "sm_80");
+        assert_eq!(nvrtc_arch((8, 9)).unwrap(), "sm_89");
+        assert_eq!(nvrtc_arch((10, 0)).unwrap(), "sm_100a");
+        match nvrtc_arch((7, 5)) {
+            Err(DeviceError::Call(m)) => assert!(m.contains("7.5"), "{m}"),
+            other => panic!("{other:?}"),
         }
     }
 

@@ -23,6 +23,8 @@ use kiln_ir::cuda::CudaProgram;
 
 use crate::numerics::accum::Accumulation;
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod emulated;
 pub mod lt;
 pub mod runner;
