@@ -160,13 +160,21 @@ pub enum ScaleMode {
 /// (`[outer / block0, k / block1]`, rounded up); cuBLASLt reads scale `[r, j]` at
 /// `r * row_stride + j * col_stride` of a table of `len` floats.
 ///
-/// The layouts, from NVIDIA's cuBLAS documentation (cuBLASLt, "Block Scaling Factors
-/// Layout", cuBLAS 12.9 and later; <https://docs.nvidia.com/cuda/cublas/index.html>), as this
-/// module reads it: VEC128_32F scales are stored outer-dimension-major (the blocks of one
-/// 128-wide k slice for every row are consecutive), so kiln's row-major table is transposed;
-/// BLK128x128_32F scales are stored k-major with each row of blocks padded to a multiple of 4
-/// floats (16 bytes), which is kiln's table with padded rows. The first GPU run checks both
-/// (`Cuda`'s FP8 GEMM against the emulated device).
+/// The layouts cuBLASLt expects (`cublasLtMatmulMatrixScale_t`, cuBLAS 12.9 and later:
+/// <https://docs.nvidia.com/cuda/cublas/index.html>, cuBLASLt datatypes; the values
+/// are listed at <https://docs.nvidia.com/cuda/nvmath-python/latest/bindings/generated/nvmath.bindings.cublasLt.MatmulMatrixScale.html>):
+/// - VEC128_32F, one f32 per 128 consecutive elements along k: the table is
+///   `[outer, ceil(k / 128)]` stored outer-dimension-major (strides `(1, outer)`), so kiln's
+///   row-major table is transposed;
+/// - BLK128x128_32F, one f32 per 128×128 block: `[ceil(outer / 128), ceil(k / 128)]` stored
+///   k-major with each row padded to a multiple of 4 floats (16 bytes), which is kiln's table
+///   with padded rows (the same table when `ceil(k / 128)` is a multiple of 4).
+///
+/// NVIDIA's page itself could not be read while this was written; the layouts are the ones
+/// PyTorch's `_scaled_mm` checks before it hands these tables to cuBLASLt
+/// (`aten/src/ATen/native/cuda/ScaledBlas.cpp`, `is_blockwise_1x128_scaling`,
+/// `is_blockwise_128x128_scaling`). The first GPU run checks them
+/// (`tests/cuda_device.rs`, the FP8 GEMM against the emulated device).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ScaleLayout {
     pub mode: ScaleMode,
