@@ -175,8 +175,10 @@ fn gemms_agree_with_the_emulated_device_in_every_layout() {
                 };
                 let got = run(&mut gpu, &call, &host);
                 let want = run(&mut emu, &call, &host);
+                // Same rounded operands and f32 products; only the summation order differs,
+                // while a layout mistake would be off by the size of the values.
                 let what = format!("{format:?} batch {batch} ta {ta} tb {tb}");
-                close(&got, &want, 1e-5, &what);
+                close(&got, &want, 1e-4, &what);
             }
         }
     }
