@@ -112,3 +112,50 @@ fn a_compile_error_returns_nvrtcs_log_and_caches_nothing() {
         Err(CudaError::Compile(m)) if m.contains("unsupported GPU architecture")
     ));
 }
+
+#[test]
+fn the_cuda_devices_helper_kernels_compile_with_nvrtc_alone() {
+    // kernels/kiln_device.cu (the bf16/f16 rounding, bias and FP8-scale kernels around
+    // cuBLASLt) must need no header: NVRTC has none of CUDA's.
+    if nvrtc_available().is_err() {
+        return; // the first test reports it
+    }
+    let cache = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("nvrtc-helpers");
+    let _ = std::fs::remove_dir_all(&cache);
+    std::fs::create_dir_all(&cache).unwrap();
+    let program = kiln_runtime::device::lt::helper_program();
+    assert!(!program.kernels.is_empty());
+    for arch in ["sm_80", "sm_90a"] {
+        let ptx = compile_cached(&program.source, &[], arch, &cache)
+            .unwrap_or_else(|e| panic!("{arch}: {e}"));
+        for k in &program.kernels {
+            assert!(
+                ptx.text.contains(&format!(".entry {}(", k.name)),
+                "{arch}: the PTX has {}",
+                k.name
+            );
+        }
+    }
+}
+
+#[test]
+fn a_machine_without_a_driver_gets_missing_libcuda_not_a_panic() {
+    // This check runs where there is no GPU driver (CI, the build machines); with one, the
+    // device opens or fails for another reason, which the test leaves alone.
+    // SAFETY: only tries to open the library under its candidate names.
+    if unsafe { cudarc::driver::sys::is_culib_present() } {
+        eprintln!("skipped: this machine has a CUDA driver");
+        return;
+    }
+    match kiln_runtime::device::cuda::Cuda::new(0) {
+        Err(kiln_runtime::device::DeviceError::Missing { library, tried }) => {
+            assert!(library.contains("libcuda"), "{library}");
+            assert!(
+                tried.iter().any(|t| t == "libcuda.so.1"),
+                "the driver's usual file name is among those searched: {tried:?}"
+            );
+        }
+        Err(e) => panic!("expected the driver to be missing, got {e}"),
+        Ok(_) => panic!("expected the driver to be missing, got a device"),
+    }
+}

@@ -9,7 +9,10 @@
 //!   host under CUDA's execution model (`kernels/kiln_host.h`), GEMMs by a CPU implementation
 //!   of the same semantics. Slow; it proves the plan runner, the manifest and the GEMM
 //!   descriptors without a GPU.
-//! - `cuda` (cargo feature `cuda`): the same calls on a GPU through cudarc.
+//! - `cuda::Cuda` (cargo feature `cuda`, `--device cuda`): the same calls on a GPU through
+//!   cudarc — the kernels compiled by NVRTC, GEMMs by cuBLASLt. [`lt`] holds its pure part
+//!   (cuBLASLt's column-major view of a [`GemmCall`], FP8 scale layouts, the helper kernels),
+//!   tested without a GPU.
 //!
 //! [`runner::DeviceRunner`] runs a training Program's plan on a device; [`verify`] compares a
 //! device's step with the interpreter's, value by value.
@@ -21,7 +24,10 @@ use kiln_ir::cuda::CudaProgram;
 
 use crate::numerics::accum::Accumulation;
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod emulated;
+pub mod lt;
 pub mod runner;
 pub mod verify;
 
