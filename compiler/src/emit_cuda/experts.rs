@@ -46,46 +46,114 @@ impl MoeDims {
     }
 }
 
-/// Sorts the (token, slot) pairs by expert, stably: `offsets[e]..offsets[e + 1]` are expert
-/// `e`'s rows, `perm[row]` is the pair at a sorted row and `row_of[pair]` its inverse. One
-/// block; thread `e` places expert `e`'s pairs in pair order. An id outside the experts sets
-/// *error = 3 and goes nowhere.
-fn moe_sort(m: MoeDims) -> KernelDef {
+/// (token, slot) pairs each block of the sort takes: a chunk, in rounds of one per thread.
+const SORT_CHUNK: u64 = 512;
+
+/// The sort of (token, slot) pairs by expert, stable (a counting sort in three launches, each
+/// over chunks of [`SORT_CHUNK`] pairs, so no single block walks every pair): `offsets[e]..
+/// offsets[e + 1]` are expert `e`'s rows, `perm[row]` is the pair at a sorted row and
+/// `row_of[pair]` its inverse. `counts` is scratch of `chunks · e` ints. An id outside the
+/// experts sets *error = 3 and goes nowhere (`row_of` = -1).
+fn moe_sort(m: MoeDims) -> [KernelDef; 3] {
     let MoeDims { e, k, .. } = m;
-    KernelDef::new(format!("moe_sort_e{e}_k{k}"), "sorts (token, slot) pairs by expert")
+    let c = SORT_CHUNK;
+    let chunk = format!(
+        "    const long long pairs = n * {k}, start = blockIdx.x * {c}LL;
+    const long long end = start + {c} < pairs ? start + {c} : pairs;"
+    );
+    let count = KernelDef::new(format!("moe_sort_count_e{e}_k{k}"), "counts each chunk's pairs per expert")
     .doc(format!(
-        "// Sorts the (token, slot) pairs by expert, stably (counting sort): offsets[e]..offsets[e + 1]\n\
-// are expert e's rows, perm[row] the pair at a sorted row, row_of[pair] its row. One block.\n\
-// experts: u32[n, {k}]; offsets: i32[{e} + 1]; perm, row_of: i32[n · {k}]."
+        "// Counts the (token, slot) pairs of each chunk of {c} per expert: counts[chunk · {e} + x].\n\
+// A block per chunk; an id outside the experts sets *error = 3.\n\
+// experts: u32[n, {k}]; counts: i32[chunks, {e}]."
     ))
     .body(format!(
-        "    __shared__ int counts[{e}];
-    const long long pairs = n * {k};
-    for (int x = threadIdx.x; x < {e}; x += blockDim.x) {{
-        int c = 0;
-        for (long long p = 0; p < pairs; ++p) c += experts[p] == (unsigned)x;
-        counts[x] = c;
+        "    __shared__ unsigned local[{e}];
+{chunk}
+    for (int x = threadIdx.x; x < {e}; x += blockDim.x) local[x] = 0u;
+    __syncthreads();
+    for (long long p = start + threadIdx.x; p < end; p += blockDim.x) {{
+        const unsigned x = experts[p];
+        if (x < {e}) atomicAdd(&local[x], 1u); else *error = 3;
     }}
-    if (threadIdx.x == 0) {{
-        for (long long p = 0; p < pairs; ++p) {{
-            if (experts[p] >= {e}) {{ *error = 3; row_of[p] = -1; }}
+    __syncthreads();
+    for (int x = threadIdx.x; x < {e}; x += blockDim.x) counts[blockIdx.x * {e}LL + x] = (int)local[x];
+"
+    ));
+    let offsets = KernelDef::new(format!("moe_sort_offsets_e{e}"), "each expert's first row per chunk")
+    .doc(format!(
+        "// Turns the chunks' counts into rows, in place: counts[chunk · {e} + x] becomes the first row\n\
+// of expert x's pairs in that chunk; offsets[x] is expert x's first row and offsets[{e}] the\n\
+// rows in all. One block: a thread per expert over the chunks, then one over the experts.\n\
+// counts: i32[chunks, {e}]; offsets: i32[{e} + 1]."
+    ))
+    .body(format!(
+        "    __shared__ int total[{e}];
+    for (int x = threadIdx.x; x < {e}; x += blockDim.x) {{
+        int acc = 0;
+        for (long long c = 0; c < chunks; ++c) {{
+            const int v = counts[c * {e} + x];
+            counts[c * {e} + x] = acc;
+            acc += v;
         }}
+        total[x] = acc;
     }}
     __syncthreads();
     if (threadIdx.x == 0) {{
         int acc = 0;
-        for (int x = 0; x < {e}; ++x) {{ offsets[x] = acc; acc += counts[x]; }}
+        for (int x = 0; x < {e}; ++x) {{ offsets[x] = acc; acc += total[x]; }}
         offsets[{e}] = acc;
     }}
     __syncthreads();
     for (int x = threadIdx.x; x < {e}; x += blockDim.x) {{
-        int row = offsets[x];
-        for (long long p = 0; p < pairs; ++p) {{
-            if (experts[p] == (unsigned)x) {{ perm[row] = (int)p; row_of[p] = row; ++row; }}
-        }}
+        for (long long c = 0; c < chunks; ++c) counts[c * {e} + x] += offsets[x];
     }}
 "
+    ));
+    let scatter = KernelDef::new(
+        format!("moe_sort_scatter_e{e}_k{k}"),
+        "places each pair at its row",
+    )
+    .doc(format!(
+        "// Places the pairs of each chunk of {c} at their rows, in pair order within an expert:\n\
+// perm[row] = pair, row_of[pair] = row (-1 for an id outside the experts). A block per chunk,\n\
+// in rounds of one pair per thread: a pair's row is its expert's next row in the chunk plus\n\
+// the pairs of that expert before it in the round. Precondition: 256 threads per block.\n\
+// experts: u32[n, {k}]; counts: i32[chunks, {e}] (first rows); perm, row_of: i32[n · {k}]."
     ))
+    .body(format!(
+        "    __shared__ int next[{e}];
+    __shared__ unsigned round[256];
+{chunk}
+    for (int x = threadIdx.x; x < {e}; x += blockDim.x) next[x] = counts[blockIdx.x * {e}LL + x];
+    __syncthreads();
+    for (long long r = start; r < end; r += blockDim.x) {{
+        const long long p = r + threadIdx.x;
+        const unsigned x = p < end ? experts[p] : 0xffffffffu;
+        round[threadIdx.x] = x;
+        __syncthreads();
+        if (p < end) {{
+            if (x < {e}) {{
+                int rank = 0;
+                for (unsigned j = 0; j < threadIdx.x; ++j) rank += round[j] == x;
+                const int row = next[x] + rank;
+                perm[row] = (int)p;
+                row_of[p] = row;
+            }} else {{
+                row_of[p] = -1;
+            }}
+        }}
+        __syncthreads();
+        for (int y = threadIdx.x; y < {e}; y += blockDim.x) {{
+            int seen = 0;
+            for (unsigned j = 0; j < blockDim.x; ++j) seen += round[j] == (unsigned)y;
+            next[y] += seen;
+        }}
+        __syncthreads();
+    }}
+"
+    ));
+    [count, offsets, scatter]
 }
 
 /// The expert hidden layer for every sorted row: `gate = x·W_gate[e]ᵀ`, `up = x·W_up[e]ᵀ` and
@@ -351,7 +419,8 @@ impl Emitter<'_> {
     }
 
     /// The sort, hidden layer and down projection that forward and backward both run; returns
-    /// the work and the scratch slots (offsets, perm, row_of, gate, up, a, out).
+    /// the work and the scratch slots (offsets, perm, row_of, gate, up, a, out; slot 11 holds the
+    /// sort's per-chunk counts).
     fn moe_front(
         &mut self,
         index: usize,
@@ -380,12 +449,23 @@ impl Emitter<'_> {
         } else {
             (node.inputs[3], node.inputs[4])
         };
-        let sort = moe_sort(m)
+        let chunks = rows.div_ceil(SORT_CHUNK).max(1);
+        let counts = slot(11, chunks * m.e * 4);
+        let [count, sort_offsets, scatter] = moe_sort(m);
+        let count = count
             .param("experts", Elem::U32, Pass::Read, val(ids))
+            .param("counts", Elem::I32, Pass::Write, counts.clone())
+            .param("error", Elem::I32, Pass::Write, Arg::ErrorFlag)
+            .long("n", m.n);
+        let sort_offsets = sort_offsets
+            .param("counts", Elem::I32, Pass::Write, counts.clone())
             .param("offsets", Elem::I32, Pass::Write, offsets)
+            .long("chunks", chunks);
+        let scatter = scatter
+            .param("experts", Elem::U32, Pass::Read, val(ids))
+            .param("counts", Elem::I32, Pass::Read, counts)
             .param("perm", Elem::I32, Pass::Write, perm.clone())
             .param("row_of", Elem::I32, Pass::Write, row_of)
-            .param("error", Elem::I32, Pass::Write, Arg::ErrorFlag)
             .long("n", m.n);
         let mut hidden = moe_hidden(m, &act.compiled, &act.text)
             .read("x", val(x))
@@ -410,7 +490,9 @@ impl Emitter<'_> {
             .write("out", out)
             .long("rows", rows);
         let work = vec![
-            self.work(index, sort, Grid::Blocks(1)),
+            self.work(index, count, Grid::Blocks(chunks)),
+            self.work(index, sort_offsets, Grid::Blocks(1)),
+            self.work(index, scatter, Grid::Blocks(chunks)),
             self.work(index, hidden, Grid::Threads(rows * m.h)),
             self.work(index, down, Grid::Threads(rows * m.d)),
         ];
