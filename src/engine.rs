@@ -72,11 +72,30 @@ pub(crate) fn open(device: DeviceKind) -> Result<Box<dyn Device>, Failure> {
                 Emulated::new(&cache).with_progress(|line| eprintln!("{line}")),
             ))
         }
-        DeviceKind::Cuda => Err(other(cuda_unavailable())),
+        DeviceKind::Cuda => cuda(),
     }
 }
 
-/// Why `--device cuda` cannot run here.
+/// The first GPU (`CUDA_VISIBLE_DEVICES` chooses which), through cudarc.
+#[cfg(feature = "cuda")]
+fn cuda() -> Result<Box<dyn Device>, Failure> {
+    let gpu = kiln_runtime::device::cuda::Cuda::new(0).map_err(|e| {
+        other(format!(
+            "--device cuda: {e}. `--device cuda-emulated` runs the same CUDA plan on the CPU"
+        ))
+    })?;
+    eprintln!("device: {}", gpu.describe());
+    Ok(Box::new(gpu))
+}
+
+/// Without the `cuda` feature there is no GPU device: say why, and what to do.
+#[cfg(not(feature = "cuda"))]
+fn cuda() -> Result<Box<dyn Device>, Failure> {
+    Err(other(cuda_unavailable()))
+}
+
+/// Why `--device cuda` cannot run in a kiln built without the `cuda` feature.
+#[cfg(not(feature = "cuda"))]
 fn cuda_unavailable() -> String {
     let driver = ["libcuda.so.1", "libcuda.so"];
     match kiln_runtime::device::find_library("the CUDA driver library", &driver) {
@@ -84,9 +103,9 @@ fn cuda_unavailable() -> String {
             "--device cuda: {e}: this machine has no NVIDIA driver. `--device cuda-emulated` \
              runs the same CUDA plan on the CPU"
         ),
-        Ok(()) => "--device cuda: kiln's GPU device (launches through the driver, GEMMs through \
-                   cuBLASLt) is not built yet; `--device cuda-emulated` runs the same CUDA plan \
-                   on the CPU"
+        Ok(()) => "--device cuda: this kiln was built without its GPU device; build it with \
+                   `cargo build --release --features cuda` (or scripts/device-build). \
+                   `--device cuda-emulated` runs the same CUDA plan on the CPU"
             .to_string(),
     }
 }

@@ -37,7 +37,13 @@ fn gpu() -> Option<Cuda> {
 }
 
 fn emulated() -> Emulated {
-    Emulated::new(&std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("cuda-device-emu"))
+    // Under cargo, the build tree; run as a carried binary on a GPU machine (scripts/
+    // device-check), where that path does not exist, kiln's cache (`KILN_CACHE_DIR`).
+    let dir = match std::env::var_os("KILN_CACHE_DIR") {
+        Some(_) => kiln_runtime::device::cache_dir(),
+        None => std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")),
+    };
+    Emulated::new(&dir.join("cuda-device-emu"))
 }
 
 fn data(len: usize, seed: u64) -> Vec<f32> {

@@ -75,6 +75,8 @@ pub(crate) fn run(args: Args, color: bool) -> Result<(), Failure> {
         .tolerance
         .unwrap_or_else(|| tolerance(args.device, format));
 
+    // The device first: a missing driver fails before the interpreter's step.
+    let runner = engine::device_runner(program, args.device, &keep, true)?;
     // The interpreter, emulating the policy below f32 as the plan's kernels and GEMMs run it.
     let started = Instant::now();
     let exec = Executor::new(program, &keep);
@@ -88,7 +90,6 @@ pub(crate) fn run(args: Args, color: bool) -> Result<(), Failure> {
         .map_err(|e| other(format!("the interpreter: {e}")))?;
     let cpu_s = started.elapsed().as_secs_f64();
     eprintln!("interpreter: one step in {cpu_s:.1} s");
-    let runner = engine::device_runner(program, args.device, &keep, true)?;
     let started = Instant::now();
     let dev = runner
         .run(&feed)
