@@ -1237,7 +1237,7 @@ fn optimizer_kernels_match_the_trainer() {
          unsigned long long hdr[2];\n    while (fread(hdr, 8, 2, in) == 2) {{\n        buf[hdr[0]] = malloc(hdr[1] * 4 + 4);\n        \
          m[hdr[0]] = calloc(hdr[1] + 1, 4);\n        v[hdr[0]] = calloc(hdr[1] + 1, 4);\n        count[hdr[0]] = hdr[1];\n        \
          if (fread(buf[hdr[0]], 4, hdr[1], in) != hdr[1]) return 3;\n    }}\n    fclose(in);\n    \
-         FILE* out = fopen(\"outputs.bin\", \"wb\");\n    Pool pool;"
+         FILE* out = fopen(\"outputs.bin\", \"wb\");\n    Pool pool;\n    int error_flag = 0;"
     )
     .unwrap();
     // The tables the runtime builds: every tensor, and the chunks of each in order.
@@ -1261,7 +1261,29 @@ fn optimizer_kernels_match_the_trainer() {
             c = kiln_compiler::emit_cuda::OPTIMIZER_CHUNK,
         );
     }
-    let _ = writeln!(main, "    static float* slots[2] = {{(float*)calloc(chunk_tensor.size() + 1, 4), (float*)calloc(2, 4)}};");
+    // Scratch slots at the largest size a launch names (the bias update's counts in slot 2).
+    let mut slot_bytes: Vec<u64> = Vec::new();
+    for l in &cuda.optimizer {
+        for a in &l.args {
+            if let Arg::Scratch { slot, bytes } = a {
+                let s = *slot as usize;
+                if slot_bytes.len() <= s {
+                    slot_bytes.resize(s + 1, 4);
+                }
+                slot_bytes[s] = slot_bytes[s].max(*bytes);
+            }
+        }
+    }
+    let allocs: Vec<String> = slot_bytes
+        .iter()
+        .map(|b| format!("(float*)calloc({}, 1)", b + 4))
+        .collect();
+    let _ = writeln!(
+        main,
+        "    static float* slots[{}] = {{{}}};",
+        allocs.len(),
+        allocs.join(", ")
+    );
     for l in &cuda.optimizer {
         let args: Vec<String> = l
             .args
@@ -1274,7 +1296,7 @@ fn optimizer_kernels_match_the_trainer() {
                 Arg::Hyper { name } => {
                     format!("f32(0x{:08x}u)", (hyper(name) as f32).to_bits())
                 }
-                Arg::Scratch { slot, .. } => format!("slots[{slot}]"),
+                Arg::Scratch { slot, .. } => format!("AnyPtr{{slots[{slot}]}}"),
                 other => arg_expr(graph, other, total),
             })
             .collect();

@@ -47,21 +47,24 @@ impl MoeDims {
 }
 
 /// (token, slot) pairs each block of the sort takes: a chunk, in rounds of one per thread.
-const SORT_CHUNK: u64 = 512;
+pub(super) const SORT_CHUNK: u64 = 512;
 
-/// The sort of (token, slot) pairs by expert, stable (a counting sort in three launches, each
-/// over chunks of [`SORT_CHUNK`] pairs, so no single block walks every pair): `offsets[e]..
-/// offsets[e + 1]` are expert `e`'s rows, `perm[row]` is the pair at a sorted row and
-/// `row_of[pair]` its inverse. `counts` is scratch of `chunks · e` ints. An id outside the
-/// experts sets *error = 3 and goes nowhere (`row_of` = -1).
-fn moe_sort(m: MoeDims) -> [KernelDef; 3] {
-    let MoeDims { e, k, .. } = m;
+/// The range of pairs of the chunk `blockIdx.x`: `start` to `end`.
+fn chunk_range(k: u64) -> String {
     let c = SORT_CHUNK;
-    let chunk = format!(
+    format!(
         "    const long long pairs = n * {k}, start = blockIdx.x * {c}LL;
     const long long end = start + {c} < pairs ? start + {c} : pairs;"
-    );
-    let count = KernelDef::new(format!("moe_sort_count_e{e}_k{k}"), "counts each chunk's pairs per expert")
+    )
+}
+
+/// Counts the (token, slot) pairs of each chunk of [`SORT_CHUNK`] per expert, a block per
+/// chunk: the sort's first launch, and the bias update's. Takes `experts`, `counts`
+/// (`chunks · e` ints), `error` and `n`.
+pub(super) fn sort_count(e: u64, k: u64) -> KernelDef {
+    let c = SORT_CHUNK;
+    let chunk = chunk_range(k);
+    KernelDef::new(format!("moe_sort_count_e{e}_k{k}"), "counts each chunk's pairs per expert")
     .doc(format!(
         "// Counts the (token, slot) pairs of each chunk of {c} per expert: counts[chunk · {e} + x].\n\
 // A block per chunk; an id outside the experts sets *error = 3.\n\
@@ -79,7 +82,19 @@ fn moe_sort(m: MoeDims) -> [KernelDef; 3] {
     __syncthreads();
     for (int x = threadIdx.x; x < {e}; x += blockDim.x) counts[blockIdx.x * {e}LL + x] = (int)local[x];
 "
-    ));
+    ))
+}
+
+/// The sort of (token, slot) pairs by expert, stable (a counting sort in three launches, each
+/// over chunks of [`SORT_CHUNK`] pairs, so no single block walks every pair): `offsets[e]..
+/// offsets[e + 1]` are expert `e`'s rows, `perm[row]` is the pair at a sorted row and
+/// `row_of[pair]` its inverse. `counts` is scratch of `chunks · e` ints. An id outside the
+/// experts sets *error = 3 and goes nowhere (`row_of` = -1).
+fn moe_sort(m: MoeDims) -> [KernelDef; 3] {
+    let MoeDims { e, k, .. } = m;
+    let c = SORT_CHUNK;
+    let chunk = chunk_range(k);
+    let count = sort_count(e, k);
     let offsets = KernelDef::new(format!("moe_sort_offsets_e{e}"), "each expert's first row per chunk")
     .doc(format!(
         "// Turns the chunks' counts into rows, in place: counts[chunk · {e} + x] becomes the first row\n\

@@ -1,6 +1,7 @@
 //! The optimizer: partial sums of squares over every gradient and the global norm for clipping,
 //! AdamW over multi-tensor chunks, and the router bias update, launched after the step.
 
+use super::experts::{sort_count, SORT_CHUNK};
 use super::{
     val, Arg, Elem, Emitter, Grid, KernelDef, Launch, Pass, TensorEntry, MAX_GRID, OPTIMIZER_CHUNK,
 };
@@ -83,15 +84,15 @@ const ADAMW_BODY: &str = "    const float clip = norm[1];
 const BIAS_UPDATE_DOC: &str = "\
 // The aux-loss-free balance update of one router's selection bias, after the optimizer step:
 // bias[j] += gamma · sign(mean load − load_j), with load_j the (token, slot) pairs routed to
-// expert j (compared as total vs e · load_j, in integers). One block, a thread per expert.
-// experts: u32[pairs]; bias: f32[e].";
+// expert j, summed over the chunks' counts (compared as total vs e · load_j, in integers).
+// One block, a thread per expert; O(chunks · e) per thread.
+// counts: i32[chunks, e] (per chunk and expert); bias: f32[e].";
 
-const BIAS_UPDATE_BODY: &str = "    for (long long j = threadIdx.x; j < e; j += blockDim.x) {
-        long long load = 0, total = 0;
-        for (long long p = 0; p < pairs; ++p) {
-            load += experts[p] == (unsigned)j;
-            total += experts[p] < (unsigned)e;
-        }
+const BIAS_UPDATE_BODY: &str = "    long long total = 0;
+    for (long long i = 0; i < chunks * e; ++i) total += counts[i];
+    for (long long j = threadIdx.x; j < e; j += blockDim.x) {
+        long long load = 0;
+        for (long long c = 0; c < chunks; ++c) load += counts[c * e + j];
         const long long scaled = e * load;
         bias[j] += total > scaled ? gamma : (total < scaled ? -gamma : 0.0f);
     }
@@ -177,14 +178,28 @@ impl Emitter<'_> {
                 let Some(b) = graph.param_value(bias) else {
                     continue;
                 };
+                // The loads: per chunk of pairs and expert, as the experts' sort counts them.
+                let (e, k) = (e as u64, self.shape(experts)[1]);
+                let pairs = self.elements(experts);
+                let chunks = pairs.div_ceil(SORT_CHUNK).max(1);
+                let counts = Arg::Scratch {
+                    slot: 2,
+                    bytes: chunks * e * 4,
+                };
+                let count = sort_count(e, k)
+                    .param("experts", Elem::U32, Pass::Read, val(experts))
+                    .param("counts", Elem::I32, Pass::Write, counts.clone())
+                    .param("error", Elem::I32, Pass::Write, Arg::ErrorFlag)
+                    .long("n", pairs / k);
                 let update = KernelDef::new("bias_update", "the aux-loss-free bias update")
                     .doc(BIAS_UPDATE_DOC)
-                    .param("experts", Elem::U32, Pass::Read, val(experts))
+                    .param("counts", Elem::I32, Pass::Read, counts)
                     .write("bias", val(b))
-                    .long("pairs", self.elements(experts))
-                    .long("e", e as u64)
+                    .long("chunks", chunks)
+                    .long("e", e)
                     .float("gamma", gamma)
                     .body(BIAS_UPDATE_BODY);
+                launches.push(self.launch(node, count, Grid::Blocks(chunks)));
                 launches.push(self.launch(node, update, Grid::Blocks(1)));
             }
         }
