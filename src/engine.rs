@@ -6,7 +6,7 @@ use kiln_compiler::emit_cuda;
 use kiln_compiler::ir::{Graph, ValueId};
 use kiln_compiler::model::{DataSource, Model};
 use kiln_compiler::program::{Program, Settings, TrainOutputs};
-use kiln_runtime::data::{self, Dataset};
+use kiln_runtime::data::{self, builtin_corpus, byte_tokens, Batcher, Dataset};
 use kiln_runtime::device::emulated::Emulated;
 use kiln_runtime::device::runner::DeviceRunner;
 use kiln_runtime::device::{Device, DeviceKind};
@@ -144,6 +144,23 @@ pub(crate) fn emulating(
 /// graph's multi-token prediction reads.
 pub(crate) fn window(forward: &Graph, seq_len: usize) -> usize {
     seq_len + max_token_offset(forward) as usize - 1
+}
+
+/// Batches of the spec's shape from the first `bytes` of the built-in corpus (ids folded into
+/// the vocabulary), as the benchmarks and `kiln verify` read them, and the sequence length.
+pub(crate) fn builtin_batcher(
+    model: &Model,
+    forward: &Graph,
+    bytes: usize,
+) -> Result<(Batcher, usize), Failure> {
+    let (b, t) = (model.train.batch as usize, model.train.seq_len as usize);
+    let tokens = byte_tokens(&builtin_corpus(0, bytes))
+        .into_iter()
+        .map(|x| x % model.vocab as u32)
+        .collect();
+    let batcher =
+        Batcher::new(tokens, b, window(forward, t), 0).map_err(|e| other(e.to_string()))?;
+    Ok((batcher, t))
 }
 
 /// Share of the data held out for validation.

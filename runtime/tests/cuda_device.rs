@@ -9,7 +9,7 @@
 #![cfg(feature = "cuda")]
 
 use kiln_ir::attrs::Format;
-use kiln_ir::cuda::{CudaProgram, Elem, Keep, Kernel, Param, Pass};
+use kiln_ir::cuda::{CudaProgram, Elem, Kernel, Param, Pass};
 use kiln_runtime::device::cuda::Cuda;
 use kiln_runtime::device::emulated::Emulated;
 use kiln_runtime::device::{
@@ -257,10 +257,10 @@ fn launches_pass_pointers_and_values_as_the_kernel_declares_them() {
 }
 "#;
     let p = Param::new;
-    let program = CudaProgram {
-        name: "launch-test".into(),
-        source: source.into(),
-        kernels: vec![Kernel {
+    let program = CudaProgram::library(
+        "launch-test",
+        source,
+        vec![Kernel {
             name: "kiln_test_args".into(),
             summary: "y = x * s + t + u".into(),
             block: 256,
@@ -275,12 +275,7 @@ fn launches_pass_pointers_and_values_as_the_kernel_declares_them() {
             ],
             nodes: Vec::new(),
         }],
-        rope_tables: Vec::new(),
-        steps: Vec::new(),
-        optimizer: Vec::new(),
-        fp8_copies: Vec::new(),
-        keep: Keep::default(),
-    };
+    );
     gpu.load(&program).unwrap();
     let n = 1000u64;
     let x = data(n as usize, 7);

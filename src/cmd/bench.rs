@@ -7,7 +7,6 @@ use std::time::Instant;
 use kiln_compiler::analyze::analyze;
 use kiln_compiler::program::compile;
 use kiln_runtime::cpu::matmul::matmul;
-use kiln_runtime::data::{builtin_corpus, byte_tokens, Batcher};
 use kiln_runtime::exec::KeptBytes;
 use kiln_runtime::train::{init_params, TrainConfig};
 use serde_json::value::RawValue;
@@ -309,13 +308,8 @@ pub(crate) fn run_model(
     let report = analyze(model);
     let compiled = compile(model).map_err(|e| other(e.to_string()))?;
     let forward = compiled.forward.graph();
-    let (b, t) = (model.train.batch as usize, model.train.seq_len as usize);
-    let window = engine::window(forward, t);
-    let tokens = byte_tokens(&builtin_corpus(0, 1 << 20))
-        .into_iter()
-        .map(|x| x % model.vocab as u32)
-        .collect::<Vec<_>>();
-    let mut batcher = Batcher::new(tokens, b, window, 0).map_err(|e| other(e.to_string()))?;
+    let b = model.train.batch as usize;
+    let (mut batcher, t) = engine::builtin_batcher(model, forward, 1 << 20)?;
     let config = TrainConfig {
         steps: args.steps + 2,
         lr: 1e-4,

@@ -6,7 +6,6 @@ use std::time::Instant;
 
 use kiln_compiler::ir::Def;
 use kiln_compiler::program::compile;
-use kiln_runtime::data::{builtin_corpus, byte_tokens, Batcher};
 use kiln_runtime::device::verify::{compare, narrowest, node_values, tolerance, Compared};
 use kiln_runtime::device::DeviceKind;
 use kiln_runtime::exec::{Executor, Feed};
@@ -53,15 +52,9 @@ pub(crate) fn run(args: Args, color: bool) -> Result<(), Failure> {
     let program = &compiled.train;
     let graph = program.graph();
     let settings = program.settings();
-    let (b, t) = (settings.batch as usize, settings.seq_len as usize);
-    let window = engine::window(compiled.forward.graph(), t);
-    let tokens = byte_tokens(&builtin_corpus(0, 1 << 16))
-        .into_iter()
-        .map(|x| x % model.vocab as u32)
-        .collect::<Vec<_>>();
-    let batch = Batcher::new(tokens, b, window, 0)
-        .map_err(|e| other(e.to_string()))?
-        .next_batch();
+    let b = settings.batch as usize;
+    let (mut batcher, t) = engine::builtin_batcher(&model, compiled.forward.graph(), 1 << 16)?;
+    let batch = batcher.next_batch();
     let params = init_params(compiled.forward.graph(), args.seed);
     let inputs = feed_inputs(graph, &batch, t);
     let feed = Feed {

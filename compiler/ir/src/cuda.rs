@@ -69,6 +69,23 @@ pub struct CudaProgram {
     pub keep: Keep,
 }
 
+impl CudaProgram {
+    /// Kernels with no plan around them (no steps, tables, copies or optimizer): a library
+    /// the runtime launches by hand, such as a device's own helper kernels.
+    pub fn library(name: &str, source: &str, kernels: Vec<Kernel>) -> CudaProgram {
+        CudaProgram {
+            name: name.to_string(),
+            source: source.to_string(),
+            kernels,
+            rope_tables: Vec::new(),
+            steps: Vec::new(),
+            optimizer: Vec::new(),
+            fp8_copies: Vec::new(),
+            keep: Keep::default(),
+        }
+    }
+}
+
 /// The Program's keep plan ([`crate::keep`]) as the manifest states it: the values the
 /// backward pass reads from the forward pass, which the runtime's memory plan keeps across the
 /// boundary. This version's kernels store every kept value in f32 as computed; `storage` is

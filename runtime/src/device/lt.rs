@@ -11,7 +11,7 @@
 //! model of cuBLASLt's column-major semantics against a plain row-major product.
 
 use kiln_ir::attrs::Format;
-use kiln_ir::cuda::{CudaProgram, Elem, Keep, Kernel, Param, Pass};
+use kiln_ir::cuda::{CudaProgram, Elem, Kernel, Param, Pass};
 
 use super::{DeviceError, Fp8Operand, GemmCall, GemmOperand};
 
@@ -45,10 +45,10 @@ pub fn helper_program() -> CudaProgram {
             ],
         )
     };
-    CudaProgram {
-        name: "kiln_device".to_string(),
-        source: HELPERS.to_string(),
-        kernels: vec![
+    CudaProgram::library(
+        "kiln_device",
+        HELPERS,
+        vec![
             convert("kiln_f32_to_bf16", "bf16"),
             convert("kiln_f32_to_f16", "f16"),
             kernel(
@@ -75,12 +75,7 @@ pub fn helper_program() -> CudaProgram {
                 ],
             ),
         ],
-        rope_tables: Vec::new(),
-        steps: Vec::new(),
-        optimizer: Vec::new(),
-        fp8_copies: Vec::new(),
-        keep: Keep::default(),
-    }
+    )
 }
 
 /// Which of the call's operands a cuBLASLt operand reads.

@@ -291,9 +291,11 @@ impl<D: Device> State<D> {
     fn upload(&mut self, feed: &Feed<f32>) -> Result<(), ExecError> {
         let device_err = |e: DeviceError| ExecError::Device(e.to_string());
         if self.poison {
+            let largest = self.written.iter().map(|&(_, b)| b).max().unwrap_or(0);
+            let poison = vec![0xFF; largest as usize];
             for &(buf, bytes) in &self.written {
                 self.device
-                    .upload(buf, &vec![0xFF; bytes as usize])
+                    .upload(buf, &poison[..bytes as usize])
                     .map_err(device_err)?;
             }
         }
