@@ -185,6 +185,9 @@ fn the_manifest_keeps_what_the_backward_steps_read() {
                         .into_iter()
                         .flatten()
                         .any(|v| buffer[v] == buffer[k.value]),
+                    Work::GroupedGemm(g) => [&g.a, &g.b]
+                        .into_iter()
+                        .any(|a| matches!(a, Arg::Value { id } if buffer[*id] == buffer[k.value])),
                     Work::Alias { .. } => false,
                 })
             });

@@ -296,7 +296,7 @@ impl<'g> Executor<'g> {
     /// run's type, at least as precise as any policy format.
     ///
     /// Activations the backward pass reads are stored as a GPU stores them
-    /// (the Program's keep plan).
+    /// (the Program's keep plan), unless `emulation` keeps them in f32.
     pub fn emulating(mut self, emulation: &Emulation) -> Self {
         let fp8 = emulation.fp8.as_ref();
         for (id, node) in self.graph.nodes.iter() {
@@ -312,10 +312,12 @@ impl<'g> Executor<'g> {
                     .insert(id.index(), GemmNumerics::of(node.format, fp8));
             }
         }
-        let half = Half::of(emulation.activations);
-        self.experts_storage = half;
+        if emulation.keep_storage {
+            let half = Half::of(emulation.activations);
+            self.experts_storage = half;
+            self.pack = self.storage(half);
+        }
         self.compute = Some(emulation.activations);
-        self.pack = self.storage(half);
         self
     }
 

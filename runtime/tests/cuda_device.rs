@@ -178,6 +178,7 @@ fn gemms_agree_with_the_emulated_device_in_every_layout() {
                     strides: [sa, sb, sc],
                     format,
                     fp8: None,
+                    accumulate: false,
                 };
                 let got = run(&mut gpu, &call, &host);
                 let want = run(&mut emu, &call, &host);
@@ -239,6 +240,7 @@ fn a_block_scaled_fp8_gemm_agrees_with_the_emulated_device() {
             strides: [0; 3],
             format: Format::E4m3,
             fp8: None,
+            accumulate: false,
         };
         let got = run(&mut gpu, &call, &host);
         let want = run(&mut emu, &call, &host);

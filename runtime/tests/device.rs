@@ -67,7 +67,12 @@ fn train(
     let program = &compiled.train;
     let settings = program.settings();
     let (mut batcher, t, params) = start(compiled);
-    let config = TrainConfig::of(settings, settings_steps, 3);
+    let mut config = TrainConfig::of(settings, settings_steps, 3);
+    if settings.formats.fp8.is_some() {
+        // The interpreter emulates the policy's FP8 GEMMs as the plan runs them, and stores
+        // every value in f32 as the plan does.
+        config.emulate = Some(Emulation::of(&settings.formats).with_f32_storage());
+    }
     let mut trainer = match plan {
         None => Trainer::new(program, config, params),
         Some(plan) => {
@@ -156,42 +161,104 @@ fn three_steps_on_the_emulated_device_match_the_interpreter() {
                 "{name} step {i}: loss {d} on the device, {c} on the CPU ({e:.2e})"
             );
         }
-        // AdamW normalizes each element's step by its own gradient's magnitude, so an element
-        // whose gradient is small carries that gradient's relative rounding (kernels sum in
-        // other orders than the interpreter) into a difference of up to ~1e-3 of a step:
-        // elements are held to 1e-4 of their tensor's scale, tensors to 1e-5 in norm.
-        let vanishing = vanishing_gradients(&compiled);
-        let grads = TrainOutputs::of(compiled.train.graph()).unwrap().grads;
-        let compared = |params: &[Vec<f32>]| -> Vec<Vec<f32>> {
-            params
-                .iter()
-                .enumerate()
-                .map(|(i, p)| {
-                    let noise = grads
-                        .iter()
-                        .any(|&(param, g)| param.index() == i && vanishing.contains(&g));
-                    if noise {
-                        Vec::new()
-                    } else {
-                        p.clone()
-                    }
-                })
-                .collect()
-        };
-        let (l2, element) = param_error(&compared(&dev_params), &compared(&cpu_params));
-        assert!(
-            l2 <= 1e-5,
-            "{name}: a parameter tensor differs by {l2:.2e} in norm"
-        );
-        assert!(
-            element <= 1e-4,
-            "{name}: a parameter differs by {element:.2e} of its tensor's scale"
-        );
+        let (l2, element) = assert_params_match(name, &compiled, &dev_params, &cpu_params);
         eprintln!(
             "{name}: losses {dev_losses:?} (cpu {cpu_losses:?}); parameters within {l2:.2e} \
              in norm, {element:.2e} per element"
         );
     }
+}
+
+/// Asserts that the parameters after a device's steps match the interpreter's: AdamW
+/// normalizes each element's step by its own gradient's magnitude, so an element whose
+/// gradient is small carries that gradient's relative rounding (kernels sum in other orders
+/// than the interpreter) into a difference of up to ~1e-3 of a step: elements are held to 1e-4
+/// of their tensor's scale, tensors to 1e-5 in norm. Returns both distances.
+fn assert_params_match(
+    name: &str,
+    compiled: &Compiled,
+    dev_params: &[Vec<f32>],
+    cpu_params: &[Vec<f32>],
+) -> (f64, f64) {
+    let vanishing = vanishing_gradients(compiled);
+    let grads = TrainOutputs::of(compiled.train.graph()).unwrap().grads;
+    let compared = |params: &[Vec<f32>]| -> Vec<Vec<f32>> {
+        params
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let noise = grads
+                    .iter()
+                    .any(|&(param, g)| param.index() == i && vanishing.contains(&g));
+                if noise {
+                    Vec::new()
+                } else {
+                    p.clone()
+                }
+            })
+            .collect()
+    };
+    let (l2, element) = param_error(&compared(dev_params), &compared(cpu_params));
+    assert!(
+        l2 <= 1e-5,
+        "{name}: a parameter tensor differs by {l2:.2e} in norm"
+    );
+    assert!(
+        element <= 1e-4,
+        "{name}: a parameter differs by {element:.2e} of its tensor's scale"
+    );
+    (l2, element)
+}
+
+/// Micro with every linear layer and expert in E4M3 (forward and backward), in tiles and
+/// blocks of 8 so that its small widths hold several: every GEMM, the experts' grouped ones
+/// included, reads block-scaled FP8 operands that the plan's launches quantized. Three steps
+/// give the interpreter's losses (emulating the same policy, every value stored in f32 as
+/// the plan stores it) within 1e-5.
+#[test]
+fn three_fp8_steps_on_the_emulated_device_match_the_emulating_interpreter() {
+    let policy = "compute = \"fp32\"\nlinear = \"e4m3\"\nlinear_grad = \"e4m3\"\n\n\
+                  [precision.fp8]\nact_tile = [1, 8]\nweight_block = [8, 8]";
+    let model = check_str(&spec("micro", policy)).unwrap_or_else(|e| panic!("{e:?}"));
+    let compiled = compile(&model).unwrap();
+    let plan = emit(&compiled.train);
+    // Forward: gate, up, down; backward: gate and up again, G, dx (two), three weights.
+    let mut experts = 0;
+    for step in plan.steps.iter().filter(|s| s.op.starts_with("experts")) {
+        let fp8 = step
+            .work
+            .iter()
+            .filter(|w| matches!(w, Work::GroupedGemm(g) if g.fp8.is_some()))
+            .count();
+        let want = if step.op == "experts" { 3 } else { 2 + 3 + 3 };
+        assert_eq!(fp8, want, "{} ({})", step.path, step.op);
+        experts += 1;
+    }
+    assert!(experts >= 2, "micro's experts, forward and backward");
+    let (cpu_losses, cpu_params) = train(&compiled, 100, 3, None);
+    let (dev_losses, dev_params) = train(&compiled, 100, 3, Some(plan));
+    for (i, (d, c)) in dev_losses.iter().zip(&cpu_losses).enumerate() {
+        let e = relative(*d, *c);
+        assert!(
+            e <= 1e-5,
+            "step {i}: loss {d} on the device, {c} emulated on the CPU ({e:.2e})"
+        );
+    }
+    // Parameters: not to 1e-5. On one step's identical parameters every gradient agrees
+    // within 1e-4 but q_b's (8.9e-4): an f32 difference of 1e-7 upstream (kernels sum in other
+    // orders) moves an input of its weight-gradient GEMM across an E4M3 code boundary, a step
+    // of 1/16 of the value, and AdamW carries that into the parameters (1.4e-4 in norm after
+    // three steps). The same steps on identical inputs match code for code
+    // (tests/cuda_host.rs); the bound here is that discontinuity's, not rounding's.
+    let (l2, element) = param_error(&dev_params, &cpu_params);
+    assert!(
+        l2 <= 1e-3,
+        "micro e4m3: a parameter tensor differs by {l2:.2e} in norm"
+    );
+    eprintln!(
+        "micro e4m3: losses {dev_losses:?} (cpu {cpu_losses:?}); parameters within {l2:.2e} \
+         in norm, {element:.2e} per element"
+    );
 }
 
 /// [`Compared`] for every value a training step returns, the device running `plan` (its
@@ -211,7 +278,7 @@ fn step_errors(compiled: &Compiled, plan: kiln_compiler::emit_cuda::CudaProgram)
     // A policy with FP8 GEMMs runs them as the plan does: the interpreter emulates it.
     let exec = Executor::new(program, &keep);
     let exec = match settings.formats.fp8 {
-        Some(_) => exec.emulating(&Emulation::of(&settings.formats)),
+        Some(_) => exec.emulating(&Emulation::of(&settings.formats).with_f32_storage()),
         None => exec,
     };
     let cpu = exec.run(&feed).unwrap();

@@ -114,6 +114,7 @@ fn linear(m: u64, n: u64, k: u64, x: u64, w: u64, y: u64, format: Format) -> Gem
         strides: [0; 3],
         format,
         fp8: None,
+        accumulate: false,
     }
 }
 

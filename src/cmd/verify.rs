@@ -70,13 +70,15 @@ pub(crate) fn run(args: Args, color: bool) -> Result<(), Failure> {
 
     // The device first: a missing driver fails before the interpreter's step.
     let runner = engine::device_runner(program, args.device, &keep, true)?;
-    // The interpreter, emulating the policy below f32 as the plan's kernels and GEMMs run it.
+    // The interpreter, emulating the policy below f32 as the plan's kernels and GEMMs run it:
+    // GEMM operands in their nodes' formats, every value stored in f32 (the plan does not
+    // store kept activations in the policy's formats yet).
     let started = Instant::now();
     let exec = Executor::new(program, &keep);
     let exec = if format == kiln_compiler::model::Format::Fp32 {
         exec
     } else {
-        exec.emulating(&Emulation::of(&settings.formats))
+        exec.emulating(&Emulation::of(&settings.formats).with_f32_storage())
     };
     let cpu = exec
         .run(&feed)

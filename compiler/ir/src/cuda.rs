@@ -333,6 +333,8 @@ pub enum Work {
     /// (+ `bias[n]` broadcast over rows), where `op` transposes when the flag says so; operands
     /// in the node's format ([`Gemm::format`]), accumulation and output in f32.
     Gemm(Gemm),
+    /// One matrix product per group of sorted rows (the routed experts'), each on cuBLASLt.
+    GroupedGemm(GroupedGemm),
     /// No work: the output is the input's buffer under another shape.
     Alias {
         of: usize,
@@ -366,6 +368,53 @@ pub struct Gemm {
     /// reads the quantized copies of [`Gemm::fp8`] instead.
     pub format: Format,
     /// The FP8 copies of `a` and `b` the GEMM reads instead, when its format is FP8.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fp8: Option<Fp8Gemm>,
+}
+
+/// The routed experts' products: for each group `g` (an expert) owning the sorted rows
+/// `offsets[g] .. offsets[g + 1]` (`i32[groups + 1]` on the device, written by the step's
+/// sort), one row-major product `c_g = op(a_g) · op(b_g)` in the node's format, accumulation and
+/// output in f32, as [`Gemm`] describes one. The runtime reads the offsets back and issues a
+/// GEMM per group that has rows.
+///
+/// Two shapes, by what a group's rows are:
+/// - `contract_rows == false`: the output's rows, `m_g = offsets[g + 1] − offsets[g]` (the
+///   forward and input-gradient products). `a` holds every sorted row, `[Σ m_g, k]`, and group
+///   `g` reads its rows; `b` holds one `[k, n]` matrix per group (stored `[n, k]` when
+///   `b_trans`), `g × n·k` elements in; `c` holds every sorted row, `[Σ m_g, n]`.
+/// - `contract_rows == true`: the contraction, `k_g = m_g` (the weight gradients,
+///   `c_g = a_gᵀ · b_g`). `a` holds every sorted row `[Σ k_g, m]` read transposed (`a_trans`),
+///   `b` every sorted row `[Σ k_g, n]`, and `c` one `[m, n]` matrix per group; a group without
+///   rows gets zeros.
+///
+/// `m`, `n` and `k` give the fixed sizes; the grouped one is the total over the groups (the
+/// rows every group together may hold). With `accumulate`, each group's product is added to
+/// what `c` holds (cuBLASLt's β = 1).
+///
+/// An FP8 product reads K-major copies the step's launches wrote ([`Fp8Gemm`]), laid out per
+/// group: an operand holding sorted rows along its outer axis (`a` when the rows are the
+/// output's) is `[Σ m_g, k]` codes with `[Σ m_g, k / T]` scales, group `g` from row
+/// `offsets[g]`; a per-group weight (`b` then) is `[groups, n, k]` codes with each group's
+/// blocks after the previous group's; an operand contracted over the rows (both when
+/// `contract_rows`) is, per group, `[outer, k_g]` codes from `outer · offsets[g]` with
+/// `[outer, ⌈k_g / T⌉]` scales from `outer · Σ_{g' < g} ⌈k_{g'} / T⌉`: tiles start at each
+/// group's first row, as the CPU quantizes each expert's operands.
+#[derive(Clone, Debug, Serialize)]
+pub struct GroupedGemm {
+    pub offsets: Arg,
+    pub groups: u64,
+    pub contract_rows: bool,
+    pub m: u64,
+    pub n: u64,
+    pub k: u64,
+    pub a: Arg,
+    pub a_trans: bool,
+    pub b: Arg,
+    pub b_trans: bool,
+    pub c: Arg,
+    pub accumulate: bool,
+    pub format: Format,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fp8: Option<Fp8Gemm>,
 }

@@ -1,12 +1,16 @@
-//! The routed experts: sorting (token, slot) pairs by expert, the hidden layer with its
-//! activation, the down projection and the weighted combine, and their backward kernels.
-
-use std::collections::HashMap;
+//! The routed experts: sorting (token, slot) pairs by expert, gathering each pair's token
+//! row, the experts' products as grouped GEMMs ([`GroupedGemm`], one product per expert over
+//! its sorted rows, in the node's format), the activation, the weighted combine, and their
+//! backward — in the interpreter's order of operations (`runtime/src/cpu/moe/experts.rs`),
+//! so that an FP8 policy quantizes the same operands in the same tiles.
 
 use super::expr::{expr_forward, expr_gradient};
-use super::{grid_stride, val, Arg, Elem, Emitter, Grid, KernelDef, Pass, Work};
+use super::{
+    grid_stride, val, Arg, Elem, Emitter, Fp8Gemm, Grid, GroupedGemm, KernelDef, Pass, Work,
+};
 use crate::dsl::expr::{Compiled, Expr};
 use crate::ir::{Node, ValueId};
+use crate::model::Format;
 use crate::names::comment_text;
 
 /// An expert activation compiled over its operands (`gate, up`, or `x` ungated), and its
@@ -171,69 +175,122 @@ fn moe_sort(m: MoeDims) -> [KernelDef; 3] {
     [count, offsets, scatter]
 }
 
-/// The expert hidden layer for every sorted row: `gate = x·W_gate[e]ᵀ`, `up = x·W_up[e]ᵀ` and
-/// `a = act(gate, up)`, one thread per (row, hidden unit).
-fn moe_hidden(m: MoeDims, act: &Compiled, act_text: &str) -> KernelDef {
-    let MoeDims { k, d, h, gated, .. } = m;
-    let mut body = String::new();
-    let inputs: Vec<String> = if gated {
-        vec!["g".into(), "u".into()]
-    } else {
-        vec!["u".into()]
-    };
-    let y = expr_forward(act, &inputs, "        ", &mut body);
-    let gate_dot = if gated {
-        format!(
-                "        float g = 0.0f;\n        for (int c = 0; c < {d}; ++c) g += xr[c] * w_gate[(e * {h} + i) * {d} + c];\n        gate[r * {h} + i] = g;\n"
-        )
-    } else {
-        String::new()
-    };
-    KernelDef::new(format!("moe_hidden_{}", m.suffix()), "the experts' hidden layer")
-    .doc(format!(
-        "// The routed experts' hidden layer, one thread per (sorted row, hidden unit): for the row's\n\
-// token x and expert e, {}up = x·W_up[e]ᵀ and a = {act_text}.\n\
-// x: f32[n, {d}]; experts: u32[n, {k}]; w_gate?, w_up: f32[E, {h}, {d}]; gate?, up, a: f32[n · {k}, {h}].",
-        if gated { "gate = x·W_gate[e]ᵀ, " } else { "" }
-    ))
-    .body(format!(
-        "\
-{gs}        const long long r = idx / {h}, i = idx % {h};
-        const long long pair = perm[r];
-        const long long e = experts[pair];
-        const float* xr = x + (pair / {k}) * {d};
-{gate_dot}        float u = 0.0f;
-        for (int c = 0; c < {d}; ++c) u += xr[c] * w_up[(e * {h} + i) * {d} + c];
-        up[r * {h} + i] = u;
-{body}        a[r * {h} + i] = {y};
-    }}
-",
-        gs = grid_stride("    ", "idx", &format!("rows * {h}"))
-    ))
-}
-
-/// `out[row, c] = Σ_i a[row, i] · W_down[e][c, i]`, one thread per (sorted row, column).
-fn moe_down(m: MoeDims) -> KernelDef {
-    let MoeDims { k, d, h, .. } = m;
+/// `out[row, c] = src[token(row), c]`: a token's row for each sorted (token, slot) pair, one
+/// thread per element. The experts' GEMMs read their rows contiguously.
+fn moe_gather(m: MoeDims) -> KernelDef {
+    let MoeDims { k, d, .. } = m;
     KernelDef::new(
-        format!("moe_down_{}", m.suffix()),
-        "the experts' down projection",
+        format!("moe_gather_k{k}_d{d}"),
+        "gathers each sorted pair's token row",
     )
     .doc(format!(
-        "// The routed experts' down projection, one thread per (sorted row, output column):\n\
-// out[row, c] = Σ_i a[row, i] · W_down[e][c, i].\n\
-// a: f32[n · {k}, {h}]; w_down: f32[E, {d}, {h}]; out: f32[n · {k}, {d}]."
+        "// Gathers the token row of each sorted (token, slot) pair: out[row, c] = src[perm[row] / {k}, c].\n\
+// src: f32[n, {d}]; perm: i32[n · {k}]; out: f32[n · {k}, {d}]."
     ))
     .body(format!(
         "\
 {gs}        const long long r = idx / {d}, c = idx % {d};
-        const long long e = experts[perm[r]];
-        float acc = 0.0f;
-        for (int i = 0; i < {h}; ++i) acc += a[r * {h} + i] * w_down[(e * {d} + c) * {h} + i];
-        out[idx] = acc;
+        out[idx] = src[((long long)perm[r] / {k}) * {d} + c];
     }}
 ",
         gs = grid_stride("    ", "idx", &format!("rows * {d}"))
+    ))
+}
+
+/// The expert activation of every sorted row: `a = act(gate, up)`, one thread per element.
+fn moe_act(m: MoeDims, act: &ExpertAct) -> KernelDef {
+    let MoeDims { h, gated, .. } = m;
+    let mut body = String::new();
+    let inputs: Vec<String> = if gated {
+        vec!["gate[idx]".into(), "up[idx]".into()]
+    } else {
+        vec!["up[idx]".into()]
+    };
+    let y = expr_forward(&act.compiled, &inputs, "        ", &mut body);
+    let text = &act.text;
+    KernelDef::new(format!("moe_act_{}", m.suffix()), "the experts' activation")
+        .doc(format!(
+            "// The routed experts' activation of each sorted row: a = {text}.\n\
+// gate?, up, a: f32[n · k, {h}]."
+        ))
+        .body(format!(
+            "\
+{gs}{body}        a[idx] = {y};
+    }}
+",
+            gs = grid_stride("    ", "idx", &format!("rows * {h}"))
+        ))
+}
+
+/// The experts' backward row by row, one thread per sorted row: from `G = dy·W_down[e]` (the
+/// gradient of the unweighted output's activation) and the row's gating weight ω, the
+/// weighted activation `ω·a` (for dW_down), the gradients of the pre-activations
+/// `ω·G·∂a/∂gate` and `ω·G·∂a/∂up`, and the gating weight's gradient `Σ_i G·a`, in the
+/// interpreter's order.
+fn moe_bwd_rows(m: MoeDims, act: &ExpertAct) -> KernelDef {
+    let MoeDims { h, gated, .. } = m;
+    let inputs: Vec<String> = if gated {
+        vec!["gate[at]".into(), "up[at]".into()]
+    } else {
+        vec!["up[at]".into()]
+    };
+    let mut value = String::new();
+    let y = expr_forward(&act.compiled, &inputs, "                ", &mut value);
+    let mut grad = String::new();
+    expr_gradient(
+        &act.compiled,
+        &inputs,
+        "1.0f",
+        "                ",
+        &mut grad,
+    );
+    let (declare, keep, store) = if gated {
+        (
+            "float a, d_gate, d_up;",
+            "d_gate = d0;\n                d_up = d1;",
+            "            dg[at] = om * gv * d_gate;\n            du[at] = om * gv * d_up;\n",
+        )
+    } else {
+        (
+            "float a, d_up;",
+            "d_up = d0;",
+            "            du[at] = om * gv * d_up;\n",
+        )
+    };
+    let text = &act.text;
+    KernelDef::new(
+        format!("moe_bwd_rows_{}", m.suffix()),
+        "the experts' backward, row by row",
+    )
+    .doc(format!(
+        "// Experts backward, one thread per sorted row, for a = {text} and the row's gating weight\n\
+// ω = weights[perm[row]]: a_w = ω·a, {}du = ω·G·∂a/∂up and\n\
+// d_weights[perm[row]] = Σ_i G[row, i] · a[row, i].\n\
+// g (G = dy·W_down[e]), gate?, up, a_w, dg?, du: f32[n · k, {h}]; weights, d_weights: f32[n, k].",
+        if gated { "dg = ω·G·∂a/∂gate, " } else { "" }
+    ))
+    .body(format!(
+        "\
+{gs}        const int pair = perm[r];
+        const float om = weights[pair];
+        float dot = 0.0f;
+        for (long long i = 0; i < {h}; ++i) {{
+            const long long at = r * {h} + i;
+            const float gv = g[at];
+            {declare}
+            {{
+{value}                a = {y};
+            }}
+            {{
+{grad}                {keep}
+            }}
+            dot += gv * a;
+            a_w[at] = om * a;
+{store}        }}
+        d_weights[pair] = dot;
+    }}
+",
+        gs = grid_stride("    ", "r", "rows")
     ))
 }
 
@@ -260,162 +317,72 @@ fn moe_combine(m: MoeDims) -> KernelDef {
     ))
 }
 
-/// The experts' backward kernels (after the forward's sort, hidden layer and down projection
-/// ran again): the weights' gradient, the weighted output gradient, the hidden gradient
-/// through the activation, the input gradient, and the weight gradients per expert, each
-/// output element summed by one thread in a fixed order.
-fn moe_bwd(m: MoeDims, act: &Compiled, act_text: &str) -> HashMap<&'static str, KernelDef> {
-    let MoeDims { k, d, h, gated, .. } = m;
-    let dweights = KernelDef::new("", "the experts' backward")
+/// `dx[t, c] = Σ_j dx_rows[row_of[t, j], c]`, in slot order.
+fn moe_dx(m: MoeDims) -> KernelDef {
+    let MoeDims { k, d, .. } = m;
+    KernelDef::new(
+        format!("moe_bwd_dx_k{k}_d{d}"),
+        "the experts' input gradient per token",
+    )
     .doc(format!(
-        "// Experts backward: d_weights[t, j] = dy[t, :] · out[row_of[t, j], :], one thread per pair.\n\
-// dy: f32[n, {d}]; out: f32[n · {k}, {d}]; d_weights: f32[n, {k}]."
+        "// Experts backward: dx[t, c] = Σ_j dx_rows[row_of[t, j], c], in slot order.\n\
+// dx_rows: f32[n · {k}, {d}]; dx: f32[n, {d}]."
     ))
     .body(format!(
         "\
-{gs}        const int r = row_of[p];
-        float acc = 0.0f;
-        if (r >= 0) for (int c = 0; c < {d}; ++c) acc += dy[(p / {k}) * {d} + c] * out[(long long)r * {d} + c];
-        d_weights[p] = acc;
-    }}
-",
-        gs = grid_stride("    ", "p", &format!("n * {k}"))
-    ));
-    let gout = KernelDef::new("", "the experts' backward")
-    .doc(format!(
-        "// Experts backward: the gradient of each sorted row's down output, weights[pair] · dy[token].\n\
-// weights: f32[n, {k}]; dy: f32[n, {d}]; gout: f32[n · {k}, {d}]."
-    ))
-    .body(format!(
-        "\
-{gs}        const long long r = idx / {d}, c = idx % {d};
-        const long long pair = perm[r];
-        gout[idx] = weights[pair] * dy[(pair / {k}) * {d} + c];
-    }}
-",
-        gs = grid_stride("    ", "idx", &format!("rows * {d}"))
-    ));
-    let mut body = String::new();
-    let inputs: Vec<String> = if gated {
-        vec!["gate[r * H + i]".into(), "up[r * H + i]".into()]
-    } else {
-        vec!["up[r * H + i]".into()]
-    };
-    expr_gradient(act, &inputs, "da", "        ", &mut body);
-    let stores = if gated {
-        "        dg[r * H + i] = d0;\n        du[r * H + i] = d1;\n"
-    } else {
-        "        du[r * H + i] = d0;\n"
-    };
-    let da = KernelDef::new("", "the experts' backward")
-        .doc(format!(
-            "// Experts backward: da[row, i] = Σ_c gout[row, c] · W_down[e][c, i], then through\n\
-// a = {act_text} to the gradients of the pre-activations{}.\n\
-// gout: f32[n · {k}, {d}]; w_down: f32[E, {d}, {h}]; gate?, up, dg?, du: f32[n · {k}, {h}].",
-            if gated { " (gate and up)" } else { "" }
-        ))
-        .body(format!(
-            "    constexpr long long H = {h};
-{gs}        const long long r = idx / H, i = idx % H;
-        const long long e = experts[perm[r]];
-        float da = 0.0f;
-        for (int c = 0; c < {d}; ++c) da += gout[r * {d} + c] * w_down[(e * {d} + c) * H + i];
-{body}{stores}    }}
-",
-            gs = grid_stride("    ", "idx", "rows * H")
-        ));
-    let gate_term = if gated {
-        "dg[r * {h} + i] * w_gate[(e * {h} + i) * {d} + c] + "
-            .replace("{h}", &h.to_string())
-            .replace("{d}", &d.to_string())
-    } else {
-        String::new()
-    };
-    let dxs = KernelDef::new("", "the experts' backward")
-    .doc(format!(
-        "// Experts backward: each sorted row's input gradient,\n\
-// dxs[row, c] = Σ_i {}du[row, i] · W_up[e][i, c].\n\
-// dg?, du: f32[n · {k}, {h}]; w_gate?, w_up: f32[E, {h}, {d}]; dxs: f32[n · {k}, {d}].",
-        if gated { "dg[row, i] · W_gate[e][i, c] + " } else { "" }
-    ))
-    .body(format!(
-        "\
-{gs}        const long long r = idx / {d}, c = idx % {d};
-        const long long e = experts[perm[r]];
-        float acc = 0.0f;
-        for (int i = 0; i < {h}; ++i) acc += {gate_term}du[r * {h} + i] * w_up[(e * {h} + i) * {d} + c];
-        dxs[idx] = acc;
-    }}
-",
-        gs = grid_stride("    ", "idx", &format!("rows * {d}"))
-    ));
-    let dx = KernelDef::new("", "the experts' backward")
-        .doc(format!(
-            "// Experts backward: dx[t, c] = Σ_j dxs[row_of[t, j], c], in slot order.\n\
-// dxs: f32[n · {k}, {d}]; dx: f32[n, {d}]."
-        ))
-        .body(format!(
-            "\
 {gs}        const long long t = idx / {d}, c = idx % {d};
         float acc = 0.0f;
         for (int j = 0; j < {k}; ++j) {{
             const int r = row_of[t * {k} + j];
-            if (r >= 0) acc += dxs[(long long)r * {d} + c];
+            if (r >= 0) acc += dx_rows[(long long)r * {d} + c];
         }}
         dx[idx] = acc;
     }}
 ",
-            gs = grid_stride("    ", "idx", &format!("n * {d}"))
-        ));
-    let dw_down = KernelDef::new("", "the experts' backward")
-    .doc(format!(
-        "// Experts backward: dW_down[e][c, i] = Σ over expert e's rows of gout[row, c] · a[row, i].\n\
-// gout: f32[n · {k}, {d}]; a: f32[n · {k}, {h}]; dw_down: f32[E, {d}, {h}]."
+        gs = grid_stride("    ", "idx", &format!("n * {d}"))
     ))
-    .body(format!(
-        "\
-{gs}        const long long e = idx / ({d} * {h}), c = (idx / {h}) % {d}, i = idx % {h};
-        float acc = 0.0f;
-        for (int r = offsets[e]; r < offsets[e + 1]; ++r) acc += gout[(long long)r * {d} + c] * a[(long long)r * {h} + i];
-        dw_down[idx] = acc;
-    }}
-",
-        gs = grid_stride("    ", "idx", &format!("experts * {d} * {h}"))
-    ));
-    let dw_in = KernelDef::new("", "the experts' backward")
-    .doc(format!(
-        "// Experts backward: dW[e][i, c] = Σ over expert e's rows of g[row, i] · x[token(row), c], for\n\
-// the up projection (g = du) or the gate (g = dg).\n\
-// g: f32[n · {k}, {h}]; x: f32[n, {d}]; dw: f32[E, {h}, {d}]."
-    ))
-    .body(format!(
-        "\
-{gs}        const long long e = idx / ({h} * {d}), i = (idx / {d}) % {h}, c = idx % {d};
-        float acc = 0.0f;
-        for (int r = offsets[e]; r < offsets[e + 1]; ++r) acc += g[(long long)r * {h} + i] * x[(perm[r] / {k}) * {d} + c];
-        dw[idx] = acc;
-    }}
-",
-        gs = grid_stride("    ", "idx", &format!("experts * {h} * {d}"))
-    ));
-    [
-        ("dweights", dweights),
-        ("gout", gout),
-        ("da", da),
-        ("dxs", dxs),
-        ("dx", dx),
-        ("dw_down", dw_down),
-        ("dw_in", dw_in),
-    ]
-    .into_iter()
-    .map(|(what, def)| {
-        let base = match what {
-            "dx" | "dweights" | "gout" => format!("moe_bwd_{what}_k{k}_d{d}"),
-            _ => format!("moe_bwd_{what}_{}", m.suffix()),
-        };
-        (what, def.rename(base))
-    })
-    .collect()
+}
+
+/// The scratch slots of an experts step. Forward and backward number them alike; the FP8
+/// copies of the grouped GEMMs' operands take pairs from [`FIRST_FP8_SLOT`] on.
+mod slots {
+    pub const OFFSETS: u32 = 0;
+    pub const PERM: u32 = 1;
+    pub const ROW_OF: u32 = 2;
+    pub const GATE: u32 = 3;
+    pub const UP: u32 = 4;
+    /// The activation forward, the weighted activation backward.
+    pub const A: u32 = 5;
+    pub const OUT: u32 = 6;
+    pub const DYS: u32 = 7;
+    pub const DG: u32 = 8;
+    pub const DU: u32 = 9;
+    pub const DX_ROWS: u32 = 10;
+    pub const COUNTS: u32 = 11;
+    pub const XS: u32 = 12;
+    pub const G: u32 = 13;
+    pub const FIRST_FP8_SLOT: u32 = 14;
+}
+
+/// One operand or output of a grouped GEMM: its buffer, and its width (elements per sorted
+/// row, or per row of each group's matrix).
+#[derive(Clone)]
+struct Side {
+    arg: Arg,
+    trans: bool,
+}
+
+/// A grouped GEMM of an experts step before its FP8 operands are planned.
+struct Grouped {
+    contract_rows: bool,
+    /// The fixed sizes, the grouped one being the total rows.
+    m: u64,
+    n: u64,
+    k: u64,
+    a: Side,
+    b: Side,
+    c: Arg,
+    accumulate: bool,
 }
 
 impl Emitter<'_> {
@@ -433,31 +400,76 @@ impl Emitter<'_> {
         }
     }
 
-    /// The sort, hidden layer and down projection that forward and backward both run; returns
-    /// the work and the scratch slots (offsets, perm, row_of, gate, up, a, out; slot 11 holds the
-    /// sort's per-chunk counts).
+    /// `g` in `format` for step `index`: the grouped GEMM, after the launches quantizing its
+    /// operands when the format is FP8 (K-major copies in scratch pairs from `*next_slot`).
+    fn grouped_gemm(
+        &mut self,
+        index: usize,
+        m: MoeDims,
+        format: Format,
+        g: Grouped,
+        next_slot: &mut u32,
+    ) -> Vec<Work> {
+        let offsets = scratch(slots::OFFSETS, (m.e + 1) * 4);
+        let mut work = Vec::new();
+        let fp8 = format.is_fp8().then(|| {
+            let rows = m.n * m.k;
+            let mut take = || {
+                let s = *next_slot;
+                *next_slot += 2;
+                s
+            };
+            let (a, b) = if g.contract_rows {
+                // Both contracted over the rows: each group's columns in tiles along them.
+                let a = self.group_tiles(index, format, (m.e, rows), &g.a.arg, g.m, take());
+                let b = self.group_tiles(index, format, (m.e, rows), &g.b.arg, g.n, take());
+                (a, b)
+            } else {
+                // The sorted rows in tiles along k; the experts' weights in blocks.
+                let a = self.row_tiles(index, format, &g.a.arg, rows, g.k, take());
+                let b =
+                    self.expert_blocks(index, format, m.e, &g.b.arg, !g.b.trans, g.n, g.k, take());
+                (a, b)
+            };
+            work.extend([a.1, b.1]);
+            Fp8Gemm {
+                format,
+                a: a.0,
+                b: b.0,
+            }
+        });
+        work.push(Work::GroupedGemm(GroupedGemm {
+            offsets,
+            groups: m.e,
+            contract_rows: g.contract_rows,
+            m: g.m,
+            n: g.n,
+            k: g.k,
+            a: g.a.arg,
+            a_trans: g.a.trans,
+            b: g.b.arg,
+            b_trans: g.b.trans,
+            c: g.c,
+            accumulate: g.accumulate,
+            format,
+            fp8,
+        }));
+        work
+    }
+
+    /// The sort, the gather of the routed tokens' rows and the hidden layer's GEMMs that
+    /// forward and backward both run (the forward adds the activation `act` and the down
+    /// projection), the GEMMs in `format`.
     fn moe_front(
         &mut self,
         index: usize,
         node: &Node,
         m: MoeDims,
-        act: &ExpertAct,
-    ) -> (Vec<Work>, [Arg; 7]) {
+        format: Format,
+        act: Option<&ExpertAct>,
+        next_slot: &mut u32,
+    ) -> Vec<Work> {
         let rows = m.n * m.k;
-        let slot = |s: u32, bytes: u64| Arg::Scratch {
-            slot: s,
-            bytes: bytes.max(4),
-        };
-        let slots = [
-            slot(0, (m.e + 1) * 4),
-            slot(1, rows * 4),
-            slot(2, rows * 4),
-            slot(3, if m.gated { rows * m.h * 4 } else { 4 }),
-            slot(4, rows * m.h * 4),
-            slot(5, rows * m.h * 4),
-            slot(6, rows * m.d * 4),
-        ];
-        let [offsets, perm, row_of, gate, up, a, out] = slots.clone();
         let (x, ids) = (node.inputs[0], node.inputs[2]);
         let (w_up, w_down) = if m.gated {
             (node.inputs[4], node.inputs[5])
@@ -465,7 +477,8 @@ impl Emitter<'_> {
             (node.inputs[3], node.inputs[4])
         };
         let chunks = rows.div_ceil(SORT_CHUNK).max(1);
-        let counts = slot(11, chunks * m.e * 4);
+        let counts = scratch(slots::COUNTS, chunks * m.e * 4);
+        let perm = scratch(slots::PERM, rows * 4);
         let [count, sort_offsets, scatter] = moe_sort(m);
         let count = count
             .param("experts", Elem::U32, Pass::Read, val(ids))
@@ -474,44 +487,101 @@ impl Emitter<'_> {
             .long("n", m.n);
         let sort_offsets = sort_offsets
             .param("counts", Elem::I32, Pass::Write, counts.clone())
-            .param("offsets", Elem::I32, Pass::Write, offsets)
+            .param(
+                "offsets",
+                Elem::I32,
+                Pass::Write,
+                scratch(slots::OFFSETS, (m.e + 1) * 4),
+            )
             .long("chunks", chunks);
         let scatter = scatter
             .param("experts", Elem::U32, Pass::Read, val(ids))
             .param("counts", Elem::I32, Pass::Read, counts)
             .param("perm", Elem::I32, Pass::Write, perm.clone())
-            .param("row_of", Elem::I32, Pass::Write, row_of)
+            .param(
+                "row_of",
+                Elem::I32,
+                Pass::Write,
+                scratch(slots::ROW_OF, rows * 4),
+            )
             .long("n", m.n);
-        let mut hidden = moe_hidden(m, &act.compiled, &act.text)
-            .read("x", val(x))
-            .param("experts", Elem::U32, Pass::Read, val(ids))
-            .param("perm", Elem::I32, Pass::Read, perm.clone());
-        if m.gated {
-            hidden = hidden.read("w_gate", val(node.inputs[3]));
-        }
-        hidden = hidden.read("w_up", val(w_up));
-        if m.gated {
-            hidden = hidden.write("gate", gate);
-        }
-        let hidden = hidden
-            .write("up", up)
-            .write("a", a.clone())
-            .long("rows", rows);
-        let down = moe_down(m)
-            .read("a", a)
-            .param("experts", Elem::U32, Pass::Read, val(ids))
-            .param("perm", Elem::I32, Pass::Read, perm)
-            .read("w_down", val(w_down))
-            .write("out", out)
-            .long("rows", rows);
-        let work = vec![
+        let xs = scratch(slots::XS, rows * m.d * 4);
+        let gather = self.moe_gather_launch(index, m, val(x), xs.clone());
+        let mut work = vec![
             self.work(index, count, Grid::Blocks(chunks)),
             self.work(index, sort_offsets, Grid::Blocks(1)),
             self.work(index, scatter, Grid::Blocks(chunks)),
-            self.work(index, hidden, Grid::Threads(rows * m.h)),
-            self.work(index, down, Grid::Threads(rows * m.d)),
+            gather,
         ];
-        (work, slots)
+        // gate = xs·W_gate[e]ᵀ, up = xs·W_up[e]ᵀ: [rows_e, h] per expert.
+        let hidden = |w: ValueId, c: Arg| Grouped {
+            contract_rows: false,
+            m: rows,
+            n: m.h,
+            k: m.d,
+            a: Side {
+                arg: xs.clone(),
+                trans: false,
+            },
+            b: Side {
+                arg: val(w),
+                trans: true,
+            },
+            c,
+            accumulate: false,
+        };
+        let (gate, up) = (
+            scratch(slots::GATE, if m.gated { rows * m.h * 4 } else { 4 }),
+            scratch(slots::UP, rows * m.h * 4),
+        );
+        work.extend(self.grouped_gemm(index, m, format, hidden(w_up, up.clone()), next_slot));
+        if m.gated {
+            let gemm = hidden(node.inputs[3], gate.clone());
+            work.extend(self.grouped_gemm(index, m, format, gemm, next_slot));
+        }
+        if let Some(act) = act {
+            let a = scratch(slots::A, rows * m.h * 4);
+            let mut def = moe_act(m, act);
+            if m.gated {
+                def = def.read("gate", gate);
+            }
+            let def = def.read("up", up).write("a", a.clone()).long("rows", rows);
+            work.push(self.work(index, def, Grid::Threads(rows * m.h)));
+            // out = a·W_down[e]ᵀ: [rows_e, d] per expert.
+            let down = Grouped {
+                contract_rows: false,
+                m: rows,
+                n: m.d,
+                k: m.h,
+                a: Side {
+                    arg: a,
+                    trans: false,
+                },
+                b: Side {
+                    arg: val(w_down),
+                    trans: true,
+                },
+                c: scratch(slots::OUT, rows * m.d * 4),
+                accumulate: false,
+            };
+            work.extend(self.grouped_gemm(index, m, format, down, next_slot));
+        }
+        work
+    }
+
+    fn moe_gather_launch(&mut self, index: usize, m: MoeDims, src: Arg, out: Arg) -> Work {
+        let rows = m.n * m.k;
+        let def = moe_gather(m)
+            .read("src", src)
+            .param(
+                "perm",
+                Elem::I32,
+                Pass::Read,
+                scratch(slots::PERM, rows * 4),
+            )
+            .write("out", out)
+            .long("rows", rows);
+        self.work(index, def, Grid::Threads(rows * m.d))
     }
 
     pub(super) fn experts(
@@ -522,12 +592,19 @@ impl Emitter<'_> {
         gated: bool,
     ) -> Vec<Work> {
         let m = self.moe_dims(node, gated);
-        let (mut work, slots) = self.moe_front(index, node, m, &ExpertAct::of(act, gated));
-        let [_, _, row_of, _, _, _, out] = slots;
+        let mut next_slot = slots::FIRST_FP8_SLOT;
+        let act = ExpertAct::of(act, gated);
+        let mut work = self.moe_front(index, node, m, node.format, Some(&act), &mut next_slot);
+        let rows = m.n * m.k;
         let combine = moe_combine(m)
             .read("weights", val(node.inputs[1]))
-            .param("row_of", Elem::I32, Pass::Read, row_of)
-            .read("out", out)
+            .param(
+                "row_of",
+                Elem::I32,
+                Pass::Read,
+                scratch(slots::ROW_OF, rows * 4),
+            )
+            .read("out", scratch(slots::OUT, rows * m.d * 4))
             .write("y", val(node.outputs[0]))
             .long("n", m.n);
         work.push(self.work(index, combine, Grid::Threads(m.n * m.d)));
@@ -535,7 +612,11 @@ impl Emitter<'_> {
     }
 
     /// `(x, weights, experts, w_gate?, w_up, w_down, dy) -> (dx, d_weights, dw_gate?, dw_up,
-    /// dw_down)`.
+    /// dw_down)`, as the interpreter computes it: the forward's sort and hidden layer again (in
+    /// the forward node's format), then per expert `G = dy·W_down[e]`, the row-wise
+    /// gradients, `dx = du·W_up[e] (+ dg·W_gate[e])` summed per token, and the weight
+    /// gradients `dW_down[e] = dyᵀ·(ω·a)`, `dW_up[e] = duᵀ·x`, `dW_gate[e] = dgᵀ·x` over the
+    /// expert's rows.
     pub(super) fn experts_grad(
         &mut self,
         index: usize,
@@ -545,14 +626,19 @@ impl Emitter<'_> {
     ) -> Vec<Work> {
         let m = self.moe_dims(node, gated);
         let act = ExpertAct::of(act, gated);
-        let (mut work, slots) = self.moe_front(index, node, m, &act);
-        let [offsets, perm, row_of, gate, up, a, out] = slots;
+        let forward_format = self
+            .graph
+            .experts_forward()
+            .get(&index)
+            .map_or(node.format, |&f| {
+                self.graph.nodes[crate::ir::NodeId::from_index(f)].format
+            });
+        let mut next_slot = slots::FIRST_FP8_SLOT;
+        let mut work = self.moe_front(index, node, m, forward_format, None, &mut next_slot);
         let rows = m.n * m.k;
-        let mut defs = moe_bwd(m, &act.compiled, &act.text);
-        let mut def = |what: &str| defs.remove(what).expect("every backward kernel is defined");
         let i = &node.inputs;
         let o = &node.outputs;
-        let (x, weights, ids, dy) = (i[0], i[1], i[2], *i.last().expect("dy"));
+        let (weights, dy) = (i[1], *i.last().expect("dy"));
         let (w_gate, w_up, w_down) = if gated {
             (Some(i[3]), i[4], i[5])
         } else {
@@ -564,95 +650,109 @@ impl Emitter<'_> {
         } else {
             (None, o[2], o[3])
         };
-        let slot = |s: u32, bytes: u64| Arg::Scratch {
-            slot: s,
-            bytes: bytes.max(4),
-        };
-        let (gout, dg, du, dxs) = (
-            slot(7, rows * m.d * 4),
-            slot(8, if gated { rows * m.h * 4 } else { 4 }),
-            slot(9, rows * m.h * 4),
-            slot(10, rows * m.d * 4),
+        let hw = rows * m.h * 4;
+        let (dys, g, a_w, dg, du, dx_rows, xs) = (
+            scratch(slots::DYS, rows * m.d * 4),
+            scratch(slots::G, hw),
+            scratch(slots::A, hw),
+            scratch(slots::DG, if gated { hw } else { 4 }),
+            scratch(slots::DU, hw),
+            scratch(slots::DX_ROWS, rows * m.d * 4),
+            scratch(slots::XS, rows * m.d * 4),
         );
-        // Without a gate, the gate's slots are unused placeholders the kernels never read.
-        let w_gate_arg = w_gate.map_or(up.clone(), val);
-        let int_ptr =
-            |def: KernelDef, name: &str, arg: Arg| def.param(name, Elem::I32, Pass::Read, arg);
-        let ids_ptr = |def: KernelDef| def.param("experts", Elem::U32, Pass::Read, val(ids));
-        let dweights = int_ptr(
-            def("dweights").read("dy", val(dy)),
-            "row_of",
-            row_of.clone(),
-        )
-        .read("out", out)
-        .write("d_weights", val(d_weights))
-        .long("n", m.n);
-        let gout_def = int_ptr(
-            def("gout").read("weights", val(weights)),
-            "perm",
-            perm.clone(),
-        )
-        .read("dy", val(dy))
-        .write("gout", gout.clone())
-        .long("rows", rows);
-        let da = int_ptr(
-            ids_ptr(def("da").read("gout", gout.clone())),
-            "perm",
-            perm.clone(),
-        )
-        .read("w_down", val(w_down))
-        .read("gate", gate)
-        .read("up", up)
-        .write("dg", dg.clone())
-        .write("du", du.clone())
-        .long("rows", rows);
-        let dxs_def = int_ptr(
-            ids_ptr(def("dxs").read("dg", dg.clone()).read("du", du.clone())),
-            "perm",
-            perm.clone(),
-        )
-        .read("w_gate", w_gate_arg)
-        .read("w_up", val(w_up))
-        .write("dxs", dxs.clone())
-        .long("rows", rows);
-        let dx_def = int_ptr(def("dx").read("dxs", dxs), "row_of", row_of)
+        let format = node.format;
+        work.push(self.moe_gather_launch(index, m, val(dy), dys.clone()));
+        // G = dys·W_down[e]: [rows_e, h] per expert (W_down[e] is [d, h]).
+        let side = |arg: &Arg, trans: bool| Side {
+            arg: arg.clone(),
+            trans,
+        };
+        let g_gemm = Grouped {
+            contract_rows: false,
+            m: rows,
+            n: m.h,
+            k: m.d,
+            a: side(&dys, false),
+            b: side(&val(w_down), false),
+            c: g.clone(),
+            accumulate: false,
+        };
+        work.extend(self.grouped_gemm(index, m, format, g_gemm, &mut next_slot));
+        let perm = scratch(slots::PERM, rows * 4);
+        let mut def = moe_bwd_rows(m, &act)
+            .param("perm", Elem::I32, Pass::Read, perm)
+            .read("weights", val(weights))
+            .read("g", g);
+        if gated {
+            def = def.read("gate", scratch(slots::GATE, hw));
+        }
+        def = def
+            .read("up", scratch(slots::UP, hw))
+            .write("a_w", a_w.clone());
+        if gated {
+            def = def.write("dg", dg.clone());
+        }
+        let def = def
+            .write("du", du.clone())
+            .write("d_weights", val(d_weights))
+            .long("rows", rows);
+        work.push(self.work(index, def, Grid::Threads(rows)));
+        // dx_rows = du·W_up[e] (+ dg·W_gate[e]): [rows_e, d] per expert (W_up[e] is [h, d]).
+        let dx_gemm = |a: &Arg, w: ValueId, accumulate: bool| Grouped {
+            contract_rows: false,
+            m: rows,
+            n: m.d,
+            k: m.h,
+            a: side(a, false),
+            b: side(&val(w), false),
+            c: dx_rows.clone(),
+            accumulate,
+        };
+        work.extend(self.grouped_gemm(index, m, format, dx_gemm(&du, w_up, false), &mut next_slot));
+        if let Some(w_gate) = w_gate {
+            let gemm = dx_gemm(&dg, w_gate, true);
+            work.extend(self.grouped_gemm(index, m, format, gemm, &mut next_slot));
+        }
+        let dx_def = moe_dx(m)
+            .param(
+                "row_of",
+                Elem::I32,
+                Pass::Read,
+                scratch(slots::ROW_OF, rows * 4),
+            )
+            .read("dx_rows", dx_rows)
             .write("dx", val(dx))
             .long("n", m.n);
-        let dw_down_def = int_ptr(
-            def("dw_down").read("gout", gout).read("a", a),
-            "offsets",
-            offsets.clone(),
-        )
-        .write("dw_down", val(dw_down))
-        .long("experts", m.e);
-        let dw_in = def("dw_in");
-        // The up projection's weight gradient from du, the gate's from dg: one kernel.
-        let dw_in_of = |g: Arg, dw: ValueId| {
-            int_ptr(
-                int_ptr(
-                    dw_in.clone().read("g", g).read("x", val(x)),
-                    "perm",
-                    perm.clone(),
-                ),
-                "offsets",
-                offsets.clone(),
-            )
-            .write("dw", val(dw))
-            .long("experts", m.e)
+        work.push(self.work(index, dx_def, Grid::Threads(m.n * m.d)));
+        // Weight gradients over each expert's rows: dW[e] = lhsᵀ·rhs.
+        let wgrad = |lhs: &Arg, p: u64, rhs: &Arg, q: u64, out: ValueId| Grouped {
+            contract_rows: true,
+            m: p,
+            n: q,
+            k: rows,
+            a: side(lhs, true),
+            b: side(rhs, false),
+            c: val(out),
+            accumulate: false,
         };
-        let experts_out = m.e * m.h * m.d;
-        work.extend([
-            self.work(index, dweights, Grid::Threads(rows)),
-            self.work(index, gout_def, Grid::Threads(rows * m.d)),
-            self.work(index, da, Grid::Threads(rows * m.h)),
-            self.work(index, dxs_def, Grid::Threads(rows * m.d)),
-            self.work(index, dx_def, Grid::Threads(m.n * m.d)),
-            self.work(index, dw_down_def, Grid::Threads(experts_out)),
-            self.work(index, dw_in_of(du, dw_up), Grid::Threads(experts_out)),
-        ]);
-        if let Some(dw_gate) = dw_gate {
-            work.push(self.work(index, dw_in_of(dg, dw_gate), Grid::Threads(experts_out)));
+        let mut grads = vec![
+            wgrad(&dys, m.d, &a_w, m.h, dw_down),
+            wgrad(&du, m.h, &xs, m.d, dw_up),
+        ];
+        if let (Some(dw_gate), true) = (dw_gate, gated) {
+            grads.push(wgrad(&dg, m.h, &xs, m.d, dw_gate));
+        }
+        for gemm in grads {
+            work.extend(self.grouped_gemm(index, m, format, gemm, &mut next_slot));
         }
         work
+    }
+}
+
+/// Scratch slot `slot` of `bytes` (at least 4).
+fn scratch(slot: u32, bytes: u64) -> Arg {
+    Arg::Scratch {
+        slot,
+        bytes: bytes.max(4),
     }
 }

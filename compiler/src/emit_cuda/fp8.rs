@@ -23,7 +23,8 @@ use std::fmt::Write;
 
 use super::kernel::{GRID_START, GRID_STRIDE};
 use super::{
-    val, Arg, Elem, Emitter, Fp8Copy, Fp8Gemm, Fp8Operand, Gemm, Grid, KernelDef, Pass, Work,
+    grid_stride, val, Arg, Elem, Emitter, Fp8Copy, Fp8Gemm, Fp8Operand, Gemm, Grid, KernelDef,
+    Pass, Work,
 };
 use crate::ir::{Def, Graph, Op, ValueId};
 use crate::model::{Format, Fp8, ScaleFormat};
@@ -245,6 +246,9 @@ struct BlockOut {
 /// weight block, each block's max-abs found once and its codes written in every layout of
 /// `outs` (`codes`/`scales` for one, `codes{i}`/`scales{i}` for several).
 /// `w` is the weight's buffer, each of `outs` comes with its codes and scales.
+/// `batched`: `w` holds matrices `[rows, cols]` one after another (the experts' weights), each
+/// quantized on its own; the grid covers every matrix's blocks, and the copies follow each
+/// other likewise (one layout only).
 fn fp8_blocks(
     def: KernelDef,
     pow2: bool,
@@ -252,8 +256,16 @@ fn fp8_blocks(
     w: Arg,
     outs: &[(BlockOut, Arg, Arg)],
     [rows, cols]: [u64; 2],
+    batched: bool,
 ) -> KernelDef {
     let one = outs.len() == 1;
+    assert!(
+        one || !batched,
+        "a batched weight quantizer writes one layout"
+    );
+    // A batched kernel's pointer parameters are the whole tensors; the body's names point
+    // at the block's matrix.
+    let all = if batched { "_all" } else { "" };
     let name = |what: &str, i: usize| {
         if one {
             what.to_string()
@@ -263,7 +275,7 @@ fn fp8_blocks(
     };
     let rule = fp8_names(false, pow2).1;
     let mut header = String::new();
-    let mut def = def.read("w", w);
+    let mut def = def.read(&format!("w{all}"), w);
     let (mut scale_lines, mut code_lines, mut store_lines) =
         (String::new(), String::new(), String::new());
     // One scale and one code per format, whatever the layouts.
@@ -289,8 +301,13 @@ fn fp8_blocks(
         };
         let _ = writeln!(header, "//   {format}: {codes}: {layout}");
         def = def
-            .param(&codes, Elem::U8, Pass::Write, codes_arg.clone())
-            .write(&scales, scales_arg.clone());
+            .param(
+                &format!("{codes}{all}"),
+                Elem::U8,
+                Pass::Write,
+                codes_arg.clone(),
+            )
+            .write(&format!("{scales}{all}"), scales_arg.clone());
         if first_of(i) == i {
             let max = if out.e5m2 {
                 "KILN_FP8_E5M2_MAX"
@@ -313,17 +330,40 @@ fn fp8_blocks(
             "    if (threadIdx.x == 0) {scales}[{scale_at}] = {s};"
         );
     }
+    let (what, prologue, block) = if batched {
+        (
+            "each matrix w of w_all: f32[batch, rows, cols]",
+            format!(
+                "\
+\x20   const long long per = ((rows + {br} - 1) / {br}) * ((cols + {bc} - 1) / {bc});
+    const long long matrix = blockIdx.x / per, blk = blockIdx.x % per;
+    const float* w = w_all + matrix * rows * cols;
+    unsigned char* codes = codes_all + matrix * rows * cols;
+    float* scales = scales_all + matrix * per;
+"
+            ),
+            "blk",
+        )
+    } else {
+        ("the weight w: f32[rows, cols]", String::new(), "blockIdx.x")
+    };
+    let batch_line = if batched {
+        "\n// Batched: the copies of matrix b start b · rows · cols codes and b · (blocks per matrix)\n\
+         // scales in."
+    } else {
+        ""
+    };
     def.doc(format!(
-        "// Quantizes the weight w: f32[rows, cols] in {br} × {bc} blocks, one {rule} scale per block\n\
-         // from its max-abs:\n{header}// One thread block per weight block (the last ones may be partial)."
+        "// Quantizes {what} in {br} × {bc} blocks, one {rule} scale per block\n\
+         // from its max-abs:\n{header}// One thread block per weight block (the last ones may be partial).{batch_line}"
     ))
     .long("rows", rows)
     .long("cols", cols)
     .body(format!(
         "\
-\x20   __shared__ float scratch[32];
+{prologue}\x20   __shared__ float scratch[32];
     const long long bcols = (cols + {bc} - 1) / {bc};
-    const long long br = blockIdx.x / bcols, bc = blockIdx.x % bcols;
+    const long long br = {block} / bcols, bc = {block} % bcols;
     const long long r0 = br * {br}, c0 = bc * {bc};
     const long long h = rows - r0 < {br} ? rows - r0 : {br};
     const long long wd = cols - c0 < {bc} ? cols - c0 : {bc};
@@ -720,7 +760,7 @@ impl Emitter<'_> {
             format!("fp8_blocks{layouts}_{br}x{bc}{rule}"),
             "quantizes a weight to FP8 in blocks, in each layout its GEMMs read",
         );
-        let def = fp8_blocks(def, pow2, [br, bc], val(w), &outs, [rows, cols]);
+        let def = fp8_blocks(def, pow2, [br, bc], val(w), &outs, [rows, cols], false);
         self.work(
             node,
             def,
@@ -750,5 +790,205 @@ impl Emitter<'_> {
             op.k,
         );
         self.work(node, def, Grid::Threads(op.outer * op.k / 4))
+    }
+}
+
+/// The quantizer of an operand contracted over the experts' sorted rows (a weight gradient's):
+/// `x: f32[rows, outer]`, read per group `g` of rows (`offsets`) as the K-major
+/// `[outer, k_g]`, in 1×T tiles along the rows that start at each group's first row — as the
+/// CPU quantizes each expert's operands. Laid out as [`GroupedGemm`](super::GroupedGemm)
+/// says; one thread per (tile, column).
+fn fp8_group_tiles(tiles: Tiles, x: Arg, offsets: Arg, codes: Arg, scales: Arg) -> KernelDef {
+    let (format, rule) = fp8_names(tiles.e5m2(), tiles.pow2);
+    let t = tiles.t;
+    let max = if tiles.e5m2() {
+        "KILN_FP8_E5M2_MAX"
+    } else {
+        "KILN_FP8_E4M3_MAX"
+    };
+    KernelDef::new(
+        format!("fp8_group_tiles{}", tiles.suffix()),
+        "quantizes an operand contracted over each expert's rows",
+    )
+    .doc(format!(
+        "// Quantizes x: f32[rows, outer], per group g of rows offsets[g] .. offsets[g + 1] (k_g of\n\
+         // them) read as [outer, k_g], to {format} codes with one {rule} scale per 1×{t} tile along\n\
+         // the rows, tiles starting at the group's first row: group g's codes u8[outer, k_g] from\n\
+         // outer · offsets[g], its scales f32[outer, ⌈k_g / {t}⌉] from outer · (the tiles of the\n\
+         // groups before it). One thread per (tile, column); tiles are numbered through the groups\n\
+         // in order, at most rows / {t} + groups of them.\n\
+         // offsets: i32[groups + 1]."
+    ))
+    .read("x", x)
+    .param("offsets", Elem::I32, Pass::Read, offsets)
+    .param("codes", Elem::U8, Pass::Write, codes)
+    .write("scales", scales)
+    .body(format!(
+        "\
+{gs}        const long long s = idx / outer, o = idx % outer;
+        long long g = 0, before = 0;
+        for (; g < groups; ++g) {{
+            const long long n = (offsets[g + 1] - offsets[g] + {t} - 1) / {t};
+            if (s < before + n) break;
+            before += n;
+        }}
+        if (g == groups) continue;
+        const long long lo = offsets[g], kg = offsets[g + 1] - lo, tile = s - before;
+        const long long r0 = lo + tile * {t};
+        const long long r1 = r0 + {t} < lo + kg ? r0 + {t} : lo + kg;
+        float m = 0.0f;
+        for (long long r = r0; r < r1; ++r) m = fmaxf(m, fabsf(x[r * outer + o]));
+        const float scale = kiln_fp8_scale(m, {max}, {pow2});
+        for (long long r = r0; r < r1; ++r) {{
+            const float v = x[r * outer + o];
+            codes[outer * lo + o * kg + (r - lo)] =
+                (unsigned char)(kiln_fp8x2<{e5m2}>(v / scale, 0.0f) & 0xFFu);
+        }}
+        scales[outer * before + o * ((kg + {t} - 1) / {t}) + tile] = scale;
+    }}
+",
+        gs = grid_stride("    ", "idx", "slots * outer"),
+        pow2 = tiles.pow2,
+        e5m2 = tiles.e5m2(),
+    ))
+}
+
+impl Emitter<'_> {
+    /// The FP8 copy of `x: f32[outer, k]` (the experts' sorted rows) in 1×T tiles along `k`,
+    /// into scratch `slot` (codes) and `slot + 1` (scales), and the launch writing it.
+    pub(super) fn row_tiles(
+        &mut self,
+        node: usize,
+        format: Format,
+        x: &Arg,
+        outer: u64,
+        k: u64,
+        slot: u32,
+    ) -> (Fp8Operand, Work) {
+        let tiles = Tiles::of(format, &self.fp8);
+        let t = tiles.t;
+        assert!(
+            k % t == 0,
+            "an FP8 expert GEMM contracts {k}, not a multiple of its tiles of {t}"
+        );
+        let codes = Arg::Scratch {
+            slot,
+            bytes: (outer * k).max(4),
+        };
+        let scales = Arg::Scratch {
+            slot: slot + 1,
+            bytes: 4 * (outer * k / t).max(1),
+        };
+        let def = fp8_tiles(
+            tiles,
+            false,
+            x.clone(),
+            codes.clone(),
+            scales.clone(),
+            outer,
+            k,
+        );
+        let work = self.work(node, def, Grid::Threads(outer * k / 4));
+        let operand = Fp8Operand {
+            codes,
+            scales,
+            block: [1, t],
+            cublaslt_scale_mode: (t == 128).then_some("VEC128_32F"),
+        };
+        (operand, work)
+    }
+
+    /// The FP8 copies of `x: f32[rows, outer]` contracted over each of `groups` experts' rows
+    /// ([`fp8_group_tiles`]), into scratch `slot` and `slot + 1`, and the launch writing them.
+    pub(super) fn group_tiles(
+        &mut self,
+        node: usize,
+        format: Format,
+        (groups, rows): (u64, u64),
+        x: &Arg,
+        outer: u64,
+        slot: u32,
+    ) -> (Fp8Operand, Work) {
+        let tiles = Tiles::of(format, &self.fp8);
+        let t = tiles.t;
+        let tile_slots = rows / t + groups;
+        let codes = Arg::Scratch {
+            slot,
+            bytes: (outer * rows).max(4),
+        };
+        let scales = Arg::Scratch {
+            slot: slot + 1,
+            bytes: 4 * (outer * tile_slots).max(1),
+        };
+        let offsets = Arg::Scratch {
+            slot: 0,
+            bytes: 4 * (groups + 1),
+        };
+        let def = fp8_group_tiles(tiles, x.clone(), offsets, codes.clone(), scales.clone())
+            .long("outer", outer)
+            .long("groups", groups)
+            .long("slots", tile_slots);
+        let work = self.work(node, def, Grid::Threads(outer * tile_slots));
+        let operand = Fp8Operand {
+            codes,
+            scales,
+            block: [1, t],
+            cublaslt_scale_mode: (t == 128).then_some("VEC128_32F"),
+        };
+        (operand, work)
+    }
+
+    /// The FP8 copies of the experts' weights `w` (`groups` matrices, each `[n, k]` stored, or
+    /// `[k, n]` when `stored_kn`), each in the spec's weight blocks as the GEMM reads it
+    /// (`[n, k]`, K-major), into scratch `slot` and `slot + 1`, and the launch writing them.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn expert_blocks(
+        &mut self,
+        node: usize,
+        format: Format,
+        groups: u64,
+        w: &Arg,
+        stored_kn: bool,
+        n: u64,
+        k: u64,
+        slot: u32,
+    ) -> (Fp8Operand, Work) {
+        let pow2 = self.fp8.scale == ScaleFormat::Pow2;
+        let [br, bc] = self.fp8.weight_block;
+        let (rows, cols) = if stored_kn { (k, n) } else { (n, k) };
+        let per = rows.div_ceil(br) * cols.div_ceil(bc);
+        let codes = Arg::Scratch {
+            slot,
+            bytes: (groups * n * k).max(4),
+        };
+        let scales = Arg::Scratch {
+            slot: slot + 1,
+            bytes: 4 * groups * per,
+        };
+        let out = BlockOut {
+            e5m2: format == Format::E5m2,
+            transposed: stored_kn,
+        };
+        let layout = if stored_kn { "_t" } else { "" };
+        let rule = if pow2 { "_pow2" } else { "" };
+        let def = KernelDef::new(
+            format!(
+                "fp8_expert_blocks{layout}_{}_{br}x{bc}{rule}",
+                format.name()
+            ),
+            "quantizes the experts' weights to FP8 in blocks, each expert's on its own",
+        );
+        let outs = [(out, codes.clone(), scales.clone())];
+        let def = fp8_blocks(def, pow2, [br, bc], w.clone(), &outs, [rows, cols], true);
+        let work = self.work(node, def, Grid::Blocks(groups * per));
+        // The copy's blocks, [n, k]-wise: the stored blocks, transposed with the matrix.
+        let block = if stored_kn { [bc, br] } else { [br, bc] };
+        let operand = Fp8Operand {
+            codes,
+            scales,
+            block,
+            cublaslt_scale_mode: (block == [128, 128]).then_some("BLK128x128_32F"),
+        };
+        (operand, work)
     }
 }

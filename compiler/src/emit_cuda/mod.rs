@@ -52,9 +52,9 @@ mod router;
 use fp8::Copies;
 use kernel::{grid_stride, Grid, KernelDef};
 pub use kiln_ir::cuda::{
-    Arg, CudaProgram, Elem, Fp8Copy, Fp8Gemm, Fp8Operand, Gemm, Keep, KeptStorage, KeptValue,
-    Kernel, Launch, Param, Pass, RopeTable, Step, TensorEntry, Work, HEADERS, HOST_HEADER,
-    OPTIMIZER_CHUNK,
+    Arg, CudaProgram, Elem, Fp8Copy, Fp8Gemm, Fp8Operand, Gemm, GroupedGemm, Keep, KeptStorage,
+    KeptValue, Kernel, Launch, Param, Pass, RopeTable, Step, TensorEntry, Work, HEADERS,
+    HOST_HEADER, OPTIMIZER_CHUNK,
 };
 
 /// Threads per block of the row-wise kernels (norms, cross-entropy) and the elementwise ones.

@@ -454,16 +454,15 @@ impl Cuda {
         Ok(out)
     }
 
-    /// Runs `key`'s plan: `D = op(A)·op(B)` at `d` (C = D, beta = 0), with the bias epilogue's
-    /// pointer and the FP8 scale pointers set for this call.
+    /// Runs `key`'s plan: `D = op(A)·op(B) (+ D when accumulating)` at `d` (C = D, beta 0 or
+    /// 1), with the bias epilogue's pointer and the FP8 scale pointers set for this call.
     fn matmul(
         &mut self,
         key: PlanKey,
-        a: u64,
-        b: u64,
-        d: u64,
+        [a, b, d]: [u64; 3],
         bias: Option<u64>,
         scales: Option<(u64, u64)>,
+        accumulate: bool,
     ) -> Result<(), DeviceError> {
         let (blas, workspace, stream) = (self.blas, self.workspace, self.stream);
         let plan = self.plan(key)?;
@@ -489,7 +488,7 @@ impl Cuda {
             }
             .map_err(cublas(format!("setting {attribute:?}")))?;
         }
-        let (alpha, beta) = (1.0f32, 0.0f32);
+        let (alpha, beta) = (1.0f32, if accumulate { 1.0f32 } else { 0.0f32 });
         // SAFETY: descriptors and layouts are alive and describe the buffers (the runner's
         // allocations, checked by cuBLASLt only against the layouts); alpha and beta are host
         // f32 (the default pointer mode); the workspace holds WORKSPACE_BYTES, which the
@@ -517,6 +516,23 @@ impl Cuda {
         .map_err(cublas("cublasLtMatmul"))
     }
 
+    /// A product over an empty contraction (an expert's weight gradient when it received no
+    /// rows): zeros, added to nothing when accumulating. cuBLASLt takes no `k = 0`.
+    fn empty_product(&mut self, call: &GemmCall) -> Result<(), DeviceError> {
+        if call.accumulate {
+            return Ok(());
+        }
+        if call.bias.is_some() || call.ldc != call.n || call.batch > 1 {
+            return Err(DeviceError::Call(
+                "a GEMM with k = 0 and a bias, a strided output or a batch".into(),
+            ));
+        }
+        // SAFETY: the output holds m·n f32s from c (the runner's allocation); the stream is
+        // ours and orders the fill with the launches around it.
+        unsafe { drv::memset_d8_async(call.c, 0, (4 * call.m * call.n) as usize, self.stream) }
+            .map_err(driver("zeroing an empty product"))
+    }
+
     fn fp8_gemm(&mut self, call: &GemmCall) -> Result<(), DeviceError> {
         let p = fp8_problem(call)?;
         let f = call.fp8.expect("fp8_problem checked it");
@@ -529,7 +545,13 @@ impl Cuda {
             bias: false,
             scales: Some((p.scales_a.mode, p.scales_b.mode)),
         };
-        self.matmul(key, f.b.codes, f.a.codes, call.c, None, Some((sa, sb)))?;
+        self.matmul(
+            key,
+            [f.b.codes, f.a.codes, call.c],
+            None,
+            Some((sa, sb)),
+            call.accumulate,
+        )?;
         if let Some(bias) = call.bias {
             // FP8 GEMMs restrict the bias epilogue's types; a helper adds it instead.
             let args = [
@@ -821,7 +843,7 @@ impl Device for Cuda {
             return Ok(());
         }
         if call.k == 0 {
-            return Err(DeviceError::Call("a GEMM with k = 0".into()));
+            return self.empty_product(call);
         }
         match (call.format, call.fp8) {
             (Format::E4m3 | Format::E5m2, Some(_)) => self.fp8_gemm(call),
@@ -845,7 +867,7 @@ impl Device for Cuda {
                     bias: call.bias.is_some(),
                     scales: None,
                 };
-                self.matmul(key, a, b, call.c, call.bias, None)
+                self.matmul(key, [a, b, call.c], call.bias, None, call.accumulate)
             }
         }
     }

@@ -297,6 +297,8 @@ impl Device for Emulated {
         for batch in 0..g.batch.max(1) {
             let [sa, sb, sc] = g.strides.map(|s| 4 * s * batch);
             let p = match (g.format, g.fp8) {
+                // An empty contraction: a product of zeros, whatever the format.
+                _ if k == 0 => vec![0f32; (m * n) as usize],
                 (Format::E4m3 | Format::E5m2, Some(f)) => {
                     if g.batch > 1 {
                         return Err(DeviceError::Call(
@@ -345,7 +347,14 @@ impl Device for Emulated {
             };
             for r in 0..m as usize {
                 let row = &mut out[r * g.ldc as usize..][..n as usize];
-                row.copy_from_slice(&p[r * n as usize..][..n as usize]);
+                let product = &p[r * n as usize..][..n as usize];
+                if g.accumulate {
+                    for (y, p) in row.iter_mut().zip(product) {
+                        *y += p;
+                    }
+                } else {
+                    row.copy_from_slice(product);
+                }
                 if let Some(bias) = &bias {
                     for (y, b) in row.iter_mut().zip(bias) {
                         *y += b;
@@ -606,6 +615,7 @@ mod tests {
                     strides: [sa, sb, sc],
                     format,
                     fp8: None,
+                    accumulate: false,
                 };
                 d.gemm(&call).unwrap();
                 let mut out = vec![0u8; 4 * c_init.len()];
@@ -707,6 +717,7 @@ mod tests {
                 b: fb,
                 accumulation: acc,
             }),
+            accumulate: false,
         };
         d.gemm(&call).unwrap();
         let mut out = vec![0u8; (4 * m * n) as usize];
@@ -720,6 +731,63 @@ mod tests {
     }
 
     /// An address outside every buffer is refused, not read.
+    #[test]
+    fn accumulating_gemms_add_and_empty_contractions_give_zeros() {
+        let (m, n, k) = (3u64, 4u64, 5u64);
+        let (a, b) = (data((m * k) as usize, 6), data((k * n) as usize, 7));
+        let mut d = Emulated::new(Path::new("/nonexistent"));
+        let put = |d: &mut Emulated, x: &[f32]| {
+            let buf = d.alloc(4 * x.len() as u64).unwrap();
+            d.upload(buf, &bytes(x)).unwrap();
+            buf
+        };
+        let (ab, bb) = (put(&mut d, &a), put(&mut d, &b));
+        let start = vec![0.25f32; (m * n) as usize];
+        let c = put(&mut d, &start);
+        let call = |k: u64, accumulate: bool| GemmCall {
+            m,
+            n,
+            k,
+            a: GemmOperand {
+                ptr: d.address(ab),
+                trans: false,
+                ld: k.max(1),
+            },
+            b: GemmOperand {
+                ptr: d.address(bb),
+                trans: false,
+                ld: n,
+            },
+            c: d.address(c),
+            ldc: n,
+            bias: None,
+            batch: 1,
+            strides: [0; 3],
+            format: Format::Fp32,
+            fp8: None,
+            accumulate,
+        };
+        let read = |d: &mut Emulated| {
+            let mut out = vec![0u8; (4 * m * n) as usize];
+            d.download(c, &mut out).unwrap();
+            out.chunks_exact(4)
+                .map(|c| f32::from_ne_bytes([c[0], c[1], c[2], c[3]]))
+                .collect::<Vec<f32>>()
+        };
+        let (accumulating, empty) = (call(k, true), call(0, false));
+        d.gemm(&accumulating).unwrap();
+        let mut want = vec![0f32; (m * n) as usize];
+        crate::cpu::matmul::matmul(
+            m as usize, k as usize, n as usize, &a, false, &b, false, &mut want, false,
+        );
+        let got = read(&mut d);
+        for ((g, w), s) in got.iter().zip(&want).zip(&start) {
+            assert_eq!(g.to_bits(), (s + w).to_bits());
+        }
+        d.gemm(&empty).unwrap();
+        assert!(read(&mut d).iter().all(|&v| v == 0.0));
+    }
+
     #[test]
     fn addresses_outside_the_buffers_are_refused() {
         let mut d = Emulated::new(Path::new("/nonexistent"));

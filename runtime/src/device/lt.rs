@@ -399,6 +399,7 @@ mod tests {
                         strides: [sa, sb, sc],
                         format: Format::Fp32,
                         fp8: None,
+                        accumulate: false,
                     };
                     let p = lt_problem(&call);
                     let pick = |s: Source| if s == Source::A { &a } else { &b };
@@ -455,6 +456,7 @@ mod tests {
             strides: [8, 16, 32],
             format: Format::Fp32,
             fp8: None,
+            accumulate: false,
         };
         let p = lt_problem(&call);
         assert_eq!((p.m, p.n, p.k), (3, 2, 4));
@@ -514,6 +516,7 @@ mod tests {
                 b: op(blocks[1]),
                 accumulation: Accumulation::DEEPSEEK_V3,
             }),
+            accumulate: false,
         }
     }
 

@@ -141,7 +141,9 @@ pub struct Fp8Call {
 /// A matrix product as cuBLASLt computes it, row-major:
 /// `c[m, n] = op(a)[m, k] · op(b)[k, n] (+ bias[n])`, `batch` times with the given element
 /// strides between matrices. Operands in `format` (`fp32` as they are, `bf16`/`fp16` rounded
-/// to nearest even, FP8 from `fp8`'s codes and scales), accumulation and output in f32.
+/// to nearest even, FP8 from `fp8`'s codes and scales), accumulation and output in f32. With
+/// `k = 0` the product is zero: `c` becomes the bias (or zeros), or keeps its values when
+/// accumulating.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct GemmCall {
     pub m: u64,
@@ -157,6 +159,8 @@ pub struct GemmCall {
     pub strides: [u64; 3],
     pub format: Format,
     pub fp8: Option<Fp8Call>,
+    /// Adds the product to what `c` holds (cuBLASLt's β = 1) instead of overwriting it.
+    pub accumulate: bool,
 }
 
 /// What a CUDA plan runs on.

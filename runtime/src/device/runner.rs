@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use kiln_ir::attrs::Format;
-use kiln_ir::cuda::{Arg, CudaProgram, Gemm, Work};
+use kiln_ir::cuda::{Arg, CudaProgram, Gemm, GroupedGemm, Work};
 use kiln_ir::ir::{DType, Def, InputKind, NodeId, ValueId};
 use kiln_ir::program::Program;
 
@@ -284,7 +284,141 @@ impl<D: Device> State<D> {
             strides: [0; 3],
             format: g.format,
             fp8,
+            accumulate: false,
         })
+    }
+
+    /// The address an argument naming a buffer carries.
+    fn pointer(&self, a: &Arg) -> Result<u64, DeviceError> {
+        match self.arg(a)? {
+            KernelArg::Ptr(p) => Ok(p),
+            other => Err(DeviceError::Call(format!(
+                "a GEMM operand's buffer is {other:?}"
+            ))),
+        }
+    }
+
+    /// The buffer holding a grouped GEMM's offsets.
+    fn offsets_buffer(&self, g: &GroupedGemm) -> Result<BufId, DeviceError> {
+        match g.offsets {
+            Arg::Scratch { slot, .. } => Ok(self.scratch[slot as usize]),
+            Arg::Value { id } => Ok(self.values[id].0),
+            ref other => Err(DeviceError::Call(format!(
+                "a grouped GEMM's offsets in {other:?}"
+            ))),
+        }
+    }
+
+    /// A grouped GEMM as one [`GemmCall`] per group with rows, given its `offsets` as the
+    /// device holds them.
+    fn grouped_calls(
+        &self,
+        g: &GroupedGemm,
+        offsets: &[u64],
+    ) -> Result<Vec<GemmCall>, DeviceError> {
+        let total = if g.contract_rows { g.k } else { g.m };
+        if offsets[0] != 0
+            || offsets.windows(2).any(|w| w[0] > w[1])
+            || offsets[g.groups as usize] > total
+        {
+            return Err(DeviceError::Call(format!(
+                "a grouped GEMM's offsets {offsets:?} are not ascending rows within {total}"
+            )));
+        }
+        // The layouts GroupedGemm describes: rows are the output's with `a` as stored, or
+        // the contraction with `a` transposed and `b` as stored.
+        if g.contract_rows != g.a_trans || (g.contract_rows && g.b_trans) {
+            return Err(DeviceError::Call(format!(
+                "a grouped GEMM with contract_rows = {} and transposes ({}, {})",
+                g.contract_rows, g.a_trans, g.b_trans
+            )));
+        }
+        let (a, b, c) = (
+            self.pointer(&g.a)?,
+            self.pointer(&g.b)?,
+            self.pointer(&g.c)?,
+        );
+        let fp8 = match &g.fp8 {
+            None => None,
+            Some(f) => {
+                let accumulation = self.fp8.ok_or_else(|| {
+                    DeviceError::Call("an FP8 GEMM in a Program without FP8 settings".into())
+                })?;
+                let operand = |o: &kiln_ir::cuda::Fp8Operand| -> Result<Fp8Operand, DeviceError> {
+                    Ok(Fp8Operand {
+                        codes: self.pointer(&o.codes)?,
+                        scales: self.pointer(&o.scales)?,
+                        block: o.block,
+                    })
+                };
+                Some(Fp8Call {
+                    a: operand(&f.a)?,
+                    b: operand(&f.b)?,
+                    accumulation,
+                })
+            }
+        };
+        let mut calls = Vec::new();
+        // Scale tiles before group g along a contraction over the rows (FP8 only).
+        let mut tiles_before = 0u64;
+        for group in 0..g.groups {
+            let (lo, hi) = (offsets[group as usize], offsets[group as usize + 1]);
+            let rows = hi - lo;
+            let (m, n, k) = if g.contract_rows {
+                (g.m, g.n, rows)
+            } else {
+                (rows, g.n, g.k)
+            };
+            // Operands and output of this group: (a, b, c) element offsets.
+            let (oa, ob, oc) = if g.contract_rows {
+                (lo * m, lo * n, group * m * n)
+            } else {
+                (lo * k, group * n * k, lo * n)
+            };
+            let fp8 = fp8.map(|mut f| {
+                if g.contract_rows {
+                    let t = f.a.block[1];
+                    f.a.codes += m * lo;
+                    f.a.scales += 4 * m * tiles_before;
+                    f.b.codes += n * lo;
+                    f.b.scales += 4 * n * tiles_before;
+                    tiles_before += rows.div_ceil(t);
+                } else {
+                    f.a.codes += lo * k;
+                    f.a.scales += 4 * lo * k.div_ceil(f.a.block[1]);
+                    f.b.codes += group * n * k;
+                    f.b.scales += 4 * group * n.div_ceil(f.b.block[0]) * k.div_ceil(f.b.block[1]);
+                }
+                f
+            });
+            if m == 0 {
+                continue;
+            }
+            calls.push(GemmCall {
+                m,
+                n,
+                k,
+                a: GemmOperand {
+                    ptr: a + 4 * oa,
+                    trans: g.a_trans,
+                    ld: if g.a_trans { m } else { k },
+                },
+                b: GemmOperand {
+                    ptr: b + 4 * ob,
+                    trans: g.b_trans,
+                    ld: if g.b_trans { k } else { n },
+                },
+                c: c + 4 * oc,
+                ldc: n,
+                bias: None,
+                batch: 1,
+                strides: [0; 3],
+                format: g.format,
+                fp8,
+                accumulate: g.accumulate,
+            });
+        }
+        Ok(calls)
     }
 
     /// Uploads the parameters and inputs of `feed` (after the poison, if asked).
@@ -371,12 +505,35 @@ impl<D: Device> State<D> {
                         let call = self.gemm_call(g)?;
                         self.device.gemm(&call)?;
                     }
+                    Work::GroupedGemm(g) => {
+                        let buf = self.offsets_buffer(g)?;
+                        let offsets = read_offsets(&mut self.device, buf, g.groups)?;
+                        for call in self.grouped_calls(g, &offsets)? {
+                            self.device.gemm(&call)?;
+                        }
+                    }
                     Work::Alias { .. } => {}
                 }
             }
         }
         self.device.synchronize()
     }
+}
+
+/// The `groups + 1` offsets a sort wrote to `buf`, read back (which waits for the sort). A
+/// negative one reads as `u64::MAX`, which no range check lets through.
+fn read_offsets<D: Device>(
+    device: &mut D,
+    buf: BufId,
+    groups: u64,
+) -> Result<Vec<u64>, DeviceError> {
+    let mut bytes = vec![0u8; 4 * (groups as usize + 1)];
+    device.download(buf, &mut bytes)?;
+    Ok(bytes
+        .chunks_exact(4)
+        .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .map(|o| u64::try_from(o).unwrap_or(u64::MAX))
+        .collect())
 }
 
 fn check_len(got: usize, want: u64, what: &str) -> Result<(), ExecError> {

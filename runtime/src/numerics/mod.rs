@@ -33,6 +33,10 @@ pub struct Emulation {
     pub activations: Format,
     /// `fp32`, or `bf16`/`fp16`: moments are stored in it.
     pub moments: Format,
+    /// Whether kept activations are stored as the policy says (16-bit, FP8 tiles); without,
+    /// every value stays f32 as the CUDA plan stores it today, and only the GEMMs' numerics
+    /// are emulated — the reference the plan's runs are compared with.
+    pub keep_storage: bool,
 }
 
 impl Emulation {
@@ -42,6 +46,16 @@ impl Emulation {
             fp8: formats.fp8,
             activations: formats.compute,
             moments: formats.moments,
+            keep_storage: true,
+        }
+    }
+
+    /// The same policy with every kept activation stored in f32 (see
+    /// [`Emulation::keep_storage`]).
+    pub fn with_f32_storage(self) -> Emulation {
+        Emulation {
+            keep_storage: false,
+            ..self
         }
     }
 }
