@@ -366,6 +366,27 @@ fn sample_and_bench_run_on_a_trained_micro_model() {
     ] {
         assert!(v[key].as_f64().unwrap() > 0.0, "{key}: {v}");
     }
+    // Other shapes than the spec's (micro: batch 4 × 32, 32 positions).
+    let o = kiln(&[
+        "bench",
+        "tests/specs/micro.toml",
+        "--steps",
+        "1",
+        "--batch",
+        "2",
+        "--seq",
+        "16",
+        "--json",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert_eq!(
+        (v["batch"].as_u64(), v["seq_len"].as_u64()),
+        (Some(2), Some(16))
+    );
+    let o = kiln(&["bench", "tests/specs/micro.toml", "--seq", "33"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("32 positions"), "{}", stderr(&o));
     // Generation: longer than the model's 32 positions slides the window; stop strings end
     // the text.
     let o = kiln(&[

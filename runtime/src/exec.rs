@@ -144,6 +144,67 @@ pub trait Run: Sync {
     fn kept_bytes(&self) -> Option<KeptBytes> {
         None
     }
+
+    /// The runner's own optimizer, when it can keep the training state (parameters and AdamW
+    /// moments) where it runs the step, as a GPU runner does; `None` for the others, whose
+    /// trainer updates the parameters on the host.
+    fn resident(&self) -> Option<&dyn Resident> {
+        None
+    }
+}
+
+/// AdamW hyperparameters a [`Resident`] optimizer must have been built with.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamSettings {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    pub grad_clip: Option<f64>,
+    /// The router bias update's γ (0: none).
+    pub bias_update: f64,
+}
+
+/// What one step's scalars are: the schedule's learning rate and Adam's bias corrections
+/// `1 − βᵗ`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepScalars {
+    pub lr: f64,
+    pub bias1: f64,
+    pub bias2: f64,
+}
+
+/// A runner that keeps the training state on its device and updates it there: the
+/// parameters stay put between steps (a run reads them there, not the feed's), the gradients
+/// are never read back, and only the losses and the gradient norm cross to the host.
+pub trait Resident {
+    /// The AdamW settings its optimizer was built with; the trainer uses it only when its own
+    /// are these.
+    fn settings(&self) -> AdamSettings;
+    /// Puts the parameters and both moments (in parameter order) on the device; the runs that
+    /// follow read these parameters.
+    fn put_state(
+        &self,
+        params: &[Vec<f32>],
+        m: &[Vec<f32>],
+        v: &[Vec<f32>],
+    ) -> Result<(), ExecError>;
+    /// The optimizer step after a run, on its gradients: the gradient norm, then — unless the
+    /// norm or the loss (`loss_finite`) is not finite — AdamW with clipping and the router
+    /// bias update. Returns the norm and whether the update was skipped.
+    fn optimizer_step(
+        &self,
+        scalars: StepScalars,
+        loss_finite: bool,
+    ) -> Result<(f64, bool), ExecError>;
+    /// Copies the parameters and both moments the device holds into `params`, `m` and `v`
+    /// (by parameter index; what it does not hold is left as it is).
+    fn get_state(
+        &self,
+        params: &mut [Vec<f32>],
+        m: &mut [Vec<f32>],
+        v: &mut [Vec<f32>],
+    ) -> Result<(), ExecError>;
 }
 
 impl Run for Executor<'_> {

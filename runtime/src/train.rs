@@ -15,7 +15,7 @@ use rayon::prelude::*;
 
 use crate::cpu::moe;
 use crate::data::{Batch, Rng};
-use crate::exec::{Buf, ExecError, Executor, Feed, KeptBytes, Run};
+use crate::exec::{AdamSettings, Buf, ExecError, Executor, Feed, KeptBytes, Run, StepScalars};
 use crate::numerics::store::Half;
 use crate::numerics::Emulation;
 
@@ -216,10 +216,18 @@ pub struct Trainer<'g> {
     /// What runs the training graph: the interpreter, or a module generated from it.
     exec: Box<dyn Run + 'g>,
     pub config: TrainConfig,
-    pub params: Vec<Vec<f32>>,
+    /// The parameters as of the last [`Trainer::sync`] (see [`Trainer::params`]).
+    params: Vec<Vec<f32>>,
     m: Vec<Moment>,
     v: Vec<Moment>,
     pub step: u64,
+    /// The runner updates the state on its device ([`Resident`]): the config's AdamW settings
+    /// are the ones its optimizer was built with, and the moments are f32.
+    resident: bool,
+    /// The device holds the state (put there before the first step, and after a restore).
+    on_device: bool,
+    /// The device's state is newer than `params`, `m` and `v`.
+    host_stale: bool,
     loss: ValueId,
     main_loss: ValueId,
     /// `(param, gradient value)` for every trainable parameter.
@@ -315,7 +323,23 @@ impl<'g> Trainer<'g> {
             .values
             .iter()
             .any(|(_, v)| v.def == Def::Input(InputKind::Positions));
+        let resident = runner.resident().is_some_and(|r| {
+            let c = &config;
+            r.settings()
+                == AdamSettings {
+                    beta1: c.beta1,
+                    beta2: c.beta2,
+                    eps: c.eps,
+                    weight_decay: c.weight_decay,
+                    grad_clip: c.grad_clip,
+                    bias_update: c.bias_update,
+                }
+                && format.is_none()
+        });
         Trainer {
+            resident,
+            on_device: false,
+            host_stale: false,
             exec: runner,
             graph,
             config,
@@ -332,12 +356,48 @@ impl<'g> Trainer<'g> {
         }
     }
 
-    /// The AdamW moments' values (a copy), in parameter order.
-    pub fn moments(&self) -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
-        (
+    /// The parameters, in parameter order (read back from the device first when it updates
+    /// them).
+    pub fn params(&mut self) -> Result<&[Vec<f32>], ExecError> {
+        self.sync()?;
+        Ok(&self.params)
+    }
+
+    /// The AdamW moments' values (a copy), in parameter order (read back from the device
+    /// first when it updates them).
+    #[allow(clippy::type_complexity)]
+    pub fn moments(&mut self) -> Result<(Vec<Vec<f32>>, Vec<Vec<f32>>), ExecError> {
+        self.sync()?;
+        Ok((
             self.m.iter().map(Moment::values).collect(),
             self.v.iter().map(Moment::values).collect(),
-        )
+        ))
+    }
+
+    /// Whether the runner's device updates the parameters (the plan's optimizer launches),
+    /// rather than this trainer on the host.
+    pub fn updates_on_device(&self) -> bool {
+        self.resident
+    }
+
+    /// Reads the state back from the device when it is newer there.
+    pub fn sync(&mut self) -> Result<(), ExecError> {
+        if !self.host_stale {
+            return Ok(());
+        }
+        let r = self
+            .exec
+            .resident()
+            .expect("a stale host copy has a resident runner");
+        let (mut m, mut v): (Vec<Vec<f32>>, Vec<Vec<f32>>) = (
+            self.m.iter().map(Moment::values).collect(),
+            self.v.iter().map(Moment::values).collect(),
+        );
+        r.get_state(&mut self.params, &mut m, &mut v)?;
+        self.m = m.into_iter().map(Moment::F32).collect();
+        self.v = v.into_iter().map(Moment::F32).collect();
+        self.host_stale = false;
+        Ok(())
     }
 
     /// Bytes of the activations a step packs for the backward pass, as its runner keeps
@@ -368,6 +428,9 @@ impl<'g> Trainer<'g> {
     ) {
         self.step = step;
         self.params = params;
+        // The device's copy, if any, is replaced before the next step.
+        self.on_device = false;
+        self.host_stale = false;
         let format = self
             .config
             .emulate
@@ -402,6 +465,15 @@ impl<'g> Trainer<'g> {
         weights: Option<&[f32]>,
     ) -> Result<StepStats, ExecError> {
         let inputs = feed_inputs(self.graph, batch, seq_len);
+        if self.resident && !self.on_device {
+            let r = self.exec.resident().expect("checked when built");
+            let (m, v) = (
+                self.m.iter().map(Moment::values).collect::<Vec<_>>(),
+                self.v.iter().map(Moment::values).collect::<Vec<_>>(),
+            );
+            r.put_state(&self.params, &m, &v)?;
+            self.on_device = true;
+        }
         let out = self.exec.run(&Feed {
             params: &self.params,
             inputs: &inputs,
@@ -409,6 +481,29 @@ impl<'g> Trainer<'g> {
         })?;
         let scalar = |v: ValueId| f64::from(out[&v].floats()[0]);
         let (loss, main_loss) = (scalar(self.loss), scalar(self.main_loss));
+        if self.resident {
+            let c = &self.config;
+            let lr = c.lr_at(self.step);
+            let t = (self.step + 1) as i32;
+            let scalars = StepScalars {
+                lr,
+                bias1: 1.0 - c.beta1.powi(t),
+                bias2: 1.0 - c.beta2.powi(t),
+            };
+            let r = self.exec.resident().expect("checked when built");
+            let (grad_norm, skipped) = r.optimizer_step(scalars, loss.is_finite())?;
+            if !skipped {
+                self.host_stale = true;
+                self.step += 1;
+            }
+            return Ok(StepStats {
+                loss,
+                main_loss,
+                grad_norm,
+                lr,
+                skipped,
+            });
+        }
 
         let sq: f64 = self
             .grads

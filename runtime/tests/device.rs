@@ -79,7 +79,10 @@ fn train(
             let keep = TrainOutputs::of(program.graph()).unwrap().values();
             let runner = DeviceRunner::new(program, plan, Emulated::new(&cache()), &keep)
                 .unwrap_or_else(|e| panic!("{e}"));
-            Trainer::with_runner(program, config, params, Box::new(runner))
+            let trainer = Trainer::with_runner(program, config, params, Box::new(runner));
+            // The plan's own optimizer: AdamW, clipping and the bias update on the device.
+            assert!(trainer.updates_on_device());
+            trainer
         }
     };
     let mut losses = Vec::new();
@@ -90,7 +93,7 @@ fn train(
         assert!(!s.skipped);
         losses.push(s.loss);
     }
-    (losses, trainer.params.clone())
+    (losses, trainer.params().unwrap().to_vec())
 }
 
 fn relative(a: f64, b: f64) -> f64 {
@@ -387,4 +390,23 @@ fn one_step_of_each_host_spec_matches_the_interpreter() {
             all.len()
         );
     }
+}
+
+/// The plan's intermediates share one arena packed by their lifetimes: for micro's training
+/// step a fraction of one buffer each (the values a run returns keep buffers of their own).
+/// The steps above run on it, poisoned, so a buffer reused while still alive would fail them.
+#[test]
+fn the_intermediates_share_an_arena() {
+    let model = check_str(&spec("micro", FP32)).unwrap();
+    let compiled = compile(&model).unwrap();
+    let program = &compiled.train;
+    let keep = TrainOutputs::of(program.graph()).unwrap().values();
+    let runner = DeviceRunner::new(program, emit(program), Emulated::new(&cache()), &keep)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let m = runner.memory();
+    eprintln!(
+        "micro: arena {} bytes for {} unshared; {} in buffers of their own",
+        m.arena, m.unshared, m.own
+    );
+    assert!(m.arena > 0 && 3 * m.arena < m.unshared, "{m:?}");
 }

@@ -68,6 +68,43 @@ pub struct Flags {
     /// Rows (tokens) of `--gemms v3`'s products.
     #[arg(long, default_value_t = 4096)]
     pub tokens: u64,
+    /// Sequences per step instead of the spec's `train.batch` (a spec's batch for a long
+    /// CPU run may not fit a GPU's memory, or the other way round). Not for a specialized
+    /// binary, whose step is built for the spec's shapes.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub batch: Option<u64>,
+    /// Tokens per sequence instead of the spec's `train.seq_len` (at most
+    /// `model.max_positions`). Not for a specialized binary.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub seq: Option<u64>,
+}
+
+/// `model` with `--batch` and `--seq` in place of its training shapes.
+fn with_shape(model: &Model, args: &Flags, built: bool) -> Result<Model, Failure> {
+    if args.batch.is_none() && args.seq.is_none() {
+        return Ok(model.clone());
+    }
+    if built {
+        return Err(other(
+            "--batch and --seq change the step's shapes, which a specialized binary has built in; \
+             use `kiln bench SPEC --batch N` instead"
+                .to_string(),
+        ));
+    }
+    let mut model = model.clone();
+    if let Some(b) = args.batch {
+        model.train.batch = b;
+    }
+    if let Some(t) = args.seq {
+        if t > model.max_positions {
+            return Err(other(format!(
+                "--seq {t} is longer than the model's {} positions (model.max_positions)",
+                model.max_positions
+            )));
+        }
+        model.train.seq_len = t;
+    }
+    Ok(model)
 }
 
 /// GFLOP/s of an f32 `n × n × n` matrix product: the best of `reps` runs.
@@ -305,27 +342,21 @@ pub(crate) fn run_model(
     if let Some(shapes) = &args.gemms {
         return run_gemms(shapes, args);
     }
+    let model = &with_shape(model, args, built.is_some())?;
     let report = analyze(model);
     let compiled = compile(model).map_err(|e| other(e.to_string()))?;
     let forward = compiled.forward.graph();
     let b = model.train.batch as usize;
     let (mut batcher, t) = engine::builtin_batcher(model, forward, 1 << 20)?;
+    let settings = compiled.train.settings();
+    // The spec's AdamW (a device's optimizer launches bake it in), at a small constant rate.
     let config = TrainConfig {
-        steps: args.steps + 2,
         lr: 1e-4,
-        beta1: 0.9,
-        beta2: 0.95,
-        eps: 1e-8,
-        weight_decay: 0.1,
         warmup: 0,
         cosine: false,
         min_lr: 0.0,
-        grad_clip: Some(1.0),
-        bias_update: 0.0,
-        seed: 0,
-        emulate: None,
+        ..TrainConfig::of(settings, args.steps + 2, 0)
     };
-    let settings = compiled.train.settings();
     engine::check_device(args.device, args.emulate_precision)?;
     let config = engine::emulating(config, settings, args.emulate_precision, built, "bench")?;
     let heap_before = crate::heap::live();

@@ -304,7 +304,7 @@ fn train_curve(label: &str, model: &Model, s: &mut Setup) -> Result<Curve, Failu
                 .take(s.eval_batches);
             let val = eval_loss(
                 &compiled.forward,
-                &trainer.params,
+                trainer.params().map_err(|e| other(e.to_string()))?,
                 batches,
                 t,
                 emulate.as_ref(),

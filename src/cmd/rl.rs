@@ -301,7 +301,7 @@ pub(crate) fn run(args: Args, color: bool) -> Result<(), Failure> {
         accuracy(&d, &heldout, &cfg, cache)
     };
     let started = Instant::now();
-    let before = decoder_of(&trainer.params)?;
+    let before = decoder_of(trainer.params().map_err(|e| other(e.to_string()))?)?;
     eprintln!(
         "held-out accuracy before: {:.1}% of {} problems",
         100.0 * before,
@@ -328,8 +328,12 @@ pub(crate) fn run(args: Args, color: bool) -> Result<(), Failure> {
             stop: stops(&cfg),
             seed: seed.wrapping_mul(1_000_003).wrapping_add(step),
         };
-        let decoder = Decoder::new(&sample_program, forward, &trainer.params)
-            .map_err(|e| other(e.to_string()))?;
+        let decoder = Decoder::new(
+            &sample_program,
+            forward,
+            trainer.params().map_err(|e| other(e.to_string()))?,
+        )
+        .map_err(|e| other(e.to_string()))?;
         let sampled =
             generate(&decoder, &prompts, &sampling, cache).map_err(|e| other(e.to_string()))?;
         let rows: Vec<Row> = prompts
@@ -389,7 +393,7 @@ pub(crate) fn run(args: Args, color: bool) -> Result<(), Failure> {
                 logprobs(
                     &fwd_exec,
                     forward,
-                    &trainer.params,
+                    trainer.params().map_err(|e| other(e.to_string()))?,
                     &batch,
                     &positions,
                     vocab,
@@ -425,7 +429,7 @@ pub(crate) fn run(args: Args, color: bool) -> Result<(), Failure> {
             }
         }
         if cfg.ref_reset.is_some_and(|n| step % n == 0) {
-            reference = trainer.params.clone();
+            reference = trainer.params().map_err(|e| other(e.to_string()))?.to_vec();
         }
         let (reward_mean, reward_std) = mean_std(&rewards);
         let acc: Vec<f64> = rows.iter().map(|r| r.reward.accuracy).collect();
@@ -459,14 +463,14 @@ pub(crate) fn run(args: Args, color: bool) -> Result<(), Failure> {
     if tty {
         eprintln!();
     }
-    let after = decoder_of(&trainer.params)?;
+    let after = decoder_of(trainer.params().map_err(|e| other(e.to_string()))?)?;
     let seconds = started.elapsed().as_secs_f64();
 
     // The run directory: the whole model (MTP modules unchanged), loadable by `kiln sample`.
     let mut full_params = ck.params.clone();
     for (i, (_, p)) in pre_graph.params.iter().enumerate() {
         if let Some(j) = forward.params.iter().position(|(_, q)| q.name == p.name) {
-            full_params[i] = trainer.params[j].clone();
+            full_params[i] = trainer.params().map_err(|e| other(e.to_string()))?[j].clone();
         }
     }
     let spec_bytes = std::fs::read(&spec_path)

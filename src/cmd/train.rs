@@ -189,20 +189,21 @@ pub(crate) fn run_with(
         full.trainable_elements()
     );
 
-    let val = |trainer: &Trainer| -> Result<f64, Failure> {
+    let val = |trainer: &mut Trainer| -> Result<f64, Failure> {
         let batches = data::val_batches(&dataset.val, b, window)
             .map_err(|e| other(e.to_string()))?
             .filter(|batch| batch.inputs.len() == b * window)
             .take(args.eval_batches);
-        let emulate = trainer.config.emulate.as_ref();
-        eval_loss(&compiled.forward, &trainer.params, batches, t, emulate)
+        let emulate = trainer.config.emulate.clone();
+        let params = trainer.params().map_err(|e| other(e.to_string()))?;
+        eval_loss(&compiled.forward, params, batches, t, emulate.as_ref())
             .map_err(|e| other(e.to_string()))
     };
-    let save = |trainer: &Trainer, batcher: &Batcher| -> Result<(), Failure> {
-        let (m, v) = trainer.moments();
+    let save = |trainer: &mut Trainer, batcher: &Batcher| -> Result<(), Failure> {
+        let (m, v) = trainer.moments().map_err(|e| other(e.to_string()))?;
         let ck = checkpoint::Checkpoint {
             step: trainer.step,
-            params: trainer.params.clone(),
+            params: trainer.params().map_err(|e| other(e.to_string()))?.to_vec(),
             m,
             v,
             data_rng: batcher.state(),
@@ -261,7 +262,7 @@ pub(crate) fn run_with(
         let tps = tokens_per_step * (done - first) as f64 / elapsed.max(1e-9);
         let eval_now = done % args.eval_every.max(1) == 0 || done == stop;
         if eval_now {
-            last_val = val(&trainer)?;
+            last_val = val(&mut trainer)?;
         }
         let line = metrics_row(done, &s, tps, eval_now.then_some(last_val));
         writeln!(metrics, "{line}").map_err(|e| other(format!("cannot write metrics: {e}")))?;
@@ -269,7 +270,7 @@ pub(crate) fn run_with(
             metrics
                 .flush()
                 .map_err(|e| other(format!("cannot write metrics: {e}")))?;
-            save(&trainer, &batcher)?;
+            save(&mut trainer, &batcher)?;
             saved_at = Some(done);
         }
         let eta = elapsed / (done - first) as f64 * (stop - done) as f64;

@@ -24,6 +24,7 @@ use kiln_ir::cuda::CudaProgram;
 
 use crate::numerics::accum::Accumulation;
 
+pub mod arena;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod emulated;

@@ -1,8 +1,10 @@
 //! The plan runner: a training (or forward) Program's CUDA plan on a [`Device`].
 //!
-//! Built once per Program: every value gets a device buffer (a reshape's output is its input's
-//! buffer, as the plan's aliases say), every scratch slot the largest size any step asks of
-//! it, every FP8 copy its codes and scales, every RoPE table the CPU backend's values. A run
+//! Built once per Program: the intermediates share one arena, packed by the steps they live
+//! in ([`super::arena`]); parameters, inputs and the values a run returns get a buffer each (a
+//! reshape's output is its input's place, as the plan's aliases say); every scratch slot the
+//! largest size any step asks of it, every FP8 copy its codes and scales, every RoPE table
+//! the CPU backend's values. A run
 //! uploads the parameters and the step's inputs, then does each step's work in the
 //! manifest's order — launches with their arguments resolved to addresses and values, GEMMs
 //! as [`GemmCall`]s — reads the error flag, and downloads the values its caller keeps.
@@ -10,19 +12,25 @@
 //! [`DeviceRunner`] implements the interpreter's [`Run`], so a [`crate::train::Trainer`]
 //! built `with_runner` trains on a device with everything else unchanged: batches, the
 //! learning-rate schedule, metrics, checkpoints (the same safetensors, so a run moves between
-//! devices). The optimizer then runs on the host over the gradients the device computed.
+//! devices). It is also [`Resident`]: the trainer puts the parameters and moments on the
+//! device once, and each step runs the plan's optimizer launches there (the gradient norm,
+//! read back to skip a non-finite step; AdamW with clipping; the router bias update), the
+//! state coming back only when the trainer reads it (evaluation, checkpoints).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 
 use kiln_ir::attrs::Format;
-use kiln_ir::cuda::{Arg, CudaProgram, Gemm, GroupedGemm, Work};
-use kiln_ir::ir::{DType, Def, InputKind, NodeId, ValueId};
+use kiln_ir::cuda::{
+    Arg, CudaProgram, Gemm, GroupedGemm, Launch, TensorEntry, Work, OPTIMIZER_CHUNK,
+};
+use kiln_ir::ir::{DType, Def, Graph, InputKind, NodeId, ValueId};
 use kiln_ir::program::Program;
 
+use super::arena::{self, Lifetime};
 use super::{BufId, Device, DeviceError, Fp8Call, Fp8Operand, GemmCall, GemmOperand, KernelArg};
 use crate::cpu::attention::rope_tables;
-use crate::exec::{Buf, ExecError, Feed, Run};
+use crate::exec::{AdamSettings, Buf, ExecError, Feed, Resident, Run, StepScalars};
 use crate::numerics::gemm::GemmNumerics;
 
 /// A Program's plan, ready to run on a device.
@@ -30,11 +38,33 @@ pub struct DeviceRunner<D: Device> {
     state: Mutex<State<D>>,
 }
 
+/// Where a value lives: a buffer and a byte offset in it (the arena's, or 0 in its own), its
+/// element type and count.
+#[derive(Clone, Copy, Debug)]
+struct Place {
+    buf: BufId,
+    offset: u64,
+    dtype: DType,
+    elements: u64,
+}
+
+/// The device memory a runner's values take, in bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Memory {
+    /// The arena of the intermediates nobody keeps (packed by lifetime).
+    pub arena: u64,
+    /// What those intermediates would take with a buffer each.
+    pub unshared: u64,
+    /// Parameters, inputs and kept values, a buffer each.
+    pub own: u64,
+}
+
 struct State<D> {
     device: D,
     cuda: CudaProgram,
-    /// Each value's buffer (aliases share their source's), its element type and count.
-    values: Vec<(BufId, DType, u64)>,
+    /// Each value's place (aliases share their source's).
+    values: Vec<Place>,
+    memory: Memory,
     scratch: Vec<BufId>,
     /// Each FP8 copy's codes and scales.
     copies: Vec<(BufId, BufId)>,
@@ -54,6 +84,21 @@ struct State<D> {
     /// whether a run fills them with 0xFF bytes first (see [`DeviceRunner::poisoning`]).
     written: Vec<(BufId, u64)>,
     poison: bool,
+    /// The AdamW settings the plan's optimizer launches were built with.
+    adam: AdamSettings,
+    /// The training state on the device, once [`Resident::put_state`] put it there.
+    resident: Option<OnDevice>,
+}
+
+/// The optimizer's state on the device: each trainable tensor's moments (by parameter index),
+/// the `KilnTensor` table and the chunks' tensors and starts.
+struct OnDevice {
+    moments: HashMap<usize, (BufId, BufId)>,
+    table: BufId,
+    chunk_tensor: BufId,
+    chunk_start: BufId,
+    /// The gradients, which a run no longer reads back.
+    grads: std::collections::HashSet<ValueId>,
 }
 
 impl<D: Device> DeviceRunner<D> {
@@ -77,28 +122,71 @@ impl<D: Device> DeviceRunner<D> {
                 }
             }
         }
-        let mut values: Vec<Option<(BufId, DType, u64)>> = vec![None; graph.values.len()];
-        let mut written = Vec::new();
+        // The intermediates nobody keeps share one arena by their lifetimes in steps; kept
+        // values (read back after the run), parameters and inputs have buffers of their own.
+        let kept: std::collections::HashSet<usize> =
+            keep.iter().map(|v| source[v.index()]).collect();
+        let lifetimes = step_lifetimes(graph, &cuda, &source);
+        let in_arena = |i: usize| {
+            let v = &graph.values[ValueId::from_index(i)];
+            source[i] == i
+                && matches!(v.def, Def::Node { .. })
+                && !kept.contains(&i)
+                && lifetimes[i].is_some()
+        };
+        let bytes_of =
+            |i: usize| 4 * graph.values[ValueId::from_index(i)].ty.elements().max(1) as u64;
+        let members: Vec<usize> = (0..graph.values.len()).filter(|&i| in_arena(i)).collect();
+        let packed = arena::pack(
+            &members
+                .iter()
+                .map(|&i| {
+                    let (first, last) = lifetimes[i].expect("an arena value is named by a step");
+                    Lifetime {
+                        first,
+                        last,
+                        bytes: bytes_of(i),
+                    }
+                })
+                .collect::<Vec<_>>(),
+        );
+        let arena_buf = device.alloc(packed.bytes.max(4))?;
+        let mut written = vec![(arena_buf, packed.bytes.max(4))];
+        let mut places: Vec<Option<(BufId, u64)>> = vec![None; graph.values.len()];
+        for (&i, &offset) in members.iter().zip(&packed.offsets) {
+            places[i] = Some((arena_buf, offset));
+        }
+        let mut own = 0u64;
         for (id, v) in graph.values.iter() {
             let i = id.index();
-            if source[i] != i {
+            if source[i] != i || places[i].is_some() {
                 continue;
             }
-            let elements: u64 = v.ty.shape.iter().product();
-            let bytes = 4 * elements.max(1);
+            let bytes = bytes_of(i);
             let buf = device.alloc(bytes)?;
-            values[i] = Some((buf, v.ty.dtype, elements));
+            own += bytes;
+            places[i] = Some((buf, 0));
             if matches!(v.def, Def::Node { .. }) {
                 written.push((buf, bytes));
             }
         }
-        let values: Vec<(BufId, DType, u64)> = (0..graph.values.len())
+        let values: Vec<Place> = (0..graph.values.len())
             .map(|i| {
-                let (buf, _, _) = values[source[i]].expect("a source value has a buffer");
+                let (buf, offset) = places[source[i]].expect("a source value has a place");
                 let v = &graph.values[ValueId::from_index(i)];
-                (buf, v.ty.dtype, v.ty.shape.iter().product())
+                Place {
+                    buf,
+                    offset,
+                    dtype: v.ty.dtype,
+                    elements: v.ty.shape.iter().product(),
+                }
             })
             .collect();
+        let memory = Memory {
+            arena: packed.bytes,
+            unshared: packed.unshared,
+            own,
+        };
         // Scratch slots at the largest size any step asks.
         let mut slots: Vec<u64> = Vec::new();
         let launches = cuda
@@ -177,11 +265,21 @@ impl<D: Device> DeviceRunner<D> {
             GemmNumerics::Fp8(f) => Some(f.accumulation),
             _ => None,
         };
+        let settings = program.settings();
+        let adam = AdamSettings {
+            beta1: settings.optimizer.beta1,
+            beta2: settings.optimizer.beta2,
+            eps: settings.optimizer.eps,
+            weight_decay: settings.optimizer.weight_decay,
+            grad_clip: settings.grad_clip,
+            bias_update: settings.bias_update,
+        };
         Ok(DeviceRunner {
             state: Mutex::new(State {
                 device,
                 cuda,
                 values,
+                memory,
                 scratch,
                 copies,
                 rope,
@@ -193,8 +291,16 @@ impl<D: Device> DeviceRunner<D> {
                 fp8,
                 written,
                 poison: false,
+                adam,
+                resident: None,
             }),
         })
+    }
+
+    /// The device memory its values take: the arena of the intermediates and the buffers of
+    /// its own.
+    pub fn memory(&self) -> Memory {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).memory
     }
 
     /// Fills every buffer the plan writes with 0xFF bytes (NaN as f32, an id out of every
@@ -211,7 +317,8 @@ impl<D: Device> DeviceRunner<D> {
 
 impl<D: Device> State<D> {
     fn address(&self, v: usize) -> u64 {
-        self.device.address(self.values[v].0)
+        let p = self.values[v];
+        self.device.address(p.buf) + p.offset
     }
 
     /// A launch argument as the device takes it.
@@ -302,7 +409,7 @@ impl<D: Device> State<D> {
     fn offsets_buffer(&self, g: &GroupedGemm) -> Result<BufId, DeviceError> {
         match g.offsets {
             Arg::Scratch { slot, .. } => Ok(self.scratch[slot as usize]),
-            Arg::Value { id } => Ok(self.values[id].0),
+            Arg::Value { id } if self.values[id].offset == 0 => Ok(self.values[id].buf),
             ref other => Err(DeviceError::Call(format!(
                 "a grouped GEMM's offsets in {other:?}"
             ))),
@@ -433,12 +540,20 @@ impl<D: Device> State<D> {
                     .map_err(device_err)?;
             }
         }
-        for &(p, v) in &self.params {
+        // A resident state's parameters are the device's own.
+        let params = if self.resident.is_some() {
+            &[][..]
+        } else {
+            &self.params[..]
+        };
+        for &(p, v) in params {
             let data = feed
                 .params
                 .get(p)
                 .ok_or_else(|| ExecError::Param(format!("parameter {p} was not supplied")))?;
-            let (buf, _, n) = self.values[v.index()];
+            let Place {
+                buf, elements: n, ..
+            } = self.values[v.index()];
             if data.len() as u64 != n {
                 return Err(ExecError::Param(format!(
                     "parameter {p} has {} elements, the graph {n}",
@@ -450,7 +565,9 @@ impl<D: Device> State<D> {
                 .map_err(device_err)?;
         }
         for &(v, kind) in &self.inputs {
-            let (buf, _, n) = self.values[v.index()];
+            let Place {
+                buf, elements: n, ..
+            } = self.values[v.index()];
             let bytes = match kind {
                 InputKind::TokenWeights => {
                     let w = feed.weights.ok_or_else(|| {
@@ -488,18 +605,8 @@ impl<D: Device> State<D> {
                             .iter()
                             .map(|a| self.arg(a))
                             .collect::<Result<Vec<_>, _>>()?;
-                        if self.arity.get(&l.kernel) != Some(&args.len()) {
-                            return Err(DeviceError::Call(format!(
-                                "step {} ({}): {} launched with {} arguments, declared with {:?}",
-                                step.node,
-                                step.path,
-                                l.kernel,
-                                args.len(),
-                                self.arity.get(&l.kernel)
-                            )));
-                        }
-                        self.device
-                            .launch(&l.kernel, l.grid, l.block, l.shared_bytes, &args)?;
+                        let what = || format!("step {} ({})", step.node, step.path);
+                        launch(&mut self.device, &self.arity, l, &args, what)?;
                     }
                     Work::Gemm(g) => {
                         let call = self.gemm_call(g)?;
@@ -518,6 +625,73 @@ impl<D: Device> State<D> {
         }
         self.device.synchronize()
     }
+}
+
+/// Launches `l` with `args`, checked against the kernel's declared parameters (`what` says
+/// where the launch comes from, for the error).
+fn launch<D: Device>(
+    device: &mut D,
+    arity: &HashMap<String, usize>,
+    l: &Launch,
+    args: &[KernelArg],
+    what: impl Fn() -> String,
+) -> Result<(), DeviceError> {
+    if arity.get(&l.kernel) != Some(&args.len()) {
+        return Err(DeviceError::Call(format!(
+            "{}: {} launched with {} arguments, declared with {:?}",
+            what(),
+            l.kernel,
+            args.len(),
+            arity.get(&l.kernel)
+        )));
+    }
+    device.launch(&l.kernel, l.grid, l.block, l.shared_bytes, args)
+}
+
+/// The first and last step that names each buffer (by its source value: an alias counts for
+/// its source), from every launch argument, GEMM operand and alias of the plan; `None` for
+/// values no step names.
+fn step_lifetimes(
+    graph: &Graph,
+    cuda: &CudaProgram,
+    source: &[usize],
+) -> Vec<Option<(usize, usize)>> {
+    let mut life: Vec<Option<(usize, usize)>> = vec![None; source.len()];
+    for (s, step) in cuda.steps.iter().enumerate() {
+        let mut touch = |v: usize| {
+            let g = source[v];
+            life[g] = Some(life[g].map_or((s, s), |(a, b)| (a.min(s), b.max(s))));
+        };
+        let touch_arg = |a: &Arg, touch: &mut dyn FnMut(usize)| {
+            if let Arg::Value { id } = a {
+                touch(*id);
+            }
+        };
+        for w in &step.work {
+            match w {
+                Work::Launch(l) => l.args.iter().for_each(|a| touch_arg(a, &mut touch)),
+                Work::Gemm(g) => {
+                    for v in [Some(g.a), Some(g.b), Some(g.out), g.bias]
+                        .into_iter()
+                        .flatten()
+                    {
+                        touch(v);
+                    }
+                }
+                Work::GroupedGemm(g) => {
+                    for a in [&g.a, &g.b, &g.c, &g.offsets] {
+                        touch_arg(a, &mut touch);
+                    }
+                }
+                Work::Alias { of } => {
+                    touch(*of);
+                    let node = &graph.nodes[NodeId::from_index(step.node)];
+                    touch(node.outputs[0].index());
+                }
+            }
+        }
+    }
+    life
 }
 
 /// The `groups + 1` offsets a sort wrote to `buf`, read back (which waits for the sort). A
@@ -563,6 +737,10 @@ fn flag_message(code: i32) -> String {
 }
 
 impl<D: Device> Run for DeviceRunner<D> {
+    fn resident(&self) -> Option<&dyn Resident> {
+        Some(self)
+    }
+
     fn run(&self, feed: &Feed<f32>) -> Result<HashMap<ValueId, Buf<f32>>, ExecError> {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
         s.upload(feed)?;
@@ -580,7 +758,15 @@ impl<D: Device> Run for DeviceRunner<D> {
         }
         let mut out = HashMap::new();
         for v in s.keep.clone() {
-            let (buf, dtype, n) = s.values[v.index()];
+            if s.resident.as_ref().is_some_and(|r| r.grads.contains(&v)) {
+                continue;
+            }
+            let Place {
+                buf,
+                dtype,
+                elements: n,
+                ..
+            } = s.values[v.index()];
             let mut bytes = vec![0u8; 4 * n as usize];
             s.device.download(buf, &mut bytes).map_err(device_err)?;
             let words = bytes.chunks_exact(4).map(|c| [c[0], c[1], c[2], c[3]]);
@@ -591,5 +777,242 @@ impl<D: Device> Run for DeviceRunner<D> {
             out.insert(v, b);
         }
         Ok(out)
+    }
+}
+
+impl<D: Device> State<D> {
+    /// The optimizer's table of trainable tensors (`KilnTensor`, 48 bytes each: parameter,
+    /// moments and gradient addresses, elements, decay) and its chunks, as the launches read
+    /// them.
+    fn optimizer_tables(
+        &mut self,
+        entries: &[TensorEntry],
+        moments: &HashMap<usize, (BufId, BufId)>,
+        param_of: &HashMap<usize, usize>,
+    ) -> Result<(BufId, BufId, BufId), DeviceError> {
+        let (mut table, mut tensor, mut start) = (Vec::new(), Vec::new(), Vec::new());
+        for (i, e) in entries.iter().enumerate() {
+            let (m, v) = moments[&param_of[&e.param]];
+            for addr in [
+                self.address(e.param),
+                self.device.address(m),
+                self.device.address(v),
+                self.address(e.grad),
+            ] {
+                table.extend(addr.to_le_bytes());
+            }
+            table.extend((e.elements as i64).to_le_bytes());
+            table.extend((e.decay as f32).to_le_bytes());
+            table.extend([0u8; 4]);
+            for first in (0..e.elements).step_by(OPTIMIZER_CHUNK as usize) {
+                tensor.extend((i as i32).to_le_bytes());
+                start.extend((first as i64).to_le_bytes());
+            }
+        }
+        let mut put = |bytes: &[u8]| -> Result<BufId, DeviceError> {
+            let buf = self.device.alloc(bytes.len().max(8) as u64)?;
+            self.device.upload(buf, bytes)?;
+            Ok(buf)
+        };
+        Ok((put(&table)?, put(&tensor)?, put(&start)?))
+    }
+
+    /// An optimizer launch's argument.
+    fn optimizer_arg(&self, a: &Arg, scalars: StepScalars) -> Result<KernelArg, DeviceError> {
+        let r = self.resident.as_ref().ok_or_else(|| {
+            DeviceError::Call("the optimizer before the state is on the device".into())
+        })?;
+        let ptr = |b: BufId| KernelArg::Ptr(self.device.address(b));
+        Ok(match a {
+            Arg::Tensors { .. } => ptr(r.table),
+            Arg::ChunkTensor => ptr(r.chunk_tensor),
+            Arg::ChunkStart => ptr(r.chunk_start),
+            Arg::Hyper { name } => KernelArg::F32(match *name {
+                "lr" => scalars.lr,
+                "bias1" => scalars.bias1,
+                "bias2" => scalars.bias2,
+                other => {
+                    return Err(DeviceError::Call(format!(
+                        "the optimizer's scalar `{other}` is unknown"
+                    )))
+                }
+            } as f32),
+            other => self.arg(other)?,
+        })
+    }
+
+    fn optimizer_launch(&mut self, l: &Launch, scalars: StepScalars) -> Result<(), DeviceError> {
+        let args = l
+            .args
+            .iter()
+            .map(|a| self.optimizer_arg(a, scalars))
+            .collect::<Result<Vec<_>, _>>()?;
+        launch(&mut self.device, &self.arity, l, &args, || {
+            "the optimizer".to_string()
+        })
+    }
+}
+
+impl<D: Device> Resident for DeviceRunner<D> {
+    fn settings(&self) -> AdamSettings {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).adam
+    }
+
+    fn put_state(
+        &self,
+        params: &[Vec<f32>],
+        m: &[Vec<f32>],
+        v: &[Vec<f32>],
+    ) -> Result<(), ExecError> {
+        let device_err = |e: DeviceError| ExecError::Device(e.to_string());
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let entries = s
+            .cuda
+            .optimizer
+            .iter()
+            .flat_map(|l| &l.args)
+            .find_map(|a| match a {
+                Arg::Tensors { entries } => Some(entries.clone()),
+                _ => None,
+            })
+            .ok_or_else(|| ExecError::Device("the plan has no optimizer".into()))?;
+        // Each trainable tensor's parameter index, by its value.
+        let param_of: HashMap<usize, usize> =
+            s.params.iter().map(|&(p, v)| (v.index(), p)).collect();
+        if s.resident.is_none() {
+            let mut moments = HashMap::new();
+            for e in &entries {
+                let bytes = 4 * e.elements.max(1);
+                let (mb, vb) = (
+                    s.device.alloc(bytes).map_err(device_err)?,
+                    s.device.alloc(bytes).map_err(device_err)?,
+                );
+                moments.insert(param_of[&e.param], (mb, vb));
+            }
+            let (table, chunk_tensor, chunk_start) = s
+                .optimizer_tables(&entries, &moments, &param_of)
+                .map_err(device_err)?;
+            s.resident = Some(OnDevice {
+                moments,
+                table,
+                chunk_tensor,
+                chunk_start,
+                grads: entries
+                    .iter()
+                    .map(|e| ValueId::from_index(e.grad))
+                    .collect(),
+            });
+        }
+        for &(p, value) in &s.params.clone() {
+            let place = s.values[value.index()];
+            let data = params
+                .get(p)
+                .ok_or_else(|| ExecError::Param(format!("parameter {p} was not supplied")))?;
+            check_len(data.len(), place.elements, &format!("parameter {p}"))?;
+            s.device
+                .upload(place.buf, &f32_bytes(data))
+                .map_err(device_err)?;
+        }
+        let moments = s
+            .resident
+            .as_ref()
+            .map(|r| r.moments.clone())
+            .unwrap_or_default();
+        for (p, (mb, vb)) in moments {
+            for (buf, x, what) in [(mb, m, "first"), (vb, v, "second")] {
+                let data = x.get(p).ok_or_else(|| {
+                    ExecError::Param(format!(
+                        "the {what} moment of parameter {p} was not supplied"
+                    ))
+                })?;
+                s.device.upload(buf, &f32_bytes(data)).map_err(device_err)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn optimizer_step(
+        &self,
+        scalars: StepScalars,
+        loss_finite: bool,
+    ) -> Result<(f64, bool), ExecError> {
+        let device_err = |e: DeviceError| ExecError::Device(e.to_string());
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let launches = s.cuda.optimizer.clone();
+        // The launches before the first that takes a step scalar compute the gradient norm
+        // into the scratch the AdamW launch reads as `norm`: [norm, clipping factor].
+        let update = launches
+            .iter()
+            .position(|l| l.args.iter().any(|a| matches!(a, Arg::Hyper { .. })))
+            .ok_or_else(|| ExecError::Device("the optimizer has no AdamW launch".into()))?;
+        let norm_slot = launches[update]
+            .args
+            .iter()
+            .find_map(|a| match a {
+                Arg::Scratch { slot, .. } => Some(*slot as usize),
+                _ => None,
+            })
+            .ok_or_else(|| ExecError::Device("AdamW reads no gradient norm".into()))?;
+        for l in &launches[..update] {
+            s.optimizer_launch(l, scalars).map_err(device_err)?;
+        }
+        let mut norm = [0u8; 8];
+        let buf = s.scratch[norm_slot];
+        s.device.download(buf, &mut norm).map_err(device_err)?;
+        let norm = f64::from(f32::from_le_bytes([norm[0], norm[1], norm[2], norm[3]]));
+        if !(loss_finite && norm.is_finite()) {
+            return Ok((norm, true));
+        }
+        for l in &launches[update..] {
+            s.optimizer_launch(l, scalars).map_err(device_err)?;
+        }
+        s.device.synchronize().map_err(device_err)?;
+        let mut flag = [0u8; 4];
+        let error = s.error;
+        s.device.download(error, &mut flag).map_err(device_err)?;
+        let code = i32::from_le_bytes(flag);
+        if code != 0 {
+            return Err(ExecError::OutOfRange(format!(
+                "the device's optimizer reported {} (error flag {code})",
+                flag_message(code)
+            )));
+        }
+        Ok((norm, false))
+    }
+
+    fn get_state(
+        &self,
+        params: &mut [Vec<f32>],
+        m: &mut [Vec<f32>],
+        v: &mut [Vec<f32>],
+    ) -> Result<(), ExecError> {
+        let device_err = |e: DeviceError| ExecError::Device(e.to_string());
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let read = |s: &mut State<D>, buf: BufId, out: &mut Vec<f32>| -> Result<(), ExecError> {
+            let mut bytes = vec![0u8; 4 * out.len()];
+            s.device.download(buf, &mut bytes).map_err(device_err)?;
+            for (x, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                *x = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+            Ok(())
+        };
+        for (p, value) in s.params.clone() {
+            let buf = s.values[value.index()].buf;
+            if let Some(out) = params.get_mut(p) {
+                read(&mut s, buf, out)?;
+            }
+        }
+        let moments = s
+            .resident
+            .as_ref()
+            .map(|r| r.moments.clone())
+            .unwrap_or_default();
+        for (p, (mb, vb)) in moments {
+            if let (Some(mo), Some(vo)) = (m.get_mut(p), v.get_mut(p)) {
+                read(&mut s, mb, mo)?;
+                read(&mut s, vb, vo)?;
+            }
+        }
+        Ok(())
     }
 }
