@@ -82,8 +82,11 @@ enum Command {
     ///
     /// Prints a progress line per step (reward mean and std, accuracy, KL, clip fraction,
     /// completion length) and the held-out accuracy before and after; writes
-    /// OUT/metrics.jsonl, OUT/summary.json (`heldout_accuracy_before`,
-    /// `heldout_accuracy_after`) and a run directory `kiln sample` reads.
+    /// OUT/curves.jsonl (those quantities per step), OUT/plot.svg (them drawn),
+    /// OUT/summary.json (`heldout_accuracy_before`, `heldout_accuracy_after`, and with
+    /// `--seeds N` each seed's gain with the mean and its standard error) and a run directory
+    /// `kiln sample` reads. `--control pretrain` spends the same time on continued
+    /// pretraining from the same start and reports its held-out accuracy beside GRPO's.
     Rl(rl::Args),
     /// Import a Hugging Face model: a config.json becomes a spec; a model directory
     /// (config.json and safetensors weights, single-file or sharded) becomes a run directory

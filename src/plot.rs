@@ -305,6 +305,26 @@ struct Rect {
 
 /// Writes the legend into the corner of `area` that the fewest curve segments cross (top right
 /// first on a tie, then top left, bottom right, bottom left).
+/// Several plots one above the other in one standalone SVG document, each drawn as
+/// [`Plot::to_svg`] draws it alone (a nested `<svg>` at its own height).
+pub fn stack(plots: &[Plot]) -> String {
+    let height = HEIGHT * plots.len().max(1) as f64;
+    let mut out = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{WIDTH}\" height=\"{height}\" \
+         viewBox=\"0 0 {WIDTH} {height}\">\n"
+    );
+    for (i, plot) in plots.iter().enumerate() {
+        let y = HEIGHT * i as f64;
+        out.push_str(
+            &plot
+                .to_svg()
+                .replacen("<svg ", &format!("<svg y=\"{y}\" "), 1),
+        );
+    }
+    out.push_str("</svg>\n");
+    out
+}
+
 fn legend(out: &mut String, series: &[Series], drawn: &[Vec<Vec<(f64, f64)>>], area: &Rect) {
     if series.is_empty() {
         return;
@@ -920,6 +940,25 @@ mod tests {
             ],
         };
         insta::assert_snapshot!("plot-two-series", plot.to_svg());
+    }
+
+    #[test]
+    fn stacked_plots_are_one_document_with_each_plot_at_its_height() {
+        let plot = |title: &str| Plot {
+            title: title.into(),
+            x_label: "x".into(),
+            y_label: "y".into(),
+            series: vec![series("a", &curve(5, 0.0), false)],
+        };
+        let svg = stack(&[plot("first"), plot("second")]);
+        let doc = parse(&svg);
+        let root = doc.root_element();
+        assert_eq!(root.attribute("height"), Some(&*(2.0 * HEIGHT).to_string()));
+        let inner: Vec<_> = root.children().filter(|n| n.has_tag_name("svg")).collect();
+        assert_eq!(inner.len(), 2);
+        assert_eq!(inner[0].attribute("y"), Some("0"));
+        assert_eq!(inner[1].attribute("y"), Some(&*HEIGHT.to_string()));
+        assert!(svg.contains("first") && svg.contains("second"));
     }
 
     fn series(name: &str, points: &[(f64, f64)], dashed: bool) -> Series {

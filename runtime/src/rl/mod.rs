@@ -32,6 +32,6 @@ pub use objective::{
     BatchTerms, Completion, CompletionTerms, GrpoConfig, GrpoStats, TokenTerms, ADVANTAGE_EPS,
 };
 pub use rewards::{
-    accuracy_reward, extract_answer, format_reward, parse_integer, parse_tagged,
+    accuracy_reward, extract_answer, format_reward, parse_integer, parse_tagged, plain_answer,
     plain_answer_reward, prompt, score, AnswerFormat, Reward, RewardWeights, Tagged,
 };

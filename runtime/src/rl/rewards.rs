@@ -127,11 +127,30 @@ pub fn accuracy_reward(completion: &str, target: i64) -> f64 {
     indicator(extract_answer(completion).and_then(parse_integer) == Some(target))
 }
 
-/// 1.0 if the completion's first line is `target` as the built-in corpus writes answers
-/// ([`parse_answer`]: `19`, `-5`, nothing else on the line), else 0.0. **The built-in task's
+/// The answer of a plain completion: its first line as the built-in corpus writes answers
+/// ([`parse_answer`]: `19`, `-5`, nothing else on the line), after an optional scratchpad
+/// that opens the completion, `<think>…</think>`, closed on the same line and holding no
+/// other tag. `"<think>7+2=09 1+0+0=01</think>19\n"` answers 19 as `"19\n"` does; an
+/// unclosed, nested or repeated scratchpad answers nothing.
+pub fn plain_answer(completion: &str) -> Option<i64> {
+    let line = completion.split('\n').next().unwrap_or("");
+    let Some(rest) = line.strip_prefix(THINK_OPEN) else {
+        return parse_answer(line);
+    };
+    let (think, answer) = rest.split_once(THINK_CLOSE)?;
+    if TAGS
+        .iter()
+        .any(|tag| think.contains(tag) || answer.contains(tag))
+    {
+        return None;
+    }
+    parse_answer(answer)
+}
+
+/// 1.0 if the completion's [`plain_answer`] is `target`, else 0.0. **The built-in task's
 /// accuracy reward.**
 pub fn plain_answer_reward(completion: &str, target: i64) -> f64 {
-    indicator(parse_answer(completion) == Some(target))
+    indicator(plain_answer(completion) == Some(target))
 }
 
 /// 1.0 or 0.0.
@@ -235,6 +254,9 @@ mod tests {
             ("19\nQ: 1+1=? A: 2\n", 19),
             ("-5\n", -5),
             ("0\nanything", 0),
+            ("<think>7+2=09 1+0+0=01</think>19\n", 19),
+            ("<think></think>-5", -5),
+            ("<think>whatever it likes</think>19\nQ: 1+1=? A: 2\n", 19),
         ];
         for (completion, target) in right {
             assert_eq!(
@@ -255,6 +277,13 @@ mod tests {
             ("- 5", -5),
             ("5", -5),
             ("<think></think><answer>19</answer>", 19),
+            ("<think>7+2=09", 19),
+            ("<think>7+2\n</think>19", 19),
+            ("<think><think></think>19", 19),
+            ("<think></think>19</think>", 19),
+            ("<think></think><think></think>19", 19),
+            ("<think></think> 19", 19),
+            ("19<think></think>", 19),
         ];
         for (completion, target) in wrong {
             assert_eq!(
