@@ -109,7 +109,7 @@ fn accuracy(
     };
     let mut right = 0.0;
     for (chunk, probs) in prompts.chunks(64).zip(problems.chunks(64)) {
-        let out = generate(decoder, chunk, &sampling, cache).map_err(|e| other(e.to_string()))?;
+        let out = generate(decoder, chunk, &sampling, cache).map_err(fail)?;
         for (c, p) in out.iter().zip(probs) {
             right += rl::score(&text(c), p.answer(), answer_format(cfg)).accuracy;
         }
@@ -202,7 +202,7 @@ fn logprobs(
             inputs: &inputs,
             weights: Some(&zeros),
         })
-        .map_err(|e| other(e.to_string()))?;
+        .map_err(fail)?;
     let logits = out[&logits_v].floats();
     Ok(positions
         .iter()
@@ -353,10 +353,10 @@ impl Setup {
             .map_err(|e| other(format!("cannot read {}: {e}", spec_path.display())))?;
 
         // The pretrained weights, by the pretraining graph's parameter order.
-        let pre_program = compile_forward(&model).map_err(|e| other(e.to_string()))?;
+        let pre_program = compile_forward(&model).map_err(fail)?;
         let pre_graph = pre_program.graph().clone();
         let ck_path = args.from.join("checkpoint.safetensors");
-        let ck = checkpoint::load(&ck_path, &pre_graph).map_err(|e| other(e.to_string()))?;
+        let ck = checkpoint::load(&ck_path, &pre_graph).map_err(fail)?;
 
         // The policy-gradient graph at (questions × group) rows of the longest prompt plus
         // completion.
@@ -378,7 +378,7 @@ impl Setup {
         let mut pg_model = model.clone();
         pg_model.train.batch = rows;
         pg_model.train.seq_len = window as u64;
-        let compiled = compile_policy(&pg_model).map_err(|e| other(e.to_string()))?;
+        let compiled = compile_policy(&pg_model).map_err(fail)?;
         let forward = compiled.forward.graph();
         let params = by_name(&pre_graph, &ck.params, forward)?;
         let heldout: Vec<Problem> = {
@@ -392,9 +392,7 @@ impl Setup {
         // Decode Programs for the sampled groups and for the held-out set, with caches for
         // the longest prompt and completion.
         let capacity = (window as u64 + 1).min(model.max_positions);
-        let decode = |rows: u64| {
-            compile_decode(&pg_model, rows.max(1), capacity).map_err(|e| other(e.to_string()))
-        };
+        let decode = |rows: u64| compile_decode(&pg_model, rows.max(1), capacity).map_err(fail);
         let (sample_program, eval_program) = (decode(rows)?, decode(heldout.len() as u64)?);
         Ok(Setup {
             cfg,
@@ -421,8 +419,7 @@ impl Setup {
 
     /// Greedy accuracy of `params` (by the policy graph's order) on the held-out problems.
     fn heldout_accuracy(&self, params: &[Vec<f32>]) -> Result<f64, Failure> {
-        let d = Decoder::new(&self.eval_program, self.forward(), params)
-            .map_err(|e| other(e.to_string()))?;
+        let d = Decoder::new(&self.eval_program, self.forward(), params).map_err(fail)?;
         accuracy(&d, &self.heldout, &self.cfg, CACHE)
     }
 
@@ -617,8 +614,8 @@ impl Setup {
         if tty {
             eprintln!();
         }
-        let after = self.heldout_accuracy(trainer.params().map_err(fail)?)?;
         let params = trainer.params().map_err(fail)?;
+        let after = self.heldout_accuracy(params)?;
         self.save_run(dir, params, seed)?;
         let svg = curves_plot(&format!("GRPO, seed {seed}"), &[(String::new(), &curves)]);
         fsutil::write(&dir.join("plot.svg"), svg.as_bytes())?;

@@ -536,11 +536,7 @@ impl Copies {
         let (block, mode, fused) = if read.weight {
             let [br, bc] = fp8.weight_block;
             let block = if read.transposed { [bc, br] } else { [br, bc] };
-            (
-                block,
-                (block == [128, 128]).then_some("BLK128x128_32F"),
-                false,
-            )
+            (block, block_scale_mode(block), false)
         } else {
             let t = Tiles::of(read.format, fp8).t;
             assert!(
@@ -553,7 +549,7 @@ impl Copies {
             let taken = self.fused.contains_key(&read.value);
             (
                 [1, t],
-                (t == 128).then_some("VEC128_32F"),
+                tile_scale_mode(t),
                 !taken && fusable(graph, read.value, t),
             )
         };
@@ -714,12 +710,7 @@ impl Emitter<'_> {
             bytes: 4 * (elements / t).max(1),
         };
         work.push(self.quantize_tiles(node, format, op, codes.clone(), scales.clone()));
-        Fp8Operand {
-            codes,
-            scales,
-            block: [1, t],
-            cublaslt_scale_mode: (t == 128).then_some("VEC128_32F"),
-        }
+        tiled_operand(codes, scales, t)
     }
 
     /// The launch writing weight copy `c`, and its pair when it has one, from the weight:
@@ -889,12 +880,7 @@ impl Emitter<'_> {
             k,
         );
         let work = self.work(node, def, Grid::Threads(outer * k / 4));
-        let operand = Fp8Operand {
-            codes,
-            scales,
-            block: [1, t],
-            cublaslt_scale_mode: (t == 128).then_some("VEC128_32F"),
-        };
+        let operand = tiled_operand(codes, scales, t);
         (operand, work)
     }
 
@@ -929,12 +915,7 @@ impl Emitter<'_> {
             .long("groups", groups)
             .long("slots", tile_slots);
         let work = self.work(node, def, Grid::Threads(outer * tile_slots));
-        let operand = Fp8Operand {
-            codes,
-            scales,
-            block: [1, t],
-            cublaslt_scale_mode: (t == 128).then_some("VEC128_32F"),
-        };
+        let operand = tiled_operand(codes, scales, t);
         (operand, work)
     }
 
@@ -987,8 +968,30 @@ impl Emitter<'_> {
             codes,
             scales,
             block,
-            cublaslt_scale_mode: (block == [128, 128]).then_some("BLK128x128_32F"),
+            cublaslt_scale_mode: block_scale_mode(block),
         };
         (operand, work)
+    }
+}
+
+/// cuBLASLt's scale mode for activations in 1×`t` tiles: `VEC128_32F` at t = 128, none
+/// otherwise (cuBLASLt takes no other tile).
+fn tile_scale_mode(t: u64) -> Option<&'static str> {
+    (t == 128).then_some("VEC128_32F")
+}
+
+/// cuBLASLt's scale mode for weights in `block`s (as the GEMM reads them): `BLK128x128_32F`
+/// for 128×128 blocks, none otherwise.
+fn block_scale_mode(block: [u64; 2]) -> Option<&'static str> {
+    (block == [128, 128]).then_some("BLK128x128_32F")
+}
+
+/// An operand quantized in 1×`t` tiles along k.
+fn tiled_operand(codes: Arg, scales: Arg, t: u64) -> Fp8Operand {
+    Fp8Operand {
+        codes,
+        scales,
+        block: [1, t],
+        cublaslt_scale_mode: tile_scale_mode(t),
     }
 }

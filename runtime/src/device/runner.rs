@@ -746,16 +746,7 @@ impl<D: Device> Run for DeviceRunner<D> {
         s.upload(feed)?;
         let device_err = |e: DeviceError| ExecError::Device(e.to_string());
         s.steps().map_err(device_err)?;
-        let mut flag = [0u8; 4];
-        let error = s.error;
-        s.device.download(error, &mut flag).map_err(device_err)?;
-        let code = i32::from_le_bytes(flag);
-        if code != 0 {
-            return Err(ExecError::OutOfRange(format!(
-                "the device reported {} (error flag {code})",
-                flag_message(code)
-            )));
-        }
+        s.check_error_flag("the device")?;
         let mut out = HashMap::new();
         for v in s.keep.clone() {
             if s.resident.as_ref().is_some_and(|r| r.grads.contains(&v)) {
@@ -781,6 +772,22 @@ impl<D: Device> Run for DeviceRunner<D> {
 }
 
 impl<D: Device> State<D> {
+    /// Reads the kernels' error flag: an error naming `who` and the flag's meaning if a
+    /// kernel raised it.
+    fn check_error_flag(&mut self, who: &str) -> Result<(), ExecError> {
+        let mut flag = [0u8; 4];
+        self.device
+            .download(self.error, &mut flag)
+            .map_err(|e| ExecError::Device(e.to_string()))?;
+        match i32::from_le_bytes(flag) {
+            0 => Ok(()),
+            code => Err(ExecError::OutOfRange(format!(
+                "{who} reported {} (error flag {code})",
+                flag_message(code)
+            ))),
+        }
+    }
+
     /// The optimizer's table of trainable tensors (`KilnTensor`, 48 bytes each: parameter,
     /// moments and gradient addresses, elements, decay) and its chunks, as the launches read
     /// them.
@@ -967,16 +974,7 @@ impl<D: Device> Resident for DeviceRunner<D> {
             s.optimizer_launch(l, scalars).map_err(device_err)?;
         }
         s.device.synchronize().map_err(device_err)?;
-        let mut flag = [0u8; 4];
-        let error = s.error;
-        s.device.download(error, &mut flag).map_err(device_err)?;
-        let code = i32::from_le_bytes(flag);
-        if code != 0 {
-            return Err(ExecError::OutOfRange(format!(
-                "the device's optimizer reported {} (error flag {code})",
-                flag_message(code)
-            )));
-        }
+        s.check_error_flag("the device's optimizer")?;
         Ok((norm, false))
     }
 
