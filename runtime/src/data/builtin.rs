@@ -1,15 +1,22 @@
 //! The built-in synthetic corpus: text that needs no files.
 //!
-//! [`builtin_corpus`] writes lines of two kinds, chosen independently per line:
+//! [`builtin_corpus`] writes lines of three kinds, chosen independently per line:
 //!
-//! - **Arithmetic** (one line in [`ARITHMETIC_ONE_IN`], i.e. about 25 % of the lines and,
-//!   being short, about 8 % of the bytes): one training problem of the universe below, drawn
-//!   uniformly, with its answer, `Q: 12+7=? A: 19`. An 8 MiB corpus holds about 37 000.
+//! - **Arithmetic** ([`ARITHMETIC_IN_20`] lines in 20, about two thirds of the bytes): one
+//!   training problem of the universe below, drawn uniformly, with its answer,
+//!   `Q: 12+7=? A: 19`. One addition or subtraction in [`WORKED_ONE_IN`] is written worked,
+//!   with the column scratchpad of [`Problem::scratchpad`] before the answer,
+//!   `Q: 47+38=? A: <think>7+8=15 4+3+1=08</think>85`, so that a pretrained model can answer
+//!   either way and GRPO can find that thinking pays (docs/rl.md). An 8 MiB corpus holds
+//!   about 208 000 problems.
+//! - **Bracket closing** ([`BRACKETS_IN_20`] lines in 20): one training problem of
+//!   [`super::brackets`] with its shortest closing, `B: ([]{(<> = )})`.
 //! - **English-like prose** (the other lines): one to three sentences from a small hand-written
 //!   grammar (determiners, adjectives, nouns, verbs, prepositions, names; statements, compound
 //!   and subordinate clauses, questions, exclamations, quoted speech, appositives), or now and
-//!   then a title-cased heading. Prose has no digits and no `Q: `, so arithmetic appears only
-//!   on arithmetic lines. All of it is ASCII, so every corpus is valid UTF-8.
+//!   then a title-cased heading. Prose has no digits, no brackets and no `Q: ` or `B: `, so
+//!   problems appear only on their own lines. All of it is ASCII, so every corpus is valid
+//!   UTF-8.
 //!
 //! # The arithmetic universe
 //!
@@ -17,6 +24,20 @@
 //! `+`, `-`, `*`: 3 × 100 × 100 = 30 000 problems ([`UNIVERSE_SIZE`]). Subtraction may be
 //! negative (`Q: 3-8=? A: -5`). A line is the problem's [`Problem::question_text`] (the prompt,
 //! `Q: 12+7=? A: ` with its trailing space), its [`Problem::answer_text`] (`19`), and `\n`.
+//!
+//! # The scratchpad
+//!
+//! A worked line writes the column arithmetic between `<think>` and `</think>`, fixed-width so
+//! that every step is the same few tokens:
+//!
+//! - addition, units then tens, each sum with its carry written as two digits:
+//!   `47+38` → `7+8=15 4+3+1=08`, answer `85`;
+//! - subtraction of the smaller from the larger, each column's borrow then its digit:
+//!   `62-38` → `2-8=14 6-3-1=02` (2−8 borrows 1 and leaves 4; 6−3−1 leaves 2), answer `24`;
+//!   a negative result opens the scratchpad with `-` and works `b−a`: `38-62` →
+//!   `-2-8=14 6-3-1=02`, answer `-24`.
+//!
+//! The answer follows `</think>` on the same line, written as on a direct line.
 //!
 //! # The held-out set
 //!
@@ -30,6 +51,7 @@
 
 use std::fmt::Write as _;
 
+use super::brackets;
 use super::rng::{mix64, Rng};
 
 /// The largest operand: `a` and `b` range over `0..=OPERAND_MAX`.
@@ -38,8 +60,14 @@ pub const OPERAND_MAX: u32 = 99;
 /// The number of problems in the universe: three operators times 100 × 100 operand pairs.
 pub const UNIVERSE_SIZE: usize = 3 * 100 * 100;
 
-/// One line in `ARITHMETIC_ONE_IN` of a built-in corpus is an arithmetic problem.
-pub const ARITHMETIC_ONE_IN: u64 = 4;
+/// Of every 20 lines of a built-in corpus, this many are arithmetic problems on average.
+pub const ARITHMETIC_IN_20: u64 = 15;
+
+/// Of every 20 lines of a built-in corpus, this many are bracket-closing problems on average.
+pub const BRACKETS_IN_20: u64 = 2;
+
+/// One addition or subtraction line in `WORKED_ONE_IN` carries its scratchpad.
+pub const WORKED_ONE_IN: u64 = 3;
 
 /// An arithmetic operator of the built-in problems.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -147,22 +175,104 @@ impl Problem {
         );
     }
 
+    /// The column scratchpad of an addition or subtraction of the universe, without its
+    /// tags: `7+8=15 4+3+1=08` for `47+38` (see the [module docs](self)); `None` for a
+    /// multiplication or a problem outside the universe.
+    pub fn scratchpad(&self) -> Option<String> {
+        if !self.in_universe() {
+            return None;
+        }
+        let digits = |n: u32| (n % 10, n / 10);
+        match self.op {
+            Op::Add => {
+                let ((a0, a1), (b0, b1)) = (digits(self.a), digits(self.b));
+                let units = a0 + b0;
+                let carry = units / 10;
+                let tens = a1 + b1 + carry;
+                Some(format!("{a0}+{b0}={units:02} {a1}+{b1}+{carry}={tens:02}"))
+            }
+            Op::Sub => {
+                let negative = self.a < self.b;
+                let (x, y) = if negative {
+                    (self.b, self.a)
+                } else {
+                    (self.a, self.b)
+                };
+                let ((x0, x1), (y0, y1)) = (digits(x), digits(y));
+                let borrow = u32::from(x0 < y0);
+                let units = x0 + 10 * borrow - y0;
+                // x ≥ y, so the tens never borrow.
+                let tens = x1 - y1 - borrow;
+                let sign = if negative { "-" } else { "" };
+                Some(format!(
+                    "{sign}{x0}-{y0}={borrow}{units} {x1}-{y1}-{borrow}=0{tens}"
+                ))
+            }
+            Op::Mul => None,
+        }
+    }
+
+    /// Appends the problem's worked line, `Q: 47+38=? A: <think>7+8=15 4+3+1=08</think>85`
+    /// and `\n`, or its plain [`Problem::line`] when it has no [`Problem::scratchpad`].
+    pub fn write_worked_line(&self, out: &mut String) {
+        match self.scratchpad() {
+            Some(work) => {
+                // Writing to a String cannot fail.
+                let _ = writeln!(
+                    out,
+                    "{}{THINK_OPEN}{work}{THINK_CLOSE}{}",
+                    self.question_text(),
+                    self.answer()
+                );
+            }
+            None => self.write_line(out),
+        }
+    }
+
     /// Reads a problem line (with or without its `\n`) back into the problem and the answer
-    /// it states, which need not be correct.
+    /// it states, which need not be correct, and its scratchpad if it is worked (which need
+    /// not be correct either).
     ///
-    /// Returns `None` unless the line has exactly the format of [`Problem::line`]: operands
-    /// written in decimal without leading zeros or signs, inside the universe.
-    pub fn parse_line(line: &str) -> Option<(Problem, i64)> {
+    /// Returns `None` unless the line has exactly the format of [`Problem::line`] or
+    /// [`Problem::write_worked_line`]: operands written in decimal without leading zeros or
+    /// signs, inside the universe.
+    pub fn parse_worked_line(line: &str) -> Option<(Problem, Option<&str>, i64)> {
         let line = line.strip_suffix('\n').unwrap_or(line);
         let rest = line.strip_prefix("Q: ")?;
         let (a, rest) = split_number(rest)?;
         let mut chars = rest.chars();
         let op = Op::from_symbol(chars.next()?)?;
         let (b, rest) = split_number(chars.as_str())?;
-        let answer = parse_answer(rest.strip_prefix("=? A: ")?)?;
+        let (work, answer) = split_scratchpad(rest.strip_prefix("=? A: ")?)?;
+        let answer = parse_answer(answer)?;
         let problem = Problem::new(a, op, b);
-        problem.in_universe().then_some((problem, answer))
+        problem.in_universe().then_some((problem, work, answer))
     }
+
+    /// [`Problem::parse_worked_line`] without the scratchpad.
+    pub fn parse_line(line: &str) -> Option<(Problem, i64)> {
+        Problem::parse_worked_line(line).map(|(p, _, answer)| (p, answer))
+    }
+}
+
+/// The scratchpad's tags.
+pub const THINK_OPEN: &str = "<think>";
+/// See [`THINK_OPEN`].
+pub const THINK_CLOSE: &str = "</think>";
+
+/// Splits a completion's first line into its scratchpad, if it opens with one, and the text
+/// after it: `"<think>7+8=15 4+3+1=08</think>85"` → `(Some("7+8=15 4+3+1=08"), "85")`, `"85"`
+/// → `(None, "85")`. `None` when the scratchpad is not closed on the line or holds a tag.
+pub fn split_scratchpad(completion: &str) -> Option<(Option<&str>, &str)> {
+    let line = completion.split('\n').next().unwrap_or("");
+    let Some(rest) = line.strip_prefix(THINK_OPEN) else {
+        return Some((None, line));
+    };
+    let (work, answer) = rest.split_once(THINK_CLOSE)?;
+    if work.contains(THINK_OPEN) || answer.contains(THINK_OPEN) || answer.contains(THINK_CLOSE) {
+        return None;
+    }
+    Some((Some(work), answer))
 }
 
 /// Reads the answer at the start of a model's completion of [`Problem::question_text`]: an
@@ -232,8 +342,7 @@ pub fn training_problems() -> Vec<Problem> {
 ///
 /// The output is exactly `bytes` long, ASCII (hence valid UTF-8), and, unless empty, ends with
 /// `\n`. Every line is complete except the last one, which is an English line cut short to
-/// fit (never an arithmetic line, so every arithmetic line in any corpus is whole and
-/// correct). The same seed and size always give the same bytes. A longer corpus of the same
+/// fit (never a problem line, so every problem line in any corpus is whole and correct). The same seed and size always give the same bytes. A longer corpus of the same
 /// seed starts with the same lines but ends differently, because of that last line.
 pub fn builtin_corpus(seed: u64, bytes: usize) -> Vec<u8> {
     let mut generator = Generator::new(seed);
@@ -241,14 +350,14 @@ pub fn builtin_corpus(seed: u64, bytes: usize) -> Vec<u8> {
     let mut line = String::new();
     while out.len() < bytes {
         line.clear();
-        let arithmetic = generator.line(&mut line);
+        let problem = generator.line(&mut line);
         let room = bytes - out.len();
         if line.len() <= room {
             out.extend_from_slice(line.as_bytes());
             continue;
         }
         // The line does not fit: finish with an English line cut to the room left.
-        if arithmetic {
+        if problem {
             line.clear();
         } else {
             // Drop the line's own newline; a cut line gets a new one below.
@@ -464,10 +573,21 @@ impl Generator {
         items[self.rng.below_usize(items.len())]
     }
 
-    /// Appends one line with its `\n`; returns whether it is an arithmetic line.
+    /// Appends one line with its `\n`; returns whether it is a problem line (arithmetic or
+    /// brackets).
     fn line(&mut self, out: &mut String) -> bool {
-        if self.one_in(ARITHMETIC_ONE_IN) {
-            self.problem().write_line(out);
+        let kind = self.rng.below(20);
+        if kind < ARITHMETIC_IN_20 {
+            let problem = self.problem();
+            if problem.op != Op::Mul && self.one_in(WORKED_ONE_IN) {
+                problem.write_worked_line(out);
+            } else {
+                problem.write_line(out);
+            }
+            return true;
+        }
+        if kind < ARITHMETIC_IN_20 + BRACKETS_IN_20 {
+            out.push_str(&brackets::training_problem(&mut self.rng).line());
             return true;
         }
         if self.one_in(20) {
@@ -996,7 +1116,7 @@ mod tests {
         let mut complete: Vec<&str> = text.lines().collect();
         complete.pop();
         for line in complete {
-            if line.starts_with("Q: ") {
+            if line.starts_with("Q: ") || line.starts_with("B: ") {
                 continue;
             }
             let first = line.chars().next().expect("no empty lines");
@@ -1026,25 +1146,102 @@ mod tests {
     }
 
     #[test]
-    fn arithmetic_lines_are_correct_and_about_a_quarter() {
+    fn problem_lines_are_correct_and_in_their_shares() {
         for seed in [0, 1, 2] {
             let corpus = builtin_corpus(seed, 1 << 20);
             let lines = complete_lines(&corpus);
-            let mut arithmetic = 0;
+            let (mut arithmetic, mut worked, mut add_sub, mut bracket) = (0, 0, 0, 0);
             for line in &lines {
                 if line.starts_with("Q:") {
-                    let (problem, stated) = Problem::parse_line(line)
+                    let (problem, work, stated) = Problem::parse_worked_line(line)
                         .unwrap_or_else(|| panic!("unparseable arithmetic line {line:?}"));
                     assert_eq!(stated, problem.answer(), "{line:?}");
                     assert!(!is_heldout(&problem), "{line:?} is held out");
+                    if let Some(work) = work {
+                        assert_eq!(Some(work.to_string()), problem.scratchpad(), "{line:?}");
+                        worked += 1;
+                    }
+                    add_sub += usize::from(problem.op != Op::Mul);
                     arithmetic += 1;
+                } else if line.starts_with("B:") {
+                    let (b, closing) = brackets::Brackets::parse_line(line)
+                        .unwrap_or_else(|| panic!("unparseable brackets line {line:?}"));
+                    assert_eq!(closing, b.closing(), "{line:?}");
+                    assert!(!brackets::is_heldout(&b), "{line:?} is held out");
+                    bracket += 1;
                 } else {
-                    assert!(!line.contains("=?"), "{line:?}");
+                    assert!(!line.contains("=?") && !line.contains(" = "), "{line:?}");
                     assert!(!line.bytes().any(|b| b.is_ascii_digit()), "{line:?}");
+                    assert!(!line.contains(['(', '[', '{', '<', '>']), "{line:?}");
                 }
             }
-            let share = arithmetic as f64 / lines.len() as f64;
-            assert!((0.23..0.27).contains(&share), "seed {seed}: share {share}");
+            let share = |n: usize| n as f64 / lines.len() as f64;
+            assert!((0.73..0.77).contains(&share(arithmetic)), "seed {seed}");
+            assert!((0.09..0.11).contains(&share(bracket)), "seed {seed}");
+            let worked_share = worked as f64 / add_sub as f64;
+            assert!(
+                (0.31..0.36).contains(&worked_share),
+                "seed {seed}: {worked_share}"
+            );
+        }
+    }
+
+    #[test]
+    fn scratchpads_are_the_documented_column_arithmetic() {
+        let cases = [
+            (47, Op::Add, 38, "7+8=15 4+3+1=08", 85),
+            (64, Op::Add, 67, "4+7=11 6+6+1=13", 131),
+            (90, Op::Add, 6, "0+6=06 9+0+0=09", 96),
+            (62, Op::Sub, 38, "2-8=14 6-3-1=02", 24),
+            (38, Op::Sub, 62, "-2-8=14 6-3-1=02", -24),
+            (85, Op::Sub, 55, "5-5=00 8-5-0=03", 30),
+            (7, Op::Sub, 89, "-9-7=02 8-0-0=08", -82),
+        ];
+        for (a, op, b, work, answer) in cases {
+            let p = Problem::new(a, op, b);
+            assert_eq!(p.scratchpad().as_deref(), Some(work), "{p:?}");
+            assert_eq!(p.answer(), answer);
+            let mut line = String::new();
+            p.write_worked_line(&mut line);
+            assert_eq!(
+                line,
+                format!("{}<think>{work}</think>{answer}\n", p.question_text())
+            );
+        }
+        assert_eq!(Problem::new(7, Op::Mul, 8).scratchpad(), None);
+        assert_eq!(Problem::new(100, Op::Add, 8).scratchpad(), None);
+        // Every scratchpad's columns compute its answer: the tens digit pair, then the units.
+        for p in all_problems().iter().filter(|p| p.op != Op::Mul) {
+            let work = p.scratchpad().expect("+ and - have one");
+            let (sign, work) = match work.strip_prefix('-') {
+                Some(rest) => (-1, rest),
+                None => (1, work.as_str()),
+            };
+            let (units, tens) = work.split_once(' ').expect("two columns");
+            let digit = |col: &str, at: usize| i64::from(col.as_bytes()[col.len() - at] - b'0');
+            let value = 10 * (10 * digit(tens, 2) + digit(tens, 1)) + digit(units, 1);
+            assert_eq!(sign * value, p.answer(), "{p:?} {work}");
+            if p.op == Op::Sub {
+                // The tens column's borrow out is never set: the larger operand comes first.
+                assert_eq!(digit(tens, 2), 0, "{p:?}");
+            }
+            assert_eq!(work.len(), 15, "fixed width: {p:?}");
+        }
+    }
+
+    #[test]
+    fn split_scratchpad_reads_only_a_leading_closed_block() {
+        assert_eq!(split_scratchpad("85\nmore"), Some((None, "85")));
+        assert_eq!(
+            split_scratchpad("<think>7+8=15</think>85\n"),
+            Some((Some("7+8=15"), "85"))
+        );
+        for bad in [
+            "<think>7+8\n</think>85",
+            "<think><think></think>8",
+            "<think></think>8</think>",
+        ] {
+            assert_eq!(split_scratchpad(bad), None, "{bad:?}");
         }
     }
 
@@ -1070,12 +1267,22 @@ mod tests {
             seen[table_index(&problem)] = true;
             questions += 1;
         }
-        // An 8 MiB corpus holds about 37 000 problems, drawn uniformly from the 27 073
-        // training problems: roughly three in four of them appear, so the scan above is not
-        // a check of a narrow corner of the training set.
+        // An 8 MiB corpus holds about 208 000 problems, drawn uniformly from the 27 073
+        // training problems: nearly all of them appear, so the scan above is not a check of
+        // a narrow corner of the training set.
         let training_seen = seen.iter().filter(|&&s| s).count();
-        assert!(questions > 30_000, "{questions}");
-        assert!(training_seen > 18_000, "{training_seen}");
+        assert!(questions > 190_000, "{questions}");
+        assert!(training_seen > 26_000, "{training_seen}");
+        let mut brackets_seen = 0;
+        for (at, _) in text.match_indices("B: ") {
+            let rest = &text[at..];
+            let line = rest.split('\n').next().unwrap_or(rest);
+            let (b, _) = brackets::Brackets::parse_line(line)
+                .unwrap_or_else(|| panic!("unparseable brackets line {line:?}"));
+            assert!(!brackets::is_heldout(&b), "{line:?} is held out");
+            brackets_seen += 1;
+        }
+        assert!(brackets_seen > 25_000, "{brackets_seen}");
     }
 
     /// The position of a universe problem in [`all_problems`].

@@ -10,8 +10,11 @@
 //!
 //! - [`rng`]: PCG32, the deterministic generator with a saveable state that the corpus, the
 //!   batcher and (later) initialization and sampling share.
-//! - [`builtin`]: the built-in synthetic corpus (English-like prose and arithmetic lines) and
-//!   its arithmetic problems, including the held-out set that no corpus contains.
+//! - [`builtin`]: the built-in synthetic corpus (English-like prose, arithmetic and
+//!   bracket-closing lines) and its arithmetic problems, including the held-out set that no
+//!   corpus contains.
+//! - [`brackets`]: the bracket-closing problems, their parser-checked answers and their
+//!   held-out set.
 //! - [`text`]: byte-level tokens (vocabulary 256).
 //! - [`shard`]: llm.c's `.bin` token shards.
 //! - [`source`]: [`Source`], [`resolve`], [`Dataset`] and [`load`] with the split rules.
@@ -21,6 +24,7 @@
 //! a [`DataError`] that names the file or value and says what to do.
 
 pub mod batch;
+pub mod brackets;
 pub mod builtin;
 pub mod error;
 pub mod rng;

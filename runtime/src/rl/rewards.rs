@@ -53,7 +53,7 @@
 //! the format wrong (accuracy still counts), so the generator should stop at `</answer>` (or,
 //! for the plain format, at the first newline).
 
-use crate::data::builtin::{parse_answer, Problem};
+use crate::data::builtin::{parse_answer, split_scratchpad, Problem};
 
 /// The tags of the tagged format.
 const THINK_OPEN: &str = "<think>";
@@ -133,15 +133,9 @@ pub fn accuracy_reward(completion: &str, target: i64) -> f64 {
 /// other tag. `"<think>7+2=09 1+0+0=01</think>19\n"` answers 19 as `"19\n"` does; an
 /// unclosed, nested or repeated scratchpad answers nothing.
 pub fn plain_answer(completion: &str) -> Option<i64> {
-    let line = completion.split('\n').next().unwrap_or("");
-    let Some(rest) = line.strip_prefix(THINK_OPEN) else {
-        return parse_answer(line);
-    };
-    let (think, answer) = rest.split_once(THINK_CLOSE)?;
-    if TAGS
-        .iter()
-        .any(|tag| think.contains(tag) || answer.contains(tag))
-    {
+    let (work, answer) = split_scratchpad(completion)?;
+    let has_tag = |s: &str| TAGS.iter().any(|tag| s.contains(tag));
+    if work.is_some_and(has_tag) || has_tag(answer) {
         return None;
     }
     parse_answer(answer)
