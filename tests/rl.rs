@@ -225,3 +225,51 @@ fn bad_rl_settings_are_refused() {
     );
     assert!(!out.exists());
 }
+
+#[test]
+fn the_brackets_task_runs_through_the_same_interface() {
+    let dir = scratch("rl", "brackets");
+    let spec = micro_with(&dir, "group = 4\nquestions = 2\nmax_completion = 6\n");
+    let pre = pretrain(&spec, &dir, 5);
+    let out = dir.join("rl");
+    let o = kiln(&[
+        "rl",
+        "--from",
+        pre.to_str().unwrap(),
+        "--task",
+        "brackets",
+        "--steps",
+        "2",
+        "--eval-problems",
+        "12",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains("the brackets task"),
+        "{}",
+        text(&o.stderr)
+    );
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["task"], "brackets", "{summary}");
+    assert_eq!(summary["heldout_problems"], 12, "{summary}");
+    assert_eq!(curves(&out).len(), 2);
+    // The tagged answer format is arithmetic's alone: refused before anything is written.
+    let tagged = micro_with(&dir, "answer = \"tagged\"\nmax_completion = 6\n");
+    let refused = dir.join("tagged");
+    let o = kiln(&[
+        "rl",
+        &tagged,
+        "--from",
+        pre.to_str().unwrap(),
+        "--task",
+        "brackets",
+        "--out",
+        refused.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o.stderr));
+    assert!(text(&o.stderr).contains("rl.answer"), "{}", text(&o.stderr));
+    assert!(!refused.exists());
+}

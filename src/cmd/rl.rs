@@ -1,6 +1,7 @@
-//! `kiln rl`: GRPO fine-tuning of a pretrained run on the built-in arithmetic task.
+//! `kiln rl`: GRPO fine-tuning of a pretrained run on a built-in rule-checked task
+//! (`kiln_runtime::rl::Task`: arithmetic by default, or bracket closing).
 //!
-//! Each step samples `rl.questions` training problems, draws `rl.group` completions of each
+//! Each step samples `rl.questions` training questions of the task, draws `rl.group` completions of each
 //! with the KV-cached decoder (keeping every drawn token's log-probability), scores them with
 //! the rule-based rewards, normalizes the rewards within each group, and takes `rl.updates`
 //! AdamW steps on the policy-gradient graph (`lower::Objective::PolicyGradient`): a
@@ -10,8 +11,8 @@
 //! later ones recompute them with the forward pass. The KL term compares with a frozen
 //! reference policy (the starting weights, or the policy every `rl.ref_reset` steps).
 //!
-//! Held-out accuracy (greedy answers to problems no built-in corpus contains) is measured
-//! before and after.
+//! Held-out accuracy (greedy answers to the task's held-out questions, which no built-in
+//! corpus contains and no step trains on) is measured before and after.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -21,12 +22,11 @@ use kiln_compiler::ir::Graph;
 use kiln_compiler::model;
 use kiln_compiler::program::{compile, compile_decode, compile_forward, compile_policy};
 use kiln_runtime::checkpoint;
-use kiln_runtime::data::builtin::{heldout_problems, training_problems, Problem};
 use kiln_runtime::data::{decode_bytes, Batch, Batcher, Rng};
 use kiln_runtime::decode::Decoder;
 use kiln_runtime::exec::{Executor, Feed};
 use kiln_runtime::generate::{generate, log_prob, Completion as Sampled, Sampling};
-use kiln_runtime::rl::{self, GrpoConfig, RewardWeights};
+use kiln_runtime::rl::{self, GrpoConfig, Question, RewardWeights, Task, TaskKind};
 use kiln_runtime::train::{feed_inputs, TrainConfig, Trainer};
 
 use crate::engine::load_data;
@@ -52,6 +52,11 @@ pub(crate) struct Args {
     /// [default: FROM-rl].
     #[arg(long)]
     out: Option<PathBuf>,
+    /// The task: `arithmetic` (two-digit `+ - *`, the answer compared with the exact one) or
+    /// `brackets` (close an unfinished bracket word, the answer checked by a parser). Both
+    /// are written in the built-in corpus; docs/rl.md says how to add one.
+    #[arg(long, value_enum, default_value_t = TaskArg::Arithmetic)]
+    task: TaskArg,
     /// Held-out problems answered (greedily) before and after training.
     #[arg(long, default_value_t = 300)]
     eval_problems: usize,
@@ -74,6 +79,24 @@ pub(crate) struct Args {
     control_data: Option<String>,
 }
 
+/// `--task`: the built-in tasks of `kiln_runtime::rl::TaskKind`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum TaskArg {
+    /// Two-digit addition, subtraction and multiplication.
+    Arithmetic,
+    /// Closing an unfinished word of `()[]{}<>`.
+    Brackets,
+}
+
+impl From<TaskArg> for TaskKind {
+    fn from(t: TaskArg) -> TaskKind {
+        match t {
+            TaskArg::Arithmetic => TaskKind::Arithmetic,
+            TaskArg::Brackets => TaskKind::Brackets,
+        }
+    }
+}
+
 /// What `--control` spends GRPO's time on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 enum Control {
@@ -88,33 +111,34 @@ struct Row {
     reward: rl::Reward,
 }
 
-/// Greedy accuracy on `problems` (plain answers, or tagged ones).
+/// Greedy accuracy of `decoder` on `questions`.
 fn accuracy(
     decoder: &Decoder,
-    problems: &[Problem],
-    cfg: &model::Rl,
+    task: &dyn Task,
+    questions: &[Question],
+    max_completion: u64,
     cache: model::Format,
 ) -> Result<f64, Failure> {
-    if problems.is_empty() {
+    if questions.is_empty() {
         return Ok(f64::NAN);
     }
-    let prompts: Vec<Vec<u32>> = problems.iter().map(|p| bytes(&rl::prompt(p))).collect();
+    let prompts: Vec<Vec<u32>> = questions.iter().map(|q| bytes(&q.prompt)).collect();
     let sampling = Sampling {
         temperature: 0.0,
         top_k: 0,
         top_p: 1.0,
-        max_tokens: cfg.max_completion as usize,
-        stop: stops(cfg),
+        max_tokens: max_completion as usize,
+        stop: vec![bytes(task.stop())],
         seed: 0,
     };
     let mut right = 0.0;
-    for (chunk, probs) in prompts.chunks(64).zip(problems.chunks(64)) {
+    for (chunk, qs) in prompts.chunks(64).zip(questions.chunks(64)) {
         let out = generate(decoder, chunk, &sampling, cache).map_err(fail)?;
-        for (c, p) in out.iter().zip(probs) {
-            right += rl::score(&text(c), p.answer(), answer_format(cfg)).accuracy;
+        for (c, q) in out.iter().zip(qs) {
+            right += task.score(q, &text(c)).accuracy;
         }
     }
-    Ok(right / problems.len() as f64)
+    Ok(right / questions.len() as f64)
 }
 
 fn bytes(s: &str) -> Vec<u32> {
@@ -125,13 +149,6 @@ fn bytes(s: &str) -> Vec<u32> {
 /// `</answer>`, plain ones with the newline their first line ends at.
 fn text(c: &Sampled) -> String {
     decode_bytes(&c.tokens)
-}
-
-fn stops(cfg: &model::Rl) -> Vec<Vec<u32>> {
-    match cfg.answer {
-        model::AnswerFormat::Plain => vec![bytes("\n")],
-        model::AnswerFormat::Tagged => vec![bytes("</answer>")],
-    }
 }
 
 fn answer_format(cfg: &model::Rl) -> rl::AnswerFormat {
@@ -333,8 +350,8 @@ struct Setup {
     sample_program: kiln_compiler::program::Program,
     eval_program: kiln_compiler::program::Program,
     window: usize,
-    pool: Vec<Problem>,
-    heldout: Vec<Problem>,
+    task: Box<dyn Task>,
+    heldout: Vec<Question>,
 }
 
 /// An f32 cache, so that the log-probabilities of generation are those of the training
@@ -360,12 +377,10 @@ impl Setup {
 
         // The policy-gradient graph at (questions × group) rows of the longest prompt plus
         // completion.
-        let longest_prompt = training_problems()
-            .iter()
-            .chain(heldout_problems().iter())
-            .map(|p| rl::prompt(p).len())
-            .max()
-            .unwrap_or(1);
+        let task = TaskKind::from(args.task)
+            .build(answer_format(&cfg))
+            .map_err(other)?;
+        let longest_prompt = task.max_prompt_len();
         let window = longest_prompt + cfg.max_completion as usize - 1;
         if window as u64 > model.max_positions {
             return Err(other(format!(
@@ -381,14 +396,7 @@ impl Setup {
         let compiled = compile_policy(&pg_model).map_err(fail)?;
         let forward = compiled.forward.graph();
         let params = by_name(&pre_graph, &ck.params, forward)?;
-        let heldout: Vec<Problem> = {
-            let all = heldout_problems();
-            let stride = (all.len() / args.eval_problems.max(1)).max(1);
-            all.into_iter()
-                .step_by(stride)
-                .take(args.eval_problems)
-                .collect()
-        };
+        let heldout = task.heldout(args.eval_problems);
         // Decode Programs for the sampled groups and for the held-out set, with caches for
         // the longest prompt and completion.
         let capacity = (window as u64 + 1).min(model.max_positions);
@@ -407,7 +415,7 @@ impl Setup {
             sample_program,
             eval_program,
             window,
-            pool: training_problems(),
+            task,
             heldout,
             model,
         })
@@ -420,7 +428,13 @@ impl Setup {
     /// Greedy accuracy of `params` (by the policy graph's order) on the held-out problems.
     fn heldout_accuracy(&self, params: &[Vec<f32>]) -> Result<f64, Failure> {
         let d = Decoder::new(&self.eval_program, self.forward(), params).map_err(fail)?;
-        accuracy(&d, &self.heldout, &self.cfg, CACHE)
+        accuracy(
+            &d,
+            self.task.as_ref(),
+            &self.heldout,
+            self.cfg.max_completion,
+            CACHE,
+        )
     }
 
     /// One GRPO run from the starting policy with `seed`, written to `dir` as a run
@@ -457,22 +471,21 @@ impl Setup {
         let mut rng = Rng::with_stream(seed, 0x726c);
         let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
         let started = Instant::now();
-        let pool = &self.pool;
+        let task = self.task.as_ref();
         for step in 1..=steps {
             // Sample questions and their completions.
-            let questions: Vec<&Problem> = (0..cfg.questions)
-                .map(|_| &pool[rng.below(pool.len() as u64) as usize])
-                .collect();
+            let questions: Vec<Question> =
+                (0..cfg.questions).map(|_| task.sample(&mut rng)).collect();
             let prompts: Vec<Vec<u32>> = questions
                 .iter()
-                .flat_map(|q| std::iter::repeat_n(bytes(&rl::prompt(q)), cfg.group as usize))
+                .flat_map(|q| std::iter::repeat_n(bytes(&q.prompt), cfg.group as usize))
                 .collect();
             let sampling = Sampling {
                 temperature: cfg.temperature,
                 top_k: cfg.top_k as usize,
                 top_p: 1.0,
                 max_tokens: cfg.max_completion as usize,
-                stop: stops(cfg),
+                stop: vec![bytes(task.stop())],
                 seed: seed.wrapping_mul(1_000_003).wrapping_add(step),
             };
             let decoder = Decoder::new(
@@ -487,8 +500,8 @@ impl Setup {
                 .zip(sampled)
                 .enumerate()
                 .map(|(i, (prompt, completion))| {
-                    let q = questions[i / cfg.group as usize];
-                    let reward = rl::score(&text(&completion), q.answer(), answer_format(cfg));
+                    let q = &questions[i / cfg.group as usize];
+                    let reward = task.score(q, &text(&completion));
                     Row {
                         prompt,
                         completion,
@@ -729,8 +742,9 @@ pub(crate) fn run(args: Args, color: bool) -> Result<(), Failure> {
         .unwrap_or_else(|| PathBuf::from(format!("{}-rl", args.from.display())));
     fsutil::create_dir(&out_dir)?;
     eprintln!(
-        "GRPO on {} ({}) from {}: {steps} steps of {} questions × {} completions (≤ {} \
+        "GRPO on the {} task, {} ({}) from {}: {steps} steps of {} questions × {} completions (≤ {} \
          tokens), lr {:e}, clip {}, kl {}, {}",
+        setup.task.name(),
         setup.model.name,
         setup.spec_name,
         setup.from.display(),
@@ -811,7 +825,7 @@ pub(crate) fn run(args: Args, color: bool) -> Result<(), Failure> {
         fsutil::write(&out_dir.join("plot.svg"), svg.as_bytes())?;
     }
     let summary = serde_json::json!({
-        "spec": setup.spec_name, "from": setup.from.display().to_string(), "steps": steps,
+        "task": setup.task.name(), "spec": setup.spec_name, "from": setup.from.display().to_string(), "steps": steps,
         "questions": cfg.questions, "group": cfg.group, "max_completion": cfg.max_completion,
         "lr": cfg.lr, "clip": cfg.clip, "kl": cfg.kl, "updates": cfg.updates,
         "seed": first_seed,

@@ -19,6 +19,8 @@
 //!   <answer>…</answer>` format reward, answer accuracy against an integer target (in the
 //!   answer block, or — for the built-in task — on the completion's first line), and the
 //!   weighted total.
+//! - [`task`]: the [`Task`] interface — a generator of prompts plus a pure scoring function —
+//!   and the built-in tasks, arithmetic and bracket closing.
 //!
 //! Nothing here generates text or touches a model: the inputs are strings and log-probabilities
 //! (`f64`), so every formula is tested on its own, including the gradient against finite
@@ -26,6 +28,7 @@
 
 pub mod objective;
 pub mod rewards;
+pub mod task;
 
 pub use objective::{
     batch_terms, completion_terms, group_advantages, group_advantages_with_eps, token_terms,
@@ -35,3 +38,4 @@ pub use rewards::{
     accuracy_reward, extract_answer, format_reward, parse_integer, parse_tagged, plain_answer,
     plain_answer_reward, prompt, score, AnswerFormat, Reward, RewardWeights, Tagged,
 };
+pub use task::{Arithmetic, BracketClosing, Question, Task, TaskKind};
