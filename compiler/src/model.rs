@@ -265,13 +265,13 @@ impl Rl {
     /// The defaults of `[rl]`.
     pub const DEFAULT: Rl = Rl {
         group: 8,
-        questions: 8,
-        steps: 100,
+        questions: 16,
+        steps: 60,
         lr: 1e-4,
         clip: 0.2,
         kl: 0.04,
         ref_reset: None,
-        max_completion: 8,
+        max_completion: 40,
         temperature: 1.0,
         top_k: 0,
         updates: 1,
