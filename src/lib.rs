@@ -78,7 +78,8 @@ enum Command {
     /// Generate text from a trained run (its spec.toml and checkpoint.safetensors).
     Sample(sample::Args),
     /// Fine-tune a pretrained run with GRPO (reinforcement learning with rule-based rewards)
-    /// on a built-in rule-checked task (`--task`: arithmetic or brackets), as the spec's `[rl]` section says.
+    /// on a built-in rule-checked task (`--task`: arithmetic or brackets), as the spec's
+    /// `[rl]` section says.
     ///
     /// Prints a progress line per step (reward mean and std, accuracy, KL, clip fraction,
     /// completion length) and the held-out accuracy before and after; writes
