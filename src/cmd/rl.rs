@@ -1,15 +1,16 @@
 //! `kiln rl`: GRPO fine-tuning of a pretrained run on a built-in rule-checked task
 //! (`kiln_runtime::rl::Task`: arithmetic by default, or bracket closing).
 //!
-//! Each step samples `rl.questions` training questions of the task, draws `rl.group` completions of each
-//! with the KV-cached decoder (keeping every drawn token's log-probability), scores them with
-//! the rule-based rewards, normalizes the rewards within each group, and takes `rl.updates`
-//! AdamW steps on the policy-gradient graph (`lower::Objective::PolicyGradient`): a
-//! cross-entropy over the completion tokens whose per-token weights are the GRPO objective's
-//! gradient with respect to each token's log-probability (`kiln_runtime::rl`). The first
-//! update is on-policy and uses the generation's log-probabilities as the current policy's;
-//! later ones recompute them with the forward pass. The KL term compares with a frozen
-//! reference policy (the starting weights, or the policy every `rl.ref_reset` steps).
+//! Each step samples `rl.questions` training questions of the task, draws `rl.group`
+//! completions of each with the KV-cached decoder (keeping every drawn token's
+//! log-probability), scores them with the task's rule-based verifier, normalizes the rewards
+//! within each group, and takes `rl.updates` AdamW steps on the policy-gradient graph
+//! (`lower::Objective::PolicyGradient`): a cross-entropy over the completion tokens whose
+//! per-token weights are the GRPO objective's gradient with respect to each token's
+//! log-probability (`kiln_runtime::rl`). The first update is on-policy and uses the
+//! generation's log-probabilities as the current policy's; later ones recompute them with the
+//! forward pass. The KL term compares with a frozen reference policy (the starting weights,
+//! or the policy every `rl.ref_reset` steps).
 //!
 //! Held-out accuracy (greedy answers to the task's held-out questions, which no built-in
 //! corpus contains and no step trains on) is measured before and after.

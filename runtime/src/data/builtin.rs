@@ -41,10 +41,12 @@
 //!
 //! # The held-out set
 //!
-//! About a tenth of the universe (2 927 problems) is held out for evaluation (the GRPO work
-//! reuses it): a problem is held out when a fixed 64-bit hash of `(op, a, b)` is divisible by 10 (see
-//! [`is_heldout`]). Held-out problems never appear in a built-in corpus, whatever the seed or
-//! size; a model that answers them has generalized rather than memorized. The rule is part of
+//! About a tenth of the universe (2 927 problems) is held out for evaluation (GRPO's
+//! arithmetic task reuses it): a problem is held out when a fixed 64-bit hash of
+//! `(op, a, b)` is divisible by 10 (see [`is_heldout`]). Held-out problems never appear in a
+//! built-in corpus, worked or not, whatever the seed or size; a model that answers them has
+//! generalized rather than memorized. Bracket problems have their own rule
+//! ([`super::brackets::is_heldout`]). The rule is part of
 //! the format: changing it would silently change every evaluation, so a test pins it.
 //! Commutation is deliberately not taken into account: `3+5` can be a training problem while
 //! `5+3` is held out.
@@ -342,8 +344,9 @@ pub fn training_problems() -> Vec<Problem> {
 ///
 /// The output is exactly `bytes` long, ASCII (hence valid UTF-8), and, unless empty, ends with
 /// `\n`. Every line is complete except the last one, which is an English line cut short to
-/// fit (never a problem line, so every problem line in any corpus is whole and correct). The same seed and size always give the same bytes. A longer corpus of the same
-/// seed starts with the same lines but ends differently, because of that last line.
+/// fit (never a problem line, so every problem line in any corpus is whole and correct). The
+/// same seed and size always give the same bytes. A longer corpus of the same seed starts
+/// with the same lines but ends differently, because of that last line.
 pub fn builtin_corpus(seed: u64, bytes: usize) -> Vec<u8> {
     let mut generator = Generator::new(seed);
     let mut out = Vec::with_capacity(bytes);
