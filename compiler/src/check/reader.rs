@@ -175,6 +175,24 @@ fn type_name(v: &DeValue) -> &'static str {
     }
 }
 
+/// "remove the quotes" when a quoted string holds exactly the scalar the key expects:
+/// `heads = "4"` for an integer, `"1e-3"` for a number, `"true"` for a boolean.
+fn unquote_help(key: &str, v: &DeValue, expected: &str) -> Option<String> {
+    let DeValue::String(s) = v else {
+        return None;
+    };
+    let text: &str = s.as_ref();
+    let fits = match expected {
+        "an integer" => text.parse::<i64>().is_ok(),
+        "a number" => {
+            text.parse::<f64>().is_ok() && text.bytes().all(|b| b"0123456789+-.eE".contains(&b))
+        }
+        e if e.starts_with("a boolean") => text == "true" || text == "false",
+        _ => false,
+    };
+    fits.then(|| format!("remove the quotes: `{key} = {text}`"))
+}
+
 /// Formats an inclusive integer range for messages ("at least 1", "between 1 and 65536").
 fn describe_range(r: &RangeInclusive<u64>) -> String {
     if *r.end() == u64::MAX {
@@ -251,16 +269,19 @@ impl<'a, 't> Section<'a, 't> {
     }
 
     fn wrong_type(&self, key: &str, v: &Spanned<DeValue>, expected: &str) {
-        self.sink.push(Diagnostic::new(
-            Rule::Type,
-            v.span(),
-            format!(
-                "`{}.{key}` must be {expected}, found {}",
-                self.name,
-                type_name(v.get_ref())
-            ),
-            format!("expected {expected}"),
-        ));
+        self.sink.push(
+            Diagnostic::new(
+                Rule::Type,
+                v.span(),
+                format!(
+                    "`{}.{key}` must be {expected}, found {}",
+                    self.name,
+                    type_name(v.get_ref())
+                ),
+                format!("expected {expected}"),
+            )
+            .with_help_opt(unquote_help(key, v.get_ref(), expected)),
+        );
     }
 
     fn out_of_range(&self, key: &str, span: Range<usize>, found: &str, rule: &str) {
@@ -551,5 +572,44 @@ impl<'a, 't> Section<'a, 't> {
                 None
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn string(text: &str) -> DeValue<'static> {
+        DeValue::String(text.to_string().into())
+    }
+
+    #[test]
+    fn quoted_scalars_of_the_expected_type_get_remove_the_quotes() {
+        let help = |text: &str, expected: &str| unquote_help("k", &string(text), expected);
+        assert_eq!(
+            help("4", "an integer").as_deref(),
+            Some("remove the quotes: `k = 4`")
+        );
+        assert_eq!(
+            help("1e-3", "a number").as_deref(),
+            Some("remove the quotes: `k = 1e-3`")
+        );
+        assert_eq!(
+            help("true", "a boolean (true or false)").as_deref(),
+            Some("remove the quotes: `k = true`")
+        );
+        for (text, expected) in [
+            ("four", "an integer"),
+            ("4.5", "an integer"),
+            ("inf", "a number"),
+            ("yes", "a boolean (true or false)"),
+            ("4", "a string"),
+        ] {
+            assert_eq!(help(text, expected), None, "{text:?} as {expected}");
+        }
+        assert_eq!(
+            unquote_help("k", &DeValue::Boolean(true), "an integer"),
+            None
+        );
     }
 }

@@ -324,9 +324,46 @@ impl<'a> StackParser<'a> {
             }
             (_, None) => DslError::new(at..at, "expected a layer kind or `(`")
                 .with_help("layer kinds are `dense` and `moe`"),
+            (_, Some(c)) if c.is_ascii_digit() => {
+                unexpected(input, self.token_span(input)).with_help(count_first_help(input))
+            }
             (_, Some(_)) => unexpected(input, self.token_span(input))
                 .with_help("expected a layer kind (`dense` or `moe`) or `(`"),
         }
+    }
+}
+
+/// The help for an item that opens with a number, as in `15*moe` or `2*(dense, moe)`: the
+/// count goes after the item, `moe*15`.
+fn count_first_help(input: &str) -> String {
+    let digits = input.bytes().take_while(u8::is_ascii_digit).count();
+    let count = &input[..digits];
+    let Some(after) = ws(&input[digits..]).strip_prefix('*') else {
+        return format!("a repeat count follows its item, e.g. `moe*{count}`");
+    };
+    let item = ws(after);
+    // The item runs to the next `,` or `)` outside parentheses (or the end).
+    let mut depth = 0usize;
+    let end = item
+        .char_indices()
+        .find(|&(_, c)| match c {
+            '(' => {
+                depth += 1;
+                false
+            }
+            ')' if depth > 0 => {
+                depth -= 1;
+                false
+            }
+            ',' | ')' => depth == 0,
+            _ => false,
+        })
+        .map_or(item.len(), |(i, _)| i);
+    let item = item[..end].trim_end();
+    if item.is_empty() {
+        format!("a repeat count follows its item, e.g. `moe*{count}`")
+    } else {
+        format!("the count goes after the item: `{item}*{count}`")
     }
 }
 
@@ -335,6 +372,31 @@ mod tests {
     use super::LayerKind::{Dense, Moe};
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_count_before_its_item_is_turned_around() {
+        let e = err("dense, 15*moe");
+        assert_eq!(e.span, 7..9);
+        assert_eq!(
+            e.help.as_deref(),
+            Some("the count goes after the item: `moe*15`")
+        );
+        let e = err("2 * (dense, moe), moe");
+        assert_eq!(
+            e.help.as_deref(),
+            Some("the count goes after the item: `(dense, moe)*2`")
+        );
+        let e = err("(dense, 3*moe)");
+        assert_eq!(
+            e.help.as_deref(),
+            Some("the count goes after the item: `moe*3`")
+        );
+        let e = err("dense, 15");
+        assert_eq!(
+            e.help.as_deref(),
+            Some("a repeat count follows its item, e.g. `moe*15`")
+        );
+    }
 
     /// Parses `src` and returns the error, failing the test if it parses.
     fn err(src: &str) -> DslError {
