@@ -102,6 +102,29 @@ fn an_invalid_spec_exits_2_with_every_error() {
 }
 
 #[test]
+fn check_suggests_the_fix_for_quoted_numbers_and_counts_before_items() {
+    let dir = std::env::temp_dir().join(format!("kiln-cli-fix-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let spec = dir.join("bad.toml");
+    let tiny =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("specs/tiny.toml"))
+            .unwrap();
+    let bad = tiny
+        .replace("top_k = 2", "top_k = \"2\"")
+        .replace("layers = \"dense, moe*3\"", "layers = \"dense, 3*moe\"");
+    std::fs::write(&spec, bad).unwrap();
+    let o = kiln(&["check", spec.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = stderr(&o);
+    assert!(err.contains("remove the quotes: `top_k = 2`"), "{err}");
+    assert!(
+        err.contains("the count goes after the item: `moe*3`"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
 fn usage_errors_exit_2_and_io_errors_exit_1() {
     assert_eq!(kiln(&["check", "--frobnicate"]).status.code(), Some(2));
     assert_eq!(kiln(&["frobnicate"]).status.code(), Some(2));
