@@ -267,7 +267,7 @@ impl Rl {
         group: 8,
         questions: 16,
         steps: 60,
-        lr: 1e-4,
+        lr: 5e-5,
         clip: 0.2,
         kl: 0.04,
         ref_reset: None,
