@@ -66,19 +66,33 @@ fn check_json_has_the_documented_keys() {
     }
 }
 
-#[test]
-fn an_invalid_spec_exits_2_with_every_error() {
-    let dir = std::env::temp_dir().join(format!("kiln-cli-{}", std::process::id()));
+/// specs/tiny.toml with each `(from, to)` replaced, written to `bad.toml` in a fresh
+/// directory named `tag` and the process id; returns the directory and the spec.
+fn tiny_with(tag: &str, edits: &[(&str, &str)]) -> (std::path::PathBuf, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!("{tag}{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let spec = dir.join("bad.toml");
-    let tiny =
+    let mut text =
         std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("specs/tiny.toml"))
             .unwrap();
-    let bad = tiny
-        .replace("kv_rank = 64", "kv_rnak = 64")
-        .replace("score = \"sigmoid\"", "score = \"sigmod\"")
-        .replace("groups_kept = 1", "groups_kept = 3");
-    std::fs::write(&spec, bad).unwrap();
+    for (from, to) in edits {
+        assert!(text.contains(from), "specs/tiny.toml has no `{from}`");
+        text = text.replace(from, to);
+    }
+    std::fs::write(&spec, text).unwrap();
+    (dir, spec)
+}
+
+#[test]
+fn an_invalid_spec_exits_2_with_every_error() {
+    let (dir, spec) = tiny_with(
+        "kiln-cli-",
+        &[
+            ("kv_rank = 64", "kv_rnak = 64"),
+            ("score = \"sigmoid\"", "score = \"sigmod\""),
+            ("groups_kept = 1", "groups_kept = 3"),
+        ],
+    );
     let o = kiln(&["check", spec.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(2));
     let err = stderr(&o);
@@ -103,16 +117,13 @@ fn an_invalid_spec_exits_2_with_every_error() {
 
 #[test]
 fn check_suggests_the_fix_for_quoted_numbers_and_counts_before_items() {
-    let dir = std::env::temp_dir().join(format!("kiln-cli-fix-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let spec = dir.join("bad.toml");
-    let tiny =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("specs/tiny.toml"))
-            .unwrap();
-    let bad = tiny
-        .replace("top_k = 2", "top_k = \"2\"")
-        .replace("layers = \"dense, moe*3\"", "layers = \"dense, 3*moe\"");
-    std::fs::write(&spec, bad).unwrap();
+    let (dir, spec) = tiny_with(
+        "kiln-cli-fix-",
+        &[
+            ("top_k = 2", "top_k = \"2\""),
+            ("layers = \"dense, moe*3\"", "layers = \"dense, 3*moe\""),
+        ],
+    );
     let o = kiln(&["check", spec.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(2));
     let err = stderr(&o);

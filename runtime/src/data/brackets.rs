@@ -133,22 +133,8 @@ impl Brackets {
 /// line (a space, a letter) fails it; text after the first newline is not read.
 pub fn closes(prefix: &str, completion: &str) -> bool {
     let line = completion.split('\n').next().unwrap_or("");
-    let Some(open) = open_stack(prefix) else {
-        return false;
-    };
-    if line.is_empty() || !line.chars().all(|c| closer_of(c).is_some() || is_closer(c)) {
-        return false;
-    }
-    // Continue the prefix's parse through the line.
-    let mut stack = open;
-    for c in line.chars() {
-        if let Some(close) = closer_of(c) {
-            stack.push(close);
-        } else if stack.pop() != Some(c) {
-            return false;
-        }
-    }
-    stack.is_empty()
+    // One parse of the whole word: a mismatch anywhere, or any other character, fails it.
+    !line.is_empty() && open_stack(&format!("{prefix}{line}")).is_some_and(|s| s.is_empty())
 }
 
 /// Whether a problem is held out of every built-in corpus and of GRPO's training questions:
