@@ -35,6 +35,8 @@ pub enum Rule {
     Fp8Tile,
     /// A precision pattern selects no op of the model.
     UnmatchedPattern,
+    /// A `[parallel]` layout that does not fit the model or its batch.
+    Layout,
 }
 
 impl Rule {
@@ -52,6 +54,7 @@ impl Rule {
             Rule::Bound => "bound",
             Rule::Conflict => "conflict",
             Rule::Fp8Tile => "fp8-tile",
+            Rule::Layout => "layout",
             Rule::UnmatchedPattern => "unmatched-pattern",
         }
     }

@@ -45,6 +45,9 @@ pub struct Model {
     pub train: Train,
     /// GRPO fine-tuning settings (`[rl]`, all defaulted; `kiln rl` reads them).
     pub rl: Rl,
+    /// How a step is spread over devices (`[parallel]`, all defaulted: one device). The
+    /// checker has verified [`Parallel::problems`] is empty for this model.
+    pub parallel: Parallel,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -279,6 +282,360 @@ impl Rl {
         accuracy_weight: 1.0,
         format_weight: 0.1,
     };
+}
+
+/// A pipeline schedule (DeepSeek-V3 technical report, §3.2.1 and Table 2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PipeSchedule {
+    /// One forward, one backward: each stage keeps at most `pp` micro-batches in flight.
+    #[serde(rename = "1f1b")]
+    OneFOneB,
+    /// DeepSeek-V3's bidirectional schedule: every device holds two stages (one per
+    /// direction), overlaps each chunk's communication with another's computation, and
+    /// needs an even `pp` and an even number of micro-batches.
+    DualPipe,
+}
+
+impl PipeSchedule {
+    pub const CHOICES: [(&'static str, PipeSchedule); 2] = [
+        ("1f1b", PipeSchedule::OneFOneB),
+        ("dualpipe", PipeSchedule::DualPipe),
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            PipeSchedule::OneFOneB => "1f1b",
+            PipeSchedule::DualPipe => "dualpipe",
+        }
+    }
+}
+
+/// The parallel layout of a training step. The world is `dp · ep · pp` ranks, numbered with
+/// `ep` fastest, then `dp`, then `pp`, so an expert-parallel group is as local as it can be.
+/// Every one of the `dp · ep` ranks of a pipeline stage reads its own share of `train.batch`;
+/// routed experts are sharded over `ep` and replicated over `dp`; every other weight is
+/// replicated over all `dp · ep`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Parallel {
+    pub dp: u64,
+    pub ep: u64,
+    pub pp: u64,
+    pub schedule: PipeSchedule,
+    /// ZeRO stage: 0 replicates the optimizer state; 1 shards master weights (where they are
+    /// a copy apart from the working weights) and moments over each weight's replicas.
+    pub zero: u8,
+    /// Sequences per micro-batch on one data rank, if the spec sets it.
+    pub micro_batch: Option<u64>,
+    /// Micro-batches per step on one data rank (gradient accumulation), if the spec sets it.
+    pub grad_accum: Option<u64>,
+    /// What the per-device estimate takes the backward pass to recompute instead of keeping.
+    pub recompute: Recompute,
+}
+
+/// Activations recomputed in the backward pass rather than kept (DeepSeek-V3 report,
+/// §3.2.3). A planning assumption of the per-device estimate: kiln's runtime keeps them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Recompute {
+    /// Norm outputs: ops reading a norm's output (other than the dispatched expert inputs,
+    /// which live on another device) recompute it from the kept norm input.
+    pub norm: bool,
+    /// MLA's up-projections: the attention core keeps only its log-sum-exp and recomputes
+    /// q, k and v from the kept latents.
+    pub attn_up: bool,
+}
+
+impl Recompute {
+    pub const CHOICES: [&'static str; 2] = ["norm", "attn_up"];
+
+    /// Sets one named choice; `false` if `name` is not one.
+    pub fn enable(&mut self, name: &str) -> bool {
+        match name {
+            "norm" => self.norm = true,
+            "attn_up" => self.attn_up = true,
+            _ => return false,
+        }
+        true
+    }
+
+    /// The enabled choices, in `CHOICES` order.
+    pub fn names(&self) -> Vec<&'static str> {
+        let on = [self.norm, self.attn_up];
+        Self::CHOICES
+            .iter()
+            .zip(on)
+            .filter_map(|(n, on)| on.then_some(*n))
+            .collect()
+    }
+}
+
+/// A layout that does not fit the model: the `[parallel]` key (or `train.batch`) at fault.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LayoutProblem {
+    /// `dp`, `ep`, `pp`, `tp`, `schedule`, `zero`, `micro_batch`, `grad_accum` or `batch`.
+    pub key: &'static str,
+    pub message: String,
+    pub help: String,
+}
+
+impl Parallel {
+    /// One device: what a spec without `[parallel]` means.
+    pub const SINGLE: Parallel = Parallel {
+        dp: 1,
+        ep: 1,
+        pp: 1,
+        schedule: PipeSchedule::OneFOneB,
+        zero: 0,
+        micro_batch: None,
+        grad_accum: None,
+        recompute: Recompute {
+            norm: false,
+            attn_up: false,
+        },
+    };
+
+    /// Ranks the layout needs.
+    pub fn world(&self) -> u64 {
+        self.dp * self.ep * self.pp
+    }
+
+    /// Ranks of one pipeline stage, each reading its own data.
+    pub fn data_ranks(&self) -> u64 {
+        self.dp * self.ep
+    }
+
+    /// Sequences per micro-batch on one data rank. Exact for a checked model.
+    pub fn micro_batch(&self, batch: u64) -> u64 {
+        let per_rank = batch / self.data_ranks();
+        match (self.micro_batch, self.grad_accum) {
+            (Some(m), _) => m,
+            (None, Some(g)) => per_rank / g,
+            (None, None) => per_rank,
+        }
+    }
+
+    /// Micro-batches per step on one data rank (gradient accumulation steps).
+    pub fn micro_batches(&self, batch: u64) -> u64 {
+        batch / self.data_ranks() / self.micro_batch(batch).max(1)
+    }
+
+    /// Whether this is the one-device layout.
+    pub fn is_single(&self) -> bool {
+        self.world() == 1
+    }
+
+    /// Sets one key as `--parallel key=value` spells it (`dp=2`, `schedule=dualpipe`).
+    /// Setting `micro_batch` clears `grad_accum` and the other way round, so an override
+    /// never fights a value the spec fixed.
+    pub fn set(&mut self, key: &str, value: &str) -> Result<(), String> {
+        let int = |what: &str| -> Result<u64, String> {
+            value
+                .parse::<u64>()
+                .ok()
+                .filter(|n| (1..=MAX_DEGREE).contains(n))
+                .ok_or_else(|| {
+                    format!(
+                        "`{key}` must be an integer in 1..={MAX_DEGREE} ({what}), found `{value}`"
+                    )
+                })
+        };
+        match key {
+            "dp" => self.dp = int("data-parallel degree")?,
+            "ep" => self.ep = int("expert-parallel degree")?,
+            "pp" => self.pp = int("pipeline stages")?,
+            "tp" => {
+                if int("tensor-parallel degree")? != 1 {
+                    return Err(format!("tensor parallelism is not supported: {TP_UNSUPPORTED}"));
+                }
+            }
+            "zero" => {
+                self.zero = match value {
+                    "0" => 0,
+                    "1" => 1,
+                    _ => return Err(format!("`zero` must be 0 or 1, found `{value}`")),
+                }
+            }
+            "schedule" => {
+                self.schedule = PipeSchedule::CHOICES
+                    .iter()
+                    .find(|(n, _)| *n == value)
+                    .map(|(_, s)| *s)
+                    .ok_or_else(|| {
+                        format!("`schedule` must be \"1f1b\" or \"dualpipe\", found `{value}`")
+                    })?
+            }
+            "micro_batch" => {
+                self.micro_batch = Some(int("sequences per micro-batch")?);
+                self.grad_accum = None;
+            }
+            "grad_accum" => {
+                self.grad_accum = Some(int("micro-batches per step")?);
+                self.micro_batch = None;
+            }
+            "recompute" => {
+                let mut r = Recompute::default();
+                for name in value.split('+').filter(|n| *n != "none") {
+                    if !r.enable(name) {
+                        return Err(format!(
+                            "`recompute` takes `none` or names joined by `+` ({}), found `{name}`",
+                            Recompute::CHOICES.join(", ")
+                        ));
+                    }
+                }
+                self.recompute = r;
+            }
+            _ => {
+                return Err(format!(
+                    "unknown layout key `{key}`; keys are dp, ep, pp, zero, schedule, micro_batch, grad_accum, recompute"
+                ))
+            }
+        }
+        Ok(())
+    }
+
+    /// Every way this layout fails to fit a model with `layers` blocks, `experts` routed
+    /// experts (`Some(None)`: none) and a global batch of `batch` sequences, whose attention
+    /// is MLA or not (`mla`). `None` for `experts` or `mla` means unknown (that part of the
+    /// spec has errors of its own), and skips the rules reading it: a rule reads only the
+    /// values it names, so one pass reports every problem.
+    pub fn problems(
+        &self,
+        batch: u64,
+        layers: u64,
+        experts: Option<Option<u64>>,
+        mla: Option<bool>,
+    ) -> Vec<LayoutProblem> {
+        let mut v = Vec::new();
+        let mut push =
+            |key, message: String, help: String| v.push(LayoutProblem { key, message, help });
+        match experts {
+            Some(None) if self.ep > 1 => push(
+                "ep",
+                format!(
+                    "`ep = {}` shards routed experts, but the model has none",
+                    self.ep
+                ),
+                "remove `ep`, or add `moe` layers and a [moe] section".into(),
+            ),
+            Some(Some(e)) if e % self.ep != 0 => push(
+                "ep",
+                format!("`ep = {}` does not divide the {e} routed experts", self.ep),
+                format!(
+                    "each rank holds experts / ep of them: try {}",
+                    nearest_divisors(e, self.ep)
+                ),
+            ),
+            _ => {}
+        }
+        if self.recompute.attn_up && mla == Some(false) {
+            push(
+                "recompute",
+                "`attn_up` recomputes MLA's up-projections, but attention is not MLA".into(),
+                "remove `attn_up` from `recompute`".into(),
+            );
+        }
+        if self.pp > layers {
+            push(
+                "pp",
+                format!(
+                    "`pp = {}` stages for {layers} layers: a stage needs at least one",
+                    self.pp
+                ),
+                format!("use at most {layers} stages"),
+            );
+        }
+        if self.schedule == PipeSchedule::DualPipe && (self.pp < 2 || self.pp % 2 != 0) {
+            push(
+                "schedule",
+                format!("DualPipe pairs stages from both ends and needs an even `pp` of at least 2, found {}", self.pp),
+                "use an even `pp`, or `schedule = \"1f1b\"`".into(),
+            );
+        }
+        let ranks = self.data_ranks();
+        if batch % ranks != 0 {
+            push(
+                "batch",
+                format!(
+                    "{batch} sequences per step do not split over dp · ep = {ranks} data ranks"
+                ),
+                format!("make `train.batch` a multiple of {ranks}, or change `dp`/`ep`"),
+            );
+            return v;
+        }
+        let per_rank = batch / ranks;
+        let split = |key: &'static str, n: u64, what: &str| -> Option<LayoutProblem> {
+            (per_rank % n != 0).then(|| LayoutProblem {
+                key,
+                message: format!("`{key} = {n}` does not divide the {per_rank} sequences each data rank reads per step"),
+                help: format!("{what}: try {}", nearest_divisors(per_rank, n)),
+            })
+        };
+        let mut resolved = true;
+        if let Some(m) = self.micro_batch {
+            if let Some(p) = split(
+                "micro_batch",
+                m,
+                "a step is a whole number of micro-batches",
+            ) {
+                v.push(p);
+                resolved = false;
+            }
+        }
+        if let Some(g) = self.grad_accum {
+            if let Some(p) = split("grad_accum", g, "every micro-batch has the same size") {
+                v.push(p);
+                resolved = false;
+            }
+        }
+        if let (Some(m), Some(g)) = (self.micro_batch, self.grad_accum) {
+            if resolved && m * g != per_rank {
+                v.push(LayoutProblem {
+                    key: "grad_accum",
+                    message: format!("`micro_batch = {m}` × `grad_accum = {g}` is {} sequences, but each data rank reads {per_rank} per step", m * g),
+                    help: "set one of the two; the other follows from `train.batch`".into(),
+                });
+                resolved = false;
+            }
+        }
+        if resolved && self.schedule == PipeSchedule::DualPipe && self.pp >= 2 {
+            let m = self.micro_batches(batch);
+            if m % 2 != 0 {
+                let even = (1..=per_rank)
+                    .rev()
+                    .find(|d| per_rank % d == 0 && (per_rank / d) % 2 == 0);
+                let help = match even {
+                    Some(d) => format!("`micro_batch = {d}` makes {} of them", per_rank / d),
+                    None => format!(
+                        "each data rank reads {per_rank} sequence(s), which do not make an even number of micro-batches; double `train.batch`"
+                    ),
+                };
+                v.push(LayoutProblem {
+                    key: "schedule",
+                    message: format!("DualPipe feeds micro-batches from both ends and needs an even number per step, found {m}"),
+                    help,
+                });
+            }
+        }
+        v
+    }
+}
+
+/// The largest degree `[parallel]` accepts.
+pub const MAX_DEGREE: u64 = 1 << 20;
+
+/// Why `tp` must be 1.
+pub const TP_UNSUPPORTED: &str = "kiln shards experts (`ep`), layers (`pp`) and data (`dp`), as DeepSeek-V3 does; it trains without tensor parallelism";
+
+/// The divisors of `n` nearest `x`, below and above: `32 or 64`.
+fn nearest_divisors(n: u64, x: u64) -> String {
+    let below = (1..=x.min(n)).rev().find(|d| n % d == 0);
+    let above = (x..=n).find(|d| n % d == 0);
+    match (below, above) {
+        (Some(b), Some(a)) if a != b => format!("{b} or {a}"),
+        (Some(b), _) => b.to_string(),
+        (None, Some(a)) => a.to_string(),
+        (None, None) => "1".into(),
+    }
 }
 
 /// The precision policy: which format each op computes in and how tensors are stored.
@@ -561,6 +918,15 @@ impl Model {
         put("rl.answer", q(answer));
         put("rl.accuracy_weight", f(r.accuracy_weight));
         put("rl.format_weight", f(r.format_weight));
+        let p = &self.parallel;
+        put("parallel.dp", p.dp.to_string());
+        put("parallel.ep", p.ep.to_string());
+        put("parallel.pp", p.pp.to_string());
+        put("parallel.schedule", q(p.schedule.name()));
+        put("parallel.zero", p.zero.to_string());
+        let micro = p.micro_batch(self.train.batch).to_string();
+        put("parallel.micro_batch", micro);
+        put("parallel.recompute", format!("{:?}", p.recompute.names()));
         out
     }
 

@@ -36,6 +36,7 @@ const SECTIONS: &[&str] = &[
     "precision",
     "train",
     "rl",
+    "parallel",
 ];
 const MODEL_KEYS: &[&str] = &[
     "name",
@@ -137,6 +138,18 @@ const RL_KEYS: &[&str] = &[
     "answer",
     "accuracy_weight",
     "format_weight",
+];
+
+const PARALLEL_KEYS: &[&str] = &[
+    "dp",
+    "ep",
+    "pp",
+    "tp",
+    "schedule",
+    "zero",
+    "micro_batch",
+    "grad_accum",
+    "recompute",
 ];
 
 const FORMATS: &[(&str, Format)] = &[
@@ -253,7 +266,7 @@ fn positive(x: f64) -> bool {
 
 impl<'a, 't> Checker<'a, 't> {
     fn run(&self, root: &'a DeTable<'t>) -> Option<Model> {
-        let mut sections: [Option<Section<'a, 't>>; 8] = Default::default();
+        let mut sections: [Option<Section<'a, 't>>; 9] = Default::default();
         for (k, v) in root.iter() {
             let key: &str = k.get_ref();
             let Some(idx) = SECTIONS.iter().position(|s| *s == key) else {
@@ -302,6 +315,7 @@ impl<'a, 't> Checker<'a, 't> {
                 PRECISION_KEYS,
                 TRAIN_KEYS,
                 RL_KEYS,
+                PARALLEL_KEYS,
             ][idx];
             sections[idx] = Some(Section::new(self.sink, key, t, k.span(), keys));
         }
@@ -322,7 +336,7 @@ impl<'a, 't> Checker<'a, 't> {
                 }
             }
         }
-        let [model, attention, ffn, moe, mtp, precision, train, rl] = sections;
+        let [model, attention, ffn, moe, mtp, precision, train, rl, parallel] = sections;
 
         let model = self.require(model, "model");
         let m = model
@@ -359,8 +373,44 @@ impl<'a, 't> Checker<'a, 't> {
         );
         let train_sec = self.require(train, "train");
         spans.seq_len = train_sec.as_ref().map_or(0..0, |t| t.span_of("seq_len"));
+        let batch_span = train_sec.as_ref().map_or(0..0, |t| t.span_of("batch"));
         let train = train_sec.and_then(|t| self.train(&t, m.as_ref()));
         let rl = rl.map_or(Some(Rl::DEFAULT), |s| self.rl(&s, m.as_ref()));
+        let parallel = parallel.as_ref().map_or(Some(Parallel::SINGLE), |s| {
+            let p = self.parallel(s)?;
+            // The layout rules read the stack, the experts and the batch: check them once
+            // those are known, whatever else is wrong.
+            if let (Some(m), Some(t)) = (&m, &train) {
+                // Unknown when the section that says is itself in error.
+                let moe_used = m.layers.contains(&LayerKind::Moe)
+                    || mtp.is_some_and(|x| x.block == LayerKind::Moe);
+                let experts = match &moe {
+                    Some(x) => Some(Some(x.experts)),
+                    None if moe_used => None,
+                    None => Some(None),
+                };
+                let layers = m.layers.len() as u64;
+                let mla = attn
+                    .as_ref()
+                    .map(|a| matches!(a.kind, AttentionKind::Latent(_)));
+                let problems = p.problems(t.batch, layers, experts, mla);
+                for problem in &problems {
+                    let span = match problem.key {
+                        "batch" => batch_span.clone(),
+                        key if s.has(key) => s.span_of(key),
+                        _ => s.span.clone(),
+                    };
+                    self.sink.push(
+                        Diagnostic::new(Rule::Layout, span, problem.message.clone(), "here")
+                            .with_help(problem.help.clone()),
+                    );
+                }
+                if !problems.is_empty() {
+                    return None;
+                }
+            }
+            Some(p)
+        });
 
         let m = m?;
         let model = Model {
@@ -380,6 +430,7 @@ impl<'a, 't> Checker<'a, 't> {
             precision: precision?,
             train: train?,
             rl: rl?,
+            parallel: parallel?,
         };
         if self.sink.has_errors() {
             return None;

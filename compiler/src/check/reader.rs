@@ -477,7 +477,7 @@ impl<'a, 't> Section<'a, 't> {
         self.lookup(key, &s, choices)
     }
 
-    fn lookup<T: Copy>(
+    pub fn lookup<T: Copy>(
         &self,
         key: &str,
         s: &SpannedStr,

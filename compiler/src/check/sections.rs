@@ -580,6 +580,62 @@ impl<'a, 't> Checker<'a, 't> {
         })
     }
 
+    /// `[parallel]`'s values; the rules that relate them to the model are
+    /// [`Parallel::problems`], which the caller applies.
+    pub(super) fn parallel(&self, s: &Section<'a, 't>) -> Option<Parallel> {
+        let degree = 1..=MAX_DEGREE;
+        let dp = s.int_or("dp", degree.clone(), 1);
+        let ep = s.int_or("ep", degree.clone(), 1);
+        let pp = s.int_or("pp", degree.clone(), 1);
+        let tp = s.int_or("tp", degree.clone(), 1);
+        if tp.is_some_and(|t| t != 1) {
+            self.sink.push(
+                Diagnostic::new(
+                    Rule::Layout,
+                    s.span_of("tp"),
+                    "tensor parallelism is not supported",
+                    "here",
+                )
+                .with_help(TP_UNSUPPORTED),
+            );
+        }
+        let schedule = s.choice_or("schedule", &PipeSchedule::CHOICES, PipeSchedule::OneFOneB);
+        let zero = s.int_or("zero", 0..=1, 0).map(|z| z as u8);
+        let micro_batch = s
+            .has("micro_batch")
+            .then(|| s.int("micro_batch", degree.clone()));
+        let grad_accum = s.has("grad_accum").then(|| s.int("grad_accum", degree));
+        let recompute = match s.string_array("recompute") {
+            None if s.has("recompute") => None,
+            None => Some(Recompute::default()),
+            Some(names) => {
+                let choices = Recompute::CHOICES.map(|c| (c, c));
+                let found: Vec<Option<&str>> = names
+                    .iter()
+                    .map(|n| s.lookup("recompute", n, &choices))
+                    .collect();
+                found.iter().all(Option::is_some).then(|| {
+                    let mut r = Recompute::default();
+                    for name in found.into_iter().flatten() {
+                        r.enable(name);
+                    }
+                    r
+                })
+            }
+        };
+        Some(Parallel {
+            dp: dp?,
+            ep: ep?,
+            pp: pp?,
+            schedule: schedule?,
+            zero: zero?,
+            micro_batch: micro_batch.map_or(Some(None), |m| m.map(Some))?,
+            grad_accum: grad_accum.map_or(Some(None), |g| g.map(Some))?,
+            recompute: recompute?,
+        })
+        .filter(|_| tp == Some(1))
+    }
+
     pub(super) fn mtp(&self, s: &Section<'a, 't>, layers: Option<&[LayerKind]>) -> Option<Mtp> {
         let depth = s.req_int("depth", 1..=16, "number of extra tokens predicted");
         let weight = s.float_or("weight", |x| x > 0.0 && x <= 100.0, "in (0, 100]", 0.3);
