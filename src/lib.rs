@@ -24,7 +24,7 @@ pub mod plot;
 mod spec;
 pub mod specialized;
 
-use cmd::{bench, build, emit, exp, hf, logits, rl, sample, train, verify};
+use cmd::{bench, build, emit, exp, hf, logits, plan, rl, sample, train, verify};
 
 /// Every binary linking kiln counts its heap (see [`heap`]); `kiln bench --memory` reads it.
 #[global_allocator]
@@ -60,7 +60,9 @@ enum Command {
     /// Check a spec and report its parameters, FLOPs, KV cache and training memory.
     ///
     /// Every error in the file is reported at once, each with file:line:col, the source line,
-    /// the rule broken and a suggestion where one exists.
+    /// the rule broken and a suggestion where one exists. For a parallel layout ([parallel],
+    /// `--parallel` or `--cluster`) it adds the figures of one device: memory, communication
+    /// per step by collective, pipeline bubble and an estimated step time (docs/parallel.md).
     Check {
         /// The spec to check [default: the built-in specs/tiny.toml].
         spec: Option<PathBuf>,
@@ -68,6 +70,8 @@ enum Command {
         /// JSON too, and rendered to stderr.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        layout: cmd::layout::LayoutArgs,
     },
     /// Train a model on the CPU: lower, differentiate, and run AdamW steps on the spec's
     /// batch and sequence length, with validation loss every `--eval-every` steps.
@@ -142,7 +146,19 @@ enum Command {
         /// Print the changes as JSON.
         #[arg(long)]
         json: bool,
+        /// `--parallel` applies to both specs; with a layout on either side (or `--cluster`),
+        /// the per-device figures are compared too.
+        #[command(flatten)]
+        layout: cmd::layout::LayoutArgs,
     },
+    /// Rank the parallel layouts of a spec that fit a cluster by estimated step time.
+    ///
+    /// Tries every data, expert and pipeline degree that multiplies to the cluster's GPUs,
+    /// both schedules, ZeRO 0 and 1, and power-of-two micro-batches, with the spec's
+    /// `parallel.recompute`. Prints the fastest that fit, then why the others were rejected:
+    /// the rule a layout breaks, or the memory it needs beyond the GPU's. See
+    /// docs/parallel.md.
+    Plan(plan::Args),
 }
 
 #[derive(Subcommand)]
@@ -221,8 +237,9 @@ pub fn main() -> ExitCode {
         Color::Auto => std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none(),
     };
     let result = match cli.command {
-        Command::Check { spec, json } => cmd::check::run(spec, json, color),
-        Command::Diff { a, b, json } => cmd::diff::run(&a, &b, json, color),
+        Command::Check { spec, json, layout } => cmd::check::run(spec, json, &layout, color),
+        Command::Diff { a, b, json, layout } => cmd::diff::run(&a, &b, json, &layout, color),
+        Command::Plan(args) => plan::run(&args, color),
         Command::Emit {
             what: Emit::Ir { spec, after },
         } => emit::ir(spec, after, color),

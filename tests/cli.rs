@@ -614,3 +614,209 @@ fn devices_fail_clearly_and_a_run_moves_between_them() {
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("checks a device against the interpreter"));
 }
+
+#[test]
+fn check_reports_a_parallel_layout_per_device() {
+    // DeepSeek-V3's spec carries the report's own layout: it fits an 80 GB H800.
+    let o = kiln(&["check", "specs/deepseek-v3.toml"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = stdout(&o);
+    for want in [
+        "per device: dp 2 × ep 64 × pp 16 = 2,048 GPUs of h800 × 2,048",
+        "schedule dualpipe, ZeRO-1, 120 micro-batches of 1 sequence per data rank",
+        "activations (17 micro-batches in flight)",
+        "fits:",
+        "node-limited routing: 3.15 other nodes per token",
+        "pipeline bubble (PP/2-1)(F&B+B-3W)",
+    ] {
+        assert!(out.contains(want), "lacks `{want}`:\n{out}");
+    }
+    // The JSON carries the same figures.
+    let o = kiln(&["check", "specs/deepseek-v3.toml", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let d = &v["per_device"];
+    assert_eq!(d["layout"]["world"], 2048);
+    assert_eq!(d["fits"], true);
+    assert!(d["memory"]["total_bytes"].as_u64().unwrap() < 80_000_000_000);
+    assert!(d["comm"]["ep_dispatch"]["ib_bytes"].as_u64().unwrap() > 0);
+
+    // `--parallel` overrides the spec's layout; 1F1B with the same degrees needs less memory
+    // for parameters (one stage per device) and idles longer.
+    let o = kiln(&[
+        "check",
+        "specs/deepseek-v3.toml",
+        "--json",
+        "--parallel",
+        "schedule=1f1b",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let w: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let e = &w["per_device"];
+    assert_eq!(e["layout"]["schedule"], "1f1b");
+    let bubble = |x: &serde_json::Value| x["time"]["bubble_s"].as_f64().unwrap();
+    assert!(bubble(e) > bubble(d));
+
+    // A spec without [parallel] gets a per-device report when a cluster is named.
+    let o = kiln(&["check", "--cluster", "h100"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("= 1 GPUs of h100 × 1"),
+        "{}",
+        stdout(&o)
+    );
+    assert!(!stdout(&kiln(&["check"])).contains("per device"));
+}
+
+#[test]
+fn bad_layouts_and_clusters_are_usage_errors() {
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["--parallel", "ep=3"],
+            "`ep = 3` does not divide the 8 routed experts",
+        ),
+        (
+            &["--parallel", "dp=3"],
+            "do not split over dp · ep = 3 data ranks",
+        ),
+        (
+            &["--parallel", "tp=2"],
+            "tensor parallelism is not supported",
+        ),
+        (&["--parallel", "dp"], "`dp` is not `key=value`"),
+        (&["--parallel", "zero=2"], "`zero` must be 0 or 1"),
+        (
+            &["--parallel", "recompute=norms"],
+            "`recompute` takes `none`",
+        ),
+        (
+            &["--parallel", "pipeline=2"],
+            "unknown layout key `pipeline`",
+        ),
+        (&["--cluster", "a100x8"], "neither a preset nor a file"),
+        (&["--cluster", "h800x0"], "must be a positive integer"),
+        (
+            &["--parallel", "dp=2", "--cluster", "h800x1"],
+            "needs 2 GPUs",
+        ),
+    ];
+    for (args, want) in cases {
+        let mut all = vec!["check"];
+        all.extend_from_slice(args);
+        let o = kiln(&all);
+        assert_eq!(o.status.code(), Some(2), "{all:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains(want), "{all:?}:\n{}", stderr(&o));
+    }
+    // A cluster file with a typo names the key.
+    let (dir, _) = tiny_with("cluster", &[]);
+    let file = dir.join("lab.toml");
+    std::fs::write(
+        &file,
+        "[cluster]\nname = \"lab\"\ngpus = 4\ngpus_per_node = 4\nmemory_gib = 40\n\
+         nvlink_gb_s = 300\nib_gbs = 25\nbf16_tflops = 312\nfp8_tflops = 312\n",
+    )
+    .unwrap();
+    let o = kiln(&["check", "--cluster", file.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("ib_gbs"), "{}", stderr(&o));
+    std::fs::write(
+        &file,
+        std::fs::read_to_string(&file)
+            .unwrap()
+            .replace("ib_gbs", "ib_gb_s"),
+    )
+    .unwrap();
+    let o = kiln(&[
+        "check",
+        "--cluster",
+        file.to_str().unwrap(),
+        "--parallel",
+        "dp=2,ep=2",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("GPUs of lab × 4 (4 per node"),
+        "{}",
+        stdout(&o)
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn train_refuses_a_layout_it_cannot_run() {
+    let (dir, spec) = tiny_with("layout", &[("[train]", "[parallel]\ndp = 2\n\n[train]")]);
+    let o = kiln(&["train", spec.to_str().unwrap(), "--steps", "1"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("kiln train runs in one process"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!dir.join("runs").exists());
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn plan_ranks_the_layouts_that_fit_and_says_why_the_rest_do_not() {
+    let o = kiln(&[
+        "plan",
+        "specs/deepseek-v3.toml",
+        "--cluster",
+        "h800x2048",
+        "--top",
+        "3",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = stdout(&o);
+    for want in [
+        "deepseek-v3 on h800 × 2,048",
+        "fastest that fit",
+        "nearest that do not fit (3 of",
+        "layout rules broken",
+        "over",
+    ] {
+        assert!(out.contains(want), "lacks `{want}`:\n{out}");
+    }
+    let o = kiln(&[
+        "plan",
+        "specs/deepseek-v3.toml",
+        "--cluster",
+        "h800x2048",
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let fits = v["fits"].as_array().unwrap();
+    let steps: Vec<f64> = fits
+        .iter()
+        .map(|d| d["time"]["step_s"].as_f64().unwrap())
+        .collect();
+    assert!(steps.windows(2).all(|w| w[0] <= w[1]));
+    let rejected = v["rejected"].as_array().unwrap();
+    assert_eq!(
+        v["tried"].as_u64().unwrap() as usize,
+        fits.len() + rejected.len()
+    );
+    assert!(rejected.iter().any(|r| r[1]["reason"] == "memory"));
+    // Without a cluster there is nothing to plan for.
+    assert_eq!(
+        kiln(&["plan", "specs/deepseek-v3.toml"]).status.code(),
+        Some(2)
+    );
+}
+
+#[test]
+fn diff_compares_two_layouts_per_device() {
+    let (dir, spec) = tiny_with(
+        "difflayout",
+        &[("[train]", "[parallel]\nep = 2\ndp = 2\n\n[train]")],
+    );
+    let o = kiln(&["diff", "specs/tiny.toml", spec.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("parallel.ep"), "{out}");
+    assert!(out.contains("per_device.memory.params"), "{out}");
+    assert!(
+        out.contains("per_device.comm.ep_dispatch.nvlink_bytes"),
+        "{out}"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}

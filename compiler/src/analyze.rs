@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashSet};
 
 use serde::Serialize;
 
-use crate::model::{AttentionKind, Format, Model};
+use crate::model::{AttentionKind, Format, Model, Recompute};
 use crate::named_ops::{ops, Component, Op, OpClass, Site};
 
 /// Everything `kiln check` reports about a model. JSON keys are stable (see `docs/spec.md`).
@@ -21,6 +21,22 @@ pub struct Report {
     pub flops: Flops,
     pub kv_cache: KvCache,
     pub memory: Memory,
+    /// The figures of one device of a parallel layout on a cluster, when one was asked for
+    /// (see [`with_layout`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub per_device: Option<crate::parallel::PerDevice>,
+}
+
+/// [`analyze`], plus the per-device figures of the model's layout on `cluster`.
+pub fn with_layout(model: &Model, cluster: &crate::parallel::Cluster) -> Report {
+    let mut r = analyze(model);
+    let placed = crate::parallel::Placed::new(model);
+    r.per_device = Some(crate::parallel::per_device(
+        &placed,
+        &model.parallel,
+        cluster,
+    ));
+    r
 }
 
 /// The model at a glance.
@@ -189,7 +205,12 @@ pub fn analyze(model: &Model) -> Report {
             scales += 4 * blocks as u128 * op.copies as u128;
         }
     }
-    let saved = saved_per_token(model, &all, &formats);
+    let saved = saved_per_token(
+        model,
+        all.iter().zip(formats.iter().copied()),
+        true,
+        Recompute::default(),
+    );
     scales += saved.scale_bytes * tokens;
     let activations = saved.bytes * tokens;
     let master = trained * p.master.bytes() as u128;
@@ -249,19 +270,25 @@ pub fn analyze(model: &Model) -> Report {
         },
         kv_cache,
         memory,
+        per_device: None,
     }
 }
 
 /// Whether `op`, computing in `format`, is a GEMM with FP8 operands.
-fn is_fp8_gemm(op: &Op, format: Format) -> bool {
+pub(crate) fn is_fp8_gemm(op: &Op, format: Format) -> bool {
     matches!(op.class, OpClass::Linear | OpClass::Head) && format.is_fp8()
 }
 
+/// The activations that are a norm's output (named as [`Op::input`] names them).
+const NORM_OUTPUTS: [&str; 7] = [
+    "attn.x", "attn.cq", "attn.ckv", "ffn.x", "moe.x", "head.x", "mtp.eh",
+];
+
 /// What one token keeps for the backward pass.
-struct Saved {
-    bytes: u128,
+pub(crate) struct Saved {
+    pub bytes: u128,
     /// fp32 scales of the FP8 activation tiles, not included in `bytes`.
-    scale_bytes: u128,
+    pub scale_bytes: u128,
 }
 
 /// Activations one token keeps for the backward pass, over the main model and the MTP modules.
@@ -269,15 +296,22 @@ struct Saved {
 /// (the MoE input, read by the router in 16 bits and by FP8 shared experts) is kept in both.
 /// FP8 GEMM inputs are cached in FP8 with one fp32 scale per activation tile, as DeepSeek-V3
 /// does (the scales are reported apart, as `scales_bytes`); norms add an fp32 reciprocal RMS; the attention core keeps q, k, v and an fp32
-/// log-sum-exp per head; routers keep fp32 scores; and the loss keeps fp32 logits once per
-/// prediction head (main + each MTP module).
-fn saved_per_token(model: &Model, all: &[Op], formats: &[Format]) -> Saved {
+/// log-sum-exp per head; routers keep fp32 scores; and, when `ops` include the end of the
+/// model (`last`), the loss keeps fp32 logits once per prediction head (main + each MTP
+/// module). `ops` is the whole model or one pipeline stage's share, with each op's format.
+/// What `recompute` names is not kept (see [`Recompute`]).
+pub(crate) fn saved_per_token<'o>(
+    model: &Model,
+    ops: impl Iterator<Item = (&'o Op, Format)> + Clone,
+    last: bool,
+    recompute: Recompute,
+) -> Saved {
     let p = &model.precision;
     let a = &model.attention;
     let mut seen: HashSet<(Site, &str, Format)> = HashSet::new();
     let mut bytes = 0u128;
     let mut scale_bytes = 0u128;
-    for (op, &format) in all.iter().zip(formats) {
+    for (op, format) in ops.clone() {
         // Norms and routers keep their input as it arrives (the residual stream, in the
         // compute format) whatever format they compute in; other ops keep it in theirs.
         let stored = match op.class {
@@ -290,14 +324,18 @@ fn saved_per_token(model: &Model, all: &[Op], formats: &[Format]) -> Saved {
         let f = stored.bytes() as u128;
         let c = f;
         let n = op.active_copies as u128;
+        // A norm's output recomputed from its kept input; the dispatched expert inputs
+        // (`moe.experts.x`) are not a norm's output here and stay.
+        let input_kept = !(recompute.norm && NORM_OUTPUTS.contains(&op.input)) as u128;
         if let (Some(fp8), true) = (p.fp8, is_fp8_gemm(op, format)) {
             scale_bytes += 4 * op.inp.div_ceil(fp8.act_tile[1]) as u128 * n;
         }
         bytes += match op.class {
             OpClass::Embed => 0,
-            OpClass::Linear | OpClass::Head | OpClass::Act => op.inp as u128 * n * f,
+            OpClass::Linear | OpClass::Head | OpClass::Act => input_kept * op.inp as u128 * n * f,
             OpClass::Norm => op.inp as u128 * c + 4,
-            OpClass::Router => op.inp as u128 * c + op.out as u128 * 4,
+            OpClass::Router => input_kept * op.inp as u128 * c + op.out as u128 * 4,
+            OpClass::AttnCore if recompute.attn_up => a.heads as u128 * 4,
             OpClass::AttnCore => {
                 let (q, k, v) = match a.kind {
                     AttentionKind::Grouped { kv_heads, head_dim } => {
@@ -313,14 +351,20 @@ fn saved_per_token(model: &Model, all: &[Op], formats: &[Format]) -> Saved {
             }
         };
     }
+    if !last {
+        return Saved { bytes, scale_bytes };
+    }
     // Each MTP module also feeds its normed output to the shared head, outside its op list.
     let depth = model.mtp.map_or(0, |m| m.depth) as u128;
-    let head_format = all
-        .iter()
-        .zip(formats)
+    let head_format = ops
+        .into_iter()
         .find(|(o, _)| o.class == OpClass::Head)
-        .map_or(p.compute, |(_, &f)| f);
-    let head_in = model.d_model as u128 * head_format.bytes() as u128;
+        .map_or(p.compute, |(_, f)| f);
+    let head_in = if recompute.norm {
+        0
+    } else {
+        model.d_model as u128 * head_format.bytes() as u128
+    };
     Saved {
         bytes: bytes + depth * head_in + (1 + depth) * model.vocab as u128 * 4,
         scale_bytes,

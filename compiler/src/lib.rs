@@ -15,6 +15,7 @@ pub mod lower;
 pub mod model;
 pub mod named_ops;
 pub mod names;
+pub mod parallel;
 pub mod program;
 pub mod report;
 

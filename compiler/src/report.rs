@@ -3,7 +3,9 @@
 use std::fmt::Write;
 
 use crate::analyze::Report;
+use crate::model::PipeSchedule;
 use crate::named_ops::Component;
+use crate::parallel::{PerDevice, Traffic};
 
 /// `1234567` → `1,234,567`.
 pub fn group(n: u128) -> String {
@@ -228,6 +230,201 @@ pub fn render(r: &Report) -> String {
     }
     mrow(&mut o, "activations (estimate)", m.activations_bytes);
     mrow(&mut o, "total", m.total_bytes);
+    if let Some(d) = &r.per_device {
+        o.push('\n');
+        o.push_str(&render_per_device(d));
+    }
+    o
+}
+
+/// Seconds as `8.51 s` or `31.6 ms`.
+pub fn seconds_h(s: f64) -> String {
+    if s >= 1.0 {
+        format!("{s:.2} s")
+    } else if s >= 1e-3 {
+        format!("{:.1} ms", s * 1e3)
+    } else {
+        format!("{:.1} µs", s * 1e6)
+    }
+}
+
+/// The per-device section of `kiln check`: memory of the fullest device, its traffic, and
+/// the step estimate.
+pub fn render_per_device(d: &PerDevice) -> String {
+    let mut o = String::new();
+    let l = &d.layout;
+    let c = &d.cluster;
+    let _ = writeln!(
+        o,
+        "per device: dp {} × ep {} × pp {} = {} GPUs of {} × {} ({} per node, {} each)",
+        l.dp,
+        l.ep,
+        l.pp,
+        group(l.world as u128),
+        c.name,
+        group(c.gpus as u128),
+        c.gpus_per_node,
+        bytes_h(c.memory_bytes())
+    );
+    let recompute = d.recompute.names();
+    let _ = writeln!(
+        o,
+        "  schedule {}, ZeRO-{}, {} micro-batch{} of {} sequence{} per data rank, recompute {}",
+        l.schedule.name(),
+        l.zero,
+        l.micro_batches,
+        if l.micro_batches == 1 { "" } else { "es" },
+        l.micro_batch,
+        if l.micro_batch == 1 { "" } else { "s" },
+        if recompute.is_empty() {
+            "nothing".to_string()
+        } else {
+            recompute.join(" and ")
+        }
+    );
+    let min = l.stage_layers.iter().min().copied().unwrap_or(0);
+    let max = l.stage_layers.iter().max().copied().unwrap_or(0);
+    let layers = if min == max {
+        format!("{min}")
+    } else {
+        format!("{min}-{max}")
+    };
+    let stages: Vec<String> = d.stages.iter().map(u64::to_string).collect();
+    let _ = writeln!(
+        o,
+        "  {} stage{} of {layers} layers; the fullest device holds stage{} {}",
+        l.pp,
+        if l.pp == 1 { "" } else { "s" },
+        if stages.len() == 1 { "" } else { "s" },
+        stages.join(" and ")
+    );
+    let m = &d.memory;
+    let mrow = |o: &mut String, label: &str, n: u128| {
+        let _ = writeln!(o, "  {label:<44}{:>20}  {:>12}", group(n), bytes_h(n));
+    };
+    let _ = writeln!(o, "\nmemory of that device (bytes)");
+    let _ = writeln!(
+        o,
+        "  {:<44}{:>20}  {:>12}",
+        "parameters held",
+        group(m.params),
+        params_h(m.params)
+    );
+    mrow(&mut o, "weights (working copies)", m.weights_bytes);
+    let sharded = if l.zero == 1 { " (ZeRO-1 shard)" } else { "" };
+    mrow(&mut o, &format!("master weights{sharded}"), m.master_bytes);
+    mrow(&mut o, "gradients", m.grads_bytes);
+    mrow(
+        &mut o,
+        &format!("optimizer moments{sharded}"),
+        m.moments_bytes,
+    );
+    if m.scales_bytes > 0 {
+        mrow(&mut o, "FP8 scales", m.scales_bytes);
+    }
+    mrow(
+        &mut o,
+        &format!("activations ({} micro-batches in flight)", m.in_flight),
+        m.activations_bytes,
+    );
+    mrow(&mut o, "total", m.total_bytes);
+    let verdict = if d.fits {
+        format!("fits: {} free", bytes_h(m.capacity_bytes - m.total_bytes))
+    } else {
+        format!(
+            "does not fit: {} over",
+            bytes_h(m.total_bytes - m.capacity_bytes)
+        )
+    };
+    let _ = writeln!(
+        o,
+        "  {:<44}{:>20}  {:>12}  {verdict}",
+        "capacity",
+        group(m.capacity_bytes),
+        bytes_h(m.capacity_bytes)
+    );
+
+    let k = &d.comm;
+    let _ = writeln!(
+        o,
+        "\ncommunication of that device per step (bytes sent){:>14}{:>14}",
+        "NVLink", "IB"
+    );
+    let crow = |o: &mut String, label: &str, t: &Traffic| {
+        let _ = writeln!(
+            o,
+            "  {label:<50}{:>14}{:>14}",
+            bytes_h(t.nvlink_bytes),
+            bytes_h(t.ib_bytes)
+        );
+    };
+    crow(&mut o, "EP dispatch (all-to-all)", &k.ep_dispatch);
+    crow(&mut o, "EP combine (all-to-all)", &k.ep_combine);
+    if k.remote_nodes_per_token > 0.0 {
+        let routing = if k.node_limited {
+            "node-limited routing"
+        } else {
+            "routing not node-limited"
+        };
+        let _ = writeln!(
+            o,
+            "    {routing}: {:.2} other nodes per token and MoE layer",
+            k.remote_nodes_per_token
+        );
+    }
+    if l.zero == 1 {
+        crow(&mut o, "DP gradient reduce-scatter", &k.dp_grads);
+        crow(&mut o, "DP weight all-gather (ZeRO-1)", &k.dp_params);
+    } else {
+        crow(&mut o, "DP gradient all-reduce", &k.dp_grads);
+    }
+    crow(&mut o, "PP sends (activations and gradients)", &k.pp_sends);
+
+    let t = &d.time;
+    let _ = writeln!(
+        o,
+        "\nstep estimate at {}'s peak rates (a lower bound; docs/parallel.md)",
+        c.name
+    );
+    let trow = |o: &mut String, label: &str, v: String| {
+        let _ = writeln!(o, "  {label:<50}{v:>14}");
+    };
+    trow(
+        &mut o,
+        "forward of one micro-batch, slowest stage (F)",
+        seconds_h(t.forward_chunk_s),
+    );
+    let pace: Vec<String> = t.pace_stages.iter().map(u64::to_string).collect();
+    trow(
+        &mut o,
+        &format!(
+            "computation of the pacing device (stage{} {})",
+            if pace.len() == 1 { "" } else { "s" },
+            pace.join(" and ")
+        ),
+        seconds_h(t.compute_s),
+    );
+    let formula = match l.schedule {
+        PipeSchedule::OneFOneB => "(PP-1)(F+B)",
+        PipeSchedule::DualPipe => "(PP/2-1)(F&B+B-3W)",
+    };
+    trow(
+        &mut o,
+        "its EP and PP traffic (DualPipe overlaps it)",
+        seconds_h(t.overlappable_comm_s),
+    );
+    trow(
+        &mut o,
+        &format!("pipeline bubble {formula}"),
+        seconds_h(t.bubble_s),
+    );
+    let hidden = match l.schedule {
+        PipeSchedule::OneFOneB => "its exposed communication (all of it)",
+        PipeSchedule::DualPipe => "its exposed communication (DP; EP+PP past compute)",
+    };
+    trow(&mut o, hidden, seconds_h(t.exposed_comm_s));
+    trow(&mut o, "step", seconds_h(t.step_s));
+    trow(&mut o, "MFU", format!("{:.1}%", t.mfu * 100.0));
     o
 }
 
@@ -238,6 +435,10 @@ pub enum Unit {
     Params,
     Flops,
     Bytes,
+    /// Nanoseconds, shown in seconds.
+    Nanos,
+    /// Parts per million, shown as a percentage.
+    Ppm,
 }
 
 /// The metrics of a report, by their stable JSON key, in report order.
@@ -302,6 +503,101 @@ pub fn metrics(r: &Report) -> Vec<(String, u128, Unit)> {
         ),
         ("memory.total_bytes".into(), m.total_bytes, Bytes),
     ]);
+    if let Some(d) = &r.per_device {
+        let l = &d.layout;
+        let m = &d.memory;
+        let c = &d.comm;
+        let t = &d.time;
+        let ns = |s: f64| (s * 1e9).round() as u128;
+        v.extend([
+            ("per_device.layout.world".into(), l.world as u128, Count),
+            ("per_device.layout.dp".into(), l.dp as u128, Count),
+            ("per_device.layout.ep".into(), l.ep as u128, Count),
+            ("per_device.layout.pp".into(), l.pp as u128, Count),
+            ("per_device.layout.zero".into(), l.zero as u128, Count),
+            (
+                "per_device.layout.micro_batch".into(),
+                l.micro_batch as u128,
+                Count,
+            ),
+            (
+                "per_device.layout.micro_batches".into(),
+                l.micro_batches as u128,
+                Count,
+            ),
+            ("per_device.memory.params".into(), m.params, Params),
+            (
+                "per_device.memory.weights_bytes".into(),
+                m.weights_bytes,
+                Bytes,
+            ),
+            (
+                "per_device.memory.master_bytes".into(),
+                m.master_bytes,
+                Bytes,
+            ),
+            ("per_device.memory.grads_bytes".into(), m.grads_bytes, Bytes),
+            (
+                "per_device.memory.moments_bytes".into(),
+                m.moments_bytes,
+                Bytes,
+            ),
+            (
+                "per_device.memory.scales_bytes".into(),
+                m.scales_bytes,
+                Bytes,
+            ),
+            (
+                "per_device.memory.in_flight".into(),
+                m.in_flight as u128,
+                Count,
+            ),
+            (
+                "per_device.memory.activations_bytes".into(),
+                m.activations_bytes,
+                Bytes,
+            ),
+            ("per_device.memory.total_bytes".into(), m.total_bytes, Bytes),
+            (
+                "per_device.memory.capacity_bytes".into(),
+                m.capacity_bytes,
+                Bytes,
+            ),
+        ]);
+        for (name, traffic) in [
+            ("ep_dispatch", &c.ep_dispatch),
+            ("ep_combine", &c.ep_combine),
+            ("dp_grads", &c.dp_grads),
+            ("dp_params", &c.dp_params),
+            ("pp_sends", &c.pp_sends),
+        ] {
+            v.push((
+                format!("per_device.comm.{name}.nvlink_bytes"),
+                traffic.nvlink_bytes,
+                Bytes,
+            ));
+            v.push((
+                format!("per_device.comm.{name}.ib_bytes"),
+                traffic.ib_bytes,
+                Bytes,
+            ));
+        }
+        v.extend([
+            ("per_device.time.compute_ns".into(), ns(t.compute_s), Nanos),
+            ("per_device.time.bubble_ns".into(), ns(t.bubble_s), Nanos),
+            (
+                "per_device.time.exposed_comm_ns".into(),
+                ns(t.exposed_comm_s),
+                Nanos,
+            ),
+            ("per_device.time.step_ns".into(), ns(t.step_s), Nanos),
+            (
+                "per_device.time.mfu_ppm".into(),
+                (t.mfu * 1e6).round() as u128,
+                Ppm,
+            ),
+        ]);
+    }
     v
 }
 
@@ -337,6 +633,8 @@ fn human(n: u128, unit: Unit) -> String {
         Unit::Params => params_h(n),
         Unit::Flops => flops_h(n),
         Unit::Bytes => bytes_h(n),
+        Unit::Nanos => seconds_h(n as f64 * 1e-9),
+        Unit::Ppm => format!("{:.1}%", n as f64 / 1e4),
     }
 }
 

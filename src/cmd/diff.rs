@@ -2,20 +2,39 @@
 
 use std::path::PathBuf;
 
-use kiln_compiler::analyze::analyze;
+use kiln_compiler::analyze::{analyze, with_layout};
 use kiln_compiler::report;
+
+use super::layout::LayoutArgs;
 
 use crate::output::{out, print_pretty};
 use crate::spec::{load, print_errors_json};
 use crate::Failure;
 
-pub(crate) fn run(a: &PathBuf, b: &PathBuf, json: bool, color: bool) -> Result<(), Failure> {
+pub(crate) fn run(
+    a: &PathBuf,
+    b: &PathBuf,
+    json: bool,
+    layout: &LayoutArgs,
+    color: bool,
+) -> Result<(), Failure> {
     let mut errors = Vec::new();
     let ma = load(Some(a), &mut errors, color);
     let mb = load(Some(b), &mut errors, color);
     print_errors_json(json, errors);
-    let ((na, ma), (nb, mb)) = (ma?, mb?);
-    let (ra, rb) = (analyze(&ma), analyze(&mb));
+    let ((na, mut ma), (nb, mut mb)) = (ma?, mb?);
+    layout.apply(&mut ma)?;
+    layout.apply(&mut mb)?;
+    // Per-device figures for both or neither, so the two reports list the same metrics.
+    let per_device =
+        layout.cluster.is_some() || !ma.parallel.is_single() || !mb.parallel.is_single();
+    let (ra, rb) = if per_device {
+        let ca = layout.cluster(&ma, true)?.expect("asked for");
+        let cb = layout.cluster(&mb, true)?.expect("asked for");
+        (with_layout(&ma, &ca), with_layout(&mb, &cb))
+    } else {
+        (analyze(&ma), analyze(&mb))
+    };
     let sa = ma.settings();
     let sb = mb.settings();
     let mut spec_changes = Vec::new();

@@ -116,6 +116,19 @@ pub(crate) fn run_with(
             (name, bytes, model)
         }
     };
+    if !model.parallel.is_single() {
+        let p = &model.parallel;
+        return Err(super::layout::usage(
+            &format!(
+                "kiln train runs in one process; this spec's [parallel] layout needs {} ranks (dp {} · ep {} · pp {})",
+                p.world(),
+                p.dp,
+                p.ep,
+                p.pp
+            ),
+            "`kiln check` and `kiln plan` report what the layout costs (docs/parallel.md); train without [parallel], or with dp, ep and pp at 1",
+        ));
+    }
     let steps = args.steps.unwrap_or(model.train.steps);
     let seed = args.seed.unwrap_or(model.train.seed);
     let (b, t) = (model.train.batch as usize, model.train.seq_len as usize);
