@@ -55,7 +55,7 @@ impl TrainConfig {
             beta2: o.beta2,
             eps: o.eps,
             weight_decay: o.weight_decay,
-            warmup: s.warmup.min(steps),
+            warmup: s.warmup,
             cosine: s.kind == ScheduleKind::Cosine,
             min_lr: s.min_lr,
             grad_clip: settings.grad_clip,
@@ -73,7 +73,9 @@ impl TrainConfig {
         }
     }
 
-    /// The learning rate at 0-based `step`.
+    /// The learning rate at 0-based `step`. Warmup rises linearly to `lr` at its last step
+    /// (the first step without warmup); the cosine then falls from that peak to `min_lr` at
+    /// the run's last step, `steps - 1`. A run shorter than its warmup ends inside it.
     pub fn lr_at(&self, step: u64) -> f64 {
         if step < self.warmup {
             return self.lr * (step + 1) as f64 / self.warmup as f64;
@@ -81,8 +83,9 @@ impl TrainConfig {
         if !self.cosine {
             return self.lr;
         }
-        let span = self.steps.saturating_sub(self.warmup).max(1) as f64;
-        let progress = ((step - self.warmup) as f64 / span).min(1.0);
+        let peak = self.warmup.saturating_sub(1);
+        let span = self.steps.saturating_sub(1).saturating_sub(peak).max(1) as f64;
+        let progress = ((step - peak) as f64 / span).min(1.0);
         self.min_lr
             + 0.5 * (self.lr - self.min_lr) * (1.0 + (std::f64::consts::PI * progress).cos())
     }

@@ -60,10 +60,51 @@ fn a_non_finite_step_changes_nothing() {
 fn the_schedule_warms_up_then_decays_to_min_lr() {
     let c = config();
     assert!((c.lr_at(0) - 1e-4).abs() < 1e-12);
-    assert!((c.lr_at(9) - 1e-3).abs() < 1e-12);
-    assert!((c.lr_at(10) - 1e-3).abs() < 1e-12);
     assert!(c.lr_at(55) < 1e-3 && c.lr_at(55) > 1e-4);
-    assert!((c.lr_at(100) - 1e-4).abs() < 1e-12);
     let constant = TrainConfig { cosine: false, ..c };
     assert_eq!(constant.lr_at(80), 1e-3);
+}
+
+/// docs/spec.md: warmup reaches `lr` at its last step, and the cosine reaches `min_lr` at the
+/// run's last step. (Steps are 0-based here: step 9 is the 10th.)
+#[test]
+fn the_peak_is_one_step_and_min_lr_is_the_last_steps_rate() {
+    let c = TrainConfig {
+        min_lr: 2e-4,
+        ..config()
+    };
+    let peak = c.lr_at(9);
+    assert!((peak - 1e-3).abs() < 1e-15, "{peak}");
+    assert!(c.lr_at(10) < peak, "steps 10 and 11 both at the peak");
+    let last = c.lr_at(99);
+    assert!((last - 2e-4).abs() < 1e-15, "last step's rate {last}");
+    // Strictly decreasing from the peak to the last step.
+    assert!((9..99).all(|s| c.lr_at(s + 1) < c.lr_at(s)));
+    // Without warmup the first step is the peak.
+    let cold = TrainConfig {
+        warmup: 0,
+        ..c.clone()
+    };
+    assert_eq!(cold.lr_at(0), 1e-3);
+    assert!((cold.lr_at(99) - 2e-4).abs() < 1e-15);
+    // A run of one step, or all warmup, never divides by zero.
+    let one = TrainConfig {
+        steps: 1,
+        warmup: 0,
+        ..c.clone()
+    };
+    assert_eq!(one.lr_at(0), 1e-3);
+    let all_warm = TrainConfig { steps: 10, ..c };
+    assert!((all_warm.lr_at(9) - 1e-3).abs() < 1e-15);
+}
+
+/// `--steps` shorter than the warmup ends the run inside the warmup; it does not squeeze it.
+#[test]
+fn fewer_steps_than_the_warmup_keep_the_warmup() {
+    let model = check_str(SPEC).unwrap();
+    let mut settings = Settings::of(&model);
+    settings.schedule.warmup = 10;
+    let c = TrainConfig::of(&settings, 5, 0);
+    assert_eq!(c.warmup, 10);
+    assert!((c.lr_at(4) - settings.optimizer.lr * 0.5).abs() < 1e-15);
 }

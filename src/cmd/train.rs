@@ -172,13 +172,16 @@ pub(crate) fn run_with(
         trainer.restore(ck.step, ck.params, ck.m, ck.v);
         // Keep the metrics up to the checkpoint; later lines belong to lost work.
         let old = std::fs::read_to_string(&metrics_path).unwrap_or_default();
+        let mut recorded_lr = None;
         for line in old.lines() {
-            let step = serde_json::from_str::<serde_json::Value>(line)
-                .ok()
-                .and_then(|v| v["step"].as_u64());
+            let row = serde_json::from_str::<serde_json::Value>(line).ok();
+            let step = row.as_ref().and_then(|v| v["step"].as_u64());
             if step.is_some_and(|s| s <= at) {
                 kept_metrics.push_str(line);
                 kept_metrics.push('\n');
+            }
+            if step == Some(at) {
+                recorded_lr = row.and_then(|v| v["lr"].as_f64());
             }
         }
         eprintln!(
@@ -186,6 +189,17 @@ pub(crate) fn run_with(
             model.name,
             ck_path.display()
         );
+        // The schedule spans the whole run: another step count reshapes it.
+        if let (Some(was), true) = (recorded_lr, at > 0) {
+            let now = trainer.config.lr_at(at - 1);
+            if (now - was).abs() > 1e-9 * was.abs().max(1e-30) {
+                eprintln!(
+                    "note: the schedule now spans {steps} steps, so step {at}'s learning rate \
+                     is {now:.3e} where the run had {was:.3e}; training continues from {:.3e}",
+                    trainer.config.lr_at(at)
+                );
+            }
+        }
     } else {
         fsutil::write_atomic(&out_dir.join("spec.toml"), &spec_bytes)
             .map_err(|e| other(format!("cannot write the run's spec copy: {e}")))?;
@@ -195,6 +209,15 @@ pub(crate) fn run_with(
         .write_all(kept_metrics.as_bytes())
         .map_err(|e| other(format!("cannot write metrics: {e}")))?;
 
+    let warmup = trainer.config.warmup;
+    if steps < warmup {
+        eprintln!(
+            "note: {steps} steps end inside the {warmup}-step warmup: the learning rate rises \
+             to {:.3e} of train.lr = {:.3e}, and no decay follows",
+            trainer.config.lr_at(steps.saturating_sub(1)),
+            trainer.config.lr
+        );
+    }
     eprintln!(
         "training {} ({spec_name}) on {}: {steps} steps of {b} × {t} tokens, {} parameters",
         model.name,
