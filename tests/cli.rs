@@ -161,6 +161,13 @@ fn diff_reports_what_an_ablation_changes() {
     assert!(out.contains("5120 → 2048"), "{out}");
     assert!(out.contains("params.total"), "{out}");
 
+    // Keys only B has stay in their section: YaRN under attention, FP8 under precision.
+    let o = kiln(&["diff", "specs/tiny.toml", "specs/deepseek-v3.toml"]);
+    let out = stdout(&o);
+    let at = |key: &str| out.find(key).unwrap_or_else(|| panic!("no {key}:\n{out}"));
+    assert!(at("attention.rope.yarn.factor") < at("ffn.hidden"), "{out}");
+    assert!(at("precision.keep") < at("train.batch"), "{out}");
+
     let o = kiln(&["diff", "specs/tiny.toml", "specs/tiny.toml", "--json"]);
     assert_eq!(o.status.code(), Some(0));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
@@ -819,4 +826,73 @@ fn diff_compares_two_layouts_per_device() {
         "{out}"
     );
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn the_terminal_says_when_steps_reshape_the_schedule() {
+    let dir = std::env::temp_dir().join(format!("kiln-sched-{}", std::process::id()));
+    let spec = "tests/specs/micro.toml";
+    // micro.toml warms up over 5 steps: 3 steps end inside the warmup.
+    let args = |steps: &'static str| {
+        vec![
+            "train",
+            spec,
+            "--steps",
+            steps,
+            "--out",
+            dir.to_str().unwrap(),
+            "--eval-batches",
+            "1",
+        ]
+    };
+    let o = kiln(&args("3"));
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("3 steps end inside the 5-step warmup"),
+        "{}",
+        stderr(&o)
+    );
+    // The run's rates: 1/5, 2/5 and 3/5 of train.lr, unsqueezed.
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let lr = |i: usize| rows[i]["lr"].as_f64().unwrap();
+    assert!((lr(2) / lr(0) - 3.0).abs() < 1e-9, "{rows:?}");
+    // Resuming the finished 3-step run for 8 steps reshapes its schedule: said, not silent.
+    let o = kiln(&[
+        "train",
+        "--resume",
+        dir.to_str().unwrap(),
+        "--steps",
+        "8",
+        "--eval-batches",
+        "1",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(
+        !stderr(&o).contains("the schedule now spans"),
+        "an unchanged warmup prefix is the same schedule:\n{}",
+        stderr(&o)
+    );
+    // After warmup, a longer run moves the cosine: resuming the 8-step run for 40 steps.
+    let o = kiln(&[
+        "train",
+        "--resume",
+        dir.to_str().unwrap(),
+        "--steps",
+        "40",
+        "--stop-after",
+        "1",
+        "--eval-batches",
+        "1",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("the schedule now spans 40 steps, so step 8's learning rate"),
+        "{}",
+        stderr(&o)
+    );
+    std::fs::remove_dir_all(&dir).ok();
 }

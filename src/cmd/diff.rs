@@ -35,23 +35,7 @@ pub(crate) fn run(
     } else {
         (analyze(&ma), analyze(&mb))
     };
-    let sa = ma.settings();
-    let sb = mb.settings();
-    let mut spec_changes = Vec::new();
-    for (k, va) in &sa {
-        let vb = sb
-            .iter()
-            .find(|(kb, _)| kb == k)
-            .map_or("(unset)", |(_, v)| v.as_str());
-        if vb != va {
-            spec_changes.push((k.clone(), va.clone(), vb.to_string()));
-        }
-    }
-    for (k, vb) in &sb {
-        if !sa.iter().any(|(ka, _)| ka == k) {
-            spec_changes.push((k.clone(), "(unset)".to_string(), vb.clone()));
-        }
-    }
+    let spec_changes = setting_changes(&ma.settings(), &mb.settings());
     let changes = report::diff(&ra, &rb);
     if json {
         #[derive(serde::Serialize)]
@@ -82,4 +66,72 @@ pub(crate) fn run(
         out(&report::render_diff(&na, &nb, &spec_changes, &changes));
     }
     Ok(())
+}
+
+/// The settings whose values differ from `a` to `b`, as `(key, a, b)` with `(unset)` for a
+/// key one side lacks, in the settings' section order: a key only `b` has is placed after
+/// the key that precedes it in `b`, so `attention.rope.yarn.*` stays under `attention`.
+fn setting_changes(
+    a: &[(String, String)],
+    b: &[(String, String)],
+) -> Vec<(String, String, String)> {
+    let mut keys: Vec<&str> = a.iter().map(|(k, _)| k.as_str()).collect();
+    let mut after = 0;
+    for (k, _) in b {
+        match keys.iter().position(|x| x == k) {
+            Some(i) => after = i + 1,
+            None => {
+                keys.insert(after, k);
+                after += 1;
+            }
+        }
+    }
+    let value = |side: &[(String, String)], k: &str| {
+        side.iter()
+            .find(|(x, _)| x == k)
+            .map_or("(unset)".to_string(), |(_, v)| v.clone())
+    };
+    keys.into_iter()
+        .map(|k| (k.to_string(), value(a, k), value(b, k)))
+        .filter(|(_, x, y)| x != y)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::setting_changes;
+
+    fn s(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn keys_only_b_has_sit_in_their_section() {
+        let a = s(&[
+            ("attention.heads", "4"),
+            ("attention.rope.theta", "1e4"),
+            ("moe.top_k", "2"),
+        ]);
+        let b = s(&[
+            ("attention.heads", "4"),
+            ("attention.rope.theta", "1e4"),
+            ("attention.rope.yarn.factor", "4.0"),
+            ("moe.top_k", "2"),
+            ("mtp.depth", "1"),
+        ]);
+        let keys: Vec<String> = setting_changes(&a, &b).into_iter().map(|c| c.0).collect();
+        assert_eq!(keys, ["attention.rope.yarn.factor", "mtp.depth"]);
+        let back: Vec<(String, String, String)> = setting_changes(&b, &a);
+        assert_eq!(
+            back[0],
+            (
+                "attention.rope.yarn.factor".into(),
+                "4.0".into(),
+                "(unset)".into()
+            )
+        );
+    }
 }
