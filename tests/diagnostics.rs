@@ -76,9 +76,11 @@ fn unicode_before_an_error_counts_columns_in_chars() {
 fn a_model_without_moe_layers_needs_no_moe_section_and_vice_versa() {
     let dense = TINY.replace("\"dense, moe*3\"", "\"dense*4\"");
     let d = check_str(&dense).unwrap_err();
-    // [moe] now has no effect; [mtp] defaults its block to the last layer (dense).
-    assert_eq!(d.len(), 1, "{d:#?}");
-    assert_eq!(d[0].rule, Rule::Conflict);
+    // [moe] now has no effect; [mtp] defaults its block to the last layer (dense). The keep
+    // pattern `moe.router` selects nothing either, and is reported in the same pass.
+    assert_eq!(d.len(), 2, "{d:#?}");
+    let rules: Vec<Rule> = d.iter().map(|x| x.rule).collect();
+    assert!(rules.contains(&Rule::Conflict) && rules.contains(&Rule::UnmatchedPattern));
 }
 
 #[test]
@@ -103,4 +105,34 @@ fn a_misspelled_needed_section_is_one_error() {
     assert_eq!(diags.len(), 1, "{diags:#?}");
     assert_eq!(diags[0].rule, Rule::UnknownSection);
     assert_eq!(diags[0].help.as_deref(), Some("did you mean `[ffn]`?"));
+}
+
+/// Independent mistakes are reported in one pass: a rule runs when the values it reads are
+/// valid, not when the whole spec is.
+#[test]
+fn independent_mistakes_are_reported_in_one_pass() {
+    // `experts % groups` does not wait for a `top_k` of the wrong type.
+    let text = TINY
+        .replace("top_k = 2\n", "top_k = \"2\"\n")
+        .replace("groups = 2\n", "groups = 3\n");
+    let d = check_str(&text).unwrap_err();
+    let rules: Vec<Rule> = d.iter().map(|x| x.rule).collect();
+    assert_eq!(rules, [Rule::Type, Rule::Divisible], "{d:#?}");
+
+    // The FP8 tiling rule does not wait for [train], [rl] or [parallel].
+    let text = TINY
+        .replace("hidden = 512\n", "hidden = 500\n")
+        .replace("lr = ", "lr = 5.0 #")
+        .replace(
+            "[train]",
+            "[rl]\ngroup = 1\n\n[parallel]\nep = 3\n\n[train]",
+        );
+    let d = check_str(&text).unwrap_err();
+    let mut rules: Vec<&str> = d.iter().map(|x| x.rule.name()).collect();
+    rules.sort();
+    assert_eq!(
+        rules,
+        ["fp8-tile", "layout", "layout", "range", "range"],
+        "{d:#?}"
+    );
 }

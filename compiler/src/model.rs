@@ -714,6 +714,34 @@ pub struct Train {
     pub data: DataSource,
 }
 
+impl Train {
+    /// Placeholder values for a `[train]` section that has errors of its own, so that the
+    /// checker can still run the rules that do not read it. Never part of a checked model.
+    pub(crate) fn stand_in() -> Train {
+        Train {
+            batch: 1,
+            seq_len: 1,
+            steps: 1,
+            seed: 0,
+            optimizer: AdamW {
+                lr: 1e-3,
+                beta1: 0.9,
+                beta2: 0.95,
+                eps: 1e-8,
+                weight_decay: 0.0,
+            },
+            schedule: Schedule {
+                kind: ScheduleKind::Constant,
+                warmup: 0,
+                min_lr: 0.0,
+            },
+            grad_clip: None,
+            skip_nonfinite: false,
+            data: DataSource::Builtin,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case", tag = "kind", content = "path")]
 pub enum DataSource {

@@ -352,6 +352,7 @@ impl<'a, 't> Checker<'a, 't> {
         if let Some(s) = &mtp {
             spans.mtp_block = s.span_of("block");
         }
+        let mtp_written = mtp.is_some();
         let mtp = mtp.as_ref().and_then(|s| self.mtp(s, layers.as_deref()));
         // A kind of block is used by the stack or by the MTP modules; unknown if the stack is.
         let used = |kind| {
@@ -374,13 +375,21 @@ impl<'a, 't> Checker<'a, 't> {
         let train_sec = self.require(train, "train");
         spans.seq_len = train_sec.as_ref().map_or(0..0, |t| t.span_of("seq_len"));
         let batch_span = train_sec.as_ref().map_or(0..0, |t| t.span_of("batch"));
+        // `batch` and `seq_len` as written, when each is valid on its own: the rules that read
+        // only them need not wait for the rest of [train].
+        let raw = |key: &str, max: u64| {
+            let (n, _) = train_sec.as_ref()?.raw_int(key)?;
+            (1..=max).contains(&n).then_some(n)
+        };
+        let (raw_batch, raw_seq) = (raw("batch", 1 << 20), raw("seq_len", 1 << 24));
         let train = train_sec.and_then(|t| self.train(&t, m.as_ref()));
         let rl = rl.map_or(Some(Rl::DEFAULT), |s| self.rl(&s, m.as_ref()));
         let parallel = parallel.as_ref().map_or(Some(Parallel::SINGLE), |s| {
             let p = self.parallel(s)?;
             // The layout rules read the stack, the experts and the batch: check them once
             // those are known, whatever else is wrong.
-            if let (Some(m), Some(t)) = (&m, &train) {
+            let batch = train.as_ref().map(|t| t.batch).or(raw_batch);
+            if let (Some(m), Some(batch)) = (&m, batch) {
                 // Unknown when the section that says is itself in error.
                 let moe_used = m.layers.contains(&LayerKind::Moe)
                     || mtp.is_some_and(|x| x.block == LayerKind::Moe);
@@ -393,7 +402,7 @@ impl<'a, 't> Checker<'a, 't> {
                 let mla = attn
                     .as_ref()
                     .map(|a| matches!(a.kind, AttentionKind::Latent(_)));
-                let problems = p.problems(t.batch, layers, experts, mla);
+                let problems = p.problems(batch, layers, experts, mla);
                 for problem in &problems {
                     let span = match problem.key {
                         "batch" => batch_span.clone(),
@@ -412,7 +421,20 @@ impl<'a, 't> Checker<'a, 't> {
             Some(p)
         });
 
+        // The op rules read the model's shape, its blocks and the precision policy (and the
+        // tokens per step): run them when those are valid, whatever else is wrong, so that
+        // one pass reports every independent mistake.
+        let uses = |kind| {
+            layers.as_ref().is_some_and(|l| l.contains(&kind))
+                || mtp.is_some_and(|x| x.block == kind)
+        };
+        let blocks_ok = ffn.is_some() == uses(LayerKind::Dense)
+            && moe.is_some() == uses(LayerKind::Moe)
+            && (mtp.is_some() || !mtp_written);
         let m = m?;
+        let attention = attn?;
+        let precision = precision?;
+        let tokens = raw_batch.zip(raw_seq).map(|(b, t)| b * t);
         let model = Model {
             name: m.name,
             vocab: m.vocab,
@@ -423,19 +445,22 @@ impl<'a, 't> Checker<'a, 't> {
             norm: m.norm,
             tie_embeddings: m.tie_embeddings,
             init_std: m.init_std,
-            attention: attn?,
+            attention,
             ffn,
             moe,
             mtp,
-            precision: precision?,
-            train: train?,
-            rl: rl?,
-            parallel: parallel?,
+            precision,
+            // Stand-ins while their own errors are reported; the model is not returned then.
+            train: train.clone().unwrap_or_else(Train::stand_in),
+            rl: rl.unwrap_or(Rl::DEFAULT),
+            parallel: parallel.unwrap_or(Parallel::SINGLE),
         };
-        if self.sink.has_errors() {
+        if blocks_ok {
+            self.op_rules(&model, tokens, &spans);
+        }
+        if self.sink.has_errors() || train.is_none() || rl.is_none() || parallel.is_none() {
             return None;
         }
-        self.op_rules(&model, &spans);
         Some(model)
     }
 

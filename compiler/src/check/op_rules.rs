@@ -9,8 +9,9 @@ use crate::named_ops::{ops, Op, OpClass, Site};
 
 impl Checker<'_, '_> {
     /// Rules over the model's named ops: keep patterns must select something, and FP8 GEMMs
-    /// must tile exactly.
-    pub(super) fn op_rules(&self, model: &Model, spans: &Spans) {
+    /// must tile exactly. `tokens` (batch × seq_len) is `None` when either is invalid; the
+    /// rule that reads it is then skipped. `model.train` may be a stand-in: it is not read.
+    pub(super) fn op_rules(&self, model: &Model, tokens: Option<u64>, spans: &Spans) {
         let all = ops(model);
         let p = &model.precision;
         for (pat, span) in p.keep.iter().zip(&spans.keep) {
@@ -84,8 +85,8 @@ impl Checker<'_, '_> {
         let grads_fp8 = all.iter().any(|op| {
             matches!(op.class, OpClass::Linear | OpClass::Head) && p.grad_format_of(op).is_fp8()
         });
-        let tokens = model.train.batch * model.train.seq_len;
-        if grads_fp8 && tokens % fp8.act_tile[1] != 0 {
+        let tokens = tokens.filter(|t| grads_fp8 && t % fp8.act_tile[1] != 0);
+        if let Some(tokens) = tokens {
             self.sink.push(
                 Diagnostic::new(
                     Rule::Fp8Tile,

@@ -430,82 +430,99 @@ impl<'a, 't> Checker<'a, 't> {
         let bias_update = s.float_or("bias_update", |x| (0.0..1.0).contains(&x), "in [0, 1)", 0.0);
         let seq_aux = s.float_or("seq_aux", |x| (0.0..1.0).contains(&x), "in [0, 1)", 0.0);
 
-        let (experts, top_k, groups, select) = (experts?, top_k?, groups?, select?);
-        if !kept_ok {
-            return None;
+        // Each rule runs when the values it reads are valid, whatever else is wrong, so one
+        // pass reports every independent mistake.
+        let kept = if kept_ok {
+            groups.map(|g| kept.unwrap_or(g))
+        } else {
+            None
+        };
+        let mut ok = true;
+        if let (Some(Selection::Greedy), Some(g), Some(k)) = (select, groups, kept) {
+            if g > 1 || k != g {
+                let key = if s.has("groups") {
+                    "groups"
+                } else {
+                    "groups_kept"
+                };
+                self.sink.push(Diagnostic::new(
+                    Rule::Conflict,
+                    s.span_of(key),
+                    "expert groups only matter for group-limited selection, but `moe.select` is \"greedy\"",
+                    "has no effect with greedy selection",
+                ).with_help("set `select = \"group_limited\"`, or remove `groups` and `groups_kept`"));
+                ok = false;
+            }
         }
-        let kept = kept.unwrap_or(groups);
-        if select == Selection::Greedy && (groups > 1 || kept != groups) {
-            let key = if s.has("groups") {
-                "groups"
+        let mut per_group = None;
+        if let (Some(e), Some(g)) = (experts, groups) {
+            if e % g != 0 {
+                self.sink.push(
+                    Diagnostic::new(
+                        Rule::Divisible,
+                        s.span_of("groups"),
+                        format!("`moe.experts` ({e}) must be divisible by `moe.groups` ({g})"),
+                        "does not divide the experts evenly",
+                    )
+                    .with_related(s.span_of("experts"), "routed experts"),
+                );
+                ok = false;
             } else {
-                "groups_kept"
-            };
-            self.sink.push(Diagnostic::new(
-                Rule::Conflict,
-                s.span_of(key),
-                "expert groups only matter for group-limited selection, but `moe.select` is \"greedy\"",
-                "has no effect with greedy selection",
-            ).with_help("set `select = \"group_limited\"`, or remove `groups` and `groups_kept`"));
-            return None;
+                per_group = Some(e / g);
+            }
         }
-        if experts % groups != 0 {
-            self.sink.push(
-                Diagnostic::new(
-                    Rule::Divisible,
-                    s.span_of("groups"),
-                    format!(
-                        "`moe.experts` ({experts}) must be divisible by `moe.groups` ({groups})"
-                    ),
-                    "does not divide the experts evenly",
-                )
-                .with_related(s.span_of("experts"), "routed experts"),
-            );
-            return None;
+        if let (Some(g), Some(k)) = (groups, kept) {
+            if k > g {
+                self.sink.push(
+                    Diagnostic::new(
+                        Rule::Bound,
+                        s.span_of("groups_kept"),
+                        format!("`moe.groups_kept` ({k}) cannot exceed `moe.groups` ({g})"),
+                        "more groups kept than exist",
+                    )
+                    .with_related(s.span_of("groups"), "groups"),
+                );
+                ok = false;
+            } else if let (Some(n), Some(top_k), Some(select), Some(e)) =
+                (per_group, top_k, select, experts)
+            {
+                let reachable = n * k;
+                if top_k > reachable {
+                    let why = if select == Selection::GroupLimited {
+                        format!("{n} experts per group × {k} groups kept = {reachable}")
+                    } else {
+                        format!("there are {e} experts")
+                    };
+                    self.sink.push(Diagnostic::new(
+                        Rule::Bound,
+                        s.span_of("top_k"),
+                        format!(
+                            "`moe.top_k` ({top_k}) exceeds the experts a token can reach: {why}"
+                        ),
+                        format!("at most {reachable}"),
+                    ));
+                    ok = false;
+                }
+            }
         }
-        if kept > groups {
-            self.sink.push(
-                Diagnostic::new(
-                    Rule::Bound,
-                    s.span_of("groups_kept"),
-                    format!("`moe.groups_kept` ({kept}) cannot exceed `moe.groups` ({groups})"),
-                    "more groups kept than exist",
-                )
-                .with_related(s.span_of("groups"), "groups"),
-            );
-            return None;
-        }
-        let reachable = experts / groups * kept;
-        if top_k > reachable {
-            let why = if select == Selection::GroupLimited {
-                format!(
-                    "{} experts per group × {kept} groups kept = {reachable}",
-                    experts / groups
-                )
-            } else {
-                format!("there are {experts} experts")
-            };
-            self.sink.push(Diagnostic::new(
-                Rule::Bound,
-                s.span_of("top_k"),
-                format!("`moe.top_k` ({top_k}) exceeds the experts a token can reach: {why}"),
-                format!("at most {reachable}"),
-            ));
-            return None;
-        }
-        let group_score = group_score?;
-        if select == Selection::GroupLimited
-            && group_score == GroupScore::Top2Sum
-            && experts / groups < 2
+        if let (Some(Selection::GroupLimited), Some(GroupScore::Top2Sum), Some(n)) =
+            (select, group_score, per_group)
         {
-            self.sink.push(Diagnostic::new(
-                Rule::Bound,
-                s.span_of("group_score"),
-                format!("`group_score = \"top2_sum\"` needs at least 2 experts per group; there are {}", experts / groups),
-                "groups are too small",
-            ).with_help("use `group_score = \"max\"` or fewer groups"));
+            if n < 2 {
+                self.sink.push(Diagnostic::new(
+                    Rule::Bound,
+                    s.span_of("group_score"),
+                    format!("`group_score = \"top2_sum\"` needs at least 2 experts per group; there are {n}"),
+                    "groups are too small",
+                ).with_help("use `group_score = \"max\"` or fewer groups"));
+                ok = false;
+            }
+        }
+        if !ok {
             return None;
         }
+        let (experts, top_k, groups, select, kept, group_score) =
+            (experts?, top_k?, groups?, select?, kept?, group_score?);
         Some(Moe {
             experts,
             shared: shared?,
