@@ -896,3 +896,20 @@ fn the_terminal_says_when_steps_reshape_the_schedule() {
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn fp8_tiling_errors_point_at_the_cause() {
+    let (dir, spec) = tiny_with(
+        "fp8cause",
+        &[("weight_block = [128, 128]", "weight_block = [128, 96]")],
+    );
+    let o = kiln(&["check", spec.to_str().unwrap(), "--color", "never"]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = stderr(&o);
+    assert!(
+        err.contains("`precision.fp8.weight_block` = [128, 96]"),
+        "{err}"
+    );
+    assert!(err.contains("1 error in"), "{err}");
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -136,3 +136,45 @@ fn independent_mistakes_are_reported_in_one_pass() {
         "{d:#?}"
     );
 }
+
+const V3: &str = include_str!("../specs/deepseek-v3.toml");
+
+/// A tile or block size that fails many dimensions is the cause: one error at its key, with
+/// the size that tiles them all.
+#[test]
+fn a_bad_fp8_block_is_one_error_at_its_key() {
+    let text = V3.replace("weight_block = [128, 128]", "weight_block = [128, 96]");
+    let d = check_str(&text).unwrap_err();
+    assert_eq!(d.len(), 1, "{d:#?}");
+    assert_eq!(d[0].rule, Rule::Fp8Tile);
+    assert_eq!(&text[d[0].span.clone()], "[128, 96]");
+    let help = d[0].help.as_deref().unwrap();
+    assert!(help.contains("`weight_block = [128, 128]`"), "{help}");
+    let fixed = text.replace("[128, 96]", "[128, 128]");
+    assert!(check_str(&fixed).is_ok());
+}
+
+/// A dimension that does not tile gets the nearest dimensions that do, and keep patterns that
+/// cover every op it fails: following either suggestion checks in one round.
+#[test]
+fn following_an_fp8_tiling_help_fixes_it_in_one_round() {
+    let text = V3.replace("expert_hidden = 2048", "expert_hidden = 1400");
+    let d = check_str(&text).unwrap_err();
+    assert_eq!(d.len(), 1, "{d:#?}");
+    let help = d[0].help.as_deref().unwrap();
+    assert!(
+        help.contains("set `moe.expert_hidden` to 1408 or 1280"),
+        "{help}"
+    );
+    let adding = help.split("by adding ").nth(1).unwrap();
+    let patterns = adding.split(" to `precision.keep`").next().unwrap();
+    assert_eq!(patterns, "\"moe.experts\", \"moe.shared\"");
+    let kept = text.replace("\"attn.kv_a\"]", &format!("\"attn.kv_a\", {patterns}]"));
+    assert!(
+        check_str(&kept).is_ok(),
+        "{:#?}",
+        check_str(&kept).unwrap_err()
+    );
+    let resized = text.replace("expert_hidden = 1400", "expert_hidden = 1408");
+    assert!(check_str(&resized).is_ok());
+}

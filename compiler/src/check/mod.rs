@@ -253,6 +253,8 @@ struct Spans {
     head: Range<usize>,
     keep: Vec<Range<usize>>,
     fp8: Range<usize>,
+    /// `act_tile` and `weight_block` in `[precision.fp8]`, where written.
+    fp8_keys: Vec<(&'static str, Range<usize>)>,
     seq_len: Range<usize>,
     mtp_block: Range<usize>,
     /// Integer dimension keys (`model.d_model`, `moe.expert_hidden`…), their values and spans,

@@ -20,34 +20,51 @@ impl Checker<'_, '_> {
             }
         }
         let Some(fp8) = p.fp8 else { return };
-        // One error per offending dimension value, listing every op and layer it affects.
-        let mut bad: Vec<TileViolation> = Vec::new();
-        for op in all
+        let gemms: Vec<&Op> = all
             .iter()
             .filter(|op| matches!(op.class, OpClass::Linear | OpClass::Head))
-        {
+            .collect();
+        // A tile or block size that fails several dimensions which a common power of two
+        // would tile is the cause: one error at its key instead of one per dimension.
+        let blame = self.blame_sizes(&gemms, p, fp8, spans);
+        let mut sizes: std::collections::HashMap<Size, (u64, Vec<u64>)> = Default::default();
+        // One error per offending dimension value, listing every op and layer it affects.
+        let mut bad: Vec<TileViolation> = Vec::new();
+        for &op in &gemms {
             let fwd = p.format_of(op);
             let grad = p.grad_format_of(op);
             let [_, tile] = fp8.act_tile;
             let [block_rows, block_cols] = fp8.weight_block;
-            let mut need: Vec<(&str, u64, u64, String)> = Vec::new();
+            let mut need: Vec<(&str, u64, u64, String, Size)> = Vec::new();
             if fwd.is_fp8() {
                 need.push((
                     "input",
                     op.inp,
                     tile,
                     format!("the 1×{tile} activation tile"),
+                    Size::ActTile,
                 ));
                 let block = format!("the {block_rows}×{block_cols} weight block");
-                need.push(("input", op.inp, block_cols, block.clone()));
-                need.push(("output", op.out, block_rows, block));
+                need.push(("input", op.inp, block_cols, block.clone(), Size::BlockCols));
+                need.push(("output", op.out, block_rows, block, Size::BlockRows));
             }
             if grad.is_fp8() {
                 let what = format!("the 1×{tile} tile of the output gradient");
-                need.push(("output", op.out, tile, what));
+                need.push(("output", op.out, tile, what, Size::ActTile));
             }
-            for (dim, value, multiple, what) in need {
+            for (_, value, multiple, _, size) in &need {
+                sizes
+                    .entry(*size)
+                    .or_insert((*multiple, Vec::new()))
+                    .1
+                    .push(*value);
+            }
+            for (dim, value, multiple, what, size) in need {
                 if value % multiple != 0 {
+                    let blamed = blame.get(&size).copied().unwrap_or(false);
+                    if blamed {
+                        continue;
+                    }
                     let use_ = format!("{} ({dim})", op.local_path());
                     let v = match bad.iter_mut().position(|b| b.value == value) {
                         Some(i) => &mut bad[i],
@@ -58,6 +75,7 @@ impl Checker<'_, '_> {
                                 sites: Vec::new(),
                                 tiles: Vec::new(),
                                 multiples: Vec::new(),
+                                ops: Vec::new(),
                                 // The key that put the first such op in FP8.
                                 span: match op.class {
                                     OpClass::Head => spans.head.clone(),
@@ -79,13 +97,18 @@ impl Checker<'_, '_> {
                     if !v.multiples.contains(&multiple) {
                         v.multiples.push(multiple);
                     }
+                    if !v.ops.iter().any(|o| o == op.local_path()) {
+                        v.ops.push(op.local_path().to_string());
+                    }
                 }
             }
         }
         let grads_fp8 = all.iter().any(|op| {
             matches!(op.class, OpClass::Linear | OpClass::Head) && p.grad_format_of(op).is_fp8()
         });
-        let tokens = tokens.filter(|t| grads_fp8 && t % fp8.act_tile[1] != 0);
+        // A blamed activation tile is reported once, at its key.
+        let tile_blamed = blame.get(&Size::ActTile).copied().unwrap_or(false);
+        let tokens = tokens.filter(|t| grads_fp8 && !tile_blamed && t % fp8.act_tile[1] != 0);
         if let Some(tokens) = tokens {
             self.sink.push(
                 Diagnostic::new(
@@ -106,7 +129,6 @@ impl Checker<'_, '_> {
             );
         }
         for v in bad {
-            let first = v.uses[0].split(' ').next().unwrap_or_default().to_string();
             let mut d = Diagnostic::new(
                 Rule::Fp8Tile,
                 v.span.clone(),
@@ -139,12 +161,126 @@ impl Checker<'_, '_> {
             } else {
                 d = d.with_related(spans.fp8.clone(), "tile and block sizes");
             }
+            let multiple = v.multiples.iter().fold(1, |l, &m| l / gcd(l, m) * m);
+            let keys: Vec<&str> = spans
+                .dims
+                .iter()
+                .filter(|(_, n, _)| *n == v.value)
+                .map(|(k, _, _)| k.as_str())
+                .collect();
+            let change = match keys.as_slice() {
+                [key] => format!("set `{key}` to {}", nearest_multiples(v.value, multiple)),
+                _ => format!("make it {}", nearest_multiples(v.value, multiple)),
+            };
+            let patterns = keep_patterns(&v.ops, &all, p)
+                .iter()
+                .map(|p| format!("\"{p}\""))
+                .collect::<Vec<_>>()
+                .join(", ");
             self.sink.push(d.with_help(format!(
-                "it must fill {}; change the dimension, or keep these ops out of FP8 with \
-                 `precision.keep`, e.g. \"{first}\"",
+                "it must fill {}: {change}, or keep every op it fails out of FP8 by adding \
+                 {patterns} to `precision.keep`",
                 v.tiles.join(", ")
             )));
         }
+    }
+
+    /// For each tile or block size, whether it — not a dimension — is the cause of its tiling
+    /// failures: it fails two or more distinct dimensions, all of which a common power of two
+    /// of at least 16 divides. Reports one error at the size's key for each blamed size.
+    fn blame_sizes(
+        &self,
+        gemms: &[&Op],
+        p: &Precision,
+        fp8: Fp8,
+        spans: &Spans,
+    ) -> std::collections::HashMap<Size, bool> {
+        let mut axes: Vec<(Size, u64, Vec<u64>)> = vec![
+            (Size::ActTile, fp8.act_tile[1], Vec::new()),
+            (Size::BlockCols, fp8.weight_block[1], Vec::new()),
+            (Size::BlockRows, fp8.weight_block[0], Vec::new()),
+        ];
+        let mut failing_ops: Vec<Vec<String>> = vec![Vec::new(); 3];
+        for op in gemms {
+            let (fwd, grad) = (p.format_of(op).is_fp8(), p.grad_format_of(op).is_fp8());
+            let dims = [
+                (0, op.inp, fwd),
+                (0, op.out, grad),
+                (1, op.inp, fwd),
+                (2, op.out, fwd),
+            ];
+            for (axis, value, used) in dims {
+                if !used {
+                    continue;
+                }
+                axes[axis].2.push(value);
+                let path = op.local_path();
+                if value % axes[axis].1 != 0 && !failing_ops[axis].iter().any(|o| o == path) {
+                    failing_ops[axis].push(path.to_string());
+                }
+            }
+        }
+        let mut blamed = std::collections::HashMap::new();
+        for ((size, multiple, values), ops) in axes.into_iter().zip(failing_ops) {
+            let mut failing: Vec<u64> = values
+                .iter()
+                .copied()
+                .filter(|v| v % multiple != 0)
+                .collect();
+            failing.sort_unstable();
+            failing.dedup();
+            let g = values.iter().fold(0, |g, &v| gcd(g, v));
+            // The largest power of two up to 128 (DeepSeek-V3's size) dividing every value.
+            let fits = (4..=7).rev().map(|e| 1u64 << e).find(|b| g % b == 0);
+            let Some(fits) = fits.filter(|_| failing.len() >= 2) else {
+                continue;
+            };
+            blamed.insert(size, true);
+            let (key, now, fixed) = match size {
+                Size::ActTile => ("act_tile", fp8.act_tile, [1, fits]),
+                Size::BlockCols => (
+                    "weight_block",
+                    fp8.weight_block,
+                    [fp8.weight_block[0], fits],
+                ),
+                Size::BlockRows => (
+                    "weight_block",
+                    fp8.weight_block,
+                    [fits, fp8.weight_block[1]],
+                ),
+            };
+            let what = match size {
+                Size::ActTile => "the input (and gradient) dimensions",
+                Size::BlockCols => "the input dimensions",
+                Size::BlockRows => "the output dimensions",
+            };
+            let list = failing
+                .iter()
+                .map(u64::to_string)
+                .collect::<Vec<_>>()
+                .join(", ");
+            let span = match spans.fp8_keys.iter().find(|(k, _)| *k == key) {
+                Some((_, s)) => s.clone(),
+                None => spans.fp8.clone(),
+            };
+            self.sink.push(
+                Diagnostic::new(
+                    Rule::Fp8Tile,
+                    span,
+                    format!(
+                        "`precision.fp8.{key}` = [{}, {}]: {multiple} does not divide {what} of FP8 GEMMs {list}",
+                        now[0], now[1]
+                    ),
+                    format!("{multiple} does not tile {}", ops.join(", ")),
+                )
+                .with_help(format!(
+                    "every such dimension of this model is a multiple of {fits}: \
+                     `{key} = [{}, {}]`",
+                    fixed[0], fixed[1]
+                )),
+            );
+        }
+        blamed
     }
 
     pub(super) fn unmatched(&self, pat: &Pattern, span: &Range<usize>, all: &[Op]) {
@@ -178,7 +314,73 @@ struct TileViolation {
     /// The tiles and blocks it fails to fill, and their widths along the dimension.
     tiles: Vec<String>,
     multiples: Vec<u64>,
+    /// The local paths of the ops that fail.
+    ops: Vec<String>,
     span: Range<usize>,
+}
+
+/// Which FP8 tile or block size a dimension must be a multiple of.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Size {
+    /// `act_tile[1]`: the inputs of FP8 GEMMs, and the outputs of FP8 gradient GEMMs.
+    ActTile,
+    /// `weight_block[1]`: the inputs.
+    BlockCols,
+    /// `weight_block[0]`: the outputs.
+    BlockRows,
+}
+
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+/// `1400` with multiple 128 → `"1408 or 1280"`: the nearest values that tile.
+fn nearest_multiples(value: u64, multiple: u64) -> String {
+    let below = value / multiple * multiple;
+    let above = below + multiple;
+    if below == 0 {
+        above.to_string()
+    } else if above - value <= value - below {
+        format!("{above} or {below}")
+    } else {
+        format!("{below} or {above}")
+    }
+}
+
+/// Keep patterns that cover `failing` (local op paths) and change nothing else: a parent such
+/// as `moe.experts` when every GEMM under it fails and every other op under it already runs
+/// in `keep_format`, else the op's own path.
+fn keep_patterns(failing: &[String], all: &[Op], p: &Precision) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for path in failing {
+        let covered = |parent: &str| {
+            all.iter()
+                .filter(|o| {
+                    let local = o.local_path();
+                    local.starts_with(parent) && local[parent.len()..].starts_with('.')
+                })
+                .all(|o| {
+                    let gemm = matches!(o.class, OpClass::Linear | OpClass::Head);
+                    if gemm {
+                        failing.iter().any(|f| f == o.local_path())
+                    } else {
+                        p.format_of(o) == p.keep_format
+                    }
+                })
+        };
+        let pattern = match path.rsplit_once('.') {
+            Some((parent, _)) if covered(parent) => parent.to_string(),
+            _ => path.to_string(),
+        };
+        if !out.contains(&pattern) {
+            out.push(pattern);
+        }
+    }
+    out
 }
 
 /// " in layers 0–60", " in layers 3, 7 and MTP module 0", or "" for ops outside the blocks.

@@ -731,6 +731,11 @@ impl<'a, 't> Checker<'a, 't> {
         let fp8 = match s.table("fp8", FP8_KEYS) {
             Some(t) => {
                 spans.fp8 = t.span.clone();
+                for key in ["act_tile", "weight_block"] {
+                    if t.has(key) {
+                        spans.fp8_keys.push((key, t.span_of(key)));
+                    }
+                }
                 self.fp8(&t).map(Some)
             }
             None if s.has("fp8") => None,
