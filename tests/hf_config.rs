@@ -17,6 +17,8 @@ fn architecture(m: &Model) -> Model {
     let tiny = check_str(include_str!("../specs/tiny.toml")).unwrap();
     a.train = tiny.train;
     a.precision = tiny.precision;
+    // How training is spread over GPUs is no part of the architecture either.
+    a.parallel = tiny.parallel;
     a
 }
 
