@@ -78,6 +78,9 @@ enum Command {
     ///
     /// Writes `OUT/metrics.jsonl` (one JSON object per step: step, loss, lr, tokens_per_s, and
     /// val_loss at evaluation steps) and prints a progress line and a final summary.
+    ///
+    /// `scripts/mpirun -n N kiln train SPEC --parallel dp=N` trains data-parallel across N
+    /// processes over MPI, with the losses of one process (docs/parallel.md).
     Train(train::Args),
     /// Generate text from a trained run (its spec.toml and checkpoint.safetensors).
     Sample(sample::Args),

@@ -749,16 +749,24 @@ fn bad_layouts_and_clusters_are_usage_errors() {
 }
 
 #[test]
-fn train_refuses_a_layout_it_cannot_run() {
+fn train_refuses_a_layout_it_cannot_run_and_says_how_to_run_it() {
     let (dir, spec) = tiny_with("layout", &[("[train]", "[parallel]\ndp = 2\n\n[train]")]);
     let o = kiln(&["train", spec.to_str().unwrap(), "--steps", "1"]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
-    assert!(
-        stderr(&o).contains("kiln train runs in one process"),
-        "{}",
-        stderr(&o)
-    );
+    let err = stderr(&o);
+    assert!(err.contains("this layout trains on 2 processes"), "{err}");
+    assert!(err.contains("scripts/mpirun -n 2 kiln train"), "{err}");
     assert!(!dir.join("runs").exists());
+    // What the runtime does not do yet is refused, not ignored.
+    for layout in ["ep=2", "zero=1", "micro_batch=4"] {
+        let o = kiln(&["train", "--steps", "1", "--parallel", layout]);
+        assert_eq!(o.status.code(), Some(2), "{layout}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains("not built yet") || stderr(&o).contains("does not yet"),
+            "{layout}: {}",
+            stderr(&o)
+        );
+    }
     std::fs::remove_dir_all(dir).unwrap();
 }
 

@@ -12,6 +12,7 @@
 //! - [`decode`]: autoregressive decoding with a KV cache (MLA's latent cache, absorbed).
 //! - [`generate`]: batched, seeded sampling on the decoder (temperature, top-k/p, stops).
 //! - [`memory`]: process-wide allocator settings for training loops.
+//! - [`mpi`]: data-parallel collectives across processes over MPI (loaded at run time).
 //! - [`numerics`]: FP8 and 16-bit formats, block scaling and limited-precision accumulation,
 //!   emulated exactly so a spec's precision policy can train on the CPU.
 //! - [`rl`]: GRPO's math (group-normalized advantages, the clipped KL-regularized objective and
@@ -29,6 +30,7 @@ pub mod exec;
 pub mod generate;
 pub mod hf;
 pub mod memory;
+pub mod mpi;
 pub mod numerics;
 pub mod op_fns;
 pub mod rl;

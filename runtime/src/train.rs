@@ -213,6 +213,31 @@ pub struct StepStats {
     pub skipped: bool,
 }
 
+/// Data-parallel training: each of `ranks()` processes runs the step on its share of the
+/// batch's rows, and the trainer combines their gradients, losses and expert loads before the
+/// update, so every rank applies the same update to the same parameters.
+pub trait Collectives {
+    fn ranks(&self) -> usize;
+    /// Sums `data` over the ranks in place, with the same bits on every rank.
+    fn sum_f32(&self, data: &mut [f32]) -> Result<(), String>;
+    /// Sums a few values over the ranks in place.
+    fn sum_f64(&self, data: &mut [f64]) -> Result<(), String>;
+}
+
+impl Collectives for crate::mpi::Mpi {
+    fn ranks(&self) -> usize {
+        self.size()
+    }
+
+    fn sum_f32(&self, data: &mut [f32]) -> Result<(), String> {
+        crate::mpi::Mpi::sum_f32(self, data).map_err(|e| e.to_string())
+    }
+
+    fn sum_f64(&self, data: &mut [f64]) -> Result<(), String> {
+        crate::mpi::Mpi::sum_f64(self, data).map_err(|e| e.to_string())
+    }
+}
+
 /// A training run's state: parameters, AdamW moments and the step counter.
 pub struct Trainer<'g> {
     graph: &'g Graph,
@@ -240,6 +265,8 @@ pub struct Trainer<'g> {
     /// Largest token offset the graph reads.
     max_offset: u32,
     positions: bool,
+    /// Set for data-parallel training ([`Trainer::data_parallel`]).
+    collectives: Option<&'g dyn Collectives>,
 }
 
 /// The inputs of one step: token windows of `seq_len + max_offset` per row, cut into the
@@ -356,7 +383,21 @@ impl<'g> Trainer<'g> {
             routers,
             max_offset: max_token_offset(graph),
             positions,
+            collectives: None,
         }
+    }
+
+    /// Makes each step data-parallel over `c`'s ranks: this trainer runs on its rank's rows
+    /// (the Program's batch is the per-rank batch), and gradients, losses and expert loads are
+    /// averaged (loads summed) over the ranks before the update. The runner must update on
+    /// the host.
+    pub fn data_parallel(mut self, c: &'g dyn Collectives) -> Self {
+        assert!(
+            !self.resident,
+            "data-parallel training updates on the host; a resident runner cannot take part"
+        );
+        self.collectives = Some(c);
+        self
     }
 
     /// The parameters, in parameter order (read back from the device first when it updates
@@ -477,13 +518,56 @@ impl<'g> Trainer<'g> {
             r.put_state(&self.params, &m, &v)?;
             self.on_device = true;
         }
-        let out = self.exec.run(&Feed {
+        let mut out = self.exec.run(&Feed {
             params: &self.params,
             inputs: &inputs,
             weights,
         })?;
         let scalar = |v: ValueId| f64::from(out[&v].floats()[0]);
-        let (loss, main_loss) = (scalar(self.loss), scalar(self.main_loss));
+        let (mut loss, mut main_loss) = (scalar(self.loss), scalar(self.main_loss));
+        let mut loads: Vec<Vec<u64>> = self
+            .routers
+            .iter()
+            .map(|&(_, experts, e)| match &out[&experts] {
+                Buf::U(ids) => moe::expert_load(ids, e),
+                Buf::F(_) => vec![0; e],
+            })
+            .collect();
+        if let Some(c) = self.collectives {
+            // Each rank's gradients and losses are means over its rows: their mean over the
+            // ranks is the mean over the whole batch.
+            let scale = 1.0 / c.ranks() as f32;
+            let fail = |e: String| ExecError::Device(format!("data-parallel reduction: {e}"));
+            // One reduction over every gradient, laid end to end.
+            let mut flat: Vec<f32> = Vec::new();
+            for &(_, g) in &self.grads {
+                flat.extend_from_slice(out[&g].floats());
+            }
+            c.sum_f32(&mut flat).map_err(fail)?;
+            let mut at = 0;
+            for &(_, g) in &self.grads {
+                if let Some(Buf::F(v)) = out.get_mut(&g) {
+                    for (x, &y) in v.iter_mut().zip(&flat[at..]) {
+                        *x = y * scale;
+                    }
+                    at += v.len();
+                }
+            }
+            let mut scalars = vec![loss, main_loss];
+            for l in &loads {
+                scalars.extend(l.iter().map(|&n| n as f64));
+            }
+            c.sum_f64(&mut scalars).map_err(fail)?;
+            loss = scalars[0] / c.ranks() as f64;
+            main_loss = scalars[1] / c.ranks() as f64;
+            let mut at = 2;
+            for l in &mut loads {
+                for n in l.iter_mut() {
+                    *n = scalars[at].round() as u64;
+                    at += 1;
+                }
+            }
+        }
         if self.resident {
             let c = &self.config;
             let lr = c.lr_at(self.step);
@@ -571,10 +655,9 @@ impl<'g> Trainer<'g> {
                 hyper.apply(w, m, v, grad, decay);
             });
         if c.bias_update > 0.0 {
-            for &(bias, experts, e) in &self.routers {
-                if let Buf::U(ids) = &out[&experts] {
-                    let load = moe::expert_load(ids, e);
-                    moe::update_balance_bias(&mut self.params[bias.index()], &load, c.bias_update);
+            for (&(bias, experts, _), load) in self.routers.iter().zip(&loads) {
+                if let Buf::U(_) = &out[&experts] {
+                    moe::update_balance_bias(&mut self.params[bias.index()], load, c.bias_update);
                 }
             }
         }

@@ -7,8 +7,9 @@ use std::time::Instant;
 
 use kiln_compiler::program::compile;
 use kiln_runtime::checkpoint;
-use kiln_runtime::data::{self, Batcher};
+use kiln_runtime::data::{self, Batch, Batcher};
 use kiln_runtime::device::DeviceKind;
+use kiln_runtime::mpi::Mpi;
 use kiln_runtime::train::{eval_loss, init_params, StepStats, TrainConfig, Trainer};
 use serde_json::value::RawValue;
 
@@ -73,6 +74,11 @@ pub struct RunArgs {
     /// checkpoints run on the host, so a run moves between devices with `--resume`.
     #[arg(long, default_value = "cpu")]
     pub device: DeviceKind,
+    /// The layout, as `kiln check --parallel` takes it: `dp=N` trains data-parallel over N
+    /// processes, which `scripts/mpirun -n N kiln train … --parallel dp=N` starts (MPI).
+    /// Overrides the spec's [parallel].
+    #[arg(long, value_name = "dp=N")]
+    pub parallel: Option<String>,
 }
 
 /// Consecutive non-finite steps `train.skip_nonfinite` tolerates before giving up.
@@ -95,13 +101,36 @@ pub(crate) fn run_with(
     color: bool,
     built: Option<&Specialized>,
 ) -> Result<(), Failure> {
+    // Data parallelism across processes: a launcher (scripts/mpirun) started this one.
+    if !Mpi::launched() {
+        return train(spec, args, color, built, None);
+    }
+    let mpi = Mpi::init().map_err(|e| other(e.to_string()))?;
+    let result = train(spec, args, color, built, Some(&mpi));
+    match &result {
+        // A failure on one rank ends the job on every rank: none may wait for it in a
+        // collective.
+        Err(Failure::Other(text)) if mpi.size() > 1 => mpi.abort(text, 1),
+        // Success, or an invalid spec or command line, which every rank finds alike.
+        _ => mpi.finish(),
+    }
+    result
+}
+
+fn train(
+    spec: Option<PathBuf>,
+    args: RunArgs,
+    color: bool,
+    built: Option<&Specialized>,
+    mpi: Option<&Mpi>,
+) -> Result<(), Failure> {
     // On resume, the spec defaults to the copy the run saved.
     let spec_path = match (&spec, &args.resume) {
         (Some(p), _) => Some(p.clone()),
         (None, Some(dir)) => Some(dir.join("spec.toml")),
         (None, None) => None,
     };
-    let (spec_name, spec_bytes, model) = match built {
+    let (spec_name, spec_bytes, mut model) = match built {
         // A specialized binary trains its own spec; resuming checks the run's hash below.
         Some(b) => {
             let bytes = b.spec.as_bytes().to_vec();
@@ -116,24 +145,71 @@ pub(crate) fn run_with(
             (name, bytes, model)
         }
     };
-    if !model.parallel.is_single() {
-        let p = &model.parallel;
+    if let Some(text) = &args.parallel {
+        super::layout::LayoutArgs {
+            parallel: Some(text.clone()),
+            cluster: None,
+        }
+        .apply(&mut model)?;
+    }
+    let ranks = mpi.map_or(1, Mpi::size) as u64;
+    let rank = mpi.map_or(0, Mpi::rank);
+    let lead = rank == 0;
+    let layout = model.parallel;
+    if layout.ep > 1 || layout.pp > 1 {
         return Err(super::layout::usage(
             &format!(
-                "kiln train runs in one process; this spec's [parallel] layout needs {} ranks (dp {} · ep {} · pp {})",
-                p.world(),
-                p.dp,
-                p.ep,
-                p.pp
+                "kiln train runs data-parallel layouts across processes; expert and pipeline \
+                 parallelism are not built yet (ep {}, pp {})",
+                layout.ep, layout.pp
             ),
-            "`kiln check` and `kiln plan` report what the layout costs (docs/parallel.md); train without [parallel], or with dp, ep and pp at 1",
+            "train with --parallel dp=N; `kiln check` and `kiln plan` report any layout (docs/parallel.md)",
+        ));
+    }
+    if layout.world() != ranks {
+        let message = if ranks == 1 {
+            format!(
+                "this layout trains on {} processes (dp {})",
+                layout.dp, layout.dp
+            )
+        } else {
+            format!(
+                "{ranks} processes were started, but the layout has dp = {}",
+                layout.dp
+            )
+        };
+        return Err(super::layout::usage(
+            &message,
+            &format!(
+                "start one process per rank: scripts/mpirun -n {n} kiln train … --parallel dp={n}",
+                n = layout.dp.max(ranks)
+            ),
+        ));
+    }
+    // What the runtime does not do yet is refused, not ignored.
+    if layout.zero != 0 || layout.micro_batches(model.train.batch) != 1 {
+        return Err(super::layout::usage(
+            "kiln train does not yet shard the optimizer state (zero = 1) or accumulate \
+             gradients over micro-batches (micro_batch below a rank's share of the batch)",
+            "train with zero = 0 and without micro_batch; `kiln check` reports what they save",
+        ));
+    }
+    if layout.dp > 1 && args.device != DeviceKind::Cpu {
+        return Err(super::layout::usage(
+            "data-parallel training runs on --device cpu",
+            "drop --device, or train on one process",
         ));
     }
     let steps = args.steps.unwrap_or(model.train.steps);
     let seed = args.seed.unwrap_or(model.train.seed);
     let (b, t) = (model.train.batch as usize, model.train.seq_len as usize);
+    // Each rank runs the step on its share of the rows of the batch a single process draws.
+    let dp = layout.dp as usize;
+    let rows = b / dp;
+    let mut rank_model = model.clone();
+    rank_model.train.batch = rows as u64;
 
-    let compiled = compile(&model).map_err(|e| other(e.to_string()))?;
+    let compiled = compile(&rank_model).map_err(|e| other(e.to_string()))?;
     let (full, forward) = (compiled.train.graph(), compiled.forward.graph());
 
     let dataset = load_data(&model, args.data.as_deref(), seed)?;
@@ -146,7 +222,10 @@ pub(crate) fn run_with(
         (None, Some(dir)) => dir,
         (None, None) => PathBuf::from("runs").join(&model.name),
     };
-    fsutil::create_dir(&out_dir)?;
+    // The first rank writes the run directory; the others compute.
+    if lead {
+        fsutil::create_dir(&out_dir)?;
+    }
     let metrics_path = out_dir.join("metrics.jsonl");
     let ck_path = checkpoint_path(&out_dir);
     let hash = checkpoint::spec_hash(&spec_bytes);
@@ -156,7 +235,11 @@ pub(crate) fn run_with(
     engine::check_device(args.device, args.emulate_precision)?;
     let config = engine::emulating(config, settings, args.emulate_precision, built, "train")?;
     let params = init_params(forward, seed);
-    let mut trainer = engine::trainer(&compiled.train, config, params, built, args.device)?;
+    let trainer = engine::trainer(&compiled.train, config, params, built, args.device)?;
+    let mut trainer = match mpi {
+        Some(m) if dp > 1 => trainer.data_parallel(m),
+        _ => trainer,
+    };
     let mut kept_metrics = String::new();
     if args.resume.is_some() {
         let ck = checkpoint::load(&ck_path, forward).map_err(|e| other(e.to_string()))?;
@@ -184,13 +267,15 @@ pub(crate) fn run_with(
                 recorded_lr = row.and_then(|v| v["lr"].as_f64());
             }
         }
-        eprintln!(
-            "resuming {} at step {at} from {}",
-            model.name,
-            ck_path.display()
-        );
+        if lead {
+            eprintln!(
+                "resuming {} at step {at} from {}",
+                model.name,
+                ck_path.display()
+            );
+        }
         // The schedule spans the whole run: another step count reshapes it.
-        if let (Some(was), true) = (recorded_lr, at > 0) {
+        if let (Some(was), true, true) = (recorded_lr, at > 0, lead) {
             let now = trainer.config.lr_at(at - 1);
             if (now - was).abs() > 1e-9 * was.abs().max(1e-30) {
                 eprintln!(
@@ -200,17 +285,21 @@ pub(crate) fn run_with(
                 );
             }
         }
-    } else {
+    } else if lead {
         fsutil::write_atomic(&out_dir.join("spec.toml"), &spec_bytes)
             .map_err(|e| other(format!("cannot write the run's spec copy: {e}")))?;
     }
-    let mut metrics = fsutil::create_file(&metrics_path)?;
+    let mut metrics: Box<dyn Write> = if lead {
+        Box::new(fsutil::create_file(&metrics_path)?)
+    } else {
+        Box::new(std::io::sink())
+    };
     metrics
         .write_all(kept_metrics.as_bytes())
         .map_err(|e| other(format!("cannot write metrics: {e}")))?;
 
     let warmup = trainer.config.warmup;
-    if steps < warmup {
+    if steps < warmup && lead {
         eprintln!(
             "note: {steps} steps end inside the {warmup}-step warmup: the learning rate rises \
              to {:.3e} of train.lr = {:.3e}, and no decay follows",
@@ -218,18 +307,26 @@ pub(crate) fn run_with(
             trainer.config.lr
         );
     }
-    eprintln!(
-        "training {} ({spec_name}) on {}: {steps} steps of {b} × {t} tokens, {} parameters",
-        model.name,
-        dataset.description,
-        full.trainable_elements()
-    );
+    if lead {
+        let ranks_text = if dp > 1 {
+            format!(" on {dp} data-parallel ranks of {rows} sequences")
+        } else {
+            String::new()
+        };
+        eprintln!(
+            "training {} ({spec_name}) on {}: {steps} steps of {b} × {t} tokens{ranks_text}, {} parameters",
+            model.name,
+            dataset.description,
+            full.trainable_elements()
+        );
+    }
 
     let val = |trainer: &mut Trainer| -> Result<f64, Failure> {
-        let batches = data::val_batches(&dataset.val, b, window)
+        // The graph takes a rank's rows: the same validation rows in `dp` times the batches.
+        let batches = data::val_batches(&dataset.val, rows, window)
             .map_err(|e| other(e.to_string()))?
-            .filter(|batch| batch.inputs.len() == b * window)
-            .take(args.eval_batches);
+            .filter(|batch| batch.inputs.len() == rows * window)
+            .take(args.eval_batches * dp);
         let emulate = trainer.config.emulate.clone();
         let params = trainer.params().map_err(|e| other(e.to_string()))?;
         eval_loss(&compiled.forward, params, batches, t, emulate.as_ref())
@@ -258,9 +355,22 @@ pub(crate) fn run_with(
     let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let tokens_per_step = (b * t) as f64;
     let stop = args.stop_after.map_or(steps, |n| (first + n).min(steps));
+    let sent = || {
+        mpi.map(|m| {
+            let t = m.traffic();
+            t.reduce_bytes + t.gather_bytes
+        })
+    };
     while trainer.step < stop {
         let batch = batcher.next_batch();
+        let batch = if dp > 1 {
+            rows_of(&batch, rank * rows, rows)
+        } else {
+            batch
+        };
+        let before = sent();
         let s = trainer.step(&batch, t).map_err(|e| other(e.to_string()))?;
+        let step_bytes = sent().zip(before).map(|(a, b)| a - b).filter(|_| dp > 1);
         if s.skipped {
             let at = trainer.step + 1;
             let newest = match saved_at {
@@ -284,10 +394,12 @@ pub(crate) fn run_with(
                     "{skipped} consecutive steps had a non-finite loss (at step {at}); {newest}"
                 )));
             }
-            eprintln!(
-                "\nskipping step {at}: the loss is {} (gradient norm {})",
-                s.loss, s.grad_norm
-            );
+            if lead {
+                eprintln!(
+                    "\nskipping step {at}: the loss is {} (gradient norm {})",
+                    s.loss, s.grad_norm
+                );
+            }
             continue;
         }
         skipped = 0;
@@ -297,10 +409,13 @@ pub(crate) fn run_with(
         let elapsed = start.elapsed().as_secs_f64();
         let tps = tokens_per_step * (done - first) as f64 / elapsed.max(1e-9);
         let eval_now = done % args.eval_every.max(1) == 0 || done == stop;
+        if !lead {
+            continue;
+        }
         if eval_now {
             last_val = val(&mut trainer)?;
         }
-        let line = metrics_row(done, &s, tps, eval_now.then_some(last_val));
+        let line = metrics_row(done, &s, tps, eval_now.then_some(last_val), step_bytes);
         writeln!(metrics, "{line}").map_err(|e| other(format!("cannot write metrics: {e}")))?;
         if eval_now {
             metrics
@@ -327,6 +442,9 @@ pub(crate) fn run_with(
             eprintln!("{progress}");
         }
     }
+    if !lead {
+        return Ok(());
+    }
     if tty {
         eprintln!();
     }
@@ -345,9 +463,15 @@ pub(crate) fn run_with(
 }
 
 /// One line of `metrics.jsonl`: `step`, `loss`, `main_loss`, `lr`, `grad_norm`,
-/// `tokens_per_s`, and `val_loss` at evaluation steps, with the digits they have always had;
+/// `tokens_per_s`, `val_loss` at evaluation steps, and `comm_bytes` in data-parallel runs, with the digits they have always had;
 /// a value that is not finite is `null`.
-fn metrics_row(step: u64, s: &StepStats, tokens_per_s: f64, val_loss: Option<f64>) -> String {
+fn metrics_row(
+    step: u64,
+    s: &StepStats,
+    tokens_per_s: f64,
+    val_loss: Option<f64>,
+    comm_bytes: Option<u64>,
+) -> String {
     #[derive(serde::Serialize)]
     struct Row {
         step: u64,
@@ -358,6 +482,9 @@ fn metrics_row(step: u64, s: &StepStats, tokens_per_s: f64, val_loss: Option<f64
         tokens_per_s: Box<RawValue>,
         #[serde(skip_serializing_if = "Option::is_none")]
         val_loss: Option<Box<RawValue>>,
+        /// Data-parallel runs: bytes this rank sent reducing the step's gradients.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        comm_bytes: Option<u64>,
     }
     let six = |x: f64| format!("{x:.6}");
     output::line(&Row {
@@ -368,7 +495,20 @@ fn metrics_row(step: u64, s: &StepStats, tokens_per_s: f64, val_loss: Option<f64
         grad_norm: number(s.grad_norm, |x| format!("{x:.4}")),
         tokens_per_s: number(tokens_per_s, |x| format!("{x:.1}")),
         val_loss: val_loss.map(|v| number(v, six)),
+        comm_bytes,
     })
+}
+
+/// Rows `first..first + n` of a batch: one data-parallel rank's share.
+fn rows_of(batch: &Batch, first: usize, n: usize) -> Batch {
+    let width = batch.inputs.len() / batch.rows.max(1);
+    let cut = |v: &[u32]| v[first * width..(first + n) * width].to_vec();
+    Batch {
+        inputs: cut(&batch.inputs),
+        targets: cut(&batch.targets),
+        rows: n,
+        seq_len: batch.seq_len,
+    }
 }
 
 #[cfg(test)]
@@ -388,11 +528,11 @@ mod tests {
     #[test]
     fn a_metrics_row_keeps_its_keys_and_digits() {
         assert_eq!(
-            metrics_row(3, &stats(2.5), 1234.56, Some(2.75)),
+            metrics_row(3, &stats(2.5), 1234.56, Some(2.75), None),
             "{\"step\":3,\"loss\":2.500000,\"main_loss\":2.500000,\"lr\":3.000000e-4,\
              \"grad_norm\":0.2500,\"tokens_per_s\":1234.6,\"val_loss\":2.750000}"
         );
-        assert!(!metrics_row(3, &stats(2.5), 1.0, None).contains("val_loss"));
+        assert!(!metrics_row(3, &stats(2.5), 1.0, None, None).contains("val_loss"));
     }
 
     /// The row as kiln wrote it by hand before serde_json wrote it.
@@ -424,7 +564,7 @@ mod tests {
             for val in [None, Some(loss + 0.25)] {
                 let tps = 1234.567 * i as f64;
                 assert_eq!(
-                    metrics_row(i as u64, &s, tps, val),
+                    metrics_row(i as u64, &s, tps, val, None),
                     hand_built(i as u64, &s, tps, val)
                 );
             }
@@ -434,7 +574,7 @@ mod tests {
     #[test]
     fn a_nan_loss_row_is_valid_json() {
         for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
-            let line = metrics_row(7, &stats(bad), f64::NAN, Some(bad));
+            let line = metrics_row(7, &stats(bad), f64::NAN, Some(bad), None);
             let v: serde_json::Value = serde_json::from_str(&line).expect(&line);
             assert_eq!(v["step"], 7);
             for key in ["loss", "main_loss", "tokens_per_s", "val_loss"] {

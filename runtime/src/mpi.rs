@@ -1,0 +1,340 @@
+//! Collectives across processes over MPI: MPICH's MPI-5 standard-ABI library
+//! (`libmpi_abi.so.1`, from the `mpich` PyPI wheel that `scripts/mpirun` installs), loaded at
+//! run time with `dlopen`, so building kiln never needs MPI.
+//!
+//! The standard ABI fixes the predefined handles (`MPI_COMM_WORLD` is `0x101`, `MPI_FLOAT`
+//! `0x210`, …), so they are constants here rather than values read from a header.
+//!
+//! Sums are reproducible: [`Mpi::sum_f32`] reduces each of `n` chunks on one rank, adding the
+//! ranks' contributions in rank order, then shares the reduced chunks. Every rank ends with the
+//! same bits whatever the library's own algorithms, and each rank sends `2 (n − 1) / n` of the
+//! buffer, as a ring all-reduce does ([`Traffic`] counts it).
+//!
+//! Errors: the library is set to return errors rather than abort, and a rank whose work fails
+//! ends the whole job with its message ([`Mpi::abort`]), so no rank waits for a dead peer; a
+//! job that succeeds [`Mpi::finish`]es on every rank. A rank that dies outright is killed with
+//! the job by the launcher, and `MPIEXEC_TIMEOUT` bounds a hang.
+
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::fmt;
+
+/// What went wrong with MPI.
+#[derive(Debug)]
+pub struct MpiError(pub String);
+
+impl fmt::Display for MpiError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for MpiError {}
+
+type Handle = *mut c_void;
+
+const COMM_WORLD: Handle = 0x101 as Handle;
+const FLOAT: Handle = 0x210 as Handle;
+const DOUBLE: Handle = 0x214 as Handle;
+const SUM: Handle = 0x21 as Handle;
+const ERRORS_RETURN: Handle = 0x143 as Handle;
+
+type InitFn = unsafe extern "C" fn(*mut c_int, *mut *mut *mut c_char) -> c_int;
+type IntOutFn = unsafe extern "C" fn(*mut c_int) -> c_int;
+type CommIntFn = unsafe extern "C" fn(Handle, *mut c_int) -> c_int;
+type FinalizeFn = unsafe extern "C" fn() -> c_int;
+type SetErrFn = unsafe extern "C" fn(Handle, Handle) -> c_int;
+type AllreduceFn =
+    unsafe extern "C" fn(*const c_void, *mut c_void, c_int, Handle, Handle, Handle) -> c_int;
+type AlltoallvFn = unsafe extern "C" fn(
+    *const c_void,
+    *const c_int,
+    *const c_int,
+    Handle,
+    *mut c_void,
+    *const c_int,
+    *const c_int,
+    Handle,
+    Handle,
+) -> c_int;
+type AllgathervFn = unsafe extern "C" fn(
+    *const c_void,
+    c_int,
+    Handle,
+    *mut c_void,
+    *const c_int,
+    *const c_int,
+    Handle,
+    Handle,
+) -> c_int;
+type BarrierFn = unsafe extern "C" fn(Handle) -> c_int;
+type ErrorStringFn = unsafe extern "C" fn(c_int, *mut c_char, *mut c_int) -> c_int;
+
+/// Bytes this rank sent in collectives, by the collective's purpose.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Traffic {
+    /// The reduce-scatter half of sums (contributions sent to the chunk's owner).
+    pub reduce_bytes: u64,
+    /// The all-gather half of sums (reduced chunks shared).
+    pub gather_bytes: u64,
+    /// Small all-reduces of scalars (losses, expert loads).
+    pub scalar_bytes: u64,
+}
+
+/// An initialized MPI library and this process's place in `MPI_COMM_WORLD`.
+pub struct Mpi {
+    handle: *mut c_void,
+    rank: usize,
+    size: usize,
+    finalize: FinalizeFn,
+    allreduce: AllreduceFn,
+    alltoallv: AlltoallvFn,
+    allgatherv: AllgathervFn,
+    barrier: BarrierFn,
+    error_string: ErrorStringFn,
+    traffic: std::cell::Cell<Traffic>,
+}
+
+/// The environment variable naming the library; `scripts/mpirun` sets it.
+pub const LIB_VAR: &str = "KILN_MPI_LIB";
+
+impl Mpi {
+    /// Whether this process was started by an MPI launcher (Hydra's `PMI_RANK`, or
+    /// [`LIB_VAR`]).
+    pub fn launched() -> bool {
+        std::env::var_os("PMI_RANK").is_some() || std::env::var_os(LIB_VAR).is_some()
+    }
+
+    /// Loads the library ([`LIB_VAR`], else `libmpi_abi.so.1` on the loader's path) and
+    /// initializes MPI.
+    pub fn init() -> Result<Mpi, MpiError> {
+        let path = std::env::var(LIB_VAR).unwrap_or_else(|_| "libmpi_abi.so.1".to_string());
+        let c_path = CString::new(path.clone())
+            .map_err(|_| MpiError(format!("a NUL in {LIB_VAR}: {path}")))?;
+        // SAFETY: dlopen with a valid C string.
+        let handle = unsafe { libc::dlopen(c_path.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
+        if handle.is_null() {
+            // SAFETY: dlerror returns a C string or null.
+            let why = unsafe {
+                let e = libc::dlerror();
+                if e.is_null() {
+                    "unknown error".to_string()
+                } else {
+                    CStr::from_ptr(e).to_string_lossy().into_owned()
+                }
+            };
+            return Err(MpiError(format!(
+                "cannot load the MPI library {path}: {why}; run through scripts/mpirun, which \
+                 installs MPICH and sets {LIB_VAR}"
+            )));
+        }
+        let sym = |name: &str| -> Result<*mut c_void, MpiError> {
+            let c = CString::new(name).expect("symbol names have no NUL");
+            // SAFETY: looks a symbol up in a library we hold open.
+            let f = unsafe { libc::dlsym(handle, c.as_ptr()) };
+            if f.is_null() {
+                Err(MpiError(format!(
+                    "{path} has no {name}: not an MPI ABI library"
+                )))
+            } else {
+                Ok(f)
+            }
+        };
+        // SAFETY: each symbol has the standard ABI's signature for its name (MPI-5 §20).
+        let (init, initialized, rank_fn, size_fn, set_err) = unsafe {
+            (
+                std::mem::transmute::<*mut c_void, InitFn>(sym("MPI_Init")?),
+                std::mem::transmute::<*mut c_void, IntOutFn>(sym("MPI_Initialized")?),
+                std::mem::transmute::<*mut c_void, CommIntFn>(sym("MPI_Comm_rank")?),
+                std::mem::transmute::<*mut c_void, CommIntFn>(sym("MPI_Comm_size")?),
+                std::mem::transmute::<*mut c_void, SetErrFn>(sym("MPI_Comm_set_errhandler")?),
+            )
+        };
+        // SAFETY: as above.
+        let mut mpi = unsafe {
+            Mpi {
+                handle,
+                rank: 0,
+                size: 1,
+                finalize: std::mem::transmute::<*mut c_void, FinalizeFn>(sym("MPI_Finalize")?),
+                allreduce: std::mem::transmute::<*mut c_void, AllreduceFn>(sym("MPI_Allreduce")?),
+                alltoallv: std::mem::transmute::<*mut c_void, AlltoallvFn>(sym("MPI_Alltoallv")?),
+                allgatherv: std::mem::transmute::<*mut c_void, AllgathervFn>(sym(
+                    "MPI_Allgatherv",
+                )?),
+                barrier: std::mem::transmute::<*mut c_void, BarrierFn>(sym("MPI_Barrier")?),
+                error_string: std::mem::transmute::<*mut c_void, ErrorStringFn>(sym(
+                    "MPI_Error_string",
+                )?),
+                traffic: Default::default(),
+            }
+        };
+        let mut flag: c_int = 0;
+        // SAFETY: valid out-pointers; MPI_Init accepts null argc/argv.
+        unsafe {
+            initialized(&mut flag);
+            if flag == 0 {
+                mpi.check(init(std::ptr::null_mut(), std::ptr::null_mut()), "MPI_Init")?;
+            }
+            mpi.check(
+                set_err(COMM_WORLD, ERRORS_RETURN),
+                "MPI_Comm_set_errhandler",
+            )?;
+            let (mut r, mut s) = (0, 0);
+            mpi.check(rank_fn(COMM_WORLD, &mut r), "MPI_Comm_rank")?;
+            mpi.check(size_fn(COMM_WORLD, &mut s), "MPI_Comm_size")?;
+            mpi.rank = r as usize;
+            mpi.size = s as usize;
+        }
+        Ok(mpi)
+    }
+
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    /// Bytes sent so far.
+    pub fn traffic(&self) -> Traffic {
+        self.traffic.get()
+    }
+
+    fn check(&self, rc: c_int, what: &str) -> Result<(), MpiError> {
+        if rc == 0 {
+            return Ok(());
+        }
+        let mut buf = vec![0 as c_char; 1024];
+        let mut len: c_int = 0;
+        // SAFETY: the buffer holds MPI_MAX_ERROR_STRING (at most 1024) characters.
+        unsafe { (self.error_string)(rc, buf.as_mut_ptr(), &mut len) };
+        let bytes: Vec<u8> = buf[..len.max(0) as usize]
+            .iter()
+            .map(|&c| c as u8)
+            .collect();
+        Err(MpiError(format!(
+            "rank {}: {what} failed: {}",
+            self.rank,
+            String::from_utf8_lossy(&bytes).trim()
+        )))
+    }
+
+    /// Ends the whole job: this rank prints its message and exits with `code`, and the
+    /// launcher, seeing a rank exit without finalizing, kills the others (MPICH's Hydra does
+    /// so within a fraction of a second). `MPI_Abort` would end the job too, but the launcher
+    /// can drop the output its ranks had not yet forwarded, this message among it.
+    pub fn abort(&self, message: &str, code: i32) -> ! {
+        use std::io::Write;
+        let line = format!(
+            "error: rank {} of {}: {message}; ending the job\n",
+            self.rank, self.size
+        );
+        let mut err = std::io::stderr();
+        let _ = err.write_all(line.as_bytes());
+        let _ = err.flush();
+        std::process::exit(code.max(1))
+    }
+
+    /// Waits for every rank.
+    pub fn barrier(&self) -> Result<(), MpiError> {
+        // SAFETY: MPI is initialized.
+        self.check(unsafe { (self.barrier)(COMM_WORLD) }, "MPI_Barrier")
+    }
+
+    /// Sums `data` over every rank, in place, with the same bits on every rank: chunk `j`
+    /// (of `size` near-equal chunks) is added up on rank `j` in rank order, then shared.
+    pub fn sum_f32(&self, data: &mut [f32]) -> Result<(), MpiError> {
+        let n = self.size;
+        if n == 1 {
+            return Ok(());
+        }
+        let bounds: Vec<usize> = (0..=n).map(|j| data.len() * j / n).collect();
+        let counts: Vec<c_int> = (0..n)
+            .map(|j| (bounds[j + 1] - bounds[j]) as c_int)
+            .collect();
+        let displs: Vec<c_int> = bounds[..n].iter().map(|&b| b as c_int).collect();
+        let mine = counts[self.rank] as usize;
+        // Every rank sends chunk j to rank j; this rank receives its chunk from everyone.
+        let mut gathered = vec![0f32; mine * n];
+        let recv_counts = vec![mine as c_int; n];
+        let recv_displs: Vec<c_int> = (0..n).map(|r| (r * mine) as c_int).collect();
+        // SAFETY: the counts and displacements stay inside both buffers.
+        let rc = unsafe {
+            (self.alltoallv)(
+                data.as_ptr().cast(),
+                counts.as_ptr(),
+                displs.as_ptr(),
+                FLOAT,
+                gathered.as_mut_ptr().cast(),
+                recv_counts.as_ptr(),
+                recv_displs.as_ptr(),
+                FLOAT,
+                COMM_WORLD,
+            )
+        };
+        self.check(rc, "MPI_Alltoallv")?;
+        let mut reduced = vec![0f32; mine];
+        for (i, out) in reduced.iter_mut().enumerate() {
+            // Rank order, whatever the library did.
+            *out = (0..n).fold(0f32, |acc, r| acc + gathered[r * mine + i]);
+        }
+        // SAFETY: as above; every rank's chunk lands at its displacement.
+        let rc = unsafe {
+            (self.allgatherv)(
+                reduced.as_ptr().cast(),
+                mine as c_int,
+                FLOAT,
+                data.as_mut_ptr().cast(),
+                counts.as_ptr(),
+                displs.as_ptr(),
+                FLOAT,
+                COMM_WORLD,
+            )
+        };
+        self.check(rc, "MPI_Allgatherv")?;
+        let sent_out = (data.len() - mine) as u64 * 4;
+        let mut t = self.traffic.get();
+        t.reduce_bytes += sent_out;
+        t.gather_bytes += (mine * (n - 1)) as u64 * 4;
+        self.traffic.set(t);
+        Ok(())
+    }
+
+    /// Sums a few f64 values over every rank (losses, counts), in place.
+    pub fn sum_f64(&self, data: &mut [f64]) -> Result<(), MpiError> {
+        if self.size == 1 {
+            return Ok(());
+        }
+        let send = data.to_vec();
+        // SAFETY: both buffers hold `data.len()` doubles.
+        let rc = unsafe {
+            (self.allreduce)(
+                send.as_ptr().cast(),
+                data.as_mut_ptr().cast(),
+                data.len() as c_int,
+                DOUBLE,
+                SUM,
+                COMM_WORLD,
+            )
+        };
+        self.check(rc, "MPI_Allreduce")?;
+        let mut t = self.traffic.get();
+        t.scalar_bytes += data.len() as u64 * 8;
+        self.traffic.set(t);
+        Ok(())
+    }
+}
+
+impl Mpi {
+    /// Finalizes MPI: every rank calls this at the end of a job that succeeded. (A rank that
+    /// fails calls [`Mpi::abort`] instead, so that no other rank waits for it.)
+    pub fn finish(self) {
+        // SAFETY: MPI is initialized and no collective is in flight. The library stays
+        // loaded: MPICH keeps threads and handlers that outlive finalize.
+        unsafe {
+            (self.finalize)();
+        }
+        let _ = self.handle;
+    }
+}
