@@ -141,11 +141,13 @@ enum Command {
         #[command(subcommand)]
         what: exp::Exp,
     },
-    /// Compare two specs: changed settings, and how parameters, FLOPs, KV cache and memory
-    /// change from A to B.
+    /// Compare specs: changed settings, and how parameters, FLOPs, KV cache and memory change
+    /// from A to B (`kiln diff A B`), or across any number of variants (`kiln diff A B C …`,
+    /// one table with a column per spec).
     Diff {
-        a: PathBuf,
-        b: PathBuf,
+        /// Two specs (A and B, with the ratio B / A), or more (one table, a column each).
+        #[arg(num_args = 2.., required = true, value_name = "SPEC")]
+        specs: Vec<PathBuf>,
         /// Print the changes as JSON.
         #[arg(long)]
         json: bool,
@@ -241,7 +243,11 @@ pub fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Check { spec, json, layout } => cmd::check::run(spec, json, &layout, color),
-        Command::Diff { a, b, json, layout } => cmd::diff::run(&a, &b, json, &layout, color),
+        Command::Diff {
+            specs,
+            json,
+            layout,
+        } => cmd::diff::run(&specs, json, &layout, color),
         Command::Plan(args) => plan::run(&args, color),
         Command::Emit {
             what: Emit::Ir { spec, after },

@@ -921,3 +921,48 @@ fn fp8_tiling_errors_point_at_the_cause() {
     assert!(err.contains("1 error in"), "{err}");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn diff_of_many_specs_is_one_table() {
+    let o = kiln(&[
+        "diff",
+        "specs/tiny.toml",
+        "specs/deepseek-v2-lite.toml",
+        "specs/deepseek-v3.toml",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = stdout(&o);
+    let row = |key: &str| {
+        out.lines()
+            .find(|l| l.trim_start().starts_with(&format!("{key} ")))
+            .unwrap_or_else(|| panic!("no {key}:\n{out}"))
+            .split_whitespace()
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(row("moe.experts"), ["moe.experts", "8", "64", "256"]);
+    assert_eq!(
+        row("params.total"),
+        ["params.total", "3.70", "M", "15.71", "B", "671.03", "B"]
+    );
+    // Settings every spec shares are left out.
+    assert!(!out.contains("train.eps"), "{out}");
+    let o = kiln(&[
+        "diff",
+        "--json",
+        "specs/tiny.toml",
+        "specs/deepseek-v2-lite.toml",
+        "specs/deepseek-v3.toml",
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["specs"].as_array().unwrap().len(), 3);
+    let total = v["metric_changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["key"] == "params.total")
+        .unwrap();
+    assert_eq!(total["values"][2], 671_026_404_352u64);
+    // One spec is a usage error.
+    assert_eq!(kiln(&["diff", "specs/tiny.toml"]).status.code(), Some(2));
+}

@@ -627,7 +627,8 @@ pub fn diff(a: &Report, b: &Report) -> Vec<Change> {
         .collect()
 }
 
-fn human(n: u128, unit: Unit) -> String {
+/// A metric's value as the report shows it (`671.03 B`, `1.31 TiB`, `8.51 s`).
+pub fn human(n: u128, unit: Unit) -> String {
     match unit {
         Unit::Count => group(n),
         Unit::Params => params_h(n),

@@ -249,6 +249,14 @@ impl Mpi {
         if n == 1 {
             return Ok(());
         }
+        if data.len() > c_int::MAX as usize {
+            return Err(MpiError(format!(
+                "rank {}: {} values exceed the {} an MPI count can hold",
+                self.rank,
+                data.len(),
+                c_int::MAX
+            )));
+        }
         let bounds: Vec<usize> = (0..=n).map(|j| data.len() * j / n).collect();
         let counts: Vec<c_int> = (0..n)
             .map(|j| (bounds[j + 1] - bounds[j]) as c_int)

@@ -1,8 +1,11 @@
-//! `kiln diff A B`: the settings two specs change, and how their reports differ.
+//! `kiln diff A B [C …]`: the settings specs change, and how their reports differ — for two
+//! specs with the ratio B / A, for more as one table with a column per spec.
 
+use std::fmt::Write;
 use std::path::PathBuf;
 
-use kiln_compiler::analyze::{analyze, with_layout};
+use kiln_compiler::analyze::{analyze, with_layout, Report};
+use kiln_compiler::model::Model;
 use kiln_compiler::report;
 
 use super::layout::LayoutArgs;
@@ -12,31 +15,46 @@ use crate::spec::{load, print_errors_json};
 use crate::Failure;
 
 pub(crate) fn run(
-    a: &PathBuf,
-    b: &PathBuf,
+    specs: &[PathBuf],
     json: bool,
     layout: &LayoutArgs,
     color: bool,
 ) -> Result<(), Failure> {
     let mut errors = Vec::new();
-    let ma = load(Some(a), &mut errors, color);
-    let mb = load(Some(b), &mut errors, color);
+    let loaded: Vec<_> = specs
+        .iter()
+        .map(|p| load(Some(p), &mut errors, color))
+        .collect();
     print_errors_json(json, errors);
-    let ((na, mut ma), (nb, mut mb)) = (ma?, mb?);
-    layout.apply(&mut ma)?;
-    layout.apply(&mut mb)?;
-    // Per-device figures for both or neither, so the two reports list the same metrics.
-    let per_device =
-        layout.cluster.is_some() || !ma.parallel.is_single() || !mb.parallel.is_single();
-    let (ra, rb) = if per_device {
-        let ca = layout.cluster(&ma, true)?.expect("asked for");
-        let cb = layout.cluster(&mb, true)?.expect("asked for");
-        (with_layout(&ma, &ca), with_layout(&mb, &cb))
-    } else {
-        (analyze(&ma), analyze(&mb))
-    };
+    let mut names = Vec::new();
+    let mut models: Vec<Model> = Vec::new();
+    for l in loaded {
+        let (n, m) = l?;
+        names.push(n);
+        models.push(m);
+    }
+    for m in &mut models {
+        layout.apply(m)?;
+    }
+    // Per-device figures for all or none, so the reports list the same metrics.
+    let per_device = layout.cluster.is_some() || models.iter().any(|m| !m.parallel.is_single());
+    let mut reports: Vec<Report> = Vec::new();
+    for m in &models {
+        reports.push(if per_device {
+            let c = layout.cluster(m, true)?.expect("asked for");
+            with_layout(m, &c)
+        } else {
+            analyze(m)
+        });
+    }
+    if models.len() > 2 {
+        return table(&names, &models, &reports, json);
+    }
+    let (na, nb) = (&names[0], &names[1]);
+    let (ma, mb) = (&models[0], &models[1]);
+    let (ra, rb) = (&reports[0], &reports[1]);
     let spec_changes = setting_changes(&ma.settings(), &mb.settings());
-    let changes = report::diff(&ra, &rb);
+    let changes = report::diff(ra, rb);
     if json {
         #[derive(serde::Serialize)]
         struct SpecChange<'a> {
@@ -53,8 +71,8 @@ pub(crate) fn run(
             metric_changes: &'a [report::Change],
         }
         let doc = DiffJson {
-            a: &na,
-            b: &nb,
+            a: na,
+            b: nb,
             spec_changes: spec_changes
                 .iter()
                 .map(|(key, a, b)| SpecChange { key, a, b })
@@ -63,7 +81,7 @@ pub(crate) fn run(
         };
         print_pretty(&doc, "diff")?;
     } else {
-        out(&report::render_diff(&na, &nb, &spec_changes, &changes));
+        out(&report::render_diff(na, nb, &spec_changes, &changes));
     }
     Ok(())
 }
@@ -95,6 +113,149 @@ fn setting_changes(
         .map(|k| (k.to_string(), value(a, k), value(b, k)))
         .filter(|(_, x, y)| x != y)
         .collect()
+}
+
+/// Every setting key of `sides`, in their sections' order (a key some side lacks is placed
+/// after the key that precedes it where it appears), with each side's value or `(unset)`.
+fn settings_table(sides: &[Vec<(String, String)>]) -> Vec<(String, Vec<String>)> {
+    let mut keys: Vec<&str> = Vec::new();
+    for side in sides {
+        let mut after = 0;
+        for (k, _) in side {
+            match keys.iter().position(|x| x == k) {
+                Some(i) => after = i + 1,
+                None => {
+                    keys.insert(after, k);
+                    after += 1;
+                }
+            }
+        }
+    }
+    keys.into_iter()
+        .map(|k| {
+            let values = sides
+                .iter()
+                .map(|side| {
+                    side.iter()
+                        .find(|(x, _)| x == k)
+                        .map_or("(unset)".to_string(), |(_, v)| v.clone())
+                })
+                .collect();
+            (k.to_string(), values)
+        })
+        .collect()
+}
+
+/// `kiln diff A B C …`: one table of the settings and metrics that differ among the specs.
+fn table(
+    names: &[String],
+    models: &[Model],
+    reports: &[Report],
+    json: bool,
+) -> Result<(), Failure> {
+    let sides: Vec<Vec<(String, String)>> = models.iter().map(Model::settings).collect();
+    let settings: Vec<(String, Vec<String>)> = settings_table(&sides)
+        .into_iter()
+        .filter(|(_, v)| v.iter().any(|x| x != &v[0]))
+        .collect();
+    let metrics: Vec<Vec<(String, u128, report::Unit)>> =
+        reports.iter().map(report::metrics).collect();
+    let changed: Vec<usize> = (0..metrics[0].len())
+        .filter(|&i| metrics.iter().any(|m| m[i].1 != metrics[0][i].1))
+        .collect();
+    if json {
+        #[derive(serde::Serialize)]
+        struct Row<'a, T> {
+            key: &'a str,
+            values: Vec<T>,
+        }
+        #[derive(serde::Serialize)]
+        struct Table<'a> {
+            specs: &'a [String],
+            spec_changes: Vec<Row<'a, &'a str>>,
+            /// Exact integers (u128), never rounded through f64.
+            metric_changes: Vec<Row<'a, u128>>,
+        }
+        let doc = Table {
+            specs: names,
+            spec_changes: settings
+                .iter()
+                .map(|(k, v)| Row {
+                    key: k,
+                    values: v.iter().map(String::as_str).collect(),
+                })
+                .collect(),
+            metric_changes: changed
+                .iter()
+                .map(|&i| Row {
+                    key: &metrics[0][i].0,
+                    values: metrics.iter().map(|m| m[i].1).collect(),
+                })
+                .collect(),
+        };
+        return print_pretty(&doc, "diff");
+    }
+    // Every cell as printed, so each column can be as wide as its widest cell (up to 24;
+    // a longer value, such as a keep list, runs past its column on its own row).
+    let metric_rows: Vec<(String, Vec<String>)> = changed
+        .iter()
+        .map(|&i| {
+            let values = metrics
+                .iter()
+                .map(|m| report::human(m[i].1, m[i].2))
+                .collect();
+            (metrics[0][i].0.clone(), values)
+        })
+        .collect();
+    let rows = settings.iter().chain(&metric_rows);
+    let key_width = rows
+        .clone()
+        .map(|(k, _)| k.len() + 2)
+        .max()
+        .unwrap_or(0)
+        .max(36);
+    let widths: Vec<usize> = (0..names.len())
+        .map(|c| {
+            rows.clone()
+                .map(|(_, v)| v[c].chars().count() + 2)
+                .max()
+                .unwrap_or(0)
+                .clamp(12, 24)
+        })
+        .collect();
+    let letter = |i: usize| char::from(b'A' + (i % 26) as u8);
+    let mut o = String::new();
+    for (i, n) in names.iter().enumerate() {
+        let _ = writeln!(o, "{}: {n}", letter(i));
+    }
+    let line = |o: &mut String, key: &str, cells: &mut dyn Iterator<Item = String>| {
+        let _ = write!(o, "  {key:<key_width$}");
+        for (cell, w) in cells.zip(&widths) {
+            // At least one space between cells, however long.
+            let _ = write!(o, " {cell:>w$}", w = w - 1);
+        }
+        o.push('\n');
+    };
+    for (title, rows, none) in [
+        ("spec setting", &settings, "the specs set the same values"),
+        ("metric", &metric_rows, "no reported metric changes"),
+    ] {
+        o.push('\n');
+        if rows.is_empty() {
+            let _ = writeln!(o, "{none}");
+            continue;
+        }
+        line(
+            &mut o,
+            title,
+            &mut (0..names.len()).map(|i| letter(i).to_string()),
+        );
+        for (k, values) in rows {
+            line(&mut o, k, &mut values.iter().cloned());
+        }
+    }
+    out(&o);
+    Ok(())
 }
 
 #[cfg(test)]
