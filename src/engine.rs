@@ -164,10 +164,21 @@ pub(crate) fn builtin_batcher(
 }
 
 /// Share of the data held out for validation.
-const VAL_FRACTION: f64 = 0.1;
+/// The share of the tokens held out for validation unless `kiln train --val-fraction` says.
+pub(crate) const VAL_FRACTION: f64 = 0.1;
 
 /// The training data of a run: `arg` (`--data`), else the spec's `train.data`.
 pub(crate) fn load_data(model: &Model, arg: Option<&str>, seed: u64) -> Result<Dataset, Failure> {
+    load_data_split(model, arg, seed, VAL_FRACTION)
+}
+
+/// [`load_data`] with the last `val_fraction` of the tokens held out for validation.
+pub(crate) fn load_data_split(
+    model: &Model,
+    arg: Option<&str>,
+    seed: u64,
+    val_fraction: f64,
+) -> Result<Dataset, Failure> {
     let spec_data = match &model.train.data {
         DataSource::Builtin => "builtin".to_string(),
         DataSource::Path(p) => p.clone(),
@@ -177,7 +188,7 @@ pub(crate) fn load_data(model: &Model, arg: Option<&str>, seed: u64) -> Result<D
     if let data::Source::Builtin { seed: s, .. } = &mut source {
         *s = seed;
     }
-    let ds = data::load(&source, VAL_FRACTION).map_err(|e| other(e.to_string()))?;
+    let ds = data::load(&source, val_fraction).map_err(|e| other(e.to_string()))?;
     if u64::from(ds.vocab) > model.vocab {
         return Err(other(format!(
             "the data ({}) has token ids up to {}, but the model's vocabulary is {}; raise model.vocab",

@@ -966,3 +966,78 @@ fn diff_of_many_specs_is_one_table() {
     // One spec is a usage error.
     assert_eq!(kiln(&["diff", "specs/tiny.toml"]).status.code(), Some(2));
 }
+
+#[test]
+fn train_checks_memory_and_data_before_the_first_step() {
+    // A 16-layer DeepSeek-V3: refused at once with both numbers, not an abort after a minute.
+    let dir = std::env::temp_dir().join(format!("kiln-preflight-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let v3 = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("specs/deepseek-v3.toml"),
+    )
+    .unwrap();
+    let v3 = v3[..v3.find("# The training layout").unwrap()].replace(
+        "layers = \"dense*3, moe*58\"",
+        "layers = \"dense*3, moe*13\"",
+    );
+    let spec = dir.join("v3-16.toml");
+    std::fs::write(&spec, v3).unwrap();
+    let start = std::time::Instant::now();
+    let o = kiln(&[
+        "train",
+        spec.to_str().unwrap(),
+        "--out",
+        dir.join("run").to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("needs at least") && err.contains("is available"),
+        "{err}"
+    );
+    assert!(start.elapsed().as_secs() < 10);
+    assert!(!dir.join("run").exists());
+
+    // Too little data for one validation batch: said at start, with the flag that fixes it.
+    let text = dir.join("small.txt");
+    std::fs::write(
+        &text,
+        "the quick brown fox jumps over the lazy dog. ".repeat(6),
+    )
+    .unwrap();
+    let out = dir.join("small");
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "train",
+            "tests/specs/micro.toml",
+            "--data",
+            text.to_str().unwrap(),
+            "--steps",
+            "2",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        kiln(&args)
+    };
+    let o = run(&[]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("fewer than one validation batch needs"),
+        "{err}"
+    );
+    let flag = err
+        .split("--val-fraction ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no suggested --val-fraction:\n{err}"))
+        .to_string();
+    let o = run(&["--val-fraction", &flag]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stdout(&o).contains("validation loss"), "{}", stdout(&o));
+    assert!(!stdout(&o).contains("NaN"), "{}", stdout(&o));
+    // The header names the spec's vocabulary, not the data's largest id.
+    assert!(stderr(&o).contains("vocabulary 128"), "{}", stderr(&o));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -13,7 +13,7 @@ use kiln_runtime::mpi::Mpi;
 use kiln_runtime::train::{eval_loss, init_params, StepStats, TrainConfig, Trainer};
 use serde_json::value::RawValue;
 
-use crate::engine::{self, load_data, Specialized};
+use crate::engine::{self, Specialized};
 use crate::fsutil;
 use crate::output::{self, number, out};
 use crate::spec::{load, read_spec};
@@ -79,6 +79,9 @@ pub struct RunArgs {
     /// Overrides the spec's [parallel].
     #[arg(long, value_name = "dp=N")]
     pub parallel: Option<String>,
+    /// The share of the data held out for validation (its last tokens, or the `val` shards).
+    #[arg(long, default_value_t = engine::VAL_FRACTION)]
+    pub val_fraction: f64,
 }
 
 /// Consecutive non-finite steps `train.skip_nonfinite` tolerates before giving up.
@@ -200,6 +203,7 @@ fn train(
             "drop --device, or train on one process",
         ));
     }
+    preflight(&model, layout.dp, args.emulate_precision)?;
     let steps = args.steps.unwrap_or(model.train.steps);
     let seed = args.seed.unwrap_or(model.train.seed);
     let (b, t) = (model.train.batch as usize, model.train.seq_len as usize);
@@ -212,8 +216,31 @@ fn train(
     let compiled = compile(&rank_model).map_err(|e| other(e.to_string()))?;
     let (full, forward) = (compiled.train.graph(), compiled.forward.graph());
 
-    let dataset = load_data(&model, args.data.as_deref(), seed)?;
+    let dataset = engine::load_data_split(&model, args.data.as_deref(), seed, args.val_fraction)?;
     let window = engine::window(forward, t);
+    // The data must hold one validation batch, checked now rather than at the first
+    // evaluation (whose loss would be NaN).
+    let need = rows * window + 1;
+    if dataset.val.len() < need {
+        let total = (dataset.train.len() + dataset.val.len()) as f64;
+        let fraction = need as f64 / total;
+        let help = if fraction < 0.5 {
+            format!(
+                "use more data, or hold out more of it: --val-fraction {:.2} (now {})",
+                (fraction * 100.0).ceil() / 100.0,
+                args.val_fraction
+            )
+        } else {
+            "use more data, or a smaller train.batch or train.seq_len".to_string()
+        };
+        return Err(super::layout::usage(
+            &format!(
+                "the validation split has {} tokens, fewer than one validation batch needs ({rows} × {window} + 1 = {need})",
+                dataset.val.len()
+            ),
+            &help,
+        ));
+    }
     let mut batcher =
         Batcher::new(dataset.train.clone(), b, window, seed).map_err(|e| other(e.to_string()))?;
 
@@ -314,9 +341,10 @@ fn train(
             String::new()
         };
         eprintln!(
-            "training {} ({spec_name}) on {}: {steps} steps of {b} × {t} tokens{ranks_text}, {} parameters",
+            "training {} ({spec_name}) on {}: {steps} steps of {b} × {t} tokens{ranks_text}, vocabulary {}, {} parameters",
             model.name,
             dataset.description,
+            model.vocab,
             full.trainable_elements()
         );
     }
@@ -497,6 +525,50 @@ fn metrics_row(
         val_loss: val_loss.map(|v| number(v, six)),
         comm_bytes,
     })
+}
+
+/// Refuses a run that cannot fit in memory before anything is allocated: the analyzer's
+/// memory for one step as the CPU trains it (f32 weights, gradients and moments, f32
+/// activations of this rank's rows; the moments in their spec format when emulating) is a
+/// lower bound of what the interpreter holds, compared with the memory available now.
+fn preflight(model: &kiln_compiler::model::Model, dp: u64, emulate: bool) -> Result<(), Failure> {
+    use kiln_compiler::model::Format;
+    use kiln_compiler::report::bytes_h;
+    let Some(available) = available_memory() else {
+        return Ok(());
+    };
+    let mut f32_model = model.clone();
+    let moments = model.precision.moments;
+    f32_model.precision = model.precision.mapped(|_| Format::Fp32);
+    if emulate {
+        f32_model.precision.moments = moments;
+    }
+    f32_model.train.batch = (model.train.batch / dp.max(1)).max(1);
+    let need = kiln_compiler::analyze::analyze(&f32_model)
+        .memory
+        .total_bytes;
+    if need <= available as u128 {
+        return Ok(());
+    }
+    Err(super::layout::usage(
+        &format!(
+            "{} needs at least {} to train ({} × {} tokens per step, in f32 on the CPU), but {} is available",
+            model.name,
+            bytes_h(need),
+            f32_model.train.batch,
+            model.train.seq_len,
+            bytes_h(available as u128)
+        ),
+        "shrink train.batch or train.seq_len (activations), or the model (weights, gradients and AdamW moments take 16 bytes per parameter); `kiln check` reports both",
+    ))
+}
+
+/// `MemAvailable` of /proc/meminfo, in bytes (Linux); `None` elsewhere.
+fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// Rows `first..first + n` of a batch: one data-parallel rank's share.

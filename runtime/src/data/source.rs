@@ -253,7 +253,7 @@ pub fn load(source: &Source, val_fraction: f64) -> Result<Dataset, DataError> {
             source: described.clone(),
         })?;
     let description = format!(
-        "{described}: {} train / {} validation tokens ({how}), vocab {vocab}",
+        "{described}: {} train / {} validation tokens ({how}), largest token id {largest}",
         train.len(),
         val.len()
     );
