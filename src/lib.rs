@@ -44,6 +44,12 @@ struct Cli {
     /// When to color diagnostics.
     #[arg(long, value_enum, default_value_t = Color::Auto, global = true)]
     color: Color,
+    /// Override a key of the spec a command reads, as if the file said it: `--set
+    /// train.lr=3e-4`, `--set moe.experts=64`, `--set precision.fp8.weight_block=[128,128]`
+    /// (a bare word is a string: `--set moe.score=sigmoid`). Repeatable; checked with the
+    /// spec's rules. `kiln train` records the resolved spec in the run directory.
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE", global = true)]
+    set: Vec<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -236,6 +242,7 @@ pub(crate) enum Failure {
 pub fn main() -> ExitCode {
     kiln_runtime::memory::keep_freed_memory();
     let cli = Cli::parse();
+    spec::set_overrides(cli.set.clone());
     let color = match cli.color {
         Color::Always => true,
         Color::Never => false,

@@ -14,14 +14,50 @@ use crate::Failure;
 pub(crate) const TINY: &str = include_str!("../specs/tiny.toml");
 const TINY_NAME: &str = "specs/tiny.toml (built in)";
 
-/// A spec's display name and bytes.
+/// `--set section.key=value` overrides, given once per process by the command line.
+static OVERRIDES: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+
+/// Records the `--set` overrides every spec this process reads gets.
+pub(crate) fn set_overrides(sets: Vec<String>) {
+    let _ = OVERRIDES.set(sets);
+}
+
+/// Applies `sets` (`section.key=value` each) to a spec's text, in order.
+pub(crate) fn apply_sets(bytes: Vec<u8>, sets: &[String]) -> Result<Vec<u8>, Failure> {
+    if sets.is_empty() {
+        return Ok(bytes);
+    }
+    let mut text = String::from_utf8(bytes)
+        .map_err(|_| crate::cmd::layout::usage("--set needs a UTF-8 spec", ""))?;
+    for set in sets {
+        let Some((key, value)) = set.split_once('=') else {
+            return Err(crate::cmd::layout::usage(
+                &format!("--set `{set}` is not `section.key=value`"),
+                "for example --set train.lr=3e-4 or --set moe.score=sigmoid",
+            ));
+        };
+        text = kiln_compiler::check::set_key(&text, key.trim(), value)
+            .map_err(|e| crate::cmd::layout::usage(&format!("--set {set}: {e}"), ""))?;
+    }
+    Ok(text.into_bytes())
+}
+
+/// A spec's display name and bytes, with the `--set` overrides applied.
 pub(crate) fn read_spec(path: Option<&PathBuf>) -> Result<(String, Vec<u8>), Failure> {
-    match path {
-        None => Ok((TINY_NAME.to_string(), TINY.as_bytes().to_vec())),
+    let (name, bytes) = match path {
+        None => (TINY_NAME.to_string(), TINY.as_bytes().to_vec()),
         Some(p) => std::fs::read(p)
             .map(|b| (p.display().to_string(), b))
-            .map_err(|e| Failure::Other(format!("cannot read {}: {e}", p.display()))),
-    }
+            .map_err(|e| Failure::Other(format!("cannot read {}: {e}", p.display())))?,
+    };
+    let sets = OVERRIDES.get().map_or(&[][..], Vec::as_slice);
+    // Diagnostics then say where a line they show came from.
+    let name = if sets.is_empty() {
+        name
+    } else {
+        format!("{name} with --set {}", sets.join(" --set "))
+    };
+    Ok((name, apply_sets(bytes, sets)?))
 }
 
 /// The JSON form of diagnostics, one object per error.

@@ -1041,3 +1041,60 @@ fn train_checks_memory_and_data_before_the_first_step() {
     assert!(stderr(&o).contains("vocabulary 128"), "{}", stderr(&o));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn set_overrides_a_key_everywhere_and_train_records_the_resolved_spec() {
+    // Typed as the key is: a number stays a number, a bare word is a string.
+    let o = kiln(&[
+        "check",
+        "--json",
+        "--set",
+        "moe.experts=16",
+        "--set",
+        "moe.score=softmax",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["shape"]["experts"], 16);
+    // An override is checked with the spec's rules, and the diagnostic says where it came from.
+    let o = kiln(&["check", "--set", "moe.experts=9"]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = stderr(&o);
+    assert!(err.contains("with --set moe.experts=9"), "{err}");
+    assert!(err.contains("experts = 9"), "{err}");
+    for bad in ["lr=1", "train.lr", "model.name.x=1"] {
+        let o = kiln(&["check", "--set", bad]);
+        assert_eq!(o.status.code(), Some(2), "{bad}: {}", stderr(&o));
+    }
+    // The run directory's spec.toml is the resolved spec: --set and --steps included, so a
+    // resume needs nothing but the directory.
+    let dir = std::env::temp_dir().join(format!("kiln-set-{}", std::process::id()));
+    let o = kiln(&[
+        "train",
+        "tests/specs/micro.toml",
+        "--steps",
+        "12",
+        "--set",
+        "train.lr=2e-3",
+        "--out",
+        dir.to_str().unwrap(),
+        "--eval-batches",
+        "1",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let recorded = std::fs::read_to_string(dir.join("spec.toml")).unwrap();
+    assert!(
+        recorded.contains("lr = 2e-3") && recorded.contains("steps = 12"),
+        "{recorded}"
+    );
+    let o = kiln(&[
+        "train",
+        "--resume",
+        dir.to_str().unwrap(),
+        "--eval-batches",
+        "1",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stdout(&o).contains("to step 12 of 12"), "{}", stdout(&o));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

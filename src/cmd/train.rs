@@ -255,7 +255,22 @@ fn train(
     }
     let metrics_path = out_dir.join("metrics.jsonl");
     let ck_path = checkpoint_path(&out_dir);
-    let hash = checkpoint::spec_hash(&spec_bytes);
+    // The run records the resolved spec: the file with its --set overrides, and --steps, so
+    // the run is reproducible from its directory alone. (Not the layout: a run resumes in any.)
+    // A --steps the spec's rules refuse (shorter than its warmup) is left unrecorded.
+    let recorded = match (&args.resume, args.steps) {
+        (None, Some(n)) => {
+            let with_steps =
+                crate::spec::apply_sets(spec_bytes.clone(), &[format!("train.steps={n}")])?;
+            if kiln_compiler::check::check(&with_steps).is_ok() {
+                with_steps
+            } else {
+                spec_bytes.clone()
+            }
+        }
+        _ => spec_bytes.clone(),
+    };
+    let hash = checkpoint::spec_hash(&recorded);
 
     let settings = compiled.train.settings();
     let config = TrainConfig::of(settings, steps, seed);
@@ -313,7 +328,7 @@ fn train(
             }
         }
     } else if lead {
-        fsutil::write_atomic(&out_dir.join("spec.toml"), &spec_bytes)
+        fsutil::write_atomic(&out_dir.join("spec.toml"), &recorded)
             .map_err(|e| other(format!("cannot write the run's spec copy: {e}")))?;
     }
     let mut metrics: Box<dyn Write> = if lead {

@@ -7,6 +7,8 @@
 //!    which run only when every value they depend on is valid, so one mistake is one error.
 
 mod op_rules;
+mod overrides;
+pub use overrides::set_key;
 mod reader;
 mod sections;
 
