@@ -24,7 +24,7 @@ pub mod plot;
 mod spec;
 pub mod specialized;
 
-use cmd::{bench, build, emit, exp, hf, logits, plan, rl, sample, train, verify};
+use cmd::{bench, build, emit, exp, hf, logits, plan, rl, sample, sweep, train, verify};
 
 /// Every binary linking kiln counts its heap (see [`heap`]); `kiln bench --memory` reads it.
 #[global_allocator]
@@ -170,6 +170,11 @@ enum Command {
     /// the rule a layout breaks, or the memory it needs beyond the GPU's. See
     /// docs/parallel.md.
     Plan(plan::Args),
+    /// Compare a spec's variants in one table: `kiln sweep SPEC --set moe.experts=64,128,256`
+    /// checks and analyzes the spec with each value (every combination when several keys
+    /// have several values) and prints the settings and metrics that differ, as `kiln diff A
+    /// B C …` does.
+    Sweep(sweep::Args),
 }
 
 #[derive(Subcommand)]
@@ -256,6 +261,7 @@ pub fn main() -> ExitCode {
             layout,
         } => cmd::diff::run(&specs, json, &layout, color),
         Command::Plan(args) => plan::run(&args, color),
+        Command::Sweep(args) => sweep::run(&args, color),
         Command::Emit {
             what: Emit::Ir { spec, after },
         } => emit::ir(spec, after, color),

@@ -42,6 +42,31 @@ pub(crate) fn apply_sets(bytes: Vec<u8>, sets: &[String]) -> Result<Vec<u8>, Fai
     Ok(text.into_bytes())
 }
 
+/// The `--set` overrides of the command line.
+pub(crate) fn overrides() -> &'static [String] {
+    OVERRIDES.get().map_or(&[][..], Vec::as_slice)
+}
+
+/// A spec's display name and bytes as the file has them.
+pub(crate) fn read_raw(path: Option<&PathBuf>) -> Result<(String, Vec<u8>), Failure> {
+    match path {
+        None => Ok((TINY_NAME.to_string(), TINY.as_bytes().to_vec())),
+        Some(p) => std::fs::read(p)
+            .map(|b| (p.display().to_string(), b))
+            .map_err(|e| Failure::Other(format!("cannot read {}: {e}", p.display()))),
+    }
+}
+
+/// Checks spec bytes; on failure renders the diagnostics under `name` and returns
+/// [`Failure::Invalid`].
+pub(crate) fn check_named(name: &str, bytes: &[u8], color: bool) -> Result<Model, Failure> {
+    check(bytes).map_err(|diags| {
+        let text = String::from_utf8_lossy(bytes);
+        eprint!("{}", diag::render(name, &text, &diags, color));
+        Failure::Invalid
+    })
+}
+
 /// A spec's display name and bytes, with the `--set` overrides applied.
 pub(crate) fn read_spec(path: Option<&PathBuf>) -> Result<(String, Vec<u8>), Failure> {
     let (name, bytes) = match path {

@@ -1098,3 +1098,42 @@ fn set_overrides_a_key_everywhere_and_train_records_the_resolved_spec() {
     assert!(stdout(&o).contains("to step 12 of 12"), "{}", stdout(&o));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn sweep_compares_a_specs_variants_in_one_table() {
+    let o = kiln(&[
+        "sweep",
+        "--set",
+        "moe.experts=8,16,32",
+        "--set",
+        "train.lr=1e-3",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(
+        out.starts_with("A: moe.experts=8\nB: moe.experts=16\nC: moe.experts=32"),
+        "{out}"
+    );
+    assert!(out.contains("params.by_component.routed_experts"), "{out}");
+    // Two swept keys: every combination.
+    let o = kiln(&[
+        "sweep",
+        "--json",
+        "--set",
+        "moe.experts=8,16",
+        "--set",
+        "precision.fp8.weight_block=[128,128],[128,64]",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["specs"].as_array().unwrap().len(), 4);
+    // A variant that breaks a rule is reported like a spec that does.
+    let o = kiln(&["sweep", "--set", "moe.experts=8,9"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("with moe.experts=9"), "{}", stderr(&o));
+    // Nothing to sweep is a usage error.
+    assert_eq!(
+        kiln(&["sweep", "--set", "moe.experts=8"]).status.code(),
+        Some(2)
+    );
+}

@@ -147,7 +147,7 @@ fn settings_table(sides: &[Vec<(String, String)>]) -> Vec<(String, Vec<String>)>
 }
 
 /// `kiln diff A B C …`: one table of the settings and metrics that differ among the specs.
-fn table(
+pub(crate) fn table(
     names: &[String],
     models: &[Model],
     reports: &[Report],

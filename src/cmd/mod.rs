@@ -14,5 +14,6 @@ pub(crate) mod logits;
 pub(crate) mod plan;
 pub(crate) mod rl;
 pub(crate) mod sample;
+pub(crate) mod sweep;
 pub(crate) mod train;
 pub(crate) mod verify;
