@@ -82,8 +82,10 @@ enum Command {
     /// Train a model on the CPU: lower, differentiate, and run AdamW steps on the spec's
     /// batch and sequence length, with validation loss every `--eval-every` steps.
     ///
-    /// Writes `OUT/metrics.jsonl` (one JSON object per step: step, loss, lr, tokens_per_s, and
-    /// val_loss at evaluation steps) and prints a progress line and a final summary.
+    /// Writes `OUT/metrics.jsonl` (one JSON object per step: step, loss, main_loss, lr,
+    /// grad_norm, tokens_per_s, and val_loss at evaluation steps) and `OUT/plot.svg` (those
+    /// curves, redrawn at every evaluation), and prints a progress line under the same names
+    /// and a final summary.
     ///
     /// `scripts/mpirun -n N kiln train SPEC --parallel dp=N` trains data-parallel across N
     /// processes over MPI, with the losses of one process (docs/parallel.md).

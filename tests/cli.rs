@@ -1035,7 +1035,7 @@ fn train_checks_memory_and_data_before_the_first_step() {
         .to_string();
     let o = run(&["--val-fraction", &flag]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
-    assert!(stdout(&o).contains("validation loss"), "{}", stdout(&o));
+    assert!(stdout(&o).contains("val_loss"), "{}", stdout(&o));
     assert!(!stdout(&o).contains("NaN"), "{}", stdout(&o));
     // The header names the spec's vocabulary, not the data's largest id.
     assert!(stderr(&o).contains("vocabulary 128"), "{}", stderr(&o));
@@ -1136,4 +1136,49 @@ fn sweep_compares_a_specs_variants_in_one_table() {
         kiln(&["sweep", "--set", "moe.experts=8"]).status.code(),
         Some(2)
     );
+}
+
+#[test]
+fn train_draws_its_curves_and_names_them_as_the_metrics_do() {
+    let dir = std::env::temp_dir().join(format!("kiln-plot-{}", std::process::id()));
+    let o = kiln(&[
+        "train",
+        "tests/specs/micro.toml",
+        "--steps",
+        "10",
+        "--eval-every",
+        "5",
+        "--eval-batches",
+        "1",
+        "--out",
+        dir.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let svg = std::fs::read_to_string(dir.join("plot.svg")).unwrap();
+    for title in [
+        "micro: loss",
+        "micro: learning rate",
+        "micro: gradient norm",
+        "micro: throughput",
+    ] {
+        assert!(svg.contains(title), "plot.svg lacks {title}");
+    }
+    assert!(svg.contains("validation (main)"));
+    // The terminal and metrics.jsonl name the same quantities alike.
+    let err = stderr(&o);
+    let progress = err.lines().find(|l| l.starts_with("step 5/10")).unwrap();
+    let row: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(dir.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .nth(4)
+            .unwrap(),
+    )
+    .unwrap();
+    for key in ["loss", "main_loss", "val_loss", "lr", "tokens_per_s"] {
+        assert!(progress.contains(&format!("  {key} ")), "{progress}");
+        assert!(row.get(key).is_some(), "{row}");
+    }
+    assert!(stdout(&o).contains("main_loss") && stdout(&o).contains("val_loss"));
+    std::fs::remove_dir_all(&dir).unwrap();
 }

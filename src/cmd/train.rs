@@ -466,6 +466,7 @@ fn train(
                 .map_err(|e| other(format!("cannot write metrics: {e}")))?;
             save(&mut trainer, &batcher)?;
             saved_at = Some(done);
+            write_plot(&out_dir, &model.name)?;
         }
         let eta = elapsed / (done - first) as f64 * (stop - done) as f64;
         // Before the first evaluation there is no validation loss to show.
@@ -475,10 +476,12 @@ fn train(
             format!("{last_val:.4}")
         };
         let progress = format!(
-            "step {done}/{steps}  loss {:.4}  val {val_text}  lr {:.2e}  {tps:.0} tok/s  ETA {:.0}s",
-            s.main_loss, s.lr, eta
+            "step {done}/{steps}  loss {:.4}  main_loss {:.4}  val_loss {val_text}  lr {:.2e}  \
+             tokens_per_s {tps:.0}  ETA {:.0}s",
+            s.loss, s.main_loss, s.lr, eta
         );
-        // On a terminal, one line that updates; in a log, a line per evaluation.
+        // Named as metrics.jsonl names them. On a terminal, one line that updates; in a log,
+        // a line per evaluation.
         if tty {
             eprint!("\r{progress}   ");
         } else if eval_now || done == first + 1 {
@@ -494,8 +497,8 @@ fn train(
     let elapsed = start.elapsed().as_secs_f64();
     let ran = stop.saturating_sub(first);
     out(&format!(
-        "trained {} to step {stop} of {steps} ({ran} steps in {elapsed:.1} s, {:.0} tokens/s): train loss {last_main:.4}, \
-         validation loss {last_val:.4} (ln {} = {:.4})\nrun: {} (metrics.jsonl, checkpoint.safetensors, spec.toml)\n",
+        "trained {} to step {stop} of {steps} ({ran} steps in {elapsed:.1} s, {:.0} tokens/s): main_loss {last_main:.4}, \
+         val_loss {last_val:.4} (ln {} = {:.4})\nrun: {} (metrics.jsonl, plot.svg, checkpoint.safetensors, spec.toml)\n",
         model.name,
         tokens_per_step * ran as f64 / elapsed.max(1e-9),
         model.vocab,
@@ -540,6 +543,56 @@ fn metrics_row(
         val_loss: val_loss.map(|v| number(v, six)),
         comm_bytes,
     })
+}
+
+/// `OUT/plot.svg`, drawn from `OUT/metrics.jsonl`: the losses (total, main, validation), the
+/// learning rate, the gradient norm and the throughput against the step.
+fn write_plot(out_dir: &std::path::Path, name: &str) -> Result<(), Failure> {
+    use crate::plot::{stack, Plot, Series};
+    let text = std::fs::read_to_string(out_dir.join("metrics.jsonl"))
+        .map_err(|e| other(format!("cannot read metrics for the plot: {e}")))?;
+    let rows: Vec<serde_json::Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let series = |label: &str, key: &str, dashed: bool| Series {
+        name: label.to_string(),
+        points: rows
+            .iter()
+            .filter_map(|r| Some((r["step"].as_f64()?, r[key].as_f64()?)))
+            .collect(),
+        dashed,
+    };
+    let panel = |what: &str, y: &str, series: Vec<Series>| Plot {
+        title: format!("{name}: {what}"),
+        x_label: "step".into(),
+        y_label: y.into(),
+        series,
+    };
+    let svg = stack(&[
+        panel(
+            "loss",
+            "cross-entropy (nats)",
+            vec![
+                series("total (main + MTP + balance)", "loss", false),
+                series("main", "main_loss", false),
+                series("validation (main)", "val_loss", true),
+            ],
+        ),
+        panel("learning rate", "lr", vec![series("lr", "lr", false)]),
+        panel(
+            "gradient norm",
+            "global L2 norm, before clipping",
+            vec![series("gradient norm", "grad_norm", false)],
+        ),
+        panel(
+            "throughput",
+            "tokens/s",
+            vec![series("tokens/s", "tokens_per_s", false)],
+        ),
+    ]);
+    fsutil::write_atomic(&out_dir.join("plot.svg"), svg.as_bytes())
+        .map_err(|e| other(format!("cannot write the plot: {e}")))
 }
 
 /// Refuses a run that cannot fit in memory before anything is allocated: the analyzer's
