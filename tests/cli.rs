@@ -1182,3 +1182,51 @@ fn train_draws_its_curves_and_names_them_as_the_metrics_do() {
     assert!(stdout(&o).contains("main_loss") && stdout(&o).contains("val_loss"));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn an_hf_round_trip_keeps_kilns_own_settings() {
+    let dir = std::env::temp_dir().join(format!("kiln-sidecar-{}", std::process::id()));
+    let (run, hf, back) = (dir.join("run"), dir.join("hf"), dir.join("back"));
+    let p = |d: &Path| d.to_str().unwrap().to_string();
+    let o = kiln(&[
+        "train",
+        "--steps",
+        "1",
+        "--eval-batches",
+        "1",
+        "--out",
+        &p(&run),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let o = kiln(&["export-hf", &p(&run), "-o", &p(&hf)]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(hf.join("kiln.toml").exists());
+    let o = kiln(&["import-hf", &p(&hf), "-o", &p(&back)]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stderr(&o).contains("restored from"), "{}", stderr(&o));
+    // export → import → diff is empty: the FP8 policy, training settings and name survive.
+    let o = kiln(&[
+        "diff",
+        &p(&run.join("spec.toml")),
+        &p(&back.join("spec.toml")),
+    ]);
+    let out = stdout(&o);
+    assert!(out.contains("the specs set the same values"), "{out}");
+    assert!(out.contains("no reported metric changes"), "{out}");
+    // A sidecar that does not describe config.json's model is ignored, and said so.
+    let sidecar = std::fs::read_to_string(hf.join("kiln.toml")).unwrap();
+    std::fs::write(
+        hf.join("kiln.toml"),
+        sidecar.replace("heads = 4", "heads = 8"),
+    )
+    .unwrap();
+    let again = dir.join("again");
+    let o = kiln(&["import-hf", &p(&hf), "-o", &p(&again)]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("kiln.toml ignored: its architecture"),
+        "{}",
+        stderr(&o)
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

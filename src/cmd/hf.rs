@@ -123,8 +123,24 @@ pub(crate) fn run_import(args: ImportArgs) -> Result<(), Failure> {
     } else {
         args.path.clone()
     };
-    let imported = import_config(&read(&config_path)?, &name)
+    let mut imported = import_config(&read(&config_path)?, &name)
         .map_err(|e| other(format!("{}: {e}", config_path.display())))?;
+    // kiln's own settings (precision policy, training, name), when kiln exported the model.
+    let sidecar = config_path.with_file_name(SIDECAR);
+    if sidecar.exists() {
+        match restore_sidecar(&sidecar, &imported.spec) {
+            Ok(spec) => {
+                imported.spec = spec;
+                imported.notes.push(format!(
+                    "kiln's own settings (precision, training, name) restored from {}",
+                    sidecar.display()
+                ));
+            }
+            Err(why) => imported
+                .notes
+                .push(format!("{} ignored: {why}", sidecar.display())),
+        }
+    }
     if !args.path.is_dir() {
         // A config alone: write the spec (through a temporary file, renamed into place).
         fsutil::write_atomic(&args.out, imported.spec.as_bytes())
@@ -244,9 +260,30 @@ pub(crate) fn run_import(args: ImportArgs) -> Result<(), Failure> {
     Ok(())
 }
 
+/// The file beside `config.json` that keeps what HF's config has no place for: the run's
+/// whole spec. transformers ignores it; `kiln import-hf` restores it.
+const SIDECAR: &str = "kiln.toml";
+
+/// The sidecar's spec, if it describes the architecture `config_spec` does (the same HF
+/// config): then the weights fit it, and its precision, training and name are restored.
+fn restore_sidecar(path: &std::path::Path, config_spec: &str) -> Result<String, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read it: {e}"))?;
+    let kept =
+        check(text.as_bytes()).map_err(|d| format!("it does not check ({} errors)", d.len()))?;
+    let from_config = check(config_spec.as_bytes())
+        .map_err(|_| "the config's spec does not check".to_string())?;
+    let (a, b) = (export_config(&kept), export_config(&from_config));
+    match (a, b) {
+        (Ok(a), Ok(b)) if a == b => Ok(text),
+        _ => Err("its architecture is not config.json's".to_string()),
+    }
+}
+
 pub(crate) fn run_export(args: ExportArgs, color: bool) -> Result<(), Failure> {
     fresh_dir(&args.out)?;
-    let (_, model) = load(Some(&args.dir.join("spec.toml")), &mut Vec::new(), color)?;
+    let spec_path = args.dir.join("spec.toml");
+    let (_, spec_bytes) = crate::spec::read_spec(Some(&spec_path))?;
+    let (_, model) = load(Some(&spec_path), &mut Vec::new(), color)?;
     let mut config = export_config(&model).map_err(|e| other(e.to_string()))?;
     let compiled = compile(&model).map_err(|e| other(e.to_string()))?;
     let graph = compiled.forward.graph();
@@ -271,11 +308,12 @@ pub(crate) fn run_export(args: ExportArgs, color: bool) -> Result<(), Failure> {
         &[
             ("config.json", format!("{config_text}\n").into_bytes()),
             (rt_hf::SINGLE_FILE, weights),
+            (SIDECAR, spec_bytes),
         ],
     )?;
     eprintln!(
-        "exported `{}` at step {} to {} ({} tensors, {dtype_name}); load it with \
-         transformers' AutoModelForCausalLM.from_pretrained",
+        "exported `{}` at step {} to {} ({} tensors, {dtype_name}, and kiln's settings in \
+         {SIDECAR}); load it with transformers' AutoModelForCausalLM.from_pretrained",
         model.name,
         ck.step,
         args.out.display(),
