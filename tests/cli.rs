@@ -1230,3 +1230,55 @@ fn an_hf_round_trip_keeps_kilns_own_settings() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn evaluation_checkpoints_and_logging_have_their_own_intervals() {
+    let dir = std::env::temp_dir().join(format!("kiln-intervals-{}", std::process::id()));
+    let o = kiln(&[
+        "train",
+        "tests/specs/micro.toml",
+        "--steps",
+        "12",
+        "--eval-every",
+        "6",
+        "--checkpoint-every",
+        "4",
+        "--log-every",
+        "3",
+        "--eval-batches",
+        "1",
+        "--stop-after",
+        "9",
+        "--out",
+        dir.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let err = stderr(&o);
+    let logged: Vec<&str> = err
+        .lines()
+        .filter_map(|l| l.strip_prefix("step "))
+        .map(|l| l.split('/').next().unwrap())
+        .collect();
+    assert_eq!(logged, ["1", "3", "6", "9"], "{err}");
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let evaluated: Vec<u64> = rows
+        .iter()
+        .filter(|r| r.get("val_loss").is_some())
+        .map(|r| r["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(evaluated, [6, 9]);
+    // The session stops at step 9 with a checkpoint, whatever the interval.
+    let o = kiln(&[
+        "train",
+        "--resume",
+        dir.to_str().unwrap(),
+        "--eval-batches",
+        "1",
+    ]);
+    assert!(stderr(&o).contains("at step 9"), "{}", stderr(&o));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

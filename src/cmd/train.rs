@@ -53,9 +53,17 @@ pub struct RunArgs {
     /// schedule of `--steps`; `--resume` continues from there.
     #[arg(long)]
     pub stop_after: Option<u64>,
-    /// Evaluate the validation loss and write a checkpoint every N steps (and at the end).
+    /// Evaluate the validation loss every N steps (and at the end).
     #[arg(long, default_value_t = 100)]
     pub eval_every: u64,
+    /// Write a checkpoint (and redraw plot.svg) every N steps, and at the end
+    /// [default: --eval-every].
+    #[arg(long)]
+    pub checkpoint_every: Option<u64>,
+    /// Print a progress line every N steps when stderr is not a terminal (a terminal's line
+    /// updates every step) [default: --eval-every].
+    #[arg(long)]
+    pub log_every: Option<u64>,
     /// Validation batches per evaluation.
     #[arg(long, default_value_t = 8)]
     pub eval_batches: usize,
@@ -451,7 +459,10 @@ fn train(
         last_main = s.main_loss;
         let elapsed = start.elapsed().as_secs_f64();
         let tps = tokens_per_step * (done - first) as f64 / elapsed.max(1e-9);
-        let eval_now = done % args.eval_every.max(1) == 0 || done == stop;
+        let every = |n: u64| done % n.max(1) == 0 || done == stop;
+        let eval_now = every(args.eval_every);
+        let save_now = every(args.checkpoint_every.unwrap_or(args.eval_every));
+        let log_now = every(args.log_every.unwrap_or(args.eval_every));
         if !lead {
             continue;
         }
@@ -460,7 +471,7 @@ fn train(
         }
         let line = metrics_row(done, &s, tps, eval_now.then_some(last_val), step_bytes);
         writeln!(metrics, "{line}").map_err(|e| other(format!("cannot write metrics: {e}")))?;
-        if eval_now {
+        if save_now {
             metrics
                 .flush()
                 .map_err(|e| other(format!("cannot write metrics: {e}")))?;
@@ -481,10 +492,10 @@ fn train(
             s.loss, s.main_loss, s.lr, eta
         );
         // Named as metrics.jsonl names them. On a terminal, one line that updates; in a log,
-        // a line per evaluation.
+        // a line every --log-every steps.
         if tty {
             eprint!("\r{progress}   ");
-        } else if eval_now || done == first + 1 {
+        } else if log_now || done == first + 1 {
             eprintln!("{progress}");
         }
     }
