@@ -15,7 +15,7 @@
 //! job that succeeds [`Mpi::finish`]es on every rank. A rank that dies outright is killed with
 //! the job by the launcher, and `MPIEXEC_TIMEOUT` bounds a hang.
 
-use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::ffi::{c_char, c_int, c_void, CString};
 use std::fmt;
 
 /// What went wrong with MPI.
@@ -113,15 +113,7 @@ impl Mpi {
         // SAFETY: dlopen with a valid C string.
         let handle = unsafe { libc::dlopen(c_path.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
         if handle.is_null() {
-            // SAFETY: dlerror returns a C string or null.
-            let why = unsafe {
-                let e = libc::dlerror();
-                if e.is_null() {
-                    "unknown error".to_string()
-                } else {
-                    CStr::from_ptr(e).to_string_lossy().into_owned()
-                }
-            };
+            let why = crate::dl_error();
             return Err(MpiError(format!(
                 "cannot load the MPI library {path}: {why}; run through scripts/mpirun, which \
                  installs MPICH and sets {LIB_VAR}"

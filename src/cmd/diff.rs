@@ -36,17 +36,7 @@ pub(crate) fn run(
     for m in &mut models {
         layout.apply(m)?;
     }
-    // Per-device figures for all or none, so the reports list the same metrics.
-    let per_device = layout.cluster.is_some() || models.iter().any(|m| !m.parallel.is_single());
-    let mut reports: Vec<Report> = Vec::new();
-    for m in &models {
-        reports.push(if per_device {
-            let c = layout.cluster(m, true)?.expect("asked for");
-            with_layout(m, &c)
-        } else {
-            analyze(m)
-        });
-    }
+    let reports = reports(&models, layout)?;
     if models.len() > 2 {
         return table(&names, &models, &reports, json);
     }
@@ -87,31 +77,18 @@ pub(crate) fn run(
 }
 
 /// The settings whose values differ from `a` to `b`, as `(key, a, b)` with `(unset)` for a
-/// key one side lacks, in the settings' section order: a key only `b` has is placed after
-/// the key that precedes it in `b`, so `attention.rope.yarn.*` stays under `attention`.
+/// key one side lacks, in the settings' section order ([`settings_table`]'s), so
+/// `attention.rope.yarn.*` stays under `attention`.
 fn setting_changes(
     a: &[(String, String)],
     b: &[(String, String)],
 ) -> Vec<(String, String, String)> {
-    let mut keys: Vec<&str> = a.iter().map(|(k, _)| k.as_str()).collect();
-    let mut after = 0;
-    for (k, _) in b {
-        match keys.iter().position(|x| x == k) {
-            Some(i) => after = i + 1,
-            None => {
-                keys.insert(after, k);
-                after += 1;
-            }
-        }
-    }
-    let value = |side: &[(String, String)], k: &str| {
-        side.iter()
-            .find(|(x, _)| x == k)
-            .map_or("(unset)".to_string(), |(_, v)| v.clone())
-    };
-    keys.into_iter()
-        .map(|k| (k.to_string(), value(a, k), value(b, k)))
-        .filter(|(_, x, y)| x != y)
+    settings_table(&[a.to_vec(), b.to_vec()])
+        .into_iter()
+        .filter_map(|(k, mut v)| {
+            let (y, x) = (v.pop()?, v.pop()?);
+            (x != y).then_some((k, x, y))
+        })
         .collect()
 }
 
@@ -142,6 +119,23 @@ fn settings_table(sides: &[Vec<(String, String)>]) -> Vec<(String, Vec<String>)>
                 })
                 .collect();
             (k.to_string(), values)
+        })
+        .collect()
+}
+
+/// The reports of `models`, with the per-device figures for all of them or none (so they
+/// list the same metrics): for all when one has a layout or `--cluster` names a cluster.
+pub(crate) fn reports(models: &[Model], layout: &LayoutArgs) -> Result<Vec<Report>, Failure> {
+    let per_device = layout.cluster.is_some() || models.iter().any(|m| !m.parallel.is_single());
+    models
+        .iter()
+        .map(|m| {
+            Ok(if per_device {
+                let c = layout.cluster(m, true)?.expect("asked for");
+                with_layout(m, &c)
+            } else {
+                analyze(m)
+            })
         })
         .collect()
 }

@@ -34,45 +34,10 @@ pub(crate) fn usage(message: &str, help: &str) -> Failure {
 impl LayoutArgs {
     /// Applies `--parallel` to `model`, checked with the spec's rules.
     pub(crate) fn apply(&self, model: &mut Model) -> Result<(), Failure> {
-        let Some(text) = &self.parallel else {
-            return Ok(());
-        };
-        let mut p = model.parallel;
-        for pair in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-            let Some((k, v)) = pair.split_once('=') else {
-                return Err(usage(
-                    &format!("--parallel: `{pair}` is not `key=value`"),
-                    "write pairs like `dp=2,ep=2`",
-                ));
-            };
-            p.set(k.trim(), v.trim())
-                .map_err(|e| usage(&format!("--parallel: {e}"), ""))?;
+        match &self.parallel {
+            Some(text) => apply_parallel(model, text),
+            None => Ok(()),
         }
-        let experts = model.moe.as_ref().map(|m| m.experts);
-        let mla = matches!(
-            model.attention.kind,
-            kiln_compiler::model::AttentionKind::Latent(_)
-        );
-        let problems = p.problems(
-            model.train.batch,
-            model.layers.len() as u64,
-            Some(experts),
-            Some(mla),
-        );
-        if let Some(first) = problems.first() {
-            for extra in &problems[1..] {
-                eprintln!(
-                    "error: --parallel: {}\n  help: {}",
-                    extra.message, extra.help
-                );
-            }
-            return Err(usage(
-                &format!("--parallel: {}", first.message),
-                &first.help,
-            ));
-        }
-        model.parallel = p;
-        Ok(())
     }
 
     /// The cluster of the per-device report: `--cluster`, or the h800 preset when the layout
@@ -97,6 +62,46 @@ impl LayoutArgs {
         }
         Ok(Some(c))
     }
+}
+
+/// Applies a `--parallel key=value,…` text to `model`'s layout, checked with the spec's rules.
+pub(crate) fn apply_parallel(model: &mut Model, text: &str) -> Result<(), Failure> {
+    let mut p = model.parallel;
+    for pair in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let Some((k, v)) = pair.split_once('=') else {
+            return Err(usage(
+                &format!("--parallel: `{pair}` is not `key=value`"),
+                "write pairs like `dp=2,ep=2`",
+            ));
+        };
+        p.set(k.trim(), v.trim())
+            .map_err(|e| usage(&format!("--parallel: {e}"), ""))?;
+    }
+    let experts = model.moe.as_ref().map(|m| m.experts);
+    let mla = matches!(
+        model.attention.kind,
+        kiln_compiler::model::AttentionKind::Latent(_)
+    );
+    let problems = p.problems(
+        model.train.batch,
+        model.layers.len() as u64,
+        Some(experts),
+        Some(mla),
+    );
+    if let Some(first) = problems.first() {
+        for extra in &problems[1..] {
+            eprintln!(
+                "error: --parallel: {}\n  help: {}",
+                extra.message, extra.help
+            );
+        }
+        return Err(usage(
+            &format!("--parallel: {}", first.message),
+            &first.help,
+        ));
+    }
+    model.parallel = p;
+    Ok(())
 }
 
 /// A preset (`h800x2048`) or a cluster file.

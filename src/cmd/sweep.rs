@@ -2,8 +2,6 @@
 
 use std::path::PathBuf;
 
-use kiln_compiler::analyze::{analyze, with_layout};
-
 use super::layout::{usage, LayoutArgs};
 use crate::spec::{apply_sets, check_named, overrides, read_raw};
 use crate::Failure;
@@ -99,17 +97,7 @@ pub(crate) fn run(args: &Args, color: bool) -> Result<(), Failure> {
     if failed {
         return Err(Failure::Invalid);
     }
-    let per_device =
-        args.layout.cluster.is_some() || models.iter().any(|m| !m.parallel.is_single());
-    let mut reports = Vec::new();
-    for m in &models {
-        reports.push(if per_device {
-            let c = args.layout.cluster(m, true)?.expect("asked for");
-            with_layout(m, &c)
-        } else {
-            analyze(m)
-        });
-    }
+    let reports = super::diff::reports(&models, &args.layout)?;
     super::diff::table(&names, &models, &reports, args.json)
 }
 

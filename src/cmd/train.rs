@@ -157,11 +157,7 @@ fn train(
         }
     };
     if let Some(text) = &args.parallel {
-        super::layout::LayoutArgs {
-            parallel: Some(text.clone()),
-            cluster: None,
-        }
-        .apply(&mut model)?;
+        super::layout::apply_parallel(&mut model, text)?;
     }
     let ranks = mpi.map_or(1, Mpi::size) as u64;
     let rank = mpi.map_or(0, Mpi::rank);

@@ -502,15 +502,7 @@ fn open(path: &Path, names: &[&str]) -> Result<Library, DeviceError> {
     // SAFETY: dlopen with a valid C string; the library's initializers only set up statics.
     let handle = unsafe { libc::dlopen(c_path.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
     if handle.is_null() {
-        // SAFETY: dlerror returns a C string or null.
-        let why = unsafe {
-            let e = libc::dlerror();
-            if e.is_null() {
-                "unknown error".to_string()
-            } else {
-                std::ffi::CStr::from_ptr(e).to_string_lossy().into_owned()
-            }
-        };
+        let why = crate::dl_error();
         return Err(DeviceError::Build(format!(
             "cannot load {}: {why}",
             path.display()
