@@ -1,11 +1,14 @@
-//! Reading a spec and checking it: the built-in default, diagnostics rendered to stderr and,
-//! for `--json`, their JSON form.
+//! Reading a spec and checking it: the built-in default, `extends` chains and `--set`
+//! overrides resolved into the text the checker reads, diagnostics rendered to stderr at the
+//! file that holds each error and, for `--json`, their JSON form.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use kiln_compiler::check::check;
-use kiln_compiler::diag::{self, Diagnostic};
+use kiln_compiler::check::extends::{self, Loaded};
+use kiln_compiler::diag;
 use kiln_compiler::model::Model;
+use kiln_compiler::source::SpecSource;
 
 use crate::output::out;
 use crate::Failure;
@@ -22,13 +25,16 @@ pub(crate) fn set_overrides(sets: Vec<String>) {
     let _ = OVERRIDES.set(sets);
 }
 
-/// Applies `sets` (`section.key=value` each) to a spec's text, in order.
-pub(crate) fn apply_sets(bytes: Vec<u8>, sets: &[String]) -> Result<Vec<u8>, Failure> {
+/// The `--set` overrides of the command line.
+pub(crate) fn overrides() -> &'static [String] {
+    OVERRIDES.get().map_or(&[][..], Vec::as_slice)
+}
+
+/// Applies `sets` (`section.key=value` each) to a spec, in order, and names it after them.
+pub(crate) fn apply_sets(src: &mut SpecSource, sets: &[String]) -> Result<(), Failure> {
     if sets.is_empty() {
-        return Ok(bytes);
+        return Ok(());
     }
-    let mut text = String::from_utf8(bytes)
-        .map_err(|_| crate::cmd::layout::usage("--set needs a UTF-8 spec", ""))?;
     for set in sets {
         let Some((key, value)) = set.split_once('=') else {
             return Err(crate::cmd::layout::usage(
@@ -36,73 +42,123 @@ pub(crate) fn apply_sets(bytes: Vec<u8>, sets: &[String]) -> Result<Vec<u8>, Fai
                 "for example --set train.lr=3e-4 or --set moe.score=sigmoid",
             ));
         };
-        text = kiln_compiler::check::set_key(&text, key.trim(), value)
+        kiln_compiler::check::set(src, key.trim(), value)
             .map_err(|e| crate::cmd::layout::usage(&format!("--set {set}: {e}"), ""))?;
     }
-    Ok(text.into_bytes())
+    // Diagnostics then say where the text they check came from.
+    let name = format!("{} with --set {}", src.name(), sets.join(" --set "));
+    src.set_name(name);
+    Ok(())
 }
 
-/// The `--set` overrides of the command line.
-pub(crate) fn overrides() -> &'static [String] {
-    OVERRIDES.get().map_or(&[][..], Vec::as_slice)
-}
-
-/// A spec's display name and bytes as the file has them.
-pub(crate) fn read_raw(path: Option<&PathBuf>) -> Result<(String, Vec<u8>), Failure> {
-    match path {
-        None => Ok((TINY_NAME.to_string(), TINY.as_bytes().to_vec())),
-        Some(p) => std::fs::read(p)
-            .map(|b| (p.display().to_string(), b))
-            .map_err(|e| Failure::Other(format!("cannot read {}: {e}", p.display()))),
-    }
-}
-
-/// Checks spec bytes; on failure renders the diagnostics under `name` and returns
-/// [`Failure::Invalid`].
-pub(crate) fn check_named(name: &str, bytes: &[u8], color: bool) -> Result<Model, Failure> {
-    check(bytes).map_err(|diags| {
-        let text = String::from_utf8_lossy(bytes);
-        eprint!("{}", diag::render(name, &text, &diags, color));
+/// A spec as its file says, with its `extends` chain resolved (no `--set` overrides).
+/// Diagnostics about the chain (a missing base, a loop) are rendered, and their JSON form
+/// appended to `json_errors`.
+pub(crate) fn read_source(
+    path: Option<&PathBuf>,
+    json_errors: &mut Vec<serde_json::Value>,
+    color: bool,
+) -> Result<SpecSource, Failure> {
+    let Some(p) = path else {
+        return Ok(SpecSource::single(TINY_NAME, TINY));
+    };
+    let first = read_file(p).map_err(Failure::Other)?;
+    let text = match String::from_utf8(first) {
+        Ok(text) => text,
+        Err(e) => {
+            // The checker's own diagnostic says where the bytes stop being UTF-8.
+            let bytes = e.into_bytes();
+            let name = p.display().to_string();
+            let diags = check(&bytes).err().unwrap_or_default();
+            let text = String::from_utf8_lossy(&bytes);
+            eprint!("{}", diag::render(&name, &text, &diags, color));
+            json_errors.extend(SpecSource::single(&name, text).errors_json(&diags));
+            return Err(Failure::Invalid);
+        }
+    };
+    // A base is named as the user would write it (`specs/child.toml` extends `base.toml`:
+    // `specs/base.toml`) and identified by its canonical path, so a loop is found whatever
+    // the spelling.
+    let mut first = load_file(p.clone()).map_err(Failure::Other)?;
+    first.text = text;
+    let mut load = |from: &Loaded, target: &str| {
+        let dir = Path::new(&from.name).parent().unwrap_or(Path::new(""));
+        load_file(lexical(&dir.join(target)))
+    };
+    extends::resolve(first, &mut load).map_err(|(src, diags)| {
+        eprint!("{}", src.render(&diags, color));
+        json_errors.extend(src.errors_json(&diags));
         Failure::Invalid
     })
 }
 
-/// A spec's display name and bytes, with the `--set` overrides applied.
-pub(crate) fn read_spec(path: Option<&PathBuf>) -> Result<(String, Vec<u8>), Failure> {
-    let (name, bytes) = match path {
-        None => (TINY_NAME.to_string(), TINY.as_bytes().to_vec()),
-        Some(p) => std::fs::read(p)
-            .map(|b| (p.display().to_string(), b))
-            .map_err(|e| Failure::Other(format!("cannot read {}: {e}", p.display())))?,
-    };
-    let sets = OVERRIDES.get().map_or(&[][..], Vec::as_slice);
-    // Diagnostics then say where a line they show came from.
-    let name = if sets.is_empty() {
-        name
-    } else {
-        format!("{name} with --set {}", sets.join(" --set "))
-    };
-    Ok((name, apply_sets(bytes, sets)?))
+/// Reads one spec of an `extends` chain.
+pub(crate) fn load_file(name: PathBuf) -> Result<Loaded, String> {
+    let id = name
+        .canonicalize()
+        .map_err(|e| format!("{}: {e}", name.display()))?;
+    let id = id.to_string_lossy().into_owned();
+    let bytes = read_file(&name)?;
+    let text = String::from_utf8(bytes).map_err(|_| format!("{} is not UTF-8", name.display()))?;
+    Ok(Loaded {
+        id,
+        name: name.display().to_string(),
+        text,
+    })
 }
 
-/// The JSON form of diagnostics, one object per error.
-fn errors_json(file: &str, text: &str, diags: &[Diagnostic]) -> Vec<serde_json::Value> {
-    diags
-        .iter()
-        .map(|d| {
-            let (line, col) = d.line_col(text);
-            serde_json::json!({
-                "rule": d.rule.name(),
-                "message": d.message,
-                "file": file,
-                "line": line,
-                "col": col,
-                "span": [d.span.start, d.span.end],
-                "label": d.label,
-                "help": d.help,
-            })
-        })
-        .collect()
+/// `a/b/../c` as `a/c`, so a base is named as a person would name it.
+fn lexical(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::ParentDir
+                if matches!(out.components().next_back(), Some(Component::Normal(_))) =>
+            {
+                out.pop();
+            }
+            Component::CurDir => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn read_file(p: &Path) -> Result<Vec<u8>, String> {
+    std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))
+}
+
+/// A spec with its `extends` chain resolved and the `--set` overrides applied.
+pub(crate) fn source(
+    path: Option<&PathBuf>,
+    json_errors: &mut Vec<serde_json::Value>,
+    color: bool,
+) -> Result<SpecSource, Failure> {
+    let mut src = read_source(path, json_errors, color)?;
+    apply_sets(&mut src, overrides())?;
+    Ok(src)
+}
+
+/// A spec's display name and resolved text, with the `--set` overrides applied: what a run
+/// records and a build compiles.
+pub(crate) fn read_spec(path: Option<&PathBuf>) -> Result<(String, Vec<u8>), Failure> {
+    let src = source(path, &mut Vec::new(), false)?;
+    Ok((src.name().to_string(), src.text().as_bytes().to_vec()))
+}
+
+/// Checks a resolved spec; on failure renders its diagnostics at the files that hold them,
+/// appends their JSON form to `json_errors` and returns [`Failure::Invalid`].
+pub(crate) fn check_source(
+    src: &SpecSource,
+    json_errors: &mut Vec<serde_json::Value>,
+    color: bool,
+) -> Result<Model, Failure> {
+    check(src.text().as_bytes()).map_err(|diags| {
+        eprint!("{}", src.render(&diags, color));
+        json_errors.extend(src.errors_json(&diags));
+        Failure::Invalid
+    })
 }
 
 /// Checks one spec. On failure, renders its diagnostics to stderr and appends their JSON form
@@ -112,13 +168,9 @@ pub(crate) fn load(
     json_errors: &mut Vec<serde_json::Value>,
     color: bool,
 ) -> Result<(String, Model), Failure> {
-    let (name, bytes) = read_spec(path)?;
-    check(&bytes).map(|m| (name.clone(), m)).map_err(|diags| {
-        let text = String::from_utf8_lossy(&bytes);
-        eprint!("{}", diag::render(&name, &text, &diags, color));
-        json_errors.extend(errors_json(&name, &text, &diags));
-        Failure::Invalid
-    })
+    let src = source(path, json_errors, color)?;
+    let model = check_source(&src, json_errors, color)?;
+    Ok((src.name().to_string(), model))
 }
 
 /// With `--json`, an invalid spec's errors go to stdout as `{"errors": [...]}`.

@@ -1100,6 +1100,88 @@ fn set_overrides_a_key_everywhere_and_train_records_the_resolved_spec() {
 }
 
 #[test]
+fn a_spec_extends_another_and_errors_point_into_the_file_that_holds_them() {
+    // The child changes three keys of micro; everything else is micro's.
+    let o = kiln(&[
+        "diff",
+        "tests/specs/micro.toml",
+        "tests/extends/micro-wide.toml",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("d_model") && out.contains("experts"), "{out}");
+    assert!(!out.contains("kv_rank") && !out.contains("top_k"), "{out}");
+
+    // Each error is shown at its own file's line: the base's, the grandparent's, the child's.
+    let o = kiln(&["check", "tests/extends/bad-child.toml"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let err = stderr(&o);
+    for place in [
+        "tests/extends/bad-base.toml:5:10",
+        "tests/specs/micro.toml:30:10",
+        "tests/extends/bad-child.toml:5:11",
+        "tests/extends/bad-child.toml:8:6",
+        "3 errors in tests/extends/bad-child.toml",
+    ] {
+        assert!(err.contains(place), "{place} missing:\n{err}");
+    }
+    let o = kiln(&["check", "--json", "tests/extends/bad-child.toml"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let files: Vec<&str> = v["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["file"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        files,
+        [
+            "tests/extends/bad-base.toml",
+            "tests/specs/micro.toml",
+            "tests/extends/bad-child.toml"
+        ]
+    );
+    // A loop and a missing base are errors at the `extends` line.
+    let o = kiln(&["check", "tests/extends/loop-a.toml"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("[extends] Error: the specs extend each other in a loop"));
+    let dir = std::env::temp_dir().join(format!("kiln-extends-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let orphan = dir.join("orphan.toml");
+    std::fs::write(&orphan, "extends = \"gone.toml\"\n").unwrap();
+    let o = kiln(&["check", orphan.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("cannot read `gone.toml`"),
+        "{}",
+        stderr(&o)
+    );
+
+    // A run records the resolved spec, which checks on its own and trains the same model.
+    let run = dir.join("run");
+    let o = kiln(&[
+        "train",
+        "tests/extends/micro-wide.toml",
+        "--steps",
+        "2",
+        "--set",
+        "moe.top_k=1",
+        "--out",
+        run.to_str().unwrap(),
+        "--eval-batches",
+        "1",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let recorded = std::fs::read_to_string(run.join("spec.toml")).unwrap();
+    assert!(!recorded.contains("extends"), "{recorded}");
+    let o = kiln(&["check", "--json", run.join("spec.toml").to_str().unwrap()]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["shape"]["d_model"], 48, "{v}");
+    assert_eq!(v["shape"]["top_k"], 1, "{v}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn sweep_compares_a_specs_variants_in_one_table() {
     let o = kiln(&[
         "sweep",
@@ -1130,7 +1212,11 @@ fn sweep_compares_a_specs_variants_in_one_table() {
     // A variant that breaks a rule is reported like a spec that does.
     let o = kiln(&["sweep", "--set", "moe.experts=8,9"]);
     assert_eq!(o.status.code(), Some(2));
-    assert!(stderr(&o).contains("with moe.experts=9"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("with --set moe.experts=9"),
+        "{}",
+        stderr(&o)
+    );
     // Nothing to sweep is a usage error.
     assert_eq!(
         kiln(&["sweep", "--set", "moe.experts=8"]).status.code(),

@@ -6,8 +6,6 @@
 use std::fmt;
 use std::ops::Range;
 
-use ariadne::{Config, IndexType, Label, Report, ReportKind, Source};
-
 /// The rule a diagnostic reports as broken. Its name appears in the rendered header as
 /// `[name] Error:` and is listed in `docs/spec.md`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -37,6 +35,8 @@ pub enum Rule {
     UnmatchedPattern,
     /// A `[parallel]` layout that does not fit the model or its batch.
     Layout,
+    /// An `extends` that names no readable spec, or a chain that loops.
+    Extends,
 }
 
 impl Rule {
@@ -55,6 +55,7 @@ impl Rule {
             Rule::Conflict => "conflict",
             Rule::Fp8Tile => "fp8-tile",
             Rule::Layout => "layout",
+            Rule::Extends => "extends",
             Rule::UnmatchedPattern => "unmatched-pattern",
         }
     }
@@ -137,49 +138,8 @@ fn floor_char_boundary(text: &str, mut i: usize) -> usize {
     i
 }
 
-/// Clamps a span into `text` on char boundaries, so rendering never panics on odd spans.
-fn clamp(text: &str, span: &Range<usize>) -> Range<usize> {
-    let start = floor_char_boundary(text, span.start.min(text.len()));
-    let end = floor_char_boundary(text, span.end.min(text.len())).max(start);
-    start..end
-}
-
-/// A label ordered by its position: ariadne starts a new snippet (under a header repeating
-/// the primary location) whenever a label's line precedes the previous one's.
-fn label<'a>(file: &'a str, span: Range<usize>, msg: &str) -> Label<(&'a str, Range<usize>)> {
-    let order = i32::try_from(span.start).unwrap_or(i32::MAX);
-    Label::new((file, span)).with_message(msg).with_order(order)
-}
-
 /// Renders diagnostics like rustc: `[rule] Error: message`, then `file:line:col`, the source line
 /// with an underline and label, related labels, and help. `color` adds ANSI colors.
 pub fn render(file: &str, text: &str, diags: &[Diagnostic], color: bool) -> String {
-    let mut out = Vec::new();
-    let config = Config::default()
-        .with_color(color)
-        .with_index_type(IndexType::Byte)
-        .with_compact(false);
-    for d in diags {
-        let span = clamp(text, &d.span);
-        let mut report = Report::build(ReportKind::Error, (file, span.clone()))
-            .with_config(config)
-            .with_code(d.rule)
-            .with_message(&d.message)
-            .with_label(label(file, span, &d.label));
-        for (span, msg) in &d.related {
-            report = report.with_label(label(file, clamp(text, span), msg));
-        }
-        if let Some(help) = &d.help {
-            report = report.with_help(help);
-        }
-        // Writing into a Vec cannot fail.
-        let _ = report.finish().write((file, Source::from(text)), &mut out);
-    }
-    let mut s = String::from_utf8_lossy(&out).into_owned();
-    let n = diags.len();
-    s.push_str(&format!(
-        "{n} error{} in {file}\n",
-        if n == 1 { "" } else { "s" }
-    ));
-    s
+    crate::source::SpecSource::single(file, text).render(diags, color)
 }

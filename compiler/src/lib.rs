@@ -18,6 +18,7 @@ pub mod names;
 pub mod parallel;
 pub mod program;
 pub mod report;
+pub mod source;
 
 // The ground floor kiln-ir holds, at the paths it had when it lived here.
 pub use kiln_ir::{ir, keep, plan};

@@ -5,10 +5,14 @@
 //! `Cargo.toml`, or to `$KILN_SPEC_BASE_DIR` when that is set), checks and compiles the spec with kiln-compiler, and returns what
 //! `kiln_compiler::emit_rust::emit` makes of the training Program. A spec error becomes a
 //! `compile_error!` carrying the same rendered diagnostic `kiln check` prints (with the spec's
-//! file:line:col). The expansion includes the spec's bytes with `include_bytes!`, so cargo
-//! rebuilds the crate when the spec changes.
+//! file:line:col). A spec may `extends` another, as for the CLI. The expansion includes the
+//! bytes of every spec it read with `include_bytes!`, so cargo rebuilds the crate when one
+//! changes.
 
 use std::path::PathBuf;
+
+use kiln_compiler::check::extends::{self, Loaded};
+use kiln_compiler::source::SpecSource;
 
 use proc_macro::TokenStream;
 use quote::quote;
@@ -41,22 +45,40 @@ fn expand(relative: &str) -> Result<proc_macro2::TokenStream, String> {
     let base = std::env::var_os(BASE_DIR_VAR)
         .or_else(|| std::env::var_os("CARGO_MANIFEST_DIR"))
         .map_or_else(PathBuf::new, PathBuf::from);
-    let path = base.join(relative);
-    let bytes = std::fs::read(&path)
-        .map_err(|e| format!("kiln::model!: cannot read spec {}: {e}", path.display()))?;
-    let model = kiln_compiler::check::check(&bytes).map_err(|diags| {
-        let text = String::from_utf8_lossy(&bytes);
-        let rendered = kiln_compiler::diag::render(relative, &text, &diags, false);
+    // The spec and every spec its `extends` chain names, for rebuilds.
+    let mut read = Vec::new();
+    // Named as written (relative to the base directory), read at `base.join(name)`.
+    let mut load = |name: PathBuf| -> Result<Loaded, String> {
+        let at = base.join(&name);
+        let text = std::fs::read_to_string(&at).map_err(|e| format!("{}: {e}", at.display()))?;
+        let id = at
+            .canonicalize()
+            .unwrap_or(at)
+            .to_string_lossy()
+            .into_owned();
+        read.push(id.clone());
+        let name = name.display().to_string();
+        Ok(Loaded { id, name, text })
+    };
+    let first =
+        load(PathBuf::from(relative)).map_err(|e| format!("kiln::model!: cannot read spec {e}"))?;
+    let resolved = extends::resolve(first, &mut |from, target| {
+        let dir = std::path::Path::new(&from.name).parent().map(PathBuf::from);
+        load(dir.unwrap_or_default().join(target))
+    });
+    let invalid = |src: SpecSource, diags: Vec<_>| {
+        let rendered = src.render(&diags, false);
         format!("kiln::model!: the spec {relative} is invalid\n{rendered}")
-    })?;
+    };
+    let src = resolved.map_err(|(src, diags)| invalid(src, diags))?;
+    let model = kiln_compiler::check::check_str(src.text()).map_err(|d| invalid(src.clone(), d))?;
     let compiled = kiln_compiler::program::compile(&model)
         .map_err(|e| format!("kiln::model!: cannot compile {relative}: {e}"))?;
     let module = kiln_compiler::emit_rust::emit(&compiled);
-    let spec_path = path.to_string_lossy().into_owned();
     Ok(quote! {
         #module
-        // Rebuild when the spec changes.
-        const _: &[u8] = include_bytes!(#spec_path);
+        // Rebuild when the spec, or a spec it extends, changes.
+        #(const _: &[u8] = include_bytes!(#read);)*
     })
 }
 

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use super::layout::{usage, LayoutArgs};
-use crate::spec::{apply_sets, check_named, overrides, read_raw};
+use crate::spec::{apply_sets, check_source, overrides, read_source};
 use crate::Failure;
 
 #[derive(clap::Args)]
@@ -40,7 +40,7 @@ fn values(v: &str) -> Vec<String> {
 }
 
 pub(crate) fn run(args: &Args, color: bool) -> Result<(), Failure> {
-    let (name, base) = read_raw(args.spec.as_ref())?;
+    let base = read_source(args.spec.as_ref(), &mut Vec::new(), color)?;
     // `--set key=a,b,c` sweeps the key over its values; a single value is fixed.
     let mut fixed = Vec::new();
     let mut swept: Vec<(String, Vec<String>)> = Vec::new();
@@ -84,8 +84,9 @@ pub(crate) fn run(args: &Args, color: bool) -> Result<(), Failure> {
     for v in &variants {
         let sets: Vec<String> = fixed.iter().chain(v).cloned().collect();
         let label = v.join(" ");
-        let bytes = apply_sets(base.clone(), &sets)?;
-        match check_named(&format!("{name} with {label}"), &bytes, color) {
+        let mut src = base.clone();
+        apply_sets(&mut src, &sets)?;
+        match check_source(&src, &mut Vec::new(), color) {
             Ok(mut m) => {
                 args.layout.apply(&mut m)?;
                 names.push(label);

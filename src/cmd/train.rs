@@ -264,8 +264,10 @@ fn train(
     // A --steps the spec's rules refuse (shorter than its warmup) is left unrecorded.
     let recorded = match (&args.resume, args.steps) {
         (None, Some(n)) => {
-            let with_steps =
-                crate::spec::apply_sets(spec_bytes.clone(), &[format!("train.steps={n}")])?;
+            let text = String::from_utf8_lossy(&spec_bytes);
+            let mut src = kiln_compiler::source::SpecSource::single("spec", text);
+            crate::spec::apply_sets(&mut src, &[format!("train.steps={n}")])?;
+            let with_steps = src.text().as_bytes().to_vec();
             if kiln_compiler::check::check(&with_steps).is_ok() {
                 with_steps
             } else {

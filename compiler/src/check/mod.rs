@@ -6,9 +6,10 @@
 //! 3. cross-field rules, then rules over the model's ops (precision patterns, FP8 tiles),
 //!    which run only when every value they depend on is valid, so one mistake is one error.
 
+pub mod extends;
 mod op_rules;
 mod overrides;
-pub use overrides::set_key;
+pub use overrides::{set, set_key, OVERRIDES};
 mod reader;
 mod sections;
 
@@ -187,18 +188,7 @@ pub fn check(bytes: &[u8]) -> Result<Model, Vec<Diagnostic>> {
 pub fn check_str(text: &str) -> Result<Model, Vec<Diagnostic>> {
     let (root, errors) = DeTable::parse_recoverable(text);
     if !errors.is_empty() {
-        let mut diags: Vec<Diagnostic> = errors
-            .iter()
-            .map(|e| {
-                let span = e.span().unwrap_or(0..0);
-                let msg = e.message().trim().to_string();
-                let first = msg.lines().next().unwrap_or("invalid TOML").to_string();
-                Diagnostic::new(Rule::Syntax, span, format!("invalid TOML: {first}"), first)
-            })
-            .collect();
-        diags.sort_by_key(|d| (d.span.start, d.span.end));
-        diags.dedup();
-        return Err(diags);
+        return Err(syntax_errors(&errors));
     }
     let sink = Sink::new(text);
     // A section written as a plain value or misspelled is reported as such, not again as
@@ -237,6 +227,22 @@ pub fn check_str(text: &str) -> Result<Model, Vec<Diagnostic>> {
             }
         }
     }
+}
+
+/// TOML parse errors as diagnostics, ordered by position.
+fn syntax_errors(errors: &[toml::de::Error]) -> Vec<Diagnostic> {
+    let mut diags: Vec<Diagnostic> = errors
+        .iter()
+        .map(|e| {
+            let span = e.span().unwrap_or(0..0);
+            let msg = e.message().trim().to_string();
+            let first = msg.lines().next().unwrap_or("invalid TOML").to_string();
+            Diagnostic::new(Rule::Syntax, span, format!("invalid TOML: {first}"), first)
+        })
+        .collect();
+    diags.sort_by_key(|d| (d.span.start, d.span.end));
+    diags.dedup();
+    diags
 }
 
 struct Checker<'a, 't> {

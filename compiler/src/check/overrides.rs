@@ -4,83 +4,161 @@
 
 use toml::de::{DeTable, DeValue};
 
-/// `text` with `path` (`train.lr`, `attention.rope.theta`) set to `value`. The value is TOML
-/// as written (`3e-4`, `[128, 128]`, `true`, `"bf16"`); anything that is not a TOML value is
-/// taken as a string (`moe.score=sigmoid`). An existing key has its value replaced in place;
-/// a new key goes right under its section's header; a new section goes at the end.
+use crate::source::{Piece, SpecSource};
+
+/// The name diagnostics give the `--set` overrides, one `section.key = value` line each.
+pub const OVERRIDES: &str = "--set";
+
+/// `text` with `path` (`train.lr`, `attention.rope.theta`) set to `value`; see [`set`].
 pub fn set_key(text: &str, path: &str, value: &str) -> Result<String, String> {
+    let mut src = SpecSource::single("spec", text);
+    set(&mut src, path, value)?;
+    Ok(src.text().to_string())
+}
+
+/// Sets `path` (`train.lr`, `attention.rope.theta`) to `value` in a spec's resolved text. The
+/// value is TOML as written (`3e-4`, `[128, 128]`, `true`, `"bf16"`); anything that is not a
+/// TOML value is taken as a string (`moe.score=sigmoid`). The override is recorded as a line of
+/// the `--set` source, so a diagnostic about it points there.
+pub fn set(src: &mut SpecSource, path: &str, value: &str) -> Result<(), String> {
     let segments: Vec<&str> = path.split('.').map(str::trim).collect();
     if segments.len() < 2 || segments.iter().any(|s| s.is_empty()) {
         return Err(format!(
             "`{path}`: name a key by its section, as in `train.lr` or `attention.rope.theta`"
         ));
     }
-    let (sections, key) = segments.split_at(segments.len() - 1);
-    let key = key[0];
     let value = toml_value(value);
+    let line = format!("{} = {value}", segments.join("."));
+    let (file, at) = src.append_line(OVERRIDES, &line);
+    // Each part of the path, and `key = value`, maps to its place in the `--set` line.
+    let mut sections = Vec::new();
+    let mut offset = at;
+    for s in &segments[..segments.len() - 1] {
+        sections.push((s.to_string(), src.piece(file, offset..offset + s.len())));
+        offset += s.len() + 1;
+    }
+    let leaf = Leaf {
+        sections,
+        key: segments[segments.len() - 1].to_string(),
+        line: src.piece(file, offset..at + line.len()),
+    };
+    apply(src, &leaf)
+}
+
+/// One key an overriding source sets: its sections from the root, each with the piece to name
+/// it by in a new header, and its `key = value` as the source wrote it.
+#[derive(Clone, Debug)]
+pub(crate) struct Leaf {
+    pub sections: Vec<(String, Piece)>,
+    pub key: String,
+    pub line: Piece,
+}
+
+/// Sets one key in the resolved text: an existing `key = value` is replaced by the leaf's; a
+/// new key goes right under its section's header (or at the top, for a root key); a new
+/// section goes at the end.
+pub(crate) fn apply(src: &mut SpecSource, leaf: &Leaf) -> Result<(), String> {
+    match find(src.text(), &leaf.sections, Some(&leaf.key))? {
+        Some(Found::Key(at)) => src.replace(at, std::slice::from_ref(&leaf.line)),
+        Some(Found::Insert(at)) => {
+            src.replace(at..at, &[leaf.line.clone(), Piece::synthetic("\n")]);
+        }
+        None => {
+            let at = src.text().len();
+            let mut pieces = new_header(src.text(), &leaf.sections);
+            pieces.extend([leaf.line.clone(), Piece::synthetic("\n")]);
+            src.replace(at..at, &pieces);
+        }
+    }
+    Ok(())
+}
+
+/// Makes sure a section exists (an empty section can mean something, like `[mtp]`).
+pub(crate) fn ensure_section(
+    src: &mut SpecSource,
+    sections: &[(String, Piece)],
+) -> Result<(), String> {
+    if find(src.text(), sections, None)?.is_none() {
+        let at = src.text().len();
+        src.replace(at..at, &new_header(src.text(), sections));
+    }
+    Ok(())
+}
+
+/// Where a key goes in a section that exists.
+enum Found {
+    /// The range `key = value` of the key, which exists.
+    Key(std::ops::Range<usize>),
+    /// The offset a new key line goes at.
+    Insert(usize),
+}
+
+/// The key `key` (when given) in the section, or where a new key goes; `None` when some part
+/// of the section is absent.
+fn find(
+    text: &str,
+    sections: &[(String, Piece)],
+    key: Option<&str>,
+) -> Result<Option<Found>, String> {
     let (root, errors) = DeTable::parse_recoverable(text);
     if !errors.is_empty() {
         return Err("the spec is not valid TOML; fix it before overriding keys".to_string());
     }
-    // Walk to the section; `None` when some part of it is absent.
-    let mut table: Option<&DeTable> = Some(root.get_ref());
-    for s in sections {
-        table = table.and_then(|t| match t.get(*s).map(|v| v.get_ref()) {
-            Some(DeValue::Table(inner)) => Some(inner),
-            Some(_) => None,
-            None => None,
-        });
-        if table.is_none() {
-            if let Some(v) = walk_value(root.get_ref(), sections) {
-                if !matches!(v, DeValue::Table(_)) {
-                    return Err(format!(
-                        "`{}` is a value, not a section",
-                        sections.join(".")
-                    ));
-                }
+    let names: Vec<&str> = sections.iter().map(|(s, _)| s.as_str()).collect();
+    let name = names.join(".");
+    let mut table: &DeTable = root.get_ref();
+    for (i, s) in names.iter().enumerate() {
+        match table.get(*s).map(|v| v.get_ref()) {
+            Some(DeValue::Table(inner)) => table = inner,
+            Some(_) => {
+                return Err(format!(
+                    "`{}` is a value, not a section",
+                    names[..=i].join(".")
+                ));
             }
-            break;
+            None => return Ok(None),
         }
     }
-    let name = sections.join(".");
-    match table {
-        Some(t) => match t.get(key) {
-            Some(v) => {
-                let span = v.span();
-                Ok(format!(
-                    "{}{value}{}",
-                    &text[..span.start],
-                    &text[span.end..]
-                ))
-            }
-            None => match header_end(text, &name) {
-                Some(at) => Ok(format!("{}{key} = {value}\n{}", &text[..at], &text[at..])),
-                None => Err(format!(
-                    "[{name}] is written inline or as dotted keys; add `{key}` to the spec itself"
-                )),
-            },
-        },
-        None => {
-            let sep = if text.ends_with('\n') || text.is_empty() {
-                ""
-            } else {
-                "\n"
-            };
-            Ok(format!("{text}{sep}\n[{name}]\n{key} = {value}\n"))
+    if let Some((k, v)) = key.and_then(|key| table.get_key_value(key)) {
+        let path = if name.is_empty() {
+            k.get_ref().to_string()
+        } else {
+            format!("{name}.{}", k.get_ref())
+        };
+        if matches!(v.get_ref(), DeValue::Table(_)) {
+            return Err(format!(
+                "`{path}` is a section; set its keys one by one, as in `{path}.KEY`"
+            ));
         }
+        return Ok(Some(Found::Key(k.span().start..v.span().end)));
+    }
+    if sections.is_empty() {
+        return Ok(Some(Found::Insert(0)));
+    }
+    match header_end(text, &name) {
+        Some(at) => Ok(Some(Found::Insert(at))),
+        None => Err(format!(
+            "[{name}] is written inline or as dotted keys; add the key to the spec itself"
+        )),
     }
 }
 
-fn walk_value<'a>(root: &'a DeTable<'a>, sections: &[&str]) -> Option<&'a DeValue<'a>> {
-    let (first, rest) = sections.split_first()?;
-    let mut v = root.get(*first)?.get_ref();
-    for s in rest {
-        match v {
-            DeValue::Table(t) => v = t.get(*s)?.get_ref(),
-            _ => return Some(v),
+/// `[a.b]` on a line of its own at the end of `text`, each name mapped to where it came from.
+fn new_header(text: &str, sections: &[(String, Piece)]) -> Vec<Piece> {
+    let sep = if text.ends_with('\n') || text.is_empty() {
+        "\n"
+    } else {
+        "\n\n"
+    };
+    let mut pieces = vec![Piece::synthetic(format!("{sep}["))];
+    for (i, (_, piece)) in sections.iter().enumerate() {
+        if i > 0 {
+            pieces.push(Piece::synthetic("."));
         }
+        pieces.push(piece.clone());
     }
-    Some(v)
+    pieces.push(Piece::synthetic("]\n"));
+    pieces
 }
 
 /// The value as TOML: itself when it parses as one, else a quoted string.
