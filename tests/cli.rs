@@ -1250,6 +1250,7 @@ fn train_draws_its_curves_and_names_them_as_the_metrics_do() {
         assert!(svg.contains(title), "plot.svg lacks {title}");
     }
     assert!(svg.contains("validation (main)"));
+    assert!(svg.contains("MTP (mean over depths)") && svg.contains("micro: balance loss"));
     // The terminal and metrics.jsonl name the same quantities alike.
     let err = stderr(&o);
     let progress = err.lines().find(|l| l.starts_with("step 5/10")).unwrap();
@@ -1261,10 +1262,26 @@ fn train_draws_its_curves_and_names_them_as_the_metrics_do() {
             .unwrap(),
     )
     .unwrap();
-    for key in ["loss", "main_loss", "val_loss", "lr", "tokens_per_s"] {
+    for key in [
+        "loss",
+        "main_loss",
+        "mtp_loss",
+        "balance_loss",
+        "val_loss",
+        "lr",
+        "tokens_per_s",
+    ] {
         assert!(progress.contains(&format!("  {key} ")), "{progress}");
         assert!(row.get(key).is_some(), "{row}");
     }
+    // The terms add up to the total: main + mtp.weight (0.3) × MTP + balance.
+    let term = |k: &str| row[k].as_f64().unwrap();
+    let sum = term("main_loss") + 0.3 * term("mtp_loss") + term("balance_loss");
+    assert!((sum - term("loss")).abs() < 2e-6, "{row}");
+    assert!(
+        term("balance_loss") > 0.0 && term("mtp_loss") > 1.0,
+        "{row}"
+    );
     assert!(stdout(&o).contains("main_loss") && stdout(&o).contains("val_loss"));
     std::fs::remove_dir_all(&dir).unwrap();
 }

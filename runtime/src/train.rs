@@ -204,8 +204,14 @@ impl Moment {
 /// What one optimizer step did.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct StepStats {
+    /// The loss the step descends: `main_loss + mtp.weight × mtp_loss + balance_loss`.
     pub loss: f64,
     pub main_loss: f64,
+    /// The mean of the multi-token-prediction depths' cross-entropies, with MTP.
+    pub mtp_loss: Option<f64>,
+    /// The sum of the MoE layers' sequence-wise balance losses (scaled by `moe.seq_aux`, as
+    /// the total adds them), with that loss on.
+    pub balance_loss: Option<f64>,
     pub grad_norm: f64,
     pub lr: f64,
     /// The loss or the gradient norm was not finite, so nothing was updated (the step
@@ -258,6 +264,8 @@ pub struct Trainer<'g> {
     host_stale: bool,
     loss: ValueId,
     main_loss: ValueId,
+    mtp: Vec<ValueId>,
+    balance: Vec<ValueId>,
     /// `(param, gradient value)` for every trainable parameter.
     grads: Vec<(ParamId, ValueId)>,
     /// `(router bias param, experts value, number of experts)` for the balancing update.
@@ -341,6 +349,8 @@ impl<'g> Trainer<'g> {
         let TrainOutputs {
             loss,
             main_loss,
+            mtp,
+            balance,
             grads,
             routers,
         } = outputs;
@@ -379,6 +389,8 @@ impl<'g> Trainer<'g> {
             step: 0,
             loss,
             main_loss,
+            mtp,
+            balance,
             grads,
             routers,
             max_offset: max_token_offset(graph),
@@ -524,7 +536,14 @@ impl<'g> Trainer<'g> {
             weights,
         })?;
         let scalar = |v: ValueId| f64::from(out[&v].floats()[0]);
-        let (mut loss, mut main_loss) = (scalar(self.loss), scalar(self.main_loss));
+        // The total, the main loss, then the other terms summed: the MTP depths, the balance.
+        let sum = |vs: &[ValueId]| vs.iter().map(|&v| scalar(v)).sum::<f64>();
+        let mut losses = [
+            scalar(self.loss),
+            scalar(self.main_loss),
+            sum(&self.mtp),
+            sum(&self.balance),
+        ];
         let mut loads: Vec<Vec<u64>> = self
             .routers
             .iter()
@@ -553,14 +572,15 @@ impl<'g> Trainer<'g> {
                     at += v.len();
                 }
             }
-            let mut scalars = vec![loss, main_loss];
+            let mut scalars = losses.to_vec();
             for l in &loads {
                 scalars.extend(l.iter().map(|&n| n as f64));
             }
             c.sum_f64(&mut scalars).map_err(fail)?;
-            loss = scalars[0] / c.ranks() as f64;
-            main_loss = scalars[1] / c.ranks() as f64;
-            let mut at = 2;
+            for (x, &y) in losses.iter_mut().zip(&scalars) {
+                *x = y / c.ranks() as f64;
+            }
+            let mut at = losses.len();
             for l in &mut loads {
                 for n in l.iter_mut() {
                     *n = scalars[at].round() as u64;
@@ -568,6 +588,9 @@ impl<'g> Trainer<'g> {
                 }
             }
         }
+        let [loss, main_loss, mtp_sum, balance_sum] = losses;
+        let mtp_loss = (!self.mtp.is_empty()).then(|| mtp_sum / self.mtp.len() as f64);
+        let balance_loss = (!self.balance.is_empty()).then_some(balance_sum);
         if self.resident {
             let c = &self.config;
             let lr = c.lr_at(self.step);
@@ -586,6 +609,8 @@ impl<'g> Trainer<'g> {
             return Ok(StepStats {
                 loss,
                 main_loss,
+                mtp_loss,
+                balance_loss,
                 grad_norm,
                 lr,
                 skipped,
@@ -610,6 +635,8 @@ impl<'g> Trainer<'g> {
             return Ok(StepStats {
                 loss,
                 main_loss,
+                mtp_loss,
+                balance_loss,
                 grad_norm,
                 lr: self.config.lr_at(self.step),
                 skipped: true,
@@ -665,6 +692,8 @@ impl<'g> Trainer<'g> {
         Ok(StepStats {
             loss,
             main_loss,
+            mtp_loss,
+            balance_loss,
             grad_norm,
             lr,
             skipped: false,

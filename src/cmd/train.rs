@@ -484,9 +484,16 @@ fn train(
         } else {
             format!("{last_val:.4}")
         };
+        let mut terms = String::new();
+        if let Some(x) = s.mtp_loss {
+            terms.push_str(&format!("  mtp_loss {x:.4}"));
+        }
+        if let Some(x) = s.balance_loss {
+            terms.push_str(&format!("  balance_loss {x:.2e}"));
+        }
         let progress = format!(
-            "step {done}/{steps}  loss {:.4}  main_loss {:.4}  val_loss {val_text}  lr {:.2e}  \
-             tokens_per_s {tps:.0}  ETA {:.0}s",
+            "step {done}/{steps}  loss {:.4}  main_loss {:.4}{terms}  val_loss {val_text}  \
+             lr {:.2e}  tokens_per_s {tps:.0}  ETA {:.0}s",
             s.loss, s.main_loss, s.lr, eta
         );
         // Named as metrics.jsonl names them. On a terminal, one line that updates; in a log,
@@ -517,9 +524,10 @@ fn train(
     Ok(())
 }
 
-/// One line of `metrics.jsonl`: `step`, `loss`, `main_loss`, `lr`, `grad_norm`,
-/// `tokens_per_s`, `val_loss` at evaluation steps, and `comm_bytes` in data-parallel runs, with the digits they have always had;
-/// a value that is not finite is `null`.
+/// One line of `metrics.jsonl`: `step`, `loss` (the total), `main_loss`, `mtp_loss` and
+/// `balance_loss` when the model has those terms, `lr`, `grad_norm`, `tokens_per_s`,
+/// `val_loss` at evaluation steps, and `comm_bytes` in data-parallel runs, with the digits
+/// they have always had; a value that is not finite is `null`.
 fn metrics_row(
     step: u64,
     s: &StepStats,
@@ -532,6 +540,10 @@ fn metrics_row(
         step: u64,
         loss: Box<RawValue>,
         main_loss: Box<RawValue>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        mtp_loss: Option<Box<RawValue>>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        balance_loss: Option<Box<RawValue>>,
         lr: Box<RawValue>,
         grad_norm: Box<RawValue>,
         tokens_per_s: Box<RawValue>,
@@ -546,6 +558,8 @@ fn metrics_row(
         step,
         loss: number(s.loss, six),
         main_loss: number(s.main_loss, six),
+        mtp_loss: s.mtp_loss.map(|x| number(x, six)),
+        balance_loss: s.balance_loss.map(|x| number(x, |x| format!("{x:.6e}"))),
         lr: number(s.lr, |x| format!("{x:.6e}")),
         grad_norm: number(s.grad_norm, |x| format!("{x:.4}")),
         tokens_per_s: number(tokens_per_s, |x| format!("{x:.1}")),
@@ -554,8 +568,9 @@ fn metrics_row(
     })
 }
 
-/// `OUT/plot.svg`, drawn from `OUT/metrics.jsonl`: the losses (total, main, validation), the
-/// learning rate, the gradient norm and the throughput against the step.
+/// `OUT/plot.svg`, drawn from `OUT/metrics.jsonl`: the losses (total, main, MTP, validation),
+/// the balance loss when there is one, the learning rate, the gradient norm and the
+/// throughput against the step.
 fn write_plot(out_dir: &std::path::Path, name: &str) -> Result<(), Failure> {
     use crate::plot::{stack, Plot, Series};
     let text = std::fs::read_to_string(out_dir.join("metrics.jsonl"))
@@ -578,16 +593,29 @@ fn write_plot(out_dir: &std::path::Path, name: &str) -> Result<(), Failure> {
         y_label: y.into(),
         series,
     };
-    let svg = stack(&[
-        panel(
-            "loss",
-            "cross-entropy (nats)",
-            vec![
-                series("total (main + MTP + balance)", "loss", false),
-                series("main", "main_loss", false),
-                series("validation (main)", "val_loss", true),
-            ],
-        ),
+    let losses = [
+        series("total (main + MTP + balance)", "loss", false),
+        series("main", "main_loss", false),
+        series("MTP (mean over depths)", "mtp_loss", false),
+        series("validation (main)", "val_loss", true),
+    ];
+    let mut panels = vec![panel(
+        "loss",
+        "cross-entropy (nats)",
+        losses
+            .into_iter()
+            .filter(|s| !s.points.is_empty())
+            .collect(),
+    )];
+    let balance = series("balance (sum over MoE layers)", "balance_loss", false);
+    if !balance.points.is_empty() {
+        panels.push(panel(
+            "balance loss",
+            "scaled by moe.seq_aux",
+            vec![balance],
+        ));
+    }
+    panels.extend([
         panel("learning rate", "lr", vec![series("lr", "lr", false)]),
         panel(
             "gradient norm",
@@ -600,6 +628,7 @@ fn write_plot(out_dir: &std::path::Path, name: &str) -> Result<(), Failure> {
             vec![series("tokens/s", "tokens_per_s", false)],
         ),
     ]);
+    let svg = stack(&panels);
     fsutil::write_atomic(&out_dir.join("plot.svg"), svg.as_bytes())
         .map_err(|e| other(format!("cannot write the plot: {e}")))
 }
@@ -668,6 +697,8 @@ mod tests {
         StepStats {
             loss,
             main_loss: loss,
+            mtp_loss: None,
+            balance_loss: None,
             grad_norm: 0.25,
             lr: 3e-4,
             skipped: false,
@@ -682,6 +713,18 @@ mod tests {
              \"grad_norm\":0.2500,\"tokens_per_s\":1234.6,\"val_loss\":2.750000}"
         );
         assert!(!metrics_row(3, &stats(2.5), 1.0, None, None).contains("val_loss"));
+        // With MTP and a balance loss, each term by its name, after the main loss.
+        let s = StepStats {
+            mtp_loss: Some(2.625),
+            balance_loss: Some(1.25e-5),
+            ..stats(2.5)
+        };
+        assert_eq!(
+            metrics_row(3, &s, 1234.56, None, None),
+            "{\"step\":3,\"loss\":2.500000,\"main_loss\":2.500000,\"mtp_loss\":2.625000,\
+             \"balance_loss\":1.250000e-5,\"lr\":3.000000e-4,\"grad_norm\":0.2500,\
+             \"tokens_per_s\":1234.6}"
+        );
     }
 
     /// The row as kiln wrote it by hand before serde_json wrote it.
@@ -706,6 +749,8 @@ mod tests {
             let s = StepStats {
                 loss,
                 main_loss: loss * 0.97,
+                mtp_loss: None,
+                balance_loss: None,
                 grad_norm: loss * 3.1,
                 lr: 6e-4 / (i + 1) as f64,
                 skipped: false,

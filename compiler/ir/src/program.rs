@@ -112,12 +112,17 @@ fn outputs(g: &Graph) -> Vec<ValueId> {
 }
 
 /// The values a training step reads after running the training graph: the total and main
-/// losses, each trainable parameter's gradient, and each router's chosen experts (for the
-/// aux-loss-free bias update).
+/// losses and the loss's other terms, each trainable parameter's gradient, and each router's
+/// chosen experts (for the aux-loss-free bias update).
 #[derive(Clone, Debug, PartialEq)]
 pub struct TrainOutputs {
     pub loss: ValueId,
     pub main_loss: ValueId,
+    /// Each multi-token-prediction depth's cross-entropy (`loss.mtp.<k>`), depth 1 first.
+    pub mtp: Vec<ValueId>,
+    /// Each MoE layer's sequence-wise balance loss as the total adds it, already scaled by
+    /// `moe.seq_aux` (`loss.balance.<i>`), in layer order.
+    pub balance: Vec<ValueId>,
     /// `(parameter, its grad.<name> output)` in the order of the parameters' values.
     pub grads: Vec<(ParamId, ValueId)>,
     /// `(router bias parameter, the router's experts output, expert count)` in node order.
@@ -130,6 +135,13 @@ impl TrainOutputs {
     pub fn of(graph: &Graph) -> Option<TrainOutputs> {
         let loss = graph.output("loss")?;
         let main_loss = graph.output("loss.main")?;
+        // `loss.<kind>.0`, `loss.<kind>.1`, … until one is missing.
+        let numbered = |kind: &str| -> Vec<ValueId> {
+            (0..)
+                .map_while(|i| graph.output(&format!("loss.{kind}.{i}")))
+                .collect()
+        };
+        let (mtp, balance) = (numbered("mtp"), numbered("balance"));
         // In the order the parameters' values appear (the order the gradient norm sums in).
         let grads = graph
             .values
@@ -156,6 +168,8 @@ impl TrainOutputs {
         Some(TrainOutputs {
             loss,
             main_loss,
+            mtp,
+            balance,
             grads,
             routers,
         })
@@ -166,6 +180,7 @@ impl TrainOutputs {
         let mut keep = vec![self.loss, self.main_loss];
         keep.extend(self.grads.iter().map(|&(_, g)| g));
         keep.extend(self.routers.iter().map(|&(_, e, _)| e));
+        keep.extend(self.mtp.iter().chain(&self.balance));
         keep
     }
 }
