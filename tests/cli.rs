@@ -1225,6 +1225,106 @@ fn sweep_compares_a_specs_variants_in_one_table() {
 }
 
 #[test]
+fn sweep_trains_each_variant_and_an_interrupted_sweep_resumes() {
+    let dir = std::env::temp_dir().join(format!("kiln-sweep-train-{}", std::process::id()));
+    let d = dir.to_str().unwrap();
+    let sweep = |extra: &[&str]| {
+        let mut a = vec![
+            "sweep",
+            "tests/specs/micro.toml",
+            "--set",
+            "moe.top_k=1,2",
+            "--train",
+            "--steps",
+            "4",
+            "--out",
+            d,
+            "--json",
+            "--",
+            "--eval-every",
+            "2",
+            "--eval-batches",
+            "1",
+        ];
+        a.extend(extra);
+        kiln(&a)
+    };
+    let results = |o: &std::process::Output| -> serde_json::Value {
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        v["results"].clone()
+    };
+    let row = |r: &serde_json::Value, key: &str| -> Vec<f64> {
+        let row = r
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["key"] == key)
+            .unwrap();
+        row["values"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect()
+    };
+    // Interrupted after 2 of 4 steps (the train flag stops each run), then run again: the
+    // runs resume, and a third time they are kept.
+    let o = sweep(&["--stop-after", "2"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(row(&results(&o), "steps trained"), [2.0, 2.0]);
+    let o = sweep(&[]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("sweep: resuming B (2/2): moe.top_k=2"),
+        "{}",
+        stderr(&o)
+    );
+    let r = results(&o);
+    assert_eq!(row(&r, "steps trained"), [4.0, 4.0]);
+    // Each column is its own run: the final losses are the runs' last rows.
+    for (i, run) in ["A", "B"].iter().enumerate() {
+        let text = std::fs::read_to_string(dir.join(run).join("metrics.jsonl")).unwrap();
+        let last: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+        assert_eq!(
+            row(&r, "final main_loss")[i],
+            last["main_loss"].as_f64().unwrap()
+        );
+        assert_eq!(
+            row(&r, "final val_loss")[i],
+            last["val_loss"].as_f64().unwrap()
+        );
+    }
+    assert_ne!(row(&r, "final loss")[0], row(&r, "final loss")[1]);
+    let svg = std::fs::read_to_string(dir.join("plot.svg")).unwrap();
+    assert!(
+        svg.contains("A: moe.top_k=1") && svg.contains("validation loss"),
+        "{svg}"
+    );
+    let o = sweep(&[]);
+    assert!(stderr(&o).contains("trained already"), "{}", stderr(&o));
+    assert_eq!(results(&o), r);
+    // Another sweep into the same directory is refused rather than mixed in.
+    let o = kiln(&[
+        "sweep",
+        "tests/specs/micro.toml",
+        "--set",
+        "moe.top_k=1,2",
+        "--train",
+        "--steps",
+        "6",
+        "--out",
+        d,
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("holds another sweep's runs"),
+        "{}",
+        stderr(&o)
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn train_draws_its_curves_and_names_them_as_the_metrics_do() {
     let dir = std::env::temp_dir().join(format!("kiln-plot-{}", std::process::id()));
     let o = kiln(&[

@@ -38,7 +38,7 @@ pub(crate) fn run(
     }
     let reports = reports(&models, layout)?;
     if models.len() > 2 {
-        return table(&names, &models, &reports, json);
+        return table(&names, &models, &reports, &[], json);
     }
     let (na, nb) = (&names[0], &names[1]);
     let (ma, mb) = (&models[0], &models[1]);
@@ -141,10 +141,15 @@ pub(crate) fn reports(models: &[Model], layout: &LayoutArgs) -> Result<Vec<Repor
 }
 
 /// `kiln diff A B C …`: one table of the settings and metrics that differ among the specs.
+/// A row of measured results beside the specs' columns (`kiln sweep --train`): a name, one
+/// value per spec (`None` where there is none) and the decimals to print.
+pub(crate) type ResultRow = (String, Vec<Option<f64>>, usize);
+
 pub(crate) fn table(
     names: &[String],
     models: &[Model],
     reports: &[Report],
+    results: &[ResultRow],
     json: bool,
 ) -> Result<(), Failure> {
     let sides: Vec<Vec<(String, String)>> = models.iter().map(Model::settings).collect();
@@ -169,6 +174,9 @@ pub(crate) fn table(
             spec_changes: Vec<Row<'a, &'a str>>,
             /// Exact integers (u128), never rounded through f64.
             metric_changes: Vec<Row<'a, u128>>,
+            /// Measured results (`kiln sweep --train`), `null` where there is none.
+            #[serde(skip_serializing_if = "Vec::is_empty")]
+            results: Vec<Row<'a, Option<f64>>>,
         }
         let doc = Table {
             specs: names,
@@ -186,6 +194,13 @@ pub(crate) fn table(
                     values: metrics.iter().map(|m| m[i].1).collect(),
                 })
                 .collect(),
+            results: results
+                .iter()
+                .map(|(k, v, _)| Row {
+                    key: k,
+                    values: v.clone(),
+                })
+                .collect(),
         };
         return print_pretty(&doc, "diff");
     }
@@ -201,7 +216,17 @@ pub(crate) fn table(
             (metrics[0][i].0.clone(), values)
         })
         .collect();
-    let rows = settings.iter().chain(&metric_rows);
+    let result_rows: Vec<(String, Vec<String>)> = results
+        .iter()
+        .map(|(k, v, digits)| {
+            let cells = v
+                .iter()
+                .map(|x| x.map_or("–".to_string(), |x| format!("{x:.digits$}")))
+                .collect();
+            (k.clone(), cells)
+        })
+        .collect();
+    let rows = settings.iter().chain(&metric_rows).chain(&result_rows);
     let key_width = rows
         .clone()
         .map(|(k, _)| k.len() + 2)
@@ -233,7 +258,11 @@ pub(crate) fn table(
     for (title, rows, none) in [
         ("spec setting", &settings, "the specs set the same values"),
         ("metric", &metric_rows, "no reported metric changes"),
+        ("result", &result_rows, ""),
     ] {
+        if rows.is_empty() && none.is_empty() {
+            continue;
+        }
         o.push('\n');
         if rows.is_empty() {
             let _ = writeln!(o, "{none}");

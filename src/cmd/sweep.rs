@@ -1,10 +1,13 @@
-//! `kiln sweep`: a spec's variants over the values of one or more keys, compared in one table.
+//! `kiln sweep`: a spec's variants over the values of one or more keys, compared in one table;
+//! with `--train`, each variant trained too, its final losses in the table and its curves in
+//! one plot.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
+use super::diff::ResultRow;
 use super::layout::{usage, LayoutArgs};
 use crate::spec::{apply_sets, check_source, overrides, read_source};
-use crate::Failure;
+use crate::{fsutil, other, Failure};
 
 #[derive(clap::Args)]
 pub(crate) struct Args {
@@ -16,6 +19,22 @@ pub(crate) struct Args {
     json: bool,
     #[command(flatten)]
     layout: LayoutArgs,
+    /// Train every variant too (one `kiln train` each, in turn), then add their final losses
+    /// and throughput to the table and draw their curves in OUT/plot.svg. Runs that finished
+    /// are kept and one that was interrupted resumes, so running the sweep again continues it.
+    #[arg(long)]
+    train: bool,
+    /// Optimizer steps of each run [default: the spec's train.steps].
+    #[arg(long, requires = "train")]
+    steps: Option<u64>,
+    /// Where the runs go: OUT/A, OUT/B, … (each variant's column letter), with OUT/sweep.json
+    /// (what each letter is) and OUT/plot.svg [default: runs/sweep-<model name>].
+    #[arg(long, requires = "train")]
+    out: Option<PathBuf>,
+    /// Further `kiln train` flags for every run, after `--`: `kiln sweep … --train --steps
+    /// 200 -- --data shakespeare.txt --eval-every 50`.
+    #[arg(last = true, requires = "train", value_name = "TRAIN FLAGS")]
+    train_flags: Vec<String>,
 }
 
 /// Splits a `--set` value at its top-level commas: `64,128,256` is three values,
@@ -80,6 +99,7 @@ pub(crate) fn run(args: &Args, color: bool) -> Result<(), Failure> {
     }
     let mut names = Vec::new();
     let mut models = Vec::new();
+    let mut all_sets = Vec::new();
     let mut failed = false;
     for v in &variants {
         let sets: Vec<String> = fixed.iter().chain(v).cloned().collect();
@@ -91,6 +111,7 @@ pub(crate) fn run(args: &Args, color: bool) -> Result<(), Failure> {
                 args.layout.apply(&mut m)?;
                 names.push(label);
                 models.push(m);
+                all_sets.push(sets);
             }
             Err(_) => failed = true,
         }
@@ -99,7 +120,189 @@ pub(crate) fn run(args: &Args, color: bool) -> Result<(), Failure> {
         return Err(Failure::Invalid);
     }
     let reports = super::diff::reports(&models, &args.layout)?;
-    super::diff::table(&names, &models, &reports, args.json)
+    let (results, trained) = if args.train {
+        train_all(args, &names, &all_sets, &models)?
+    } else {
+        (Vec::new(), Ok(()))
+    };
+    super::diff::table(&names, &models, &reports, &results, args.json)?;
+    trained
+}
+
+/// A variant's run directory name: its column letter (`A`, `B`, …), or `v<i>` past `Z`.
+fn run_name(i: usize) -> String {
+    if i < 26 {
+        char::from(b'A' + i as u8).to_string()
+    } else {
+        format!("v{i}")
+    }
+}
+
+/// The rows of a run's `metrics.jsonl` (none when it has not started).
+fn metrics(dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// Trains each variant with `kiln train` in OUT/<letter>, in turn, and returns the result rows
+/// of the table, and whether every run trained (after the table is printed, a failure ends
+/// the command with status 1).
+fn train_all(
+    args: &Args,
+    names: &[String],
+    sets: &[Vec<String>],
+    models: &[kiln_compiler::model::Model],
+) -> Result<(Vec<ResultRow>, Result<(), Failure>), Failure> {
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("runs").join(format!("sweep-{}", models[0].name)));
+    let spec = args
+        .spec
+        .as_ref()
+        .map_or("(built in)".to_string(), |p| p.display().to_string());
+    // What each letter is, so a second sweep into the same directory cannot mix its runs up
+    // with another sweep's. (Not the train flags: a run can resume with others, as
+    // `kiln train --resume` can.)
+    let record = serde_json::json!({
+        "spec": spec,
+        "steps": args.steps,
+        "variants": names.iter().zip(sets).enumerate().map(|(i, (n, s))| serde_json::json!({
+            "run": run_name(i), "variant": n, "set": s,
+        })).collect::<Vec<_>>(),
+    });
+    let record_path = out.join("sweep.json");
+    if let Ok(text) = std::fs::read_to_string(&record_path) {
+        let old: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+        if old != record {
+            return Err(usage(
+                &format!("{} holds another sweep's runs", out.display()),
+                "choose another --out, or remove that directory to start over",
+            ));
+        }
+    }
+    fsutil::create_dir(&out)?;
+    fsutil::write(&record_path, format!("{record:#}\n").as_bytes())?;
+    let exe =
+        std::env::current_exe().map_err(|e| other(format!("cannot find kiln itself: {e}")))?;
+    let mut failed = Vec::new();
+    for (i, (name, model)) in names.iter().zip(models).enumerate() {
+        let dir = out.join(run_name(i));
+        let steps = args.steps.unwrap_or(model.train.steps);
+        let done = metrics(&dir)
+            .last()
+            .and_then(|r| r["step"].as_u64())
+            .is_some_and(|s| s >= steps);
+        let of = format!("{} ({}/{}): {name}", run_name(i), i + 1, names.len());
+        if done && dir.join("checkpoint.safetensors").exists() {
+            eprintln!("sweep: {of}: trained already, in {}", dir.display());
+            continue;
+        }
+        let mut cmd = std::process::Command::new(&exe);
+        cmd.arg("train");
+        if dir.join("checkpoint.safetensors").exists() {
+            eprintln!("sweep: resuming {of}");
+            cmd.arg("--resume").arg(&dir);
+        } else {
+            eprintln!("sweep: training {of}");
+            cmd.args(args.spec.iter()).arg("--out").arg(&dir);
+            for s in &sets[i] {
+                cmd.arg("--set").arg(s);
+            }
+        }
+        if let Some(n) = args.steps {
+            cmd.arg("--steps").arg(n.to_string());
+        }
+        cmd.args(&args.train_flags);
+        // The table (or its JSON) is this command's output; a run's summary goes with its
+        // progress, to stderr.
+        cmd.stdout(std::io::stderr());
+        let status = cmd
+            .status()
+            .map_err(|e| other(format!("cannot start kiln train: {e}")))?;
+        if !status.success() {
+            eprintln!("sweep: {of}: kiln train failed ({status})");
+            failed.push(run_name(i));
+        }
+    }
+    let runs: Vec<Vec<serde_json::Value>> = (0..names.len())
+        .map(|i| metrics(&out.join(run_name(i))))
+        .collect();
+    // A row's last value of `key`: the final loss, or the last evaluation's.
+    let last = |key: &str| -> Vec<Option<f64>> {
+        runs.iter()
+            .map(|rows| rows.iter().rev().find_map(|r| r[key].as_f64()))
+            .collect()
+    };
+    let mut results: Vec<ResultRow> = Vec::new();
+    let steps: Vec<Option<f64>> = runs
+        .iter()
+        .map(|rows| rows.last().and_then(|r| r["step"].as_f64()))
+        .collect();
+    results.push(("steps trained".to_string(), steps, 0));
+    for (label, key, digits) in [
+        ("final loss", "loss", 4),
+        ("final main_loss", "main_loss", 4),
+        ("final mtp_loss", "mtp_loss", 4),
+        ("final val_loss", "val_loss", 4),
+        ("tokens_per_s", "tokens_per_s", 0),
+    ] {
+        let values = last(key);
+        if values.iter().any(Option::is_some) {
+            results.push((label.to_string(), values, digits));
+        }
+    }
+    plot(&out, names, &runs)?;
+    eprintln!(
+        "sweep: {} runs in {} (sweep.json, plot.svg)",
+        names.len(),
+        out.display()
+    );
+    let trained = if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(other(format!(
+            "training failed for {}; see their runs in {}",
+            failed.join(", "),
+            out.display()
+        )))
+    };
+    Ok((results, trained))
+}
+
+/// OUT/plot.svg: every run's main loss, then its validation loss, against the step.
+fn plot(out: &Path, names: &[String], runs: &[Vec<serde_json::Value>]) -> Result<(), Failure> {
+    use crate::plot::{stack, Plot, Series};
+    let curves = |key: &str, dashed: bool| -> Vec<Series> {
+        names
+            .iter()
+            .zip(runs)
+            .enumerate()
+            .map(|(i, (name, rows))| Series {
+                name: format!("{}: {name}", run_name(i)),
+                points: rows
+                    .iter()
+                    .filter_map(|r| Some((r["step"].as_f64()?, r[key].as_f64()?)))
+                    .collect(),
+                dashed,
+            })
+            .collect()
+    };
+    let panel = |title: &str, series| Plot {
+        title: title.to_string(),
+        x_label: "step".into(),
+        y_label: "cross-entropy (nats)".into(),
+        series,
+    };
+    let svg = stack(&[
+        panel("main loss", curves("main_loss", false)),
+        panel("validation loss (main)", curves("val_loss", true)),
+    ]);
+    fsutil::write_atomic(&out.join("plot.svg"), svg.as_bytes())
+        .map_err(|e| other(format!("cannot write the plot: {e}")))
 }
 
 #[cfg(test)]
