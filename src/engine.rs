@@ -6,10 +6,11 @@ use kiln_compiler::emit_cuda;
 use kiln_compiler::ir::{Graph, ValueId};
 use kiln_compiler::model::{DataSource, Model};
 use kiln_compiler::program::{Program, Settings, TrainOutputs};
+use kiln_compiler::report::bytes_h;
 use kiln_runtime::data::{self, builtin_corpus, byte_tokens, Batcher, Dataset};
 use kiln_runtime::device::emulated::Emulated;
 use kiln_runtime::device::runner::DeviceRunner;
-use kiln_runtime::device::{Device, DeviceKind};
+use kiln_runtime::device::{Device, DeviceError, DeviceKind};
 use kiln_runtime::exec::Run;
 use kiln_runtime::train::{max_token_offset, TrainConfig, Trainer};
 
@@ -56,8 +57,49 @@ pub(crate) fn device_runner(
     poison: bool,
 ) -> Result<Box<dyn Run>, Failure> {
     let runner = DeviceRunner::new(program, emit_cuda::emit(program), open(device)?, keep)
-        .map_err(|e| other(format!("--device {device}: {e}")))?;
+        .map_err(|e| match e {
+            // Refused before anything was built or allocated: say what to shrink.
+            DeviceError::Memory { need, free, total } => crate::cmd::layout::usage(
+                &format!(
+                    "--device {device}: the training step's plan needs {} of device memory, but \
+                     {} of the device's {} is free",
+                    bytes_h(u128::from(need)),
+                    bytes_h(u128::from(free)),
+                    bytes_h(u128::from(total))
+                ),
+                "shrink train.batch or train.seq_len (activations), or the model; `kiln check` \
+                 reports the memory of one step",
+            ),
+            e => other(format!("--device {device}: {e}")),
+        })?;
     Ok(Box::new(if poison { runner.poisoning() } else { runner }))
+}
+
+/// `KILN_EMULATED_MEMORY`: the memory the emulated device claims (bytes, or with a `K`,
+/// `M`, `G` suffix for KiB, MiB, GiB), to rehearse a GPU's limit; unlimited when unset.
+fn emulated_memory() -> Result<Option<u64>, Failure> {
+    let Ok(text) = std::env::var("KILN_EMULATED_MEMORY") else {
+        return Ok(None);
+    };
+    let t = text.trim();
+    let (digits, shift) = match t.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&t[..i], 10),
+        Some((i, 'M' | 'm')) => (&t[..i], 20),
+        Some((i, 'G' | 'g')) => (&t[..i], 30),
+        _ => (t, 0),
+    };
+    digits
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1 << shift))
+        .map(Some)
+        .ok_or_else(|| {
+            crate::cmd::layout::usage(
+                &format!("KILN_EMULATED_MEMORY={text} is not a size"),
+                "write bytes, or a number with K, M or G (KiB, MiB, GiB): KILN_EMULATED_MEMORY=80G",
+            )
+        })
 }
 
 /// A device of kind `device` (not `cpu`), reporting its progress (kernel builds) on stderr.
@@ -68,9 +110,11 @@ pub(crate) fn open(device: DeviceKind) -> Result<Box<dyn Device>, Failure> {
         )),
         DeviceKind::CudaEmulated => {
             let cache = kiln_runtime::device::cache_dir().join("emulated");
-            Ok(Box::new(
-                Emulated::new(&cache).with_progress(|line| eprintln!("{line}")),
-            ))
+            let device = Emulated::new(&cache).with_progress(|line| eprintln!("{line}"));
+            Ok(Box::new(match emulated_memory()? {
+                Some(bytes) => device.with_capacity(bytes),
+                None => device,
+            }))
         }
         DeviceKind::Cuda => cuda(),
     }

@@ -1225,6 +1225,46 @@ fn sweep_compares_a_specs_variants_in_one_table() {
 }
 
 #[test]
+fn a_device_without_the_memory_for_the_plan_is_refused_before_building_anything() {
+    // The emulated device claims 1 MiB, as a GPU of that size would; micro's plan needs more.
+    let dir = std::env::temp_dir().join(format!("kiln-gpu-preflight-{}", std::process::id()));
+    let start = std::time::Instant::now();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args([
+            "train",
+            "tests/specs/micro.toml",
+            "--device",
+            "cuda-emulated",
+            "--out",
+        ])
+        .arg(&dir)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("KILN_EMULATED_MEMORY", "1M")
+        // Refused before the kernels are built: no compiler is needed.
+        .env("KILN_NVCC", "/nonexistent/nvcc")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("the training step's plan needs 1.73 MiB of device memory")
+            && err.contains("1.00 MiB of the device's 1.00 MiB is free")
+            && err.contains("shrink train.batch"),
+        "{err}"
+    );
+    assert!(start.elapsed().as_secs() < 10);
+    assert!(!dir.exists(), "a refused run leaves no directory");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["train", "--device", "cuda-emulated"])
+        .env("KILN_EMULATED_MEMORY", "lots")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("is not a size"), "{}", stderr(&o));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn sweep_trains_each_variant_and_an_interrupted_sweep_resumes() {
     let dir = std::env::temp_dir().join(format!("kiln-sweep-train-{}", std::process::id()));
     let d = dir.to_str().unwrap();

@@ -253,10 +253,6 @@ fn train(
         (None, Some(dir)) => dir,
         (None, None) => PathBuf::from("runs").join(&model.name),
     };
-    // The first rank writes the run directory; the others compute.
-    if lead {
-        fsutil::create_dir(&out_dir)?;
-    }
     let metrics_path = out_dir.join("metrics.jsonl");
     let ck_path = checkpoint_path(&out_dir);
     // The run records the resolved spec: the file with its --set overrides, and --steps, so
@@ -284,6 +280,11 @@ fn train(
     let config = engine::emulating(config, settings, args.emulate_precision, built, "train")?;
     let params = init_params(forward, seed);
     let trainer = engine::trainer(&compiled.train, config, params, built, args.device)?;
+    // The first rank writes the run directory (once the step is ready, so a run refused for
+    // its device leaves nothing behind); the others compute.
+    if lead {
+        fsutil::create_dir(&out_dir)?;
+    }
     let mut trainer = match mpi {
         Some(m) if dp > 1 => trainer.data_parallel(m),
         _ => trainer,

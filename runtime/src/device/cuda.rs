@@ -876,6 +876,12 @@ impl Device for Cuda {
         self.bind()?;
         self.wait("a kernel or GEMM")
     }
+
+    fn memory(&mut self) -> Option<(u64, u64)> {
+        self.bind().ok()?;
+        let (free, total) = drv::mem_get_info().ok()?;
+        Some((free as u64, total as u64))
+    }
 }
 
 impl Drop for Cuda {

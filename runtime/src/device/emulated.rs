@@ -74,6 +74,8 @@ pub struct Emulated {
     cache: PathBuf,
     /// Called with a line while the kernels build (which takes a while the first time).
     progress: Option<Progress>,
+    /// The memory the device claims to have, to rehearse a GPU's limit; unlimited if `None`.
+    capacity: Option<u64>,
 }
 
 impl Emulated {
@@ -85,7 +87,19 @@ impl Emulated {
             library: None,
             cache: cache.to_path_buf(),
             progress: None,
+            capacity: None,
         }
+    }
+
+    /// Claims `bytes` of device memory, as a GPU of that size would: a plan that needs more
+    /// is refused before anything is built or allocated, and an allocation past it fails.
+    pub fn with_capacity(mut self, bytes: u64) -> Emulated {
+        self.capacity = Some(bytes);
+        self
+    }
+
+    fn allocated(&self) -> u64 {
+        self.buffers.iter().map(|(_, b)| *b).sum()
     }
 
     /// Reports progress lines (the host build of the kernels) to `f`.
@@ -208,6 +222,15 @@ impl Device for Emulated {
     }
 
     fn alloc(&mut self, bytes: u64) -> Result<BufId, DeviceError> {
+        if let Some((free, total)) = self.memory() {
+            if bytes > free {
+                return Err(DeviceError::Memory {
+                    need: bytes,
+                    free,
+                    total,
+                });
+            }
+        }
         let words = vec![0u64; bytes.div_ceil(8).max(1) as usize];
         let address = words.as_ptr() as u64;
         self.buffers.push((words, bytes));
@@ -367,6 +390,11 @@ impl Device for Emulated {
 
     fn synchronize(&mut self) -> Result<(), DeviceError> {
         Ok(())
+    }
+
+    fn memory(&mut self) -> Option<(u64, u64)> {
+        self.capacity
+            .map(|c| (c.saturating_sub(self.allocated()), c))
     }
 }
 

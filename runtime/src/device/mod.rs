@@ -82,6 +82,8 @@ pub enum DeviceError {
     Build(String),
     /// A launch, GEMM or copy was refused: what, and why.
     Call(String),
+    /// The plan needs more memory than the device has free (bytes).
+    Memory { need: u64, free: u64, total: u64 },
 }
 
 impl fmt::Display for DeviceError {
@@ -95,6 +97,11 @@ impl fmt::Display for DeviceError {
                 )
             }
             DeviceError::Build(m) | DeviceError::Call(m) => f.write_str(m),
+            DeviceError::Memory { need, free, total } => write!(
+                f,
+                "the plan needs {need} bytes of device memory, but {free} of the device's \
+                 {total} are free"
+            ),
         }
     }
 }
@@ -191,6 +198,10 @@ pub trait Device: Send {
     fn gemm(&mut self, call: &GemmCall) -> Result<(), DeviceError>;
     /// Waits for everything launched so far.
     fn synchronize(&mut self) -> Result<(), DeviceError>;
+    /// `(free, total)` bytes of device memory, where the device can say.
+    fn memory(&mut self) -> Option<(u64, u64)> {
+        None
+    }
 }
 
 /// The directory kiln caches built kernels in: `$KILN_CACHE_DIR`, else `$XDG_CACHE_HOME/kiln`,
@@ -278,5 +289,9 @@ impl Device for Box<dyn Device> {
     }
     fn synchronize(&mut self) -> Result<(), DeviceError> {
         (**self).synchronize()
+    }
+
+    fn memory(&mut self) -> Option<(u64, u64)> {
+        (**self).memory()
     }
 }

@@ -111,7 +111,6 @@ impl<D: Device> DeviceRunner<D> {
         keep: &[ValueId],
     ) -> Result<DeviceRunner<D>, DeviceError> {
         let graph = program.graph();
-        device.load(&cuda)?;
         // Buffers: one per value, an alias sharing its source's.
         let mut source: Vec<usize> = (0..graph.values.len()).collect();
         for step in &cuda.steps {
@@ -150,6 +149,16 @@ impl<D: Device> DeviceRunner<D> {
                 })
                 .collect::<Vec<_>>(),
         );
+        // Before building kernels or allocating anything: does the plan fit?
+        if let Some((free, total)) = device.memory() {
+            let need = plan_bytes(graph, &cuda, &source, packed.bytes, |i| {
+                !in_arena(i) && source[i] == i
+            });
+            if need > free {
+                return Err(DeviceError::Memory { need, free, total });
+            }
+        }
+        device.load(&cuda)?;
         let arena_buf = device.alloc(packed.bytes.max(4))?;
         let mut written = vec![(arena_buf, packed.bytes.max(4))];
         let mut places: Vec<Option<(BufId, u64)>> = vec![None; graph.values.len()];
@@ -1013,4 +1022,55 @@ impl<D: Device> Resident for DeviceRunner<D> {
         }
         Ok(())
     }
+}
+
+/// The device memory a plan allocates: the arena, each value with a buffer of its own, the
+/// scratch slots, the FP8 copies and the optimizer's moments (its small tables aside).
+fn plan_bytes(
+    graph: &kiln_ir::ir::Graph,
+    cuda: &CudaProgram,
+    source: &[usize],
+    arena: u64,
+    own: impl Fn(usize) -> bool,
+) -> u64 {
+    let values: u64 = (0..graph.values.len())
+        .filter(|&i| source[i] == i && own(i))
+        .map(|i| 4 * graph.values[ValueId::from_index(i)].ty.elements().max(1) as u64)
+        .sum();
+    let launches = cuda
+        .steps
+        .iter()
+        .flat_map(|s| &s.work)
+        .filter_map(|w| match w {
+            Work::Launch(l) => Some(l),
+            _ => None,
+        })
+        .chain(&cuda.optimizer);
+    let mut slots: HashMap<u32, u64> = HashMap::new();
+    let mut moments = 0u64;
+    for a in launches.flat_map(|l| &l.args) {
+        match a {
+            Arg::Scratch { slot, bytes } => {
+                let s = slots.entry(*slot).or_default();
+                *s = (*s).max(*bytes);
+            }
+            Arg::Tensors { entries } => {
+                moments = entries.iter().map(|e| 2 * 4 * e.elements.max(1)).sum();
+            }
+            _ => {}
+        }
+    }
+    let copies: u64 = (0..cuda.fp8_copies.len())
+        .map(|i| {
+            let (codes, scales) = cuda.fp8_copies[i].args(i);
+            [codes, scales]
+                .iter()
+                .map(|a| match a {
+                    Arg::Fp8Codes { bytes, .. } | Arg::Fp8Scales { bytes, .. } => *bytes,
+                    _ => 0,
+                })
+                .sum::<u64>()
+        })
+        .sum();
+    arena + values + slots.values().sum::<u64>() + copies + moments
 }
