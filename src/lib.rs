@@ -24,7 +24,7 @@ pub mod plot;
 mod spec;
 pub mod specialized;
 
-use cmd::{bench, build, emit, exp, hf, logits, plan, rl, sample, sweep, train, verify};
+use cmd::{bench, build, emit, exp, hf, logits, plan, rl, sample, sweep, tokenize, train, verify};
 
 /// Every binary linking kiln counts its heap (see [`heap`]); `kiln bench --memory` reads it.
 #[global_allocator]
@@ -90,8 +90,21 @@ enum Command {
     /// `scripts/mpirun -n N kiln train SPEC --parallel dp=N` trains data-parallel across N
     /// processes over MPI, with the losses of one process (docs/parallel.md).
     Train(train::Args),
-    /// Generate text from a trained run (its spec.toml and checkpoint.safetensors).
+    /// Generate text from a trained run (its spec.toml and checkpoint.safetensors), with the
+    /// run's tokenizer.json when it has one (else one token per byte).
     Sample(sample::Args),
+    /// Encode text corpora with a Hugging Face tokenizer.json into llm.c token shards for
+    /// `kiln train --data 'DIR/*.bin'`.
+    ///
+    /// Writes DIR/STEM_val_000000.bin (the last --val-fraction of each corpus's tokens) and
+    /// DIR/STEM_train_000000.bin… (the rest, at most --shard-tokens a shard), in llm.c's u16
+    /// format when the tokenizer's ids fit 16 bits, else its u32 format, and a copy of the
+    /// tokenizer, which training carries into the run for `kiln sample`. Encodes in parallel
+    /// chunks cut at line starts: the shards are the same on any number of threads, and
+    /// (at the default --chunk-bytes and --val-fraction) hold the tokens and the split that
+    /// `kiln train --data FILE --tokenizer` trains on. Reports progress
+    /// (bytes done, MiB/s) on stderr.
+    Tokenize(tokenize::Args),
     /// Fine-tune a pretrained run with GRPO (reinforcement learning with rule-based rewards)
     /// on a built-in rule-checked task (`--task`: arithmetic or brackets), as the spec's
     /// `[rl]` section says.
@@ -277,6 +290,7 @@ pub fn main() -> ExitCode {
             what: Emit::Cuda { spec, out, check },
         } => emit::cuda(spec, out, check, color),
         Command::Sample(args) => sample::run(args, color),
+        Command::Tokenize(args) => tokenize::run(args),
         Command::Rl(args) => rl::run(args, color),
         Command::Logits(args) => logits::run(args, color),
         Command::Build(args) => build::run(args, color),
