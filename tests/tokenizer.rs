@@ -135,6 +135,24 @@ fn train_encodes_text_with_a_tokenizer_that_fits_the_vocabulary() {
         "the run keeps a copy of the tokenizer"
     );
 
+    // Resuming encodes the text with the run's copy, unasked.
+    let o = kiln(&[
+        "train",
+        "--resume",
+        &p(&run),
+        "--steps",
+        "4",
+        "--data",
+        &p(&text_path),
+    ]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    let copy = format!(
+        "encoded with {} (vocabulary",
+        p(&run.join("tokenizer.json"))
+    );
+    assert!(err.contains(&copy), "{err}");
+
     // A vocabulary too small for the tokenizer: a usage error naming both sizes and the fix.
     let o = train(128, &dir.join("small"), &data);
     let err = stderr(&o);

@@ -54,8 +54,9 @@ pub(crate) struct Args {
     #[arg(long)]
     pub threads: Option<usize>,
     /// The target size of a chunk that one thread encodes at a time; a chunk ends at the
-    /// first line start past it. The tokens depend on it (slightly, at the cuts, for
-    /// tokenizers that merge across line starts) but never on --threads.
+    /// first line start past it. The tokens depend on it (at the cuts, for tokenizers that
+    /// mark the start of a text, like a prefix space, or merge across line starts) but never
+    /// on --threads.
     #[arg(long, default_value_t = CHUNK_BYTES, value_name = "BYTES")]
     pub chunk_bytes: usize,
 }
