@@ -263,11 +263,13 @@ impl TokenizerFile {
                 self.path.display(),
                 model.vocab
             ),
-            &format!(
-                "raise the model's vocabulary to fit it: --set model.vocab={needed} (or a \
-                 rounder size above it, such as {})",
-                needed.div_ceil(64) * 64
-            ),
+            &match needed.div_ceil(64) * 64 {
+                round if round != needed => format!(
+                    "raise the model's vocabulary to fit it: --set model.vocab={needed} (or a \
+                     rounder size above it, such as {round})"
+                ),
+                _ => format!("raise the model's vocabulary to fit it: --set model.vocab={needed}"),
+            },
         ))
     }
 }
