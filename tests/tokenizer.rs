@@ -356,6 +356,10 @@ fn sample_export_and_import_use_the_runs_tokenizer() {
             "{word:?} in {out:?}"
         );
     }
+    // GRPO's tasks are byte-level: a run with a tokenizer is refused, not fed bytes.
+    let o = kiln(&["rl", "--from", &p(&run), "--out", &p(&dir.join("rl"))]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("byte-level"), "{}", stderr(&o));
     // --tokenizer names the same file explicitly: the same text.
     let o = sample(&run, &["--tokenizer", &p(&words)]);
     assert_eq!(stdout(&o), out);
