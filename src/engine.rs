@@ -2,12 +2,16 @@
 //! the other: the generated step a specialized binary brings, the trainer that runs either it
 //! or the interpreter, and a run's data.
 
+use std::path::{Path, PathBuf};
+
 use kiln_compiler::emit_cuda;
 use kiln_compiler::ir::{Graph, ValueId};
 use kiln_compiler::model::{DataSource, Model};
 use kiln_compiler::program::{Program, Settings, TrainOutputs};
 use kiln_compiler::report::bytes_h;
-use kiln_runtime::data::{self, builtin_corpus, byte_tokens, Batcher, Dataset};
+use kiln_runtime::data::{
+    self, builtin_corpus, byte_tokens, Batcher, Dataset, Tokenizer, TOKENIZER_FILE,
+};
 use kiln_runtime::device::emulated::Emulated;
 use kiln_runtime::device::runner::DeviceRunner;
 use kiln_runtime::device::{Device, DeviceError, DeviceKind};
@@ -211,18 +215,20 @@ pub(crate) fn builtin_batcher(
 /// The share of the tokens held out for validation unless `kiln train --val-fraction` says.
 pub(crate) const VAL_FRACTION: f64 = 0.1;
 
-/// The training data of a run: `arg` (`--data`), else the spec's `train.data`.
+/// The training data of a run: `arg` (`--data`), else the spec's `train.data`, byte-level,
+/// with the last [`VAL_FRACTION`] of the tokens held out for validation.
 pub(crate) fn load_data(model: &Model, arg: Option<&str>, seed: u64) -> Result<Dataset, Failure> {
-    load_data_split(model, arg, seed, VAL_FRACTION)
+    let source = data_source(model, arg, seed)?;
+    load_source(model, &source, VAL_FRACTION, None)
 }
 
-/// [`load_data`] with the last `val_fraction` of the tokens held out for validation.
-pub(crate) fn load_data_split(
+/// The source of a run's data: `arg` (`--data`), else the spec's `train.data`; the built-in
+/// corpus with `seed`.
+pub(crate) fn data_source(
     model: &Model,
     arg: Option<&str>,
     seed: u64,
-    val_fraction: f64,
-) -> Result<Dataset, Failure> {
+) -> Result<data::Source, Failure> {
     let spec_data = match &model.train.data {
         DataSource::Builtin => "builtin".to_string(),
         DataSource::Path(p) => p.clone(),
@@ -232,7 +238,18 @@ pub(crate) fn load_data_split(
     if let data::Source::Builtin { seed: s, .. } = &mut source {
         *s = seed;
     }
-    let ds = data::load(&source, val_fraction).map_err(|e| other(e.to_string()))?;
+    Ok(source)
+}
+
+/// Loads `source` (a text file encoded by `tokenizer` when one is given) and checks that its
+/// token ids fit the model's vocabulary.
+pub(crate) fn load_source(
+    model: &Model,
+    source: &data::Source,
+    val_fraction: f64,
+    tokenizer: Option<&Tokenizer>,
+) -> Result<Dataset, Failure> {
+    let ds = data::load_with(source, val_fraction, tokenizer).map_err(|e| other(e.to_string()))?;
     if u64::from(ds.vocab) > model.vocab {
         return Err(other(format!(
             "the data ({}) has token ids up to {}, but the model's vocabulary is {}; raise model.vocab",
@@ -242,4 +259,61 @@ pub(crate) fn load_data_split(
         )));
     }
     Ok(ds)
+}
+
+/// A `tokenizer.json` a command read: the parsed tokenizer, the file's bytes (copied into run
+/// directories as they are) and where it came from.
+pub(crate) struct TokenizerFile {
+    pub tokenizer: Tokenizer,
+    pub bytes: Vec<u8>,
+    pub path: PathBuf,
+}
+
+impl TokenizerFile {
+    /// Reads and parses `path`; a missing, unreadable or invalid file is an error naming it.
+    pub(crate) fn read(path: &Path) -> Result<TokenizerFile, Failure> {
+        let bytes = std::fs::read(path)
+            .map_err(|e| other(format!("cannot read the tokenizer {}: {e}", path.display())))?;
+        let tokenizer = Tokenizer::from_bytes(&bytes, &path.display().to_string())
+            .map_err(|e| other(e.to_string()))?;
+        Ok(TokenizerFile {
+            tokenizer,
+            bytes,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The `tokenizer.json` in `dir` (a run or shard directory), if there is one.
+    pub(crate) fn in_dir(dir: &Path) -> Result<Option<TokenizerFile>, Failure> {
+        let path = dir.join(TOKENIZER_FILE);
+        if path.is_file() {
+            TokenizerFile::read(&path).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// Refuses a tokenizer whose ids do not all fit `model.vocab` (a usage error: the fix is
+    /// a flag).
+    pub(crate) fn check_vocab(&self, model: &Model) -> Result<(), Failure> {
+        let needed = self.tokenizer.vocab_size();
+        if u64::from(needed) <= model.vocab {
+            return Ok(());
+        }
+        Err(crate::cmd::layout::usage(
+            &format!(
+                "the tokenizer {} has a vocabulary of {needed} tokens (with its added tokens), \
+                 more than the model's vocabulary of {} (model.vocab)",
+                self.path.display(),
+                model.vocab
+            ),
+            &match needed.div_ceil(64) * 64 {
+                round if round != needed => format!(
+                    "raise the model's vocabulary to fit it: --set model.vocab={needed} (or a \
+                     rounder size above it, such as {round})"
+                ),
+                _ => format!("raise the model's vocabulary to fit it: --set model.vocab={needed}"),
+            },
+        ))
+    }
 }

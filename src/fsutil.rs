@@ -71,31 +71,55 @@ pub(crate) fn fresh_dir(out: &Path) -> Result<(), Failure> {
 /// Writes `files` (name, bytes) into `out` through a temporary sibling directory renamed into
 /// place at the end.
 pub(crate) fn write_dir(out: &Path, files: &[(&str, Vec<u8>)]) -> Result<(), Failure> {
+    write_dir_with(out, |tmp| {
+        for (name, bytes) in files {
+            std::fs::write(tmp.join(name), bytes)
+                .map_err(|e| other(format!("cannot write {name} in {}: {e}", tmp.display())))?;
+        }
+        Ok(())
+    })
+}
+
+/// Fills a temporary sibling directory of `out` with `fill` and renames it into place at the
+/// end (replacing an empty directory at `out`); on failure the sibling is removed.
+pub(crate) fn write_dir_with(
+    out: &Path,
+    fill: impl FnOnce(&Path) -> Result<(), Failure>,
+) -> Result<(), Failure> {
     let fail = |what: &str, e: std::io::Error| other(format!("cannot {what}: {e}"));
     let parent = out
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent)
-        .map_err(|e| fail(&format!("create {}", parent.display()), e))?;
+    std::fs::create_dir_all(parent).map_err(|e| {
+        fail(
+            &format!("create {} (for {})", parent.display(), out.display()),
+            e,
+        )
+    })?;
     let leaf = out
         .file_name()
         .map_or("out".into(), |n| n.to_string_lossy().into_owned());
     let tmp = parent.join(format!(".{leaf}.partial-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir(&tmp).map_err(|e| fail(&format!("create {}", tmp.display()), e))?;
-    let result = (|| {
-        for (name, bytes) in files {
-            std::fs::write(tmp.join(name), bytes)
-                .map_err(|e| fail(&format!("write {name} in {}", tmp.display()), e))?;
-        }
+    std::fs::create_dir(&tmp).map_err(|e| {
+        fail(
+            &format!(
+                "create {} (to write {} through it)",
+                tmp.display(),
+                out.display()
+            ),
+            e,
+        )
+    })?;
+    let result = fill(&tmp).and_then(|()| {
         // An empty directory at `out` (allowed by `fresh_dir`) is replaced.
         if out.is_dir() {
             std::fs::remove_dir(out).map_err(|e| fail(&format!("replace {}", out.display()), e))?;
         }
         std::fs::rename(&tmp, out)
             .map_err(|e| fail(&format!("move the result to {}", out.display()), e))
-    })();
+    });
     if result.is_err() {
         let _ = std::fs::remove_dir_all(&tmp);
     }

@@ -14,10 +14,11 @@ use kiln_compiler::ir::Graph;
 use kiln_compiler::model::Model;
 use kiln_compiler::program::compile;
 use kiln_runtime::checkpoint::{self, Checkpoint};
-use kiln_runtime::data::initial_batch_state;
+use kiln_runtime::data::{initial_batch_state, TOKENIZER_FILE};
 use kiln_runtime::hf::{self as rt_hf, ParamPieces, StoreAs};
 use kiln_runtime::train::init_params;
 
+use crate::engine::TokenizerFile;
 use crate::fsutil::{self, fresh_dir, write_dir};
 use crate::spec::load;
 use crate::{other, Failure};
@@ -213,13 +214,14 @@ pub(crate) fn run_import(args: ImportArgs) -> Result<(), Failure> {
         spec_hash: checkpoint::spec_hash(imported.spec.as_bytes()),
     };
     let bytes = checkpoint::to_bytes(graph, &ck_out).map_err(other)?;
-    write_dir(
-        &args.out,
-        &[
-            ("spec.toml", imported.spec.clone().into_bytes()),
-            ("checkpoint.safetensors", bytes),
-        ],
-    )?;
+    let mut files = vec![
+        ("spec.toml", imported.spec.clone().into_bytes()),
+        ("checkpoint.safetensors", bytes),
+    ];
+    if let Some(tokenizer) = import_tokenizer(&args.path, &model, &mut imported.notes) {
+        files.push((TOKENIZER_FILE, tokenizer));
+    }
+    write_dir(&args.out, &files)?;
 
     let dtypes: Vec<String> = ck.dtypes.iter().map(|(d, n)| format!("{n} {d}")).collect();
     eprintln!(
@@ -258,6 +260,37 @@ pub(crate) fn run_import(args: ImportArgs) -> Result<(), Failure> {
         args.out.display()
     );
     Ok(())
+}
+
+/// The bytes of the model directory's `tokenizer.json` to carry into the run, if it has one
+/// that kiln reads and whose ids fit the model; otherwise a note says why it stays behind.
+fn import_tokenizer(dir: &Path, model: &Model, notes: &mut Vec<String>) -> Option<Vec<u8>> {
+    let path = dir.join(TOKENIZER_FILE);
+    if !path.is_file() {
+        return None;
+    }
+    let file = match TokenizerFile::read(&path) {
+        Ok(file) => file,
+        Err(Failure::Other(why)) => {
+            notes.push(format!("{TOKENIZER_FILE} not carried into the run: {why}"));
+            return None;
+        }
+        Err(Failure::Invalid) => return None,
+    };
+    let vocab = file.tokenizer.vocab_size();
+    if u64::from(vocab) > model.vocab {
+        notes.push(format!(
+            "{} not carried into the run: its {vocab} tokens exceed the model's vocabulary of {}",
+            path.display(),
+            model.vocab
+        ));
+        return None;
+    }
+    notes.push(format!(
+        "{} ({vocab} tokens) carried into the run: kiln sample encodes and decodes with it",
+        path.display()
+    ));
+    Some(file.bytes)
 }
 
 /// The file beside `config.json` that keeps what HF's config has no place for: the run's
@@ -303,17 +336,21 @@ pub(crate) fn run_export(args: ExportArgs, color: bool) -> Result<(), Failure> {
     let weights = rt_hf::to_safetensors(&tensors, store).map_err(other)?;
     let config_text = serde_json::to_string_pretty(&config)
         .map_err(|e| other(format!("cannot encode config.json: {e}")))?;
-    write_dir(
-        &args.out,
-        &[
-            ("config.json", format!("{config_text}\n").into_bytes()),
-            (rt_hf::SINGLE_FILE, weights),
-            (SIDECAR, spec_bytes),
-        ],
-    )?;
+    let mut files = vec![
+        ("config.json", format!("{config_text}\n").into_bytes()),
+        (rt_hf::SINGLE_FILE, weights),
+        (SIDECAR, spec_bytes),
+    ];
+    // The run's tokenizer goes beside the config, where transformers' AutoTokenizer looks.
+    let mut with_tokenizer = String::new();
+    if let Some(t) = TokenizerFile::in_dir(&args.dir)? {
+        files.push((TOKENIZER_FILE, t.bytes));
+        with_tokenizer = format!(", its {TOKENIZER_FILE}");
+    }
+    write_dir(&args.out, &files)?;
     eprintln!(
-        "exported `{}` at step {} to {} ({} tensors, {dtype_name}, and kiln's settings in \
-         {SIDECAR}); load it with transformers' AutoModelForCausalLM.from_pretrained",
+        "exported `{}` at step {} to {} ({} tensors, {dtype_name}{with_tokenizer}, and kiln's \
+         settings in {SIDECAR}); load it with transformers' AutoModelForCausalLM.from_pretrained",
         model.name,
         ck.step,
         args.out.display(),

@@ -15,5 +15,6 @@ pub(crate) mod plan;
 pub(crate) mod rl;
 pub(crate) mod sample;
 pub(crate) mod sweep;
+pub(crate) mod tokenize;
 pub(crate) mod train;
 pub(crate) mod verify;

@@ -23,7 +23,7 @@ use kiln_compiler::ir::Graph;
 use kiln_compiler::model;
 use kiln_compiler::program::{compile, compile_decode, compile_forward, compile_policy};
 use kiln_runtime::checkpoint;
-use kiln_runtime::data::{decode_bytes, Batch, Batcher, Rng};
+use kiln_runtime::data::{decode_bytes, Batch, Batcher, Rng, TOKENIZER_FILE};
 use kiln_runtime::decode::Decoder;
 use kiln_runtime::exec::{Executor, Feed};
 use kiln_runtime::generate::{generate, log_prob, Completion as Sampled, Sampling};
@@ -366,6 +366,15 @@ impl Setup {
             .clone()
             .unwrap_or_else(|| args.from.join("spec.toml"));
         let (spec_name, model) = load(Some(&spec_path), &mut Vec::new(), color)?;
+        let tokenizer = args.from.join(TOKENIZER_FILE);
+        if tokenizer.exists() {
+            return Err(other(format!(
+                "the tasks of kiln rl are byte-level (one token per byte), but {} was trained \
+                 with the tokenizer {}; fine-tune a run trained byte-level",
+                args.from.display(),
+                tokenizer.display()
+            )));
+        }
         let cfg = model.rl;
         let spec_bytes = std::fs::read(&spec_path)
             .map_err(|e| other(format!("cannot read {}: {e}", spec_path.display())))?;

@@ -4,6 +4,10 @@
 //! The cache stores in the spec's `precision.kv_cache` format (fp32, bf16 or fp16; FP8 caches
 //! fall back to bf16). A sequence longer than the model's positions continues from its last
 //! half window, re-read into a fresh cache.
+//!
+//! Text is byte-level (one token per byte) unless the run has a `tokenizer.json` (as `kiln
+//! train --tokenizer` and `kiln import-hf` leave) or `--tokenizer` names one: then the prompt
+//! and the stop strings are encoded with it (without special tokens) and the tokens decoded.
 
 use std::path::PathBuf;
 
@@ -13,6 +17,7 @@ use kiln_runtime::data::decode_bytes;
 use kiln_runtime::decode::{cache_format, Decoder};
 use kiln_runtime::generate::{generate, Finish, Sampling};
 
+use crate::engine::TokenizerFile;
 use crate::spec::load;
 use crate::{other, Failure};
 
@@ -21,9 +26,13 @@ use crate::{other, Failure};
 pub(crate) struct Args {
     /// The run directory `kiln train` wrote.
     pub dir: PathBuf,
-    /// Text to continue (byte-level).
+    /// Text to continue (encoded with the run's tokenizer, else one token per byte).
     #[arg(long, default_value = "")]
     pub prompt: String,
+    /// A tokenizer.json to encode the prompt and decode the tokens with [default: the run's
+    /// tokenizer.json, else byte-level].
+    #[arg(long, value_name = "FILE")]
+    pub tokenizer: Option<PathBuf>,
     /// Tokens to generate.
     #[arg(long, default_value_t = 200)]
     pub max_tokens: usize,
@@ -36,7 +45,8 @@ pub(crate) struct Args {
     /// Sample among the most likely tokens that together reach this probability; 1 for all.
     #[arg(long, default_value_t = 1.0)]
     pub top_p: f64,
-    /// Stop when the text ends with this string (repeatable); it is not printed.
+    /// Stop when the text ends with this string (repeatable); it is not printed. With a
+    /// tokenizer, when the tokens end with the string's own encoding.
     #[arg(long)]
     pub stop: Vec<String>,
     #[arg(long, default_value_t = 0)]
@@ -63,21 +73,39 @@ pub(crate) fn run(args: Args, color: bool) -> Result<(), Failure> {
     let decoder = Decoder::new(&decode, graph, &ck.params).map_err(|e| other(e.to_string()))?;
     let vocab = model.vocab as usize;
 
-    let mut tokens: Vec<u32> = args.prompt.bytes().map(u32::from).collect();
+    let text = match &args.tokenizer {
+        Some(path) => Text::Tokenizer(Box::new(TokenizerFile::read(path)?)),
+        None => {
+            TokenizerFile::in_dir(&args.dir)?.map_or(Text::Bytes, |t| Text::Tokenizer(Box::new(t)))
+        }
+    };
+    if let Text::Tokenizer(t) = &text {
+        t.check_vocab(&model)?;
+    }
+    let mut tokens = text.encode(&args.prompt)?;
     if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
         return Err(other(format!(
-            "the prompt has byte {bad}, outside the model's vocabulary of {vocab}"
+            "the prompt has token {bad}, outside the model's vocabulary of {vocab}"
         )));
     }
+    // An empty prompt starts from a line end.
+    let prompt_tokens = tokens.len();
     if tokens.is_empty() {
-        tokens.push(u32::from(b'\n'));
+        tokens = text.encode("\n")?;
+    }
+    if tokens.is_empty() {
+        return Err(other(
+            "the tokenizer encodes neither the prompt nor a line end to any token; give a \
+             --prompt it encodes",
+        ));
     }
     let format = cache_format(model.precision.kv_cache);
     let stop: Vec<Vec<u32>> = args
         .stop
         .iter()
-        .map(|s| s.bytes().map(u32::from).collect())
-        .collect();
+        .map(|s| text.encode(s))
+        .filter(|stop| !matches!(stop, Ok(ids) if ids.is_empty()))
+        .collect::<Result<_, _>>()?;
     let positions = model.max_positions as usize;
     let mut context = tokens[tokens.len().saturating_sub(positions)..].to_vec();
     let mut generated: Vec<u32> = Vec::new();
@@ -103,6 +131,41 @@ pub(crate) fn run(args: Args, color: bool) -> Result<(), Failure> {
         context = all[all.len().saturating_sub(positions / 2)..].to_vec();
         round += 1;
     }
-    crate::output::out(&format!("{}{}\n", args.prompt, decode_bytes(&generated)));
+    let continuation = text.continuation(&tokens[..prompt_tokens], &generated)?;
+    crate::output::out(&format!("{}{continuation}\n", args.prompt));
     Ok(())
+}
+
+/// How a run's text becomes tokens and back.
+enum Text {
+    /// One token per byte.
+    Bytes,
+    /// A tokenizer.json.
+    Tokenizer(Box<TokenizerFile>),
+}
+
+impl Text {
+    /// The tokens of `text`.
+    fn encode(&self, text: &str) -> Result<Vec<u32>, Failure> {
+        match self {
+            Text::Bytes => Ok(text.bytes().map(u32::from).collect()),
+            Text::Tokenizer(t) => t.tokenizer.encode(text).map_err(|e| other(e.to_string())),
+        }
+    }
+
+    /// The text `generated` adds after the prompt's tokens. A tokenizer decodes them together,
+    /// since a token's text can depend on the one before it (a leading space, a character
+    /// split across tokens), and the prompt's own text is cut off.
+    fn continuation(&self, prompt: &[u32], generated: &[u32]) -> Result<String, Failure> {
+        let Text::Tokenizer(t) = self else {
+            return Ok(decode_bytes(generated));
+        };
+        let decode = |ids: &[u32]| t.tokenizer.decode(ids).map_err(|e| other(e.to_string()));
+        let before = decode(prompt)?;
+        let all = decode(&[prompt, generated].concat())?;
+        Ok(match all.strip_prefix(&before) {
+            Some(rest) => rest.to_string(),
+            None => decode(generated)?,
+        })
+    }
 }

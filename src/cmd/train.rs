@@ -2,18 +2,18 @@
 //! (lower, differentiate, fuse), driving the runtime's trainer, and reporting progress and metrics.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use kiln_compiler::program::compile;
 use kiln_runtime::checkpoint;
-use kiln_runtime::data::{self, Batch, Batcher};
+use kiln_runtime::data::{self, Batch, Batcher, TOKENIZER_FILE};
 use kiln_runtime::device::DeviceKind;
 use kiln_runtime::mpi::Mpi;
 use kiln_runtime::train::{eval_loss, init_params, StepStats, TrainConfig, Trainer};
 use serde_json::value::RawValue;
 
-use crate::engine::{self, Specialized};
+use crate::engine::{self, Specialized, TokenizerFile};
 use crate::fsutil;
 use crate::output::{self, number, out};
 use crate::spec::{load, read_spec};
@@ -31,10 +31,19 @@ pub(crate) struct Args {
 /// The flags of a training run, shared by `kiln train` and the binaries `kiln build` makes.
 #[derive(clap::Args)]
 pub struct RunArgs {
-    /// Training data: "builtin", a text file (byte-level) or llm.c shards ("dir/*.bin")
-    /// [default: the spec's train.data].
+    /// Training data: "builtin", a text file (byte-level, or encoded by --tokenizer) or
+    /// llm.c shards ("dir/*.bin", as `kiln tokenize` writes them) [default: the spec's
+    /// train.data].
     #[arg(long)]
     pub data: Option<String>,
+    /// A Hugging Face tokenizer.json that encodes a text --data file (instead of one token
+    /// per byte; no special tokens are added). Its vocabulary with added tokens must fit
+    /// model.vocab (`--set model.vocab=N`). The run directory keeps a copy, which `kiln
+    /// sample`, `kiln export-hf` and `--resume` use without being told. Not for shards, which
+    /// hold tokens already: `kiln tokenize` writes them with the tokenizer beside them, and
+    /// training on them copies it into the run.
+    #[arg(long, value_name = "FILE")]
+    pub tokenizer: Option<PathBuf>,
     /// Optimizer steps [default: the spec's train.steps].
     #[arg(long)]
     pub steps: Option<u64>,
@@ -90,6 +99,105 @@ pub struct RunArgs {
     /// The share of the data held out for validation (its last tokens, or the `val` shards).
     #[arg(long, default_value_t = engine::VAL_FRACTION)]
     pub val_fraction: f64,
+}
+
+/// The tokenizer of a run, and whether it encodes the data (a text file) or only travels
+/// with the run (the run's own copy on resume, or the one `kiln tokenize` left beside the
+/// shards).
+struct RunTokenizer {
+    file: TokenizerFile,
+    encodes: bool,
+}
+
+/// The run's tokenizer: `--tokenizer` (for a text file only, and on resume only the run's
+/// own), else the resumed run's copy, else the `tokenizer.json` beside the shards.
+fn run_tokenizer(
+    source: &data::Source,
+    given: Option<&Path>,
+    resume: Option<&Path>,
+) -> Result<Option<RunTokenizer>, Failure> {
+    let kept = match resume {
+        Some(dir) => TokenizerFile::in_dir(dir)?,
+        None => None,
+    };
+    let is_text = matches!(source, data::Source::Text(_));
+    if let Some(path) = given {
+        if !is_text {
+            let help = match source {
+                data::Source::Builtin { .. } => {
+                    "the built-in corpus is byte-level; give the text to encode with --data FILE"
+                }
+                _ => {
+                    "shards hold token ids already: drop --tokenizer (`kiln tokenize` leaves \
+                     its tokenizer beside the shards, and training copies it into the run)"
+                }
+            };
+            return Err(super::layout::usage(
+                &format!("--tokenizer encodes a text file, but the data is {source}"),
+                help,
+            ));
+        }
+        let file = TokenizerFile::read(path)?;
+        if kept.as_ref().is_some_and(|k| k.bytes != file.bytes) {
+            return Err(super::layout::usage(
+                &format!(
+                    "the run was trained with its own {TOKENIZER_FILE}, which differs from {}",
+                    path.display()
+                ),
+                "resume without --tokenizer: the run's copy encodes the data",
+            ));
+        }
+        return Ok(Some(RunTokenizer {
+            file,
+            encodes: true,
+        }));
+    }
+    if let Some(file) = kept {
+        return Ok(Some(RunTokenizer {
+            file,
+            encodes: is_text,
+        }));
+    }
+    let data::Source::Shards(paths) = source else {
+        return Ok(None);
+    };
+    let mut dirs = paths.iter().map(|p| p.parent().unwrap_or(Path::new("")));
+    let first = dirs.next().unwrap_or(Path::new(""));
+    if dirs.any(|d| d != first) {
+        return Ok(None);
+    }
+    let dir = if first.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        first
+    };
+    Ok(TokenizerFile::in_dir(dir)?.map(|file| RunTokenizer {
+        file,
+        encodes: false,
+    }))
+}
+
+/// Keeps the run's tokenizer in its directory (so later commands find it), or removes a
+/// stale copy that an earlier run in the same directory left, so that a byte-level run is
+/// never decoded with another run's tokenizer.
+fn record_tokenizer(dir: &Path, tokenizer: Option<&RunTokenizer>) -> Result<(), Failure> {
+    let path = dir.join(TOKENIZER_FILE);
+    match tokenizer {
+        Some(t) => {
+            if std::fs::read(&path).ok().as_deref() != Some(t.file.bytes.as_slice()) {
+                fsutil::write_atomic(&path, &t.file.bytes)
+                    .map_err(|e| other(format!("cannot write {}: {e}", path.display())))?;
+            }
+            Ok(())
+        }
+        None if path.exists() => std::fs::remove_file(&path).map_err(|e| {
+            other(format!(
+                "cannot remove the stale {} (this run has no tokenizer): {e}",
+                path.display()
+            ))
+        }),
+        None => Ok(()),
+    }
 }
 
 /// Consecutive non-finite steps `train.skip_nonfinite` tolerates before giving up.
@@ -220,7 +328,16 @@ fn train(
     let compiled = compile(&rank_model).map_err(|e| other(e.to_string()))?;
     let (full, forward) = (compiled.train.graph(), compiled.forward.graph());
 
-    let dataset = engine::load_data_split(&model, args.data.as_deref(), seed, args.val_fraction)?;
+    let source = engine::data_source(&model, args.data.as_deref(), seed)?;
+    let tokenizer = run_tokenizer(&source, args.tokenizer.as_deref(), args.resume.as_deref())?;
+    if let Some(t) = &tokenizer {
+        t.file.check_vocab(&model)?;
+    }
+    let encoder = tokenizer
+        .as_ref()
+        .filter(|t| t.encodes)
+        .map(|t| &t.file.tokenizer);
+    let dataset = engine::load_source(&model, &source, args.val_fraction, encoder)?;
     let window = engine::window(forward, t);
     // The data must hold one validation batch, checked now rather than at the first
     // evaluation (whose loss would be NaN).
@@ -284,6 +401,7 @@ fn train(
     // its device leaves nothing behind); the others compute.
     if lead {
         fsutil::create_dir(&out_dir)?;
+        record_tokenizer(&out_dir, tokenizer.as_ref())?;
     }
     let mut trainer = match mpi {
         Some(m) if dp > 1 => trainer.data_parallel(m),
@@ -369,6 +487,13 @@ fn train(
             model.vocab,
             full.trainable_elements()
         );
+        if let Some(t) = tokenizer.as_ref().filter(|t| !t.encodes) {
+            eprintln!(
+                "tokenizer: {} (the data's tokens are its ids; the run keeps a copy for kiln \
+                 sample)",
+                t.file.path.display()
+            );
+        }
     }
 
     let val = |trainer: &mut Trainer| -> Result<f64, Failure> {

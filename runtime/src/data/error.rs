@@ -86,6 +86,20 @@ pub enum DataError {
         /// The source, described for people.
         source: String,
     },
+    /// A `tokenizer.json` that cannot be read or parsed, or that fails on some text.
+    Tokenizer {
+        /// The tokenizer file, described for people.
+        tokenizer: String,
+        /// What the tokenizers library reported.
+        reason: String,
+    },
+    /// Text for a tokenizer that is not UTF-8.
+    NotUtf8 {
+        /// The text, described for people (usually a file name).
+        source: String,
+        /// The byte offset of the first invalid byte.
+        offset: usize,
+    },
     /// A parameter outside its valid range.
     InvalidArgument {
         /// The parameter.
@@ -214,6 +228,17 @@ impl fmt::Display for DataError {
                 "{source} contains the token id {}, too large for a vocabulary; the data is \
                  probably corrupt",
                 u32::MAX
+            ),
+            DataError::Tokenizer { tokenizer, reason } => write!(
+                f,
+                "{tokenizer}: {reason}; give a Hugging Face tokenizer.json (the file \
+                 `tokenizer.save(\"tokenizer.json\")` writes)"
+            ),
+            DataError::NotUtf8 { source, offset } => write!(
+                f,
+                "{source} is not UTF-8 text (invalid byte at offset {offset}); a tokenizer \
+                 encodes text, so convert the file to UTF-8, or train without --tokenizer \
+                 (one token per byte)"
             ),
             DataError::InvalidArgument {
                 name,

@@ -16,6 +16,7 @@
 //! - [`brackets`]: the bracket-closing problems, their parser-checked answers and their
 //!   held-out set.
 //! - [`text`]: byte-level tokens (vocabulary 256).
+//! - [`tokenizer`]: Hugging Face `tokenizer.json` files, and encoding text in parallel chunks.
 //! - [`shard`]: llm.c's `.bin` token shards.
 //! - [`source`]: [`Source`], [`resolve`], [`Dataset`] and [`load`] with the split rules.
 //! - [`batch`]: [`Batcher`] and [`val_batches`].
@@ -31,6 +32,7 @@ pub mod rng;
 pub mod shard;
 pub mod source;
 pub mod text;
+pub mod tokenizer;
 
 pub use batch::{initial_batch_state, val_batches, Batch, Batcher, ValBatches};
 pub use builtin::{
@@ -39,9 +41,13 @@ pub use builtin::{
 };
 pub use error::{DataError, ShardError};
 pub use rng::Rng;
-pub use shard::{parse_shard, read_shard, write_shard, ShardFormat};
-pub use source::{load, resolve, Dataset, Source, DEFAULT_BUILTIN_BYTES, DEFAULT_BUILTIN_SEED};
+pub use shard::{parse_shard, read_shard, shard_pieces, write_shard, ShardFormat, ShardPiece};
+pub use source::{
+    held_out, load, load_with, resolve, Dataset, Source, DEFAULT_BUILTIN_BYTES,
+    DEFAULT_BUILTIN_SEED,
+};
 pub use text::{byte_tokens, decode_bytes, BYTE_VOCAB};
+pub use tokenizer::{encode_text, Tokenizer, CHUNK_BYTES, TOKENIZER_FILE};
 
 /// Test helpers shared by the module's tests.
 #[cfg(test)]

@@ -70,6 +70,16 @@ impl ShardFormat {
         }
     }
 
+    /// The narrowest format that holds every id of a vocabulary of `vocab` tokens: `u16` up to
+    /// 65536 tokens, else `u32`.
+    pub fn for_vocab(vocab: u32) -> ShardFormat {
+        if vocab <= ShardFormat::U16.max_token() + 1 {
+            ShardFormat::U16
+        } else {
+            ShardFormat::U32
+        }
+    }
+
     /// The format a header's magic and version words select, if they are supported.
     fn from_header(magic: i32, version: i32) -> Result<ShardFormat, ShardError> {
         let format = [ShardFormat::U16, ShardFormat::U32]
@@ -197,6 +207,47 @@ pub fn write_shard(tokens: &[u32], format: ShardFormat) -> Result<Vec<u8>, DataE
     Ok(bytes)
 }
 
+/// One shard of a token stream cut by [`shard_pieces`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShardPiece {
+    /// `"val"` or `"train"`.
+    pub split: &'static str,
+    /// The shard's number within its split, from 0.
+    pub index: usize,
+    /// Its tokens' positions in the stream.
+    pub range: std::ops::Range<usize>,
+}
+
+impl ShardPiece {
+    /// The shard's file name for a corpus named `stem`: `{stem}_{split}_{index:06}.bin`
+    /// (llm.c's convention; the loader takes a name containing `val` as validation).
+    pub fn file_name(&self, stem: &str) -> String {
+        format!("{stem}_{}_{:06}.bin", self.split, self.index)
+    }
+}
+
+/// Cuts a stream of `n` tokens into shards: the last `round(n × val_fraction)` tokens
+/// ([`super::held_out`], the rule `kiln train` splits text by) are validation, the rest
+/// training, and each side is cut into shards of at most `shard_tokens` tokens, in order.
+/// Validation comes first, as in llm.c. A side with no tokens has no shards.
+pub fn shard_pieces(n: usize, val_fraction: f64, shard_tokens: usize) -> Vec<ShardPiece> {
+    let val = super::held_out(n, val_fraction);
+    let size = shard_tokens.max(1);
+    let cut = |split: &'static str, range: std::ops::Range<usize>| {
+        (0..range.len().div_ceil(size)).map(move |index| {
+            let start = range.start + index * size;
+            ShardPiece {
+                split,
+                index,
+                range: start..(start + size).min(range.end),
+            }
+        })
+    };
+    cut("val", n - val..n)
+        .chain(cut("train", 0..n - val))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -216,6 +267,40 @@ mod tests {
             Err(DataError::Shard { path: None, error }) => error,
             other => panic!("expected a shard error, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn pieces_hold_out_the_tail_and_respect_the_shard_size() {
+        let pieces = shard_pieces(25, 0.2, 10);
+        let expect = |split, index, range| ShardPiece {
+            split,
+            index,
+            range,
+        };
+        assert_eq!(
+            pieces,
+            [
+                expect("val", 0, 20..25),
+                expect("train", 0, 0..10),
+                expect("train", 1, 10..20),
+            ]
+        );
+        assert_eq!(pieces[0].file_name("corpus"), "corpus_val_000000.bin");
+        assert_eq!(pieces[2].file_name("corpus"), "corpus_train_000001.bin");
+        // No validation fraction: training shards only; a fraction rounding to all tokens:
+        // validation only.
+        assert!(shard_pieces(7, 0.0, 3).iter().all(|p| p.split == "train"));
+        assert_eq!(shard_pieces(7, 0.0, 3).len(), 3);
+        assert!(shard_pieces(7, 0.99, 100).iter().all(|p| p.split == "val"));
+        assert!(shard_pieces(0, 0.1, 100).is_empty());
+    }
+
+    #[test]
+    fn the_narrowest_format_holds_the_vocabulary() {
+        assert_eq!(ShardFormat::for_vocab(50_257), ShardFormat::U16);
+        assert_eq!(ShardFormat::for_vocab(65_536), ShardFormat::U16);
+        assert_eq!(ShardFormat::for_vocab(65_537), ShardFormat::U32);
+        assert_eq!(ShardFormat::for_vocab(128_256), ShardFormat::U32);
     }
 
     #[test]

@@ -8,6 +8,8 @@
 //! - **Built-in corpus and text files** are byte-level token streams; the last
 //!   `round(n × val_fraction)` tokens are validation and the rest training (the cut is at a
 //!   token, i.e. byte, boundary, and may fall inside a line or a UTF-8 character).
+//! - **Text files with a tokenizer** ([`load_with`]) are encoded by it in chunks
+//!   ([`super::tokenizer`]) and split the same way, at a token boundary.
 //! - **Shards** follow llm.c's convention: a shard whose file name (not its directory)
 //!   contains `val` is validation, every other shard is training, and each side is the
 //!   concatenation of its shards in the order given (name order for a pattern). `val_fraction`
@@ -24,6 +26,7 @@ use super::builtin::builtin_corpus;
 use super::error::DataError;
 use super::shard::read_shard;
 use super::text::byte_tokens;
+use super::tokenizer::{encode_text, utf8, Tokenizer, CHUNK_BYTES};
 
 /// The size of the built-in corpus that [`resolve`] gives for `builtin`: 4 MiB.
 pub const DEFAULT_BUILTIN_BYTES: usize = 4 << 20;
@@ -224,6 +227,17 @@ pub struct Dataset {
 ///
 /// `val_fraction` must be in `(0, 1)`; it is checked even when shard names decide the split.
 pub fn load(source: &Source, val_fraction: f64) -> Result<Dataset, DataError> {
+    load_with(source, val_fraction, None)
+}
+
+/// [`load`], with a text file encoded by `tokenizer` instead of one token per byte (on the
+/// current rayon pool, in [`CHUNK_BYTES`] chunks). A tokenizer is only for text files: the
+/// built-in corpus is byte-level and shards hold tokens already.
+pub fn load_with(
+    source: &Source,
+    val_fraction: f64,
+    tokenizer: Option<&Tokenizer>,
+) -> Result<Dataset, DataError> {
     if !(val_fraction > 0.0 && val_fraction < 1.0) {
         return Err(DataError::InvalidArgument {
             name: "val_fraction",
@@ -231,7 +245,22 @@ pub fn load(source: &Source, val_fraction: f64) -> Result<Dataset, DataError> {
             expected: "a fraction strictly between 0 and 1",
         });
     }
-    let described = source.to_string();
+    let described = match (source, tokenizer) {
+        (Source::Text(_), Some(t)) => format!(
+            "{source} encoded with {} (vocabulary {})",
+            t.name(),
+            t.vocab_size()
+        ),
+        (_, Some(_)) => {
+            return Err(DataError::InvalidArgument {
+                name: "tokenizer",
+                value: format!("given for {source}"),
+                expected: "a text file to encode (the built-in corpus is byte-level, and \
+                           shards hold tokens already)",
+            })
+        }
+        (_, None) => source.to_string(),
+    };
     let (train, val, how) = match source {
         Source::Builtin { seed, bytes } => {
             let tokens = byte_tokens(&builtin_corpus(*seed, *bytes));
@@ -242,7 +271,14 @@ pub fn load(source: &Source, val_fraction: f64) -> Result<Dataset, DataError> {
                 path: path.clone(),
                 source,
             })?;
-            tail_split(byte_tokens(&bytes), val_fraction, &described)?
+            let tokens = match tokenizer {
+                Some(t) => {
+                    let text = utf8(&bytes, &path.display().to_string())?;
+                    encode_text(t, text, CHUNK_BYTES, &|_| ())?
+                }
+                None => byte_tokens(&bytes),
+            };
+            tail_split(tokens, val_fraction, &described)?
         }
         Source::Shards(paths) => load_shards(paths, val_fraction, &described)?,
     };
@@ -309,6 +345,14 @@ fn load_shards(
     Ok((read_all(&train_paths)?, read_all(&val_paths)?, how))
 }
 
+/// How many of `n` tokens a tail split holds out for validation: `round(n × val_fraction)`,
+/// at most `n`.
+pub fn held_out(n: usize, val_fraction: f64) -> usize {
+    // For a fraction in [0, 1] the rounded product is in [0, n]; `min` only guards against
+    // floating-point surprises on huge inputs.
+    ((n as f64 * val_fraction).round() as usize).min(n)
+}
+
 /// Puts the last `round(n × val_fraction)` tokens into validation.
 fn tail_split(
     mut tokens: Vec<u32>,
@@ -321,9 +365,7 @@ fn tail_split(
         });
     }
     let n = tokens.len();
-    // The fraction is in (0, 1), so the rounded product is in [0, n]; `min` only guards
-    // against floating-point surprises on huge inputs.
-    let val_len = ((n as f64 * val_fraction).round() as usize).min(n);
+    let val_len = held_out(n, val_fraction);
     if val_len == 0 {
         return Err(DataError::EmptySplit {
             split: "validation",
@@ -485,6 +527,52 @@ mod tests {
         let path = dir.write("ten.txt", b"0123456789");
         let data = load(&Source::Text(path), 0.25).expect("loads");
         assert_eq!((data.train.len(), data.val.len()), (7, 3));
+    }
+
+    #[test]
+    fn a_tokenizer_encodes_text_files_and_only_them() {
+        let tokenizer = crate::data::tokenizer::tests::word_level();
+        let dir = TempDir::new("tokenized");
+        let text = "the cat sat on the mat .\na dog ran\n".repeat(10);
+        let path = dir.write("story.txt", text.as_bytes());
+        let data = load_with(&Source::Text(path.clone()), 0.1, Some(&tokenizer)).expect("loads");
+        let all: Vec<u32> = data.train.iter().chain(&data.val).copied().collect();
+        assert_eq!(all, tokenizer.encode(&text).expect("encodes"));
+        assert_eq!(data.val.len(), held_out(all.len(), 0.1));
+        assert!(
+            data.description.contains("story.txt")
+                && data
+                    .description
+                    .contains("word-level test tokenizer (vocabulary 12)"),
+            "{}",
+            data.description
+        );
+        let latin1 = dir.write("latin1.txt", b"caf\xe9\n");
+        let error = load_with(&Source::Text(latin1), 0.1, Some(&tokenizer)).expect_err("bytes");
+        assert!(
+            matches!(error, DataError::NotUtf8 { offset: 3, .. }),
+            "{error}"
+        );
+        let shard_path = dir.write("a.bin", &shard(&[1, 2, 3]));
+        for source in [
+            Source::Shards(vec![shard_path]),
+            Source::Builtin {
+                seed: 0,
+                bytes: 100,
+            },
+        ] {
+            let error = load_with(&source, 0.1, Some(&tokenizer)).expect_err("not text");
+            assert!(
+                matches!(
+                    error,
+                    DataError::InvalidArgument {
+                        name: "tokenizer",
+                        ..
+                    }
+                ),
+                "{error}"
+            );
+        }
     }
 
     #[test]
