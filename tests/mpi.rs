@@ -185,6 +185,104 @@ fn a_data_parallel_checkpoint_resumes_in_another_layout() {
 }
 
 #[test]
+fn zero_1_shards_the_optimizer_state_and_changes_nothing_else() {
+    if skip() {
+        return;
+    }
+    let run = |tag: &str, ranks: usize, layout: &str| {
+        let dir = scratch(tag);
+        let mut args = train_args(dir.to_str().unwrap(), "20");
+        args.extend(["--parallel", layout]);
+        let o = mpirun(ranks, &args);
+        assert!(
+            o.status.success() && text(&o.stdout).contains("trained micro to step 20 of 20"),
+            "{layout}: {}",
+            text(&o.stderr)
+        );
+        dir
+    };
+    let plain = run("z0", 2, "dp=2");
+    for (ranks, layout) in [(2, "dp=2,zero=1"), (4, "dp=4,zero=1")] {
+        let sharded = run(&format!("z1-{ranks}"), ranks, layout);
+        let rows_z = rows(&sharded);
+        if ranks == 2 {
+            // Sharding the moments changes no arithmetic: the same losses and the same
+            // checkpoint bytes (the moments gathered back from both ranks).
+            let losses = |rs: &[serde_json::Value]| -> Vec<f64> {
+                rs.iter().map(|r| r["loss"].as_f64().unwrap()).collect()
+            };
+            assert_eq!(losses(&rows(&plain)), losses(&rows_z));
+            let ck = |d: &Path| std::fs::read(d.join("checkpoint.safetensors")).unwrap();
+            assert!(ck(&plain) == ck(&sharded), "the checkpoints differ");
+        }
+        // A reduce-scatter of f32 gradients and an all-gather of the f32 parameters: what the
+        // analyzer predicts for this layout with the formats the CPU trains in.
+        let o = kiln(&[
+            "check",
+            SPEC,
+            "--json",
+            "--parallel",
+            layout,
+            "--set",
+            "precision.compute=fp32",
+        ]);
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let comm = &v["per_device"]["comm"];
+        let bytes = |k: &str| {
+            comm[k]["nvlink_bytes"].as_u64().unwrap() + comm[k]["ib_bytes"].as_u64().unwrap()
+        };
+        let predicted = bytes("dp_grads") + bytes("dp_params");
+        assert!(bytes("dp_params") > 0);
+        for r in &rows_z {
+            assert_eq!(r["comm_bytes"].as_u64(), Some(predicted), "{layout}: {r}");
+        }
+        // Its checkpoint is a whole one: one process resumes it.
+        let o = kiln(&[
+            "train",
+            "--resume",
+            sharded.to_str().unwrap(),
+            "--steps",
+            "22",
+            "--eval-batches",
+            "2",
+        ]);
+        assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+        std::fs::remove_dir_all(&sharded).ok();
+    }
+    // A whole checkpoint resumes sharded, to the same bytes as unsharded.
+    let copy = scratch("z0-copy");
+    std::fs::create_dir_all(&copy).unwrap();
+    for f in ["checkpoint.safetensors", "metrics.jsonl", "spec.toml"] {
+        std::fs::copy(plain.join(f), copy.join(f)).unwrap();
+    }
+    for (dir, layout) in [(&plain, "dp=2,zero=1"), (&copy, "dp=2")] {
+        let d = dir.to_str().unwrap();
+        let o = mpirun(
+            2,
+            &[
+                "train",
+                "--resume",
+                d,
+                "--steps",
+                "22",
+                "--parallel",
+                layout,
+                "--eval-batches",
+                "2",
+            ],
+        );
+        assert!(o.status.success(), "{layout}: {}", text(&o.stderr));
+    }
+    let ck = |d: &Path| std::fs::read(d.join("checkpoint.safetensors")).unwrap();
+    assert!(
+        ck(&plain) == ck(&copy),
+        "resumed sharded and unsharded differ"
+    );
+    std::fs::remove_dir_all(&plain).ok();
+    std::fs::remove_dir_all(&copy).ok();
+}
+
+#[test]
 fn a_failing_rank_ends_the_job_with_its_message() {
     if skip() {
         return;

@@ -116,7 +116,38 @@ pub fn to_bytes(graph: &Graph, ck: &Checkpoint) -> Result<Vec<u8>, String> {
     ]
     .into_iter()
     .collect();
-    safetensors::serialize(views, Some(meta)).map_err(|e| e.to_string())
+    let bytes = safetensors::serialize(views, Some(meta)).map_err(|e| e.to_string())?;
+    Ok(sorted_header(bytes))
+}
+
+/// The file with its JSON header's keys in sorted order, so one state is always the same
+/// bytes: safetensors writes the metadata from a `HashMap`, in an order that varies from run
+/// to run. Sorting keeps the header's length, so nothing else moves.
+fn sorted_header(mut bytes: Vec<u8>) -> Vec<u8> {
+    let Some(n) = bytes
+        .get(..8)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map(|b| u64::from_le_bytes(b) as usize)
+    else {
+        return bytes;
+    };
+    let Some(header) = bytes.get(8..8 + n) else {
+        return bytes;
+    };
+    // serde_json's map is ordered by key (no `preserve_order`), at every level.
+    let Ok(value) = serde_json::from_slice::<serde_json::Value>(header) else {
+        return bytes;
+    };
+    let Ok(mut sorted) = serde_json::to_vec(&value) else {
+        return bytes;
+    };
+    if sorted.len() > n {
+        return bytes;
+    }
+    // The original's padding (spaces, to 8-byte alignment) is kept.
+    sorted.resize(n, b' ');
+    bytes[8..8 + n].copy_from_slice(&sorted);
+    bytes
 }
 
 /// Writes a checkpoint atomically to `path`.

@@ -235,26 +235,40 @@ impl Mpi {
     }
 
     /// Sums `data` over every rank, in place, with the same bits on every rank: chunk `j`
-    /// (of `size` near-equal chunks) is added up on rank `j` in rank order, then shared.
+    /// (of `size` near-equal chunks, [`chunk`]) is added up on rank `j` in rank order, then
+    /// shared: a reduce-scatter, then an all-gather.
     pub fn sum_f32(&self, data: &mut [f32]) -> Result<(), MpiError> {
-        let n = self.size;
-        if n == 1 {
+        if self.size == 1 {
             return Ok(());
         }
-        if data.len() > c_int::MAX as usize {
+        let mine = self.reduce_scatter_f32(data)?;
+        self.all_gather_f32(&mine, data)
+    }
+
+    /// The counts and displacements of `len` values cut into one [`chunk`] per rank.
+    fn chunks(&self, len: usize) -> Result<(Vec<c_int>, Vec<c_int>), MpiError> {
+        if len > c_int::MAX as usize {
             return Err(MpiError(format!(
-                "rank {}: {} values exceed the {} an MPI count can hold",
+                "rank {}: {len} values exceed the {} an MPI count can hold",
                 self.rank,
-                data.len(),
                 c_int::MAX
             )));
         }
-        let bounds: Vec<usize> = (0..=n).map(|j| data.len() * j / n).collect();
-        let counts: Vec<c_int> = (0..n)
-            .map(|j| (bounds[j + 1] - bounds[j]) as c_int)
-            .collect();
-        let displs: Vec<c_int> = bounds[..n].iter().map(|&b| b as c_int).collect();
+        let n = self.size;
+        let counts = (0..n).map(|j| chunk(len, j, n).len() as c_int).collect();
+        let displs = (0..n).map(|j| chunk(len, j, n).start as c_int).collect();
+        Ok((counts, displs))
+    }
+
+    /// Sums `data` over every rank and returns this rank's [`chunk`] of the sum, added in
+    /// rank order whatever the library does.
+    pub fn reduce_scatter_f32(&self, data: &[f32]) -> Result<Vec<f32>, MpiError> {
+        let n = self.size;
+        let (counts, displs) = self.chunks(data.len())?;
         let mine = counts[self.rank] as usize;
+        if n == 1 {
+            return Ok(data.to_vec());
+        }
         // Every rank sends chunk j to rank j; this rank receives its chunk from everyone.
         let mut gathered = vec![0f32; mine * n];
         let recv_counts = vec![mine as c_int; n];
@@ -279,11 +293,34 @@ impl Mpi {
             // Rank order, whatever the library did.
             *out = (0..n).fold(0f32, |acc, r| acc + gathered[r * mine + i]);
         }
-        // SAFETY: as above; every rank's chunk lands at its displacement.
+        let mut t = self.traffic.get();
+        t.reduce_bytes += (data.len() - mine) as u64 * 4;
+        self.traffic.set(t);
+        Ok(reduced)
+    }
+
+    /// Fills `data` with every rank's `mine`, each at its [`chunk`] of `data`.
+    pub fn all_gather_f32(&self, mine: &[f32], data: &mut [f32]) -> Result<(), MpiError> {
+        let n = self.size;
+        let (counts, displs) = self.chunks(data.len())?;
+        if mine.len() != counts[self.rank] as usize {
+            return Err(MpiError(format!(
+                "rank {}: all-gather of {} values given {}, not its chunk of {}",
+                self.rank,
+                data.len(),
+                mine.len(),
+                counts[self.rank]
+            )));
+        }
+        if n == 1 {
+            data.copy_from_slice(mine);
+            return Ok(());
+        }
+        // SAFETY: every rank's chunk lands at its displacement inside `data`.
         let rc = unsafe {
             (self.allgatherv)(
-                reduced.as_ptr().cast(),
-                mine as c_int,
+                mine.as_ptr().cast(),
+                mine.len() as c_int,
                 FLOAT,
                 data.as_mut_ptr().cast(),
                 counts.as_ptr(),
@@ -293,10 +330,8 @@ impl Mpi {
             )
         };
         self.check(rc, "MPI_Allgatherv")?;
-        let sent_out = (data.len() - mine) as u64 * 4;
         let mut t = self.traffic.get();
-        t.reduce_bytes += sent_out;
-        t.gather_bytes += (mine * (n - 1)) as u64 * 4;
+        t.gather_bytes += (mine.len() * (n - 1)) as u64 * 4;
         self.traffic.set(t);
         Ok(())
     }
@@ -337,4 +372,10 @@ impl Mpi {
         }
         let _ = self.handle;
     }
+}
+
+/// Rank `j`'s chunk of `len` values cut into `n` near-equal chunks, in rank order:
+/// `len·j/n .. len·(j+1)/n`. The reductions and the ZeRO-1 shards cut alike.
+pub fn chunk(len: usize, j: usize, n: usize) -> std::ops::Range<usize> {
+    len * j / n..len * (j + 1) / n
 }

@@ -224,8 +224,14 @@ pub struct StepStats {
 /// update, so every rank applies the same update to the same parameters.
 pub trait Collectives {
     fn ranks(&self) -> usize;
+    fn rank(&self) -> usize;
     /// Sums `data` over the ranks in place, with the same bits on every rank.
     fn sum_f32(&self, data: &mut [f32]) -> Result<(), String>;
+    /// Sums `data` over the ranks and returns this rank's chunk of the sum
+    /// ([`crate::mpi::chunk`]), added in rank order: a reduce-scatter.
+    fn reduce_scatter_f32(&self, data: &[f32]) -> Result<Vec<f32>, String>;
+    /// Fills `data` with every rank's `mine`, each at its chunk: an all-gather.
+    fn all_gather_f32(&self, mine: &[f32], data: &mut [f32]) -> Result<(), String>;
     /// Sums a few values over the ranks in place.
     fn sum_f64(&self, data: &mut [f64]) -> Result<(), String>;
 }
@@ -235,12 +241,47 @@ impl Collectives for crate::mpi::Mpi {
         self.size()
     }
 
+    fn rank(&self) -> usize {
+        crate::mpi::Mpi::rank(self)
+    }
+
     fn sum_f32(&self, data: &mut [f32]) -> Result<(), String> {
         crate::mpi::Mpi::sum_f32(self, data).map_err(|e| e.to_string())
     }
 
+    fn reduce_scatter_f32(&self, data: &[f32]) -> Result<Vec<f32>, String> {
+        crate::mpi::Mpi::reduce_scatter_f32(self, data).map_err(|e| e.to_string())
+    }
+
+    fn all_gather_f32(&self, mine: &[f32], data: &mut [f32]) -> Result<(), String> {
+        crate::mpi::Mpi::all_gather_f32(self, mine, data).map_err(|e| e.to_string())
+    }
+
     fn sum_f64(&self, data: &mut [f64]) -> Result<(), String> {
         crate::mpi::Mpi::sum_f64(self, data).map_err(|e| e.to_string())
+    }
+}
+
+/// ZeRO stage 1: which part of each trainable parameter this rank updates and keeps AdamW
+/// moments for. The trainable parameters, laid end to end in gradient order, are cut into
+/// one chunk per rank ([`crate::mpi::chunk`]).
+#[derive(Clone, Debug)]
+struct Shard {
+    /// Per parameter (by index): the range of its elements this rank owns (empty if none).
+    owned: Vec<std::ops::Range<usize>>,
+}
+
+impl Shard {
+    /// This rank's part of each parameter's moments.
+    fn cut(&self, moments: &[Moment]) -> Vec<Moment> {
+        moments
+            .iter()
+            .zip(&self.owned)
+            .map(|(m, r)| match m {
+                Moment::F32(v) => Moment::F32(v[r.clone()].to_vec()),
+                Moment::Half(h, v) => Moment::Half(*h, v[r.clone()].to_vec()),
+            })
+            .collect()
     }
 }
 
@@ -275,6 +316,8 @@ pub struct Trainer<'g> {
     positions: bool,
     /// Set for data-parallel training ([`Trainer::data_parallel`]).
     collectives: Option<&'g dyn Collectives>,
+    /// Set when the optimizer state is sharded over the ranks ([`Trainer::zero_1`]).
+    shard: Option<Shard>,
 }
 
 /// The inputs of one step: token windows of `seq_len + max_offset` per row, cut into the
@@ -396,6 +439,7 @@ impl<'g> Trainer<'g> {
             max_offset: max_token_offset(graph),
             positions,
             collectives: None,
+            shard: None,
         }
     }
 
@@ -412,6 +456,37 @@ impl<'g> Trainer<'g> {
         self
     }
 
+    /// ZeRO stage 1 over the data-parallel ranks: each rank keeps the AdamW moments of its
+    /// chunk of the trainable parameters only. A step reduce-scatters the gradients (each
+    /// rank gets its chunk's sums), updates its chunk, and all-gathers the parameters, so
+    /// every rank ends the step with the same parameters as without sharding, having sent
+    /// the same bytes as an all-reduce. Call after [`Trainer::data_parallel`], before
+    /// [`Trainer::restore`].
+    pub fn zero_1(mut self) -> Self {
+        let c = self
+            .collectives
+            .expect("ZeRO-1 shards over the data-parallel ranks");
+        let total: usize = self
+            .grads
+            .iter()
+            .map(|&(p, _)| self.params[p.index()].len())
+            .sum();
+        let mine = crate::mpi::chunk(total, c.rank(), c.ranks());
+        let mut owned = vec![0..0; self.params.len()];
+        let mut at = 0;
+        for &(p, _) in &self.grads {
+            let len = self.params[p.index()].len();
+            let (lo, hi) = (mine.start.clamp(at, at + len), mine.end.clamp(at, at + len));
+            owned[p.index()] = lo - at..hi - at;
+            at += len;
+        }
+        let shard = Shard { owned };
+        self.m = shard.cut(&self.m);
+        self.v = shard.cut(&self.v);
+        self.shard = Some(shard);
+        self
+    }
+
     /// The parameters, in parameter order (read back from the device first when it updates
     /// them).
     pub fn params(&mut self) -> Result<&[Vec<f32>], ExecError> {
@@ -422,12 +497,45 @@ impl<'g> Trainer<'g> {
     /// The AdamW moments' values (a copy), in parameter order (read back from the device
     /// first when it updates them).
     #[allow(clippy::type_complexity)]
+    ///
+    /// With the state sharded ([`Trainer::zero_1`]) the moments are gathered from every rank:
+    /// every rank must call this at the same step.
     pub fn moments(&mut self) -> Result<(Vec<Vec<f32>>, Vec<Vec<f32>>), ExecError> {
         self.sync()?;
-        Ok((
+        let (m, v): (Vec<Vec<f32>>, Vec<Vec<f32>>) = (
             self.m.iter().map(Moment::values).collect(),
             self.v.iter().map(Moment::values).collect(),
-        ))
+        );
+        match (&self.shard, self.collectives) {
+            (Some(_), Some(c)) => Ok((self.gather(c, &m)?, self.gather(c, &v)?)),
+            _ => Ok((m, v)),
+        }
+    }
+
+    /// Every rank's owned parts of per-parameter values, gathered into whole parameters
+    /// (those without gradients are zeros, as their unsharded moments are).
+    fn gather(&self, c: &dyn Collectives, parts: &[Vec<f32>]) -> Result<Vec<Vec<f32>>, ExecError> {
+        let mine: Vec<f32> = self
+            .grads
+            .iter()
+            .flat_map(|&(p, _)| parts[p.index()].iter().copied())
+            .collect();
+        let total: usize = self
+            .grads
+            .iter()
+            .map(|&(p, _)| self.params[p.index()].len())
+            .sum();
+        let mut flat = vec![0f32; total];
+        c.all_gather_f32(&mine, &mut flat)
+            .map_err(|e| ExecError::Device(format!("gathering the optimizer state: {e}")))?;
+        let mut whole: Vec<Vec<f32>> = self.params.iter().map(|p| vec![0.0; p.len()]).collect();
+        let mut at = 0;
+        for &(p, _) in &self.grads {
+            let len = self.params[p.index()].len();
+            whole[p.index()] = flat[at..at + len].to_vec();
+            at += len;
+        }
+        Ok(whole)
     }
 
     /// Whether the runner's device updates the parameters (the plan's optimizer launches),
@@ -494,6 +602,10 @@ impl<'g> Trainer<'g> {
             .and_then(|e| Half::of(e.moments));
         self.m = m.into_iter().map(|m| Moment::stored(m, format)).collect();
         self.v = v.into_iter().map(|v| Moment::stored(v, format)).collect();
+        if let Some(shard) = &self.shard {
+            self.m = shard.cut(&self.m);
+            self.v = shard.cut(&self.v);
+        }
     }
 
     /// The window length a batch row must have: `seq_len + max_offset - 1` inputs (the batcher
@@ -552,24 +664,35 @@ impl<'g> Trainer<'g> {
                 Buf::F(_) => vec![0; e],
             })
             .collect();
+        // This rank's chunk of the reduced gradients, when the optimizer state is sharded.
+        let mut sharded: Option<Vec<f32>> = None;
         if let Some(c) = self.collectives {
             // Each rank's gradients and losses are means over its rows: their mean over the
             // ranks is the mean over the whole batch.
             let scale = 1.0 / c.ranks() as f32;
             let fail = |e: String| ExecError::Device(format!("data-parallel reduction: {e}"));
-            // One reduction over every gradient, laid end to end.
+            // One reduction over every gradient, laid end to end: all of it, or with the
+            // optimizer state sharded only this rank's chunk.
             let mut flat: Vec<f32> = Vec::new();
             for &(_, g) in &self.grads {
                 flat.extend_from_slice(out[&g].floats());
             }
-            c.sum_f32(&mut flat).map_err(fail)?;
-            let mut at = 0;
-            for &(_, g) in &self.grads {
-                if let Some(Buf::F(v)) = out.get_mut(&g) {
-                    for (x, &y) in v.iter_mut().zip(&flat[at..]) {
-                        *x = y * scale;
+            if self.shard.is_some() {
+                let mut mine = c.reduce_scatter_f32(&flat).map_err(fail)?;
+                for x in &mut mine {
+                    *x *= scale;
+                }
+                sharded = Some(mine);
+            } else {
+                c.sum_f32(&mut flat).map_err(fail)?;
+                let mut at = 0;
+                for &(_, g) in &self.grads {
+                    if let Some(Buf::F(v)) = out.get_mut(&g) {
+                        for (x, &y) in v.iter_mut().zip(&flat[at..]) {
+                            *x = y * scale;
+                        }
+                        at += v.len();
                     }
-                    at += v.len();
                 }
             }
             let mut scalars = losses.to_vec();
@@ -617,19 +740,31 @@ impl<'g> Trainer<'g> {
             });
         }
 
-        let sq: f64 = self
-            .grads
-            .par_iter()
-            .map(|&(_, g)| {
-                out[&g]
-                    .floats()
+        let sq: f64 = match (&sharded, self.collectives) {
+            // Each rank's chunk's sum of squares, added over the ranks.
+            (Some(mine), Some(c)) => {
+                let mut sq = [mine
                     .iter()
                     .map(|&x| f64::from(x) * f64::from(x))
-                    .sum::<f64>()
-            })
-            .collect::<Vec<f64>>()
-            .iter()
-            .sum();
+                    .sum::<f64>()];
+                c.sum_f64(&mut sq)
+                    .map_err(|e| ExecError::Device(format!("data-parallel reduction: {e}")))?;
+                sq[0]
+            }
+            _ => self
+                .grads
+                .par_iter()
+                .map(|&(_, g)| {
+                    out[&g]
+                        .floats()
+                        .iter()
+                        .map(|&x| f64::from(x) * f64::from(x))
+                        .sum::<f64>()
+                })
+                .collect::<Vec<f64>>()
+                .iter()
+                .sum(),
+        };
         let grad_norm = sq.sqrt();
         if !(loss.is_finite() && grad_norm.is_finite()) {
             return Ok(StepStats {
@@ -666,21 +801,65 @@ impl<'g> Trainer<'g> {
             .iter()
             .map(|&(p, g)| (p.index(), out[&g].floats()))
             .collect();
-        self.params
-            .par_iter_mut()
-            .zip(self.m.par_iter_mut())
-            .zip(self.v.par_iter_mut())
-            .enumerate()
-            .for_each(|(i, ((w, m), v))| {
-                let Some(grad) = grads.get(&i) else { return };
-                let param = graph.params.iter().nth(i).expect("in range").1;
-                let decay = if param.update == Update::Decayed {
-                    c.weight_decay
-                } else {
-                    0.0
-                };
-                hyper.apply(w, m, v, grad, decay);
-            });
+        let decay_of = |i: usize| {
+            let param = graph.params.iter().nth(i).expect("in range").1;
+            if param.update == Update::Decayed {
+                c.weight_decay
+            } else {
+                0.0
+            }
+        };
+        if let (Some(mine), Some(shard), Some(comm)) = (&sharded, &self.shard, self.collectives) {
+            // This rank's chunk, then every rank's updated chunk shared.
+            let mut at = 0;
+            for &(p, _) in &self.grads {
+                let (i, r) = (p.index(), shard.owned[p.index()].clone());
+                let len = r.len();
+                let w = &mut self.params[i][r];
+                hyper.apply(
+                    w,
+                    &mut self.m[i],
+                    &mut self.v[i],
+                    &mine[at..at + len],
+                    decay_of(i),
+                );
+                at += len;
+            }
+            let updated: Vec<f32> = self
+                .grads
+                .iter()
+                .flat_map(|&(p, _)| {
+                    self.params[p.index()][shard.owned[p.index()].clone()]
+                        .iter()
+                        .copied()
+                })
+                .collect();
+            let total: usize = self
+                .grads
+                .iter()
+                .map(|&(p, _)| self.params[p.index()].len())
+                .sum();
+            let mut flat = vec![0f32; total];
+            comm.all_gather_f32(&updated, &mut flat)
+                .map_err(|e| ExecError::Device(format!("sharing the updated parameters: {e}")))?;
+            let mut at = 0;
+            for &(p, _) in &self.grads {
+                let w = &mut self.params[p.index()];
+                let len = w.len();
+                w.copy_from_slice(&flat[at..at + len]);
+                at += len;
+            }
+        } else {
+            self.params
+                .par_iter_mut()
+                .zip(self.m.par_iter_mut())
+                .zip(self.v.par_iter_mut())
+                .enumerate()
+                .for_each(|(i, ((w, m), v))| {
+                    let Some(grad) = grads.get(&i) else { return };
+                    hyper.apply(w, m, v, grad, decay_of(i));
+                });
+        }
         if c.bias_update > 0.0 {
             for (&(bias, experts, _), load) in self.routers.iter().zip(&loads) {
                 if let Buf::U(_) = &out[&experts] {

@@ -302,11 +302,11 @@ fn train(
         ));
     }
     // What the runtime does not do yet is refused, not ignored.
-    if layout.zero != 0 || layout.micro_batches(model.train.batch) != 1 {
+    if layout.micro_batches(model.train.batch) != 1 {
         return Err(super::layout::usage(
-            "kiln train does not yet shard the optimizer state (zero = 1) or accumulate \
-             gradients over micro-batches (micro_batch below a rank's share of the batch)",
-            "train with zero = 0 and without micro_batch; `kiln check` reports what they save",
+            "kiln train does not yet accumulate gradients over micro-batches (micro_batch \
+             below a rank's share of the batch)",
+            "train without micro_batch or grad_accum; `kiln check` reports what they save",
         ));
     }
     if layout.dp > 1 && args.device != DeviceKind::Cpu {
@@ -404,6 +404,8 @@ fn train(
         record_tokenizer(&out_dir, tokenizer.as_ref())?;
     }
     let mut trainer = match mpi {
+        // ZeRO-1: each rank keeps the AdamW moments of its chunk of the parameters.
+        Some(m) if dp > 1 && layout.zero == 1 => trainer.data_parallel(m).zero_1(),
         Some(m) if dp > 1 => trainer.data_parallel(m),
         _ => trainer,
     };
@@ -507,8 +509,10 @@ fn train(
         eval_loss(&compiled.forward, params, batches, t, emulate.as_ref())
             .map_err(|e| other(e.to_string()))
     };
-    let save = |trainer: &mut Trainer, batcher: &Batcher| -> Result<(), Failure> {
-        let (m, v) = trainer.moments().map_err(|e| other(e.to_string()))?;
+    let save = |trainer: &mut Trainer,
+                batcher: &Batcher,
+                (m, v): (Vec<Vec<f32>>, Vec<Vec<f32>>)|
+     -> Result<(), Failure> {
         let ck = checkpoint::Checkpoint {
             step: trainer.step,
             params: trainer.params().map_err(|e| other(e.to_string()))?.to_vec(),
@@ -587,6 +591,11 @@ fn train(
         let eval_now = every(args.eval_every);
         let save_now = every(args.checkpoint_every.unwrap_or(args.eval_every));
         let log_now = every(args.log_every.unwrap_or(args.eval_every));
+        // A sharded optimizer state is gathered from every rank for the checkpoint.
+        let moments = match save_now {
+            true => Some(trainer.moments().map_err(|e| other(e.to_string()))?),
+            false => None,
+        };
         if !lead {
             continue;
         }
@@ -595,11 +604,11 @@ fn train(
         }
         let line = metrics_row(done, &s, tps, eval_now.then_some(last_val), step_bytes);
         writeln!(metrics, "{line}").map_err(|e| other(format!("cannot write metrics: {e}")))?;
-        if save_now {
+        if let Some(moments) = moments {
             metrics
                 .flush()
                 .map_err(|e| other(format!("cannot write metrics: {e}")))?;
-            save(&mut trainer, &batcher)?;
+            save(&mut trainer, &batcher, moments)?;
             saved_at = Some(done);
             write_plot(&out_dir, &model.name)?;
         }
