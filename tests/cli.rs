@@ -758,15 +758,27 @@ fn train_refuses_a_layout_it_cannot_run_and_says_how_to_run_it() {
     assert!(err.contains("scripts/mpirun -n 2 kiln train"), "{err}");
     assert!(!dir.join("runs").exists());
     // What the runtime does not do yet is refused, not ignored.
-    for layout in ["ep=2", "zero=1", "micro_batch=4"] {
+    for layout in ["ep=2", "pp=2"] {
         let o = kiln(&["train", "--steps", "1", "--parallel", layout]);
         assert_eq!(o.status.code(), Some(2), "{layout}: {}", stderr(&o));
         assert!(
-            stderr(&o).contains("not built yet") || stderr(&o).contains("does not yet"),
+            stderr(&o).contains("not built yet"),
             "{layout}: {}",
             stderr(&o)
         );
     }
+    // Micro-batches accumulate on the CPU only.
+    let o = kiln(&[
+        "train",
+        "--steps",
+        "1",
+        "--parallel",
+        "grad_accum=2",
+        "--device",
+        "cuda-emulated",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("run on --device cpu"), "{}", stderr(&o));
     std::fs::remove_dir_all(dir).unwrap();
 }
 

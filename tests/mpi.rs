@@ -283,6 +283,42 @@ fn zero_1_shards_the_optimizer_state_and_changes_nothing_else() {
 }
 
 #[test]
+fn gradient_accumulation_matches_the_whole_batch() {
+    if skip() {
+        return;
+    }
+    // Four rows a step: in one process as 2 micro-batches of 2, and on 2 ranks as 2
+    // micro-batches of 1 each (with ZeRO-1), against the whole batch at once.
+    let single = scratch("ga-single");
+    let o = kiln(&train_args(single.to_str().unwrap(), "20"));
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let one = rows(&single);
+    for (ranks, layout) in [(1, "grad_accum=2"), (2, "dp=2,micro_batch=1,zero=1")] {
+        let dir = scratch(&format!("ga-{ranks}"));
+        let mut args = train_args(dir.to_str().unwrap(), "20");
+        args.extend(["--parallel", layout]);
+        let o = if ranks == 1 {
+            kiln(&args)
+        } else {
+            mpirun(ranks, &args)
+        };
+        assert!(o.status.success(), "{layout}: {}", text(&o.stderr));
+        let err = text(&o.stderr);
+        assert!(err.contains("accumulated over 2 micro-batches"), "{err}");
+        let many = rows(&dir);
+        let gap = worst_loss_gap(&one, &many);
+        assert!(gap <= 1e-6, "{layout}: losses differ by {gap:e} (relative)");
+        assert_eq!(
+            one.last().unwrap()["val_loss"],
+            many.last().unwrap()["val_loss"],
+            "{layout}: the same validation rows give the same loss"
+        );
+        std::fs::remove_dir_all(&dir).ok();
+    }
+    std::fs::remove_dir_all(&single).ok();
+}
+
+#[test]
 fn a_failing_rank_ends_the_job_with_its_message() {
     if skip() {
         return;

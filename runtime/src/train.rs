@@ -318,6 +318,8 @@ pub struct Trainer<'g> {
     collectives: Option<&'g dyn Collectives>,
     /// Set when the optimizer state is sharded over the ranks ([`Trainer::zero_1`]).
     shard: Option<Shard>,
+    /// Micro-batches a step's rows are cut into ([`Trainer::accumulating`]).
+    micro_batches: usize,
 }
 
 /// The inputs of one step: token windows of `seq_len + max_offset` per row, cut into the
@@ -440,6 +442,7 @@ impl<'g> Trainer<'g> {
             positions,
             collectives: None,
             shard: None,
+            micro_batches: 1,
         }
     }
 
@@ -453,6 +456,18 @@ impl<'g> Trainer<'g> {
             "data-parallel training updates on the host; a resident runner cannot take part"
         );
         self.collectives = Some(c);
+        self
+    }
+
+    /// Gradient accumulation: each step cuts its rows into `k` equal micro-batches and runs
+    /// the graph (whose batch is then one micro-batch) on each in turn, averaging their
+    /// gradients and losses before one update. The runner must update on the host.
+    pub fn accumulating(mut self, k: usize) -> Self {
+        assert!(
+            !self.resident || k == 1,
+            "gradient accumulation updates on the host; a resident runner cannot accumulate"
+        );
+        self.micro_batches = k.max(1);
         self
     }
 
@@ -632,7 +647,6 @@ impl<'g> Trainer<'g> {
         seq_len: usize,
         weights: Option<&[f32]>,
     ) -> Result<StepStats, ExecError> {
-        let inputs = feed_inputs(self.graph, batch, seq_len);
         if self.resident && !self.on_device {
             let r = self.exec.resident().expect("checked when built");
             let (m, v) = (
@@ -642,28 +656,78 @@ impl<'g> Trainer<'g> {
             r.put_state(&self.params, &m, &v)?;
             self.on_device = true;
         }
-        let mut out = self.exec.run(&Feed {
-            params: &self.params,
-            inputs: &inputs,
-            weights,
-        })?;
-        let scalar = |v: ValueId| f64::from(out[&v].floats()[0]);
-        // The total, the main loss, then the other terms summed: the MTP depths, the balance.
-        let sum = |vs: &[ValueId]| vs.iter().map(|&v| scalar(v)).sum::<f64>();
-        let mut losses = [
-            scalar(self.loss),
-            scalar(self.main_loss),
-            sum(&self.mtp),
-            sum(&self.balance),
-        ];
-        let mut loads: Vec<Vec<u64>> = self
-            .routers
-            .iter()
-            .map(|&(_, experts, e)| match &out[&experts] {
-                Buf::U(ids) => moe::expert_load(ids, e),
-                Buf::F(_) => vec![0; e],
-            })
-            .collect();
+        // With gradient accumulation, the graph runs on each micro-batch of rows in turn;
+        // gradients and losses are summed, then averaged (every micro-batch has as many rows,
+        // so the mean of their means is the batch's), and the experts' loads summed.
+        let k = self.micro_batches;
+        let micro: Vec<Batch> = if k > 1 {
+            let part = batch.rows / k;
+            (0..k).map(|i| batch.rows_range(i * part, part)).collect()
+        } else {
+            Vec::new()
+        };
+        let parts: Vec<&Batch> = if k > 1 {
+            micro.iter().collect()
+        } else {
+            vec![batch]
+        };
+        let mut out: Option<HashMap<ValueId, Buf<f32>>> = None;
+        let mut losses = [0f64; 4];
+        let mut loads: Vec<Vec<u64>> = self.routers.iter().map(|&(_, _, e)| vec![0; e]).collect();
+        for part in parts {
+            let inputs = feed_inputs(self.graph, part, seq_len);
+            let o = self.exec.run(&Feed {
+                params: &self.params,
+                inputs: &inputs,
+                weights,
+            })?;
+            let scalar = |v: ValueId| f64::from(o[&v].floats()[0]);
+            // The total, the main loss, then the other terms summed: the MTP depths, the
+            // balance.
+            let sum = |vs: &[ValueId]| vs.iter().map(|&v| scalar(v)).sum::<f64>();
+            let these = [
+                scalar(self.loss),
+                scalar(self.main_loss),
+                sum(&self.mtp),
+                sum(&self.balance),
+            ];
+            for (l, x) in losses.iter_mut().zip(these) {
+                *l += x;
+            }
+            for (load, &(_, experts, e)) in loads.iter_mut().zip(&self.routers) {
+                if let Buf::U(ids) = &o[&experts] {
+                    for (n, m) in load.iter_mut().zip(moe::expert_load(ids, e)) {
+                        *n += m;
+                    }
+                }
+            }
+            match &mut out {
+                None => out = Some(o),
+                Some(acc) => {
+                    for &(_, g) in &self.grads {
+                        if let (Some(Buf::F(a)), Buf::F(b)) = (acc.get_mut(&g), &o[&g]) {
+                            for (x, &y) in a.iter_mut().zip(b) {
+                                *x += y;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let mut out = out.expect("a batch has at least one micro-batch");
+        if k > 1 {
+            let scale = 1.0 / k as f32;
+            for l in &mut losses {
+                *l /= k as f64;
+            }
+            for &(_, g) in &self.grads {
+                if let Some(Buf::F(v)) = out.get_mut(&g) {
+                    for x in v.iter_mut() {
+                        *x *= scale;
+                    }
+                }
+            }
+        }
         // This rank's chunk of the reduced gradients, when the optimizer state is sharded.
         let mut sharded: Option<Vec<f32>> = None;
         if let Some(c) = self.collectives {

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use kiln_compiler::program::compile;
 use kiln_runtime::checkpoint;
-use kiln_runtime::data::{self, Batch, Batcher, TOKENIZER_FILE};
+use kiln_runtime::data::{self, Batcher, TOKENIZER_FILE};
 use kiln_runtime::device::DeviceKind;
 use kiln_runtime::mpi::Mpi;
 use kiln_runtime::train::{eval_loss, init_params, StepStats, TrainConfig, Trainer};
@@ -301,21 +301,16 @@ fn train(
             ),
         ));
     }
-    // What the runtime does not do yet is refused, not ignored.
-    if layout.micro_batches(model.train.batch) != 1 {
+    // Gradient accumulation: the step's graph takes one micro-batch of a rank's rows.
+    let micro = layout.micro_batch(model.train.batch) as usize;
+    let accumulate = layout.micro_batches(model.train.batch) as usize;
+    if (layout.dp > 1 || accumulate > 1) && args.device != DeviceKind::Cpu {
         return Err(super::layout::usage(
-            "kiln train does not yet accumulate gradients over micro-batches (micro_batch \
-             below a rank's share of the batch)",
-            "train without micro_batch or grad_accum; `kiln check` reports what they save",
+            "data-parallel training and gradient accumulation run on --device cpu",
+            "drop --device, or train on one process without micro_batch or grad_accum",
         ));
     }
-    if layout.dp > 1 && args.device != DeviceKind::Cpu {
-        return Err(super::layout::usage(
-            "data-parallel training runs on --device cpu",
-            "drop --device, or train on one process",
-        ));
-    }
-    preflight(&model, layout.dp, args.emulate_precision)?;
+    preflight(&model, micro as u64, args.emulate_precision)?;
     let steps = args.steps.unwrap_or(model.train.steps);
     let seed = args.seed.unwrap_or(model.train.seed);
     let (b, t) = (model.train.batch as usize, model.train.seq_len as usize);
@@ -323,7 +318,7 @@ fn train(
     let dp = layout.dp as usize;
     let rows = b / dp;
     let mut rank_model = model.clone();
-    rank_model.train.batch = rows as u64;
+    rank_model.train.batch = micro as u64;
 
     let compiled = compile(&rank_model).map_err(|e| other(e.to_string()))?;
     let (full, forward) = (compiled.train.graph(), compiled.forward.graph());
@@ -408,7 +403,8 @@ fn train(
         Some(m) if dp > 1 && layout.zero == 1 => trainer.data_parallel(m).zero_1(),
         Some(m) if dp > 1 => trainer.data_parallel(m),
         _ => trainer,
-    };
+    }
+    .accumulating(accumulate);
     let mut kept_metrics = String::new();
     if args.resume.is_some() {
         let ck = checkpoint::load(&ck_path, forward).map_err(|e| other(e.to_string()))?;
@@ -477,11 +473,16 @@ fn train(
         );
     }
     if lead {
-        let ranks_text = if dp > 1 {
+        let mut ranks_text = if dp > 1 {
             format!(" on {dp} data-parallel ranks of {rows} sequences")
         } else {
             String::new()
         };
+        if accumulate > 1 {
+            ranks_text.push_str(&format!(
+                ", accumulated over {accumulate} micro-batches of {micro}"
+            ));
+        }
         eprintln!(
             "training {} ({spec_name}) on {}: {steps} steps of {b} × {t} tokens{ranks_text}, vocabulary {}, {} parameters",
             model.name,
@@ -499,11 +500,12 @@ fn train(
     }
 
     let val = |trainer: &mut Trainer| -> Result<f64, Failure> {
-        // The graph takes a rank's rows: the same validation rows in `dp` times the batches.
-        let batches = data::val_batches(&dataset.val, rows, window)
+        // The graph takes one micro-batch of a rank's rows: the same validation rows in
+        // `dp × accumulate` times the batches.
+        let batches = data::val_batches(&dataset.val, micro, window)
             .map_err(|e| other(e.to_string()))?
-            .filter(|batch| batch.inputs.len() == rows * window)
-            .take(args.eval_batches * dp);
+            .filter(|batch| batch.inputs.len() == micro * window)
+            .take(args.eval_batches * dp * accumulate);
         let emulate = trainer.config.emulate.clone();
         let params = trainer.params().map_err(|e| other(e.to_string()))?;
         eval_loss(&compiled.forward, params, batches, t, emulate.as_ref())
@@ -543,7 +545,7 @@ fn train(
     while trainer.step < stop {
         let batch = batcher.next_batch();
         let batch = if dp > 1 {
-            rows_of(&batch, rank * rows, rows)
+            batch.rows_range(rank * rows, rows)
         } else {
             batch
         };
@@ -770,9 +772,10 @@ fn write_plot(out_dir: &std::path::Path, name: &str) -> Result<(), Failure> {
 
 /// Refuses a run that cannot fit in memory before anything is allocated: the analyzer's
 /// memory for one step as the CPU trains it (f32 weights, gradients and moments, f32
-/// activations of this rank's rows; the moments in their spec format when emulating) is a
+/// activations of `rows`, one micro-batch of this rank's; the moments in their spec format
+/// when emulating) is a
 /// lower bound of what the interpreter holds, compared with the memory available now.
-fn preflight(model: &kiln_compiler::model::Model, dp: u64, emulate: bool) -> Result<(), Failure> {
+fn preflight(model: &kiln_compiler::model::Model, rows: u64, emulate: bool) -> Result<(), Failure> {
     use kiln_compiler::model::Format;
     use kiln_compiler::report::bytes_h;
     let Some(available) = available_memory() else {
@@ -784,7 +787,7 @@ fn preflight(model: &kiln_compiler::model::Model, dp: u64, emulate: bool) -> Res
     if emulate {
         f32_model.precision.moments = moments;
     }
-    f32_model.train.batch = (model.train.batch / dp.max(1)).max(1);
+    f32_model.train.batch = rows.max(1);
     let need = kiln_compiler::analyze::analyze(&f32_model)
         .memory
         .total_bytes;
@@ -810,18 +813,6 @@ fn available_memory() -> Option<u64> {
     let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
-}
-
-/// Rows `first..first + n` of a batch: one data-parallel rank's share.
-fn rows_of(batch: &Batch, first: usize, n: usize) -> Batch {
-    let width = batch.inputs.len() / batch.rows.max(1);
-    let cut = |v: &[u32]| v[first * width..(first + n) * width].to_vec();
-    Batch {
-        inputs: cut(&batch.inputs),
-        targets: cut(&batch.targets),
-        rows: n,
-        seq_len: batch.seq_len,
-    }
 }
 
 #[cfg(test)]

@@ -28,6 +28,20 @@ pub struct Batch {
     pub seq_len: usize,
 }
 
+impl Batch {
+    /// Rows `first..first + n`: a data-parallel rank's share, or one micro-batch.
+    pub fn rows_range(&self, first: usize, n: usize) -> Batch {
+        let width = self.inputs.len() / self.rows.max(1);
+        let cut = |v: &[u32]| v[first * width..(first + n) * width].to_vec();
+        Batch {
+            inputs: cut(&self.inputs),
+            targets: cut(&self.targets),
+            rows: n,
+            seq_len: self.seq_len,
+        }
+    }
+}
+
 /// Checks the batch shape against the token count.
 fn check_shape(tokens: usize, batch_size: usize, seq_len: usize) -> Result<(), DataError> {
     if batch_size == 0 {
