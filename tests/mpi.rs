@@ -353,3 +353,83 @@ fn a_failing_rank_ends_the_job_with_its_message() {
         text(&o.stderr)
     );
 }
+
+/// The pid of the rank-`rank` process of the job whose environment holds `marker`.
+fn rank_pid(marker: &str, rank: usize) -> Option<String> {
+    let want = [
+        format!("KILN_TEST_JOB={marker}"),
+        format!("PMI_RANK={rank}"),
+    ];
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid = e.file_name().to_string_lossy().into_owned();
+        pid.parse::<u32>().ok()?;
+        let env = std::fs::read(e.path().join("environ")).ok()?;
+        let vars: Vec<&[u8]> = env.split(|&b| b == 0).collect();
+        want.iter()
+            .all(|w| vars.contains(&w.as_bytes()))
+            .then_some(pid)
+    })
+}
+
+#[test]
+fn a_rank_that_hangs_is_caught_by_the_collective_timeout() {
+    if skip() {
+        return;
+    }
+    use std::io::{BufRead, BufReader};
+    let dir = scratch("hang");
+    let marker = format!("hang-{}", std::process::id());
+    let mut child = Command::new("scripts/mpirun")
+        .arg("-n")
+        .arg("2")
+        .arg(env!("CARGO_BIN_EXE_kiln"))
+        .args([
+            "train",
+            SPEC,
+            "--steps",
+            "100000",
+            "--eval-every",
+            "100000",
+            "--out",
+        ])
+        .arg(&dir)
+        .args(["--parallel", "dp=2", "--collective-timeout", "3"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("NO_COLOR", "1")
+        .env("MPIEXEC_TIMEOUT", "120")
+        .env("KILN_TEST_JOB", &marker)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("scripts/mpirun runs");
+    // Once the first step is done, rank 1 stops (SIGSTOP): it hangs without dying, and the
+    // launcher cannot tell.
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut text = String::new();
+    let mut line = String::new();
+    while err.read_line(&mut line).unwrap_or(0) > 0 {
+        text.push_str(&line);
+        if line.starts_with("step 1/") {
+            break;
+        }
+        line.clear();
+    }
+    let pid = rank_pid(&marker, 1).expect("rank 1 is running");
+    let stopped = Command::new("kill").args(["-STOP", &pid]).status().unwrap();
+    assert!(stopped.success());
+    let start = std::time::Instant::now();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut err, &mut rest).ok();
+    text.push_str(&rest);
+    let status = child.wait().unwrap();
+    // Rank 0 waited 3 s in a collective, said so, and the job ended (well before the
+    // launcher's own 120 s limit).
+    assert!(start.elapsed().as_secs() < 60, "{text}");
+    assert!(!status.success(), "{text}");
+    assert!(
+        text.contains("error: rank 0 of 2: MPI_") && text.contains("waited more than 3 s"),
+        "{text}"
+    );
+    let _ = Command::new("kill").args(["-KILL", &pid]).status();
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -13,10 +13,14 @@
 //! Errors: the library is set to return errors rather than abort, and a rank whose work fails
 //! ends the whole job with its message ([`Mpi::abort`]), so no rank waits for a dead peer; a
 //! job that succeeds [`Mpi::finish`]es on every rank. A rank that dies outright is killed with
-//! the job by the launcher, and `MPIEXEC_TIMEOUT` bounds a hang.
+//! the job by the launcher. A rank that hangs, or dies unnoticed, is caught by
+//! [`Mpi::set_timeout`]: a collective that waits past the limit ends the job from the waiting
+//! rank, naming the collective. `MPIEXEC_TIMEOUT` bounds the whole job besides.
 
 use std::ffi::{c_char, c_int, c_void, CString};
 use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// What went wrong with MPI.
 #[derive(Debug)]
@@ -92,6 +96,19 @@ pub struct Mpi {
     barrier: BarrierFn,
     error_string: ErrorStringFn,
     traffic: std::cell::Cell<Traffic>,
+    /// The collective in progress and since when, watched by [`Mpi::set_timeout`]'s thread.
+    waiting: Arc<Mutex<Option<(Instant, &'static str)>>>,
+}
+
+/// Marks a collective as in progress while it lives.
+struct Waiting<'a>(&'a Mutex<Option<(Instant, &'static str)>>);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut w) = self.0.lock() {
+            *w = None;
+        }
+    }
 }
 
 /// The environment variable naming the library; `scripts/mpirun` sets it.
@@ -158,6 +175,7 @@ impl Mpi {
                     "MPI_Error_string",
                 )?),
                 traffic: Default::default(),
+                waiting: Default::default(),
             }
         };
         let mut flag: c_int = 0;
@@ -230,8 +248,47 @@ impl Mpi {
 
     /// Waits for every rank.
     pub fn barrier(&self) -> Result<(), MpiError> {
+        let _w = self.wait_for("MPI_Barrier");
         // SAFETY: MPI is initialized.
         self.check(unsafe { (self.barrier)(COMM_WORLD) }, "MPI_Barrier")
+    }
+
+    /// Ends the job from this rank when one collective waits longer than `limit` for the
+    /// others (a rank that died without the launcher noticing, or one that hangs): a thread
+    /// watches the collective in progress and, past the limit, prints which one on this
+    /// rank and exits, which makes the launcher end every rank.
+    pub fn set_timeout(&self, limit: Duration) {
+        let waiting = Arc::clone(&self.waiting);
+        let (rank, size) = (self.rank, self.size);
+        std::thread::spawn(move || loop {
+            std::thread::sleep(Duration::from_millis(100).min(limit));
+            let stuck = waiting
+                .lock()
+                .ok()
+                .and_then(|w| *w)
+                .filter(|(since, _)| since.elapsed() > limit);
+            if let Some((_, what)) = stuck {
+                use std::io::Write;
+                let line = format!(
+                    "error: rank {rank} of {size}: {what} waited more than {} s for the other \
+                     ranks (one may have died or hung; --collective-timeout sets the limit); \
+                     ending the job\n",
+                    limit.as_secs_f64()
+                );
+                let mut err = std::io::stderr();
+                let _ = err.write_all(line.as_bytes());
+                let _ = err.flush();
+                std::process::exit(1);
+            }
+        });
+    }
+
+    /// Marks `what` as in progress until the guard drops.
+    fn wait_for(&self, what: &'static str) -> Waiting<'_> {
+        if let Ok(mut w) = self.waiting.lock() {
+            *w = Some((Instant::now(), what));
+        }
+        Waiting(&self.waiting)
     }
 
     /// Sums `data` over every rank, in place, with the same bits on every rank: chunk `j`
@@ -270,6 +327,7 @@ impl Mpi {
             return Ok(data.to_vec());
         }
         // Every rank sends chunk j to rank j; this rank receives its chunk from everyone.
+        let _w = self.wait_for("MPI_Alltoallv");
         let mut gathered = vec![0f32; mine * n];
         let recv_counts = vec![mine as c_int; n];
         let recv_displs: Vec<c_int> = (0..n).map(|r| (r * mine) as c_int).collect();
@@ -316,6 +374,7 @@ impl Mpi {
             data.copy_from_slice(mine);
             return Ok(());
         }
+        let _w = self.wait_for("MPI_Allgatherv");
         // SAFETY: every rank's chunk lands at its displacement inside `data`.
         let rc = unsafe {
             (self.allgatherv)(
@@ -342,6 +401,7 @@ impl Mpi {
             return Ok(());
         }
         let send = data.to_vec();
+        let _w = self.wait_for("MPI_Allreduce");
         // SAFETY: both buffers hold `data.len()` doubles.
         let rc = unsafe {
             (self.allreduce)(

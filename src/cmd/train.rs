@@ -96,6 +96,11 @@ pub struct RunArgs {
     /// Overrides the spec's [parallel].
     #[arg(long, value_name = "dp=N")]
     pub parallel: Option<String>,
+    /// In a run over MPI: end the job when one collective waits longer than this for the
+    /// other ranks (a rank that hung, or died without the launcher noticing), with a message
+    /// naming the collective. Seconds.
+    #[arg(long, default_value_t = 600, value_name = "SECONDS")]
+    pub collective_timeout: u64,
     /// The share of the data held out for validation (its last tokens, or the `val` shards).
     #[arg(long, default_value_t = engine::VAL_FRACTION)]
     pub val_fraction: f64,
@@ -225,6 +230,11 @@ pub(crate) fn run_with(
         return train(spec, args, color, built, None);
     }
     let mpi = Mpi::init().map_err(|e| other(e.to_string()))?;
+    if mpi.size() > 1 {
+        mpi.set_timeout(std::time::Duration::from_secs(
+            args.collective_timeout.max(1),
+        ));
+    }
     let result = train(spec, args, color, built, Some(&mpi));
     match &result {
         // A failure on one rank ends the job on every rank: none may wait for it in a
