@@ -530,19 +530,7 @@ impl<'g> Trainer<'g> {
     /// Every rank's owned parts of per-parameter values, gathered into whole parameters
     /// (those without gradients are zeros, as their unsharded moments are).
     fn gather(&self, c: &dyn Collectives, parts: &[Vec<f32>]) -> Result<Vec<Vec<f32>>, ExecError> {
-        let mine: Vec<f32> = self
-            .grads
-            .iter()
-            .flat_map(|&(p, _)| parts[p.index()].iter().copied())
-            .collect();
-        let total: usize = self
-            .grads
-            .iter()
-            .map(|&(p, _)| self.params[p.index()].len())
-            .sum();
-        let mut flat = vec![0f32; total];
-        c.all_gather_f32(&mine, &mut flat)
-            .map_err(|e| ExecError::Device(format!("gathering the optimizer state: {e}")))?;
+        let flat = self.gather_owned(c, |p| &parts[p], "the optimizer state")?;
         let mut whole: Vec<Vec<f32>> = self.params.iter().map(|p| vec![0.0; p.len()]).collect();
         let mut at = 0;
         for &(p, _) in &self.grads {
@@ -551,6 +539,30 @@ impl<'g> Trainer<'g> {
             at += len;
         }
         Ok(whole)
+    }
+
+    /// The trainable parameters' values laid end to end in gradient order, gathered from
+    /// every rank's owned part (`part(p)` is this rank's part of parameter `p`).
+    fn gather_owned<'a>(
+        &self,
+        c: &dyn Collectives,
+        part: impl Fn(usize) -> &'a [f32],
+        what: &str,
+    ) -> Result<Vec<f32>, ExecError> {
+        let mine: Vec<f32> = self
+            .grads
+            .iter()
+            .flat_map(|&(p, _)| part(p.index()).iter().copied())
+            .collect();
+        let total: usize = self
+            .grads
+            .iter()
+            .map(|&(p, _)| self.params[p.index()].len())
+            .sum();
+        let mut flat = vec![0f32; total];
+        c.all_gather_f32(&mine, &mut flat)
+            .map_err(|e| ExecError::Device(format!("gathering {what}: {e}")))?;
+        Ok(flat)
     }
 
     /// Whether the runner's device updates the parameters (the plan's optimizer launches),
@@ -889,23 +901,12 @@ impl<'g> Trainer<'g> {
                 );
                 at += len;
             }
-            let updated: Vec<f32> = self
-                .grads
-                .iter()
-                .flat_map(|&(p, _)| {
-                    self.params[p.index()][shard.owned[p.index()].clone()]
-                        .iter()
-                        .copied()
-                })
-                .collect();
-            let total: usize = self
-                .grads
-                .iter()
-                .map(|&(p, _)| self.params[p.index()].len())
-                .sum();
-            let mut flat = vec![0f32; total];
-            comm.all_gather_f32(&updated, &mut flat)
-                .map_err(|e| ExecError::Device(format!("sharing the updated parameters: {e}")))?;
+            let params = &self.params;
+            let flat = self.gather_owned(
+                comm,
+                |p| &params[p][shard.owned[p].clone()],
+                "the updated parameters",
+            )?;
             let mut at = 0;
             for &(p, _) in &self.grads {
                 let w = &mut self.params[p.index()];

@@ -198,15 +198,7 @@ impl<D: Device> DeviceRunner<D> {
         };
         // Scratch slots at the largest size any step asks.
         let mut slots: Vec<u64> = Vec::new();
-        let launches = cuda
-            .steps
-            .iter()
-            .flat_map(|s| &s.work)
-            .filter_map(|w| match w {
-                Work::Launch(l) => Some(l),
-                _ => None,
-            });
-        for l in launches.chain(&cuda.optimizer) {
+        for l in launches(&cuda) {
             for a in &l.args {
                 if let Arg::Scratch { slot, bytes } = a {
                     let s = *slot as usize;
@@ -1024,6 +1016,18 @@ impl<D: Device> Resident for DeviceRunner<D> {
     }
 }
 
+/// Every launch of a plan: its steps', then its optimizer's.
+fn launches(cuda: &CudaProgram) -> impl Iterator<Item = &Launch> {
+    cuda.steps
+        .iter()
+        .flat_map(|s| &s.work)
+        .filter_map(|w| match w {
+            Work::Launch(l) => Some(l),
+            _ => None,
+        })
+        .chain(&cuda.optimizer)
+}
+
 /// The device memory a plan allocates: the arena, each value with a buffer of its own, the
 /// scratch slots, the FP8 copies and the optimizer's moments (its small tables aside).
 fn plan_bytes(
@@ -1037,18 +1041,9 @@ fn plan_bytes(
         .filter(|&i| source[i] == i && own(i))
         .map(|i| 4 * graph.values[ValueId::from_index(i)].ty.elements().max(1) as u64)
         .sum();
-    let launches = cuda
-        .steps
-        .iter()
-        .flat_map(|s| &s.work)
-        .filter_map(|w| match w {
-            Work::Launch(l) => Some(l),
-            _ => None,
-        })
-        .chain(&cuda.optimizer);
     let mut slots: HashMap<u32, u64> = HashMap::new();
     let mut moments = 0u64;
-    for a in launches.flat_map(|l| &l.args) {
+    for a in launches(cuda).flat_map(|l| &l.args) {
         match a {
             Arg::Scratch { slot, bytes } => {
                 let s = slots.entry(*slot).or_default();
