@@ -127,13 +127,29 @@ pub(crate) fn open(device: DeviceKind) -> Result<Box<dyn Device>, Failure> {
 /// The first GPU (`CUDA_VISIBLE_DEVICES` chooses which), through cudarc.
 #[cfg(feature = "cuda")]
 fn cuda() -> Result<Box<dyn Device>, Failure> {
-    let gpu = kiln_runtime::device::cuda::Cuda::new(0).map_err(|e| {
+    let gpu = kiln_runtime::device::cuda::Cuda::new(gpu_ordinal()).map_err(|e| {
         other(format!(
             "--device cuda: {e}. `--device cuda-emulated` runs the same CUDA plan on the CPU"
         ))
     })?;
     eprintln!("device: {}", gpu.describe());
     Ok(Box::new(gpu))
+}
+
+/// The GPU this process drives: `CUDA_VISIBLE_DEVICES` chooses which GPUs it sees, and a
+/// data-parallel rank takes its own of them ([`use_gpu`]).
+#[cfg(feature = "cuda")]
+static GPU: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+
+/// Makes `--device cuda` open the `ordinal`-th visible GPU (a data-parallel rank's own).
+#[cfg(feature = "cuda")]
+pub(crate) fn use_gpu(ordinal: usize) {
+    let _ = GPU.set(ordinal);
+}
+
+#[cfg(feature = "cuda")]
+fn gpu_ordinal() -> usize {
+    GPU.get().copied().unwrap_or(0)
 }
 
 /// Without the `cuda` feature there is no GPU device: say why, and what to do.

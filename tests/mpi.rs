@@ -433,3 +433,32 @@ fn a_rank_that_hangs_is_caught_by_the_collective_timeout() {
     let _ = Command::new("kill").args(["-KILL", &pid]).status();
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn gpu_ranks_say_what_they_need() {
+    if skip() {
+        return;
+    }
+    // GPU ranks sum over NCCL (bootstrapped over MPI), which needs the `cuda` feature, then
+    // a GPU per rank: without either, every rank says so and the job ends.
+    let o = mpirun(
+        2,
+        &[
+            "train",
+            "--steps",
+            "1",
+            "--parallel",
+            "dp=2",
+            "--device",
+            "cuda",
+        ],
+    );
+    assert!(!o.status.success());
+    let err = text(&o.stderr);
+    let why = if cfg!(feature = "cuda") {
+        "--device cuda over 2 ranks"
+    } else {
+        "built without the `cuda` feature"
+    };
+    assert!(err.contains(why), "{err}");
+}

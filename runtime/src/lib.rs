@@ -31,6 +31,8 @@ pub mod generate;
 pub mod hf;
 pub mod memory;
 pub mod mpi;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 pub mod numerics;
 pub mod op_fns;
 pub mod rl;

@@ -39,6 +39,7 @@ type Handle = *mut c_void;
 const COMM_WORLD: Handle = 0x101 as Handle;
 const FLOAT: Handle = 0x210 as Handle;
 const DOUBLE: Handle = 0x214 as Handle;
+const BYTE: Handle = 0x247 as Handle;
 const SUM: Handle = 0x21 as Handle;
 const ERRORS_RETURN: Handle = 0x143 as Handle;
 
@@ -71,6 +72,7 @@ type AllgathervFn = unsafe extern "C" fn(
     Handle,
 ) -> c_int;
 type BarrierFn = unsafe extern "C" fn(Handle) -> c_int;
+type BcastFn = unsafe extern "C" fn(*mut c_void, c_int, Handle, c_int, Handle) -> c_int;
 type ErrorStringFn = unsafe extern "C" fn(c_int, *mut c_char, *mut c_int) -> c_int;
 
 /// Bytes this rank sent in collectives, by the collective's purpose.
@@ -94,6 +96,7 @@ pub struct Mpi {
     alltoallv: AlltoallvFn,
     allgatherv: AllgathervFn,
     barrier: BarrierFn,
+    bcast: BcastFn,
     error_string: ErrorStringFn,
     traffic: std::cell::Cell<Traffic>,
     /// The collective in progress and since when, watched by [`Mpi::set_timeout`]'s thread.
@@ -171,6 +174,7 @@ impl Mpi {
                     "MPI_Allgatherv",
                 )?),
                 barrier: std::mem::transmute::<*mut c_void, BarrierFn>(sym("MPI_Barrier")?),
+                bcast: std::mem::transmute::<*mut c_void, BcastFn>(sym("MPI_Bcast")?),
                 error_string: std::mem::transmute::<*mut c_void, ErrorStringFn>(sym(
                     "MPI_Error_string",
                 )?),
@@ -251,6 +255,23 @@ impl Mpi {
         let _w = self.wait_for("MPI_Barrier");
         // SAFETY: MPI is initialized.
         self.check(unsafe { (self.barrier)(COMM_WORLD) }, "MPI_Barrier")
+    }
+
+    /// Copies `root`'s `data` to every rank (for example the NCCL unique id a communicator
+    /// starts from).
+    pub fn broadcast_bytes(&self, data: &mut [u8], root: usize) -> Result<(), MpiError> {
+        let _w = self.wait_for("MPI_Bcast");
+        // SAFETY: `data` holds `data.len()` bytes on every rank.
+        let rc = unsafe {
+            (self.bcast)(
+                data.as_mut_ptr().cast(),
+                data.len() as c_int,
+                BYTE,
+                root as c_int,
+                COMM_WORLD,
+            )
+        };
+        self.check(rc, "MPI_Bcast")
     }
 
     /// Ends the job from this rank when one collective waits longer than `limit` for the

@@ -234,6 +234,8 @@ pub trait Collectives {
     fn all_gather_f32(&self, mine: &[f32], data: &mut [f32]) -> Result<(), String>;
     /// Sums a few values over the ranks in place.
     fn sum_f64(&self, data: &mut [f64]) -> Result<(), String>;
+    /// Bytes this rank has sent so far.
+    fn traffic(&self) -> crate::mpi::Traffic;
 }
 
 impl Collectives for crate::mpi::Mpi {
@@ -259,6 +261,10 @@ impl Collectives for crate::mpi::Mpi {
 
     fn sum_f64(&self, data: &mut [f64]) -> Result<(), String> {
         crate::mpi::Mpi::sum_f64(self, data).map_err(|e| e.to_string())
+    }
+
+    fn traffic(&self) -> crate::mpi::Traffic {
+        crate::mpi::Mpi::traffic(self)
     }
 }
 
@@ -456,6 +462,13 @@ impl<'g> Trainer<'g> {
             "data-parallel training updates on the host; a resident runner cannot take part"
         );
         self.collectives = Some(c);
+        self
+    }
+
+    /// Updates on the host even where the runner could keep the state on its device: what
+    /// data parallelism and gradient accumulation need, as they combine gradients first.
+    pub fn updating_on_host(mut self) -> Self {
+        self.resident = false;
         self
     }
 

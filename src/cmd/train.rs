@@ -10,7 +10,7 @@ use kiln_runtime::checkpoint;
 use kiln_runtime::data::{self, Batcher, TOKENIZER_FILE};
 use kiln_runtime::device::DeviceKind;
 use kiln_runtime::mpi::Mpi;
-use kiln_runtime::train::{eval_loss, init_params, StepStats, TrainConfig, Trainer};
+use kiln_runtime::train::{eval_loss, init_params, Collectives, StepStats, TrainConfig, Trainer};
 use serde_json::value::RawValue;
 
 use crate::engine::{self, Specialized, TokenizerFile};
@@ -314,12 +314,11 @@ fn train(
     // Gradient accumulation: the step's graph takes one micro-batch of a rank's rows.
     let micro = layout.micro_batch(model.train.batch) as usize;
     let accumulate = layout.micro_batches(model.train.batch) as usize;
-    if (layout.dp > 1 || accumulate > 1) && args.device != DeviceKind::Cpu {
-        return Err(super::layout::usage(
-            "data-parallel training and gradient accumulation run on --device cpu",
-            "drop --device, or train on one process without micro_batch or grad_accum",
-        ));
-    }
+    // Ranks on GPUs sum over NCCL, one GPU each; the others over MPI.
+    let nccl = match (mpi, args.device) {
+        (Some(m), DeviceKind::Cuda) if layout.dp > 1 => Some(nccl(m)?),
+        _ => None,
+    };
     preflight(&model, micro as u64, args.emulate_precision)?;
     let steps = args.steps.unwrap_or(model.train.steps);
     let seed = args.seed.unwrap_or(model.train.seed);
@@ -402,16 +401,27 @@ fn train(
     let config = engine::emulating(config, settings, args.emulate_precision, built, "train")?;
     let params = init_params(forward, seed);
     let trainer = engine::trainer(&compiled.train, config, params, built, args.device)?;
+    // Gradients are combined (over ranks, or micro-batches) before the update, on the host.
+    let trainer = if dp > 1 || accumulate > 1 {
+        trainer.updating_on_host()
+    } else {
+        trainer
+    };
     // The first rank writes the run directory (once the step is ready, so a run refused for
     // its device leaves nothing behind); the others compute.
     if lead {
         fsutil::create_dir(&out_dir)?;
         record_tokenizer(&out_dir, tokenizer.as_ref())?;
     }
-    let mut trainer = match mpi {
+    let collectives: Option<&dyn Collectives> = match (&nccl, mpi) {
+        (Some(n), _) => Some(n.as_ref()),
+        (None, Some(m)) => Some(m),
+        (None, None) => None,
+    };
+    let mut trainer = match collectives {
         // ZeRO-1: each rank keeps the AdamW moments of its chunk of the parameters.
-        Some(m) if dp > 1 && layout.zero == 1 => trainer.data_parallel(m).zero_1(),
-        Some(m) if dp > 1 => trainer.data_parallel(m),
+        Some(c) if dp > 1 && layout.zero == 1 => trainer.data_parallel(c).zero_1(),
+        Some(c) if dp > 1 => trainer.data_parallel(c),
         _ => trainer,
     }
     .accumulating(accumulate);
@@ -547,8 +557,8 @@ fn train(
     let tokens_per_step = (b * t) as f64;
     let stop = args.stop_after.map_or(steps, |n| (first + n).min(steps));
     let sent = || {
-        mpi.map(|m| {
-            let t = m.traffic();
+        collectives.map(|c| {
+            let t = c.traffic();
             t.reduce_bytes + t.gather_bytes
         })
     };
@@ -823,6 +833,24 @@ fn available_memory() -> Option<u64> {
     let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
+}
+
+/// An NCCL communicator over the MPI job's ranks, each driving its own GPU.
+#[cfg(feature = "cuda")]
+fn nccl(mpi: &Mpi) -> Result<Box<dyn Collectives>, Failure> {
+    let n = kiln_runtime::nccl::Nccl::bootstrap(mpi)
+        .map_err(|e| other(format!("--device cuda over {} ranks: {e}", mpi.size())))?;
+    engine::use_gpu(n.gpu());
+    Ok(Box::new(n))
+}
+
+/// Without the `cuda` feature there is no GPU, so no NCCL either.
+#[cfg(not(feature = "cuda"))]
+fn nccl(_mpi: &Mpi) -> Result<Box<dyn Collectives>, Failure> {
+    Err(other(
+        "--device cuda: this kiln was built without the `cuda` feature; build one with \
+         scripts/device-build",
+    ))
 }
 
 #[cfg(test)]

@@ -478,9 +478,10 @@ pub fn host_unit(program: &CudaProgram) -> String {
 }
 
 /// Builds `source` into the shared library `path` (through a temporary name, so an
-/// interrupted build leaves nothing half-written).
+/// interrupted build leaves nothing half-written; the build directory is this process's, so
+/// ranks building the same library at once do not trip over each other).
 fn build(source: &str, path: &Path) -> Result<(), DeviceError> {
-    let dir = path.with_extension("build");
+    let dir = path.with_extension(format!("build-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)
         .map_err(|e| DeviceError::Build(format!("cannot create {}: {e}", dir.display())))?;
