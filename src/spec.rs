@@ -62,8 +62,8 @@ pub(crate) fn read_source(
     let Some(p) = path else {
         return Ok(SpecSource::single(TINY_NAME, TINY));
     };
-    let first = read_file(p).map_err(Failure::Other)?;
-    let text = match String::from_utf8(first) {
+    let bytes = read_file(p).map_err(Failure::Other)?;
+    let text = match String::from_utf8(bytes) {
         Ok(text) => text,
         Err(e) => {
             // The checker's own diagnostic says where the bytes stop being UTF-8.
@@ -79,8 +79,7 @@ pub(crate) fn read_source(
     // A base is named as the user would write it (`specs/child.toml` extends `base.toml`:
     // `specs/base.toml`) and identified by its canonical path, so a loop is found whatever
     // the spelling.
-    let mut first = load_file(p.clone()).map_err(Failure::Other)?;
-    first.text = text;
+    let first = loaded(p.clone(), text).map_err(Failure::Other)?;
     let mut load = |from: &Loaded, target: &str| {
         let dir = Path::new(&from.name).parent().unwrap_or(Path::new(""));
         load_file(lexical(&dir.join(target)))
@@ -93,15 +92,19 @@ pub(crate) fn read_source(
 }
 
 /// Reads one spec of an `extends` chain.
-pub(crate) fn load_file(name: PathBuf) -> Result<Loaded, String> {
+fn load_file(name: PathBuf) -> Result<Loaded, String> {
+    let bytes = read_file(&name)?;
+    let text = String::from_utf8(bytes).map_err(|_| format!("{} is not UTF-8", name.display()))?;
+    loaded(name, text)
+}
+
+/// A spec of an `extends` chain read as `text`, identified by its canonical path.
+fn loaded(name: PathBuf, text: String) -> Result<Loaded, String> {
     let id = name
         .canonicalize()
         .map_err(|e| format!("{}: {e}", name.display()))?;
-    let id = id.to_string_lossy().into_owned();
-    let bytes = read_file(&name)?;
-    let text = String::from_utf8(bytes).map_err(|_| format!("{} is not UTF-8", name.display()))?;
     Ok(Loaded {
-        id,
+        id: id.to_string_lossy().into_owned(),
         name: name.display().to_string(),
         text,
     })
@@ -140,13 +143,6 @@ pub(crate) fn source(
     Ok(src)
 }
 
-/// A spec's display name and resolved text, with the `--set` overrides applied: what a run
-/// records and a build compiles.
-pub(crate) fn read_spec(path: Option<&PathBuf>) -> Result<(String, Vec<u8>), Failure> {
-    let src = source(path, &mut Vec::new(), false)?;
-    Ok((src.name().to_string(), src.text().as_bytes().to_vec()))
-}
-
 /// Checks a resolved spec; on failure renders its diagnostics at the files that hold them,
 /// appends their JSON form to `json_errors` and returns [`Failure::Invalid`].
 pub(crate) fn check_source(
@@ -168,9 +164,24 @@ pub(crate) fn load(
     json_errors: &mut Vec<serde_json::Value>,
     color: bool,
 ) -> Result<(String, Model), Failure> {
+    let (name, _, model) = load_text(path, json_errors, color)?;
+    Ok((name, model))
+}
+
+/// [`load`], with the resolved text (`extends` and `--set` applied): what a run records and a
+/// build compiles.
+pub(crate) fn load_text(
+    path: Option<&PathBuf>,
+    json_errors: &mut Vec<serde_json::Value>,
+    color: bool,
+) -> Result<(String, Vec<u8>, Model), Failure> {
     let src = source(path, json_errors, color)?;
     let model = check_source(&src, json_errors, color)?;
-    Ok((src.name().to_string(), model))
+    Ok((
+        src.name().to_string(),
+        src.text().as_bytes().to_vec(),
+        model,
+    ))
 }
 
 /// With `--json`, an invalid spec's errors go to stdout as `{"errors": [...]}`.

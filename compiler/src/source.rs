@@ -227,12 +227,12 @@ impl SpecSource {
                 }
             }
         };
-        let mut sources: Vec<(String, &str)> = self
-            .files
-            .iter()
-            .map(|f| (f.name.clone(), f.text.as_str()))
-            .collect();
-        sources.push((resolved.clone(), &self.text));
+        let mut cache = ariadne::sources(
+            self.files
+                .iter()
+                .map(|f| (f.name.clone(), f.text.clone()))
+                .chain([(resolved.clone(), self.text.clone())]),
+        );
         let config = Config::default()
             .with_color(color)
             .with_index_type(IndexType::Byte)
@@ -254,9 +254,8 @@ impl SpecSource {
             if let Some(help) = &d.help {
                 report = report.with_help(help);
             }
-            let cache = ariadne::sources(sources.iter().map(|(n, t)| (n.clone(), t.to_string())));
             // Writing into a Vec cannot fail.
-            let _ = report.finish().write(cache, &mut out);
+            let _ = report.finish().write(&mut cache, &mut out);
         }
         let mut s = String::from_utf8_lossy(&out).into_owned();
         let n = diags.len();

@@ -15,7 +15,6 @@ use std::process::Command;
 use kiln_compiler::names;
 
 use crate::fsutil::{self, write};
-use crate::spec::load;
 use crate::{other, Failure};
 
 /// `kiln build` (see `--help`).
@@ -56,8 +55,8 @@ fn toml_path(p: &Path) -> String {
 }
 
 pub(crate) fn run(args: Args, color: bool) -> Result<(), Failure> {
-    let (_, spec_bytes) = crate::spec::read_spec(Some(&args.spec))?;
-    let (spec_name, model) = load(Some(&args.spec), &mut Vec::new(), color)?;
+    let (spec_name, spec_bytes, model) =
+        crate::spec::load_text(Some(&args.spec), &mut Vec::new(), color)?;
     let spec_text = String::from_utf8(spec_bytes.clone())
         .map_err(|_| other(format!("{spec_name} is not UTF-8")))?;
     let source = match &args.kiln_source {

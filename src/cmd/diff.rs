@@ -141,6 +141,16 @@ pub(crate) fn reports(models: &[Model], layout: &LayoutArgs) -> Result<Vec<Repor
 }
 
 /// `kiln diff A B C …`: one table of the settings and metrics that differ among the specs.
+/// A column's name in the table: `A`, `B`, … `Z`, then `v26`, `v27`, … (a sweep's runs are
+/// named alike).
+pub(crate) fn column(i: usize) -> String {
+    if i < 26 {
+        char::from(b'A' + i as u8).to_string()
+    } else {
+        format!("v{i}")
+    }
+}
+
 /// A row of measured results beside the specs' columns (`kiln sweep --train`): a name, one
 /// value per spec (`None` where there is none) and the decimals to print.
 pub(crate) type ResultRow = (String, Vec<Option<f64>>, usize);
@@ -242,10 +252,9 @@ pub(crate) fn table(
                 .clamp(12, 24)
         })
         .collect();
-    let letter = |i: usize| char::from(b'A' + (i % 26) as u8);
     let mut o = String::new();
     for (i, n) in names.iter().enumerate() {
-        let _ = writeln!(o, "{}: {n}", letter(i));
+        let _ = writeln!(o, "{}: {n}", column(i));
     }
     let line = |o: &mut String, key: &str, cells: &mut dyn Iterator<Item = String>| {
         let _ = write!(o, "  {key:<key_width$}");
@@ -268,11 +277,7 @@ pub(crate) fn table(
             let _ = writeln!(o, "{none}");
             continue;
         }
-        line(
-            &mut o,
-            title,
-            &mut (0..names.len()).map(|i| letter(i).to_string()),
-        );
+        line(&mut o, title, &mut (0..names.len()).map(column));
         for (k, values) in rows {
             line(&mut o, k, &mut values.iter().cloned());
         }

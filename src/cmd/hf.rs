@@ -20,7 +20,6 @@ use kiln_runtime::train::init_params;
 
 use crate::engine::TokenizerFile;
 use crate::fsutil::{self, fresh_dir, write_dir};
-use crate::spec::load;
 use crate::{other, Failure};
 
 /// `kiln import-hf` (see `--help`).
@@ -315,8 +314,7 @@ fn restore_sidecar(path: &std::path::Path, config_spec: &str) -> Result<String, 
 pub(crate) fn run_export(args: ExportArgs, color: bool) -> Result<(), Failure> {
     fresh_dir(&args.out)?;
     let spec_path = args.dir.join("spec.toml");
-    let (_, spec_bytes) = crate::spec::read_spec(Some(&spec_path))?;
-    let (_, model) = load(Some(&spec_path), &mut Vec::new(), color)?;
+    let (_, spec_bytes, model) = crate::spec::load_text(Some(&spec_path), &mut Vec::new(), color)?;
     let mut config = export_config(&model).map_err(|e| other(e.to_string()))?;
     let compiled = compile(&model).map_err(|e| other(e.to_string()))?;
     let graph = compiled.forward.graph();

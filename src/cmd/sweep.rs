@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::diff::ResultRow;
+use super::diff::{column, ResultRow};
 use super::layout::{usage, LayoutArgs};
 use crate::spec::{apply_sets, check_source, overrides, read_source};
 use crate::{fsutil, other, Failure};
@@ -129,15 +129,6 @@ pub(crate) fn run(args: &Args, color: bool) -> Result<(), Failure> {
     trained
 }
 
-/// A variant's run directory name: its column letter (`A`, `B`, …), or `v<i>` past `Z`.
-fn run_name(i: usize) -> String {
-    if i < 26 {
-        char::from(b'A' + i as u8).to_string()
-    } else {
-        format!("v{i}")
-    }
-}
-
 /// The rows of a run's `metrics.jsonl` (none when it has not started).
 fn metrics(dir: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(dir.join("metrics.jsonl"))
@@ -171,7 +162,7 @@ fn train_all(
         "spec": spec,
         "steps": args.steps,
         "variants": names.iter().zip(sets).enumerate().map(|(i, (n, s))| serde_json::json!({
-            "run": run_name(i), "variant": n, "set": s,
+            "run": column(i), "variant": n, "set": s,
         })).collect::<Vec<_>>(),
     });
     let record_path = out.join("sweep.json");
@@ -190,13 +181,13 @@ fn train_all(
         std::env::current_exe().map_err(|e| other(format!("cannot find kiln itself: {e}")))?;
     let mut failed = Vec::new();
     for (i, (name, model)) in names.iter().zip(models).enumerate() {
-        let dir = out.join(run_name(i));
+        let dir = out.join(column(i));
         let steps = args.steps.unwrap_or(model.train.steps);
         let done = metrics(&dir)
             .last()
             .and_then(|r| r["step"].as_u64())
             .is_some_and(|s| s >= steps);
-        let of = format!("{} ({}/{}): {name}", run_name(i), i + 1, names.len());
+        let of = format!("{} ({}/{}): {name}", column(i), i + 1, names.len());
         if done && dir.join("checkpoint.safetensors").exists() {
             eprintln!("sweep: {of}: trained already, in {}", dir.display());
             continue;
@@ -225,11 +216,11 @@ fn train_all(
             .map_err(|e| other(format!("cannot start kiln train: {e}")))?;
         if !status.success() {
             eprintln!("sweep: {of}: kiln train failed ({status})");
-            failed.push(run_name(i));
+            failed.push(column(i));
         }
     }
     let runs: Vec<Vec<serde_json::Value>> = (0..names.len())
-        .map(|i| metrics(&out.join(run_name(i))))
+        .map(|i| metrics(&out.join(column(i))))
         .collect();
     // A row's last value of `key`: the final loss, or the last evaluation's.
     let last = |key: &str| -> Vec<Option<f64>> {
@@ -282,7 +273,7 @@ fn plot(out: &Path, names: &[String], runs: &[Vec<serde_json::Value>]) -> Result
             .zip(runs)
             .enumerate()
             .map(|(i, (name, rows))| Series {
-                name: format!("{}: {name}", run_name(i)),
+                name: format!("{}: {name}", column(i)),
                 points: rows
                     .iter()
                     .filter_map(|r| Some((r["step"].as_f64()?, r[key].as_f64()?)))

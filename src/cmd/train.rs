@@ -16,7 +16,7 @@ use serde_json::value::RawValue;
 use crate::engine::{self, Specialized, TokenizerFile};
 use crate::fsutil;
 use crate::output::{self, number, out};
-use crate::spec::{load, read_spec};
+use crate::spec::load_text;
 use crate::{other, Failure};
 
 /// The command's arguments (see `kiln train --help`).
@@ -268,11 +268,7 @@ fn train(
             })?;
             ("built-in spec".to_string(), bytes, model)
         }
-        None => {
-            let (_, bytes) = read_spec(spec_path.as_ref())?;
-            let (name, model) = load(spec_path.as_ref(), &mut Vec::new(), color)?;
-            (name, bytes, model)
-        }
+        None => load_text(spec_path.as_ref(), &mut Vec::new(), color)?,
     };
     if let Some(text) = &args.parallel {
         super::layout::apply_parallel(&mut model, text)?;

@@ -76,6 +76,8 @@ pub struct Emulated {
     progress: Option<Progress>,
     /// The memory the device claims to have, to rehearse a GPU's limit; unlimited if `None`.
     capacity: Option<u64>,
+    /// Bytes allocated so far.
+    allocated: u64,
 }
 
 impl Emulated {
@@ -88,6 +90,7 @@ impl Emulated {
             cache: cache.to_path_buf(),
             progress: None,
             capacity: None,
+            allocated: 0,
         }
     }
 
@@ -96,10 +99,6 @@ impl Emulated {
     pub fn with_capacity(mut self, bytes: u64) -> Emulated {
         self.capacity = Some(bytes);
         self
-    }
-
-    fn allocated(&self) -> u64 {
-        self.buffers.iter().map(|(_, b)| *b).sum()
     }
 
     /// Reports progress lines (the host build of the kernels) to `f`.
@@ -231,6 +230,7 @@ impl Device for Emulated {
                 });
             }
         }
+        self.allocated += bytes;
         let words = vec![0u64; bytes.div_ceil(8).max(1) as usize];
         let address = words.as_ptr() as u64;
         self.buffers.push((words, bytes));
@@ -393,8 +393,7 @@ impl Device for Emulated {
     }
 
     fn memory(&mut self) -> Option<(u64, u64)> {
-        self.capacity
-            .map(|c| (c.saturating_sub(self.allocated()), c))
+        self.capacity.map(|c| (c.saturating_sub(self.allocated), c))
     }
 }
 
