@@ -757,16 +757,33 @@ fn train_refuses_a_layout_it_cannot_run_and_says_how_to_run_it() {
     assert!(err.contains("this layout trains on 2 processes"), "{err}");
     assert!(err.contains("scripts/mpirun -n 2 kiln train"), "{err}");
     assert!(!dir.join("runs").exists());
+    // An expert-parallel layout needs its ranks, and a device that can shard the experts.
+    let o = kiln(&["train", "--steps", "1", "--parallel", "dp=2,ep=2"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("this layout trains on 4 processes (dp 2 × ep 2)"),
+        "{}",
+        stderr(&o)
+    );
+    let o = kiln(&[
+        "train",
+        "--steps",
+        "1",
+        "--parallel",
+        "ep=2",
+        "--device",
+        "cuda-emulated",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("expert parallelism (ep 2) runs on the interpreter"),
+        "{}",
+        stderr(&o)
+    );
     // What the runtime does not do yet is refused, not ignored.
-    for layout in ["ep=2", "pp=2"] {
-        let o = kiln(&["train", "--steps", "1", "--parallel", layout]);
-        assert_eq!(o.status.code(), Some(2), "{layout}: {}", stderr(&o));
-        assert!(
-            stderr(&o).contains("not built yet"),
-            "{layout}: {}",
-            stderr(&o)
-        );
-    }
+    let o = kiln(&["train", "--steps", "1", "--parallel", "pp=2"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("not built yet"), "{}", stderr(&o));
     std::fs::remove_dir_all(dir).unwrap();
 }
 

@@ -1,7 +1,7 @@
-//! Data-parallel training across processes over MPI (`scripts/mpirun`, which installs MPICH
-//! from PyPI into `.venv-mpi/` on first use): the losses a single process gets, the bytes the
-//! analyzer predicts, checkpoints a single process resumes, and a failing rank that ends the
-//! job. `KILN_SKIP_MPI=1` skips these tests on a machine that cannot reach PyPI.
+//! Data- and expert-parallel training across processes over MPI (`scripts/mpirun`, which
+//! installs MPICH from PyPI into `.venv-mpi/` on first use): the losses a single process gets,
+//! the bytes the analyzer predicts, checkpoints a single process resumes, and a failing rank
+//! that ends the job. `KILN_SKIP_MPI=1` skips these tests on a machine that cannot reach PyPI.
 
 mod common;
 
@@ -75,13 +75,28 @@ fn worst_loss_gap(a: &[serde_json::Value], b: &[serde_json::Value]) -> f64 {
         .fold(0.0, f64::max)
 }
 
-/// The analyzer's prediction of the bytes one rank sends reducing a step's gradients.
-fn predicted_dp_bytes(dp: usize) -> u64 {
-    let o = kiln(&["check", SPEC, "--json", "--parallel", &format!("dp={dp}")]);
+/// The analyzer's per-device communication for `layout` (`kiln check --json`), with the
+/// formats the CPU trains in when `f32` (the analyzer's default is a GPU's bf16 working
+/// weights, which halves ZeRO-1's all-gather).
+fn predicted_comm(layout: &str, f32: bool) -> serde_json::Value {
+    let mut args = vec!["check", SPEC, "--json", "--parallel", layout];
+    if f32 {
+        args.extend(["--set", "precision.compute=fp32"]);
+    }
+    let o = kiln(&args);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    let grads = &v["per_device"]["comm"]["dp_grads"];
-    grads["nvlink_bytes"].as_u64().unwrap() + grads["ib_bytes"].as_u64().unwrap()
+    v["per_device"]["comm"].clone()
+}
+
+/// The bytes a prediction counts for collective `key`, over every link.
+fn sent(comm: &serde_json::Value, key: &str) -> u64 {
+    comm[key]["nvlink_bytes"].as_u64().unwrap() + comm[key]["ib_bytes"].as_u64().unwrap()
+}
+
+/// The analyzer's prediction of the bytes one rank sends reducing a step's gradients.
+fn predicted_dp_bytes(dp: usize) -> u64 {
+    sent(&predicted_comm(&format!("dp={dp}"), false), "dp_grads")
 }
 
 #[test]
@@ -217,20 +232,8 @@ fn zero_1_shards_the_optimizer_state_and_changes_nothing_else() {
         }
         // A reduce-scatter of f32 gradients and an all-gather of the f32 parameters: what the
         // analyzer predicts for this layout with the formats the CPU trains in.
-        let o = kiln(&[
-            "check",
-            SPEC,
-            "--json",
-            "--parallel",
-            layout,
-            "--set",
-            "precision.compute=fp32",
-        ]);
-        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-        let comm = &v["per_device"]["comm"];
-        let bytes = |k: &str| {
-            comm[k]["nvlink_bytes"].as_u64().unwrap() + comm[k]["ib_bytes"].as_u64().unwrap()
-        };
+        let comm = predicted_comm(layout, true);
+        let bytes = |k: &str| sent(&comm, k);
         let predicted = bytes("dp_grads") + bytes("dp_params");
         assert!(bytes("dp_params") > 0);
         for r in &rows_z {
@@ -313,6 +316,134 @@ fn gradient_accumulation_matches_the_whole_batch() {
             many.last().unwrap()["val_loss"],
             "{layout}: the same validation rows give the same loss"
         );
+        std::fs::remove_dir_all(&dir).ok();
+    }
+    std::fs::remove_dir_all(&single).ok();
+}
+
+/// The analyzer's figures for `layout` with the formats the CPU trains in: the bytes one
+/// rank sends reducing gradients (and gathering parameters), those of the expert
+/// all-to-alls, and the routed copies those carry.
+fn predicted_f32(layout: &str) -> (u64, u64, f64) {
+    let comm = predicted_comm(layout, true);
+    (
+        sent(&comm, "dp_grads") + sent(&comm, "dp_params"),
+        sent(&comm, "ep_dispatch") + sent(&comm, "ep_combine"),
+        comm["ep_rows_out"].as_f64().unwrap(),
+    )
+}
+
+#[test]
+fn expert_parallel_training_matches_one_process_and_the_analyzer() {
+    if skip() {
+        return;
+    }
+    // Twenty-four steps in one process; each layout stops after twenty of them, and two of
+    // those runs are resumed below, in other layouts, for the last four.
+    let single = scratch("ep-single");
+    let o = kiln(&train_args(single.to_str().unwrap(), "24"));
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let reference = rows(&single);
+    let one = &reference[..20];
+    let mut checkpoints = Vec::new();
+    for (ranks, layout) in [
+        (2, "ep=2"),
+        (4, "ep=4"),
+        (4, "dp=2,ep=2"),
+        (4, "dp=2,ep=2,zero=1"),
+    ] {
+        let dir = scratch(&format!("ep-{}", layout.replace([',', '='], "")));
+        let mut args = train_args(dir.to_str().unwrap(), "24");
+        args.extend(["--parallel", layout, "--stop-after", "20"]);
+        let o = mpirun(ranks, &args);
+        let out = text(&o.stdout);
+        assert!(
+            o.status.success() && out.contains("trained micro to step 20 of 24"),
+            "{layout}: {}\n{out}",
+            text(&o.stderr)
+        );
+        assert!(
+            text(&o.stderr).contains("routed experts"),
+            "{layout}: {}",
+            text(&o.stderr)
+        );
+        let many = rows(&dir);
+        let gap = worst_loss_gap(one, &many);
+        assert!(gap <= 1e-6, "{layout}: losses differ by {gap:e} (relative)");
+        assert_eq!(
+            one.last().unwrap()["val_loss"],
+            many.last().unwrap()["val_loss"],
+            "{layout}: the same validation rows give the same loss"
+        );
+        let (dp_bytes, ep_bytes, ep_rows_out) = predicted_f32(layout);
+        // Each routed copy that leaves a rank costs what the analyzer counts for one; how
+        // many leave depends on the routing, which the analyzer takes to be uniform.
+        let per_copy = ep_bytes as f64 / ep_rows_out;
+        let mut moved = 0.0;
+        for r in &many {
+            assert_eq!(r["comm_bytes"].as_u64(), Some(dp_bytes), "{layout}: {r}");
+            let (bytes, rows) = (
+                r["ep_bytes"].as_u64().unwrap(),
+                r["ep_rows"].as_u64().unwrap(),
+            );
+            // `ep_rows` counts rows sent and rows received: each is half of a copy's round trip.
+            assert_eq!(2.0 * bytes as f64, rows as f64 * per_copy, "{layout}: {r}");
+            moved += rows as f64 / 2.0 / many.len() as f64;
+        }
+        let ratio = moved / ep_rows_out;
+        eprintln!("{layout}: {moved:.1} routed copies a step left rank 0, {ep_rows_out} predicted");
+        assert!(
+            (0.8..1.25).contains(&ratio),
+            "{layout}: {moved} routed copies left rank 0 a step, the analyzer expects {ep_rows_out}"
+        );
+        checkpoints.push((layout, dir));
+    }
+    // ZeRO-1 changes no arithmetic: the same checkpoint, gathered whole.
+    let ck = |d: &Path| std::fs::read(d.join("checkpoint.safetensors")).unwrap();
+    assert!(
+        ck(&checkpoints[2].1) == ck(&checkpoints[3].1),
+        "dp=2,ep=2 with and without ZeRO-1 differ"
+    );
+    // An expert-parallel checkpoint is a whole one: one process resumes it, and so does
+    // another layout, and both continue as the single process did.
+    for (i, (ranks, layout)) in [(1, "dp=1"), (4, "dp=2,ep=2,zero=1")]
+        .into_iter()
+        .enumerate()
+    {
+        let dir = &checkpoints[i].1;
+        let d = dir.to_str().unwrap();
+        let args = [
+            "train",
+            "--resume",
+            d,
+            "--steps",
+            "24",
+            "--eval-batches",
+            "2",
+            "--eval-every",
+            "10",
+            "--parallel",
+            layout,
+        ];
+        let o = if ranks == 1 {
+            kiln(&args)
+        } else {
+            mpirun(ranks, &args)
+        };
+        assert!(
+            o.status.success() && text(&o.stdout).contains("trained micro to step 24 of 24"),
+            "resuming {} as {layout}: {}",
+            checkpoints[i].0,
+            text(&o.stderr)
+        );
+        let gap = worst_loss_gap(&reference, &rows(dir));
+        assert!(
+            gap <= 1e-6,
+            "{} resumed as {layout}: losses differ by {gap:e}",
+            checkpoints[i].0
+        );
+    }
+    for (_, dir) in checkpoints {
         std::fs::remove_dir_all(&dir).ok();
     }
     std::fs::remove_dir_all(&single).ok();

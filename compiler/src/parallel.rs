@@ -253,6 +253,10 @@ pub struct Comm {
     pub ep_dispatch: Traffic,
     /// Expert outputs back to their tokens' ranks, and the backward gradients of the dispatch.
     pub ep_combine: Traffic,
+    /// Routed token copies the device sends to other devices per step in the forward
+    /// dispatch, with uniform routing (each also crosses back in the combine, and both again
+    /// in the backward pass): `ep_dispatch + ep_combine` is this many times the bytes of one.
+    pub ep_rows_out: f64,
     /// Whether routing is node-limited: group-limited selection whose groups are the
     /// expert-parallel nodes, so a token reaches at most `groups_kept` nodes.
     pub node_limited: bool,
@@ -650,6 +654,7 @@ fn device(
         ib_bytes: r(elements * remote_nodes * bytes),
     };
     let (dispatch_b, compute_b) = expert_io_bytes(p);
+    let ep_rows_out = elements / (m.d_model as f64).max(1.0) * copies_out;
     let ep_dispatch = ep_traffic(dispatch_b + compute_b);
     let ep_combine = ep_traffic(2.0 * compute_b);
 
@@ -702,6 +707,7 @@ fn device(
         comm: Comm {
             ep_dispatch,
             ep_combine,
+            ep_rows_out,
             node_limited,
             remote_nodes_per_token: remote_nodes,
             dp_grads,

@@ -360,6 +360,13 @@ pub fn render_per_device(d: &PerDevice) -> String {
     };
     crow(&mut o, "EP dispatch (all-to-all)", &k.ep_dispatch);
     crow(&mut o, "EP combine (all-to-all)", &k.ep_combine);
+    if k.ep_rows_out > 0.0 {
+        let _ = writeln!(
+            o,
+            "    {} routed token copies leave the device per step, with uniform routing",
+            group(k.ep_rows_out.round() as u128)
+        );
+    }
     if k.remote_nodes_per_token > 0.0 {
         let routing = if k.node_limited {
             "node-limited routing"

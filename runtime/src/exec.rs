@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::fmt;
 
 use kiln_ir::attrs::{Format, NormKind};
-use kiln_ir::ir::{CacheLayout, Def, Graph, InputKind, Node, Op, ValueId};
+use kiln_ir::ir::{CacheLayout, Def, Graph, InputKind, Node, Op, ParamId, ValueId};
 use kiln_ir::keep::{self, KeepPlan};
 use kiln_ir::program::Program;
 
@@ -21,6 +21,7 @@ use crate::cpu::attention::{self, RopeTables};
 use crate::cpu::cached_attention;
 use crate::cpu::elementwise::Elementwise;
 use crate::cpu::{dense, moe, Real};
+use crate::ep::{self, ExpertParallel};
 use crate::numerics::gemm::GemmNumerics;
 use crate::numerics::store::{Half, Packed, Storage};
 use crate::numerics::{Emulation, Fp8Format};
@@ -151,6 +152,21 @@ pub trait Run: Sync {
     fn resident(&self) -> Option<&dyn Resident> {
         None
     }
+
+    /// [`Run::run`] with the routed experts sharded over `ep`'s group: the expert weights in
+    /// `feed` are this rank's blocks. Only the interpreter can.
+    fn run_experts(
+        &self,
+        feed: &Feed<f32>,
+        ep: &ExpertParallel<'_>,
+    ) -> Result<HashMap<ValueId, Buf<f32>>, ExecError> {
+        let _ = (feed, ep);
+        Err(ExecError::Device(
+            "this runner cannot shard the routed experts; expert parallelism runs on the \
+             interpreter (--device cpu)"
+                .into(),
+        ))
+    }
 }
 
 /// AdamW hyperparameters a [`Resident`] optimizer must have been built with.
@@ -212,6 +228,14 @@ impl Run for Executor<'_> {
         Executor::run(self, feed)
     }
 
+    fn run_experts(
+        &self,
+        feed: &Feed<f32>,
+        ep: &ExpertParallel<'_>,
+    ) -> Result<HashMap<ValueId, Buf<f32>>, ExecError> {
+        self.run_with(feed, &[], None, Some(ep))
+    }
+
     fn kept_bytes(&self) -> Option<KeptBytes> {
         Some(Executor::kept_bytes(self))
     }
@@ -220,6 +244,8 @@ impl Run for Executor<'_> {
 /// A graph prepared for repeated runs: liveness and compiled expressions computed once.
 pub struct Executor<'g> {
     graph: &'g Graph,
+    /// The routed experts' weights ([`ep::expert_params`]), sorted.
+    expert_params: Vec<ParamId>,
     /// What the backward pass reads from the forward pass, and how it is stored.
     keep: &'g KeepPlan,
     /// The compute format kept activations are stored in, when emulating a policy.
@@ -331,6 +357,7 @@ impl<'g> Executor<'g> {
         }
         let experts_forward = graph.experts_forward();
         Executor {
+            expert_params: ep::expert_params(graph),
             graph,
             keep: program.keep(),
             compute: None,
@@ -446,7 +473,7 @@ impl<'g> Executor<'g> {
         caches: &[impl AsRef<[T]>],
     ) -> Result<HashMap<ValueId, Buf<T>>, ExecError> {
         let caches: Vec<&[T]> = caches.iter().map(AsRef::as_ref).collect();
-        self.run_with(feed, &caches, None)
+        self.run_with(feed, &caches, None, None)
     }
 
     /// Runs the graph, adding each node's wall time to `profile` under its op name when
@@ -456,7 +483,7 @@ impl<'g> Executor<'g> {
         feed: &Feed<T>,
         profile: Option<&mut HashMap<&'static str, std::time::Duration>>,
     ) -> Result<HashMap<ValueId, Buf<T>>, ExecError> {
-        self.run_with(feed, &[], profile)
+        self.run_with(feed, &[], profile, None)
     }
 
     fn run_with<'f, T: Real>(
@@ -464,6 +491,7 @@ impl<'g> Executor<'g> {
         feed: &'f Feed<T>,
         caches: &[&'f [T]],
         mut profile: Option<&mut HashMap<&'static str, std::time::Duration>>,
+        ep: Option<&ExpertParallel<'_>>,
     ) -> Result<HashMap<ValueId, Buf<T>>, ExecError> {
         let g = self.graph;
         let mut slots: Vec<Option<Slot<T>>> = (0..g.values.len()).map(|_| None).collect();
@@ -518,6 +546,11 @@ impl<'g> Executor<'g> {
                     slots[v.index()] = Some(Slot::Input(data));
                 }
                 Def::Param(p) => {
+                    // Sharded expert weights hold this rank's experts only.
+                    let want = match ep {
+                        Some(ep) if self.is_expert_param(p) => want / ep.ranks(),
+                        _ => want,
+                    };
                     let data = feed.params.get(p.index()).ok_or_else(|| {
                         ExecError::Param(format!(
                             "parameter `{}` was not supplied",
@@ -539,6 +572,8 @@ impl<'g> Executor<'g> {
         let mut tables: HashMap<(usize, usize), RopeTables<T>> = HashMap::new();
         // What each expert FFN's forward saved for its backward, by forward node.
         let mut saved_experts: HashMap<usize, KeptExperts<T>> = HashMap::new();
+        // With sharded experts, what each forward node's exchange keeps, by forward node.
+        let mut routed: HashMap<usize, ep::Routed<T>> = HashMap::new();
         for (id, node) in g.nodes.iter() {
             let started = std::time::Instant::now();
             // A node reads packed operands unpacked; the packed copies go back afterwards,
@@ -563,7 +598,17 @@ impl<'g> Executor<'g> {
                     continue;
                 }
             }
-            let results = self.node(id.index(), node, &slots, &mut tables, &mut saved_experts)?;
+            let results = match (ep, &node.op) {
+                (Some(ep), Op::Experts { .. } | Op::ExpertsGrad { .. }) => self.sharded_experts(
+                    id.index(),
+                    node,
+                    &slots,
+                    ep,
+                    &mut saved_experts,
+                    &mut routed,
+                )?,
+                _ => self.node(id.index(), node, &slots, &mut tables, &mut saved_experts)?,
+            };
             if let Some(p) = profile.as_deref_mut() {
                 *p.entry(node.op.name()).or_default() += started.elapsed();
             }
@@ -594,6 +639,108 @@ impl<'g> Executor<'g> {
             }
         }
         Ok(out)
+    }
+
+    fn is_expert_param(&self, p: ParamId) -> bool {
+        self.expert_params
+            .binary_search_by_key(&p.index(), |q| q.index())
+            .is_ok()
+    }
+
+    /// The operands of an `experts` or `experts_grad` node, whose weights hold `1 / shards`
+    /// of the experts (`e` is the whole layer's count), and where its `dy` operand is.
+    fn experts_ffn<'s, T: Real>(
+        &self,
+        node: &Node,
+        slots: &'s [Option<Slot<'s, T>>],
+        act: &'s ExprActivation,
+        shards: usize,
+    ) -> Result<(moe::ExpertFfn<'s, T>, usize), ExecError> {
+        let g = self.graph;
+        let shape = |i: usize| -> Vec<usize> {
+            g.values[node.inputs[i]]
+                .ty
+                .shape
+                .iter()
+                .map(|&d| d as usize)
+                .collect()
+        };
+        let arg = |i: usize| {
+            slots[node.inputs[i].index()]
+                .as_ref()
+                .expect("operands are computed before use")
+        };
+        let gated = moe::Activation::<T>::gated(act);
+        let x = shape(0);
+        let k = shape(1)[1];
+        let up_at = if gated { 4 } else { 3 };
+        let up = shape(up_at);
+        let (e, h) = (up[0], up[1]);
+        let experts = arg(2).ids();
+        check_ids(experts, e, &node.path)?;
+        debug_assert_eq!(arg(up_at).floats().len(), e / shards * h * x[1]);
+        Ok((
+            moe::ExpertFfn {
+                x: arg(0).floats(),
+                n: x[0],
+                d: x[1],
+                weights: arg(1).floats(),
+                experts,
+                k,
+                w_gate: gated.then(|| arg(3).floats()),
+                w_up: arg(up_at).floats(),
+                w_down: arg(up_at + 1).floats(),
+                e,
+                h,
+                act,
+            },
+            up_at,
+        ))
+    }
+
+    /// An `experts` or `experts_grad` node with its experts sharded over `ep`'s group
+    /// ([`crate::ep`]). The exchange's state is always kept for the backward pass (recomputing
+    /// would repeat the exchange).
+    fn sharded_experts<T: Real>(
+        &self,
+        index: usize,
+        node: &Node,
+        slots: &[Option<Slot<T>>],
+        ep: &ExpertParallel<'_>,
+        saved_experts: &mut HashMap<usize, KeptExperts<T>>,
+        routed: &mut HashMap<usize, ep::Routed<T>>,
+    ) -> Result<Vec<Buf<T>>, ExecError> {
+        let (Op::Experts { act, gated } | Op::ExpertsGrad { act, gated }) = &node.op else {
+            unreachable!("called for expert nodes")
+        };
+        let act = ExprActivation::new(act, *gated);
+        let (ffn, up_at) = self.experts_ffn(node, slots, &act, ep.ranks())?;
+        let num = &self.gemm_of(index);
+        let fail = |e: String| ExecError::Device(format!("{}: {e}", node.path));
+        if matches!(node.op, Op::Experts { .. }) {
+            let f = ep.forward(&ffn, num).map_err(fail)?;
+            if self.experts_forward.values().any(|&i| i == index) {
+                let kept = KeptExperts::keep(f.saved, ffn.h, self.experts_storage);
+                saved_experts.insert(index, kept);
+                routed.insert(index, f.routed);
+            }
+            return Ok(vec![Buf::F(f.y)]);
+        }
+        let fwd = self.experts_forward.get(&index);
+        let (Some(saved), Some(r)) = (
+            fwd.and_then(|i| saved_experts.remove(i)),
+            fwd.and_then(|i| routed.remove(i)),
+        ) else {
+            return Err(fail("the forward pass kept nothing for it".into()));
+        };
+        let dy = slots[node.inputs[up_at + 2].index()]
+            .as_ref()
+            .expect("operands are computed before use")
+            .floats();
+        let g = ep
+            .backward(&ffn, &r, &saved.restore(), dy, num)
+            .map_err(fail)?;
+        Ok(expert_grads(g))
     }
 
     fn node<T: Real>(
@@ -906,30 +1053,9 @@ impl<'g> Executor<'g> {
                 vec![f(dx), f(dw)]
             }
             Op::Experts { act, gated } | Op::ExpertsGrad { act, gated } => {
-                let x = shape(0);
-                let k = shape(1)[1];
-                let up_at = if *gated { 4 } else { 3 };
-                let up = shape(up_at);
-                let (e, h) = (up[0], up[1]);
-                let experts = arg(2).ids();
-                check_ids(experts, e, &node.path)?;
                 let act = ExprActivation::new(act, *gated);
-                let w_gate = gated.then(|| arg(3).floats());
-                let (w_up, w_down) = (arg(up_at).floats(), arg(up_at + 1).floats());
-                let ffn = moe::ExpertFfn {
-                    x: arg(0).floats(),
-                    n: x[0],
-                    d: x[1],
-                    weights: arg(1).floats(),
-                    experts,
-                    k,
-                    w_gate,
-                    w_up,
-                    w_down,
-                    e,
-                    h,
-                    act: &act,
-                };
+                let (ffn, up_at) = self.experts_ffn(node, slots, &act, 1)?;
+                let h = ffn.h;
                 if matches!(node.op, Op::Experts { .. }) {
                     let (y, saved) = moe::experts_fwd_with(&ffn, num);
                     // Keep the routed activations for the backward pass if one follows.
@@ -953,14 +1079,7 @@ impl<'g> Executor<'g> {
                         }
                     };
                     let dy = arg(up_at + 2).floats();
-                    let r = moe::experts_bwd_with(&ffn, &saved, dy, num);
-                    let mut v = vec![f(r.dx), f(r.d_weights)];
-                    if let Some(dg) = r.dw_gate {
-                        v.push(f(dg));
-                    }
-                    v.push(f(r.dw_up));
-                    v.push(f(r.dw_down));
-                    v
+                    expert_grads(moe::experts_bwd_with(&ffn, &saved, dy, num))
                 }
             }
             Op::CrossEntropy => {
@@ -1016,4 +1135,13 @@ impl<'g> Executor<'g> {
             }
         })
     }
+}
+
+/// An `experts_grad` node's outputs: `dx`, `d_weights`, then the weights' gradients.
+fn expert_grads<T>(g: moe::ExpertsGrads<T>) -> Vec<Buf<T>> {
+    let mut v = vec![Buf::F(g.dx), Buf::F(g.d_weights)];
+    v.extend(g.dw_gate.map(Buf::F));
+    v.push(Buf::F(g.dw_up));
+    v.push(Buf::F(g.dw_down));
+    v
 }

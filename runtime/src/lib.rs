@@ -26,6 +26,7 @@ pub mod cuda;
 pub mod data;
 pub mod decode;
 pub mod device;
+pub mod ep;
 pub mod exec;
 pub mod generate;
 pub mod hf;

@@ -40,6 +40,7 @@ const COMM_WORLD: Handle = 0x101 as Handle;
 const FLOAT: Handle = 0x210 as Handle;
 const DOUBLE: Handle = 0x214 as Handle;
 const BYTE: Handle = 0x247 as Handle;
+const UINT64: Handle = 0x259 as Handle;
 const SUM: Handle = 0x21 as Handle;
 const ERRORS_RETURN: Handle = 0x143 as Handle;
 
@@ -72,8 +73,18 @@ type AllgathervFn = unsafe extern "C" fn(
     Handle,
 ) -> c_int;
 type BarrierFn = unsafe extern "C" fn(Handle) -> c_int;
+type SplitFn = unsafe extern "C" fn(Handle, c_int, c_int, *mut Handle) -> c_int;
 type BcastFn = unsafe extern "C" fn(*mut c_void, c_int, Handle, c_int, Handle) -> c_int;
 type ErrorStringFn = unsafe extern "C" fn(c_int, *mut c_char, *mut c_int) -> c_int;
+
+/// What an all-to-all carries, for its [`Traffic`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Payload {
+    /// Routed rows ([`Traffic::exchange_bytes`]).
+    Rows,
+    /// A value or two per row ([`Traffic::scalar_bytes`]).
+    Small,
+}
 
 /// Bytes this rank sent in collectives, by the collective's purpose.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -82,24 +93,40 @@ pub struct Traffic {
     pub reduce_bytes: u64,
     /// The all-gather half of sums (reduced chunks shared).
     pub gather_bytes: u64,
-    /// Small all-reduces of scalars (losses, expert loads).
+    /// Small all-reduces of scalars (losses, expert loads), and what goes with the expert
+    /// all-to-alls: per-expert row counts, the rows' routing weights and their gradients.
     pub scalar_bytes: u64,
+    /// Routed rows sent to other ranks in the experts' all-to-alls (dispatch and combine,
+    /// forward and backward).
+    pub exchange_bytes: u64,
 }
 
-/// An initialized MPI library and this process's place in `MPI_COMM_WORLD`.
-pub struct Mpi {
+/// The library's entry points, shared by every communicator.
+struct Lib {
     handle: *mut c_void,
-    rank: usize,
-    size: usize,
     finalize: FinalizeFn,
     allreduce: AllreduceFn,
     alltoallv: AlltoallvFn,
     allgatherv: AllgathervFn,
     barrier: BarrierFn,
     bcast: BcastFn,
+    split: SplitFn,
+    comm_rank: CommIntFn,
+    comm_size: CommIntFn,
+    set_errhandler: SetErrFn,
     error_string: ErrorStringFn,
+}
+
+/// An initialized MPI library and this process's place in one communicator:
+/// `MPI_COMM_WORLD` from [`Mpi::init`], or a part of it from [`Mpi::split`].
+pub struct Mpi {
+    lib: std::rc::Rc<Lib>,
+    comm: Handle,
+    rank: usize,
+    size: usize,
     traffic: std::cell::Cell<Traffic>,
-    /// The collective in progress and since when, watched by [`Mpi::set_timeout`]'s thread.
+    /// The collective in progress and since when, watched by [`Mpi::set_timeout`]'s thread
+    /// (one for every communicator of the process).
     waiting: Arc<Mutex<Option<(Instant, &'static str)>>>,
 }
 
@@ -162,11 +189,9 @@ impl Mpi {
             )
         };
         // SAFETY: as above.
-        let mut mpi = unsafe {
-            Mpi {
+        let lib = unsafe {
+            Lib {
                 handle,
-                rank: 0,
-                size: 1,
                 finalize: std::mem::transmute::<*mut c_void, FinalizeFn>(sym("MPI_Finalize")?),
                 allreduce: std::mem::transmute::<*mut c_void, AllreduceFn>(sym("MPI_Allreduce")?),
                 alltoallv: std::mem::transmute::<*mut c_void, AlltoallvFn>(sym("MPI_Alltoallv")?),
@@ -175,12 +200,22 @@ impl Mpi {
                 )?),
                 barrier: std::mem::transmute::<*mut c_void, BarrierFn>(sym("MPI_Barrier")?),
                 bcast: std::mem::transmute::<*mut c_void, BcastFn>(sym("MPI_Bcast")?),
+                split: std::mem::transmute::<*mut c_void, SplitFn>(sym("MPI_Comm_split")?),
+                comm_rank: rank_fn,
+                comm_size: size_fn,
+                set_errhandler: set_err,
                 error_string: std::mem::transmute::<*mut c_void, ErrorStringFn>(sym(
                     "MPI_Error_string",
                 )?),
-                traffic: Default::default(),
-                waiting: Default::default(),
             }
+        };
+        let mut mpi = Mpi {
+            lib: std::rc::Rc::new(lib),
+            comm: COMM_WORLD,
+            rank: 0,
+            size: 1,
+            traffic: Default::default(),
+            waiting: Default::default(),
         };
         let mut flag: c_int = 0;
         // SAFETY: valid out-pointers; MPI_Init accepts null argc/argv.
@@ -189,17 +224,49 @@ impl Mpi {
             if flag == 0 {
                 mpi.check(init(std::ptr::null_mut(), std::ptr::null_mut()), "MPI_Init")?;
             }
-            mpi.check(
-                set_err(COMM_WORLD, ERRORS_RETURN),
+        }
+        mpi.join()?;
+        Ok(mpi)
+    }
+
+    /// Sets the communicator to return errors rather than abort, and reads this process's
+    /// rank and the communicator's size.
+    fn join(&mut self) -> Result<(), MpiError> {
+        let (mut r, mut s) = (0, 0);
+        // SAFETY: MPI is initialized, `comm` is a valid communicator, and the out-pointers
+        // are valid.
+        unsafe {
+            self.check(
+                (self.lib.set_errhandler)(self.comm, ERRORS_RETURN),
                 "MPI_Comm_set_errhandler",
             )?;
-            let (mut r, mut s) = (0, 0);
-            mpi.check(rank_fn(COMM_WORLD, &mut r), "MPI_Comm_rank")?;
-            mpi.check(size_fn(COMM_WORLD, &mut s), "MPI_Comm_size")?;
-            mpi.rank = r as usize;
-            mpi.size = s as usize;
+            self.check((self.lib.comm_rank)(self.comm, &mut r), "MPI_Comm_rank")?;
+            self.check((self.lib.comm_size)(self.comm, &mut s), "MPI_Comm_size")?;
         }
-        Ok(mpi)
+        self.rank = r as usize;
+        self.size = s as usize;
+        Ok(())
+    }
+
+    /// The ranks of this communicator that give the same `color`, ordered by `key`, as a
+    /// communicator of their own (`MPI_Comm_split`). Every rank must call it. Its traffic is
+    /// counted apart from this one's; the timeout ([`Mpi::set_timeout`]) watches it too.
+    pub fn split(&self, color: usize, key: usize) -> Result<Mpi, MpiError> {
+        let mut comm: Handle = std::ptr::null_mut();
+        let _w = self.wait_for("MPI_Comm_split");
+        // SAFETY: a valid communicator and out-pointer; every rank calls this.
+        let rc = unsafe { (self.lib.split)(self.comm, color as c_int, key as c_int, &mut comm) };
+        self.check(rc, "MPI_Comm_split")?;
+        let mut part = Mpi {
+            lib: std::rc::Rc::clone(&self.lib),
+            comm,
+            rank: 0,
+            size: 1,
+            traffic: Default::default(),
+            waiting: Arc::clone(&self.waiting),
+        };
+        part.join()?;
+        Ok(part)
     }
 
     pub fn rank(&self) -> usize {
@@ -222,7 +289,7 @@ impl Mpi {
         let mut buf = vec![0 as c_char; 1024];
         let mut len: c_int = 0;
         // SAFETY: the buffer holds MPI_MAX_ERROR_STRING (at most 1024) characters.
-        unsafe { (self.error_string)(rc, buf.as_mut_ptr(), &mut len) };
+        unsafe { (self.lib.error_string)(rc, buf.as_mut_ptr(), &mut len) };
         let bytes: Vec<u8> = buf[..len.max(0) as usize]
             .iter()
             .map(|&c| c as u8)
@@ -254,7 +321,7 @@ impl Mpi {
     pub fn barrier(&self) -> Result<(), MpiError> {
         let _w = self.wait_for("MPI_Barrier");
         // SAFETY: MPI is initialized.
-        self.check(unsafe { (self.barrier)(COMM_WORLD) }, "MPI_Barrier")
+        self.check(unsafe { (self.lib.barrier)(self.comm) }, "MPI_Barrier")
     }
 
     /// Copies `root`'s `data` to every rank (for example the NCCL unique id a communicator
@@ -263,12 +330,12 @@ impl Mpi {
         let _w = self.wait_for("MPI_Bcast");
         // SAFETY: `data` holds `data.len()` bytes on every rank.
         let rc = unsafe {
-            (self.bcast)(
+            (self.lib.bcast)(
                 data.as_mut_ptr().cast(),
                 data.len() as c_int,
                 BYTE,
                 root as c_int,
-                COMM_WORLD,
+                self.comm,
             )
         };
         self.check(rc, "MPI_Bcast")
@@ -348,25 +415,14 @@ impl Mpi {
             return Ok(data.to_vec());
         }
         // Every rank sends chunk j to rank j; this rank receives its chunk from everyone.
-        let _w = self.wait_for("MPI_Alltoallv");
         let mut gathered = vec![0f32; mine * n];
         let recv_counts = vec![mine as c_int; n];
         let recv_displs: Vec<c_int> = (0..n).map(|r| (r * mine) as c_int).collect();
-        // SAFETY: the counts and displacements stay inside both buffers.
-        let rc = unsafe {
-            (self.alltoallv)(
-                data.as_ptr().cast(),
-                counts.as_ptr(),
-                displs.as_ptr(),
-                FLOAT,
-                gathered.as_mut_ptr().cast(),
-                recv_counts.as_ptr(),
-                recv_displs.as_ptr(),
-                FLOAT,
-                COMM_WORLD,
-            )
-        };
-        self.check(rc, "MPI_Alltoallv")?;
+        self.alltoallv(
+            (data, &counts, &displs),
+            (&mut gathered, &recv_counts, &recv_displs),
+            FLOAT,
+        )?;
         let mut reduced = vec![0f32; mine];
         for (i, out) in reduced.iter_mut().enumerate() {
             // Rank order, whatever the library did.
@@ -398,7 +454,7 @@ impl Mpi {
         let _w = self.wait_for("MPI_Allgatherv");
         // SAFETY: every rank's chunk lands at its displacement inside `data`.
         let rc = unsafe {
-            (self.allgatherv)(
+            (self.lib.allgatherv)(
                 mine.as_ptr().cast(),
                 mine.len() as c_int,
                 FLOAT,
@@ -406,7 +462,7 @@ impl Mpi {
                 counts.as_ptr(),
                 displs.as_ptr(),
                 FLOAT,
-                COMM_WORLD,
+                self.comm,
             )
         };
         self.check(rc, "MPI_Allgatherv")?;
@@ -425,13 +481,13 @@ impl Mpi {
         let _w = self.wait_for("MPI_Allreduce");
         // SAFETY: both buffers hold `data.len()` doubles.
         let rc = unsafe {
-            (self.allreduce)(
+            (self.lib.allreduce)(
                 send.as_ptr().cast(),
                 data.as_mut_ptr().cast(),
                 data.len() as c_int,
                 DOUBLE,
                 SUM,
-                COMM_WORLD,
+                self.comm,
             )
         };
         self.check(rc, "MPI_Allreduce")?;
@@ -443,15 +499,140 @@ impl Mpi {
 }
 
 impl Mpi {
+    /// `MPI_Alltoallv` of values of MPI type `ty` (which must be `T`'s): part `i` of `send`
+    /// (`counts[i]` values from `displs[i]`) goes to rank `i`, and rank `i`'s part for this
+    /// one lands in `recv` as its counts and displacements say.
+    fn alltoallv<T: Copy>(
+        &self,
+        (send, sc, sd): (&[T], &[c_int], &[c_int]),
+        (recv, rc, rd): (&mut [T], &[c_int], &[c_int]),
+        ty: Handle,
+    ) -> Result<(), MpiError> {
+        let fits = |len: usize, c: &[c_int], d: &[c_int]| {
+            c.len() == self.size
+                && d.len() == self.size
+                && c.iter()
+                    .zip(d)
+                    .all(|(&c, &d)| c >= 0 && d >= 0 && (c as usize + d as usize) <= len)
+        };
+        if !fits(send.len(), sc, sd) || !fits(recv.len(), rc, rd) {
+            return Err(MpiError(format!(
+                "rank {}: all-to-all counts outside the buffers",
+                self.rank
+            )));
+        }
+        let _w = self.wait_for("MPI_Alltoallv");
+        // SAFETY: every part lies inside its buffer (checked above), and `ty` is `T`'s type.
+        let rc = unsafe {
+            (self.lib.alltoallv)(
+                send.as_ptr().cast(),
+                sc.as_ptr(),
+                sd.as_ptr(),
+                ty,
+                recv.as_mut_ptr().cast(),
+                rc.as_ptr(),
+                rd.as_ptr(),
+                ty,
+                self.comm,
+            )
+        };
+        self.check(rc, "MPI_Alltoallv")
+    }
+
+    /// Sends `send[i]` to rank `i` and returns what each rank sent this one, in rank order:
+    /// an all-to-all of counts (8 bytes per rank, counted as scalars).
+    pub fn all_to_all_counts(&self, send: &[u64]) -> Result<Vec<u64>, MpiError> {
+        let n = self.size;
+        if send.len() % n != 0 {
+            return Err(MpiError(format!(
+                "rank {}: {} counts do not split over {n} ranks",
+                self.rank,
+                send.len()
+            )));
+        }
+        let each = send.len() / n;
+        let mut recv = vec![0u64; send.len()];
+        if n == 1 {
+            recv.copy_from_slice(send);
+            return Ok(recv);
+        }
+        let counts = vec![each as c_int; n];
+        let displs: Vec<c_int> = (0..n).map(|r| (r * each) as c_int).collect();
+        self.alltoallv(
+            (send, &counts, &displs),
+            (&mut recv, &counts, &displs),
+            UINT64,
+        )?;
+        let mut t = self.traffic.get();
+        t.scalar_bytes += (each * (n - 1) * 8) as u64;
+        self.traffic.set(t);
+        Ok(recv)
+    }
+
+    /// Sends the `send_counts[i]` values of `send` that follow rank `i − 1`'s to rank `i`,
+    /// and receives `recv_counts[i]` values from each rank `i`, laid end to end in rank
+    /// order (`MPI_Alltoallv`). The values this rank keeps are copied, not counted as sent;
+    /// the others are counted as `payload` says.
+    pub fn all_to_all_f32(
+        &self,
+        send: &[f32],
+        send_counts: &[usize],
+        recv_counts: &[usize],
+        payload: Payload,
+    ) -> Result<Vec<f32>, MpiError> {
+        let n = self.size;
+        let offsets = |c: &[usize]| -> Result<(Vec<c_int>, Vec<c_int>, usize), MpiError> {
+            let total: usize = c.iter().sum();
+            if c.len() != n || total > c_int::MAX as usize {
+                return Err(MpiError(format!(
+                    "rank {}: an all-to-all of {total} values in {} parts over {n} ranks",
+                    self.rank,
+                    c.len()
+                )));
+            }
+            let displs = c
+                .iter()
+                .scan(0usize, |at, &k| {
+                    let d = *at;
+                    *at += k;
+                    Some(d as c_int)
+                })
+                .collect();
+            Ok((c.iter().map(|&k| k as c_int).collect(), displs, total))
+        };
+        let (sc, sd, sent) = offsets(send_counts)?;
+        let (rc_, rd, total) = offsets(recv_counts)?;
+        if sent != send.len() {
+            return Err(MpiError(format!(
+                "rank {}: all-to-all counts add up to {sent}, the buffer holds {}",
+                self.rank,
+                send.len()
+            )));
+        }
+        let mut recv = vec![0f32; total];
+        self.alltoallv((send, &sc, &sd), (&mut recv, &rc_, &rd), FLOAT)?;
+        let mut t = self.traffic.get();
+        let bytes = (sent - send_counts[self.rank]) as u64 * 4;
+        match payload {
+            Payload::Rows => t.exchange_bytes += bytes,
+            Payload::Small => t.scalar_bytes += bytes,
+        }
+        self.traffic.set(t);
+        Ok(recv)
+    }
+}
+
+impl Mpi {
     /// Finalizes MPI: every rank calls this at the end of a job that succeeded. (A rank that
     /// fails calls [`Mpi::abort`] instead, so that no other rank waits for it.)
     pub fn finish(self) {
         // SAFETY: MPI is initialized and no collective is in flight. The library stays
-        // loaded: MPICH keeps threads and handlers that outlive finalize.
+        // loaded: MPICH keeps threads and handlers that outlive finalize. (Communicators
+        // split from this one are freed with it.)
         unsafe {
-            (self.finalize)();
+            (self.lib.finalize)();
         }
-        let _ = self.handle;
+        let _ = self.lib.handle;
     }
 }
 

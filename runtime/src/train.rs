@@ -15,6 +15,7 @@ use rayon::prelude::*;
 
 use crate::cpu::moe;
 use crate::data::{Batch, Rng};
+use crate::ep::{Exchange, ExpertParallel};
 use crate::exec::{AdamSettings, Buf, ExecError, Executor, Feed, KeptBytes, Run, StepScalars};
 use crate::numerics::store::Half;
 use crate::numerics::Emulation;
@@ -326,6 +327,31 @@ pub struct Trainer<'g> {
     shard: Option<Shard>,
     /// Micro-batches a step's rows are cut into ([`Trainer::accumulating`]).
     micro_batches: usize,
+    /// Set when the routed experts are sharded over a group of ranks
+    /// ([`Trainer::expert_parallel`]).
+    experts: Option<Experts<'g>>,
+}
+
+/// Expert parallelism's state in a trainer.
+struct Experts<'g> {
+    /// The ranks that share one copy of the experts, each holding a block of every layer's.
+    group: &'g dyn Exchange,
+    exchange: ExpertParallel<'g>,
+    /// The ranks holding the same block as this one, over which its gradients are reduced.
+    replicas: &'g dyn Collectives,
+    /// Per parameter (by index): one of the routed experts' weights, held as this rank's
+    /// block ([`crate::mpi::chunk`] of the whole tensor).
+    sharded: Vec<bool>,
+}
+
+/// Gradients reduced together over the ranks of `comm`: every trainable parameter, or with
+/// expert parallelism, the routed experts' (over their replicas) and the others (over every
+/// rank).
+struct Group<'a> {
+    grads: Vec<(ParamId, ValueId)>,
+    comm: &'a dyn Collectives,
+    /// The experts' group, whose blocks together make the whole tensors.
+    blocks: bool,
 }
 
 /// The inputs of one step: token windows of `seq_len + max_offset` per row, cut into the
@@ -449,7 +475,86 @@ impl<'g> Trainer<'g> {
             collectives: None,
             shard: None,
             micro_batches: 1,
+            experts: None,
         }
+    }
+
+    /// The gradient reduction groups of a parallel step (see [`Group`]).
+    fn groups(&self) -> Vec<Group<'g>> {
+        let Some(world) = self.collectives else {
+            return Vec::new();
+        };
+        match &self.experts {
+            None => vec![Group {
+                grads: self.grads.clone(),
+                comm: world,
+                blocks: false,
+            }],
+            Some(x) => {
+                let (experts, others): (Vec<_>, Vec<_>) =
+                    self.grads.iter().partition(|(p, _)| x.sharded[p.index()]);
+                vec![
+                    Group {
+                        grads: others,
+                        comm: world,
+                        blocks: false,
+                    },
+                    Group {
+                        grads: experts,
+                        comm: x.replicas,
+                        blocks: true,
+                    },
+                ]
+            }
+        }
+    }
+
+    /// Expert parallelism: the routed experts of every MoE layer are sharded over `group`'s
+    /// ranks ([`crate::ep`]), this rank keeping only its block of their weights and moments.
+    /// Their gradients are reduced over `replicas` (the ranks holding the same block; the
+    /// data-parallel degree), everything else over every rank. Call after
+    /// [`Trainer::data_parallel`] (over every rank) and before [`Trainer::zero_1`] and
+    /// [`Trainer::restore`], which both take whole tensors.
+    pub fn expert_parallel(
+        mut self,
+        group: &'g dyn Exchange,
+        replicas: &'g dyn Collectives,
+    ) -> Self {
+        assert!(
+            self.collectives.is_some() && self.shard.is_none(),
+            "expert parallelism follows data_parallel and precedes zero_1"
+        );
+        let mut sharded = vec![false; self.params.len()];
+        for p in crate::ep::expert_params(self.graph) {
+            sharded[p.index()] = true;
+        }
+        let x = Experts {
+            group,
+            exchange: ExpertParallel::new(group),
+            replicas,
+            sharded,
+        };
+        self.params = x.blocks(std::mem::take(&mut self.params));
+        let cut = |m: &[Moment]| -> Vec<Moment> {
+            m.iter()
+                .zip(&x.sharded)
+                .map(|(m, &s)| match (m, s) {
+                    (m, false) => m.clone(),
+                    (Moment::F32(v), true) => Moment::F32(x.block(v).to_vec()),
+                    (Moment::Half(h, v), true) => Moment::Half(*h, x.block(v).to_vec()),
+                })
+                .collect()
+        };
+        self.m = cut(&self.m);
+        self.v = cut(&self.v);
+        self.experts = Some(x);
+        self
+    }
+
+    /// The routed rows this rank's expert exchanges moved to or from other ranks since the
+    /// last call (forward; the backward moves as many again), with expert parallelism.
+    pub fn take_moved_rows(&self) -> Option<u64> {
+        self.experts.as_ref().map(|x| x.exchange.take_moved())
     }
 
     /// Makes each step data-parallel over `c`'s ranks: this trainer runs on its rank's rows
@@ -491,22 +596,26 @@ impl<'g> Trainer<'g> {
     /// the same bytes as an all-reduce. Call after [`Trainer::data_parallel`], before
     /// [`Trainer::restore`].
     pub fn zero_1(mut self) -> Self {
-        let c = self
-            .collectives
-            .expect("ZeRO-1 shards over the data-parallel ranks");
-        let total: usize = self
-            .grads
-            .iter()
-            .map(|&(p, _)| self.params[p.index()].len())
-            .sum();
-        let mine = crate::mpi::chunk(total, c.rank(), c.ranks());
+        assert!(
+            self.collectives.is_some(),
+            "ZeRO-1 shards over the data-parallel ranks"
+        );
         let mut owned = vec![0..0; self.params.len()];
-        let mut at = 0;
-        for &(p, _) in &self.grads {
-            let len = self.params[p.index()].len();
-            let (lo, hi) = (mine.start.clamp(at, at + len), mine.end.clamp(at, at + len));
-            owned[p.index()] = lo - at..hi - at;
-            at += len;
+        for group in self.groups() {
+            let c = group.comm;
+            let total: usize = group
+                .grads
+                .iter()
+                .map(|&(p, _)| self.params[p.index()].len())
+                .sum();
+            let mine = crate::mpi::chunk(total, c.rank(), c.ranks());
+            let mut at = 0;
+            for &(p, _) in &group.grads {
+                let len = self.params[p.index()].len();
+                let (lo, hi) = (mine.start.clamp(at, at + len), mine.end.clamp(at, at + len));
+                owned[p.index()] = lo - at..hi - at;
+                at += len;
+            }
         }
         let shard = Shard { owned };
         self.m = shard.cut(&self.m);
@@ -516,7 +625,8 @@ impl<'g> Trainer<'g> {
     }
 
     /// The parameters, in parameter order (read back from the device first when it updates
-    /// them).
+    /// them); with expert parallelism, the routed experts' are this rank's blocks
+    /// ([`Trainer::whole_params`] gathers them).
     pub fn params(&mut self) -> Result<&[Vec<f32>], ExecError> {
         self.sync()?;
         Ok(&self.params)
@@ -524,56 +634,101 @@ impl<'g> Trainer<'g> {
 
     /// The AdamW moments' values (a copy), in parameter order (read back from the device
     /// first when it updates them).
-    #[allow(clippy::type_complexity)]
     ///
-    /// With the state sharded ([`Trainer::zero_1`]) the moments are gathered from every rank:
-    /// every rank must call this at the same step.
+    /// With the state sharded ([`Trainer::zero_1`], [`Trainer::expert_parallel`]) the moments
+    /// are gathered whole from every rank: every rank must call this at the same step.
+    #[allow(clippy::type_complexity)]
     pub fn moments(&mut self) -> Result<(Vec<Vec<f32>>, Vec<Vec<f32>>), ExecError> {
         self.sync()?;
         let (m, v): (Vec<Vec<f32>>, Vec<Vec<f32>>) = (
             self.m.iter().map(Moment::values).collect(),
             self.v.iter().map(Moment::values).collect(),
         );
-        match (&self.shard, self.collectives) {
-            (Some(_), Some(c)) => Ok((self.gather(c, &m)?, self.gather(c, &v)?)),
-            _ => Ok((m, v)),
-        }
+        let (m, v) = match self.shard {
+            Some(_) => (self.gather(&m)?, self.gather(&v)?),
+            None => (m, v),
+        };
+        Ok((self.whole(m)?, self.whole(v)?))
     }
 
-    /// Every rank's owned parts of per-parameter values, gathered into whole parameters
-    /// (those without gradients are zeros, as their unsharded moments are).
-    fn gather(&self, c: &dyn Collectives, parts: &[Vec<f32>]) -> Result<Vec<Vec<f32>>, ExecError> {
-        let flat = self.gather_owned(c, |p| &parts[p], "the optimizer state")?;
-        let mut whole: Vec<Vec<f32>> = self.params.iter().map(|p| vec![0.0; p.len()]).collect();
+    /// The parameters as whole tensors: with expert parallelism, the routed experts' blocks
+    /// are gathered from the expert group, so every rank of it must call this at the same
+    /// step; otherwise a copy of [`Trainer::params`].
+    pub fn whole_params(&mut self) -> Result<Vec<Vec<f32>>, ExecError> {
+        self.sync()?;
+        self.whole(self.params.clone())
+    }
+
+    /// `values` (per parameter, the routed experts' as this rank's blocks) with the experts'
+    /// blocks gathered into whole tensors.
+    fn whole(&self, mut values: Vec<Vec<f32>>) -> Result<Vec<Vec<f32>>, ExecError> {
+        let Some(x) = &self.experts else {
+            return Ok(values);
+        };
+        let mine: Vec<f32> = values
+            .iter()
+            .zip(&x.sharded)
+            .filter(|(_, &s)| s)
+            .flat_map(|(v, _)| v.iter().copied())
+            .collect();
+        let n = x.group.ranks();
+        let mut all = vec![0f32; mine.len() * n];
+        x.group
+            .all_gather_f32(&mine, &mut all)
+            .map_err(|e| ExecError::Device(format!("gathering the experts' blocks: {e}")))?;
         let mut at = 0;
-        for &(p, _) in &self.grads {
-            let len = self.params[p.index()].len();
-            whole[p.index()] = flat[at..at + len].to_vec();
+        for (v, _) in values.iter_mut().zip(&x.sharded).filter(|(_, &s)| s) {
+            let len = v.len();
+            *v = (0..n)
+                .flat_map(|j| {
+                    all[j * mine.len() + at..j * mine.len() + at + len]
+                        .iter()
+                        .copied()
+                })
+                .collect();
             at += len;
+        }
+        Ok(values)
+    }
+
+    /// Every rank's owned parts of per-parameter values, gathered into the values this rank
+    /// holds unsharded (those without gradients are zeros, as their unsharded moments are).
+    fn gather(&self, parts: &[Vec<f32>]) -> Result<Vec<Vec<f32>>, ExecError> {
+        let mut whole: Vec<Vec<f32>> = self.params.iter().map(|p| vec![0.0; p.len()]).collect();
+        for group in self.groups() {
+            let flat = self.gather_owned(&group, |p| &parts[p], "the optimizer state")?;
+            let mut at = 0;
+            for &(p, _) in &group.grads {
+                let len = self.params[p.index()].len();
+                whole[p.index()] = flat[at..at + len].to_vec();
+                at += len;
+            }
         }
         Ok(whole)
     }
 
-    /// The trainable parameters' values laid end to end in gradient order, gathered from
-    /// every rank's owned part (`part(p)` is this rank's part of parameter `p`).
+    /// A group's trainable parameters' values laid end to end in gradient order, gathered
+    /// from every rank's owned part (`part(p)` is this rank's part of parameter `p`).
     fn gather_owned<'a>(
         &self,
-        c: &dyn Collectives,
+        group: &Group<'_>,
         part: impl Fn(usize) -> &'a [f32],
         what: &str,
     ) -> Result<Vec<f32>, ExecError> {
-        let mine: Vec<f32> = self
+        let mine: Vec<f32> = group
             .grads
             .iter()
             .flat_map(|&(p, _)| part(p.index()).iter().copied())
             .collect();
-        let total: usize = self
+        let total: usize = group
             .grads
             .iter()
             .map(|&(p, _)| self.params[p.index()].len())
             .sum();
         let mut flat = vec![0f32; total];
-        c.all_gather_f32(&mine, &mut flat)
+        group
+            .comm
+            .all_gather_f32(&mine, &mut flat)
             .map_err(|e| ExecError::Device(format!("gathering {what}: {e}")))?;
         Ok(flat)
     }
@@ -631,7 +786,10 @@ impl<'g> Trainer<'g> {
         v: Vec<Vec<f32>>,
     ) {
         self.step = step;
-        self.params = params;
+        self.params = match &self.experts {
+            Some(x) => x.blocks(params),
+            None => params,
+        };
         // The device's copy, if any, is replaced before the next step.
         self.on_device = false;
         self.host_stale = false;
@@ -640,6 +798,10 @@ impl<'g> Trainer<'g> {
             .emulate
             .as_ref()
             .and_then(|e| Half::of(e.moments));
+        let (m, v) = match &self.experts {
+            Some(x) => (x.blocks(m), x.blocks(v)),
+            None => (m, v),
+        };
         self.m = m.into_iter().map(|m| Moment::stored(m, format)).collect();
         self.v = v.into_iter().map(|v| Moment::stored(v, format)).collect();
         if let Some(shard) = &self.shard {
@@ -701,11 +863,15 @@ impl<'g> Trainer<'g> {
         let mut loads: Vec<Vec<u64>> = self.routers.iter().map(|&(_, _, e)| vec![0; e]).collect();
         for part in parts {
             let inputs = feed_inputs(self.graph, part, seq_len);
-            let o = self.exec.run(&Feed {
+            let feed = Feed {
                 params: &self.params,
                 inputs: &inputs,
                 weights,
-            })?;
+            };
+            let o = match &self.experts {
+                Some(x) => self.exec.run_experts(&feed, &x.exchange)?,
+                None => self.exec.run(&feed)?,
+            };
             let scalar = |v: ValueId| f64::from(o[&v].floats()[0]);
             // The total, the main loss, then the other terms summed: the MTP depths, the
             // balance.
@@ -753,34 +919,39 @@ impl<'g> Trainer<'g> {
                 }
             }
         }
-        // This rank's chunk of the reduced gradients, when the optimizer state is sharded.
-        let mut sharded: Option<Vec<f32>> = None;
+        let groups = self.groups();
+        // Per group, this rank's chunk of the reduced gradients, when the optimizer state is
+        // sharded.
+        let mut sharded: Vec<Vec<f32>> = Vec::new();
+        let fail = |e: String| ExecError::Device(format!("data-parallel reduction: {e}"));
         if let Some(c) = self.collectives {
             // Each rank's gradients and losses are means over its rows: their mean over the
-            // ranks is the mean over the whole batch.
+            // ranks is the mean over the whole batch. (An expert's gradient on its owner sums
+            // every source's, so its replicas' sum is the same sum.)
             let scale = 1.0 / c.ranks() as f32;
-            let fail = |e: String| ExecError::Device(format!("data-parallel reduction: {e}"));
-            // One reduction over every gradient, laid end to end: all of it, or with the
-            // optimizer state sharded only this rank's chunk.
-            let mut flat: Vec<f32> = Vec::new();
-            for &(_, g) in &self.grads {
-                flat.extend_from_slice(out[&g].floats());
-            }
-            if self.shard.is_some() {
-                let mut mine = c.reduce_scatter_f32(&flat).map_err(fail)?;
-                for x in &mut mine {
-                    *x *= scale;
+            for group in &groups {
+                // One reduction over the group's gradients, laid end to end: all of it, or
+                // with the optimizer state sharded only this rank's chunk.
+                let mut flat: Vec<f32> = Vec::new();
+                for &(_, g) in &group.grads {
+                    flat.extend_from_slice(out[&g].floats());
                 }
-                sharded = Some(mine);
-            } else {
-                c.sum_f32(&mut flat).map_err(fail)?;
-                let mut at = 0;
-                for &(_, g) in &self.grads {
-                    if let Some(Buf::F(v)) = out.get_mut(&g) {
-                        for (x, &y) in v.iter_mut().zip(&flat[at..]) {
-                            *x = y * scale;
+                if self.shard.is_some() {
+                    let mut mine = group.comm.reduce_scatter_f32(&flat).map_err(fail)?;
+                    for x in &mut mine {
+                        *x *= scale;
+                    }
+                    sharded.push(mine);
+                } else {
+                    group.comm.sum_f32(&mut flat).map_err(fail)?;
+                    let mut at = 0;
+                    for &(_, g) in &group.grads {
+                        if let Some(Buf::F(v)) = out.get_mut(&g) {
+                            for (x, &y) in v.iter_mut().zip(&flat[at..]) {
+                                *x = y * scale;
+                            }
+                            at += v.len();
                         }
-                        at += v.len();
                     }
                 }
             }
@@ -829,30 +1000,41 @@ impl<'g> Trainer<'g> {
             });
         }
 
-        let sq: f64 = match (&sharded, self.collectives) {
-            // Each rank's chunk's sum of squares, added over the ranks.
-            (Some(mine), Some(c)) => {
-                let mut sq = [mine
-                    .iter()
-                    .map(|&x| f64::from(x) * f64::from(x))
-                    .sum::<f64>()];
-                c.sum_f64(&mut sq)
-                    .map_err(|e| ExecError::Device(format!("data-parallel reduction: {e}")))?;
-                sq[0]
-            }
-            _ => self
-                .grads
+        let square_sum = |xs: &[f32]| xs.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>();
+        let sq: f64 = if groups.is_empty() {
+            self.grads
                 .par_iter()
-                .map(|&(_, g)| {
-                    out[&g]
-                        .floats()
-                        .iter()
-                        .map(|&x| f64::from(x) * f64::from(x))
-                        .sum::<f64>()
-                })
+                .map(|&(_, g)| square_sum(out[&g].floats()))
                 .collect::<Vec<f64>>()
                 .iter()
-                .sum(),
+                .sum()
+        } else {
+            let mut total = 0.0;
+            for (i, group) in groups.iter().enumerate() {
+                let mut sq = match sharded.get(i) {
+                    // Each rank's chunk's sum of squares, added over the group.
+                    Some(mine) => {
+                        let mut sq = [square_sum(mine)];
+                        group.comm.sum_f64(&mut sq).map_err(fail)?;
+                        sq[0]
+                    }
+                    None => group
+                        .grads
+                        .par_iter()
+                        .map(|&(_, g)| square_sum(out[&g].floats()))
+                        .collect::<Vec<f64>>()
+                        .iter()
+                        .sum(),
+                };
+                // The experts' blocks of one copy, added over the expert group.
+                if let (true, Some(x)) = (group.blocks, &self.experts) {
+                    let mut s = [sq];
+                    x.group.sum_f64(&mut s).map_err(fail)?;
+                    sq = s[0];
+                }
+                total += sq;
+            }
+            total
         };
         let grad_norm = sq.sqrt();
         if !(loss.is_finite() && grad_norm.is_finite()) {
@@ -898,34 +1080,36 @@ impl<'g> Trainer<'g> {
                 0.0
             }
         };
-        if let (Some(mine), Some(shard), Some(comm)) = (&sharded, &self.shard, self.collectives) {
-            // This rank's chunk, then every rank's updated chunk shared.
-            let mut at = 0;
-            for &(p, _) in &self.grads {
-                let (i, r) = (p.index(), shard.owned[p.index()].clone());
-                let len = r.len();
-                let w = &mut self.params[i][r];
-                hyper.apply(
-                    w,
-                    &mut self.m[i],
-                    &mut self.v[i],
-                    &mine[at..at + len],
-                    decay_of(i),
-                );
-                at += len;
-            }
-            let params = &self.params;
-            let flat = self.gather_owned(
-                comm,
-                |p| &params[p][shard.owned[p].clone()],
-                "the updated parameters",
-            )?;
-            let mut at = 0;
-            for &(p, _) in &self.grads {
-                let w = &mut self.params[p.index()];
-                let len = w.len();
-                w.copy_from_slice(&flat[at..at + len]);
-                at += len;
+        if let Some(shard) = &self.shard {
+            for (group, mine) in groups.iter().zip(&sharded) {
+                // This rank's chunk, then every rank's updated chunk shared.
+                let mut at = 0;
+                for &(p, _) in &group.grads {
+                    let (i, r) = (p.index(), shard.owned[p.index()].clone());
+                    let len = r.len();
+                    let w = &mut self.params[i][r];
+                    hyper.apply(
+                        w,
+                        &mut self.m[i],
+                        &mut self.v[i],
+                        &mine[at..at + len],
+                        decay_of(i),
+                    );
+                    at += len;
+                }
+                let params = &self.params;
+                let flat = self.gather_owned(
+                    group,
+                    |p| &params[p][shard.owned[p].clone()],
+                    "the updated parameters",
+                )?;
+                let mut at = 0;
+                for &(p, _) in &group.grads {
+                    let w = &mut self.params[p.index()];
+                    let len = w.len();
+                    w.copy_from_slice(&flat[at..at + len]);
+                    at += len;
+                }
             }
         } else {
             self.params
@@ -988,4 +1172,21 @@ pub fn eval_loss(
         n += 1;
     }
     Ok(if n == 0 { f64::NAN } else { sum / n as f64 })
+}
+
+impl Experts<'_> {
+    /// This rank's block of a whole expert tensor.
+    fn block<'a, E>(&self, whole: &'a [E]) -> &'a [E] {
+        let g = self.group;
+        &whole[crate::mpi::chunk(whole.len(), g.rank(), g.ranks())]
+    }
+
+    /// Per-parameter values with the routed experts' cut to this rank's blocks.
+    fn blocks(&self, values: Vec<Vec<f32>>) -> Vec<Vec<f32>> {
+        values
+            .into_iter()
+            .zip(&self.sharded)
+            .map(|(v, &s)| if s { self.block(&v).to_vec() } else { v })
+            .collect()
+    }
 }

@@ -92,9 +92,11 @@ pub struct RunArgs {
     #[arg(long, default_value = "cpu")]
     pub device: DeviceKind,
     /// The layout, as `kiln check --parallel` takes it: `dp=N` trains data-parallel over N
-    /// processes, which `scripts/mpirun -n N kiln train … --parallel dp=N` starts (MPI).
-    /// Overrides the spec's [parallel].
-    #[arg(long, value_name = "dp=N")]
+    /// processes, which `scripts/mpirun -n N kiln train … --parallel dp=N` starts (MPI);
+    /// `ep=M` shards the routed experts over M of them (on the CPU), so
+    /// `scripts/mpirun -n 4 kiln train … --parallel dp=2,ep=2` runs four. `zero=1`,
+    /// `micro_batch` and `grad_accum` apply too. Overrides the spec's [parallel].
+    #[arg(long, value_name = "dp=N,ep=M")]
     pub parallel: Option<String>,
     /// In a run over MPI: end the job when one collective waits longer than this for the
     /// other ranks (a rank that hung, or died without the launcher noticing), with a message
@@ -277,35 +279,67 @@ fn train(
     let rank = mpi.map_or(0, Mpi::rank);
     let lead = rank == 0;
     let layout = model.parallel;
-    if layout.ep > 1 || layout.pp > 1 {
+    if layout.pp > 1 {
         return Err(super::layout::usage(
             &format!(
-                "kiln train runs data-parallel layouts across processes; expert and pipeline \
-                 parallelism are not built yet (ep {}, pp {})",
-                layout.ep, layout.pp
+                "kiln train runs data- and expert-parallel layouts across processes; pipeline \
+                 parallelism is not built yet (pp {})",
+                layout.pp
             ),
-            "train with --parallel dp=N; `kiln check` and `kiln plan` report any layout (docs/parallel.md)",
+            "train with --parallel dp=N,ep=M; `kiln check` and `kiln plan` report any layout (docs/parallel.md)",
+        ));
+    }
+    if layout.ep > 1 && (args.device != DeviceKind::Cpu || built.is_some()) {
+        return Err(super::layout::usage(
+            &format!(
+                "expert parallelism (ep {}) runs on the interpreter; {} cannot shard the experts",
+                layout.ep,
+                if built.is_some() {
+                    "a specialized binary's generated step".to_string()
+                } else {
+                    format!("--device {}", args.device)
+                }
+            ),
+            "train with --device cpu and the kiln binary, or with --parallel dp=N alone",
         ));
     }
     if layout.world() != ranks {
+        let shape = if layout.ep > 1 {
+            format!("dp {} × ep {}", layout.dp, layout.ep)
+        } else {
+            format!("dp {}", layout.dp)
+        };
         let message = if ranks == 1 {
             format!(
-                "this layout trains on {} processes (dp {})",
-                layout.dp, layout.dp
+                "this layout trains on {} processes ({shape})",
+                layout.world()
             )
         } else {
-            format!(
-                "{ranks} processes were started, but the layout has dp = {}",
-                layout.dp
-            )
+            match layout.ep {
+                1 => format!(
+                    "{ranks} processes were started, but the layout has dp = {}",
+                    layout.dp
+                ),
+                _ => format!(
+                    "{ranks} processes were started, but the layout ({shape}) needs {}",
+                    layout.world()
+                ),
+            }
         };
-        return Err(super::layout::usage(
-            &message,
-            &format!(
-                "start one process per rank: scripts/mpirun -n {n} kiln train … --parallel dp={n}",
-                n = layout.dp.max(ranks)
-            ),
-        ));
+        let flags = if layout.ep > 1 {
+            format!("dp={},ep={}", layout.dp, layout.ep)
+        } else {
+            format!("dp={}", layout.dp.max(ranks))
+        };
+        let n = if layout.ep > 1 {
+            layout.world()
+        } else {
+            layout.dp.max(ranks)
+        };
+        let help = format!(
+            "start one process per rank: scripts/mpirun -n {n} kiln train … --parallel {flags}"
+        );
+        return Err(super::layout::usage(&message, &help));
     }
     // Gradient accumulation: the step's graph takes one micro-batch of a rank's rows.
     let micro = layout.micro_batch(model.train.batch) as usize;
@@ -320,8 +354,9 @@ fn train(
     let seed = args.seed.unwrap_or(model.train.seed);
     let (b, t) = (model.train.batch as usize, model.train.seq_len as usize);
     // Each rank runs the step on its share of the rows of the batch a single process draws.
-    let dp = layout.dp as usize;
-    let rows = b / dp;
+    let data_ranks = layout.data_ranks() as usize;
+    let ep = layout.ep as usize;
+    let rows = b / data_ranks;
     let mut rank_model = model.clone();
     rank_model.train.batch = micro as u64;
 
@@ -398,7 +433,7 @@ fn train(
     let params = init_params(forward, seed);
     let trainer = engine::trainer(&compiled.train, config, params, built, args.device)?;
     // Gradients are combined (over ranks, or micro-batches) before the update, on the host.
-    let trainer = if dp > 1 || accumulate > 1 {
+    let trainer = if data_ranks > 1 || accumulate > 1 {
         trainer.updating_on_host()
     } else {
         trainer
@@ -414,10 +449,25 @@ fn train(
         (None, Some(m)) => Some(m),
         (None, None) => None,
     };
+    // Expert parallelism: rank `r` is expert rank `r mod ep` of group `r / ep`; the ranks
+    // holding the same experts (`r mod ep` alike) reduce their gradients together.
+    let groups = match mpi {
+        Some(m) if ep > 1 => {
+            let split = |color: usize| m.split(color, rank).map_err(|e| other(e.to_string()));
+            Some((split(rank / ep)?, split(rank % ep)?))
+        }
+        _ => None,
+    };
     let mut trainer = match collectives {
-        // ZeRO-1: each rank keeps the AdamW moments of its chunk of the parameters.
-        Some(c) if dp > 1 && layout.zero == 1 => trainer.data_parallel(c).zero_1(),
-        Some(c) if dp > 1 => trainer.data_parallel(c),
+        Some(c) if data_ranks > 1 => trainer.data_parallel(c),
+        _ => trainer,
+    };
+    if let Some((group, replicas)) = &groups {
+        trainer = trainer.expert_parallel(group, replicas);
+    }
+    // ZeRO-1: each rank keeps the AdamW moments of its chunk of the parameters.
+    let mut trainer = match layout.zero {
+        1 if data_ranks > 1 => trainer.zero_1(),
         _ => trainer,
     }
     .accumulating(accumulate);
@@ -489,10 +539,16 @@ fn train(
         );
     }
     if lead {
-        let mut ranks_text = if dp > 1 {
-            format!(" on {dp} data-parallel ranks of {rows} sequences")
-        } else {
-            String::new()
+        let mut ranks_text = match (data_ranks, ep) {
+            (1, _) => String::new(),
+            (n, 1) => format!(" on {n} data-parallel ranks of {rows} sequences"),
+            (n, ep) => format!(
+                " on {n} ranks of {rows} sequences (dp {} × ep {ep}), each holding {} of every \
+                 layer's {} routed experts",
+                layout.dp,
+                model.moe.as_ref().map_or(0, |m| m.experts) / ep as u64,
+                model.moe.as_ref().map_or(0, |m| m.experts)
+            ),
         };
         if accumulate > 1 {
             ranks_text.push_str(&format!(
@@ -515,25 +571,25 @@ fn train(
         }
     }
 
-    let val = |trainer: &mut Trainer| -> Result<f64, Failure> {
+    let val = |params: &[Vec<f32>],
+               emulate: Option<&kiln_runtime::numerics::Emulation>|
+     -> Result<f64, Failure> {
         // The graph takes one micro-batch of a rank's rows: the same validation rows in
-        // `dp × accumulate` times the batches.
+        // `ranks × accumulate` times the batches.
         let batches = data::val_batches(&dataset.val, micro, window)
             .map_err(|e| other(e.to_string()))?
             .filter(|batch| batch.inputs.len() == micro * window)
-            .take(args.eval_batches * dp * accumulate);
-        let emulate = trainer.config.emulate.clone();
-        let params = trainer.params().map_err(|e| other(e.to_string()))?;
-        eval_loss(&compiled.forward, params, batches, t, emulate.as_ref())
-            .map_err(|e| other(e.to_string()))
+            .take(args.eval_batches * data_ranks * accumulate);
+        eval_loss(&compiled.forward, params, batches, t, emulate).map_err(|e| other(e.to_string()))
     };
-    let save = |trainer: &mut Trainer,
+    let save = |trainer: &Trainer,
                 batcher: &Batcher,
+                params: Vec<Vec<f32>>,
                 (m, v): (Vec<Vec<f32>>, Vec<Vec<f32>>)|
      -> Result<(), Failure> {
         let ck = checkpoint::Checkpoint {
             step: trainer.step,
-            params: trainer.params().map_err(|e| other(e.to_string()))?.to_vec(),
+            params,
             m,
             v,
             data_rng: batcher.state(),
@@ -552,22 +608,38 @@ fn train(
     let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let tokens_per_step = (b * t) as f64;
     let stop = args.stop_after.map_or(steps, |n| (first + n).min(steps));
+    // Bytes sent reducing gradients and sharing parameters (every rank, and the experts'
+    // replicas), and in the experts' all-to-alls.
     let sent = || {
         collectives.map(|c| {
-            let t = c.traffic();
-            t.reduce_bytes + t.gather_bytes
+            let mut t = c.traffic();
+            if let Some((group, replicas)) = &groups {
+                let (g, r) = (group.traffic(), replicas.traffic());
+                t.reduce_bytes += r.reduce_bytes;
+                t.gather_bytes += r.gather_bytes;
+                t.exchange_bytes += g.exchange_bytes;
+            }
+            t
         })
     };
     while trainer.step < stop {
         let batch = batcher.next_batch();
-        let batch = if dp > 1 {
+        let batch = if data_ranks > 1 {
             batch.rows_range(rank * rows, rows)
         } else {
             batch
         };
         let before = sent();
         let s = trainer.step(&batch, t).map_err(|e| other(e.to_string()))?;
-        let step_bytes = sent().zip(before).map(|(a, b)| a - b).filter(|_| dp > 1);
+        let traffic = sent()
+            .zip(before)
+            .filter(|_| data_ranks > 1)
+            .map(|(a, b)| StepTraffic {
+                comm_bytes: a.reduce_bytes + a.gather_bytes - b.reduce_bytes - b.gather_bytes,
+                ep: trainer
+                    .take_moved_rows()
+                    .map(|rows| (a.exchange_bytes - b.exchange_bytes, rows)),
+            });
         if s.skipped {
             let at = trainer.step + 1;
             let newest = match saved_at {
@@ -609,24 +681,29 @@ fn train(
         let eval_now = every(args.eval_every);
         let save_now = every(args.checkpoint_every.unwrap_or(args.eval_every));
         let log_now = every(args.log_every.unwrap_or(args.eval_every));
-        // A sharded optimizer state is gathered from every rank for the checkpoint.
+        // A sharded optimizer state, and sharded experts, are gathered from every rank for
+        // the checkpoint and the validation loss.
         let moments = match save_now {
             true => Some(trainer.moments().map_err(|e| other(e.to_string()))?),
+            false => None,
+        };
+        let params = match eval_now || save_now {
+            true => Some(trainer.whole_params().map_err(|e| other(e.to_string()))?),
             false => None,
         };
         if !lead {
             continue;
         }
-        if eval_now {
-            last_val = val(&mut trainer)?;
+        if let (true, Some(p)) = (eval_now, &params) {
+            last_val = val(p, trainer.config.emulate.as_ref())?;
         }
-        let line = metrics_row(done, &s, tps, eval_now.then_some(last_val), step_bytes);
+        let line = metrics_row(done, &s, tps, eval_now.then_some(last_val), traffic);
         writeln!(metrics, "{line}").map_err(|e| other(format!("cannot write metrics: {e}")))?;
-        if let Some(moments) = moments {
+        if let (Some(moments), Some(params)) = (moments, params) {
             metrics
                 .flush()
                 .map_err(|e| other(format!("cannot write metrics: {e}")))?;
-            save(&mut trainer, &batcher, moments)?;
+            save(&trainer, &batcher, params, moments)?;
             saved_at = Some(done);
             write_plot(&out_dir, &model.name)?;
         }
@@ -679,14 +756,15 @@ fn train(
 
 /// One line of `metrics.jsonl`: `step`, `loss` (the total), `main_loss`, `mtp_loss` and
 /// `balance_loss` when the model has those terms, `lr`, `grad_norm`, `tokens_per_s`,
-/// `val_loss` at evaluation steps, and `comm_bytes` in data-parallel runs, with the digits
-/// they have always had; a value that is not finite is `null`.
+/// `val_loss` at evaluation steps, `comm_bytes` in parallel runs and `ep_bytes`, `ep_rows`
+/// with expert parallelism, with the digits they have always had; a value that is not finite
+/// is `null`.
 fn metrics_row(
     step: u64,
     s: &StepStats,
     tokens_per_s: f64,
     val_loss: Option<f64>,
-    comm_bytes: Option<u64>,
+    traffic: Option<StepTraffic>,
 ) -> String {
     #[derive(serde::Serialize)]
     struct Row {
@@ -702,9 +780,17 @@ fn metrics_row(
         tokens_per_s: Box<RawValue>,
         #[serde(skip_serializing_if = "Option::is_none")]
         val_loss: Option<Box<RawValue>>,
-        /// Data-parallel runs: bytes this rank sent reducing the step's gradients.
+        /// Parallel runs: bytes this rank sent reducing the step's gradients (and sharing
+        /// the parameters, with ZeRO-1).
         #[serde(skip_serializing_if = "Option::is_none")]
         comm_bytes: Option<u64>,
+        /// Expert parallelism: bytes this rank sent in the experts' all-to-alls.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        ep_bytes: Option<u64>,
+        /// Expert parallelism: routed rows this rank's forward exchanges sent to or received
+        /// from other ranks (the backward pass moves them again).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        ep_rows: Option<u64>,
     }
     let six = |x: f64| format!("{x:.6}");
     output::line(&Row {
@@ -717,8 +803,20 @@ fn metrics_row(
         grad_norm: number(s.grad_norm, |x| format!("{x:.4}")),
         tokens_per_s: number(tokens_per_s, |x| format!("{x:.1}")),
         val_loss: val_loss.map(|v| number(v, six)),
-        comm_bytes,
+        comm_bytes: traffic.map(|t| t.comm_bytes),
+        ep_bytes: traffic.and_then(|t| t.ep).map(|(bytes, _)| bytes),
+        ep_rows: traffic.and_then(|t| t.ep).map(|(_, rows)| rows),
     })
+}
+
+/// What one rank sent in one step of a parallel run.
+#[derive(Clone, Copy, Debug)]
+struct StepTraffic {
+    /// Gradient reductions and parameter gathers.
+    comm_bytes: u64,
+    /// With expert parallelism: bytes of the experts' all-to-alls, and the routed rows their
+    /// forward exchanges moved.
+    ep: Option<(u64, u64)>,
 }
 
 /// `OUT/plot.svg`, drawn from `OUT/metrics.jsonl`: the losses (total, main, MTP, validation),

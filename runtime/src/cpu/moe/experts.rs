@@ -198,7 +198,7 @@ pub struct ExpertsGrads<T> {
 /// Sorts the `experts.len()` routed rows by expert with a stable counting sort.
 ///
 /// Returns `(order, row_of, offsets)` as documented on [`ExpertsSaved`].
-fn sort_by_expert(experts: &[u32], e: usize) -> (Vec<usize>, Vec<usize>, Vec<usize>) {
+pub fn sort_by_expert(experts: &[u32], e: usize) -> (Vec<usize>, Vec<usize>, Vec<usize>) {
     let mut offsets = vec![0usize; e + 1];
     for &x in experts {
         offsets[x as usize + 1] += 1;

@@ -27,8 +27,8 @@ mod router;
 pub use balance::{balance_loss_bwd, balance_loss_fwd, expert_load, update_balance_bias};
 pub use experts::{
     experts_bwd, experts_bwd_with, experts_fwd, experts_fwd_with, per_element_values,
-    per_element_values_and_grads, Activation, ExpertFfn, ExpertsGrads, ExpertsSaved, GeluTanh,
-    SwiGlu,
+    per_element_values_and_grads, sort_by_expert, Activation, ExpertFfn, ExpertsGrads,
+    ExpertsSaved, GeluTanh, SwiGlu,
 };
 pub use router::{
     router_bwd, router_fwd, GroupScore, RouterConfig, RouterOut, ScoreFunc, Selection,
