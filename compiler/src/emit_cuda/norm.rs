@@ -207,17 +207,20 @@ impl Emitter<'_> {
             if add { ", plus the residual stream's gradient ds" } else { "" },
             if layer { "mean and 1/std" } else { "1/rms" }
         );
+        // Each row's statistics for the weight gradient: (mean, 1/std), or 1/rms alone.
+        let per_row = if layer { 2 } else { 1 };
         let _ = writeln!(
             t,
-            "// x, dy{}, dx: f32[rows, {d}]; w: f32[{d}]; stats: f32[rows, 2]",
-            if add { ", ds" } else { "" }
+            "// x, dy{}, dx: f32[rows, {d}]; w: f32[{d}]; stats: f32[rows{}]",
+            if add { ", ds" } else { "" },
+            if layer { ", 2" } else { "" }
         );
         if let Some((tiles, ..)) = &quantized {
             let _ = writeln!(t, "{}", tiles.comment("dx"));
         }
         let stats = Arg::Scratch {
             slot: 0,
-            bytes: rows * 8,
+            bytes: rows * 4 * per_row,
         };
         let mut dx = KernelDef::new("", format!("{op} input gradient over rows of {d}"))
             .read("x", val(node.inputs[0]))
@@ -253,7 +256,6 @@ impl Emitter<'_> {
                 "    const float rstd = rsqrtf(kiln_block_sum(sq, scratch) / {d}.0f + {eps_lit});"
             );
         } else {
-            let _ = writeln!(t, "    const float mean = 0.0f;");
             let _ = writeln!(t, "    float sq = 0.0f;");
             let _ = writeln!(t, "    for (int j = threadIdx.x; j < {d}; j += blockDim.x) {{ const float v = xr[j]; sq += v * v; }}");
             let _ = writeln!(
@@ -262,23 +264,32 @@ impl Emitter<'_> {
             );
         }
         // g = w·dy; dx = rstd·(g − mean(g) − x̂·mean(g·x̂)) for LayerNorm, rstd·(g − x̂·mean(g·x̂))
-        // for RMSNorm.
-        let _ = writeln!(t, "    float gsum = 0.0f, gx = 0.0f;");
+        // for RMSNorm, where x̂ = (x − mean)·rstd, or x·rstd.
+        let xhat = if layer {
+            "(xr[j] - mean) * rstd"
+        } else {
+            "xr[j] * rstd"
+        };
+        if layer {
+            let _ = writeln!(t, "    float gsum = 0.0f, gx = 0.0f;");
+        } else {
+            let _ = writeln!(t, "    float gx = 0.0f;");
+        }
         let _ = writeln!(
             t,
             "    for (int j = threadIdx.x; j < {d}; j += blockDim.x) {{"
         );
         let _ = writeln!(t, "        const float g = w[j] * gr[j];");
-        let _ = writeln!(t, "        gsum += g;");
-        let _ = writeln!(t, "        gx += g * (xr[j] - mean) * rstd;");
+        if layer {
+            let _ = writeln!(t, "        gsum += g;");
+        }
+        let _ = writeln!(t, "        gx += g * {xhat};");
         let _ = writeln!(t, "    }}");
         if layer {
             let _ = writeln!(
                 t,
                 "    const float gmean = kiln_block_sum(gsum, scratch) / {d}.0f;"
             );
-        } else {
-            let _ = writeln!(t, "    const float gmean = 0.0f;");
         }
         let _ = writeln!(
             t,
@@ -289,17 +300,26 @@ impl Emitter<'_> {
         } else {
             String::new()
         };
+        let centred = if layer {
+            "w[j] * gr[j] - gmean"
+        } else {
+            "w[j] * gr[j]"
+        };
         t.push_str(&row_epilogue(
             &quantized,
             d,
             "dxr",
-            &["const float xhat = (xr[j] - mean) * rstd;".to_string()],
-            &format!("rstd * (w[j] * gr[j] - gmean - xhat * gxmean){residual}"),
+            &[format!("const float xhat = {xhat};")],
+            &format!("rstd * ({centred} - xhat * gxmean){residual}"),
         ));
-        let _ = writeln!(
-            t,
-            "    if (threadIdx.x == 0) {{ stats[2 * row] = mean; stats[2 * row + 1] = rstd; }}"
-        );
+        if layer {
+            let _ = writeln!(
+                t,
+                "    if (threadIdx.x == 0) {{ stats[2 * row] = mean; stats[2 * row + 1] = rstd; }}"
+            );
+        } else {
+            let _ = writeln!(t, "    if (threadIdx.x == 0) stats[row] = rstd;");
+        }
         let dx_base = match &quantized {
             Some((tiles, ..)) => format!("{op}_bwd_dx_d{d}_q{}", tiles.suffix()),
             None => format!("{op}_bwd_dx_d{d}"),
@@ -320,7 +340,7 @@ impl Emitter<'_> {
             if layer { " and bias" } else { "" },
             if layer { ", db[j] = Σ_rows dy" } else { "" }
         );
-        let _ = writeln!(t, "// x, dy: f32[rows, {d}]; stats: f32[rows, 2]; dw{}: f32[{d}]. Block: 32 columns × 8 row lanes.", if layer { ", db" } else { "" });
+        let _ = writeln!(t, "// x, dy: f32[rows, {d}]; stats: f32[rows{}]; dw{}: f32[{d}]. Block: 32 columns × 8 row lanes.", if layer { ", 2" } else { "" }, if layer { ", db" } else { "" });
         let mut dw = KernelDef::new(
             format!("{kind_name}_bwd_dw_d{d}"),
             format!("{kind_name} weight gradient over rows of {d}"),
@@ -342,18 +362,26 @@ impl Emitter<'_> {
             "    const int lane = threadIdx.x % 32, group = threadIdx.x / 32;"
         );
         let _ = writeln!(t, "    const int j = blockIdx.x * 32 + lane;");
-        let _ = writeln!(t, "    float acc_w = 0.0f, acc_b = 0.0f;");
+        if layer {
+            let _ = writeln!(t, "    float acc_w = 0.0f, acc_b = 0.0f;");
+        } else {
+            let _ = writeln!(t, "    float acc_w = 0.0f;");
+        }
         let _ = writeln!(t, "    if (j < {d}) {{");
         let _ = writeln!(
             t,
             "        for (long long row = group; row < rows; row += 8) {{"
         );
         let _ = writeln!(t, "            const float g = dy[row * {d} + j];");
-        let _ = writeln!(
-            t,
-            "            acc_w += g * (x[row * {d} + j] - stats[2 * row]) * stats[2 * row + 1];"
-        );
-        let _ = writeln!(t, "            acc_b += g;");
+        if layer {
+            let _ = writeln!(
+                t,
+                "            acc_w += g * (x[row * {d} + j] - stats[2 * row]) * stats[2 * row + 1];"
+            );
+            let _ = writeln!(t, "            acc_b += g;");
+        } else {
+            let _ = writeln!(t, "            acc_w += g * x[row * {d} + j] * stats[row];");
+        }
         let _ = writeln!(t, "        }}");
         let _ = writeln!(t, "    }}");
         let _ = writeln!(t, "    part_w[group][lane] = acc_w;");
