@@ -11,8 +11,8 @@ use crate::dsl::expr::Expr;
 use crate::dsl::pattern::Pattern;
 pub use crate::dsl::stack::LayerKind;
 pub use kiln_ir::attrs::{
-    AdamW, Format, Fp8, GroupScore, NormKind, ScaleFormat, Schedule, ScheduleKind, ScoreFunc,
-    Selection, Yarn,
+    Accumulator, AdamW, Format, Fp8, GroupScore, NormKind, ScaleFormat, Schedule, ScheduleKind,
+    ScoreFunc, Selection, Yarn,
 };
 
 /// A checked model spec. Produced only by [`crate::check::check`].
@@ -896,10 +896,13 @@ impl Model {
                 "precision.fp8.promote_every",
                 fp8.promote_every.unwrap_or(0).to_string(),
             );
-            put(
-                "precision.fp8.accumulator_bits",
-                fp8.accumulator_bits.to_string(),
-            );
+            match fp8.accumulator {
+                Accumulator::H100 => put("precision.fp8.accumulator", q("h100")),
+                Accumulator::Truncate { bits } => {
+                    put("precision.fp8.accumulator", q("truncate"));
+                    put("precision.fp8.accumulator_bits", bits.to_string());
+                }
+            }
         }
         let t = &self.train;
         put("train.batch", t.batch.to_string());
@@ -1005,7 +1008,7 @@ mod tests {
         assert_eq!(get("model.layers"), Some("\"dense, moe*3\""));
         assert_eq!(get("attention.kv_rank"), Some("64"));
         assert_eq!(get("moe.act"), Some("\"silu(gate) * up\""));
-        assert_eq!(get("precision.fp8.accumulator_bits"), Some("14"));
+        assert_eq!(get("precision.fp8.accumulator"), Some("\"h100\""));
         assert_eq!(get("train.betas"), Some("[0.9, 0.95]"));
     }
 }

@@ -158,22 +158,34 @@ pub struct Fp8 {
     /// Elements accumulated in the tensor core before promotion to an fp32 accumulator;
     /// `None` accumulates the whole contraction in the limited-precision accumulator.
     pub promote_every: Option<u64>,
-    /// Mantissa bits the tensor-core accumulator keeps between promotions (about 14 on
-    /// Hopper, per DeepSeek-V3 §3.3.2); the CPU emulation rounds partial sums to this.
-    /// Promoted partial sums are accumulated in fp32.
-    pub accumulator_bits: u32,
+    /// How the tensor core accumulates between promotions; promoted partial sums are
+    /// accumulated in fp32.
+    pub accumulator: Accumulator,
+}
+
+/// The tensor core's accumulation model (`[precision.fp8] accumulator`), which the CPU
+/// emulation follows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Accumulator {
+    /// H100's FP8 datapath, bit for bit (Khattak and Mikaitis, arXiv 2512.07004): 32
+    /// products and the running sum aligned to the largest, cut to 13 fraction bits.
+    H100,
+    /// DeepSeek-V3 §3.3.2 taken literally: each step's products summed in f32, then added to
+    /// a running sum that keeps `bits` fraction bits by truncation.
+    Truncate { bits: u32 },
 }
 
 impl Fp8 {
-    /// DeepSeek-V3's recipe (tech report §3.3): 1×128 activation tiles, 128×128 weight blocks,
-    /// fp32 scales, promotion to fp32 every 128 elements of a ~14-bit accumulator. The
-    /// defaults of `[precision.fp8]`.
+    /// DeepSeek-V3's recipe (tech report §3.3) on H100: 1×128 activation tiles, 128×128
+    /// weight blocks, fp32 scales, promotion to fp32 every 128 elements of the tensor core's
+    /// accumulator. The defaults of `[precision.fp8]`.
     pub const DEEPSEEK_V3: Fp8 = Fp8 {
         act_tile: [1, 128],
         weight_block: [128, 128],
         scale: ScaleFormat::Fp32,
         promote_every: Some(128),
-        accumulator_bits: 14,
+        accumulator: Accumulator::H100,
     };
 }
 

@@ -107,6 +107,7 @@ const FP8_KEYS: &[&str] = &[
     "weight_block",
     "scale",
     "promote_every",
+    "accumulator",
     "accumulator_bits",
 ];
 const TRAIN_KEYS: &[&str] = &[

@@ -790,13 +790,45 @@ impl<'a, 't> Checker<'a, 't> {
             None if t.has("promote_every") => None,
             None => Some(d.promote_every),
         };
-        let bits = t.int_or("accumulator_bits", 1..=23, d.accumulator_bits.into());
+        #[derive(Clone, Copy, PartialEq)]
+        enum Kind {
+            H100,
+            Truncate,
+        }
+        let kind = t.choice_or(
+            "accumulator",
+            &[("h100", Kind::H100), ("truncate", Kind::Truncate)],
+            Kind::H100,
+        );
+        let bits = t.int_or("accumulator_bits", 1..=23, 14);
+        if kind == Some(Kind::H100) && t.has("accumulator_bits") {
+            let mut d = Diagnostic::new(
+                Rule::Conflict,
+                t.span_of("accumulator_bits"),
+                "`accumulator_bits` sets the truncating model's width, but the accumulator is \
+                 the h100 model, which keeps 13 fraction bits",
+                "not used by the h100 model",
+            )
+            .with_help(
+                "add `accumulator = \"truncate\"` to model a truncating accumulator of this \
+                 width, or remove `accumulator_bits`",
+            );
+            if t.has("accumulator") {
+                d = d.with_related(t.span_of("accumulator"), "accumulator set here");
+            }
+            self.sink.push(d);
+            return None;
+        }
+        let accumulator = match kind? {
+            Kind::H100 => Accumulator::H100,
+            Kind::Truncate => Accumulator::Truncate { bits: bits? as u32 },
+        };
         Some(Fp8 {
             act_tile: tile?,
             weight_block: block?,
             scale: scale?,
             promote_every: promote?,
-            accumulator_bits: bits? as u32,
+            accumulator,
         })
     }
 

@@ -16,7 +16,7 @@
 
 use kiln_ir::attrs::{Format, Fp8};
 
-use super::accum::{fp8_product, Accumulation};
+use super::accum::{fp8_product, Accumulation, Datapath};
 use super::fp8::Fp8Format;
 use super::quant::{quantize, ScaleFormat};
 use super::round16;
@@ -76,7 +76,10 @@ impl GemmNumerics {
             weight_block: f.weight_block.map(|v| v as usize),
             rule: f.scale,
             accumulation: Accumulation {
-                bits: f.accumulator_bits,
+                datapath: match f.accumulator {
+                    kiln_ir::attrs::Accumulator::H100 => Datapath::H100,
+                    kiln_ir::attrs::Accumulator::Truncate { bits } => Datapath::Truncating { bits },
+                },
                 promote_every: f.promote_every.map(|p| p as usize),
                 step: super::accum::MMA_K,
             },
@@ -237,7 +240,7 @@ mod tests {
             GemmNumerics::Fp8(f) => f,
             _ => unreachable!(),
         };
-        f.accumulation.bits = 23;
+        f.accumulation.datapath = Datapath::Truncating { bits: 23 };
         f.weight_block = [128, 64];
         let (m, k, n) = (3, 256, 192);
         for role in [Role::Forward, Role::InputGrad, Role::WeightGrad] {
