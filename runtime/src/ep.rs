@@ -25,7 +25,6 @@
 //! stay on the rank.
 
 use std::cell::Cell;
-use std::ops::Range;
 
 use kiln_ir::ir::{Graph, Op, ParamId};
 
@@ -158,12 +157,6 @@ impl<'a> ExpertParallel<'a> {
         self.group.ranks()
     }
 
-    /// The experts of `e` this rank owns.
-    pub fn owned(&self, e: usize) -> Range<usize> {
-        let per = e / self.ranks();
-        self.group.rank() * per..(self.group.rank() + 1) * per
-    }
-
     /// The routed rows this rank's forward exchanges sent to and received from other ranks
     /// since the last call (each also crosses back in the backward pass).
     pub fn take_moved(&self) -> u64 {
@@ -205,11 +198,7 @@ impl<'a> ExpertParallel<'a> {
             .flat_map(|(i, &c)| std::iter::repeat_n((i % per) as u32, c as usize))
             .collect();
 
-        let mut rows = Vec::with_capacity(order.len() * d);
-        for &p in &order {
-            let t = p / k;
-            rows.extend(ffn.x[t * d..(t + 1) * d].iter().map(|v| v.to_f64() as f32));
-        }
+        let rows = to_f32(&moe::gather_sorted(ffn.x, &order, k, d));
         let x: Vec<T> = from_f32(
             self.group
                 .rows(&rows, &scaled(&sent, d), &scaled(&received, d))
@@ -245,16 +234,7 @@ impl<'a> ExpertParallel<'a> {
         self.moved
             .set(self.moved.get() + off_rank(&sent) + off_rank(&received));
 
-        let mut y = vec![T::ZERO; n * d];
-        for (t, yt) in y.chunks_exact_mut(d.max(1)).enumerate().take(n) {
-            for j in 0..k {
-                let p = t * k + j;
-                let (w, r) = (ffn.weights[p], row_of[p]);
-                for (yc, &oc) in yt.iter_mut().zip(&out[r * d..(r + 1) * d]) {
-                    *yc += w * oc;
-                }
-            }
-        }
+        let y = moe::combine_slots(&out, &row_of, Some(ffn.weights), n, k, d);
         let routed = Routed {
             order,
             row_of,
@@ -279,11 +259,7 @@ impl<'a> ExpertParallel<'a> {
         let (n, d, k) = (ffn.n, ffn.d, ffn.k);
         let per = ffn.e / self.ranks();
         let (sent, received) = (&routed.sent, &routed.received);
-        let mut rows = Vec::with_capacity(routed.order.len() * d);
-        for &p in &routed.order {
-            let t = p / k;
-            rows.extend(dy[t * d..(t + 1) * d].iter().map(|v| v.to_f64() as f32));
-        }
+        let rows = to_f32(&moe::gather_sorted(dy, &routed.order, k, d));
         let dy_local: Vec<T> = from_f32(
             self.group
                 .rows(&rows, &scaled(sent, d), &scaled(received, d))
@@ -326,15 +302,7 @@ impl<'a> ExpertParallel<'a> {
                 )
                 .map_err(Self::fail("backward combine"))?,
         );
-        let mut dx = vec![T::ZERO; n * d];
-        for (t, dxt) in dx.chunks_exact_mut(d.max(1)).enumerate().take(n) {
-            for j in 0..k {
-                let r = routed.row_of[t * k + j];
-                for (a, &b) in dxt.iter_mut().zip(&dx_rows[r * d..(r + 1) * d]) {
-                    *a += b;
-                }
-            }
-        }
+        let dx = moe::combine_slots(&dx_rows, &routed.row_of, None, n, k, d);
         Ok(ExpertsGrads {
             dx,
             d_weights,

@@ -218,6 +218,42 @@ pub fn sort_by_expert(experts: &[u32], e: usize) -> (Vec<usize>, Vec<usize>, Vec
     (order, row_of, offsets)
 }
 
+/// Each token's rows of `rows: [_, d]` summed in slot order, `y_t = Σ_j w[t·k + j] ·
+/// rows[row_of[t·k + j]]` for `j = 0..k`, starting from zero (unweighted when `weights` is
+/// `None`), in parallel over tokens: `[n, d]`. The experts' combine, and the sum of a token's
+/// input gradients.
+pub fn combine_slots<T: Real>(
+    rows: &[T],
+    row_of: &[usize],
+    weights: Option<&[T]>,
+    n: usize,
+    k: usize,
+    d: usize,
+) -> Vec<T> {
+    let mut y = vec![T::ZERO; n * d];
+    if d > 0 {
+        y.par_chunks_mut(d).enumerate().for_each(|(t, yt)| {
+            for j in 0..k {
+                let p = t * k + j;
+                let r = &rows[row_of[p] * d..(row_of[p] + 1) * d];
+                match weights {
+                    Some(w) => {
+                        for (yc, &oc) in yt.iter_mut().zip(r) {
+                            *yc += w[p] * oc;
+                        }
+                    }
+                    None => {
+                        for (yc, &oc) in yt.iter_mut().zip(r) {
+                            *yc += oc;
+                        }
+                    }
+                }
+            }
+        });
+    }
+    y
+}
+
 /// Splits `buf` into consecutive parts of `(offsets[i + 1] − offsets[i])·width` elements.
 fn split_parts<'a, T>(mut buf: &'a mut [T], offsets: &[usize], width: usize) -> Vec<&'a mut [T]> {
     let mut parts = Vec::with_capacity(offsets.len().saturating_sub(1));
@@ -239,7 +275,7 @@ fn gather_tokens_into<T: Real>(src: &[T], rows: &[usize], k: usize, d: usize, ou
 }
 
 /// [`gather_tokens_into`] for every routed row in sorted order, in parallel: `[rows, d]`.
-fn gather_sorted<T: Real>(src: &[T], order: &[usize], k: usize, d: usize) -> Vec<T> {
+pub fn gather_sorted<T: Real>(src: &[T], order: &[usize], k: usize, d: usize) -> Vec<T> {
     let mut out = vec![T::ZERO; order.len() * d];
     if d > 0 {
         const ROWS: usize = 64;
@@ -435,18 +471,7 @@ pub fn experts_fwd_with<T: Real>(
             });
     }
 
-    let mut y = vec![T::ZERO; n * d];
-    if d > 0 {
-        y.par_chunks_mut(d).enumerate().for_each(|(t, yt)| {
-            for j in 0..k {
-                let p = t * k + j;
-                let (wt, r) = (weights[p], row_of[p]);
-                for (yc, &oc) in yt.iter_mut().zip(&out[r * d..(r + 1) * d]) {
-                    *yc += wt * oc;
-                }
-            }
-        });
-    }
+    let y = combine_slots(&out, &row_of, Some(weights), n, k, d);
     let saved = ExpertsSaved {
         order,
         row_of,
@@ -640,17 +665,7 @@ pub fn experts_bwd_with<T: Real>(
         });
     }
 
-    let mut dx = vec![T::ZERO; n * d];
-    if d > 0 {
-        dx.par_chunks_mut(d).enumerate().for_each(|(t, dxt)| {
-            for j in 0..k {
-                let r = saved.row_of[t * k + j];
-                for (a, &b) in dxt.iter_mut().zip(&dx_rows[r * d..(r + 1) * d]) {
-                    *a += b;
-                }
-            }
-        });
-    }
+    let dx = combine_slots(&dx_rows, &saved.row_of, None, n, k, d);
     let d_weights = saved.row_of.iter().map(|&r| dwt_rows[r]).collect();
     ExpertsGrads {
         dx,

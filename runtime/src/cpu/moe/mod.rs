@@ -26,9 +26,9 @@ mod router;
 
 pub use balance::{balance_loss_bwd, balance_loss_fwd, expert_load, update_balance_bias};
 pub use experts::{
-    experts_bwd, experts_bwd_with, experts_fwd, experts_fwd_with, per_element_values,
-    per_element_values_and_grads, sort_by_expert, Activation, ExpertFfn, ExpertsGrads,
-    ExpertsSaved, GeluTanh, SwiGlu,
+    combine_slots, experts_bwd, experts_bwd_with, experts_fwd, experts_fwd_with, gather_sorted,
+    per_element_values, per_element_values_and_grads, sort_by_expert, Activation, ExpertFfn,
+    ExpertsGrads, ExpertsSaved, GeluTanh, SwiGlu,
 };
 pub use router::{
     router_bwd, router_fwd, GroupScore, RouterConfig, RouterOut, ScoreFunc, Selection,
